@@ -1,0 +1,93 @@
+"""Exception types raised by dask-amlcompute.
+
+Every error names the cause and what to do about it. Errors raised before a
+job is submitted are subclasses of :class:`ValueError` (bad input) or
+:class:`AmlComputeError` (the workspace says no); errors about a submitted job
+carry the job's name, status, studio URL and the tail of its node logs.
+"""
+
+from __future__ import annotations
+
+
+class AmlComputeError(Exception):
+    """Base class of every dask-amlcompute error."""
+
+
+class ConfigurationError(AmlComputeError, ValueError):
+    """An argument or config value is invalid; nothing was submitted."""
+
+
+class WorkspaceNotConfiguredError(AmlComputeError):
+    """No ``MLClient`` was given and no workspace config file was found."""
+
+
+class ComputeNotFoundError(AmlComputeError, LookupError):
+    """The named compute target does not exist in the workspace."""
+
+
+class NotAmlComputeError(AmlComputeError, TypeError):
+    """The compute target exists but is not an AmlCompute cluster."""
+
+
+class TooManyNodesError(AmlComputeError, ValueError):
+    """More nodes were asked for than the compute can ever provide."""
+
+
+class JobError(AmlComputeError):
+    """A submitted AML job did not do what was expected.
+
+    Parameters
+    ----------
+    message
+        What went wrong and what to do.
+    job_name
+        Name of the AML job.
+    status
+        Last status AML reported.
+    studio_url
+        Link to the job in Azure ML studio, when AML gave one.
+    log_tail
+        Last lines of the node logs, when they could be read.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        job_name: str | None = None,
+        status: str | None = None,
+        studio_url: str | None = None,
+        log_tail: str | None = None,
+    ) -> None:
+        self.job_name = job_name
+        self.status = status
+        self.studio_url = studio_url
+        self.log_tail = log_tail
+        parts = [message]
+        if job_name:
+            parts.append(f"AML job: {job_name} (status: {status or 'unknown'})")
+        if studio_url:
+            parts.append(f"Studio: {studio_url}")
+        if log_tail:
+            parts.append("Tail of the node logs:\n" + log_tail)
+        super().__init__("\n".join(parts))
+
+
+class JobFailedError(JobError):
+    """The job ended Failed (a node exited non-zero, the environment failed, ...)."""
+
+
+class JobCanceledError(JobError):
+    """The job was canceled (by a user, by the job timeout, or by AML)."""
+
+
+class StartupTimeoutError(JobError, TimeoutError):
+    """The scheduler did not publish its address within ``startup_timeout``."""
+
+
+class SchedulerUnreachableError(AmlComputeError, ConnectionError):
+    """The scheduler published an address the client cannot connect to."""
+
+
+class VersionMismatchError(AmlComputeError):
+    """Client and cluster run different versions of packages that must match."""

@@ -125,7 +125,9 @@ def string_mapping(value: Mapping | None, what: str) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ConfigurationError(f"{what} must be a mapping of strings, got {type(value).__name__}.")
+        raise ConfigurationError(
+            f"{what} must be a mapping of strings, got {type(value).__name__}."
+        )
     out = {}
     for key, val in value.items():
         if not isinstance(key, str) or not key:

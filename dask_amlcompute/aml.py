@@ -1,0 +1,218 @@
+"""The one place that calls the (synchronous) azure-ai-ml SDK.
+
+Every call runs in a worker thread (:func:`asyncio.to_thread`) so the event
+loop never blocks, is counted (for the request benchmark), and SDK/HTTP
+errors are translated into the typed errors of :mod:`dask_amlcompute.exceptions`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .exceptions import (
+    AmlComputeError,
+    ComputeNotFoundError,
+    NotAmlComputeError,
+)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Job statuses after which a job will not run again.
+TERMINAL_STATUSES = frozenset({"Completed", "Failed", "Canceled", "NotResponding", "Paused"})
+
+
+@dataclass(frozen=True)
+class ComputeInfo:
+    """What the client needs to know about a compute target."""
+
+    name: str
+    type: str
+    vm_size: str | None = None
+    min_nodes: int = 0
+    max_nodes: int = 0
+    ssh_public_access: bool = False
+    admin_user: str | None = None
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A snapshot of an AML job."""
+
+    name: str
+    status: str
+    tags: dict[str, str] = field(default_factory=dict)
+    studio_url: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """True once the job has ended."""
+        return self.status in TERMINAL_STATUSES
+
+
+def status_text(status: Any) -> str:
+    """The plain status string (azure-ai-ml 1.35 returns a str-enum)."""
+    return str(getattr(status, "value", status) or "Unknown")
+
+
+def node_field(node: Any, snake: str, camel: str) -> Any:
+    """Read a field of a ``list_nodes`` entry.
+
+    azure-ai-ml 1.35.x leaves the snake_case attributes None and keeps the
+    values under camelCase keys in ``__dict__``; read both.
+    """
+    if isinstance(node, dict):
+        return node.get(camel, node.get(snake))
+    value = getattr(node, snake, None)
+    if value is None:
+        value = getattr(node, "__dict__", {}).get(camel)
+    return value
+
+
+class AmlOps:
+    """Async facade over an ``MLClient`` for the few operations a cluster needs.
+
+    Parameters
+    ----------
+    ml_client
+        An ``azure.ai.ml.MLClient`` bound to a workspace.
+    """
+
+    def __init__(self, ml_client: Any) -> None:
+        self.ml_client = ml_client
+        self.calls = 0
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        self.calls += 1
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def get_compute(self, name: str) -> ComputeInfo:
+        """Look up an AmlCompute target.
+
+        Raises
+        ------
+        ComputeNotFoundError
+            No compute of that name; the message lists the ones that exist.
+        NotAmlComputeError
+            The compute is not an AmlCompute cluster.
+        """
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            compute = await self._call(self.ml_client.compute.get, name)
+        except ResourceNotFoundError:
+            names = await self.list_compute_names()
+            raise ComputeNotFoundError(
+                f"No compute named {name!r} in workspace "
+                f"{getattr(self.ml_client, 'workspace_name', '?')!r}. Computes that exist: "
+                f"{', '.join(names) or 'none'}. Create an AmlCompute cluster or fix the name."
+            ) from None
+        kind = str(getattr(compute, "type", "") or "")
+        if kind.lower() != "amlcompute":
+            raise NotAmlComputeError(
+                f"Compute {name!r} is a {kind or 'compute of unknown type'}, not an AmlCompute "
+                "cluster. dask-amlcompute needs a compute cluster (AmlCompute); create one with "
+                "`az ml compute create --type amlcompute` or pick another compute."
+            )
+        ssh = getattr(compute, "ssh_settings", None)
+        return ComputeInfo(
+            name=name,
+            type=kind,
+            vm_size=getattr(compute, "size", None),
+            min_nodes=int(getattr(compute, "min_instances", 0) or 0),
+            max_nodes=int(getattr(compute, "max_instances", 0) or 0),
+            ssh_public_access=bool(getattr(compute, "ssh_public_access_enabled", False)),
+            admin_user=getattr(ssh, "admin_username", None) if ssh else None,
+        )
+
+    async def list_compute_names(self) -> list[str]:
+        """Names of the computes in the workspace (empty on error)."""
+        try:
+            computes = await self._call(lambda: list(self.ml_client.compute.list()))
+        except Exception as exc:  # only used to improve another error message
+            logger.debug("Could not list computes: %s", exc)
+            return []
+        return sorted(c.name for c in computes)
+
+    async def submit(self, job: Any) -> JobInfo:
+        """Create the job; returns its first snapshot."""
+        try:
+            created = await self._call(self.ml_client.jobs.create_or_update, job)
+        except Exception as exc:
+            raise AmlComputeError(f"AML refused to create job {job.name!r}: {exc}") from exc
+        return self._info(created)
+
+    async def get_job(self, name: str) -> JobInfo:
+        """Current status and tags of a job."""
+        return self._info(await self._call(self.ml_client.jobs.get, name))
+
+    async def cancel(self, name: str, timeout: float = 60) -> None:
+        """Cancel a job and wait (bounded) for AML to accept it; ended jobs are left alone."""
+        try:
+            info = await self.get_job(name)
+            if info.terminal:
+                return
+            poller = await self._call(self.ml_client.jobs.begin_cancel, name)
+            await asyncio.wait_for(asyncio.to_thread(poller.result), timeout)
+        except Exception as exc:
+            logger.warning("Cancelling AML job %s failed: %s", name, exc)
+
+    async def list_nodes(self, compute: str) -> list[dict[str, Any]]:
+        """Nodes of a compute as plain dicts with camelCase keys."""
+        nodes = await self._call(lambda: list(self.ml_client.compute.list_nodes(compute)))
+        keys = [
+            ("node_id", "nodeId"),
+            ("private_ip_address", "privateIpAddress"),
+            ("public_ip_address", "publicIpAddress"),
+            ("port", "port"),
+            ("node_state", "nodeState"),
+            ("run_id", "runId"),
+        ]
+        return [{camel: node_field(n, snake, camel) for snake, camel in keys} for n in nodes]
+
+    async def run_details(self, name: str) -> tuple[str | None, dict[str, str]]:
+        """The AML error message of a job and its log files (name -> URL)."""
+        try:
+            details = await self._call(self.ml_client.jobs._runs_operations.get_run_details, name)
+        except Exception as exc:
+            logger.debug("No run details for %s: %s", name, exc)
+            return None, {}
+        error = getattr(details, "error", None)
+        inner = getattr(error, "error", None) if error is not None else None
+        message = getattr(inner, "message", None) if inner is not None else None
+        return message, dict(getattr(details, "log_files", None) or {})
+
+    async def log_tail(self, log_files: dict[str, str], lines: int = 30) -> str | None:
+        """The last ``lines`` lines of each user log of a job (bounded HTTP reads)."""
+        import requests
+
+        wanted = sorted(k for k in log_files if "user_logs/" in k or k.startswith("std_log"))
+        chunks = []
+        for key in wanted[:4]:
+            try:
+                resp = await asyncio.to_thread(requests.get, log_files[key], timeout=10)
+                resp.raise_for_status()
+            except Exception as exc:
+                logger.debug("Could not read log %s: %s", key, exc)
+                continue
+            tail = resp.text.splitlines()[-lines:]
+            if tail:
+                chunks.append(f"--- {key} ---\n" + "\n".join(tail))
+        return "\n".join(chunks) or None
+
+    @staticmethod
+    def _info(job: Any) -> JobInfo:
+        try:
+            studio = job.studio_url
+        except Exception:
+            studio = None
+        return JobInfo(
+            name=job.name,
+            status=status_text(job.status),
+            tags={str(k): str(v) for k, v in (job.tags or {}).items()},
+            studio_url=studio,
+        )

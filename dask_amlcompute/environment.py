@@ -22,7 +22,7 @@ def pinned_packages() -> dict[str, str]:
     import dask
     import distributed
 
-    from . import __version__
+    from ._version import __version__
 
     return {
         "dask": dask.__version__,

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 
 #: Job tags that identify a cluster's jobs.
 TAG_CLUSTER = "dask_cluster"

@@ -1,0 +1,254 @@
+"""``AmlComputeCluster``: a Dask cluster on an Azure ML compute cluster."""
+
+from __future__ import annotations
+
+import html
+import logging
+from typing import Any
+
+from distributed.deploy.spec import SpecCluster
+
+from .aml import AmlOps
+from .connect import SchedulerConnector
+from .environment import resolve_environment
+from .exceptions import AmlComputeError, TooManyNodesError
+from .jobs import AmlJobWorkers, AmlSchedulerJob, ClusterContext
+from .settings import ClusterSettings, resolve_settings
+from .workspace import ml_client_from_config
+
+logger = logging.getLogger(__name__)
+
+
+class AmlComputeCluster(SpecCluster):
+    """A Dask cluster running as an AML command job on an AmlCompute cluster.
+
+    One AML job with ``n_nodes`` nodes runs the cluster: rank 0 starts the Dask
+    scheduler (and, by default, workers beside it), the other ranks start
+    ``processes_per_node`` worker processes each. The scheduler publishes its
+    address as an mlflow run tag; the client reads it from the job and connects
+    directly (same VNet) or through an SSH tunnel.
+
+    Every argument left as None is read from dask config (``amlcompute.*``,
+    e.g. ``DASK_AMLCOMPUTE__COMPUTE``), falling back to the package defaults.
+
+    Parameters
+    ----------
+    ml_client
+        An ``azure.ai.ml.MLClient``. None builds one from a workspace
+        ``config.json`` (``workspace_config`` or the current folder and its
+        parents) with ``DefaultAzureCredential``.
+    compute
+        Name of the AmlCompute target.
+    n_nodes
+        Nodes of the main job; rank 0 runs the scheduler.
+    processes_per_node
+        Dask worker processes on each node.
+    threads_per_process
+        Threads per worker process (default: the node's cores / processes).
+    memory_limit
+        Memory limit per worker process (default ``"auto"``).
+    environment
+        Node environment: None for an environment pinned to the client's
+        Python/dask/distributed/cloudpickle versions, ``"name@latest"``,
+        ``"name:version"``, a Docker image, or an ``Environment``.
+    job_timeout
+        AML job time limit (``"2h"``, ``"PT90M"``, seconds): the server-side backstop.
+    experiment_name
+        AML experiment the jobs are filed under.
+    name
+        Cluster name (default ``dask-{user}-{random}``); the main job is ``{name}-main``.
+    tags, env_vars
+        Extra job tags and node environment variables.
+    scheduler_options, worker_options
+        Extra keyword arguments for the Dask scheduler and workers on the nodes.
+    connect
+        ``"direct"``, ``"ssh"`` or ``"auto"``: how the client reaches the scheduler.
+    startup_timeout
+        Bound on waiting for the job to run and its workers to join.
+    asynchronous, loop
+        As for every Dask cluster manager.
+    **kwargs
+        Any other setting of :class:`~dask_amlcompute.settings.ClusterSettings`
+        (``distribution``, ``worker_on_scheduler``, ``idle_timeout``, ``quiet``, ...).
+
+    Examples
+    --------
+    >>> from dask.distributed import Client
+    >>> cluster = AmlComputeCluster(ml_client, compute="cpu-cluster", n_nodes=4,
+    ...                             job_timeout="2h")  # doctest: +SKIP
+    >>> client = Client(cluster)  # doctest: +SKIP
+
+    See Also
+    --------
+    dask_amlcompute.emulator.Emulator : run all of this locally, without Azure.
+    """
+
+    def __init__(
+        self,
+        ml_client: Any = None,
+        compute: str | None = None,
+        n_nodes: int | None = None,
+        processes_per_node: int | None = None,
+        threads_per_process: int | None = None,
+        memory_limit: str | int | None = None,
+        environment: Any = None,
+        job_timeout: str | float | None = None,
+        experiment_name: str | None = None,
+        name: str | None = None,
+        tags: dict[str, str] | None = None,
+        env_vars: dict[str, str] | None = None,
+        scheduler_options: dict[str, Any] | None = None,
+        worker_options: dict[str, Any] | None = None,
+        connect: str | None = None,
+        startup_timeout: str | float | None = None,
+        asynchronous: bool = False,
+        loop: Any = None,
+        shutdown_on_close: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        settings = resolve_settings(
+            compute=compute,
+            n_nodes=n_nodes,
+            processes_per_node=processes_per_node,
+            threads_per_process=threads_per_process,
+            memory_limit=memory_limit,
+            environment=environment,
+            job_timeout=job_timeout,
+            experiment_name=experiment_name,
+            name=name,
+            tags=tags,
+            env_vars=env_vars,
+            scheduler_options=scheduler_options,
+            worker_options=worker_options,
+            connect=connect,
+            startup_timeout=startup_timeout,
+            **kwargs,
+        )
+        if ml_client is None:
+            ml_client = ml_client_from_config(settings.workspace_config)
+        self.settings: ClusterSettings = settings
+        self.ml_client = ml_client
+        self._quiet = settings.quiet
+        self._context = ClusterContext(
+            settings=settings,
+            ops=AmlOps(ml_client),
+            log=self._log,
+            environment=resolve_environment(settings.environment),
+        )
+        self._context.connector = SchedulerConnector(self._context)
+        self.main_job_name = f"{settings.name}-main"
+        scheduler = {
+            "cls": AmlSchedulerJob,
+            "options": {"context": self._context, "job_name": self.main_job_name},
+        }
+        workers = {}
+        suffixes = self._context.node_options("cluster", "x").worker_suffixes(settings.n_nodes)
+        if suffixes:
+            workers[f"{settings.name}-main"] = {
+                "cls": AmlJobWorkers,
+                "options": {
+                    "context": self._context,
+                    "job_name": self.main_job_name,
+                    "suffixes": suffixes,
+                },
+                "group": suffixes,
+            }
+        try:
+            super().__init__(
+                scheduler=scheduler,
+                workers=workers,
+                asynchronous=asynchronous,
+                loop=loop,
+                name=settings.name,
+                shutdown_on_close=shutdown_on_close,
+            )
+        except BaseException:
+            runner = getattr(self, "_loop_runner", None)
+            if runner is not None and not asynchronous:
+                runner.stop()
+            raise
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def _start(self) -> None:
+        if self.status.name in ("running", "closed"):
+            return await super()._start()
+        ctx = self._context
+        try:
+            ctx.compute = await ctx.ops.get_compute(self.settings.compute)
+            self._check_capacity()
+            await super()._start()
+        except RuntimeError as exc:
+            # SpecCluster wraps start failures in RuntimeError; surface our typed error.
+            if isinstance(exc.__cause__, AmlComputeError):
+                raise exc.__cause__ from None
+            raise
+
+    def _check_capacity(self) -> None:
+        compute = self._context.compute
+        n = self.settings.n_nodes
+        if compute is not None and compute.max_nodes and n > compute.max_nodes:
+            raise TooManyNodesError(
+                f"n_nodes={n} but compute {compute.name!r} has at most {compute.max_nodes} "
+                f"node(s) (max_instances). Ask for at most {compute.max_nodes} nodes or raise "
+                "the compute's maximum; nothing was submitted."
+            )
+
+    def _log(self, log: str) -> None:
+        """Store a progress message for ``get_logs()`` and show it unless quiet."""
+        logger.info(log)
+        self.quiet = self._quiet
+        super()._log(log)
+
+    # -- information ---------------------------------------------------------
+
+    def job_spec(self) -> dict[str, Any]:
+        """The REST body of the main AML job, exactly as it would be submitted.
+
+        Nothing is sent to AML. Useful to review the command, environment and
+        limits, or to submit the job by other means.
+        """
+        job = AmlSchedulerJob(self._context, self.main_job_name).job()
+        return job._to_job()._to_rest_object().as_dict()
+
+    @property
+    def jobs(self) -> dict[str, str]:
+        """AML jobs of this cluster and their last known status."""
+        return dict(self._context.jobs)
+
+    @property
+    def ended_reason(self) -> str | None:
+        """Why the main job ended while the cluster was running (None if it did not)."""
+        return self._context.ended_reason
+
+    @property
+    def dashboard_link(self) -> str:
+        link = getattr(self.scheduler, "dashboard_link", None)
+        if link and self._context.connector.mode == "ssh":
+            return link
+        return super().dashboard_link
+
+    async def _get_logs(self, cluster=True, scheduler=True, workers=True):
+        logs = await super()._get_logs(cluster=cluster, scheduler=scheduler, workers=workers)
+        if cluster:
+            ops = self._context.ops
+            for job_name in self._context.jobs:
+                _, files = await ops.run_details(job_name)
+                tail = await ops.log_tail(files, lines=200) if files else None
+                if tail:
+                    logs[f"AML job {job_name}"] = tail
+        return logs
+
+    def _repr_html_(self, cluster_status: str | None = None) -> str:
+        rows = "".join(
+            f'<tr><td style="text-align: left;"><strong>AML job:</strong> {html.escape(job)}</td>'
+            f'<td style="text-align: left;"><strong>Status:</strong> {html.escape(status)}</td></tr>'
+            for job, status in self._context.jobs.items()
+        )
+        compute = html.escape(self.settings.compute)
+        rows = (
+            f'<tr><td style="text-align: left;"><strong>Compute:</strong> {compute}</td>'
+            f'<td style="text-align: left;"><strong>Nodes:</strong> {self.settings.n_nodes}'
+            f" x {self.settings.processes_per_node} process(es)</td></tr>{rows}"
+        )
+        return super()._repr_html_(cluster_status=rows + (cluster_status or ""))

@@ -1,0 +1,368 @@
+"""AML jobs as Dask ``ProcessInterface`` objects.
+
+:class:`AmlSchedulerJob` submits the cluster's main job (scheduler on rank 0,
+workers on the other ranks) and becomes the scheduler's address once the job
+has published it. :class:`AmlJobWorkers` stands for the workers of one job as a
+SpecCluster worker *group*: for the main job it only waits for its workers; for
+an extra worker job it submits the job and, on close, retires the job's workers
+through the scheduler before cancelling the job so AML releases its nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from distributed.core import rpc
+from distributed.deploy.spec import ProcessInterface
+
+from .aml import AmlOps, ComputeInfo, JobInfo
+from .exceptions import (
+    JobCanceledError,
+    JobError,
+    JobFailedError,
+    StartupTimeoutError,
+)
+from .jobspec import NodeOptions, build_job
+from .node import DASHBOARD_TAG, SCHEDULER_TAG
+from .settings import ClusterSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterContext:
+    """State shared by a cluster and the ProcessInterfaces it creates."""
+
+    settings: ClusterSettings
+    ops: AmlOps
+    log: Callable[[str], None]
+    environment: Any = None
+    compute: ComputeInfo | None = None
+    connection_args: dict[str, Any] = field(default_factory=dict)
+    jobs: dict[str, str] = field(default_factory=dict)  # job name -> last known status
+    closing: bool = False
+    ended_reason: str | None = None
+    connector: Any = None
+
+    def node_options(self, role: str, prefix: str, scheduler_address: str | None = None):
+        """Node entrypoint options for a job of this cluster."""
+        s = self.settings
+        return NodeOptions(
+            role=role,
+            name_prefix=prefix,
+            processes=s.processes_per_node,
+            threads=s.threads_per_process,
+            memory_limit=s.memory_limit,
+            scheduler_port=s.scheduler_port,
+            dashboard_port=s.dashboard_port,
+            worker_on_scheduler=s.worker_on_scheduler,
+            death_timeout=s.death_timeout,
+            idle_timeout=s.idle_timeout,
+            scheduler_address=scheduler_address,
+            scheduler_options=s.scheduler_options,
+            worker_options=s.worker_options,
+        )
+
+    def build(
+        self, job_name: str, role: str, n_nodes: int, node: NodeOptions, timeout: float | None
+    ):
+        """The AML job entity for one of this cluster's jobs."""
+        s = self.settings
+        return build_job(
+            name=job_name,
+            compute=s.compute,
+            n_nodes=n_nodes,
+            node=node,
+            environment=self.environment,
+            experiment_name=s.experiment_name,
+            timeout_seconds=timeout,
+            cluster_name=s.name,
+            tags=s.tags,
+            env_vars=s.env_vars,
+            distribution=s.distribution,
+        )
+
+
+LIKELY_CAUSES = {
+    "NotStarted": "AML has not scheduled the job yet; the workspace may be throttling or busy.",
+    "Starting": "AML is starting the job.",
+    "Queued": (
+        "the compute has no free nodes: other jobs hold them, the compute's max nodes is "
+        "reached, or the subscription's core quota is exhausted."
+    ),
+    "Preparing": (
+        "the nodes are being provisioned or the environment image is being built/pulled; "
+        "the first run of a new environment can take 10-20 minutes."
+    ),
+    "Running": (
+        "the nodes run but the scheduler did not publish its address: check the node logs "
+        "(import errors, mlflow/azureml-mlflow missing in the environment)."
+    ),
+}
+
+
+async def job_error(
+    ctx: ClusterContext, info: JobInfo, message: str, cls: type[JobError] | None = None
+) -> JobError:
+    """A typed error for a job, with AML's error message and the node log tail."""
+    aml_message, log_files = await ctx.ops.run_details(info.name)
+    tail = await ctx.ops.log_tail(log_files) if log_files else None
+    if aml_message:
+        message = f"{message}\nAML says: {aml_message}"
+    if cls is None:
+        cls = JobCanceledError if info.status == "Canceled" else JobFailedError
+    return cls(
+        message, job_name=info.name, status=info.status, studio_url=info.studio_url, log_tail=tail
+    )
+
+
+async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: float) -> JobInfo:
+    """Poll a job until it publishes ``tag``; fail fast if it ends; bounded by ``timeout``.
+
+    Polling starts fast and backs off to ``settings.poll_interval``.
+    """
+    deadline = time.monotonic() + timeout
+    delay = min(0.2, ctx.settings.poll_interval)
+    last_status = None
+    started = time.monotonic()
+    while True:
+        info = await ctx.ops.get_job(job_name)
+        ctx.jobs[job_name] = info.status
+        if info.status != last_status:
+            ctx.log(f"AML job {job_name}: {info.status} ({time.monotonic() - started:.0f}s)")
+            last_status = info.status
+        if tag in info.tags:
+            return info
+        if info.terminal:
+            raise await job_error(
+                ctx,
+                info,
+                f"AML job {job_name} ended {info.status} before the Dask scheduler started.",
+            )
+        if time.monotonic() >= deadline:
+            cause = LIKELY_CAUSES.get(info.status, "")
+            raise await job_error(
+                ctx,
+                info,
+                f"The Dask scheduler did not start within {timeout:.0f}s (startup_timeout). "
+                f"The job is {info.status}: {cause} The job was cancelled.",
+                StartupTimeoutError,
+            )
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, ctx.settings.poll_interval)
+
+
+class AmlSchedulerJob(ProcessInterface):
+    """The cluster's main AML job, seen from SpecCluster as its scheduler.
+
+    Parameters
+    ----------
+    context
+        Shared cluster state.
+    job_name
+        Name of the main AML job.
+    """
+
+    def __init__(self, context: ClusterContext, job_name: str) -> None:
+        super().__init__()
+        self.context = context
+        self.job_name = job_name
+        self.internal_address: str | None = None
+        self.dashboard_link: str | None = None
+        self._watcher: asyncio.Task | None = None
+
+    def job(self):
+        """The job entity this interface submits."""
+        s = self.context.settings
+        node = self.context.node_options("cluster", f"{s.name}-main")
+        return self.context.build(self.job_name, "cluster", s.n_nodes, node, s.job_timeout)
+
+    async def start(self) -> None:
+        ctx, s = self.context, self.context.settings
+        ctx.log(
+            f"Submitting AML job {self.job_name} to compute {s.compute!r}: {s.n_nodes} node(s), "
+            f"scheduler on rank 0, {s.processes_per_node} worker process(es) per node"
+        )
+        info = await ctx.ops.submit(self.job())
+        ctx.jobs[self.job_name] = info.status
+        if info.studio_url:
+            ctx.log(f"Studio: {info.studio_url}")
+        try:
+            info = await wait_for_tag(ctx, self.job_name, SCHEDULER_TAG, s.startup_timeout)
+            self.internal_address = info.tags[SCHEDULER_TAG]
+            dashboard = info.tags.get(DASHBOARD_TAG)
+            self.address, self.dashboard_link = await ctx.connector.connect(
+                self.job_name, self.internal_address, dashboard
+            )
+        except BaseException:
+            await ctx.ops.cancel(self.job_name)
+            raise
+        ctx.log(f"Scheduler at {self.internal_address} (client uses {self.address})")
+        self._watcher = asyncio.create_task(self._watch())
+        await super().start()
+
+    async def _watch(self) -> None:
+        """Notice when the main job ends while the cluster runs (timeout, node failure)."""
+        interval = max(self.context.settings.poll_interval * 5, 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                info = await self.context.ops.get_job(self.job_name)
+            except Exception as exc:  # the control plane may be briefly unavailable
+                logger.debug("Polling %s failed: %s", self.job_name, exc)
+                continue
+            self.context.jobs[self.job_name] = info.status
+            if info.terminal or info.status == "Finalizing":
+                if not self.context.closing:
+                    err = await job_error(
+                        self.context, info, f"The cluster's AML job ended: {info.status}."
+                    )
+                    self.context.ended_reason = str(err)
+                    self.context.log(str(err))
+                return
+
+    async def close(self) -> None:
+        ctx = self.context
+        ctx.closing = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+        # SpecCluster has asked the scheduler to terminate: the nodes exit and the job
+        # completes by itself. Give it a bounded moment, then cancel to be sure.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                info = await ctx.ops.get_job(self.job_name)
+            except Exception:
+                break
+            ctx.jobs[self.job_name] = info.status
+            if info.terminal or info.status == "Finalizing":
+                break
+            await asyncio.sleep(0.5)
+        if ctx.jobs.get(self.job_name) not in ("Completed", "Failed", "Canceled", "Finalizing"):
+            await ctx.ops.cancel(self.job_name)
+        await ctx.connector.close()
+        ctx.log(f"AML job {self.job_name}: {ctx.jobs.get(self.job_name)}")
+        await super().close()
+
+
+async def worker_names(address: str, connection_args: dict) -> set[str]:
+    """Names of the workers connected to the scheduler at ``address``."""
+    async with rpc(address, connection_args=connection_args) as scheduler:
+        ident = await scheduler.identity()
+    return {str(w.get("name")) for w in ident.get("workers", {}).values()}
+
+
+class AmlJobWorkers(ProcessInterface):
+    """The Dask workers of one AML job: one SpecCluster worker group.
+
+    Parameters
+    ----------
+    scheduler
+        Address of the scheduler (as the client reaches it).
+    name
+        Group name; the job's workers are called ``name + suffix``.
+    context
+        Shared cluster state.
+    job_name
+        The AML job running these workers.
+    suffixes
+        Worker name suffixes (``-RANK-INDEX``).
+    n_nodes
+        Nodes of the job (for a worker job it submits).
+    submit
+        False for the main job's workers (the scheduler's job runs them); True
+        for an extra worker job that this object submits and cancels.
+    """
+
+    def __init__(
+        self,
+        scheduler: str,
+        name: str,
+        context: ClusterContext,
+        job_name: str,
+        suffixes: list[str],
+        n_nodes: int = 1,
+        submit: bool = False,
+        scheduler_internal_address: str | None = None,
+    ) -> None:
+        super().__init__(scheduler=scheduler, name=name)
+        self.context = context
+        self.job_name = job_name
+        self.worker_names = [f"{name}{suffix}" for suffix in suffixes]
+        self.n_nodes = n_nodes
+        self.submit = submit
+        self.scheduler_internal_address = scheduler_internal_address
+        self.address = job_name
+
+    async def start(self) -> None:
+        ctx = self.context
+        if self.submit:
+            s = ctx.settings
+            node = ctx.node_options("workers", self.name, self.scheduler_internal_address)
+            job = ctx.build(self.job_name, "workers", self.n_nodes, node, s.job_timeout)
+            ctx.log(f"Submitting worker job {self.job_name}: {self.n_nodes} node(s)")
+            info = await ctx.ops.submit(job)
+            ctx.jobs[self.job_name] = info.status
+        try:
+            await self._wait_for_workers()
+        except BaseException:
+            if self.submit:
+                await ctx.ops.cancel(self.job_name)
+            raise
+        await super().start()
+
+    async def _wait_for_workers(self) -> None:
+        ctx = self.context
+        timeout = ctx.settings.startup_timeout
+        deadline = time.monotonic() + timeout
+        wanted = set(self.worker_names)
+        last_check = time.monotonic()
+        while True:
+            joined = await worker_names(self.scheduler, ctx.connection_args)
+            if wanted <= joined:
+                return
+            now = time.monotonic()
+            if now - last_check >= ctx.settings.poll_interval:
+                last_check = now
+                info = await ctx.ops.get_job(self.job_name)
+                ctx.jobs[self.job_name] = info.status
+                if info.terminal:
+                    raise await job_error(
+                        ctx, info, f"AML job {self.job_name} ended before its workers joined."
+                    )
+            if now >= deadline:
+                info = await ctx.ops.get_job(self.job_name)
+                missing = ", ".join(sorted(wanted - joined))
+                raise await job_error(
+                    ctx,
+                    info,
+                    f"Workers {missing} did not join the scheduler within {timeout:.0f}s "
+                    f"(startup_timeout). {LIKELY_CAUSES.get(info.status, '')}",
+                    StartupTimeoutError,
+                )
+            await asyncio.sleep(0.1)
+
+    async def close(self) -> None:
+        ctx = self.context
+        if self.submit or not ctx.closing:
+            await self._retire()
+        if self.submit:
+            await ctx.ops.cancel(self.job_name)
+            ctx.log(f"Cancelled worker job {self.job_name}")
+        await super().close()
+
+    async def _retire(self) -> None:
+        """Retire this job's workers through the scheduler so their data moves first."""
+        try:
+            async with rpc(self.scheduler, connection_args=self.context.connection_args) as s:
+                await asyncio.wait_for(
+                    s.retire_workers(names=self.worker_names, close_workers=True, remove=True),
+                    timeout=60,
+                )
+        except Exception as exc:
+            logger.info("Retiring workers of %s: %s", self.job_name, exc)

@@ -44,6 +44,9 @@ class ClusterSettings:
     death_timeout: float = 300.0
     idle_timeout: float | None = None
     connect: str = "direct"
+    ssh_key: str | None = None
+    known_hosts: str | None = None
+    ssh_trust_on_first_use: bool = False
     poll_interval: float = 2.0
     scheduler_options: dict[str, Any] = field(default_factory=dict)
     worker_options: dict[str, Any] = field(default_factory=dict)

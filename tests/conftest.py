@@ -1,0 +1,57 @@
+"""Shared fixtures: a session-wide AML emulator and helpers for live (external) tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+EXTERNAL_VARS = (
+    "AZURE_SUBSCRIPTION_ID",
+    "AZURE_RESOURCE_GROUP",
+    "AZUREML_WORKSPACE_NAME",
+    "AZUREML_COMPUTE",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = [v for v in EXTERNAL_VARS if not os.environ.get(v)]
+    if not missing:
+        return
+    skip = pytest.mark.skip(reason=f"live Azure test: set {', '.join(missing)} to run")
+    for item in items:
+        if "external" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def emulator():
+    """One emulator for the session: computes for the cluster tests."""
+    from dask_amlcompute.emulator import ComputeSpec, Emulator
+
+    computes = [
+        ComputeSpec(name="cpu-cluster", max_nodes=8, min_nodes=0),
+        ComputeSpec(name="tiny", max_nodes=2, min_nodes=0),
+        ComputeSpec(name="notebook-ci", kind="ComputeInstance"),
+    ]
+    with Emulator(computes=computes) as emu:
+        yield emu
+
+
+@pytest.fixture(scope="session")
+def ml_client(emulator):
+    return emulator.ml_client()
+
+
+@pytest.fixture
+def cluster_kwargs():
+    """Arguments that make a cluster start fast and fail fast on the emulator."""
+    return {
+        "compute": "cpu-cluster",
+        "threads_per_process": 1,
+        "job_timeout": "10m",
+        "startup_timeout": "90s",
+        "poll_interval": 0.2,
+        "death_timeout": "60s",
+        "quiet": True,
+    }

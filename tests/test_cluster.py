@@ -1,0 +1,162 @@
+"""AmlComputeCluster end to end on the emulator: real SDK, real processes, real Dask."""
+
+from __future__ import annotations
+
+import operator
+import time
+
+import dask
+import dask.bag as db
+import pytest
+from distributed import Client
+
+from dask_amlcompute import (
+    AmlComputeCluster,
+    ComputeNotFoundError,
+    ConfigurationError,
+    JobFailedError,
+    NotAmlComputeError,
+    TooManyNodesError,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def test_three_node_cluster_runs_dask_workloads(emulator, ml_client, cluster_kwargs):
+    pd = pytest.importorskip("pandas")  # installed by the test extra
+    import dask.dataframe as dd
+
+    with (
+        AmlComputeCluster(ml_client, n_nodes=3, **cluster_kwargs) as cluster,
+        Client(cluster) as client,
+    ):
+        job = cluster.main_job_name
+        workers = client.scheduler_info()["workers"]
+        assert len(workers) == 3
+        names = sorted(w["name"] for w in workers.values())
+        assert names == [f"{cluster.name}-main-{r}-0" for r in range(3)]
+        # every node is a distinct emulated machine
+        hosts = {w["host"] for w in workers.values()}
+        assert len(hosts) == 3
+        assert emulator.job_status(job) == "Running"
+        assert emulator.nodes_in_use("cpu-cluster") >= 3
+
+        assert (
+            dask.delayed(sum)([dask.delayed(operator.mul)(i, 2) for i in range(10)]).compute() == 90
+        )
+        assert (
+            db.from_sequence(range(100), npartitions=5).map(lambda x: x + 1).sum().compute() == 5050
+        )
+        df = pd.DataFrame({"k": [i % 3 for i in range(300)], "v": range(300)})
+        got = dd.from_pandas(df, npartitions=6).groupby("k").v.sum().compute().sort_index()
+        assert got.tolist() == df.groupby("k").v.sum().sort_index().tolist()
+        futures = client.map(operator.pow, range(200), [2] * 200)
+        assert sum(client.gather(futures)) == sum(i * i for i in range(200))
+
+        assert cluster.jobs[job] == "Running"
+        assert job in cluster._repr_html_()
+        assert cluster.dashboard_link.startswith("http://")
+    final = emulator.wait_job(job, timeout=30)
+    assert final in ("Completed", "Canceled")
+    assert job not in emulator.active_jobs()
+
+
+def test_processes_per_node_and_mpi_distribution(emulator, ml_client, cluster_kwargs):
+    with (
+        AmlComputeCluster(
+            ml_client, n_nodes=2, processes_per_node=2, distribution="mpi", **cluster_kwargs
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        workers = client.scheduler_info()["workers"]
+        assert len(workers) == 4
+        assert sorted(w["name"] for w in workers.values()) == sorted(
+            f"{cluster.name}-main-{r}-{i}" for r in range(2) for i in range(2)
+        )
+        assert client.submit(lambda: 41 + 1).result() == 42
+        body = cluster.job_spec()["properties"]
+        assert body["distribution"]["distributionType"] == "Mpi"
+    assert emulator.wait_job(cluster.main_job_name, timeout=30) in ("Completed", "Canceled")
+
+
+def test_async_cluster(emulator, ml_client, cluster_kwargs):
+    import asyncio
+
+    async def main():
+        async with AmlComputeCluster(
+            ml_client, n_nodes=2, asynchronous=True, **cluster_kwargs
+        ) as cluster:
+            async with Client(cluster, asynchronous=True) as client:
+                assert await client.submit(sum, [1, 2, 3]) == 6
+            return cluster.main_job_name
+
+    job = asyncio.run(main())
+    assert emulator.wait_job(job, timeout=30) in ("Completed", "Canceled")
+
+
+def test_wrong_compute_name_lists_the_computes(ml_client, cluster_kwargs):
+    cluster_kwargs["compute"] = "no-such-compute"
+    with pytest.raises(ComputeNotFoundError, match="cpu-cluster") as info:
+        AmlComputeCluster(ml_client, n_nodes=2, **cluster_kwargs)
+    assert "no-such-compute" in str(info.value)
+
+
+def test_non_amlcompute_target_is_refused(ml_client, cluster_kwargs):
+    cluster_kwargs["compute"] = "notebook-ci"
+    with pytest.raises(NotAmlComputeError, match="not an AmlCompute"):
+        AmlComputeCluster(ml_client, n_nodes=2, **cluster_kwargs)
+
+
+def test_more_nodes_than_the_compute_max_fails_before_submission(
+    emulator, ml_client, cluster_kwargs
+):
+    before = set(emulator.active_jobs())
+    cluster_kwargs["compute"] = "tiny"
+    with pytest.raises(TooManyNodesError, match="at most 2"):
+        AmlComputeCluster(ml_client, n_nodes=3, name="too-many-nodes", **cluster_kwargs)
+    assert set(emulator.active_jobs()) == before
+    with pytest.raises(Exception):  # noqa: B017  the job was never created
+        ml_client.jobs.get("too-many-nodes-main")
+
+
+def test_bad_timeout_fails_before_anything(ml_client, cluster_kwargs):
+    cluster_kwargs["job_timeout"] = "until lunch"
+    with pytest.raises(ConfigurationError, match="job_timeout"):
+        AmlComputeCluster(ml_client, n_nodes=2, **cluster_kwargs)
+
+
+def test_node_that_crashes_at_start_gives_log_tail_and_leaves_nothing(
+    emulator, ml_client, cluster_kwargs
+):
+    # An invalid worker option makes every worker node fail at start.
+    with pytest.raises(JobFailedError) as info:
+        AmlComputeCluster(
+            ml_client,
+            n_nodes=2,
+            worker_options={"no_such_option": 1},
+            name="crash-at-start",
+            **cluster_kwargs,
+        )
+    err = info.value
+    assert err.job_name == "crash-at-start-main"
+    assert err.status == "Failed"
+    assert "no_such_option" in str(err)
+    assert err.log_tail
+    assert emulator.wait_job("crash-at-start-main", timeout=30) in ("Failed", "Canceled")
+    assert not [n for n in emulator.job_nodes("crash-at-start-main") if n.get("state") == "running"]
+
+
+def test_job_timeout_ends_the_cluster_with_a_clear_reason(emulator, ml_client, cluster_kwargs):
+    cluster_kwargs["job_timeout"] = "8s"
+    with AmlComputeCluster(ml_client, n_nodes=2, **cluster_kwargs) as cluster:
+        job = cluster.main_job_name
+        emulator.wait_job(job, timeout=40)
+        deadline = time.monotonic() + 20
+        while cluster.ended_reason is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert cluster.ended_reason is not None
+        assert (
+            "timeout" in cluster.ended_reason.lower()
+            or "time limit" in cluster.ended_reason.lower()
+        )
+    assert emulator.job_status(job) in ("Failed", "Canceled")

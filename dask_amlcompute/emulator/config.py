@@ -1,0 +1,230 @@
+"""Configuration of the emulator: compute targets, delays, ports, and file loading."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+#: Compute kinds the emulator reports.  Only ``AmlCompute`` and
+#: ``ComputeInstance`` can run jobs; other kinds are listed but reject jobs.
+COMPUTE_KINDS = ("AmlCompute", "ComputeInstance", "Kubernetes", "VirtualMachine")
+
+
+@dataclass
+class ComputeSpec:
+    """One compute target of the emulated workspace.
+
+    Parameters
+    ----------
+    name : str
+        Compute name (``compute=`` of a job).
+    max_nodes : int
+        Maximum nodes in use at once, over all jobs (``max_instances``).
+        A ``ComputeInstance`` always has exactly one node.
+    min_nodes : int
+        Nodes kept allocated while idle (reported as idle by ``listNodes``).
+    vm_size : str
+        Reported VM size.
+    idle_seconds_before_scaledown : int
+        A freed node stays listed as ``idle`` this long before it disappears.
+    admin_user : str or None
+        SSH admin user of the nodes.
+    ssh_public_keys : list of str
+        OpenSSH public keys accepted for ``admin_user``.
+    ssh_public_access : bool
+        Whether nodes get a public SSH endpoint (``remoteLoginPortPublicAccess``).
+    kind : str
+        ``"AmlCompute"`` (default), ``"ComputeInstance"``, or another reported-only kind.
+    vm_priority : str
+        ``"Dedicated"`` or ``"LowPriority"``.
+    """
+
+    name: str
+    max_nodes: int = 4
+    min_nodes: int = 0
+    vm_size: str = "STANDARD_DS3_V2"
+    idle_seconds_before_scaledown: int = 120
+    admin_user: str | None = "azureuser"
+    ssh_public_keys: list[str] = field(default_factory=list)
+    ssh_public_access: bool = True
+    kind: str = "AmlCompute"
+    vm_priority: str = "Dedicated"
+
+    def __post_init__(self) -> None:
+        if self.kind not in COMPUTE_KINDS:
+            raise ValueError(f"compute {self.name!r}: kind must be one of {COMPUTE_KINDS}")
+        if self.kind == "ComputeInstance":
+            self.max_nodes = 1
+            self.min_nodes = 1
+        if self.max_nodes < 1 or self.max_nodes > 250:
+            raise ValueError(f"compute {self.name!r}: max_nodes must be in 1..250")
+        if not 0 <= self.min_nodes <= self.max_nodes:
+            raise ValueError(f"compute {self.name!r}: min_nodes must be in 0..max_nodes")
+        if isinstance(self.ssh_public_keys, str):
+            self.ssh_public_keys = [self.ssh_public_keys]
+        self.ssh_public_keys = [k.strip() for k in self.ssh_public_keys if k and k.strip()]
+
+    @property
+    def runs_jobs(self) -> bool:
+        """bool: whether jobs can be submitted to this compute."""
+        return self.kind in ("AmlCompute", "ComputeInstance")
+
+    @property
+    def ssh_enabled(self) -> bool:
+        """bool: whether nodes get an SSH endpoint (public access, admin user and a key)."""
+        return bool(self.ssh_public_access and self.admin_user and self.ssh_public_keys)
+
+
+@dataclass
+class EnvironmentSpec:
+    """A pre-registered environment version (``name@latest`` / ``name:version``).
+
+    Parameters
+    ----------
+    name : str
+        Environment name.
+    version : str
+        Version label.
+    image : str
+        Docker image recorded on the environment (not pulled: nodes run on the host).
+    """
+
+    name: str
+    version: str = "1"
+    image: str = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
+
+
+def default_computes() -> list[ComputeSpec]:
+    """Return the computes used when none are given.
+
+    Returns
+    -------
+    list of ComputeSpec
+        One ``cpu-cluster`` AmlCompute with four nodes.
+    """
+    return [ComputeSpec(name="cpu-cluster")]
+
+
+@dataclass
+class EmulatorConfig:
+    """Everything needed to start an emulator.
+
+    Parameters
+    ----------
+    computes : list of ComputeSpec
+        Compute targets of the workspace.
+    environments : list of EnvironmentSpec
+        Environments registered at start.
+    provisioning_delay : float
+        Seconds a job spends in ``Preparing`` before its nodes start.
+    host : str
+        Listen address; must be a loopback address.
+    port : int
+        Listen port (0 = ephemeral).
+    https : bool
+        Serve HTTPS with a generated self-signed certificate.
+    workdir : str or None
+        Parent directory for the emulator's temporary directory.
+    """
+
+    computes: list[ComputeSpec] = field(default_factory=default_computes)
+    environments: list[EnvironmentSpec] = field(default_factory=list)
+    provisioning_delay: float = 0.0
+    host: str = "127.0.0.1"
+    port: int = 0
+    https: bool = False
+    workdir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.host.startswith("127."):
+            raise ValueError("the emulator only listens on loopback addresses (127.0.0.0/8)")
+        names = [c.name for c in self.computes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate compute names: {names}")
+        if len(self.computes) > 250:
+            raise ValueError("at most 250 computes")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+    return cls(**data)
+
+
+def config_from_dict(data: dict[str, Any]) -> EmulatorConfig:
+    """Build an :class:`EmulatorConfig` from plain data (parsed YAML/JSON).
+
+    Parameters
+    ----------
+    data : dict
+        Keys of :class:`EmulatorConfig`; ``computes`` and ``environments`` are
+        lists of mappings with the keys of :class:`ComputeSpec` /
+        :class:`EnvironmentSpec`.
+
+    Returns
+    -------
+    EmulatorConfig
+        The validated configuration.
+
+    Raises
+    ------
+    ValueError
+        On unknown keys or invalid values.
+    """
+    if not isinstance(data, dict):
+        raise ValueError("emulator config must be a mapping")
+    data = dict(data)
+    computes = data.pop("computes", None)
+    environments = data.pop("environments", None) or []
+    kwargs: dict[str, Any] = dict(data)
+    if computes is not None:
+        kwargs["computes"] = [
+            _build(ComputeSpec, c, f"computes[{i}]") for i, c in enumerate(computes)
+        ]
+    kwargs["environments"] = [
+        _build(EnvironmentSpec, e, f"environments[{i}]") for i, e in enumerate(environments)
+    ]
+    return _build(EmulatorConfig, kwargs, "emulator config")
+
+
+def load_config(path: str | os.PathLike[str]) -> EmulatorConfig:
+    """Read an emulator configuration from a YAML or JSON file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        File path; ``.json`` files are read as JSON, anything else as YAML.
+
+    Returns
+    -------
+    EmulatorConfig
+        The validated configuration.
+
+    Examples
+    --------
+    A YAML file::
+
+        provisioning_delay: 1.0
+        port: 8765
+        computes:
+          - name: cpu-cluster
+            max_nodes: 4
+            ssh_public_keys: ["ssh-ed25519 AAAA... me@laptop"]
+          - name: my-ci
+            kind: ComputeInstance
+        environments:
+          - {name: dask-env, version: "3", image: "python:3.11"}
+    """
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if str(path).endswith(".json"):
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    return config_from_dict(data)

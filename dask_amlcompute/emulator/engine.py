@@ -1,0 +1,543 @@
+"""Job lifecycle: queueing on compute capacity, provisioning, node processes, outcomes.
+
+All methods run on the emulator's event loop.  A job walks
+NotStarted -> Queued -> Preparing -> Running -> Completed | Failed | Canceled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import identity
+from . import nodes as nodeproc
+from .config import EmulatorConfig
+from .errors import ApiError
+from .jobspec import JobSpec, environment_reference, node_variables, parse_job
+from .state import ComputeState, EnvironmentVersion, JobRecord, NodeRecord
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between SIGTERM and SIGKILL when a job is canceled or times out.
+KILL_GRACE = 3.0
+
+
+@dataclass
+class Endpoints:
+    """Addresses the engine hands to nodes."""
+
+    tracking_uri: str
+    cert_path: str | None = None
+
+
+def log_name(rank: int) -> str:
+    """Return the AML-style log file name of a node.
+
+    Parameters
+    ----------
+    rank : int
+        Node rank.
+
+    Returns
+    -------
+    str
+        ``user_logs/std_log_process_{rank}.txt``.
+    """
+    return f"user_logs/std_log_process_{rank}.txt"
+
+
+class Engine:
+    """The emulated workspace: computes, environments, jobs and their nodes.
+
+    Parameters
+    ----------
+    config : EmulatorConfig
+        Computes, environments and the provisioning delay.
+    workdir : str
+        Directory for job working directories and logs.
+    endpoints : Endpoints
+        Tracking URI (and certificate) given to nodes.
+    ssh_factory : callable, optional
+        ``ssh_factory(compute_spec, node) -> awaitable server`` starting a
+        node's SSH endpoint; None disables SSH.
+    """
+
+    def __init__(
+        self,
+        config: EmulatorConfig,
+        workdir: str,
+        endpoints: Endpoints,
+        ssh_factory: Callable[..., Any] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.endpoints = endpoints
+        self.provisioning_delay = float(config.provisioning_delay)
+        self.computes: dict[str, ComputeState] = {
+            spec.name.lower(): ComputeState(spec=spec, index=i)
+            for i, spec in enumerate(config.computes)
+        }
+        self.jobs: dict[str, JobRecord] = {}
+        self.specs: dict[str, JobSpec] = {}
+        self.environments: dict[str, dict[str, EnvironmentVersion]] = {}
+        self._ssh_factory = ssh_factory
+        self._closing = False
+        for env in config.environments:
+            self.put_environment(env.name, env.version, {"image": env.image})
+
+    # ------------------------------------------------------------------ lookups
+    def compute(self, name: str) -> ComputeState:
+        """Return a compute by name (case-insensitive).
+
+        Parameters
+        ----------
+        name : str
+            Compute name.
+
+        Returns
+        -------
+        ComputeState
+            The compute.
+
+        Raises
+        ------
+        ApiError
+            404 if there is no such compute.
+        """
+        try:
+            return self.computes[name.lower()]
+        except KeyError:
+            raise ApiError(404, "ResourceNotFound",
+                           f"Compute '{name}' was not found in workspace") from None
+
+    def job(self, name: str) -> JobRecord:
+        """Return a job by name.
+
+        Parameters
+        ----------
+        name : str
+            Job name.
+
+        Returns
+        -------
+        JobRecord
+            The job.
+
+        Raises
+        ------
+        ApiError
+            404 if there is no such job.
+        """
+        try:
+            return self.jobs[name]
+        except KeyError:
+            raise ApiError(404, "UserError", f"Job {name} not found.") from None
+
+    # ------------------------------------------------------------- environments
+    def put_environment(self, name: str, version: str, properties: dict[str, Any]) -> tuple[
+            EnvironmentVersion, bool]:
+        """Create or update an environment version.
+
+        Parameters
+        ----------
+        name, version : str
+            Environment name and version.
+        properties : dict
+            REST ``properties`` (image, conda file, ...).
+
+        Returns
+        -------
+        tuple
+            ``(environment, created)``.
+        """
+        versions = self.environments.setdefault(name, {})
+        existing = versions.get(version)
+        if existing is not None:
+            existing.properties.update(properties)
+            return existing, False
+        env = EnvironmentVersion(name=name, version=version, properties=dict(properties))
+        versions[version] = env
+        return env, True
+
+    def environment(self, name: str, version: str) -> EnvironmentVersion:
+        """Return an environment version.
+
+        Parameters
+        ----------
+        name, version : str
+            Environment name and version.
+
+        Returns
+        -------
+        EnvironmentVersion
+            The version.
+
+        Raises
+        ------
+        ApiError
+            404 if absent.
+        """
+        try:
+            return self.environments[name][version]
+        except KeyError:
+            raise ApiError(404, "UserError",
+                           f"Environment {name}:{version} not found in workspace") from None
+
+    # --------------------------------------------------------------------- jobs
+    def submit(self, name: str, body: Any) -> tuple[JobRecord, bool]:
+        """Create a job from a ``PUT /jobs/{name}`` body and start its lifecycle.
+
+        Re-submitting an existing name updates its tags, display name and
+        description only (as AML, which rejects other changes).
+
+        Parameters
+        ----------
+        name : str
+            Job name.
+        body : Any
+            Parsed JSON body.
+
+        Returns
+        -------
+        tuple
+            ``(job, created)``.
+
+        Raises
+        ------
+        ApiError
+            400 for invalid bodies, unknown computes or environments.
+        """
+        if self._closing:
+            raise ApiError(503, "ServiceUnavailable", "the emulator is shutting down")
+        if name in self.jobs:
+            job = self.jobs[name]
+            props = body.get("properties") if isinstance(body, dict) else None
+            if isinstance(props, dict):
+                for key in ("tags", "displayName", "description"):
+                    if key in props and props[key] is not None:
+                        job.properties[key] = props[key]
+            return job, False
+        spec = parse_job(name, body)
+        compute = self.computes.get(spec.compute.lower())
+        if compute is None:
+            raise ApiError(400, "UserError",
+                           f"Compute target '{spec.compute}' not found in workspace "
+                           f"'{identity.WORKSPACE_NAME}'.")
+        if not compute.spec.runs_jobs:
+            raise ApiError(400, "UserError",
+                           f"Compute '{compute.spec.name}' of type {compute.spec.kind} cannot "
+                           "run command jobs in the emulator.")
+        ref = environment_reference(spec.properties["environmentId"])
+        if ref is not None:
+            self.environment(*ref)
+        props = dict(spec.properties)
+        props.setdefault("experimentName", spec.experiment_name)
+        job = JobRecord(name=name, properties=props, compute=compute.spec.name,
+                        instance_count=spec.instance_count,
+                        timeout_seconds=spec.timeout_seconds)
+        job.done = asyncio.Event()
+        job.wake = asyncio.Event()
+        self.jobs[name] = job
+        self.specs[name] = spec
+        job.task = asyncio.ensure_future(self._lifecycle(job, spec, compute))
+        return job, True
+
+    def cancel(self, name: str, reason: str = "canceled") -> JobRecord:
+        """Request cancellation of a job (no-op if it already ended).
+
+        Parameters
+        ----------
+        name : str
+            Job name.
+        reason : str
+            ``"canceled"``, ``"timeout"`` or ``"shutdown"``.
+
+        Returns
+        -------
+        JobRecord
+            The job.
+        """
+        job = self.job(name)
+        if not job.is_terminal and job.cancel_reason is None:
+            job.cancel_reason = reason
+            job.status = "CancelRequested"
+            job.wake.set()
+        return job
+
+    def kill_node(self, name: str, rank: int, preempted: bool = False) -> NodeRecord:
+        """Kill one node's process group (fault injection).
+
+        Parameters
+        ----------
+        name : str
+            Job name.
+        rank : int
+            Node rank.
+        preempted : bool
+            Report the loss as a low-priority preemption.
+
+        Returns
+        -------
+        NodeRecord
+            The node.
+
+        Raises
+        ------
+        ApiError
+            404 if the job or node does not exist.
+        """
+        job = self.job(name)
+        if not 0 <= rank < len(job.nodes):
+            raise ApiError(404, "NotFound", f"job {name} has no node of rank {rank}")
+        node = job.nodes[rank]
+        if job.failure is None and not job.is_terminal:
+            if preempted:
+                job.failure = {
+                    "code": "JobPreempted",
+                    "message": (
+                        f"The job was preempted: low-priority node {node.node_id} (rank {rank}) "
+                        "was reclaimed by Azure while running the job. Resubmit the job or "
+                        "use dedicated nodes."
+                    ),
+                }
+                node.killed_reason = "preempted"
+            else:
+                node.killed_reason = "killed"
+        node.state = "preempted" if preempted else "leaving"
+        nodeproc.signal_group(node, signal.SIGKILL)
+        return node
+
+    def nodes_in_use(self, compute: str) -> int:
+        """Return the number of nodes held by jobs on a compute.
+
+        Parameters
+        ----------
+        compute : str
+            Compute name.
+
+        Returns
+        -------
+        int
+            Nodes in use.
+        """
+        return self.compute(compute).in_use
+
+    # ---------------------------------------------------------------- lifecycle
+    async def _pause(self, job: JobRecord, seconds: float | None) -> None:
+        """Sleep until ``seconds`` pass or the job is woken (cancel, fault, allocation)."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(job.wake.wait(), seconds)
+        job.wake.clear()
+
+    def _schedule(self) -> None:
+        """Give free nodes to queued jobs, first come first served per compute."""
+        for compute in self.computes.values():
+            while compute.queue:
+                job = self.jobs[compute.queue[0]]
+                if job.is_terminal or job.cancel_reason is not None:
+                    compute.queue.pop(0)
+                    continue
+                if compute.free < job.instance_count:
+                    break
+                compute.queue.pop(0)
+                job.slots = compute.allocate(job.name, job.instance_count)
+                job.wake.set()
+
+    def _finish(self, job: JobRecord, status: str, error: dict[str, str] | None = None) -> None:
+        job.status = status
+        job.error = error
+        job.end_time = time.time()
+
+    def _make_nodes(self, job: JobRecord, compute: ComputeState) -> None:
+        base = os.path.join(self.workdir, "jobs", job.name)
+        for rank, slot in enumerate(job.slots or []):
+            job.nodes.append(NodeRecord(
+                rank=rank, slot=slot, ip=compute.ip_for_slot(slot),
+                node_id=compute.node_id_for_slot(slot),
+                workdir=os.path.join(base, f"node-{rank}", "wd"),
+                log_path=os.path.join(base, "logs", log_name(rank)),
+            ))
+
+    async def _start_ssh(self, compute: ComputeState, job: JobRecord) -> None:
+        if self._ssh_factory is None or not compute.spec.ssh_enabled:
+            return
+        for node in job.nodes:
+            try:
+                server = await self._ssh_factory(compute.spec, node)
+            except Exception:  # an SSH failure must not kill the job
+                logger.exception("could not start the SSH endpoint of %s rank %d",
+                                 job.name, node.rank)
+                continue
+            node.ssh_server = server
+            node.ssh_port = getattr(server, "port", None)
+            node.host_public_key = getattr(server, "host_public_key", None)
+
+    async def _lifecycle(self, job: JobRecord, spec: JobSpec, compute: ComputeState) -> None:
+        try:
+            await self._run(job, spec, compute)
+        except Exception as exc:  # never leave a job hanging on an emulator bug
+            logger.exception("job %s crashed in the emulator", job.name)
+            if not job.is_terminal:
+                self._finish(job, "Failed", {"code": "SystemError",
+                                             "message": f"emulator error: {exc!r}"})
+        finally:
+            await self._teardown(job, compute)
+
+    async def _run(self, job: JobRecord, spec: JobSpec, compute: ComputeState) -> None:
+        await asyncio.sleep(0.05)
+        max_nodes = compute.spec.max_nodes
+        if job.instance_count > max_nodes:
+            self._finish(job, "Failed", {
+                "code": "UserError",
+                "message": (f"Requested {job.instance_count} nodes but AzureMLCompute cluster "
+                            f"'{compute.spec.name}' only has {max_nodes} maximum nodes."),
+            })
+            return
+        if job.cancel_reason is None:
+            job.status = "Queued"
+            compute.queue.append(job.name)
+            self._schedule()
+        while job.slots is None and job.cancel_reason is None:
+            await self._pause(job, None)
+        if job.cancel_reason is not None:
+            self._finish_canceled(job)
+            return
+        job.status = "Preparing"
+        self._make_nodes(job, compute)
+        await self._start_ssh(compute, job)
+        deadline = time.monotonic() + self.provisioning_delay
+        while job.cancel_reason is None and (left := deadline - time.monotonic()) > 0:
+            await self._pause(job, left)
+        if job.cancel_reason is not None:
+            self._finish_canceled(job)
+            return
+        await self._run_nodes(job, spec)
+
+    async def _run_nodes(self, job: JobRecord, spec: JobSpec) -> None:
+        ips = [n.ip for n in job.nodes]
+        waiters: list[asyncio.Task] = []
+        for node in job.nodes:
+            env = nodeproc.node_base_environment(node_variables(
+                spec, node.rank, ips, self.endpoints.tracking_uri, self.endpoints.cert_path))
+            tee = await nodeproc.start_node(node, spec.command, env)
+            waiters.append(asyncio.ensure_future(self._watch_node(job, node, tee)))
+        job.status = "Running"
+        job.start_time = time.time()
+        deadline = None if job.timeout_seconds is None else time.monotonic() + job.timeout_seconds
+        while True:
+            if all(w.done() for w in waiters) or job.cancel_reason or job.failure:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                job.cancel_reason = "timeout"
+                break
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            await self._pause(job, left)
+        if not all(w.done() for w in waiters):
+            if job.cancel_reason and job.status != "CancelRequested":
+                job.status = "CancelRequested"
+            await asyncio.gather(*(nodeproc.stop_node(n, KILL_GRACE) for n in job.nodes))
+        await asyncio.gather(*waiters, return_exceptions=True)
+        self._set_outcome(job)
+
+    async def _watch_node(self, job: JobRecord, node: NodeRecord, tee: asyncio.Task) -> None:
+        code = await nodeproc.wait_node(node, tee)
+        node.state = "leaving" if node.state != "preempted" else node.state
+        if code != 0 and job.failure is None and job.cancel_reason is None:
+            job.failure = self._node_failure(node, code)
+        job.wake.set()
+
+    def _node_failure(self, node: NodeRecord, code: int) -> dict[str, str]:
+        if node.killed_reason == "preempted":
+            return {"code": "JobPreempted", "message": f"The job was preempted (rank {node.rank})."}
+        if code < 0:
+            try:
+                what = f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                what = f"was killed by signal {-code}"
+        else:
+            what = f"exited with status code {code}"
+        tail = "\n".join(node.stderr_tail[-10:]).strip()
+        message = (
+            f"Execution failed. User process on node rank {node.rank} ({node.ip}) {what}. "
+            f"Please check log file '{log_name(node.rank)}' for error details."
+        )
+        if tail:
+            message += f" Error: {tail}"
+        return {"code": "UserError", "message": message}
+
+    def _finish_canceled(self, job: JobRecord) -> None:
+        if job.cancel_reason == "timeout":
+            limit = job.properties.get("limits", {}).get("timeout")
+            self._finish(job, "Canceled", {
+                "code": "UserError",
+                "message": (f"The job was canceled because its timeout was reached "
+                            f"(limits.timeout = {limit}, {job.timeout_seconds:g} s)."),
+            })
+        elif job.cancel_reason == "shutdown":
+            self._finish(job, "Canceled", {"code": "ServiceError",
+                                           "message": "The emulator was stopped."})
+        else:
+            self._finish(job, "Canceled")
+
+    def _set_outcome(self, job: JobRecord) -> None:
+        if job.failure is not None:
+            self._finish(job, "Failed", job.failure)
+        elif job.cancel_reason is not None:
+            self._finish_canceled(job)
+        elif all(n.exit_code == 0 for n in job.nodes):
+            self._finish(job, "Completed")
+        else:  # pragma: no cover - every non-zero exit records a failure
+            self._finish(job, "Failed", {"code": "UserError", "message": "a node failed"})
+
+    async def _teardown(self, job: JobRecord, compute: ComputeState) -> None:
+        for node in job.nodes:
+            if node.process is not None and node.process.returncode is None:
+                await nodeproc.stop_node(node, 0.5)
+            if node.ssh_server is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(node.ssh_server.close(), 5.0)
+                node.ssh_server = None
+            if node.state != "preempted":
+                node.state = "released"
+        for slot in job.slots or []:
+            compute.release(slot)
+        with contextlib.suppress(ValueError):
+            compute.queue.remove(job.name)
+        if not job.is_terminal:
+            self._finish_canceled(job)
+        job.done.set()
+        self._schedule()
+
+    async def shutdown(self, timeout: float = 15.0) -> None:
+        """Cancel every job, kill every node process group, close SSH endpoints.
+
+        Parameters
+        ----------
+        timeout : float
+            Upper bound for the orderly part; leftovers are SIGKILLed.
+        """
+        self._closing = True
+        tasks = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
+        for job in self.jobs.values():
+            if not job.is_terminal and job.cancel_reason is None:
+                job.cancel_reason = "shutdown"
+                job.wake.set()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for job in self.jobs.values():
+            for node in job.nodes:
+                nodeproc.signal_group(node, signal.SIGKILL)
+                if node.ssh_server is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(node.ssh_server.close(), 2.0)
+                    node.ssh_server = None
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+

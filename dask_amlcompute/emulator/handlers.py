@@ -1,0 +1,190 @@
+"""Base request handler shared by every emulator route: JSON I/O, ARM errors, faults."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import tornado.web
+
+from . import identity
+from .engine import Engine
+from .errors import ApiError
+from .shapes import arm_error
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FaultState:
+    """Pending injected HTTP errors for control-plane requests."""
+
+    remaining: int = 0
+    status: int = 503
+    retry_after: float | None = None
+
+    def take(self) -> tuple[int, float | None] | None:
+        """Consume one injected error.
+
+        Returns
+        -------
+        tuple or None
+            ``(status, retry_after)`` if an error is due, else None.
+        """
+        if self.remaining <= 0:
+            return None
+        self.remaining -= 1
+        return self.status, self.retry_after
+
+
+@dataclass
+class ServerContext:
+    """What handlers need: the engine, URLs, and the fault state."""
+
+    engine: Engine
+    base_url: str
+    tracking_uri: str
+    faults: FaultState
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    """JSON handler answering ARM-style errors, never a traceback.
+
+    Subclasses set ``control_plane = False`` to be exempt from injected faults
+    (node-facing routes: mlflow, logs).
+    """
+
+    control_plane = True
+    ctx: ServerContext
+
+    def initialize(self, ctx: ServerContext) -> None:
+        """Receive the server context.
+
+        Parameters
+        ----------
+        ctx : ServerContext
+            Shared context.
+        """
+        self.ctx = ctx
+
+    @property
+    def engine(self) -> Engine:
+        """Engine: the emulated workspace."""
+        return self.ctx.engine
+
+    def set_default_headers(self) -> None:
+        """Send JSON and a request id by default."""
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("x-ms-request-id", "00000000-0000-0000-0000-emulator0000")
+
+    def prepare(self) -> None:
+        """Apply injected faults and check the workspace coordinates in the path."""
+        if self.control_plane:
+            fault = self.ctx.faults.take()
+            if fault is not None:
+                status, retry_after = fault
+                if retry_after is not None:
+                    self.set_header("Retry-After", f"{retry_after:g}")
+                self.send_arm_error(status, "InjectedFault" if status != 429 else "TooManyRequests",
+                                    f"injected HTTP {status} (emulator fault injection)")
+                return
+        kw = self.path_kwargs
+        if "sub" in kw:
+            wanted = (identity.SUBSCRIPTION_ID, identity.RESOURCE_GROUP, identity.WORKSPACE_NAME)
+            got = (kw.get("sub"), kw.get("rg"), kw.get("ws") or identity.WORKSPACE_NAME)
+            if [g.lower() for g in got] != [w.lower() for w in wanted]:
+                self.send_arm_error(
+                    404, "ResourceNotFound",
+                    f"Workspace {got[0]}/{got[1]}/{got[2]} not found; the emulator serves "
+                    f"subscription {wanted[0]}, resource group {wanted[1]}, workspace {wanted[2]}.")
+
+    def send_arm_error(self, status: int, code: str, message: str) -> None:
+        """Finish the request with an ARM error body.
+
+        Parameters
+        ----------
+        status : int
+            HTTP status.
+        code : str
+            ARM error code.
+        message : str
+            Message.
+        """
+        self.set_status(status)
+        self.finish(json.dumps(arm_error(code, message)))
+
+    def send_json(self, data: Any, status: int = 200) -> None:
+        """Finish the request with a JSON body.
+
+        Parameters
+        ----------
+        data : Any
+            JSON-serialisable body.
+        status : int
+            HTTP status.
+        """
+        self.set_status(status)
+        self.finish(json.dumps(data))
+
+    def json_body(self) -> Any:
+        """Parse the request body.
+
+        Returns
+        -------
+        Any
+            The parsed JSON ({} for an empty body).
+
+        Raises
+        ------
+        ApiError
+            400 if the body is not valid JSON.
+        """
+        raw = self.request.body
+        if not raw:
+            return {}
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "BadRequest", f"malformed JSON body: {exc}") from None
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Render errors (including unexpected exceptions) as ARM error JSON.
+
+        Parameters
+        ----------
+        status_code : int
+            HTTP status.
+        **kwargs : Any
+            ``exc_info`` from tornado.
+        """
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError):
+            self.set_status(exc.status)
+            body = arm_error(exc.code, exc.message)
+        elif isinstance(exc, tornado.web.HTTPError):
+            body = arm_error("BadRequest" if status_code < 500 else "InternalServerError",
+                             exc.log_message or self._reason)
+        else:
+            body = arm_error("InternalServerError", f"emulator error: {exc!r}")
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps(body))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """Log unexpected exceptions only (ApiError is an answer, not a bug)."""
+        if isinstance(value, ApiError):
+            return
+        super().log_exception(typ, value, tb)
+
+
+class NotFoundHandler(BaseHandler):
+    """Fallback for unknown routes: 404 with ARM error JSON."""
+
+    control_plane = False
+
+    def _not_found(self, *args: Any, **kwargs: Any) -> None:
+        self.send_arm_error(404, "NotFound",
+                            f"The emulator does not serve {self.request.method} {self.request.path}")
+
+    get = post = put = patch = delete = head = _not_found

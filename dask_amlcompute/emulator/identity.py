@@ -1,0 +1,68 @@
+"""Fixed identity of the emulated workspace and ARM id helpers.
+
+The emulator always pretends to be one workspace in one subscription, so that
+tests and demos can hard-code these values.
+"""
+
+from __future__ import annotations
+
+SUBSCRIPTION_ID = "00000000-0000-0000-0000-000000000000"
+RESOURCE_GROUP = "emulator-rg"
+WORKSPACE_NAME = "emulator-ws"
+REGION = "local"
+TENANT_ID = "00000000-0000-0000-0000-0000000000aa"
+PROVIDER = "Microsoft.MachineLearningServices"
+
+#: Host names the SDK addresses that the emulator transport redirects to itself.
+#: The discovery document points the data-plane clients at ``API_HOST``.
+API_HOST = "local.api.azureml.ms"
+
+
+def workspace_id() -> str:
+    """Return the ARM id of the emulated workspace.
+
+    Returns
+    -------
+    str
+        ``/subscriptions/{s}/resourceGroups/{rg}/providers/.../workspaces/{ws}``.
+    """
+    return (
+        f"/subscriptions/{SUBSCRIPTION_ID}/resourceGroups/{RESOURCE_GROUP}"
+        f"/providers/{PROVIDER}/workspaces/{WORKSPACE_NAME}"
+    )
+
+
+def child_id(kind: str, name: str, *rest: str) -> str:
+    """Return the ARM id of a workspace child resource.
+
+    Parameters
+    ----------
+    kind : str
+        Collection name, e.g. ``"jobs"``, ``"computes"``, ``"environments"``.
+    name : str
+        Resource name.
+    *rest : str
+        Further path segments (e.g. ``"versions", "1"``).
+
+    Returns
+    -------
+    str
+        The ARM id.
+    """
+    return "/".join([workspace_id(), kind, name, *rest])
+
+
+def studio_url(job_name: str) -> str:
+    """Return a well-formed (fake) Azure ML studio URL for a job.
+
+    Parameters
+    ----------
+    job_name : str
+        The job name.
+
+    Returns
+    -------
+    str
+        A ``https://ml.azure.com/runs/...`` URL; it does not resolve to anything.
+    """
+    return f"https://ml.azure.com/runs/{job_name}?wsid={workspace_id()}"

@@ -1,0 +1,249 @@
+"""Parsing of submitted command jobs and the environment variables AML gives each node."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from . import identity
+from .errors import ApiError
+
+#: Port AML uses for MASTER_PORT / AZ_BATCH_MASTER_NODE.
+MASTER_PORT = 6105
+#: Port used in the emulated TF_CONFIG cluster spec.
+TF_PORT = 2222
+
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
+_DURATION = re.compile(
+    r"^P(?:(?P<d>\d+(?:\.\d+)?)D)?(?:T(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?"
+    r"(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
+)
+
+
+def parse_duration(value: Any) -> float | None:
+    """Parse an ISO 8601 duration (``PT1H``, ``PT30S``, ``P1DT2H``) into seconds.
+
+    Parameters
+    ----------
+    value : Any
+        Duration string, number of seconds, or None.
+
+    Returns
+    -------
+    float or None
+        Seconds, or None when ``value`` is None.
+
+    Raises
+    ------
+    ApiError
+        400 if the value is not a valid duration.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    m = _DURATION.match(str(value).strip().upper()) if isinstance(value, str) else None
+    if not m or value.strip().upper() in ("P", "PT"):
+        raise ApiError(400, "BadRequest", f"invalid ISO 8601 duration for limits.timeout: {value!r}")
+    parts = {k: float(v) if v else 0.0 for k, v in m.groupdict().items()}
+    return parts["d"] * 86400 + parts["h"] * 3600 + parts["m"] * 60 + parts["s"]
+
+
+@dataclass
+class JobSpec:
+    """The parts of a command job body the emulator acts on."""
+
+    name: str
+    properties: dict[str, Any]
+    command: str
+    compute: str
+    instance_count: int
+    distribution_type: str | None
+    process_count_per_instance: int
+    timeout_seconds: float | None
+    experiment_name: str
+    environment_variables: dict[str, str]
+
+
+def _resource_name(value: str) -> str:
+    return value.rstrip("/").split("/")[-1].removeprefix("azureml:")
+
+
+def parse_job(name: str, body: Any) -> JobSpec:
+    """Validate a ``PUT /jobs/{name}`` body.
+
+    Parameters
+    ----------
+    name : str
+        Job name from the URL.
+    body : Any
+        Parsed JSON body.
+
+    Returns
+    -------
+    JobSpec
+        The parsed job.
+
+    Raises
+    ------
+    ApiError
+        400 on a malformed body or an unsupported job type.
+    """
+    if not _JOB_NAME.match(name):
+        raise ApiError(400, "BadRequest", f"invalid job name {name!r}")
+    if not isinstance(body, dict) or not isinstance(body.get("properties"), dict):
+        raise ApiError(400, "BadRequest", "request body must be a JSON object with 'properties'")
+    props = body["properties"]
+    job_type = props.get("jobType")
+    if job_type != "Command":
+        raise ApiError(400, "BadRequest",
+                       f"jobType {job_type!r} is not supported by the emulator (only 'Command')")
+    command = props.get("command")
+    if not isinstance(command, str) or not command.strip():
+        raise ApiError(400, "BadRequest", "properties.command must be a non-empty string")
+    compute_id = props.get("computeId")
+    if not isinstance(compute_id, str) or not compute_id:
+        raise ApiError(400, "BadRequest", "properties.computeId is required")
+    if not isinstance(props.get("environmentId"), str):
+        raise ApiError(400, "BadRequest", "properties.environmentId is required")
+    resources = props.get("resources") or {}
+    if not isinstance(resources, dict):
+        raise ApiError(400, "BadRequest", "properties.resources must be an object")
+    count = resources.get("instanceCount", 1)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ApiError(400, "BadRequest", "resources.instanceCount must be a positive integer")
+    dist = props.get("distribution") or {}
+    if not isinstance(dist, dict):
+        raise ApiError(400, "BadRequest", "properties.distribution must be an object")
+    dist_type = dist.get("distributionType")
+    if dist_type not in (None, "PyTorch", "Mpi", "TensorFlow"):
+        raise ApiError(400, "BadRequest", f"unsupported distributionType {dist_type!r}")
+    per_instance = dist.get("processCountPerInstance") or dist.get("workerCount") or 1
+    if not isinstance(per_instance, int) or per_instance < 1:
+        raise ApiError(400, "BadRequest", "processCountPerInstance must be a positive integer")
+    limits = props.get("limits") or {}
+    if not isinstance(limits, dict):
+        raise ApiError(400, "BadRequest", "properties.limits must be an object")
+    env_vars = props.get("environmentVariables") or {}
+    if not isinstance(env_vars, dict):
+        raise ApiError(400, "BadRequest", "properties.environmentVariables must be an object")
+    return JobSpec(
+        name=name,
+        properties=props,
+        command=command,
+        compute=_resource_name(compute_id),
+        instance_count=count,
+        distribution_type=dist_type,
+        process_count_per_instance=per_instance,
+        timeout_seconds=parse_duration(limits.get("timeout")),
+        experiment_name=props.get("experimentName") or "Default",
+        environment_variables={str(k): str(v) for k, v in env_vars.items()},
+    )
+
+
+def environment_reference(environment_id: str) -> tuple[str, str | None] | None:
+    """Split a workspace environment ARM id into name and version.
+
+    Parameters
+    ----------
+    environment_id : str
+        ``environmentId`` of the job.
+
+    Returns
+    -------
+    tuple or None
+        ``(name, version)`` for ``.../environments/{name}/versions/{v}`` ids,
+        None for curated / registry references the emulator accepts as-is.
+    """
+    m = re.search(r"/environments/([^/]+)/versions/([^/]+)$", environment_id, re.IGNORECASE)
+    if m and "/workspaces/" in environment_id.lower():
+        return m.group(1), m.group(2)
+    return None
+
+
+def node_variables(
+    spec: JobSpec,
+    rank: int,
+    ips: list[str],
+    tracking_uri: str,
+    cert_path: str | None = None,
+) -> dict[str, str]:
+    """Return the variables AML sets on node ``rank`` of a job.
+
+    Parameters
+    ----------
+    spec : JobSpec
+        The job.
+    rank : int
+        Node rank (0-based).
+    ips : list of str
+        "Private IPs" of all the job's nodes, rank order.
+    tracking_uri : str
+        MLflow tracking URI for the workspace.
+    cert_path : str, optional
+        Certificate nodes must trust for an HTTPS emulator.
+
+    Returns
+    -------
+    dict
+        Variable name to value, the job's ``environmentVariables`` last
+        (they override the emulator's, as on AML).
+
+    Notes
+    -----
+    One process is started per node even when ``processCountPerInstance``
+    is larger; ``WORLD_SIZE``/``OMPI_COMM_WORLD_SIZE`` therefore count
+    nodes, and the requested count is exposed as
+    ``AZUREML_EMULATOR_PROCESS_COUNT_PER_INSTANCE``.
+    """
+    n = len(ips)
+    env: dict[str, str] = {
+        "AZUREML_RUN_ID": spec.name,
+        "AZUREML_ARM_SUBSCRIPTION": identity.SUBSCRIPTION_ID,
+        "AZUREML_ARM_RESOURCEGROUP": identity.RESOURCE_GROUP,
+        "AZUREML_ARM_WORKSPACE_NAME": identity.WORKSPACE_NAME,
+        "AZUREML_ARM_PROJECT_NAME": spec.experiment_name,
+        "AZUREML_EXPERIMENT_NAME": spec.experiment_name,
+        "AZUREML_NODE_COUNT": str(n),
+        "AZUREML_COMPUTE_TARGET": spec.compute,
+        "AZUREML_EMULATOR": "1",
+        "AZUREML_EMULATOR_PROCESS_COUNT_PER_INSTANCE": str(spec.process_count_per_instance),
+        "AZ_BATCHAI_NODE_IP": ips[rank],
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_RUN_ID": spec.name,
+        "MLFLOW_EXPERIMENT_NAME": spec.experiment_name,
+    }
+    if cert_path:
+        env["MLFLOW_TRACKING_SERVER_CERT_PATH"] = cert_path
+        env["REQUESTS_CA_BUNDLE"] = cert_path
+    master = ips[0]
+    if spec.distribution_type == "PyTorch":
+        env.update({
+            "MASTER_ADDR": master,
+            "MASTER_PORT": str(MASTER_PORT),
+            "WORLD_SIZE": str(n),
+            "NODE_RANK": str(rank),
+            "RANK": str(rank),
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1",
+            "GROUP_RANK": str(rank),
+        })
+    elif spec.distribution_type == "Mpi":
+        env.update({
+            "OMPI_COMM_WORLD_RANK": str(rank),
+            "OMPI_COMM_WORLD_SIZE": str(n),
+            "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "1",
+            "OMPI_COMM_WORLD_NODE_RANK": str(rank),
+            "AZ_BATCH_MASTER_NODE": f"{master}:{MASTER_PORT}",
+            "AZ_BATCHAI_MPI_MASTER_NODE": master,
+        })
+    elif spec.distribution_type == "TensorFlow":
+        env["TF_CONFIG"] = json.dumps({
+            "cluster": {"worker": [f"{ip}:{TF_PORT}" for ip in ips]},
+            "task": {"type": "worker", "index": rank},
+        })
+    env.update(spec.environment_variables)
+    return env

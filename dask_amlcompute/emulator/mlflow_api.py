@@ -1,0 +1,274 @@
+"""A small subset of the MLflow tracking REST API, backed by the emulator's jobs.
+
+Each job is an MLflow run whose id is the job name, in an experiment whose id
+and name are the job's ``experimentName``.  Tags set here show up in
+``ml_client.jobs.get(name).tags``, as on AML.  Run status follows the job
+(the job, not MLflow, decides when a run ends).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from . import identity
+from .errors import ApiError
+from .handlers import BaseHandler
+from .state import JobRecord
+
+_STATUS = {"Running": "RUNNING", "Completed": "FINISHED", "Failed": "FAILED",
+           "Canceled": "KILLED", "CancelRequested": "RUNNING", "Finalizing": "RUNNING"}
+
+#: URL prefix under which the MLflow API is served (the tracking URI's path).
+MLFLOW_PREFIX = (
+    f"/mlflow/v1.0/subscriptions/{identity.SUBSCRIPTION_ID}/resourceGroups/{identity.RESOURCE_GROUP}"
+    f"/providers/{identity.PROVIDER}/workspaces/{identity.WORKSPACE_NAME}"
+)
+
+
+def tracking_uri(base_url: str) -> str:
+    """Return the MLflow tracking URI of the emulated workspace.
+
+    Parameters
+    ----------
+    base_url : str
+        Emulator base URL.
+
+    Returns
+    -------
+    str
+        ``{base_url}/mlflow/v1.0/subscriptions/.../workspaces/emulator-ws``.
+    """
+    return base_url.rstrip("/") + MLFLOW_PREFIX
+
+
+def _ms(ts: float | None) -> int | None:
+    return None if ts is None else int(ts * 1000)
+
+
+def run_info(job: JobRecord) -> dict[str, Any]:
+    """Return MLflow ``RunInfo`` JSON for a job.
+
+    Parameters
+    ----------
+    job : JobRecord
+        The job.
+
+    Returns
+    -------
+    dict
+        The run info.
+    """
+    exp = job.properties.get("experimentName") or "Default"
+    info = {
+        "run_id": job.name,
+        "run_uuid": job.name,
+        "run_name": job.properties.get("displayName") or job.name,
+        "experiment_id": exp,
+        "user_id": "emulator",
+        "status": _STATUS.get(job.status, "SCHEDULED"),
+        "start_time": _ms(job.start_time or job.created),
+        "artifact_uri": f"file:///dev/null/{job.name}",
+        "lifecycle_stage": "active",
+    }
+    if job.end_time:
+        info["end_time"] = _ms(job.end_time)
+    return info
+
+
+def run_json(job: JobRecord) -> dict[str, Any]:
+    """Return MLflow ``Run`` JSON for a job.
+
+    Parameters
+    ----------
+    job : JobRecord
+        The job.
+
+    Returns
+    -------
+    dict
+        ``{"info": ..., "data": ..., "inputs": {}}``.
+    """
+    metrics = [m[-1] for m in job.mlflow_metrics.values() if m]
+    return {
+        "info": run_info(job),
+        "data": {
+            "tags": [{"key": k, "value": v} for k, v in job.tags.items()],
+            "params": [{"key": k, "value": v} for k, v in job.mlflow_params.items()],
+            "metrics": metrics,
+        },
+        "inputs": {},
+    }
+
+
+class MlflowHandler(BaseHandler):
+    """Base for MLflow routes: MLflow-style errors, no injected faults."""
+
+    control_plane = False
+
+    def send_mlflow_error(self, status: int, code: str, message: str) -> None:
+        """Finish with an MLflow error body.
+
+        Parameters
+        ----------
+        status : int
+            HTTP status.
+        code : str
+            MLflow error code (``RESOURCE_DOES_NOT_EXIST``...).
+        message : str
+            Message.
+        """
+        self.send_json({"error_code": code, "message": message}, status)
+
+    def find_run(self, run_id: Any) -> JobRecord | None:
+        """Return the job backing ``run_id`` or answer 404.
+
+        Parameters
+        ----------
+        run_id : Any
+            Run id from the request.
+
+        Returns
+        -------
+        JobRecord or None
+            None when an error response was sent.
+        """
+        job = self.engine.jobs.get(str(run_id)) if run_id else None
+        if job is None:
+            self.send_mlflow_error(404, "RESOURCE_DOES_NOT_EXIST", f"Run '{run_id}' not found.")
+        return job
+
+    def body_or_error(self) -> dict[str, Any] | None:
+        """Parse a JSON object body or answer 400.
+
+        Returns
+        -------
+        dict or None
+            None when an error response was sent.
+        """
+        try:
+            body = self.json_body()
+        except ApiError as exc:
+            self.send_mlflow_error(400, "MALFORMED_REQUEST", exc.message)
+            return None
+        if not isinstance(body, dict):
+            self.send_mlflow_error(400, "MALFORMED_REQUEST", "body must be a JSON object")
+            return None
+        return body
+
+
+class RunGetHandler(MlflowHandler):
+    """``GET runs/get?run_id=``."""
+
+    def get(self, **_: str) -> None:
+        """Return the run."""
+        job = self.find_run(self.get_argument("run_id", None) or self.get_argument("run_uuid", None))
+        if job is not None:
+            self.send_json({"run": run_json(job)})
+
+
+class RunWriteHandler(MlflowHandler):
+    """``POST runs/{set-tag,delete-tag,log-metric,log-parameter,log-batch,update}``."""
+
+    def post(self, action: str, **_: str) -> None:
+        """Apply the write to the job's run.
+
+        Parameters
+        ----------
+        action : str
+            The MLflow action from the URL.
+        """
+        body = self.body_or_error()
+        if body is None:
+            return
+        job = self.find_run(body.get("run_id") or body.get("run_uuid"))
+        if job is None:
+            return
+        if action == "set-tag":
+            job.mlflow_tags[str(body.get("key"))] = str(body.get("value", ""))
+        elif action == "delete-tag":
+            job.mlflow_tags.pop(str(body.get("key")), None)
+        elif action == "log-parameter":
+            job.mlflow_params[str(body.get("key"))] = str(body.get("value", ""))
+        elif action == "log-metric":
+            self._metric(job, body)
+        elif action == "log-batch":
+            for m in body.get("metrics") or []:
+                self._metric(job, m)
+            for p in body.get("params") or []:
+                job.mlflow_params[str(p.get("key"))] = str(p.get("value", ""))
+            for t in body.get("tags") or []:
+                job.mlflow_tags[str(t.get("key"))] = str(t.get("value", ""))
+        elif action == "update":
+            self.send_json({"run_info": run_info(job)})
+            return
+        self.send_json({})
+
+    @staticmethod
+    def _metric(job: JobRecord, m: dict[str, Any]) -> None:
+        entry = {
+            "key": str(m.get("key")),
+            "value": float(m.get("value", 0.0)),
+            "timestamp": int(m.get("timestamp") or time.time() * 1000),
+            "step": int(m.get("step") or 0),
+        }
+        job.mlflow_metrics.setdefault(entry["key"], []).append(entry)
+
+
+class MetricHistoryHandler(MlflowHandler):
+    """``GET metrics/get-history?run_id=&metric_key=``."""
+
+    def get(self, **_: str) -> None:
+        """Return a metric's history."""
+        job = self.find_run(self.get_argument("run_id", None) or self.get_argument("run_uuid", None))
+        if job is not None:
+            key = self.get_argument("metric_key", "")
+            self.send_json({"metrics": job.mlflow_metrics.get(key, [])})
+
+
+class ExperimentHandler(MlflowHandler):
+    """``GET experiments/get-by-name`` and ``experiments/get``: one experiment per name."""
+
+    def get(self, action: str, **_: str) -> None:
+        """Return the experiment named after the job's ``experimentName``.
+
+        Parameters
+        ----------
+        action : str
+            ``get-by-name`` or ``get``.
+        """
+        name = self.get_argument("experiment_name" if action == "get-by-name" else "experiment_id",
+                                 "")
+        known = {j.properties.get("experimentName") or "Default" for j in self.engine.jobs.values()}
+        if name not in known:
+            self.send_mlflow_error(404, "RESOURCE_DOES_NOT_EXIST",
+                                   f"Experiment '{name}' does not exist.")
+            return
+        self.send_json({"experiment": {
+            "experiment_id": name, "name": name, "lifecycle_stage": "active",
+            "artifact_location": f"file:///dev/null/{name}", "tags": [],
+        }})
+
+
+def mlflow_routes(ctx: Any) -> list[tuple[str, type, dict[str, Any]]]:
+    """Return the tornado routes of the MLflow subset.
+
+    Parameters
+    ----------
+    ctx : ServerContext
+        Shared handler context.
+
+    Returns
+    -------
+    list
+        ``(pattern, handler, kwargs)`` tuples.
+    """
+    api = "(?i)" + MLFLOW_PREFIX.replace(".", r"\.") + "/api/2\\.0/mlflow"
+    kw = {"ctx": ctx}
+    return [
+        (api + r"/runs/get", RunGetHandler, kw),
+        (api + r"/runs/(?P<action>set-tag|delete-tag|log-metric|log-parameter|log-batch|update)",
+         RunWriteHandler, kw),
+        (api + r"/metrics/get-history", MetricHistoryHandler, kw),
+        (api + r"/experiments/(?P<action>get-by-name|get)", ExperimentHandler, kw),
+    ]

@@ -1,0 +1,202 @@
+"""Node process management: one process group per emulated node.
+
+A node runs the job's ``command`` with ``/bin/sh -c`` in its own session
+(``start_new_session=True``), so the whole node (the shell and everything it
+starts) can be signalled as one process group.  Standard output goes straight
+to the node's log file; standard error is copied into the same file by the
+event loop and its last lines are kept for the job's error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Mapping
+
+from .state import NodeRecord
+
+#: Lines of standard error kept per node for error messages.
+STDERR_TAIL_LINES = 20
+
+
+def node_base_environment(extra: Mapping[str, str]) -> dict[str, str]:
+    """Return the environment of a node process.
+
+    The emulator's own environment is inherited (so the current virtualenv
+    works), with the directory of the running interpreter first on ``PATH``
+    so that ``python`` in a command is this interpreter.
+
+    Parameters
+    ----------
+    extra : Mapping
+        Variables added on top (AML variables, the job's environment variables).
+
+    Returns
+    -------
+    dict
+        The full environment.
+    """
+    env = dict(os.environ)
+    bindir = os.path.dirname(sys.executable)
+    path = env.get("PATH", "")
+    env["PATH"] = bindir + (os.pathsep + path if path else "")
+    env.pop("PYTHONSTARTUP", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+async def _tee_stderr(node: NodeRecord, reader: asyncio.StreamReader) -> None:
+    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+    with open(node.log_path, "ab", buffering=0) as log:
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            log.write(line)
+            tail.append(line.decode("utf-8", "replace").rstrip("\n"))
+            node.stderr_tail = list(tail)
+
+
+async def start_node(node: NodeRecord, command: str, env: Mapping[str, str]) -> asyncio.Task:
+    """Start the node's process group.
+
+    Parameters
+    ----------
+    node : NodeRecord
+        The node; ``pid``, ``process`` and ``state`` are updated.
+    command : str
+        Shell command to run.
+    env : Mapping
+        Full environment of the process.
+
+    Returns
+    -------
+    asyncio.Task
+        The task copying standard error into the log (await it after exit).
+    """
+    os.makedirs(node.workdir, exist_ok=True)
+    os.makedirs(os.path.dirname(node.log_path), exist_ok=True)
+    with open(node.log_path, "ab", buffering=0) as log:
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", command,
+            cwd=node.workdir,
+            env=dict(env),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+    node.process = proc
+    node.pid = proc.pid
+    node.state = "running"
+    assert proc.stderr is not None
+    return asyncio.ensure_future(_tee_stderr(node, proc.stderr))
+
+
+def signal_group(node: NodeRecord, sig: int) -> bool:
+    """Send a signal to the node's process group.
+
+    Only the process group this emulator created (its pgid equals the pid of
+    the shell it spawned) is signalled.
+
+    Parameters
+    ----------
+    node : NodeRecord
+        The node.
+    sig : int
+        Signal number.
+
+    Returns
+    -------
+    bool
+        False if the group no longer exists or the node never started.
+    """
+    if node.pid is None:
+        return False
+    try:
+        os.killpg(node.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+async def wait_node(node: NodeRecord, stderr_task: asyncio.Task | None) -> int:
+    """Wait for the node's shell to exit, then clean up what it left behind.
+
+    Processes still alive in the node's group after its shell exits are
+    killed (AML tears the node's container down when the job ends).
+
+    Parameters
+    ----------
+    node : NodeRecord
+        The node.
+    stderr_task : asyncio.Task or None
+        The stderr copying task returned by :func:`start_node`.
+
+    Returns
+    -------
+    int
+        The exit code (negative signal number if killed by a signal).
+    """
+    proc = node.process
+    code = await proc.wait()
+    signal_group(node, signal.SIGKILL)
+    if stderr_task is not None:
+        try:
+            await asyncio.wait_for(asyncio.shield(stderr_task), 2.0)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            stderr_task.cancel()
+    if node.exit_code is None:
+        node.exit_code = code
+    return code
+
+
+async def stop_node(node: NodeRecord, grace: float = 3.0) -> None:
+    """Terminate a node: SIGTERM to its group, SIGKILL after ``grace`` seconds.
+
+    Parameters
+    ----------
+    node : NodeRecord
+        The node.
+    grace : float
+        Seconds between SIGTERM and SIGKILL.
+    """
+    proc = node.process
+    if proc is None or proc.returncode is not None:
+        signal_group(node, signal.SIGKILL)
+        return
+    signal_group(node, signal.SIGTERM)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
+    signal_group(node, signal.SIGKILL)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.shield(proc.wait()), 5.0)
+
+
+def read_log(node: NodeRecord, max_bytes: int | None = None) -> str:
+    """Return the node's log (stdout and stderr).
+
+    Parameters
+    ----------
+    node : NodeRecord
+        The node.
+    max_bytes : int, optional
+        Only the last ``max_bytes`` bytes.
+
+    Returns
+    -------
+    str
+        The log text ("" if it does not exist yet).
+    """
+    try:
+        with open(node.log_path, "rb") as fh:
+            if max_bytes is not None:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - max_bytes))
+            return fh.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""

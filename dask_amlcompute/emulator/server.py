@@ -1,0 +1,456 @@
+"""HTTP routes of the emulator: ARM workspace API, discovery, run history, logs.
+
+Paths and JSON shapes are those the azure-ai-ml SDK uses; see
+:mod:`dask_amlcompute.emulator.shapes`.  Every unknown route answers 404
+with ARM error JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import tornado.web
+
+from . import identity, shapes
+from .engine import KILL_GRACE, log_name
+from .errors import ApiError
+from .handlers import BaseHandler, NotFoundHandler, ServerContext
+from .mlflow_api import mlflow_routes
+from .nodes import read_log
+from .state import TERMINAL_STATUSES
+
+WS = (r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/"
+      r"Microsoft\.MachineLearningServices/workspaces/(?P<ws>[^/]+)")
+LOC = (r"/subscriptions/(?P<sub>[^/]+)/providers/Microsoft\.MachineLearningServices/"
+       r"locations/(?P<loc>[^/]+)")
+#: Seconds a cancel request / operation poll waits for the job to end before answering.
+CANCEL_WAIT = KILL_GRACE + 2.0
+
+
+def _value_list(items: list[Any]) -> dict[str, Any]:
+    return {"value": items, "nextLink": None}
+
+
+class WorkspaceHandler(BaseHandler):
+    """``GET /workspaces/{ws}``."""
+
+    def get(self, **_: str) -> None:
+        """Return the workspace."""
+        self.send_json(shapes.workspace_to_rest(identity.API_HOST, self.ctx.tracking_uri))
+
+
+class JobsHandler(BaseHandler):
+    """``GET /jobs`` (``listViewType`` ActiveOnly | ArchivedOnly | All)."""
+
+    def get(self, **_: str) -> None:
+        """List jobs, newest first."""
+        view = self.get_argument("listViewType", "ActiveOnly")
+        jobs = sorted(self.engine.jobs.values(), key=lambda j: j.created, reverse=True)
+        if view == "ArchivedOnly":
+            jobs = [j for j in jobs if j.properties.get("isArchived")]
+        elif view != "All":
+            jobs = [j for j in jobs if not j.properties.get("isArchived")]
+        self.send_json(_value_list([shapes.job_to_rest(j, self.ctx.tracking_uri) for j in jobs]))
+
+
+class JobHandler(BaseHandler):
+    """``GET/PUT /jobs/{name}``."""
+
+    def get(self, name: str, **_: str) -> None:
+        """Return a job.
+
+        Parameters
+        ----------
+        name : str
+            Job name.
+        """
+        self.send_json(shapes.job_to_rest(self.engine.job(name), self.ctx.tracking_uri))
+
+    def put(self, name: str, **_: str) -> None:
+        """Create (201) or update (200) a command job.
+
+        Parameters
+        ----------
+        name : str
+            Job name.
+        """
+        job, created = self.engine.submit(name, self.json_body())
+        self.send_json(shapes.job_to_rest(job, self.ctx.tracking_uri), 201 if created else 200)
+
+
+def _operation_urls(sub: str, op: str, api_version: str) -> tuple[str, str]:
+    base = (f"https://management.azure.com/subscriptions/{sub}/providers/"
+            f"{identity.PROVIDER}/locations/{identity.REGION}")
+    q = f"?api-version={api_version}"
+    return f"{base}/mfeOperationsStatus/{op}{q}", f"{base}/mfeOperationResults/{op}{q}"
+
+
+async def _wait_done(job: Any, seconds: float) -> bool:
+    if job.is_terminal:
+        return True
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.shield(job.done.wait()), seconds)
+    return job.is_terminal
+
+
+class JobCancelHandler(BaseHandler):
+    """``POST /jobs/{name}/cancel``: 202 with Azure-AsyncOperation and Location."""
+
+    async def post(self, name: str, sub: str, **_: str) -> None:
+        """Cancel the job; the SDK's poller then follows the operation URLs.
+
+        Parameters
+        ----------
+        name : str
+            Job name.
+        sub : str
+            Subscription from the path.
+        """
+        job = self.engine.cancel(name)
+        await _wait_done(job, CANCEL_WAIT)
+        status_url, result_url = _operation_urls(
+            sub, f"jc-{name}", self.get_argument("api-version", "2023-04-01-preview"))
+        self.set_header("Azure-AsyncOperation", status_url)
+        self.set_header("Location", result_url)
+        self.set_header("Retry-After", "1")
+        self.set_status(202)
+        self.finish()
+
+
+class OperationHandler(BaseHandler):
+    """Async operation status / result of a job cancellation."""
+
+    async def get(self, kind: str, op: str, **_: str) -> None:
+        """Report the cancellation's progress.
+
+        Parameters
+        ----------
+        kind : str
+            ``mfeOperationsStatus`` or ``mfeOperationResults``.
+        op : str
+            Operation id (``jc-{job name}``).
+        """
+        if not op.startswith("jc-"):
+            raise ApiError(404, "NotFound", f"operation {op} not found")
+        job = self.engine.job(op[3:])
+        done = await _wait_done(job, CANCEL_WAIT)
+        if kind.lower() == "mfeoperationsstatus":
+            self.send_json({"id": op, "name": op, "status": "Succeeded" if done else "InProgress"})
+        elif done:
+            self.set_status(200)
+            self.finish()
+        else:
+            self.set_header("Retry-After", "1")
+            self.set_status(202)
+            self.finish()
+
+
+class ComputesHandler(BaseHandler):
+    """``GET /computes``."""
+
+    def get(self, **_: str) -> None:
+        """List computes."""
+        self.send_json(_value_list([shapes.compute_to_rest(c)
+                                    for c in self.engine.computes.values()]))
+
+
+class ComputeHandler(BaseHandler):
+    """``GET /computes/{name}``."""
+
+    def get(self, name: str, **_: str) -> None:
+        """Return a compute.
+
+        Parameters
+        ----------
+        name : str
+            Compute name.
+        """
+        self.send_json(shapes.compute_to_rest(self.engine.compute(name)))
+
+
+class ListNodesHandler(BaseHandler):
+    """``POST /computes/{name}/listNodes``."""
+
+    def post(self, name: str, **_: str) -> None:
+        """List the compute's allocated nodes (running, preparing and idle).
+
+        Parameters
+        ----------
+        name : str
+            Compute name.
+        """
+        compute = self.engine.compute(name)
+        nodes: list[dict[str, Any]] = []
+        for slot, job_name in enumerate(compute.slots):
+            if job_name is None:
+                continue
+            job = self.engine.jobs[job_name]
+            node = next((n for n in job.nodes if n.slot == slot), None)
+            entry: dict[str, Any] = {
+                "nodeId": compute.node_id_for_slot(slot),
+                "privateIpAddress": compute.ip_for_slot(slot),
+                "nodeState": node.state if node else "preparing",
+                "runId": job_name,
+            }
+            if node is not None and node.ssh_port:
+                entry["publicIpAddress"] = "127.0.0.1"
+                entry["port"] = node.ssh_port
+            nodes.append(entry)
+        for slot in compute.idle_slots():
+            nodes.append({"nodeId": compute.node_id_for_slot(slot),
+                          "privateIpAddress": compute.ip_for_slot(slot),
+                          "nodeState": "idle"})
+        self.send_json({"nodes": nodes, "nextLink": None})
+
+
+class EnvironmentVersionsHandler(BaseHandler):
+    """``GET /environments/{name}/versions`` (``$orderBy``, ``$top``)."""
+
+    def get(self, name: str, **_: str) -> None:
+        """List versions, newest first when ordered by creation time.
+
+        Parameters
+        ----------
+        name : str
+            Environment name.
+        """
+        versions = list(self.engine.environments.get(name, {}).values())
+        order = self.get_argument("$orderBy", "")
+        versions.sort(key=lambda e: e.created, reverse="desc" in order.lower() or not order)
+        top = self.get_argument("$top", None)
+        if top is not None:
+            try:
+                versions = versions[: max(0, int(top))]
+            except ValueError:
+                raise ApiError(400, "BadRequest", f"invalid $top: {top!r}") from None
+        self.send_json(_value_list([shapes.environment_to_rest(e) for e in versions]))
+
+
+class EnvironmentVersionHandler(BaseHandler):
+    """``GET/PUT /environments/{name}/versions/{version}``."""
+
+    def get(self, name: str, version: str, **_: str) -> None:
+        """Return an environment version.
+
+        Parameters
+        ----------
+        name, version : str
+            Environment name and version.
+        """
+        self.send_json(shapes.environment_to_rest(self.engine.environment(name, version)))
+
+    def put(self, name: str, version: str, **_: str) -> None:
+        """Register an environment version (also the SDK's anonymous environments).
+
+        Parameters
+        ----------
+        name, version : str
+            Environment name and version.
+        """
+        body = self.json_body()
+        if not isinstance(body, dict) or not isinstance(body.get("properties", {}), dict):
+            raise ApiError(400, "BadRequest", "body must be an object with 'properties'")
+        env, created = self.engine.put_environment(name, version, body.get("properties") or {})
+        self.send_json(shapes.environment_to_rest(env), 201 if created else 200)
+
+
+class EnvironmentContainerHandler(BaseHandler):
+    """``GET /environments/{name}``."""
+
+    def get(self, name: str, **_: str) -> None:
+        """Return an environment container (name plus latest version).
+
+        Parameters
+        ----------
+        name : str
+            Environment name.
+        """
+        versions = self.engine.environments.get(name)
+        if not versions:
+            raise ApiError(404, "UserError", f"Environment {name} not found in workspace")
+        latest = max(versions.values(), key=lambda e: e.created)
+        self.send_json({
+            "id": identity.child_id("environments", name),
+            "name": name,
+            "type": f"{identity.PROVIDER}/workspaces/environments",
+            "properties": {"latestVersion": latest.version, "nextVersion": None,
+                           "isArchived": False, "tags": {}, "properties": {}},
+            "systemData": shapes.system_data(latest.created),
+        })
+
+
+class DiscoveryHandler(BaseHandler):
+    """``GET /discovery``: data-plane service URLs of the workspace."""
+
+    def get(self) -> None:
+        """Return the discovery document."""
+        self.send_json(shapes.discovery_document(identity.API_HOST))
+
+
+def log_urls(base_url: str, job: Any) -> dict[str, str]:
+    """Return the log file URLs of a job's nodes.
+
+    Parameters
+    ----------
+    base_url : str
+        Emulator base URL.
+    job : JobRecord
+        The job.
+
+    Returns
+    -------
+    dict
+        ``user_logs/std_log_process_{rank}.txt`` to URL.
+    """
+    return {log_name(n.rank): f"{base_url}/emulator/logs/{job.name}/{log_name(n.rank)}"
+            for n in job.nodes}
+
+
+class RunDetailsHandler(BaseHandler):
+    """Run history ``GET .../runs/{id}/details``."""
+
+    def get(self, run_id: str, **_: str) -> None:
+        """Return run details with status, error and log URLs.
+
+        Parameters
+        ----------
+        run_id : str
+            Job name.
+        """
+        job = self.engine.job(run_id)
+        self.send_json(shapes.run_details(job, log_urls(self.ctx.base_url, job)))
+
+
+class RunHandler(BaseHandler):
+    """Run history ``GET .../runs/{id}``."""
+
+    def get(self, run_id: str, **_: str) -> None:
+        """Return the run.
+
+        Parameters
+        ----------
+        run_id : str
+            Job name.
+        """
+        self.send_json(shapes.run_record(self.engine.job(run_id)))
+
+
+class RunPatchHandler(BaseHandler):
+    """Run history ``PATCH .../experiments/{exp}/runs/{id}`` (tags, display name)."""
+
+    def patch(self, experiment: str, run_id: str, **_: str) -> None:
+        """Update the run's tags, properties, display name and description.
+
+        Parameters
+        ----------
+        experiment : str
+            Experiment name.
+        run_id : str
+            Job name.
+        """
+        job = self.engine.job(run_id)
+        body = self.json_body()
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", "body must be a JSON object")
+        for key in ("tags", "properties"):
+            if isinstance(body.get(key), dict):
+                merged = dict(job.properties.get(key) or {})
+                merged.update({k: v for k, v in body[key].items() if v is not None})
+                job.properties[key] = merged
+        for key in ("displayName", "description"):
+            if body.get(key) is not None:
+                job.properties[key] = body[key]
+        self.send_json(shapes.run_record(job))
+
+
+class LogHandler(BaseHandler):
+    """``GET /emulator/logs/{job}/user_logs/std_log_process_{rank}.txt``."""
+
+    control_plane = False
+
+    def get(self, name: str, rank: str) -> None:
+        """Return a node's log as text.
+
+        Parameters
+        ----------
+        name : str
+            Job name.
+        rank : str
+            Node rank.
+        """
+        job = self.engine.job(name)
+        r = int(rank)
+        if r >= len(job.nodes):
+            raise ApiError(404, "NotFound", f"job {name} has no node of rank {r}")
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(read_log(job.nodes[r]))
+
+
+class StatusHandler(BaseHandler):
+    """``GET /emulator/status``: a human-friendly summary (not an AML API)."""
+
+    control_plane = False
+
+    def get(self) -> None:
+        """Return computes and jobs."""
+        self.send_json({
+            "subscription_id": identity.SUBSCRIPTION_ID,
+            "resource_group": identity.RESOURCE_GROUP,
+            "workspace_name": identity.WORKSPACE_NAME,
+            "computes": {c.spec.name: {"kind": c.spec.kind, "max_nodes": c.spec.max_nodes,
+                                       "in_use": c.in_use, "queued": list(c.queue)}
+                         for c in self.engine.computes.values()},
+            "jobs": {j.name: {"status": j.status, "compute": j.compute,
+                              "nodes": [n.as_dict() for n in j.nodes]}
+                     for j in self.engine.jobs.values()},
+            "terminal_statuses": list(TERMINAL_STATUSES),
+        })
+
+
+def make_app(ctx: ServerContext) -> tornado.web.Application:
+    """Build the tornado application.
+
+    Parameters
+    ----------
+    ctx : ServerContext
+        Shared handler context.
+
+    Returns
+    -------
+    tornado.web.Application
+        The application (unknown routes answer ARM 404 JSON).
+    """
+    kw = {"ctx": ctx}
+    hist = "/history/v1\\.0" + WS
+    routes: list[Any] = [
+        (WS + r"/jobs", JobsHandler, kw),
+        (WS + r"/jobs/(?P<name>[^/]+)/cancel", JobCancelHandler, kw),
+        (WS + r"/jobs/(?P<name>[^/]+)", JobHandler, kw),
+        (WS + r"/computes", ComputesHandler, kw),
+        (WS + r"/computes/(?P<name>[^/]+)/listNodes", ListNodesHandler, kw),
+        (WS + r"/computes/(?P<name>[^/]+)", ComputeHandler, kw),
+        (WS + r"/environments/(?P<name>[^/]+)/versions", EnvironmentVersionsHandler, kw),
+        (WS + r"/environments/(?P<name>[^/]+)/versions/(?P<version>[^/]+)",
+         EnvironmentVersionHandler, kw),
+        (WS + r"/environments/(?P<name>[^/]+)", EnvironmentContainerHandler, kw),
+        (WS, WorkspaceHandler, kw),
+        (LOC + r"/(?P<kind>mfeOperationsStatus|mfeOperationResults)/(?P<op>[^/]+)",
+         OperationHandler, kw),
+        (hist + r"/runs/(?P<run_id>[^/]+)/details", RunDetailsHandler, kw),
+        (hist + r"/runs/(?P<run_id>[^/]+)", RunHandler, kw),
+        (hist + r"/experiments/(?P<experiment>[^/]+)/runs/(?P<run_id>[^/]+)", RunPatchHandler, kw),
+        (r"/discovery", DiscoveryHandler, kw),
+        (r"/emulator/status", StatusHandler, kw),
+        (r"/emulator/logs/(?P<name>[^/]+)/user_logs/std_log_process_(?P<rank>\d+)\.txt",
+         LogHandler, kw),
+    ]
+    routes = [("(?i)" + p, h, k) for p, h, k in routes]
+    routes.extend(mlflow_routes(ctx))
+    return tornado.web.Application(
+        routes,
+        default_handler_class=NotFoundHandler,
+        default_handler_args=kw,
+        compress_response=False,
+    )

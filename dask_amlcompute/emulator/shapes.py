@@ -1,0 +1,346 @@
+"""JSON shapes of the ARM and run-history payloads the azure-ai-ml SDK reads.
+
+Field names follow the REST API as the SDK (1.35.x) deserializes it: jobs with
+api-version 2024-01-01-preview (GET) and 2025-01-01-preview (PUT), computes
+2023-08-01-preview, environments 2023-04-01-preview, workspace
+2024-10-01-preview, run history ``/history/v1.0``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from . import identity
+from .state import ComputeState, EnvironmentVersion, JobRecord, utcnow_iso
+
+
+def arm_error(code: str, message: str) -> dict[str, Any]:
+    """Return an ARM error body.
+
+    Parameters
+    ----------
+    code : str
+        Error code (``NotFound``, ``BadRequest``, ``UserError``...).
+    message : str
+        Human-readable message.
+
+    Returns
+    -------
+    dict
+        ``{"error": {"code": ..., "message": ...}}``.
+    """
+    return {"error": {"code": code, "message": message, "details": [], "additionalInfo": []}}
+
+
+def system_data(created: float, modified: float | None = None) -> dict[str, Any]:
+    """Return ARM ``systemData``.
+
+    Parameters
+    ----------
+    created : float
+        Creation POSIX time.
+    modified : float, optional
+        Last modification POSIX time.
+
+    Returns
+    -------
+    dict
+        The ``systemData`` block.
+    """
+    return {
+        "createdAt": utcnow_iso(created),
+        "createdBy": "emulator@localhost",
+        "createdByType": "User",
+        "lastModifiedAt": utcnow_iso(modified or created),
+        "lastModifiedBy": "emulator@localhost",
+        "lastModifiedByType": "User",
+    }
+
+
+def seconds_to_iso_duration(seconds: float) -> str:
+    """Format seconds as an ISO 8601 duration.
+
+    Parameters
+    ----------
+    seconds : float
+        Duration.
+
+    Returns
+    -------
+    str
+        e.g. ``PT120S``.
+    """
+    return f"PT{int(seconds)}S"
+
+
+def job_to_rest(job: JobRecord, tracking_uri: str) -> dict[str, Any]:
+    """Return the job resource as AML returns it from ``GET /jobs/{name}``.
+
+    The submitted ``properties`` are echoed back (environment, command,
+    distribution, resources, limits, environment variables, experiment...),
+    with ``status``, ``services`` and merged tags filled in by the service.
+
+    Parameters
+    ----------
+    job : JobRecord
+        The job.
+    tracking_uri : str
+        MLflow tracking URI reported as the ``Tracking`` service endpoint.
+
+    Returns
+    -------
+    dict
+        The ``JobBase`` resource.
+    """
+    props = dict(job.properties)
+    props["status"] = job.status
+    props["tags"] = job.tags
+    props.setdefault("displayName", job.name)
+    props.setdefault("experimentName", "Default")
+    props.setdefault("isArchived", False)
+    props["properties"] = dict(props.get("properties") or {})
+    props["properties"].setdefault("_azureml.ComputeTargetType", "amlctrain")
+    props["services"] = {
+        "Tracking": {"jobServiceType": "Tracking", "endpoint": tracking_uri},
+        "Studio": {"jobServiceType": "Studio", "endpoint": identity.studio_url(job.name)},
+    }
+    return {
+        "id": identity.child_id("jobs", job.name),
+        "name": job.name,
+        "type": f"{identity.PROVIDER}/workspaces/jobs",
+        "properties": props,
+        "systemData": system_data(job.created, job.end_time or job.start_time),
+    }
+
+
+def compute_to_rest(compute: ComputeState) -> dict[str, Any]:
+    """Return the compute resource as ``GET /computes/{name}`` does.
+
+    Parameters
+    ----------
+    compute : ComputeState
+        The compute.
+
+    Returns
+    -------
+    dict
+        The ``ComputeResource``.
+    """
+    spec = compute.spec
+    created = utcnow_iso(compute.created)
+    outer: dict[str, Any] = {
+        "computeType": spec.kind,
+        "computeLocation": identity.REGION,
+        "provisioningState": "Succeeded",
+        "createdOn": created,
+        "modifiedOn": created,
+        "isAttachedCompute": spec.kind not in ("AmlCompute", "ComputeInstance"),
+        "disableLocalAuth": True,
+        "description": "Emulated compute (dask-amlcompute local emulator)",
+    }
+    if spec.kind == "AmlCompute":
+        running = sum(1 for s in compute.slots if s is not None)
+        idle = len(compute.idle_slots())
+        inner: dict[str, Any] = {
+            "osType": "Linux",
+            "vmSize": spec.vm_size,
+            "vmPriority": spec.vm_priority,
+            "scaleSettings": {
+                "maxNodeCount": spec.max_nodes,
+                "minNodeCount": spec.min_nodes,
+                "nodeIdleTimeBeforeScaleDown": seconds_to_iso_duration(
+                    spec.idle_seconds_before_scaledown
+                ),
+            },
+            "remoteLoginPortPublicAccess": "Enabled" if spec.ssh_public_access else "Disabled",
+            "allocationState": "Steady",
+            "allocationStateTransitionTime": created,
+            "currentNodeCount": running + idle,
+            "targetNodeCount": running + idle,
+            "nodeStateCounts": {
+                "idleNodeCount": idle,
+                "runningNodeCount": running,
+                "preparingNodeCount": 0,
+                "unusableNodeCount": 0,
+                "leavingNodeCount": 0,
+                "preemptedNodeCount": 0,
+            },
+            "enableNodePublicIp": True,
+            "isolatedNetwork": False,
+        }
+        if spec.admin_user:
+            inner["userAccountCredentials"] = {
+                "adminUserName": spec.admin_user,
+                "adminUserSshPublicKey": spec.ssh_public_keys[0] if spec.ssh_public_keys else None,
+            }
+        outer["properties"] = inner
+    elif spec.kind == "ComputeInstance":
+        inner = {
+            "vmSize": spec.vm_size,
+            "state": "Running",
+            "applicationSharingPolicy": "Personal",
+            "computeInstanceAuthorizationType": "personal",
+            "connectivityEndpoints": {"publicIpAddress": "127.0.0.1",
+                                      "privateIpAddress": compute.ip_for_slot(0)},
+        }
+        if spec.admin_user and spec.ssh_public_keys:
+            inner["sshSettings"] = {
+                "sshPublicAccess": "Enabled" if spec.ssh_public_access else "Disabled",
+                "adminUserName": spec.admin_user,
+                "adminPublicKey": spec.ssh_public_keys[0],
+                "sshPort": 50000,
+            }
+        outer["properties"] = inner
+    else:
+        outer["properties"] = {}
+    return {
+        "id": identity.child_id("computes", spec.name),
+        "name": spec.name,
+        "type": f"{identity.PROVIDER}/workspaces/computes",
+        "location": identity.REGION,
+        "tags": {},
+        "properties": outer,
+        "systemData": system_data(compute.created),
+    }
+
+
+def environment_to_rest(env: EnvironmentVersion) -> dict[str, Any]:
+    """Return an environment version resource.
+
+    Parameters
+    ----------
+    env : EnvironmentVersion
+        The environment version.
+
+    Returns
+    -------
+    dict
+        The ``EnvironmentVersion`` resource.
+    """
+    props = {"isAnonymous": False, "isArchived": False, "osType": "Linux",
+             "environmentType": "UserCreated", "tags": {}, "properties": {}}
+    props.update(env.properties)
+    props.setdefault("image", None)
+    return {
+        "id": identity.child_id("environments", env.name, "versions", env.version),
+        "name": env.version,
+        "type": f"{identity.PROVIDER}/workspaces/environments/versions",
+        "properties": props,
+        "systemData": system_data(env.created),
+    }
+
+
+def workspace_to_rest(api_host: str, tracking_uri: str) -> dict[str, Any]:
+    """Return the workspace resource.
+
+    Parameters
+    ----------
+    api_host : str
+        Host the discovery document points the data-plane clients at.
+    tracking_uri : str
+        MLflow tracking URI (plain ``http(s)`` to the emulator, not ``azureml://``).
+
+    Returns
+    -------
+    dict
+        The ``Workspace`` resource.
+    """
+    return {
+        "id": identity.workspace_id(),
+        "name": identity.WORKSPACE_NAME,
+        "type": f"{identity.PROVIDER}/workspaces",
+        "location": identity.REGION,
+        "kind": "Default",
+        "tags": {},
+        "sku": {"name": "Basic", "tier": "Basic"},
+        "identity": {"type": "SystemAssigned"},
+        "properties": {
+            "friendlyName": identity.WORKSPACE_NAME,
+            "description": "dask-amlcompute local emulator",
+            "workspaceId": "00000000-0000-0000-0000-0000000000ee",
+            "discoveryUrl": f"https://{api_host}/discovery",
+            "mlFlowTrackingUri": tracking_uri,
+            "provisioningState": "Succeeded",
+            "publicNetworkAccess": "Disabled",
+            "hbiWorkspace": False,
+            "v1LegacyMode": False,
+        },
+        "systemData": system_data(time.time()),
+    }
+
+
+def discovery_document(api_host: str) -> dict[str, str]:
+    """Return the workspace discovery document.
+
+    Parameters
+    ----------
+    api_host : str
+        Host for every data-plane service.
+
+    Returns
+    -------
+    dict
+        Service name to base URL.
+    """
+    base = f"https://{api_host}"
+    return {k: base for k in ("api", "catalog", "experimentation", "gallery", "history",
+                              "hyperdrive", "labeling", "modelmanagement", "pipelines", "studio")}
+
+
+def run_details(job: JobRecord, log_urls: dict[str, str]) -> dict[str, Any]:
+    """Return run-history ``RunDetails`` for a job.
+
+    Parameters
+    ----------
+    job : JobRecord
+        The job.
+    log_urls : dict
+        Log file name (e.g. ``user_logs/std_log_process_0.txt``) to URL.
+
+    Returns
+    -------
+    dict
+        ``RunDetails`` with ``status``, ``error`` and ``logFiles``.
+    """
+    out: dict[str, Any] = {
+        "runId": job.name,
+        "runUuid": job.name,
+        "target": job.compute,
+        "status": job.status,
+        "createdTimeUtc": utcnow_iso(job.created),
+        "startTimeUtc": utcnow_iso(job.start_time) if job.start_time else None,
+        "endTimeUtc": utcnow_iso(job.end_time) if job.end_time else None,
+        "tags": job.tags,
+        "properties": dict(job.properties.get("properties") or {}),
+        "logFiles": log_urls,
+        "warnings": [],
+        "services": {},
+    }
+    if job.error:
+        out["error"] = {"error": dict(job.error)}
+    return out
+
+
+def run_record(job: JobRecord) -> dict[str, Any]:
+    """Return a run-history ``Run`` for a job (``GET /runs/{id}``).
+
+    Parameters
+    ----------
+    job : JobRecord
+        The job.
+
+    Returns
+    -------
+    dict
+        A minimal ``Run``.
+    """
+    out = run_details(job, {})
+    out.pop("logFiles")
+    out.update({
+        "runType": "azureml.scriptrun",
+        "displayName": job.properties.get("displayName") or job.name,
+        "experimentId": job.properties.get("experimentName") or "Default",
+        "computeRequest": {"nodeCount": job.instance_count},
+    })
+    return out

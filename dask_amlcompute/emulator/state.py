@@ -1,0 +1,254 @@
+"""In-memory model of the emulated workspace: computes, node slots, jobs, environments.
+
+Everything here is plain data touched only from the emulator's event loop
+thread (public accessors on :class:`~dask_amlcompute.emulator.Emulator`
+hop onto that loop), so no locking is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ComputeSpec
+
+ACTIVE_STATUSES = ("NotStarted", "Starting", "Provisioning", "Queued", "Preparing", "Running",
+                   "Finalizing", "CancelRequested")
+TERMINAL_STATUSES = ("Completed", "Failed", "Canceled", "NotResponding", "Paused")
+
+
+def utcnow_iso(ts: float | None = None) -> str:
+    """Return an ISO 8601 UTC timestamp as AML writes them.
+
+    Parameters
+    ----------
+    ts : float, optional
+        POSIX time; now if omitted.
+
+    Returns
+    -------
+    str
+        e.g. ``2024-05-01T12:00:00.123456+00:00``.
+    """
+    import datetime as _dt
+
+    t = time.time() if ts is None else ts
+    return _dt.datetime.fromtimestamp(t, tz=_dt.timezone.utc).isoformat()
+
+
+@dataclass
+class NodeRecord:
+    """One node allocated to a job (one process group on this machine)."""
+
+    rank: int
+    slot: int
+    ip: str
+    node_id: str
+    workdir: str
+    log_path: str
+    state: str = "preparing"
+    pid: int | None = None
+    exit_code: int | None = None
+    ssh_port: int | None = None
+    host_public_key: str | None = None
+    killed_reason: str | None = None
+    stderr_tail: list[str] = field(default_factory=list)
+    process: Any = None
+    ssh_server: Any = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the public view of the node.
+
+        Returns
+        -------
+        dict
+            ``rank, ip, node_id, pid, state, ssh_port, exit_code, log_path,
+            host_public_key, workdir``.
+        """
+        return {
+            "rank": self.rank,
+            "ip": self.ip,
+            "node_id": self.node_id,
+            "pid": self.pid,
+            "state": self.state,
+            "ssh_port": self.ssh_port,
+            "exit_code": self.exit_code,
+            "log_path": self.log_path,
+            "host_public_key": self.host_public_key,
+            "workdir": self.workdir,
+        }
+
+
+@dataclass
+class JobRecord:
+    """A submitted job: the request body as sent plus runtime state."""
+
+    name: str
+    properties: dict[str, Any]
+    compute: str
+    instance_count: int
+    created: float = field(default_factory=time.time)
+    status: str = "NotStarted"
+    start_time: float | None = None
+    end_time: float | None = None
+    error: dict[str, str] | None = None
+    mlflow_tags: dict[str, str] = field(default_factory=dict)
+    mlflow_params: dict[str, str] = field(default_factory=dict)
+    mlflow_metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    nodes: list[NodeRecord] = field(default_factory=list)
+    slots: list[int] | None = None
+    timeout_seconds: float | None = None
+    cancel_reason: str | None = None
+    failure: dict[str, str] | None = None
+    task: Any = None
+    done: Any = None  # asyncio.Event set when the job reaches a terminal status
+    wake: Any = None  # asyncio.Event set to interrupt the job's waits
+
+    @property
+    def is_terminal(self) -> bool:
+        """bool: whether the job has finished (Completed/Failed/Canceled)."""
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """dict: submitted tags merged with tags set through mlflow."""
+        tags = dict(self.properties.get("tags") or {})
+        tags.update(self.mlflow_tags)
+        return tags
+
+
+@dataclass
+class ComputeState:
+    """A compute target and the node slots in use on it."""
+
+    spec: ComputeSpec
+    index: int
+    created: float = field(default_factory=time.time)
+    slots: list[str | None] = field(default_factory=list)
+    freed_at: dict[int, float] = field(default_factory=dict)
+    queue: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.slots:
+            self.slots = [None] * self.spec.max_nodes
+
+    def ip_for_slot(self, slot: int) -> str:
+        """Return the loopback "private IP" of a node slot.
+
+        Parameters
+        ----------
+        slot : int
+            Slot index, 0-based.
+
+        Returns
+        -------
+        str
+            ``127.0.{compute index + 1}.{slot + 1}``.
+        """
+        return f"127.0.{self.index + 1}.{slot + 1}"
+
+    def node_id_for_slot(self, slot: int) -> str:
+        """Return a stable AML-looking node id for a slot.
+
+        Parameters
+        ----------
+        slot : int
+            Slot index.
+
+        Returns
+        -------
+        str
+            e.g. ``tvmps_3f2a..._d``.
+        """
+        digest = hashlib.sha256(f"{self.spec.name}/{slot}".encode()).hexdigest()[:40]
+        return f"tvmps_{digest}_d"
+
+    @property
+    def in_use(self) -> int:
+        """int: number of slots held by jobs."""
+        return sum(1 for s in self.slots if s is not None)
+
+    @property
+    def free(self) -> int:
+        """int: number of free slots."""
+        return len(self.slots) - self.in_use
+
+    def allocate(self, job_name: str, count: int) -> list[int]:
+        """Take ``count`` free slots for a job, preferring warm (recently freed) ones.
+
+        Parameters
+        ----------
+        job_name : str
+            The job taking the slots.
+        count : int
+            Number of slots.
+
+        Returns
+        -------
+        list of int
+            Slot indices, rank order.
+
+        Raises
+        ------
+        RuntimeError
+            If fewer than ``count`` slots are free.
+        """
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        if len(free) < count:
+            raise RuntimeError(f"{self.spec.name}: {count} nodes requested, {len(free)} free")
+        chosen = free[:count]
+        for i in chosen:
+            self.slots[i] = job_name
+            self.freed_at.pop(i, None)
+        return chosen
+
+    def release(self, slot: int) -> None:
+        """Free a slot; it stays listed as idle until the scale-down time passes.
+
+        Parameters
+        ----------
+        slot : int
+            Slot index.
+        """
+        self.slots[slot] = None
+        self.freed_at[slot] = time.time()
+
+    def idle_slots(self, now: float | None = None) -> list[int]:
+        """Return free slots that still count as allocated idle nodes.
+
+        A freed node stays for ``idle_seconds_before_scaledown``; the compute
+        also keeps ``min_nodes`` nodes at all times.
+
+        Parameters
+        ----------
+        now : float, optional
+            Current POSIX time.
+
+        Returns
+        -------
+        list of int
+            Slot indices reported as ``idle``.
+        """
+        now = time.time() if now is None else now
+        idle_for = self.spec.idle_seconds_before_scaledown
+        warm = [
+            i for i, s in enumerate(self.slots)
+            if s is None and now - self.freed_at.get(i, -1e18) < idle_for
+        ]
+        need = self.spec.min_nodes - self.in_use - len(warm)
+        if need > 0:
+            cold = [i for i, s in enumerate(self.slots) if s is None and i not in warm]
+            warm.extend(cold[:need])
+        return sorted(warm)
+
+
+@dataclass
+class EnvironmentVersion:
+    """A registered environment version."""
+
+    name: str
+    version: str
+    properties: dict[str, Any]
+    created: float = field(default_factory=time.time)

@@ -48,6 +48,15 @@ class ClusterContext:
     closing: bool = False
     ended_reason: str | None = None
     connector: Any = None
+    scheduler_internal_address: str | None = None
+    deadline: float | None = None  # time.monotonic() when the cluster's job_timeout runs out
+    on_job_ended: Callable[[str, str], None] | None = None
+
+    def remaining(self) -> float | None:
+        """Seconds left before the cluster's deadline (None: no deadline)."""
+        if self.deadline is None:
+            return None
+        return self.deadline - time.monotonic()
 
     def node_options(self, role: str, prefix: str, scheduler_address: str | None = None):
         """Node entrypoint options for a job of this cluster."""
@@ -104,6 +113,16 @@ LIKELY_CAUSES = {
         "(import errors, mlflow/azureml-mlflow missing in the environment)."
     ),
 }
+
+
+def job_of_worker(worker: Any) -> str:
+    """The worker-group (job) name of a worker: its name without ``-RANK-INDEX``.
+
+    Module-level so the scheduler can unpickle it as adaptive's ``worker_key``.
+    """
+    name = str(getattr(worker, "name", worker))
+    parts = name.rsplit("-", 2)
+    return parts[0] if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else name
 
 
 async def job_error(
@@ -189,12 +208,15 @@ class AmlSchedulerJob(ProcessInterface):
             f"scheduler on rank 0, {s.processes_per_node} worker process(es) per node"
         )
         info = await ctx.ops.submit(self.job())
+        if s.job_timeout:
+            ctx.deadline = time.monotonic() + s.job_timeout
         ctx.jobs[self.job_name] = info.status
         if info.studio_url:
             ctx.log(f"Studio: {info.studio_url}")
         try:
             info = await wait_for_tag(ctx, self.job_name, SCHEDULER_TAG, s.startup_timeout)
             self.internal_address = info.tags[SCHEDULER_TAG]
+            ctx.scheduler_internal_address = self.internal_address
             dashboard = info.tags.get(DASHBOARD_TAG)
             self.address, self.dashboard_link = await ctx.connector.connect(
                 self.job_name, self.internal_address, dashboard
@@ -208,9 +230,20 @@ class AmlSchedulerJob(ProcessInterface):
 
     async def _watch(self) -> None:
         """Notice when the main job ends while the cluster runs (timeout, node failure)."""
-        interval = max(self.context.settings.poll_interval * 5, 1.0)
+        ctx = self.context
+        interval = max(ctx.settings.poll_interval * 5, 1.0)
+        timeout = ctx.settings.job_timeout
+        warn_before = min(600.0, 0.1 * timeout) if timeout else 0.0
+        warned = False
         while True:
             await asyncio.sleep(interval)
+            left = ctx.remaining()
+            if left is not None and not warned and 0 < left <= warn_before:
+                warned = True
+                ctx.log(
+                    f"The cluster reaches its job_timeout in {left:.0f}s: AML will then end "
+                    "its jobs. Save results now or start a new cluster with a longer job_timeout."
+                )
             try:
                 info = await self.context.ops.get_job(self.job_name)
             except Exception as exc:  # the control plane may be briefly unavailable
@@ -268,10 +301,10 @@ class AmlJobWorkers(ProcessInterface):
         Group name; the job's workers are called ``name + suffix``.
     context
         Shared cluster state.
-    job_name
-        The AML job running these workers.
     suffixes
         Worker name suffixes (``-RANK-INDEX``).
+    job_name
+        The AML job running these workers (default: ``name``).
     n_nodes
         Nodes of the job (for a worker job it submits).
     submit
@@ -284,37 +317,70 @@ class AmlJobWorkers(ProcessInterface):
         scheduler: str,
         name: str,
         context: ClusterContext,
-        job_name: str,
         suffixes: list[str],
+        job_name: str | None = None,
         n_nodes: int = 1,
         submit: bool = False,
         scheduler_internal_address: str | None = None,
     ) -> None:
         super().__init__(scheduler=scheduler, name=name)
         self.context = context
-        self.job_name = job_name
+        self.job_name = job_name or name
         self.worker_names = [f"{name}{suffix}" for suffix in suffixes]
         self.n_nodes = n_nodes
         self.submit = submit
         self.scheduler_internal_address = scheduler_internal_address
-        self.address = job_name
+        self.address = self.job_name
+        self._monitor: asyncio.Task | None = None
 
     async def start(self) -> None:
-        ctx = self.context
         if self.submit:
-            s = ctx.settings
-            node = ctx.node_options("workers", self.name, self.scheduler_internal_address)
-            job = ctx.build(self.job_name, "workers", self.n_nodes, node, s.job_timeout)
-            ctx.log(f"Submitting worker job {self.job_name}: {self.n_nodes} node(s)")
-            info = await ctx.ops.submit(job)
-            ctx.jobs[self.job_name] = info.status
-        try:
+            await self._submit()
+        else:
             await self._wait_for_workers()
-        except BaseException:
-            if self.submit:
-                await ctx.ops.cancel(self.job_name)
-            raise
         await super().start()
+
+    async def _submit(self) -> None:
+        """Submit this worker job; its workers join later (the job may queue for minutes)."""
+        ctx = self.context
+        left = ctx.remaining()
+        timeout = ctx.settings.job_timeout
+        if left is not None:
+            if left < 60:
+                ctx.log(
+                    f"Not submitting {self.job_name}: the cluster's deadline is {left:.0f}s away"
+                )
+                self._monitor = None
+                return
+            timeout = left  # never outlive the cluster's deadline
+        address = self.scheduler_internal_address or ctx.scheduler_internal_address
+        node = ctx.node_options("workers", self.name, address)
+        job = ctx.build(self.job_name, "workers", self.n_nodes, node, timeout)
+        ctx.log(f"Submitting worker job {self.job_name}: {self.n_nodes} node(s)")
+        info = await ctx.ops.submit(job)
+        ctx.jobs[self.job_name] = info.status
+        self._monitor = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Follow the worker job; report when it ends by itself (failure, preemption, timeout)."""
+        ctx = self.context
+        interval = max(ctx.settings.poll_interval * 5, 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                info = await ctx.ops.get_job(self.job_name)
+            except Exception as exc:
+                logger.debug("Polling %s failed: %s", self.job_name, exc)
+                continue
+            if info.status != ctx.jobs.get(self.job_name) and info.status == "Queued":
+                ctx.log(f"Worker job {self.job_name} is queued: the compute has no free nodes")
+            ctx.jobs[self.job_name] = info.status
+            if info.terminal:
+                if not ctx.closing:
+                    ctx.log(f"Worker job {self.job_name} ended {info.status}")
+                    if ctx.on_job_ended is not None:
+                        ctx.on_job_ended(self.name, info.status)
+                return
 
     async def _wait_for_workers(self) -> None:
         ctx = self.context
@@ -349,6 +415,8 @@ class AmlJobWorkers(ProcessInterface):
 
     async def close(self) -> None:
         ctx = self.context
+        if self._monitor is not None:
+            self._monitor.cancel()
         if self.submit or not ctx.closing:
             await self._retire()
         if self.submit:

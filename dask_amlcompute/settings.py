@@ -27,6 +27,7 @@ class ClusterSettings:
 
     compute: str
     n_nodes: int
+    nodes_per_job: int
     processes_per_node: int
     threads_per_process: int | None
     memory_limit: str | int | None
@@ -90,6 +91,7 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
             "in dask config (DASK_AMLCOMPUTE__COMPUTE)."
         )
     raw["n_nodes"] = positive_int(raw["n_nodes"], "n_nodes")
+    raw["nodes_per_job"] = positive_int(raw["nodes_per_job"], "nodes_per_job")
     raw["processes_per_node"] = positive_int(raw["processes_per_node"], "processes_per_node")
     if raw["threads_per_process"] is not None:
         raw["threads_per_process"] = positive_int(raw["threads_per_process"], "threads_per_process")

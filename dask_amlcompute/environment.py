@@ -73,10 +73,10 @@ def resolve_environment(environment: Any, extra_pip: list[str] | None = None) ->
     if isinstance(environment, Environment):
         return environment
     if environment is None:
+        # Inline (anonymous) environment: AML names it by a hash of its content,
+        # so it is built once per distinct spec and reused afterwards.
         spec = conda_spec(extra_pip)
         return Environment(
-            name="dask-amlcompute",
-            version=spec_hash(spec, DEFAULT_IMAGE),
             image=DEFAULT_IMAGE,
             conda_file=spec,
             description="dask-amlcompute node environment pinned to the client's versions",

@@ -324,6 +324,8 @@ class AmlJobWorkers(ProcessInterface):
         scheduler_internal_address: str | None = None,
     ) -> None:
         super().__init__(scheduler=scheduler, name=name)
+        self.scheduler = scheduler
+        self.name = name
         self.context = context
         self.job_name = job_name or name
         self.worker_names = [f"{name}{suffix}" for suffix in suffixes]

@@ -95,8 +95,8 @@ def test_default_environment_pins_client_versions():
     pip = conda_spec()["dependencies"][-1]["pip"]
     assert f"dask=={dask.__version__}" in pip
     assert f"distributed=={distributed.__version__}" in pip
-    assert env.image and env.conda_file and env.version
-    assert resolve_environment(None).version == env.version  # content-addressed
+    assert env.image and env.conda_file
+    assert resolve_environment(None).conda_file == env.conda_file  # same spec, same AML hash
     assert (
         resolve_environment("myregistry.azurecr.io/dask:1").image == "myregistry.azurecr.io/dask:1"
     )

@@ -120,7 +120,7 @@ class EmulatorTransport(RequestsTransport):
         Parameters
         ----------
         request : azure.core.rest.HttpRequest or azure.core.pipeline.transport.HttpRequest
-            The outgoing request (modified in place).
+            The outgoing request (its URL is rewritten only while it is sent).
         **kwargs : Any
             Transport options.
 
@@ -130,11 +130,19 @@ class EmulatorTransport(RequestsTransport):
             The transport response.
         """
         new_url, original = self._rewrite(request.url)
-        if original is not None:
-            request.url = new_url
-            request.headers[ORIGINAL_HOST_HEADER] = original
         kwargs.pop("proxies", None)
-        return super().send(request, **kwargs)
+        if original is None:
+            return super().send(request, **kwargs)
+        # Rewrite only for the duration of the send: the pipeline (retries, LRO
+        # pollers, the https-only bearer-token policy) keeps seeing the URL the
+        # SDK built.
+        saved_url = request.url
+        request.url = new_url
+        request.headers[ORIGINAL_HOST_HEADER] = original
+        try:
+            return super().send(request, **kwargs)
+        finally:
+            request.url = saved_url
 
 
 def make_ml_client(

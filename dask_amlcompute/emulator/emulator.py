@@ -190,19 +190,18 @@ class Emulator:
         self._server.add_sockets(sockets)
 
     async def _start_ssh(self, spec: ComputeSpec, node: NodeRecord) -> Any:
-        from .ssh import NodeSSHServer
+        from .ssh import NodeSSHServer, generate_host_key
 
+        # A node keeps its host key across jobs, as a real node keeps its own.
         key_id = (spec.name, node.slot)
+        if key_id not in self._host_keys:
+            self._host_keys[key_id] = generate_host_key()
         server = NodeSSHServer(
             host="127.0.0.1", port=0, admin_user=spec.admin_user,
             authorized_keys=list(spec.ssh_public_keys), allowed_forward_hosts={node.ip},
-            host_key=self._host_keys.get(key_id),
+            host_key=self._host_keys[key_id],
         )
         await server.start()
-        # Keep the node's host key across jobs, as a real node keeps its own.
-        key = getattr(server, "host_key", None)
-        if key is not None:
-            self._host_keys[key_id] = key
         return server
 
     async def _astop(self) -> None:
@@ -398,8 +397,14 @@ class Emulator:
         str
             Log text ("" before the node starts).
         """
-        node = self._call(lambda e: e.job(job_name).nodes[rank])
-        return read_log(node)
+        def _node(e: Engine) -> NodeRecord | None:
+            job = e.job(job_name)
+            if not job.nodes and rank < job.instance_count:
+                return None  # not started yet
+            return job.nodes[rank]
+
+        node = self._call(_node)
+        return "" if node is None else read_log(node)
 
     def host_key_for(self, job_name: str, rank: int) -> str | None:
         """Return the SSH host public key (OpenSSH format) of a job's node.
@@ -416,7 +421,11 @@ class Emulator:
         str or None
             The key, or None when the node has no SSH endpoint.
         """
-        return self._call(lambda e: e.job(job_name).nodes[rank].host_public_key)
+        def _key(e: Engine) -> str | None:
+            job = e.job(job_name)
+            return job.nodes[rank].host_public_key if job.nodes else None
+
+        return self._call(_key)
 
     def wait_job(self, name: str, timeout: float = 60.0,
                  statuses: Iterable[str] | None = None) -> str:

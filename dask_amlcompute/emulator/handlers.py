@@ -93,7 +93,8 @@ class BaseHandler(tornado.web.RequestHandler):
         kw = self.path_kwargs
         if "sub" in kw:
             wanted = (identity.SUBSCRIPTION_ID, identity.RESOURCE_GROUP, identity.WORKSPACE_NAME)
-            got = (kw.get("sub"), kw.get("rg"), kw.get("ws") or identity.WORKSPACE_NAME)
+            got = (kw["sub"], kw.get("rg") or identity.RESOURCE_GROUP,
+                   kw.get("ws") or identity.WORKSPACE_NAME)
             if [g.lower() for g in got] != [w.lower() for w in wanted]:
                 self.send_arm_error(
                     404, "ResourceNotFound",

@@ -1,0 +1,119 @@
+"""``dask-amlcompute emulator``: run the local AML emulator in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from . import identity
+
+USAGE_TEMPLATE = """\
+Azure ML emulator serving at {base_url}  (offline stand-in: jobs run as local processes)
+  subscription {sub}, resource group {rg}, workspace {ws}, region {region}
+  computes: {computes}
+  work dir: {tempdir}
+  status:   {base_url}/emulator/status
+
+Point an unmodified MLClient at it from Python:
+
+    from dask_amlcompute.emulator import make_ml_client
+    ml_client = make_ml_client("{base_url}"{cert_arg})
+
+(this builds azure.ai.ml.MLClient with an emulator credential and a transport that
+ sends every request to this address; no Azure login, no environment variables).
+
+Press Ctrl-C to stop; every node process is killed on exit.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the emulator command.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser.
+    """
+    parser = argparse.ArgumentParser(
+        prog="dask-amlcompute emulator",
+        description="Run a local emulator of the Azure ML workspace API (for tests and demos).",
+    )
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML/JSON file with computes, environments, provisioning_delay, port")
+    parser.add_argument("--port", type=int, default=None, help="listen port (default: config or 0)")
+    parser.add_argument("--host", default=None, help="loopback listen address (default 127.0.0.1)")
+    parser.add_argument("--https", action="store_true", default=None,
+                        help="serve HTTPS with a generated self-signed certificate")
+    parser.add_argument("--provisioning-delay", type=float, default=None, metavar="SECONDS",
+                        help="seconds each job spends in Preparing")
+    return parser
+
+
+def _make_emulator(args: argparse.Namespace) -> Any:
+    from .config import EmulatorConfig
+    from .emulator import Emulator
+
+    overrides = {"port": args.port, "host": args.host, "https": args.https,
+                 "provisioning_delay": args.provisioning_delay}
+    if args.config:
+        return Emulator.from_file(args.config, **overrides)
+    config = EmulatorConfig(**{k: v for k, v in overrides.items() if v is not None})
+    return Emulator(config=config)
+
+
+def run_emulator_cli(argv: Sequence[str] | None = None, *, ready: threading.Event | None = None,
+                     stop: threading.Event | None = None) -> int:
+    """Run the emulator until Ctrl-C / SIGTERM (or ``stop`` is set).
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Command-line arguments (default: ``sys.argv[1:]``).
+    ready : threading.Event, optional
+        Set once the emulator serves (for tests).
+    stop : threading.Event, optional
+        Setting it stops the emulator (for tests; signals are only handled
+        when running in the main thread).
+
+    Returns
+    -------
+    int
+        Process exit code.
+    """
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        emu = _make_emulator(args)
+    except (OSError, ValueError) as exc:
+        print(f"dask-amlcompute emulator: {exc}", file=sys.stderr)
+        return 2
+    stop = stop or threading.Event()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        emu.start()
+        computes = ", ".join(f"{c.name} ({c.kind}, max {c.max_nodes})" for c in emu.config.computes)
+        print(USAGE_TEMPLATE.format(
+            base_url=emu.base_url, sub=identity.SUBSCRIPTION_ID, rg=identity.RESOURCE_GROUP,
+            ws=identity.WORKSPACE_NAME, region=identity.REGION, computes=computes,
+            tempdir=emu.tempdir,
+            cert_arg=f', cert_path="{emu.cert_path}"' if emu.cert_path else ""), flush=True)
+        if ready is not None:
+            ready.set()
+        while not stop.wait(0.5):
+            pass
+        print("stopping the emulator...", flush=True)
+    finally:
+        emu.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run_emulator_cli())

@@ -4,19 +4,19 @@ A client outside the compute's VNet cannot dial the scheduler's private
 address. :class:`SSHTunnel` logs in to the node's public SSH endpoint with
 :mod:`asyncssh` (in-process: no ``ssh`` subprocess, no key written anywhere),
 verifies the host key against ``known_hosts``, and serves one local port on
-``127.0.0.1`` per target. Each local connection is piped through its own
-``direct-tcpip`` channel. If the SSH connection drops, it is re-established
-in the background with bounded retries while the local ports stay the same.
+``127.0.0.1`` per target; each local connection is piped through its own
+``direct-tcpip`` channel. A dropped SSH connection is re-established in the
+background with bounded retries, and the local ports stay the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Union
 
 import asyncssh
 
@@ -34,19 +34,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-KeyLike = Union[str, bytes, os.PathLike, asyncssh.SSHKey, asyncssh.SSHKeyPair]
+KeyLike = str | bytes | os.PathLike | asyncssh.SSHKey | asyncssh.SSHKeyPair
 #: Seconds allowed for each phase of :meth:`SSHTunnel.close`.
 CLOSE_TIMEOUT = 5.0
 #: Longest pause between two reconnection attempts, in seconds.
 MAX_RECONNECT_DELAY = 10.0
-# AES-GCM is markedly faster than asyncssh's chacha20 on AES-NI hardware.
-_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
-            "aes128-ctr", "aes192-ctr", "aes256-ctr"]  # fmt: skip
-_REMEDY_UNREACHABLE = (
-    "The compute has no public SSH access or the node has no public IP; create the compute "
-    "with remote login enabled (an admin user with an SSH key) or run the client on the same "
-    "VNet (e.g. an AML compute instance)."
-)
+#: Cipher preference: asyncssh's AES-GCM is much faster than its chacha20 on AES-NI CPUs.
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com")
+_DEFAULT_KNOWN_HOSTS = Path("~", ".ssh", "known_hosts")
 
 
 class TunnelError(AmlComputeError, ConnectionError):
@@ -58,7 +53,7 @@ class TunnelUnreachableError(TunnelError):
 
 
 class TunnelAuthenticationError(TunnelError):
-    """The node's SSH server did not accept any of the client keys."""
+    """The node's SSH server accepted none of the client keys."""
 
 
 class HostKeyError(TunnelError):
@@ -69,16 +64,6 @@ class ForwardingError(TunnelError):
     """The SSH server refused to forward to a target address."""
 
 
-def _host_pattern(host: str, port: int) -> str:
-    """Return the ``known_hosts`` pattern OpenSSH uses for ``host:port``."""
-    return host if port == 22 else f"[{host}]:{port}"
-
-
-def _key_text(key: asyncssh.SSHKey) -> str:
-    """Return ``"<type> <base64>"`` for a public key (no comment)."""
-    return " ".join(key.export_public_key("openssh").decode("ascii").split()[:2])
-
-
 def resolve_client_keys(
     client_keys: KeyLike | Sequence[KeyLike] | None = None, passphrase: str | None = None
 ) -> list[asyncssh.SSHKey | asyncssh.SSHKeyPair] | None:
@@ -87,25 +72,23 @@ def resolve_client_keys(
     Parameters
     ----------
     client_keys : str, bytes, path, asyncssh key, or a sequence of them, optional
-        Each item is a path to a private key file (``~`` is expanded), the
-        text of a private key (OpenSSH/PEM/PuTTY), or an already loaded
-        :class:`asyncssh.SSHKey` / :class:`asyncssh.SSHKeyPair` (e.g. from an
-        agent). ``None`` means the OpenSSH defaults: ``~/.ssh/id_ed25519``,
-        ``~/.ssh/id_rsa``, ... and the keys of the running ``ssh-agent``.
+        Each item is a private key file path (``~`` expanded), the text of a
+        private key, or a loaded :class:`asyncssh.SSHKey` / ``SSHKeyPair``.
+        ``None`` means OpenSSH's defaults: ``~/.ssh/id_ed25519``, ``id_rsa``,
+        ... and the keys of the running ``ssh-agent``.
     passphrase : str, optional
-        Passphrase of encrypted key files or texts.
+        Passphrase of encrypted keys.
 
     Returns
     -------
     list or None
-        The loaded keys, or ``None`` for the defaults (loaded by asyncssh on
-        each connection).
+        The loaded keys, or ``None`` for the defaults (asyncssh loads them).
 
     Raises
     ------
     ConfigurationError
-        If a file is missing or unreadable, a key cannot be parsed, an
-        encrypted key has no passphrase, or the sequence is empty.
+        A file is unreadable, a key cannot be parsed or decrypted, or the
+        sequence is empty.
 
     Examples
     --------
@@ -123,9 +106,7 @@ def resolve_client_keys(
         if isinstance(item, (asyncssh.SSHKey, asyncssh.SSHKeyPair)):
             keys.append(item)
             continue
-        is_text = isinstance(item, bytes) or (
-            isinstance(item, str) and ("PRIVATE KEY" in item or "PuTTY-User-Key" in item)
-        )
+        is_text = isinstance(item, bytes) or (isinstance(item, str) and "PRIVATE KEY" in item)
         what = "the given key text" if is_text else f"the key file {item}"
         try:
             if is_text:
@@ -137,28 +118,26 @@ def resolve_client_keys(
             raise ConfigurationError(f"Cannot read {what}: {exc}") from exc
         except (asyncssh.KeyImportError, ValueError) as exc:
             raise ConfigurationError(
-                f"Cannot load {what}: {exc}. Pass an unencrypted private key, its passphrase, "
+                f"Cannot load {what}: {exc}. Pass an unencrypted key, its passphrase, "
                 "or client_keys=None to use the ssh-agent."
             ) from exc
     return keys
 
 
 class _HostKeyChecker(asyncssh.SSHClient):
-    """Per-connection client that records why a host key was not trusted."""
+    """Per-connection client: asyncssh asks it about keys ``known_hosts`` does not trust."""
 
     def __init__(self, known: asyncssh.SSHKnownHosts, tofu: bool) -> None:
         self._known, self._tofu = known, tofu
         self.offered: asyncssh.SSHKey | None = None
-        self.host_known = False
-        self.accepted_new = False
+        self.host_known = self.accepted_new = False
 
     def validate_host_public_key(
         self, host: str, addr: str, port: int, key: asyncssh.SSHKey
     ) -> bool:
-        # Called by asyncssh only for keys that known_hosts does not trust.
         self.offered = key
-        matches = self._known.match(host, addr, None if port == 22 else port)
-        self.host_known = bool(matches[0] or matches[1])
+        trusted, ca_keys, *_ = self._known.match(host, addr, None if port == 22 else port)
+        self.host_known = bool(trusted or ca_keys)
         self.accepted_new = self._tofu and not self.host_known
         return self.accepted_new
 
@@ -166,56 +145,51 @@ class _HostKeyChecker(asyncssh.SSHClient):
 class _RemoteSide(asyncssh.SSHTCPSession[bytes]):
     """Channel end of one forwarded connection: writes into the local socket."""
 
-    def __init__(self, local: _LocalSide) -> None:
-        self._local = local
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self._local.transport.write(data)  # type: ignore[union-attr]
+        self._transport.write(data)
 
     def eof_received(self) -> bool:
-        transport = self._local.transport
-        if transport is not None and transport.can_write_eof():
-            transport.write_eof()
-            return True
-        return False
+        self._transport.write_eof()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._local.transport is not None:
-            self._local.transport.close()
+        self._transport.close()
 
     def pause_writing(self) -> None:
-        self._local.transport.pause_reading()  # type: ignore[union-attr]
+        self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._local.transport.resume_reading()  # type: ignore[union-attr]
+        self._transport.resume_reading()
 
 
 class _LocalSide(asyncio.Protocol):
-    """Local end of one forwarded connection: writes into its SSH channel."""
+    """Local end of one forwarded connection: writes into its SSH channel once open."""
 
     def __init__(self, tunnel: SSHTunnel, name: str) -> None:
         self._tunnel, self.name = tunnel, name
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        transport.pause_reading()  # type: ignore[attr-defined]  # until the channel is open
-        self._tunnel._attach(self)
+        self.transport.pause_reading()  # resumed when the channel is open
+        self._tunnel._accept(self)
 
     def data_received(self, data: bytes) -> None:
         try:
             self.chan.write(data)  # type: ignore[union-attr]
-        except (BrokenPipeError, OSError, asyncssh.Error):
-            self.transport.abort()  # type: ignore[union-attr]
+        except OSError:
+            self.transport.abort()
 
     def eof_received(self) -> bool:
-        try:
+        with contextlib.suppress(OSError):
             self.chan.write_eof()  # type: ignore[union-attr]
-        except (BrokenPipeError, OSError, asyncssh.Error):
-            return False
-        return True
+            return True
+        return False
 
     def pause_writing(self) -> None:
         if self.chan is not None:
@@ -238,21 +212,22 @@ class SSHTunnel:
     Parameters
     ----------
     ssh_host, ssh_port : str, int
-        The node's public SSH endpoint (``publicIpAddress`` and ``port`` of
-        ``compute.list_nodes()``).
+        The node's public SSH endpoint (``publicIpAddress``, ``port``).
     username : str
         The compute's admin user.
     client_keys : optional
-        Keys to log in with; see :func:`resolve_client_keys` (``None``: the
-        ``~/.ssh`` default keys and the ssh-agent, like OpenSSH).
+        Keys to log in with, see :func:`resolve_client_keys`; ``None`` uses
+        the default ``~/.ssh`` keys and the ssh-agent, like OpenSSH. Given
+        keys are used alone (like ``IdentitiesOnly``). ``~/.ssh/config`` is
+        never read.
     known_hosts : str, path or sequence of str, optional
-        ``None``: ``~/.ssh/known_hosts``. A path: that ``known_hosts`` file.
-        A sequence: OpenSSH public host keys (``"ssh-ed25519 AAAA..."``)
-        trusted for this host, and no others.
+        ``None``: ``~/.ssh/known_hosts``. A path: that file. A sequence:
+        OpenSSH public host keys (``"ssh-ed25519 AAAA..."``) trusted for
+        this host, and no others.
     trust_on_first_use : bool
         Accept a host key when ``known_hosts`` has no entry for the host,
-        append it to the ``known_hosts`` file (``known_hosts`` if it is a path,
-        else ``~/.ssh/known_hosts``) and log its fingerprint as a warning. A key
+        append it to the ``known_hosts`` file (``~/.ssh/known_hosts`` unless
+        ``known_hosts`` is a path) and log its fingerprint as a warning. A key
         that differs from a recorded one is always refused.
     targets : mapping of str to (host, port)
         Name of each forward and the address the SSH server connects it to.
@@ -261,16 +236,16 @@ class SSHTunnel:
     connect_timeout : float
         Seconds allowed to connect and log in, and to open each channel.
     reconnect_delay : float
-        First pause between reconnection attempts, doubled after each failure.
+        Pause before the first reconnection attempt, doubled after each.
     passphrase : str, optional
         Passphrase of encrypted ``client_keys``.
 
     Examples
     --------
-    >>> tunnel = SSHTunnel("20.1.2.3", 50000, "azureuser", known_hosts="~/.ssh/known_hosts",
+    >>> tunnel = SSHTunnel("20.1.2.3", 50000, "azureuser",
     ...                    targets={"scheduler": ("10.0.0.4", 8786)})  # doctest: +SKIP
     >>> await tunnel.start()  # doctest: +SKIP
-    >>> Client(tunnel.local_url("scheduler"), asynchronous=True)  # doctest: +SKIP
+    >>> client = await Client(tunnel.local_url("scheduler"), asynchronous=True)  # doctest: +SKIP
     """
 
     def __init__(
@@ -288,141 +263,128 @@ class SSHTunnel:
         passphrase: str | None = None,
     ) -> None:
         if not targets:
-            raise ConfigurationError("SSHTunnel needs at least one target, e.g. {'scheduler': ...}")
+            raise ConfigurationError("SSHTunnel needs targets, e.g. {'scheduler': (ip, 8786)}")
         self.ssh_host, self.ssh_port, self.username = ssh_host, int(ssh_port), username
         self.targets = {name: (str(h), int(p)) for name, (h, p) in targets.items()}
-        self._keys = resolve_client_keys(client_keys, passphrase)
-        self._trusted: list[str] = []  # in-memory known_hosts lines
-        self._known_hosts_file: Path | None = None
-        if known_hosts is None or isinstance(known_hosts, (str, os.PathLike)):
-            default = Path("~", ".ssh", "known_hosts")
-            self._known_hosts_file = Path(os.fspath(known_hosts or default)).expanduser()
-            self._record_to = self._known_hosts_file
-        else:
-            self._record_to = Path("~", ".ssh", "known_hosts").expanduser()
-            for text in known_hosts:
-                self._trust(self._parse_host_key(text))
         self.trust_on_first_use = trust_on_first_use
         self.reconnect_attempts, self.reconnect_delay = int(reconnect_attempts), reconnect_delay
         self.connect_timeout = float(connect_timeout)
         self.reconnects = 0
+        self._keys = resolve_client_keys(client_keys, passphrase)
+        self._pattern = ssh_host if self.ssh_port == 22 else f"[{ssh_host}]:{self.ssh_port}"
+        self._trusted: list[str] = []  # known_hosts lines held in memory
+        if known_hosts is None or isinstance(known_hosts, (str, os.PathLike)):
+            self._file: Path | None = Path(known_hosts or _DEFAULT_KNOWN_HOSTS).expanduser()
+        else:
+            self._file = None
+            for text in known_hosts:
+                try:
+                    self._trust(asyncssh.import_public_key(text))
+                except (asyncssh.KeyImportError, ValueError) as exc:
+                    msg = f"known_hosts entry {text!r} is not an OpenSSH public key"
+                    raise ConfigurationError(msg) from exc
+        self._label = f"{username}@{ssh_host}:{self.ssh_port}"
         self._conn: asyncssh.SSHClientConnection | None = None
         self._servers: dict[str, asyncio.AbstractServer] = {}
         self._ports: dict[str, int] = {}
         self._locals: set[_LocalSide] = set()
         self._tasks: set[asyncio.Task] = set()
-        self._supervisor: asyncio.Task | None = None
-        self._settled = asyncio.Event()  # set while connected, failed or closed
+        self._settled = asyncio.Event()  # set while connected, after giving up, and once closed
         self._failure: TunnelError | None = None
         self._started = self._closed = False
-        self._label = f"{username}@{ssh_host}:{self.ssh_port}"
 
-    @staticmethod
-    def _parse_host_key(text: str) -> asyncssh.SSHKey:
-        """Parse ``"<type> <base64>"`` (or a ``known_hosts`` line) into a public key."""
-        fields = str(text).split()
-        for candidate in (" ".join(fields), " ".join(fields[1:])):
-            try:
-                return asyncssh.import_public_key(candidate)
-            except (asyncssh.KeyImportError, ValueError):
-                continue
-        raise ConfigurationError(f"known_hosts entry {text!r} is not an OpenSSH public key")
-
-    def _trust(self, key: asyncssh.SSHKey) -> None:
-        self._trusted.append(f"{_host_pattern(self.ssh_host, self.ssh_port)} {_key_text(key)}")
-
-    def _load_known_hosts(self) -> asyncssh.SSHKnownHosts:
-        known = asyncssh.SSHKnownHosts()
-        path = self._known_hosts_file
-        if path is not None and path.is_file():
-            try:
-                known.load(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise ConfigurationError(f"Cannot read known_hosts file {path}: {exc}") from exc
-        known.load("\n".join(self._trusted))
-        return known
+    def _trust(self, key: asyncssh.SSHKey) -> str:
+        text = " ".join(key.export_public_key().decode("ascii").split()[:2])
+        self._trusted.append(f"{self._pattern} {text}")
+        return self._trusted[-1]
 
     def _record_host_key(self, key: asyncssh.SSHKey) -> None:
-        """Trust ``key`` for this tunnel and append it to the known_hosts file."""
-        self._trust(key)
-        path, line = self._record_to, self._trusted[-1]
+        """Trust ``key`` from now on and append it to the known_hosts file."""
+        line, path = self._trust(key), self._file or _DEFAULT_KNOWN_HOSTS.expanduser()
+        logger.warning("Trusting the SSH host key %s of %s on first use; recording it in %s",
+                       key.get_fingerprint(), self._label, path)  # fmt: skip
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            needs_newline = path.is_file() and not path.read_bytes().endswith(b"\n")
+            old = path.read_bytes() if path.is_file() else b""
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            with os.fdopen(fd, "a", encoding="utf-8") as f:
-                f.write(("\n" if needs_newline and path.stat().st_size else "") + line + "\n")
+            with os.fdopen(fd, "a", encoding="ascii") as f:
+                f.write(("\n" if old and not old.endswith(b"\n") else "") + line + "\n")
         except OSError as exc:
             logger.warning("Could not record the host key in %s: %s", path, exc)
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
-        """Open and authenticate one SSH connection, mapping failures to typed errors."""
-        known = self._load_known_hosts()
-        checker = _HostKeyChecker(known, self.trust_on_first_use)
-        where = self._known_hosts_file or "the trusted host keys passed as known_hosts"
-        default_keys = self._keys is None
+        """Open one authenticated SSH connection; failures become typed errors."""
+        known = asyncssh.SSHKnownHosts()
         try:
-            conn = await asyncio.wait_for(
-                asyncssh.connect(
-                    self.ssh_host, self.ssh_port, username=self.username,
-                    client_factory=lambda: checker, known_hosts=known, config=None,
-                    client_keys=() if default_keys else self._keys,
-                    agent_path=() if default_keys else None,
-                    password_auth=False, kbdint_auth=False, gss_auth=False, gss_kex=False,
-                    encryption_algs=_CIPHERS, compression_algs=None,
-                    connect_timeout=self.connect_timeout, keepalive_interval=15,
-                    keepalive_count_max=3,
-                ),
-                self.connect_timeout + 5,
-            )  # fmt: skip
-        except asyncssh.HostKeyNotVerifiable as exc:
-            key = checker.offered
-            fp = key.get_fingerprint() if key is not None else "(unknown)"
-            if key is None:
-                msg = f"The SSH host key of {self._label} was rejected ({exc.reason})."
-            elif checker.host_known:
-                msg = (f"The SSH host key of {self._label} ({fp}) does not match the one in "
-                       f"{where}: possible man-in-the-middle attack, or the node was re-created. "
-                       "Verify the fingerprint out of band before replacing the stale entry.")  # fmt: skip
-            else:
-                msg = (f"The SSH host key of {self._label} is not in known_hosts ({where}); "
-                       f"verify the fingerprint {fp} and pass trust_on_first_use=True "
-                       "or add it to known_hosts.")  # fmt: skip
+            if self._file is not None and self._file.is_file():
+                known.load(self._file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            msg = f"Cannot read the known_hosts file {self._file} to verify {self._label}: {exc}"
             raise HostKeyError(msg) from exc
+        known.load("\n".join(self._trusted))
+        checker = _HostKeyChecker(known, self.trust_on_first_use)
+        where = self._file or "the host keys passed as known_hosts"
+        defaults = self._keys is None
+        options = dict(
+            username=self.username, client_factory=lambda: checker, known_hosts=known,
+            config=None, client_keys=() if defaults else self._keys,
+            agent_path=() if defaults else None, password_auth=False, kbdint_auth=False,
+            gss_auth=False, gss_kex=False, encryption_algs=[*CIPHERS, "aes128-ctr", "aes256-ctr"],
+            compression_algs=None, connect_timeout=self.connect_timeout,
+            keepalive_interval=15, keepalive_count_max=3,
+        )  # fmt: skip
+        try:
+            coro = asyncssh.connect(self.ssh_host, self.ssh_port, **options)  # type: ignore[arg-type]
+            conn = await asyncio.wait_for(coro, self.connect_timeout + 5)
+        except (asyncssh.HostKeyNotVerifiable, asyncssh.KeyExchangeFailed) as exc:
+            port = None if self.ssh_port == 22 else self.ssh_port
+            recorded = bool(known.match(self.ssh_host, self.ssh_host, port)[0])
+            if isinstance(exc, asyncssh.KeyExchangeFailed) and not recorded:
+                raise TunnelError(f"SSH key exchange with {self._label} failed: {exc}") from exc
+            fp = checker.offered.get_fingerprint() if checker.offered else "(not offered)"
+            if checker.host_known or recorded:
+                raise HostKeyError(
+                    f"The SSH host key of {self._label} ({fp}) does not match the one in "
+                    f"{where}: possible man-in-the-middle attack, or the node was re-created. "
+                    "Verify the fingerprint out of band before replacing the stale entry."
+                ) from exc
+            raise HostKeyError(
+                f"The SSH host key of {self._label} is not in known_hosts ({where}); verify "
+                f"the fingerprint {fp} and pass trust_on_first_use=True or add it."
+            ) from exc
         except asyncssh.PermissionDenied as exc:
-            tried = ("the default ~/.ssh keys and ssh-agent" if default_keys else
-                     ", ".join(k.get_fingerprint() for k in self._keys or []))  # fmt: skip
+            tried = ", ".join(k.get_fingerprint() for k in self._keys or []) or "~/.ssh, agent"
             raise TunnelAuthenticationError(
-                f"SSH login {self._label} was refused (tried {tried}): the compute's admin user "
-                "does not accept this key; pass ssh_key= or add the key when creating the compute."
+                f"SSH login {self._label} was refused (keys tried: {tried}): the compute's admin "
+                "user does not accept this key; pass ssh_key= or add the key when creating the "
+                "compute."
             ) from exc
         except (OSError, asyncio.TimeoutError, asyncssh.Error) as exc:
             raise TunnelUnreachableError(
                 f"Cannot reach the SSH endpoint {self._label}: {exc or type(exc).__name__}. "
-                + _REMEDY_UNREACHABLE
+                "The compute has no public SSH access or the node has no public IP; create the "
+                "compute with remote login enabled or run the client on the same VNet (e.g. an "
+                "AML compute instance)."
             ) from exc
         if checker.accepted_new and checker.offered is not None:
-            logger.warning(
-                "Trusting new SSH host key of %s (%s) on first use; recorded in %s",
-                self._label, checker.offered.get_fingerprint(), self._record_to,
-            )  # fmt: skip
             self._record_host_key(checker.offered)
         return conn
 
     async def _open_channel(
-        self, conn: asyncssh.SSHClientConnection, local: _LocalSide
+        self, conn: asyncssh.SSHClientConnection, name: str, local: _LocalSide | None = None
     ) -> asyncssh.SSHTCPChannel[bytes]:
-        host, port = self.targets[local.name]
+        """Open a ``direct-tcpip`` channel to target ``name``, piped to ``local`` if given."""
+        host, port = self.targets[name]
+        factory = (
+            asyncssh.SSHTCPSession if local is None else (lambda: _RemoteSide(local.transport))
+        )
         try:
-            chan, _ = await asyncio.wait_for(
-                conn.create_connection(lambda: _RemoteSide(local), host, port),
-                self.connect_timeout,
-            )
+            coro = conn.create_connection(factory, host, port)
+            chan, _ = await asyncio.wait_for(coro, self.connect_timeout)
         except asyncssh.ChannelOpenError as exc:
             raise ForwardingError(
-                f"The SSH server {self._label} refused to forward {local.name!r} to "
-                f"{host}:{port}: {exc.reason}. The node forwards only to its own private IP "
-                "where the scheduler listens; check the target address and port."
+                f"The SSH server {self._label} refused to forward {name!r} to {host}:{port}: "
+                f"{exc.reason}. A node forwards only to its own private IP; check the target."
             ) from exc
         return chan
 
@@ -439,91 +401,85 @@ class SSHTunnel:
         self._started = True
         try:
             self._conn = await self._connect()
-            for name in self.targets:  # probe: fail now rather than on the client's connect
-                probe = _LocalSide(self, name)
+            for name in self.targets:  # fail now rather than when the client connects
                 try:
-                    (await self._open_channel(self._conn, probe)).close()
+                    (await self._open_channel(self._conn, name)).close()
                 except ForwardingError as exc:
                     if exc.__cause__.code != asyncssh.OPEN_CONNECT_FAILED:  # type: ignore[union-attr]
                         raise
-                    logger.debug("Nothing listens yet behind %r: %s", name, exc)
+                    logger.debug("Nothing listens behind %r yet: %s", name, exc)
             loop = asyncio.get_running_loop()
             for name in self.targets:
-                server = await loop.create_server(
-                    lambda name=name: _LocalSide(self, name), "127.0.0.1", 0
-                )
-                self._servers[name] = server
+                factory = lambda name=name: _LocalSide(self, name)  # noqa: E731
+                self._servers[name] = server = await loop.create_server(factory, "127.0.0.1", 0)
                 self._ports[name] = server.sockets[0].getsockname()[1]
         except BaseException:
             await self.close()
             raise
         self._settled.set()
-        self._supervisor = asyncio.ensure_future(self._supervise())
-        logger.debug("SSH tunnel %s: %s", self._label, self._ports)
+        self._spawn(self._supervise())
+        logger.debug("SSH tunnel %s open: %s", self._label, self._ports)
 
-    def _attach(self, local: _LocalSide) -> None:
-        """Start forwarding a newly accepted local connection."""
-        self._locals.add(local)
-        task = asyncio.ensure_future(self._forward(local))
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _accept(self, local: _LocalSide) -> None:
+        self._locals.add(local)
+        self._spawn(self._forward(local))
+
     async def _forward(self, local: _LocalSide) -> None:
-        if not self._settled.is_set():  # reconnecting: wait a bounded time
-            try:
+        """Connect an accepted local connection to its target through the SSH connection."""
+        if not self._settled.is_set():  # reconnecting: wait, bounded
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._settled.wait(), self.connect_timeout)
-            except asyncio.TimeoutError:
-                pass
-        conn = self._conn
-        if conn is None or local.closed:
-            logger.warning("SSH tunnel %s is down; dropping a connection to %r%s", self._label,
-                           local.name, f": {self._failure}" if self._failure else "")  # fmt: skip
-            local.transport.abort()  # type: ignore[union-attr]
-            return
         try:
-            chan = await self._open_channel(conn, local)
+            if self._conn is None:
+                raise self._failure or TunnelError("the SSH connection is being re-established")
+            chan = await self._open_channel(self._conn, local.name, local)
         except (TunnelError, asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
-            logger.warning("SSH tunnel %s: cannot forward %r: %s", self._label, local.name, exc)
-            local.transport.abort()  # type: ignore[union-attr]
+            logger.warning("SSH tunnel %s cannot forward a connection to %r: %s",
+                           self._label, local.name, exc)  # fmt: skip
+            local.transport.close()
             return
         if local.closed:
             chan.close()
         else:
             local.chan = chan
-            local.transport.resume_reading()  # type: ignore[union-attr]
+            local.transport.resume_reading()
 
     async def _supervise(self) -> None:
-        """Wait for the connection to drop, then re-establish it (bounded retries)."""
+        """Wait for the connection to drop, then re-establish it with bounded retries."""
         while self._conn is not None:
             await self._conn.wait_closed()
             if self._closed:
                 return
-            self._conn = None
+            self._conn, error = None, None
             self._settled.clear()
-            error: TunnelError | None = None
-            for attempt in range(1, self.reconnect_attempts + 1):
-                delay = min(self.reconnect_delay * 2 ** (attempt - 1), MAX_RECONNECT_DELAY)
-                logger.warning("SSH connection %s dropped; reconnecting in %.1f s (attempt %d/%d)",
-                               self._label, delay, attempt, self.reconnect_attempts)  # fmt: skip
-                await asyncio.sleep(delay)
+            logger.warning("SSH connection %s dropped; reconnecting (%d attempts)",
+                           self._label, self.reconnect_attempts)  # fmt: skip
+            for attempt in range(self.reconnect_attempts):
+                await asyncio.sleep(min(self.reconnect_delay * 2**attempt, MAX_RECONNECT_DELAY))
                 try:
                     self._conn = await self._connect()
                 except (HostKeyError, TunnelAuthenticationError) as exc:
-                    error = exc  # permanent: retrying cannot help
+                    error = exc  # retrying cannot help
                     break
                 except TunnelError as exc:
                     error = exc
-                    logger.warning("Reconnecting %s failed: %s", self._label, exc)
+                    logger.warning("Reconnection attempt %d/%d to %s failed: %s",
+                                   attempt + 1, self.reconnect_attempts, self._label, exc)  # fmt: skip
                     continue
                 self.reconnects += 1
                 logger.warning("SSH connection %s re-established; local ports unchanged: %s",
                                self._label, self._ports)  # fmt: skip
                 break
             if self._conn is None:
-                self._failure = error
-                logger.error("SSH tunnel %s gave up reconnecting after %d attempt(s): %s. New "
-                             "connections through it fail; recreate the tunnel or cluster.",
-                             self._label, attempt, error)  # fmt: skip
+                self._failure = error or TunnelError("reconnect_attempts is 0")
+                logger.error("SSH tunnel %s gave up reconnecting: %s. Connections through it "
+                             "now fail; recreate the tunnel (or the cluster's connection).",
+                             self._label, self._failure)  # fmt: skip
             self._settled.set()
 
     def local_address(self, name: str) -> tuple[str, int]:
@@ -538,27 +494,24 @@ class SSHTunnel:
         return f"{protocol}://{host}:{port}"
 
     async def close(self) -> None:
-        """Close the local ports, forwarded connections and the SSH connection.
+        """Close the local ports, forwarded connections and SSH connection (idempotent).
 
-        Idempotent; every wait is bounded by ``CLOSE_TIMEOUT`` seconds.
+        Each wait is bounded by ``CLOSE_TIMEOUT`` seconds.
         """
         if self._closed:
             return
         self._closed = True
         self._settled.set()
-        servers, self._servers = list(self._servers.values()), {}
-        self._ports = {}
+        servers, self._servers, self._ports = list(self._servers.values()), {}, {}
+        tasks, conn, self._conn = list(self._tasks), self._conn, None
         for server in servers:
             server.close()
-        tasks = [t for t in (self._supervisor, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
-        for local in list(self._locals):
-            if local.transport is not None:
-                local.transport.abort()
-        conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        for local in list(self._locals):
+            local.transport.abort()
         waits = [asyncio.gather(*tasks, return_exceptions=True)]
         waits += [s.wait_closed() for s in servers] + ([conn.wait_closed()] if conn else [])
         try:

@@ -98,6 +98,8 @@ class Emulator:
         self._engine: Engine | None = None
         self._faults = FaultState()
         self._host_keys: dict[tuple[str, int], Any] = {}
+        self._net_claim: Any = None
+        self.node_net: int | None = None
 
     @classmethod
     def from_file(cls, path: str, **overrides: Any) -> Emulator:
@@ -168,10 +170,12 @@ class Emulator:
         import tornado.httpserver
         import tornado.netutil
 
+        from .netclaim import claim_loopback_net
         from .server import make_app
         from .tls import make_self_signed, server_ssl_context
 
         assert self.tempdir is not None
+        self.node_net, self._net_claim = claim_loopback_net()
         ssl_ctx = None
         if self.config.https:
             self.cert_path, key_path = make_self_signed(self.tempdir, self.config.host)
@@ -182,7 +186,8 @@ class Emulator:
         self.base_url = f"{scheme}://{self.config.host}:{port}"
         self.tracking_uri = make_tracking_uri(self.base_url)
         self._engine = Engine(self.config, self.tempdir,
-                              Endpoints(self.tracking_uri, self.cert_path), self._start_ssh)
+                              Endpoints(self.tracking_uri, self.cert_path), self._start_ssh,
+                              net=self.node_net)
         ctx = ServerContext(engine=self._engine, base_url=self.base_url,
                             tracking_uri=self.tracking_uri, faults=self._faults)
         self._server = tornado.httpserver.HTTPServer(make_app(ctx), ssl_options=ssl_ctx,
@@ -213,6 +218,9 @@ class Emulator:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.close_all_connections(), 5.0)
         self._server = None
+        if self._net_claim is not None:
+            self._net_claim.close()
+            self._net_claim = None
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop serving, kill every node process group, remove the temp directory.
@@ -240,6 +248,9 @@ class Emulator:
             loop.close()
         self._loop = self._thread = None
         self._engine = None
+        if self._net_claim is not None:
+            self._net_claim.close()
+            self._net_claim = None
         if self.tempdir:
             shutil.rmtree(self.tempdir, ignore_errors=True)
             self.tempdir = None

@@ -67,6 +67,8 @@ class Engine:
     ssh_factory : callable, optional
         ``ssh_factory(compute_spec, node) -> awaitable server`` starting a
         node's SSH endpoint; None disables SSH.
+    net : int
+        Second octet of the node addresses (``127.{net}.N.M``).
     """
 
     def __init__(
@@ -75,12 +77,13 @@ class Engine:
         workdir: str,
         endpoints: Endpoints,
         ssh_factory: Callable[..., Any] | None = None,
+        net: int = 0,
     ) -> None:
         self.workdir = workdir
         self.endpoints = endpoints
         self.provisioning_delay = float(config.provisioning_delay)
         self.computes: dict[str, ComputeState] = {
-            spec.name.lower(): ComputeState(spec=spec, index=i)
+            spec.name.lower(): ComputeState(spec=spec, index=i, net=net)
             for i, spec in enumerate(config.computes)
         }
         self.jobs: dict[str, JobRecord] = {}

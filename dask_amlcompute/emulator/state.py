@@ -125,6 +125,7 @@ class ComputeState:
 
     spec: ComputeSpec
     index: int
+    net: int = 0
     created: float = field(default_factory=time.time)
     slots: list[str | None] = field(default_factory=list)
     freed_at: dict[int, float] = field(default_factory=dict)
@@ -145,9 +146,10 @@ class ComputeState:
         Returns
         -------
         str
-            ``127.0.{compute index + 1}.{slot + 1}``.
+            ``127.{net}.{compute index + 1}.{slot + 1}`` (``net`` is claimed
+            per emulator, see :mod:`dask_amlcompute.emulator.netclaim`).
         """
-        return f"127.0.{self.index + 1}.{slot + 1}"
+        return f"127.{self.net}.{self.index + 1}.{slot + 1}"
 
     def node_id_for_slot(self, slot: int) -> str:
         """Return a stable AML-looking node id for a slot.

@@ -151,3 +151,18 @@ def test_no_ssh_endpoint_without_public_access(emu, ml):
         assert listed and listed[0].__dict__.get("port") is None
     finally:
         ml.jobs.begin_cancel(job.name).result(timeout=30)
+
+
+def test_concurrent_emulators_use_distinct_node_addresses(emu):
+    with Emulator(computes=[ComputeSpec("cpu-cluster", max_nodes=1)]) as other:
+        assert other.node_net != emu.node_net
+        ml = other.ml_client()
+        job = submit(ml, "echo hi", environment="azureml:AzureML-x@latest")
+        assert other.wait_job(job.name, 20) == "Completed"
+        ip = other.job_nodes(job.name)[0]["ip"]
+        assert ip == f"127.{other.node_net}.1.1"
+    # The claim is released on stop.
+    from dask_amlcompute.emulator.netclaim import CLAIM_PORT
+
+    with socket.socket() as s:
+        s.bind((f"127.{other.node_net}.0.1", CLAIM_PORT))

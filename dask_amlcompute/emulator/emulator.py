@@ -9,16 +9,15 @@ import logging
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from . import identity
 from .config import ComputeSpec, EmulatorConfig, EnvironmentSpec, load_config
+from .controls import EmulatorControls
 from .engine import Endpoints, Engine
 from .handlers import FaultState, ServerContext
 from .mlflow_api import tracking_uri as make_tracking_uri
-from .nodes import read_log
 from .state import NodeRecord
 
 logger = logging.getLogger(__name__)
@@ -28,7 +27,7 @@ T = TypeVar("T")
 CALL_TIMEOUT = 60.0
 
 
-class Emulator:
+class Emulator(EmulatorControls):
     """A local emulator of the Azure ML workspace API used by dask-amlcompute.
 
     It serves real HTTP(S) on a loopback address and runs jobs as local
@@ -319,225 +318,3 @@ class Emulator:
         if self._engine is not None:
             engine = self._engine
             self._call(lambda e: setattr(engine, "provisioning_delay", float(value)))
-
-    # ------------------------------------------------------------- inspection
-    def job_status(self, name: str) -> str:
-        """Return a job's status (``"Queued"``, ``"Running"``, ``"Completed"``...).
-
-        Parameters
-        ----------
-        name : str
-            Job name.
-
-        Returns
-        -------
-        str
-            The status.
-        """
-        return self._call(lambda e: e.job(name).status)
-
-    def job_error(self, name: str) -> dict[str, str] | None:
-        """Return a finished job's error (``code``, ``message``) or None.
-
-        Parameters
-        ----------
-        name : str
-            Job name.
-
-        Returns
-        -------
-        dict or None
-            The error.
-        """
-        return self._call(lambda e: dict(e.job(name).error) if e.job(name).error else None)
-
-    def job_nodes(self, name: str) -> list[dict[str, Any]]:
-        """Return the job's nodes.
-
-        Parameters
-        ----------
-        name : str
-            Job name.
-
-        Returns
-        -------
-        list of dict
-            Per node: ``rank, ip, node_id, pid, state, ssh_port, exit_code,
-            log_path, host_public_key, workdir``.
-        """
-        return self._call(lambda e: [n.as_dict() for n in e.job(name).nodes])
-
-    def nodes_in_use(self, compute: str = "cpu-cluster") -> int:
-        """Return how many nodes of a compute are held by jobs.
-
-        Parameters
-        ----------
-        compute : str
-            Compute name.
-
-        Returns
-        -------
-        int
-            Nodes in use.
-        """
-        return self._call(lambda e: e.nodes_in_use(compute))
-
-    def active_jobs(self) -> list[str]:
-        """Return the names of jobs that have not finished.
-
-        Returns
-        -------
-        list of str
-            Job names, oldest first.
-        """
-        return self._call(lambda e: [j.name for j in sorted(e.jobs.values(), key=lambda j: j.created)
-                                     if not j.is_terminal])
-
-    def node_log(self, job_name: str, rank: int) -> str:
-        """Return a node's standard output and error.
-
-        Parameters
-        ----------
-        job_name : str
-            Job name.
-        rank : int
-            Node rank.
-
-        Returns
-        -------
-        str
-            Log text ("" before the node starts).
-        """
-        def _node(e: Engine) -> NodeRecord | None:
-            job = e.job(job_name)
-            if not job.nodes and rank < job.instance_count:
-                return None  # not started yet
-            return job.nodes[rank]
-
-        node = self._call(_node)
-        return "" if node is None else read_log(node)
-
-    def host_key_for(self, job_name: str, rank: int) -> str | None:
-        """Return the SSH host public key (OpenSSH format) of a job's node.
-
-        Parameters
-        ----------
-        job_name : str
-            Job name.
-        rank : int
-            Node rank.
-
-        Returns
-        -------
-        str or None
-            The key, or None when the node has no SSH endpoint.
-        """
-        def _key(e: Engine) -> str | None:
-            job = e.job(job_name)
-            return job.nodes[rank].host_public_key if job.nodes else None
-
-        return self._call(_key)
-
-    def wait_job(self, name: str, timeout: float = 60.0,
-                 statuses: Iterable[str] | None = None) -> str:
-        """Wait until a job finishes (or reaches one of ``statuses``).
-
-        Parameters
-        ----------
-        name : str
-            Job name.
-        timeout : float
-            Upper bound in seconds.
-        statuses : iterable of str, optional
-            Stop at these statuses instead of the terminal ones.
-
-        Returns
-        -------
-        str
-            The status reached.
-
-        Raises
-        ------
-        TimeoutError
-            If the job did not get there in time (message gives its status).
-        """
-        from .state import TERMINAL_STATUSES
-
-        wanted = set(statuses) if statuses is not None else set(TERMINAL_STATUSES)
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.job_status(name)
-            if status in wanted:
-                return status
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"job {name} still {status} after {timeout:g} s")
-            time.sleep(0.05)
-
-    # ---------------------------------------------------------- fault injection
-    def fail_node(self, job_name: str, rank: int) -> None:
-        """Kill a node's process group; the job then fails naming that node.
-
-        Parameters
-        ----------
-        job_name : str
-            Job name.
-        rank : int
-            Node rank.
-        """
-        self._call(lambda e: e.kill_node(job_name, rank))
-
-    def preempt_node(self, job_name: str, rank: int) -> None:
-        """Emulate a low-priority preemption of a node: it is killed, the job fails.
-
-        Parameters
-        ----------
-        job_name : str
-            Job name.
-        rank : int
-            Node rank.
-        """
-        self._call(lambda e: e.kill_node(job_name, rank, preempted=True))
-
-    def cancel_job(self, name: str) -> None:
-        """Cancel a job directly (as ``ml_client.jobs.begin_cancel`` would).
-
-        Parameters
-        ----------
-        name : str
-            Job name.
-        """
-        self._call(lambda e: e.cancel(name))
-
-    def inject_http_errors(self, count: int, status: int = 503,
-                           retry_after: float | None = None) -> None:
-        """Answer the next ``count`` control-plane requests with an HTTP error.
-
-        Node-facing routes (mlflow, logs) are not affected.
-
-        Parameters
-        ----------
-        count : int
-            Number of requests to fail.
-        status : int
-            HTTP status (429 or 5xx).
-        retry_after : float, optional
-            ``Retry-After`` header value in seconds.
-        """
-        faults = self._faults
-
-        def _set(_: Engine) -> None:
-            faults.remaining = int(count)
-            faults.status = int(status)
-            faults.retry_after = retry_after
-
-        self._call(_set)
-
-    def pending_http_errors(self) -> int:
-        """Return how many injected HTTP errors are still to be served.
-
-        Returns
-        -------
-        int
-            Remaining injected errors.
-        """
-        return self._call(lambda e: self._faults.remaining)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import identity
+from . import identity, outcomes
 from . import nodes as nodeproc
 from .config import EmulatorConfig
 from .errors import ApiError
@@ -456,37 +456,12 @@ class Engine:
         job.wake.set()
 
     def _node_failure(self, node: NodeRecord, code: int) -> dict[str, str]:
-        if node.killed_reason == "preempted":
-            return {"code": "JobPreempted", "message": f"The job was preempted (rank {node.rank})."}
-        if code < 0:
-            try:
-                what = f"was killed by signal {signal.Signals(-code).name}"
-            except ValueError:
-                what = f"was killed by signal {-code}"
-        else:
-            what = f"exited with status code {code}"
-        tail = "\n".join(node.stderr_tail[-10:]).strip()
-        message = (
-            f"Execution failed. User process on node rank {node.rank} ({node.ip}) {what}. "
-            f"Please check log file '{log_name(node.rank)}' for error details."
-        )
-        if tail:
-            message += f" Error: {tail}"
-        return {"code": "UserError", "message": message}
+        return outcomes.node_failure_error(node, code, log_name(node.rank))
 
     def _finish_canceled(self, job: JobRecord) -> None:
-        if job.cancel_reason == "timeout":
-            limit = job.properties.get("limits", {}).get("timeout")
-            self._finish(job, "Canceled", {
-                "code": "UserError",
-                "message": (f"The job was canceled because its timeout was reached "
-                            f"(limits.timeout = {limit}, {job.timeout_seconds:g} s)."),
-            })
-        elif job.cancel_reason == "shutdown":
-            self._finish(job, "Canceled", {"code": "ServiceError",
-                                           "message": "The emulator was stopped."})
-        else:
-            self._finish(job, "Canceled")
+        limit = (job.properties.get("limits") or {}).get("timeout")
+        self._finish(job, "Canceled",
+                     outcomes.cancel_error(job.cancel_reason, limit, job.timeout_seconds))
 
     def _set_outcome(self, job: JobRecord) -> None:
         if job.failure is not None:

@@ -149,48 +149,8 @@ def test_echo_through_two_targets() -> None:
     run(body)
 
 
-async def server_first_bytes_lost() -> bool:
-    """Whether NodeSSHServer drops what a forward target sends before the client speaks.
-
-    Dask's handshake has the scheduler write first. Checked with asyncssh's own client,
-    independently of SSHTunnel.
-    """
-
-    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"hi")
-        with contextlib.suppress(ConnectionError):
-            await reader.read()
-        writer.close()
-
-    server = await asyncio.start_server(greet, NODE_IP, 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async with node_server() as (srv, key):
-            trusted = ([asyncssh.import_public_key(srv.host_public_key)], [], [])
-            options = {"known_hosts": trusted, "config": None, "agent_path": None}
-            async with asyncssh.connect(
-                srv.host,
-                srv.port,
-                username=ADMIN,
-                client_keys=[asyncssh.import_private_key(key)],
-                **options,
-            ) as conn:
-                reader, _ = await conn.open_connection(NODE_IP, port)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    return await asyncio.wait_for(reader.read(2), 1) != b"hi"
-                return True
-    finally:
-        server.close()
-
-
 def test_dask_client_reaches_scheduler_through_tunnel() -> None:
     from distributed import Client, Scheduler
-
-    if asyncio.run(server_first_bytes_lost()):
-        pytest.xfail(
-            "emulator bug: NodeSSHServer loses the bytes a forward target sends first "
-            "(asyncio.wait_for around forward_connection), so Dask's handshake never arrives"
-        )
 
     async def body() -> None:
         async with Scheduler(host=NODE_IP, port=0, dashboard_address=":0") as scheduler:

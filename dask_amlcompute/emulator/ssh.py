@@ -25,6 +25,7 @@ import logging
 from collections.abc import Awaitable, Iterable
 
 import asyncssh
+from asyncssh.forward import SSHForwarder
 
 __all__ = ["NodeSSHServer", "generate_client_keypair", "generate_host_key"]
 
@@ -105,6 +106,35 @@ def _load_authorized_keys(lines: Iterable[str]) -> set[bytes]:
     return blobs
 
 
+class _TargetForwarder(SSHForwarder):
+    """Forward-target side of a tunnel: holds the target's bytes until the channel is ready.
+
+    Reading is paused as soon as the TCP connection is made, so anything the
+    target sends first (a Dask scheduler writes its handshake before the client
+    speaks) stays in the kernel socket buffer until :class:`_ChannelForwarder`
+    resumes it once the SSH channel session has started. Without this, bytes
+    arriving before the channel is wired are written to a forwarder with no
+    transport yet and silently dropped.
+    """
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # Called before the transport registers its reader, so nothing is read yet.
+        self.pause_reading()
+
+
+class _ChannelForwarder(SSHForwarder):
+    """SSH channel side of a tunnel: starts the target's reading once the session runs."""
+
+    def session_started(self) -> None:
+        super().session_started()
+        target = self._peer
+        if target is None:  # the target went away before the channel opened
+            self.close()
+            return
+        target.resume_reading()
+
+
 class _NodeConnectionHandler(asyncssh.SSHServer):
     """Per-connection policy object created by :class:`NodeSSHServer`."""
 
@@ -175,18 +205,29 @@ class _NodeConnectionHandler(asyncssh.SSHServer):
     async def _connect(
         self, conn: asyncssh.SSHServerConnection, host: str, port: int
     ) -> asyncssh.SSHTCPSession[bytes]:
-        """Open the server side of a forward, bounded by ``FORWARD_CONNECT_TIMEOUT``."""
-        coro = conn.forward_connection(host, port)
+        """Open the server side of a forward, bounded by ``FORWARD_CONNECT_TIMEOUT``.
+
+        The target connection does not read until the SSH channel session has
+        started (see :class:`_TargetForwarder`), so the time limit cannot open a
+        window in which the target's first bytes are lost.
+        """
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(coro, FORWARD_CONNECT_TIMEOUT)
+            _, target = await asyncio.wait_for(
+                loop.create_connection(_TargetForwarder, host, port), FORWARD_CONNECT_TIMEOUT
+            )
         except asyncio.TimeoutError:
             self._log("forward to %s:%s timed out", host, port)
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_CONNECT_FAILED, f"Timed out connecting to {host} port {port}"
             ) from None
-        except asyncssh.ChannelOpenError as exc:
-            self._log("forward to %s:%s failed: %s", host, port, exc.reason)
-            raise
+        except OSError as exc:
+            self._log("forward to %s:%s failed: %s", host, port, exc)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+        if conn.is_closed():
+            target.close()
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "SSH connection closed")
+        return _ChannelForwarder(target)
 
 
 class NodeSSHServer:

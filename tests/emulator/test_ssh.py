@@ -125,6 +125,63 @@ def test_tunnel_to_allowed_host_echoes() -> None:
     run(body)
 
 
+@contextlib.asynccontextmanager
+async def greeting_server(greeting: bytes, *, close_after: bool = False) -> AsyncIterator[int]:
+    """A TCP server that writes ``greeting`` the moment it accepts (like a Dask scheduler).
+
+    With ``close_after`` it closes right after writing; otherwise it waits for the
+    peer to hang up. Yields the port.
+    """
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        writer.write(greeting)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            if not close_after:
+                await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(handle, NODE_IP, 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for w in writers:
+            w.close()
+        await server.wait_closed()
+
+
+def test_forward_delivers_bytes_the_target_sends_first() -> None:
+    """Regression: a target that speaks first (Dask handshake) must not lose its bytes."""
+    greeting = b"hello from the scheduler\n" * 100
+
+    async def body() -> None:
+        async with node_server() as (srv, key), connect(srv, key) as conn:
+            async with greeting_server(greeting) as port:
+                # direct-tcpip channel, the client never writes anything
+                for _ in range(20):
+                    reader, writer = await conn.open_connection(NODE_IP, port)
+                    assert await asyncio.wait_for(reader.readexactly(len(greeting)), 3) == greeting
+                    writer.close()
+                # through a local port forward, as the tunnel does
+                listener = await conn.forward_local_port("127.0.0.1", 0, NODE_IP, port)
+                for _ in range(20):
+                    r, w = await asyncio.open_connection("127.0.0.1", listener.get_port())
+                    assert await asyncio.wait_for(r.readexactly(len(greeting)), 3) == greeting
+                    w.close()
+                listener.close()
+            # the target writes and hangs up at once: data then EOF both arrive
+            async with greeting_server(b"bye", close_after=True) as port:
+                for _ in range(20):
+                    reader, writer = await conn.open_connection(NODE_IP, port)
+                    assert await asyncio.wait_for(reader.read(), 3) == b"bye"
+                    writer.close()
+
+    run(body, timeout=30)
+
+
 def test_known_hosts_line_and_public_key_format() -> None:
     async def body() -> None:
         async with node_server() as (srv, _):

@@ -165,8 +165,9 @@ class BaseHandler(tornado.web.RequestHandler):
             self.set_status(exc.status)
             body = arm_error(exc.code, exc.message)
         elif isinstance(exc, tornado.web.HTTPError):
-            body = arm_error("BadRequest" if status_code < 500 else "InternalServerError",
-                             exc.log_message or self._reason)
+            code = {404: "NotFound", 405: "MethodNotAllowed"}.get(
+                status_code, "BadRequest" if status_code < 500 else "InternalServerError")
+            body = arm_error(code, exc.log_message or self._reason)
         else:
             body = arm_error("InternalServerError", f"emulator error: {exc!r}")
         self.set_header("Content-Type", "application/json; charset=utf-8")

@@ -184,6 +184,17 @@ class RunWriteHandler(MlflowHandler):
         job = self.find_run(body.get("run_id") or body.get("run_uuid"))
         if job is None:
             return
+        try:
+            self._apply(job, action, body)
+        except (TypeError, ValueError, AttributeError) as exc:
+            self.send_mlflow_error(400, "INVALID_PARAMETER_VALUE", f"invalid {action} request: {exc}")
+            return
+        if action == "update":
+            self.send_json({"run_info": run_info(job)})
+        else:
+            self.send_json({})
+
+    def _apply(self, job: JobRecord, action: str, body: dict[str, Any]) -> None:
         if action == "set-tag":
             job.mlflow_tags[str(body.get("key"))] = str(body.get("value", ""))
         elif action == "delete-tag":
@@ -199,10 +210,6 @@ class RunWriteHandler(MlflowHandler):
                 job.mlflow_params[str(p.get("key"))] = str(p.get("value", ""))
             for t in body.get("tags") or []:
                 job.mlflow_tags[str(t.get("key"))] = str(t.get("value", ""))
-        elif action == "update":
-            self.send_json({"run_info": run_info(job)})
-            return
-        self.send_json({})
 
     @staticmethod
     def _metric(job: JobRecord, m: dict[str, Any]) -> None:

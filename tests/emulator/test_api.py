@@ -117,6 +117,11 @@ def test_unknown_route_is_arm_404_json(emu):
         assert set(r.json()["error"]) >= {"code", "message"}
 
 
+def test_unsupported_method_is_arm_405_json(emu):
+    r = requests.delete(f"{emu.base_url}{WS_PATH}/computes/cpu-cluster", timeout=10)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "MethodNotAllowed"
+
+
 def test_wrong_workspace_is_404(emu):
     path = WS_PATH.replace(identity.WORKSPACE_NAME, "other-ws") + "/jobs"
     r = requests.get(emu.base_url + path, timeout=10)

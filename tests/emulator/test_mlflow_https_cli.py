@@ -41,6 +41,13 @@ def test_mlflow_unknown_run_is_404(emu):
     assert r.status_code == 400
 
 
+def test_mlflow_bad_metric_value_is_400(emu, ml):
+    job = submit(ml, "echo hi")
+    r = requests.post(emu.tracking_uri + "/api/2.0/mlflow/runs/log-metric",
+                      json={"run_id": job.name, "key": "k", "value": "not-a-number"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+
+
 def test_tags_updated_through_sdk(emu, ml):
     job = submit(ml, "echo hi", tags={"a": "1"})
     emu.wait_job(job.name, 20)

@@ -7,6 +7,7 @@ import logging
 import math
 from typing import Any
 
+from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.spec import SpecCluster
 
@@ -140,6 +141,7 @@ class AmlComputeCluster(SpecCluster):
         self._context.connector = SchedulerConnector(self._context)
         self._context.on_job_ended = self._worker_job_ended
         self.main_job_name = f"{settings.name}-main"
+        self._context.main_job = self.main_job_name
         self._main_key = f"{settings.name}-main"
         scheduler = {
             "cls": AmlSchedulerJob,
@@ -203,6 +205,18 @@ class AmlComputeCluster(SpecCluster):
             if isinstance(exc.__cause__, AmlComputeError):
                 raise exc.__cause__ from None
             raise
+
+    async def _close(self) -> None:
+        ctx = self._context
+        ctx.closing = True
+        dead = ctx.main_job_ended() and self.scheduler is not None
+        if dead:
+            # The scheduler is gone with its job: don't spend connect timeouts on it.
+            self.scheduler.status = Status.failed
+            self.shutdown_scheduler = False
+        await super()._close()
+        if dead:
+            await self.scheduler.close()
 
     def _check_capacity(self) -> None:
         compute = self._context.compute

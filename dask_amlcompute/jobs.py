@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,11 +21,12 @@ from typing import Any
 from distributed.core import rpc
 from distributed.deploy.spec import ProcessInterface
 
-from .aml import AmlOps, ComputeInfo, JobInfo
+from .aml import TERMINAL_STATUSES, AmlOps, ComputeInfo, JobInfo
 from .exceptions import (
     JobCanceledError,
     JobError,
     JobFailedError,
+    SchedulerUnreachableError,
     StartupTimeoutError,
 )
 from .jobspec import NodeOptions, build_job
@@ -51,6 +53,13 @@ class ClusterContext:
     scheduler_internal_address: str | None = None
     deadline: float | None = None  # time.monotonic() when the cluster's job_timeout runs out
     on_job_ended: Callable[[str, str], None] | None = None
+
+    main_job: str | None = None
+
+    def main_job_ended(self) -> bool:
+        """True once the main job (hence the scheduler) is known to have ended."""
+        status = self.jobs.get(self.main_job or "")
+        return status in TERMINAL_STATUSES or status == "Finalizing"
 
     def remaining(self) -> float | None:
         """Seconds left before the cluster's deadline (None: no deadline)."""
@@ -161,7 +170,7 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
             raise await job_error(
                 ctx,
                 info,
-                f"AML job {job_name} ended {info.status} before the Dask scheduler started.",
+                f"AML job {job_name} ended {info.status} while the Dask cluster was starting.",
             )
         if time.monotonic() >= deadline:
             cause = LIKELY_CAUSES.get(info.status, "")
@@ -218,9 +227,18 @@ class AmlSchedulerJob(ProcessInterface):
             self.internal_address = info.tags[SCHEDULER_TAG]
             ctx.scheduler_internal_address = self.internal_address
             dashboard = info.tags.get(DASHBOARD_TAG)
-            self.address, self.dashboard_link = await ctx.connector.connect(
-                self.job_name, self.internal_address, dashboard
-            )
+            try:
+                self.address, self.dashboard_link = await ctx.connector.connect(
+                    self.job_name, self.internal_address, dashboard
+                )
+            except SchedulerUnreachableError:
+                info = await ctx.ops.get_job(self.job_name)
+                ctx.jobs[self.job_name] = info.status
+                if info.terminal:  # the scheduler did not stay up: say why
+                    raise await job_error(
+                        ctx, info, f"AML job {self.job_name} ended {info.status} during startup."
+                    ) from None
+                raise
         except BaseException:
             await ctx.ops.cancel(self.job_name)
             raise
@@ -285,7 +303,7 @@ class AmlSchedulerJob(ProcessInterface):
 
 async def worker_names(address: str, connection_args: dict) -> set[str]:
     """Names of the workers connected to the scheduler at ``address``."""
-    async with rpc(address, connection_args=connection_args) as scheduler:
+    async with rpc(address, timeout=5, connection_args=connection_args) as scheduler:
         ident = await scheduler.identity()
     return {str(w.get("name")) for w in ident.get("workers", {}).values()}
 
@@ -390,8 +408,13 @@ class AmlJobWorkers(ProcessInterface):
         deadline = time.monotonic() + timeout
         wanted = set(self.worker_names)
         last_check = time.monotonic()
+        joined: set[str] = set()
         while True:
-            joined = await worker_names(self.scheduler, ctx.connection_args)
+            try:
+                joined = await worker_names(self.scheduler, ctx.connection_args)
+            except OSError as exc:  # the scheduler went away: the job says why
+                logger.debug("Scheduler not answering: %s", exc)
+                last_check = -math.inf
             if wanted <= joined:
                 return
             now = time.monotonic()
@@ -419,7 +442,7 @@ class AmlJobWorkers(ProcessInterface):
         ctx = self.context
         if self._monitor is not None:
             self._monitor.cancel()
-        if self.submit or not ctx.closing:
+        if (self.submit or not ctx.closing) and not ctx.main_job_ended():
             await self._retire()
         if self.submit:
             await ctx.ops.cancel(self.job_name)

@@ -214,9 +214,15 @@ async def _start_workers(scheduler_address: str, ctx: NodeContext, args: argpars
         await asyncio.gather(*nannies)
     except Exception as exc:
         await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
+        root = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        if isinstance(root, TimeoutError | asyncio.TimeoutError | OSError):
+            why = f"could not join the scheduler at {scheduler_address} within {args.death_timeout:.0f}s"
+        else:
+            why = "failed to start"
         raise RuntimeError(
-            f"Workers on node rank {ctx.rank} could not join the scheduler at "
-            f"{scheduler_address} within {args.death_timeout:.0f}s: {exc}"
+            f"Workers on node rank {ctx.rank} {why}: {type(root).__name__}: {root}"
         ) from exc
     logger.info("Started %d worker(s) on %s for %s", len(nannies), ctx.node_ip, scheduler_address)
     return nannies

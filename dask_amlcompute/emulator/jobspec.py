@@ -217,7 +217,7 @@ def node_variables(
     }
     if cert_path:
         env["MLFLOW_TRACKING_SERVER_CERT_PATH"] = cert_path
-        env["REQUESTS_CA_BUNDLE"] = cert_path
+        env["AZUREML_EMULATOR_CA_CERT"] = cert_path
     master = ips[0]
     if spec.distribution_type == "PyTorch":
         env.update({

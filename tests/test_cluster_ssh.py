@@ -1,0 +1,111 @@
+"""Reaching the scheduler through the node's SSH endpoint (real asyncssh, real Dask)."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+
+import pytest
+from distributed import Client
+
+from dask_amlcompute import AmlComputeCluster, SchedulerUnreachableError
+from dask_amlcompute.emulator import ComputeSpec, Emulator
+from dask_amlcompute.emulator.ssh import generate_client_keypair
+from dask_amlcompute.tunnel import HostKeyError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ssh_key(tmp_path_factory):
+    private, public = generate_client_keypair(comment="test@dask-amlcompute")
+    path = tmp_path_factory.mktemp("ssh") / "id_ed25519"
+    path.write_text(private)
+    os.chmod(path, 0o600)
+    return path, public
+
+
+@pytest.fixture(scope="module")
+def ssh_emulator(ssh_key):
+    _, public = ssh_key
+    computes = [
+        ComputeSpec(
+            name="ssh-cluster", max_nodes=4, admin_user="azureuser", ssh_public_keys=[public]
+        ),
+        ComputeSpec(name="private-cluster", max_nodes=4, ssh_public_access=False),
+    ]
+    with Emulator(computes=computes) as emu:
+        yield emu
+
+
+def kwargs(ssh_key, tmp_path, **extra):
+    out = {
+        "compute": "ssh-cluster",
+        "n_nodes": 2,
+        "threads_per_process": 1,
+        "poll_interval": 0.2,
+        "startup_timeout": "90s",
+        "death_timeout": "60s",
+        "quiet": True,
+        "connect": "ssh",
+        "ssh_key": str(ssh_key[0]),
+        "known_hosts": str(tmp_path / "known_hosts"),
+    }
+    out.update(extra)
+    return out
+
+
+def test_cluster_through_ssh_tunnel(ssh_emulator, ssh_key, tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    with (
+        AmlComputeCluster(
+            ssh_emulator.ml_client(), **kwargs(ssh_key, tmp_path, ssh_trust_on_first_use=True)
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        job = cluster.main_job_name
+        # the client talks to a local forwarded port, not the node's private address
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert client.submit(lambda x: x + 1, 41).result() == 42
+        data = client.scatter(list(range(100)))
+        assert sum(client.gather(data)) == 4950
+        assert sum(client.gather(client.map(lambda x: x * 2, range(50)))) == 2450
+        # the dashboard is forwarded too and its link points at the local end
+        link = cluster.dashboard_link
+        assert link.startswith("http://127.0.0.1:")
+        health = urllib.request.urlopen(link.replace("/status", "/health"), timeout=10).read()
+        assert health == b"ok"
+        # trust-on-first-use recorded the node's real host key
+        assert ssh_emulator.host_key_for(job, 0).split()[1] in known_hosts.read_text()
+    assert ssh_emulator.wait_job(job, timeout=30) in ("Completed", "Canceled")
+
+
+def test_unknown_host_key_is_refused_and_the_job_cancelled(ssh_emulator, ssh_key, tmp_path):
+    with pytest.raises(HostKeyError, match="trust_on_first_use"):
+        AmlComputeCluster(
+            ssh_emulator.ml_client(), name="unknown-host-key", **kwargs(ssh_key, tmp_path)
+        )
+    assert ssh_emulator.wait_job("unknown-host-key-main", timeout=30) in (
+        "Canceled",
+        "Completed",
+        "Failed",
+    )
+    assert "unknown-host-key-main" not in ssh_emulator.active_jobs()
+
+
+def test_compute_without_public_ssh_gives_a_clear_error(ssh_emulator, ssh_key, tmp_path):
+    with pytest.raises(SchedulerUnreachableError, match="remote login"):
+        AmlComputeCluster(
+            ssh_emulator.ml_client(),
+            name="no-public-ssh",
+            **kwargs(ssh_key, tmp_path, compute="private-cluster"),
+        )
+    assert "no-public-ssh-main" not in ssh_emulator.active_jobs()
+
+
+def test_auto_uses_direct_when_the_scheduler_is_reachable(ssh_emulator, ssh_key, tmp_path):
+    with AmlComputeCluster(
+        ssh_emulator.ml_client(), **kwargs(ssh_key, tmp_path, connect="auto")
+    ) as cluster:
+        assert cluster._context.connector.mode == "direct"
+        assert not cluster.scheduler_address.startswith("tcp://127.0.0.1:")

@@ -233,6 +233,12 @@ class AmlComputeCluster(SpecCluster):
     def _new_worker_name(self, worker_number: int) -> str:
         return f"{self.settings.name}-w{worker_number}"
 
+    def new_worker_spec(self) -> dict[str, Any]:
+        """The next worker job; AML job names are never reused, so numbers only grow."""
+        spec = super().new_worker_spec()
+        self._i += 1
+        return spec
+
     def _max_nodes(self) -> int | None:
         compute = self._context.compute
         return compute.max_nodes if compute is not None and compute.max_nodes else None

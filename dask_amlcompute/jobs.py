@@ -377,7 +377,13 @@ class AmlJobWorkers(ProcessInterface):
         node = ctx.node_options("workers", self.name, address)
         job = ctx.build(self.job_name, "workers", self.n_nodes, node, timeout)
         ctx.log(f"Submitting worker job {self.job_name}: {self.n_nodes} node(s)")
-        info = await ctx.ops.submit(job)
+        try:
+            info = await ctx.ops.submit(job)
+        except Exception as exc:
+            ctx.log(f"Worker job {self.job_name} could not be submitted: {exc}")
+            if ctx.on_job_ended is not None:
+                ctx.on_job_ended(self.name, "NotSubmitted")
+            return
         ctx.jobs[self.job_name] = info.status
         self._monitor = asyncio.create_task(self._watch())
 

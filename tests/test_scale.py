@@ -1,0 +1,163 @@
+"""scale() and adapt() with extra AML worker jobs, on the emulator (real processes)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from distributed import Client
+
+from dask_amlcompute import AmlComputeCluster
+from dask_amlcompute.emulator import ComputeSpec, Emulator
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def emu():
+    computes = [
+        ComputeSpec(name="scale-cluster", max_nodes=3),
+        ComputeSpec(name="busy", max_nodes=2),
+    ]
+    with Emulator(computes=computes) as emulator:
+        yield emulator
+
+
+def make(emu, **extra):
+    kwargs = {
+        "compute": "scale-cluster",
+        "n_nodes": 1,
+        "threads_per_process": 1,
+        "poll_interval": 0.2,
+        "startup_timeout": "90s",
+        "death_timeout": "60s",
+        "job_timeout": "10m",
+        "quiet": True,
+    }
+    kwargs.update(extra)
+    return AmlComputeCluster(emu.ml_client(), **kwargs)
+
+
+def wait_until(predicate, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def cluster_jobs(emu, cluster):
+    return [j for j in emu.active_jobs() if j.startswith(cluster.name)]
+
+
+def test_scale_up_and_down_submits_and_cancels_worker_jobs(emu):
+    with make(emu) as cluster, Client(cluster) as client:
+        assert len(client.scheduler_info()["workers"]) == 1
+        cluster.scale(3)
+        client.wait_for_workers(3, timeout=60)
+        assert emu.nodes_in_use("scale-cluster") == 3
+        worker_jobs = [j for j in cluster.jobs if j != cluster.main_job_name]
+        assert len(worker_jobs) == 2
+        future = client.scatter(list(range(1000)), broadcast=False)
+        cluster.scale(1)
+        wait_until(
+            lambda: len(client.scheduler_info()["workers"]) == 1, what="scale down to 1 worker"
+        )
+        for job in worker_jobs:
+            assert emu.wait_job(job, timeout=30) == "Canceled"
+        wait_until(lambda: emu.nodes_in_use("scale-cluster") == 1, what="nodes released")
+        assert sum(client.gather(future)) == sum(range(1000))  # data moved, not lost
+        cluster.scale(nodes=2)
+        client.wait_for_workers(2, timeout=60)
+        assert emu.nodes_in_use("scale-cluster") == 2
+    wait_until(lambda: not cluster_jobs(emu, cluster), what="no job left after close")
+    assert emu.nodes_in_use("scale-cluster") == 0
+
+
+def test_scale_is_clipped_to_the_compute_max_nodes(emu):
+    with make(emu, quiet=False) as cluster, Client(cluster) as client:
+        cluster.scale(10)
+        client.wait_for_workers(3, timeout=60)
+        time.sleep(1)
+        assert len(client.scheduler_info()["workers"]) == 3
+        assert len(cluster.jobs) == 3  # main + 2 worker jobs, never more than max_nodes
+        assert any("at most 3 nodes" in msg for _, msg in cluster._cluster_manager_logs)
+
+
+def test_adapt_grows_under_load_and_shrinks_to_minimum(emu):
+    with make(emu) as cluster, Client(cluster) as client:
+        cluster.adapt(minimum=1, maximum=3, interval="300ms", wait_count=3, target_duration="1s")
+
+        def slow(x):
+            time.sleep(0.3)
+            return x * 2
+
+        futures = client.map(slow, range(60))
+        wait_until(
+            lambda: len(client.scheduler_info()["workers"]) == 3, timeout=60, what="adapt to grow"
+        )
+        assert client.gather(futures) == [x * 2 for x in range(60)]
+        wait_until(
+            lambda: len(client.scheduler_info()["workers"]) == 1, timeout=60, what="adapt to shrink"
+        )
+        wait_until(lambda: emu.nodes_in_use("scale-cluster") == 1, what="nodes released")
+        assert cluster.workers.keys() == {f"{cluster.name}-main"}
+
+
+def test_worker_job_queues_while_other_jobs_hold_the_nodes(emu):
+    from azure.ai.ml import command
+    from azure.ai.ml.entities import Environment
+
+    ml = emu.ml_client()
+    with make(emu, compute="busy") as cluster, Client(cluster) as client:
+        blocker = ml.jobs.create_or_update(
+            command(
+                command="sleep 120",
+                compute="busy",
+                environment=Environment(image="mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04"),
+                experiment_name="other-user",
+            )
+        )
+        wait_until(lambda: emu.job_status(blocker.name) == "Running", what="blocker running")
+        cluster.scale(2)
+        wait_until(lambda: "Queued" in cluster.jobs.values(), timeout=30, what="worker job queued")
+        time.sleep(1)
+        assert len(client.scheduler_info()["workers"]) == 1  # a queued job is not a worker
+        ml.jobs.begin_cancel(blocker.name).result()
+        client.wait_for_workers(2, timeout=60)
+
+
+def test_failed_worker_job_is_replaced_by_adapt(emu):
+    with make(emu) as cluster, Client(cluster) as client:
+        cluster.adapt(minimum=2, maximum=2, interval="300ms")
+        client.wait_for_workers(2, timeout=60)
+        (job,) = [j for j in cluster.jobs if j != cluster.main_job_name]
+        emu.preempt_node(job, 0)
+        assert emu.wait_job(job, timeout=30) == "Failed"
+        wait_until(
+            lambda: (
+                len(
+                    [
+                        j
+                        for j, s in cluster.jobs.items()
+                        if s == "Running" and j not in (job, cluster.main_job_name)
+                    ]
+                )
+                == 1
+            ),
+            timeout=60,
+            what="replacement worker job",
+        )
+        client.wait_for_workers(2, timeout=60)
+        assert client.submit(sum, [1, 2]).result() == 3
+
+
+def test_worker_jobs_end_no_later_than_the_cluster_deadline(emu):
+    with make(emu, job_timeout="5m") as cluster, Client(cluster) as client:
+        time.sleep(2)
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=60)
+        (job,) = [j for j in cluster.jobs if j != cluster.main_job_name]
+        timeout = emu.ml_client().jobs.get(job).limits.timeout
+        assert timeout < 300  # what was left of the cluster's 5 minutes, not a fresh 5 minutes

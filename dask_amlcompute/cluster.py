@@ -15,7 +15,8 @@ from .aml import AmlOps
 from .connect import SchedulerConnector
 from .environment import resolve_environment
 from .exceptions import AmlComputeError, TooManyNodesError
-from .jobs import AmlJobWorkers, AmlSchedulerJob, ClusterContext, job_of_worker
+from .jobs import AmlJobWorkers, AmlSchedulerJob, ClusterContext
+from .plugins import job_of_worker
 from .settings import ClusterSettings, resolve_settings
 from .workspace import ml_client_from_config
 

@@ -124,16 +124,6 @@ LIKELY_CAUSES = {
 }
 
 
-def job_of_worker(worker: Any) -> str:
-    """The worker-group (job) name of a worker: its name without ``-RANK-INDEX``.
-
-    Module-level so the scheduler can unpickle it as adaptive's ``worker_key``.
-    """
-    name = str(getattr(worker, "name", worker))
-    parts = name.rsplit("-", 2)
-    return parts[0] if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else name
-
-
 async def job_error(
     ctx: ClusterContext, info: JobInfo, message: str, cls: type[JobError] | None = None
 ) -> JobError:

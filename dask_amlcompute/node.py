@@ -241,6 +241,10 @@ async def _run_scheduler_node(ctx: NodeContext, args: argparse.Namespace, stop: 
         **options,
     )
     await scheduler
+    if args.role == "cluster":
+        from .plugins import KeepMainJobWorkers
+
+        scheduler.add_plugin(KeepMainJobWorkers(args.name_prefix))
     tags = {SCHEDULER_TAG: scheduler.address, VERSIONS_TAG: json.dumps(package_versions())}
     if "dashboard" in scheduler.services:
         port = scheduler.services["dashboard"].port

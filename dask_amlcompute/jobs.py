@@ -239,7 +239,7 @@ class AmlSchedulerJob(ProcessInterface):
     async def _watch(self) -> None:
         """Notice when the main job ends while the cluster runs (timeout, node failure)."""
         ctx = self.context
-        interval = max(ctx.settings.poll_interval * 5, 1.0)
+        interval = ctx.settings.watch_interval
         timeout = ctx.settings.job_timeout
         warn_before = min(600.0, 0.1 * timeout) if timeout else 0.0
         warned = False
@@ -380,7 +380,7 @@ class AmlJobWorkers(ProcessInterface):
     async def _watch(self) -> None:
         """Follow the worker job; report when it ends by itself (failure, preemption, timeout)."""
         ctx = self.context
-        interval = max(ctx.settings.poll_interval * 5, 1.0)
+        interval = ctx.settings.watch_interval
         while True:
             await asyncio.sleep(interval)
             try:

@@ -49,6 +49,7 @@ class ClusterSettings:
     known_hosts: str | None = None
     ssh_trust_on_first_use: bool = False
     poll_interval: float = 2.0
+    watch_interval: float = 30.0
     scheduler_options: dict[str, Any] = field(default_factory=dict)
     worker_options: dict[str, Any] = field(default_factory=dict)
     workspace_config: str | None = None
@@ -95,7 +96,14 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
     raw["processes_per_node"] = positive_int(raw["processes_per_node"], "processes_per_node")
     if raw["threads_per_process"] is not None:
         raw["threads_per_process"] = positive_int(raw["threads_per_process"], "threads_per_process")
-    for key in ("job_timeout", "startup_timeout", "death_timeout", "idle_timeout", "poll_interval"):
+    for key in (
+        "job_timeout",
+        "startup_timeout",
+        "death_timeout",
+        "idle_timeout",
+        "poll_interval",
+        "watch_interval",
+    ):
         raw[key] = parse_duration(raw[key], key)
     if raw["startup_timeout"] is None:
         raise ConfigurationError("startup_timeout must be set: every wait is bounded.")

@@ -52,6 +52,7 @@ def cluster_kwargs():
         "job_timeout": "10m",
         "startup_timeout": "90s",
         "poll_interval": 0.2,
+        "watch_interval": 1,
         "death_timeout": "60s",
         "quiet": True,
     }

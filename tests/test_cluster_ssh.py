@@ -44,6 +44,7 @@ def kwargs(ssh_key, tmp_path, **extra):
         "n_nodes": 2,
         "threads_per_process": 1,
         "poll_interval": 0.2,
+        "watch_interval": 1,
         "startup_timeout": "90s",
         "death_timeout": "60s",
         "quiet": True,

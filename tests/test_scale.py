@@ -29,6 +29,7 @@ def make(emu, **extra):
         "n_nodes": 1,
         "threads_per_process": 1,
         "poll_interval": 0.2,
+        "watch_interval": 1,
         "startup_timeout": "90s",
         "death_timeout": "60s",
         "job_timeout": "10m",

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from .exceptions import (
     AmlComputeError,
     ComputeNotFoundError,
+    ControlPlaneError,
     NotAmlComputeError,
 )
 
@@ -73,6 +74,17 @@ def node_field(node: Any, snake: str, camel: str) -> Any:
     return value
 
 
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: throttling, server errors, connection problems."""
+    from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+
+    if isinstance(exc, ServiceRequestError | ServiceResponseError | ConnectionError):
+        return True
+    if isinstance(exc, HttpResponseError):
+        return getattr(exc, "status_code", None) in (408, 429, 500, 502, 503, 504)
+    return False
+
+
 class AmlOps:
     """Async facade over an ``MLClient`` for the few operations a cluster needs.
 
@@ -86,9 +98,36 @@ class AmlOps:
         self.ml_client = ml_client
         self.calls = 0
 
+    #: Extra attempts after the SDK's own retries gave up on a transient error.
+    retries = 3
+    #: First back-off in seconds (doubles each attempt).
+    backoff = 1.0
+
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        self.calls += 1
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        """Run one SDK call in a thread; retry transient control-plane errors, bounded.
+
+        azure-core already retries 408/429/5xx (honouring ``Retry-After``) inside
+        the call; this adds a few spaced attempts on top for longer blips (a
+        connection refused for some seconds), then raises :class:`ControlPlaneError`.
+        """
+        for attempt in range(self.retries + 1):
+            self.calls += 1
+            try:
+                return await asyncio.to_thread(fn, *args, **kwargs)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if attempt == self.retries:
+                    name = getattr(fn, "__qualname__", getattr(fn, "__name__", "call"))
+                    raise ControlPlaneError(
+                        f"The Azure ML control plane kept failing for {name}: {exc}. "
+                        "Check the workspace's service health and your network; nothing "
+                        "was lost on the client side."
+                    ) from exc
+                delay = self.backoff * 2**attempt
+                logger.warning("AML request failed (%s); retrying in %.0fs", exc, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def get_compute(self, name: str) -> ComputeInfo:
         """Look up an AmlCompute target.
@@ -142,6 +181,12 @@ class AmlOps:
         """Create the job; returns its first snapshot."""
         try:
             created = await self._call(self.ml_client.jobs.create_or_update, job)
+        except ControlPlaneError as exc:
+            # The PUT may have landed before the connection broke: never submit twice.
+            try:
+                return await self.get_job(job.name)
+            except Exception:
+                raise exc from None
         except Exception as exc:
             raise AmlComputeError(f"AML refused to create job {job.name!r}: {exc}") from exc
         return self._info(created)

@@ -21,6 +21,10 @@ class WorkspaceNotConfiguredError(AmlComputeError):
     """No ``MLClient`` was given and no workspace config file was found."""
 
 
+class ControlPlaneError(AmlComputeError, ConnectionError):
+    """The AML control plane kept failing (throttling, 5xx, network) after bounded retries."""
+
+
 class ComputeNotFoundError(AmlComputeError, LookupError):
     """The named compute target does not exist in the workspace."""
 

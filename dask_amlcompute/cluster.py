@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 import math
@@ -108,6 +109,8 @@ class AmlComputeCluster(SpecCluster):
         asynchronous: bool = False,
         loop: Any = None,
         shutdown_on_close: bool = True,
+        _attach: bool = False,
+        _existing_worker_jobs: tuple[tuple[str, int], ...] = (),
         **kwargs: Any,
     ) -> None:
         settings = resolve_settings(
@@ -140,6 +143,7 @@ class AmlComputeCluster(SpecCluster):
             environment=resolve_environment(settings.environment),
         )
         self._context.connector = SchedulerConnector(self._context)
+        self._context.attach = _attach
         self._context.on_job_ended = self._worker_job_ended
         self.main_job_name = f"{settings.name}-main"
         self._context.main_job = self.main_job_name
@@ -165,6 +169,14 @@ class AmlComputeCluster(SpecCluster):
             settings.nodes_per_job
         )
         self._workers_per_job = len(job_suffixes)
+        for job_name, n in _existing_worker_jobs:
+            group = self._context.node_options("workers", "x").worker_suffixes(n)
+            workers[job_name] = {
+                "cls": AmlJobWorkers,
+                "options": {"context": self._context, "suffixes": group, "n_nodes": n},
+                "group": group,
+            }
+            workers[job_name]["options"]["owns_job"] = True
         worker_job = {
             "cls": AmlJobWorkers,
             "options": {
@@ -191,6 +203,55 @@ class AmlComputeCluster(SpecCluster):
                 runner.stop()
             raise
 
+    # -- reconnecting ----------------------------------------------------------
+
+    @classmethod
+    def from_name(
+        cls,
+        name: str,
+        ml_client: Any = None,
+        *,
+        shutdown_on_close: bool = False,
+        asynchronous: bool = False,
+        **kwargs: Any,
+    ) -> AmlComputeCluster:
+        """Reconnect to a running cluster by its name.
+
+        The cluster's AML jobs are found by name and tags; its settings (compute,
+        nodes, processes) are read back from the main job. By default the new
+        object does not own the cluster: closing it only disconnects.
+
+        Parameters
+        ----------
+        name
+            The cluster name (its main job is ``{name}-main``).
+        ml_client
+            An ``MLClient``; None reads the workspace config file.
+        shutdown_on_close
+            True to stop the cluster when this object closes.
+        **kwargs
+            Settings to override, e.g. ``connect="ssh"``, ``ssh_key=...``.
+
+        Examples
+        --------
+        >>> cluster = AmlComputeCluster.from_name("dask-me-1a2b3c4d")  # doctest: +SKIP
+        """
+        from .discovery import describe_cluster
+
+        if ml_client is None:
+            ml_client = ml_client_from_config(kwargs.get("workspace_config"))
+        found = describe_cluster(ml_client, name)
+        settings = {**found["settings"], **kwargs}
+        return cls(
+            ml_client,
+            name=name,
+            shutdown_on_close=shutdown_on_close,
+            asynchronous=asynchronous,
+            _attach=True,
+            _existing_worker_jobs=tuple(found["worker_jobs"]),
+            **settings,
+        )
+
     # -- lifecycle -----------------------------------------------------------
 
     async def _start(self) -> None:
@@ -210,6 +271,15 @@ class AmlComputeCluster(SpecCluster):
     async def _close(self) -> None:
         ctx = self._context
         ctx.closing = True
+        if not self.shutdown_on_close and self.status.name == "running":
+            # A reconnected cluster we do not own: disconnect, leave it running.
+            ctx.detaching = True
+            self.shutdown_scheduler = False
+            await asyncio.gather(*(w.close() for w in self.workers.values()))
+            await super()._close()
+            if self.scheduler is not None:
+                await self.scheduler.close()
+            return
         dead = ctx.main_job_ended() and self.scheduler is not None
         if dead:
             # The scheduler is gone with its job: don't spend connect timeouts on it.
@@ -285,7 +355,9 @@ class AmlComputeCluster(SpecCluster):
         if memory is not None or cores is not None:
             return super().scale(n, memory=memory, cores=cores)
         closing = self.status.name in ("closing", "closed")
-        if closing or (n == 0 and self._context.closing):
+        if self._context.detaching:
+            pass  # disconnecting from a cluster we do not own: change nothing
+        elif closing or (n == 0 and self._context.closing):
             self.worker_spec.clear()
         else:
             jobs = self._jobs_for_workers(n)

@@ -55,6 +55,8 @@ class ClusterContext:
     on_job_ended: Callable[[str, str], None] | None = None
 
     main_job: str | None = None
+    attach: bool = False  # reconnecting to a running cluster (from_name): submit nothing
+    detaching: bool = False  # closing a cluster object that does not own the cluster
 
     def main_job_ended(self) -> bool:
         """True once the main job (hence the scheduler) is known to have ended."""
@@ -81,6 +83,7 @@ class ClusterContext:
             worker_on_scheduler=s.worker_on_scheduler,
             death_timeout=s.death_timeout,
             idle_timeout=s.idle_timeout,
+            no_client_timeout=s.no_client_timeout,
             scheduler_address=scheduler_address,
             scheduler_options=s.scheduler_options,
             worker_options=s.worker_options,
@@ -193,6 +196,7 @@ class AmlSchedulerJob(ProcessInterface):
         self.internal_address: str | None = None
         self.dashboard_link: str | None = None
         self._watcher: asyncio.Task | None = None
+        self._heartbeat: asyncio.Task | None = None
 
     def job(self):
         """The job entity this interface submits."""
@@ -202,13 +206,19 @@ class AmlSchedulerJob(ProcessInterface):
 
     async def start(self) -> None:
         ctx, s = self.context, self.context.settings
-        ctx.log(
-            f"Submitting AML job {self.job_name} to compute {s.compute!r}: {s.n_nodes} node(s), "
-            f"scheduler on rank 0, {s.processes_per_node} worker process(es) per node"
-        )
-        info = await ctx.ops.submit(self.job())
-        if s.job_timeout:
-            ctx.deadline = time.monotonic() + s.job_timeout
+        if ctx.attach:
+            info = await ctx.ops.get_job(self.job_name)
+            if info.terminal:
+                raise await job_error(ctx, info, f"Cluster {s.name} has ended ({info.status}).")
+            ctx.log(f"Reconnecting to AML job {self.job_name} ({info.status})")
+        else:
+            ctx.log(
+                f"Submitting AML job {self.job_name} to compute {s.compute!r}: {s.n_nodes} "
+                f"node(s), scheduler on rank 0, {s.processes_per_node} worker process(es) per node"
+            )
+            info = await ctx.ops.submit(self.job())
+            if s.job_timeout:
+                ctx.deadline = time.monotonic() + s.job_timeout
         ctx.jobs[self.job_name] = info.status
         if info.studio_url:
             ctx.log(f"Studio: {info.studio_url}")
@@ -230,11 +240,27 @@ class AmlSchedulerJob(ProcessInterface):
                     ) from None
                 raise
         except BaseException:
-            await ctx.ops.cancel(self.job_name)
+            if not ctx.attach:
+                await ctx.ops.cancel(self.job_name)
             raise
         ctx.log(f"Scheduler at {self.internal_address} (client uses {self.address})")
         self._watcher = asyncio.create_task(self._watch())
+        if s.no_client_timeout:
+            self._heartbeat = asyncio.create_task(self._heartbeats(s.no_client_timeout))
         await super().start()
+
+    async def _heartbeats(self, timeout: float) -> None:
+        """Tell the scheduler this cluster object is alive (see ``NoClientTimeout``)."""
+        interval = max(0.2, min(timeout / 4, self.context.settings.watch_interval))
+        while True:
+            try:
+                async with rpc(
+                    self.address, timeout=10, connection_args=self.context.connection_args
+                ) as scheduler:
+                    await scheduler.dask_amlcompute_heartbeat()
+            except Exception as exc:
+                logger.debug("Heartbeat to %s failed: %s", self.address, exc)
+            await asyncio.sleep(interval)
 
     async def _watch(self) -> None:
         """Notice when the main job ends while the cluster runs (timeout, node failure)."""
@@ -270,8 +296,13 @@ class AmlSchedulerJob(ProcessInterface):
     async def close(self) -> None:
         ctx = self.context
         ctx.closing = True
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._heartbeat):
+            if task is not None:
+                task.cancel()
+        if ctx.detaching:  # not ours to stop: just disconnect
+            await ctx.connector.close()
+            await super().close()
+            return
         # SpecCluster has asked the scheduler to terminate: the nodes exit and the job
         # completes by itself. Give it a bounded moment, then cancel to be sure.
         deadline = time.monotonic() + 15
@@ -318,6 +349,9 @@ class AmlJobWorkers(ProcessInterface):
     submit
         False for the main job's workers (the scheduler's job runs them); True
         for an extra worker job that this object submits and cancels.
+    owns_job
+        Cancel the job on close (default: ``submit``); True for a worker job
+        found by ``from_name``.
     """
 
     def __init__(
@@ -330,6 +364,7 @@ class AmlJobWorkers(ProcessInterface):
         n_nodes: int = 1,
         submit: bool = False,
         scheduler_internal_address: str | None = None,
+        owns_job: bool | None = None,
     ) -> None:
         super().__init__(scheduler=scheduler, name=name)
         self.scheduler = scheduler
@@ -339,6 +374,7 @@ class AmlJobWorkers(ProcessInterface):
         self.worker_names = [f"{name}{suffix}" for suffix in suffixes]
         self.n_nodes = n_nodes
         self.submit = submit
+        self.owns_job = submit if owns_job is None else owns_job
         self.scheduler_internal_address = scheduler_internal_address
         self.address = self.job_name
         self._monitor: asyncio.Task | None = None
@@ -346,6 +382,8 @@ class AmlJobWorkers(ProcessInterface):
     async def start(self) -> None:
         if self.submit:
             await self._submit()
+        elif self.owns_job:  # an existing worker job found by from_name
+            self._monitor = asyncio.create_task(self._watch())
         else:
             await self._wait_for_workers()
         await super().start()
@@ -438,9 +476,12 @@ class AmlJobWorkers(ProcessInterface):
         ctx = self.context
         if self._monitor is not None:
             self._monitor.cancel()
-        if (self.submit or not ctx.closing) and not ctx.main_job_ended():
+        if ctx.detaching:
+            await super().close()
+            return
+        if (self.owns_job or not ctx.closing) and not ctx.main_job_ended():
             await self._retire()
-        if self.submit:
+        if self.owns_job:
             await ctx.ops.cancel(self.job_name)
             ctx.log(f"Cancelled worker job {self.job_name}")
         await super().close()

@@ -38,6 +38,7 @@ class NodeOptions:
     worker_on_scheduler: bool = True
     death_timeout: float = 300.0
     idle_timeout: float | None = None
+    no_client_timeout: float | None = None
     scheduler_address: str | None = None
     scheduler_options: Mapping[str, Any] = field(default_factory=dict)
     worker_options: Mapping[str, Any] = field(default_factory=dict)
@@ -66,6 +67,8 @@ def node_command(opts: NodeOptions) -> str:
         argv.append("--no-worker-on-scheduler")
     if opts.idle_timeout:
         argv += ["--idle-timeout", f"{opts.idle_timeout:g}"]
+    if opts.no_client_timeout:
+        argv += ["--no-client-timeout", f"{opts.no_client_timeout:g}"]
     if opts.scheduler_address:
         argv += ["--scheduler-address", opts.scheduler_address]
     if opts.scheduler_options:

@@ -184,6 +184,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-worker-on-scheduler", dest="worker_on_scheduler", action="store_false")
     p.add_argument("--death-timeout", type=float, default=300.0)
     p.add_argument("--idle-timeout", type=float, default=None)
+    p.add_argument("--no-client-timeout", type=float, default=None)
     p.add_argument("--scheduler-options", type=json.loads, default={})
     p.add_argument("--worker-options", type=json.loads, default={})
     return p.parse_args(argv)
@@ -245,6 +246,12 @@ async def _run_scheduler_node(ctx: NodeContext, args: argparse.Namespace, stop: 
         from .plugins import KeepMainJobWorkers
 
         scheduler.add_plugin(KeepMainJobWorkers(args.name_prefix))
+    if args.no_client_timeout:
+        from .plugins import NoClientTimeout
+
+        await scheduler.register_scheduler_plugin(
+            NoClientTimeout(args.no_client_timeout), idempotent=True
+        )
     tags = {SCHEDULER_TAG: scheduler.address, VERSIONS_TAG: json.dumps(package_versions())}
     if "dashboard" in scheduler.services:
         port = scheduler.services["dashboard"].port

@@ -42,3 +42,73 @@ class KeepMainJobWorkers(SchedulerPlugin):
 
     def valid_workers_downscaling(self, scheduler: Any, workers: list) -> list:
         return [ws for ws in workers if job_of_worker(ws.name) != self.main_group]
+
+
+#: Scheduler handler the cluster manager calls to say it is still there.
+HEARTBEAT_HANDLER = "dask_amlcompute_heartbeat"
+
+
+class NoClientTimeout(SchedulerPlugin):
+    """Shut the scheduler down when nobody has used it for ``timeout`` seconds.
+
+    "Nobody" means no Dask client is connected and the cluster manager (the
+    :class:`~dask_amlcompute.AmlComputeCluster` object) has not sent a heartbeat.
+    This is the backstop for a notebook kernel that died without closing its
+    cluster: the scheduler stops, every node exits and the AML job completes,
+    so AML releases the nodes long before the job timeout.
+
+    Parameters
+    ----------
+    timeout
+        Seconds without clients or heartbeats before shutting down.
+    """
+
+    name = "dask-amlcompute-no-client-timeout"
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.last_seen = 0.0
+        self._task: Any = None
+
+    async def start(self, scheduler: Any) -> None:
+        import asyncio
+        import time
+
+        self.scheduler = scheduler
+        self.last_seen = time.monotonic()
+        scheduler.handlers[HEARTBEAT_HANDLER] = self.heartbeat
+        self._task = asyncio.create_task(self._watch())
+
+    def heartbeat(self) -> float:
+        """Record that the cluster manager is alive; returns the timeout."""
+        import time
+
+        self.last_seen = time.monotonic()
+        return self.timeout
+
+    def has_clients(self) -> bool:
+        """True if a Dask client is connected."""
+        return any(name != "fire-and-forget" for name in self.scheduler.clients)
+
+    async def _watch(self) -> None:
+        import asyncio
+        import logging
+        import time
+
+        interval = max(0.2, min(self.timeout / 5, 30.0))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            if self.has_clients():
+                self.last_seen = now
+            elif now - self.last_seen > self.timeout:
+                logging.getLogger(__name__).warning(
+                    "No client and no cluster manager for %.0fs: shutting the scheduler down",
+                    self.timeout,
+                )
+                await self.scheduler.close(reason="dask-amlcompute-no-client-timeout")
+                return
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()

@@ -44,6 +44,7 @@ class ClusterSettings:
     dashboard_port: int = 8787
     death_timeout: float = 300.0
     idle_timeout: float | None = None
+    no_client_timeout: float | None = 600.0
     connect: str = "direct"
     ssh_key: str | None = None
     known_hosts: str | None = None
@@ -101,6 +102,7 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
         "startup_timeout",
         "death_timeout",
         "idle_timeout",
+        "no_client_timeout",
         "poll_interval",
         "watch_interval",
     ):

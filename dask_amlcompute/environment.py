@@ -1,53 +1,400 @@
 """The node environment: what the AML job's nodes run on.
 
 The default environment pins the packages that must match between the client
-and the nodes (Python major.minor, dask, distributed, cloudpickle) to the
-client's own versions, on an AML base image, so a version mismatch cannot
-happen by accident.
+and the nodes to the client's own versions, so a version mismatch cannot
+happen by accident:
+
+* Python major.minor (conda ``python=X.Y``);
+* ``dask``, ``distributed``, ``cloudpickle`` and ``dask-amlcompute`` (pip ``==``);
+* the scientific stack the client has imported (``numpy``, ``pandas``,
+  ``pyarrow``), where installed.
+
+It is an *inline* AML environment (base image + conda file). The SDK registers
+inline environments anonymously, named by a hash of their content
+(``CliV2AnonymousEnvironment:<hash>``), so AML builds each distinct spec once
+and reuses it; :attr:`NodeEnvironmentSpec.aml_version` is that hash.
+
+dask-amlcompute itself is not on PyPI yet: by default the nodes ``pip install
+dask-amlcompute==<client version>``, which only works from a package index
+that has it. Pass ``node_package=`` (setting ``node-package``) with a pip
+requirement the nodes can install (a wheel URL, ``git+https://...``), or use
+the Docker image of ``docker/`` as ``environment=``. See ``docs/environment.md``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
+import re
 import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+import yaml
+
+from .exceptions import ConfigurationError
 
 DEFAULT_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
 
+#: Pinned to the client's versions, always; a conflicting user pin is an error.
+CORE_PACKAGES = ("dask", "distributed", "cloudpickle")
+#: Pinned to the client's versions when installed (and, by default, imported).
+SCIENTIFIC_PACKAGES = ("numpy", "pandas", "pyarrow")
+#: The library itself.
+LIBRARY = "dask-amlcompute"
+#: Installed on the nodes without a pin: run tags (mlflow) and the dashboard (bokeh).
+NODE_HELPERS = ("azureml-mlflow", "bokeh>=3.1.0", "mlflow-skinny")
 
-def pinned_packages() -> dict[str, str]:
-    """The client's versions of the packages the nodes must match."""
+STACK_CHOICES = ("imported", "installed", "none")
+
+_NAME = re.compile(r"^\s*(?:[\w.-]+::)?([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)$")
+
+
+def local_python() -> str:
+    """The client's Python version as ``major.minor``."""
+    return ".".join(map(str, sys.version_info[:2]))
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def local_version(distribution: str) -> str | None:
+    """The installed version of ``distribution`` in the client, or None."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def pinned_packages(stack: str = "imported") -> dict[str, str]:
+    """The client's versions of the packages the nodes must match.
+
+    Parameters
+    ----------
+    stack
+        Which of :data:`SCIENTIFIC_PACKAGES` to pin: ``"imported"`` (installed
+        and imported in this process), ``"installed"``, or ``"none"``.
+
+    Returns
+    -------
+    dict
+        Distribution name -> version, the library included.
+    """
+    if stack not in STACK_CHOICES:
+        raise ConfigurationError(f"stack must be one of {STACK_CHOICES}, not {stack!r}.")
     import cloudpickle
     import dask
     import distributed
 
     from ._version import __version__
 
-    return {
+    pins = {
         "dask": dask.__version__,
         "distributed": distributed.__version__,
         "cloudpickle": cloudpickle.__version__,
-        "dask-amlcompute": __version__,
     }
+    for name in SCIENTIFIC_PACKAGES:
+        if stack == "none" or (stack == "imported" and name not in sys.modules):
+            continue
+        version = local_version(name)
+        if version:
+            pins[name] = version
+    pins[LIBRARY] = __version__
+    return pins
 
 
-def conda_spec(extra_pip: list[str] | None = None) -> dict[str, Any]:
+def library_requirement(node_package: str | None = None) -> str:
+    """The pip requirement that installs dask-amlcompute on the nodes.
+
+    Parameters
+    ----------
+    node_package
+        A pip requirement (``"dask-amlcompute @ https://.../x.whl"``, a wheel
+        URL, ``"git+https://...@v0.1.0"``); None pins the client's version.
+    """
+    if node_package is None or not str(node_package).strip():
+        from ._version import __version__
+
+        return f"{LIBRARY}=={__version__}"
+    return str(node_package).strip()
+
+
+def _as_list(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
+        raise ConfigurationError(f"{what} must be a list of strings, got {value!r}.")
+    return [v.strip() for v in value if v.strip()]
+
+
+@dataclass(frozen=True)
+class NodeEnvironmentSpec:
+    """The content of the default node environment.
+
+    Attributes
+    ----------
+    python
+        ``major.minor`` of the nodes' Python (conda ``python=X.Y``).
+    pins
+        Distribution -> version pinned to the client's (library excluded).
+    library
+        pip requirement installing dask-amlcompute.
+    pip
+        Everything pip installs, in order: pins, library, helpers, user extras.
+    conda
+        Extra conda packages (after ``python`` and ``pip``).
+    image
+        Base Docker image.
+    overridden
+        Scientific packages whose automatic pin a user requirement replaced.
+    """
+
+    python: str
+    pins: Mapping[str, str]
+    library: str
+    pip: tuple[str, ...]
+    conda: tuple[str, ...] = ()
+    image: str = DEFAULT_IMAGE
+    overridden: tuple[str, ...] = field(default=())
+
+    def conda_dict(self) -> dict[str, Any]:
+        """The conda environment file, as a dict (what AML's ``conda_file`` takes)."""
+        return {
+            "name": "dask-amlcompute",
+            "channels": ["conda-forge"],
+            "dependencies": [f"python={self.python}", "pip", *self.conda, {"pip": list(self.pip)}],
+        }
+
+    def conda_yaml(self) -> str:
+        """The conda environment file as YAML text."""
+        return yaml.safe_dump(self.conda_dict(), sort_keys=False)
+
+    def requirements(self) -> str:
+        """A pip ``requirements.txt`` (Python and conda packages are not in it)."""
+        head = f"# dask-amlcompute node requirements for Python {self.python}"
+        return "\n".join([head, *self.pip]) + "\n"
+
+    @property
+    def content_hash(self) -> str:
+        """A short hash of image and conda spec: changes exactly when the content does."""
+        payload = json.dumps({"image": self.image, "conda": self.conda_dict()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_environment(self) -> Any:
+        """The inline (anonymous) AML ``Environment`` built from this spec."""
+        from azure.ai.ml.entities import Environment
+
+        return Environment(
+            image=self.image,
+            conda_file=self.conda_dict(),
+            description=(
+                "dask-amlcompute node environment pinned to the client's versions "
+                f"(spec {self.content_hash})"
+            ),
+        )
+
+    @property
+    def aml_version(self) -> str:
+        """The version AML files this environment under (``CliV2AnonymousEnvironment``).
+
+        Computed by azure-ai-ml from image and conda file, exactly as it names
+        the environment when a job uses it.
+        """
+        return str(self.to_environment().version)
+
+    def dockerfile(self) -> str:
+        """A Dockerfile that bakes this spec into an image (see ``docker/README.md``)."""
+        conda = " ".join([f'"python={self.python}"', "pip", *(f'"{c}"' for c in self.conda)])
+        pip = " \\\n        ".join(f'"{p}"' for p in self.pip)
+        lines = [
+            f"# Generated by `dask-amlcompute env --format dockerfile` (spec {self.content_hash})",
+            *(
+                ["# dask-amlcompute is not on PyPI yet: regenerate with --node-package <wheel URL>"]
+                if self.library == library_requirement()
+                else []
+            ),
+            f"FROM {self.image}",
+            "ENV DASK_AMLCOMPUTE_ENV=/opt/dask-amlcompute",
+            f'RUN conda create -y -p "$DASK_AMLCOMPUTE_ENV" -c conda-forge --override-channels '
+            f"{conda} \\\n    && conda clean -afy",
+            "ENV PATH=/opt/dask-amlcompute/bin:$PATH",
+            f"RUN python -m pip install --no-cache-dir \\\n        {pip}",
+            'RUN python -c "import dask, distributed, cloudpickle, dask_amlcompute.node"',
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def _merge_pip(
+    pins: dict[str, str], extras: list[str], library: str | None
+) -> tuple[list[str], str | None, list[str], dict[str, set[str]]]:
+    """Fold user pip requirements into ``pins`` (updated in place).
+
+    Returns the user requirements still to install, the library requirement,
+    the scientific packages whose pin was replaced, and pip extras of pins.
+    """
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    kept: list[str] = []
+    overridden: list[str] = []
+    pin_extras: dict[str, set[str]] = {}
+    for text in extras:
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            kept.append(text)  # a bare URL or path: pip's business, nothing to compare
+            continue
+        name = _canonical(req.name)
+        if name == LIBRARY:
+            if library is not None:
+                raise ConfigurationError(
+                    f"pip_packages has {text!r} and node_package={library!r} is set: "
+                    "give the library's requirement once, as node_package."
+                )
+            library = text
+            continue
+        if name not in pins:
+            version = local_version(name) if name in SCIENTIFIC_PACKAGES else None
+            if version and not req.specifier and not req.url:
+                pins[name] = version  # a known package the client has: pin it too
+                pin_extras.setdefault(name, set()).update(req.extras)
+            else:
+                kept.append(text)
+            continue
+        local = pins[name]
+        if not req.url and (not req.specifier or req.specifier.contains(local, prereleases=True)):
+            pin_extras.setdefault(name, set()).update(req.extras)  # the pin satisfies it
+            continue
+        if name in CORE_PACKAGES:
+            raise ConfigurationError(
+                f"pip_packages asks for {text!r}, but this client runs {name} {local} and the "
+                f"nodes must run the same version (the default environment pins {name}=={local}). "
+                f"Remove it from pip_packages, or install it locally (pip install '{text}') so "
+                "the pin follows."
+            )
+        del pins[name]  # documented precedence: a user's scientific pin wins
+        overridden.append(name)
+        kept.append(text)
+    return kept, library, overridden, pin_extras
+
+
+def _conda_satisfied(constraint: str, local: str) -> bool:
+    """Whether a conda version constraint (``=1.2``, ``==1.2.3``, ``>=1``) admits ``local``."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    c = constraint.split()[0] if constraint.split() else ""
+    if c.startswith("=="):
+        return c[2:] == local
+    if c.startswith(("<", ">", "!", "~")):
+        try:
+            return SpecifierSet(c).contains(local, prereleases=True)
+        except InvalidSpecifier:
+            return False
+    c = c.lstrip("=").rstrip("*").rstrip(".")
+    return local == c or local.startswith(c + ".")
+
+
+def _merge_conda(python: str, pins: Mapping[str, str], extras: list[str]) -> list[str]:
+    """Check user conda packages against the pins; returns the ones to install."""
+    kept = []
+    for text in extras:
+        m = _NAME.match(text)
+        if not m:
+            raise ConfigurationError(f"conda_packages: cannot read {text!r}.")
+        name, constraint = _canonical(m.group(1)), m.group(2).strip()
+        local = python if name == "python" else pins.get(name)
+        if name == "pip" or (name == "python" and not constraint):
+            continue  # always there
+        if local is not None and constraint:
+            if not _conda_satisfied(constraint, local):
+                raise ConfigurationError(
+                    f"conda_packages asks for {text!r}, but this client runs {name} {local} and "
+                    "the nodes must match it. Remove the version (the default environment pins "
+                    "the client's) or change the client's version."
+                )
+            if name == "python":
+                continue
+        kept.append(text)
+    return kept
+
+
+def build_spec(
+    *,
+    extra_pip: Iterable[str] | None = None,
+    extra_conda: Iterable[str] | None = None,
+    node_package: str | None = None,
+    image: str | None = None,
+    stack: str = "imported",
+) -> NodeEnvironmentSpec:
+    """The default node environment for this client, with the user's extra packages.
+
+    Precedence when a user package names a pinned one: an unversioned or
+    compatible requirement keeps the client's pin (extras such as
+    ``dask[dataframe]`` are kept); an incompatible one is an error for Python,
+    dask, distributed and cloudpickle, and replaces the automatic pin for
+    numpy/pandas/pyarrow (the version check then warns about the difference).
+    An unversioned numpy/pandas/pyarrow that the client has installed is
+    pinned to the client's version.
+
+    Parameters
+    ----------
+    extra_pip
+        More pip requirements for the nodes.
+    extra_conda
+        More conda packages for the nodes (conda-forge).
+    node_package
+        pip requirement installing dask-amlcompute (see :func:`library_requirement`).
+    image
+        Base image (default :data:`DEFAULT_IMAGE`).
+    stack
+        Which scientific packages to pin: ``"imported"``, ``"installed"`` or ``"none"``.
+
+    Raises
+    ------
+    ConfigurationError
+        A user package conflicts with a version the nodes must share with the client.
+    """
+    python = local_python()
+    pins = pinned_packages(stack)
+    pins.pop(LIBRARY)
+    pip_extras, library, overridden, pin_extras = _merge_pip(
+        pins, _as_list(extra_pip, "pip_packages"), node_package
+    )
+    conda = _merge_conda(python, pins, _as_list(extra_conda, "conda_packages"))
+    named = {_canonical(re.split(r"[\s\[<>=!~;@]", p, maxsplit=1)[0]) for p in pip_extras}
+    helpers = [h for h in NODE_HELPERS if _canonical(re.split(r"[<>=]", h)[0]) not in named]
+    pinned = []
+    for name, version in sorted(pins.items()):
+        extra = sorted(pin_extras.get(name, ()))
+        pinned.append(f"{name}[{','.join(extra)}]=={version}" if extra else f"{name}=={version}")
+    lib = library_requirement(library)
+    pip = tuple(dict.fromkeys([*pinned, lib, *helpers, *sorted(pip_extras)]))
+    return NodeEnvironmentSpec(
+        python=python,
+        pins=dict(sorted(pins.items())),
+        library=lib,
+        pip=pip,
+        conda=tuple(dict.fromkeys(sorted(conda))),
+        image=image or DEFAULT_IMAGE,
+        overridden=tuple(overridden),
+    )
+
+
+def conda_spec(extra_pip: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
     """The conda specification of the default node environment.
 
     Parameters
     ----------
     extra_pip
         More pip requirements to install next to the pinned ones.
+    **kwargs
+        Other arguments of :func:`build_spec`.
     """
-    python = ".".join(map(str, sys.version_info[:2]))
-    pip = [f"{name}=={version}" for name, version in pinned_packages().items()]
-    pip += ["mlflow-skinny", "azureml-mlflow", *(extra_pip or [])]
-    return {
-        "name": "dask-amlcompute",
-        "channels": ["conda-forge"],
-        "dependencies": [f"python={python}", "pip", {"pip": pip}],
-    }
+    return build_spec(extra_pip=extra_pip, **kwargs).conda_dict()
 
 
 def spec_hash(spec: dict[str, Any], image: str) -> str:
@@ -56,7 +403,13 @@ def spec_hash(spec: dict[str, Any], image: str) -> str:
     return hashlib.sha256(payload).hexdigest()[:16]
 
 
-def resolve_environment(environment: Any, extra_pip: list[str] | None = None) -> Any:
+def resolve_environment(
+    environment: Any,
+    extra_pip: Iterable[str] | None = None,
+    *,
+    extra_conda: Iterable[str] | None = None,
+    node_package: str | None = None,
+) -> Any:
     """Turn the user's ``environment=`` into what ``azure.ai.ml.command`` accepts.
 
     Parameters
@@ -65,24 +418,45 @@ def resolve_environment(environment: Any, extra_pip: list[str] | None = None) ->
         ``None`` for the default pinned environment; an ``Environment`` entity;
         ``"name@latest"``, ``"name:version"`` or ``"azureml:..."`` for a
         registered environment; a Docker image reference (contains ``/``).
-    extra_pip
-        Extra pip packages for the default environment.
+        Anything but None is used unchanged.
+    extra_pip, extra_conda, node_package
+        Extra packages and the library's requirement for the default
+        environment (see :func:`build_spec`).
+
+    Raises
+    ------
+    ConfigurationError
+        Extra packages were given with a user environment (add them to that
+        environment instead), or they conflict with the pins.
     """
     from azure.ai.ml.entities import Environment
 
-    if isinstance(environment, Environment):
-        return environment
     if environment is None:
         # Inline (anonymous) environment: AML names it by a hash of its content,
         # so it is built once per distinct spec and reused afterwards.
-        spec = conda_spec(extra_pip)
-        return Environment(
-            image=DEFAULT_IMAGE,
-            conda_file=spec,
-            description="dask-amlcompute node environment pinned to the client's versions",
+        spec = build_spec(extra_pip=extra_pip, extra_conda=extra_conda, node_package=node_package)
+        return spec.to_environment()
+    extras = _as_list(extra_pip, "pip_packages") + _as_list(extra_conda, "conda_packages")
+    if extras or node_package:
+        raise ConfigurationError(
+            "pip_packages, conda_packages and node_package apply to the default environment "
+            f"only; environment={environment!r} is used as it is. Add {extras or node_package} "
+            "to that environment, or drop environment= to use the pinned default."
         )
+    if isinstance(environment, Environment):
+        return environment
     if not isinstance(environment, str) or not environment.strip():
         raise TypeError(f"environment must be a string or an Environment, got {environment!r}")
     if "/" in environment and not environment.startswith("azureml:"):
         return Environment(image=environment)
     return environment
+
+
+def environment_from_settings(settings: Any) -> Any:
+    """:func:`resolve_environment` for a :class:`~dask_amlcompute.settings.ClusterSettings`."""
+    return resolve_environment(
+        settings.environment,
+        settings.pip_packages,
+        extra_conda=settings.conda_packages,
+        node_package=settings.node_package,
+    )

@@ -54,6 +54,10 @@ class ClusterSettings:
     scheduler_options: dict[str, Any] = field(default_factory=dict)
     worker_options: dict[str, Any] = field(default_factory=dict)
     workspace_config: str | None = None
+    pip_packages: list[str] = field(default_factory=list)
+    conda_packages: list[str] = field(default_factory=list)
+    node_package: str | None = None
+    version_check: str = "raise"
     quiet: bool = False
 
 
@@ -88,9 +92,16 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
         for f in fields(ClusterSettings)
     }
     if not raw["compute"]:
+        # Precedence: argument > dask config (incl. DASK_AMLCOMPUTE__COMPUTE) > the
+        # compute cached in the workspace config.json > error.
+        from .workspace import cached_compute
+
+        raw["compute"] = cached_compute(raw["workspace_config"])
+    if not raw["compute"]:
         raise ConfigurationError(
-            "No compute given: pass compute='<AmlCompute name>' or set amlcompute.compute "
-            "in dask config (DASK_AMLCOMPUTE__COMPUTE)."
+            "No compute given: pass compute='<AmlCompute name>', set amlcompute.compute "
+            "in dask config (DASK_AMLCOMPUTE__COMPUTE), or cache it in the workspace "
+            "config.json with dask_amlcompute.write_workspace_config(..., compute=...)."
         )
     raw["n_nodes"] = positive_int(raw["n_nodes"], "n_nodes")
     raw["nodes_per_job"] = positive_int(raw["nodes_per_job"], "nodes_per_job")

@@ -4,16 +4,23 @@ Mirrors ``MLClient.from_config(DefaultAzureCredential())`` (the R SDK's
 ``load_workspace_from_config()``): a ``config.json`` with ``subscription_id``,
 ``resource_group`` and ``workspace_name`` found in the given path, the current
 folder or its parents, or ``.azureml/`` beside them.
+
+The same file caches dask-amlcompute's own workspace settings (the compute,
+under ``dask_amlcompute.compute``). Precedence for the compute: the
+``compute=`` argument, then dask config (``amlcompute.compute``,
+``DASK_AMLCOMPUTE__COMPUTE``), then ``config.json``; for the workspace: the
+``ml_client=`` argument, then ``config.json``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .exceptions import WorkspaceNotConfiguredError
+from .exceptions import ConfigurationError, WorkspaceNotConfiguredError
 
 CONFIG_NAMES = ("config.json", os.path.join(".azureml", "config.json"))
 
@@ -36,39 +43,148 @@ def find_workspace_config(path: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
+#: Where dask-amlcompute keeps its own cached settings inside config.json.
+SECTION = "dask_amlcompute"
+IDENTITY_KEYS = ("subscription_id", "resource_group", "workspace_name")
+
+
+@dataclass(frozen=True)
+class WorkspaceSettings:
+    """Workspace settings cached in a ``config.json``.
+
+    Attributes
+    ----------
+    subscription_id, resource_group, workspace_name
+        The AML workspace (AML's own ``config.json`` keys).
+    compute
+        The cached AmlCompute name (``dask_amlcompute.compute``), if any.
+    path
+        The file they were read from.
+    """
+
+    subscription_id: str | None = None
+    resource_group: str | None = None
+    workspace_name: str | None = None
+    compute: str | None = None
+    path: Path | None = None
+
+
+def _config_path(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    return p / "config.json" if p.is_dir() or not p.suffix else p
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"Cannot read workspace config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"Workspace config {path} is not a JSON object.")
+    return data
+
+
 def write_workspace_config(
     path: str | os.PathLike,
     *,
-    subscription_id: str,
-    resource_group: str,
-    workspace_name: str,
+    subscription_id: str | None = None,
+    resource_group: str | None = None,
+    workspace_name: str | None = None,
     compute: str | None = None,
 ) -> Path:
-    """Write (cache) workspace settings as an AML ``config.json``.
+    """Write (cache) workspace settings in an AML ``config.json``.
 
-    ``compute`` is stored under ``dask_amlcompute.compute`` and used when no
-    compute is given to the cluster.
+    An existing file is updated, not replaced: keys it already has and that
+    are not given here (other tools' settings too) are kept. ``compute`` is
+    stored under ``dask_amlcompute.compute`` and used when a cluster is given
+    no compute and dask config has none (argument > dask config > config.json).
+
+    Parameters
+    ----------
+    path
+        The file, or a folder for ``<folder>/config.json``; missing folders are created.
+    subscription_id, resource_group, workspace_name
+        The workspace; required when the file does not exist yet.
+    compute
+        AmlCompute name to cache.
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Examples
+    --------
+    >>> write_workspace_config(".", subscription_id="...", resource_group="rg",
+    ...                        workspace_name="ws", compute="cpu-cluster")  # doctest: +SKIP
     """
-    data: dict[str, Any] = {
-        "subscription_id": subscription_id,
-        "resource_group": resource_group,
-        "workspace_name": workspace_name,
-    }
+    p = _config_path(path)
+    data = _load_json(p) if p.is_file() else {}
+    given = dict(
+        subscription_id=subscription_id,
+        resource_group=resource_group,
+        workspace_name=workspace_name,
+    )
+    data.update({k: v for k, v in given.items() if v})
+    missing = [k for k in IDENTITY_KEYS if not data.get(k)]
+    if missing:
+        raise ConfigurationError(f"Cannot write {p}: {', '.join(missing)} not given.")
     if compute:
-        data["dask_amlcompute"] = {"compute": compute}
-    p = Path(path)
-    if p.is_dir():
-        p = p / "config.json"
-    p.write_text(json.dumps(data, indent=2) + "\n")
+        section = data.get(SECTION) if isinstance(data.get(SECTION), dict) else {}
+        data[SECTION] = {**section, "compute": compute}
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(p)
     return p
+
+
+def cache_workspace(
+    ml_client: Any, path: str | os.PathLike = ".", compute: str | None = None
+) -> Path:
+    """Cache an ``MLClient``'s workspace (and a compute) in ``config.json`` under ``path``.
+
+    Later sessions can then call ``AmlComputeCluster()`` with no ``ml_client``
+    and no ``compute``.
+    """
+    return write_workspace_config(
+        path,
+        subscription_id=ml_client.subscription_id,
+        resource_group=ml_client.resource_group_name,
+        workspace_name=ml_client.workspace_name,
+        compute=compute,
+    )
+
+
+def load_workspace_settings(path: str | os.PathLike | None = None) -> WorkspaceSettings | None:
+    """The settings in the workspace config found at ``path`` or from the cwd up.
+
+    Returns None when there is no config file.
+    """
+    found = find_workspace_config(path)
+    if found is None:
+        return None
+    data = _load_json(found)
+    section = data.get(SECTION) if isinstance(data.get(SECTION), dict) else {}
+    return WorkspaceSettings(
+        subscription_id=data.get("subscription_id"),
+        resource_group=data.get("resource_group"),
+        workspace_name=data.get("workspace_name"),
+        compute=section.get("compute") or None,
+        path=found,
+    )
+
+
+def cached_compute(path: str | os.PathLike | None = None) -> str | None:
+    """The compute cached in the workspace config (``dask_amlcompute.compute``), or None."""
+    found = load_workspace_settings(path)
+    return found.compute if found is not None else None
 
 
 def read_workspace_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read a workspace config file."""
-    data = json.loads(Path(path).read_text())
-    missing = [
-        k for k in ("subscription_id", "resource_group", "workspace_name") if not data.get(k)
-    ]
+    data = _load_json(Path(path))
+    missing = [k for k in IDENTITY_KEYS if not data.get(k)]
     if missing:
         raise WorkspaceNotConfiguredError(f"{path} lacks {', '.join(missing)}.")
     return data

@@ -95,3 +95,42 @@ class SchedulerUnreachableError(AmlComputeError, ConnectionError):
 
 class VersionMismatchError(AmlComputeError):
     """Client and cluster run different versions of packages that must match."""
+
+
+class ErrorThresholdExceededError(AmlComputeError):
+    """More inputs of a batch run failed than ``error_threshold`` allows; the run stopped.
+
+    Nothing that completed is lost: the results and per-item errors gathered so
+    far travel with the exception. Batches still running were cancelled.
+
+    Parameters
+    ----------
+    message
+        What happened and what to do.
+    results
+        Completed results by input position. From
+        :func:`~dask_amlcompute.batch.map_batches`: every completed result; from
+        :func:`~dask_amlcompute.batch.iter_batches`: those not yet yielded.
+    errors
+        Per-item errors (:class:`~dask_amlcompute.batch.ItemError`) by input position,
+        with the same scope as ``results``.
+    stats
+        The run's counters (:class:`~dask_amlcompute.batch.BatchStats`).
+    files
+        Files already written under ``output_dir``, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        results: dict | None = None,
+        errors: dict | None = None,
+        stats: object = None,
+        files: list | None = None,
+    ) -> None:
+        self.results = dict(results or {})
+        self.errors = dict(errors or {})
+        self.stats = stats
+        self.files = list(files or [])
+        super().__init__(message)

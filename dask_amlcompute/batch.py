@@ -1,0 +1,740 @@
+"""Batch runs over many inputs: mini-batches, retries, time limits, an error threshold.
+
+What AML's ParallelRunStep and R's ``foreach`` gave their users, on any Dask
+client (an :class:`~dask_amlcompute.AmlComputeCluster`, a ``LocalCluster``, ...):
+
+* :func:`map_batches` runs ``fn`` over every input and returns the results in
+  input order, with an :class:`ItemError` in place of each input that failed;
+* :func:`iter_batches` yields finished mini-batches as they complete, keeping at
+  most ``max_in_flight`` batches submitted, so memory stays bounded.
+
+Each mini-batch is one Dask task that calls ``fn`` on its inputs one by one; an
+exception fails only its own input. Failed inputs are retried (``retries``),
+then reported. A batch time limit (``timeout``) abandons a hung call: the input
+is failed as timed out, the inputs after it are resubmitted, and the worker's
+task slot is freed. Python cannot kill a thread, so the hung call's thread is
+interrupted with an exception at its next Python instruction (a loop in Python
+code stops at once); a call blocked in C code (a socket read, ``time.sleep``)
+keeps its thread until it returns. Such threads are counted in
+:attr:`BatchStats.stuck_threads`; restart the workers
+(``client.restart_workers``) if they pile up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import json
+import math
+import os
+import pickle
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .exceptions import ConfigurationError, ErrorThresholdExceededError
+from .validation import parse_duration
+
+__all__ = ["BatchResult", "BatchStats", "ItemError", "iter_batches", "map_batches"]
+
+
+@dataclass
+class ItemError:
+    """Why one input failed; stands in place of its result (like ``foreach`` error objects).
+
+    Attributes
+    ----------
+    index
+        Position of the input.
+    type
+        Class name of the exception.
+    message
+        ``str()`` of the exception.
+    traceback
+        The formatted traceback, from the worker.
+    attempts
+        How many times the input was run.
+    timed_out
+        True when the batch time limit abandoned the call.
+    worker
+        Address of the worker of the last attempt.
+    exception
+        The exception itself when it could be pickled, else None.
+    """
+
+    index: int
+    type: str
+    message: str
+    traceback: str = ""
+    attempts: int = 1
+    timed_out: bool = False
+    worker: str | None = None
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+
+    def reraise(self) -> None:
+        """Raise the original exception (or a RuntimeError describing it)."""
+        if self.exception is not None:
+            raise self.exception
+        raise RuntimeError(f"input {self.index} failed: {self.type}: {self.message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly description (without the exception object)."""
+        out = asdict(self)
+        out.pop("exception")
+        return out
+
+
+@dataclass
+class BatchStats:
+    """Counters of a batch run, updated as batches finish.
+
+    ``done`` and ``failed`` count inputs with a final outcome; ``retried`` counts
+    re-runs of failed inputs; ``max_in_flight`` is the most batches ever
+    submitted at once; ``stuck_threads`` the abandoned calls still running on
+    the workers at the last report.
+    """
+
+    total: int | None = None
+    done: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    retried: int = 0
+    batches: int = 0
+    max_in_flight: int = 0
+    stuck_threads: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def summary(self) -> str:
+        """One line: counts and elapsed time."""
+        elapsed = time.monotonic() - self.started
+        total = f"/{self.total}" if self.total is not None else ""
+        text = (
+            f"{self.done + self.failed}{total} inputs in {self.batches} batches: "
+            f"{self.done} done, {self.failed} failed ({self.timed_out} timed out), "
+            f"{self.retried} retried, {elapsed:.1f}s"
+        )
+        if self.stuck_threads:
+            text += f"; {self.stuck_threads} abandoned call(s) still running on workers"
+        return text
+
+
+@dataclass
+class BatchResult:
+    """One finished mini-batch: input positions and results (values or :class:`ItemError`)."""
+
+    number: int
+    indices: list[int]
+    results: list[Any]
+    path: Path | None = None
+
+    @property
+    def errors(self) -> list[ItemError]:
+        """The failed inputs of this batch."""
+        return [r for r in self.results if isinstance(r, ItemError)]
+
+
+# -- worker side ------------------------------------------------------------------------
+
+
+class _Abandoned(BaseException):
+    """Raised into the thread of a call that the batch time limit abandoned."""
+
+
+_STATE_LOCK = threading.Lock()
+_PROCESS_STATE: dict[str, Any] = {}
+_STUCK: list[threading.Thread] = []
+
+
+def _state_store(worker: Any = None) -> dict[str, Any]:
+    """The ``init`` results of this worker (or of this process outside a worker)."""
+    if worker is None:
+        from distributed import get_worker
+
+        try:
+            worker = get_worker()
+        except ValueError:
+            return _PROCESS_STATE
+    return worker.__dict__.setdefault("_dask_amlcompute_batch_state", {})
+
+
+def _drop_state(key: str, dask_worker: Any = None) -> None:
+    """Forget an ``init`` result on a worker (run through ``client.run`` at the end)."""
+    with _STATE_LOCK:
+        _state_store(dask_worker).pop(key, None)
+
+
+def _stuck_count() -> int:
+    _STUCK[:] = [t for t in _STUCK if t.is_alive()]
+    return len(_STUCK)
+
+
+def _error(exc: BaseException, timed_out: bool = False) -> ItemError:
+    try:
+        pickle.dumps(exc)
+        keep: BaseException | None = exc
+    except Exception:
+        keep = None
+    return ItemError(
+        index=-1,
+        type=type(exc).__name__,
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+        timed_out=timed_out,
+        exception=keep,
+    )
+
+
+def _run_timed(call: Callable, items: list, timeout: float, values: list, errors: dict) -> list:
+    """Run ``call`` over ``items`` in a helper thread; give up at ``timeout``.
+
+    Returns the positions that did not run because an earlier call hung.
+    """
+    lock = threading.Lock()
+    state = {"pos": 0, "abandoned": False}
+    finished = threading.Event()
+
+    def runner() -> None:
+        try:
+            for pos, item in enumerate(items):
+                with lock:
+                    if state["abandoned"]:
+                        return
+                    state["pos"] = pos
+                try:
+                    value, err = call(item), None
+                except (Exception, SystemExit) as exc:
+                    value, err = None, _error(exc)
+                with lock:
+                    if state["abandoned"]:
+                        return
+                    if err is None:
+                        values[pos] = value
+                    else:
+                        errors[pos] = err
+            with lock:
+                state["pos"] = len(items)
+        except _Abandoned:
+            return
+        finally:
+            finished.set()
+
+    thread = threading.Thread(target=runner, name="dask-amlcompute-batch", daemon=True)
+    thread.start()
+    if finished.wait(timeout):
+        return []
+    with lock:
+        hung = state["pos"]
+        if hung >= len(items):
+            return []
+        state["abandoned"] = True
+    errors[hung] = _error(
+        TimeoutError(
+            f"batch time limit of {timeout:g}s reached while running this input; the call "
+            "was abandoned (its thread is interrupted at its next Python instruction)"
+        ),
+        timed_out=True,
+    )
+    if sys.implementation.name == "cpython" and thread.ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(thread.ident), ctypes.py_object(_Abandoned)
+        )
+    _STUCK.append(thread)
+    return list(range(hung + 1, len(items)))
+
+
+def _run_batch(
+    fn: Callable, items: list, timeout: float | None, init: Callable | None, init_key: str
+) -> tuple[list, dict[int, ItemError], list[int], str | None, int]:
+    """The Dask task of one mini-batch: ``(values, errors, not_run, worker, stuck threads)``."""
+    from distributed import get_worker
+
+    try:
+        worker: str | None = get_worker().address
+    except ValueError:
+        worker = None
+    values: list = [None] * len(items)
+    errors: dict[int, ItemError] = {}
+    call = fn
+    if init is not None:
+        try:
+            with _STATE_LOCK:
+                store = _state_store()
+                if init_key not in store:
+                    store[init_key] = init()
+                state = store[init_key]
+        except Exception as exc:
+            err = _error(RuntimeError(f"init failed on this worker: {type(exc).__name__}: {exc}"))
+            err.traceback = "".join(traceback.format_exception(exc))
+            return values, dict.fromkeys(range(len(items)), err), [], worker, _stuck_count()
+
+        def call(item: Any) -> Any:
+            return fn(item, state)
+
+    not_run: list[int] = []
+    if timeout is None:
+        for pos, item in enumerate(items):
+            try:
+                values[pos] = call(item)
+            except (Exception, SystemExit) as exc:
+                errors[pos] = _error(exc)
+    else:
+        not_run = _run_timed(call, items, timeout, values, errors)
+    for err in errors.values():
+        err.worker = worker
+    return values, errors, not_run, worker, _stuck_count()
+
+
+# -- client side ------------------------------------------------------------------------
+
+
+class _Progress:
+    """tqdm when installed, else a plain line every few seconds; a final summary."""
+
+    def __init__(self, stats: BatchStats, enabled: bool, desc: str) -> None:
+        self.stats, self.enabled, self.desc = stats, enabled, desc
+        self.bar: Any = None
+        self.shown = 0
+        self.last = 0.0
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=stats.total, desc=desc, unit="item", file=sys.stderr)
+
+    def update(self) -> None:
+        if not self.enabled:
+            return
+        s = self.stats
+        finished = s.done + s.failed
+        if self.bar is not None:
+            self.bar.set_postfix(failed=s.failed, retried=s.retried, refresh=False)
+            self.bar.update(finished - self.shown)
+        elif time.monotonic() - self.last >= 2.0:
+            self.last = time.monotonic()
+            print(f"{self.desc}: {s.summary()}", file=sys.stderr, flush=True)
+        self.shown = finished
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.update()
+            self.bar.close()
+        print(f"{self.desc}: {self.stats.summary()}", file=sys.stderr, flush=True)
+
+
+class _Batch:
+    """An original mini-batch while its inputs are running or being retried."""
+
+    def __init__(self, number: int, first: int, inputs: list) -> None:
+        self.number = number
+        self.indices = list(range(first, first + len(inputs)))
+        self.inputs = inputs
+        self.results: list[Any] = [None] * len(inputs)
+        self.final = [False] * len(inputs)
+        self.attempts = [0] * len(inputs)
+        self.remaining = len(inputs)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(
+        f"a result of type {type(value).__name__} cannot be written as JSON; return plain "
+        "data (dict/list/str/number), DataFrames (parquet), or use output_format='pickle'"
+    )
+
+
+def _write_batch(out_dir: Path, batch: _Batch, fmt: str) -> Path:
+    """Write one finished batch under ``out_dir`` atomically; returns the file."""
+    stem = out_dir / f"batch-{batch.number:06d}"
+    pairs = list(zip(batch.indices, batch.results, strict=True))
+    errors = [r.to_dict() for _, r in pairs if isinstance(r, ItemError)]
+    ok = [(i, r) for i, r in pairs if not isinstance(r, ItemError)]
+    if fmt == "auto":
+        fmt = "json"
+        if ok and type(ok[0][1]).__name__ == "DataFrame":
+            try:
+                import pandas as pd
+                import pyarrow  # noqa: F401
+
+                if all(isinstance(r, pd.DataFrame) for _, r in ok):
+                    fmt = "parquet"
+            except ImportError:
+                pass
+    path = stem.with_suffix("." + {"pickle": "pkl"}.get(fmt, fmt))
+    tmp = path.with_name(path.name + ".tmp")
+    if fmt == "parquet":
+        import pandas as pd
+
+        frames = [r.assign(_item=i) for i, r in ok]
+        (pd.concat(frames) if frames else pd.DataFrame()).to_parquet(tmp)
+        if errors:
+            stem.with_suffix(".errors.json").write_text(json.dumps(errors, indent=1))
+    elif fmt == "pickle":
+        with open(tmp, "wb") as fh:
+            data = {"batch": batch.number, "indices": batch.indices, "results": batch.results}
+            pickle.dump(data, fh)
+    elif fmt == "json":
+        items = [{"index": i, "result": r} for i, r in ok] + [{"error": e} for e in errors]
+        items.sort(key=lambda d: d.get("index", d.get("error", {}).get("index", -1)))
+        tmp.write_text(json.dumps({"batch": batch.number, "items": items}, default=_json_default))
+    else:
+        raise ConfigurationError(f"output_format must be auto/json/parquet/pickle, not {fmt!r}.")
+    os.replace(tmp, path)
+    return path
+
+
+def _check_threshold(value: int | float | None, total: int | None) -> int | float | None:
+    if value is None or value == -1:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigurationError(
+            f"error_threshold must be -1 (never stop), a count >= 0 or a fraction in (0, 1), "
+            f"got {value!r}."
+        )
+    if isinstance(value, float) and 0 < value < 1:
+        if total is None:
+            raise ConfigurationError(
+                "error_threshold as a fraction needs the number of inputs: pass a sized "
+                "collection or total=."
+            )
+        return value * total
+    if value != int(value):
+        raise ConfigurationError(f"error_threshold {value!r}: a count must be a whole number.")
+    return int(value)
+
+
+class BatchRun:
+    """An iterable batch run; see :func:`iter_batches`. ``stats`` is live while iterating."""
+
+    def __init__(self, fn: Callable, inputs: Iterable, **options: Any) -> None:
+        self.fn, self.inputs, self.o = fn, inputs, options
+        total = options["total"]
+        if total is None and hasattr(inputs, "__len__"):
+            total = len(inputs)  # type: ignore[arg-type]
+        self.stats = BatchStats(total=total)
+        self.limit = _check_threshold(options["error_threshold"], total)
+        self.timeout = parse_duration(options["timeout"], "timeout")
+        if not isinstance(options["retries"], int) or options["retries"] < 0:
+            raise ConfigurationError(
+                f"retries must be an integer >= 0, got {options['retries']!r}."
+            )
+        self.out_dir = Path(options["output_dir"]) if options["output_dir"] is not None else None
+        self.files: list[Path] = []
+        self.pending_errors: dict[int, ItemError] = {}
+
+    def __iter__(self) -> Iterator[BatchResult]:
+        from distributed import Client, as_completed, get_client
+
+        o, stats = self.o, self.stats
+        client, own = o["client"], False
+        if client is None and o["cluster"] is not None:
+            client, own = Client(o["cluster"], set_as_default=False), True
+        elif client is None:
+            try:
+                client = get_client()
+            except ValueError:
+                raise ConfigurationError(
+                    "No Dask client: pass client= or cluster=, or create a Client first."
+                ) from None
+        if client.asynchronous:
+            raise ConfigurationError("map_batches/iter_batches need a synchronous Dask client.")
+        threads = sum(client.nthreads().values()) or 2
+        size = o["batch_size"]
+        if size is None:
+            size = 100 if stats.total is None else math.ceil(stats.total / (4 * threads))
+            size = max(1, min(1000, size))
+        if not isinstance(size, int) or size < 1:
+            raise ConfigurationError(f"batch_size must be a positive integer, got {size!r}.")
+        max_in_flight = o["max_in_flight"] or max(2, 2 * threads)
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        run_id = uuid.uuid4().hex[:8]
+        source = iter(self.inputs)
+        tasks: dict[str, tuple[_Batch, list[int]]] = {}
+        retry_q: deque[tuple[_Batch, list[int]]] = deque()
+        live: dict[int, _Batch] = {}
+        seq, numbers, first, exhausted = itertools.count(), itertools.count(), 0, False
+        done = as_completed()
+        progress = _Progress(stats, o["progress"], o["desc"])
+        try:
+            while True:
+                while len(tasks) < max_in_flight:
+                    priority = 1
+                    if retry_q:
+                        batch, positions = retry_q.popleft()
+                    elif not exhausted:
+                        chunk = list(itertools.islice(source, size))
+                        if not chunk:
+                            exhausted = True
+                            continue
+                        batch = _Batch(next(numbers), first, chunk)
+                        first += len(chunk)
+                        live[batch.number] = batch
+                        positions, priority = list(range(len(chunk))), 0
+                    else:
+                        break
+                    future = client.submit(
+                        _run_batch, self.fn, [batch.inputs[p] for p in positions],
+                        self.timeout, o["init"], f"init-{run_id}",
+                        key=f"map_batches-{run_id}-{next(seq)}", priority=priority, pure=False,
+                    )  # fmt: skip
+                    tasks[future.key] = (batch, positions)
+                    done.add(future)
+                    stats.max_in_flight = max(stats.max_in_flight, len(tasks))
+                if not tasks:
+                    break
+                future = next(done)
+                batch, positions = tasks.pop(future.key)
+                again = self._record(batch, positions, future)
+                future.release()
+                if again:
+                    retry_q.append((batch, again))
+                progress.update()
+                if self.limit is not None and stats.failed > self.limit:
+                    raise self._abort(live)
+                if batch.remaining == 0:
+                    del live[batch.number]
+                    yield self._finish(batch)
+        finally:
+            for future in list(done.futures):
+                future.cancel()
+            progress.close()
+            if o["init"] is not None:
+                with contextlib.suppress(Exception):
+                    client.run(_drop_state, f"init-{run_id}")
+            if own:
+                client.close()
+
+    def _record(self, batch: _Batch, positions: list[int], future: Any) -> list[int]:
+        """Store a finished task's outcomes; return the positions to run again."""
+        stats, again = self.stats, []
+        if future.status == "error":
+            task_error = _error(future.exception())
+            task_error.traceback = "".join(traceback.format_tb(future.traceback()))
+            failed = dict.fromkeys(range(len(positions)), task_error)
+            outcome: tuple = ([None] * len(positions), failed, [], None, 0)
+        else:
+            outcome = future.result()
+        values, errors, not_run, _, stats.stuck_threads = outcome
+        skipped = set(not_run)
+        for k, pos in enumerate(positions):
+            if k in skipped:
+                again.append(pos)
+                continue
+            batch.attempts[pos] += 1
+            if k not in errors:
+                batch.results[pos], batch.final[pos] = values[k], True
+                batch.remaining -= 1
+                stats.done += 1
+                continue
+            err = replace(errors[k])
+            err.index, err.attempts = batch.indices[pos], batch.attempts[pos]
+            if batch.attempts[pos] <= self.o["retries"]:
+                stats.retried += 1
+                again.append(pos)
+                continue
+            batch.results[pos], batch.final[pos] = err, True
+            batch.remaining -= 1
+            stats.failed += 1
+            stats.timed_out += err.timed_out
+        return again
+
+    def _finish(self, batch: _Batch) -> BatchResult:
+        self.stats.batches += 1
+        result = BatchResult(batch.number, batch.indices, batch.results)
+        if self.out_dir is not None:
+            result.path = _write_batch(self.out_dir, batch, self.o["output_format"])
+            self.files.append(result.path)
+        return result
+
+    def _abort(self, live: dict[int, _Batch]) -> ErrorThresholdExceededError:
+        results, errors = {}, {}
+        for batch in live.values():
+            for pos, index in enumerate(batch.indices):
+                if batch.final[pos]:
+                    target = errors if isinstance(batch.results[pos], ItemError) else results
+                    target[index] = batch.results[pos]
+        first = min(errors.values(), key=lambda e: e.index, default=None)
+        s = self.stats
+        cause = ""
+        if first is not None:
+            cause = f" First failure: input {first.index}: {first.type}: {first.message}."
+        return ErrorThresholdExceededError(
+            f"Stopped: {s.failed} input(s) failed, more than error_threshold="
+            f"{self.o['error_threshold']!r} allows ({s.summary()}).{cause} Batches still "
+            "running were cancelled; completed results are in .results and per-item errors "
+            "in .errors.",
+            results=results, errors=errors, stats=s, files=self.files,
+        )  # fmt: skip
+
+
+def iter_batches(
+    fn: Callable,
+    inputs: Iterable,
+    *,
+    client: Any = None,
+    cluster: Any = None,
+    batch_size: int | None = None,
+    error_threshold: int | float = -1,
+    timeout: str | float | None = None,
+    retries: int = 0,
+    init: Callable[[], Any] | None = None,
+    progress: bool = True,
+    output_dir: str | os.PathLike | None = None,
+    output_format: str = "auto",
+    max_in_flight: int | None = None,
+    total: int | None = None,
+    desc: str = "map_batches",
+) -> BatchRun:
+    """Run ``fn`` over ``inputs`` in mini-batches; yield each batch as it finishes.
+
+    Inputs are read lazily and at most ``max_in_flight`` batches are submitted at
+    once, so a generator of millions of inputs runs in bounded memory. Batches
+    come in completion order; each carries its input positions.
+
+    Parameters
+    ----------
+    fn
+        Called as ``fn(item)``, or ``fn(item, state)`` when ``init`` is given.
+    inputs
+        Any iterable (file names, parameter sets, seeds, ...).
+    client, cluster
+        The Dask client to use, or a cluster to open a client on (closed at the
+        end). Default: the current client (``distributed.get_client()``).
+    batch_size
+        Inputs per batch (one Dask task). Default: about four batches per worker
+        thread, between 1 and 1000 (100 when the number of inputs is unknown).
+    error_threshold
+        Stop once more inputs than this have failed for good (after retries): a
+        count, a fraction of all inputs in (0, 1), or -1 to never stop. Stopping
+        raises :class:`~dask_amlcompute.exceptions.ErrorThresholdExceededError`.
+    timeout
+        Time limit of one batch (seconds, ``"90s"``, ``"5m"``). The call running
+        when it expires is abandoned and fails as timed out; the inputs after it
+        are resubmitted. ``init`` is not under the limit. Default: no limit.
+    retries
+        How many times a failed input is run again before it counts as failed.
+    init
+        Called once per worker, before its first batch, for expensive setup (load
+        a model); its return value is passed to ``fn`` and dropped at the end of the
+        run. An exception fails the batch's inputs (init is tried again next batch).
+    progress
+        Show a progress bar (tqdm if installed, else a line every 2 s) with
+        done/failed/retried counts, and a final summary.
+    output_dir
+        Write each finished batch to a file there (``batch-NNNNNN.json``, or
+        ``.parquet`` when every result of the batch is a pandas DataFrame and
+        pyarrow is installed; a batch's errors then go to ``.errors.json``). The
+        yielded batches carry ``path``.
+    output_format
+        ``"auto"``, ``"json"``, ``"parquet"`` or ``"pickle"``.
+    max_in_flight
+        Most batches submitted at once. Default: twice the worker threads.
+    total
+        Number of inputs when ``inputs`` has no ``len()`` (for the progress bar and
+        a fractional ``error_threshold``).
+    desc
+        Label of the progress bar.
+
+    Returns
+    -------
+    BatchRun
+        An iterable of :class:`BatchResult`; ``.stats`` holds live counters.
+
+    Examples
+    --------
+    >>> for batch in iter_batches(score, paths, client=client, batch_size=50):  # doctest: +SKIP
+    ...     save(batch.indices, batch.results)
+    """
+    return BatchRun(
+        fn,
+        inputs,
+        client=client,
+        cluster=cluster,
+        batch_size=batch_size,
+        error_threshold=error_threshold,
+        timeout=timeout,
+        retries=retries,
+        init=init,
+        progress=progress,
+        output_dir=output_dir,
+        output_format=output_format,
+        max_in_flight=max_in_flight,
+        total=total,
+        desc=desc,
+    )
+
+
+def map_batches(fn: Callable, inputs: Iterable, **options: Any) -> list[Any]:
+    """Run ``fn`` over every input in mini-batches; return the results in input order.
+
+    An input that failed (after ``retries``) gets an :class:`ItemError` in place
+    of its result; nothing is swallowed: the summary counts failures and each
+    error carries its exception type, message, traceback and worker.
+
+    Parameters
+    ----------
+    fn
+        Called as ``fn(item)``, or ``fn(item, state)`` when ``init`` is given.
+    inputs
+        Any iterable.
+    **options
+        Every keyword of :func:`iter_batches`: ``client``, ``cluster``,
+        ``batch_size``, ``error_threshold``, ``timeout``, ``retries``, ``init``,
+        ``progress``, ``output_dir``, ``output_format``, ``max_in_flight``, ``total``.
+
+    Returns
+    -------
+    list
+        Results (or :class:`ItemError`) in input order; with ``output_dir``, the
+        written files in batch order instead.
+
+    Raises
+    ------
+    ErrorThresholdExceededError
+        More inputs failed than ``error_threshold`` allows. ``.results`` and
+        ``.errors`` hold everything that completed, by input position.
+
+    Examples
+    --------
+    >>> results = map_batches(lambda x: x * x, range(10_000), client=client,
+    ...                       retries=2, timeout="5m", error_threshold=0.01)  # doctest: +SKIP
+    >>> errors = [r for r in results if isinstance(r, ItemError)]  # doctest: +SKIP
+
+    See Also
+    --------
+    iter_batches : the streaming form, for results that do not fit in memory.
+    """
+    run = iter_batches(fn, inputs, **options)
+    results: dict[int, Any] = {}
+    files: list[Path] = []
+    try:
+        for batch in run:
+            if batch.path is not None:
+                files.append(batch.path)
+            else:
+                results.update(zip(batch.indices, batch.results, strict=True))
+    except ErrorThresholdExceededError as exc:
+        done = {i: r for i, r in results.items() if not isinstance(r, ItemError)}
+        exc.results = {**done, **exc.results}
+        exc.errors = {
+            **{i: r for i, r in results.items() if isinstance(r, ItemError)},
+            **exc.errors,
+        }
+        raise
+    if run.out_dir is not None:
+        return sorted(files)
+    return [results[i] for i in range(len(results))]

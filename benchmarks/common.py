@@ -198,10 +198,8 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
     # The process was started with start_new_session: its group id is its PID and
     # holds only processes it started (e.g. a nanny's worker).
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -359,7 +357,9 @@ class EmulatorProcess:
         """Unfinished jobs whose name starts with ``prefix``."""
         doc = self.status()
         done = set(doc["terminal_statuses"])
-        return [n for n, j in doc["jobs"].items() if n.startswith(prefix) and j["status"] not in done]
+        return [
+            n for n, j in doc["jobs"].items() if n.startswith(prefix) and j["status"] not in done
+        ]
 
 
 # -- clusters ----------------------------------------------------------------
@@ -397,9 +397,35 @@ def aml_cluster(emu: EmulatorProcess, ml_client: Any, **kwargs: Any) -> Iterator
         wait_until(lambda: not emu.active_jobs(cluster.name), 60, f"jobs of {cluster.name} to end")
 
 
-def no_op(x: Any) -> Any:
-    """The task of the throughput benchmarks."""
+def shippable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Make a benchmark function run on the nodes, where this directory is not importable.
+
+    Dask pickles a graph with plain pickle first, which stores module-level
+    functions by reference (``common.no_op``) and the scheduler then fails to
+    import them. A wrapper that plain pickle refuses is shipped by value by
+    cloudpickle instead...
+    """
+    import functools
+
+    import cloudpickle
+
+    # ... and whatever it calls from a benchmark module is then shipped by value too.
+    cloudpickle.register_pickle_by_value(sys.modules[fn.__module__])
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    call.__qualname__ = f"<locals>.{fn.__name__}"  # not importable: pickled by value
+    return call
+
+
+def _no_op(x: Any) -> Any:
     return x
+
+
+#: The task of the throughput benchmarks.
+no_op = shippable(_no_op)
 
 
 def ssh_keypair(workdir: Path) -> tuple[Path, str]:

@@ -25,8 +25,6 @@ import time
 import traceback
 from pathlib import Path
 
-import cloudpickle
-
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "RESULTS.md"
@@ -106,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(BENCH_DIR))
     common = importlib.import_module("common")
-    # Benchmark functions are not importable on workers: ship them by value.
-    cloudpickle.register_pickle_by_value(common)
 
     names = [s for s in SUITES if not args.only or s in args.only]
     facts = machine_facts()
@@ -122,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             try:
                 module = importlib.import_module(name)
-                cloudpickle.register_pickle_by_value(module)
                 result = module.run(opts)
             except Exception:
                 traceback.print_exc()

@@ -69,12 +69,14 @@ def plain_dask_start(workdir: Path, rep: list[int]) -> float:
 def aml_start(emu: EmulatorProcess, ml_client) -> float:
     """Seconds from ``AmlComputeCluster(n_nodes=3)`` to a client with its 2 workers."""
     start = time.perf_counter()
-    with aml_cluster(
-        emu, ml_client, **cluster_kwargs(COMPUTE, n_nodes=3, worker_on_scheduler=False)
-    ) as cluster:
-        with Client(cluster, timeout=60) as client:
-            client.wait_for_workers(2, timeout=60)
-            elapsed = time.perf_counter() - start
+    with (
+        aml_cluster(
+            emu, ml_client, **cluster_kwargs(COMPUTE, n_nodes=3, worker_on_scheduler=False)
+        ) as cluster,
+        Client(cluster, timeout=60) as client,
+    ):
+        client.wait_for_workers(2, timeout=60)
+        elapsed = time.perf_counter() - start
     return elapsed
 
 

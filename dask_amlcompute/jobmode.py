@@ -1,0 +1,564 @@
+"""Job mode: one AML job runs a Dask cluster and your script, and ends with it.
+
+``submit_script(ml_client, "batch.py", compute="cpu-cluster", n_nodes=4)`` (or
+``dask-amlcompute run batch.py --nodes 4 --compute cpu-cluster``) submits ONE AML
+command job. Rank 0 starts the Dask scheduler (and workers beside it), waits for
+the other ranks' workers, then runs the script with ``DASK_SCHEDULER_ADDRESS``
+set, so ``Client()`` in the script connects to the in-job cluster. When the
+script exits the scheduler shuts down, every node exits and the job ends:
+``Completed`` when the script exited 0, else ``Failed`` (rank 0 exits with the
+script's exit code, which is also published as the run tag
+``dask_script_exit_code``). No notebook or laptop needs to stay open: the batch
+lives inside AML, bounded by ``job_timeout`` (the dask-mpi / jobqueue Runner pattern).
+
+The script travels inside the job definition (gzip + base64 in an environment
+variable, at most :data:`MAX_EMBEDDED_BYTES`), which works everywhere, including
+the local emulator (which has no blob storage for code snapshots). On real AML,
+``code="folder"`` uploads the folder as the job's code snapshot instead: use it
+for large scripts or scripts that import their own modules.
+
+The in-job side is ``python -m dask_amlcompute.jobmode``: the flags of
+:mod:`dask_amlcompute.node` plus ``--script``/``--script-name``/``--wait-workers``,
+then ``--`` and the script's own arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import concurrent.futures
+import gzip
+import json
+import logging
+import os
+import shlex
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .exceptions import (
+    AmlComputeError,
+    ConfigurationError,
+    JobCanceledError,
+    JobError,
+    JobFailedError,
+    TooManyNodesError,
+)
+from .jobspec import NodeOptions, build_job, node_command
+from .node import (
+    SCHEDULER_TAG,
+    VERSIONS_TAG,
+    _parse_args,
+    _start_workers,
+    detect_context,
+    package_versions,
+    publish_tags,
+    run_node,
+)
+from .validation import aml_name, parse_duration, positive_int
+
+logger = logging.getLogger("dask_amlcompute.jobmode")
+
+#: Environment variables carrying an embedded script into the job.
+SCRIPT_ENV = "DASK_AMLCOMPUTE_SCRIPT_GZ_B64"
+#: Run tag rank 0 sets to the script's exit code before the job ends.
+EXIT_CODE_TAG = "dask_script_exit_code"
+#: Largest embedded script (after gzip + base64); use ``code=`` beyond it.
+MAX_EMBEDDED_BYTES = 64 * 1024
+#: Lines rank 0 prints around the script's output in its log.
+OUTPUT_BEGIN = "----- dask-amlcompute: script output -----"
+OUTPUT_END = "----- dask-amlcompute: script exited with code"
+
+
+@dataclass(frozen=True)
+class ScriptRun:
+    """The outcome of :func:`submit_script`.
+
+    Attributes
+    ----------
+    job_name
+        The AML job.
+    status
+        Last status (``Completed`` when waited for and successful).
+    exit_code
+        The script's exit code, once the job has published it.
+    studio_url
+        Link to the job in Azure ML studio.
+    output
+        What the script printed (from rank 0's log, last 2000 lines), when waited for.
+    """
+
+    job_name: str
+    status: str
+    exit_code: int | None = None
+    studio_url: str | None = None
+    output: str | None = None
+
+
+def script_output(log: str | None) -> str | None:
+    """The script's part of rank 0's log (between the job-mode markers)."""
+    if not log or OUTPUT_BEGIN not in log:
+        return None
+    text = log.split(OUTPUT_BEGIN, 1)[1].lstrip("\n")
+    return text.split(OUTPUT_END, 1)[0]
+
+
+def embed_script(source: bytes, name: str = "script") -> str:
+    """Compress and encode a script for :data:`SCRIPT_ENV`; refuse one too large.
+
+    Raises
+    ------
+    ConfigurationError
+        The encoded script exceeds :data:`MAX_EMBEDDED_BYTES`.
+    """
+    encoded = base64.b64encode(gzip.compress(source, mtime=0)).decode("ascii")
+    if len(encoded) > MAX_EMBEDDED_BYTES:
+        raise ConfigurationError(
+            f"Script {name} is {len(source)} bytes ({len(encoded)} encoded): too large to embed "
+            f"in the job (limit {MAX_EMBEDDED_BYTES} encoded bytes). Put it in a folder and pass "
+            "code='<folder>' (AML uploads it as the job's code snapshot), or move the bulk into "
+            "a package installed in the environment."
+        )
+    return encoded
+
+
+def build_script_job(
+    script_path: str | os.PathLike,
+    *,
+    name: str,
+    compute: str,
+    n_nodes: int,
+    environment: Any,
+    experiment_name: str,
+    timeout_seconds: float | None,
+    processes_per_node: int = 1,
+    threads_per_process: int | None = None,
+    script_args: Sequence[str] = (),
+    code: str | os.PathLike | None = None,
+    env_vars: Mapping[str, str] | None = None,
+    distribution: str = "pytorch",
+    wait_workers: float = 300.0,
+    death_timeout: float = 300.0,
+):
+    """Build (but do not submit) the AML command job of :func:`submit_script`.
+
+    With ``code``, ``script_path`` is taken relative to that folder and the folder
+    becomes the job's code snapshot; otherwise the script is read and embedded.
+
+    Returns
+    -------
+    azure.ai.ml.entities.Command
+    """
+    node = NodeOptions(
+        role="cluster",
+        name_prefix=f"{name}",
+        processes=processes_per_node,
+        threads=threads_per_process,
+        death_timeout=death_timeout,
+    )
+    env = dict(env_vars or {})
+    script_path = Path(script_path)
+    extra = ["--script-name", script_path.name, "--wait-workers", f"{wait_workers:g}"]
+    if code is not None:
+        extra += ["--script", script_path.as_posix()]
+    else:
+        env[SCRIPT_ENV] = embed_script(script_path.read_bytes(), str(script_path))
+    job = build_job(
+        name=name,
+        compute=compute,
+        n_nodes=n_nodes,
+        node=node,
+        environment=environment,
+        experiment_name=experiment_name,
+        timeout_seconds=timeout_seconds,
+        cluster_name=name,
+        tags={"dask_mode": "script", "dask_script": script_path.name},
+        env_vars=env,
+        distribution=distribution,
+    )
+    argv = shlex.split(node_command(node))
+    argv[argv.index("dask_amlcompute.node")] = "dask_amlcompute.jobmode"
+    job.command = shlex.join([*argv, *extra, "--", *script_args])
+    job.display_name = f"{script_path.name} on {n_nodes} node(s) (dask-amlcompute run)"
+    if code is not None:
+        job.code = str(code)
+    return job
+
+
+# -- client side ------------------------------------------------------------------------
+
+
+async def _submit_and_wait(ops: Any, job: Any, *, n_nodes: int, wait: bool, wait_timeout: float,
+                           poll_interval: float, log: Any) -> ScriptRun:  # fmt: skip
+    compute = await ops.get_compute(job.compute)
+    if compute.max_nodes and n_nodes > compute.max_nodes:
+        raise TooManyNodesError(
+            f"n_nodes={n_nodes} but compute {compute.name!r} has at most {compute.max_nodes} "
+            "node(s) (max_instances); nothing was submitted."
+        )
+    info = await ops.submit(job)
+    log(f"Submitted AML job {info.name} ({n_nodes} node(s)): {info.status}")
+    if info.studio_url:
+        log(f"Studio: {info.studio_url}")
+    if not wait:
+        return ScriptRun(info.name, info.status, studio_url=info.studio_url)
+    deadline, last = time.monotonic() + wait_timeout, info.status
+    try:
+        while not info.terminal:
+            if time.monotonic() > deadline:
+                raise JobError(
+                    f"Gave up waiting after {wait_timeout:.0f}s; the job keeps running until it "
+                    "ends or reaches its job_timeout.",
+                    job_name=info.name, status=info.status, studio_url=info.studio_url,
+                )  # fmt: skip
+            await asyncio.sleep(poll_interval)
+            info = await ops.get_job(info.name)
+            if info.status != last:
+                log(f"AML job {info.name}: {info.status}")
+                last = info.status
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log(f"Interrupted: cancelling AML job {info.name}")
+        await ops.cancel(info.name)
+        raise
+    code = info.tags.get(EXIT_CODE_TAG)
+    exit_code = int(code) if code not in (None, "") else None
+    message, files = await ops.run_details(info.name)
+    rank0 = {k: v for k, v in files.items() if k.endswith("_0.txt")}
+    output = script_output(await ops.log_tail(rank0, lines=2000) if rank0 else None)
+    if info.status == "Completed":
+        return ScriptRun(info.name, info.status, exit_code, info.studio_url, output)
+    tail = "\n".join(output.splitlines()[-40:]) if output else None
+    tail = tail or (await ops.log_tail(files) if files else None)
+    what = f"exited with code {exit_code}" if exit_code else "did not finish"
+    text = f"The script {what}: AML job {info.name} ended {info.status}."
+    if message:
+        text += f"\nAML says: {message}"
+    cls = JobCanceledError if info.status == "Canceled" else JobFailedError
+    err = cls(text, job_name=info.name, status=info.status, studio_url=info.studio_url,
+              log_tail=tail)  # fmt: skip
+    err.exit_code = exit_code  # type: ignore[attr-defined]
+    raise err
+
+
+def submit_script(
+    ml_client: Any,
+    script_path: str | os.PathLike,
+    *,
+    compute: str,
+    n_nodes: int = 1,
+    processes_per_node: int = 1,
+    threads_per_process: int | None = None,
+    script_args: Sequence[str] = (),
+    job_timeout: str | float = "1h",
+    experiment_name: str = "dask-amlcompute-run",
+    name: str | None = None,
+    environment: Any = None,
+    env_vars: Mapping[str, str] | None = None,
+    code: str | os.PathLike | None = None,
+    distribution: str = "pytorch",
+    wait: bool = True,
+    wait_timeout: str | float | None = None,
+    wait_workers: str | float = "5m",
+    poll_interval: float = 2.0,
+    quiet: bool = False,
+) -> ScriptRun:
+    """Run a Dask script as one AML job on ``n_nodes`` nodes; the job ends with the script.
+
+    Rank 0 runs the Dask scheduler and then ``python <script> <script_args>`` with
+    ``DASK_SCHEDULER_ADDRESS`` set (so ``Client()`` connects); every rank runs
+    ``processes_per_node`` workers.
+
+    Parameters
+    ----------
+    ml_client
+        An ``azure.ai.ml.MLClient`` (``Emulator.ml_client()`` works too).
+    script_path
+        The script; relative to ``code`` when ``code`` is given.
+    compute, n_nodes, processes_per_node, threads_per_process
+        Where and how wide the in-job cluster is.
+    script_args
+        Arguments of the script.
+    job_timeout
+        AML job time limit: AML cancels the job after it.
+    experiment_name, name
+        Experiment and job name (default ``dask-run-<random>``).
+    environment
+        As for :class:`~dask_amlcompute.AmlComputeCluster` (default: pinned to this
+        client's Python/dask/distributed/cloudpickle versions).
+    env_vars
+        Extra environment variables of every node (and the script).
+    code
+        A folder uploaded as the job's code snapshot (real AML). Without it the
+        script is embedded in the job (limit :data:`MAX_EMBEDDED_BYTES`).
+    distribution
+        ``"pytorch"`` or ``"mpi"``.
+    wait
+        Wait for the job to end; False returns right after submission.
+    wait_timeout
+        Bound on that wait (default: ``job_timeout`` plus 30 minutes for queueing).
+    wait_workers
+        How long rank 0 waits for all workers before starting the script anyway.
+    poll_interval
+        Seconds between status polls.
+    quiet
+        Do not print progress.
+
+    Returns
+    -------
+    ScriptRun
+
+    Raises
+    ------
+    JobFailedError
+        The script failed (``exit_code`` attribute, log tail in the message).
+    JobCanceledError
+        The job was cancelled (``job_timeout`` reached, or by a user).
+
+    Examples
+    --------
+    >>> run = submit_script(ml_client, "score.py", compute="cpu-cluster", n_nodes=4,
+    ...                     job_timeout="3h")  # doctest: +SKIP
+    >>> run.status  # doctest: +SKIP
+    'Completed'
+    """
+    from .aml import AmlOps
+    from .environment import resolve_environment
+
+    n_nodes = positive_int(n_nodes, "n_nodes")
+    timeout = parse_duration(job_timeout, "job_timeout")
+    name = aml_name(name or f"dask-run-{uuid.uuid4().hex[:10]}", "job name")
+    job = build_script_job(
+        script_path,
+        name=name,
+        compute=compute,
+        n_nodes=n_nodes,
+        environment=resolve_environment(environment),
+        experiment_name=aml_name(experiment_name, "experiment_name"),
+        timeout_seconds=timeout,
+        processes_per_node=positive_int(processes_per_node, "processes_per_node"),
+        threads_per_process=threads_per_process,
+        script_args=[str(a) for a in script_args],
+        code=code,
+        env_vars=env_vars,
+        distribution=distribution,
+        wait_workers=parse_duration(wait_workers, "wait_workers") or 300.0,
+    )
+    bound = parse_duration(wait_timeout, "wait_timeout") or (timeout or 3600) + 1800
+
+    def log(message: str) -> None:
+        logger.info(message)
+        if not quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    coro = _submit_and_wait(AmlOps(ml_client), job, n_nodes=n_nodes, wait=wait,
+                            wait_timeout=bound, poll_interval=poll_interval, log=log)  # fmt: skip
+    # A thread of its own: works whether or not the caller already runs an event loop.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+# -- in-job side ------------------------------------------------------------------------
+
+
+def _script_file(args: argparse.Namespace) -> str:
+    if args.script:
+        return args.script
+    encoded = os.environ.get(SCRIPT_ENV)
+    if not encoded:
+        raise SystemExit(f"No --script and no {SCRIPT_ENV}: nothing to run.")
+    folder = tempfile.mkdtemp(prefix="dask-amlcompute-script-")
+    path = os.path.join(folder, args.script_name)
+    Path(path).write_bytes(gzip.decompress(base64.b64decode(encoded)))
+    return path
+
+
+async def _wait_for_workers(scheduler: Any, expected: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(scheduler.workers) < expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    if len(scheduler.workers) < expected:
+        logger.warning(
+            "Only %d of %d workers joined within %.0fs; starting the script anyway",
+            len(scheduler.workers), expected, timeout,
+        )  # fmt: skip
+
+
+async def run_script_node(args: argparse.Namespace, node_args: argparse.Namespace,
+                          script_args: list[str]) -> int:  # fmt: skip
+    """Rank 0 of a job-mode job: scheduler, workers, then the script; returns its exit code."""
+    from distributed import Scheduler
+
+    ctx = detect_context()
+    if ctx.rank != 0:
+        await run_node(node_args)
+        return 0
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    script = _script_file(args)
+    scheduler = Scheduler(
+        host=ctx.node_ip,
+        port=node_args.scheduler_port,
+        dashboard_address=f"{ctx.node_ip}:{node_args.dashboard_port}",
+        **node_args.scheduler_options,
+    )
+    await scheduler
+    nannies: list = []
+    try:
+        tags = {SCHEDULER_TAG: scheduler.address, VERSIONS_TAG: json.dumps(package_versions())}
+        try:
+            await asyncio.to_thread(publish_tags, tags)
+        except Exception as exc:  # the tag only helps to watch the run; the script still runs
+            logger.warning("Could not publish the scheduler address: %s", exc)
+        if node_args.worker_on_scheduler:
+            nannies = await _start_workers(scheduler.address, ctx, node_args)
+        per_node = node_args.processes
+        nodes = ctx.world_size if node_args.worker_on_scheduler else ctx.world_size - 1
+        await _wait_for_workers(scheduler, per_node * nodes, args.wait_workers)
+        env = {**os.environ, "DASK_SCHEDULER_ADDRESS": scheduler.address}
+        logger.info("Running %s %s against %s", script, script_args, scheduler.address)
+        print(OUTPUT_BEGIN, flush=True)
+        proc = await asyncio.create_subprocess_exec(sys.executable, script, *script_args, env=env)
+        waiter = asyncio.ensure_future(stop.wait())
+        done = asyncio.ensure_future(proc.wait())
+        await asyncio.wait([waiter, done], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not done.done():
+            logger.warning("Stopping the script (the job is being cancelled)")
+            proc.terminate()
+            try:
+                await asyncio.wait_for(done, 10)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await done
+        code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+        print(f"{OUTPUT_END} {code} -----", flush=True)
+        try:
+            await asyncio.to_thread(publish_tags, {EXIT_CODE_TAG: str(code)})
+        except Exception as exc:
+            logger.warning("Could not publish the exit code: %s", exc)
+        return code
+    finally:
+        await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
+        await scheduler.close(reason="script-finished")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m dask_amlcompute.jobmode``; returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    own = argparse.ArgumentParser(prog="python -m dask_amlcompute.jobmode", add_help=False)
+    own.add_argument("--script", default=None, help="script path (code snapshot)")
+    own.add_argument("--script-name", default="script.py")
+    own.add_argument("--wait-workers", type=float, default=300.0)
+    args, rest = own.parse_known_args(argv[:cut])
+    node_args = _parse_args(rest)
+    try:
+        return asyncio.run(run_script_node(args, node_args, argv[cut + 1 :]))
+    except Exception as exc:
+        logger.error("dask-amlcompute job mode failed: %s", exc, exc_info=True)
+        print(f"dask-amlcompute job mode failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+# -- command line -----------------------------------------------------------------------
+
+
+def run_cli(argv: Sequence[str]) -> int:
+    """``dask-amlcompute run SCRIPT --nodes N --compute NAME [...] [-- SCRIPT ARGS]``.
+
+    Returns the process exit code: 0 when the job completed, the script's exit
+    code (or 1) when it failed.
+    """
+    argv = list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(
+        prog="dask-amlcompute run",
+        description="Run a Dask script as one AML job: rank 0 runs the scheduler and the "
+        "script, the other nodes run workers; the job ends when the script does. "
+        "Arguments after -- go to the script.",
+    )
+    p.add_argument(
+        "script", help="the Python script (Client() in it connects to the job's cluster)"
+    )
+    p.add_argument("--nodes", type=int, default=1, help="nodes of the job (default 1)")
+    p.add_argument(
+        "--compute", default=None, help="AmlCompute cluster (default with --emulator: cpu-cluster)"
+    )
+    p.add_argument("--processes", type=int, default=1, help="worker processes per node")
+    p.add_argument("--threads", type=int, default=None, help="threads per worker process")
+    p.add_argument("--job-timeout", default="1h", help="AML job time limit (default 1h)")
+    p.add_argument("--experiment", default="dask-amlcompute-run", help="AML experiment name")
+    p.add_argument("--name", default=None, help="AML job name (default dask-run-<random>)")
+    p.add_argument(
+        "--environment", default=None, help="AML environment (name@latest, name:version or image)"
+    )
+    p.add_argument(
+        "--code",
+        default=None,
+        help="upload this folder as the code snapshot (SCRIPT relative to it)",
+    )
+    p.add_argument("--env-var", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-wait", action="store_true", help="return after submitting")
+    p.add_argument(
+        "--emulator", action="store_true", help="run on a local AML emulator (no Azure account)"
+    )
+    p.add_argument("--workspace-config", default=None, help="path of the workspace config.json")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv[:cut])
+    env_vars = dict(kv.split("=", 1) for kv in args.env_var if "=" in kv)
+    emulator = None
+    try:
+        if args.emulator:
+            from .emulator import ComputeSpec, Emulator
+
+            if args.no_wait:
+                p.error(
+                    "--no-wait cannot be used with --emulator (it stops when this command ends)"
+                )
+            args.compute = args.compute or "cpu-cluster"
+            emulator = Emulator(
+                computes=[ComputeSpec(name=args.compute, max_nodes=max(4, args.nodes))]
+            )
+            emulator.start()
+            ml_client = emulator.ml_client()
+        else:
+            if not args.compute:
+                p.error("--compute is required (the AmlCompute cluster to run on)")
+            from .workspace import ml_client_from_config
+
+            ml_client = ml_client_from_config(args.workspace_config)
+        run = submit_script(
+            ml_client, args.script, compute=args.compute, n_nodes=args.nodes,
+            processes_per_node=args.processes, threads_per_process=args.threads,
+            script_args=argv[cut + 1 :], job_timeout=args.job_timeout,
+            experiment_name=args.experiment, name=args.name, environment=args.environment,
+            env_vars=env_vars, code=args.code, wait=not args.no_wait, quiet=args.quiet,
+            poll_interval=0.5 if args.emulator else 2.0,
+        )  # fmt: skip
+    except JobError as exc:
+        print(str(exc), file=sys.stderr)
+        return getattr(exc, "exit_code", None) or 1
+    except (AmlComputeError, ValueError, OSError) as exc:
+        print(f"dask-amlcompute run: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if emulator is not None:
+            emulator.stop()
+    if not args.quiet and run.output:
+        print(run.output, end="" if run.output.endswith("\n") else "\n")
+    print(f"AML job {run.job_name}: {run.status}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -431,9 +431,11 @@ class BatchRun:
             raise ConfigurationError(
                 f"retries must be an integer >= 0, got {options['retries']!r}."
             )
+        if options["client"] is not None and options["cluster"] is not None:
+            raise ConfigurationError("Pass client= or cluster=, not both.")
         self.out_dir = Path(options["output_dir"]) if options["output_dir"] is not None else None
         self.files: list[Path] = []
-        self.pending_errors: dict[int, ItemError] = {}
+        self.first_error: ItemError | None = None
 
     def __iter__(self) -> Iterator[BatchResult]:
         from distributed import Client, as_completed, get_client
@@ -467,7 +469,7 @@ class BatchRun:
         retry_q: deque[tuple[_Batch, list[int]]] = deque()
         live: dict[int, _Batch] = {}
         seq, numbers, first, exhausted = itertools.count(), itertools.count(), 0, False
-        done = as_completed()
+        done = as_completed(loop=client.loop)
         progress = _Progress(stats, o["progress"], o["desc"])
         try:
             while True:
@@ -550,6 +552,7 @@ class BatchRun:
             batch.remaining -= 1
             stats.failed += 1
             stats.timed_out += err.timed_out
+            self.first_error = self.first_error or err
         return again
 
     def _finish(self, batch: _Batch) -> BatchResult:
@@ -567,7 +570,7 @@ class BatchRun:
                 if batch.final[pos]:
                     target = errors if isinstance(batch.results[pos], ItemError) else results
                     target[index] = batch.results[pos]
-        first = min(errors.values(), key=lambda e: e.index, default=None)
+        first = self.first_error
         s = self.stats
         cause = ""
         if first is not None:

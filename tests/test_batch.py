@@ -190,3 +190,93 @@ def test_bad_arguments(client):
         map_batches(abs, [1], client=client, retries=-1)
     with pytest.raises(ConfigurationError, match="client"):
         map_batches(abs, [1], client=client, cluster=object())
+
+
+# -- on an AmlComputeCluster (emulator) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def aml_client(ml_client):
+    from dask_amlcompute import AmlComputeCluster
+
+    with (
+        AmlComputeCluster(
+            ml_client,
+            compute="cpu-cluster",
+            n_nodes=2,
+            threads_per_process=2,
+            job_timeout="10m",
+            startup_timeout="90s",
+            poll_interval=0.2,
+            death_timeout="60s",
+            quiet=True,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as c,
+    ):
+        yield c
+
+
+@pytest.mark.slow
+def test_batches_on_aml_cluster(aml_client, tmp_path):
+    def square_or_fail(x):
+        if x in (17, 4242):
+            raise KeyError(x)
+        return x * x
+
+    results = map_batches(square_or_fail, range(10_000), client=aml_client, progress=False)
+    assert [i for i, r in enumerate(results) if isinstance(r, ItemError)] == [17, 4242]
+    assert all(r == i * i for i, r in enumerate(results) if i not in (17, 4242))
+    assert {results[17].worker, results[4242].worker} <= set(aml_client.scheduler_info()["workers"])
+
+    def init():  # records each call in a file: nodes share this machine's filesystem
+        name = get_worker().name
+        (tmp_path / f"init-{name}-{time.monotonic_ns()}").touch()
+        return name
+
+    def flaky(x, worker_name):
+        marker = tmp_path / f"seen-{x}"
+        if x % 10 == 0 and not marker.exists():
+            marker.touch()
+            raise ConnectionError(f"flaky {x}")
+        if x == 55:
+            while True:  # hung: abandoned at the batch time limit
+                time.sleep(0.01)
+        return worker_name
+
+    run = iter_batches(
+        flaky, range(200), client=aml_client, batch_size=20, retries=1, timeout=2, init=init
+    )
+    out = {i: r for b in run for i, r in zip(b.indices, b.results, strict=True)}
+    assert run.stats.retried == 20 + 1  # every multiple of 10 once, and the hung input
+    assert run.stats.failed == 1 and run.stats.timed_out == 1 and out[55].timed_out
+    inits = sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.glob("init-*"))
+    assert inits == sorted(set(inits)) and len(inits) == 2  # once per worker
+    assert {r for i, r in out.items() if i != 55} <= {i.removeprefix("init-") for i in inits}
+
+
+@pytest.mark.slow
+def test_joblib_dask_backend_on_aml_cluster(aml_client):
+    joblib = pytest.importorskip("joblib")
+
+    def where(x):
+        return x * x, get_worker().name
+
+    with joblib.parallel_backend("dask", client=aml_client):
+        out = joblib.Parallel(batch_size=4)(joblib.delayed(where)(i) for i in range(64))
+    assert [v for v, _ in out] == [i * i for i in range(64)]
+    assert all(name.startswith("dask-") for _, name in out)  # ran on the cluster's workers
+
+
+@pytest.mark.slow
+def test_sklearn_grid_search_on_aml_cluster(aml_client):
+    joblib = pytest.importorskip("joblib")
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+
+    x, y = make_classification(n_samples=200, n_features=8, random_state=0)
+    search = GridSearchCV(LogisticRegression(max_iter=200), {"C": [0.01, 0.1, 1, 10]}, cv=3)
+    with joblib.parallel_backend("dask", client=aml_client):
+        search.fit(x, y)
+    assert search.best_params_["C"] in (0.01, 0.1, 1, 10) and search.best_score_ > 0.6

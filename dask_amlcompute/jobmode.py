@@ -167,6 +167,13 @@ def build_script_job(
     script_path = Path(script_path)
     extra = ["--script-name", script_path.name, "--wait-workers", f"{wait_workers:g}"]
     if code is not None:
+        if script_path.is_absolute():
+            try:
+                script_path = script_path.relative_to(Path(code).resolve())
+            except ValueError:
+                raise ConfigurationError(
+                    f"Script {script_path} is not inside the code folder {code}."
+                ) from None
         extra += ["--script", script_path.as_posix()]
     else:
         env[SCRIPT_ENV] = embed_script(script_path.read_bytes(), str(script_path))
@@ -477,9 +484,15 @@ def run_cli(argv: Sequence[str]) -> int:
     """``dask-amlcompute run SCRIPT --nodes N --compute NAME [...] [-- SCRIPT ARGS]``.
 
     Returns the process exit code: 0 when the job completed, the script's exit
-    code (or 1) when it failed.
+    code (or 1) when it failed, 2 for bad arguments or when nothing was submitted.
     """
-    argv = list(argv)
+    try:
+        return _run_cli(list(argv))
+    except SystemExit as exc:  # argparse: --help or a usage error
+        return exc.code if isinstance(exc.code, int) else 0
+
+
+def _run_cli(argv: list[str]) -> int:
     cut = argv.index("--") if "--" in argv else len(argv)
     p = argparse.ArgumentParser(
         prog="dask-amlcompute run",

@@ -1,4 +1,4 @@
-"""The quickstart notebook runs top to bottom against the emulator (so it cannot rot)."""
+"""The notebooks run top to bottom against the emulator (so they cannot rot)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,24 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb"
+NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("quickstart.ipynb", ["nodes in use: 0"]),
+        ("batch.ipynb", ["5000 results, 10 errors", "True batch time limit", "nodes in use: 0"]),
+    ],
+)
+def test_notebook_executes(name, expected, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
     # The kernel must be this interpreter (the one with the project installed).
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     NotebookClient(
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
@@ -28,4 +35,5 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
         if cell.cell_type == "code"
         for out in cell.get("outputs", [])
     )
-    assert "nodes in use: 0" in outputs
+    for text in expected:
+        assert text in outputs

@@ -1,0 +1,349 @@
+"""Ship a folder of the user's own modules to the workers.
+
+Tasks that call functions from the user's modules (``from mylib import f``)
+are pickled *by reference*: the workers must be able to import ``mylib``.
+:func:`ship_code` sends a folder through Dask's own mechanism, distributed's
+:class:`~distributed.diagnostics.plugin.UploadDirectory` plugin: the folder is
+zipped on the client, every worker's nanny unpacks it and puts it on
+``sys.path``, and the workers restart to pick it up (at cluster start they hold
+no data). Workers that join later (``scale``/``adapt``) receive it from the
+scheduler before they start.
+
+What is sent follows an ignore file with ``.gitignore`` syntax: the folder's
+``.amlignore`` if present, else its ``.gitignore`` (the same choice AML makes
+for a job's code snapshot), plus :data:`DEFAULT_IGNORES`. The total size is
+bounded (``max_bytes``): large data belongs in a datastore, not in code.
+
+On real AML the alternative is the job's ``code=`` snapshot, uploaded to the
+workspace's storage once per content hash and present in every node's working
+directory; it is not emulated (the emulator has no storage), and it fixes the
+code at job submission, whereas :func:`ship_code` can re-send a changed folder
+to a running cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .exceptions import ConfigurationError
+
+#: Default bound on the (uncompressed) bytes shipped.
+DEFAULT_MAX_BYTES = 50 * 2**20
+#: Always ignored, before the ignore file's rules (which may re-include them).
+DEFAULT_IGNORES = (".git/", "__pycache__/", "*.py[cod]", ".ipynb_checkpoints/", ".DS_Store")
+#: Ignore files looked for in the folder, in order (as AML's code snapshot).
+IGNORE_FILES = (".amlignore", ".gitignore")
+
+
+@dataclass(frozen=True)
+class _Rule:
+    regex: re.Pattern[str]
+    negate: bool
+    dir_only: bool
+
+
+def _translate(pattern: str) -> str:
+    """A gitignore glob (without ``!``, trailing ``/`` or anchor) as a regex body."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("/**", i) and i + 3 == n:
+            out.append("/.*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and (end := pattern.find("]", i + 2)) != -1:
+            body = pattern[i + 1 : end]
+            if body[0] in "!^":
+                body = "^" + body[1:]
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+        elif pattern[i] == "\\" and i + 1 < n:
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return "".join(out)
+
+
+@lru_cache(maxsize=256)
+def _compile(line: str) -> _Rule | None:
+    line = line.rstrip("\n").rstrip("\r")
+    if not line.endswith("\\ "):
+        line = line.rstrip()
+    if not line or line.startswith("#"):
+        return None
+    negate = line.startswith("!")
+    if negate or line.startswith(("\\!", "\\#")):
+        line = line[1:]
+    dir_only = line.endswith("/")
+    line = line.rstrip("/")
+    if not line:
+        return None
+    anchored = "/" in line
+    body = _translate(line.lstrip("/"))
+    regex = ("^" if anchored else "^(?:.*/)?") + body + "$"
+    return _Rule(re.compile(regex, re.DOTALL), negate, dir_only)
+
+
+class IgnoreRules:
+    """``.gitignore``-style rules for paths relative to a folder.
+
+    Supported: ``#`` comments, ``!`` negation (the last matching rule wins),
+    ``dir/`` (directories only), patterns with a ``/`` anchored at the folder,
+    others matched at any depth, ``*``, ``?``, ``[abc]`` and ``**``. As in git,
+    a file inside an ignored directory cannot be re-included. Nested ignore
+    files in subfolders are not read.
+
+    Parameters
+    ----------
+    patterns
+        Lines of an ignore file.
+
+    Examples
+    --------
+    >>> rules = IgnoreRules(["*.csv", "!keep.csv", "data/"])
+    >>> rules.ignored("a/b.csv"), rules.ignored("keep.csv"), rules.ignored("data", is_dir=True)
+    (True, False, True)
+    """
+
+    def __init__(self, patterns: Iterable[str] = ()) -> None:
+        self.rules = [r for r in map(_compile, patterns) if r is not None]
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, defaults: Iterable[str] = ()) -> IgnoreRules:
+        """Rules of ``defaults`` followed by those of the file at ``path``."""
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigurationError(f"Cannot read ignore file {path}: {exc}") from None
+        return cls([*defaults, *lines])
+
+    def ignored(self, relpath: str, is_dir: bool = False) -> bool:
+        """Whether ``relpath`` (``/``-separated, relative to the folder) is ignored."""
+        result = False
+        for rule in self.rules:
+            if rule.dir_only and not is_dir:
+                continue
+            if rule.regex.match(relpath):
+                result = not rule.negate
+        return result
+
+
+@dataclass(frozen=True)
+class CodeBundle:
+    """The files of a folder that :func:`ship_code` sends.
+
+    Attributes
+    ----------
+    root
+        The folder (absolute).
+    files
+        Paths relative to ``root`` (``/``-separated), sorted.
+    total_bytes
+        Their total size.
+    ignore_file
+        The ignore file applied, if any.
+    """
+
+    root: Path
+    files: tuple[str, ...]
+    total_bytes: int
+    ignore_file: Path | None = None
+
+
+def _find_ignore_file(root: Path, ignore_file: str | os.PathLike | None) -> Path | None:
+    if ignore_file is not None:
+        p = Path(ignore_file).expanduser()
+        p = p if p.is_absolute() else root / p
+        if not p.is_file():
+            raise ConfigurationError(f"ignore_file {p} does not exist.")
+        return p
+    for name in IGNORE_FILES:
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def collect_code(
+    folder: str | os.PathLike,
+    *,
+    ignore_file: str | os.PathLike | None = None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> CodeBundle:
+    """The files of ``folder`` to ship, after the ignore rules, within the size limit.
+
+    Parameters
+    ----------
+    folder
+        The folder to ship; it becomes an entry of the workers' ``sys.path``.
+    ignore_file
+        An ignore file (relative paths are relative to ``folder``); default:
+        ``folder/.amlignore``, else ``folder/.gitignore``, else only
+        :data:`DEFAULT_IGNORES`.
+    max_bytes
+        Bound on the total size of the files; None for no bound.
+
+    Raises
+    ------
+    ConfigurationError
+        The folder does not exist or is empty after the rules, or its files
+        exceed ``max_bytes`` (the message names the largest entries).
+    """
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise ConfigurationError(f"Cannot ship {folder}: not a folder.")
+    found = _find_ignore_file(root, ignore_file)
+    rules = IgnoreRules.from_file(found, DEFAULT_IGNORES) if found else IgnoreRules(DEFAULT_IGNORES)
+    files: list[tuple[str, int]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = sorted(d for d in dirnames if not rules.ignored(prefix + d, is_dir=True))
+        for name in filenames:
+            rel = prefix + name
+            path = Path(dirpath, name)
+            if rules.ignored(rel) or not path.is_file():
+                continue
+            files.append((rel, path.stat().st_size))
+    if not files:
+        raise ConfigurationError(f"Nothing to ship from {root}: every file is ignored.")
+    total = sum(size for _, size in files)
+    if max_bytes is not None and total > max_bytes:
+        sizes: dict[str, int] = {}
+        for rel, size in files:
+            top = rel.split("/", 1)[0] + ("/" if "/" in rel else "")
+            sizes[top] = sizes.get(top, 0) + size
+        largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:5]
+        listing = ", ".join(f"{name} ({_human(size)})" for name, size in largest)
+        where = found.name if found else ".amlignore"
+        raise ConfigurationError(
+            f"The code in {root} is {_human(total)} ({len(files)} files), over the "
+            f"{_human(max_bytes)} limit. Largest entries: {listing}. Add data, outputs and "
+            f"environments to {where} (gitignore syntax), move large data to a datastore, "
+            "or raise max_bytes."
+        )
+    return CodeBundle(
+        root=root, files=tuple(sorted(r for r, _ in files)), total_bytes=total, ignore_file=found
+    )
+
+
+def upload_plugin(bundle: CodeBundle) -> Any:
+    """distributed's ``UploadDirectory`` plugin carrying exactly ``bundle``'s files.
+
+    The workers unpack it into their nanny's directory, put the folder on
+    ``sys.path`` and restart to import from it.
+    """
+    from distributed.diagnostics.plugin import UploadDirectory
+
+    keep = {str(bundle.root / rel) for rel in bundle.files}
+    return UploadDirectory(
+        str(bundle.root),
+        restart_workers=True,
+        update_path=True,
+        skip_words=(),
+        skip=(lambda filename: os.path.normpath(filename) not in keep,),
+    )
+
+
+async def ship_code_async(
+    scheduler: Any,
+    folder: str | os.PathLike,
+    *,
+    ignore_file: str | os.PathLike | None = None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> CodeBundle:
+    """:func:`ship_code` through a scheduler rpc (``cluster.scheduler_comm``, ``client.scheduler``).
+
+    Returns
+    -------
+    CodeBundle
+        What was sent.
+    """
+    from distributed.protocol.pickle import dumps
+
+    def build() -> tuple[CodeBundle, Any]:
+        bundle = collect_code(folder, ignore_file=ignore_file, max_bytes=max_bytes)
+        return bundle, upload_plugin(bundle)
+
+    bundle, plugin = await asyncio.to_thread(build)
+    await scheduler.register_scheduler_plugin(
+        plugin=dumps(plugin), name=plugin.name, idempotent=False
+    )
+    return bundle
+
+
+def ship_code(
+    client_or_cluster: Any,
+    folder: str | os.PathLike,
+    *,
+    ignore_file: str | os.PathLike | None = None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> Any:
+    """Send a folder of the user's modules to every worker, now and future ones.
+
+    The folder is put on the workers' ``sys.path``: ship ``src/`` to
+    ``import mypkg`` from ``src/mypkg/``. The workers restart to import it
+    (do it before computing: their in-memory results would be lost). Shipping
+    the same folder again replaces the previous copy.
+
+    Parameters
+    ----------
+    client_or_cluster
+        A :class:`distributed.Client` or a running cluster (``AmlComputeCluster``).
+    folder
+        The folder to ship.
+    ignore_file
+        Ignore file with ``.gitignore`` syntax; default ``.amlignore``, else ``.gitignore``.
+    max_bytes
+        Bound on the total size (default 50 MiB); None for no bound.
+
+    Returns
+    -------
+    CodeBundle
+        What was sent (an awaitable of it for asynchronous clients/clusters).
+
+    Raises
+    ------
+    ConfigurationError
+        Missing/empty folder, or more than ``max_bytes``.
+
+    Examples
+    --------
+    >>> ship_code(client, "src")  # doctest: +SKIP
+    >>> client.submit(mypkg.work, 1).result()  # doctest: +SKIP
+    """
+    from distributed import Client
+
+    if isinstance(client_or_cluster, Client):
+        scheduler = client_or_cluster.scheduler
+    else:
+        scheduler = client_or_cluster.scheduler_comm
+    return client_or_cluster.sync(
+        ship_code_async, scheduler, folder, ignore_file=ignore_file, max_bytes=max_bytes
+    )

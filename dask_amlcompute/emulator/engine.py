@@ -20,7 +20,7 @@ from . import identity, outcomes
 from . import nodes as nodeproc
 from .config import EmulatorConfig
 from .errors import ApiError
-from .jobspec import JobSpec, environment_reference, node_variables, parse_job
+from .jobspec import JobSpec, environment_reference, environment_report, node_variables, parse_job
 from .state import ComputeState, EnvironmentVersion, JobRecord, NodeRecord
 
 logger = logging.getLogger(__name__)
@@ -237,9 +237,11 @@ class Engine:
                            f"Compute '{compute.spec.name}' of type {compute.spec.kind} cannot "
                            "run command jobs in the emulator.")
         ref = environment_reference(spec.properties["environmentId"])
-        if ref is not None:
-            self.environment(*ref)
+        env_props = self.environment(*ref).properties if ref is not None else None
         props = dict(spec.properties)
+        report = environment_report(spec.properties["environmentId"], env_props)
+        props["properties"] = {**(props.get("properties") or {}),
+                               "emulator.environment": "\n".join(report)}
         props.setdefault("experimentName", spec.experiment_name)
         job = JobRecord(name=name, properties=props, compute=compute.spec.name,
                         instance_count=spec.instance_count,
@@ -425,7 +427,12 @@ class Engine:
     async def _run_nodes(self, job: JobRecord, spec: JobSpec) -> None:
         ips = [n.ip for n in job.nodes]
         waiters: list[asyncio.Task] = []
+        header = "".join(f"[emulator] {line}\n" for line in
+                         job.properties["properties"]["emulator.environment"].splitlines())
         for node in job.nodes:
+            os.makedirs(os.path.dirname(node.log_path), exist_ok=True)
+            with open(node.log_path, "a", encoding="utf-8") as log:
+                log.write(header)
             env = nodeproc.node_base_environment(node_variables(
                 spec, node.rank, ips, self.endpoints.tracking_uri, self.endpoints.cert_path))
             tee = await nodeproc.start_node(node, spec.command, env)

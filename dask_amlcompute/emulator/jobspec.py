@@ -247,3 +247,45 @@ def node_variables(
         })
     env.update(spec.environment_variables)
     return env
+
+
+def environment_report(environment_id: str, properties: dict[str, Any] | None) -> list[str]:
+    """What a job's environment would install on AML; the emulator installs nothing.
+
+    Parameters
+    ----------
+    environment_id : str
+        ``environmentId`` of the job.
+    properties : dict or None
+        REST ``properties`` of the workspace environment version (``image``,
+        ``condaFile``), None for references the emulator cannot resolve.
+
+    Returns
+    -------
+    list of str
+        Lines for the node log header, e.g. ``would install (pip): dask==...``.
+    """
+    import sys
+
+    import yaml
+
+    lines = [f"environment {environment_id}"]
+    props = properties or {}
+    if props.get("image"):
+        lines.append(f"image {props['image']} (not pulled)")
+    conda_text = props.get("condaFile")
+    try:
+        conda = yaml.safe_load(conda_text) if isinstance(conda_text, str) else conda_text
+    except yaml.YAMLError:
+        conda = None
+    deps = conda.get("dependencies") if isinstance(conda, dict) else None
+    if isinstance(deps, list):
+        pip = [p for d in deps if isinstance(d, dict) for p in d.get("pip") or []]
+        packages = [str(d) for d in deps if not isinstance(d, dict)]
+        lines.append("would install (conda): " + (", ".join(packages) or "-"))
+        lines.append("would install (pip): " + (", ".join(map(str, pip)) or "-"))
+    elif properties is None:
+        lines.append("not a workspace environment: recorded only")
+    version = ".".join(map(str, sys.version_info[:3]))
+    lines.append(f"nodes run {sys.executable} (Python {version}) instead")
+    return lines

@@ -20,9 +20,34 @@ def _emulator(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _env(args: argparse.Namespace) -> int:
-    from .environment import DEFAULT_IMAGE, conda_spec
+    from . import config
+    from .environment import build_spec
+    from .exceptions import ConfigurationError
 
-    print(json.dumps({"image": DEFAULT_IMAGE, "conda": conda_spec()}, indent=2))
+    try:
+        spec = build_spec(
+            extra_pip=[*(config.get("pip-packages") or []), *args.extra],
+            extra_conda=[*(config.get("conda-packages") or []), *args.extra_conda],
+            node_package=args.node_package or config.get("node-package"),
+            image=args.image,
+            stack=args.stack,
+        )
+    except ConfigurationError as exc:
+        print(f"dask-amlcompute env: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        info = {
+            "image": spec.image,
+            "conda": spec.conda_dict(),
+            "content_hash": spec.content_hash,
+            "aml_environment": f"CliV2AnonymousEnvironment:{spec.aml_version}",
+        }
+        text = json.dumps(info, indent=2) + "\n"
+    else:
+        text = {"conda": spec.conda_yaml, "pip": spec.requirements, "dockerfile": spec.dockerfile}[
+            args.format
+        ]()
+    sys.stdout.write(text)
     return 0
 
 
@@ -39,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("emulator", help="run the local AML emulator (see --help)", add_help=False)
     env = sub.add_parser("env", help="show the node environment the library would use")
     env.add_argument("--print", action="store_true", default=True)
+    env.add_argument("--format", choices=["json", "conda", "pip", "dockerfile"], default="json")
+    env.add_argument("--extra", action="append", default=[], metavar="REQ", help="pip package")
+    env.add_argument("--extra-conda", action="append", default=[], metavar="PKG")
+    env.add_argument("--node-package", metavar="REQ", help="pip spec of dask-amlcompute")
+    env.add_argument("--image", default=None, help="base image (default: AML openmpi image)")
+    env.add_argument("--stack", choices=["installed", "imported", "none"], default="installed")
     args, rest = parser.parse_known_args(argv)
     if args.command == "emulator":
         return _emulator(args, rest)

@@ -234,7 +234,13 @@ class RequestCounter(SansIOHTTPPolicy):
     def on_request(self, request: Any) -> None:
         """Count one outgoing request (azure-core policy hook)."""
         http = request.http_request
-        path = re.sub(r"\?.*", "", http.url)
+        path = re.sub(r"^https?://[^/]+|\?.*$", "", http.url)
+        path = re.sub(
+            r"^/subscriptions/[^/]+(/resourceGroups/[^/]+)?"
+            r"/providers/Microsoft\.MachineLearningServices(/workspaces/[^/]+)?",
+            "",
+            path,
+        )
         path = re.sub(r"^.*/workspaces/[^/]+", "", path) or "/workspace"
         route = re.sub(r"/(jobs|computes|runs|versions)/[^/]+", r"/\1/{name}", path)
         route = re.sub(r"/(mfeOperationsStatus|mfeOperationResults)/[^/]+", r"/\1/{op}", route)
@@ -426,6 +432,17 @@ def _no_op(x: Any) -> Any:
 
 #: The task of the throughput benchmarks.
 no_op = shippable(_no_op)
+
+
+def map_rate(client: Any, n: int) -> float:
+    """Tasks per second of ``client.map(no_op, range(n))`` + gather."""
+
+    def work() -> None:
+        futures = client.map(no_op, range(n), pure=False)
+        client.gather(futures)
+        del futures
+
+    return n / timed(work)
 
 
 def ssh_keypair(workdir: Path) -> tuple[Path, str]:

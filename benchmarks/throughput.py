@@ -16,26 +16,14 @@ from common import (
     aml_cluster,
     cluster_kwargs,
     interleave,
+    map_rate,
     median,
-    no_op,
     pair_ratio,
-    timed,
 )
 from distributed import Client, LocalCluster
 
 COMPUTE = "bench-cpu"
 TARGET = 0.9
-
-
-def map_rate(client: Client, n: int) -> float:
-    """Tasks per second of ``client.map(no_op, range(n))`` + gather."""
-
-    def work() -> None:
-        futures = client.map(no_op, range(n), pure=False)
-        client.gather(futures)
-        del futures
-
-    return n / timed(work)
 
 
 def run(opts: Options) -> SuiteResult:

@@ -1,0 +1,143 @@
+"""Shipping a folder of the user's modules to the workers."""
+
+from __future__ import annotations
+
+import importlib
+import time
+import uuid
+
+import pytest
+from distributed import Client
+
+from dask_amlcompute import AmlComputeCluster, ConfigurationError
+from dask_amlcompute.code import IgnoreRules, collect_code, ship_code
+
+
+@pytest.mark.parametrize(
+    "patterns, path, is_dir, ignored",
+    [
+        (["*.csv"], "a/b/c.csv", False, True),
+        (["*.csv", "!keep.csv"], "keep.csv", False, False),
+        (["*.csv", "!keep.csv"], "sub/keep.csv", False, False),
+        (["data/"], "data", True, True),
+        (["data/"], "data", False, False),  # dir-only pattern, a file named data
+        (["data/"], "src/data", True, True),  # no slash inside: any depth
+        (["/build"], "build", True, True),
+        (["/build"], "src/build", True, False),  # anchored
+        (["docs/*.md"], "docs/a.md", False, True),
+        (["docs/*.md"], "docs/x/a.md", False, False),  # * stops at /
+        (["**/tmp"], "a/b/tmp", True, True),
+        (["logs/**"], "logs/a/b.txt", False, True),
+        (["a/**/z.py"], "a/z.py", False, True),
+        (["a/**/z.py"], "a/b/c/z.py", False, True),
+        (["file?.py"], "file1.py", False, True),
+        (["file[0-9].py"], "filex.py", False, False),
+        (["# comment", "", "  "], "# comment", False, False),
+        (["\\#hash"], "#hash", False, True),
+    ],
+)
+def test_gitignore_semantics(patterns, path, is_dir, ignored):
+    assert IgnoreRules(patterns).ignored(path, is_dir=is_dir) is ignored
+
+
+def make_tree(root, files):
+    for rel, text in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return root
+
+
+def test_ignore_file_rules_and_defaults(tmp_path):
+    root = make_tree(
+        tmp_path / "proj",
+        {
+            "pkg/__init__.py": "",
+            "pkg/mod.py": "X = 1\n",
+            "pkg/__pycache__/mod.cpython-311.pyc": "junk",
+            ".git/HEAD": "ref",
+            "data/big.csv": "1,2\n",
+            "data/schema.csv": "a,b\n",
+            "notes.txt": "hi",
+            ".gitignore": "*.txt\n",
+            ".amlignore": "data/\n!data/schema.csv\n*.log\n",
+            "run.log": "x",
+        },
+    )
+    bundle = collect_code(root)
+    # .amlignore wins over .gitignore (as AML's snapshot); a file in an ignored dir stays out
+    assert bundle.ignore_file == root / ".amlignore"
+    assert bundle.files == (
+        ".amlignore",
+        ".gitignore",
+        "notes.txt",
+        "pkg/__init__.py",
+        "pkg/mod.py",
+    )
+    assert bundle.total_bytes == sum((root / f).stat().st_size for f in bundle.files)
+    # an explicit ignore file, relative to the folder
+    assert "notes.txt" not in collect_code(root, ignore_file=".gitignore").files
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        collect_code(root, ignore_file="nope")
+
+
+def test_size_limit_is_a_clear_error(tmp_path):
+    root = make_tree(tmp_path / "proj", {"mod.py": "X = 1\n", "data/blob.bin": "x" * 5000})
+    with pytest.raises(ConfigurationError) as info:
+        collect_code(root, max_bytes=1000)
+    message = str(info.value)
+    assert "over the 1000 B limit" in message
+    assert "data/ (4.9 KiB)" in message  # names the largest entry
+    assert ".amlignore" in message and "max_bytes" in message
+    (root / ".amlignore").write_text("data/\n")
+    assert collect_code(root, max_bytes=1000).files == (".amlignore", "mod.py")
+    assert collect_code(root, max_bytes=None, ignore_file=None)
+
+
+def test_missing_or_empty_folder(tmp_path):
+    with pytest.raises(ConfigurationError, match="not a folder"):
+        collect_code(tmp_path / "absent")
+    make_tree(tmp_path / "empty", {".amlignore": "*\n"})
+    with pytest.raises(ConfigurationError, match="every file is ignored"):
+        collect_code(tmp_path / "empty")
+
+
+@pytest.mark.slow
+def test_task_imports_a_module_from_the_shipped_folder(
+    emulator, ml_client, cluster_kwargs, tmp_path, monkeypatch
+):
+    name = f"shipped_{uuid.uuid4().hex[:8]}"
+    root = make_tree(
+        tmp_path / "src",
+        {
+            f"{name}/__init__.py": "from .core import triple\n",
+            f"{name}/core.py": "def triple(x):\n    return 3 * x\n",
+            f"{name}/data.csv": "ignored",
+            ".amlignore": "*.csv\n",
+        },
+    )
+    monkeypatch.syspath_prepend(str(root))
+    module = importlib.import_module(name)
+    with (
+        AmlComputeCluster(ml_client, n_nodes=2, **cluster_kwargs) as cluster,
+        Client(cluster) as client,
+    ):
+        bundle = ship_code(cluster, root)
+        assert f"{name}/data.csv" not in bundle.files
+        futures = client.map(module.triple, range(10))
+        assert client.gather(futures) == [3 * i for i in range(10)]
+        where = client.run(lambda: __import__(name).__file__)
+        assert len(where) == 2
+        for path in where.values():  # the workers' own unpacked copy, not the client's folder
+            assert path.endswith(f"src/{name}/__init__.py") and not path.startswith(str(root))
+
+        # a worker that joins later gets the code before it starts
+        cluster.scale(3)
+        deadline = time.monotonic() + 60
+        while len(client.scheduler_info()["workers"]) < 3:
+            assert time.monotonic() < deadline, "the extra worker did not join"
+            time.sleep(0.2)
+        newest = max(client.scheduler_info()["workers"].values(), key=lambda w: w["name"])
+        assert newest["name"].startswith(f"{cluster.name}-w")
+        future = client.submit(module.triple, 7, workers=[newest["id"]], pure=False)
+        assert future.result(timeout=30) == 21

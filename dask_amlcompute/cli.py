@@ -51,8 +51,24 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminate_gracefully() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so ``with`` blocks close clusters cleanly."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dask-amlcompute`` console script."""
+    _terminate_gracefully()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:  # the script's own arguments follow: jobmode parses them
+        from .jobmode import run_cli
+
+        return run_cli(argv[1:])
     parser = argparse.ArgumentParser(
         prog="dask-amlcompute", description="Dask clusters on Azure ML compute clusters."
     )
@@ -62,6 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--processes", type=int, default=1, help="worker processes per node")
     demo.add_argument("--quiet", action="store_true")
     sub.add_parser("emulator", help="run the local AML emulator (see --help)", add_help=False)
+    sub.add_parser(
+        "run",
+        help="run a Dask script as one AML job (run script.py --nodes 4 --compute NAME "
+        "[--emulator] [-- script args])",
+        add_help=False,
+    )
+    from .manage import COMMANDS as MANAGE_COMMANDS
+    from .manage import add_arguments as add_manage_arguments
+
+    add_manage_arguments(sub)
     env = sub.add_parser("env", help="show the node environment the library would use")
     env.add_argument("--print", action="store_true", default=True)
     env.add_argument("--format", choices=["json", "conda", "pip", "dockerfile"], default="json")
@@ -75,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return _emulator(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command in MANAGE_COMMANDS:
+        return MANAGE_COMMANDS[args.command](args)
     return {"demo": _demo, "env": _env}[args.command](args)
 
 

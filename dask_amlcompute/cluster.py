@@ -13,7 +13,7 @@ from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.spec import SpecCluster
 
 from .aml import AmlOps
-from .connect import SchedulerConnector
+from .connect import SchedulerConnector, host_port, reachable
 from .environment import resolve_environment
 from .exceptions import AmlComputeError, TooManyNodesError
 from .jobs import AmlJobWorkers, AmlSchedulerJob, ClusterContext
@@ -280,7 +280,7 @@ class AmlComputeCluster(SpecCluster):
             if self.scheduler is not None:
                 await self.scheduler.close()
             return
-        dead = ctx.main_job_ended() and self.scheduler is not None
+        dead = self.scheduler is not None and await self._scheduler_gone()
         if dead:
             # The scheduler is gone with its job: don't spend connect timeouts on it.
             self.scheduler.status = Status.failed
@@ -288,6 +288,21 @@ class AmlComputeCluster(SpecCluster):
         await super()._close()
         if dead:
             await self.scheduler.close()
+
+    async def _scheduler_gone(self) -> bool:
+        """True if the main job has ended or its scheduler no longer answers."""
+        ctx = self._context
+        if getattr(self.scheduler, "address", None) is None:
+            return True
+        if not ctx.main_job_ended():
+            try:
+                info = await ctx.ops.get_job(self.main_job_name)
+                ctx.jobs[self.main_job_name] = info.status
+            except Exception as exc:
+                logger.debug("Could not refresh %s: %s", self.main_job_name, exc)
+        if ctx.main_job_ended():
+            return True
+        return not await reachable(*host_port(self.scheduler.address), timeout=3)
 
     def _check_capacity(self) -> None:
         compute = self._context.compute

@@ -29,8 +29,7 @@ from .exceptions import (
     SchedulerUnreachableError,
     StartupTimeoutError,
 )
-from .jobspec import NodeOptions, build_job
-from .node import DASHBOARD_TAG, SCHEDULER_TAG
+from .jobspec import DASHBOARD_TAG, SCHEDULER_TAG, NodeOptions, build_job
 from .settings import ClusterSettings
 
 logger = logging.getLogger(__name__)

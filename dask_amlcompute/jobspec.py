@@ -19,6 +19,12 @@ from ._version import __version__
 TAG_CLUSTER = "dask_cluster"
 TAG_ROLE = "dask_role"
 TAG_VERSION = "dask_amlcompute"
+TAG_USER = "dask_user"
+
+#: Run tags the scheduler node publishes (mlflow) and the client reads from the job.
+SCHEDULER_TAG = "dask_scheduler"
+DASHBOARD_TAG = "dask_dashboard"
+VERSIONS_TAG = "dask_versions"
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,14 @@ def node_command(opts: NodeOptions) -> str:
 
 def cluster_tags(cluster_name: str, role: str, extra: Mapping[str, str] | None = None) -> dict:
     """Tags that let ``from_name``/``list`` find the jobs of a cluster."""
+    import contextlib
+    import getpass
+
     tags = dict(extra or {})
     tags.update({TAG_CLUSTER: cluster_name, TAG_ROLE: role, TAG_VERSION: __version__})
+    # no user name in some containers: the tag is only a convenience for `down --all-mine`
+    with contextlib.suppress(Exception):
+        tags.setdefault(TAG_USER, getpass.getuser())
     return tags
 
 

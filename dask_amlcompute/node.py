@@ -25,12 +25,9 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-logger = logging.getLogger("dask_amlcompute.node")
+from .jobspec import DASHBOARD_TAG, SCHEDULER_TAG, VERSIONS_TAG
 
-#: Run tags the scheduler node publishes and the client reads.
-SCHEDULER_TAG = "dask_scheduler"
-DASHBOARD_TAG = "dask_dashboard"
-VERSIONS_TAG = "dask_versions"
+logger = logging.getLogger("dask_amlcompute.node")
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ class NoClientTimeout(SchedulerPlugin):
         self.timeout = timeout
         self.last_seen = 0.0
         self._task: Any = None
+        self._closing: Any = None
 
     async def start(self, scheduler: Any) -> None:
         import asyncio
@@ -106,9 +107,14 @@ class NoClientTimeout(SchedulerPlugin):
                     "No client and no cluster manager for %.0fs: shutting the scheduler down",
                     self.timeout,
                 )
-                await self.scheduler.close(reason="dask-amlcompute-no-client-timeout")
+                # close from another task: Scheduler.close() closes this plugin too
+                self._closing = asyncio.create_task(
+                    self.scheduler.close(reason="dask-amlcompute-no-client-timeout")
+                )
                 return
 
     async def close(self) -> None:
-        if self._task is not None:
+        import asyncio
+
+        if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()

@@ -1,0 +1,126 @@
+"""Cluster management commands: ``dask-amlcompute list | logs NAME | down NAME``.
+
+They work on real AML (workspace from ``config.json`` and ``DefaultAzureCredential``)
+and on the emulator (``--emulator URL``, as printed by ``dask-amlcompute emulator``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+from typing import Any
+
+from .aml import AmlOps
+from .discovery import ClusterJob, list_cluster_jobs
+from .jobspec import TAG_USER
+
+
+def add_arguments(sub: Any) -> None:
+    """Register the ``list``, ``logs`` and ``down`` subcommands on an argparse subparsers object."""
+    for name, help_text in [
+        ("list", "list the dask-amlcompute clusters running in the workspace"),
+        ("logs", "print the node logs of a cluster's jobs"),
+        ("down", "stop a cluster: cancel all of its AML jobs"),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--emulator", metavar="URL", help="base URL of a dask-amlcompute emulator")
+        p.add_argument("--workspace-config", metavar="PATH", help="workspace config.json")
+        if name in ("logs", "down"):
+            p.add_argument("name", nargs="?", help="cluster name")
+        if name == "logs":
+            p.add_argument("--lines", type=int, default=100)
+        if name == "down":
+            p.add_argument("--all-mine", action="store_true", help="every cluster you started")
+        if name == "list":
+            p.add_argument("--all", action="store_true", help="include ended clusters")
+
+
+def ml_client_for(args: argparse.Namespace) -> Any:
+    """The MLClient the command line should use."""
+    if args.emulator:
+        from .emulator import make_ml_client
+
+        return make_ml_client(args.emulator)
+    from .workspace import ml_client_from_config
+
+    return ml_client_from_config(args.workspace_config)
+
+
+def _clusters(jobs: list[ClusterJob]) -> dict[str, list[ClusterJob]]:
+    out: dict[str, list[ClusterJob]] = {}
+    for job in jobs:
+        out.setdefault(job.cluster, []).append(job)
+    return out
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """``dask-amlcompute list``."""
+    jobs = list_cluster_jobs(ml_client_for(args), include_ended=args.all)
+    clusters = _clusters(jobs)
+    if not clusters:
+        print("No dask-amlcompute clusters" + ("" if args.all else " running") + ".")
+        return 0
+    print(f"{'CLUSTER':30} {'COMPUTE':16} {'NODES':>5} {'JOBS':>4}  STATUS")
+    for name, cjobs in sorted(clusters.items()):
+        main = next((j for j in cjobs if j.role == "cluster"), cjobs[0])
+        nodes = sum(j.n_nodes for j in cjobs if j.status not in ("Completed", "Canceled", "Failed"))
+        print(f"{name:30} {main.compute or '?':16} {nodes:>5} {len(cjobs):>4}  {main.status}")
+    return 0
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    """``dask-amlcompute logs NAME``."""
+    if not args.name:
+        raise SystemExit("logs: give a cluster name")
+    ml_client = ml_client_for(args)
+    jobs = [j for j in list_cluster_jobs(ml_client, include_ended=True) if j.cluster == args.name]
+    if not jobs:
+        print(f"No jobs for cluster {args.name!r}.")
+        return 1
+    ops = AmlOps(ml_client)
+
+    async def show() -> None:
+        for job in sorted(jobs, key=lambda j: j.name):
+            message, files = await ops.run_details(job.name)
+            print(f"=== {job.name} ({job.status}) ===")
+            if message:
+                print(f"AML error: {message}")
+            print(await ops.log_tail(files, lines=args.lines) or "(no logs)")
+
+    asyncio.run(show())
+    return 0
+
+
+def run_down(args: argparse.Namespace) -> int:
+    """``dask-amlcompute down NAME`` / ``--all-mine``."""
+    ml_client = ml_client_for(args)
+    jobs = list_cluster_jobs(ml_client)
+    if args.all_mine:
+        me = getpass.getuser()
+        mine = {
+            j.name
+            for j in (ml_client.jobs.get(j.name) for j in jobs)
+            if (j.tags or {}).get(TAG_USER) == me
+        }
+        targets = [j for j in jobs if j.name in mine]
+    elif args.name:
+        targets = [j for j in jobs if j.cluster == args.name]
+    else:
+        raise SystemExit("down: give a cluster name or --all-mine")
+    if not targets:
+        print("Nothing to stop.")
+        return 0
+    ops = AmlOps(ml_client)
+
+    async def cancel() -> None:
+        # worker jobs first, then the main jobs (schedulers)
+        for job in sorted(targets, key=lambda j: j.role == "cluster"):
+            await ops.cancel(job.name)
+            print(f"Cancelled {job.name} ({job.cluster})")
+
+    asyncio.run(cancel())
+    return 0
+
+
+COMMANDS = {"list": run_list, "logs": run_logs, "down": run_down}

@@ -1,0 +1,187 @@
+"""Nothing left running, reconnect by name, a flaky control plane: real processes on the emulator."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+from distributed import Client
+
+from dask_amlcompute import AmlComputeCluster
+from dask_amlcompute.cli import main as cli_main
+from dask_amlcompute.discovery import list_cluster_jobs
+from dask_amlcompute.emulator import ComputeSpec, Emulator
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def emu():
+    with Emulator(computes=[ComputeSpec(name="life", max_nodes=6)]) as emulator:
+        yield emulator
+
+
+def settings(**extra):
+    out = {
+        "compute": "life",
+        "n_nodes": 1,
+        "threads_per_process": 1,
+        "poll_interval": 0.2,
+        "watch_interval": 1,
+        "startup_timeout": "90s",
+        "death_timeout": "60s",
+        "quiet": True,
+    }
+    out.update(extra)
+    return out
+
+
+def wait_until(predicate, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def run_client_script(emu, body: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from dask_amlcompute import AmlComputeCluster
+        from dask_amlcompute.emulator import make_ml_client
+        ml = make_ml_client({emu.base_url!r})
+        """
+    ) + textwrap.dedent(body)
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_killed_client_leaves_nothing_running(emu):
+    proc = run_client_script(
+        emu,
+        f"""
+        cluster = AmlComputeCluster(ml, name="killed-client", **{settings(no_client_timeout=4)!r})
+        os.kill(os.getpid(), signal.SIGKILL)
+        """,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    # no client, no heartbeat: the scheduler stops itself, the nodes exit, the job completes
+    assert emu.wait_job("killed-client-main", timeout=60) == "Completed"
+    assert emu.nodes_in_use("life") == 0
+
+
+def test_process_exit_without_close_cancels_via_atexit(emu):
+    proc = run_client_script(
+        emu,
+        f'cluster = AmlComputeCluster(ml, name="forgot-close", **{settings()!r})\nprint("up")\n',
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "up" in proc.stdout
+    assert emu.wait_job("forgot-close-main", timeout=30) in ("Completed", "Canceled")
+
+
+def test_cluster_object_keeps_the_cluster_alive_without_clients(emu):
+    with AmlComputeCluster(emu.ml_client(), **settings(no_client_timeout=2)) as cluster:
+        time.sleep(5)  # > no_client_timeout: only the cluster's heartbeats keep it up
+        assert emu.job_status(cluster.main_job_name) == "Running"
+        with Client(cluster) as client:
+            assert client.submit(sum, [1, 2, 3]).result() == 6
+
+
+def test_from_name_reconnects_without_owning(emu):
+    ml = emu.ml_client()
+    with AmlComputeCluster(
+        ml, n_nodes=2, **{k: v for k, v in settings().items() if k != "n_nodes"}
+    ) as cluster:
+        cluster.scale(3)
+        with Client(cluster) as client:
+            client.wait_for_workers(3, timeout=60)
+        other = AmlComputeCluster.from_name(cluster.name, ml, quiet=True, poll_interval=0.2)
+        try:
+            assert other.settings.compute == "life" and other.settings.n_nodes == 2
+            with Client(other) as client:
+                assert len(client.scheduler_info()["workers"]) == 3
+                assert sum(client.gather(client.map(lambda x: x + 1, range(10)))) == 55
+        finally:
+            other.close()
+        # closing the reconnected object only disconnected
+        assert sorted(j for j in emu.active_jobs() if j.startswith(cluster.name)) == sorted(
+            cluster.jobs
+        )
+        with Client(cluster) as client:
+            assert client.submit(sum, [2, 2]).result() == 4
+    wait_until(
+        lambda: not [j for j in emu.active_jobs() if j.startswith(cluster.name)], what="jobs ended"
+    )
+
+
+def test_cli_list_logs_down(emu, capsys):
+    cluster = AmlComputeCluster(emu.ml_client(), name="cli-target", **settings())
+    try:
+        assert cli_main(["list", "--emulator", emu.base_url]) == 0
+        out = capsys.readouterr().out
+        assert "cli-target" in out and "Running" in out
+        assert cli_main(["logs", "cli-target", "--emulator", emu.base_url]) == 0
+        out = capsys.readouterr().out
+        assert (
+            "=== cli-target-main" in out and "Scheduler at" in out
+        )
+        assert cli_main(["down", "cli-target", "--emulator", emu.base_url]) == 0
+        assert "Cancelled cli-target-main" in capsys.readouterr().out
+        assert emu.wait_job("cli-target-main", timeout=30) == "Canceled"
+        assert cli_main(["list", "--emulator", emu.base_url]) == 0
+        assert "cli-target" not in capsys.readouterr().out
+    finally:
+        cluster.close()
+
+
+def test_throttled_and_failing_control_plane_during_start_and_scaling(emu):
+    ml = emu.ml_client()
+    emu.inject_http_errors(3, status=429, retry_after=1)
+    with AmlComputeCluster(ml, **settings()) as cluster, Client(cluster) as client:
+        emu.inject_http_errors(3, status=500)
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=90)
+        assert client.submit(sum, [1, 1]).result() == 2
+        jobs = [j for j in list_cluster_jobs(ml) if j.cluster == cluster.name]
+        assert sorted(j.role for j in jobs) == ["cluster", "workers"]  # no duplicates
+
+
+def test_node_killed_mid_computation_results_still_correct(emu):
+    with AmlComputeCluster(emu.ml_client(), **settings()) as cluster, Client(cluster) as client:
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=60)
+        (worker_job,) = [j for j in cluster.jobs if j != cluster.main_job_name]
+
+        def slow_square(x):
+            time.sleep(0.1)
+            return x * x
+
+        futures = client.map(slow_square, range(60), retries=2)
+        time.sleep(1)
+        emu.fail_node(worker_job, 0)
+        assert client.gather(futures) == [x * x for x in range(60)]
+
+
+def test_repeated_create_close_leaves_nothing(emu):
+    me = psutil.Process(os.getpid())
+    before = {c.pid for c in me.children(recursive=True)}
+    for _ in range(10):
+        with AmlComputeCluster(emu.ml_client(), **settings()) as cluster, Client(cluster) as client:
+            assert client.submit(int, "7").result() == 7
+        emu.wait_job(cluster.main_job_name, timeout=30)
+    wait_until(lambda: not emu.active_jobs(), timeout=30, what="no active job")
+    assert emu.nodes_in_use("life") == 0
+    wait_until(
+        lambda: {c.pid for c in me.children(recursive=True)} <= before,
+        timeout=30,
+        what="node processes gone",
+    )

@@ -28,8 +28,8 @@ TARGET = 0.9
 
 def run(opts: Options) -> SuiteResult:
     """Measure no-op task throughput against LocalCluster, interleaved."""
-    n = opts.pick(10_000, 3_000)
-    reps = opts.pick(5, 3)
+    n = opts.pick(10_000, 2_000)
+    reps = opts.pick(5, 2)
     with (
         EmulatorProcess(opts.workdir, [{"name": COMPUTE, "max_nodes": 3}]) as emu,
         aml_cluster(

@@ -158,16 +158,20 @@ def library_forward(node: dict, key: Path, target: tuple[str, int]) -> Iterator[
 
 @contextlib.contextmanager
 def openssh_forward(
-    node: dict, key: Path, target: tuple[str, int], workdir: Path
-) -> Iterator[tuple[int, Path]]:
-    """``ssh -N -L`` to the node's SSH endpoint; yields the local port and ssh's log."""
+    node: dict, key: Path, target: tuple[str, int], workdir: Path, cipher: str | None = None
+) -> Iterator[tuple[int, Path, int]]:
+    """``ssh -N -L`` to the node's SSH endpoint; yields the local port, ssh's log and PID.
+
+    ``cipher`` None lets OpenSSH negotiate its default (chacha20-poly1305 first).
+    """
     known = workdir / "openssh_known_hosts"
     key_type, key_b64 = node["host_public_key"].split()[:2]
     known.write_text(f"[127.0.0.1]:{node['ssh_port']} {key_type} {key_b64}\n")
     port = free_port()
     log = workdir / f"openssh-{port}.log"
     proc = spawn(
-        ["ssh", *(["-c", cipher] if cipher else []), "-F", "/dev/null", "-N", "-v", "-p", str(node["ssh_port"]), "-i", str(key),
+        ["ssh", *(["-c", cipher] if cipher else []), "-F", "/dev/null", "-N", "-v",
+         "-p", str(node["ssh_port"]), "-i", str(key),
          "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
          "-o", f"UserKnownHostsFile={known}", "-o", "ExitOnForwardFailure=yes",
          "-o", "Compression=no", "-L", f"127.0.0.1:{port}:{target[0]}:{target[1]}",

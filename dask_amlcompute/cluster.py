@@ -144,6 +144,7 @@ class AmlComputeCluster(SpecCluster):
         )
         self._context.connector = SchedulerConnector(self._context)
         self._context.attach = _attach
+        security = self._security(settings)
         self._context.on_job_ended = self._worker_job_ended
         self.main_job_name = f"{settings.name}-main"
         self._context.main_job = self.main_job_name
@@ -194,6 +195,7 @@ class AmlComputeCluster(SpecCluster):
                 worker=worker_job,
                 asynchronous=asynchronous,
                 loop=loop,
+                security=security,
                 name=settings.name,
                 shutdown_on_close=shutdown_on_close,
             )
@@ -202,6 +204,27 @@ class AmlComputeCluster(SpecCluster):
             if runner is not None and not asynchronous:
                 runner.stop()
             raise
+
+    def _security(self, settings: ClusterSettings) -> Any:
+        """Temporary TLS credentials when ``security=True`` (None otherwise).
+
+        The certificate and its key reach the nodes as job environment variables:
+        anyone who can read this job's definition in the workspace can read them
+        (see the README's security notes). They exist only for this cluster.
+        """
+        if not settings.security:
+            return None
+        from distributed.security import Security
+
+        from .node import TLS_CERT_ENV, TLS_KEY_ENV
+
+        security = Security.temporary()
+        self._context.secret_env = {
+            TLS_CERT_ENV: security.tls_scheduler_cert,
+            TLS_KEY_ENV: security.tls_scheduler_key,
+        }
+        self._context.connection_args = security.get_connection_args("client")
+        return security
 
     # -- reconnecting ----------------------------------------------------------
 
@@ -477,7 +500,12 @@ class AmlComputeCluster(SpecCluster):
         limits, or to submit the job by other means.
         """
         job = AmlSchedulerJob(self._context, self.main_job_name).job()
-        return job._to_job()._to_rest_object().as_dict()
+        body = job._to_job()._to_rest_object().as_dict()
+        env = body["properties"].get("environmentVariables") or {}
+        for key in self._context.secret_env:
+            if key in env:
+                env[key] = "<redacted>"
+        return body
 
     @property
     def jobs(self) -> dict[str, str]:

@@ -75,10 +75,11 @@ class SchedulerConnector:
                     "(or 'auto') to tunnel through the node's SSH endpoint."
                 )
             self.context.log(f"{scheduler} is not reachable directly; opening an SSH tunnel")
-        return await self._connect_ssh(job_name, host, port, dashboard)
+        protocol = parse_address(scheduler)[0]
+        return await self._connect_ssh(job_name, host, port, dashboard, protocol)
 
     async def _connect_ssh(
-        self, job_name: str, host: str, port: int, dashboard: str | None
+        self, job_name: str, host: str, port: int, dashboard: str | None, protocol: str = "tcp"
     ) -> tuple[str, str | None]:
         from .ssh import open_scheduler_tunnel
 
@@ -88,7 +89,7 @@ class SchedulerConnector:
             targets["dashboard"] = (dash.hostname or host, dash.port)
         self.tunnel = await open_scheduler_tunnel(self.context, job_name, host, targets)
         self.mode = "ssh"
-        address = self.tunnel.local_url("scheduler", "tcp")
+        address = self.tunnel.local_url("scheduler", protocol)
         link = None
         if "dashboard" in targets and dash is not None:
             lhost, lport = self.tunnel.local_address("dashboard")

@@ -54,6 +54,7 @@ class ClusterContext:
     on_job_ended: Callable[[str, str], None] | None = None
 
     main_job: str | None = None
+    secret_env: dict[str, str] = field(default_factory=dict)  # e.g. TLS material for the nodes
     attach: bool = False  # reconnecting to a running cluster (from_name): submit nothing
     detaching: bool = False  # closing a cluster object that does not own the cluster
 
@@ -103,7 +104,7 @@ class ClusterContext:
             timeout_seconds=timeout,
             cluster_name=s.name,
             tags=s.tags,
-            env_vars=s.env_vars,
+            env_vars={**s.env_vars, **self.secret_env},
             distribution=s.distribution,
         )
 

@@ -168,6 +168,31 @@ def publish_tags(tags: Mapping[str, str], env: Mapping[str, str] | None = None) 
         resp.raise_for_status()
 
 
+#: Environment variables carrying the cluster's TLS certificate and key (PEM) to the nodes.
+TLS_CERT_ENV = "DASK_AMLCOMPUTE_TLS_CERT"
+TLS_KEY_ENV = "DASK_AMLCOMPUTE_TLS_KEY"
+
+
+def node_security(env: Mapping[str, str] | None = None):
+    """The Dask ``Security`` of this node: TLS when the job carries a certificate, else None."""
+    env = os.environ if env is None else env
+    cert, key = env.get(TLS_CERT_ENV), env.get(TLS_KEY_ENV)
+    if not cert or not key:
+        return None
+    from distributed.security import Security
+
+    return Security(
+        require_encryption=True,
+        tls_ca_file=cert,
+        tls_scheduler_cert=cert,
+        tls_scheduler_key=key,
+        tls_worker_cert=cert,
+        tls_worker_key=key,
+        tls_client_cert=cert,
+        tls_client_key=key,
+    )
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dask_amlcompute.node", description=__doc__)
     p.add_argument("--role", choices=["cluster", "workers"], default="cluster")
@@ -196,6 +221,11 @@ def _worker_threads(args: argparse.Namespace) -> int:
 async def _start_workers(scheduler_address: str, ctx: NodeContext, args: argparse.Namespace):
     from distributed import Nanny
 
+    security = node_security()
+    options = dict(args.worker_options)
+    if security is not None:
+        options.setdefault("security", security)
+        options.setdefault("protocol", "tls")
     nannies = [
         Nanny(
             scheduler_address,
@@ -204,7 +234,7 @@ async def _start_workers(scheduler_address: str, ctx: NodeContext, args: argpars
             name=f"{args.name_prefix}-{ctx.rank}-{i}",
             host=ctx.node_ip,
             death_timeout=args.death_timeout,
-            **args.worker_options,
+            **options,
         )
         for i in range(args.processes)
     ]
@@ -232,10 +262,14 @@ async def _run_scheduler_node(ctx: NodeContext, args: argparse.Namespace, stop: 
     options = dict(args.scheduler_options)
     if args.idle_timeout:
         options.setdefault("idle_timeout", args.idle_timeout)
+    security = node_security()
+    if security is not None:
+        options.setdefault("protocol", "tls")
     scheduler = Scheduler(
         host=ctx.node_ip,
         port=args.scheduler_port,
         dashboard_address=f"{ctx.node_ip}:{args.dashboard_port}",
+        security=security,
         **options,
     )
     await scheduler
@@ -295,7 +329,8 @@ async def run_node(args: argparse.Namespace, env: Mapping[str, str] | None = Non
     elif ctx.rank == 0:
         await _run_scheduler_node(ctx, args, stop)
     else:
-        address = f"tcp://{ctx.master_addr}:{args.scheduler_port}"
+        protocol = "tls" if node_security() is not None else "tcp"
+        address = f"{protocol}://{ctx.master_addr}:{args.scheduler_port}"
         await _run_worker_node(address, ctx, args, stop)
 
 

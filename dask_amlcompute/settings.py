@@ -46,6 +46,7 @@ class ClusterSettings:
     idle_timeout: float | None = None
     no_client_timeout: float | None = 600.0
     connect: str = "direct"
+    security: bool = False
     ssh_key: str | None = None
     known_hosts: str | None = None
     ssh_trust_on_first_use: bool = False
@@ -141,4 +142,8 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
             raise ConfigurationError(f"{key} must be a port number, got {raw[key]!r}.")
     raw["worker_on_scheduler"] = bool(raw["worker_on_scheduler"])
     raw["quiet"] = bool(raw["quiet"])
+    if not isinstance(raw["security"], bool):
+        raise ConfigurationError(
+            "security must be True or False (True: temporary TLS credentials for this cluster)."
+        )
     return ClusterSettings(**raw)

@@ -6,6 +6,7 @@ import asyncio
 import html
 import logging
 import math
+import os
 from typing import Any
 
 from distributed.core import Status
@@ -14,7 +15,7 @@ from distributed.deploy.spec import SpecCluster
 
 from .aml import AmlOps
 from .connect import SchedulerConnector, host_port, reachable
-from .environment import resolve_environment
+from .environment import environment_from_settings
 from .exceptions import AmlComputeError, TooManyNodesError
 from .jobs import AmlJobWorkers, AmlSchedulerJob, ClusterContext
 from .plugins import job_of_worker
@@ -70,6 +71,9 @@ class AmlComputeCluster(SpecCluster):
         ``"direct"``, ``"ssh"`` or ``"auto"``: how the client reaches the scheduler.
     startup_timeout
         Bound on waiting for the job to run and its workers to join.
+    code
+        A folder of your own modules to ship to every worker (Dask's upload
+        mechanism; ``.amlignore``/``.gitignore`` rules and a size limit apply).
     asynchronous, loop
         As for every Dask cluster manager.
     **kwargs
@@ -109,6 +113,7 @@ class AmlComputeCluster(SpecCluster):
         asynchronous: bool = False,
         loop: Any = None,
         shutdown_on_close: bool = True,
+        code: str | os.PathLike | None = None,
         _attach: bool = False,
         _existing_worker_jobs: tuple[tuple[str, int], ...] = (),
         **kwargs: Any,
@@ -131,6 +136,11 @@ class AmlComputeCluster(SpecCluster):
             startup_timeout=startup_timeout,
             **kwargs,
         )
+        if code is not None:
+            from .code import collect_code
+
+            collect_code(code)  # bad folder or over the size limit: fail before submitting
+        self._code = code
         if ml_client is None:
             ml_client = ml_client_from_config(settings.workspace_config)
         self.settings: ClusterSettings = settings
@@ -140,7 +150,7 @@ class AmlComputeCluster(SpecCluster):
             settings=settings,
             ops=AmlOps(ml_client),
             log=self._log,
-            environment=resolve_environment(settings.environment),
+            environment=environment_from_settings(settings),
         )
         self._context.connector = SchedulerConnector(self._context)
         self._context.attach = _attach
@@ -285,6 +295,14 @@ class AmlComputeCluster(SpecCluster):
             ctx.compute = await ctx.ops.get_compute(self.settings.compute)
             self._check_capacity()
             await super()._start()
+            if self._code is not None:
+                from .code import ship_code_async
+
+                bundle = await ship_code_async(self.scheduler_comm, self._code)
+                self._log(
+                    f"Shipped {len(bundle.files)} files ({bundle.total_bytes} bytes) "
+                    f"from {bundle.root} to the workers"
+                )
         except RuntimeError as exc:
             # SpecCluster wraps start failures in RuntimeError; surface our typed error.
             if isinstance(exc.__cause__, AmlComputeError):

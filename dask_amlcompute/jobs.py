@@ -386,7 +386,16 @@ class AmlJobWorkers(ProcessInterface):
             self._monitor = asyncio.create_task(self._watch())
         else:
             await self._wait_for_workers()
+            await self._check_versions()
         await super().start()
+
+    async def _check_versions(self) -> None:
+        """Client vs scheduler vs workers: the packages that must match (``version_check``)."""
+        from .versions import check_versions
+
+        await check_versions(
+            self.scheduler, self.context.connection_args, self.context.settings.version_check
+        )
 
     async def _submit(self) -> None:
         """Submit this worker job; its workers join later (the job may queue for minutes)."""

@@ -223,6 +223,8 @@ async def _start_workers(scheduler_address: str, ctx: NodeContext, args: argpars
 
     security = node_security()
     options = dict(args.worker_options)
+    # node-local scratch space in the job's working directory (never shared between nodes)
+    options.setdefault("local_directory", os.path.join(os.getcwd(), "dask-scratch-space"))
     if security is not None:
         options.setdefault("security", security)
         options.setdefault("protocol", "tls")

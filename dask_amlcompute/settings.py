@@ -142,6 +142,9 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
             raise ConfigurationError(f"{key} must be a port number, got {raw[key]!r}.")
     raw["worker_on_scheduler"] = bool(raw["worker_on_scheduler"])
     raw["quiet"] = bool(raw["quiet"])
+    from .versions import validate_policy
+
+    raw["version_check"] = validate_policy(raw["version_check"])
     if not isinstance(raw["security"], bool):
         raise ConfigurationError(
             "security must be True or False (True: temporary TLS credentials for this cluster)."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import urllib.request
 
 import pytest
@@ -110,3 +111,59 @@ def test_auto_uses_direct_when_the_scheduler_is_reachable(ssh_emulator, ssh_key,
     ) as cluster:
         assert cluster._context.connector.mode == "direct"
         assert not cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+
+
+def test_auto_falls_back_to_ssh_when_the_scheduler_is_not_reachable(
+    ssh_emulator, ssh_key, tmp_path, monkeypatch
+):
+    # Emulated nodes share this machine's loopback, so "outside the VNet" is simulated at the
+    # one place the library decides it: the bounded direct probe answers "unreachable".
+    import dask_amlcompute.connect as connect
+
+    async def unreachable(host, port, timeout=connect.PROBE_TIMEOUT):
+        return False
+
+    monkeypatch.setattr(connect, "reachable", unreachable)
+    with (
+        AmlComputeCluster(
+            ssh_emulator.ml_client(),
+            **kwargs(ssh_key, tmp_path, connect="auto", ssh_trust_on_first_use=True),
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        assert cluster._context.connector.mode == "ssh"
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert client.submit(lambda: "through the tunnel").result() == "through the tunnel"
+
+
+def test_tunnel_survives_a_dropped_ssh_connection_and_moves_bulk_data(
+    ssh_emulator, ssh_key, tmp_path
+):
+    import numpy as np
+    import psutil
+
+    with (
+        AmlComputeCluster(
+            ssh_emulator.ml_client(), **kwargs(ssh_key, tmp_path, ssh_trust_on_first_use=True)
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        tunnel = cluster._context.connector.tunnel
+        local_ports = {tunnel.local_address(name)[1] for name in ("scheduler", "dashboard")}
+        array = np.arange(
+            50 * 2**20 // 8, dtype="float64"
+        )  # 50 MB through the scheduler and tunnel
+        [future] = client.scatter([array])
+        assert client.submit(lambda a: float(a.sum()), future).result() == float(array.sum())
+        assert np.array_equal(client.gather(future), array)
+
+        cluster.loop.add_callback(tunnel._conn.abort)  # the SSH connection drops
+        deadline = time.monotonic() + 30
+        while tunnel.reconnects == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert tunnel.reconnects >= 1
+        assert client.submit(lambda x: x * 3, 7).result(timeout=60) == 21
+    listening = {
+        c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+    }
+    assert not local_ports & listening  # close left no forwarded port open

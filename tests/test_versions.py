@@ -134,6 +134,14 @@ def fake_version_env(tmp_path, package: str, version: str, rank: int) -> dict[st
 @pytest.mark.slow
 def test_mismatched_worker_on_the_emulator(emulator, ml_client, cluster_kwargs, tmp_path):
     env_vars = fake_version_env(tmp_path, "cloudpickle", "0.0.1", rank=1)
+    # the cluster checks versions as its workers join: the default policy refuses to start
+    with pytest.raises(VersionMismatchError, match="cloudpickle"):
+        AmlComputeCluster(
+            ml_client, n_nodes=2, env_vars=env_vars, name="mismatch-raise", **cluster_kwargs
+        )
+    assert emulator.wait_job("mismatch-raise-main", timeout=30) in ("Completed", "Canceled")
+
+    cluster_kwargs = {**cluster_kwargs, "version_check": "ignore"}
     with AmlComputeCluster(ml_client, n_nodes=2, env_vars=env_vars, **cluster_kwargs) as cluster:
         address = cluster.scheduler_address
         with pytest.raises(VersionMismatchError) as info:

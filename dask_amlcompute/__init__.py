@@ -29,12 +29,34 @@ from .workspace import ml_client_from_config, write_workspace_config
 # Like distributed and dask-jobqueue: make amlcompute.* defaults visible in dask.config.
 _config.ensure_defaults()
 
+#: Public helpers imported on first use (keeps ``import dask_amlcompute`` light, and the
+#: in-job entrypoints free of each other).
+_LAZY = {
+    "map_batches": "batch",
+    "iter_batches": "batch",
+    "ItemError": "batch",
+    "submit_script": "jobmode",
+    "ship_code": "code",
+    "resolve_uri": "data",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    target = "resolve" if name == "resolve_uri" else name
+    return getattr(importlib.import_module(f"{__name__}.{module}"), target)
+
 __all__ = [
     "AmlComputeCluster",
     "AmlComputeError",
     "ComputeNotFoundError",
     "ConfigurationError",
     "ControlPlaneError",
+    "ItemError",
     "JobCanceledError",
     "JobError",
     "JobFailedError",
@@ -45,6 +67,11 @@ __all__ = [
     "VersionMismatchError",
     "WorkspaceNotConfiguredError",
     "__version__",
+    "iter_batches",
+    "map_batches",
     "ml_client_from_config",
+    "resolve_uri",
+    "ship_code",
+    "submit_script",
     "write_workspace_config",
 ]

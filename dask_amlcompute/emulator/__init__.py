@@ -14,12 +14,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .azurite import Azurite
     from .client import EmulatorCredential, EmulatorTransport, make_ml_client
     from .config import ComputeSpec, EmulatorConfig, EnvironmentSpec, load_config
+    from .datastores import DatastoreSpec
     from .emulator import Emulator
 
 __all__ = [
+    "Azurite",
     "ComputeSpec",
+    "DatastoreSpec",
     "Emulator",
     "EmulatorConfig",
     "EmulatorCredential",
@@ -31,6 +35,8 @@ __all__ = [
 ]
 
 _EXPORTS = {
+    "Azurite": "azurite",
+    "DatastoreSpec": "datastores",
     "ComputeSpec": "config",
     "EmulatorConfig": "config",
     "EnvironmentSpec": "config",

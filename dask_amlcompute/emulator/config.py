@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .datastores import DatastoreSpec
+
 #: Compute kinds the emulator reports.  Only ``AmlCompute`` and
 #: ``ComputeInstance`` can run jobs; other kinds are listed but reject jobs.
 COMPUTE_KINDS = ("AmlCompute", "ComputeInstance", "Kubernetes", "VirtualMachine")
@@ -127,6 +129,8 @@ class EmulatorConfig:
         Serve HTTPS with a generated self-signed certificate.
     workdir : str or None
         Parent directory for the emulator's temporary directory.
+    datastores : list of DatastoreSpec
+        Datastores of the workspace (references to blob endpoints such as Azurite).
     """
 
     computes: list[ComputeSpec] = field(default_factory=default_computes)
@@ -136,6 +140,7 @@ class EmulatorConfig:
     port: int = 0
     https: bool = False
     workdir: str | None = None
+    datastores: list[DatastoreSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.host.startswith("127."):
@@ -145,6 +150,9 @@ class EmulatorConfig:
             raise ValueError(f"duplicate compute names: {names}")
         if len(self.computes) > 250:
             raise ValueError("at most 250 computes")
+        stores = [d.name.lower() for d in self.datastores]
+        if len(set(stores)) != len(stores):
+            raise ValueError(f"duplicate datastore names: {stores}")
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -180,6 +188,7 @@ def config_from_dict(data: dict[str, Any]) -> EmulatorConfig:
     data = dict(data)
     computes = data.pop("computes", None)
     environments = data.pop("environments", None) or []
+    datastores = data.pop("datastores", None) or []
     kwargs: dict[str, Any] = dict(data)
     if computes is not None:
         kwargs["computes"] = [
@@ -187,6 +196,9 @@ def config_from_dict(data: dict[str, Any]) -> EmulatorConfig:
         ]
     kwargs["environments"] = [
         _build(EnvironmentSpec, e, f"environments[{i}]") for i, e in enumerate(environments)
+    ]
+    kwargs["datastores"] = [
+        _build(DatastoreSpec, d, f"datastores[{i}]") for i, d in enumerate(datastores)
     ]
     return _build(EmulatorConfig, kwargs, "emulator config")
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from . import identity
 from .config import ComputeSpec, EmulatorConfig, EnvironmentSpec, load_config
 from .controls import EmulatorControls
+from .datastores import DatastoreSpec
 from .engine import Endpoints, Engine
 from .handlers import FaultState, ServerContext
 from .mlflow_api import tracking_uri as make_tracking_uri
@@ -50,6 +51,8 @@ class Emulator(EmulatorControls):
         Listen port (0 = ephemeral).
     environments : iterable of EnvironmentSpec, optional
         Environments registered at start.
+    datastores : iterable of DatastoreSpec, optional
+        Datastores of the workspace (see :class:`~dask_amlcompute.emulator.Azurite`).
     config : EmulatorConfig, optional
         A full configuration; overrides the other arguments.
 
@@ -77,6 +80,7 @@ class Emulator(EmulatorControls):
         host: str = "127.0.0.1",
         port: int = 0,
         environments: Iterable[EnvironmentSpec] | None = None,
+        datastores: Iterable[DatastoreSpec] | None = None,
         config: EmulatorConfig | None = None,
     ) -> None:
         if config is None:
@@ -85,7 +89,8 @@ class Emulator(EmulatorControls):
                 kwargs["computes"] = list(computes)
             config = EmulatorConfig(
                 provisioning_delay=provisioning_delay, https=https, workdir=workdir,
-                host=host, port=port, environments=list(environments or []), **kwargs)
+                host=host, port=port, environments=list(environments or []),
+                datastores=list(datastores or []), **kwargs)
         self.config = config
         self.base_url = ""
         self.cert_path: str | None = None
@@ -188,7 +193,8 @@ class Emulator(EmulatorControls):
                               Endpoints(self.tracking_uri, self.cert_path), self._start_ssh,
                               net=self.node_net)
         ctx = ServerContext(engine=self._engine, base_url=self.base_url,
-                            tracking_uri=self.tracking_uri, faults=self._faults)
+                            tracking_uri=self.tracking_uri, faults=self._faults,
+                            datastores={d.name.lower(): d for d in self.config.datastores})
         self._server = tornado.httpserver.HTTPServer(make_app(ctx), ssl_options=ssl_ctx,
                                                      xheaders=False)
         self._server.add_sockets(sockets)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import tornado.web
@@ -41,12 +41,13 @@ class FaultState:
 
 @dataclass
 class ServerContext:
-    """What handlers need: the engine, URLs, and the fault state."""
+    """What handlers need: the engine, URLs, the fault state and the datastores."""
 
     engine: Engine
     base_url: str
     tracking_uri: str
     faults: FaultState
+    datastores: dict[str, Any] = field(default_factory=dict)
 
 
 class BaseHandler(tornado.web.RequestHandler):

@@ -14,6 +14,7 @@ from typing import Any
 import tornado.web
 
 from . import identity, shapes
+from .datastore_api import datastore_routes
 from .engine import KILL_GRACE, log_name
 from .errors import ApiError
 from .handlers import BaseHandler, NotFoundHandler, ServerContext
@@ -447,6 +448,7 @@ def make_app(ctx: ServerContext) -> tornado.web.Application:
          LogHandler, kw),
     ]
     routes = [("(?i)" + p, h, k) for p, h, k in routes]
+    routes[:0] = datastore_routes(ctx, WS)
     routes.extend(mlflow_routes(ctx))
     return tornado.web.Application(
         routes,

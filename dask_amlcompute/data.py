@@ -1,0 +1,462 @@
+"""Read and write AML datastores from the cluster's workers with fsspec/adlfs.
+
+An AML datastore URI names data by datastore, not by storage account::
+
+    azureml://datastores/<name>/paths/<path>
+    azureml://subscriptions/<s>/resourcegroups/<rg>/workspaces/<ws>/datastores/<name>/paths/<path>
+
+:func:`resolve` asks the workspace (``ml_client.datastores``) which account,
+container and credential the datastore uses and returns an ``abfs://`` URL with
+the ``storage_options`` adlfs needs *on the nodes*, so that bulk data moves
+between the workers and storage and never through the notebook or an SSH
+tunnel::
+
+    r = resolve("azureml://datastores/lake/paths/sales/2024/", ml_client)
+    df = dd.read_parquet(r.url, storage_options=r.storage_options)
+    df.groupby("shop").amount.sum().to_frame().to_parquet(
+        r.join("../summary").url, storage_options=r.storage_options)
+
+Credentials, in order: the datastore's account key or SAS token (fetched with
+``include_secrets=True``), a service principal's secret, or, for identity-based
+datastores (no stored credential), the compute's managed identity through
+azure-identity's ``DefaultAzureCredential`` on each node.  Secrets never appear
+in ``repr()``, logs or error messages of this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+from .exceptions import AmlComputeError
+
+logger = logging.getLogger(__name__)
+
+#: Datastore endpoint suffix of the public Azure cloud.
+PUBLIC_SUFFIX = "core.windows.net"
+#: storage_options keys whose values are secrets.
+SECRET_KEYS = frozenset({"account_key", "sas_token", "connection_string", "client_secret",
+                         "credential"})
+_SECRET_PATTERNS = [
+    re.compile(r"(?i)(AccountKey=)[^;\s'\"]+"),
+    re.compile(r"(?i)(SharedAccessSignature=)[^;\s'\"]+"),
+    re.compile(r"(?i)([?&;]sig=)[^&;\s'\"]+"),
+]
+_SHORT = re.compile(r"^azureml://datastores/(?P<name>[^/]+)(?P<rest>/.*)?$", re.IGNORECASE)
+_LONG = re.compile(
+    r"^azureml://subscriptions/(?P<sub>[^/]+)/resourcegroups/(?P<rg>[^/]+)/"
+    r"(?:providers/Microsoft\.MachineLearningServices/)?workspaces/(?P<ws>[^/]+)/"
+    r"datastores/(?P<name>[^/]+)(?P<rest>/.*)?$",
+    re.IGNORECASE,
+)
+_FORMS = ("azureml://datastores/<name>/paths/<path> or azureml://subscriptions/<subscription>/"
+          "resourcegroups/<resource group>/workspaces/<workspace>/datastores/<name>/paths/<path>")
+
+
+class DatastoreError(AmlComputeError):
+    """Base class of the datastore resolution errors."""
+
+
+class DatastoreURIError(DatastoreError, ValueError):
+    """The string is not an AML datastore URI this module understands."""
+
+
+class DatastoreNotFoundError(DatastoreError, LookupError):
+    """The workspace has no datastore of that name."""
+
+
+class DatastoreCredentialsError(DatastoreError):
+    """The datastore holds no credential the nodes can use."""
+
+
+def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
+    """Mask account keys, SAS signatures and the given secret values in a string.
+
+    Parameters
+    ----------
+    text : str
+        Any text (an error message, a repr, a log line).
+    secrets : sequence of str
+        Literal secret values to mask wherever they occur.
+
+    Returns
+    -------
+    str
+        The text with secrets replaced by ``***``.
+    """
+    for secret in secrets:
+        if secret and len(secret) >= 6:
+            text = text.replace(secret, "***")
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(r"\1***", text)
+    return text
+
+
+class StorageOptions(dict):  # type: ignore[type-arg]
+    """``storage_options`` for fsspec whose ``repr``/``str`` mask secret values.
+
+    A plain ``dict`` otherwise: pass it to ``dd.read_parquet(...,
+    storage_options=...)`` or ``fsspec.open`` as usual.
+    """
+
+    def __repr__(self) -> str:
+        shown = {k: ("***" if k in SECRET_KEYS and v else v) for k, v in self.items()}
+        return f"StorageOptions({shown!r})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (StorageOptions, (dict(self),))
+
+
+@dataclass(frozen=True)
+class DatastoreURI:
+    """A parsed ``azureml://`` datastore URI.
+
+    Parameters
+    ----------
+    datastore : str
+        Datastore name.
+    path : str
+        Path inside the datastore's container (no leading ``/``; may be empty).
+    subscription_id, resource_group, workspace : str or None
+        Workspace coordinates of the long form, None for the short form.
+    """
+
+    datastore: str
+    path: str
+    subscription_id: str | None = None
+    resource_group: str | None = None
+    workspace: str | None = None
+
+
+def parse_uri(uri: str) -> DatastoreURI:
+    """Parse the short or long form of an AML datastore URI.
+
+    Parameters
+    ----------
+    uri : str
+        ``azureml://datastores/<name>/paths/<path>`` or the long form with
+        subscription, resource group and workspace.  ``/paths/...`` may be
+        omitted (the container's root).
+
+    Returns
+    -------
+    DatastoreURI
+        The datastore name, path and (long form) workspace coordinates.
+
+    Raises
+    ------
+    DatastoreURIError
+        If ``uri`` is not such a URI (with the accepted forms in the message).
+    """
+    if not isinstance(uri, str):
+        raise DatastoreURIError(f"expected an azureml:// datastore URI string, got {type(uri).__name__}")
+    text = uri.strip()
+    if text.startswith("azureml:") and not text.startswith("azureml://"):
+        raise DatastoreURIError(
+            f"{text!r} names a data asset, not a datastore path; use "
+            f"ml_client.data.get(name, version).path to get its datastore URI. Expected {_FORMS}.")
+    match = _LONG.match(text) or _SHORT.match(text)
+    if match is None:
+        raise DatastoreURIError(f"not an AML datastore URI: {redact(text)!r}. Expected {_FORMS}.")
+    rest = match.group("rest") or ""
+    if rest not in ("", "/"):
+        head, _, path = rest.lstrip("/").partition("/")
+        if head.lower() != "paths":
+            raise DatastoreURIError(
+                f"malformed AML datastore URI {redact(text)!r}: after the datastore name "
+                f"expected '/paths/<path>', got '/{head}'. Expected {_FORMS}.")
+    else:
+        path = ""
+    groups = match.groupdict()
+    return DatastoreURI(datastore=groups["name"], path=path.lstrip("/"),
+                        subscription_id=groups.get("sub"), resource_group=groups.get("rg"),
+                        workspace=groups.get("ws"))
+
+
+@dataclass(frozen=True)
+class ResolvedURI:
+    """An AML datastore URI resolved to an fsspec URL plus adlfs ``storage_options``.
+
+    Unpacks as ``url, storage_options = resolved``.  ``repr`` masks secrets.
+
+    Parameters
+    ----------
+    url : str
+        ``abfs://`` URL (adlfs).
+    storage_options : StorageOptions
+        Keyword arguments of ``adlfs.AzureBlobFileSystem``.
+    uri : str
+        The original ``azureml://`` URI.
+    datastore : str
+        Datastore name.
+    credential : str
+        ``"account_key"``, ``"sas"``, ``"service_principal"`` or ``"identity"``.
+    """
+
+    url: str
+    storage_options: StorageOptions = field(repr=False)
+    uri: str = ""
+    datastore: str = ""
+    credential: str = ""
+
+    def __repr__(self) -> str:
+        return (f"ResolvedURI(url={self.url!r}, datastore={self.datastore!r}, "
+                f"credential={self.credential!r}, storage_options={self.storage_options!r})")
+
+    def __iter__(self) -> Iterator[Any]:
+        yield self.url
+        yield self.storage_options
+
+    def join(self, *parts: str) -> ResolvedURI:
+        """Return the same location with path segments appended (``..`` allowed).
+
+        Parameters
+        ----------
+        *parts : str
+            Relative path segments, e.g. ``"results", "by_shop.parquet"``.
+
+        Returns
+        -------
+        ResolvedURI
+            Same credentials, new URL (and URI).
+        """
+        scheme, _, rest = self.url.partition("://")
+        container, _, path = rest.partition("/")
+        new_path = posixpath.normpath(posixpath.join("/" + path, *parts)).lstrip("/")
+        uri = self.uri
+        if uri:
+            base = uri.split("/paths/", 1)[0].rstrip("/") if "/paths/" in uri else uri.rstrip("/")
+            uri = f"{base}/paths/{new_path}"
+        return replace(self, url=f"{scheme}://{container}/{new_path}", uri=uri)
+
+
+def _attr(obj: Any, *names: str) -> Any:
+    for name in names:
+        value = getattr(obj, name, None)
+        if value:
+            return value
+    return None
+
+
+def _check_workspace(parsed: DatastoreURI, ml_client: Any) -> None:
+    if parsed.subscription_id is None:
+        return
+    wanted = (parsed.subscription_id, parsed.resource_group, parsed.workspace)
+    have = (getattr(ml_client, "subscription_id", None),
+            getattr(ml_client, "resource_group_name", None),
+            getattr(ml_client, "workspace_name", None))
+    if any(h is not None and w is not None and h.lower() != w.lower() for w, h in zip(wanted, have, strict=True)):
+        raise DatastoreURIError(
+            f"the URI names workspace {wanted[2]} (subscription {wanted[0]}, resource group "
+            f"{wanted[1]}) but ml_client is connected to workspace {have[2]} (subscription "
+            f"{have[0]}, resource group {have[1]}); pass an MLClient for that workspace.")
+
+
+def _get_datastore(ml_client: Any, name: str, with_secrets: bool) -> Any:
+    from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+    try:
+        return ml_client.datastores.get(name, include_secrets=with_secrets)
+    except ResourceNotFoundError:
+        try:
+            names = sorted(d.name for d in ml_client.datastores.list())
+        except HttpResponseError:
+            names = []
+        known = ", ".join(names) if names else "(none could be listed)"
+        raise DatastoreNotFoundError(
+            f"datastore {name!r} does not exist in workspace "
+            f"{getattr(ml_client, 'workspace_name', '?')}. Datastores: {known}.") from None
+    except HttpResponseError as exc:
+        if not with_secrets:
+            raise DatastoreError(f"could not read datastore {name!r}: {redact(str(exc))}") from None
+        raise DatastoreCredentialsError(
+            f"could not fetch the secrets of datastore {name!r} ({redact(str(exc)).splitlines()[0]}). "
+            "Reading them needs the 'Microsoft.MachineLearningServices/workspaces/datastores/"
+            "listSecrets/action' permission; or pass identity=True to use the compute's managed "
+            "identity (it needs a 'Storage Blob Data Reader/Contributor' role on the account).") from None
+
+
+def _endpoint(store: Any) -> tuple[str | None, str]:
+    """Return (custom blob endpoint URL or None, endpoint suffix)."""
+    endpoint = (_attr(store, "endpoint") or PUBLIC_SUFFIX).strip()
+    if "://" in endpoint:
+        return endpoint.rstrip("/"), ""
+    return None, endpoint.lstrip(".")
+
+
+def _credential_of(store: Any) -> tuple[str, dict[str, Any]]:
+    """Classify the datastore's credential: (kind, secret fields)."""
+    cred = getattr(store, "credentials", None)
+    kind = type(cred).__name__
+    if kind == "AccountKeyConfiguration":
+        return "account_key", {"account_key": getattr(cred, "account_key", None)}
+    if kind == "SasTokenConfiguration":
+        return "sas", {"sas_token": getattr(cred, "sas_token", None)}
+    if kind == "ServicePrincipalConfiguration":
+        return "service_principal", {"tenant_id": getattr(cred, "tenant_id", None),
+                                     "client_id": getattr(cred, "client_id", None),
+                                     "client_secret": getattr(cred, "client_secret", None)}
+    if kind == "CertificateConfiguration":
+        return "certificate", {}
+    return "identity", {}
+
+
+def _options(store: Any, kind: str, secrets: dict[str, Any], identity_client_id: str | None
+             ) -> StorageOptions:
+    name = store.name
+    account = _attr(store, "account_name")
+    custom, suffix = _endpoint(store)
+    if custom is not None:
+        # An emulator or other custom endpoint (e.g. Azurite): connection strings carry the URL.
+        if kind == "account_key":
+            return StorageOptions(connection_string=(
+                f"DefaultEndpointsProtocol={urlsplit(custom).scheme};AccountName={account};"
+                f"AccountKey={secrets['account_key']};BlobEndpoint={custom};"))
+        if kind == "sas":
+            return StorageOptions(connection_string=(
+                f"BlobEndpoint={custom};SharedAccessSignature={secrets['sas_token'].lstrip('?')}"))
+        raise DatastoreCredentialsError(
+            f"datastore {name!r} uses {kind.replace('_', ' ')} access, but its endpoint {custom} is a "
+            "custom (emulated) blob endpoint where Azure AD identities cannot be used. Attach it "
+            "with an account key or a SAS token (credential='account_key' or 'sas').")
+    opts: dict[str, Any] = {"account_name": account}
+    if suffix.lower() != PUBLIC_SUFFIX:
+        opts["account_host"] = f"{account}.blob.{suffix}"
+    if kind == "account_key":
+        opts["account_key"] = secrets["account_key"]
+    elif kind == "sas":
+        opts["sas_token"] = secrets["sas_token"].lstrip("?")
+    elif kind == "service_principal":
+        opts.update(secrets)
+    else:
+        # adlfs builds DefaultAzureCredential on each node: the compute's managed identity.
+        opts["anon"] = False
+        if identity_client_id:
+            opts["managed_identity_client_id"] = identity_client_id
+    return StorageOptions(opts)
+
+
+def resolve(uri: str, ml_client: Any, *, identity: bool | None = None,
+            identity_client_id: str | None = None) -> ResolvedURI:
+    """Resolve an AML datastore URI to an adlfs URL and ``storage_options`` for the nodes.
+
+    Parameters
+    ----------
+    uri : str
+        ``azureml://datastores/<name>/paths/<path>`` or
+        ``azureml://subscriptions/<s>/resourcegroups/<rg>/workspaces/<ws>/datastores/<name>/paths/<path>``.
+    ml_client : azure.ai.ml.MLClient
+        Client of the workspace holding the datastore (e.g. ``cluster.ml_client``).
+    identity : bool, optional
+        None (default): use the datastore's stored key / SAS / service principal
+        if it has one, the compute's managed identity otherwise.  True: always use
+        the identity (secrets are not fetched).  False: require a stored secret.
+    identity_client_id : str, optional
+        Client id of a user-assigned managed identity of the compute (passed to
+        ``DefaultAzureCredential`` as ``managed_identity_client_id``).
+
+    Returns
+    -------
+    ResolvedURI
+        ``url`` (``abfs://<container>@<account>.dfs.core.windows.net/<path>`` on
+        Azure, ``abfs://<container>/<path>`` for custom endpoints) and
+        ``storage_options``.
+
+    Raises
+    ------
+    DatastoreURIError
+        Malformed URI, or a long form naming another workspace than ``ml_client``'s.
+    DatastoreNotFoundError
+        Unknown datastore (the message lists the workspace's datastores).
+    DatastoreCredentialsError
+        No credential the nodes can use (e.g. identity-based access to an
+        emulated endpoint, certificate credentials, secrets not readable).
+
+    Examples
+    --------
+    >>> r = resolve("azureml://datastores/workspaceblobstore/paths/data/", ml_client)  # doctest: +SKIP
+    >>> df = dd.read_parquet(r.url, storage_options=r.storage_options)  # doctest: +SKIP
+
+    See Also
+    --------
+    storage_options : only the options.
+    """
+    parsed = parse_uri(uri)
+    _check_workspace(parsed, ml_client)
+    store = _get_datastore(ml_client, parsed.datastore, with_secrets=False)
+    kind, _ = _credential_of(store)
+    if kind != "identity" and identity is not True:
+        store = _get_datastore(ml_client, parsed.datastore, with_secrets=True)
+        kind, secrets = _credential_of(store)
+        missing = [k for k, v in secrets.items() if not v]
+        if kind == "certificate" or missing:
+            what = "certificate" if kind == "certificate" else ", ".join(missing)
+            raise DatastoreCredentialsError(
+                f"datastore {parsed.datastore!r} ({kind.replace('_', ' ')} credentials) has no "
+                f"usable secret for the nodes (missing: {what}). Pass identity=True to use the "
+                "compute's managed identity, or update the datastore's credentials.")
+    else:
+        secrets = {}
+    if identity is True:
+        kind = "identity"
+    elif identity is False and kind == "identity":
+        raise DatastoreCredentialsError(
+            f"datastore {parsed.datastore!r} holds no credentials (identity-based access) but "
+            "identity=False was given.")
+    options = _options(store, kind, secrets, identity_client_id)
+    container = _attr(store, "container_name", "filesystem")
+    if not container:
+        raise DatastoreError(f"datastore {parsed.datastore!r} is a {type(store).__name__}, not a "
+                             "blob container or ADLS Gen2 filesystem; adlfs cannot read it.")
+    custom, suffix = _endpoint(store)
+    if custom is None and suffix.lower() == PUBLIC_SUFFIX:
+        url = f"abfs://{container}@{store.account_name}.dfs.{PUBLIC_SUFFIX}/{parsed.path}"
+    else:
+        url = f"abfs://{container}/{parsed.path}"
+    logger.debug("resolved %s to %s (%s access)", redact(uri), url, kind)
+    return ResolvedURI(url=url, storage_options=options, uri=uri, datastore=store.name,
+                       credential=kind)
+
+
+def storage_options(uri: str, ml_client: Any, **kwargs: Any) -> StorageOptions:
+    """Return only the ``storage_options`` of :func:`resolve`.
+
+    Parameters
+    ----------
+    uri : str
+        AML datastore URI.
+    ml_client : azure.ai.ml.MLClient
+        Workspace client.
+    **kwargs : Any
+        ``identity``, ``identity_client_id`` (see :func:`resolve`).
+
+    Returns
+    -------
+    StorageOptions
+        adlfs keyword arguments (secrets masked in ``repr``).
+    """
+    return resolve(uri, ml_client, **kwargs).storage_options
+
+
+def is_datastore_uri(path: Any) -> bool:
+    """Return whether ``path`` looks like an ``azureml://`` datastore URI.
+
+    Parameters
+    ----------
+    path : Any
+        Anything.
+
+    Returns
+    -------
+    bool
+        True for ``azureml://...datastores/...`` strings.
+    """
+    return isinstance(path, str) and bool(_LONG.match(path.strip()) or _SHORT.match(path.strip()))
+

@@ -18,281 +18,36 @@ code stops at once); a call blocked in C code (a socket read, ``time.sleep``)
 keeps its thread until it returns. Such threads are counted in
 :attr:`BatchStats.stuck_threads`; restart the workers
 (``client.restart_workers``) if they pile up.
+
+This module is the client side (scheduling, retries, the threshold, progress);
+the task that runs on the workers is in :mod:`dask_amlcompute._batch_worker`, the
+result types in :mod:`dask_amlcompute._batch_types` and the result files in
+:mod:`dask_amlcompute._batch_output`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
-import json
 import math
 import os
-import pickle
 import sys
-import threading
 import time
 import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ._batch_output import _write_batch
+from ._batch_types import BatchResult, BatchStats, ItemError
+from ._batch_worker import _drop_state, _error, _run_batch
 from .exceptions import ConfigurationError, ErrorThresholdExceededError
 from .validation import parse_duration
 
 __all__ = ["BatchResult", "BatchStats", "ItemError", "iter_batches", "map_batches"]
-
-
-@dataclass
-class ItemError:
-    """Why one input failed; stands in place of its result (like ``foreach`` error objects).
-
-    Attributes
-    ----------
-    index
-        Position of the input.
-    type
-        Class name of the exception.
-    message
-        ``str()`` of the exception.
-    traceback
-        The formatted traceback, from the worker.
-    attempts
-        How many times the input was run.
-    timed_out
-        True when the batch time limit abandoned the call.
-    worker
-        Address of the worker of the last attempt.
-    exception
-        The exception itself when it could be pickled, else None.
-    """
-
-    index: int
-    type: str
-    message: str
-    traceback: str = ""
-    attempts: int = 1
-    timed_out: bool = False
-    worker: str | None = None
-    exception: BaseException | None = field(default=None, repr=False, compare=False)
-
-    def reraise(self) -> None:
-        """Raise the original exception (or a RuntimeError describing it)."""
-        if self.exception is not None:
-            raise self.exception
-        raise RuntimeError(f"input {self.index} failed: {self.type}: {self.message}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly description (without the exception object)."""
-        out = asdict(self)
-        out.pop("exception")
-        return out
-
-
-@dataclass
-class BatchStats:
-    """Counters of a batch run, updated as batches finish.
-
-    ``done`` and ``failed`` count inputs with a final outcome; ``retried`` counts
-    re-runs of failed inputs; ``max_in_flight`` is the most batches ever
-    submitted at once; ``stuck_threads`` the abandoned calls still running on
-    the workers at the last report.
-    """
-
-    total: int | None = None
-    done: int = 0
-    failed: int = 0
-    timed_out: int = 0
-    retried: int = 0
-    batches: int = 0
-    max_in_flight: int = 0
-    stuck_threads: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    def summary(self) -> str:
-        """One line: counts and elapsed time."""
-        elapsed = time.monotonic() - self.started
-        total = f"/{self.total}" if self.total is not None else ""
-        text = (
-            f"{self.done + self.failed}{total} inputs in {self.batches} batches: "
-            f"{self.done} done, {self.failed} failed ({self.timed_out} timed out), "
-            f"{self.retried} retried, {elapsed:.1f}s"
-        )
-        if self.stuck_threads:
-            text += f"; {self.stuck_threads} abandoned call(s) still running on workers"
-        return text
-
-
-@dataclass
-class BatchResult:
-    """One finished mini-batch: input positions and results (values or :class:`ItemError`)."""
-
-    number: int
-    indices: list[int]
-    results: list[Any]
-    path: Path | None = None
-
-    @property
-    def errors(self) -> list[ItemError]:
-        """The failed inputs of this batch."""
-        return [r for r in self.results if isinstance(r, ItemError)]
-
-
-# -- worker side ------------------------------------------------------------------------
-
-
-class _Abandoned(BaseException):
-    """Raised into the thread of a call that the batch time limit abandoned."""
-
-
-_STATE_LOCK = threading.Lock()
-_PROCESS_STATE: dict[str, Any] = {}
-_STUCK: list[threading.Thread] = []
-
-
-def _state_store(worker: Any = None) -> dict[str, Any]:
-    """The ``init`` results of this worker (or of this process outside a worker)."""
-    if worker is None:
-        from distributed import get_worker
-
-        try:
-            worker = get_worker()
-        except ValueError:
-            return _PROCESS_STATE
-    return worker.__dict__.setdefault("_dask_amlcompute_batch_state", {})
-
-
-def _drop_state(key: str, dask_worker: Any = None) -> None:
-    """Forget an ``init`` result on a worker (run through ``client.run`` at the end)."""
-    with _STATE_LOCK:
-        _state_store(dask_worker).pop(key, None)
-
-
-def _stuck_count() -> int:
-    _STUCK[:] = [t for t in _STUCK if t.is_alive()]
-    return len(_STUCK)
-
-
-def _error(exc: BaseException, timed_out: bool = False) -> ItemError:
-    try:
-        pickle.dumps(exc)
-        keep: BaseException | None = exc
-    except Exception:
-        keep = None
-    return ItemError(
-        index=-1,
-        type=type(exc).__name__,
-        message=str(exc),
-        traceback="".join(traceback.format_exception(exc)),
-        timed_out=timed_out,
-        exception=keep,
-    )
-
-
-def _run_timed(call: Callable, items: list, timeout: float, values: list, errors: dict) -> list:
-    """Run ``call`` over ``items`` in a helper thread; give up at ``timeout``.
-
-    Returns the positions that did not run because an earlier call hung.
-    """
-    lock = threading.Lock()
-    state = {"pos": 0, "abandoned": False}
-    finished = threading.Event()
-
-    def runner() -> None:
-        try:
-            for pos, item in enumerate(items):
-                with lock:
-                    if state["abandoned"]:
-                        return
-                    state["pos"] = pos
-                try:
-                    value, err = call(item), None
-                except (Exception, SystemExit) as exc:
-                    value, err = None, _error(exc)
-                with lock:
-                    if state["abandoned"]:
-                        return
-                    if err is None:
-                        values[pos] = value
-                    else:
-                        errors[pos] = err
-            with lock:
-                state["pos"] = len(items)
-        except _Abandoned:
-            return
-        finally:
-            finished.set()
-
-    thread = threading.Thread(target=runner, name="dask-amlcompute-batch", daemon=True)
-    thread.start()
-    if finished.wait(timeout):
-        return []
-    with lock:
-        hung = state["pos"]
-        if hung >= len(items):
-            return []
-        state["abandoned"] = True
-    errors[hung] = _error(
-        TimeoutError(
-            f"batch time limit of {timeout:g}s reached while running this input; the call "
-            "was abandoned (its thread is interrupted at its next Python instruction)"
-        ),
-        timed_out=True,
-    )
-    if sys.implementation.name == "cpython" and thread.ident is not None:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(thread.ident), ctypes.py_object(_Abandoned)
-        )
-    _STUCK.append(thread)
-    return list(range(hung + 1, len(items)))
-
-
-def _run_batch(
-    fn: Callable, items: list, timeout: float | None, init: Callable | None, init_key: str
-) -> tuple[list, dict[int, ItemError], list[int], str | None, int]:
-    """The Dask task of one mini-batch: ``(values, errors, not_run, worker, stuck threads)``."""
-    from distributed import get_worker
-
-    try:
-        worker: str | None = get_worker().address
-    except ValueError:
-        worker = None
-    values: list = [None] * len(items)
-    errors: dict[int, ItemError] = {}
-    call = fn
-    if init is not None:
-        try:
-            with _STATE_LOCK:
-                store = _state_store()
-                if init_key not in store:
-                    store[init_key] = init()
-                state = store[init_key]
-        except Exception as exc:
-            err = _error(RuntimeError(f"init failed on this worker: {type(exc).__name__}: {exc}"))
-            err.traceback = "".join(traceback.format_exception(exc))
-            return values, dict.fromkeys(range(len(items)), err), [], worker, _stuck_count()
-
-        def call(item: Any) -> Any:
-            return fn(item, state)
-
-    not_run: list[int] = []
-    if timeout is None:
-        for pos, item in enumerate(items):
-            try:
-                values[pos] = call(item)
-            except (Exception, SystemExit) as exc:
-                errors[pos] = _error(exc)
-    else:
-        not_run = _run_timed(call, items, timeout, values, errors)
-    for err in errors.values():
-        err.worker = worker
-    return values, errors, not_run, worker, _stuck_count()
-
-
-# -- client side ------------------------------------------------------------------------
 
 
 class _Progress:
@@ -343,57 +98,6 @@ class _Batch:
         self.final = [False] * len(inputs)
         self.attempts = [0] * len(inputs)
         self.remaining = len(inputs)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):  # numpy arrays and scalars
-        return value.tolist()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    raise TypeError(
-        f"a result of type {type(value).__name__} cannot be written as JSON; return plain "
-        "data (dict/list/str/number), DataFrames (parquet), or use output_format='pickle'"
-    )
-
-
-def _write_batch(out_dir: Path, batch: _Batch, fmt: str) -> Path:
-    """Write one finished batch under ``out_dir`` atomically; returns the file."""
-    stem = out_dir / f"batch-{batch.number:06d}"
-    pairs = list(zip(batch.indices, batch.results, strict=True))
-    errors = [r.to_dict() for _, r in pairs if isinstance(r, ItemError)]
-    ok = [(i, r) for i, r in pairs if not isinstance(r, ItemError)]
-    if fmt == "auto":
-        fmt = "json"
-        if ok and type(ok[0][1]).__name__ == "DataFrame":
-            try:
-                import pandas as pd
-                import pyarrow  # noqa: F401
-
-                if all(isinstance(r, pd.DataFrame) for _, r in ok):
-                    fmt = "parquet"
-            except ImportError:
-                pass
-    path = stem.with_suffix("." + {"pickle": "pkl"}.get(fmt, fmt))
-    tmp = path.with_name(path.name + ".tmp")
-    if fmt == "parquet":
-        import pandas as pd
-
-        frames = [r.assign(_item=i) for i, r in ok]
-        (pd.concat(frames) if frames else pd.DataFrame()).to_parquet(tmp)
-        if errors:
-            stem.with_suffix(".errors.json").write_text(json.dumps(errors, indent=1))
-    elif fmt == "pickle":
-        with open(tmp, "wb") as fh:
-            data = {"batch": batch.number, "indices": batch.indices, "results": batch.results}
-            pickle.dump(data, fh)
-    elif fmt == "json":
-        items = [{"index": i, "result": r} for i, r in ok] + [{"error": e} for e in errors]
-        items.sort(key=lambda d: d.get("index", d.get("error", {}).get("index", -1)))
-        tmp.write_text(json.dumps({"batch": batch.number, "items": items}, default=_json_default))
-    else:
-        raise ConfigurationError(f"output_format must be auto/json/parquet/pickle, not {fmt!r}.")
-    os.replace(tmp, path)
-    return path
 
 
 def _check_threshold(value: int | float | None, total: int | None) -> int | float | None:

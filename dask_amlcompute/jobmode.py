@@ -20,22 +20,22 @@ for large scripts or scripts that import their own modules.
 The in-job side is ``python -m dask_amlcompute.jobmode``: the flags of
 :mod:`dask_amlcompute.node` plus ``--script``/``--script-name``/``--wait-workers``,
 then ``--`` and the script's own arguments.
+
+This module builds and submits the job (the client side); the in-job side is in
+:mod:`dask_amlcompute._jobmode_node` and the ``dask-amlcompute run`` command line in
+:mod:`dask_amlcompute._jobmode_cli` (both re-exported here).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import concurrent.futures
 import gzip
-import json
 import logging
 import os
 import shlex
-import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -43,8 +43,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._jobmode_cli import run_cli as run_cli
+from ._jobmode_node import (
+    EXIT_CODE_TAG,
+    OUTPUT_BEGIN,
+    OUTPUT_END,
+    SCRIPT_ENV,
+    main,
+)
+from ._jobmode_node import run_script_node as run_script_node
 from .exceptions import (
-    AmlComputeError,
     ConfigurationError,
     JobCanceledError,
     JobError,
@@ -52,29 +60,12 @@ from .exceptions import (
     TooManyNodesError,
 )
 from .jobspec import NodeOptions, build_job, node_command
-from .node import (
-    SCHEDULER_TAG,
-    VERSIONS_TAG,
-    _parse_args,
-    _start_workers,
-    detect_context,
-    package_versions,
-    publish_tags,
-    run_node,
-)
 from .validation import aml_name, parse_duration, positive_int
 
 logger = logging.getLogger("dask_amlcompute.jobmode")
 
-#: Environment variables carrying an embedded script into the job.
-SCRIPT_ENV = "DASK_AMLCOMPUTE_SCRIPT_GZ_B64"
-#: Run tag rank 0 sets to the script's exit code before the job ends.
-EXIT_CODE_TAG = "dask_script_exit_code"
 #: Largest embedded script (after gzip + base64); use ``code=`` beyond it.
 MAX_EMBEDDED_BYTES = 64 * 1024
-#: Lines rank 0 prints around the script's output in its log.
-OUTPUT_BEGIN = "----- dask-amlcompute: script output -----"
-OUTPUT_END = "----- dask-amlcompute: script exited with code"
 
 
 @dataclass(frozen=True)
@@ -197,9 +188,6 @@ def build_script_job(
     if code is not None:
         job.code = str(code)
     return job
-
-
-# -- client side ------------------------------------------------------------------------
 
 
 async def _submit_and_wait(ops: Any, job: Any, *, n_nodes: int, wait: bool, wait_timeout: float,
@@ -369,208 +357,6 @@ def submit_script(
     # A thread of its own: works whether or not the caller already runs an event loop.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result()
-
-
-# -- in-job side ------------------------------------------------------------------------
-
-
-def _script_file(args: argparse.Namespace) -> str:
-    if args.script:
-        return args.script
-    encoded = os.environ.get(SCRIPT_ENV)
-    if not encoded:
-        raise SystemExit(f"No --script and no {SCRIPT_ENV}: nothing to run.")
-    folder = tempfile.mkdtemp(prefix="dask-amlcompute-script-")
-    path = os.path.join(folder, args.script_name)
-    Path(path).write_bytes(gzip.decompress(base64.b64decode(encoded)))
-    return path
-
-
-async def _wait_for_workers(scheduler: Any, expected: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while len(scheduler.workers) < expected and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-    if len(scheduler.workers) < expected:
-        logger.warning(
-            "Only %d of %d workers joined within %.0fs; starting the script anyway",
-            len(scheduler.workers), expected, timeout,
-        )  # fmt: skip
-
-
-async def run_script_node(args: argparse.Namespace, node_args: argparse.Namespace,
-                          script_args: list[str]) -> int:  # fmt: skip
-    """Rank 0 of a job-mode job: scheduler, workers, then the script; returns its exit code."""
-    from distributed import Scheduler
-
-    ctx = detect_context()
-    if ctx.rank != 0:
-        await run_node(node_args)
-        return 0
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    script = _script_file(args)
-    scheduler = Scheduler(
-        host=ctx.node_ip,
-        port=node_args.scheduler_port,
-        dashboard_address=f"{ctx.node_ip}:{node_args.dashboard_port}",
-        **node_args.scheduler_options,
-    )
-    await scheduler
-    nannies: list = []
-    try:
-        tags = {SCHEDULER_TAG: scheduler.address, VERSIONS_TAG: json.dumps(package_versions())}
-        try:
-            await asyncio.to_thread(publish_tags, tags)
-        except Exception as exc:  # the tag only helps to watch the run; the script still runs
-            logger.warning("Could not publish the scheduler address: %s", exc)
-        if node_args.worker_on_scheduler:
-            nannies = await _start_workers(scheduler.address, ctx, node_args)
-        per_node = node_args.processes
-        nodes = ctx.world_size if node_args.worker_on_scheduler else ctx.world_size - 1
-        await _wait_for_workers(scheduler, per_node * nodes, args.wait_workers)
-        env = {**os.environ, "DASK_SCHEDULER_ADDRESS": scheduler.address}
-        logger.info("Running %s %s against %s", script, script_args, scheduler.address)
-        print(OUTPUT_BEGIN, flush=True)
-        proc = await asyncio.create_subprocess_exec(sys.executable, script, *script_args, env=env)
-        waiter = asyncio.ensure_future(stop.wait())
-        done = asyncio.ensure_future(proc.wait())
-        await asyncio.wait([waiter, done], return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if not done.done():
-            logger.warning("Stopping the script (the job is being cancelled)")
-            proc.terminate()
-            try:
-                await asyncio.wait_for(done, 10)
-            except asyncio.TimeoutError:
-                proc.kill()
-                await done
-        code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
-        print(f"{OUTPUT_END} {code} -----", flush=True)
-        try:
-            await asyncio.to_thread(publish_tags, {EXIT_CODE_TAG: str(code)})
-        except Exception as exc:
-            logger.warning("Could not publish the exit code: %s", exc)
-        return code
-    finally:
-        await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
-        await scheduler.close(reason="script-finished")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m dask_amlcompute.jobmode``; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cut = argv.index("--") if "--" in argv else len(argv)
-    own = argparse.ArgumentParser(prog="python -m dask_amlcompute.jobmode", add_help=False)
-    own.add_argument("--script", default=None, help="script path (code snapshot)")
-    own.add_argument("--script-name", default="script.py")
-    own.add_argument("--wait-workers", type=float, default=300.0)
-    args, rest = own.parse_known_args(argv[:cut])
-    node_args = _parse_args(rest)
-    try:
-        return asyncio.run(run_script_node(args, node_args, argv[cut + 1 :]))
-    except Exception as exc:
-        logger.error("dask-amlcompute job mode failed: %s", exc, exc_info=True)
-        print(f"dask-amlcompute job mode failed: {exc}", file=sys.stderr, flush=True)
-        return 1
-
-
-# -- command line -----------------------------------------------------------------------
-
-
-def run_cli(argv: Sequence[str]) -> int:
-    """``dask-amlcompute run SCRIPT --nodes N --compute NAME [...] [-- SCRIPT ARGS]``.
-
-    Returns the process exit code: 0 when the job completed, the script's exit
-    code (or 1) when it failed, 2 for bad arguments or when nothing was submitted.
-    """
-    try:
-        return _run_cli(list(argv))
-    except SystemExit as exc:  # argparse: --help or a usage error
-        return exc.code if isinstance(exc.code, int) else 0
-
-
-def _run_cli(argv: list[str]) -> int:
-    cut = argv.index("--") if "--" in argv else len(argv)
-    p = argparse.ArgumentParser(
-        prog="dask-amlcompute run",
-        description="Run a Dask script as one AML job: rank 0 runs the scheduler and the "
-        "script, the other nodes run workers; the job ends when the script does. "
-        "Arguments after -- go to the script.",
-    )
-    p.add_argument(
-        "script", help="the Python script (Client() in it connects to the job's cluster)"
-    )
-    p.add_argument("--nodes", type=int, default=1, help="nodes of the job (default 1)")
-    p.add_argument(
-        "--compute", default=None, help="AmlCompute cluster (default with --emulator: cpu-cluster)"
-    )
-    p.add_argument("--processes", type=int, default=1, help="worker processes per node")
-    p.add_argument("--threads", type=int, default=None, help="threads per worker process")
-    p.add_argument("--job-timeout", default="1h", help="AML job time limit (default 1h)")
-    p.add_argument("--experiment", default="dask-amlcompute-run", help="AML experiment name")
-    p.add_argument("--name", default=None, help="AML job name (default dask-run-<random>)")
-    p.add_argument(
-        "--environment", default=None, help="AML environment (name@latest, name:version or image)"
-    )
-    p.add_argument(
-        "--code",
-        default=None,
-        help="upload this folder as the code snapshot (SCRIPT relative to it)",
-    )
-    p.add_argument("--env-var", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-wait", action="store_true", help="return after submitting")
-    p.add_argument(
-        "--emulator", action="store_true", help="run on a local AML emulator (no Azure account)"
-    )
-    p.add_argument("--workspace-config", default=None, help="path of the workspace config.json")
-    p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv[:cut])
-    env_vars = dict(kv.split("=", 1) for kv in args.env_var if "=" in kv)
-    emulator = None
-    try:
-        if args.emulator:
-            from .emulator import ComputeSpec, Emulator
-
-            if args.no_wait:
-                p.error(
-                    "--no-wait cannot be used with --emulator (it stops when this command ends)"
-                )
-            args.compute = args.compute or "cpu-cluster"
-            emulator = Emulator(
-                computes=[ComputeSpec(name=args.compute, max_nodes=max(4, args.nodes))]
-            )
-            emulator.start()
-            ml_client = emulator.ml_client()
-        else:
-            if not args.compute:
-                p.error("--compute is required (the AmlCompute cluster to run on)")
-            from .workspace import ml_client_from_config
-
-            ml_client = ml_client_from_config(args.workspace_config)
-        run = submit_script(
-            ml_client, args.script, compute=args.compute, n_nodes=args.nodes,
-            processes_per_node=args.processes, threads_per_process=args.threads,
-            script_args=argv[cut + 1 :], job_timeout=args.job_timeout,
-            experiment_name=args.experiment, name=args.name, environment=args.environment,
-            env_vars=env_vars, code=args.code, wait=not args.no_wait, quiet=args.quiet,
-            poll_interval=0.5 if args.emulator else 2.0,
-        )  # fmt: skip
-    except JobError as exc:
-        print(str(exc), file=sys.stderr)
-        return getattr(exc, "exit_code", None) or 1
-    except (AmlComputeError, ValueError, OSError) as exc:
-        print(f"dask-amlcompute run: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if emulator is not None:
-            emulator.stop()
-    if not args.quiet and run.output:
-        print(run.output, end="" if run.output.endswith("\n") else "\n")
-    print(f"AML job {run.job_name}: {run.status}")
-    return 0
 
 
 if __name__ == "__main__":

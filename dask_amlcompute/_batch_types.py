@@ -1,0 +1,118 @@
+"""The result types of a batch run: per-input errors, run counters, finished batches.
+
+Public as :mod:`dask_amlcompute.batch` names (:class:`ItemError`, :class:`BatchStats`,
+:class:`BatchResult`); they live here so that the worker side
+(:mod:`dask_amlcompute._batch_worker`) and the client side share them without
+importing each other.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BatchResult", "BatchStats", "ItemError"]
+
+
+@dataclass
+class ItemError:
+    """Why one input failed; stands in place of its result (like ``foreach`` error objects).
+
+    Attributes
+    ----------
+    index
+        Position of the input.
+    type
+        Class name of the exception.
+    message
+        ``str()`` of the exception.
+    traceback
+        The formatted traceback, from the worker.
+    attempts
+        How many times the input was run.
+    timed_out
+        True when the batch time limit abandoned the call.
+    worker
+        Address of the worker of the last attempt.
+    exception
+        The exception itself when it could be pickled, else None.
+    """
+
+    index: int
+    type: str
+    message: str
+    traceback: str = ""
+    attempts: int = 1
+    timed_out: bool = False
+    worker: str | None = None
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+
+    def reraise(self) -> None:
+        """Raise the original exception (or a RuntimeError describing it)."""
+        if self.exception is not None:
+            raise self.exception
+        raise RuntimeError(f"input {self.index} failed: {self.type}: {self.message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly description (without the exception object)."""
+        out = asdict(self)
+        out.pop("exception")
+        return out
+
+
+@dataclass
+class BatchStats:
+    """Counters of a batch run, updated as batches finish.
+
+    ``done`` and ``failed`` count inputs with a final outcome; ``retried`` counts
+    re-runs of failed inputs; ``max_in_flight`` is the most batches ever
+    submitted at once; ``stuck_threads`` the abandoned calls still running on
+    the workers at the last report.
+    """
+
+    total: int | None = None
+    done: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    retried: int = 0
+    batches: int = 0
+    max_in_flight: int = 0
+    stuck_threads: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def summary(self) -> str:
+        """One line: counts and elapsed time."""
+        elapsed = time.monotonic() - self.started
+        total = f"/{self.total}" if self.total is not None else ""
+        text = (
+            f"{self.done + self.failed}{total} inputs in {self.batches} batches: "
+            f"{self.done} done, {self.failed} failed ({self.timed_out} timed out), "
+            f"{self.retried} retried, {elapsed:.1f}s"
+        )
+        if self.stuck_threads:
+            text += f"; {self.stuck_threads} abandoned call(s) still running on workers"
+        return text
+
+
+@dataclass
+class BatchResult:
+    """One finished mini-batch: input positions and results (values or :class:`ItemError`)."""
+
+    number: int
+    indices: list[int]
+    results: list[Any]
+    path: Path | None = None
+
+    @property
+    def errors(self) -> list[ItemError]:
+        """The failed inputs of this batch."""
+        return [r for r in self.results if isinstance(r, ItemError)]
+
+
+# Their public home stays dask_amlcompute.batch (which re-exports them): pickles of results
+# (output_format="pickle", results sent back from workers), reprs and docs keep naming it.
+for _cls in (ItemError, BatchStats, BatchResult):
+    _cls.__module__ = "dask_amlcompute.batch"
+del _cls

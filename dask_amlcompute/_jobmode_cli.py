@@ -1,0 +1,109 @@
+"""``dask-amlcompute run``: the command line of job mode (:func:`run_cli`).
+
+Parses the arguments, opens an ``MLClient`` (from the workspace config, or on a
+local emulator with ``--emulator``) and calls
+:func:`dask_amlcompute.jobmode.submit_script`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .exceptions import AmlComputeError, JobError
+
+
+def run_cli(argv: Sequence[str]) -> int:
+    """``dask-amlcompute run SCRIPT --nodes N --compute NAME [...] [-- SCRIPT ARGS]``.
+
+    Returns the process exit code: 0 when the job completed, the script's exit
+    code (or 1) when it failed, 2 for bad arguments or when nothing was submitted.
+    """
+    try:
+        return _run_cli(list(argv))
+    except SystemExit as exc:  # argparse: --help or a usage error
+        return exc.code if isinstance(exc.code, int) else 0
+
+
+def _run_cli(argv: list[str]) -> int:
+    cut = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(
+        prog="dask-amlcompute run",
+        description="Run a Dask script as one AML job: rank 0 runs the scheduler and the "
+        "script, the other nodes run workers; the job ends when the script does. "
+        "Arguments after -- go to the script.",
+    )
+    p.add_argument(
+        "script", help="the Python script (Client() in it connects to the job's cluster)"
+    )
+    p.add_argument("--nodes", type=int, default=1, help="nodes of the job (default 1)")
+    p.add_argument(
+        "--compute", default=None, help="AmlCompute cluster (default with --emulator: cpu-cluster)"
+    )
+    p.add_argument("--processes", type=int, default=1, help="worker processes per node")
+    p.add_argument("--threads", type=int, default=None, help="threads per worker process")
+    p.add_argument("--job-timeout", default="1h", help="AML job time limit (default 1h)")
+    p.add_argument("--experiment", default="dask-amlcompute-run", help="AML experiment name")
+    p.add_argument("--name", default=None, help="AML job name (default dask-run-<random>)")
+    p.add_argument(
+        "--environment", default=None, help="AML environment (name@latest, name:version or image)"
+    )
+    p.add_argument(
+        "--code",
+        default=None,
+        help="upload this folder as the code snapshot (SCRIPT relative to it)",
+    )
+    p.add_argument("--env-var", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-wait", action="store_true", help="return after submitting")
+    p.add_argument(
+        "--emulator", action="store_true", help="run on a local AML emulator (no Azure account)"
+    )
+    p.add_argument("--workspace-config", default=None, help="path of the workspace config.json")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv[:cut])
+    from .jobmode import submit_script  # jobmode re-exports run_cli: import at call time
+
+    env_vars = dict(kv.split("=", 1) for kv in args.env_var if "=" in kv)
+    emulator = None
+    try:
+        if args.emulator:
+            from .emulator import ComputeSpec, Emulator
+
+            if args.no_wait:
+                p.error(
+                    "--no-wait cannot be used with --emulator (it stops when this command ends)"
+                )
+            args.compute = args.compute or "cpu-cluster"
+            emulator = Emulator(
+                computes=[ComputeSpec(name=args.compute, max_nodes=max(4, args.nodes))]
+            )
+            emulator.start()
+            ml_client = emulator.ml_client()
+        else:
+            if not args.compute:
+                p.error("--compute is required (the AmlCompute cluster to run on)")
+            from .workspace import ml_client_from_config
+
+            ml_client = ml_client_from_config(args.workspace_config)
+        run = submit_script(
+            ml_client, args.script, compute=args.compute, n_nodes=args.nodes,
+            processes_per_node=args.processes, threads_per_process=args.threads,
+            script_args=argv[cut + 1 :], job_timeout=args.job_timeout,
+            experiment_name=args.experiment, name=args.name, environment=args.environment,
+            env_vars=env_vars, code=args.code, wait=not args.no_wait, quiet=args.quiet,
+            poll_interval=0.5 if args.emulator else 2.0,
+        )  # fmt: skip
+    except JobError as exc:
+        print(str(exc), file=sys.stderr)
+        return getattr(exc, "exit_code", None) or 1
+    except (AmlComputeError, ValueError, OSError) as exc:
+        print(f"dask-amlcompute run: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if emulator is not None:
+            emulator.stop()
+    if not args.quiet and run.output:
+        print(run.output, end="" if run.output.endswith("\n") else "\n")
+    print(f"AML job {run.job_name}: {run.status}")
+    return 0

@@ -77,7 +77,7 @@ def run(opts: Options) -> SuiteResult:
     from dask_amlcompute.emulator import Azurite
 
     n_files = opts.pick(16, 8)
-    rows = opts.pick(250_000, 100_000)  # 8 float64 columns: ~16 MB / ~6.4 MB per file
+    rows = opts.pick(250_000, 100_000)  # 8 float64 columns: ~18 MB / ~8 MB per file
     reps = opts.pick(5, 3)
     local_dir = tempfile.mkdtemp(prefix="data-read-", dir=opts.workdir)
     with Azurite() as azurite:
@@ -114,9 +114,9 @@ def run(opts: Options) -> SuiteResult:
                 f"median {mb / median(base):.0f} MB/s ({median(base):.2f}s), n={reps}"),
     ))
     result.notes.append(
-        "data_read: Azurite is a single Node.js process on the same 2 cores as the cluster; "
-        "on AML the workers read from Azure Storage over the VNet, so the ratio here is a "
-        "lower bound of the library's path cost (resolve + adlfs), not a storage benchmark.")
+        "data_read: Azurite is one Node.js process sharing the machine's cores with the "
+        "cluster, so the ratio mostly measures Azurite plus the Blob REST/adlfs path, not Azure "
+        "Storage: on AML the workers read the storage account over the network, each in parallel.")
     return result
 
 
@@ -133,8 +133,9 @@ def _record(command: str, result: SuiteResult, elapsed: float) -> None:
     lines += [f"| {r.suite} | {r.metric} | {r.formatted()} | {r.detail} |" for r in result.rows]
     lines += [""] + [f"- {n}" for n in result.notes]
     if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nNewest last. Ratios are against a baseline "
-                           "measured in the same run.\n")
+        RESULTS.write_text("# Benchmark results\n\nAppended by `python benchmarks/run.py` and "
+                           "`python benchmarks/data_read.py`; newest last. Ratios are against a "
+                           "baseline measured in the same run.\n")
     with RESULTS.open("a") as fh:
         fh.write("\n".join(lines) + "\n")
 

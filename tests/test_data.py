@@ -128,10 +128,17 @@ def _secrets(azurite, datastores):
     return [azurite.account_key, sas, parse_qs(sas)["sig"][0]]
 
 
-def test_azurite_is_installed_and_serves_blobs(azurite):
-    from dask_amlcompute.emulator.azurite import find_azurite
+def test_azurite_is_installed():
+    """FAILS (never skips) without Azurite, saying how to install it."""
+    from dask_amlcompute.emulator.azurite import AzuriteNotFoundError, find_azurite
 
-    assert find_azurite()
+    try:
+        assert find_azurite()
+    except AzuriteNotFoundError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+def test_azurite_serves_blobs(azurite):
     azurite.create_container("probe")
     with azurite.blob_service_client() as service:
         service.get_container_client("probe").upload_blob("hello.txt", b"hi", overwrite=True)

@@ -525,6 +525,21 @@ class AmlComputeCluster(SpecCluster):
                 env[key] = "<redacted>"
         return body
 
+    def resolve(self, uri: str, **kwargs: Any) -> Any:
+        """An fsspec URL and adlfs ``storage_options`` for an ``azureml://`` datastore URI.
+
+        See :func:`dask_amlcompute.data.resolve`. Bulk data then flows between the
+        workers and storage, never through this client or the SSH tunnel.
+
+        Examples
+        --------
+        >>> r = cluster.resolve("azureml://datastores/lake/paths/sales/")  # doctest: +SKIP
+        >>> df = dd.read_parquet(r.url, storage_options=r.storage_options)  # doctest: +SKIP
+        """
+        from .data import resolve
+
+        return resolve(uri, self.ml_client, **kwargs)
+
     @property
     def jobs(self) -> dict[str, str]:
         """AML jobs of this cluster and their last known status."""

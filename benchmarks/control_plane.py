@@ -83,7 +83,7 @@ def rate_row(metric: str, meter: Meter) -> Row:
 
 def run(opts: Options) -> SuiteResult:
     """Count AML requests through a cluster's life."""
-    window = opts.pick(65.0, 31.0)
+    window = opts.pick(61.0, 31.0)
     result = SuiteResult()
     rows = result.rows
     counter = RequestCounter()

@@ -83,11 +83,16 @@ def run(opts: Options) -> SuiteResult:
     with Azurite() as azurite:
         store = azurite.datastore("lake", container="bench")
         emu = EmulatorProcess(opts.workdir, [{"name": COMPUTE, "max_nodes": 2}])
-        emu.config["datastores"] = [{
-            "name": store.name, "account": store.account, "container": store.container,
-            "credential": "account_key", "endpoint": store.endpoint,
-            "account_key": store.account_key,
-        }]
+        emu.config["datastores"] = [
+            {
+                "name": store.name,
+                "account": store.account,
+                "container": store.container,
+                "credential": "account_key",
+                "endpoint": store.endpoint,
+                "account_key": store.account_key,
+            }
+        ]
         with emu:
             ml_client = emu.ml_client()
             src = resolve("azureml://datastores/lake/paths/dataset/", ml_client)
@@ -99,24 +104,33 @@ def run(opts: Options) -> SuiteResult:
             ):
                 client.wait_for_workers(2, timeout=60)
                 local_url = local_dir.rstrip("/") + "/"
-                base, subj = interleave(lambda: _read_all(local_url, None),
-                                        lambda: _read_all(src.url, src.storage_options),
-                                        reps, warmup=1)
+                base, subj = interleave(
+                    lambda: _read_all(local_url, None),
+                    lambda: _read_all(src.url, src.storage_options),
+                    reps,
+                    warmup=1,
+                )
     ratio = pair_ratio(subj, base)
     mb = nbytes / 1e6
     result = SuiteResult()
-    result.rows.append(Row(
-        "data_read",
-        f"read_parquet {n_files} files ({mb:.0f} MB) on a 2-node cluster, datastore "
-        "(adlfs -> Azurite) / local disk, time ratio",
-        ratio, "x",
-        detail=(f"datastore median {mb / median(subj):.0f} MB/s ({median(subj):.2f}s), local "
-                f"median {mb / median(base):.0f} MB/s ({median(base):.2f}s), n={reps}"),
-    ))
+    result.rows.append(
+        Row(
+            "data_read",
+            f"read_parquet {n_files} files ({mb:.0f} MB) on a 2-node cluster, datastore "
+            "(adlfs -> Azurite) / local disk, time ratio",
+            ratio,
+            "x",
+            detail=(
+                f"datastore median {mb / median(subj):.0f} MB/s ({median(subj):.2f}s), local "
+                f"median {mb / median(base):.0f} MB/s ({median(base):.2f}s), n={reps}"
+            ),
+        )
+    )
     result.notes.append(
         "data_read: Azurite is one Node.js process sharing the machine's cores with the "
         "cluster, so the ratio mostly measures Azurite plus the Blob REST/adlfs path, not Azure "
-        "Storage: on AML the workers read the storage account over the network, each in parallel.")
+        "Storage: on AML the workers read the storage account over the network, each in parallel."
+    )
     return result
 
 
@@ -124,18 +138,24 @@ def _record(command: str, result: SuiteResult, elapsed: float) -> None:
     import dask
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"\n## {now} (data_read)\n", f"Command: `{command}` ({elapsed:.0f}s)\n",
-             f"- nproc: {os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})",
-             f"- python / dask: {sys.version.split()[0]} / {dask.__version__}",
-             f"- load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", "",
-             "| suite | metric | result | detail (raw, this machine, this run) |",
-             "|---|---|---|---|"]
+    lines = [
+        f"\n## {now} (data_read)\n",
+        f"Command: `{command}` ({elapsed:.0f}s)\n",
+        f"- nproc: {os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})",
+        f"- python / dask: {sys.version.split()[0]} / {dask.__version__}",
+        f"- load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        "",
+        "| suite | metric | result | detail (raw, this machine, this run) |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r.suite} | {r.metric} | {r.formatted()} | {r.detail} |" for r in result.rows]
     lines += [""] + [f"- {n}" for n in result.notes]
     if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nAppended by `python benchmarks/run.py` and "
-                           "`python benchmarks/data_read.py`; newest last. Ratios are against a "
-                           "baseline measured in the same run.\n")
+        RESULTS.write_text(
+            "# Benchmark results\n\nAppended by `python benchmarks/run.py` and "
+            "`python benchmarks/data_read.py`; newest last. Ratios are against a "
+            "baseline measured in the same run.\n"
+        )
     with RESULTS.open("a") as fh:
         fh.write("\n".join(lines) + "\n")
 

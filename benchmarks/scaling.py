@@ -128,7 +128,9 @@ def run(opts: Options) -> SuiteResult:
     first = median([c["first"] for c in cycles])
     every = median([c["all"] for c in cycles])
     released = median([c["released"] for c in cycles])
-    cooldown = INTERVAL * WAIT_COUNT
+    # The first idle decision comes within one interval; the wait_count-th one
+    # (wait_count - 1) intervals later: the policy's own share of the release time.
+    cooldown = INTERVAL * (WAIT_COUNT - 1)
     rate = median([c["rate"] for c in cycles])
     setup = f"D={delay:g}s, adapt interval={INTERVAL:g}s wait_count={WAIT_COUNT}, n={reps}"
     result = SuiteResult()
@@ -140,7 +142,8 @@ def run(opts: Options) -> SuiteResult:
             detail=f"{first:.1f}s in all; all 3 workers after {every:.1f}s"),
         Row("scaling", "idle -> nodes released, minus adapt cooldown, / D",
             (released - cooldown) / delay, "x",
-            detail=f"{released:.1f}s in all, cooldown {cooldown:g}s (interval x wait_count)"),
+            detail=f"{released:.1f}s in all, minus {released - cooldown:.1f}s; policy cooldown "
+                   f"{cooldown:g}s ((wait_count - 1) x interval, + up to one interval)"),
         Row("scaling", "AML requests/min while scaling 1 -> 3 -> 1 nodes", round(rate, 1),
             "req/min", detail=f"{median([c['requests'] for c in cycles]):g} requests per cycle"),
     ]  # fmt: skip

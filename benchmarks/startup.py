@@ -82,7 +82,7 @@ def aml_start(emu: EmulatorProcess, ml_client) -> float:
 
 def run(opts: Options) -> SuiteResult:
     """Measure cluster start time against plain dask processes, interleaved."""
-    reps = opts.pick(5, 1)
+    reps = opts.pick(4, 1)
     counter = [0]
     with EmulatorProcess(opts.workdir, [{"name": COMPUTE, "max_nodes": 8}]) as emu:
         ml_client = emu.ml_client()

@@ -29,7 +29,7 @@ TARGET = 0.9
 def run(opts: Options) -> SuiteResult:
     """Measure no-op task throughput against LocalCluster, interleaved."""
     n = opts.pick(10_000, 2_000)
-    reps = opts.pick(5, 2)
+    reps = opts.pick(3, 2)
     with (
         EmulatorProcess(opts.workdir, [{"name": COMPUTE, "max_nodes": 3}]) as emu,
         aml_cluster(
@@ -49,8 +49,10 @@ def run(opts: Options) -> SuiteResult:
     ):
         aml_client.wait_for_workers(2, timeout=60)
         local_client.wait_for_workers(2, timeout=60)
+        for client in (local_client, aml_client):  # warm-up: imports, connections
+            map_rate(client, 500)
         base, subj = interleave(
-            lambda: map_rate(local_client, n), lambda: map_rate(aml_client, n), reps=reps
+            lambda: map_rate(local_client, n), lambda: map_rate(aml_client, n), reps, warmup=0
         )
     ratio = pair_ratio(subj, base)
     result = SuiteResult()

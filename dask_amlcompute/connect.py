@@ -22,6 +22,7 @@ from .exceptions import SchedulerUnreachableError
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 5.0
+DIRECT_PROBES = 3
 
 
 async def reachable(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> bool:
@@ -64,9 +65,13 @@ class SchedulerConnector:
         mode = self.context.settings.connect
         host, port = host_port(scheduler)
         if mode in ("direct", "auto"):
-            if await reachable(host, port):
-                self.mode = "direct"
-                return scheduler, dashboard
+            # direct: a few bounded probes (a loaded machine can miss one); auto: one probe
+            for attempt in range(DIRECT_PROBES if mode == "direct" else 1):
+                if attempt:
+                    await asyncio.sleep(1.0)
+                if await reachable(host, port):
+                    self.mode = "direct"
+                    return scheduler, dashboard
             if mode == "direct":
                 raise SchedulerUnreachableError(
                     f"The scheduler of AML job {job_name} listens on {scheduler}, which this "

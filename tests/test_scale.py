@@ -164,3 +164,22 @@ def test_worker_jobs_end_no_later_than_the_cluster_deadline(emu):
         (job,) = [j for j in cluster.jobs if j != cluster.main_job_name]
         timeout = emu.ml_client().jobs.get(job).limits.timeout
         assert timeout < 300  # what was left of the cluster's 5 minutes, not a fresh 5 minutes
+
+
+def test_notebook_widget_scale_and_adapt_controls(emu):
+    with make(emu) as cluster, Client(cluster) as client:
+        tab = cluster._widget()
+        accordion = tab.children[1].children[1]
+        (request, scale_button), (minimum, maximum, adapt_button) = (
+            accordion.children[0].children,
+            accordion.children[1].children,
+        )
+        request.value = 2
+        scale_button.click()
+        client.wait_for_workers(2, timeout=60)
+        assert len([j for j in cluster.jobs if j != cluster.main_job_name]) == 1
+        minimum.value, maximum.value = 1, 3
+        adapt_button.click()
+        assert cluster._adaptive is not None
+        assert (cluster._adaptive.minimum, cluster._adaptive.maximum) == (1, 3)
+        assert cluster.name in tab.children[0].value  # the status tab shows the cluster

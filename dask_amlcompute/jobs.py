@@ -306,6 +306,7 @@ class AmlSchedulerJob(ProcessInterface):
         # SpecCluster has asked the scheduler to terminate: the nodes exit and the job
         # completes by itself. Give it a bounded moment, then cancel to be sure.
         deadline = time.monotonic() + 15
+        delay = 0.5
         while time.monotonic() < deadline:
             try:
                 info = await ctx.ops.get_job(self.job_name)
@@ -314,7 +315,8 @@ class AmlSchedulerJob(ProcessInterface):
             ctx.jobs[self.job_name] = info.status
             if info.terminal or info.status == "Finalizing":
                 break
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 3.0)  # few requests: AML takes a while to notice
         if ctx.jobs.get(self.job_name) not in ("Completed", "Failed", "Canceled", "Finalizing"):
             await ctx.ops.cancel(self.job_name)
         await ctx.connector.close()

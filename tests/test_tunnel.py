@@ -7,11 +7,11 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncssh
 import pytest
+from _ssh_helpers import ADMIN, NODE_IP, echo_server, free_port, node_server, run
 
 from dask_amlcompute.emulator.ssh import (
     NodeSSHServer,
@@ -29,31 +29,12 @@ from dask_amlcompute.tunnel import (
     resolve_client_keys,
 )
 
-NODE_IP = "127.0.1.1"
-ADMIN = "azureuser"
-
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make sure no test reads or writes the real ~/.ssh or talks to an ssh-agent."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-
-
-def run(coro_fn: Callable[[], Awaitable[None]], timeout: float = 15.0) -> None:
-    """Run an async test body with a hard timeout."""
-
-    async def main() -> None:
-        await asyncio.wait_for(coro_fn(), timeout)
-
-    asyncio.run(main())
-
-
-def closed_port(host: str = "127.0.0.1") -> int:
-    """Return a port on ``host`` that was just bound and closed (nothing listens)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def port_is_free(port: int) -> bool:
@@ -66,47 +47,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-@contextlib.asynccontextmanager
-async def echo_server(host: str = NODE_IP) -> AsyncIterator[int]:
-    """A TCP echo server that closes after echoing everything up to EOF; yields its port."""
-    writers: list[asyncio.StreamWriter] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, host, 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        for w in writers:
-            w.close()
-        await server.wait_closed()
-
-
-@contextlib.asynccontextmanager
-async def node_server(**kwargs: object) -> AsyncIterator[tuple[NodeSSHServer, str]]:
-    """Start a NodeSSHServer with a fresh client key; yields (server, client private key)."""
-    private, public = generate_client_keypair()
-    options: dict[str, object] = {
-        "admin_user": ADMIN,
-        "authorized_keys": [public],
-        "allowed_forward_hosts": {NODE_IP},
-    }
-    options.update(kwargs)
-    srv = NodeSSHServer(**options)  # type: ignore[arg-type]
-    await srv.start()
-    try:
-        yield srv, private
-    finally:
-        await srv.close()
 
 
 def make_tunnel(srv: NodeSSHServer, key: object, targets: dict, **kwargs: object) -> SSHTunnel:
@@ -130,7 +70,7 @@ async def roundtrip(address: tuple[str, int], payload: bytes) -> bytes:
 
 def test_echo_through_two_targets() -> None:
     async def body() -> None:
-        async with echo_server() as p1, echo_server() as p2, node_server() as (srv, key):
+        async with echo_server() as (p1, _), echo_server() as (p2, _), node_server() as (srv, key):
             targets = {"scheduler": (NODE_IP, p1), "dashboard": (NODE_IP, p2)}
             async with make_tunnel(srv, key, targets) as tunnel:
                 a1, a2 = tunnel.local_address("scheduler"), tunnel.local_address("dashboard")
@@ -199,7 +139,7 @@ def test_unknown_host_key_then_trust_on_first_use(
     known_hosts = tmp_path / "known_hosts"
 
     async def body() -> None:
-        async with echo_server() as port, node_server() as (srv, key):
+        async with echo_server() as (port, _), node_server() as (srv, key):
             targets = {"scheduler": (NODE_IP, port)}
             fingerprint = asyncssh.import_public_key(srv.host_public_key).get_fingerprint()
 
@@ -252,7 +192,7 @@ def test_unreachable_endpoint_fails_fast() -> None:
     async def body() -> None:
         _private, _ = generate_client_keypair()
         tunnel = SSHTunnel(
-            "127.0.0.1", closed_port(), ADMIN, client_keys=_private, known_hosts=[],
+            "127.0.0.1", free_port(), ADMIN, client_keys=_private, known_hosts=[],
             targets={"scheduler": (NODE_IP, 8786)}, connect_timeout=3,
         )  # fmt: skip
         started = time.monotonic()
@@ -277,7 +217,7 @@ def test_forwarding_refused_by_server() -> None:
 def test_reconnects_after_server_restart(caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
         host_key = generate_host_key()
-        async with echo_server() as port, node_server(host_key=host_key) as (srv, key):
+        async with echo_server() as (port, _), node_server(host_key=host_key) as (srv, key):
             public = asyncssh.import_private_key(key).export_public_key().decode()
             tunnel = make_tunnel(srv, key, {"scheduler": (NODE_IP, port)}, reconnect_delay=0.1)
             async with tunnel:
@@ -300,7 +240,7 @@ def test_reconnects_after_server_restart(caplog: pytest.LogCaptureFixture) -> No
 
 def test_gives_up_after_bounded_retries(caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
-        async with echo_server() as port, node_server() as (srv, key):
+        async with echo_server() as (port, _), node_server() as (srv, key):
             tunnel = make_tunnel(
                 srv, key, {"scheduler": (NODE_IP, port)}, reconnect_attempts=2,
                 reconnect_delay=0.05, connect_timeout=2,
@@ -328,7 +268,7 @@ def test_reconnect_refuses_a_changed_host_key(
     known_hosts = tmp_path / "known_hosts"
 
     async def body() -> None:
-        async with echo_server() as port, node_server() as (srv, key):
+        async with echo_server() as (port, _), node_server() as (srv, key):
             public = asyncssh.import_private_key(key).export_public_key().decode()
             tunnel = make_tunnel(
                 srv, key, {"scheduler": (NODE_IP, port)}, known_hosts=known_hosts,
@@ -354,7 +294,7 @@ def test_reconnect_refuses_a_changed_host_key(
 
 def test_close_is_idempotent_and_frees_ports() -> None:
     async def body() -> None:
-        async with echo_server() as port, node_server() as (srv, key):
+        async with echo_server() as (port, _), node_server() as (srv, key):
             tunnel = make_tunnel(srv, key, {"a": (NODE_IP, port), "b": (NODE_IP, port)})
             await tunnel.start()
             ports = [tunnel.local_address(n)[1] for n in ("a", "b")]

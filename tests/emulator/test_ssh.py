@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 
 import asyncssh
 import pytest
+from _ssh_helpers import ADMIN, NODE_IP, echo_server, free_port, node_server, run
 
 from dask_amlcompute.emulator.ssh import (
     NodeSSHServer,
@@ -16,68 +17,7 @@ from dask_amlcompute.emulator.ssh import (
     generate_host_key,
 )
 
-NODE_IP = "127.0.1.1"
 OTHER_IP = "127.0.1.2"
-ADMIN = "azureuser"
-
-
-def run(coro_fn: Callable[[], Awaitable[None]], timeout: float = 10.0) -> None:
-    """Run an async test body with a hard timeout."""
-
-    async def main() -> None:
-        await asyncio.wait_for(coro_fn(), timeout)
-
-    asyncio.run(main())
-
-
-def free_port(host: str) -> int:
-    """Return a port on ``host`` with nothing listening on it (right now)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-@contextlib.asynccontextmanager
-async def echo_server(host: str = NODE_IP) -> AsyncIterator[tuple[int, list[asyncio.StreamWriter]]]:
-    """A tiny TCP echo server; yields its port and the list of accepted writers."""
-    writers: list[asyncio.StreamWriter] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, host, 0)
-    try:
-        yield server.sockets[0].getsockname()[1], writers
-    finally:
-        server.close()
-        for w in writers:
-            w.close()
-        await server.wait_closed()
-
-
-@contextlib.asynccontextmanager
-async def node_server(**kwargs: object) -> AsyncIterator[tuple[NodeSSHServer, str]]:
-    """Start a NodeSSHServer with a fresh client key; yields (server, client private key)."""
-    private, public = generate_client_keypair()
-    options: dict[str, object] = {
-        "host": "127.0.0.1",
-        "port": 0,
-        "admin_user": ADMIN,
-        "authorized_keys": [public],
-        "allowed_forward_hosts": {NODE_IP},
-    }
-    options.update(kwargs)
-    srv = NodeSSHServer(**options)  # type: ignore[arg-type]
-    await srv.start()
-    try:
-        yield srv, private
-    finally:
-        await srv.close()
 
 
 def connect(

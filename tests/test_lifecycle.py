@@ -10,6 +10,7 @@ import time
 
 import psutil
 import pytest
+from _helpers import wait_for
 from distributed import Client
 
 from dask_amlcompute import AmlComputeCluster
@@ -39,15 +40,6 @@ def settings(**extra):
     }
     out.update(extra)
     return out
-
-
-def wait_until(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def run_client_script(emu, body: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -118,8 +110,10 @@ def test_from_name_reconnects_without_owning(emu):
         )
         with Client(cluster) as client:
             assert client.submit(sum, [2, 2]).result() == 4
-    wait_until(
-        lambda: not [j for j in emu.active_jobs() if j.startswith(cluster.name)], what="jobs ended"
+    wait_for(
+        lambda: not [j for j in emu.active_jobs() if j.startswith(cluster.name)],
+        timeout=60,
+        what="jobs ended",
     )
 
 
@@ -178,9 +172,9 @@ def test_repeated_create_close_leaves_nothing(emu):
         with AmlComputeCluster(emu.ml_client(), **settings()) as cluster, Client(cluster) as client:
             assert client.submit(int, "7").result() == 7
         emu.wait_job(cluster.main_job_name, timeout=30)
-    wait_until(lambda: not emu.active_jobs(), timeout=30, what="no active job")
+    wait_for(lambda: not emu.active_jobs(), timeout=30, what="no active job")
     assert emu.nodes_in_use("life") == 0
-    wait_until(
+    wait_for(
         lambda: {c.pid for c in me.children(recursive=True)} <= before,
         timeout=30,
         what="node processes gone",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from _helpers import wait_for
 from distributed import Client
 
 from dask_amlcompute import AmlComputeCluster
@@ -39,15 +40,6 @@ def make(emu, **extra):
     return AmlComputeCluster(emu.ml_client(), **kwargs)
 
 
-def wait_until(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def cluster_jobs(emu, cluster):
     return [j for j in emu.active_jobs() if j.startswith(cluster.name)]
 
@@ -62,17 +54,19 @@ def test_scale_up_and_down_submits_and_cancels_worker_jobs(emu):
         assert len(worker_jobs) == 2
         future = client.scatter(list(range(1000)), broadcast=False)
         cluster.scale(1)
-        wait_until(
-            lambda: len(client.scheduler_info()["workers"]) == 1, what="scale down to 1 worker"
+        wait_for(
+            lambda: len(client.scheduler_info()["workers"]) == 1,
+            timeout=60,
+            what="scale down to 1 worker",
         )
         for job in worker_jobs:
             assert emu.wait_job(job, timeout=30) == "Canceled"
-        wait_until(lambda: emu.nodes_in_use("scale-cluster") == 1, what="nodes released")
+        wait_for(lambda: emu.nodes_in_use("scale-cluster") == 1, timeout=60, what="nodes released")
         assert sum(client.gather(future)) == sum(range(1000))  # data moved, not lost
         cluster.scale(nodes=2)
         client.wait_for_workers(2, timeout=60)
         assert emu.nodes_in_use("scale-cluster") == 2
-    wait_until(lambda: not cluster_jobs(emu, cluster), what="no job left after close")
+    wait_for(lambda: not cluster_jobs(emu, cluster), timeout=60, what="no job left after close")
     assert emu.nodes_in_use("scale-cluster") == 0
 
 
@@ -95,16 +89,16 @@ def test_adapt_grows_under_load_and_shrinks_to_minimum(emu):
             return x * 2
 
         futures = client.map(slow, range(60))
-        wait_until(
+        wait_for(
             lambda: len(client.scheduler_info()["workers"]) == 3, timeout=60, what="adapt to grow"
         )
         results = client.gather(futures)
         del futures  # results are safe on the client; the workers may now go
         assert results == [x * 2 for x in range(60)]
-        wait_until(
+        wait_for(
             lambda: len(client.scheduler_info()["workers"]) == 1, timeout=60, what="adapt to shrink"
         )
-        wait_until(lambda: emu.nodes_in_use("scale-cluster") == 1, what="nodes released")
+        wait_for(lambda: emu.nodes_in_use("scale-cluster") == 1, timeout=60, what="nodes released")
         assert cluster.workers.keys() == {f"{cluster.name}-main"}
 
 
@@ -122,9 +116,11 @@ def test_worker_job_queues_while_other_jobs_hold_the_nodes(emu):
                 experiment_name="other-user",
             )
         )
-        wait_until(lambda: emu.job_status(blocker.name) == "Running", what="blocker running")
+        wait_for(
+            lambda: emu.job_status(blocker.name) == "Running", timeout=60, what="blocker running"
+        )
         cluster.scale(2)
-        wait_until(lambda: "Queued" in cluster.jobs.values(), timeout=30, what="worker job queued")
+        wait_for(lambda: "Queued" in cluster.jobs.values(), timeout=30, what="worker job queued")
         time.sleep(1)
         assert len(client.scheduler_info()["workers"]) == 1  # a queued job is not a worker
         ml.jobs.begin_cancel(blocker.name).result()
@@ -138,7 +134,7 @@ def test_failed_worker_job_is_replaced_by_adapt(emu):
         (job,) = [j for j in cluster.jobs if j != cluster.main_job_name]
         emu.preempt_node(job, 0)
         assert emu.wait_job(job, timeout=30) == "Failed"
-        wait_until(
+        wait_for(
             lambda: (
                 len(
                     [

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
+
+from _helpers import wait_for
 
 #: A node command printing the interpreter and the environment as one JSON line.
 PRINT_ENV = (
@@ -34,18 +35,6 @@ def node_env(emu: Any, job: str, rank: int) -> dict[str, Any]:
         if line.startswith("ENVJSON"):
             return json.loads(line[len("ENVJSON"):])
     raise AssertionError(f"no ENVJSON line in log of {job} rank {rank}:\n{emu.node_log(job, rank)}")
-
-
-def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until truthy (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def wait_log(emu: Any, job: str, rank: int, text: str, timeout: float = 20.0) -> str:

@@ -59,11 +59,11 @@ def run_info(job: JobRecord) -> dict[str, Any]:
     dict
         The run info.
     """
-    exp = job.properties.get("experimentName") or "Default"
+    exp = job.experiment_name
     info = {
         "run_id": job.name,
         "run_uuid": job.name,
-        "run_name": job.properties.get("displayName") or job.name,
+        "run_name": job.display_name,
         "experiment_id": exp,
         "user_id": "emulator",
         "status": _STATUS.get(job.status, "SCHEDULED"),
@@ -246,7 +246,7 @@ class ExperimentHandler(MlflowHandler):
         """
         name = self.get_argument("experiment_name" if action == "get-by-name" else "experiment_id",
                                  "")
-        known = {j.properties.get("experimentName") or "Default" for j in self.engine.jobs.values()}
+        known = {j.experiment_name for j in self.engine.jobs.values()}
         if name not in known:
             self.send_mlflow_error(404, "RESOURCE_DOES_NOT_EXIST",
                                    f"Experiment '{name}' does not exist.")

@@ -339,8 +339,8 @@ def run_record(job: JobRecord) -> dict[str, Any]:
     out.pop("logFiles")
     out.update({
         "runType": "azureml.scriptrun",
-        "displayName": job.properties.get("displayName") or job.name,
-        "experimentId": job.properties.get("experimentName") or "Default",
+        "displayName": job.display_name,
+        "experimentId": job.experiment_name,
         "computeRequest": {"nodeCount": job.instance_count},
     })
     return out

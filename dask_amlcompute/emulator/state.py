@@ -112,6 +112,16 @@ class JobRecord:
         return self.status in TERMINAL_STATUSES
 
     @property
+    def experiment_name(self) -> str:
+        """str: the submitted ``experimentName`` (``"Default"`` when there is none)."""
+        return self.properties.get("experimentName") or "Default"
+
+    @property
+    def display_name(self) -> str:
+        """str: the submitted ``displayName`` (the job name when there is none)."""
+        return self.properties.get("displayName") or self.name
+
+    @property
     def tags(self) -> dict[str, str]:
         """dict: submitted tags merged with tags set through mlflow."""
         tags = dict(self.properties.get("tags") or {})

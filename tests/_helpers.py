@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
+
+import dask
+import pytest
 
 
 def wait_for(
@@ -18,3 +23,15 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def env_in_dask_config(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> Iterator[None]:
+    """Set the environment variable ``name`` and have dask config read it, for a block only."""
+    monkeypatch.setenv(name, value)
+    dask.config.refresh()
+    try:
+        yield
+    finally:
+        monkeypatch.delenv(name)
+        dask.config.refresh()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dask
 import pytest
 import yaml
+from _helpers import env_in_dask_config
 
 from dask_amlcompute import ConfigurationError
 from dask_amlcompute.config import DEFAULTS_FILE, SCHEMA_FILE
@@ -36,13 +37,8 @@ def test_arguments_override_config_which_overrides_defaults():
 
 
 def test_env_var_config(monkeypatch):
-    monkeypatch.setenv("DASK_AMLCOMPUTE__COMPUTE", "env-compute")
-    dask.config.refresh()
-    try:
+    with env_in_dask_config(monkeypatch, "DASK_AMLCOMPUTE__COMPUTE", "env-compute"):
         assert resolve_settings().compute == "env-compute"
-    finally:
-        monkeypatch.delenv("DASK_AMLCOMPUTE__COMPUTE")
-        dask.config.refresh()
 
 
 @pytest.mark.parametrize(

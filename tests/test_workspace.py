@@ -6,6 +6,7 @@ import json
 
 import dask
 import pytest
+from _helpers import env_in_dask_config
 
 from dask_amlcompute import ConfigurationError, write_workspace_config
 from dask_amlcompute.settings import resolve_settings
@@ -70,13 +71,8 @@ def test_found_in_parent_and_dot_azureml(project, monkeypatch):
 def test_compute_precedence_argument_config_file(project, monkeypatch):
     write_workspace_config(project, compute="from-file", **IDENTITY)
     assert resolve_settings().compute == "from-file"
-    monkeypatch.setenv("DASK_AMLCOMPUTE__COMPUTE", "from-env")
-    dask.config.refresh()
-    try:
+    with env_in_dask_config(monkeypatch, "DASK_AMLCOMPUTE__COMPUTE", "from-env"):
         assert resolve_settings().compute == "from-env"
-    finally:
-        monkeypatch.delenv("DASK_AMLCOMPUTE__COMPUTE")
-        dask.config.refresh()
     with dask.config.set({"amlcompute.compute": "from-config"}):
         assert resolve_settings().compute == "from-config"
         assert resolve_settings(compute="from-argument").compute == "from-argument"

@@ -10,6 +10,16 @@ from typing import Any
 import dask
 import pytest
 
+#: Cluster arguments that make a cluster start fast and fail fast on the emulator.
+FAST_CLUSTER: dict[str, Any] = {
+    "threads_per_process": 1,
+    "poll_interval": 0.2,
+    "watch_interval": 1,
+    "startup_timeout": "90s",
+    "death_timeout": "60s",
+    "quiet": True,
+}
+
 
 def wait_for(
     predicate: Any, timeout: float = 20.0, what: str = "condition", interval: float = 0.05

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from _helpers import FAST_CLUSTER
 
 EXTERNAL_VARS = (
     "AZURE_SUBSCRIPTION_ID",
@@ -46,13 +47,4 @@ def ml_client(emulator):
 @pytest.fixture
 def cluster_kwargs():
     """Arguments that make a cluster start fast and fail fast on the emulator."""
-    return {
-        "compute": "cpu-cluster",
-        "threads_per_process": 1,
-        "job_timeout": "10m",
-        "startup_timeout": "90s",
-        "poll_interval": 0.2,
-        "watch_interval": 1,
-        "death_timeout": "60s",
-        "quiet": True,
-    }
+    return {"compute": "cpu-cluster", "job_timeout": "10m", **FAST_CLUSTER}

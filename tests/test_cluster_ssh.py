@@ -7,6 +7,7 @@ import time
 import urllib.request
 
 import pytest
+from _helpers import FAST_CLUSTER
 from distributed import Client
 
 from dask_amlcompute import AmlComputeCluster, SchedulerUnreachableError
@@ -43,12 +44,7 @@ def kwargs(ssh_key, tmp_path, **extra):
     out = {
         "compute": "ssh-cluster",
         "n_nodes": 2,
-        "threads_per_process": 1,
-        "poll_interval": 0.2,
-        "watch_interval": 1,
-        "startup_timeout": "90s",
-        "death_timeout": "60s",
-        "quiet": True,
+        **FAST_CLUSTER,
         "connect": "ssh",
         "ssh_key": str(ssh_key[0]),
         "known_hosts": str(tmp_path / "known_hosts"),

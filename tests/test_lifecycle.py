@@ -10,7 +10,7 @@ import time
 
 import psutil
 import pytest
-from _helpers import wait_for
+from _helpers import FAST_CLUSTER, wait_for
 from distributed import Client
 
 from dask_amlcompute import AmlComputeCluster
@@ -28,18 +28,7 @@ def emu():
 
 
 def settings(**extra):
-    out = {
-        "compute": "life",
-        "n_nodes": 1,
-        "threads_per_process": 1,
-        "poll_interval": 0.2,
-        "watch_interval": 1,
-        "startup_timeout": "90s",
-        "death_timeout": "60s",
-        "quiet": True,
-    }
-    out.update(extra)
-    return out
+    return {"compute": "life", "n_nodes": 1, **FAST_CLUSTER, **extra}
 
 
 def run_client_script(emu, body: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from _helpers import wait_for
+from _helpers import FAST_CLUSTER, wait_for
 from distributed import Client
 
 from dask_amlcompute import AmlComputeCluster
@@ -25,19 +25,8 @@ def emu():
 
 
 def make(emu, **extra):
-    kwargs = {
-        "compute": "scale-cluster",
-        "n_nodes": 1,
-        "threads_per_process": 1,
-        "poll_interval": 0.2,
-        "watch_interval": 1,
-        "startup_timeout": "90s",
-        "death_timeout": "60s",
-        "job_timeout": "10m",
-        "quiet": True,
-    }
-    kwargs.update(extra)
-    return AmlComputeCluster(emu.ml_client(), **kwargs)
+    kwargs = {"compute": "scale-cluster", "n_nodes": 1, "job_timeout": "10m", **FAST_CLUSTER}
+    return AmlComputeCluster(emu.ml_client(), **{**kwargs, **extra})
 
 
 def cluster_jobs(emu, cluster):

@@ -330,6 +330,15 @@ class AmlComputeCluster(SpecCluster):
         if dead:
             await self.scheduler.close()
 
+    async def _correct_state_internal(self) -> None:
+        try:
+            await super()._correct_state_internal()
+        except OSError as exc:
+            # A pooled comm can go stale (e.g. after the SSH tunnel reconnected); the rpc
+            # opens a fresh one on the next call, so try once more before giving up.
+            logger.info("Retrying cluster state correction after %s", exc)
+            await super()._correct_state_internal()
+
     async def _scheduler_gone(self) -> bool:
         """True if the main job has ended or its scheduler no longer answers."""
         ctx = self._context

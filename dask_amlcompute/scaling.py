@@ -1,0 +1,191 @@
+"""Scaling an AmlComputeCluster: worker jobs for ``scale()`` and ``adapt()``.
+
+AML cannot add nodes to a running job, so extra capacity comes as separate
+worker jobs (``nodes_per_job`` nodes each) that dial the published scheduler
+address. Workers are grouped by job; scaling down retires a whole job's workers
+through the scheduler, then cancels the job so AML releases its nodes. The
+main job (scheduler) always stays and the total never exceeds the compute's
+max nodes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from distributed.deploy.adaptive import Adaptive
+
+from .plugins import job_of_worker
+
+
+class ScalingMixin:
+    """``scale``/``adapt`` for :class:`~dask_amlcompute.AmlComputeCluster` (a SpecCluster)."""
+
+    # provided by AmlComputeCluster / SpecCluster
+    settings: Any
+    worker_spec: dict
+    workers: dict
+    _context: Any
+    _main_key: str
+    _main_workers: int
+    _workers_per_job: int
+    _i: int
+
+    def _new_worker_name(self, worker_number: int) -> str:
+        return f"{self.settings.name}-w{worker_number}"
+
+    def new_worker_spec(self) -> dict[str, Any]:
+        """The next worker job; AML job names are never reused, so numbers only grow."""
+        spec = super().new_worker_spec()
+        self._i += 1
+        return spec
+
+    def _max_nodes(self) -> int | None:
+        compute = self._context.compute
+        return compute.max_nodes if compute is not None and compute.max_nodes else None
+
+    def _jobs_for_workers(self, n: int) -> int:
+        """Extra worker jobs needed for ``n`` workers in total, clipped to the compute's max."""
+        extra = max(0, n - self._main_workers)
+        jobs = math.ceil(extra / self._workers_per_job) if extra else 0
+        max_nodes = self._max_nodes()
+        if max_nodes is not None:
+            fit = max(0, (max_nodes - self.settings.n_nodes) // self.settings.nodes_per_job)
+            if jobs > fit:
+                self._log(
+                    f"Asked for {n} workers, but compute {self.settings.compute!r} has at most "
+                    f"{max_nodes} nodes: scaling to {fit} worker job(s) "
+                    f"({self._main_workers + fit * self._workers_per_job} workers)."
+                )
+                jobs = fit
+        return jobs
+
+    def scale(self, n: int | None = None, memory=None, cores=None, *, nodes: int | None = None):
+        """Scale the cluster to ``n`` workers (or ``nodes`` nodes in total).
+
+        The main job's nodes always stay; extra capacity comes as worker jobs of
+        ``nodes_per_job`` nodes each, and scaling down retires a whole worker job's
+        workers through the scheduler (their data moves first), then cancels the
+        job so AML releases its nodes. The total never exceeds the compute's max nodes.
+
+        Parameters
+        ----------
+        n
+            Total number of workers wanted.
+        memory, cores
+            Scale to at least this much memory / this many threads, as in Dask.
+        nodes
+            Total number of nodes wanted, main job included (instead of ``n``).
+        """
+        if nodes is not None:
+            n = self._main_workers + max(0, nodes - self.settings.n_nodes) * (
+                self._workers_per_job // self.settings.nodes_per_job
+            )
+        n = n or 0
+        if memory is not None or cores is not None:
+            return super().scale(n, memory=memory, cores=cores)
+        closing = self.status.name in ("closing", "closed")
+        if self._context.detaching:
+            pass  # disconnecting from a cluster we do not own: change nothing
+        elif closing or (n == 0 and self._context.closing):
+            self.worker_spec.clear()
+        else:
+            jobs = self._jobs_for_workers(n)
+            extra = [k for k in self.worker_spec if k != self._main_key]
+            pending = [k for k in extra if k not in self.workers]
+            while len(extra) > jobs:
+                key = pending.pop() if pending else extra[-1]
+                extra.remove(key)
+                del self.worker_spec[key]
+            while len(extra) < jobs:
+                new = self.new_worker_spec()
+                self.worker_spec.update(new)
+                extra.extend(new)
+        self.loop.add_callback(self._correct_state)
+        if self.asynchronous:
+            from distributed.utils import NoOpAwaitable
+
+            return NoOpAwaitable()
+        return None
+
+    scale_up = scale
+
+    async def scale_down(self, workers) -> None:
+        """Close the worker jobs of ``workers``; the main job's workers stay."""
+        main = {
+            self._main_key + suffix
+            for suffix in self.worker_spec.get(self._main_key, {}).get("group", [])
+        }
+        await super().scale_down([w for w in workers if w not in main and w != self._main_key])
+
+    def adapt(
+        self,
+        minimum: int | None = None,
+        maximum: int | None = None,
+        *,
+        minimum_nodes: int | None = None,
+        maximum_nodes: int | None = None,
+        interval: str | float = "10s",
+        wait_count: int = 12,
+        target_duration: str | float = "60s",
+        **kwargs: Any,
+    ) -> Adaptive:
+        """Scale between ``minimum`` and ``maximum`` workers (or nodes) with the load.
+
+        Defaults suit AML's minutes-long node start: decisions every 10 s, a worker
+        job is released only after 12 consecutive idle decisions (2 minutes), and
+        Dask aims to finish the queued work within 60 s. Whole worker jobs are added
+        and removed (workers are grouped by job, so no job is half-closed), the main
+        job is never removed, and the maximum is clipped to the compute's max nodes.
+
+        Parameters
+        ----------
+        minimum, maximum
+            Bounds in workers. Default minimum: the main job's workers.
+        minimum_nodes, maximum_nodes
+            Bounds in nodes (main job included), instead of workers.
+        interval, wait_count, target_duration
+            As for :class:`distributed.deploy.Adaptive`.
+        """
+        per_node = self._workers_per_job // self.settings.nodes_per_job
+
+        def to_workers(n_nodes: int) -> int:
+            return self._main_workers + max(0, n_nodes - self.settings.n_nodes) * per_node
+
+        if minimum_nodes is not None:
+            minimum = to_workers(minimum_nodes)
+        if maximum_nodes is not None:
+            maximum = to_workers(maximum_nodes)
+        minimum = max(minimum or 0, self._main_workers)
+        max_nodes = self._max_nodes()
+        cap = to_workers(max_nodes) if max_nodes else math.inf
+        maximum = cap if maximum is None else min(maximum, cap)
+        return super().adapt(
+            Adaptive=AmlAdaptive,
+            minimum=minimum,
+            maximum=max(maximum, minimum),
+            interval=interval,
+            wait_count=wait_count,
+            target_duration=target_duration,
+            worker_key=job_of_worker,
+            **kwargs,
+        )
+
+    def _worker_job_ended(self, key: str, status: str) -> None:
+        """A worker job ended on its own: drop it so adaptive/scale can replace it."""
+        if key in self.worker_spec and key != self._main_key:
+            del self.worker_spec[key]
+            self.loop.add_callback(self._correct_state)
+
+
+class AmlAdaptive(Adaptive):
+    """Adaptive scaling that never retires the main job's workers.
+
+    Workers are grouped by job (``worker_key``), so the scheduler proposes whole
+    worker jobs to close; the main job (which runs the scheduler) is excluded.
+    """
+
+    async def workers_to_close(self, target: int) -> list[str]:
+        proposed = await super().workers_to_close(target)
+        main = f"{self.cluster.settings.name}-main"
+        return [w for w in proposed if job_of_worker(w) != main]

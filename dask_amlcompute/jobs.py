@@ -157,6 +157,7 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
         if info.status != last_status:
             ctx.log(f"AML job {job_name}: {info.status} ({time.monotonic() - started:.0f}s)")
             last_status = info.status
+            delay = min(0.2, ctx.settings.poll_interval)  # things move: look again soon
         if tag in info.tags:
             return info
         if info.terminal:

@@ -168,8 +168,9 @@ def test_output_dir_json_and_parquet(client, tmp_path):
     assert data["items"][41] == {"index": 41, "result": 82}
     assert data["items"][42]["error"]["type"] == "ValueError"
 
-    pd = pytest.importorskip("pandas")
-    pytest.importorskip("pyarrow")
+    import pandas as pd  # the test extra installs it: a missing one must fail
+    import pyarrow  # noqa: F401
+
     files = map_batches(
         lambda x: pd.DataFrame({"x": [x], "sq": [x * x]}),
         range(30),
@@ -256,7 +257,7 @@ def test_batches_on_aml_cluster(aml_client, tmp_path):
 
 @pytest.mark.slow
 def test_joblib_dask_backend_on_aml_cluster(aml_client):
-    joblib = pytest.importorskip("joblib")
+    import joblib
 
     def where(x):
         return x * x, get_worker().name
@@ -269,8 +270,8 @@ def test_joblib_dask_backend_on_aml_cluster(aml_client):
 
 @pytest.mark.slow
 def test_sklearn_grid_search_on_aml_cluster(aml_client):
-    joblib = pytest.importorskip("joblib")
-    pytest.importorskip("sklearn")
+    import joblib
+    import sklearn  # noqa: F401
     from sklearn.datasets import make_classification
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_three_node_cluster_runs_dask_workloads(emulator, ml_client, cluster_kwargs):
-    pd = pytest.importorskip("pandas")  # installed by the test extra
     import dask.dataframe as dd
+    import pandas as pd  # the test extra installs it: a missing one must fail
 
     with (
         AmlComputeCluster(ml_client, n_nodes=3, **cluster_kwargs) as cluster,

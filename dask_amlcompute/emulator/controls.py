@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 from .engine import Engine
 from .handlers import FaultState
 from .nodes import read_log
 from .state import NodeRecord
 
-T = TypeVar("T")
-
 
 class EmulatorControls:
     """Mixin: read job/node state and inject faults (needs ``_call`` and ``_faults``)."""
 
     _faults: FaultState
-
-    def _call(self, fn: Callable[[Engine], T]) -> T:  # pragma: no cover - provided by Emulator
-        raise NotImplementedError
+    #: Runs ``fn(engine)`` on the emulator's loop and returns its result (``Emulator._call``).
+    _call: Callable[[Callable[[Engine], Any]], Any]
 
     # ------------------------------------------------------------- inspection
     def job_status(self, name: str) -> str:

@@ -256,7 +256,9 @@ class BatchRun:
             batch.remaining -= 1
             stats.failed += 1
             stats.timed_out += err.timed_out
-            self.first_error = self.first_error or err
+            # the first failure in input order (batches finish in any order)
+            if self.first_error is None or err.index < self.first_error.index:
+                self.first_error = err
         return again
 
     def _finish(self, batch: _Batch) -> BatchResult:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from common import (
@@ -133,8 +133,16 @@ def sink_on(host: str, log: Path) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def library_forward(node: dict, key: Path, target: tuple[str, int]) -> Iterator[int]:
-    """The library's SSHTunnel on its own event loop thread; yields the local port."""
+def library_forward(
+    node: dict,
+    key: Path,
+    target: tuple[str, int],
+    after_start: Callable[[SSHTunnel], None] | None = None,
+) -> Iterator[int]:
+    """The library's SSHTunnel on its own event loop thread; yields the local port.
+
+    ``after_start(tunnel)`` runs on that thread once the tunnel is open (experiments).
+    """
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="bench-tunnel", daemon=True)
     thread.start()
@@ -148,6 +156,8 @@ def library_forward(node: dict, key: Path, target: tuple[str, int]) -> Iterator[
     )
     try:
         asyncio.run_coroutine_threadsafe(tunnel.start(), loop).result(60)
+        if after_start is not None:
+            loop.call_soon_threadsafe(after_start, tunnel)
         yield tunnel.local_address("sink")[1]
     finally:
         asyncio.run_coroutine_threadsafe(tunnel.close(), loop).result(60)

@@ -195,6 +195,20 @@ class AmlOps:
         """Current status and tags of a job."""
         return self._info(await self._call(self.ml_client.jobs.get, name))
 
+    async def run_tags(self, name: str) -> dict[str, str]:
+        """Tags of the job's run in run history, where ``mlflow.set_tag`` writes.
+
+        AML copies run tags into the job resource (:meth:`get_job`); this reads
+        them at the source, for when that copy is late. Returns ``{}`` when run
+        history cannot be read (the job resource stays the main route).
+        """
+        try:
+            run = await self._call(self.ml_client.jobs._runs_operations.get_run, name)
+        except Exception as exc:
+            logger.debug("No run-history record for %s: %s", name, exc)
+            return {}
+        return {str(k): str(v) for k, v in (getattr(run, "tags", None) or {}).items()}
+
     async def cancel(self, name: str, timeout: float = 60) -> None:
         """Cancel a job and wait (bounded) for AML to accept it; ended jobs are left alone."""
         try:

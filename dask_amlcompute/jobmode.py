@@ -39,7 +39,7 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +222,8 @@ async def _submit_and_wait(ops: Any, job: Any, *, n_nodes: int, wait: bool, wait
         log(f"Interrupted: cancelling AML job {info.name}")
         await ops.cancel(info.name)
         raise
+    if EXIT_CODE_TAG not in info.tags:  # the job resource may not carry the run's tags yet
+        info = replace(info, tags={**info.tags, **await ops.run_tags(info.name)})
     code = info.tags.get(EXIT_CODE_TAG)
     exit_code = int(code) if code not in (None, "") else None
     message, files = await ops.run_details(info.name)

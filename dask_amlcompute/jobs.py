@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from distributed.core import rpc
@@ -109,6 +109,9 @@ class ClusterContext:
         )
 
 
+#: Seconds a job may run without its tag on the job resource before run history is read too.
+RUN_HISTORY_FALLBACK_AFTER = 10.0
+
 LIKELY_CAUSES = {
     "NotStarted": "AML has not scheduled the job yet; the workspace may be throttling or busy.",
     "Starting": "AML is starting the job.",
@@ -145,12 +148,16 @@ async def job_error(
 async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: float) -> JobInfo:
     """Poll a job until it publishes ``tag``; fail fast if it ends; bounded by ``timeout``.
 
-    Polling starts fast and backs off to ``settings.poll_interval``.
+    Polling starts fast and backs off to ``settings.poll_interval``. The tag is
+    read from the job resource; once the job has run for
+    :data:`RUN_HISTORY_FALLBACK_AFTER` seconds without it there, each poll also
+    reads the run's own tags in run history (where ``mlflow.set_tag`` writes).
     """
     deadline = time.monotonic() + timeout
     delay = min(0.2, ctx.settings.poll_interval)
     last_status = None
     started = time.monotonic()
+    running_since: float | None = None
     while True:
         info = await ctx.ops.get_job(job_name)
         ctx.jobs[job_name] = info.status
@@ -158,8 +165,17 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
             ctx.log(f"AML job {job_name}: {info.status} ({time.monotonic() - started:.0f}s)")
             last_status = info.status
             delay = min(0.2, ctx.settings.poll_interval)  # things move: look again soon
+        if info.status == "Running" and running_since is None:
+            running_since = time.monotonic()
         if tag in info.tags:
             return info
+        if running_since is not None and (
+            time.monotonic() - running_since >= RUN_HISTORY_FALLBACK_AFTER
+        ):
+            run_tags = await ctx.ops.run_tags(job_name)
+            if tag in run_tags:
+                logger.info("Read %s of %s from run history (not on the job yet)", tag, job_name)
+                return replace(info, tags={**info.tags, **run_tags})
         if info.terminal:
             raise await job_error(
                 ctx,

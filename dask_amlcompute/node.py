@@ -3,7 +3,8 @@
 ``python -m dask_amlcompute.node --role cluster ...`` is the command of the
 cluster's main AML job. Rank 0 starts the Dask scheduler (and, optionally,
 workers beside it) and publishes the scheduler's address as an mlflow run tag,
-which the client reads back from ``ml_client.jobs.get(name).tags``. Every other
+which the client reads back from ``ml_client.jobs.get(name).tags`` (or, when that
+copy is late, from the run in run history). Every other
 rank starts ``--processes`` worker processes (nannies) that dial the scheduler
 on ``MASTER_ADDR``. ``--role workers`` (extra worker jobs) starts workers on
 every rank and dials ``--scheduler-address``.

@@ -45,6 +45,16 @@ def ml_client(emulator):
 
 
 @pytest.fixture
+def run_tags_withheld(emulator):
+    """The emulator keeps mlflow run tags off job resources (run history only), then restores."""
+    emulator.set_run_tags_on_job(False)
+    try:
+        yield emulator
+    finally:
+        emulator.set_run_tags_on_job(True)
+
+
+@pytest.fixture
 def cluster_kwargs():
     """Arguments that make a cluster start fast and fail fast on the emulator."""
     return {"compute": "cpu-cluster", "job_timeout": "10m", **FAST_CLUSTER}

@@ -61,6 +61,19 @@ def test_three_node_cluster_runs_dask_workloads(emulator, ml_client, cluster_kwa
     assert job not in emulator.active_jobs()
 
 
+def test_scheduler_address_found_in_run_history_when_the_job_lacks_it(
+    run_tags_withheld, ml_client, cluster_kwargs
+):
+    from dask_amlcompute.jobspec import SCHEDULER_TAG
+
+    with AmlComputeCluster(ml_client, n_nodes=1, **cluster_kwargs) as cluster, Client(cluster) as c:
+        job = cluster.main_job_name
+        assert SCHEDULER_TAG not in (ml_client.jobs.get(job).tags or {})  # only run history has it
+        run = ml_client.jobs._runs_operations.get_run(job)
+        assert cluster.scheduler_address.endswith(run.tags[SCHEDULER_TAG].rsplit(":", 1)[1])
+        assert c.submit(operator.add, 1, 2).result() == 3
+
+
 def test_processes_per_node_and_mpi_distribution(emulator, ml_client, cluster_kwargs):
     with (
         AmlComputeCluster(

@@ -92,7 +92,9 @@ def test_script_runs_to_completion(emulator, ml_client, tmp_path):
 
 
 @pytest.mark.slow
-def test_failing_script_fails_the_job_with_its_error(emulator, ml_client, tmp_path, capsys):
+def test_failing_script_fails_the_job_with_its_error(run_tags_withheld, ml_client, tmp_path):
+    # the exit code tag is only in run history here: the client must read it there
+    emulator = run_tags_withheld
     script = tmp_path / "bad.py"
     script.write_text(textwrap.dedent(FAILING_SCRIPT))
     with pytest.raises(JobFailedError, match="exited with code 1") as info:

@@ -211,6 +211,19 @@ class EmulatorControls:
         """
         self._call(lambda e: e.cancel(name))
 
+    def set_run_tags_on_job(self, enabled: bool) -> None:
+        """Show (default) or withhold mlflow run tags in the job resource's tags.
+
+        Withheld, they are only in run history (``GET .../runs/{id}``), as when
+        AML copies them to the job late.
+
+        Parameters
+        ----------
+        enabled : bool
+            Whether ``GET /jobs/{name}`` includes tags set through mlflow.
+        """
+        self._call(lambda e: setattr(e, "run_tags_on_job", bool(enabled)))
+
     def inject_http_errors(self, count: int, status: int = 503,
                            retry_after: float | None = None) -> None:
         """Answer the next ``count`` control-plane requests with an HTTP error.

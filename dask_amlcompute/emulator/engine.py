@@ -87,6 +87,8 @@ class Engine:
             for i, spec in enumerate(config.computes)
         }
         self.jobs: dict[str, JobRecord] = {}
+        #: Copy mlflow run tags into the job resource's tags (AML does, possibly late).
+        self.run_tags_on_job = True
         self.specs: dict[str, JobSpec] = {}
         self.environments: dict[str, dict[str, EnvironmentVersion]] = {}
         self._ssh_factory = ssh_factory

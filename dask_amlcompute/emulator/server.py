@@ -20,7 +20,7 @@ from .errors import ApiError
 from .handlers import BaseHandler, NotFoundHandler, ServerContext
 from .mlflow_api import mlflow_routes
 from .nodes import read_log
-from .state import TERMINAL_STATUSES
+from .state import TERMINAL_STATUSES, JobRecord
 
 WS = (r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/"
       r"Microsoft\.MachineLearningServices/workspaces/(?P<ws>[^/]+)")
@@ -42,7 +42,15 @@ class WorkspaceHandler(BaseHandler):
         self.send_json(shapes.workspace_to_rest(identity.API_HOST, self.ctx.tracking_uri))
 
 
-class JobsHandler(BaseHandler):
+class _JobResource(BaseHandler):
+    """Base of the job routes: renders the job resource."""
+
+    def job_json(self, job: JobRecord) -> dict[str, Any]:
+        """The job as ``GET /jobs/{name}`` returns it (run tags as the engine is set)."""
+        return shapes.job_to_rest(job, self.ctx.tracking_uri, self.engine.run_tags_on_job)
+
+
+class JobsHandler(_JobResource):
     """``GET /jobs`` (``listViewType`` ActiveOnly | ArchivedOnly | All)."""
 
     def get(self, **_: str) -> None:
@@ -53,10 +61,10 @@ class JobsHandler(BaseHandler):
             jobs = [j for j in jobs if j.properties.get("isArchived")]
         elif view != "All":
             jobs = [j for j in jobs if not j.properties.get("isArchived")]
-        self.send_json(_value_list([shapes.job_to_rest(j, self.ctx.tracking_uri) for j in jobs]))
+        self.send_json(_value_list([self.job_json(j) for j in jobs]))
 
 
-class JobHandler(BaseHandler):
+class JobHandler(_JobResource):
     """``GET/PUT /jobs/{name}``."""
 
     def get(self, name: str, **_: str) -> None:
@@ -67,7 +75,7 @@ class JobHandler(BaseHandler):
         name : str
             Job name.
         """
-        self.send_json(shapes.job_to_rest(self.engine.job(name), self.ctx.tracking_uri))
+        self.send_json(self.job_json(self.engine.job(name)))
 
     def put(self, name: str, **_: str) -> None:
         """Create (201) or update (200) a command job.
@@ -78,7 +86,7 @@ class JobHandler(BaseHandler):
             Job name.
         """
         job, created = self.engine.submit(name, self.json_body())
-        self.send_json(shapes.job_to_rest(job, self.ctx.tracking_uri), 201 if created else 200)
+        self.send_json(self.job_json(job), 201 if created else 200)
 
 
 def _operation_urls(sub: str, op: str, api_version: str) -> tuple[str, str]:

@@ -74,7 +74,7 @@ def seconds_to_iso_duration(seconds: float) -> str:
     return f"PT{int(seconds)}S"
 
 
-def job_to_rest(job: JobRecord, tracking_uri: str) -> dict[str, Any]:
+def job_to_rest(job: JobRecord, tracking_uri: str, run_tags: bool = True) -> dict[str, Any]:
     """Return the job resource as AML returns it from ``GET /jobs/{name}``.
 
     The submitted ``properties`` are echoed back (environment, command,
@@ -87,6 +87,8 @@ def job_to_rest(job: JobRecord, tracking_uri: str) -> dict[str, Any]:
         The job.
     tracking_uri : str
         MLflow tracking URI reported as the ``Tracking`` service endpoint.
+    run_tags : bool
+        Include the tags set through mlflow (run history) with the submitted ones.
 
     Returns
     -------
@@ -95,7 +97,7 @@ def job_to_rest(job: JobRecord, tracking_uri: str) -> dict[str, Any]:
     """
     props = dict(job.properties)
     props["status"] = job.status
-    props["tags"] = job.tags
+    props["tags"] = job.tags if run_tags else dict(job.properties.get("tags") or {})
     props.setdefault("displayName", job.name)
     props.setdefault("experimentName", "Default")
     props.setdefault("isArchived", False)

@@ -21,6 +21,7 @@ from . import nodes as nodeproc
 from .config import EmulatorConfig
 from .errors import ApiError
 from .jobspec import JobSpec, environment_reference, environment_report, node_variables, parse_job
+from .reaper import GroupReaper
 from .state import ComputeState, EnvironmentVersion, JobRecord, NodeRecord
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class Engine:
             for i, spec in enumerate(config.computes)
         }
         self.jobs: dict[str, JobRecord] = {}
+        self.reaper = GroupReaper()  # kills our node groups if this process dies uncleanly
         #: Copy mlflow run tags into the job resource's tags (AML does, possibly late).
         self.run_tags_on_job = True
         self.specs: dict[str, JobSpec] = {}
@@ -438,6 +440,7 @@ class Engine:
             env = nodeproc.node_base_environment(node_variables(
                 spec, node.rank, ips, self.endpoints.tracking_uri, self.endpoints.cert_path))
             tee = await nodeproc.start_node(node, spec.command, env)
+            self.reaper.watch(node.pid)
             waiters.append(asyncio.ensure_future(self._watch_node(job, node, tee)))
         job.status = "Running"
         job.start_time = time.time()
@@ -459,6 +462,7 @@ class Engine:
 
     async def _watch_node(self, job: JobRecord, node: NodeRecord, tee: asyncio.Task) -> None:
         code = await nodeproc.wait_node(node, tee)
+        self.reaper.forget(node.pid)
         node.state = "leaving" if node.state != "preempted" else node.state
         if code != 0 and job.failure is None and job.cancel_reason is None:
             job.failure = self._node_failure(node, code)
@@ -527,4 +531,5 @@ class Engine:
         for task in tasks:
             if not task.done():
                 task.cancel()
+        await asyncio.to_thread(self.reaper.close)
 

@@ -1,0 +1,92 @@
+"""Node process groups die with the emulator, even when it is SIGKILLed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _helpers import wait_for
+
+from dask_amlcompute.emulator.reaper import GroupReaper
+
+
+def _alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen(["sleep", "600"], start_new_session=True)
+
+
+def test_closing_the_pipe_reaps_registered_groups_only():
+    watched, forgotten, unknown = _sleeper(), _sleeper(), _sleeper()
+    reaper = GroupReaper()
+    try:
+        reaper.watch(watched.pid)
+        reaper.watch(forgotten.pid)
+        reaper.forget(forgotten.pid)
+        helper = reaper.pid
+        reaper.close()  # what the kernel does to the pipe when the emulator dies
+        assert watched.wait(10) == -signal.SIGTERM
+        assert forgotten.poll() is None and unknown.poll() is None
+        assert helper is not None and not Path(f"/proc/{helper}").exists()
+    finally:
+        for proc in (watched, forgotten, unknown):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+@pytest.mark.slow
+def test_sigkilled_emulator_leaves_no_node_running(tmp_path):
+    from _emu_helpers import submit
+
+    from dask_amlcompute.emulator import make_ml_client
+
+    config = tmp_path / "emulator.json"
+    config.write_text(json.dumps({"workdir": str(tmp_path),
+                                  "computes": [{"name": "cpu-cluster", "max_nodes": 2}],
+                                  "environments": [{"name": "dask-env", "version": "3",
+                                                    "image": "python:3.11"}]}))  # fmt: skip
+    log = open(tmp_path / "emulator.out", "w")  # noqa: SIM115  closed below
+    emulator = subprocess.Popen(
+        [sys.executable, "-m", "dask_amlcompute.emulator.cli", "--config", str(config)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    pidfile = tmp_path / "node.pid"
+    pgid = None
+    try:
+        url = wait_for(lambda: _served_url(tmp_path / "emulator.out"), 60, "the emulator")
+        submit(make_ml_client(url), f"echo $$ > {pidfile}; sleep 600", nodes=1,
+               environment="azureml:dask-env:3")
+        pgid = int(wait_for(lambda: pidfile.is_file() and pidfile.read_text().strip(), 60,
+                            "the node to start"))  # fmt: skip
+        assert _alive(pgid)
+        os.kill(emulator.pid, signal.SIGKILL)
+        emulator.wait(10)
+        wait_for(lambda: not _alive(pgid), 20, "the node group to be reaped")
+    finally:
+        if emulator.poll() is None:
+            os.killpg(emulator.pid, signal.SIGKILL)
+            emulator.wait(10)
+        if pgid is not None and _alive(pgid):  # the node our emulator started
+            os.killpg(pgid, signal.SIGKILL)
+        log.close()
+
+
+def _served_url(path: Path) -> str | None:
+    for line in path.read_text().splitlines():
+        if "serving at " in line:
+            return line.split("serving at ", 1)[1].split()[0]
+    time.sleep(0.1)
+    return None

@@ -15,7 +15,7 @@ from typing import Any
 
 from .aml import TERMINAL_STATUSES, status_text
 from .exceptions import AmlComputeError
-from .jobspec import TAG_CLUSTER, TAG_ROLE
+from .jobspec import TAG_CLUSTER, TAG_MODE, TAG_ROLE
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class ClusterJob:
     n_nodes: int
     compute: str | None
     created_by: str | None = None
+    #: ``"cluster"`` (an AmlComputeCluster) or ``"script"`` (``dask-amlcompute run``).
+    kind: str = "cluster"
 
 
 def _short_compute(compute: Any) -> str | None:
@@ -51,6 +53,7 @@ def _as_cluster_job(job: Any) -> ClusterJob | None:
         n_nodes=int(getattr(resources, "instance_count", None) or 1),
         compute=_short_compute(getattr(job, "compute", None)),
         created_by=getattr(creation, "created_by", None),
+        kind="script" if tags.get(TAG_MODE) == "script" else "cluster",
     )
 
 
@@ -133,5 +136,5 @@ async def discover() -> AsyncIterator[tuple[str, Callable]]:
     except WorkspaceNotConfiguredError:
         return
     jobs = await asyncio.to_thread(list_cluster_jobs, ml_client)
-    for name in sorted({j.cluster for j in jobs if j.role == "cluster"}):
+    for name in sorted({j.cluster for j in jobs if j.role == "cluster" and j.kind == "cluster"}):
         yield name, AmlComputeCluster

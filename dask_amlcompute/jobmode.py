@@ -59,7 +59,7 @@ from .exceptions import (
     JobFailedError,
     TooManyNodesError,
 )
-from .jobspec import NodeOptions, build_job, node_command
+from .jobspec import TAG_MODE, NodeOptions, build_job, node_command
 from .validation import aml_name, parse_duration, positive_int
 
 logger = logging.getLogger("dask_amlcompute.jobmode")
@@ -177,7 +177,7 @@ def build_script_job(
         experiment_name=experiment_name,
         timeout_seconds=timeout_seconds,
         cluster_name=name,
-        tags={"dask_mode": "script", "dask_script": script_path.name},
+        tags={TAG_MODE: "script", "dask_script": script_path.name},
         env_vars=env,
         distribution=distribution,
     )

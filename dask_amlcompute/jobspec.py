@@ -20,6 +20,8 @@ TAG_CLUSTER = "dask_cluster"
 TAG_ROLE = "dask_role"
 TAG_VERSION = "dask_amlcompute"
 TAG_USER = "dask_user"
+#: ``"script"`` on the jobs of ``dask-amlcompute run`` (job mode); absent on clusters.
+TAG_MODE = "dask_mode"
 
 #: Run tags the scheduler node publishes (mlflow) and the client reads from the job.
 SCHEDULER_TAG = "dask_scheduler"

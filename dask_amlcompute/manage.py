@@ -61,11 +61,12 @@ def run_list(args: argparse.Namespace) -> int:
     if not clusters:
         print("No dask-amlcompute clusters" + ("" if args.all else " running") + ".")
         return 0
-    print(f"{'CLUSTER':30} {'COMPUTE':16} {'NODES':>5} {'JOBS':>4}  STATUS")
+    print(f"{'CLUSTER':30} {'KIND':7} {'COMPUTE':16} {'NODES':>5} {'JOBS':>4}  STATUS")
     for name, cjobs in sorted(clusters.items()):
         main = next((j for j in cjobs if j.role == "cluster"), cjobs[0])
         nodes = sum(j.n_nodes for j in cjobs if j.status not in ("Completed", "Canceled", "Failed"))
-        print(f"{name:30} {main.compute or '?':16} {nodes:>5} {len(cjobs):>4}  {main.status}")
+        print(f"{name:30} {main.kind:7} {main.compute or '?':16} {nodes:>5} {len(cjobs):>4}  "
+              f"{main.status}")
     return 0
 
 

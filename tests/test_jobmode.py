@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from dask_amlcompute.discovery import list_cluster_jobs
 from dask_amlcompute.exceptions import ConfigurationError, JobFailedError
 from dask_amlcompute.jobmode import (
     MAX_EMBEDDED_BYTES,
@@ -89,6 +90,8 @@ def test_script_runs_to_completion(emulator, ml_client, tmp_path):
     assert "workers=2 total=999000 args=['a', 'b c']" in run.output
     assert emulator.job_status(run.job_name) == "Completed"
     assert run.job_name not in emulator.active_jobs()
+    listed = [j for j in list_cluster_jobs(ml_client, include_ended=True) if j.name == run.job_name]
+    assert [j.kind for j in listed] == ["script"]  # `dask-amlcompute list` says so
 
 
 @pytest.mark.slow

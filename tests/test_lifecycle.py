@@ -111,7 +111,8 @@ def test_cli_list_logs_down(emu, capsys):
     try:
         assert cli_main(["list", "--emulator", emu.base_url]) == 0
         out = capsys.readouterr().out
-        assert "cli-target" in out and "Running" in out
+        row = next(line for line in out.splitlines() if line.startswith("cli-target"))
+        assert row.split()[1] == "cluster" and "Running" in row
         assert cli_main(["logs", "cli-target", "--emulator", emu.base_url]) == 0
         out = capsys.readouterr().out
         assert (

@@ -48,6 +48,8 @@ class JobInfo:
     status: str
     tags: dict[str, str] = field(default_factory=dict)
     studio_url: str | None = None
+    #: The job's environment as AML resolved it (``"name:version"``), if a string.
+    environment: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -274,4 +276,5 @@ class AmlOps:
             status=status_text(job.status),
             tags={str(k): str(v) for k, v in (job.tags or {}).items()},
             studio_url=studio,
+            environment=env if isinstance(env := getattr(job, "environment", None), str) else None,
         )

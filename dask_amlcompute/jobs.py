@@ -234,6 +234,9 @@ class AmlSchedulerJob(ProcessInterface):
                 f"node(s), scheduler on rank 0, {s.processes_per_node} worker process(es) per node"
             )
             info = await ctx.ops.submit(self.job())
+            if info.environment and not isinstance(ctx.environment, str):
+                # worker jobs name the environment AML registered: no re-upload per job
+                ctx.environment = info.environment
             if s.job_timeout:
                 ctx.deadline = time.monotonic() + s.job_timeout
         ctx.jobs[self.job_name] = info.status

@@ -6,6 +6,7 @@ import time
 
 import pytest
 from _helpers import FAST_CLUSTER, wait_for
+from azure.core.pipeline.policies import SansIOHTTPPolicy
 from distributed import Client
 
 from dask_amlcompute import AmlComputeCluster
@@ -24,9 +25,20 @@ def emu():
         yield emulator
 
 
-def make(emu, **extra):
+def make(emu, ml=None, **extra):
     kwargs = {"compute": "scale-cluster", "n_nodes": 1, "job_timeout": "10m", **FAST_CLUSTER}
-    return AmlComputeCluster(emu.ml_client(), **{**kwargs, **extra})
+    return AmlComputeCluster(ml or emu.ml_client(), **{**kwargs, **extra})
+
+
+class EnvironmentPuts(SansIOHTTPPolicy):
+    """Counts the SDK's environment uploads (PUT .../environments/...)."""
+
+    count = 0
+
+    def on_request(self, request):
+        req = request.http_request
+        if req.method == "PUT" and "/environments/" in req.url:
+            self.count += 1
 
 
 def cluster_jobs(emu, cluster):
@@ -34,7 +46,8 @@ def cluster_jobs(emu, cluster):
 
 
 def test_scale_up_and_down_submits_and_cancels_worker_jobs(emu):
-    with make(emu) as cluster, Client(cluster) as client:
+    puts = EnvironmentPuts()
+    with make(emu, emu.ml_client(per_call_policies=[puts])) as cluster, Client(cluster) as client:
         assert len(client.scheduler_info()["workers"]) == 1
         cluster.scale(3)
         client.wait_for_workers(3, timeout=60)
@@ -55,6 +68,11 @@ def test_scale_up_and_down_submits_and_cancels_worker_jobs(emu):
         cluster.scale(nodes=2)
         client.wait_for_workers(2, timeout=60)
         assert emu.nodes_in_use("scale-cluster") == 2
+        # the environment went up once, with the main job; worker jobs name what AML registered
+        assert puts.count == 1
+        ml = emu.ml_client()
+        main_env = ml.jobs.get(cluster.main_job_name).environment
+        assert {ml.jobs.get(j).environment for j in cluster.jobs} == {main_env}
     wait_for(lambda: not cluster_jobs(emu, cluster), timeout=60, what="no job left after close")
     assert emu.nodes_in_use("scale-cluster") == 0
 

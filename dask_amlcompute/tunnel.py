@@ -21,6 +21,7 @@ from pathlib import Path
 import asyncssh
 
 from .exceptions import AmlComputeError, ConfigurationError
+from .sshkeys import HostKeyChecker, KeyLike, resolve_client_keys
 
 __all__ = [
     "ForwardingError",
@@ -34,7 +35,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-KeyLike = str | bytes | os.PathLike | asyncssh.SSHKey | asyncssh.SSHKeyPair
 #: Seconds allowed for each phase of :meth:`SSHTunnel.close`.
 CLOSE_TIMEOUT = 5.0
 #: Longest pause between two reconnection attempts, in seconds.
@@ -62,84 +62,6 @@ class HostKeyError(TunnelError):
 
 class ForwardingError(TunnelError):
     """The SSH server refused to forward to a target address."""
-
-
-def resolve_client_keys(
-    client_keys: KeyLike | Sequence[KeyLike] | None = None, passphrase: str | None = None
-) -> list[asyncssh.SSHKey | asyncssh.SSHKeyPair] | None:
-    """Load the private keys to log in with.
-
-    Parameters
-    ----------
-    client_keys : str, bytes, path, asyncssh key, or a sequence of them, optional
-        Each item is a private key file path (``~`` expanded), the text of a
-        private key, or a loaded :class:`asyncssh.SSHKey` / ``SSHKeyPair``.
-        ``None`` means OpenSSH's defaults: ``~/.ssh/id_ed25519``, ``id_rsa``,
-        ... and the keys of the running ``ssh-agent``.
-    passphrase : str, optional
-        Passphrase of encrypted keys.
-
-    Returns
-    -------
-    list or None
-        The loaded keys, or ``None`` for the defaults (asyncssh loads them).
-
-    Raises
-    ------
-    ConfigurationError
-        A file is unreadable, a key cannot be parsed or decrypted, or the
-        sequence is empty.
-
-    Examples
-    --------
-    >>> resolve_client_keys() is None
-    True
-    """
-    if client_keys is None:
-        return None
-    single = (str, bytes, os.PathLike, asyncssh.SSHKey, asyncssh.SSHKeyPair)
-    items = [client_keys] if isinstance(client_keys, single) else list(client_keys)
-    if not items:
-        raise ConfigurationError("client_keys is empty; pass None to use ~/.ssh keys and ssh-agent")
-    keys: list[asyncssh.SSHKey | asyncssh.SSHKeyPair] = []
-    for item in items:
-        if isinstance(item, (asyncssh.SSHKey, asyncssh.SSHKeyPair)):
-            keys.append(item)
-            continue
-        is_text = isinstance(item, bytes) or (isinstance(item, str) and "PRIVATE KEY" in item)
-        what = "the given key text" if is_text else f"the key file {item}"
-        try:
-            if is_text:
-                keys.append(asyncssh.import_private_key(item, passphrase))  # type: ignore[arg-type]
-            else:
-                path = Path(os.fspath(item)).expanduser()  # type: ignore[arg-type]
-                keys.append(asyncssh.read_private_key(path, passphrase))
-        except OSError as exc:
-            raise ConfigurationError(f"Cannot read {what}: {exc}") from exc
-        except (asyncssh.KeyImportError, ValueError) as exc:
-            raise ConfigurationError(
-                f"Cannot load {what}: {exc}. Pass an unencrypted key, its passphrase, "
-                "or client_keys=None to use the ssh-agent."
-            ) from exc
-    return keys
-
-
-class _HostKeyChecker(asyncssh.SSHClient):
-    """Per-connection client: asyncssh asks it about keys ``known_hosts`` does not trust."""
-
-    def __init__(self, known: asyncssh.SSHKnownHosts, tofu: bool) -> None:
-        self._known, self._tofu = known, tofu
-        self.offered: asyncssh.SSHKey | None = None
-        self.host_known = self.accepted_new = False
-
-    def validate_host_public_key(
-        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
-    ) -> bool:
-        self.offered = key
-        trusted, ca_keys, *_ = self._known.match(host, addr, None if port == 22 else port)
-        self.host_known = bool(trusted or ca_keys)
-        self.accepted_new = self._tofu and not self.host_known
-        return self.accepted_new
 
 
 class _RemoteSide(asyncssh.SSHTCPSession[bytes]):
@@ -322,7 +244,7 @@ class SSHTunnel:
             msg = f"Cannot read the known_hosts file {self._file} to verify {self._label}: {exc}"
             raise HostKeyError(msg) from exc
         known.load("\n".join(self._trusted))
-        checker = _HostKeyChecker(known, self.trust_on_first_use)
+        checker = HostKeyChecker(known, self.trust_on_first_use)
         where = self._file or "the host keys passed as known_hosts"
         defaults = self._keys is None
         options = dict(

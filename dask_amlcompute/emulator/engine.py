@@ -89,6 +89,7 @@ class Engine:
         }
         self.jobs: dict[str, JobRecord] = {}
         self.reaper = GroupReaper()  # kills our node groups if this process dies uncleanly
+        self.reaper.start()
         #: Copy mlflow run tags into the job resource's tags (AML does, possibly late).
         self.run_tags_on_job = True
         self.specs: dict[str, JobSpec] = {}

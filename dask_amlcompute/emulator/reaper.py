@@ -4,7 +4,8 @@ The emulator stops its nodes on a clean shutdown. If its process is killed
 (SIGKILL, an out-of-memory kill, a CI timeout), the node process groups would
 run on until their job timeouts. :class:`GroupReaper` starts one small helper
 process per emulator (``python -m dask_amlcompute.emulator.reaper``, in its own
-session so it outlives the emulator) and tells it, over a pipe, which process
+session so it outlives the emulator; run as a script, so it imports only the
+standard library) and tells it, over a pipe, which process
 groups the emulator started and which ended. When the pipe closes, which the
 kernel does when the emulator exits for any reason, the helper SIGTERMs the
 groups still listed, SIGKILLs them after a grace period, and exits.
@@ -64,32 +65,47 @@ def _group_running(pgid: int) -> bool:
 class GroupReaper:
     """The emulator's side: register the node process groups it starts.
 
-    The helper process starts on the first :meth:`watch`. Every method is
-    best effort: a helper that cannot be reached is logged once, never raised.
+    :meth:`start` launches the helper (the first :meth:`watch` does if needed).
+    Every method is best effort: a helper that cannot be reached is logged
+    once, never raised.
     """
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
-        self._broken = False
+        self._broken = self._closed = False
 
-    def _send(self, line: str) -> None:
-        if self._broken:
+    def start(self) -> None:
+        """Start the helper process (idempotent).
+
+        It runs this file as a script, so it imports nothing but the standard library.
+        """
+        if self._proc is not None or self._broken or self._closed:
             return
         try:
-            if self._proc is None:
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "dask_amlcompute.emulator.reaper"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL,
-                    text=True,
-                    start_new_session=True,
-                )
+            self._proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self._unavailable(exc)
+
+    def _unavailable(self, exc: OSError) -> None:
+        self._broken = True
+        logger.warning("Node reaper unavailable (%s): nodes of a killed emulator may linger "
+                       "until their job timeouts", exc)  # fmt: skip
+
+    def _send(self, line: str) -> None:
+        self.start()
+        if self._proc is None:
+            return
+        try:
             self._proc.stdin.write(line + "\n")  # type: ignore[union-attr]
             self._proc.stdin.flush()  # type: ignore[union-attr]
         except OSError as exc:
-            self._broken = True
-            logger.warning("Node reaper unavailable (%s): nodes of a killed emulator may linger "
-                           "until their job timeouts", exc)  # fmt: skip
+            self._unavailable(exc)
 
     def watch(self, pgid: int) -> None:
         """Register a process group the emulator started (its leader's PID)."""
@@ -102,7 +118,7 @@ class GroupReaper:
 
     def close(self, timeout: float = 10.0) -> None:
         """Close the pipe (the helper reaps what is still registered) and wait for it."""
-        proc, self._proc = self._proc, None
+        proc, self._proc, self._closed = self._proc, None, True
         if proc is None:
             return
         with contextlib.suppress(OSError):

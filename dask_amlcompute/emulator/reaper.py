@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-__all__ = ["GroupReaper"]
+__all__ = ["GroupReaper", "group_running"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def _group_running(pgid: int) -> bool:
+def group_running(pgid: int) -> bool:
     """Whether process group ``pgid`` has a member that is not a zombie."""
     try:
         os.killpg(pgid, 0)
@@ -159,7 +159,7 @@ def reap(groups: dict[int, str], grace: float = GRACE) -> list[int]:
             os.killpg(pgid, signal.SIGTERM)
             ours.append(pgid)
     deadline = time.monotonic() + grace
-    while any(map(_group_running, ours)) and time.monotonic() < deadline:
+    while any(map(group_running, ours)) and time.monotonic() < deadline:
         time.sleep(0.1)
     for pgid in ours:
         with contextlib.suppress(ProcessLookupError, PermissionError):

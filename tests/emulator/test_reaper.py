@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,15 +14,23 @@ from pathlib import Path
 import pytest
 from _helpers import wait_for
 
-from dask_amlcompute.emulator.reaper import GroupReaper
+from dask_amlcompute.emulator.reaper import GroupReaper, group_running
 
 
 def _alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    """A member of the group still runs (an exited member waiting for PID 1 to reap it does not)."""
+    return group_running(pgid)
+
+
+def _members(pgid: int) -> list[str]:
+    """``pid state command`` of every process in group ``pgid``, for failure messages."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, ValueError):
+            head, tail = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+            if int(tail.split()[2]) == pgid:
+                out.append(f"{pid} {tail.split()[0]} {head.split('(', 1)[1]}")
+    return out
 
 
 def _sleeper() -> subprocess.Popen:
@@ -74,7 +83,12 @@ def test_sigkilled_emulator_leaves_no_node_running(tmp_path):
         assert _alive(pgid)
         os.kill(emulator.pid, signal.SIGKILL)
         emulator.wait(10)
-        wait_for(lambda: not _alive(pgid), 20, "the node group to be reaped")
+        try:
+            wait_for(lambda: not _alive(pgid), 20, "the node group to be reaped")
+        except AssertionError as exc:
+            log.flush()
+            tail = (tmp_path / "emulator.out").read_text()[-2000:]
+            raise AssertionError(f"{exc}; group {pgid}: {_members(pgid)}; emulator:\n{tail}") from None
     finally:
         if emulator.poll() is None:
             os.killpg(emulator.pid, signal.SIGKILL)

@@ -193,6 +193,27 @@ def spawn(cmd: list[str], log: Path, **kwargs: Any) -> subprocess.Popen:
         )
 
 
+@contextlib.contextmanager
+def listening_process(cmd: list[str], log: Path, port: int, what: str) -> Iterator[int]:
+    """:func:`spawn` ``cmd``, wait until it listens on ``127.0.0.1:port``; yield its PID, stop it.
+
+    Raises ``RuntimeError`` naming ``what`` and ``log`` if it exits first.
+    """
+    proc = spawn(cmd, log)
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited {proc.returncode}; see {log}")
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_until(listening, 30, f"{what} to listen")
+        yield proc.pid
+    finally:
+        stop_process(proc)
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     """SIGTERM the process we started (by PID), then SIGKILL its own process group."""
     if proc.poll() is None:

@@ -37,12 +37,11 @@ from common import (
     SuiteResult,
     free_port,
     interleave,
+    listening_process,
     median,
     pair_ratio,
-    spawn,
     ssh_keypair,
     stop_process,
-    wait_until,
 )
 from tunnel import BULK_TARGET, library_forward, openssh_forward, send_rate, sink_on
 
@@ -137,20 +136,10 @@ def process_forward(
 ) -> Iterator[tuple[int, int]]:
     """Run :func:`forward` in its own process; yields its local port and PID."""
     port = free_port()
-    proc = spawn([sys.executable, __file__, "forward", kind, str(node["ssh_port"]), str(key),
-                  str(sink_port), str(port)], log)  # fmt: skip
-
-    def listening() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the {kind} forwarder exited {proc.returncode}; see {log}")
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
-
-    try:
-        wait_until(listening, 30, f"the {kind} forwarder to listen")
-        yield port, proc.pid
-    finally:
-        stop_process(proc)
+    cmd = [sys.executable, __file__, "forward", kind, str(node["ssh_port"]), str(key),
+           str(sink_port), str(port)]  # fmt: skip
+    with listening_process(cmd, log, port, f"the {kind} forwarder") as pid:
+        yield port, pid
 
 
 def drop_ignore_packets(tunnel: object) -> None:

@@ -20,7 +20,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -38,15 +37,14 @@ from common import (
     cluster_kwargs,
     free_port,
     interleave,
+    listening_process,
     map_rate,
     median,
     pair_ratio,
     shippable,
-    spawn,
     ssh_keypair,
     stop_process,
     timed,
-    wait_until,
 )
 from distributed import Client
 
@@ -179,27 +177,14 @@ def openssh_forward(
     known.write_text(f"[127.0.0.1]:{node['ssh_port']} {key_type} {key_b64}\n")
     port = free_port()
     log = workdir / f"openssh-{port}.log"
-    proc = spawn(
-        ["ssh", *(["-c", cipher] if cipher else []), "-F", "/dev/null", "-N", "-v",
+    cmd = ["ssh", *(["-c", cipher] if cipher else []), "-F", "/dev/null", "-N", "-v",
          "-p", str(node["ssh_port"]), "-i", str(key),
          "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
          "-o", f"UserKnownHostsFile={known}", "-o", "ExitOnForwardFailure=yes",
          "-o", "Compression=no", "-L", f"127.0.0.1:{port}:{target[0]}:{target[1]}",
-         "azureuser@127.0.0.1"],
-        log,
-    )  # fmt: skip
-
-    def listening() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ssh -L exited {proc.returncode}; see {log}")
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
-
-    try:
-        wait_until(listening, 30, "ssh -L to listen")
-        yield port, log, proc.pid
-    finally:
-        stop_process(proc)
+         "azureuser@127.0.0.1"]  # fmt: skip
+    with listening_process(cmd, log, port, "ssh -L") as pid:
+        yield port, log, pid
 
 
 def bulk_rows(opts: Options, emu: EmulatorProcess, job: str, key: Path) -> list[Row]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from .exceptions import (
@@ -210,6 +210,10 @@ class AmlOps:
             logger.debug("No run-history record for %s: %s", name, exc)
             return {}
         return {str(k): str(v) for k, v in (getattr(run, "tags", None) or {}).items()}
+
+    async def with_run_tags(self, info: JobInfo) -> JobInfo:
+        """``info`` with the run-history tags of its job merged in (see :meth:`run_tags`)."""
+        return replace(info, tags={**info.tags, **await self.run_tags(info.name)})
 
     async def cancel(self, name: str, timeout: float = 60) -> None:
         """Cancel a job and wait (bounded) for AML to accept it; ended jobs are left alone."""

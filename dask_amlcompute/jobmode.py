@@ -39,7 +39,7 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +223,7 @@ async def _submit_and_wait(ops: Any, job: Any, *, n_nodes: int, wait: bool, wait
         await ops.cancel(info.name)
         raise
     if EXIT_CODE_TAG not in info.tags:  # the job resource may not carry the run's tags yet
-        info = replace(info, tags={**info.tags, **await ops.run_tags(info.name)})
+        info = await ops.with_run_tags(info)
     code = info.tags.get(EXIT_CODE_TAG)
     exit_code = int(code) if code not in (None, "") else None
     message, files = await ops.run_details(info.name)

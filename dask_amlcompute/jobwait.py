@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .aml import JobInfo
@@ -87,10 +86,10 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
         if running_since is not None and (
             time.monotonic() - running_since >= RUN_HISTORY_FALLBACK_AFTER
         ):
-            run_tags = await ctx.ops.run_tags(job_name)
-            if tag in run_tags:
+            merged = await ctx.ops.with_run_tags(info)
+            if tag in merged.tags:
                 logger.info("Read %s of %s from run history (not on the job yet)", tag, job_name)
-                return replace(info, tags={**info.tags, **run_tags})
+                return merged
         if info.terminal:
             raise await job_error(
                 ctx,

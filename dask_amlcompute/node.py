@@ -131,6 +131,8 @@ def package_versions() -> dict[str, str]:
 def publish_tags(tags: Mapping[str, str], env: Mapping[str, str] | None = None) -> None:
     """Set run tags on this job's mlflow run, where the client can read them.
 
+    Tags are set one by one in ``tags`` order: put the tag a reader waits for last.
+
     Uses the mlflow client when installed (on AML, ``azureml-mlflow`` resolves the
     ``azureml://`` tracking URI); otherwise posts the mlflow REST call itself for an
     ``http(s)://`` tracking URI.
@@ -286,10 +288,11 @@ async def _run_scheduler_node(ctx: NodeContext, args: argparse.Namespace, stop: 
         await scheduler.register_scheduler_plugin(
             NoClientTimeout(args.no_client_timeout), idempotent=True
         )
-    tags = {SCHEDULER_TAG: scheduler.address, VERSIONS_TAG: json.dumps(package_versions())}
+    tags = {VERSIONS_TAG: json.dumps(package_versions())}
     if "dashboard" in scheduler.services:
         port = scheduler.services["dashboard"].port
         tags[DASHBOARD_TAG] = f"http://{ctx.node_ip}:{port}/status"
+    tags[SCHEDULER_TAG] = scheduler.address  # last: the client reads the others once it sees it
     logger.info("Scheduler at %s; publishing %s", scheduler.address, tags)
     await asyncio.to_thread(publish_tags, tags)
     nannies = []

@@ -128,6 +128,16 @@ def _secrets(azurite, datastores):
     return [azurite.account_key, sas, parse_qs(sas)["sig"][0]]
 
 
+def test_azurite_without_npm_says_how_to_install_it(tmp_path, monkeypatch):
+    from dask_amlcompute.emulator.azurite import AzuriteNotFoundError, install_azurite
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no npm here
+    with pytest.raises(AzuriteNotFoundError, match="npm is not on PATH") as err:
+        install_azurite(prefix=tmp_path / "azurite")
+    assert "npm install -g azurite@" in str(err.value)
+    assert not (tmp_path / "azurite").exists()
+
+
 def test_azurite_is_installed():
     """FAILS (never skips) without Azurite, saying how to install it."""
     from dask_amlcompute.emulator.azurite import AzuriteNotFoundError, find_azurite

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 import sys
 from pathlib import Path
 
@@ -24,8 +24,15 @@ def test_notebook_executes(name, expected, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
-    # The kernel must be this interpreter (the one with the project installed).
-    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    # The kernel must be this interpreter (the one with the project installed), whatever
+    # kernels the machine has: a kernelspec in JUPYTER_PATH wins over the user's own
+    # (~/.local/share/jupyter), which may point at another venv.
+    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    spec = {"argv": argv, "display_name": "Python 3 (tests)", "language": "python"}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     NotebookClient(
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

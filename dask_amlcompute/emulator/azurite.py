@@ -1,10 +1,11 @@
 """Run Azurite, Azure's official storage emulator, as the emulated workspace's blob storage.
 
-Azurite is the npm package ``azurite``; install it next to the repository with::
-
-    npm install --no-save --prefix .ci-node azurite
-
-or anywhere and point ``AZURITE_BIN`` at its ``azurite-blob`` executable.
+Azurite is the npm package ``azurite``. When it is not found (``AZURITE_BIN``, a
+``node_modules`` next to the repository or the current folder, ``PATH``), the
+first use installs the pinned version with ``npm`` into a cache folder
+(``$DASK_AMLCOMPUTE_CACHE``, else ``$XDG_CACHE_HOME/dask-amlcompute``, else
+``~/.cache/dask-amlcompute``) and reuses it afterwards. Without ``npm`` the error
+says how to install it by hand.
 :class:`Azurite` starts ``azurite-blob`` on a loopback address with an
 ephemeral port and a temporary workspace, and stops it (by process group) on
 :meth:`~Azurite.stop`, on exit of a ``with`` block, or at interpreter exit.
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import datetime, timedelta, timezone
@@ -32,11 +35,15 @@ DEV_ACCOUNT = "devstoreaccount1"
 DEV_ACCOUNT_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
+#: The Azurite release installed on first use (npm package ``azurite``).
+AZURITE_VERSION = "3.35.0"
+#: Bound on the one-time npm install.
+INSTALL_TIMEOUT = 600.0
 #: How to install Azurite, quoted in errors.
 INSTALL_HINT = (
-    "Azurite (the Azure Storage emulator, npm package 'azurite') is required. Install it with\n"
-    "    npm install --no-save --prefix <repo>/.ci-node azurite\n"
-    "(Node.js >= 18), or `npm install -g azurite`, or set AZURITE_BIN to the path of its "
+    "Azurite (the Azure Storage emulator, npm package 'azurite') is required. With Node.js "
+    ">= 18 and npm on PATH it is installed automatically on first use; otherwise install it "
+    f"with `npm install -g azurite@{AZURITE_VERSION}`, or set AZURITE_BIN to the path of its "
     "'azurite-blob' executable."
 )
 _LISTEN_RE = re.compile(r"listens on (https?://[^\s]+)")
@@ -46,17 +53,84 @@ class AzuriteNotFoundError(FileNotFoundError):
     """The ``azurite-blob`` executable could not be found."""
 
 
-def find_azurite(extra_dirs: list[str] | None = None) -> str:
-    """Return the path of the ``azurite-blob`` executable.
+def cache_dir() -> Path:
+    """The folder dask-amlcompute caches downloads in (created on demand)."""
+    root = os.environ.get("DASK_AMLCOMPUTE_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg or Path.home() / ".cache") / "dask-amlcompute"
+
+
+def install_azurite(prefix: Path | None = None, timeout: float = INSTALL_TIMEOUT) -> str:
+    """Install Azurite :data:`AZURITE_VERSION` with npm into ``prefix`` (once) and return
+    the path of its ``azurite-blob``.
+
+    Concurrent callers (test processes) wait on a file lock; an install that was
+    interrupted is redone (a marker file is written only after success).
+
+    Parameters
+    ----------
+    prefix : Path, optional
+        npm ``--prefix``; default ``cache_dir() / "azurite-<version>"``.
+    timeout : float
+        Bound on the npm run, in seconds.
+
+    Raises
+    ------
+    AzuriteNotFoundError
+        npm is missing, or the install failed or timed out (with npm's output).
+    """
+    prefix = prefix or cache_dir() / f"azurite-{AZURITE_VERSION}"
+    exe = prefix / "node_modules" / ".bin" / "azurite-blob"
+    marker = prefix / ".installed"
+    npm = shutil.which("npm")
+    if npm is None and not marker.exists():
+        raise AzuriteNotFoundError(f"'azurite-blob' was not found and npm is not on PATH.\n{INSTALL_HINT}")
+    prefix.mkdir(parents=True, exist_ok=True)
+    with open(prefix.parent / f"{prefix.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if marker.exists() and os.access(exe, os.X_OK):
+            return str(exe)
+        print(
+            f"Installing Azurite {AZURITE_VERSION} (Azure Storage emulator) with npm into "
+            f"{prefix} (first use only)...",
+            file=sys.stderr,
+            flush=True,
+        )
+        cmd = [str(npm), "install", "--no-save", "--no-audit", "--no-fund", "--loglevel=error",
+               "--prefix", str(prefix), f"azurite@{AZURITE_VERSION}"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise AzuriteNotFoundError(
+                f"`{' '.join(cmd)}` did not finish within {timeout:g}s.\n{INSTALL_HINT}"
+            ) from None
+        if done.returncode != 0 or not os.access(exe, os.X_OK):
+            raise AzuriteNotFoundError(
+                f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n"
+                f"{(done.stdout + done.stderr)[-2000:]}\n{INSTALL_HINT}"
+            )
+        marker.write_text(AZURITE_VERSION + "\n")
+    return str(exe)
+
+
+def find_azurite(extra_dirs: list[str] | None = None, install: bool = True) -> str:
+    """Return the path of the ``azurite-blob`` executable, installing it on first use.
 
     Looks at ``AZURITE_BIN``, then ``.ci-node/node_modules/.bin`` and
     ``node_modules/.bin`` under the repository (the parent of the installed
-    package), under the current directory and under ``extra_dirs``, then ``PATH``.
+    package), under the current directory and under ``extra_dirs``, then ``PATH``,
+    then the cache folder; if it is in none of them and ``install`` is true,
+    :func:`install_azurite` puts it in the cache folder.
 
     Parameters
     ----------
     extra_dirs : list of str, optional
         More directories holding a ``node_modules`` tree.
+    install : bool
+        Install Azurite with npm when it is not found.
 
     Returns
     -------
@@ -82,6 +156,8 @@ def find_azurite(extra_dirs: list[str] | None = None) -> str:
     found = shutil.which("azurite-blob")
     if found:
         return found
+    if install:
+        return install_azurite()
     raise AzuriteNotFoundError(f"'azurite-blob' was not found.\n{INSTALL_HINT}")
 
 

@@ -179,6 +179,102 @@ class AmlOps:
             return []
         return sorted(c.name for c in computes)
 
+    #: At most this many names in an "environments that exist" list.
+    listed_environments = 25
+
+    async def check_environment(self, reference: str) -> None:
+        """Check that a registered environment exists before a job uses it.
+
+        ``name@latest``, ``name:version``, ``azureml:name:version`` and
+        ``azureml:name@latest`` are looked up in the workspace
+        (``environments.get``). Docker images, registry and ARM ids (anything
+        with ``/``) and curated ``AzureML-...`` environments are not.
+
+        Parameters
+        ----------
+        reference
+            The ``environment`` setting.
+
+        Raises
+        ------
+        EnvironmentNotFoundError
+            The environment or that version of it does not exist; the message
+            lists the environments (and the versions of that name) that do.
+        ConfigurationError
+            ``reference`` is not a valid environment reference.
+        """
+        from azure.ai.ml.exceptions import ValidationErrorType, ValidationException
+        from azure.core.exceptions import ResourceNotFoundError
+
+        from .exceptions import EnvironmentNotFoundError
+        from .validation import environment_reference
+
+        ref = environment_reference(reference)
+        if ref is None:
+            return
+        envs = self.ml_client.environments
+        try:
+            if ref.version is not None:
+                await self._call(envs.get, ref.name, version=ref.version)
+            else:
+                await self._call(envs.get, ref.name, label=ref.label)
+            return
+        except ResourceNotFoundError:
+            pass
+        except ValidationException as exc:
+            # azure-ai-ml resolves "@latest" client-side and reports a name without
+            # versions as a ValidationException of type RESOURCE_NOT_FOUND.
+            if getattr(exc, "error_type", None) != ValidationErrorType.RESOURCE_NOT_FOUND:
+                raise
+        names = await self.list_environment_names()
+        cap = self.listed_environments
+        shown = ", ".join(names[:cap]) + (
+            f" and {len(names) - cap} more" if len(names) > cap else ""
+        )
+        versions = await self._environment_versions(ref.name) if ref.name in names else []
+        what = (
+            f"Environment {ref.name!r} has no version {ref.version!r} (versions: "
+            f"{', '.join(versions) or 'none'})."
+            if versions and ref.version is not None
+            else f"No environment named {ref.name!r}."
+        )
+        raise EnvironmentNotFoundError(
+            f"environment={reference!r} does not exist in workspace "
+            f"{getattr(self.ml_client, 'workspace_name', '?')!r}: {what} Environments that "
+            f"exist: {shown or 'none'}. Register it (az ml environment create, or "
+            "ml_client.environments.create_or_update), fix the name or version, pass a Docker "
+            "image with its registry ('docker.io/library/python:3.11'), or leave environment "
+            "unset for the pinned default environment. Nothing was submitted."
+        )
+
+    async def list_environment_names(self) -> list[str]:
+        """Names of the environments registered in the workspace (empty on error).
+
+        The SDK's anonymous environments (``CliV2AnonymousEnvironment``, inline
+        environments of past jobs) are left out.
+        """
+        try:
+            envs = await self._call(lambda: list(self.ml_client.environments.list()))
+        except Exception as exc:  # only used to improve another error message
+            logger.debug("Could not list environments: %s", exc)
+            return []
+        return sorted(
+            {e.name for e in envs if e.name and e.name != "CliV2AnonymousEnvironment"},
+            key=str.lower,
+        )
+
+    async def _environment_versions(self, name: str) -> list[str]:
+        """Versions of one environment (empty on error), for error messages."""
+        try:
+            envs = await self._call(lambda: list(self.ml_client.environments.list(name=name)))
+        except Exception as exc:
+            logger.debug("Could not list versions of environment %s: %s", name, exc)
+            return []
+        found = [str(e.version) for e in envs if e.version is not None]
+        return sorted(found, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))[
+            : self.listed_environments
+        ]
+
     async def submit(self, job: Any) -> JobInfo:
         """Create the job; returns its first snapshot."""
         try:

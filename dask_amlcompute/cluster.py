@@ -291,6 +291,8 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         ctx = self._context
         try:
             ctx.compute = await ctx.ops.get_compute(self.settings.compute)
+            if not ctx.attach and isinstance(self.settings.environment, str):
+                await ctx.ops.check_environment(self.settings.environment)
             self._check_capacity()
             await super()._start()
             if self._code is not None:

@@ -17,6 +17,14 @@ class ConfigurationError(AmlComputeError, ValueError):
     """An argument or config value is invalid; nothing was submitted."""
 
 
+class EnvironmentNotFoundError(ConfigurationError, LookupError):
+    """The ``environment`` setting names no environment registered in the workspace.
+
+    Raised before anything is submitted; the message names the reference and
+    lists the environments that exist.
+    """
+
+
 class WorkspaceNotConfiguredError(AmlComputeError):
     """No ``MLClient`` was given and no workspace config file was found."""
 

@@ -15,7 +15,22 @@ from typing import Any
 
 from . import config
 from .exceptions import ConfigurationError
-from .validation import aml_name, parse_duration, positive_int, string_mapping
+from .validation import (
+    aml_name,
+    boolean,
+    env_var_mapping,
+    environment_setting,
+    existing_file,
+    memory_limit,
+    optional_string,
+    options_mapping,
+    parse_duration,
+    pip_requirements,
+    port,
+    positive_int,
+    string_list,
+    string_mapping,
+)
 
 
 @dataclass(frozen=True)
@@ -30,7 +45,7 @@ class ClusterSettings:
     nodes_per_job: int
     processes_per_node: int
     threads_per_process: int | None
-    memory_limit: str | int | None
+    memory_limit: str | int | float | None
     worker_on_scheduler: bool
     environment: Any
     job_timeout: float | None
@@ -77,13 +92,36 @@ def default_cluster_name() -> str:
     return f"dask-{user}-{uuid.uuid4().hex[:8]}"
 
 
+#: Settings that must be set (the schema has no null for them).
+_REQUIRED_DURATIONS = ("startup_timeout", "death_timeout", "poll_interval", "watch_interval")
+_OPTIONAL_DURATIONS = ("job_timeout", "idle_timeout", "no_client_timeout")
+_BOOLEANS = ("worker_on_scheduler", "security", "ssh_trust_on_first_use", "quiet")
+
+
 def resolve_settings(**arguments: Any) -> ClusterSettings:
     """Merge ``arguments`` (None means "not given") over dask config and validate.
+
+    Every setting is checked here, before anything reaches AML; what can only
+    be checked against the workspace (the compute, a registered environment)
+    is checked by the cluster right before it submits.
+
+    Parameters
+    ----------
+    **arguments
+        Settings by attribute name (``n_nodes=...``); see :class:`ClusterSettings`.
+
+    Returns
+    -------
+    ClusterSettings
+        The validated, normalised settings.
 
     Raises
     ------
     ConfigurationError
-        A value is missing or invalid; the message names it.
+        A value is missing or invalid; the message names the setting, the bad
+        value and what to change.
+    TypeError
+        An unknown setting was passed.
     """
     unknown = set(arguments) - {f.name for f in fields(ClusterSettings)}
     if unknown:
@@ -92,7 +130,9 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
         f.name: config.get(config_key(f.name), override_with=arguments.get(f.name))
         for f in fields(ClusterSettings)
     }
-    if not raw["compute"]:
+    if raw["workspace_config"] is not None:
+        _check_workspace_config(raw["workspace_config"])
+    if raw["compute"] is None or raw["compute"] == "":
         # Precedence: argument > dask config (incl. DASK_AMLCOMPUTE__COMPUTE) > the
         # compute cached in the workspace config.json > error.
         from .workspace import cached_compute
@@ -104,23 +144,20 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
             "in dask config (DASK_AMLCOMPUTE__COMPUTE), or cache it in the workspace "
             "config.json with dask_amlcompute.write_workspace_config(..., compute=...)."
         )
-    raw["n_nodes"] = positive_int(raw["n_nodes"], "n_nodes")
-    raw["nodes_per_job"] = positive_int(raw["nodes_per_job"], "nodes_per_job")
-    raw["processes_per_node"] = positive_int(raw["processes_per_node"], "processes_per_node")
+    if not isinstance(raw["compute"], str) or not raw["compute"].strip():
+        raise ConfigurationError(
+            f"compute must be the name of an AmlCompute target (a string), got {raw['compute']!r}."
+        )
+    for key in ("n_nodes", "nodes_per_job", "processes_per_node"):
+        raw[key] = positive_int(raw[key], key)
     if raw["threads_per_process"] is not None:
         raw["threads_per_process"] = positive_int(raw["threads_per_process"], "threads_per_process")
-    for key in (
-        "job_timeout",
-        "startup_timeout",
-        "death_timeout",
-        "idle_timeout",
-        "no_client_timeout",
-        "poll_interval",
-        "watch_interval",
-    ):
+    raw["memory_limit"] = memory_limit(raw["memory_limit"])
+    for key in (*_REQUIRED_DURATIONS, *_OPTIONAL_DURATIONS):
         raw[key] = parse_duration(raw[key], key)
-    if raw["startup_timeout"] is None:
-        raise ConfigurationError("startup_timeout must be set: every wait is bounded.")
+    for key in _REQUIRED_DURATIONS:
+        if raw[key] is None:
+            raise ConfigurationError(f"{key} must be set: every wait is bounded.")
     if raw["distribution"] not in ("pytorch", "mpi"):
         raise ConfigurationError(
             f"distribution must be 'pytorch' or 'mpi', not {raw['distribution']!r}."
@@ -129,24 +166,42 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
         raise ConfigurationError(
             f"connect must be 'direct', 'ssh' or 'auto', not {raw['connect']!r}."
         )
-    raw["name"] = aml_name(raw["name"] or default_cluster_name(), "cluster name")
+    if raw["name"] is None or raw["name"] == "":
+        raw["name"] = default_cluster_name()
+    raw["name"] = aml_name(raw["name"], "cluster name")
     raw["experiment_name"] = aml_name(raw["experiment_name"], "experiment_name")
     raw["tags"] = string_mapping(raw["tags"], "tags")
-    raw["env_vars"] = string_mapping(raw["env_vars"], "env_vars")
+    raw["env_vars"] = env_var_mapping(raw["env_vars"], "env_vars")
     for key in ("scheduler_options", "worker_options"):
-        if not isinstance(raw[key] or {}, dict):
-            raise ConfigurationError(f"{key} must be a dict of keyword arguments.")
-        raw[key] = dict(raw[key] or {})
+        raw[key] = options_mapping(raw[key], key)
     for key in ("scheduler_port", "dashboard_port"):
-        if not isinstance(raw[key], int) or not 0 <= raw[key] < 65536:
-            raise ConfigurationError(f"{key} must be a port number, got {raw[key]!r}.")
-    raw["worker_on_scheduler"] = bool(raw["worker_on_scheduler"])
-    raw["quiet"] = bool(raw["quiet"])
+        raw[key] = port(raw[key], key)
+    for key in _BOOLEANS:
+        raw[key] = boolean(raw[key], key)
     from .versions import validate_policy
 
     raw["version_check"] = validate_policy(raw["version_check"])
-    if not isinstance(raw["security"], bool):
-        raise ConfigurationError(
-            "security must be True or False (True: temporary TLS credentials for this cluster)."
-        )
+    raw["environment"] = environment_setting(raw["environment"])
+    raw["pip_packages"] = pip_requirements(raw["pip_packages"], "pip_packages")
+    raw["conda_packages"] = string_list(raw["conda_packages"], "conda_packages")
+    raw["node_package"] = optional_string(raw["node_package"], "node_package")
+    raw["ssh_key"] = existing_file(raw["ssh_key"], "ssh_key")
+    raw["known_hosts"] = optional_string(raw["known_hosts"], "known_hosts", allow_path=True)
+    raw["workspace_config"] = optional_string(
+        raw["workspace_config"], "workspace_config", allow_path=True
+    )
     return ClusterSettings(**raw)
+
+
+def _check_workspace_config(path: Any) -> None:
+    """Refuse a ``workspace_config`` that names no config file (or folder holding one)."""
+    from .workspace import find_workspace_config
+
+    text = optional_string(path, "workspace_config", allow_path=True)
+    if find_workspace_config(text) is None:
+        raise ConfigurationError(
+            f"workspace_config={text!r}: no workspace config file there (neither a file nor a "
+            "folder holding config.json). Download config.json from the workspace's page in "
+            "Azure ML studio, write one with dask_amlcompute.write_workspace_config(...), or "
+            "leave workspace_config unset to search the current folder and its parents."
+        )

@@ -121,8 +121,9 @@ class Engine:
         try:
             return self.computes[name.lower()]
         except KeyError:
-            raise ApiError(404, "ResourceNotFound",
-                           f"Compute '{name}' was not found in workspace") from None
+            raise ApiError(
+                404, "ResourceNotFound", f"Compute '{name}' was not found in workspace"
+            ) from None
 
     def job(self, name: str) -> JobRecord:
         """Return a job by name.
@@ -148,8 +149,9 @@ class Engine:
             raise ApiError(404, "UserError", f"Job {name} not found.") from None
 
     # ------------------------------------------------------------- environments
-    def put_environment(self, name: str, version: str, properties: dict[str, Any]) -> tuple[
-            EnvironmentVersion, bool]:
+    def put_environment(
+        self, name: str, version: str, properties: dict[str, Any]
+    ) -> tuple[EnvironmentVersion, bool]:
         """Create or update an environment version.
 
         Parameters
@@ -194,8 +196,42 @@ class Engine:
         try:
             return self.environments[name][version]
         except KeyError:
-            raise ApiError(404, "UserError",
-                           f"Environment {name}:{version} not found in workspace") from None
+            raise ApiError(
+                404, "UserError", f"Environment {name}:{version} not found in workspace"
+            ) from None
+
+    def job_environment(self, name: str, version: str) -> EnvironmentVersion:
+        """Return the environment version a submitted job names, as AML checks it at submit.
+
+        AML refuses a job whose environment version is not registered, before
+        the job exists: ``(UserError) No environment exists for name: <name>,
+        version: <version>, label:`` (reported in Azure/azure-sdk-for-python#38594).
+        ``name@latest`` never reaches this point: the SDK resolves it to a
+        version first.
+
+        Parameters
+        ----------
+        name, version : str
+            Environment name and version from the job's ``environmentId``.
+
+        Returns
+        -------
+        EnvironmentVersion
+            The version.
+
+        Raises
+        ------
+        ApiError
+            404 ``UserError`` if absent (nothing is created).
+        """
+        try:
+            return self.environments[name][version]
+        except KeyError:
+            raise ApiError(
+                404,
+                "UserError",
+                f"No environment exists for name: {name}, version: {version}, label: ",
+            ) from None
 
     # --------------------------------------------------------------------- jobs
     def submit(self, name: str, body: Any) -> tuple[JobRecord, bool]:
@@ -234,23 +270,35 @@ class Engine:
         spec = parse_job(name, body)
         compute = self.computes.get(spec.compute.lower())
         if compute is None:
-            raise ApiError(400, "UserError",
-                           f"Compute target '{spec.compute}' not found in workspace "
-                           f"'{identity.WORKSPACE_NAME}'.")
+            raise ApiError(
+                400,
+                "UserError",
+                f"Compute target '{spec.compute}' not found in workspace "
+                f"'{identity.WORKSPACE_NAME}'.",
+            )
         if not compute.spec.runs_jobs:
-            raise ApiError(400, "UserError",
-                           f"Compute '{compute.spec.name}' of type {compute.spec.kind} cannot "
-                           "run command jobs in the emulator.")
+            raise ApiError(
+                400,
+                "UserError",
+                f"Compute '{compute.spec.name}' of type {compute.spec.kind} cannot "
+                "run command jobs in the emulator.",
+            )
         ref = environment_reference(spec.properties["environmentId"])
-        env_props = self.environment(*ref).properties if ref is not None else None
+        env_props = self.job_environment(*ref).properties if ref is not None else None
         props = dict(spec.properties)
         report = environment_report(spec.properties["environmentId"], env_props)
-        props["properties"] = {**(props.get("properties") or {}),
-                               "emulator.environment": "\n".join(report)}
+        props["properties"] = {
+            **(props.get("properties") or {}),
+            "emulator.environment": "\n".join(report),
+        }
         props.setdefault("experimentName", spec.experiment_name)
-        job = JobRecord(name=name, properties=props, compute=compute.spec.name,
-                        instance_count=spec.instance_count,
-                        timeout_seconds=spec.timeout_seconds)
+        job = JobRecord(
+            name=name,
+            properties=props,
+            compute=compute.spec.name,
+            instance_count=spec.instance_count,
+            timeout_seconds=spec.timeout_seconds,
+        )
         job.done = asyncio.Event()
         job.wake = asyncio.Event()
         self.jobs[name] = job
@@ -367,12 +415,16 @@ class Engine:
     def _make_nodes(self, job: JobRecord, compute: ComputeState) -> None:
         base = os.path.join(self.workdir, "jobs", job.name)
         for rank, slot in enumerate(job.slots or []):
-            job.nodes.append(NodeRecord(
-                rank=rank, slot=slot, ip=compute.ip_for_slot(slot),
-                node_id=compute.node_id_for_slot(slot),
-                workdir=os.path.join(base, f"node-{rank}", "wd"),
-                log_path=os.path.join(base, "logs", log_name(rank)),
-            ))
+            job.nodes.append(
+                NodeRecord(
+                    rank=rank,
+                    slot=slot,
+                    ip=compute.ip_for_slot(slot),
+                    node_id=compute.node_id_for_slot(slot),
+                    workdir=os.path.join(base, f"node-{rank}", "wd"),
+                    log_path=os.path.join(base, "logs", log_name(rank)),
+                )
+            )
 
     async def _start_ssh(self, compute: ComputeState, job: JobRecord) -> None:
         if self._ssh_factory is None or not compute.spec.ssh_enabled:
@@ -381,8 +433,9 @@ class Engine:
             try:
                 server = await self._ssh_factory(compute.spec, node)
             except Exception:  # an SSH failure must not kill the job
-                logger.exception("could not start the SSH endpoint of %s rank %d",
-                                 job.name, node.rank)
+                logger.exception(
+                    "could not start the SSH endpoint of %s rank %d", job.name, node.rank
+                )
                 continue
             node.ssh_server = server
             node.ssh_port = getattr(server, "port", None)
@@ -394,8 +447,9 @@ class Engine:
         except Exception as exc:  # never leave a job hanging on an emulator bug
             logger.exception("job %s crashed in the emulator", job.name)
             if not job.is_terminal:
-                self._finish(job, "Failed", {"code": "SystemError",
-                                             "message": f"emulator error: {exc!r}"})
+                self._finish(
+                    job, "Failed", {"code": "SystemError", "message": f"emulator error: {exc!r}"}
+                )
         finally:
             await self._teardown(job, compute)
 
@@ -403,11 +457,17 @@ class Engine:
         await asyncio.sleep(0.05)
         max_nodes = compute.spec.max_nodes
         if job.instance_count > max_nodes:
-            self._finish(job, "Failed", {
-                "code": "UserError",
-                "message": (f"Requested {job.instance_count} nodes but AzureMLCompute cluster "
-                            f"'{compute.spec.name}' only has {max_nodes} maximum nodes."),
-            })
+            self._finish(
+                job,
+                "Failed",
+                {
+                    "code": "UserError",
+                    "message": (
+                        f"Requested {job.instance_count} nodes but AzureMLCompute cluster "
+                        f"'{compute.spec.name}' only has {max_nodes} maximum nodes."
+                    ),
+                },
+            )
             return
         if job.cancel_reason is None:
             job.status = "Queued"
@@ -432,14 +492,19 @@ class Engine:
     async def _run_nodes(self, job: JobRecord, spec: JobSpec) -> None:
         ips = [n.ip for n in job.nodes]
         waiters: list[asyncio.Task] = []
-        header = "".join(f"[emulator] {line}\n" for line in
-                         job.properties["properties"]["emulator.environment"].splitlines())
+        header = "".join(
+            f"[emulator] {line}\n"
+            for line in job.properties["properties"]["emulator.environment"].splitlines()
+        )
         for node in job.nodes:
             os.makedirs(os.path.dirname(node.log_path), exist_ok=True)
             with open(node.log_path, "a", encoding="utf-8") as log:
                 log.write(header)
-            env = nodeproc.node_base_environment(node_variables(
-                spec, node.rank, ips, self.endpoints.tracking_uri, self.endpoints.cert_path))
+            env = nodeproc.node_base_environment(
+                node_variables(
+                    spec, node.rank, ips, self.endpoints.tracking_uri, self.endpoints.cert_path
+                )
+            )
             tee = await nodeproc.start_node(node, spec.command, env)
             self.reaper.watch(node.pid)
             waiters.append(asyncio.ensure_future(self._watch_node(job, node, tee)))
@@ -474,8 +539,9 @@ class Engine:
 
     def _finish_canceled(self, job: JobRecord) -> None:
         limit = (job.properties.get("limits") or {}).get("timeout")
-        self._finish(job, "Canceled",
-                     outcomes.cancel_error(job.cancel_reason, limit, job.timeout_seconds))
+        self._finish(
+            job, "Canceled", outcomes.cancel_error(job.cancel_reason, limit, job.timeout_seconds)
+        )
 
     def _set_outcome(self, job: JobRecord) -> None:
         if job.failure is not None:
@@ -533,4 +599,3 @@ class Engine:
             if not task.done():
                 task.cancel()
         await asyncio.to_thread(self.reaper.close)
-

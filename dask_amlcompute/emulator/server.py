@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from typing import Any
 
 import tornado.web
@@ -22,10 +23,14 @@ from .mlflow_api import mlflow_routes
 from .nodes import read_log
 from .state import TERMINAL_STATUSES, JobRecord
 
-WS = (r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/"
-      r"Microsoft\.MachineLearningServices/workspaces/(?P<ws>[^/]+)")
-LOC = (r"/subscriptions/(?P<sub>[^/]+)/providers/Microsoft\.MachineLearningServices/"
-       r"locations/(?P<loc>[^/]+)")
+WS = (
+    r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/"
+    r"Microsoft\.MachineLearningServices/workspaces/(?P<ws>[^/]+)"
+)
+LOC = (
+    r"/subscriptions/(?P<sub>[^/]+)/providers/Microsoft\.MachineLearningServices/"
+    r"locations/(?P<loc>[^/]+)"
+)
 #: Seconds a cancel request / operation poll waits for the job to end before answering.
 CANCEL_WAIT = KILL_GRACE + 2.0
 
@@ -90,8 +95,10 @@ class JobHandler(_JobResource):
 
 
 def _operation_urls(sub: str, op: str, api_version: str) -> tuple[str, str]:
-    base = (f"https://management.azure.com/subscriptions/{sub}/providers/"
-            f"{identity.PROVIDER}/locations/{identity.REGION}")
+    base = (
+        f"https://management.azure.com/subscriptions/{sub}/providers/"
+        f"{identity.PROVIDER}/locations/{identity.REGION}"
+    )
     q = f"?api-version={api_version}"
     return f"{base}/mfeOperationsStatus/{op}{q}", f"{base}/mfeOperationResults/{op}{q}"
 
@@ -120,7 +127,8 @@ class JobCancelHandler(BaseHandler):
         job = self.engine.cancel(name)
         await _wait_done(job, CANCEL_WAIT)
         status_url, result_url = _operation_urls(
-            sub, f"jc-{name}", self.get_argument("api-version", "2023-04-01-preview"))
+            sub, f"jc-{name}", self.get_argument("api-version", "2023-04-01-preview")
+        )
         self.set_header("Azure-AsyncOperation", status_url)
         self.set_header("Location", result_url)
         self.set_header("Retry-After", "1")
@@ -161,8 +169,9 @@ class ComputesHandler(BaseHandler):
 
     def get(self, **_: str) -> None:
         """List computes."""
-        self.send_json(_value_list([shapes.compute_to_rest(c)
-                                    for c in self.engine.computes.values()]))
+        self.send_json(
+            _value_list([shapes.compute_to_rest(c) for c in self.engine.computes.values()])
+        )
 
 
 class ComputeHandler(BaseHandler):
@@ -208,9 +217,13 @@ class ListNodesHandler(BaseHandler):
                 entry["port"] = node.ssh_port
             nodes.append(entry)
         for slot in compute.idle_slots():
-            nodes.append({"nodeId": compute.node_id_for_slot(slot),
-                          "privateIpAddress": compute.ip_for_slot(slot),
-                          "nodeState": "idle"})
+            nodes.append(
+                {
+                    "nodeId": compute.node_id_for_slot(slot),
+                    "privateIpAddress": compute.ip_for_slot(slot),
+                    "nodeState": "idle",
+                }
+            )
         self.send_json({"nodes": nodes, "nextLink": None})
 
 
@@ -279,15 +292,29 @@ class EnvironmentContainerHandler(BaseHandler):
         versions = self.engine.environments.get(name)
         if not versions:
             raise ApiError(404, "UserError", f"Environment {name} not found in workspace")
-        latest = max(versions.values(), key=lambda e: e.created)
-        self.send_json({
-            "id": identity.child_id("environments", name),
-            "name": name,
-            "type": f"{identity.PROVIDER}/workspaces/environments",
-            "properties": {"latestVersion": latest.version, "nextVersion": None,
-                           "isArchived": False, "tags": {}, "properties": {}},
-            "systemData": shapes.system_data(latest.created),
-        })
+        self.send_json(shapes.environment_container_to_rest(name, list(versions.values())))
+
+
+class EnvironmentsHandler(BaseHandler):
+    """``GET /environments`` (``listViewType``): what ``ml_client.environments.list()`` reads.
+
+    One container per environment name, anonymous ``CliV2AnonymousEnvironment``
+    included (clients filter it out), in one page (``nextLink`` null).
+    """
+
+    def get(self, **_: str) -> None:
+        """List environment containers, by name."""
+        view = self.get_argument("listViewType", "ActiveOnly")
+        containers = (
+            []
+            if view == "ArchivedOnly"
+            else [
+                shapes.environment_container_to_rest(name, list(versions.values()))
+                for name, versions in sorted(self.engine.environments.items())
+                if versions
+            ]
+        )
+        self.send_json(_value_list(containers))
 
 
 class DiscoveryHandler(BaseHandler):
@@ -313,8 +340,10 @@ def log_urls(base_url: str, job: Any) -> dict[str, str]:
     dict
         ``user_logs/std_log_process_{rank}.txt`` to URL.
     """
-    return {log_name(n.rank): f"{base_url}/emulator/logs/{job.name}/{log_name(n.rank)}"
-            for n in job.nodes}
+    return {
+        log_name(n.rank): f"{base_url}/emulator/logs/{job.name}/{log_name(n.rank)}"
+        for n in job.nodes
+    }
 
 
 class RunDetailsHandler(BaseHandler):
@@ -403,19 +432,57 @@ class StatusHandler(BaseHandler):
     control_plane = False
 
     def get(self) -> None:
-        """Return computes and jobs."""
-        self.send_json({
-            "subscription_id": identity.SUBSCRIPTION_ID,
-            "resource_group": identity.RESOURCE_GROUP,
-            "workspace_name": identity.WORKSPACE_NAME,
-            "computes": {c.spec.name: {"kind": c.spec.kind, "max_nodes": c.spec.max_nodes,
-                                       "in_use": c.in_use, "queued": list(c.queue)}
-                         for c in self.engine.computes.values()},
-            "jobs": {j.name: {"status": j.status, "compute": j.compute,
-                              "nodes": [n.as_dict() for n in j.nodes]}
-                     for j in self.engine.jobs.values()},
-            "terminal_statuses": list(TERMINAL_STATUSES),
-        })
+        """Return computes, jobs and request counts (see :class:`EmulatorApplication`)."""
+        self.send_json(
+            {
+                "subscription_id": identity.SUBSCRIPTION_ID,
+                "resource_group": identity.RESOURCE_GROUP,
+                "workspace_name": identity.WORKSPACE_NAME,
+                "computes": {
+                    c.spec.name: {
+                        "kind": c.spec.kind,
+                        "max_nodes": c.spec.max_nodes,
+                        "in_use": c.in_use,
+                        "queued": list(c.queue),
+                    }
+                    for c in self.engine.computes.values()
+                },
+                "jobs": {
+                    j.name: {
+                        "status": j.status,
+                        "compute": j.compute,
+                        "nodes": [n.as_dict() for n in j.nodes],
+                    }
+                    for j in self.engine.jobs.values()
+                },
+                "terminal_statuses": list(TERMINAL_STATUSES),
+                "requests": dict(getattr(self.application, "requests", {})),
+            }
+        )
+
+
+class EmulatorApplication(tornado.web.Application):
+    """The emulator's tornado application; it counts the requests it answered.
+
+    ``requests`` maps ``"{METHOD} {handler class}"`` (e.g. ``"PUT JobHandler"`` for
+    ``PUT /jobs/{name}``, refused ones included) to a count since start. Tests read
+    it from ``GET /emulator/status`` to prove that nothing was submitted.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.requests: Counter[str] = Counter()
+
+    def log_request(self, handler: tornado.web.RequestHandler) -> None:
+        """Count the request, then log it as tornado does.
+
+        Parameters
+        ----------
+        handler : tornado.web.RequestHandler
+            The handler that answered.
+        """
+        self.requests[f"{handler.request.method} {type(handler).__name__}"] += 1
+        super().log_request(handler)
 
 
 def make_app(ctx: ServerContext) -> tornado.web.Application:
@@ -428,7 +495,7 @@ def make_app(ctx: ServerContext) -> tornado.web.Application:
 
     Returns
     -------
-    tornado.web.Application
+    EmulatorApplication
         The application (unknown routes answer ARM 404 JSON).
     """
     kw = {"ctx": ctx}
@@ -440,25 +507,35 @@ def make_app(ctx: ServerContext) -> tornado.web.Application:
         (WS + r"/computes", ComputesHandler, kw),
         (WS + r"/computes/(?P<name>[^/]+)/listNodes", ListNodesHandler, kw),
         (WS + r"/computes/(?P<name>[^/]+)", ComputeHandler, kw),
+        (WS + r"/environments", EnvironmentsHandler, kw),
         (WS + r"/environments/(?P<name>[^/]+)/versions", EnvironmentVersionsHandler, kw),
-        (WS + r"/environments/(?P<name>[^/]+)/versions/(?P<version>[^/]+)",
-         EnvironmentVersionHandler, kw),
+        (
+            WS + r"/environments/(?P<name>[^/]+)/versions/(?P<version>[^/]+)",
+            EnvironmentVersionHandler,
+            kw,
+        ),
         (WS + r"/environments/(?P<name>[^/]+)", EnvironmentContainerHandler, kw),
         (WS, WorkspaceHandler, kw),
-        (LOC + r"/(?P<kind>mfeOperationsStatus|mfeOperationResults)/(?P<op>[^/]+)",
-         OperationHandler, kw),
+        (
+            LOC + r"/(?P<kind>mfeOperationsStatus|mfeOperationResults)/(?P<op>[^/]+)",
+            OperationHandler,
+            kw,
+        ),
         (hist + r"/runs/(?P<run_id>[^/]+)/details", RunDetailsHandler, kw),
         (hist + r"/runs/(?P<run_id>[^/]+)", RunHandler, kw),
         (hist + r"/experiments/(?P<experiment>[^/]+)/runs/(?P<run_id>[^/]+)", RunPatchHandler, kw),
         (r"/discovery", DiscoveryHandler, kw),
         (r"/emulator/status", StatusHandler, kw),
-        (r"/emulator/logs/(?P<name>[^/]+)/user_logs/std_log_process_(?P<rank>\d+)\.txt",
-         LogHandler, kw),
+        (
+            r"/emulator/logs/(?P<name>[^/]+)/user_logs/std_log_process_(?P<rank>\d+)\.txt",
+            LogHandler,
+            kw,
+        ),
     ]
     routes = [("(?i)" + p, h, k) for p, h, k in routes]
     routes[:0] = datastore_routes(ctx, WS)
     routes.extend(mlflow_routes(ctx))
-    return tornado.web.Application(
+    return EmulatorApplication(
         routes,
         default_handler_class=NotFoundHandler,
         default_handler_args=kw,

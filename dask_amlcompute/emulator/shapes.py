@@ -183,8 +183,10 @@ def compute_to_rest(compute: ComputeState) -> dict[str, Any]:
             "state": "Running",
             "applicationSharingPolicy": "Personal",
             "computeInstanceAuthorizationType": "personal",
-            "connectivityEndpoints": {"publicIpAddress": "127.0.0.1",
-                                      "privateIpAddress": compute.ip_for_slot(0)},
+            "connectivityEndpoints": {
+                "publicIpAddress": "127.0.0.1",
+                "privateIpAddress": compute.ip_for_slot(0),
+            },
         }
         if spec.admin_user and spec.ssh_public_keys:
             inner["sshSettings"] = {
@@ -220,8 +222,14 @@ def environment_to_rest(env: EnvironmentVersion) -> dict[str, Any]:
     dict
         The ``EnvironmentVersion`` resource.
     """
-    props = {"isAnonymous": False, "isArchived": False, "osType": "Linux",
-             "environmentType": "UserCreated", "tags": {}, "properties": {}}
+    props = {
+        "isAnonymous": False,
+        "isArchived": False,
+        "osType": "Linux",
+        "environmentType": "UserCreated",
+        "tags": {},
+        "properties": {},
+    }
     props.update(env.properties)
     props.setdefault("image", None)
     return {
@@ -230,6 +238,41 @@ def environment_to_rest(env: EnvironmentVersion) -> dict[str, Any]:
         "type": f"{identity.PROVIDER}/workspaces/environments/versions",
         "properties": props,
         "systemData": system_data(env.created),
+    }
+
+
+def environment_container_to_rest(name: str, versions: list[EnvironmentVersion]) -> dict[str, Any]:
+    """Return an environment container resource (``GET /environments[/{name}]``).
+
+    Parameters
+    ----------
+    name : str
+        Environment name.
+    versions : list of EnvironmentVersion
+        Its versions (at least one).
+
+    Returns
+    -------
+    dict
+        The ``EnvironmentContainer`` resource: ``properties.latestVersion`` is the
+        most recently created version, which ``Environment._from_container_rest_object``
+        reads as ``latest_version``.
+    """
+    latest = max(versions, key=lambda e: e.created)
+    first = min(versions, key=lambda e: e.created)
+    return {
+        "id": identity.child_id("environments", name),
+        "name": name,
+        "type": f"{identity.PROVIDER}/workspaces/environments",
+        "properties": {
+            "latestVersion": latest.version,
+            "nextVersion": None,
+            "isArchived": False,
+            "description": None,
+            "tags": {},
+            "properties": {},
+        },
+        "systemData": system_data(first.created, latest.created),
     }
 
 
@@ -286,8 +329,21 @@ def discovery_document(api_host: str) -> dict[str, str]:
         Service name to base URL.
     """
     base = f"https://{api_host}"
-    return {k: base for k in ("api", "catalog", "experimentation", "gallery", "history",
-                              "hyperdrive", "labeling", "modelmanagement", "pipelines", "studio")}
+    return {
+        k: base
+        for k in (
+            "api",
+            "catalog",
+            "experimentation",
+            "gallery",
+            "history",
+            "hyperdrive",
+            "labeling",
+            "modelmanagement",
+            "pipelines",
+            "studio",
+        )
+    }
 
 
 def run_details(job: JobRecord, log_urls: dict[str, str]) -> dict[str, Any]:
@@ -339,10 +395,12 @@ def run_record(job: JobRecord) -> dict[str, Any]:
     """
     out = run_details(job, {})
     out.pop("logFiles")
-    out.update({
-        "runType": "azureml.scriptrun",
-        "displayName": job.display_name,
-        "experimentId": job.experiment_name,
-        "computeRequest": {"nodeCount": job.instance_count},
-    })
+    out.update(
+        {
+            "runType": "azureml.scriptrun",
+            "displayName": job.display_name,
+            "experimentId": job.experiment_name,
+            "computeRequest": {"nodeCount": job.instance_count},
+        }
+    )
     return out

@@ -25,6 +25,7 @@ from .exceptions import (
     VersionMismatchError,
     WorkspaceNotConfiguredError,
 )
+from .sdknotices import quiet_experimental_notices as _quiet_experimental_notices
 from .workspace import ml_client_from_config, write_workspace_config
 
 # Like distributed and dask-jobqueue: make amlcompute.* defaults visible in dask.config.
@@ -77,3 +78,5 @@ __all__ = [
     "submit_script",
     "write_workspace_config",
 ]
+
+_quiet_experimental_notices()  # before the SDK loads its job schemas (none load at import)

@@ -407,6 +407,17 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         return dict(self._context.jobs)
 
     @property
+    def startup_phases(self) -> dict[str, float]:
+        """When each startup phase was reached, in seconds since submission began.
+
+        Phases: ``submitted`` (AML accepted the job), ``Running`` (AML reports
+        the job running), ``scheduler address`` (the node published it),
+        ``connected`` (the client reached the scheduler), ``workers joined`` (every
+        worker of the main job joined). A reconnected cluster has no ``submitted``.
+        """
+        return dict(self._context.phases)
+
+    @property
     def ended_reason(self) -> str | None:
         """Why the main job ended while the cluster was running (None if it did not)."""
         return self._context.ended_reason

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 from urllib.parse import urlparse
 
@@ -21,20 +22,41 @@ from .exceptions import SchedulerUnreachableError
 
 logger = logging.getLogger(__name__)
 
+#: Bound on one TCP connection attempt to the scheduler.
 PROBE_TIMEOUT = 5.0
-DIRECT_PROBES = 3
+#: How long ``connect="direct"`` keeps trying an address that never answers at all
+#: (no refusal, no connection: a network that drops the packets) before giving up.
+UNANSWERED_BUDGET = 30.0
+
+#: Outcomes of :func:`probe`.
+OPEN, REFUSED, UNANSWERED = "open", "refused", "unanswered"
+
+
+async def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str:
+    """Try one TCP connection to ``host:port``.
+
+    Returns
+    -------
+    str
+        :data:`OPEN` (something listens), :data:`REFUSED` (the host answered but
+        nothing listens: the network path exists) or :data:`UNANSWERED` (timeout,
+        no route: this machine cannot reach the host).
+    """
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except ConnectionRefusedError:
+        return REFUSED
+    except (OSError, asyncio.TimeoutError):
+        return UNANSWERED
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return OPEN
 
 
 async def reachable(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> bool:
     """True if a TCP connection to ``host:port`` opens within ``timeout`` seconds."""
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
+    return await probe(host, port, timeout) == OPEN
 
 
 def host_port(address: str) -> tuple[str, int]:
@@ -59,29 +81,77 @@ class SchedulerConnector:
         self.mode: str | None = None
 
     async def connect(
-        self, job_name: str, scheduler: str, dashboard: str | None
+        self, job_name: str, scheduler: str, dashboard: str | None, deadline: float
     ) -> tuple[str, str | None]:
-        """Return the scheduler address and dashboard link the client should use."""
+        """Return the scheduler address and dashboard link the client should use.
+
+        Parameters
+        ----------
+        job_name
+            The AML job running the scheduler.
+        scheduler, dashboard
+            The addresses the scheduler published.
+        deadline
+            ``time.monotonic()`` after which to give up (the startup bound).
+        """
         mode = self.context.settings.connect
         host, port = host_port(scheduler)
         if mode in ("direct", "auto"):
-            # direct: a few bounded probes (a loaded machine can miss one); auto: one probe
-            for attempt in range(DIRECT_PROBES if mode == "direct" else 1):
-                if attempt:
-                    await asyncio.sleep(1.0)
-                if await reachable(host, port):
-                    self.mode = "direct"
-                    return scheduler, dashboard
+            if await self._direct(job_name, scheduler, deadline):
+                self.mode = "direct"
+                return scheduler, dashboard
             if mode == "direct":
                 raise SchedulerUnreachableError(
                     f"The scheduler of AML job {job_name} listens on {scheduler}, which this "
-                    f"machine cannot reach within {PROBE_TIMEOUT:.0f}s. Run the client on the "
-                    "compute's VNet (e.g. an AML compute instance), or pass connect='ssh' "
-                    "(or 'auto') to tunnel through the node's SSH endpoint."
+                    "machine cannot reach (no answer). Run the client on the compute's VNet "
+                    "(e.g. an AML compute instance), or pass connect='ssh' (or 'auto') to "
+                    "tunnel through the node's SSH endpoint."
                 )
             self.context.log(f"{scheduler} is not reachable directly; opening an SSH tunnel")
         protocol = parse_address(scheduler)[0]
         return await self._connect_ssh(job_name, host, port, dashboard, protocol)
+
+    async def _direct(self, job_name: str, scheduler: str, deadline: float) -> bool:
+        """Wait until the scheduler accepts a connection; False if this machine can't reach it.
+
+        The node publishes its address only once the scheduler listens, so a
+        probe succeeds unless the network drops the packets or the scheduler has
+        gone. Probes repeat until a positive signal: a connection (True); for
+        ``connect="auto"``, no answer at all (False: try SSH); for ``"direct"``,
+        no answer for :data:`UNANSWERED_BUDGET` seconds (False). A refusal means
+        the host is reachable: the job's status decides (ended: its typed error),
+        bounded by ``deadline``.
+        """
+        from .jobwait import job_error
+
+        ctx = self.context
+        host, port = host_port(scheduler)
+        first_unanswered: float | None = None
+        while True:
+            outcome = await probe(host, port)
+            if outcome == OPEN:
+                return True
+            now = time.monotonic()
+            if outcome == UNANSWERED:
+                if ctx.settings.connect == "auto":
+                    return False
+                first_unanswered = first_unanswered or now
+                if now - first_unanswered >= UNANSWERED_BUDGET:
+                    return False
+            info = await ctx.ops.get_job(job_name)
+            ctx.jobs[job_name] = info.status
+            if info.terminal:
+                raise await job_error(
+                    ctx, info, f"AML job {job_name} ended {info.status} during startup."
+                )
+            if now >= deadline:
+                raise SchedulerUnreachableError(
+                    f"The scheduler of AML job {job_name} published {scheduler} but did not "
+                    f"accept connections before the startup bound ran out (last probe: "
+                    f"{outcome}; job {info.status})."
+                )
+            logger.info("Scheduler %s not answering yet (%s); retrying", scheduler, outcome)
+            await asyncio.sleep(min(ctx.settings.poll_interval, max(0.0, deadline - now)))
 
     async def _connect_ssh(
         self, job_name: str, host: str, port: int, dashboard: str | None, protocol: str = "tcp"

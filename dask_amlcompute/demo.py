@@ -54,6 +54,11 @@ def workloads(client) -> list[tuple[str, object, object]]:
     return results
 
 
+def format_phases(phases: dict[str, float]) -> str:
+    """``submitted 0.1s -> Running 0.9s -> ...``: when each startup phase was reached."""
+    return " -> ".join(f"{name} {seconds:.1f}s" for name, seconds in phases.items())
+
+
 def run_demo(n_nodes: int = 3, processes_per_node: int = 1, quiet: bool = False) -> int:
     """Run the demo end to end; return the process exit code (0 = all results correct)."""
     from distributed import Client
@@ -82,6 +87,7 @@ def run_demo(n_nodes: int = 3, processes_per_node: int = 1, quiet: bool = False)
             Client(cluster) as client,
         ):
             workers = client.scheduler_info()["workers"]
+            print(f"Startup: {format_phases(cluster.startup_phases)}")
             print(
                 f"Cluster {cluster.name}: {len(workers)} workers, dashboard {cluster.dashboard_link}"
             )

@@ -52,11 +52,19 @@ class ClusterContext:
     secret_env: dict[str, str] = field(default_factory=dict)  # e.g. TLS material for the nodes
     attach: bool = False  # reconnecting to a running cluster (from_name): submit nothing
     detaching: bool = False  # closing a cluster object that does not own the cluster
+    #: startup phase -> seconds since the main job's submission began (see ``mark``)
+    phases: dict[str, float] = field(default_factory=dict)
+    started_at: float | None = None
 
     def main_job_ended(self) -> bool:
         """True once the main job (hence the scheduler) is known to have ended."""
         status = self.jobs.get(self.main_job or "")
         return status in TERMINAL_STATUSES or status == "Finalizing"
+
+    def mark(self, phase: str) -> None:
+        """Record when a startup phase was first reached (seconds since submission began)."""
+        if self.started_at is not None:
+            self.phases.setdefault(phase, round(time.monotonic() - self.started_at, 3))
 
     def remaining(self) -> float | None:
         """Seconds left before the cluster's deadline (None: no deadline)."""
@@ -79,6 +87,8 @@ class ClusterContext:
             death_timeout=s.death_timeout,
             idle_timeout=s.idle_timeout,
             no_client_timeout=s.no_client_timeout,
+            # the client may take up to its startup bound to find and reach the scheduler
+            first_contact_timeout=s.startup_timeout if s.no_client_timeout else None,
             scheduler_address=scheduler_address,
             scheduler_options=s.scheduler_options,
             worker_options=s.worker_options,
@@ -132,6 +142,8 @@ class AmlSchedulerJob(ProcessInterface):
 
     async def start(self) -> None:
         ctx, s = self.context, self.context.settings
+        ctx.started_at = time.monotonic()
+        startup_deadline = ctx.started_at + s.startup_timeout
         if ctx.attach:
             info = await ctx.ops.get_job(self.job_name)
             if info.terminal:
@@ -143,6 +155,7 @@ class AmlSchedulerJob(ProcessInterface):
                 f"node(s), scheduler on rank 0, {s.processes_per_node} worker process(es) per node"
             )
             info = await ctx.ops.submit(self.job())
+            ctx.mark("submitted")
             if info.environment and not isinstance(ctx.environment, str):
                 # worker jobs name the environment AML registered: no re-upload per job
                 ctx.environment = info.environment
@@ -152,14 +165,18 @@ class AmlSchedulerJob(ProcessInterface):
         if info.studio_url:
             ctx.log(f"Studio: {info.studio_url}")
         try:
-            info = await wait_for_tag(ctx, self.job_name, SCHEDULER_TAG, s.startup_timeout)
+            info = await wait_for_tag(
+                ctx, self.job_name, SCHEDULER_TAG, max(0.0, startup_deadline - time.monotonic())
+            )
+            ctx.mark("scheduler address")
             self.internal_address = info.tags[SCHEDULER_TAG]
             ctx.scheduler_internal_address = self.internal_address
             dashboard = info.tags.get(DASHBOARD_TAG)
             try:
                 self.address, self.dashboard_link = await ctx.connector.connect(
-                    self.job_name, self.internal_address, dashboard
+                    self.job_name, self.internal_address, dashboard, startup_deadline
                 )
+                ctx.mark("connected")
             except SchedulerUnreachableError:
                 info = await ctx.ops.get_job(self.job_name)
                 ctx.jobs[self.job_name] = info.status
@@ -317,6 +334,7 @@ class AmlJobWorkers(ProcessInterface):
             self._monitor = asyncio.create_task(self._watch())
         else:
             await self._wait_for_workers()
+            self.context.mark("workers joined")
             await self._check_versions()
         await super().start()
 

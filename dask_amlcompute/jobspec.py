@@ -47,6 +47,7 @@ class NodeOptions:
     death_timeout: float = 300.0
     idle_timeout: float | None = None
     no_client_timeout: float | None = None
+    first_contact_timeout: float | None = None
     scheduler_address: str | None = None
     scheduler_options: Mapping[str, Any] = field(default_factory=dict)
     worker_options: Mapping[str, Any] = field(default_factory=dict)
@@ -77,6 +78,8 @@ def node_command(opts: NodeOptions) -> str:
         argv += ["--idle-timeout", f"{opts.idle_timeout:g}"]
     if opts.no_client_timeout:
         argv += ["--no-client-timeout", f"{opts.no_client_timeout:g}"]
+        if opts.first_contact_timeout:
+            argv += ["--first-contact-timeout", f"{opts.first_contact_timeout:g}"]
     if opts.scheduler_address:
         argv += ["--scheduler-address", opts.scheduler_address]
     if opts.scheduler_options:

@@ -81,6 +81,7 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
             delay = min(0.2, ctx.settings.poll_interval)  # things move: look again soon
         if info.status == "Running" and running_since is None:
             running_since = time.monotonic()
+            ctx.mark("Running")
         if tag in info.tags:
             return info
         if running_since is not None and (

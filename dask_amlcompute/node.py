@@ -210,6 +210,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--death-timeout", type=float, default=300.0)
     p.add_argument("--idle-timeout", type=float, default=None)
     p.add_argument("--no-client-timeout", type=float, default=None)
+    p.add_argument(
+        "--first-contact-timeout",
+        type=float,
+        default=None,
+        help="seconds the scheduler waits for its first client or heartbeat",
+    )
     p.add_argument("--scheduler-options", type=json.loads, default={})
     p.add_argument("--worker-options", type=json.loads, default={})
     return p.parse_args(argv)
@@ -286,7 +292,7 @@ async def _run_scheduler_node(ctx: NodeContext, args: argparse.Namespace, stop: 
         from .plugins import NoClientTimeout
 
         await scheduler.register_scheduler_plugin(
-            NoClientTimeout(args.no_client_timeout), idempotent=True
+            NoClientTimeout(args.no_client_timeout, args.first_contact_timeout), idempotent=True
         )
     tags = {VERSIONS_TAG: json.dumps(package_versions())}
     if "dashboard" in scheduler.services:

@@ -57,17 +57,28 @@ class NoClientTimeout(SchedulerPlugin):
     cluster: the scheduler stops, every node exits and the AML job completes,
     so AML releases the nodes long before the job timeout.
 
+    The clock starts at the first contact (a heartbeat or a client), not when the
+    scheduler starts: between the two, the node publishes its address through AML
+    and the client polls for it, which on a busy machine or a slow control plane
+    takes longer than a short ``timeout``. Until the first contact the scheduler
+    waits ``first_contact_timeout`` (the client's own startup bound) instead.
+
     Parameters
     ----------
     timeout
         Seconds without clients or heartbeats before shutting down.
+    first_contact_timeout
+        Seconds to wait for the first client or heartbeat after the scheduler
+        starts (at least ``timeout``; None: ``timeout``).
     """
 
     name = "dask-amlcompute-no-client-timeout"
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, first_contact_timeout: float | None = None) -> None:
         self.timeout = timeout
+        self.first_contact_timeout = max(timeout, first_contact_timeout or 0.0)
         self.last_seen = 0.0
+        self.contacted = False
         self._task: Any = None
         self._closing: Any = None
 
@@ -84,6 +95,7 @@ class NoClientTimeout(SchedulerPlugin):
         """Record that the cluster manager is alive; returns the timeout."""
         import time
 
+        self.contacted = True
         self.last_seen = time.monotonic()
         return self.timeout
 
@@ -101,11 +113,15 @@ class NoClientTimeout(SchedulerPlugin):
             await asyncio.sleep(interval)
             now = time.monotonic()
             if self.has_clients():
+                self.contacted = True
                 self.last_seen = now
-            elif now - self.last_seen > self.timeout:
+                continue
+            limit = self.timeout if self.contacted else self.first_contact_timeout
+            if now - self.last_seen > limit:
                 logging.getLogger(__name__).warning(
-                    "No client and no cluster manager for %.0fs: shutting the scheduler down",
-                    self.timeout,
+                    "No client and no cluster manager for %.0fs%s: shutting the scheduler down",
+                    limit,
+                    "" if self.contacted else " since the scheduler started",
                 )
                 # close from another task: Scheduler.close() closes this plugin too
                 self._closing = asyncio.create_task(

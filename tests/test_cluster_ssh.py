@@ -113,13 +113,13 @@ def test_auto_falls_back_to_ssh_when_the_scheduler_is_not_reachable(
     ssh_emulator, ssh_key, tmp_path, monkeypatch
 ):
     # Emulated nodes share this machine's loopback, so "outside the VNet" is simulated at the
-    # one place the library decides it: the bounded direct probe answers "unreachable".
+    # one place the library decides it: the bounded direct probe gets no answer.
     import dask_amlcompute.connect as connect
 
-    async def unreachable(host, port, timeout=connect.PROBE_TIMEOUT):
-        return False
+    async def unanswered(host, port, timeout=connect.PROBE_TIMEOUT):
+        return connect.UNANSWERED
 
-    monkeypatch.setattr(connect, "reachable", unreachable)
+    monkeypatch.setattr(connect, "probe", unanswered)
     with (
         AmlComputeCluster(
             ssh_emulator.ml_client(),

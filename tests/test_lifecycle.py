@@ -77,6 +77,25 @@ def test_cluster_object_keeps_the_cluster_alive_without_clients(emu):
             assert client.submit(sum, [1, 2, 3]).result() == 6
 
 
+def test_short_no_client_timeout_waits_for_the_first_contact(emu):
+    # The scheduler's no-client clock must not run out while the client is still finding
+    # it. With run tags kept off the job resource, the client reads the address from run
+    # history only after the job has run RUN_HISTORY_FALLBACK_AFTER (10 s) seconds: far
+    # longer than no_client_timeout=2. Counting from scheduler start, the scheduler would
+    # be gone by then (the flake seen on busy machines, where publishing the address took
+    # longer than a short no_client_timeout).
+    emu.set_run_tags_on_job(False)
+    try:
+        with (
+            AmlComputeCluster(emu.ml_client(), **settings(no_client_timeout=2)) as cluster,
+            Client(cluster) as client,
+        ):
+            assert cluster.startup_phases["scheduler address"] >= 10
+            assert client.submit(sum, [1, 2, 3]).result() == 6
+    finally:
+        emu.set_run_tags_on_job(True)
+
+
 def test_from_name_reconnects_without_owning(emu):
     ml = emu.ml_client()
     with AmlComputeCluster(
@@ -115,9 +134,7 @@ def test_cli_list_logs_down(emu, capsys):
         assert row.split()[1] == "cluster" and "Running" in row
         assert cli_main(["logs", "cli-target", "--emulator", emu.base_url]) == 0
         out = capsys.readouterr().out
-        assert (
-            "=== cli-target-main" in out and "Scheduler at" in out
-        )
+        assert "=== cli-target-main" in out and "Scheduler at" in out
         assert cli_main(["down", "cli-target", "--emulator", emu.base_url]) == 0
         assert "Cancelled cli-target-main" in capsys.readouterr().out
         assert emu.wait_job("cli-target-main", timeout=30) == "Canceled"

@@ -52,6 +52,7 @@ def __getattr__(name: str):
     target = "resolve" if name == "resolve_uri" else name
     return getattr(importlib.import_module(f"{__name__}.{module}"), target)
 
+
 __all__ = [
     "AmlComputeCluster",
     "AmlComputeError",

@@ -40,8 +40,9 @@ logger = logging.getLogger(__name__)
 #: Datastore endpoint suffix of the public Azure cloud.
 PUBLIC_SUFFIX = "core.windows.net"
 #: storage_options keys whose values are secrets.
-SECRET_KEYS = frozenset({"account_key", "sas_token", "connection_string", "client_secret",
-                         "credential"})
+SECRET_KEYS = frozenset(
+    {"account_key", "sas_token", "connection_string", "client_secret", "credential"}
+)
 _SECRET_PATTERNS = [
     re.compile(r"(?i)(AccountKey=)[^;\s'\"]+"),
     re.compile(r"(?i)(SharedAccessSignature=)[^;\s'\"]+"),
@@ -54,8 +55,10 @@ _LONG = re.compile(
     r"datastores/(?P<name>[^/]+)(?P<rest>/.*)?$",
     re.IGNORECASE,
 )
-_FORMS = ("azureml://datastores/<name>/paths/<path> or azureml://subscriptions/<subscription>/"
-          "resourcegroups/<resource group>/workspaces/<workspace>/datastores/<name>/paths/<path>")
+_FORMS = (
+    "azureml://datastores/<name>/paths/<path> or azureml://subscriptions/<subscription>/"
+    "resourcegroups/<resource group>/workspaces/<workspace>/datastores/<name>/paths/<path>"
+)
 
 
 class DatastoreError(AmlComputeError):
@@ -156,12 +159,15 @@ def parse_uri(uri: str) -> DatastoreURI:
         If ``uri`` is not such a URI (with the accepted forms in the message).
     """
     if not isinstance(uri, str):
-        raise DatastoreURIError(f"expected an azureml:// datastore URI string, got {type(uri).__name__}")
+        raise DatastoreURIError(
+            f"expected an azureml:// datastore URI string, got {type(uri).__name__}"
+        )
     text = uri.strip()
     if text.startswith("azureml:") and not text.startswith("azureml://"):
         raise DatastoreURIError(
             f"{text!r} names a data asset, not a datastore path; use "
-            f"ml_client.data.get(name, version).path to get its datastore URI. Expected {_FORMS}.")
+            f"ml_client.data.get(name, version).path to get its datastore URI. Expected {_FORMS}."
+        )
     match = _LONG.match(text) or _SHORT.match(text)
     if match is None:
         raise DatastoreURIError(f"not an AML datastore URI: {redact(text)!r}. Expected {_FORMS}.")
@@ -171,13 +177,18 @@ def parse_uri(uri: str) -> DatastoreURI:
         if head.lower() != "paths":
             raise DatastoreURIError(
                 f"malformed AML datastore URI {redact(text)!r}: after the datastore name "
-                f"expected '/paths/<path>', got '/{head}'. Expected {_FORMS}.")
+                f"expected '/paths/<path>', got '/{head}'. Expected {_FORMS}."
+            )
     else:
         path = ""
     groups = match.groupdict()
-    return DatastoreURI(datastore=groups["name"], path=path.lstrip("/"),
-                        subscription_id=groups.get("sub"), resource_group=groups.get("rg"),
-                        workspace=groups.get("ws"))
+    return DatastoreURI(
+        datastore=groups["name"],
+        path=path.lstrip("/"),
+        subscription_id=groups.get("sub"),
+        resource_group=groups.get("rg"),
+        workspace=groups.get("ws"),
+    )
 
 
 @dataclass(frozen=True)
@@ -207,8 +218,10 @@ class ResolvedURI:
     credential: str = ""
 
     def __repr__(self) -> str:
-        return (f"ResolvedURI(url={self.url!r}, datastore={self.datastore!r}, "
-                f"credential={self.credential!r}, storage_options={self.storage_options!r})")
+        return (
+            f"ResolvedURI(url={self.url!r}, datastore={self.datastore!r}, "
+            f"credential={self.credential!r}, storage_options={self.storage_options!r})"
+        )
 
     def __iter__(self) -> Iterator[Any]:
         yield self.url
@@ -249,14 +262,20 @@ def _check_workspace(parsed: DatastoreURI, ml_client: Any) -> None:
     if parsed.subscription_id is None:
         return
     wanted = (parsed.subscription_id, parsed.resource_group, parsed.workspace)
-    have = (getattr(ml_client, "subscription_id", None),
-            getattr(ml_client, "resource_group_name", None),
-            getattr(ml_client, "workspace_name", None))
-    if any(h is not None and w is not None and h.lower() != w.lower() for w, h in zip(wanted, have, strict=True)):
+    have = (
+        getattr(ml_client, "subscription_id", None),
+        getattr(ml_client, "resource_group_name", None),
+        getattr(ml_client, "workspace_name", None),
+    )
+    if any(
+        h is not None and w is not None and h.lower() != w.lower()
+        for w, h in zip(wanted, have, strict=True)
+    ):
         raise DatastoreURIError(
             f"the URI names workspace {wanted[2]} (subscription {wanted[0]}, resource group "
             f"{wanted[1]}) but ml_client is connected to workspace {have[2]} (subscription "
-            f"{have[0]}, resource group {have[1]}); pass an MLClient for that workspace.")
+            f"{have[0]}, resource group {have[1]}); pass an MLClient for that workspace."
+        )
 
 
 def _get_datastore(ml_client: Any, name: str, with_secrets: bool) -> Any:
@@ -272,7 +291,8 @@ def _get_datastore(ml_client: Any, name: str, with_secrets: bool) -> Any:
         known = ", ".join(names) if names else "(none could be listed)"
         raise DatastoreNotFoundError(
             f"datastore {name!r} does not exist in workspace "
-            f"{getattr(ml_client, 'workspace_name', '?')}. Datastores: {known}.") from None
+            f"{getattr(ml_client, 'workspace_name', '?')}. Datastores: {known}."
+        ) from None
     except HttpResponseError as exc:
         if not with_secrets:
             raise DatastoreError(f"could not read datastore {name!r}: {redact(str(exc))}") from None
@@ -280,7 +300,8 @@ def _get_datastore(ml_client: Any, name: str, with_secrets: bool) -> Any:
             f"could not fetch the secrets of datastore {name!r} ({redact(str(exc)).splitlines()[0]}). "
             "Reading them needs the 'Microsoft.MachineLearningServices/workspaces/datastores/"
             "listSecrets/action' permission; or pass identity=True to use the compute's managed "
-            "identity (it needs a 'Storage Blob Data Reader/Contributor' role on the account).") from None
+            "identity (it needs a 'Storage Blob Data Reader/Contributor' role on the account)."
+        ) from None
 
 
 def _endpoint(store: Any) -> tuple[str | None, str]:
@@ -300,32 +321,42 @@ def _credential_of(store: Any) -> tuple[str, dict[str, Any]]:
     if kind == "SasTokenConfiguration":
         return "sas", {"sas_token": getattr(cred, "sas_token", None)}
     if kind == "ServicePrincipalConfiguration":
-        return "service_principal", {"tenant_id": getattr(cred, "tenant_id", None),
-                                     "client_id": getattr(cred, "client_id", None),
-                                     "client_secret": getattr(cred, "client_secret", None)}
+        return "service_principal", {
+            "tenant_id": getattr(cred, "tenant_id", None),
+            "client_id": getattr(cred, "client_id", None),
+            "client_secret": getattr(cred, "client_secret", None),
+        }
     if kind == "CertificateConfiguration":
         return "certificate", {}
     return "identity", {}
 
 
-def _options(store: Any, kind: str, secrets: dict[str, Any], identity_client_id: str | None
-             ) -> StorageOptions:
+def _options(
+    store: Any, kind: str, secrets: dict[str, Any], identity_client_id: str | None
+) -> StorageOptions:
     name = store.name
     account = _attr(store, "account_name")
     custom, suffix = _endpoint(store)
     if custom is not None:
         # An emulator or other custom endpoint (e.g. Azurite): connection strings carry the URL.
         if kind == "account_key":
-            return StorageOptions(connection_string=(
-                f"DefaultEndpointsProtocol={urlsplit(custom).scheme};AccountName={account};"
-                f"AccountKey={secrets['account_key']};BlobEndpoint={custom};"))
+            return StorageOptions(
+                connection_string=(
+                    f"DefaultEndpointsProtocol={urlsplit(custom).scheme};AccountName={account};"
+                    f"AccountKey={secrets['account_key']};BlobEndpoint={custom};"
+                )
+            )
         if kind == "sas":
-            return StorageOptions(connection_string=(
-                f"BlobEndpoint={custom};SharedAccessSignature={secrets['sas_token'].lstrip('?')}"))
+            return StorageOptions(
+                connection_string=(
+                    f"BlobEndpoint={custom};SharedAccessSignature={secrets['sas_token'].lstrip('?')}"
+                )
+            )
         raise DatastoreCredentialsError(
             f"datastore {name!r} uses {kind.replace('_', ' ')} access, but its endpoint {custom} is a "
             "custom (emulated) blob endpoint where Azure AD identities cannot be used. Attach it "
-            "with an account key or a SAS token (credential='account_key' or 'sas').")
+            "with an account key or a SAS token (credential='account_key' or 'sas')."
+        )
     opts: dict[str, Any] = {"account_name": account}
     if suffix.lower() != PUBLIC_SUFFIX:
         opts["account_host"] = f"{account}.blob.{suffix}"
@@ -343,8 +374,9 @@ def _options(store: Any, kind: str, secrets: dict[str, Any], identity_client_id:
     return StorageOptions(opts)
 
 
-def resolve(uri: str, ml_client: Any, *, identity: bool | None = None,
-            identity_client_id: str | None = None) -> ResolvedURI:
+def resolve(
+    uri: str, ml_client: Any, *, identity: bool | None = None, identity_client_id: str | None = None
+) -> ResolvedURI:
     """Resolve an AML datastore URI to an adlfs URL and ``storage_options`` for the nodes.
 
     Parameters
@@ -401,7 +433,8 @@ def resolve(uri: str, ml_client: Any, *, identity: bool | None = None,
             raise DatastoreCredentialsError(
                 f"datastore {parsed.datastore!r} ({kind.replace('_', ' ')} credentials) has no "
                 f"usable secret for the nodes (missing: {what}). Pass identity=True to use the "
-                "compute's managed identity, or update the datastore's credentials.")
+                "compute's managed identity, or update the datastore's credentials."
+            )
     else:
         secrets = {}
     if identity is True:
@@ -409,20 +442,24 @@ def resolve(uri: str, ml_client: Any, *, identity: bool | None = None,
     elif identity is False and kind == "identity":
         raise DatastoreCredentialsError(
             f"datastore {parsed.datastore!r} holds no credentials (identity-based access) but "
-            "identity=False was given.")
+            "identity=False was given."
+        )
     options = _options(store, kind, secrets, identity_client_id)
     container = _attr(store, "container_name", "filesystem")
     if not container:
-        raise DatastoreError(f"datastore {parsed.datastore!r} is a {type(store).__name__}, not a "
-                             "blob container or ADLS Gen2 filesystem; adlfs cannot read it.")
+        raise DatastoreError(
+            f"datastore {parsed.datastore!r} is a {type(store).__name__}, not a "
+            "blob container or ADLS Gen2 filesystem; adlfs cannot read it."
+        )
     custom, suffix = _endpoint(store)
     if custom is None and suffix.lower() == PUBLIC_SUFFIX:
         url = f"abfs://{container}@{store.account_name}.dfs.{PUBLIC_SUFFIX}/{parsed.path}"
     else:
         url = f"abfs://{container}/{parsed.path}"
     logger.debug("resolved %s to %s (%s access)", redact(uri), url, kind)
-    return ResolvedURI(url=url, storage_options=options, uri=uri, datastore=store.name,
-                       credential=kind)
+    return ResolvedURI(
+        url=url, storage_options=options, uri=uri, datastore=store.name, credential=kind
+    )
 
 
 def storage_options(uri: str, ml_client: Any, **kwargs: Any) -> StorageOptions:
@@ -459,4 +496,3 @@ def is_datastore_uri(path: Any) -> bool:
         True for ``azureml://...datastores/...`` strings.
     """
     return isinstance(path, str) and bool(_LONG.match(path.strip()) or _SHORT.match(path.strip()))
-

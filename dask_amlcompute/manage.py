@@ -65,8 +65,10 @@ def run_list(args: argparse.Namespace) -> int:
     for name, cjobs in sorted(clusters.items()):
         main = next((j for j in cjobs if j.role == "cluster"), cjobs[0])
         nodes = sum(j.n_nodes for j in cjobs if j.status not in ("Completed", "Canceled", "Failed"))
-        print(f"{name:30} {main.kind:7} {main.compute or '?':16} {nodes:>5} {len(cjobs):>4}  "
-              f"{main.status}")
+        print(
+            f"{name:30} {main.kind:7} {main.compute or '?':16} {nodes:>5} {len(cjobs):>4}  "
+            f"{main.status}"
+        )
     return 0
 
 

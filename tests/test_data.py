@@ -30,21 +30,31 @@ from dask_amlcompute.data import (
 def test_parse_short_and_long_forms():
     short = parse_uri("azureml://datastores/lake/paths/sales/2024/*.parquet")
     assert (short.datastore, short.path, short.workspace) == ("lake", "sales/2024/*.parquet", None)
-    long = parse_uri("azureml://subscriptions/s1/resourcegroups/rg1/workspaces/ws1/"
-                     "datastores/lake/paths/a/b.csv")
+    long = parse_uri(
+        "azureml://subscriptions/s1/resourcegroups/rg1/workspaces/ws1/datastores/lake/paths/a/b.csv"
+    )
     assert (long.subscription_id, long.resource_group, long.workspace) == ("s1", "rg1", "ws1")
     assert (long.datastore, long.path) == ("lake", "a/b.csv")
-    arm = parse_uri("azureml://subscriptions/s1/resourceGroups/rg1/providers/"
-                    "Microsoft.MachineLearningServices/workspaces/ws1/datastores/lake/paths/x")
+    arm = parse_uri(
+        "azureml://subscriptions/s1/resourceGroups/rg1/providers/"
+        "Microsoft.MachineLearningServices/workspaces/ws1/datastores/lake/paths/x"
+    )
     assert (arm.workspace, arm.path) == ("ws1", "x")
     assert parse_uri("azureml://datastores/lake").path == ""
     assert parse_uri("azureml://datastores/lake/paths/").path == ""
 
 
-@pytest.mark.parametrize("bad", [
-    "abfs://container/path", "azureml://datastores/", "azureml://datastores/lake/files/x",
-    "azureml://subscriptions/s/workspaces/w/datastores/d/paths/x", "azureml:my-data:1", "",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "abfs://container/path",
+        "azureml://datastores/",
+        "azureml://datastores/lake/files/x",
+        "azureml://subscriptions/s/workspaces/w/datastores/d/paths/x",
+        "azureml:my-data:1",
+        "",
+    ],
+)
 def test_malformed_uris_name_the_accepted_forms(bad):
     with pytest.raises(DatastoreURIError, match="azureml://datastores/<name>/paths/<path>"):
         parse_uri(bad)
@@ -53,9 +63,13 @@ def test_malformed_uris_name_the_accepted_forms(bad):
 def test_storage_options_and_resolved_uri_mask_secrets():
     key = "c2VjcmV0LWtleS12YWx1ZS10aGF0LW11c3Qtbm90LWxlYWs="
     opts = StorageOptions(account_name="acct", account_key=key)
-    resolved = ResolvedURI("abfs://c@acct.dfs.core.windows.net/a/b", opts,
-                           uri="azureml://datastores/d/paths/a/b", datastore="d",
-                           credential="account_key")
+    resolved = ResolvedURI(
+        "abfs://c@acct.dfs.core.windows.net/a/b",
+        opts,
+        uri="azureml://datastores/d/paths/a/b",
+        datastore="d",
+        credential="account_key",
+    )
     for text in (repr(opts), str(opts), repr(resolved), str(resolved), f"{resolved}"):
         assert key not in text and "***" in text
     assert opts["account_key"] == key  # still a working mapping
@@ -69,9 +83,11 @@ def test_storage_options_and_resolved_uri_mask_secrets():
 
 
 def test_redact_masks_keys_sas_and_literals():
-    text = ("DefaultEndpointsProtocol=http;AccountName=a;AccountKey=abc123==;BlobEndpoint=x; "
-            "https://a.blob.core.windows.net/c?sv=2024&sig=SIGVALUE%3D&se=1 BlobEndpoint=y;"
-            "SharedAccessSignature=sv=1&sig=zz and literal-secret-value")
+    text = (
+        "DefaultEndpointsProtocol=http;AccountName=a;AccountKey=abc123==;BlobEndpoint=x; "
+        "https://a.blob.core.windows.net/c?sv=2024&sig=SIGVALUE%3D&se=1 BlobEndpoint=y;"
+        "SharedAccessSignature=sv=1&sig=zz and literal-secret-value"
+    )
     out = redact(text, ["literal-secret-value"])
     for secret in ("abc123==", "SIGVALUE", "zz", "literal-secret-value"):
         assert secret not in out
@@ -100,12 +116,27 @@ def datastores(azurite):
         azurite.datastore("sasstore", container="sasdata", credential="sas"),
         azurite.datastore("idstore", container="iddata", credential="none"),
         # references to "real" accounts: resolved offline, never contacted
-        DatastoreSpec(name="cloudkey", account="prodacct", container="raw",
-                      endpoint="core.windows.net", account_key="cHJvZC1rZXktc2VjcmV0LXZhbHVl"),
-        DatastoreSpec(name="cloudid", account="prodacct", container="raw", credential="none",
-                      kind="AzureDataLakeGen2"),
-        DatastoreSpec(name="chinaid", account="cnacct", container="raw", credential="none",
-                      endpoint="core.chinacloudapi.cn"),
+        DatastoreSpec(
+            name="cloudkey",
+            account="prodacct",
+            container="raw",
+            endpoint="core.windows.net",
+            account_key="cHJvZC1rZXktc2VjcmV0LXZhbHVl",
+        ),
+        DatastoreSpec(
+            name="cloudid",
+            account="prodacct",
+            container="raw",
+            credential="none",
+            kind="AzureDataLakeGen2",
+        ),
+        DatastoreSpec(
+            name="chinaid",
+            account="cnacct",
+            container="raw",
+            credential="none",
+            endpoint="core.chinacloudapi.cn",
+        ),
     ]
 
 
@@ -113,8 +144,9 @@ def datastores(azurite):
 def data_emulator(datastores):
     from dask_amlcompute.emulator import ComputeSpec, Emulator
 
-    with Emulator(computes=[ComputeSpec(name="cpu-cluster", max_nodes=4)],
-                  datastores=datastores) as emu:
+    with Emulator(
+        computes=[ComputeSpec(name="cpu-cluster", max_nodes=4)], datastores=datastores
+    ) as emu:
         yield emu
 
 
@@ -173,7 +205,9 @@ def test_resolve_both_forms_to_the_same_location(data_emulator, data_client):
     long = resolve(
         f"azureml://subscriptions/{data_emulator.subscription_id}/resourcegroups/"
         f"{data_emulator.resource_group}/workspaces/{data_emulator.workspace_name}/"
-        "datastores/lake/paths/in/x.parquet", data_client)
+        "datastores/lake/paths/in/x.parquet",
+        data_client,
+    )
     assert short.url == long.url == "abfs://data/in/x.parquet"
     assert short.storage_options == long.storage_options
     assert short.credential == "account_key"
@@ -183,13 +217,19 @@ def test_resolve_both_forms_to_the_same_location(data_emulator, data_client):
 def test_resolve_real_azure_shapes_offline(data_client):
     key = resolve("azureml://datastores/cloudkey/paths/p/q", data_client)
     assert key.url == "abfs://raw@prodacct.dfs.core.windows.net/p/q"
-    assert dict(key.storage_options) == {"account_name": "prodacct",
-                                         "account_key": "cHJvZC1rZXktc2VjcmV0LXZhbHVl"}
+    assert dict(key.storage_options) == {
+        "account_name": "prodacct",
+        "account_key": "cHJvZC1rZXktc2VjcmV0LXZhbHVl",
+    }
     ident = resolve("azureml://datastores/cloudid/paths/p", data_client)
     assert ident.credential == "identity"
     assert dict(ident.storage_options) == {"account_name": "prodacct", "anon": False}
-    forced = resolve("azureml://datastores/cloudkey/paths/p", data_client, identity=True,
-                     identity_client_id="11111111-2222-3333-4444-555555555555")
+    forced = resolve(
+        "azureml://datastores/cloudkey/paths/p",
+        data_client,
+        identity=True,
+        identity_client_id="11111111-2222-3333-4444-555555555555",
+    )
     assert "account_key" not in forced.storage_options
     assert forced.storage_options["managed_identity_client_id"].startswith("1111")
     china = resolve("azureml://datastores/chinaid/paths/p", data_client)
@@ -215,8 +255,10 @@ def test_missing_credentials_are_a_clear_error(data_client):
 
 def test_other_workspace_in_long_form_is_refused(data_client):
     with pytest.raises(DatastoreURIError, match="pass an MLClient for that workspace"):
-        resolve("azureml://subscriptions/s/resourcegroups/rg/workspaces/other/"
-                "datastores/lake/paths/x", data_client)
+        resolve(
+            "azureml://subscriptions/s/resourcegroups/rg/workspaces/other/datastores/lake/paths/x",
+            data_client,
+        )
 
 
 def test_no_secret_in_reprs_errors_or_logs(data_client, azurite, datastores, caplog):
@@ -241,8 +283,9 @@ def test_no_secret_in_reprs_errors_or_logs(data_client, azurite, datastores, cap
 
 
 @pytest.mark.slow
-def test_cluster_reads_aggregates_and_writes_back(data_emulator, data_client, azurite, datastores,
-                                                  cluster_kwargs):
+def test_cluster_reads_aggregates_and_writes_back(
+    data_emulator, data_client, azurite, datastores, cluster_kwargs
+):
     import dask.dataframe as dd
     import fsspec
     import numpy as np
@@ -255,15 +298,18 @@ def test_cluster_reads_aggregates_and_writes_back(data_emulator, data_client, az
     # The client writes the input through adlfs: 4 parquet files.
     fs = fsspec.filesystem("abfs", **src.storage_options)
     rng = np.random.default_rng(0)
-    frames = [pd.DataFrame({"shop": rng.integers(0, 5, 500), "amount": rng.random(500)})
-              for _ in range(4)]
+    frames = [
+        pd.DataFrame({"shop": rng.integers(0, 5, 500), "amount": rng.random(500)}) for _ in range(4)
+    ]
     for i, frame in enumerate(frames):
         with fs.open(f"{src.url}part-{i}.parquet", "wb") as fh:
             frame.to_parquet(fh)
     expected = pd.concat(frames).groupby("shop").amount.sum().sort_index()
-    long_uri = (f"azureml://subscriptions/{data_emulator.subscription_id}/resourcegroups/"
-                f"{data_emulator.resource_group}/workspaces/{data_emulator.workspace_name}/"
-                "datastores/lake/paths/sales/")
+    long_uri = (
+        f"azureml://subscriptions/{data_emulator.subscription_id}/resourcegroups/"
+        f"{data_emulator.resource_group}/workspaces/{data_emulator.workspace_name}/"
+        "datastores/lake/paths/sales/"
+    )
 
     with (
         AmlComputeCluster(data_client, n_nodes=2, **cluster_kwargs) as cluster,

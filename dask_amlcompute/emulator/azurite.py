@@ -86,7 +86,9 @@ def install_azurite(prefix: Path | None = None, timeout: float = INSTALL_TIMEOUT
     marker = prefix / ".installed"
     npm = shutil.which("npm")
     if npm is None and not marker.exists():
-        raise AzuriteNotFoundError(f"'azurite-blob' was not found and npm is not on PATH.\n{INSTALL_HINT}")
+        raise AzuriteNotFoundError(
+            f"'azurite-blob' was not found and npm is not on PATH.\n{INSTALL_HINT}"
+        )
     prefix.mkdir(parents=True, exist_ok=True)
     with open(prefix.parent / f"{prefix.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -98,11 +100,21 @@ def install_azurite(prefix: Path | None = None, timeout: float = INSTALL_TIMEOUT
             file=sys.stderr,
             flush=True,
         )
-        cmd = [str(npm), "install", "--no-save", "--no-audit", "--no-fund", "--loglevel=error",
-               "--prefix", str(prefix), f"azurite@{AZURITE_VERSION}"]
+        cmd = [
+            str(npm),
+            "install",
+            "--no-save",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+            "--prefix",
+            str(prefix),
+            f"azurite@{AZURITE_VERSION}",
+        ]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL)
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+            )
         except subprocess.TimeoutExpired:
             raise AzuriteNotFoundError(
                 f"`{' '.join(cmd)}` did not finish within {timeout:g}s.\n{INSTALL_HINT}"
@@ -146,7 +158,9 @@ def find_azurite(extra_dirs: list[str] | None = None, install: bool = True) -> s
     if env:
         if os.access(env, os.X_OK):
             return os.path.abspath(env)
-        raise AzuriteNotFoundError(f"AZURITE_BIN={env!r} is not an executable file.\n{INSTALL_HINT}")
+        raise AzuriteNotFoundError(
+            f"AZURITE_BIN={env!r} is not an executable file.\n{INSTALL_HINT}"
+        )
     roots = [Path(__file__).resolve().parents[2], Path.cwd(), *map(Path, extra_dirs or [])]
     for root in roots:
         for sub in (".ci-node/node_modules/.bin", "node_modules/.bin"):
@@ -248,13 +262,28 @@ class Azurite:
         location = self.location or os.path.join(self._tempdir, "data")
         os.makedirs(location, exist_ok=True)
         self._log_path = os.path.join(self._tempdir, "azurite.out")
-        cmd = [exe, "--blobHost", self.host, "--blobPort", str(self.port),
-               "--location", location, "--skipApiVersionCheck", "--loose",
-               "--disableTelemetry", "--silent"]
+        cmd = [
+            exe,
+            "--blobHost",
+            self.host,
+            "--blobPort",
+            str(self.port),
+            "--location",
+            location,
+            "--skipApiVersionCheck",
+            "--loose",
+            "--disableTelemetry",
+            "--silent",
+        ]
         with open(self._log_path, "wb") as out:
             # Own process group: stop() signals Azurite (node) and nothing else.
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         atexit.register(self.stop)
         try:
             self.blob_endpoint = self._wait_listening() + "/" + self.account_name
@@ -277,11 +306,14 @@ class Azurite:
             if match:
                 return match.group(1).rstrip("/")
             if self.proc.poll() is not None:
-                raise RuntimeError(f"azurite-blob exited with code {self.proc.returncode} "
-                                   f"before listening:\n{self._output()[-2000:]}")
+                raise RuntimeError(
+                    f"azurite-blob exited with code {self.proc.returncode} "
+                    f"before listening:\n{self._output()[-2000:]}"
+                )
             time.sleep(0.05)
-        raise TimeoutError(f"azurite-blob did not listen within {self.start_timeout:g}s:\n"
-                           f"{self._output()[-2000:]}")
+        raise TimeoutError(
+            f"azurite-blob did not listen within {self.start_timeout:g}s:\n{self._output()[-2000:]}"
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop Azurite (SIGTERM to its process group, SIGKILL after ``timeout``) and clean up.
@@ -325,8 +357,10 @@ class Azurite:
         """str: account-key connection string of the running service (a secret: don't log it)."""
         if not self.blob_endpoint:
             raise RuntimeError("Azurite is not running; call start() first")
-        return (f"DefaultEndpointsProtocol=http;AccountName={self.account_name};"
-                f"AccountKey={self.account_key};BlobEndpoint={self.blob_endpoint};")
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={self.account_name};"
+            f"AccountKey={self.account_key};BlobEndpoint={self.blob_endpoint};"
+        )
 
     def blob_service_client(self) -> Any:
         """Return an ``azure.storage.blob.BlobServiceClient`` for the account.
@@ -371,14 +405,23 @@ class Azurite:
         from azure.storage.blob import ContainerSasPermissions, generate_container_sas
 
         return generate_container_sas(
-            self.account_name, container, account_key=self.account_key,
-            permission=ContainerSasPermissions(read=True, add=True, create=True, write=True,
-                                               delete=True, list=True),
+            self.account_name,
+            container,
+            account_key=self.account_key,
+            permission=ContainerSasPermissions(
+                read=True, add=True, create=True, write=True, delete=True, list=True
+            ),
             expiry=datetime.now(timezone.utc) + timedelta(hours=hours),
         )
 
-    def datastore(self, name: str, container: str, credential: str = "account_key",
-                  create: bool = True, **kwargs: Any) -> DatastoreSpec:
+    def datastore(
+        self,
+        name: str,
+        container: str,
+        credential: str = "account_key",
+        create: bool = True,
+        **kwargs: Any,
+    ) -> DatastoreSpec:
         """Return a :class:`DatastoreSpec` pointing at a container of this Azurite.
 
         Parameters
@@ -402,8 +445,12 @@ class Azurite:
         if create:
             self.create_container(container)
         return DatastoreSpec(
-            name=name, account=self.account_name, container=container, credential=credential,
+            name=name,
+            account=self.account_name,
+            container=container,
+            credential=credential,
             endpoint=self.blob_endpoint,
             account_key=self.account_key if credential == "account_key" else None,
             sas_token=self.container_sas(container) if credential == "sas" else None,
-            **kwargs)
+            **kwargs,
+        )

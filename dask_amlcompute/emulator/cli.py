@@ -42,14 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dask-amlcompute emulator",
         description="Run a local emulator of the Azure ML workspace API (for tests and demos).",
     )
-    parser.add_argument("--config", metavar="FILE",
-                        help="YAML/JSON file with computes, environments, provisioning_delay, port")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML/JSON file with computes, environments, provisioning_delay, port",
+    )
     parser.add_argument("--port", type=int, default=None, help="listen port (default: config or 0)")
     parser.add_argument("--host", default=None, help="loopback listen address (default 127.0.0.1)")
-    parser.add_argument("--https", action="store_true", default=None,
-                        help="serve HTTPS with a generated self-signed certificate")
-    parser.add_argument("--provisioning-delay", type=float, default=None, metavar="SECONDS",
-                        help="seconds each job spends in Preparing")
+    parser.add_argument(
+        "--https",
+        action="store_true",
+        default=None,
+        help="serve HTTPS with a generated self-signed certificate",
+    )
+    parser.add_argument(
+        "--provisioning-delay",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds each job spends in Preparing",
+    )
     return parser
 
 
@@ -57,16 +69,24 @@ def _make_emulator(args: argparse.Namespace) -> Any:
     from .config import EmulatorConfig
     from .emulator import Emulator
 
-    overrides = {"port": args.port, "host": args.host, "https": args.https,
-                 "provisioning_delay": args.provisioning_delay}
+    overrides = {
+        "port": args.port,
+        "host": args.host,
+        "https": args.https,
+        "provisioning_delay": args.provisioning_delay,
+    }
     if args.config:
         return Emulator.from_file(args.config, **overrides)
     config = EmulatorConfig(**{k: v for k, v in overrides.items() if v is not None})
     return Emulator(config=config)
 
 
-def run_emulator_cli(argv: Sequence[str] | None = None, *, ready: threading.Event | None = None,
-                     stop: threading.Event | None = None) -> int:
+def run_emulator_cli(
+    argv: Sequence[str] | None = None,
+    *,
+    ready: threading.Event | None = None,
+    stop: threading.Event | None = None,
+) -> int:
     """Run the emulator until Ctrl-C / SIGTERM (or ``stop`` is set).
 
     Parameters
@@ -98,11 +118,19 @@ def run_emulator_cli(argv: Sequence[str] | None = None, *, ready: threading.Even
     try:
         emu.start()
         computes = ", ".join(f"{c.name} ({c.kind}, max {c.max_nodes})" for c in emu.config.computes)
-        print(USAGE_TEMPLATE.format(
-            base_url=emu.base_url, sub=identity.SUBSCRIPTION_ID, rg=identity.RESOURCE_GROUP,
-            ws=identity.WORKSPACE_NAME, region=identity.REGION, computes=computes,
-            tempdir=emu.tempdir,
-            cert_arg=f', cert_path="{emu.cert_path}"' if emu.cert_path else ""), flush=True)
+        print(
+            USAGE_TEMPLATE.format(
+                base_url=emu.base_url,
+                sub=identity.SUBSCRIPTION_ID,
+                rg=identity.RESOURCE_GROUP,
+                ws=identity.WORKSPACE_NAME,
+                region=identity.REGION,
+                computes=computes,
+                tempdir=emu.tempdir,
+                cert_arg=f', cert_path="{emu.cert_path}"' if emu.cert_path else "",
+            ),
+            flush=True,
+        )
         if ready is not None:
             ready.set()
         while not stop.wait(0.5):

@@ -159,7 +159,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = set(data) - known
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        raise ValueError(
+            f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}"
+        )
     return cls(**data)
 
 

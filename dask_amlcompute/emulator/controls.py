@@ -93,8 +93,13 @@ class EmulatorControls:
         list of str
             Job names, oldest first.
         """
-        return self._call(lambda e: [j.name for j in sorted(e.jobs.values(), key=lambda j: j.created)
-                                     if not j.is_terminal])
+        return self._call(
+            lambda e: [
+                j.name
+                for j in sorted(e.jobs.values(), key=lambda j: j.created)
+                if not j.is_terminal
+            ]
+        )
 
     def node_log(self, job_name: str, rank: int) -> str:
         """Return a node's standard output and error.
@@ -111,6 +116,7 @@ class EmulatorControls:
         str
             Log text ("" before the node starts).
         """
+
         def _node(e: Engine) -> NodeRecord | None:
             job = e.job(job_name)
             if not job.nodes and rank < job.instance_count:
@@ -135,14 +141,16 @@ class EmulatorControls:
         str or None
             The key, or None when the node has no SSH endpoint.
         """
+
         def _key(e: Engine) -> str | None:
             job = e.job(job_name)
             return job.nodes[rank].host_public_key if job.nodes else None
 
         return self._call(_key)
 
-    def wait_job(self, name: str, timeout: float = 60.0,
-                 statuses: Iterable[str] | None = None) -> str:
+    def wait_job(
+        self, name: str, timeout: float = 60.0, statuses: Iterable[str] | None = None
+    ) -> str:
         """Wait until a job finishes (or reaches one of ``statuses``).
 
         Parameters
@@ -224,8 +232,9 @@ class EmulatorControls:
         """
         self._call(lambda e: setattr(e, "run_tags_on_job", bool(enabled)))
 
-    def inject_http_errors(self, count: int, status: int = 503,
-                           retry_after: float | None = None) -> None:
+    def inject_http_errors(
+        self, count: int, status: int = 503, retry_after: float | None = None
+    ) -> None:
         """Answer the next ``count`` control-plane requests with an HTTP error.
 
         Node-facing routes (mlflow, logs) are not affected.

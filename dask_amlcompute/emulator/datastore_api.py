@@ -19,9 +19,12 @@ class _DatastoreHandler(BaseHandler):
     def lookup(self, name: str) -> DatastoreSpec:
         spec = self.ctx.datastores.get(name.lower())
         if spec is None:
-            raise ApiError(404, "UserError",
-                           f"DatastoreNotFound: {name} does not exist in workspace "
-                           f"{self.path_kwargs.get('ws', '')}")
+            raise ApiError(
+                404,
+                "UserError",
+                f"DatastoreNotFound: {name} does not exist in workspace "
+                f"{self.path_kwargs.get('ws', '')}",
+            )
         return spec
 
 
@@ -42,11 +45,13 @@ class DatastoresHandler(_DatastoreHandler):
             count = int(self.get_argument("count", "30") or 30)
         except ValueError:
             raise ApiError(400, "BadRequest", "count and $skip must be integers") from None
-        page = specs[skip: skip + count]
+        page = specs[skip : skip + count]
         next_link = None
         if skip + count < len(specs):
-            next_link = (f"{self.request.protocol}://{self.request.host}{self.request.path}"
-                         f"?count={count}&$skip={skip + count}")
+            next_link = (
+                f"{self.request.protocol}://{self.request.host}{self.request.path}"
+                f"?count={count}&$skip={skip + count}"
+            )
         self.send_json({"value": [datastore_to_rest(d) for d in page], "nextLink": next_link})
 
 
@@ -79,8 +84,11 @@ class DatastoreSecretsHandler(_DatastoreHandler):
         self.json_body()  # validates the body ({expirableSecret, expireAfterHours})
         secrets = secrets_to_rest(spec)
         if secrets is None:
-            raise ApiError(400, "UserError",
-                           f"Datastore {spec.name} uses identity-based access and holds no secrets")
+            raise ApiError(
+                400,
+                "UserError",
+                f"Datastore {spec.name} uses identity-based access and holds no secrets",
+            )
         self.send_json(secrets)
 
 

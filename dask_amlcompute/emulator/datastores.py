@@ -75,23 +75,31 @@ class DatastoreSpec:
 
     def __post_init__(self) -> None:
         if self.credential not in CREDENTIAL_TYPES:
-            raise ValueError(f"datastore {self.name!r}: credential must be one of "
-                             f"{sorted(CREDENTIAL_TYPES)}, not {self.credential!r}")
+            raise ValueError(
+                f"datastore {self.name!r}: credential must be one of "
+                f"{sorted(CREDENTIAL_TYPES)}, not {self.credential!r}"
+            )
         if self.kind not in DATASTORE_KINDS:
             raise ValueError(f"datastore {self.name!r}: kind must be one of {DATASTORE_KINDS}")
         if self.credential == "account_key" and not self.account_key:
             raise ValueError(f"datastore {self.name!r}: credential='account_key' needs account_key")
         if self.credential == "sas" and not self.sas_token:
             raise ValueError(f"datastore {self.name!r}: credential='sas' needs sas_token")
-        if "://" in self.endpoint and not (urlsplit(self.endpoint).hostname or "").startswith("127."):
-            raise ValueError(f"datastore {self.name!r}: an endpoint URL must be on loopback "
-                             f"(127.0.0.0/8), got {self.endpoint!r}")
+        if "://" in self.endpoint and not (urlsplit(self.endpoint).hostname or "").startswith(
+            "127."
+        ):
+            raise ValueError(
+                f"datastore {self.name!r}: an endpoint URL must be on loopback "
+                f"(127.0.0.0/8), got {self.endpoint!r}"
+            )
 
     def __repr__(self) -> str:
-        return (f"DatastoreSpec(name={self.name!r}, account={self.account!r}, "
-                f"container={self.container!r}, credential={self.credential!r}, "
-                f"endpoint={self.endpoint!r}, kind={self.kind!r}, "
-                f"account_key={_mask(self.account_key)}, sas_token={_mask(self.sas_token)})")
+        return (
+            f"DatastoreSpec(name={self.name!r}, account={self.account!r}, "
+            f"container={self.container!r}, credential={self.credential!r}, "
+            f"endpoint={self.endpoint!r}, kind={self.kind!r}, "
+            f"account_key={_mask(self.account_key)}, sas_token={_mask(self.sas_token)})"
+        )
 
 
 def datastore_to_rest(spec: DatastoreSpec) -> dict[str, Any]:

@@ -88,9 +88,15 @@ class Emulator(EmulatorControls):
             if computes is not None:
                 kwargs["computes"] = list(computes)
             config = EmulatorConfig(
-                provisioning_delay=provisioning_delay, https=https, workdir=workdir,
-                host=host, port=port, environments=list(environments or []),
-                datastores=list(datastores or []), **kwargs)
+                provisioning_delay=provisioning_delay,
+                https=https,
+                workdir=workdir,
+                host=host,
+                port=port,
+                environments=list(environments or []),
+                datastores=list(datastores or []),
+                **kwargs,
+            )
         self.config = config
         self.base_url = ""
         self.cert_path: str | None = None
@@ -152,8 +158,9 @@ class Emulator(EmulatorControls):
         self.tempdir = tempfile.mkdtemp(prefix="aml-emulator-", dir=self.config.workdir)
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
-        self._thread = threading.Thread(target=self._run_loop, args=(started,),
-                                        name="aml-emulator", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run_loop, args=(started,), name="aml-emulator", daemon=True
+        )
         self._thread.start()
         started.wait(timeout)
         try:
@@ -189,14 +196,23 @@ class Emulator(EmulatorControls):
         scheme = "https" if ssl_ctx else "http"
         self.base_url = f"{scheme}://{self.config.host}:{port}"
         self.tracking_uri = make_tracking_uri(self.base_url)
-        self._engine = Engine(self.config, self.tempdir,
-                              Endpoints(self.tracking_uri, self.cert_path), self._start_ssh,
-                              net=self.node_net)
-        ctx = ServerContext(engine=self._engine, base_url=self.base_url,
-                            tracking_uri=self.tracking_uri, faults=self._faults,
-                            datastores={d.name.lower(): d for d in self.config.datastores})
-        self._server = tornado.httpserver.HTTPServer(make_app(ctx), ssl_options=ssl_ctx,
-                                                     xheaders=False)
+        self._engine = Engine(
+            self.config,
+            self.tempdir,
+            Endpoints(self.tracking_uri, self.cert_path),
+            self._start_ssh,
+            net=self.node_net,
+        )
+        ctx = ServerContext(
+            engine=self._engine,
+            base_url=self.base_url,
+            tracking_uri=self.tracking_uri,
+            faults=self._faults,
+            datastores={d.name.lower(): d for d in self.config.datastores},
+        )
+        self._server = tornado.httpserver.HTTPServer(
+            make_app(ctx), ssl_options=ssl_ctx, xheaders=False
+        )
         self._server.add_sockets(sockets)
 
     async def _start_ssh(self, spec: ComputeSpec, node: NodeRecord) -> Any:
@@ -207,8 +223,11 @@ class Emulator(EmulatorControls):
         if key_id not in self._host_keys:
             self._host_keys[key_id] = generate_host_key()
         server = NodeSSHServer(
-            host="127.0.0.1", port=0, admin_user=spec.admin_user,
-            authorized_keys=list(spec.ssh_public_keys), allowed_forward_hosts={node.ip},
+            host="127.0.0.1",
+            port=0,
+            admin_user=spec.admin_user,
+            authorized_keys=list(spec.ssh_public_keys),
+            allowed_forward_hosts={node.ip},
             host_key=self._host_keys[key_id],
         )
         await server.start()

@@ -88,19 +88,27 @@ class BaseHandler(tornado.web.RequestHandler):
                 status, retry_after = fault
                 if retry_after is not None:
                     self.set_header("Retry-After", f"{retry_after:g}")
-                self.send_arm_error(status, "InjectedFault" if status != 429 else "TooManyRequests",
-                                    f"injected HTTP {status} (emulator fault injection)")
+                self.send_arm_error(
+                    status,
+                    "InjectedFault" if status != 429 else "TooManyRequests",
+                    f"injected HTTP {status} (emulator fault injection)",
+                )
                 return
         kw = self.path_kwargs
         if "sub" in kw:
             wanted = (identity.SUBSCRIPTION_ID, identity.RESOURCE_GROUP, identity.WORKSPACE_NAME)
-            got = (kw["sub"], kw.get("rg") or identity.RESOURCE_GROUP,
-                   kw.get("ws") or identity.WORKSPACE_NAME)
+            got = (
+                kw["sub"],
+                kw.get("rg") or identity.RESOURCE_GROUP,
+                kw.get("ws") or identity.WORKSPACE_NAME,
+            )
             if [g.lower() for g in got] != [w.lower() for w in wanted]:
                 self.send_arm_error(
-                    404, "ResourceNotFound",
+                    404,
+                    "ResourceNotFound",
                     f"Workspace {got[0]}/{got[1]}/{got[2]} not found; the emulator serves "
-                    f"subscription {wanted[0]}, resource group {wanted[1]}, workspace {wanted[2]}.")
+                    f"subscription {wanted[0]}, resource group {wanted[1]}, workspace {wanted[2]}.",
+                )
 
     def send_arm_error(self, status: int, code: str, message: str) -> None:
         """Finish the request with an ARM error body.
@@ -167,7 +175,8 @@ class BaseHandler(tornado.web.RequestHandler):
             body = arm_error(exc.code, exc.message)
         elif isinstance(exc, tornado.web.HTTPError):
             code = {404: "NotFound", 405: "MethodNotAllowed"}.get(
-                status_code, "BadRequest" if status_code < 500 else "InternalServerError")
+                status_code, "BadRequest" if status_code < 500 else "InternalServerError"
+            )
             body = arm_error(code, exc.log_message or self._reason)
         else:
             body = arm_error("InternalServerError", f"emulator error: {exc!r}")
@@ -187,7 +196,10 @@ class NotFoundHandler(BaseHandler):
     control_plane = False
 
     def _not_found(self, *args: Any, **kwargs: Any) -> None:
-        self.send_arm_error(404, "NotFound",
-                            f"The emulator does not serve {self.request.method} {self.request.path}")
+        self.send_arm_error(
+            404,
+            "NotFound",
+            f"The emulator does not serve {self.request.method} {self.request.path}",
+        )
 
     get = post = put = patch = delete = head = _not_found

@@ -46,7 +46,9 @@ def parse_duration(value: Any) -> float | None:
         return float(value)
     m = _DURATION.match(str(value).strip().upper()) if isinstance(value, str) else None
     if not m or value.strip().upper() in ("P", "PT"):
-        raise ApiError(400, "BadRequest", f"invalid ISO 8601 duration for limits.timeout: {value!r}")
+        raise ApiError(
+            400, "BadRequest", f"invalid ISO 8601 duration for limits.timeout: {value!r}"
+        )
     parts = {k: float(v) if v else 0.0 for k, v in m.groupdict().items()}
     return parts["d"] * 86400 + parts["h"] * 3600 + parts["m"] * 60 + parts["s"]
 
@@ -98,8 +100,11 @@ def parse_job(name: str, body: Any) -> JobSpec:
     props = body["properties"]
     job_type = props.get("jobType")
     if job_type != "Command":
-        raise ApiError(400, "BadRequest",
-                       f"jobType {job_type!r} is not supported by the emulator (only 'Command')")
+        raise ApiError(
+            400,
+            "BadRequest",
+            f"jobType {job_type!r} is not supported by the emulator (only 'Command')",
+        )
     command = props.get("command")
     if not isinstance(command, str) or not command.strip():
         raise ApiError(400, "BadRequest", "properties.command must be a non-empty string")
@@ -220,31 +225,37 @@ def node_variables(
         env["AZUREML_EMULATOR_CA_CERT"] = cert_path
     master = ips[0]
     if spec.distribution_type == "PyTorch":
-        env.update({
-            "MASTER_ADDR": master,
-            "MASTER_PORT": str(MASTER_PORT),
-            "WORLD_SIZE": str(n),
-            "NODE_RANK": str(rank),
-            "RANK": str(rank),
-            "LOCAL_RANK": "0",
-            "LOCAL_WORLD_SIZE": "1",
-            "GROUP_RANK": str(rank),
-        })
+        env.update(
+            {
+                "MASTER_ADDR": master,
+                "MASTER_PORT": str(MASTER_PORT),
+                "WORLD_SIZE": str(n),
+                "NODE_RANK": str(rank),
+                "RANK": str(rank),
+                "LOCAL_RANK": "0",
+                "LOCAL_WORLD_SIZE": "1",
+                "GROUP_RANK": str(rank),
+            }
+        )
     elif spec.distribution_type == "Mpi":
-        env.update({
-            "OMPI_COMM_WORLD_RANK": str(rank),
-            "OMPI_COMM_WORLD_SIZE": str(n),
-            "OMPI_COMM_WORLD_LOCAL_RANK": "0",
-            "OMPI_COMM_WORLD_LOCAL_SIZE": "1",
-            "OMPI_COMM_WORLD_NODE_RANK": str(rank),
-            "AZ_BATCH_MASTER_NODE": f"{master}:{MASTER_PORT}",
-            "AZ_BATCHAI_MPI_MASTER_NODE": master,
-        })
+        env.update(
+            {
+                "OMPI_COMM_WORLD_RANK": str(rank),
+                "OMPI_COMM_WORLD_SIZE": str(n),
+                "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "1",
+                "OMPI_COMM_WORLD_NODE_RANK": str(rank),
+                "AZ_BATCH_MASTER_NODE": f"{master}:{MASTER_PORT}",
+                "AZ_BATCHAI_MPI_MASTER_NODE": master,
+            }
+        )
     elif spec.distribution_type == "TensorFlow":
-        env["TF_CONFIG"] = json.dumps({
-            "cluster": {"worker": [f"{ip}:{TF_PORT}" for ip in ips]},
-            "task": {"type": "worker", "index": rank},
-        })
+        env["TF_CONFIG"] = json.dumps(
+            {
+                "cluster": {"worker": [f"{ip}:{TF_PORT}" for ip in ips]},
+                "task": {"type": "worker", "index": rank},
+            }
+        )
     env.update(spec.environment_variables)
     return env
 

@@ -16,8 +16,14 @@ from .errors import ApiError
 from .handlers import BaseHandler
 from .state import JobRecord
 
-_STATUS = {"Running": "RUNNING", "Completed": "FINISHED", "Failed": "FAILED",
-           "Canceled": "KILLED", "CancelRequested": "RUNNING", "Finalizing": "RUNNING"}
+_STATUS = {
+    "Running": "RUNNING",
+    "Completed": "FINISHED",
+    "Failed": "FAILED",
+    "Canceled": "KILLED",
+    "CancelRequested": "RUNNING",
+    "Finalizing": "RUNNING",
+}
 
 #: URL prefix under which the MLflow API is served (the tracking URI's path).
 MLFLOW_PREFIX = (
@@ -162,7 +168,9 @@ class RunGetHandler(MlflowHandler):
 
     def get(self, **_: str) -> None:
         """Return the run."""
-        job = self.find_run(self.get_argument("run_id", None) or self.get_argument("run_uuid", None))
+        job = self.find_run(
+            self.get_argument("run_id", None) or self.get_argument("run_uuid", None)
+        )
         if job is not None:
             self.send_json({"run": run_json(job)})
 
@@ -187,7 +195,9 @@ class RunWriteHandler(MlflowHandler):
         try:
             self._apply(job, action, body)
         except (TypeError, ValueError, AttributeError) as exc:
-            self.send_mlflow_error(400, "INVALID_PARAMETER_VALUE", f"invalid {action} request: {exc}")
+            self.send_mlflow_error(
+                400, "INVALID_PARAMETER_VALUE", f"invalid {action} request: {exc}"
+            )
             return
         if action == "update":
             self.send_json({"run_info": run_info(job)})
@@ -227,7 +237,9 @@ class MetricHistoryHandler(MlflowHandler):
 
     def get(self, **_: str) -> None:
         """Return a metric's history."""
-        job = self.find_run(self.get_argument("run_id", None) or self.get_argument("run_uuid", None))
+        job = self.find_run(
+            self.get_argument("run_id", None) or self.get_argument("run_uuid", None)
+        )
         if job is not None:
             key = self.get_argument("metric_key", "")
             self.send_json({"metrics": job.mlflow_metrics.get(key, [])})
@@ -244,17 +256,26 @@ class ExperimentHandler(MlflowHandler):
         action : str
             ``get-by-name`` or ``get``.
         """
-        name = self.get_argument("experiment_name" if action == "get-by-name" else "experiment_id",
-                                 "")
+        name = self.get_argument(
+            "experiment_name" if action == "get-by-name" else "experiment_id", ""
+        )
         known = {j.experiment_name for j in self.engine.jobs.values()}
         if name not in known:
-            self.send_mlflow_error(404, "RESOURCE_DOES_NOT_EXIST",
-                                   f"Experiment '{name}' does not exist.")
+            self.send_mlflow_error(
+                404, "RESOURCE_DOES_NOT_EXIST", f"Experiment '{name}' does not exist."
+            )
             return
-        self.send_json({"experiment": {
-            "experiment_id": name, "name": name, "lifecycle_stage": "active",
-            "artifact_location": f"file:///dev/null/{name}", "tags": [],
-        }})
+        self.send_json(
+            {
+                "experiment": {
+                    "experiment_id": name,
+                    "name": name,
+                    "lifecycle_stage": "active",
+                    "artifact_location": f"file:///dev/null/{name}",
+                    "tags": [],
+                }
+            }
+        )
 
 
 def mlflow_routes(ctx: Any) -> list[tuple[str, type, dict[str, Any]]]:
@@ -274,8 +295,11 @@ def mlflow_routes(ctx: Any) -> list[tuple[str, type, dict[str, Any]]]:
     kw = {"ctx": ctx}
     return [
         (api + r"/runs/get", RunGetHandler, kw),
-        (api + r"/runs/(?P<action>set-tag|delete-tag|log-metric|log-parameter|log-batch|update)",
-         RunWriteHandler, kw),
+        (
+            api + r"/runs/(?P<action>set-tag|delete-tag|log-metric|log-parameter|log-batch|update)",
+            RunWriteHandler,
+            kw,
+        ),
         (api + r"/metrics/get-history", MetricHistoryHandler, kw),
         (api + r"/experiments/(?P<action>get-by-name|get)", ExperimentHandler, kw),
     ]

@@ -82,7 +82,9 @@ async def start_node(node: NodeRecord, command: str, env: Mapping[str, str]) -> 
     os.makedirs(os.path.dirname(node.log_path), exist_ok=True)
     with open(node.log_path, "ab", buffering=0) as log:
         proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", command,
+            "/bin/sh",
+            "-c",
+            command,
             cwd=node.workdir,
             env=dict(env),
             stdin=asyncio.subprocess.DEVNULL,

@@ -67,8 +67,10 @@ def cancel_error(reason: str | None, limit: object, seconds: float | None) -> di
     if reason == "timeout":
         return {
             "code": "UserError",
-            "message": (f"The job was canceled because its timeout was reached "
-                        f"(limits.timeout = {limit}, {seconds or 0:g} s)."),
+            "message": (
+                f"The job was canceled because its timeout was reached "
+                f"(limits.timeout = {limit}, {seconds or 0:g} s)."
+            ),
         }
     if reason == "shutdown":
         return {"code": "ServiceError", "message": "The emulator was stopped."}

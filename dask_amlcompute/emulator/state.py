@@ -14,8 +14,16 @@ from typing import Any
 
 from .config import ComputeSpec
 
-ACTIVE_STATUSES = ("NotStarted", "Starting", "Provisioning", "Queued", "Preparing", "Running",
-                   "Finalizing", "CancelRequested")
+ACTIVE_STATUSES = (
+    "NotStarted",
+    "Starting",
+    "Provisioning",
+    "Queued",
+    "Preparing",
+    "Running",
+    "Finalizing",
+    "CancelRequested",
+)
 TERMINAL_STATUSES = ("Completed", "Failed", "Canceled", "NotResponding", "Paused")
 
 
@@ -246,7 +254,8 @@ class ComputeState:
         now = time.time() if now is None else now
         idle_for = self.spec.idle_seconds_before_scaledown
         warm = [
-            i for i, s in enumerate(self.slots)
+            i
+            for i, s in enumerate(self.slots)
             if s is None and now - self.freed_at.get(i, -1e18) < idle_for
         ]
         need = self.spec.min_nodes - self.in_use - len(warm)

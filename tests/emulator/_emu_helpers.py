@@ -9,21 +9,36 @@ from _helpers import wait_for
 
 #: A node command printing the interpreter and the environment as one JSON line.
 PRINT_ENV = (
-    "python -c \"import json, os, sys; "
+    'python -c "import json, os, sys; '
     "print('ENVJSON' + json.dumps({'exe': sys.executable, 'env': dict(os.environ)}))\""
 )
 
 
-def submit(ml: Any, cmd: str, *, compute: str = "cpu-cluster", nodes: int = 1,
-           distribution: dict | None = None, env: dict | None = None,
-           timeout: int | None = None, tags: dict | None = None,
-           environment: Any = "azureml:dask-env:1") -> Any:
+def submit(
+    ml: Any,
+    cmd: str,
+    *,
+    compute: str = "cpu-cluster",
+    nodes: int = 1,
+    distribution: dict | None = None,
+    env: dict | None = None,
+    timeout: int | None = None,
+    tags: dict | None = None,
+    environment: Any = "azureml:dask-env:1",
+) -> Any:
     """Submit a command job through the real SDK and return the created job."""
     from azure.ai.ml import command
 
-    job = command(command=cmd, compute=compute, environment=environment, instance_count=nodes,
-                  distribution=distribution, environment_variables=env or {},
-                  experiment_name="emulator-tests", tags=tags or {})
+    job = command(
+        command=cmd,
+        compute=compute,
+        environment=environment,
+        instance_count=nodes,
+        distribution=distribution,
+        environment_variables=env or {},
+        experiment_name="emulator-tests",
+        tags=tags or {},
+    )
     if timeout is not None:
         job.set_limits(timeout=timeout)
     return ml.jobs.create_or_update(job)
@@ -33,11 +48,14 @@ def node_env(emu: Any, job: str, rank: int) -> dict[str, Any]:
     """Parse the PRINT_ENV output of a node."""
     for line in emu.node_log(job, rank).splitlines():
         if line.startswith("ENVJSON"):
-            return json.loads(line[len("ENVJSON"):])
+            return json.loads(line[len("ENVJSON") :])
     raise AssertionError(f"no ENVJSON line in log of {job} rank {rank}:\n{emu.node_log(job, rank)}")
 
 
 def wait_log(emu: Any, job: str, rank: int, text: str, timeout: float = 20.0) -> str:
     """Wait until a node's log contains ``text``."""
-    return wait_for(lambda: text in emu.node_log(job, rank) and emu.node_log(job, rank),
-                    timeout, f"{text!r} in log of {job} rank {rank}")
+    return wait_for(
+        lambda: text in emu.node_log(job, rank) and emu.node_log(job, rank),
+        timeout,
+        f"{text!r} in log of {job} rank {rank}",
+    )

@@ -26,8 +26,13 @@ def emu(ssh_keypair):
     computes = [
         ComputeSpec(name="cpu-cluster", max_nodes=4, ssh_public_keys=[ssh_keypair[1]]),
         ComputeSpec(name="small", max_nodes=2, ssh_public_access=False),
-        ComputeSpec(name="warm", max_nodes=2, min_nodes=1, idle_seconds_before_scaledown=1,
-                    vm_priority="LowPriority"),
+        ComputeSpec(
+            name="warm",
+            max_nodes=2,
+            min_nodes=1,
+            idle_seconds_before_scaledown=1,
+            vm_priority="LowPriority",
+        ),
         ComputeSpec(name="my-ci", kind="ComputeInstance"),
         ComputeSpec(name="aks", kind="Kubernetes"),
     ]

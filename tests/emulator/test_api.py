@@ -86,7 +86,8 @@ def test_environments_latest_version_and_inline(ml):
     from azure.ai.ml.entities import Environment
 
     created = ml.environments.create_or_update(
-        Environment(name="custom-env", version="7", image="ubuntu:22.04"))
+        Environment(name="custom-env", version="7", image="ubuntu:22.04")
+    )
     assert created.version == "7"
     assert ml.environments.get("custom-env", version="7").image == "ubuntu:22.04"
     from azure.core.exceptions import ResourceNotFoundError
@@ -110,8 +111,11 @@ def test_job_with_unknown_environment_rejected(ml):
 
 
 def test_unknown_route_is_arm_404_json(emu):
-    for method, path in [("GET", "/nope"), ("POST", WS_PATH + "/pipelines/x"),
-                         ("DELETE", "/subscriptions/x")]:
+    for method, path in [
+        ("GET", "/nope"),
+        ("POST", WS_PATH + "/pipelines/x"),
+        ("DELETE", "/subscriptions/x"),
+    ]:
         r = requests.request(method, emu.base_url + path, timeout=10)
         assert r.status_code == 404
         assert set(r.json()["error"]) >= {"code", "message"}
@@ -136,9 +140,19 @@ def test_malformed_body_is_arm_400_json(emu):
     assert r.status_code == 400 and r.json()["error"]["code"] == "BadRequest"
     r = requests.put(url, json=[1, 2], timeout=10)
     assert r.status_code == 400
-    r = requests.put(url, json={"properties": {"jobType": "Command", "command": "x",
-                                               "computeId": "cpu-cluster", "environmentId": "e",
-                                               "limits": {"timeout": "soon"}}}, timeout=10)
+    r = requests.put(
+        url,
+        json={
+            "properties": {
+                "jobType": "Command",
+                "command": "x",
+                "computeId": "cpu-cluster",
+                "environmentId": "e",
+                "limits": {"timeout": "soon"},
+            }
+        },
+        timeout=10,
+    )
     assert r.status_code == 400 and "duration" in r.json()["error"]["message"]
 
 

@@ -18,8 +18,14 @@ def _status(job) -> str:
 
 @pytest.mark.slow
 def test_pytorch_job_env_per_node(emu, ml):
-    job = submit(ml, PRINT_ENV, nodes=3, distribution={"type": "pytorch"},
-                 env={"MY_VAR": "hello"}, tags={"team": "dask"})
+    job = submit(
+        ml,
+        PRINT_ENV,
+        nodes=3,
+        distribution={"type": "pytorch"},
+        env={"MY_VAR": "hello"},
+        tags={"team": "dask"},
+    )
     assert emu.wait_job(job.name, 30) == "Completed"
     nodes = emu.job_nodes(job.name)
     assert [n["rank"] for n in nodes] == [0, 1, 2]
@@ -59,12 +65,15 @@ def test_pytorch_job_env_per_node(emu, ml):
 
 def n_cwd_ok(node: dict) -> bool:
     return os.path.isdir(node["workdir"]) and node["log_path"].endswith(
-        f"user_logs/std_log_process_{node['rank']}.txt")
+        f"user_logs/std_log_process_{node['rank']}.txt"
+    )
 
 
 @pytest.mark.slow
 def test_mpi_job_env_per_node(emu, ml):
-    job = submit(ml, PRINT_ENV, nodes=2, distribution={"type": "mpi", "process_count_per_instance": 1})
+    job = submit(
+        ml, PRINT_ENV, nodes=2, distribution={"type": "mpi", "process_count_per_instance": 1}
+    )
     assert emu.wait_job(job.name, 30) == "Completed"
     ips = [n["ip"] for n in emu.job_nodes(job.name)]
     for rank in range(2):
@@ -100,8 +109,10 @@ def test_inline_image_environment_job(emu, ml):
 
 
 def test_nonzero_exit_fails_with_node_and_stderr_tail(emu, ml):
-    cmd = ("python -c \"import os, sys; r = int(os.environ['RANK']); print('rank', r); "
-           "sys.stderr.write('boom on rank %d\\n' % r) if r == 1 else None; sys.exit(3 if r == 1 else 0)\"")
+    cmd = (
+        "python -c \"import os, sys; r = int(os.environ['RANK']); print('rank', r); "
+        "sys.stderr.write('boom on rank %d\\n' % r) if r == 1 else None; sys.exit(3 if r == 1 else 0)\""
+    )
     job = submit(ml, cmd, nodes=2, distribution={"type": "pytorch"})
     assert emu.wait_job(job.name, 30) == "Failed"
     assert _status(ml.jobs.get(job.name)) == "Failed"
@@ -113,8 +124,10 @@ def test_nonzero_exit_fails_with_node_and_stderr_tail(emu, ml):
     details = ml.jobs._runs_operations.get_run_details(job.name)
     assert details.status == "Failed"
     assert "boom on rank 1" in details.error.error.message
-    assert set(details.log_files) == {"user_logs/std_log_process_0.txt",
-                                      "user_logs/std_log_process_1.txt"}
+    assert set(details.log_files) == {
+        "user_logs/std_log_process_0.txt",
+        "user_logs/std_log_process_1.txt",
+    }
     import requests
 
     text = requests.get(details.log_files["user_logs/std_log_process_1.txt"], timeout=10).text
@@ -166,8 +179,9 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_queueing_when_max_nodes_reached(emu, ml):
-    first = submit(ml, "echo ready; sleep 30", compute="small", nodes=2,
-                   distribution={"type": "pytorch"})
+    first = submit(
+        ml, "echo ready; sleep 30", compute="small", nodes=2, distribution={"type": "pytorch"}
+    )
     wait_log(emu, first.name, 0, "ready")
     second = submit(ml, "echo second", compute="small")
     assert emu.wait_job(second.name, 5, statuses=["Queued"]) == "Queued"
@@ -210,8 +224,9 @@ def test_fail_node_fails_job_naming_the_node(emu, ml):
 
 @pytest.mark.slow
 def test_preempt_node_fails_job_as_preempted(emu, ml):
-    job = submit(ml, "echo ready; sleep 60", compute="warm", nodes=2,
-                 distribution={"type": "pytorch"})
+    job = submit(
+        ml, "echo ready; sleep 60", compute="warm", nodes=2, distribution={"type": "pytorch"}
+    )
     wait_log(emu, job.name, 0, "ready")
     emu.preempt_node(job.name, 0)
     assert emu.wait_job(job.name, 20) == "Failed"
@@ -233,12 +248,24 @@ def test_provisioning_delay_shows_preparing(emu, ml):
 def test_resubmitting_same_name_updates_tags_only(emu, ml):
     from azure.ai.ml import command
 
-    job = command(command="echo one", compute="cpu-cluster", environment="azureml:dask-env:1",
-                  experiment_name="emulator-tests", name="fixed-name-job", tags={"v": "1"})
+    job = command(
+        command="echo one",
+        compute="cpu-cluster",
+        environment="azureml:dask-env:1",
+        experiment_name="emulator-tests",
+        name="fixed-name-job",
+        tags={"v": "1"},
+    )
     ml.jobs.create_or_update(job)
     assert emu.wait_job("fixed-name-job", 20) == "Completed"
-    job2 = command(command="echo two", compute="cpu-cluster", environment="azureml:dask-env:1",
-                   experiment_name="emulator-tests", name="fixed-name-job", tags={"v": "2"})
+    job2 = command(
+        command="echo two",
+        compute="cpu-cluster",
+        environment="azureml:dask-env:1",
+        experiment_name="emulator-tests",
+        name="fixed-name-job",
+        tags={"v": "2"},
+    )
     ml.jobs.create_or_update(job2)
     got = ml.jobs.get("fixed-name-job")
     assert got.tags["v"] == "2" and got.command == "echo one"

@@ -36,8 +36,13 @@ def test_start_stop_20_times_leaves_nothing_behind(tmp_path):
         if i % 5 == 0:
             # A running job whose node also has a background child: stop must kill both.
             ml = emu.ml_client()
-            job = submit(ml, "sleep 60 & echo ready; wait", nodes=2,
-                         distribution={"type": "pytorch"}, environment="azureml:AzureML-x@latest")
+            job = submit(
+                ml,
+                "sleep 60 & echo ready; wait",
+                nodes=2,
+                distribution={"type": "pytorch"},
+                environment="azureml:AzureML-x@latest",
+            )
             for rank in range(2):
                 wait_log(emu, job.name, rank, "ready")
             for node in emu.job_nodes(job.name):
@@ -53,8 +58,11 @@ def test_start_stop_20_times_leaves_nothing_behind(tmp_path):
     assert spawned
 
     def _gone() -> bool:
-        alive = [p for p in spawned if psutil.pid_exists(p)
-                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive = [
+            p
+            for p in spawned
+            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        ]
         return not alive
 
     wait_for(_gone, 10, "node processes gone")
@@ -78,15 +86,21 @@ def test_calls_after_stop_raise_cleanly():
 def test_ssh_tunnel_to_rank0_with_host_key_verification(emu, ml, ssh_keypair):
     import asyncssh
 
-    cmd = ("echo ready-to-serve; python -c \"import http.server, os; "
-           "http.server.HTTPServer((os.environ['AZ_BATCHAI_NODE_IP'], 8799), "
-           "http.server.SimpleHTTPRequestHandler).serve_forever()\"")
-    job = submit(ml, f"echo hello-over-ssh > index.html; {cmd}", nodes=2,
-                 distribution={"type": "pytorch"})
+    cmd = (
+        'echo ready-to-serve; python -c "import http.server, os; '
+        "http.server.HTTPServer((os.environ['AZ_BATCHAI_NODE_IP'], 8799), "
+        'http.server.SimpleHTTPRequestHandler).serve_forever()"'
+    )
+    job = submit(
+        ml, f"echo hello-over-ssh > index.html; {cmd}", nodes=2, distribution={"type": "pytorch"}
+    )
     try:
         wait_log(emu, job.name, 0, "ready-to-serve")
-        nodes = [n for n in ml.compute.list_nodes("cpu-cluster")
-                 if (n.__dict__.get("runId") or getattr(n, "run_id", None)) == job.name]
+        nodes = [
+            n
+            for n in ml.compute.list_nodes("cpu-cluster")
+            if (n.__dict__.get("runId") or getattr(n, "run_id", None)) == job.name
+        ]
         rank0_ip = emu.job_nodes(job.name)[0]["ip"]
         rank0 = next(n for n in nodes if n.__dict__.get("privateIpAddress") == rank0_ip)
         host, port = rank0.__dict__["publicIpAddress"], rank0.__dict__["port"]
@@ -102,16 +116,32 @@ def test_ssh_tunnel_to_rank0_with_host_key_verification(emu, ml, ssh_keypair):
         async def scenario() -> bytes:
             # Wrong client key: refused.
             with pytest.raises(asyncssh.PermissionDenied):
-                await asyncssh.connect(host, port, username="azureuser", client_keys=[wrong_key],
-                                       known_hosts=known_hosts(host_key), agent_path=None)
+                await asyncssh.connect(
+                    host,
+                    port,
+                    username="azureuser",
+                    client_keys=[wrong_key],
+                    known_hosts=known_hosts(host_key),
+                    agent_path=None,
+                )
             # Wrong expected host key: the client refuses the server.
             with pytest.raises(asyncssh.HostKeyNotVerifiable):
-                await asyncssh.connect(host, port, username="azureuser",
-                                       client_keys=[private_key],
-                                       known_hosts=known_hosts(other_host_key), agent_path=None)
-            async with asyncssh.connect(host, port, username="azureuser", client_keys=[private_key],
-                                        known_hosts=known_hosts(host_key),
-                                        agent_path=None) as conn:
+                await asyncssh.connect(
+                    host,
+                    port,
+                    username="azureuser",
+                    client_keys=[private_key],
+                    known_hosts=known_hosts(other_host_key),
+                    agent_path=None,
+                )
+            async with asyncssh.connect(
+                host,
+                port,
+                username="azureuser",
+                client_keys=[private_key],
+                known_hosts=known_hosts(host_key),
+                agent_path=None,
+            ) as conn:
                 listener = await conn.forward_local_port("127.0.0.1", 0, rank0_ip, 8799)
                 local_port = listener.get_port()
                 for _ in range(100):

@@ -14,9 +14,11 @@ from dask_amlcompute.emulator import ComputeSpec, Emulator, load_config
 
 @pytest.mark.slow
 def test_mlflow_set_tag_inside_job_appears_in_job_tags(emu, ml):
-    cmd = ("python -c \"import mlflow; mlflow.set_tag('scheduler', 'tcp://' + __import__('os')"
-           ".environ['AZ_BATCHAI_NODE_IP'] + ':8786'); mlflow.log_metric('m', 1.5); "
-           "mlflow.log_param('p', 'v'); print('tagged')\"")
+    cmd = (
+        "python -c \"import mlflow; mlflow.set_tag('scheduler', 'tcp://' + __import__('os')"
+        ".environ['AZ_BATCHAI_NODE_IP'] + ':8786'); mlflow.log_metric('m', 1.5); "
+        "mlflow.log_param('p', 'v'); print('tagged')\""
+    )
     job = submit(ml, cmd, tags={"submitted": "yes"})
     assert emu.wait_job(job.name, 60) == "Completed", emu.node_log(job.name, 0)
     ip = emu.job_nodes(job.name)[0]["ip"]
@@ -33,18 +35,21 @@ def test_mlflow_set_tag_inside_job_appears_in_job_tags(emu, ml):
 
 
 def test_mlflow_unknown_run_is_404(emu):
-    r = requests.get(emu.tracking_uri + "/api/2.0/mlflow/runs/get", params={"run_id": "nope"},
-                     timeout=10)
+    r = requests.get(
+        emu.tracking_uri + "/api/2.0/mlflow/runs/get", params={"run_id": "nope"}, timeout=10
+    )
     assert r.status_code == 404 and r.json()["error_code"] == "RESOURCE_DOES_NOT_EXIST"
-    r = requests.post(emu.tracking_uri + "/api/2.0/mlflow/runs/set-tag", data=b"{",
-                      timeout=10)
+    r = requests.post(emu.tracking_uri + "/api/2.0/mlflow/runs/set-tag", data=b"{", timeout=10)
     assert r.status_code == 400
 
 
 def test_mlflow_bad_metric_value_is_400(emu, ml):
     job = submit(ml, "echo hi")
-    r = requests.post(emu.tracking_uri + "/api/2.0/mlflow/runs/log-metric",
-                      json={"run_id": job.name, "key": "k", "value": "not-a-number"}, timeout=10)
+    r = requests.post(
+        emu.tracking_uri + "/api/2.0/mlflow/runs/log-metric",
+        json={"run_id": job.name, "key": "k", "value": "not-a-number"},
+        timeout=10,
+    )
     assert r.status_code == 400 and r.json()["error_code"] == "INVALID_PARAMETER_VALUE"
 
 
@@ -69,8 +74,7 @@ def test_https_mode_with_self_signed_certificate():
         assert ml.jobs.get(job.name).tags["secure"] == "yes"
         with pytest.raises(requests.exceptions.SSLError):
             requests.get(emu.base_url + "/emulator/status", timeout=10)
-        assert requests.get(emu.base_url + "/emulator/status", verify=emu.cert_path,
-                            timeout=10).ok
+        assert requests.get(emu.base_url + "/emulator/status", verify=emu.cert_path, timeout=10).ok
 
 
 def test_config_from_yaml_and_json(tmp_path):
@@ -81,11 +85,14 @@ def test_config_from_yaml_and_json(tmp_path):
         "  - {name: gpu, max_nodes: 3, vm_size: STANDARD_NC6, ssh_public_access: false}\n"
         "  - {name: ci, kind: ComputeInstance}\n"
         "environments:\n"
-        "  - {name: env-a, version: '3', image: 'python:3.12'}\n")
+        "  - {name: env-a, version: '3', image: 'python:3.12'}\n"
+    )
     cfg = load_config(yaml_file)
     assert cfg.provisioning_delay == 0.5
     assert [(c.name, c.kind, c.max_nodes) for c in cfg.computes] == [
-        ("gpu", "AmlCompute", 3), ("ci", "ComputeInstance", 1)]
+        ("gpu", "AmlCompute", 3),
+        ("ci", "ComputeInstance", 1),
+    ]
     json_file = tmp_path / "emu.json"
     json_file.write_text(json.dumps({"computes": [{"name": "x", "max_nodes": 2}], "port": 0}))
     assert load_config(json_file).computes[0].max_nodes == 2
@@ -121,8 +128,10 @@ def test_cli_runs_until_stopped(tmp_path, capsys):
     ready, stop = threading.Event(), threading.Event()
     result: list[int] = []
     thread = threading.Thread(
-        target=lambda: result.append(run_emulator_cli(["--config", str(cfg)], ready=ready,
-                                                      stop=stop)))
+        target=lambda: result.append(
+            run_emulator_cli(["--config", str(cfg)], ready=ready, stop=stop)
+        )
+    )
     thread.start()
     try:
         assert ready.wait(30)

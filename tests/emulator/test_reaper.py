@@ -76,8 +76,12 @@ def test_sigkilled_emulator_leaves_no_node_running(tmp_path):
     pgid = None
     try:
         url = wait_for(lambda: _served_url(tmp_path / "emulator.out"), 60, "the emulator")
-        submit(make_ml_client(url), f"echo $$ > {pidfile}; sleep 600", nodes=1,
-               environment="azureml:dask-env:3")
+        submit(
+            make_ml_client(url),
+            f"echo $$ > {pidfile}; sleep 600",
+            nodes=1,
+            environment="azureml:dask-env:3",
+        )
         pgid = int(wait_for(lambda: pidfile.is_file() and pidfile.read_text().strip(), 60,
                             "the node to start"))  # fmt: skip
         assert _alive(pgid)
@@ -88,7 +92,9 @@ def test_sigkilled_emulator_leaves_no_node_running(tmp_path):
         except AssertionError as exc:
             log.flush()
             tail = (tmp_path / "emulator.out").read_text()[-2000:]
-            raise AssertionError(f"{exc}; group {pgid}: {_members(pgid)}; emulator:\n{tail}") from None
+            raise AssertionError(
+                f"{exc}; group {pgid}: {_members(pgid)}; emulator:\n{tail}"
+            ) from None
     finally:
         if emulator.poll() is None:
             os.killpg(emulator.pid, signal.SIGKILL)

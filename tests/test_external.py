@@ -87,3 +87,20 @@ def test_live_wrong_compute_name_is_a_clear_error(live_ml_client, live_kwargs):
     live_kwargs["compute"] = "dask-amlcompute-no-such-compute"
     with pytest.raises(ComputeNotFoundError, match="Computes that exist"):
         AmlComputeCluster(live_ml_client, n_nodes=2, **live_kwargs)
+
+
+@pytest.mark.parametrize(
+    "environment", ["dask-amlcompute-no-such-env@latest", "dask-amlcompute-no-such-env:7"]
+)
+def test_live_missing_environment_is_refused_before_submitting(
+    live_ml_client, live_kwargs, environment
+):
+    # the environments.get / environments.list paths against the real service, and no job
+    from dask_amlcompute import AmlComputeCluster, EnvironmentNotFoundError
+    from dask_amlcompute.discovery import list_cluster_jobs
+
+    live_kwargs["environment"] = environment
+    name = "dask-live-noenv-" + os.urandom(4).hex()
+    with pytest.raises(EnvironmentNotFoundError, match="Environments that exist"):
+        AmlComputeCluster(live_ml_client, n_nodes=1, name=name, **live_kwargs)
+    assert not [j for j in list_cluster_jobs(live_ml_client) if j.cluster == name]

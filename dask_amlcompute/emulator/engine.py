@@ -224,14 +224,11 @@ class Engine:
         ApiError
             404 ``UserError`` if absent (nothing is created).
         """
-        try:
-            return self.environments[name][version]
-        except KeyError:
-            raise ApiError(
-                404,
-                "UserError",
-                f"No environment exists for name: {name}, version: {version}, label: ",
-            ) from None
+        found = self.environments.get(name, {}).get(version)
+        if found is None:
+            message = f"No environment exists for name: {name}, version: {version}, label: "
+            raise ApiError(404, "UserError", message)
+        return found
 
     # --------------------------------------------------------------------- jobs
     def submit(self, name: str, body: Any) -> tuple[JobRecord, bool]:

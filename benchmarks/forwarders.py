@@ -4,7 +4,7 @@ An opt-in suite (``python benchmarks/run.py --only forwarders``): it measures
 the SSH libraries a Python process can forward ports with, each against
 OpenSSH ``ssh -N -L`` in the same run, to the same SSH server and sink:
 
-* ``asyncssh``: the library's :class:`~dask_amlcompute.tunnel.SSHTunnel` as
+* ``asyncssh``: the library's :class:`~dask_amlcompute.connect.tunnel.SSHTunnel` as
   shipped, on an event loop thread of this process (as inside a client);
 * ``asyncssh, no MSG_IGNORE``: the same, with asyncssh's empty ``SSH_MSG_IGNORE``
   before every encrypted packet dropped. An experiment only (it wraps a method

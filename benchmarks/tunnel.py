@@ -8,7 +8,7 @@ alternate between the two.
 
 Bulk bytes: a sink process listens on the rank-0 node's private address; a
 sender process pushes the same stream through (a) the library's
-:class:`~dask_amlcompute.tunnel.SSHTunnel` running on an event loop thread of
+:class:`~dask_amlcompute.connect.tunnel.SSHTunnel` running on an event loop thread of
 this process, as it does inside a client, and (b) OpenSSH ``ssh -N -L`` to the
 same node SSH endpoint, with the same key and host key.
 """
@@ -48,7 +48,7 @@ from common import (
 )
 from distributed import Client
 
-from dask_amlcompute.tunnel import SSHTunnel
+from dask_amlcompute.connect.tunnel import SSHTunnel
 
 COMPUTE = "bench-ssh"
 THROUGHPUT_TARGET = 0.9

@@ -8,6 +8,8 @@
 
 from . import config as _config
 from ._version import __version__
+from .backend.sdknotices import quiet_experimental_notices as _quiet_experimental_notices
+from .backend.workspace import ml_client_from_config, write_workspace_config
 from .cluster import AmlComputeCluster
 from .exceptions import (
     AmlComputeError,
@@ -25,8 +27,6 @@ from .exceptions import (
     VersionMismatchError,
     WorkspaceNotConfiguredError,
 )
-from .sdknotices import quiet_experimental_notices as _quiet_experimental_notices
-from .workspace import ml_client_from_config, write_workspace_config
 
 # Like distributed and dask-jobqueue: make amlcompute.* defaults visible in dask.config.
 _config.ensure_defaults()

@@ -11,14 +11,14 @@ from typing import Any
 from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
 
-from .aml import AmlOps
+from .backend.environment import environment_from_settings
+from .backend.jobs import AmlJobWorkers, AmlSchedulerJob, ClusterContext
+from .backend.ops import AmlOps
+from .backend.workspace import ml_client_from_config
+from .config import ClusterSettings, resolve_settings
 from .connect import SchedulerConnector, host_port, reachable
-from .environment import environment_from_settings
 from .exceptions import AmlComputeError, TooManyNodesError
-from .jobs import AmlJobWorkers, AmlSchedulerJob, ClusterContext
 from .scaling import ScalingMixin
-from .settings import ClusterSettings, resolve_settings
-from .workspace import ml_client_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     asynchronous, loop
         As for every Dask cluster manager.
     **kwargs
-        Any other setting of :class:`~dask_amlcompute.settings.ClusterSettings`
+        Any other setting of :class:`~dask_amlcompute.config.ClusterSettings`
         (``distribution``, ``worker_on_scheduler``, ``idle_timeout``, ``quiet``, ...).
 
     Examples
@@ -224,7 +224,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             return None
         from distributed.security import Security
 
-        from .node import TLS_CERT_ENV, TLS_KEY_ENV
+        from .node.entry import TLS_CERT_ENV, TLS_KEY_ENV
 
         security = Security.temporary()
         self._context.secret_env = {

@@ -1,16 +1,42 @@
-"""Register dask-amlcompute's defaults with dask.config.
+"""dask-amlcompute's settings: dask config defaults, and one validated settings object.
 
 Like distributed and dask-jobqueue, the defaults YAML is merged into dask's
 defaults when the package is imported (``dask.config.update_defaults`` only
-fills in defaults; it never overrides a user's settings).
+fills in defaults; it never overrides a user's settings). Each setting of a
+cluster is read with ``dask.config.get("amlcompute.<key>", override_with=arg)``
+from one table, then validated; the result is an immutable
+:class:`ClusterSettings` that the rest of the library reads.
 """
 
 from __future__ import annotations
 
+import getpass
 import os
+import re
+import uuid
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import dask.config
 import yaml
+
+from .exceptions import ConfigurationError
+from .validation import (
+    aml_name,
+    boolean,
+    env_var_mapping,
+    environment_setting,
+    existing_file,
+    memory_limit,
+    optional_string,
+    options_mapping,
+    parse_duration,
+    pip_requirements,
+    port,
+    positive_int,
+    string_list,
+    string_mapping,
+)
 
 _HERE = os.path.dirname(__file__)
 DEFAULTS_FILE = os.path.join(_HERE, "amlcompute.yaml")
@@ -37,3 +63,177 @@ def get(key: str, override_with=None):
     """Read ``amlcompute.<key>`` from dask config unless ``override_with`` is given."""
     ensure_defaults()
     return dask.config.get(f"amlcompute.{key}", override_with=override_with)
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Every setting of an :class:`~dask_amlcompute.AmlComputeCluster`, validated.
+
+    Durations are in seconds. See ``amlcompute.yaml`` for the meaning of each key.
+    """
+
+    compute: str
+    n_nodes: int
+    nodes_per_job: int
+    processes_per_node: int
+    threads_per_process: int | None
+    memory_limit: str | int | float | None
+    worker_on_scheduler: bool
+    environment: Any
+    job_timeout: float | None
+    startup_timeout: float
+    experiment_name: str
+    name: str
+    tags: dict[str, str] = field(default_factory=dict)
+    env_vars: dict[str, str] = field(default_factory=dict)
+    distribution: str = "pytorch"
+    scheduler_port: int = 8786
+    dashboard_port: int = 8787
+    death_timeout: float = 300.0
+    idle_timeout: float | None = None
+    no_client_timeout: float | None = 600.0
+    connect: str = "direct"
+    security: bool = False
+    ssh_key: str | None = None
+    known_hosts: str | None = None
+    ssh_trust_on_first_use: bool = False
+    poll_interval: float = 2.0
+    watch_interval: float = 30.0
+    scheduler_options: dict[str, Any] = field(default_factory=dict)
+    worker_options: dict[str, Any] = field(default_factory=dict)
+    workspace_config: str | None = None
+    pip_packages: list[str] = field(default_factory=list)
+    conda_packages: list[str] = field(default_factory=list)
+    node_package: str | None = None
+    version_check: str = "raise"
+    quiet: bool = False
+
+
+def config_key(attribute: str) -> str:
+    """The dask config key of a settings attribute (``n_nodes`` -> ``n-nodes``)."""
+    return attribute.replace("_", "-")
+
+
+def default_cluster_name() -> str:
+    """``dask-{user}-{random}``, made safe for AML job names."""
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "user"
+    user = re.sub(r"[^A-Za-z0-9]+", "", user).lower()[:20] or "user"
+    return f"dask-{user}-{uuid.uuid4().hex[:8]}"
+
+
+#: Settings that must be set (the schema has no null for them).
+_REQUIRED_DURATIONS = ("startup_timeout", "death_timeout", "poll_interval", "watch_interval")
+_OPTIONAL_DURATIONS = ("job_timeout", "idle_timeout", "no_client_timeout")
+_BOOLEANS = ("worker_on_scheduler", "security", "ssh_trust_on_first_use", "quiet")
+
+
+def resolve_settings(**arguments: Any) -> ClusterSettings:
+    """Merge ``arguments`` (None means "not given") over dask config and validate.
+
+    Every setting is checked here, before anything reaches AML; what can only
+    be checked against the workspace (the compute, a registered environment)
+    is checked by the cluster right before it submits.
+
+    Parameters
+    ----------
+    **arguments
+        Settings by attribute name (``n_nodes=...``); see :class:`ClusterSettings`.
+
+    Returns
+    -------
+    ClusterSettings
+        The validated, normalised settings.
+
+    Raises
+    ------
+    ConfigurationError
+        A value is missing or invalid; the message names the setting, the bad
+        value and what to change.
+    TypeError
+        An unknown setting was passed.
+    """
+    unknown = set(arguments) - {f.name for f in fields(ClusterSettings)}
+    if unknown:
+        raise TypeError(f"Unknown settings: {', '.join(sorted(unknown))}")
+    raw = {
+        f.name: get(config_key(f.name), override_with=arguments.get(f.name))
+        for f in fields(ClusterSettings)
+    }
+    if raw["workspace_config"] is not None:
+        _check_workspace_config(raw["workspace_config"])
+    if raw["compute"] is None or raw["compute"] == "":
+        # Precedence: argument > dask config (incl. DASK_AMLCOMPUTE__COMPUTE) > the
+        # compute cached in the workspace config.json > error.
+        from .backend.workspace import cached_compute
+
+        raw["compute"] = cached_compute(raw["workspace_config"])
+    if not raw["compute"]:
+        raise ConfigurationError(
+            "No compute given: pass compute='<AmlCompute name>', set amlcompute.compute "
+            "in dask config (DASK_AMLCOMPUTE__COMPUTE), or cache it in the workspace "
+            "config.json with dask_amlcompute.write_workspace_config(..., compute=...)."
+        )
+    if not isinstance(raw["compute"], str) or not raw["compute"].strip():
+        raise ConfigurationError(
+            f"compute must be the name of an AmlCompute target (a string), got {raw['compute']!r}."
+        )
+    for key in ("n_nodes", "nodes_per_job", "processes_per_node"):
+        raw[key] = positive_int(raw[key], key)
+    if raw["threads_per_process"] is not None:
+        raw["threads_per_process"] = positive_int(raw["threads_per_process"], "threads_per_process")
+    raw["memory_limit"] = memory_limit(raw["memory_limit"])
+    for key in (*_REQUIRED_DURATIONS, *_OPTIONAL_DURATIONS):
+        raw[key] = parse_duration(raw[key], key)
+    for key in _REQUIRED_DURATIONS:
+        if raw[key] is None:
+            raise ConfigurationError(f"{key} must be set: every wait is bounded.")
+    if raw["distribution"] not in ("pytorch", "mpi"):
+        raise ConfigurationError(
+            f"distribution must be 'pytorch' or 'mpi', not {raw['distribution']!r}."
+        )
+    if raw["connect"] not in ("direct", "ssh", "auto"):
+        raise ConfigurationError(
+            f"connect must be 'direct', 'ssh' or 'auto', not {raw['connect']!r}."
+        )
+    if raw["name"] is None or raw["name"] == "":
+        raw["name"] = default_cluster_name()
+    raw["name"] = aml_name(raw["name"], "cluster name")
+    raw["experiment_name"] = aml_name(raw["experiment_name"], "experiment_name")
+    raw["tags"] = string_mapping(raw["tags"], "tags")
+    raw["env_vars"] = env_var_mapping(raw["env_vars"], "env_vars")
+    for key in ("scheduler_options", "worker_options"):
+        raw[key] = options_mapping(raw[key], key)
+    for key in ("scheduler_port", "dashboard_port"):
+        raw[key] = port(raw[key], key)
+    for key in _BOOLEANS:
+        raw[key] = boolean(raw[key], key)
+    from .backend.versions import validate_policy
+
+    raw["version_check"] = validate_policy(raw["version_check"])
+    raw["environment"] = environment_setting(raw["environment"])
+    raw["pip_packages"] = pip_requirements(raw["pip_packages"], "pip_packages")
+    raw["conda_packages"] = string_list(raw["conda_packages"], "conda_packages")
+    raw["node_package"] = optional_string(raw["node_package"], "node_package")
+    raw["ssh_key"] = existing_file(raw["ssh_key"], "ssh_key")
+    raw["known_hosts"] = optional_string(raw["known_hosts"], "known_hosts", allow_path=True)
+    raw["workspace_config"] = optional_string(
+        raw["workspace_config"], "workspace_config", allow_path=True
+    )
+    return ClusterSettings(**raw)
+
+
+def _check_workspace_config(path: Any) -> None:
+    """Refuse a ``workspace_config`` that names no config file (or folder holding one)."""
+    from .backend.workspace import find_workspace_config
+
+    text = optional_string(path, "workspace_config", allow_path=True)
+    if find_workspace_config(text) is None:
+        raise ConfigurationError(
+            f"workspace_config={text!r}: no workspace config file there (neither a file nor a "
+            "folder holding config.json). Download config.json from the workspace's page in "
+            "Azure ML studio, write one with dask_amlcompute.write_workspace_config(...), or "
+            "leave workspace_config unset to search the current folder and its parents."
+        )

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .aml import TERMINAL_STATUSES, status_text
+from ._protocol import TAG_CLUSTER, TAG_MODE, TAG_ROLE
+from .backend.ops import TERMINAL_STATUSES, status_text
 from .exceptions import AmlComputeError
-from .jobspec import TAG_CLUSTER, TAG_MODE, TAG_ROLE
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def describe_cluster(ml_client: Any, name: str) -> dict[str, Any]:
     """
     from azure.core.exceptions import ResourceNotFoundError
 
-    from .node import _parse_args
+    from .node.entry import _parse_args
 
     try:
         main = ml_client.jobs.get(f"{name}-main")
@@ -127,9 +127,9 @@ async def discover() -> AsyncIterator[tuple[str, Callable]]:
     """
     import asyncio
 
+    from .backend.workspace import ml_client_from_config
     from .cluster import AmlComputeCluster
     from .exceptions import WorkspaceNotConfiguredError
-    from .workspace import ml_client_from_config
 
     try:
         ml_client = ml_client_from_config()

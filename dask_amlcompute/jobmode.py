@@ -22,8 +22,8 @@ The in-job side is ``python -m dask_amlcompute.jobmode``: the flags of
 then ``--`` and the script's own arguments.
 
 This module builds and submits the job (the client side); the in-job side is in
-:mod:`dask_amlcompute._jobmode_node` and the ``dask-amlcompute run`` command line in
-:mod:`dask_amlcompute._jobmode_cli` (both re-exported here).
+:mod:`dask_amlcompute.node.script` and the ``dask-amlcompute run`` command line in
+:mod:`dask_amlcompute.cli.run` (both re-exported here).
 """
 
 from __future__ import annotations
@@ -43,15 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._jobmode_cli import run_cli as run_cli
-from ._jobmode_node import (
-    EXIT_CODE_TAG,
-    OUTPUT_BEGIN,
-    OUTPUT_END,
-    SCRIPT_ENV,
-    main,
-)
-from ._jobmode_node import run_script_node as run_script_node
+from ._protocol import TAG_MODE, NodeOptions, node_command
+from .backend.jobspec import build_job
+from .cli.run import run_cli as run_cli
 from .exceptions import (
     ConfigurationError,
     JobCanceledError,
@@ -59,7 +53,14 @@ from .exceptions import (
     JobFailedError,
     TooManyNodesError,
 )
-from .jobspec import TAG_MODE, NodeOptions, build_job, node_command
+from .node.script import (
+    EXIT_CODE_TAG,
+    OUTPUT_BEGIN,
+    OUTPUT_END,
+    SCRIPT_ENV,
+    main,
+)
+from .node.script import run_script_node as run_script_node
 from .validation import aml_name, parse_duration, positive_int
 
 logger = logging.getLogger("dask_amlcompute.jobmode")
@@ -182,7 +183,7 @@ def build_script_job(
         distribution=distribution,
     )
     argv = shlex.split(node_command(node))
-    argv[argv.index("dask_amlcompute.node")] = "dask_amlcompute.jobmode"
+    argv[argv.index("dask_amlcompute.node")] = "dask_amlcompute.node.script"
     job.command = shlex.join([*argv, *extra, "--", *script_args])
     job.display_name = f"{script_path.name} on {n_nodes} node(s) (dask-amlcompute run)"
     if code is not None:
@@ -325,8 +326,8 @@ def submit_script(
     >>> run.status  # doctest: +SKIP
     'Completed'
     """
-    from .aml import AmlOps
-    from .environment import resolve_environment
+    from .backend.environment import resolve_environment
+    from .backend.ops import AmlOps
 
     n_nodes = positive_int(n_nodes, "n_nodes")
     timeout = parse_duration(job_timeout, "job_timeout")

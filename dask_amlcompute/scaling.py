@@ -15,7 +15,7 @@ from typing import Any
 
 from distributed.deploy.adaptive import Adaptive
 
-from .plugins import job_of_worker
+from .node.plugins import job_of_worker
 
 
 class ScalingMixin:

@@ -23,8 +23,7 @@ from dask_amlcompute import (
     ConfigurationError,
     EnvironmentNotFoundError,
 )
-from dask_amlcompute.config import SCHEMA_FILE
-from dask_amlcompute.settings import ClusterSettings
+from dask_amlcompute.config import SCHEMA_FILE, ClusterSettings
 
 #: A registered environment the "environments that exist" lists must name.
 KNOWN_ENV = "bad-settings-env"
@@ -213,7 +212,7 @@ def test_bad_setting_is_refused_before_submit(case, emulator, ml_client, known_e
     ],
 )
 def test_good_values_still_pass_the_checks(key, good):
-    from dask_amlcompute.settings import resolve_settings
+    from dask_amlcompute.config import resolve_settings
 
     settings = resolve_settings(compute="cpu-cluster", **{key: good})
     value = getattr(settings, key)

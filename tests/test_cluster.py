@@ -64,7 +64,7 @@ def test_three_node_cluster_runs_dask_workloads(emulator, ml_client, cluster_kwa
 def test_scheduler_address_found_in_run_history_when_the_job_lacks_it(
     run_tags_withheld, ml_client, cluster_kwargs
 ):
-    from dask_amlcompute.jobspec import SCHEDULER_TAG
+    from dask_amlcompute._protocol import SCHEDULER_TAG
 
     with AmlComputeCluster(ml_client, n_nodes=1, **cluster_kwargs) as cluster, Client(cluster) as c:
         job = cluster.main_job_name

@@ -11,9 +11,9 @@ from _helpers import FAST_CLUSTER
 from distributed import Client
 
 from dask_amlcompute import AmlComputeCluster, SchedulerUnreachableError
+from dask_amlcompute.connect.tunnel import HostKeyError
 from dask_amlcompute.emulator import ComputeSpec, Emulator
 from dask_amlcompute.emulator.ssh import generate_client_keypair
-from dask_amlcompute.tunnel import HostKeyError
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,13 @@ import yaml
 from _helpers import env_in_dask_config
 
 from dask_amlcompute import ConfigurationError
-from dask_amlcompute.config import DEFAULTS_FILE, SCHEMA_FILE
-from dask_amlcompute.settings import ClusterSettings, config_key, resolve_settings
+from dask_amlcompute.config import (
+    DEFAULTS_FILE,
+    SCHEMA_FILE,
+    ClusterSettings,
+    config_key,
+    resolve_settings,
+)
 
 
 def test_defaults_and_schema_have_the_same_keys():

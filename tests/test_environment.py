@@ -13,8 +13,7 @@ import pytest
 import yaml
 
 from dask_amlcompute import ConfigurationError, __version__
-from dask_amlcompute.cli import main as cli_main
-from dask_amlcompute.environment import (
+from dask_amlcompute.backend.environment import (
     DEFAULT_IMAGE,
     build_spec,
     environment_from_settings,
@@ -22,7 +21,8 @@ from dask_amlcompute.environment import (
     local_version,
     resolve_environment,
 )
-from dask_amlcompute.settings import resolve_settings
+from dask_amlcompute.cli import main as cli_main
+from dask_amlcompute.config import resolve_settings
 
 
 def pip_of(spec):

@@ -51,7 +51,7 @@ def live_kwargs():
 def test_live_compute_is_amlcompute(live_ml_client):
     import asyncio
 
-    from dask_amlcompute.aml import AmlOps
+    from dask_amlcompute.backend.ops import AmlOps
 
     info = asyncio.run(AmlOps(live_ml_client).get_compute(os.environ["AZUREML_COMPUTE"]))
     assert info.type.lower() == "amlcompute" and info.max_nodes >= 2

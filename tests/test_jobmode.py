@@ -53,7 +53,7 @@ def _job(tmp_path, source="print('hi')\n", **kwargs):
 def test_embedded_script_job(tmp_path):
     job = _job(tmp_path, processes_per_node=2, script_args=["--alpha", "1 2"])
     argv = shlex.split(job.command)
-    assert argv[:3] == ["python", "-m", "dask_amlcompute.jobmode"]
+    assert argv[:3] == ["python", "-m", "dask_amlcompute.node.script"]
     assert argv[argv.index("--processes") + 1] == "2"
     assert argv[argv.index("--") + 1 :] == ["--alpha", "1 2"]
     assert SCRIPT_ENV in job.environment_variables and job.code is None

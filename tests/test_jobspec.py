@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import shlex
 
-from dask_amlcompute.environment import conda_spec, resolve_environment
-from dask_amlcompute.jobspec import NodeOptions, build_job, node_command
-from dask_amlcompute.node import _parse_args
+from dask_amlcompute._protocol import NodeOptions, node_command
+from dask_amlcompute.backend.environment import conda_spec, resolve_environment
+from dask_amlcompute.backend.jobspec import build_job
+from dask_amlcompute.node.entry import _parse_args
 
 
 def rest(job):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dask_amlcompute.node import detect_context
+from dask_amlcompute.node.entry import detect_context
 
 
 def test_pytorch_variables():

@@ -13,13 +13,7 @@ import asyncssh
 import pytest
 from _ssh_helpers import ADMIN, NODE_IP, echo_server, free_port, node_server, run
 
-from dask_amlcompute.emulator.ssh import (
-    NodeSSHServer,
-    generate_client_keypair,
-    generate_host_key,
-)
-from dask_amlcompute.exceptions import ConfigurationError
-from dask_amlcompute.tunnel import (
+from dask_amlcompute.connect.tunnel import (
     ForwardingError,
     HostKeyError,
     SSHTunnel,
@@ -28,6 +22,12 @@ from dask_amlcompute.tunnel import (
     TunnelUnreachableError,
     resolve_client_keys,
 )
+from dask_amlcompute.emulator.ssh import (
+    NodeSSHServer,
+    generate_client_keypair,
+    generate_host_key,
+)
+from dask_amlcompute.exceptions import ConfigurationError
 
 
 @pytest.fixture(autouse=True)
@@ -149,7 +149,7 @@ def test_unknown_host_key_then_trust_on_first_use(
             assert fingerprint in str(info.value) and "trust_on_first_use=True" in str(info.value)
             assert not known_hosts.exists()
 
-            with caplog.at_level(logging.WARNING, logger="dask_amlcompute.tunnel"):
+            with caplog.at_level(logging.WARNING, logger="dask_amlcompute.connect.tunnel"):
                 async with make_tunnel(
                     srv, key, targets, known_hosts=str(known_hosts), trust_on_first_use=True
                 ) as tofu:
@@ -233,7 +233,7 @@ def test_reconnects_after_server_restart(caplog: pytest.LogCaptureFixture) -> No
                     assert tunnel.local_address("scheduler") == address
                     assert tunnel.reconnects == 1
 
-    with caplog.at_level(logging.WARNING, logger="dask_amlcompute.tunnel"):
+    with caplog.at_level(logging.WARNING, logger="dask_amlcompute.connect.tunnel"):
         run(body)
     assert "dropped; reconnecting" in caplog.text and "re-established" in caplog.text
 
@@ -257,7 +257,7 @@ def test_gives_up_after_bounded_retries(caplog: pytest.LogCaptureFixture) -> Non
                 assert time.monotonic() - started < 1
                 assert tunnel.reconnects == 0
 
-    with caplog.at_level(logging.WARNING, logger="dask_amlcompute.tunnel"):
+    with caplog.at_level(logging.WARNING, logger="dask_amlcompute.connect.tunnel"):
         run(body)
     assert "Reconnection attempt 2/2" in caplog.text and "gave up reconnecting" in caplog.text
 
@@ -286,7 +286,7 @@ def test_reconnect_refuses_a_changed_host_key(
                     assert tunnel.reconnects == 0
             assert known_hosts.read_text().splitlines() == [srv.known_hosts_line()]
 
-    with caplog.at_level(logging.WARNING, logger="dask_amlcompute.tunnel"):
+    with caplog.at_level(logging.WARNING, logger="dask_amlcompute.connect.tunnel"):
         run(body)
     assert "man-in-the-middle" in caplog.text and "gave up reconnecting" in caplog.text
     assert "Reconnection attempt" not in caplog.text  # no retries on a host key mismatch

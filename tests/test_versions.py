@@ -11,7 +11,7 @@ import pytest
 from distributed.versions import VersionMismatchWarning, get_versions
 
 from dask_amlcompute import AmlComputeCluster, ConfigurationError, VersionMismatchError
-from dask_amlcompute.versions import (
+from dask_amlcompute.backend.versions import (
     EXTRA_PACKAGES,
     apply_policy,
     check_versions,

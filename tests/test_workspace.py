@@ -9,13 +9,13 @@ import pytest
 from _helpers import env_in_dask_config
 
 from dask_amlcompute import ConfigurationError, write_workspace_config
-from dask_amlcompute.settings import resolve_settings
-from dask_amlcompute.workspace import (
+from dask_amlcompute.backend.workspace import (
     cache_workspace,
     cached_compute,
     load_workspace_settings,
     ml_client_from_config,
 )
+from dask_amlcompute.config import resolve_settings
 
 IDENTITY = {"subscription_id": "sub", "resource_group": "rg", "workspace_name": "ws"}
 

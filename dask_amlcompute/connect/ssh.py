@@ -3,14 +3,14 @@
 Finds the rank-0 node with ``compute.list_nodes()`` (``runId`` is the job,
 ``privateIpAddress`` the published scheduler host), checks that the compute
 allows public SSH with an admin user, and opens an
-:class:`~dask_amlcompute.tunnel.SSHTunnel` to the node's public endpoint.
+:class:`~dask_amlcompute.connect.tunnel.SSHTunnel` to the node's public endpoint.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .exceptions import SchedulerUnreachableError
+from ..exceptions import SchedulerUnreachableError
 
 
 def pick_node(nodes: list[dict[str, Any]], job_name: str, private_ip: str) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .exceptions import AmlComputeError, JobError
+from ..exceptions import AmlComputeError, JobError
 
 
 def run_cli(argv: Sequence[str]) -> int:
@@ -62,13 +62,13 @@ def _run_cli(argv: list[str]) -> int:
     p.add_argument("--workspace-config", default=None, help="path of the workspace config.json")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv[:cut])
-    from .jobmode import submit_script  # jobmode re-exports run_cli: import at call time
+    from ..jobmode import submit_script  # jobmode re-exports run_cli: import at call time
 
     env_vars = dict(kv.split("=", 1) for kv in args.env_var if "=" in kv)
     emulator = None
     try:
         if args.emulator:
-            from .emulator import ComputeSpec, Emulator
+            from ..emulator import ComputeSpec, Emulator
 
             if args.no_wait:
                 p.error(
@@ -83,7 +83,7 @@ def _run_cli(argv: list[str]) -> int:
         else:
             if not args.compute:
                 p.error("--compute is required (the AmlCompute cluster to run on)")
-            from .workspace import ml_client_from_config
+            from ..backend.workspace import ml_client_from_config
 
             ml_client = ml_client_from_config(args.workspace_config)
         run = submit_script(

@@ -20,9 +20,9 @@ keeps its thread until it returns. Such threads are counted in
 (``client.restart_workers``) if they pile up.
 
 This module is the client side (scheduling, retries, the threshold, progress);
-the task that runs on the workers is in :mod:`dask_amlcompute._batch_worker`, the
-result types in :mod:`dask_amlcompute._batch_types` and the result files in
-:mod:`dask_amlcompute._batch_output`.
+the task that runs on the workers is in :mod:`dask_amlcompute.batch.worker`, the
+result types in :mod:`dask_amlcompute.batch.types` and the result files in
+:mod:`dask_amlcompute.batch.output`.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ._batch_output import _write_batch
-from ._batch_types import BatchResult, BatchStats, ItemError
-from ._batch_worker import _drop_state, _error, _run_batch
-from .exceptions import ConfigurationError, ErrorThresholdExceededError
-from .validation import parse_duration
+from ..exceptions import ConfigurationError, ErrorThresholdExceededError
+from ..validation import parse_duration
+from .output import _write_batch
+from .types import BatchResult, BatchStats, ItemError
+from .worker import _drop_state, _error, _run_batch
 
 __all__ = ["BatchResult", "BatchStats", "ItemError", "iter_batches", "map_batches"]
 

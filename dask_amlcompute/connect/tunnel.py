@@ -20,8 +20,8 @@ from pathlib import Path
 
 import asyncssh
 
-from .exceptions import AmlComputeError, ConfigurationError
-from .sshkeys import HostKeyChecker, KeyLike, resolve_client_keys
+from ..exceptions import AmlComputeError, ConfigurationError
+from .hostkeys import HostKeyChecker, KeyLike, resolve_client_keys
 
 __all__ = [
     "ForwardingError",

@@ -2,7 +2,7 @@
 
 Public as :mod:`dask_amlcompute.batch` names (:class:`ItemError`, :class:`BatchStats`,
 :class:`BatchResult`); they live here so that the worker side
-(:mod:`dask_amlcompute._batch_worker`) and the client side share them without
+(:mod:`dask_amlcompute.batch.worker`) and the client side share them without
 importing each other.
 """
 

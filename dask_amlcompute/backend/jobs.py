@@ -21,11 +21,12 @@ from typing import Any
 from distributed.core import rpc
 from distributed.deploy.spec import ProcessInterface
 
-from .aml import TERMINAL_STATUSES, AmlOps, ComputeInfo
-from .exceptions import SchedulerUnreachableError, StartupTimeoutError
-from .jobspec import DASHBOARD_TAG, SCHEDULER_TAG, NodeOptions, build_job
+from .._protocol import DASHBOARD_TAG, SCHEDULER_TAG, NodeOptions
+from ..config import ClusterSettings
+from ..exceptions import SchedulerUnreachableError, StartupTimeoutError
+from .jobspec import build_job
 from .jobwait import LIKELY_CAUSES, job_error, wait_for_tag
-from .settings import ClusterSettings
+from .ops import TERMINAL_STATUSES, AmlOps, ComputeInfo
 
 logger = logging.getLogger(__name__)
 

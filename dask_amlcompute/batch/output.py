@@ -14,11 +14,11 @@ import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._batch_types import ItemError
-from .exceptions import ConfigurationError
+from ..exceptions import ConfigurationError
+from .types import ItemError
 
 if TYPE_CHECKING:
-    from .batch import _Batch
+    from . import _Batch
 
 
 def _json_default(value: Any) -> Any:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .exceptions import ConfigurationError, WorkspaceNotConfiguredError
+from ..exceptions import ConfigurationError, WorkspaceNotConfiguredError
 
 CONFIG_NAMES = ("config.json", os.path.join(".azureml", "config.json"))
 

@@ -63,8 +63,8 @@ def run_demo(n_nodes: int = 3, processes_per_node: int = 1, quiet: bool = False)
     """Run the demo end to end; return the process exit code (0 = all results correct)."""
     from distributed import Client
 
-    from .cluster import AmlComputeCluster
-    from .emulator import ComputeSpec, Emulator
+    from ..cluster import AmlComputeCluster
+    from ..emulator import ComputeSpec, Emulator
 
     start = time.monotonic()
     failures = 0

@@ -1,4 +1,4 @@
-"""SSH client keys and host-key checking for :mod:`dask_amlcompute.tunnel`.
+"""SSH client keys and host-key checking for :mod:`dask_amlcompute.connect.tunnel`.
 
 :func:`resolve_client_keys` loads the keys to log in with (files, key text or
 loaded keys; ``None`` means OpenSSH's defaults and the agent), and
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import asyncssh
 
-from .exceptions import ConfigurationError
+from ..exceptions import ConfigurationError
 
 __all__ = ["HostKeyChecker", "KeyLike", "resolve_client_keys"]
 

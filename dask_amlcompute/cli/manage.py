@@ -11,9 +11,9 @@ import asyncio
 import getpass
 from typing import Any
 
-from .aml import AmlOps
-from .discovery import ClusterJob, list_cluster_jobs
-from .jobspec import TAG_USER
+from .._protocol import TAG_USER
+from ..backend.ops import AmlOps
+from ..discovery import ClusterJob, list_cluster_jobs
 
 
 def add_arguments(sub: Any) -> None:
@@ -39,10 +39,10 @@ def add_arguments(sub: Any) -> None:
 def ml_client_for(args: argparse.Namespace) -> Any:
     """The MLClient the command line should use."""
     if args.emulator:
-        from .emulator import make_ml_client
+        from ..emulator import make_ml_client
 
         return make_ml_client(args.emulator)
-    from .workspace import ml_client_from_config
+    from ..backend.workspace import ml_client_from_config
 
     return ml_client_from_config(args.workspace_config)
 

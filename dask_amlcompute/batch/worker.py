@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ._batch_types import ItemError
+from .types import ItemError
 
 
 class _Abandoned(BaseException):

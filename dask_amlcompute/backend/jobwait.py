@@ -12,8 +12,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from .aml import JobInfo
-from .exceptions import JobCanceledError, JobError, JobFailedError, StartupTimeoutError
+from ..exceptions import JobCanceledError, JobError, JobFailedError, StartupTimeoutError
+from .ops import JobInfo
 
 if TYPE_CHECKING:
     from .jobs import ClusterContext

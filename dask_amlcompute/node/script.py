@@ -4,7 +4,7 @@ Rank 0 starts the Dask scheduler (and workers beside it), waits for the other
 ranks' workers, runs the script with ``DASK_SCHEDULER_ADDRESS`` set, prints its
 output between :data:`OUTPUT_BEGIN` and :data:`OUTPUT_END`, publishes its exit
 code as the run tag :data:`EXIT_CODE_TAG` and exits with it; the other ranks run
-workers (:func:`dask_amlcompute.node.run_node`) until the scheduler goes away.
+workers (:func:`dask_amlcompute.node.entry.run_node`) until the scheduler goes away.
 The client side that builds and submits the job is :mod:`dask_amlcompute.jobmode`.
 """
 
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .node import (
+from .entry import (
     SCHEDULER_TAG,
     VERSIONS_TAG,
     _parse_args,
@@ -147,3 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("dask-amlcompute job mode failed: %s", exc, exc_info=True)
         print(f"dask-amlcompute job mode failed: {exc}", file=sys.stderr, flush=True)
         return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

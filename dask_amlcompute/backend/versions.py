@@ -25,7 +25,7 @@ from distributed.core import rpc
 from distributed.utils import asciitable
 from distributed.versions import VersionMismatchWarning, get_versions
 
-from .exceptions import ConfigurationError, VersionMismatchError
+from ..exceptions import ConfigurationError, VersionMismatchError
 
 logger = logging.getLogger(__name__)
 

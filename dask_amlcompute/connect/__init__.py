@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from distributed.comm import parse_address
 
-from .exceptions import SchedulerUnreachableError
+from ..exceptions import SchedulerUnreachableError
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class SchedulerConnector:
     Parameters
     ----------
     context
-        The cluster's :class:`~dask_amlcompute.jobs.ClusterContext`.
+        The cluster's :class:`~dask_amlcompute.backend.jobs.ClusterContext`.
     """
 
     def __init__(self, context: Any) -> None:
@@ -122,7 +122,7 @@ class SchedulerConnector:
         the host is reachable: the job's status decides (ended: its typed error),
         bounded by ``deadline``.
         """
-        from .jobwait import job_error
+        from ..backend.jobwait import job_error
 
         ctx = self.context
         host, port = host_port(scheduler)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from .exceptions import (
+from ..exceptions import (
     AmlComputeError,
     ComputeNotFoundError,
     ControlPlaneError,
@@ -206,8 +206,8 @@ class AmlOps:
         from azure.ai.ml.exceptions import ValidationErrorType, ValidationException
         from azure.core.exceptions import ResourceNotFoundError
 
-        from .exceptions import EnvironmentNotFoundError
-        from .validation import environment_reference
+        from ..exceptions import EnvironmentNotFoundError
+        from ..validation import environment_reference
 
         ref = environment_reference(reference)
         if ref is None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from .exceptions import ConfigurationError
+from ..exceptions import ConfigurationError
 
 DEFAULT_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
 
@@ -89,7 +89,7 @@ def pinned_packages(stack: str = "imported") -> dict[str, str]:
     import dask
     import distributed
 
-    from ._version import __version__
+    from .._version import __version__
 
     pins = {
         "dask": dask.__version__,
@@ -116,7 +116,7 @@ def library_requirement(node_package: str | None = None) -> str:
         URL, ``"git+https://...@v0.1.0"``); None pins the client's version.
     """
     if node_package is None or not str(node_package).strip():
-        from ._version import __version__
+        from .._version import __version__
 
         return f"{LIBRARY}=={__version__}"
     return str(node_package).strip()
@@ -453,7 +453,7 @@ def resolve_environment(
 
 
 def environment_from_settings(settings: Any) -> Any:
-    """:func:`resolve_environment` for a :class:`~dask_amlcompute.settings.ClusterSettings`."""
+    """:func:`resolve_environment` for a :class:`~dask_amlcompute.config.ClusterSettings`."""
     return resolve_environment(
         settings.environment,
         settings.pip_packages,

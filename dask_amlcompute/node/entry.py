@@ -26,7 +26,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .jobspec import DASHBOARD_TAG, SCHEDULER_TAG, VERSIONS_TAG
+from .._protocol import DASHBOARD_TAG, SCHEDULER_TAG, VERSIONS_TAG
 
 logger = logging.getLogger("dask_amlcompute.node")
 

@@ -14,15 +14,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _emulator(args: argparse.Namespace, rest: list[str]) -> int:
-    from .emulator.cli import run_emulator_cli
+    from ..emulator.cli import run_emulator_cli
 
     return run_emulator_cli(rest) or 0
 
 
 def _env(args: argparse.Namespace) -> int:
-    from . import config
-    from .environment import build_spec
-    from .exceptions import ConfigurationError
+    from .. import config
+    from ..backend.environment import build_spec
+    from ..exceptions import ConfigurationError
 
     try:
         spec = build_spec(
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     _terminate_gracefully()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["run"]:  # the script's own arguments follow: jobmode parses them
-        from .jobmode import run_cli
+        from ..jobmode import run_cli
 
         return run_cli(argv[1:])
     parser = argparse.ArgumentParser(

@@ -1,0 +1,97 @@
+"""Pure functions that build the AML command jobs of a cluster.
+
+Nothing here talks to AML: the result of :func:`build_job` is exactly what
+:class:`~dask_amlcompute.AmlComputeCluster` submits, so ``cluster.job_spec()``
+can show it and unit tests can check it without a network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .._protocol import TAG_CLUSTER, TAG_ROLE, TAG_USER, TAG_VERSION, NodeOptions, node_command
+from .._version import __version__
+
+
+def cluster_tags(cluster_name: str, role: str, extra: Mapping[str, str] | None = None) -> dict:
+    """Tags that let ``from_name``/``list`` find the jobs of a cluster."""
+    import contextlib
+    import getpass
+
+    tags = dict(extra or {})
+    tags.update({TAG_CLUSTER: cluster_name, TAG_ROLE: role, TAG_VERSION: __version__})
+    # no user name in some containers: the tag is only a convenience for `down --all-mine`
+    with contextlib.suppress(Exception):
+        tags.setdefault(TAG_USER, getpass.getuser())
+    return tags
+
+
+def build_job(
+    *,
+    name: str,
+    compute: str,
+    n_nodes: int,
+    node: NodeOptions,
+    environment: Any,
+    experiment_name: str,
+    timeout_seconds: float | None,
+    cluster_name: str,
+    tags: Mapping[str, str] | None = None,
+    env_vars: Mapping[str, str] | None = None,
+    distribution: str = "pytorch",
+):
+    """Build the AML command job for the cluster's main job or a worker job.
+
+    Parameters
+    ----------
+    name
+        AML job name (unique in the workspace).
+    compute
+        AmlCompute target name.
+    n_nodes
+        ``instance_count`` of the job.
+    node
+        Options of the node entrypoint.
+    environment
+        What :func:`~dask_amlcompute.backend.environment.resolve_environment` returned.
+    experiment_name
+        Experiment the job is filed under (always set: the SDK would otherwise
+        use the current folder's name).
+    timeout_seconds
+        ``limits.timeout`` of the job, the server-side backstop.
+    cluster_name
+        Name of the Dask cluster, stored as a tag.
+    tags, env_vars
+        Extra job tags and node environment variables.
+    distribution
+        ``"pytorch"`` or ``"mpi"``: how AML tells each node its rank.
+
+    Returns
+    -------
+    azure.ai.ml.entities.Command
+        The job, ready for ``ml_client.jobs.create_or_update``.
+    """
+    from azure.ai.ml import MpiDistribution, PyTorchDistribution, command
+
+    if distribution == "mpi":
+        dist = MpiDistribution(process_count_per_instance=1)
+    elif distribution == "pytorch":
+        dist = PyTorchDistribution(process_count_per_instance=1)
+    else:
+        raise ValueError(f"distribution must be 'pytorch' or 'mpi', got {distribution!r}")
+    env = dict(env_vars or {})
+    return command(
+        name=name,
+        display_name=f"{cluster_name} ({node.role})",
+        description=f"Dask cluster {cluster_name}: {node.role} job started by dask-amlcompute",
+        command=node_command(node),
+        compute=compute,
+        instance_count=n_nodes,
+        distribution=dist,
+        environment=environment,
+        environment_variables=env,
+        experiment_name=experiment_name,
+        timeout=int(timeout_seconds) if timeout_seconds else None,
+        tags=cluster_tags(cluster_name, node.role, tags),
+    )

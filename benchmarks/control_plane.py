@@ -14,7 +14,6 @@ includes them.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from common import (
     EmulatorProcess,
@@ -33,19 +32,15 @@ TARGET_PER_MIN = 12.0
 
 
 class Meter:
-    """Requests (policy and ``AmlOps.calls``) between ``start()`` and ``stop()``."""
+    """Requests counted by the client's pipeline policy between ``start()`` and ``stop()``."""
 
-    def __init__(self, counter: RequestCounter, cluster: Any = None) -> None:
-        self.counter, self.cluster = counter, cluster
-
-    def _calls(self) -> int:
-        return self.cluster._context.ops.calls if self.cluster is not None else 0
+    def __init__(self, counter: RequestCounter) -> None:
+        self.counter = counter
 
     def start(self) -> Meter:
         """Take the first snapshot."""
         self.t0 = time.perf_counter()
         self.n0, self.routes0 = self.counter.snapshot()
-        self.c0 = self._calls()
         return self
 
     def stop(self) -> Meter:
@@ -53,7 +48,6 @@ class Meter:
         self.seconds = time.perf_counter() - self.t0
         self.n1, self.routes1 = self.counter.snapshot()
         self.requests = self.n1 - self.n0
-        self.calls = self._calls() - self.c0
         return self
 
     def per_min(self) -> float:
@@ -61,9 +55,9 @@ class Meter:
         return round(self.requests * 60 / self.seconds, 1)
 
     def detail(self) -> str:
-        """AmlOps.calls and the routes, for the detail column."""
+        """The routes, for the detail column."""
         return (
-            f"AmlOps.calls={self.calls}; {self.requests} requests in {self.seconds:.0f}s: "
+            f"{self.requests} requests in {self.seconds:.0f}s: "
             f"{route_summary(self.routes0, self.routes1)}"
         )
 
@@ -96,24 +90,22 @@ def run(opts: Options) -> SuiteResult:
             Client(cluster) as client,
         ):
             client.wait_for_workers(1, timeout=60)
-            start.cluster = cluster
             start.stop()
-            start.calls = cluster._context.ops.calls
             rows.append(count_row("AML requests to start (n_nodes=1) and connect", start))
             if not opts.quick:
-                idle = Meter(counter, cluster).start()
+                idle = Meter(counter).start()
                 time.sleep(window)
                 rows.append(rate_row("AML requests/min, idle, main job only", idle.stop()))
-            scale = Meter(counter, cluster).start()
+            scale = Meter(counter).start()
             cluster.scale(nodes=3)
             client.wait_for_workers(3, timeout=120)
             rows.append(count_row("AML requests to scale 1 -> 3 nodes (2 worker jobs)",
                                   scale.stop()))  # fmt: skip
-            steady = Meter(counter, cluster).start()
+            steady = Meter(counter).start()
             time.sleep(window)
             rows.append(rate_row("AML requests/min, steady state, main + 2 worker jobs",
                                  steady.stop()))  # fmt: skip
-            close = Meter(counter, cluster).start()
+            close = Meter(counter).start()
         rows.append(count_row("AML requests to close (3 jobs)", close.stop()))
     result.notes.append(
         "control_plane: steady-state polling is one GET job per job of the cluster per "

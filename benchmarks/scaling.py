@@ -119,7 +119,7 @@ def run(opts: Options) -> SuiteResult:
             Client(cluster) as client,
         ):
             client.wait_for_workers(1, timeout=60)
-            address = cluster._context.scheduler_internal_address
+            address = cluster._context.state.scheduler_address
             for i in range(reps):
                 plain.append(plain_worker_join(client, address, opts.workdir, i))
                 cycles.append(adapt_cycle(cluster, client, emu, counter, tasks))

@@ -1,15 +1,25 @@
 """The contract between the client and the nodes of a job.
 
 Both sides import this module (the node side imports nothing else of the
-library's client side): the job tags that identify a cluster's jobs, the run
-tags a scheduler publishes, and the node entrypoint's options.
+library's client side):
+
+- the job tags that identify a cluster's jobs, and :data:`SETTINGS_TAG`, the
+  cluster's settings that :meth:`AmlComputeCluster.from_name` reads back;
+- the run tags a scheduler publishes;
+- the command line of the in-job entrypoints, defined once: :class:`NodeOptions`
+  builds it (:meth:`NodeOptions.to_argv`, :func:`node_command`) and parses it
+  (:meth:`NodeOptions.from_argv`, used by ``python -m dask_amlcompute.node`` and
+  ``python -m dask_amlcompute.node.script``) from the same argparse definition
+  (:func:`node_parser`);
+- the environment variables and log markers of TLS and job mode.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,25 +30,70 @@ TAG_VERSION = "dask_amlcompute"
 TAG_USER = "dask_user"
 #: ``"script"`` on the jobs of ``dask-amlcompute run`` (job mode); absent on clusters.
 TAG_MODE = "dask_mode"
+#: Job tag of a cluster's main job: JSON of the settings ``from_name`` needs
+#: (see :func:`cluster_settings`), so nothing reads a command line back.
+SETTINGS_TAG = "dask_settings"
 
 #: Run tags the scheduler node publishes (mlflow) and the client reads from the job.
 SCHEDULER_TAG = "dask_scheduler"
 DASHBOARD_TAG = "dask_dashboard"
-VERSIONS_TAG = "dask_versions"
+
+#: Environment variables carrying the cluster's TLS certificate and key (PEM) to the nodes.
+TLS_CERT_ENV = "DASK_AMLCOMPUTE_TLS_CERT"
+TLS_KEY_ENV = "DASK_AMLCOMPUTE_TLS_KEY"
+
+#: Job mode: the environment variable carrying an embedded script into the job.
+SCRIPT_ENV = "DASK_AMLCOMPUTE_SCRIPT_GZ_B64"
+#: Job mode: the run tag rank 0 sets to the script's exit code before the job ends.
+EXIT_CODE_TAG = "dask_script_exit_code"
+#: Job mode: the lines rank 0 prints around the script's output in its log.
+OUTPUT_BEGIN = "----- dask-amlcompute: script output -----"
+OUTPUT_END = "----- dask-amlcompute: script exited with code"
+
+#: The module every node of a cluster or worker job runs (``python -m``).
+NODE_MODULE = "dask_amlcompute.node"
+#: The module every node of a job-mode job runs (``python -m``).
+SCRIPT_MODULE = "dask_amlcompute.node.script"
+
+
+@dataclass(frozen=True)
+class ScriptOptions:
+    """Job mode's options of ``python -m dask_amlcompute.node.script``.
+
+    Attributes
+    ----------
+    script
+        Path of the script in the job's code snapshot; None: the script is
+        embedded in the job (:data:`SCRIPT_ENV`).
+    script_name
+        File name of the embedded script.
+    wait_workers
+        Seconds rank 0 waits for every worker before starting the script anyway.
+    args
+        The script's own arguments (after ``--`` on the command line).
+    """
+
+    script: str | None = None
+    script_name: str = "script.py"
+    wait_workers: float = 300.0
+    args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class NodeOptions:
-    """Command-line options of the in-job entrypoint ``python -m dask_amlcompute.node``.
+    """Command-line options of the in-job entrypoints.
 
-    Attributes mirror the flags of :mod:`dask_amlcompute.node`.
+    ``python -m dask_amlcompute.node`` (cluster and worker jobs) takes every
+    option but ``script``; ``python -m dask_amlcompute.node.script`` (job mode,
+    ``script`` set) takes them all. :meth:`to_argv` and :meth:`from_argv`
+    round-trip: ``NodeOptions.from_argv(o.to_argv(), script=o.script is not None) == o``.
     """
 
     role: str
     name_prefix: str
     processes: int = 1
     threads: int | None = None
-    memory_limit: str | int | None = "auto"
+    memory_limit: str | int | float | None = "auto"
     scheduler_port: int = 8786
     dashboard_port: int = 8787
     worker_on_scheduler: bool = True
@@ -49,39 +104,249 @@ class NodeOptions:
     scheduler_address: str | None = None
     scheduler_options: Mapping[str, Any] = field(default_factory=dict)
     worker_options: Mapping[str, Any] = field(default_factory=dict)
+    #: Job mode only: the script to run on rank 0.
+    script: ScriptOptions | None = None
+
+    @property
+    def module(self) -> str:
+        """The module the job's nodes run: :data:`SCRIPT_MODULE` in job mode, else :data:`NODE_MODULE`."""
+        return SCRIPT_MODULE if self.script is not None else NODE_MODULE
 
     def worker_suffixes(self, n_nodes: int) -> list[str]:
         """Name suffixes of the workers this job starts (``-RANK-INDEX``)."""
         first = 0 if (self.role == "workers" or self.worker_on_scheduler) else 1
         return [f"-{r}-{i}" for r in range(first, n_nodes) for i in range(self.processes)]
 
+    def to_argv(self) -> list[str]:
+        """The entrypoint's arguments (what follows ``python -m MODULE``)."""
+        memory = self.memory_limit if self.memory_limit is not None else "auto"
+        argv = [
+            "--role", self.role,
+            "--name-prefix", self.name_prefix,
+            "--processes", str(self.processes),
+            "--memory-limit", _number(memory) if isinstance(memory, int | float) else memory,
+            "--scheduler-port", str(self.scheduler_port),
+            "--dashboard-port", str(self.dashboard_port),
+            "--death-timeout", _number(self.death_timeout),
+        ]  # fmt: skip
+        if self.threads:
+            argv += ["--threads", str(self.threads)]
+        if not self.worker_on_scheduler:
+            argv.append("--no-worker-on-scheduler")
+        if self.idle_timeout:
+            argv += ["--idle-timeout", _number(self.idle_timeout)]
+        if self.no_client_timeout:
+            argv += ["--no-client-timeout", _number(self.no_client_timeout)]
+            if self.first_contact_timeout:
+                argv += ["--first-contact-timeout", _number(self.first_contact_timeout)]
+        if self.scheduler_address:
+            argv += ["--scheduler-address", self.scheduler_address]
+        if self.scheduler_options:
+            argv += ["--scheduler-options", _json(self.scheduler_options)]
+        if self.worker_options:
+            argv += ["--worker-options", _json(self.worker_options)]
+        if self.script is not None:
+            s = self.script
+            argv += ["--script-name", s.script_name, "--wait-workers", _number(s.wait_workers)]
+            if s.script is not None:
+                argv += ["--script", s.script]
+            argv += ["--", *s.args]
+        return argv
+
+    @classmethod
+    def from_argv(
+        cls,
+        argv: Sequence[str],
+        *,
+        script: bool = False,
+        description: str | None = None,
+    ) -> NodeOptions:
+        """Parse an entrypoint's arguments (what :meth:`to_argv` returned).
+
+        Parameters
+        ----------
+        argv
+            The arguments after ``python -m MODULE``.
+        script
+            Job mode (``python -m dask_amlcompute.node.script``): accept
+            ``--script``, ``--script-name``, ``--wait-workers`` and, after
+            ``--``, the script's own arguments.
+        description
+            ``--help`` text.
+
+        Raises
+        ------
+        SystemExit
+            Bad arguments, or ``--help`` (argparse prints the message).
+        """
+        argv = list(argv)
+        script_args: list[str] = []
+        if script and "--" in argv:
+            cut = argv.index("--")
+            argv, script_args = argv[:cut], argv[cut + 1 :]
+        args = node_parser(script=script, description=description).parse_args(argv)
+        return cls(
+            role=args.role,
+            name_prefix=args.name_prefix,
+            processes=args.processes,
+            threads=args.threads or None,
+            memory_limit=args.memory_limit,
+            scheduler_port=args.scheduler_port,
+            dashboard_port=args.dashboard_port,
+            worker_on_scheduler=args.worker_on_scheduler,
+            death_timeout=args.death_timeout,
+            idle_timeout=args.idle_timeout,
+            no_client_timeout=args.no_client_timeout,
+            first_contact_timeout=args.first_contact_timeout,
+            scheduler_address=args.scheduler_address,
+            scheduler_options=args.scheduler_options,
+            worker_options=args.worker_options,
+            script=ScriptOptions(
+                script=args.script,
+                script_name=args.script_name,
+                wait_workers=args.wait_workers,
+                args=tuple(script_args),
+            )
+            if script
+            else None,
+        )
+
+
+def node_parser(*, script: bool = False, description: str | None = None) -> argparse.ArgumentParser:
+    """The argparse definition of the in-job entrypoints' command line (the only one).
+
+    Parameters
+    ----------
+    script
+        Add job mode's options (``python -m dask_amlcompute.node.script``).
+    description
+        ``--help`` text.
+    """
+    p = argparse.ArgumentParser(
+        prog=f"python -m {SCRIPT_MODULE if script else NODE_MODULE}", description=description
+    )
+    p.add_argument("--role", choices=["cluster", "workers"], default="cluster")
+    p.add_argument("--name-prefix", required=True, help="worker names are PREFIX-RANK-INDEX")
+    p.add_argument("--processes", type=int, default=1, help="worker processes per node")
+    p.add_argument("--threads", type=int, default=0, help="threads per worker (0: cores/processes)")
+    p.add_argument("--memory-limit", type=_memory_limit, default="auto")
+    p.add_argument("--scheduler-port", type=int, default=8786)
+    p.add_argument("--dashboard-port", type=int, default=8787)
+    p.add_argument("--scheduler-address", default=None, help="for --role workers")
+    p.add_argument("--no-worker-on-scheduler", dest="worker_on_scheduler", action="store_false")
+    p.add_argument("--death-timeout", type=float, default=300.0)
+    p.add_argument("--idle-timeout", type=float, default=None)
+    p.add_argument("--no-client-timeout", type=float, default=None)
+    p.add_argument(
+        "--first-contact-timeout",
+        type=float,
+        default=None,
+        help="seconds the scheduler waits for its first client or heartbeat",
+    )
+    p.add_argument("--scheduler-options", type=json.loads, default={})
+    p.add_argument("--worker-options", type=json.loads, default={})
+    if script:
+        job = p.add_argument_group("job mode", "the script rank 0 runs; its arguments follow --")
+        job.add_argument("--script", default=None, help="script path (code snapshot)")
+        job.add_argument("--script-name", default="script.py", help="name of the embedded script")
+        job.add_argument(
+            "--wait-workers",
+            type=float,
+            default=300.0,
+            help="seconds to wait for every worker before starting the script",
+        )
+    return p
+
 
 def node_command(opts: NodeOptions) -> str:
-    """The shell command every node of the job runs."""
-    argv = [
-        "python", "-m", "dask_amlcompute.node",
-        "--role", opts.role,
-        "--name-prefix", opts.name_prefix,
-        "--processes", str(opts.processes),
-        "--memory-limit", str(opts.memory_limit if opts.memory_limit is not None else "auto"),
-        "--scheduler-port", str(opts.scheduler_port),
-        "--dashboard-port", str(opts.dashboard_port),
-        "--death-timeout", f"{opts.death_timeout:g}",
-    ]  # fmt: skip
-    if opts.threads:
-        argv += ["--threads", str(opts.threads)]
-    if not opts.worker_on_scheduler:
-        argv.append("--no-worker-on-scheduler")
-    if opts.idle_timeout:
-        argv += ["--idle-timeout", f"{opts.idle_timeout:g}"]
-    if opts.no_client_timeout:
-        argv += ["--no-client-timeout", f"{opts.no_client_timeout:g}"]
-        if opts.first_contact_timeout:
-            argv += ["--first-contact-timeout", f"{opts.first_contact_timeout:g}"]
-    if opts.scheduler_address:
-        argv += ["--scheduler-address", opts.scheduler_address]
-    if opts.scheduler_options:
-        argv += ["--scheduler-options", json.dumps(dict(opts.scheduler_options), sort_keys=True)]
-    if opts.worker_options:
-        argv += ["--worker-options", json.dumps(dict(opts.worker_options), sort_keys=True)]
-    return shlex.join(argv)
+    """The shell command every node of the job runs (``python -m MODULE ARGS``)."""
+    return shlex.join(["python", "-m", opts.module, *opts.to_argv()])
+
+
+def cluster_settings(
+    node: NodeOptions, distribution: str, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The settings of a cluster that :data:`SETTINGS_TAG` carries, by setting name.
+
+    Unset (None) values are left out: a reconnecting client uses its own
+    defaults for them.
+
+    Parameters
+    ----------
+    node
+        The options of the cluster's main job.
+    distribution
+        ``"pytorch"`` or ``"mpi"``.
+    extra
+        More settings to store (JSON values).
+    """
+    settings = {
+        "processes_per_node": node.processes,
+        "threads_per_process": node.threads or None,
+        "memory_limit": node.memory_limit,
+        "worker_on_scheduler": node.worker_on_scheduler,
+        "scheduler_port": node.scheduler_port,
+        "dashboard_port": node.dashboard_port,
+        "death_timeout": node.death_timeout,
+        "idle_timeout": node.idle_timeout,
+        "no_client_timeout": node.no_client_timeout,
+        "distribution": distribution,
+        "scheduler_options": dict(node.scheduler_options) or None,
+        "worker_options": dict(node.worker_options) or None,
+        **dict(extra or {}),
+    }
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def settings_tag(settings: Mapping[str, Any]) -> dict[str, str]:
+    """The job tag that stores ``settings`` (see :func:`cluster_settings`)."""
+    return {SETTINGS_TAG: json.dumps(dict(settings), sort_keys=True, separators=(",", ":"))}
+
+
+def read_settings_tag(tags: Mapping[str, str] | None) -> dict[str, Any]:
+    """The settings stored by :func:`settings_tag`; ``{}`` when absent or unreadable."""
+    text = (tags or {}).get(SETTINGS_TAG)
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _number(value: float) -> str:
+    """A number for the command line, exactly (no ``:g`` rounding of large values)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _json(value: Mapping[str, Any]) -> str:
+    return json.dumps(dict(value), sort_keys=True)
+
+
+def _memory_limit(text: str) -> str | int | float:
+    """``--memory-limit``: a number stays a number (bytes, or a fraction), else the string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+# -- job naming: one rule for the client, the scheduler plugins and the CLI ------------
+
+
+def main_job_name(cluster_name: str) -> str:
+    """The AML job that runs a cluster's scheduler (never retired while the cluster runs)."""
+    return f"{cluster_name}-main"
+
+
+def worker_job_name(cluster_name: str, number: int) -> str:
+    """The ``number``-th extra worker job of a cluster (AML job names are never reused)."""
+    return f"{cluster_name}-w{number}"
+
+
+def is_main_job(job_name: str, cluster_name: str) -> bool:
+    """True for the cluster's main job: the one scaling must never close."""
+    return job_name == main_job_name(cluster_name)

@@ -12,8 +12,9 @@ from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
 
 from .backend.environment import environment_from_settings
-from .backend.jobs import AmlJobWorkers, AmlSchedulerJob, ClusterContext
+from .backend.jobs import MainJob, MainJobWorkers, WorkerJob
 from .backend.ops import AmlOps
+from .backend.state import ClusterContext, ClusterState, Lifecycle
 from .backend.workspace import ml_client_from_config
 from .config import ClusterSettings, resolve_settings
 from .connect import SchedulerConnector, host_port, reachable
@@ -21,6 +22,24 @@ from .exceptions import AmlComputeError, TooManyNodesError
 from .scaling import ScalingMixin
 
 logger = logging.getLogger(__name__)
+
+
+def _temporary_tls(settings: ClusterSettings) -> tuple[Any, dict[str, str]]:
+    """Temporary TLS credentials when ``security=True``: ``(Security, node env vars)``.
+
+    The certificate and its key reach the nodes as job environment variables:
+    anyone who can read this job's definition in the workspace can read them
+    (see the README's security notes). They exist only for this cluster.
+    """
+    if not settings.security:
+        return None, {}
+    from distributed.security import Security
+
+    from ._protocol import TLS_CERT_ENV, TLS_KEY_ENV
+
+    security = Security.temporary()
+    env = {TLS_CERT_ENV: security.tls_scheduler_cert, TLS_KEY_ENV: security.tls_scheduler_key}
+    return security, env
 
 
 class AmlComputeCluster(ScalingMixin, SpecCluster):
@@ -144,58 +163,47 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         self.settings: ClusterSettings = settings
         self.ml_client = ml_client
         self._quiet = settings.quiet
-        self._context = ClusterContext(
+        security, secret_env = _temporary_tls(settings)
+        state = ClusterState(name=settings.name, environment=environment_from_settings(settings))
+        ctx = self._context = ClusterContext(
             settings=settings,
             ops=AmlOps(ml_client),
+            state=state,
             log=self._log,
-            environment=environment_from_settings(settings),
+            connection_args=security.get_connection_args("client") if security else {},
+            secret_env=secret_env,
         )
-        self._context.connector = SchedulerConnector(self._context)
-        self._context.attach = _attach
-        security = self._security(settings)
-        self._context.on_job_ended = self._worker_job_ended
-        self.main_job_name = f"{settings.name}-main"
-        self._context.main_job = self.main_job_name
-        self._main_key = f"{settings.name}-main"
+        self._connector = SchedulerConnector(ctx)
+        self.main_job_name = self._main_key = state.main_job
         scheduler = {
-            "cls": AmlSchedulerJob,
-            "options": {"context": self._context, "job_name": self.main_job_name},
+            "cls": MainJob,
+            "options": {"context": ctx, "connector": self._connector, "attach": _attach},
         }
-        workers = {}
-        suffixes = self._context.node_options("cluster", "x").worker_suffixes(settings.n_nodes)
+        workers: dict[str, Any] = {}
+        suffixes = ctx.node_options("cluster", "x").worker_suffixes(settings.n_nodes)
         self._main_workers = len(suffixes)
         if suffixes:
             workers[self._main_key] = {
-                "cls": AmlJobWorkers,
-                "options": {
-                    "context": self._context,
-                    "job_name": self.main_job_name,
-                    "suffixes": suffixes,
-                },
+                "cls": MainJobWorkers,
+                "options": {"context": ctx, "suffixes": suffixes},
                 "group": suffixes,
             }
-        job_suffixes = self._context.node_options("workers", "x").worker_suffixes(
-            settings.nodes_per_job
-        )
+        job_suffixes = ctx.node_options("workers", "x").worker_suffixes(settings.nodes_per_job)
         self._workers_per_job = len(job_suffixes)
-        for job_name, n in _existing_worker_jobs:
-            group = self._context.node_options("workers", "x").worker_suffixes(n)
-            workers[job_name] = {
-                "cls": AmlJobWorkers,
-                "options": {"context": self._context, "suffixes": group, "n_nodes": n},
-                "group": group,
-            }
-            workers[job_name]["options"]["owns_job"] = True
         worker_job = {
-            "cls": AmlJobWorkers,
+            "cls": WorkerJob,
             "options": {
-                "context": self._context,
+                "context": ctx,
                 "suffixes": job_suffixes,
                 "n_nodes": settings.nodes_per_job,
-                "submit": True,
+                "on_ended": self._worker_job_ended,
             },
             "group": job_suffixes,
         }
+        for job_name, n in _existing_worker_jobs:  # reconnecting: adopt the running ones
+            group = ctx.node_options("workers", "x").worker_suffixes(n)
+            options = {**worker_job["options"], "suffixes": group, "n_nodes": n, "existing": True}
+            workers[job_name] = {"cls": WorkerJob, "options": options, "group": group}
         try:
             super().__init__(
                 scheduler=scheduler,
@@ -212,27 +220,6 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             if runner is not None and not asynchronous:
                 runner.stop()
             raise
-
-    def _security(self, settings: ClusterSettings) -> Any:
-        """Temporary TLS credentials when ``security=True`` (None otherwise).
-
-        The certificate and its key reach the nodes as job environment variables:
-        anyone who can read this job's definition in the workspace can read them
-        (see the README's security notes). They exist only for this cluster.
-        """
-        if not settings.security:
-            return None
-        from distributed.security import Security
-
-        from .node.entry import TLS_CERT_ENV, TLS_KEY_ENV
-
-        security = Security.temporary()
-        self._context.secret_env = {
-            TLS_CERT_ENV: security.tls_scheduler_cert,
-            TLS_KEY_ENV: security.tls_scheduler_key,
-        }
-        self._context.connection_args = security.get_connection_args("client")
-        return security
 
     # -- reconnecting ----------------------------------------------------------
 
@@ -290,8 +277,9 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             return await super()._start()
         ctx = self._context
         try:
-            ctx.compute = await ctx.ops.get_compute(self.settings.compute)
-            if not ctx.attach and isinstance(self.settings.environment, str):
+            ctx.state.compute = await ctx.ops.get_compute(self.settings.compute)
+            attach = self.scheduler_spec["options"]["attach"]
+            if not attach and isinstance(self.settings.environment, str):
                 await ctx.ops.check_environment(self.settings.environment)
             self._check_capacity()
             await super()._start()
@@ -310,17 +298,17 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             raise
 
     async def _close(self) -> None:
-        ctx = self._context
-        ctx.closing = True
+        state = self._context.state
         if not self.shutdown_on_close and self.status.name == "running":
             # A reconnected cluster we do not own: disconnect, leave it running.
-            ctx.detaching = True
+            state.lifecycle = Lifecycle.DETACHING
             self.shutdown_scheduler = False
             await asyncio.gather(*(w.close() for w in self.workers.values()))
             await super()._close()
             if self.scheduler is not None:
                 await self.scheduler.close()
             return
+        state.lifecycle = Lifecycle.CLOSING
         dead = self.scheduler is not None and await self._scheduler_gone()
         if dead:
             # The scheduler is gone with its job: don't spend connect timeouts on it.
@@ -344,18 +332,18 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         ctx = self._context
         if getattr(self.scheduler, "address", None) is None:
             return True
-        if not ctx.main_job_ended():
+        if not ctx.state.main_job_ended():
             try:
                 info = await ctx.ops.get_job(self.main_job_name)
-                ctx.jobs[self.main_job_name] = info.status
+                ctx.state.jobs[self.main_job_name] = info.status
             except Exception as exc:
                 logger.debug("Could not refresh %s: %s", self.main_job_name, exc)
-        if ctx.main_job_ended():
+        if ctx.state.main_job_ended():
             return True
         return not await reachable(*host_port(self.scheduler.address), timeout=3)
 
     def _check_capacity(self) -> None:
-        compute = self._context.compute
+        compute = self._context.state.compute
         n = self.settings.n_nodes
         if compute is not None and compute.max_nodes and n > compute.max_nodes:
             raise TooManyNodesError(
@@ -378,7 +366,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         Nothing is sent to AML. Useful to review the command, environment and
         limits, or to submit the job by other means.
         """
-        job = AmlSchedulerJob(self._context, self.main_job_name).job()
+        job = MainJob(self._context, self._connector).job()
         body = job._to_job()._to_rest_object().as_dict()
         env = body["properties"].get("environmentVariables") or {}
         for key in self._context.secret_env:
@@ -404,7 +392,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     @property
     def jobs(self) -> dict[str, str]:
         """AML jobs of this cluster and their last known status."""
-        return dict(self._context.jobs)
+        return dict(self._context.state.jobs)
 
     @property
     def startup_phases(self) -> dict[str, float]:
@@ -415,17 +403,17 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         ``connected`` (the client reached the scheduler), ``workers joined`` (every
         worker of the main job joined). A reconnected cluster has no ``submitted``.
         """
-        return dict(self._context.phases)
+        return dict(self._context.state.phases)
 
     @property
     def ended_reason(self) -> str | None:
         """Why the main job ended while the cluster was running (None if it did not)."""
-        return self._context.ended_reason
+        return self._context.state.ended_reason
 
     @property
     def dashboard_link(self) -> str:
         link = getattr(self.scheduler, "dashboard_link", None)
-        if link and self._context.connector.mode == "ssh":
+        if link and self._connector.mode == "ssh":
             return link
         return super().dashboard_link
 
@@ -433,7 +421,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         logs = await super()._get_logs(cluster=cluster, scheduler=scheduler, workers=workers)
         if cluster:
             ops = self._context.ops
-            for job_name in self._context.jobs:
+            for job_name in self._context.state.jobs:
                 _, files = await ops.run_details(job_name)
                 tail = await ops.log_tail(files, lines=200) if files else None
                 if tail:
@@ -444,7 +432,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         rows = "".join(
             f'<tr><td style="text-align: left;"><strong>AML job:</strong> {html.escape(job)}</td>'
             f'<td style="text-align: left;"><strong>Status:</strong> {html.escape(status)}</td></tr>'
-            for job, status in self._context.jobs.items()
+            for job, status in self._context.state.jobs.items()
         )
         compute = html.escape(self.settings.compute)
         rows = (
@@ -453,3 +441,30 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             f" x {self.settings.processes_per_node} process(es)</td></tr>{rows}"
         )
         return super()._repr_html_(cluster_status=rows + (cluster_status or ""))
+
+
+async def discover() -> Any:
+    """dask-ctl discovery: yield ``(name, AmlComputeCluster)`` for running clusters.
+
+    The ``dask_cluster_discovery`` entry point. Uses the workspace config file
+    (``config.json``) and ``DefaultAzureCredential``; yields nothing when no
+    workspace is configured. dask-ctl then calls
+    :meth:`AmlComputeCluster.from_name` with each name.
+
+    Yields
+    ------
+    tuple of (str, type)
+        A cluster name and :class:`AmlComputeCluster`.
+    """
+    from .backend.ops import AmlOps
+    from .backend.workspace import ml_client_from_config
+    from .discovery import list_cluster_jobs_async
+    from .exceptions import WorkspaceNotConfiguredError
+
+    try:
+        ml_client = ml_client_from_config()
+    except WorkspaceNotConfiguredError:
+        return
+    jobs = await list_cluster_jobs_async(AmlOps(ml_client))
+    for name in sorted({j.cluster for j in jobs if j.role == "cluster" and j.kind == "cluster"}):
+        yield name, AmlComputeCluster

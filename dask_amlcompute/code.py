@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+import pathspec
 
 from .exceptions import ConfigurationError
 
@@ -42,75 +42,17 @@ DEFAULT_IGNORES = (".git/", "__pycache__/", "*.py[cod]", ".ipynb_checkpoints/", 
 IGNORE_FILES = (".amlignore", ".gitignore")
 
 
-@dataclass(frozen=True)
-class _Rule:
-    regex: re.Pattern[str]
-    negate: bool
-    dir_only: bool
-
-
-def _translate(pattern: str) -> str:
-    """A gitignore glob (without ``!``, trailing ``/`` or anchor) as a regex body."""
-    out, i, n = [], 0, len(pattern)
-    while i < n:
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("/**", i) and i + 3 == n:
-            out.append("/.*")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        elif pattern[i] == "[" and (end := pattern.find("]", i + 2)) != -1:
-            body = pattern[i + 1 : end]
-            if body[0] in "!^":
-                body = "^" + body[1:]
-            out.append("[" + body.replace("\\", "\\\\") + "]")
-            i = end + 1
-        elif pattern[i] == "\\" and i + 1 < n:
-            out.append(re.escape(pattern[i + 1]))
-            i += 2
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return "".join(out)
-
-
-@lru_cache(maxsize=256)
-def _compile(line: str) -> _Rule | None:
-    line = line.rstrip("\n").rstrip("\r")
-    if not line.endswith("\\ "):
-        line = line.rstrip()
-    if not line or line.startswith("#"):
-        return None
-    negate = line.startswith("!")
-    if negate or line.startswith(("\\!", "\\#")):
-        line = line[1:]
-    dir_only = line.endswith("/")
-    line = line.rstrip("/")
-    if not line:
-        return None
-    anchored = "/" in line
-    body = _translate(line.lstrip("/"))
-    regex = ("^" if anchored else "^(?:.*/)?") + body + "$"
-    return _Rule(re.compile(regex, re.DOTALL), negate, dir_only)
-
-
 class IgnoreRules:
-    """``.gitignore``-style rules for paths relative to a folder.
+    """``.gitignore`` rules for paths relative to a folder.
 
-    Supported: ``#`` comments, ``!`` negation (the last matching rule wins),
-    ``dir/`` (directories only), patterns with a ``/`` anchored at the folder,
-    others matched at any depth, ``*``, ``?``, ``[abc]`` and ``**``. As in git,
-    a file inside an ignored directory cannot be re-included. Nested ignore
-    files in subfolders are not read.
+    Matching is :class:`pathspec.GitIgnoreSpec`'s: ``#`` comments, ``!``
+    negation (the last matching rule wins), ``dir/`` (directories only),
+    patterns with a ``/`` anchored at the folder, others matched at any depth,
+    ``*``, ``?``, ``[abc]`` and ``**`` (``dir/**`` is what is inside ``dir``).
+    As in git, a file inside an ignored directory cannot be re-included
+    (:func:`collect_code` does not enter ignored directories). Unlike git, a
+    negated directory (``!src/``) also re-includes directories under it that
+    an earlier rule ignored. Nested ignore files in subfolders are not read.
 
     Parameters
     ----------
@@ -125,7 +67,7 @@ class IgnoreRules:
     """
 
     def __init__(self, patterns: Iterable[str] = ()) -> None:
-        self.rules = [r for r in map(_compile, patterns) if r is not None]
+        self.spec = pathspec.GitIgnoreSpec.from_lines(list(patterns))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, defaults: Iterable[str] = ()) -> IgnoreRules:
@@ -138,13 +80,18 @@ class IgnoreRules:
 
     def ignored(self, relpath: str, is_dir: bool = False) -> bool:
         """Whether ``relpath`` (``/``-separated, relative to the folder) is ignored."""
-        result = False
-        for rule in self.rules:
-            if rule.dir_only and not is_dir:
-                continue
-            if rule.regex.match(relpath):
-                result = not rule.negate
-        return result
+        if not is_dir:
+            return self.spec.match_file(relpath)
+        # A directory: the last pattern that matches it wins (GitIgnoreSpec ranks file
+        # matches first, which is right for files only). "dir/**" matches what is inside
+        # dir, not dir itself (gitignore(5)), but its pathspec regex matches "dir/".
+        ignored = False
+        for pattern in self.spec.patterns:
+            inside_only = pattern.pattern.rstrip().endswith("/**")
+            target = relpath if inside_only else relpath + "/"
+            if pattern.include is not None and pattern.match_file(target) is not None:
+                ignored = pattern.include
+        return ignored
 
 
 @dataclass(frozen=True)

@@ -25,17 +25,21 @@ in ``repr()``, logs or error messages of this module.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import posixpath
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from .backend import datastores
+from .backend.ops import run_blocking
 from .exceptions import AmlComputeError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Datastore endpoint suffix of the public Azure cloud.
 PUBLIC_SUFFIX = "core.windows.net"
@@ -279,21 +283,13 @@ def _check_workspace(parsed: DatastoreURI, ml_client: Any) -> None:
 
 
 def _get_datastore(ml_client: Any, name: str, with_secrets: bool) -> Any:
-    from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
-
     try:
-        return ml_client.datastores.get(name, include_secrets=with_secrets)
-    except ResourceNotFoundError:
-        try:
-            names = sorted(d.name for d in ml_client.datastores.list())
-        except HttpResponseError:
-            names = []
-        known = ", ".join(names) if names else "(none could be listed)"
-        raise DatastoreNotFoundError(
-            f"datastore {name!r} does not exist in workspace "
-            f"{getattr(ml_client, 'workspace_name', '?')}. Datastores: {known}."
-        ) from None
-    except HttpResponseError as exc:
+        store = run_blocking(
+            asyncio.to_thread(
+                datastores.get_datastore, ml_client, name, include_secrets=with_secrets
+            )
+        )
+    except datastores.DatastoreRequestError as exc:
         if not with_secrets:
             raise DatastoreError(f"could not read datastore {name!r}: {redact(str(exc))}") from None
         raise DatastoreCredentialsError(
@@ -302,6 +298,14 @@ def _get_datastore(ml_client: Any, name: str, with_secrets: bool) -> Any:
             "listSecrets/action' permission; or pass identity=True to use the compute's managed "
             "identity (it needs a 'Storage Blob Data Reader/Contributor' role on the account)."
         ) from None
+    if store is None:
+        names = run_blocking(asyncio.to_thread(datastores.datastore_names, ml_client))
+        known = ", ".join(names) if names else "(none could be listed)"
+        raise DatastoreNotFoundError(
+            f"datastore {name!r} does not exist in workspace "
+            f"{getattr(ml_client, 'workspace_name', '?')}. Datastores: {known}."
+        )
+    return store
 
 
 def _endpoint(store: Any) -> tuple[str | None, str]:
@@ -480,19 +484,3 @@ def storage_options(uri: str, ml_client: Any, **kwargs: Any) -> StorageOptions:
         adlfs keyword arguments (secrets masked in ``repr``).
     """
     return resolve(uri, ml_client, **kwargs).storage_options
-
-
-def is_datastore_uri(path: Any) -> bool:
-    """Return whether ``path`` looks like an ``azureml://`` datastore URI.
-
-    Parameters
-    ----------
-    path : Any
-        Anything.
-
-    Returns
-    -------
-    bool
-        True for ``azureml://...datastores/...`` strings.
-    """
-    return isinstance(path, str) and bool(_LONG.match(path.strip()) or _SHORT.match(path.strip()))

@@ -1,21 +1,28 @@
 """Finding dask-amlcompute clusters in a workspace from their AML jobs.
 
 Every job of a cluster carries the tags ``dask_cluster`` (the cluster name)
-and ``dask_role`` (``cluster`` for the main job, ``workers`` for worker jobs).
-Used by :meth:`AmlComputeCluster.from_name`, the CLI (``list``/``logs``/``down``)
-and dask-ctl's ``dask_cluster_discovery`` entry point (:func:`discover`).
+and ``dask_role`` (``cluster`` for the main job, ``workers`` for worker jobs);
+the main job also carries its settings (``dask_settings``, see
+:func:`dask_amlcompute._protocol.cluster_settings`). Used by
+:meth:`AmlComputeCluster.from_name`, the CLI (``list``/``logs``/``down``) and
+dask-ctl's ``dask_cluster_discovery`` entry point
+(:func:`dask_amlcompute.cluster.discover`).
+
+Every AML call goes through :class:`~dask_amlcompute.backend.ops.AmlOps`: the
+``*_async`` functions run in the caller's event loop; :func:`list_cluster_jobs`
+and :func:`describe_cluster` are their blocking forms.
 """
 
 from __future__ import annotations
 
-import shlex
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
-from ._protocol import TAG_CLUSTER, TAG_MODE, TAG_ROLE
-from .backend.ops import TERMINAL_STATUSES, status_text
+from ._protocol import TAG_CLUSTER, TAG_MODE, TAG_ROLE, TAG_USER, main_job_name, read_settings_tag
+from .backend.ops import TERMINAL_STATUSES, AmlOps, run_blocking, status_text
 from .exceptions import AmlComputeError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,8 @@ class ClusterJob:
     created_by: str | None = None
     #: ``"cluster"`` (an AmlComputeCluster) or ``"script"`` (``dask-amlcompute run``).
     kind: str = "cluster"
+    #: The ``dask_user`` tag: the login that started the cluster.
+    user: str | None = None
 
 
 def _short_compute(compute: Any) -> str | None:
@@ -54,46 +63,75 @@ def _as_cluster_job(job: Any) -> ClusterJob | None:
         compute=_short_compute(getattr(job, "compute", None)),
         created_by=getattr(creation, "created_by", None),
         kind="script" if tags.get(TAG_MODE) == "script" else "cluster",
+        user=tags.get(TAG_USER),
     )
 
 
-def list_cluster_jobs(ml_client: Any, *, include_ended: bool = False) -> list[ClusterJob]:
-    """The jobs of every dask-amlcompute cluster in the workspace (active ones by default)."""
-    from azure.ai.ml.constants import ListViewType
+def _ops(client: Any) -> AmlOps:
+    return client if isinstance(client, AmlOps) else AmlOps(client)
 
-    view = ListViewType.ALL if include_ended else ListViewType.ACTIVE_ONLY
+
+async def list_cluster_jobs_async(
+    ops: AmlOps | Any, *, include_ended: bool = False
+) -> list[ClusterJob]:
+    """The jobs of every dask-amlcompute cluster in the workspace (active ones by default).
+
+    Parameters
+    ----------
+    ops
+        An :class:`~dask_amlcompute.backend.ops.AmlOps` (or an ``MLClient``).
+    include_ended
+        Also list jobs that have ended.
+    """
+    jobs = await _ops(ops).list_jobs(include_ended=include_ended)
     out = []
-    for job in ml_client.jobs.list(list_view_type=view):
+    for job in jobs:
         cj = _as_cluster_job(job)
         if cj is not None and (include_ended or cj.status not in TERMINAL_STATUSES):
             out.append(cj)
     return out
 
 
-def describe_cluster(ml_client: Any, name: str) -> dict[str, Any]:
+async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]:
     """Settings and live worker jobs of the running cluster ``name``.
+
+    The settings come from the main job itself (compute, nodes, experiment)
+    and from its ``dask_settings`` tag (processes, threads, ports, timeouts,
+    distribution, ...): nothing is parsed back from its command line. A main
+    job without that tag (started by an earlier version) gives the job's own
+    fields only; the other settings then take their defaults.
+
+    Parameters
+    ----------
+    ops
+        An :class:`~dask_amlcompute.backend.ops.AmlOps` (or an ``MLClient``).
+    name
+        The cluster name.
+
+    Returns
+    -------
+    dict
+        ``{"settings": {setting: value}, "worker_jobs": [(job name, nodes)]}``;
+        the settings are keyword arguments of
+        :class:`~dask_amlcompute.AmlComputeCluster`.
 
     Raises
     ------
     AmlComputeError
         No running cluster of that name.
     """
-    from azure.core.exceptions import ResourceNotFoundError
+    from .config import ClusterSettings
 
-    from .node.entry import _parse_args
-
-    try:
-        main = ml_client.jobs.get(f"{name}-main")
-    except ResourceNotFoundError:
+    ops = _ops(ops)
+    main = await ops.get_job_entity(main_job_name(name))
+    if main is None:
         raise AmlComputeError(
             f"No dask-amlcompute cluster named {name!r} in this workspace "
             "(`dask-amlcompute list` shows the running ones)."
-        ) from None
+        )
     status = status_text(main.status)
     if status in TERMINAL_STATUSES:
         raise AmlComputeError(f"Cluster {name!r} has ended (its main job is {status}).")
-    argv = shlex.split(main.command or "")
-    args = _parse_args(argv[3:]) if argv[:3] == ["python", "-m", "dask_amlcompute.node"] else None
     settings: dict[str, Any] = {
         "compute": _short_compute(main.compute),
         "n_nodes": int(getattr(main.resources, "instance_count", None) or 1),
@@ -102,39 +140,22 @@ def describe_cluster(ml_client: Any, name: str) -> dict[str, Any]:
     dist = getattr(main, "distribution", None)
     if dist is not None and "mpi" in type(dist).__name__.lower():
         settings["distribution"] = "mpi"
-    if args is not None:
-        settings.update(
-            processes_per_node=args.processes,
-            threads_per_process=args.threads or None,
-            memory_limit=args.memory_limit,
-            worker_on_scheduler=args.worker_on_scheduler,
-            scheduler_port=args.scheduler_port,
-            dashboard_port=args.dashboard_port,
-        )
+    known = {f.name for f in fields(ClusterSettings)}
+    stored = read_settings_tag(main.tags)
+    settings.update({k: v for k, v in stored.items() if k in known})
     workers = [
         (j.name, j.n_nodes)
-        for j in list_cluster_jobs(ml_client)
+        for j in await list_cluster_jobs_async(ops)
         if j.cluster == name and j.role == "workers"
     ]
     return {"settings": settings, "worker_jobs": workers}
 
 
-async def discover() -> AsyncIterator[tuple[str, Callable]]:
-    """dask-ctl discovery: yield ``(name, AmlComputeCluster)`` for running clusters.
+def list_cluster_jobs(ml_client: Any, *, include_ended: bool = False) -> list[ClusterJob]:
+    """Blocking form of :func:`list_cluster_jobs_async`."""
+    return run_blocking(list_cluster_jobs_async(ml_client, include_ended=include_ended))
 
-    Uses the workspace config file (``config.json``) and ``DefaultAzureCredential``;
-    yields nothing when no workspace is configured.
-    """
-    import asyncio
 
-    from .backend.workspace import ml_client_from_config
-    from .cluster import AmlComputeCluster
-    from .exceptions import WorkspaceNotConfiguredError
-
-    try:
-        ml_client = ml_client_from_config()
-    except WorkspaceNotConfiguredError:
-        return
-    jobs = await asyncio.to_thread(list_cluster_jobs, ml_client)
-    for name in sorted({j.cluster for j in jobs if j.role == "cluster" and j.kind == "cluster"}):
-        yield name, AmlComputeCluster
+def describe_cluster(ml_client: Any, name: str) -> dict[str, Any]:
+    """Blocking form of :func:`describe_cluster_async` (for :meth:`AmlComputeCluster.from_name`)."""
+    return run_blocking(describe_cluster_async(ml_client, name))

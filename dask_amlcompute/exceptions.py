@@ -142,3 +142,26 @@ class ErrorThresholdExceededError(AmlComputeError):
         self.stats = stats
         self.files = list(files or [])
         super().__init__(message)
+
+
+# -- the SSH tunnel to the scheduler (connect/) ------------------------------------
+
+
+class TunnelError(AmlComputeError, ConnectionError):
+    """The SSH tunnel to the scheduler's node could not be opened or kept open."""
+
+
+class TunnelUnreachableError(TunnelError):
+    """The node's SSH endpoint refused the connection or did not answer in time."""
+
+
+class TunnelAuthenticationError(TunnelError):
+    """The node's SSH server accepted none of the client keys."""
+
+
+class HostKeyError(TunnelError):
+    """The node's SSH host key is unknown or does not match ``known_hosts``."""
+
+
+class ForwardingError(TunnelError):
+    """The SSH server refused to forward to a target address."""

@@ -17,35 +17,44 @@ the local emulator (which has no blob storage for code snapshots). On real AML,
 ``code="folder"`` uploads the folder as the job's code snapshot instead: use it
 for large scripts or scripts that import their own modules.
 
-The in-job side is ``python -m dask_amlcompute.jobmode``: the flags of
-:mod:`dask_amlcompute.node` plus ``--script``/``--script-name``/``--wait-workers``,
-then ``--`` and the script's own arguments.
-
-This module builds and submits the job (the client side); the in-job side is in
-:mod:`dask_amlcompute.node.script` and the ``dask-amlcompute run`` command line in
-:mod:`dask_amlcompute.cli.run` (both re-exported here).
+This module builds and submits the job (the client side). The in-job side is
+``python -m dask_amlcompute.node.script`` (:mod:`dask_amlcompute.node.script`),
+whose command line :class:`dask_amlcompute._protocol.NodeOptions` defines; the
+``dask-amlcompute run`` command line is :mod:`dask_amlcompute.cli.run`.
+``python -m dask_amlcompute.jobmode`` still runs the in-job side, for jobs
+submitted by earlier versions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
+import contextlib
 import gzip
 import logging
 import os
-import shlex
 import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from ._protocol import TAG_MODE, NodeOptions, node_command
+from . import config
+from ._protocol import (
+    EXIT_CODE_TAG,
+    OUTPUT_BEGIN,
+    OUTPUT_END,
+    SCRIPT_ENV,
+    TAG_MODE,
+    TLS_CERT_ENV,
+    TLS_KEY_ENV,
+    NodeOptions,
+    ScriptOptions,
+)
 from .backend.jobspec import build_job
-from .cli.run import run_cli as run_cli
+from .backend.ops import run_blocking
 from .exceptions import (
     ConfigurationError,
     JobCanceledError,
@@ -53,17 +62,33 @@ from .exceptions import (
     JobFailedError,
     TooManyNodesError,
 )
-from .node.script import (
-    EXIT_CODE_TAG,
-    OUTPUT_BEGIN,
-    OUTPUT_END,
-    SCRIPT_ENV,
-    main,
+from .validation import (
+    aml_name,
+    boolean,
+    env_var_mapping,
+    environment_setting,
+    optional_string,
+    parse_duration,
+    pip_requirements,
+    positive_int,
+    string_list,
 )
-from .node.script import run_script_node as run_script_node
-from .validation import aml_name, parse_duration, positive_int
+
+__all__ = [
+    "EXIT_CODE_TAG",
+    "MAX_EMBEDDED_BYTES",
+    "OUTPUT_BEGIN",
+    "OUTPUT_END",
+    "SCRIPT_ENV",
+    "ScriptRun",
+    "build_script_job",
+    "embed_script",
+    "script_output",
+    "submit_script",
+]
 
 logger = logging.getLogger("dask_amlcompute.jobmode")
+T = TypeVar("T")
 
 #: Largest embedded script (after gzip + base64); use ``code=`` beyond it.
 MAX_EMBEDDED_BYTES = 64 * 1024
@@ -121,43 +146,88 @@ def embed_script(source: bytes, name: str = "script") -> str:
     return encoded
 
 
+def _tls_env() -> dict[str, str]:
+    """A temporary certificate and key for the job's TLS (see ``security=``)."""
+    from distributed.security import Security
+
+    security = Security.temporary()
+    return {TLS_CERT_ENV: security.tls_scheduler_cert, TLS_KEY_ENV: security.tls_scheduler_key}
+
+
 def build_script_job(
     script_path: str | os.PathLike,
     *,
     name: str,
     compute: str,
-    n_nodes: int,
-    environment: Any,
-    experiment_name: str,
-    timeout_seconds: float | None,
-    processes_per_node: int = 1,
+    n_nodes: int = 1,
+    processes_per_node: int | None = None,
     threads_per_process: int | None = None,
     script_args: Sequence[str] = (),
-    code: str | os.PathLike | None = None,
+    job_timeout: str | float | None = None,
+    experiment_name: str | None = None,
+    environment: Any = None,
+    pip_packages: Sequence[str] | None = None,
+    conda_packages: Sequence[str] | None = None,
+    node_package: str | None = None,
     env_vars: Mapping[str, str] | None = None,
-    distribution: str = "pytorch",
-    wait_workers: float = 300.0,
-    death_timeout: float = 300.0,
+    code: str | os.PathLike | None = None,
+    distribution: str | None = None,
+    security: bool | None = None,
+    idle_timeout: str | float | None = None,
+    no_client_timeout: str | float | None = None,
+    wait_workers: str | float = "5m",
+    death_timeout: str | float = "5m",
 ):
     """Build (but do not submit) the AML command job of :func:`submit_script`.
 
-    With ``code``, ``script_path`` is taken relative to that folder and the folder
-    becomes the job's code snapshot; otherwise the script is read and embedded.
+    Takes the arguments of :func:`submit_script` (same defaults, same dask
+    config keys). With ``code``, ``script_path`` is taken relative to that folder
+    and the folder becomes the job's code snapshot; otherwise the script is read
+    and embedded.
 
     Returns
     -------
     azure.ai.ml.entities.Command
+
+    Raises
+    ------
+    ConfigurationError
+        An argument or dask config value is invalid, or the script is too large
+        to embed.
     """
-    node = NodeOptions(
-        role="cluster",
-        name_prefix=f"{name}",
-        processes=processes_per_node,
-        threads=threads_per_process,
-        death_timeout=death_timeout,
+    from .backend.environment import resolve_environment
+
+    processes = positive_int(
+        config.get("processes-per-node", override_with=processes_per_node), "processes_per_node"
     )
-    env = dict(env_vars or {})
+    threads = config.get("threads-per-process", override_with=threads_per_process)
+    threads = None if threads is None else positive_int(threads, "threads_per_process")
+    timeout = parse_duration(config.get("job-timeout", override_with=job_timeout), "job_timeout")
+    experiment = aml_name(
+        config.get("experiment-name", override_with=experiment_name), "experiment_name"
+    )
+    dist = config.get("distribution", override_with=distribution)
+    if dist not in ("pytorch", "mpi"):
+        raise ConfigurationError(f"distribution must be 'pytorch' or 'mpi', not {dist!r}.")
+    env = env_var_mapping(config.get("env-vars", override_with=env_vars), "env_vars")
+    if boolean(config.get("security", override_with=security), "security"):
+        env.update(_tls_env())
+    node_env = resolve_environment(
+        environment_setting(config.get("environment", override_with=environment)),
+        pip_requirements(config.get("pip-packages", override_with=pip_packages), "pip_packages"),
+        extra_conda=string_list(
+            config.get("conda-packages", override_with=conda_packages), "conda_packages"
+        ),
+        node_package=optional_string(
+            config.get("node-package", override_with=node_package), "node_package"
+        ),
+    )
+    idle = parse_duration(idle_timeout, "idle_timeout")
+    no_client = parse_duration(no_client_timeout, "no_client_timeout")
+    wait_for_workers = parse_duration(wait_workers, "wait_workers") or 300.0
+
     script_path = Path(script_path)
-    extra = ["--script-name", script_path.name, "--wait-workers", f"{wait_workers:g}"]
+    in_snapshot = None
     if code is not None:
         if script_path.is_absolute():
             try:
@@ -166,63 +236,65 @@ def build_script_job(
                 raise ConfigurationError(
                     f"Script {script_path} is not inside the code folder {code}."
                 ) from None
-        extra += ["--script", script_path.as_posix()]
+        in_snapshot = script_path.as_posix()
     else:
         env[SCRIPT_ENV] = embed_script(script_path.read_bytes(), str(script_path))
+    node = NodeOptions(
+        role="cluster",
+        name_prefix=name,
+        processes=processes,
+        threads=threads,
+        death_timeout=parse_duration(death_timeout, "death_timeout") or 300.0,
+        idle_timeout=idle,
+        no_client_timeout=no_client,
+        # the script's client connects only once the workers are there
+        first_contact_timeout=wait_for_workers + no_client if no_client else None,
+        script=ScriptOptions(
+            script=in_snapshot,
+            script_name=script_path.name,
+            wait_workers=wait_for_workers,
+            args=tuple(str(a) for a in script_args),
+        ),
+    )
     job = build_job(
         name=name,
         compute=compute,
-        n_nodes=n_nodes,
+        n_nodes=positive_int(n_nodes, "n_nodes"),
         node=node,
-        environment=environment,
-        experiment_name=experiment_name,
-        timeout_seconds=timeout_seconds,
+        environment=node_env,
+        experiment_name=experiment,
+        timeout_seconds=timeout,
         cluster_name=name,
         tags={TAG_MODE: "script", "dask_script": script_path.name},
         env_vars=env,
-        distribution=distribution,
+        distribution=dist,
     )
-    argv = shlex.split(node_command(node))
-    argv[argv.index("dask_amlcompute.node")] = "dask_amlcompute.node.script"
-    job.command = shlex.join([*argv, *extra, "--", *script_args])
     job.display_name = f"{script_path.name} on {n_nodes} node(s) (dask-amlcompute run)"
     if code is not None:
         job.code = str(code)
     return job
 
 
-async def _submit_and_wait(ops: Any, job: Any, *, n_nodes: int, wait: bool, wait_timeout: float,
-                           poll_interval: float, log: Any) -> ScriptRun:  # fmt: skip
-    compute = await ops.get_compute(job.compute)
-    if compute.max_nodes and n_nodes > compute.max_nodes:
-        raise TooManyNodesError(
-            f"n_nodes={n_nodes} but compute {compute.name!r} has at most {compute.max_nodes} "
-            "node(s) (max_instances); nothing was submitted."
-        )
-    info = await ops.submit(job)
-    log(f"Submitted AML job {info.name} ({n_nodes} node(s)): {info.status}")
-    if info.studio_url:
-        log(f"Studio: {info.studio_url}")
-    if not wait:
-        return ScriptRun(info.name, info.status, studio_url=info.studio_url)
+async def _wait_until_ended(ops: Any, info: Any, *, wait_timeout: float, poll_interval: float,
+                            log: Any) -> Any:  # fmt: skip
     deadline, last = time.monotonic() + wait_timeout, info.status
-    try:
-        while not info.terminal:
-            if time.monotonic() > deadline:
-                raise JobError(
-                    f"Gave up waiting after {wait_timeout:.0f}s; the job keeps running until it "
-                    "ends or reaches its job_timeout.",
-                    job_name=info.name, status=info.status, studio_url=info.studio_url,
-                )  # fmt: skip
-            await asyncio.sleep(poll_interval)
-            info = await ops.get_job(info.name)
-            if info.status != last:
-                log(f"AML job {info.name}: {info.status}")
-                last = info.status
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        log(f"Interrupted: cancelling AML job {info.name}")
-        await ops.cancel(info.name)
-        raise
+    while not info.terminal:
+        if time.monotonic() > deadline:
+            raise JobError(
+                f"Gave up waiting after {wait_timeout:.0f}s; the job keeps running until it "
+                "ends or reaches its job_timeout.",
+                job_name=info.name, status=info.status, studio_url=info.studio_url,
+            )  # fmt: skip
+        await asyncio.sleep(poll_interval)
+        info = await ops.get_job(info.name)
+        if info.status != last:
+            log(f"AML job {info.name}: {info.status}")
+            last = info.status
+    return info
+
+
+async def _outcome(ops: Any, info: Any) -> ScriptRun:
+    """The :class:`ScriptRun` of an ended job, or its error."""
     if EXIT_CODE_TAG not in info.tags:  # the job resource may not carry the run's tags yet
         info = await ops.with_run_tags(info)
     code = info.tags.get(EXIT_CODE_TAG)
@@ -245,22 +317,62 @@ async def _submit_and_wait(ops: Any, job: Any, *, n_nodes: int, wait: bool, wait
     raise err
 
 
+async def _submit_and_wait(ops: Any, job: Any, *, n_nodes: int, wait: bool, wait_timeout: float,
+                           poll_interval: float, log: Any) -> ScriptRun:  # fmt: skip
+    """Submit ``job`` and (with ``wait``) wait for it to end.
+
+    Cancelled (Ctrl-C) once the submission has begun, it cancels the job first:
+    a submission still in flight is let land (bounded), then cancelled.
+    """
+    compute = await ops.get_compute(job.compute)
+    if compute.max_nodes and n_nodes > compute.max_nodes:
+        raise TooManyNodesError(
+            f"n_nodes={n_nodes} but compute {compute.name!r} has at most {compute.max_nodes} "
+            "node(s) (max_instances); nothing was submitted."
+        )
+    submitting = asyncio.ensure_future(ops.submit(job))
+    try:
+        info = await asyncio.shield(submitting)
+        log(f"Submitted AML job {info.name} ({n_nodes} node(s)): {info.status}")
+        if info.studio_url:
+            log(f"Studio: {info.studio_url}")
+        if not wait:
+            return ScriptRun(info.name, info.status, studio_url=info.studio_url)
+        info = await _wait_until_ended(
+            ops, info, wait_timeout=wait_timeout, poll_interval=poll_interval, log=log
+        )
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log(f"Interrupted: cancelling AML job {job.name}")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(submitting, 60)
+        await ops.cancel(job.name)
+        log(f"Cancelled AML job {job.name}")
+        raise
+    return await _outcome(ops, info)
+
+
 def submit_script(
     ml_client: Any,
     script_path: str | os.PathLike,
     *,
     compute: str,
     n_nodes: int = 1,
-    processes_per_node: int = 1,
+    processes_per_node: int | None = None,
     threads_per_process: int | None = None,
     script_args: Sequence[str] = (),
-    job_timeout: str | float = "1h",
-    experiment_name: str = "dask-amlcompute-run",
+    job_timeout: str | float | None = None,
+    experiment_name: str | None = None,
     name: str | None = None,
     environment: Any = None,
+    pip_packages: Sequence[str] | None = None,
+    conda_packages: Sequence[str] | None = None,
+    node_package: str | None = None,
     env_vars: Mapping[str, str] | None = None,
     code: str | os.PathLike | None = None,
-    distribution: str = "pytorch",
+    distribution: str | None = None,
+    security: bool | None = None,
+    idle_timeout: str | float | None = None,
+    no_client_timeout: str | float | None = None,
     wait: bool = True,
     wait_timeout: str | float | None = None,
     wait_workers: str | float = "5m",
@@ -273,6 +385,24 @@ def submit_script(
     ``DASK_SCHEDULER_ADDRESS`` set (so ``Client()`` connects); every rank runs
     ``processes_per_node`` workers.
 
+    Settings follow the cluster's precedence: an argument that is given (not
+    None) wins; otherwise the ``amlcompute.*`` dask config key of the same name
+    (``amlcompute.job-timeout``, ``experiment-name``, ``environment``,
+    ``pip-packages``, ``conda-packages``, ``node-package``, ``env-vars``,
+    ``distribution``, ``processes-per-node``, ``threads-per-process``,
+    ``security``; YAML files, ``DASK_AMLCOMPUTE__...`` environment variables or
+    ``dask.config.set``); otherwise the package default (``amlcompute.yaml``).
+    A mapping argument (``env_vars``) replaces the configured one. The
+    scheduler's ``idle_timeout`` and ``no_client_timeout`` are NOT read from
+    config: the cluster's defaults are meant for interactive use and would stop
+    a script that works a while without a client; here the job ends with the
+    script anyway.
+
+    The call blocks the calling thread (see :func:`~dask_amlcompute.backend.ops.run_blocking`: it also works
+    in a notebook whose event loop is running). Interrupting it (Ctrl-C, the
+    notebook's interrupt) cancels the job, once submitted, before it raises
+    ``KeyboardInterrupt``.
+
     Parameters
     ----------
     ml_client
@@ -280,14 +410,18 @@ def submit_script(
     script_path
         The script; relative to ``code`` when ``code`` is given.
     compute, n_nodes, processes_per_node, threads_per_process
-        Where and how wide the in-job cluster is.
+        Where and how wide the in-job cluster is (``processes_per_node``:
+        ``amlcompute.processes-per-node``, 1; ``threads_per_process``: cores /
+        processes unless configured).
     script_args
         Arguments of the script.
     job_timeout
-        AML job time limit: AML cancels the job after it.
+        AML job time limit: AML cancels the job after it
+        (``amlcompute.job-timeout``, 2h).
     experiment_name, name
-        Experiment and job name (default ``dask-run-<random>``).
-    environment
+        Experiment (``amlcompute.experiment-name``) and job name (default
+        ``dask-run-<random>``).
+    environment, pip_packages, conda_packages, node_package
         As for :class:`~dask_amlcompute.AmlComputeCluster` (default: pinned to this
         client's Python/dask/distributed/cloudpickle versions).
     env_vars
@@ -296,7 +430,16 @@ def submit_script(
         A folder uploaded as the job's code snapshot (real AML). Without it the
         script is embedded in the job (limit :data:`MAX_EMBEDDED_BYTES`).
     distribution
-        ``"pytorch"`` or ``"mpi"``.
+        ``"pytorch"`` or ``"mpi"`` (``amlcompute.distribution``).
+    security
+        True: TLS between the script, the scheduler and the workers, with a
+        temporary certificate carried in the job's environment variables
+        (``amlcompute.security``).
+    idle_timeout, no_client_timeout
+        The scheduler stops after this long without tasks (``idle_timeout``) or
+        without a client (``no_client_timeout``, counted once the script has
+        had ``wait_workers`` to connect); rank 0 then stops the script and the
+        job fails. None (default): no such limit, only ``job_timeout``.
     wait
         Wait for the job to end; False returns right after submission.
     wait_timeout
@@ -318,6 +461,10 @@ def submit_script(
         The script failed (``exit_code`` attribute, log tail in the message).
     JobCanceledError
         The job was cancelled (``job_timeout`` reached, or by a user).
+    ConfigurationError
+        An argument or dask config value is invalid; nothing was submitted.
+    KeyboardInterrupt
+        Interrupted; the job was cancelled.
 
     Examples
     --------
@@ -326,28 +473,33 @@ def submit_script(
     >>> run.status  # doctest: +SKIP
     'Completed'
     """
-    from .backend.environment import resolve_environment
     from .backend.ops import AmlOps
 
     n_nodes = positive_int(n_nodes, "n_nodes")
-    timeout = parse_duration(job_timeout, "job_timeout")
     name = aml_name(name or f"dask-run-{uuid.uuid4().hex[:10]}", "job name")
     job = build_script_job(
         script_path,
         name=name,
         compute=compute,
         n_nodes=n_nodes,
-        environment=resolve_environment(environment),
-        experiment_name=aml_name(experiment_name, "experiment_name"),
-        timeout_seconds=timeout,
-        processes_per_node=positive_int(processes_per_node, "processes_per_node"),
+        processes_per_node=processes_per_node,
         threads_per_process=threads_per_process,
-        script_args=[str(a) for a in script_args],
-        code=code,
+        script_args=script_args,
+        job_timeout=job_timeout,
+        experiment_name=experiment_name,
+        environment=environment,
+        pip_packages=pip_packages,
+        conda_packages=conda_packages,
+        node_package=node_package,
         env_vars=env_vars,
+        code=code,
         distribution=distribution,
-        wait_workers=parse_duration(wait_workers, "wait_workers") or 300.0,
+        security=security,
+        idle_timeout=idle_timeout,
+        no_client_timeout=no_client_timeout,
+        wait_workers=wait_workers,
     )
+    timeout = job.limits.timeout if job.limits is not None else None
     bound = parse_duration(wait_timeout, "wait_timeout") or (timeout or 3600) + 1800
 
     def log(message: str) -> None:
@@ -357,10 +509,11 @@ def submit_script(
 
     coro = _submit_and_wait(AmlOps(ml_client), job, n_nodes=n_nodes, wait=wait,
                             wait_timeout=bound, poll_interval=poll_interval, log=log)  # fmt: skip
-    # A thread of its own: works whether or not the caller already runs an event loop.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+    return run_blocking(coro)
 
 
 if __name__ == "__main__":
+    # Jobs submitted by earlier versions run ``python -m dask_amlcompute.jobmode``.
+    from .node.script import main
+
     sys.exit(main())

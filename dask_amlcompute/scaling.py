@@ -13,8 +13,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from dask.utils import parse_bytes
 from distributed.deploy.adaptive import Adaptive
 
+from ._protocol import is_main_job, worker_job_name
+from .backend.state import Lifecycle
 from .node.plugins import job_of_worker
 
 
@@ -32,7 +35,7 @@ class ScalingMixin:
     _i: int
 
     def _new_worker_name(self, worker_number: int) -> str:
-        return f"{self.settings.name}-w{worker_number}"
+        return worker_job_name(self.settings.name, worker_number)
 
     def new_worker_spec(self) -> dict[str, Any]:
         """The next worker job; AML job names are never reused, so numbers only grow."""
@@ -41,7 +44,7 @@ class ScalingMixin:
         return spec
 
     def _max_nodes(self) -> int | None:
-        compute = self._context.compute
+        compute = self._context.state.compute
         return compute.max_nodes if compute is not None and compute.max_nodes else None
 
     def _jobs_for_workers(self, n: int) -> int:
@@ -73,21 +76,30 @@ class ScalingMixin:
         n
             Total number of workers wanted.
         memory, cores
-            Scale to at least this much memory / this many threads, as in Dask.
+            Scale to at least this much memory (``"64 GiB"`` or bytes) / this many
+            threads, as in Dask, measured on the workers already running.
         nodes
             Total number of nodes wanted, main job included (instead of ``n``).
+
+        Raises
+        ------
+        ValueError
+            ``memory``/``cores`` with no worker running yet to measure them on.
         """
         if nodes is not None:
             n = self._main_workers + max(0, nodes - self.settings.n_nodes) * (
                 self._workers_per_job // self.settings.nodes_per_job
             )
         n = n or 0
-        if memory is not None or cores is not None:
-            return super().scale(n, memory=memory, cores=cores)
+        if memory is not None:
+            n = max(n, math.ceil(parse_bytes(memory) / self._per_worker("memory_limit", "memory")))
+        if cores is not None:
+            n = max(n, math.ceil(cores / self._per_worker("nthreads", "cores")))
+        state = self._context.state
         closing = self.status.name in ("closing", "closed")
-        if self._context.detaching:
+        if state.lifecycle is Lifecycle.DETACHING:
             pass  # disconnecting from a cluster we do not own: change nothing
-        elif closing or (n == 0 and self._context.closing):
+        elif closing or (n == 0 and state.closing):
             self.worker_spec.clear()
         else:
             jobs = self._jobs_for_workers(n)
@@ -110,13 +122,20 @@ class ScalingMixin:
 
     scale_up = scale
 
+    def _per_worker(self, field: str, what: str) -> float:
+        """The smallest ``field`` (memory_limit, nthreads) of the running workers."""
+        found = [w[field] for w in self.scheduler_info.get("workers", {}).values() if w.get(field)]
+        if not found:
+            raise ValueError(
+                f"scale({what}=...) measures the {what} of the running workers, and none runs "
+                "yet (or they have no limit). Use scale(n) or scale(nodes=k) instead."
+            )
+        return min(found)
+
     async def scale_down(self, workers) -> None:
         """Close the worker jobs of ``workers``; the main job's workers stay."""
-        main = {
-            self._main_key + suffix
-            for suffix in self.worker_spec.get(self._main_key, {}).get("group", [])
-        }
-        await super().scale_down([w for w in workers if w not in main and w != self._main_key])
+        keep = [w for w in workers if is_main_job(job_of_worker(w), self.settings.name)]
+        await super().scale_down([w for w in workers if w not in keep])
 
     def adapt(
         self,
@@ -161,7 +180,7 @@ class ScalingMixin:
         cap = to_workers(max_nodes) if max_nodes else math.inf
         maximum = cap if maximum is None else min(maximum, cap)
         return super().adapt(
-            Adaptive=AmlAdaptive,
+            Adaptive=Adaptive,
             minimum=minimum,
             maximum=max(maximum, minimum),
             interval=interval,
@@ -173,19 +192,6 @@ class ScalingMixin:
 
     def _worker_job_ended(self, key: str, status: str) -> None:
         """A worker job ended on its own: drop it so adaptive/scale can replace it."""
-        if key in self.worker_spec and key != self._main_key:
+        if key in self.worker_spec and not is_main_job(key, self.settings.name):
             del self.worker_spec[key]
             self.loop.add_callback(self._correct_state)
-
-
-class AmlAdaptive(Adaptive):
-    """Adaptive scaling that never retires the main job's workers.
-
-    Workers are grouped by job (``worker_key``), so the scheduler proposes whole
-    worker jobs to close; the main job (which runs the scheduler) is excluded.
-    """
-
-    async def workers_to_close(self, target: int) -> list[str]:
-        proposed = await super().workers_to_close(target)
-        main = f"{self.cluster.settings.name}-main"
-        return [w for w in proposed if job_of_worker(w) != main]

@@ -12,18 +12,16 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import isodate
 from dask.utils import parse_bytes, parse_timedelta
 
 from .exceptions import ConfigurationError
 
-_ISO_DURATION = re.compile(
-    r"^P(?:(?P<days>\d+(?:\.\d+)?)D)?"
-    r"(?:T(?:(?P<hours>\d+(?:\.\d+)?)H)?(?:(?P<minutes>\d+(?:\.\d+)?)M)?"
-    r"(?:(?P<seconds>\d+(?:\.\d+)?)S)?)?$"
-)
+#: A clock string, ``[h:]m:s`` (``"1:30:00"``, ``"05:00"``).
 _CLOCK = re.compile(r"^(?:(?P<h>\d+):)?(?P<m>\d+):(?P<s>\d+(?:\.\d+)?)$")
 # AML job and experiment names: letters, digits, '-' and '_', starting with a letter or digit.
 _AML_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
@@ -44,8 +42,9 @@ def parse_duration(value: str | float | int | None, what: str = "timeout") -> fl
     Parameters
     ----------
     value
-        Seconds as a number, a dask-style string (``"90s"``, ``"2h"``, ``"1.5 hours"``),
-        an ISO 8601 duration (``"PT1H30M"``) or a clock string (``"1:30:00"``).
+        Seconds as a number, a dask-style string (``"90s"``, ``"2h"``, ``"1.5 hours"``,
+        see :func:`dask.utils.parse_timedelta`), an ISO 8601 duration (``"PT1H30M"``,
+        read by :func:`isodate.parse_duration`) or a clock string (``"1:30:00"``).
         ``None`` passes through.
     what
         Name of the setting, used in the error message.
@@ -54,6 +53,11 @@ def parse_duration(value: str | float | int | None, what: str = "timeout") -> fl
     -------
     float or None
         Seconds.
+
+    Raises
+    ------
+    ConfigurationError
+        Anything else, and durations that are not positive (``"PT"``, ``0``).
 
     Examples
     --------
@@ -65,30 +69,11 @@ def parse_duration(value: str | float | int | None, what: str = "timeout") -> fl
     if value is None:
         return None
     seconds: float | None = None
-    if isinstance(value, bool):
-        seconds = None
-    elif isinstance(value, int | float):
+    if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
     elif isinstance(value, str):
-        text = value.strip()
-        iso = _ISO_DURATION.match(text.upper())
-        clock = _CLOCK.match(text)
-        if iso and text.upper() not in ("P", "PT"):
-            parts = {k: float(v) for k, v in iso.groupdict().items() if v}
-            seconds = (
-                parts.get("days", 0) * 86400
-                + parts.get("hours", 0) * 3600
-                + parts.get("minutes", 0) * 60
-                + parts.get("seconds", 0)
-            )
-        elif clock:
-            seconds = int(clock["h"] or 0) * 3600 + int(clock["m"]) * 60 + float(clock["s"])
-        else:
-            try:
-                seconds = float(parse_timedelta(text))
-            except (ValueError, KeyError, TypeError, IndexError):
-                seconds = None
-    if seconds is None or seconds != seconds or seconds <= 0:
+        seconds = _duration_text(value.strip())
+    if seconds is None or not seconds > 0:  # NaN is not > 0 either
         raise ConfigurationError(
             f"Invalid {what}: {value!r}. Use a positive number of seconds, a string such as "
             f"'90s', '30m' or '2h', an ISO 8601 duration such as 'PT2H', or '1:30:00'."
@@ -96,25 +81,21 @@ def parse_duration(value: str | float | int | None, what: str = "timeout") -> fl
     return seconds
 
 
-def iso8601_duration(seconds: float) -> str:
-    """Format seconds as the ISO 8601 duration AML uses for ``limits.timeout``.
-
-    Examples
-    --------
-    >>> iso8601_duration(5400)
-    'PT1H30M'
-    """
-    total = round(seconds)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    out = "PT"
-    if hours:
-        out += f"{hours}H"
-    if minutes:
-        out += f"{minutes}M"
-    if secs or out == "PT":
-        out += f"{secs}S"
-    return out
+def _duration_text(text: str) -> float | None:
+    """Seconds of a duration string (see :func:`parse_duration`), or None if it is none."""
+    if text.upper().startswith("P"):
+        try:
+            delta = isodate.parse_duration(text.upper())
+        except ValueError:  # isodate.ISO8601Error
+            return None
+        # years and months (an isodate.Duration) have no fixed length in seconds
+        return delta.total_seconds() if isinstance(delta, timedelta) else None
+    if clock := _CLOCK.match(text):
+        return int(clock["h"] or 0) * 3600 + int(clock["m"]) * 60 + float(clock["s"])
+    try:
+        return float(parse_timedelta(text))
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 def positive_int(value: object, what: str) -> int:
@@ -527,9 +508,9 @@ def environment_setting(value: object) -> Any:
         if ref is not None and ref.label is not None:
             return str(ref)
         return value
-    from azure.ai.ml.entities import Environment
+    from .backend.environment import is_environment_entity
 
-    if isinstance(value, Environment):
+    if is_environment_entity(value):
         return value
     raise ConfigurationError(
         f"environment must be None, a string ('name@latest', 'name:version', a Docker image) "

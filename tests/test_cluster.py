@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import operator
 import time
 
@@ -62,16 +63,39 @@ def test_three_node_cluster_runs_dask_workloads(emulator, ml_client, cluster_kwa
 
 
 def test_scheduler_address_found_in_run_history_when_the_job_lacks_it(
-    run_tags_withheld, ml_client, cluster_kwargs
+    run_tags_withheld, ml_client, cluster_kwargs, caplog
 ):
     from dask_amlcompute._protocol import SCHEDULER_TAG
 
-    with AmlComputeCluster(ml_client, n_nodes=1, **cluster_kwargs) as cluster, Client(cluster) as c:
+    with (
+        caplog.at_level(logging.WARNING, logger="dask_amlcompute"),
+        AmlComputeCluster(ml_client, n_nodes=1, **cluster_kwargs) as cluster,
+        Client(cluster) as c,
+    ):
         job = cluster.main_job_name
         assert SCHEDULER_TAG not in (ml_client.jobs.get(job).tags or {})  # only run history has it
         run = ml_client.jobs._runs_operations.get_run(job)
         assert cluster.scheduler_address.endswith(run.tags[SCHEDULER_TAG].rsplit(":", 1)[1])
         assert c.submit(operator.add, 1, 2).result() == 3
+    # read through the documented route (mlflow + the workspace's tracking URI), no fallback
+    assert "falling back" not in caplog.text, caplog.text
+
+
+def test_run_tags_fall_back_to_run_history_with_a_warning(ml_client, cluster_kwargs, caplog):
+    # A client whose MLflow route fails (here: a tracking URI scheme mlflow has no store
+    # for, as azureml:// is without the azureml-mlflow plugin) still gets the tags through
+    # run history, and is told once.
+    import asyncio
+
+    from dask_amlcompute.backend.ops import AmlOps
+
+    with AmlComputeCluster(ml_client, n_nodes=1, **cluster_kwargs) as cluster:
+        ops = AmlOps(ml_client, tracking_uri="azureml-unknown://nowhere/mlflow")
+        with caplog.at_level(logging.WARNING, logger="dask_amlcompute"):
+            tags = asyncio.run(ops.run_tags(cluster.main_job_name))
+            asyncio.run(ops.run_tags(cluster.main_job_name))
+    assert "dask_scheduler" in tags
+    assert caplog.text.count("falling back to run history") == 1
 
 
 def test_processes_per_node_and_mpi_distribution(emulator, ml_client, cluster_kwargs):

@@ -105,7 +105,7 @@ def test_auto_uses_direct_when_the_scheduler_is_reachable(ssh_emulator, ssh_key,
     with AmlComputeCluster(
         ssh_emulator.ml_client(), **kwargs(ssh_key, tmp_path, connect="auto")
     ) as cluster:
-        assert cluster._context.connector.mode == "direct"
+        assert cluster._connector.mode == "direct"
         assert not cluster.scheduler_address.startswith("tcp://127.0.0.1:")
 
 
@@ -127,7 +127,7 @@ def test_auto_falls_back_to_ssh_when_the_scheduler_is_not_reachable(
         ) as cluster,
         Client(cluster) as client,
     ):
-        assert cluster._context.connector.mode == "ssh"
+        assert cluster._connector.mode == "ssh"
         assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
         assert client.submit(lambda: "through the tunnel").result() == "through the tunnel"
 
@@ -144,7 +144,7 @@ def test_tunnel_survives_a_dropped_ssh_connection_and_moves_bulk_data(
         ) as cluster,
         Client(cluster) as client,
     ):
-        tunnel = cluster._context.connector.tunnel
+        tunnel = cluster._connector.tunnel
         local_ports = {tunnel.local_address(name)[1] for name in ("scheduler", "dashboard")}
         array = np.arange(
             50 * 2**20 // 8, dtype="float64"

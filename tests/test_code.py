@@ -34,6 +34,15 @@ from dask_amlcompute.code import IgnoreRules, collect_code, ship_code
         (["file[0-9].py"], "filex.py", False, False),
         (["# comment", "", "  "], "# comment", False, False),
         (["\\#hash"], "#hash", False, True),
+        (["data/"], "data/x.csv", False, True),  # under an ignored directory
+        (["*.log", "!important.log", "important.log"], "important.log", False, True),  # last wins
+        (["*", "!*/", "!*.py"], "src/a.py", False, False),  # "only Python files"
+        (["*", "!*/", "!*.py"], "src/a.txt", False, True),
+        (["*", "!*/", "!*.py"], "src", True, False),
+        (["logs/**", "!logs/.gitkeep"], "logs", True, False),  # dir/** is what is inside dir
+        (["logs/**", "!logs/.gitkeep"], "logs/sub", True, True),
+        (["logs/**", "!logs/.gitkeep"], "logs/.gitkeep", False, False),
+        (["logs/**", "!logs/.gitkeep"], "logs/a.log", False, True),
     ],
 )
 def test_gitignore_semantics(patterns, path, is_dir, ignored):
@@ -79,6 +88,23 @@ def test_ignore_file_rules_and_defaults(tmp_path):
     assert "notes.txt" not in collect_code(root, ignore_file=".gitignore").files
     with pytest.raises(ConfigurationError, match="does not exist"):
         collect_code(root, ignore_file="nope")
+
+
+def test_negation_keeps_only_what_is_re_included(tmp_path):
+    root = make_tree(
+        tmp_path / "proj",
+        {
+            ".amlignore": "*\n!*/\n!*.py\n",
+            "pkg/mod.py": "X = 1\n",
+            "pkg/notes.md": "x",
+            "pkg/sub/deep.py": "",
+            "top.py": "",
+            "data.csv": "1\n",
+        },
+    )
+    assert collect_code(root).files == ("pkg/mod.py", "pkg/sub/deep.py", "top.py")
+    (root / ".amlignore").write_text("pkg/**\n!pkg/mod.py\n")  # contents, not the folder
+    assert collect_code(root).files == (".amlignore", "data.csv", "pkg/mod.py", "top.py")
 
 
 def test_size_limit_is_a_clear_error(tmp_path):

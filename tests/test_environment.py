@@ -195,7 +195,7 @@ def keep_signal_handlers():
 
 
 def test_cli_prints_the_spec(capsys, keep_signal_handlers):
-    assert cli_main(["env", "--print"]) == 0
+    assert cli_main(["env"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert f"dask=={dask.__version__}" in info["conda"]["dependencies"][-1]["pip"]
     assert info["aml_environment"].startswith("CliV2AnonymousEnvironment:")

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
+import signal
+import subprocess
+import sys
 import textwrap
 
+import dask
 import pytest
+from _helpers import wait_for
 
+from dask_amlcompute._protocol import TLS_CERT_ENV, TLS_KEY_ENV, NodeOptions
+from dask_amlcompute.cli.run import run_cli
 from dask_amlcompute.discovery import list_cluster_jobs
 from dask_amlcompute.exceptions import ConfigurationError, JobFailedError
 from dask_amlcompute.jobmode import (
@@ -16,7 +24,6 @@ from dask_amlcompute.jobmode import (
     OUTPUT_END,
     SCRIPT_ENV,
     build_script_job,
-    run_cli,
     script_output,
     submit_script,
 )
@@ -45,7 +52,7 @@ def _job(tmp_path, source="print('hi')\n", **kwargs):
     script = tmp_path / "job.py"
     script.write_text(source)
     options = dict(name="dask-run-test", compute="cpu-cluster", n_nodes=3, environment="env@latest",
-                   experiment_name="exp", timeout_seconds=600)  # fmt: skip
+                   experiment_name="exp", job_timeout=600)  # fmt: skip
     options.update(kwargs)
     return build_script_job(script, **options)
 
@@ -54,7 +61,10 @@ def test_embedded_script_job(tmp_path):
     job = _job(tmp_path, processes_per_node=2, script_args=["--alpha", "1 2"])
     argv = shlex.split(job.command)
     assert argv[:3] == ["python", "-m", "dask_amlcompute.node.script"]
-    assert argv[argv.index("--processes") + 1] == "2"
+    opts = NodeOptions.from_argv(argv[3:], script=True)  # the parser the node uses
+    assert opts.processes == 2 and opts.role == "cluster" and opts.name_prefix == "dask-run-test"
+    assert opts.script.script is None and opts.script.script_name == "job.py"
+    assert opts.script.args == ("--alpha", "1 2")
     assert argv[argv.index("--") + 1 :] == ["--alpha", "1 2"]
     assert SCRIPT_ENV in job.environment_variables and job.code is None
     assert job.resources.instance_count == 3 and job.tags["dask_mode"] == "script"
@@ -63,7 +73,7 @@ def test_embedded_script_job(tmp_path):
 def test_code_folder_job_does_not_embed(tmp_path):
     job = _job(tmp_path, code=str(tmp_path))
     argv = shlex.split(job.command)
-    assert argv[argv.index("--script") + 1] == "job.py"
+    assert NodeOptions.from_argv(argv[3:], script=True).script.script == "job.py"
     assert SCRIPT_ENV not in job.environment_variables
     assert job.code == str(tmp_path)
 
@@ -78,6 +88,86 @@ def test_script_output_section():
     log = f"noise\n{OUTPUT_BEGIN}\nhello\nworld\n{OUTPUT_END} 0 -----\nmore noise"
     assert script_output(log) == "hello\nworld\n"
     assert script_output("no markers") is None
+
+
+def _body(job):
+    return job._to_job()._to_rest_object().as_dict()["properties"]
+
+
+def test_job_mode_reads_dask_config_like_the_cluster(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("print('hi')\n")
+    config = {
+        "amlcompute.job-timeout": "15m",
+        "amlcompute.experiment-name": "from-config",
+        "amlcompute.env-vars": {"FROM_CONFIG": "1"},
+        "amlcompute.distribution": "mpi",
+        "amlcompute.processes-per-node": 3,
+        "amlcompute.threads-per-process": 2,
+        "amlcompute.pip-packages": ["tqdm"],
+        "amlcompute.conda-packages": ["gcc"],
+        "amlcompute.node-package": "git+https://example.org/dask-amlcompute.git",
+    }
+    with dask.config.set(config):
+        job = build_script_job(script, name="cfg-run", compute="cpu-cluster", n_nodes=2)
+        body = _body(job)
+        assert body["limits"]["timeout"] == "PT15M"
+        assert body["experimentName"] == "from-config"
+        assert body["distribution"]["distributionType"] == "Mpi"
+        assert body["environmentVariables"]["FROM_CONFIG"] == "1"
+        opts = NodeOptions.from_argv(shlex.split(job.command)[3:], script=True)
+        assert (opts.processes, opts.threads) == (3, 2)
+        deps = job.environment.conda_file["dependencies"]
+        pip = next(d["pip"] for d in deps if isinstance(d, dict))
+        assert "tqdm" in pip and "gcc" in deps
+        assert "git+https://example.org/dask-amlcompute.git" in pip
+
+        # an argument wins over dask config (a mapping replaces the configured one)
+        job = build_script_job(
+            script, name="arg-run", compute="cpu-cluster", job_timeout="5m",
+            experiment_name="from-arg", env_vars={"FROM_ARG": "1"}, distribution="pytorch",
+            processes_per_node=1, threads_per_process=4, pip_packages=["rich"], conda_packages=[],
+        )  # fmt: skip
+        body = _body(job)
+        assert body["limits"]["timeout"] == "PT5M" and body["experimentName"] == "from-arg"
+        assert body["distribution"]["distributionType"] == "PyTorch"
+        assert "FROM_CONFIG" not in body["environmentVariables"]
+        assert body["environmentVariables"]["FROM_ARG"] == "1"
+        opts = NodeOptions.from_argv(shlex.split(job.command)[3:], script=True)
+        assert (opts.processes, opts.threads) == (1, 4)
+        deps = job.environment.conda_file["dependencies"]
+        pip = next(d["pip"] for d in deps if isinstance(d, dict))
+        assert "rich" in pip and "tqdm" not in pip and "gcc" not in deps
+
+    # configured packages with a configured user environment: refused, as for a cluster
+    with dask.config.set({"amlcompute.environment": "my-env@latest"}):
+        assert _body(_job(tmp_path, environment=None))["environmentId"] == "my-env@latest"
+        with (
+            dask.config.set({"amlcompute.pip-packages": ["tqdm"]}),
+            pytest.raises(ConfigurationError, match="pip_packages"),
+        ):
+            _job(tmp_path, environment=None)
+    with (
+        dask.config.set({"amlcompute.distribution": "horovod"}),
+        pytest.raises(ConfigurationError, match="distribution"),
+    ):
+        _job(tmp_path)
+    # without config: the package defaults (amlcompute.yaml)
+    assert _body(_job(tmp_path, job_timeout=None))["limits"]["timeout"] == "PT2H"
+
+
+def test_script_job_security_and_timeouts_reach_the_node_command(tmp_path):
+    job = _job(tmp_path, security=True, idle_timeout="2m", no_client_timeout=30, wait_workers=60)
+    env = job.environment_variables
+    assert "BEGIN CERTIFICATE" in env[TLS_CERT_ENV] and "PRIVATE KEY" in env[TLS_KEY_ENV]
+    opts = NodeOptions.from_argv(shlex.split(job.command)[3:], script=True)
+    assert (opts.idle_timeout, opts.no_client_timeout) == (120, 30)
+    # the script's client only connects once the workers are in: the first contact may be late
+    assert opts.first_contact_timeout == 90
+    plain = _job(tmp_path)
+    assert TLS_CERT_ENV not in plain.environment_variables
+    opts = NodeOptions.from_argv(shlex.split(plain.command)[3:], script=True)
+    assert opts.idle_timeout is None and opts.no_client_timeout is None
 
 
 @pytest.mark.slow
@@ -117,3 +207,101 @@ def test_cli_with_own_emulator(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "exited with code 3" in err and "bye" in err
     assert run_cli([str(script), "--nodes", "1"]) == 2  # no --compute, no --emulator
+
+
+TLS_SCRIPT = """
+from distributed import Client
+
+client = Client()
+workers = list(client.scheduler_info()["workers"])
+print(f"scheduler={client.scheduler.address} workers={workers}")
+assert client.scheduler.address.startswith("tls://")
+assert workers and all(w.startswith("tls://") for w in workers)
+print("total", sum(client.gather(client.map(lambda x: x + 1, range(10)))))
+"""
+
+
+@pytest.mark.slow
+def test_tls_reaches_the_script_scheduler(emulator, ml_client, tmp_path):
+    # job mode starts its scheduler like a cluster's: with the job's TLS certificate
+    script = tmp_path / "tls.py"
+    script.write_text(textwrap.dedent(TLS_SCRIPT))
+    run = submit_script(ml_client, script, compute="cpu-cluster", n_nodes=2, job_timeout="5m",
+                        security=True, wait_timeout=120, poll_interval=0.3, quiet=True)  # fmt: skip
+    assert run.status == "Completed" and run.exit_code == 0, run.output
+    assert "scheduler=tls://" in run.output and "total 55" in run.output
+
+
+@pytest.mark.slow
+def test_idle_timeout_ends_a_hung_script_job(emulator, ml_client, tmp_path):
+    # the scheduler's idle timeout applies to script jobs: a script that hangs without
+    # work ends its job long before job_timeout
+    script = tmp_path / "hang.py"
+    script.write_text("import time\nfrom distributed import Client\n"
+                      "client = Client()\nprint('connected', flush=True)\ntime.sleep(600)\n")  # fmt: skip
+    with pytest.raises(JobFailedError) as info:
+        submit_script(ml_client, script, compute="cpu-cluster", n_nodes=1, job_timeout="10m",
+                      idle_timeout=3, wait_timeout=90, poll_interval=0.3, quiet=True)  # fmt: skip
+    assert info.value.status == "Failed" and info.value.exit_code == 128 + signal.SIGTERM
+    assert "connected" in info.value.log_tail
+
+
+@pytest.mark.slow
+def test_submit_script_works_inside_a_running_event_loop(emulator, ml_client, tmp_path):
+    # a notebook: the kernel's event loop runs in the calling thread
+    script = tmp_path / "hello.py"
+    script.write_text("print('hello from the job')\n")
+
+    async def notebook_cell():
+        return submit_script(ml_client, script, compute="cpu-cluster", n_nodes=1,
+                             job_timeout="5m", poll_interval=0.3, quiet=True)  # fmt: skip
+
+    run = asyncio.run(notebook_cell())
+    assert run.status == "Completed" and "hello from the job" in run.output
+
+
+INTERRUPTED_CLIENT = """
+import sys
+from dask_amlcompute.emulator import make_ml_client
+from dask_amlcompute.jobmode import submit_script
+
+ml = make_ml_client(sys.argv[1])
+try:
+    submit_script(ml, sys.argv[2], compute="cpu-cluster", n_nodes=1, name=sys.argv[3],
+                  job_timeout="10m", poll_interval=0.2)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+    sys.exit(130)
+print("not interrupted", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_the_script_job(emulator, tmp_path):
+    script = tmp_path / "long.py"
+    script.write_text("import time\ntime.sleep(600)\n")
+    name = "dask-run-interrupted-" + os.urandom(3).hex()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED_CLIENT, emulator.base_url, str(script), name],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: name in emulator.active_jobs() and emulator.job_status(name) == "Running",
+                 timeout=60, what="job running", interval=0.2)  # fmt: skip
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err[-3000:]
+    assert "KeyboardInterrupt" in out and f"cancelling AML job {name}" in err
+    # cancelled before submit_script returned: nothing keeps running
+    assert emulator.wait_job(name, timeout=30) == "Canceled"
+
+
+def test_run_command_help_exits_cleanly(capsys):
+    from dask_amlcompute.cli import main as cli_main
+
+    assert cli_main(["run", "--help"]) == 0
+    assert "--nodes" in capsys.readouterr().out

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 
-from dask_amlcompute._protocol import NodeOptions, node_command
-from dask_amlcompute.backend.environment import conda_spec, resolve_environment
+import pytest
+
+from dask_amlcompute._protocol import (
+    SETTINGS_TAG,
+    NodeOptions,
+    ScriptOptions,
+    node_command,
+    read_settings_tag,
+)
+from dask_amlcompute.backend.environment import resolve_environment
 from dask_amlcompute.backend.jobspec import build_job
-from dask_amlcompute.node.entry import _parse_args
 
 
 def rest(job):
@@ -42,13 +50,7 @@ def test_cluster_job_body_has_the_documented_shape():
     assert body["tags"]["team"] == "x"
     argv = shlex.split(body["command"])
     assert argv[:3] == ["python", "-m", "dask_amlcompute.node"]
-    args = _parse_args(argv[3:])
-    assert (args.role, args.name_prefix, args.processes, args.threads) == (
-        "cluster",
-        "c1-main",
-        2,
-        3,
-    )
+    assert NodeOptions.from_argv(argv[3:]) == node
 
 
 def test_mpi_distribution():
@@ -70,13 +72,87 @@ def test_node_command_roundtrips_options_with_awkward_json():
         worker_on_scheduler=False,
         idle_timeout=60,
     )
-    args = _parse_args(shlex.split(node_command(node))[3:])
-    assert args.role == "workers"
-    assert args.scheduler_address == "tcp://127.0.3.1:8786"
-    assert args.worker_options == {"resources": {"GPU": 1}, "name with space": "it's"}
-    assert args.scheduler_options == {"idle_timeout": "1h"}
-    assert args.worker_on_scheduler is False
-    assert args.idle_timeout == 60
+    argv = shlex.split(node_command(node))
+    assert argv[:3] == ["python", "-m", "dask_amlcompute.node"]
+    back = NodeOptions.from_argv(argv[3:])
+    assert back == node
+    assert back.worker_options == {"resources": {"GPU": 1}, "name with space": "it's"}
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        NodeOptions(role="cluster", name_prefix="c-main"),
+        NodeOptions(
+            role="cluster", name_prefix="c-main", processes=3, threads=2, memory_limit="4GiB",
+            scheduler_port=9000, dashboard_port=0, death_timeout=1234567.0, idle_timeout=7200,
+            no_client_timeout=600, first_contact_timeout=1200.5,
+        ),
+        NodeOptions(role="cluster", name_prefix="p", memory_limit=0.5),
+        NodeOptions(role="cluster", name_prefix="p", memory_limit=4_000_000_000),
+        NodeOptions(role="workers", name_prefix="c-w1", scheduler_address="tls://10.0.0.4:8786"),
+    ],
+)  # fmt: skip
+def test_node_options_roundtrip_through_the_command_line(node):
+    argv = shlex.split(node_command(node))
+    assert argv[:3] == ["python", "-m", "dask_amlcompute.node"]
+    assert NodeOptions.from_argv(argv[3:]) == node
+
+
+def test_script_options_roundtrip_and_pick_the_script_entrypoint():
+    node = NodeOptions(
+        role="cluster",
+        name_prefix="run-1",
+        processes=2,
+        no_client_timeout=60,
+        first_contact_timeout=360,
+        script=ScriptOptions(
+            script="src/job.py", script_name="job.py", wait_workers=45.5,
+            args=("--alpha", "1 2", "--", "--processes", ""),
+        ),
+    )  # fmt: skip
+    argv = shlex.split(node_command(node))
+    assert argv[:3] == ["python", "-m", "dask_amlcompute.node.script"]
+    assert NodeOptions.from_argv(argv[3:], script=True) == node
+    embedded = NodeOptions(role="cluster", name_prefix="run-2", script=ScriptOptions())
+    assert NodeOptions.from_argv(embedded.to_argv(), script=True) == embedded
+    with pytest.raises(SystemExit):  # the cluster entrypoint refuses job mode's options
+        NodeOptions.from_argv(node.to_argv())
+
+
+def test_main_job_stores_its_settings_in_one_tag():
+    node = NodeOptions(
+        role="cluster", name_prefix="c1-main", processes=2, threads=3, memory_limit="6GiB",
+        worker_on_scheduler=False, scheduler_port=9786, dashboard_port=9787, death_timeout=120,
+        no_client_timeout=900, worker_options={"resources": {"GPU": 1}},
+    )  # fmt: skip
+    job = build_job(
+        name="c1-main", compute="cpu", n_nodes=2, node=node, environment="e:1",
+        experiment_name="x", timeout_seconds=None, cluster_name="c1", distribution="mpi",
+        settings={"nodes_per_job": 2},
+    )  # fmt: skip
+    tags = rest(job)["tags"]
+    assert json.loads(tags[SETTINGS_TAG]) == read_settings_tag(tags)
+    assert read_settings_tag(tags) == {
+        "processes_per_node": 2,
+        "threads_per_process": 3,
+        "memory_limit": "6GiB",
+        "worker_on_scheduler": False,
+        "scheduler_port": 9786,
+        "dashboard_port": 9787,
+        "death_timeout": 120,
+        "no_client_timeout": 900,
+        "distribution": "mpi",
+        "worker_options": {"resources": {"GPU": 1}},
+        "nodes_per_job": 2,
+    }
+    workers = NodeOptions(role="workers", name_prefix="c1-w1", scheduler_address="tcp://a:1")
+    job = build_job(
+        name="c1-w1", compute="cpu", n_nodes=1, node=workers, environment="e:1",
+        experiment_name="x", timeout_seconds=None, cluster_name="c1",
+    )  # fmt: skip
+    assert SETTINGS_TAG not in rest(job)["tags"]
+    assert read_settings_tag({SETTINGS_TAG: "not json"}) == {}
 
 
 def test_worker_suffixes_group_workers_by_rank_and_process():
@@ -93,7 +169,7 @@ def test_default_environment_pins_client_versions():
     import distributed
 
     env = resolve_environment(None)
-    pip = conda_spec()["dependencies"][-1]["pip"]
+    pip = env.conda_file["dependencies"][-1]["pip"]
     assert f"dask=={dask.__version__}" in pip
     assert f"distributed=={distributed.__version__}" in pip
     assert env.image and env.conda_file

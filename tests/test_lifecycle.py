@@ -107,6 +107,8 @@ def test_from_name_reconnects_without_owning(emu):
         other = AmlComputeCluster.from_name(cluster.name, ml, quiet=True, poll_interval=0.2)
         try:
             assert other.settings.compute == "life" and other.settings.n_nodes == 2
+            # the rest comes back from the main job's settings tag (not the config defaults)
+            assert (other.settings.threads_per_process, other.settings.death_timeout) == (1, 60)
             with Client(other) as client:
                 assert len(client.scheduler_info()["workers"]) == 3
                 assert sum(client.gather(client.map(lambda x: x + 1, range(10)))) == 55

@@ -106,3 +106,17 @@ def test_cache_workspace_from_an_ml_client(project):
     assert resolve_settings().compute == "cpu-cluster"
     client = ml_client_from_config(credential=object())
     assert (client.subscription_id, client.workspace_name) == ("sub-1", "ws-1")
+
+
+def test_ml_client_from_config_names_a_file_without_the_workspace(project, tmp_path_factory):
+    from dask_amlcompute import WorkspaceNotConfiguredError
+
+    (project / "config.json").write_text(json.dumps({"subscription_id": "sub"}))
+    with pytest.raises(WorkspaceNotConfiguredError, match=r"config\.json.*resource_group"):
+        ml_client_from_config(credential=object())
+    (project / "config.json").write_text("{not json")
+    with pytest.raises(ConfigurationError, match=r"config\.json"):
+        ml_client_from_config(credential=object())
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(WorkspaceNotConfiguredError, match="write_workspace_config"):
+        ml_client_from_config(empty, credential=object())

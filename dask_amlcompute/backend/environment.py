@@ -384,23 +384,17 @@ def build_spec(
     )
 
 
-def conda_spec(extra_pip: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
-    """The conda specification of the default node environment.
+def is_environment_entity(value: Any) -> bool:
+    """Whether ``value`` is an ``azure.ai.ml.entities.Environment`` (the ``environment`` setting).
 
-    Parameters
-    ----------
-    extra_pip
-        More pip requirements to install next to the pinned ones.
-    **kwargs
-        Other arguments of :func:`build_spec`.
+    Examples
+    --------
+    >>> is_environment_entity("name@latest")
+    False
     """
-    return build_spec(extra_pip=extra_pip, **kwargs).conda_dict()
+    from azure.ai.ml.entities import Environment
 
-
-def spec_hash(spec: dict[str, Any], image: str) -> str:
-    """A short content hash naming an environment built from ``spec`` on ``image``."""
-    payload = json.dumps({"image": image, "conda": spec}, sort_keys=True).encode()
-    return hashlib.sha256(payload).hexdigest()[:16]
+    return isinstance(value, Environment)
 
 
 def resolve_environment(

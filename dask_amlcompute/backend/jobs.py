@@ -1,11 +1,15 @@
-"""AML jobs as Dask ``ProcessInterface`` objects.
+"""A cluster's AML jobs as Dask ``ProcessInterface`` objects.
 
-:class:`AmlSchedulerJob` submits the cluster's main job (scheduler on rank 0,
-workers on the other ranks) and becomes the scheduler's address once the job
-has published it. :class:`AmlJobWorkers` stands for the workers of one job as a
-SpecCluster worker *group*: for the main job it only waits for its workers; for
-an extra worker job it submits the job and, on close, retires the job's workers
-through the scheduler before cancelling the job so AML releases its nodes.
+- :class:`MainJob`: the cluster's main job, SpecCluster's "scheduler". It submits
+  the job (or reconnects to it), waits for the published scheduler address,
+  connects, watches the job and stops it on close.
+- :class:`MainJobWorkers`: the workers the main job runs beside the scheduler,
+  one SpecCluster worker group. It only waits for them to join; they live and
+  die with the main job.
+- :class:`WorkerJob`: an extra worker job added by ``scale``/``adapt``, one
+  worker group. It submits the job (or adopts one found by ``from_name``),
+  watches it, and on close retires its workers through the scheduler (their
+  data moves first) before cancelling the job so AML releases its nodes.
 """
 
 from __future__ import annotations
@@ -15,140 +19,57 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from distributed.core import rpc
 from distributed.deploy.spec import ProcessInterface
 
-from .._protocol import DASHBOARD_TAG, SCHEDULER_TAG, NodeOptions
-from ..config import ClusterSettings
+from .._protocol import DASHBOARD_TAG, SCHEDULER_TAG
 from ..exceptions import SchedulerUnreachableError, StartupTimeoutError
-from .jobspec import build_job
 from .jobwait import LIKELY_CAUSES, job_error, wait_for_tag
-from .ops import TERMINAL_STATUSES, AmlOps, ComputeInfo
+from .state import ClusterContext, Lifecycle
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ClusterContext:
-    """State shared by a cluster and the ProcessInterfaces it creates."""
-
-    settings: ClusterSettings
-    ops: AmlOps
-    log: Callable[[str], None]
-    environment: Any = None
-    compute: ComputeInfo | None = None
-    connection_args: dict[str, Any] = field(default_factory=dict)
-    jobs: dict[str, str] = field(default_factory=dict)  # job name -> last known status
-    closing: bool = False
-    ended_reason: str | None = None
-    connector: Any = None
-    scheduler_internal_address: str | None = None
-    deadline: float | None = None  # time.monotonic() when the cluster's job_timeout runs out
-    on_job_ended: Callable[[str, str], None] | None = None
-
-    main_job: str | None = None
-    secret_env: dict[str, str] = field(default_factory=dict)  # e.g. TLS material for the nodes
-    attach: bool = False  # reconnecting to a running cluster (from_name): submit nothing
-    detaching: bool = False  # closing a cluster object that does not own the cluster
-    #: startup phase -> seconds since the main job's submission began (see ``mark``)
-    phases: dict[str, float] = field(default_factory=dict)
-    started_at: float | None = None
-
-    def main_job_ended(self) -> bool:
-        """True once the main job (hence the scheduler) is known to have ended."""
-        status = self.jobs.get(self.main_job or "")
-        return status in TERMINAL_STATUSES or status == "Finalizing"
-
-    def mark(self, phase: str) -> None:
-        """Record when a startup phase was first reached (seconds since submission began)."""
-        if self.started_at is not None:
-            self.phases.setdefault(phase, round(time.monotonic() - self.started_at, 3))
-
-    def remaining(self) -> float | None:
-        """Seconds left before the cluster's deadline (None: no deadline)."""
-        if self.deadline is None:
-            return None
-        return self.deadline - time.monotonic()
-
-    def node_options(self, role: str, prefix: str, scheduler_address: str | None = None):
-        """Node entrypoint options for a job of this cluster."""
-        s = self.settings
-        return NodeOptions(
-            role=role,
-            name_prefix=prefix,
-            processes=s.processes_per_node,
-            threads=s.threads_per_process,
-            memory_limit=s.memory_limit,
-            scheduler_port=s.scheduler_port,
-            dashboard_port=s.dashboard_port,
-            worker_on_scheduler=s.worker_on_scheduler,
-            death_timeout=s.death_timeout,
-            idle_timeout=s.idle_timeout,
-            no_client_timeout=s.no_client_timeout,
-            # the client may take up to its startup bound to find and reach the scheduler
-            first_contact_timeout=s.startup_timeout if s.no_client_timeout else None,
-            scheduler_address=scheduler_address,
-            scheduler_options=s.scheduler_options,
-            worker_options=s.worker_options,
-        )
-
-    def build(
-        self, job_name: str, role: str, n_nodes: int, node: NodeOptions, timeout: float | None
-    ):
-        """The AML job entity for one of this cluster's jobs."""
-        s = self.settings
-        return build_job(
-            name=job_name,
-            compute=s.compute,
-            n_nodes=n_nodes,
-            node=node,
-            environment=self.environment,
-            experiment_name=s.experiment_name,
-            timeout_seconds=timeout,
-            cluster_name=s.name,
-            tags=s.tags,
-            env_vars={**s.env_vars, **self.secret_env},
-            distribution=s.distribution,
-        )
-
-
-class AmlSchedulerJob(ProcessInterface):
+class MainJob(ProcessInterface):
     """The cluster's main AML job, seen from SpecCluster as its scheduler.
 
     Parameters
     ----------
     context
-        Shared cluster state.
-    job_name
-        Name of the main AML job.
+        The cluster's context.
+    connector
+        Reaches the published scheduler address (directly or through a tunnel).
+    attach
+        Reconnect to the running job (``from_name``) instead of submitting it.
     """
 
-    def __init__(self, context: ClusterContext, job_name: str) -> None:
+    def __init__(self, context: ClusterContext, connector: Any, attach: bool = False) -> None:
         super().__init__()
         self.context = context
-        self.job_name = job_name
+        self.connector = connector
+        self.attach = attach
+        self.job_name = context.state.main_job
         self.internal_address: str | None = None
         self.dashboard_link: str | None = None
         self._watcher: asyncio.Task | None = None
         self._heartbeat: asyncio.Task | None = None
 
-    def job(self):
+    def job(self) -> Any:
         """The job entity this interface submits."""
         s = self.context.settings
-        node = self.context.node_options("cluster", f"{s.name}-main")
+        node = self.context.node_options("cluster", self.job_name)
         return self.context.build(self.job_name, "cluster", s.n_nodes, node, s.job_timeout)
 
     async def start(self) -> None:
-        ctx, s = self.context, self.context.settings
-        ctx.started_at = time.monotonic()
-        startup_deadline = ctx.started_at + s.startup_timeout
-        if ctx.attach:
+        ctx, s, state = self.context, self.context.settings, self.context.state
+        state.started_at = time.monotonic()
+        startup_deadline = state.started_at + s.startup_timeout
+        if self.attach:
             info = await ctx.ops.get_job(self.job_name)
             if info.terminal:
-                raise await job_error(ctx, info, f"Cluster {s.name} has ended ({info.status}).")
+                raise await job_error(ctx.ops, info, f"Cluster {s.name} has ended ({info.status}).")
             ctx.log(f"Reconnecting to AML job {self.job_name} ({info.status})")
         else:
             ctx.log(
@@ -156,41 +77,42 @@ class AmlSchedulerJob(ProcessInterface):
                 f"node(s), scheduler on rank 0, {s.processes_per_node} worker process(es) per node"
             )
             info = await ctx.ops.submit(self.job())
-            ctx.mark("submitted")
-            if info.environment and not isinstance(ctx.environment, str):
+            state.mark("submitted")
+            if info.environment and not isinstance(state.environment, str):
                 # worker jobs name the environment AML registered: no re-upload per job
-                ctx.environment = info.environment
+                state.environment = info.environment
             if s.job_timeout:
-                ctx.deadline = time.monotonic() + s.job_timeout
-        ctx.jobs[self.job_name] = info.status
+                state.deadline = time.monotonic() + s.job_timeout
+        state.jobs[self.job_name] = info.status
         if info.studio_url:
             ctx.log(f"Studio: {info.studio_url}")
         try:
-            info = await wait_for_tag(
-                ctx, self.job_name, SCHEDULER_TAG, max(0.0, startup_deadline - time.monotonic())
-            )
-            ctx.mark("scheduler address")
-            self.internal_address = info.tags[SCHEDULER_TAG]
-            ctx.scheduler_internal_address = self.internal_address
-            dashboard = info.tags.get(DASHBOARD_TAG)
+            left = max(0.0, startup_deadline - time.monotonic())
+            info = await wait_for_tag(ctx, self.job_name, SCHEDULER_TAG, left)
+            state.mark("scheduler address")
+            self.internal_address = state.scheduler_address = info.tags[SCHEDULER_TAG]
             try:
-                self.address, self.dashboard_link = await ctx.connector.connect(
-                    self.job_name, self.internal_address, dashboard, startup_deadline
-                )
-                ctx.mark("connected")
+                self.address, self.dashboard_link = await self.connector.connect(
+                    self.job_name, self.internal_address, info.tags.get(DASHBOARD_TAG),
+                    startup_deadline,
+                )  # fmt: skip
+                state.mark("connected")
             except SchedulerUnreachableError:
                 info = await ctx.ops.get_job(self.job_name)
-                ctx.jobs[self.job_name] = info.status
+                state.jobs[self.job_name] = info.status
                 if info.terminal:  # the scheduler did not stay up: say why
                     raise await job_error(
-                        ctx, info, f"AML job {self.job_name} ended {info.status} during startup."
+                        ctx.ops,
+                        info,
+                        f"AML job {self.job_name} ended {info.status} during startup.",
                     ) from None
                 raise
         except BaseException:
-            if not ctx.attach:
+            if not self.attach:
                 await ctx.ops.cancel(self.job_name)
             raise
         ctx.log(f"Scheduler at {self.internal_address} (client uses {self.address})")
+        state.lifecycle = Lifecycle.RUNNING
         self._watcher = asyncio.create_task(self._watch())
         if s.no_client_timeout:
             self._heartbeat = asyncio.create_task(self._heartbeats(s.no_client_timeout))
@@ -211,14 +133,13 @@ class AmlSchedulerJob(ProcessInterface):
 
     async def _watch(self) -> None:
         """Notice when the main job ends while the cluster runs (timeout, node failure)."""
-        ctx = self.context
-        interval = ctx.settings.watch_interval
+        ctx, state = self.context, self.context.state
         timeout = ctx.settings.job_timeout
         warn_before = min(600.0, 0.1 * timeout) if timeout else 0.0
         warned = False
         while True:
-            await asyncio.sleep(interval)
-            left = ctx.remaining()
+            await asyncio.sleep(ctx.settings.watch_interval)
+            left = state.remaining()
             if left is not None and not warned and 0 < left <= warn_before:
                 warned = True
                 ctx.log(
@@ -226,48 +147,46 @@ class AmlSchedulerJob(ProcessInterface):
                     "its jobs. Save results now or start a new cluster with a longer job_timeout."
                 )
             try:
-                info = await self.context.ops.get_job(self.job_name)
+                info = await ctx.ops.get_job(self.job_name)
             except Exception as exc:  # the control plane may be briefly unavailable
                 logger.debug("Polling %s failed: %s", self.job_name, exc)
                 continue
-            self.context.jobs[self.job_name] = info.status
-            if info.terminal or info.status == "Finalizing":
-                if not self.context.closing:
+            state.jobs[self.job_name] = info.status
+            if state.main_job_ended():
+                if not state.closing:
                     err = await job_error(
-                        self.context, info, f"The cluster's AML job ended: {info.status}."
+                        ctx.ops, info, f"The cluster's AML job ended: {info.status}."
                     )
-                    self.context.ended_reason = str(err)
-                    self.context.log(str(err))
+                    state.ended_reason = str(err)
+                    ctx.log(str(err))
                 return
 
     async def close(self) -> None:
-        ctx = self.context
-        ctx.closing = True
+        ctx, state = self.context, self.context.state
         for task in (self._watcher, self._heartbeat):
             if task is not None:
                 task.cancel()
-        if ctx.detaching:  # not ours to stop: just disconnect
-            await ctx.connector.close()
+        if state.lifecycle is Lifecycle.DETACHING:  # not ours to stop: just disconnect
+            await self.connector.close()
             await super().close()
             return
         # SpecCluster has asked the scheduler to terminate: the nodes exit and the job
         # completes by itself. Give it a bounded moment, then cancel to be sure.
         deadline = time.monotonic() + 15
         delay = 0.5
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not state.main_job_ended():
             try:
                 info = await ctx.ops.get_job(self.job_name)
             except Exception:
                 break
-            ctx.jobs[self.job_name] = info.status
-            if info.terminal or info.status == "Finalizing":
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 3.0)  # few requests: AML takes a while to notice
-        if ctx.jobs.get(self.job_name) not in ("Completed", "Failed", "Canceled", "Finalizing"):
+            state.jobs[self.job_name] = info.status
+            if not state.main_job_ended():
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 3.0)  # few requests: AML takes a while to notice
+        if state.jobs.get(self.job_name) not in ("Completed", "Failed", "Canceled", "Finalizing"):
             await ctx.ops.cancel(self.job_name)
-        await ctx.connector.close()
-        ctx.log(f"AML job {self.job_name}: {ctx.jobs.get(self.job_name)}")
+        await self.connector.close()
+        ctx.log(f"AML job {self.job_name}: {state.jobs.get(self.job_name)}")
         await super().close()
 
 
@@ -278,7 +197,7 @@ async def worker_names(address: str, connection_args: dict) -> set[str]:
     return {str(w.get("name")) for w in ident.get("workers", {}).values()}
 
 
-class AmlJobWorkers(ProcessInterface):
+class _JobWorkers(ProcessInterface):
     """The Dask workers of one AML job: one SpecCluster worker group.
 
     Parameters
@@ -288,115 +207,42 @@ class AmlJobWorkers(ProcessInterface):
     name
         Group name; the job's workers are called ``name + suffix``.
     context
-        Shared cluster state.
+        The cluster's context.
     suffixes
         Worker name suffixes (``-RANK-INDEX``).
-    job_name
-        The AML job running these workers (default: ``name``).
-    n_nodes
-        Nodes of the job (for a worker job it submits).
-    submit
-        False for the main job's workers (the scheduler's job runs them); True
-        for an extra worker job that this object submits and cancels.
-    owns_job
-        Cancel the job on close (default: ``submit``); True for a worker job
-        found by ``from_name``.
     """
 
     def __init__(
-        self,
-        scheduler: str,
-        name: str,
-        context: ClusterContext,
-        suffixes: list[str],
-        job_name: str | None = None,
-        n_nodes: int = 1,
-        submit: bool = False,
-        scheduler_internal_address: str | None = None,
-        owns_job: bool | None = None,
+        self, scheduler: str, name: str, context: ClusterContext, suffixes: list[str]
     ) -> None:
         super().__init__(scheduler=scheduler, name=name)
         self.scheduler = scheduler
         self.name = name
         self.context = context
-        self.job_name = job_name or name
         self.worker_names = [f"{name}{suffix}" for suffix in suffixes]
-        self.n_nodes = n_nodes
-        self.submit = submit
-        self.owns_job = submit if owns_job is None else owns_job
-        self.scheduler_internal_address = scheduler_internal_address
-        self.address = self.job_name
-        self._monitor: asyncio.Task | None = None
+        self.address = name
+
+
+class MainJobWorkers(_JobWorkers):
+    """The workers the main job starts beside the scheduler (they end with it).
+
+    Start waits (bounded by ``startup_timeout``) until all of them joined, then
+    compares client, scheduler and worker versions (``version_check``).
+    """
 
     async def start(self) -> None:
-        if self.submit:
-            await self._submit()
-        elif self.owns_job:  # an existing worker job found by from_name
-            self._monitor = asyncio.create_task(self._watch())
-        else:
-            await self._wait_for_workers()
-            self.context.mark("workers joined")
-            await self._check_versions()
-        await super().start()
-
-    async def _check_versions(self) -> None:
-        """Client vs scheduler vs workers: the packages that must match (``version_check``)."""
+        await self._wait_for_workers()
+        self.context.state.mark("workers joined")
         from .versions import check_versions
 
         await check_versions(
             self.scheduler, self.context.connection_args, self.context.settings.version_check
         )
-
-    async def _submit(self) -> None:
-        """Submit this worker job; its workers join later (the job may queue for minutes)."""
-        ctx = self.context
-        left = ctx.remaining()
-        timeout = ctx.settings.job_timeout
-        if left is not None:
-            if left < 60:
-                ctx.log(
-                    f"Not submitting {self.job_name}: the cluster's deadline is {left:.0f}s away"
-                )
-                self._monitor = None
-                return
-            timeout = left  # never outlive the cluster's deadline
-        address = self.scheduler_internal_address or ctx.scheduler_internal_address
-        node = ctx.node_options("workers", self.name, address)
-        job = ctx.build(self.job_name, "workers", self.n_nodes, node, timeout)
-        ctx.log(f"Submitting worker job {self.job_name}: {self.n_nodes} node(s)")
-        try:
-            info = await ctx.ops.submit(job)
-        except Exception as exc:
-            ctx.log(f"Worker job {self.job_name} could not be submitted: {exc}")
-            if ctx.on_job_ended is not None:
-                ctx.on_job_ended(self.name, "NotSubmitted")
-            return
-        ctx.jobs[self.job_name] = info.status
-        self._monitor = asyncio.create_task(self._watch())
-
-    async def _watch(self) -> None:
-        """Follow the worker job; report when it ends by itself (failure, preemption, timeout)."""
-        ctx = self.context
-        interval = ctx.settings.watch_interval
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                info = await ctx.ops.get_job(self.job_name)
-            except Exception as exc:
-                logger.debug("Polling %s failed: %s", self.job_name, exc)
-                continue
-            if info.status != ctx.jobs.get(self.job_name) and info.status == "Queued":
-                ctx.log(f"Worker job {self.job_name} is queued: the compute has no free nodes")
-            ctx.jobs[self.job_name] = info.status
-            if info.terminal:
-                if not ctx.closing:
-                    ctx.log(f"Worker job {self.job_name} ended {info.status}")
-                    if ctx.on_job_ended is not None:
-                        ctx.on_job_ended(self.name, info.status)
-                return
+        await super().start()
 
     async def _wait_for_workers(self) -> None:
-        ctx = self.context
+        ctx, state = self.context, self.context.state
+        job_name = state.main_job
         timeout = ctx.settings.startup_timeout
         deadline = time.monotonic() + timeout
         wanted = set(self.worker_names)
@@ -413,17 +259,17 @@ class AmlJobWorkers(ProcessInterface):
             now = time.monotonic()
             if now - last_check >= ctx.settings.poll_interval:
                 last_check = now
-                info = await ctx.ops.get_job(self.job_name)
-                ctx.jobs[self.job_name] = info.status
+                info = await ctx.ops.get_job(job_name)
+                state.jobs[job_name] = info.status
                 if info.terminal:
                     raise await job_error(
-                        ctx, info, f"AML job {self.job_name} ended before its workers joined."
+                        ctx.ops, info, f"AML job {job_name} ended before its workers joined."
                     )
             if now >= deadline:
-                info = await ctx.ops.get_job(self.job_name)
+                info = await ctx.ops.get_job(job_name)
                 missing = ", ".join(sorted(wanted - joined))
                 raise await job_error(
-                    ctx,
+                    ctx.ops,
                     info,
                     f"Workers {missing} did not join the scheduler within {timeout:.0f}s "
                     f"(startup_timeout). {LIKELY_CAUSES.get(info.status, '')}",
@@ -431,18 +277,100 @@ class AmlJobWorkers(ProcessInterface):
                 )
             await asyncio.sleep(0.1)
 
+
+class WorkerJob(_JobWorkers):
+    """An extra AML worker job: submitted on start, retired and cancelled on close.
+
+    Parameters
+    ----------
+    scheduler, name, context, suffixes
+        As for the other worker groups; ``name`` is also the AML job name.
+    n_nodes
+        Nodes of the job.
+    on_ended
+        Called with ``(name, status)`` when the job ends by itself (failure,
+        preemption, timeout) or cannot be submitted, so scaling can replace it.
+    existing
+        The job already runs (found by ``from_name``): adopt it, submit nothing.
+    """
+
+    def __init__(
+        self,
+        scheduler: str,
+        name: str,
+        context: ClusterContext,
+        suffixes: list[str],
+        n_nodes: int = 1,
+        on_ended: Callable[[str, str], None] | None = None,
+        existing: bool = False,
+    ) -> None:
+        super().__init__(scheduler, name, context, suffixes)
+        self.n_nodes = n_nodes
+        self.on_ended = on_ended
+        self.existing = existing
+        self._submitted = existing
+        self._monitor: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        if self.existing or await self._submit():
+            self._monitor = asyncio.create_task(self._watch())
+        await super().start()
+
+    def _ended(self, status: str) -> None:
+        if self.on_ended is not None:
+            self.on_ended(self.name, status)
+
+    async def _submit(self) -> bool:
+        """Submit this worker job (its workers join later: the job may queue for minutes)."""
+        ctx, state = self.context, self.context.state
+        left = state.remaining()
+        timeout = ctx.settings.job_timeout
+        if left is not None:
+            if left < 60:
+                ctx.log(f"Not submitting {self.name}: the cluster's deadline is {left:.0f}s away")
+                return False
+            timeout = left  # never outlive the cluster's deadline
+        node = ctx.node_options("workers", self.name, state.scheduler_address)
+        job = ctx.build(self.name, "workers", self.n_nodes, node, timeout)
+        ctx.log(f"Submitting worker job {self.name}: {self.n_nodes} node(s)")
+        try:
+            info = await ctx.ops.submit(job)
+        except Exception as exc:
+            ctx.log(f"Worker job {self.name} could not be submitted: {exc}")
+            self._ended("NotSubmitted")
+            return False
+        state.jobs[self.name] = info.status
+        self._submitted = True
+        return True
+
+    async def _watch(self) -> None:
+        """Follow the job; report when it ends by itself (failure, preemption, timeout)."""
+        ctx, state = self.context, self.context.state
+        while True:
+            await asyncio.sleep(ctx.settings.watch_interval)
+            try:
+                info = await ctx.ops.get_job(self.name)
+            except Exception as exc:
+                logger.debug("Polling %s failed: %s", self.name, exc)
+                continue
+            if info.status != state.jobs.get(self.name) and info.status == "Queued":
+                ctx.log(f"Worker job {self.name} is queued: the compute has no free nodes")
+            state.jobs[self.name] = info.status
+            if info.terminal:
+                if not state.closing:
+                    ctx.log(f"Worker job {self.name} ended {info.status}")
+                    self._ended(info.status)
+                return
+
     async def close(self) -> None:
-        ctx = self.context
+        ctx, state = self.context, self.context.state
         if self._monitor is not None:
             self._monitor.cancel()
-        if ctx.detaching:
-            await super().close()
-            return
-        if (self.owns_job or not ctx.closing) and not ctx.main_job_ended():
-            await self._retire()
-        if self.owns_job:
-            await ctx.ops.cancel(self.job_name)
-            ctx.log(f"Cancelled worker job {self.job_name}")
+        if self._submitted and state.lifecycle is not Lifecycle.DETACHING:
+            if not state.main_job_ended():
+                await self._retire()
+            await ctx.ops.cancel(self.name)
+            ctx.log(f"Cancelled worker job {self.name}")
         await super().close()
 
     async def _retire(self) -> None:
@@ -454,4 +382,4 @@ class AmlJobWorkers(ProcessInterface):
                     timeout=60,
                 )
         except Exception as exc:
-            logger.info("Retiring workers of %s: %s", self.job_name, exc)
+            logger.info("Retiring workers of %s: %s", self.name, exc)

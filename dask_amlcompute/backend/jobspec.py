@@ -10,7 +10,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .._protocol import TAG_CLUSTER, TAG_ROLE, TAG_USER, TAG_VERSION, NodeOptions, node_command
+from .._protocol import (
+    TAG_CLUSTER,
+    TAG_ROLE,
+    TAG_USER,
+    TAG_VERSION,
+    NodeOptions,
+    cluster_settings,
+    node_command,
+    settings_tag,
+)
 from .._version import __version__
 
 
@@ -40,8 +49,13 @@ def build_job(
     tags: Mapping[str, str] | None = None,
     env_vars: Mapping[str, str] | None = None,
     distribution: str = "pytorch",
+    settings: Mapping[str, Any] | None = None,
 ):
     """Build the AML command job for the cluster's main job or a worker job.
+
+    The main job (``node.role == "cluster"``) also carries the cluster's
+    settings as one JSON tag (:data:`~dask_amlcompute._protocol.SETTINGS_TAG`),
+    which :meth:`AmlComputeCluster.from_name` reads back.
 
     Parameters
     ----------
@@ -66,6 +80,10 @@ def build_job(
         Extra job tags and node environment variables.
     distribution
         ``"pytorch"`` or ``"mpi"``: how AML tells each node its rank.
+    settings
+        More cluster settings for the main job's settings tag (JSON values, by
+        setting name, e.g. ``{"nodes_per_job": 2}``); those of ``node`` and
+        ``distribution`` are always stored.
 
     Returns
     -------
@@ -81,6 +99,9 @@ def build_job(
     else:
         raise ValueError(f"distribution must be 'pytorch' or 'mpi', got {distribution!r}")
     env = dict(env_vars or {})
+    tags = cluster_tags(cluster_name, node.role, tags)
+    if node.role == "cluster":
+        tags.update(settings_tag(cluster_settings(node, distribution, settings)))
     return command(
         name=name,
         display_name=f"{cluster_name} ({node.role})",
@@ -93,5 +114,5 @@ def build_job(
         environment_variables=env,
         experiment_name=experiment_name,
         timeout=int(timeout_seconds) if timeout_seconds else None,
-        tags=cluster_tags(cluster_name, node.role, tags),
+        tags=tags,
     )

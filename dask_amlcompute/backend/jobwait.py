@@ -16,7 +16,8 @@ from ..exceptions import JobCanceledError, JobError, JobFailedError, StartupTime
 from .ops import JobInfo
 
 if TYPE_CHECKING:
-    from .jobs import ClusterContext
+    from .ops import AmlOps
+    from .state import ClusterContext
 
 __all__ = ["LIKELY_CAUSES", "RUN_HISTORY_FALLBACK_AFTER", "job_error", "wait_for_tag"]
 
@@ -45,11 +46,11 @@ LIKELY_CAUSES = {
 
 
 async def job_error(
-    ctx: ClusterContext, info: JobInfo, message: str, cls: type[JobError] | None = None
+    ops: AmlOps, info: JobInfo, message: str, cls: type[JobError] | None = None
 ) -> JobError:
     """A typed error for a job, with AML's error message and the node log tail."""
-    aml_message, log_files = await ctx.ops.run_details(info.name)
-    tail = await ctx.ops.log_tail(log_files) if log_files else None
+    aml_message, log_files = await ops.run_details(info.name)
+    tail = await ops.log_tail(log_files) if log_files else None
     if aml_message:
         message = f"{message}\nAML says: {aml_message}"
     if cls is None:
@@ -74,14 +75,14 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
     running_since: float | None = None
     while True:
         info = await ctx.ops.get_job(job_name)
-        ctx.jobs[job_name] = info.status
+        ctx.state.jobs[job_name] = info.status
         if info.status != last_status:
             ctx.log(f"AML job {job_name}: {info.status} ({time.monotonic() - started:.0f}s)")
             last_status = info.status
             delay = min(0.2, ctx.settings.poll_interval)  # things move: look again soon
         if info.status == "Running" and running_since is None:
             running_since = time.monotonic()
-            ctx.mark("Running")
+            ctx.state.mark("Running")
         if tag in info.tags:
             return info
         if running_since is not None and (
@@ -93,14 +94,14 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
                 return merged
         if info.terminal:
             raise await job_error(
-                ctx,
+                ctx.ops,
                 info,
                 f"AML job {job_name} ended {info.status} while the Dask cluster was starting.",
             )
         if time.monotonic() >= deadline:
             cause = LIKELY_CAUSES.get(info.status, "")
             raise await job_error(
-                ctx,
+                ctx.ops,
                 info,
                 f"The Dask scheduler did not start within {timeout:.0f}s (startup_timeout). "
                 f"The job is {info.status}: {cause} The job was cancelled.",

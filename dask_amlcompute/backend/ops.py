@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -87,6 +88,20 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+#: azure-core retry settings of the ``MLClient`` objects this library builds: connection
+#: errors and 408/429/5xx are retried with exponential back-off (0.8 s, 1.6 s, ... at most
+#: 30 s), about two minutes in all, honouring ``Retry-After``. Pass them to your own
+#: ``MLClient(..., **RETRY_SETTINGS)`` for the same behaviour.
+RETRY_SETTINGS: dict[str, Any] = {
+    "retry_total": 8,
+    "retry_connect": 8,
+    "retry_read": 4,
+    "retry_status": 8,
+    "retry_backoff_factor": 0.8,
+    "retry_backoff_max": 30,
+}
+
+
 class AmlOps:
     """Async facade over an ``MLClient`` for the few operations a cluster needs.
 
@@ -94,42 +109,39 @@ class AmlOps:
     ----------
     ml_client
         An ``azure.ai.ml.MLClient`` bound to a workspace.
+    tracking_uri
+        The workspace's MLflow tracking URI, for reading run tags; None reads it
+        from the workspace when first needed.
     """
 
-    def __init__(self, ml_client: Any) -> None:
+    def __init__(self, ml_client: Any, tracking_uri: str | None = None) -> None:
         self.ml_client = ml_client
-        self.calls = 0
-
-    #: Extra attempts after the SDK's own retries gave up on a transient error.
-    retries = 3
-    #: First back-off in seconds (doubles each attempt).
-    backoff = 1.0
+        self._tracking_uri = tracking_uri
+        self._warned: set[str] = set()
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run one SDK call in a thread; retry transient control-plane errors, bounded.
+        """Run one SDK call in a worker thread; a transient failure is a :class:`ControlPlaneError`.
 
-        azure-core already retries 408/429/5xx (honouring ``Retry-After``) inside
-        the call; this adds a few spaced attempts on top for longer blips (a
-        connection refused for some seconds), then raises :class:`ControlPlaneError`.
+        Retrying is azure-core's job, configured once on the ``MLClient``
+        (:data:`RETRY_SETTINGS` for the clients this library builds): it retries
+        connection errors and 408/429/5xx with back-off, honouring ``Retry-After``.
+        What still fails after that is reported, not retried again here.
         """
-        for attempt in range(self.retries + 1):
-            self.calls += 1
-            try:
-                return await asyncio.to_thread(fn, *args, **kwargs)
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                if attempt == self.retries:
-                    name = getattr(fn, "__qualname__", getattr(fn, "__name__", "call"))
-                    raise ControlPlaneError(
-                        f"The Azure ML control plane kept failing for {name}: {exc}. "
-                        "Check the workspace's service health and your network; nothing "
-                        "was lost on the client side."
-                    ) from exc
-                delay = self.backoff * 2**attempt
-                logger.warning("AML request failed (%s); retrying in %.0fs", exc, delay)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            name = getattr(fn, "__qualname__", getattr(fn, "__name__", "call"))
+            raise ControlPlaneError(
+                f"The Azure ML control plane kept failing for {name}: {exc}. Check the "
+                "workspace's service health and your network; nothing was lost on the client side."
+            ) from exc
+
+    def _warn_once(self, route: str, message: str, *args: Any) -> None:
+        if route not in self._warned:
+            self._warned.add(route)
+            logger.warning(message, *args)
 
     async def get_compute(self, name: str) -> ComputeInfo:
         """Look up an AmlCompute target.
@@ -294,18 +306,47 @@ class AmlOps:
         return self._info(await self._call(self.ml_client.jobs.get, name))
 
     async def run_tags(self, name: str) -> dict[str, str]:
-        """Tags of the job's run in run history, where ``mlflow.set_tag`` writes.
+        """Tags of the job's run, read where ``mlflow.set_tag`` writes them.
 
         AML copies run tags into the job resource (:meth:`get_job`); this reads
-        them at the source, for when that copy is late. Returns ``{}`` when run
-        history cannot be read (the job resource stays the main route).
+        them at the source, for when that copy is late. First through the public
+        route, the workspace's MLflow tracking URI with the mlflow client (on real
+        AML the ``azureml://`` URI needs the ``azureml-mlflow`` plugin); then,
+        as a last resort, through run history with the SDK's private runs
+        operations. A route that fails is reported once, as a warning. Returns
+        ``{}`` when neither answers (the job resource stays the main route).
         """
+        try:
+            if "mlflow" not in self._warned:  # a route that failed once is not tried again
+                return await asyncio.wait_for(self._call(self._mlflow_run_tags, name), 15)
+        except Exception as exc:
+            self._warn_once(
+                "mlflow",
+                "Reading the run tags of %s through MLflow failed (%s: %s); falling back to "
+                "run history through a private azure-ai-ml attribute. Install mlflow-skinny "
+                "(and azureml-mlflow on Azure ML) for the documented route.",
+                name,
+                type(exc).__name__,
+                exc,
+            )
         try:
             run = await self._call(self.ml_client.jobs._runs_operations.get_run, name)
         except Exception as exc:
-            logger.debug("No run-history record for %s: %s", name, exc)
+            self._warn_once(
+                "run-history", "Reading the run tags of %s from run history failed: %s", name, exc
+            )
             return {}
         return {str(k): str(v) for k, v in (getattr(run, "tags", None) or {}).items()}
+
+    def _mlflow_run_tags(self, name: str) -> dict[str, str]:
+        """Run tags through the mlflow client and the workspace's tracking URI (blocking)."""
+        from mlflow.tracking import MlflowClient
+
+        if self._tracking_uri is None:
+            workspace = self.ml_client.workspaces.get(self.ml_client.workspace_name)
+            self._tracking_uri = workspace.mlflow_tracking_uri
+        run = MlflowClient(tracking_uri=self._tracking_uri).get_run(name)
+        return {str(k): str(v) for k, v in run.data.tags.items()}
 
     async def with_run_tags(self, info: JobInfo) -> JobInfo:
         """``info`` with the run-history tags of its job merged in (see :meth:`run_tags`)."""
@@ -340,7 +381,7 @@ class AmlOps:
         try:
             details = await self._call(self.ml_client.jobs._runs_operations.get_run_details, name)
         except Exception as exc:
-            logger.debug("No run details for %s: %s", name, exc)
+            self._warn_once("run-details", "Reading the run details of %s failed: %s", name, exc)
             return None, {}
         error = getattr(details, "error", None)
         inner = getattr(error, "error", None) if error is not None else None
@@ -378,3 +419,76 @@ class AmlOps:
             studio_url=studio,
             environment=env if isinstance(env := getattr(job, "environment", None), str) else None,
         )
+
+    async def list_jobs(self, *, include_ended: bool = False) -> list[Any]:
+        """The workspace's jobs as the SDK returns them (active ones by default).
+
+        Parameters
+        ----------
+        include_ended
+            Also list jobs that have ended (``ListViewType.ALL``).
+        """
+        from azure.ai.ml.constants import ListViewType
+
+        view = ListViewType.ALL if include_ended else ListViewType.ACTIVE_ONLY
+        return await self._call(lambda: list(self.ml_client.jobs.list(list_view_type=view)))
+
+    async def get_job_entity(self, name: str) -> Any | None:
+        """The SDK's entity of a job (command, resources, distribution, tags), None if none exists."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return await self._call(self.ml_client.jobs.get, name)
+        except ResourceNotFoundError:
+            return None
+
+
+# -- running the async operations from synchronous code --------------------------
+
+
+def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion from synchronous code; Ctrl-C cancels it first.
+
+    Without an event loop in this thread (a script, a CLI, a test), the
+    coroutine runs right here with :func:`asyncio.run`: Ctrl-C cancels it, it
+    cleans up (e.g. cancels its AML job), then ``KeyboardInterrupt`` is raised.
+    When this thread already runs an event loop (a Jupyter kernel), that loop
+    cannot run it; the coroutine then runs in a loop of its own on a helper
+    thread while this thread waits, and Ctrl-C (the kernel's interrupt, raised
+    in this thread) cancels it there, waits (bounded) for its cleanup, then
+    raises ``KeyboardInterrupt``.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    return _run_in_helper_thread(coro)
+
+
+def _run_in_helper_thread(coro: Coroutine[Any, Any, T], cleanup_timeout: float = 120) -> T:
+    started = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def main() -> T:
+        box["loop"], box["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        started.set()
+        return await coro
+
+    def target() -> None:
+        try:
+            box["result"] = asyncio.run(main())
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="dask-amlcompute-submit", daemon=True)
+    thread.start()
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        if started.wait(10):
+            box["loop"].call_soon_threadsafe(box["task"].cancel)
+        thread.join(cleanup_timeout)
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

@@ -1,9 +1,10 @@
 """Finding the AML workspace: an ``MLClient`` from arguments or a config file.
 
-Mirrors ``MLClient.from_config(DefaultAzureCredential())`` (the R SDK's
-``load_workspace_from_config()``): a ``config.json`` with ``subscription_id``,
-``resource_group`` and ``workspace_name`` found in the given path, the current
-folder or its parents, or ``.azureml/`` beside them.
+A ``config.json`` with ``subscription_id``, ``resource_group`` and
+``workspace_name`` (as downloaded from Azure ML studio) is looked for in the
+given path, else in the current folder or its parents, or ``.azureml/`` beside
+them; ``MLClient.from_config`` builds the client from the file found (the R
+SDK's ``load_workspace_from_config()``).
 
 The same file caches dask-amlcompute's own workspace settings (the compute,
 under ``dask_amlcompute.compute``). Precedence for the compute: the
@@ -181,22 +182,26 @@ def cached_compute(path: str | os.PathLike | None = None) -> str | None:
     return found.compute if found is not None else None
 
 
-def read_workspace_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a workspace config file."""
-    data = _load_json(Path(path))
-    missing = [k for k in IDENTITY_KEYS if not data.get(k)]
-    if missing:
-        raise WorkspaceNotConfiguredError(f"{path} lacks {', '.join(missing)}.")
-    return data
-
-
 def ml_client_from_config(path: str | os.PathLike | None = None, credential: Any = None) -> Any:
     """Build an ``MLClient`` from a workspace config file and ``DefaultAzureCredential``.
+
+    The file is the one :func:`find_workspace_config` finds (the one whose
+    cached compute is used too), read by ``MLClient.from_config``.
+
+    Parameters
+    ----------
+    path
+        The config file, or a folder holding one; None searches from the current folder up.
+    credential
+        Azure credential; default ``DefaultAzureCredential()``.
 
     Raises
     ------
     WorkspaceNotConfiguredError
-        No config file was found; the message says how to make one.
+        No config file was found, or it lacks the workspace's keys; the message
+        says how to make one.
+    ConfigurationError
+        The file is not JSON.
     """
     found = find_workspace_config(path)
     if found is None:
@@ -207,16 +212,19 @@ def ml_client_from_config(path: str | os.PathLike | None = None, credential: Any
             "workspace_name), download config.json from the workspace's page in Azure ML studio, "
             "or write one with dask_amlcompute.write_workspace_config(...)."
         )
-    data = read_workspace_config(found)
     from azure.ai.ml import MLClient
+    from azure.ai.ml.exceptions import ValidationException
+
+    from .ops import RETRY_SETTINGS
 
     if credential is None:
         from azure.identity import DefaultAzureCredential
 
         credential = DefaultAzureCredential()
-    return MLClient(
-        credential,
-        subscription_id=data["subscription_id"],
-        resource_group_name=data["resource_group"],
-        workspace_name=data["workspace_name"],
-    )
+    try:
+        # azure-core's retries, configured once for the clients this library builds
+        return MLClient.from_config(credential, path=found, **RETRY_SETTINGS)
+    except ValidationException as exc:  # the file lacks subscription_id, resource_group, ...
+        raise WorkspaceNotConfiguredError(f"{found}: {exc.message}") from None
+    except ValueError as exc:  # not JSON
+        raise ConfigurationError(f"Cannot read workspace config {found}: {exc}") from None

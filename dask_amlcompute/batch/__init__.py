@@ -32,7 +32,6 @@ import itertools
 import math
 import os
 import sys
-import time
 import traceback
 import uuid
 from collections import deque
@@ -40,6 +39,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from ..exceptions import ConfigurationError, ErrorThresholdExceededError
 from ..validation import parse_duration
@@ -51,39 +52,24 @@ __all__ = ["BatchResult", "BatchStats", "ItemError", "iter_batches", "map_batche
 
 
 class _Progress:
-    """tqdm when installed, else a plain line every few seconds; a final summary."""
+    """A tqdm bar with done/failed/retried counts, then a one-line summary."""
 
     def __init__(self, stats: BatchStats, enabled: bool, desc: str) -> None:
-        self.stats, self.enabled, self.desc = stats, enabled, desc
-        self.bar: Any = None
-        self.shown = 0
-        self.last = 0.0
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=stats.total, desc=desc, unit="item", file=sys.stderr)
+        self.stats, self.desc = stats, desc
+        self.bar = tqdm(
+            total=stats.total, desc=desc, unit="item", file=sys.stderr, disable=not enabled
+        )
 
     def update(self) -> None:
-        if not self.enabled:
-            return
         s = self.stats
-        finished = s.done + s.failed
-        if self.bar is not None:
-            self.bar.set_postfix(failed=s.failed, retried=s.retried, refresh=False)
-            self.bar.update(finished - self.shown)
-        elif time.monotonic() - self.last >= 2.0:
-            self.last = time.monotonic()
-            print(f"{self.desc}: {s.summary()}", file=sys.stderr, flush=True)
-        self.shown = finished
+        self.bar.set_postfix(failed=s.failed, retried=s.retried, refresh=False)
+        self.bar.update(s.done + s.failed - self.bar.n)
 
     def close(self) -> None:
-        if not self.enabled:
+        if self.bar.disable:
             return
-        if self.bar is not None:
-            self.update()
-            self.bar.close()
+        self.update()
+        self.bar.close()
         print(f"{self.desc}: {self.stats.summary()}", file=sys.stderr, flush=True)
 
 
@@ -265,7 +251,7 @@ class BatchRun:
         self.stats.batches += 1
         result = BatchResult(batch.number, batch.indices, batch.results)
         if self.out_dir is not None:
-            result.path = _write_batch(self.out_dir, batch, self.o["output_format"])
+            result.path = _write_batch(self.out_dir, result, self.o["output_format"])
             self.files.append(result.path)
         return result
 
@@ -341,8 +327,8 @@ def iter_batches(
         a model); its return value is passed to ``fn`` and dropped at the end of the
         run. An exception fails the batch's inputs (init is tried again next batch).
     progress
-        Show a progress bar (tqdm if installed, else a line every 2 s) with
-        done/failed/retried counts, and a final summary.
+        Show a progress bar (tqdm) with done/failed/retried counts, and a final
+        summary.
     output_dir
         Write each finished batch to a file there (``batch-NNNNNN.json``, or
         ``.parquet`` when every result of the batch is a pandas DataFrame and

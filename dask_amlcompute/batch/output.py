@@ -12,13 +12,10 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..exceptions import ConfigurationError
-from .types import ItemError
-
-if TYPE_CHECKING:
-    from . import _Batch
+from .types import BatchResult, ItemError
 
 
 def _json_default(value: Any) -> Any:
@@ -32,7 +29,7 @@ def _json_default(value: Any) -> Any:
     )
 
 
-def _write_batch(out_dir: Path, batch: _Batch, fmt: str) -> Path:
+def _write_batch(out_dir: Path, batch: BatchResult, fmt: str) -> Path:
     """Write one finished batch under ``out_dir`` atomically; returns the file."""
     stem = out_dir / f"batch-{batch.number:06d}"
     pairs = list(zip(batch.indices, batch.results, strict=True))

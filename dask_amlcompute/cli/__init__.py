@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     _terminate_gracefully()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["run"]:  # the script's own arguments follow: jobmode parses them
-        from ..jobmode import run_cli
+        from .run import run_cli
 
         return run_cli(argv[1:])
     parser = argparse.ArgumentParser(
@@ -89,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
 
     add_manage_arguments(sub)
     env = sub.add_parser("env", help="show the node environment the library would use")
-    env.add_argument("--print", action="store_true", default=True)
     env.add_argument("--format", choices=["json", "conda", "pip", "dockerfile"], default="json")
     env.add_argument("--extra", action="append", default=[], metavar="REQ", help="pip package")
     env.add_argument("--extra-conda", action="append", default=[], metavar="PKG")

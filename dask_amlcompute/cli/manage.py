@@ -11,9 +11,8 @@ import asyncio
 import getpass
 from typing import Any
 
-from .._protocol import TAG_USER
 from ..backend.ops import AmlOps
-from ..discovery import ClusterJob, list_cluster_jobs
+from ..discovery import ClusterJob, list_cluster_jobs_async
 
 
 def add_arguments(sub: Any) -> None:
@@ -56,7 +55,8 @@ def _clusters(jobs: list[ClusterJob]) -> dict[str, list[ClusterJob]]:
 
 def run_list(args: argparse.Namespace) -> int:
     """``dask-amlcompute list``."""
-    jobs = list_cluster_jobs(ml_client_for(args), include_ended=args.all)
+    ops = AmlOps(ml_client_for(args))
+    jobs = asyncio.run(list_cluster_jobs_async(ops, include_ended=args.all))
     clusters = _clusters(jobs)
     if not clusters:
         print("No dask-amlcompute clusters" + ("" if args.all else " running") + ".")
@@ -76,54 +76,48 @@ def run_logs(args: argparse.Namespace) -> int:
     """``dask-amlcompute logs NAME``."""
     if not args.name:
         raise SystemExit("logs: give a cluster name")
-    ml_client = ml_client_for(args)
-    jobs = [j for j in list_cluster_jobs(ml_client, include_ended=True) if j.cluster == args.name]
-    if not jobs:
-        print(f"No jobs for cluster {args.name!r}.")
-        return 1
-    ops = AmlOps(ml_client)
+    ops = AmlOps(ml_client_for(args))
 
-    async def show() -> None:
+    async def show() -> int:
+        jobs = await list_cluster_jobs_async(ops, include_ended=True)
+        jobs = [j for j in jobs if j.cluster == args.name]
+        if not jobs:
+            print(f"No jobs for cluster {args.name!r}.")
+            return 1
         for job in sorted(jobs, key=lambda j: j.name):
             message, files = await ops.run_details(job.name)
             print(f"=== {job.name} ({job.status}) ===")
             if message:
                 print(f"AML error: {message}")
             print(await ops.log_tail(files, lines=args.lines) or "(no logs)")
+        return 0
 
-    asyncio.run(show())
-    return 0
+    return asyncio.run(show())
 
 
 def run_down(args: argparse.Namespace) -> int:
     """``dask-amlcompute down NAME`` / ``--all-mine``."""
-    ml_client = ml_client_for(args)
-    jobs = list_cluster_jobs(ml_client)
-    if args.all_mine:
-        me = getpass.getuser()
-        mine = {
-            j.name
-            for j in (ml_client.jobs.get(j.name) for j in jobs)
-            if (j.tags or {}).get(TAG_USER) == me
-        }
-        targets = [j for j in jobs if j.name in mine]
-    elif args.name:
-        targets = [j for j in jobs if j.cluster == args.name]
-    else:
+    if not args.all_mine and not args.name:
         raise SystemExit("down: give a cluster name or --all-mine")
-    if not targets:
-        print("Nothing to stop.")
-        return 0
-    ops = AmlOps(ml_client)
+    ops = AmlOps(ml_client_for(args))
 
-    async def cancel() -> None:
+    async def down() -> int:
+        jobs = await list_cluster_jobs_async(ops)
+        if args.all_mine:
+            me = getpass.getuser()
+            targets = [j for j in jobs if j.user == me]
+        else:
+            targets = [j for j in jobs if j.cluster == args.name]
+        if not targets:
+            print("Nothing to stop.")
+            return 0
         # worker jobs first, then the main jobs (schedulers)
         for job in sorted(targets, key=lambda j: j.role == "cluster"):
             await ops.cancel(job.name)
             print(f"Cancelled {job.name} ({job.cluster})")
+        return 0
 
-    asyncio.run(cancel())
-    return 0
+    return asyncio.run(down())
 
 
 COMMANDS = {"list": run_list, "logs": run_logs, "down": run_down}

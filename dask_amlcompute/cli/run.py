@@ -2,7 +2,8 @@
 
 Parses the arguments, opens an ``MLClient`` (from the workspace config, or on a
 local emulator with ``--emulator``) and calls
-:func:`dask_amlcompute.jobmode.submit_script`.
+:func:`dask_amlcompute.jobmode.submit_script`. Options left out take their
+``amlcompute.*`` dask config values, as for ``submit_script``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import sys
 from collections.abc import Sequence
 
 from ..exceptions import AmlComputeError, JobError
+from ..jobmode import submit_script
 
 
 def run_cli(argv: Sequence[str]) -> int:
     """``dask-amlcompute run SCRIPT --nodes N --compute NAME [...] [-- SCRIPT ARGS]``.
 
     Returns the process exit code: 0 when the job completed, the script's exit
-    code (or 1) when it failed, 2 for bad arguments or when nothing was submitted.
+    code (or 1) when it failed, 2 for bad arguments or when nothing was submitted,
+    130 when interrupted (the job is cancelled first).
     """
     try:
         return _run_cli(list(argv))
@@ -41,10 +44,19 @@ def _run_cli(argv: list[str]) -> int:
     p.add_argument(
         "--compute", default=None, help="AmlCompute cluster (default with --emulator: cpu-cluster)"
     )
-    p.add_argument("--processes", type=int, default=1, help="worker processes per node")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="worker processes per node (default: amlcompute.processes-per-node, 1)",
+    )
     p.add_argument("--threads", type=int, default=None, help="threads per worker process")
-    p.add_argument("--job-timeout", default="1h", help="AML job time limit (default 1h)")
-    p.add_argument("--experiment", default="dask-amlcompute-run", help="AML experiment name")
+    p.add_argument(
+        "--job-timeout", default=None, help="AML job time limit (default: amlcompute.job-timeout)"
+    )
+    p.add_argument(
+        "--experiment", default=None, help="AML experiment (default: amlcompute.experiment-name)"
+    )
     p.add_argument("--name", default=None, help="AML job name (default dask-run-<random>)")
     p.add_argument(
         "--environment", default=None, help="AML environment (name@latest, name:version or image)"
@@ -55,6 +67,17 @@ def _run_cli(argv: list[str]) -> int:
         help="upload this folder as the code snapshot (SCRIPT relative to it)",
     )
     p.add_argument("--env-var", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        default=None,
+        help="TLS between the script, the scheduler and the workers (temporary certificate)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        default=None,
+        help="stop the job after this long without Dask tasks (e.g. 30m; default: none)",
+    )
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
     p.add_argument(
         "--emulator", action="store_true", help="run on a local AML emulator (no Azure account)"
@@ -62,9 +85,7 @@ def _run_cli(argv: list[str]) -> int:
     p.add_argument("--workspace-config", default=None, help="path of the workspace config.json")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv[:cut])
-    from ..jobmode import submit_script  # jobmode re-exports run_cli: import at call time
-
-    env_vars = dict(kv.split("=", 1) for kv in args.env_var if "=" in kv)
+    env_vars = dict(kv.split("=", 1) for kv in args.env_var if "=" in kv) or None
     emulator = None
     try:
         if args.emulator:
@@ -91,9 +112,12 @@ def _run_cli(argv: list[str]) -> int:
             processes_per_node=args.processes, threads_per_process=args.threads,
             script_args=argv[cut + 1 :], job_timeout=args.job_timeout,
             experiment_name=args.experiment, name=args.name, environment=args.environment,
-            env_vars=env_vars, code=args.code, wait=not args.no_wait, quiet=args.quiet,
-            poll_interval=0.5 if args.emulator else 2.0,
+            env_vars=env_vars, code=args.code, security=args.tls, idle_timeout=args.idle_timeout,
+            wait=not args.no_wait, quiet=args.quiet, poll_interval=0.5 if args.emulator else 2.0,
         )  # fmt: skip
+    except KeyboardInterrupt:  # submit_script cancelled the job before re-raising
+        print("dask-amlcompute run: interrupted", file=sys.stderr)
+        return 130
     except JobError as exc:
         print(str(exc), file=sys.stderr)
         return getattr(exc, "exit_code", None) or 1

@@ -72,7 +72,7 @@ class SchedulerConnector:
     Parameters
     ----------
     context
-        The cluster's :class:`~dask_amlcompute.backend.jobs.ClusterContext`.
+        The cluster's :class:`~dask_amlcompute.backend.state.ClusterContext`.
     """
 
     def __init__(self, context: Any) -> None:
@@ -139,10 +139,10 @@ class SchedulerConnector:
                 if now - first_unanswered >= UNANSWERED_BUDGET:
                     return False
             info = await ctx.ops.get_job(job_name)
-            ctx.jobs[job_name] = info.status
+            ctx.state.jobs[job_name] = info.status
             if info.terminal:
                 raise await job_error(
-                    ctx, info, f"AML job {job_name} ended {info.status} during startup."
+                    ctx.ops, info, f"AML job {job_name} ended {info.status} during startup."
                 )
             if now >= deadline:
                 raise SchedulerUnreachableError(

@@ -28,7 +28,7 @@ async def open_scheduler_tunnel(
     """Open and return a started SSHTunnel forwarding ``targets`` via the scheduler's node."""
     from .tunnel import SSHTunnel
 
-    compute = context.compute
+    compute = context.state.compute
     settings = context.settings
     if compute is None or not compute.ssh_public_access:
         raise SchedulerUnreachableError(

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import asyncssh
 
-from ..exceptions import AmlComputeError, ConfigurationError
+from ..exceptions import (
+    ConfigurationError,
+    ForwardingError,
+    HostKeyError,
+    TunnelAuthenticationError,
+    TunnelError,
+    TunnelUnreachableError,
+)
 from .hostkeys import HostKeyChecker, KeyLike, resolve_client_keys
 
 __all__ = [
@@ -42,26 +49,6 @@ MAX_RECONNECT_DELAY = 10.0
 #: Cipher preference: asyncssh's AES-GCM is much faster than its chacha20 on AES-NI CPUs.
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com")
 _DEFAULT_KNOWN_HOSTS = Path("~", ".ssh", "known_hosts")
-
-
-class TunnelError(AmlComputeError, ConnectionError):
-    """The SSH tunnel to the scheduler's node could not be opened or kept open."""
-
-
-class TunnelUnreachableError(TunnelError):
-    """The node's SSH endpoint refused the connection or did not answer in time."""
-
-
-class TunnelAuthenticationError(TunnelError):
-    """The node's SSH server accepted none of the client keys."""
-
-
-class HostKeyError(TunnelError):
-    """The node's SSH host key is unknown or does not match ``known_hosts``."""
-
-
-class ForwardingError(TunnelError):
-    """The SSH server refused to forward to a target address."""
 
 
 class _RemoteSide(asyncssh.SSHTCPSession[bytes]):

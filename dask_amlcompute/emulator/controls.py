@@ -209,16 +209,6 @@ class EmulatorControls:
         """
         self._call(lambda e: e.kill_node(job_name, rank, preempted=True))
 
-    def cancel_job(self, name: str) -> None:
-        """Cancel a job directly (as ``ml_client.jobs.begin_cancel`` would).
-
-        Parameters
-        ----------
-        name : str
-            Job name.
-        """
-        self._call(lambda e: e.cancel(name))
-
     def set_run_tags_on_job(self, enabled: bool) -> None:
         """Show (default) or withhold mlflow run tags in the job resource's tags.
 

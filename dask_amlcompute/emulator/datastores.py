@@ -117,8 +117,6 @@ def datastore_to_rest(spec: DatastoreSpec) -> dict[str, Any]:
         filesystem, endpoint, protocol, credentials: {credentialsType}, isDefault...},
         systemData}`` as api-version 2025-12-01 answers it.
     """
-    from .shapes import system_data
-
     if "://" in spec.endpoint:
         endpoint, protocol = spec.endpoint.rstrip("/"), urlsplit(spec.endpoint).scheme
     else:
@@ -144,7 +142,7 @@ def datastore_to_rest(spec: DatastoreSpec) -> dict[str, Any]:
         "name": spec.name,
         "type": f"{identity.PROVIDER}/workspaces/datastores",
         "properties": props,
-        "systemData": system_data(spec.created),
+        "systemData": identity.system_data(spec.created),
     }
 
 

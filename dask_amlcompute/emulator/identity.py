@@ -1,10 +1,14 @@
-"""Fixed identity of the emulated workspace and ARM id helpers.
+"""Fixed identity of the emulated workspace, ARM id and ``systemData`` helpers.
 
 The emulator always pretends to be one workspace in one subscription, so that
 tests and demos can hard-code these values.
 """
 
 from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
 
 SUBSCRIPTION_ID = "00000000-0000-0000-0000-000000000000"
 RESOURCE_GROUP = "emulator-rg"
@@ -66,3 +70,45 @@ def studio_url(job_name: str) -> str:
         A ``https://ml.azure.com/runs/...`` URL; it does not resolve to anything.
     """
     return f"https://ml.azure.com/runs/{job_name}?wsid={workspace_id()}"
+
+
+def utcnow_iso(ts: float | None = None) -> str:
+    """Return an ISO 8601 UTC timestamp as AML writes them.
+
+    Parameters
+    ----------
+    ts : float, optional
+        POSIX time; now if omitted.
+
+    Returns
+    -------
+    str
+        e.g. ``2024-05-01T12:00:00.123456+00:00``.
+    """
+    t = time.time() if ts is None else ts
+    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat()
+
+
+def system_data(created: float, modified: float | None = None) -> dict[str, Any]:
+    """Return ARM ``systemData``.
+
+    Parameters
+    ----------
+    created : float
+        Creation POSIX time.
+    modified : float, optional
+        Last modification POSIX time.
+
+    Returns
+    -------
+    dict
+        The ``systemData`` block.
+    """
+    return {
+        "createdAt": utcnow_iso(created),
+        "createdBy": "emulator@localhost",
+        "createdByType": "User",
+        "lastModifiedAt": utcnow_iso(modified or created),
+        "lastModifiedBy": "emulator@localhost",
+        "lastModifiedByType": "User",
+    }

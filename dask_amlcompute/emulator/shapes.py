@@ -12,7 +12,8 @@ import time
 from typing import Any
 
 from . import identity
-from .state import ComputeState, EnvironmentVersion, JobRecord, utcnow_iso
+from .identity import system_data, utcnow_iso
+from .state import ComputeState, EnvironmentVersion, JobRecord
 
 
 def arm_error(code: str, message: str) -> dict[str, Any]:
@@ -31,31 +32,6 @@ def arm_error(code: str, message: str) -> dict[str, Any]:
         ``{"error": {"code": ..., "message": ...}}``.
     """
     return {"error": {"code": code, "message": message, "details": [], "additionalInfo": []}}
-
-
-def system_data(created: float, modified: float | None = None) -> dict[str, Any]:
-    """Return ARM ``systemData``.
-
-    Parameters
-    ----------
-    created : float
-        Creation POSIX time.
-    modified : float, optional
-        Last modification POSIX time.
-
-    Returns
-    -------
-    dict
-        The ``systemData`` block.
-    """
-    return {
-        "createdAt": utcnow_iso(created),
-        "createdBy": "emulator@localhost",
-        "createdByType": "User",
-        "lastModifiedAt": utcnow_iso(modified or created),
-        "lastModifiedBy": "emulator@localhost",
-        "lastModifiedByType": "User",
-    }
 
 
 def seconds_to_iso_duration(seconds: float) -> str:

@@ -27,25 +27,6 @@ ACTIVE_STATUSES = (
 TERMINAL_STATUSES = ("Completed", "Failed", "Canceled", "NotResponding", "Paused")
 
 
-def utcnow_iso(ts: float | None = None) -> str:
-    """Return an ISO 8601 UTC timestamp as AML writes them.
-
-    Parameters
-    ----------
-    ts : float, optional
-        POSIX time; now if omitted.
-
-    Returns
-    -------
-    str
-        e.g. ``2024-05-01T12:00:00.123456+00:00``.
-    """
-    import datetime as _dt
-
-    t = time.time() if ts is None else ts
-    return _dt.datetime.fromtimestamp(t, tz=_dt.timezone.utc).isoformat()
-
-
 @dataclass
 class NodeRecord:
     """One node allocated to a job (one process group on this machine)."""

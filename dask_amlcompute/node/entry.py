@@ -15,9 +15,7 @@ and AML releases the nodes.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -25,8 +23,9 @@ import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from .._protocol import DASHBOARD_TAG, SCHEDULER_TAG, VERSIONS_TAG
+from .._protocol import DASHBOARD_TAG, SCHEDULER_TAG, TLS_CERT_ENV, TLS_KEY_ENV, NodeOptions
 
 logger = logging.getLogger("dask_amlcompute.node")
 
@@ -114,20 +113,6 @@ def detect_context(env: Mapping[str, str] | None = None) -> NodeContext:
     )
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that must match between client and nodes."""
-    import cloudpickle
-    import dask
-    import distributed
-
-    return {
-        "python": ".".join(map(str, sys.version_info[:3])),
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
-        "cloudpickle": cloudpickle.__version__,
-    }
-
-
 def publish_tags(tags: Mapping[str, str], env: Mapping[str, str] | None = None) -> None:
     """Set run tags on this job's mlflow run, where the client can read them.
 
@@ -171,11 +156,6 @@ def publish_tags(tags: Mapping[str, str], env: Mapping[str, str] | None = None) 
         resp.raise_for_status()
 
 
-#: Environment variables carrying the cluster's TLS certificate and key (PEM) to the nodes.
-TLS_CERT_ENV = "DASK_AMLCOMPUTE_TLS_CERT"
-TLS_KEY_ENV = "DASK_AMLCOMPUTE_TLS_KEY"
-
-
 def node_security(env: Mapping[str, str] | None = None):
     """The Dask ``Security`` of this node: TLS when the job carries a certificate, else None."""
     env = os.environ if env is None else env
@@ -196,42 +176,96 @@ def node_security(env: Mapping[str, str] | None = None):
     )
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dask_amlcompute.node", description=__doc__)
-    p.add_argument("--role", choices=["cluster", "workers"], default="cluster")
-    p.add_argument("--name-prefix", required=True, help="worker names are PREFIX-RANK-INDEX")
-    p.add_argument("--processes", type=int, default=1, help="worker processes per node")
-    p.add_argument("--threads", type=int, default=0, help="threads per worker (0: cores/processes)")
-    p.add_argument("--memory-limit", default="auto")
-    p.add_argument("--scheduler-port", type=int, default=8786)
-    p.add_argument("--dashboard-port", type=int, default=8787)
-    p.add_argument("--scheduler-address", default=None, help="for --role workers")
-    p.add_argument("--no-worker-on-scheduler", dest="worker_on_scheduler", action="store_false")
-    p.add_argument("--death-timeout", type=float, default=300.0)
-    p.add_argument("--idle-timeout", type=float, default=None)
-    p.add_argument("--no-client-timeout", type=float, default=None)
-    p.add_argument(
-        "--first-contact-timeout",
-        type=float,
-        default=None,
-        help="seconds the scheduler waits for its first client or heartbeat",
+def _worker_threads(opts: NodeOptions) -> int:
+    if opts.threads:
+        return opts.threads
+    return max(1, (os.cpu_count() or 1) // max(1, opts.processes))
+
+
+async def start_scheduler(ctx: NodeContext, opts: NodeOptions) -> Any:
+    """Start this node's Dask scheduler as every dask-amlcompute job runs it.
+
+    The cluster's TLS (:func:`node_security`), ``--idle-timeout``, the scheduler
+    plugins (:class:`~.plugins.KeepMainJobWorkers` for ``--role cluster``,
+    :class:`~.plugins.NoClientTimeout` with ``--no-client-timeout``) and
+    ``--scheduler-options`` apply; cluster jobs and job-mode jobs both start
+    their scheduler here.
+
+    Parameters
+    ----------
+    ctx
+        Where this node sits in the job (the scheduler listens on ``ctx.node_ip``).
+    opts
+        The entrypoint's options.
+
+    Returns
+    -------
+    distributed.Scheduler
+        The running scheduler.
+    """
+    from distributed import Scheduler
+
+    options = dict(opts.scheduler_options)
+    if opts.idle_timeout:
+        options.setdefault("idle_timeout", opts.idle_timeout)
+    security = node_security()
+    if security is not None:
+        options.setdefault("protocol", "tls")
+    scheduler = Scheduler(
+        host=ctx.node_ip,
+        port=opts.scheduler_port,
+        dashboard_address=f"{ctx.node_ip}:{opts.dashboard_port}",
+        security=security,
+        **options,
     )
-    p.add_argument("--scheduler-options", type=json.loads, default={})
-    p.add_argument("--worker-options", type=json.loads, default={})
-    return p.parse_args(argv)
+    await scheduler
+    if opts.role == "cluster":
+        from .plugins import KeepMainJobWorkers
+
+        scheduler.add_plugin(KeepMainJobWorkers(opts.name_prefix))
+    if opts.no_client_timeout:
+        from .plugins import NoClientTimeout
+
+        await scheduler.register_scheduler_plugin(
+            NoClientTimeout(opts.no_client_timeout, opts.first_contact_timeout), idempotent=True
+        )
+    return scheduler
 
 
-def _worker_threads(args: argparse.Namespace) -> int:
-    if args.threads > 0:
-        return args.threads
-    return max(1, (os.cpu_count() or 1) // max(1, args.processes))
+def scheduler_tags(scheduler: Any, ctx: NodeContext) -> dict[str, str]:
+    """The run tags that tell the client where the scheduler is, in publishing order.
+
+    :data:`SCHEDULER_TAG` comes last: the client reads the others once it sees it.
+    """
+    tags = {}
+    if "dashboard" in scheduler.services:
+        port = scheduler.services["dashboard"].port
+        tags[DASHBOARD_TAG] = f"http://{ctx.node_ip}:{port}/status"
+    tags[SCHEDULER_TAG] = scheduler.address
+    return tags
 
 
-async def _start_workers(scheduler_address: str, ctx: NodeContext, args: argparse.Namespace):
+async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOptions) -> list:
+    """Start ``opts.processes`` workers (nannies) on this node for ``scheduler_address``.
+
+    Workers are named ``PREFIX-RANK-INDEX``, use the cluster's TLS and keep
+    their scratch space in the job's working directory.
+
+    Returns
+    -------
+    list of distributed.Nanny
+        The running nannies.
+
+    Raises
+    ------
+    RuntimeError
+        The workers could not join the scheduler within ``--death-timeout``, or
+        failed to start; every nanny started is closed first.
+    """
     from distributed import Nanny
 
     security = node_security()
-    options = dict(args.worker_options)
+    options = dict(opts.worker_options)
     # node-local scratch space in the job's working directory (never shared between nodes)
     options.setdefault("local_directory", os.path.join(os.getcwd(), "dask-scratch-space"))
     if security is not None:
@@ -240,14 +274,14 @@ async def _start_workers(scheduler_address: str, ctx: NodeContext, args: argpars
     nannies = [
         Nanny(
             scheduler_address,
-            nthreads=_worker_threads(args),
-            memory_limit=args.memory_limit,
-            name=f"{args.name_prefix}-{ctx.rank}-{i}",
+            nthreads=_worker_threads(opts),
+            memory_limit=opts.memory_limit,
+            name=f"{opts.name_prefix}-{ctx.rank}-{i}",
             host=ctx.node_ip,
-            death_timeout=args.death_timeout,
+            death_timeout=opts.death_timeout,
             **options,
         )
-        for i in range(args.processes)
+        for i in range(opts.processes)
     ]
     try:
         await asyncio.gather(*nannies)
@@ -257,7 +291,7 @@ async def _start_workers(scheduler_address: str, ctx: NodeContext, args: argpars
         while root.__cause__ is not None:
             root = root.__cause__
         if isinstance(root, TimeoutError | asyncio.TimeoutError | OSError):
-            why = f"could not join the scheduler at {scheduler_address} within {args.death_timeout:.0f}s"
+            why = f"could not join the scheduler at {scheduler_address} within {opts.death_timeout:.0f}s"
         else:
             why = "failed to start"
         raise RuntimeError(
@@ -267,43 +301,29 @@ async def _start_workers(scheduler_address: str, ctx: NodeContext, args: argpars
     return nannies
 
 
-async def _run_scheduler_node(ctx: NodeContext, args: argparse.Namespace, stop: asyncio.Event):
-    from distributed import Scheduler
+def master_scheduler_address(ctx: NodeContext, opts: NodeOptions) -> str:
+    """The scheduler address ranks above 0 dial: rank 0's node on ``--scheduler-port``."""
+    protocol = "tls" if node_security() is not None else "tcp"
+    return f"{protocol}://{ctx.master_addr}:{opts.scheduler_port}"
 
-    options = dict(args.scheduler_options)
-    if args.idle_timeout:
-        options.setdefault("idle_timeout", args.idle_timeout)
-    security = node_security()
-    if security is not None:
-        options.setdefault("protocol", "tls")
-    scheduler = Scheduler(
-        host=ctx.node_ip,
-        port=args.scheduler_port,
-        dashboard_address=f"{ctx.node_ip}:{args.dashboard_port}",
-        security=security,
-        **options,
-    )
-    await scheduler
-    if args.role == "cluster":
-        from .plugins import KeepMainJobWorkers
 
-        scheduler.add_plugin(KeepMainJobWorkers(args.name_prefix))
-    if args.no_client_timeout:
-        from .plugins import NoClientTimeout
+def stop_on_signals() -> asyncio.Event:
+    """An event set on SIGTERM or SIGINT (AML cancelling the job), in the running loop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
-        await scheduler.register_scheduler_plugin(
-            NoClientTimeout(args.no_client_timeout, args.first_contact_timeout), idempotent=True
-        )
-    tags = {VERSIONS_TAG: json.dumps(package_versions())}
-    if "dashboard" in scheduler.services:
-        port = scheduler.services["dashboard"].port
-        tags[DASHBOARD_TAG] = f"http://{ctx.node_ip}:{port}/status"
-    tags[SCHEDULER_TAG] = scheduler.address  # last: the client reads the others once it sees it
+
+async def _run_scheduler_node(ctx: NodeContext, opts: NodeOptions, stop: asyncio.Event):
+    scheduler = await start_scheduler(ctx, opts)
+    tags = scheduler_tags(scheduler, ctx)
     logger.info("Scheduler at %s; publishing %s", scheduler.address, tags)
     await asyncio.to_thread(publish_tags, tags)
     nannies = []
-    if args.worker_on_scheduler:
-        nannies = await _start_workers(scheduler.address, ctx, args)
+    if opts.worker_on_scheduler:
+        nannies = await start_workers(scheduler.address, ctx, opts)
     waiter = asyncio.ensure_future(stop.wait())
     finished = asyncio.ensure_future(scheduler.finished())
     await asyncio.wait([waiter, finished], return_when=asyncio.FIRST_COMPLETED)
@@ -313,9 +333,9 @@ async def _run_scheduler_node(ctx: NodeContext, args: argparse.Namespace, stop: 
 
 
 async def _run_worker_node(
-    scheduler_address: str, ctx: NodeContext, args: argparse.Namespace, stop: asyncio.Event
+    scheduler_address: str, ctx: NodeContext, opts: NodeOptions, stop: asyncio.Event
 ):
-    nannies = await _start_workers(scheduler_address, ctx, args)
+    nannies = await start_workers(scheduler_address, ctx, opts)
     waiter = asyncio.ensure_future(stop.wait())
     done = [asyncio.ensure_future(n.finished()) for n in nannies]
     await asyncio.wait([waiter, *done], return_when=asyncio.FIRST_COMPLETED)
@@ -326,32 +346,27 @@ async def _run_worker_node(
     waiter.cancel()
 
 
-async def run_node(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> None:
+async def run_node(opts: NodeOptions, env: Mapping[str, str] | None = None) -> None:
     """Run this node's part of the job until the scheduler shuts down."""
     ctx = detect_context(env)
     logger.info("Node context: %s", ctx)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if args.role == "workers":
-        if not args.scheduler_address:
+    stop = stop_on_signals()
+    if opts.role == "workers":
+        if not opts.scheduler_address:
             raise SystemExit("--role workers needs --scheduler-address")
-        await _run_worker_node(args.scheduler_address, ctx, args, stop)
+        await _run_worker_node(opts.scheduler_address, ctx, opts, stop)
     elif ctx.rank == 0:
-        await _run_scheduler_node(ctx, args, stop)
+        await _run_scheduler_node(ctx, opts, stop)
     else:
-        protocol = "tls" if node_security() is not None else "tcp"
-        address = f"{protocol}://{ctx.master_addr}:{args.scheduler_port}"
-        await _run_worker_node(address, ctx, args, stop)
+        await _run_worker_node(master_scheduler_address(ctx, opts), ctx, opts, stop)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dask_amlcompute.node``; returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = _parse_args(argv)
+    opts = NodeOptions.from_argv(sys.argv[1:] if argv is None else argv, description=__doc__)
     try:
-        asyncio.run(run_node(args))
+        asyncio.run(run_node(opts))
     except Exception as exc:
         logger.error("dask-amlcompute node failed: %s", exc, exc_info=True)
         print(f"dask-amlcompute node failed: {exc}", file=sys.stderr, flush=True)

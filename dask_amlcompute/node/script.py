@@ -1,61 +1,111 @@
-"""In-job side of job mode: what ``python -m dask_amlcompute.jobmode`` runs on each node.
+"""In-job side of job mode: what ``python -m dask_amlcompute.node.script`` runs on each node.
 
-Rank 0 starts the Dask scheduler (and workers beside it), waits for the other
-ranks' workers, runs the script with ``DASK_SCHEDULER_ADDRESS`` set, prints its
-output between :data:`OUTPUT_BEGIN` and :data:`OUTPUT_END`, publishes its exit
-code as the run tag :data:`EXIT_CODE_TAG` and exits with it; the other ranks run
-workers (:func:`dask_amlcompute.node.entry.run_node`) until the scheduler goes away.
-The client side that builds and submits the job is :mod:`dask_amlcompute.jobmode`.
+Rank 0 starts the Dask scheduler exactly as a cluster's main job does
+(:func:`~dask_amlcompute.node.entry.start_scheduler`: the job's TLS, the
+scheduler plugins, the idle and no-client timeouts), starts workers beside it,
+waits for the other ranks' workers, runs the script with
+``DASK_SCHEDULER_ADDRESS`` set (and the job's TLS client settings, so
+``Client()`` connects), prints its output between :data:`OUTPUT_BEGIN` and
+:data:`OUTPUT_END`, publishes its exit code as the run tag
+:data:`EXIT_CODE_TAG` and exits with it; the other ranks run workers
+(:func:`dask_amlcompute.node.entry.run_node`) until the scheduler goes away.
+When the scheduler stops first (``--idle-timeout``, ``--no-client-timeout``),
+rank 0 stops the script: the job ends instead of running on without a cluster.
+
+The command line is that of ``python -m dask_amlcompute.node`` plus
+``--script``/``--script-name``/``--wait-workers``, then ``--`` and the script's
+own arguments (:meth:`dask_amlcompute._protocol.NodeOptions.from_argv`). The
+client side that builds and submits the job is :mod:`dask_amlcompute.jobmode`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import gzip
-import json
 import logging
 import os
-import signal
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from .._protocol import (
+    EXIT_CODE_TAG,
+    OUTPUT_BEGIN,
+    OUTPUT_END,
+    SCRIPT_ENV,
+    TLS_CERT_ENV,
+    TLS_KEY_ENV,
+    NodeOptions,
+    ScriptOptions,
+)
 from .entry import (
-    SCHEDULER_TAG,
-    VERSIONS_TAG,
-    _parse_args,
-    _start_workers,
     detect_context,
-    package_versions,
     publish_tags,
     run_node,
+    scheduler_tags,
+    start_scheduler,
+    start_workers,
+    stop_on_signals,
 )
 
 logger = logging.getLogger("dask_amlcompute.jobmode")
 
-#: Environment variables carrying an embedded script into the job.
-SCRIPT_ENV = "DASK_AMLCOMPUTE_SCRIPT_GZ_B64"
-#: Run tag rank 0 sets to the script's exit code before the job ends.
-EXIT_CODE_TAG = "dask_script_exit_code"
-#: Lines rank 0 prints around the script's output in its log.
-OUTPUT_BEGIN = "----- dask-amlcompute: script output -----"
-OUTPUT_END = "----- dask-amlcompute: script exited with code"
 
-
-def _script_file(args: argparse.Namespace) -> str:
-    if args.script:
-        return args.script
+def _script_file(script: ScriptOptions, folder: str) -> str:
+    """The script to run: its path in the code snapshot, or the embedded one written to ``folder``."""
+    if script.script:
+        return script.script
     encoded = os.environ.get(SCRIPT_ENV)
     if not encoded:
         raise SystemExit(f"No --script and no {SCRIPT_ENV}: nothing to run.")
-    folder = tempfile.mkdtemp(prefix="dask-amlcompute-script-")
-    path = os.path.join(folder, args.script_name)
+    path = os.path.join(folder, script.script_name)
     Path(path).write_bytes(gzip.decompress(base64.b64decode(encoded)))
     return path
+
+
+def script_environment(
+    scheduler_address: str, folder: str, env: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The script's environment: ``DASK_SCHEDULER_ADDRESS`` and, in a TLS job, the client's TLS.
+
+    With TLS the job's certificate and key are written to ``folder`` (readable
+    by this user only) and named in dask config variables
+    (``DASK_DISTRIBUTED__COMM__TLS__...``), so ``Client()`` in the script uses
+    them without any code.
+
+    Parameters
+    ----------
+    scheduler_address
+        The job's scheduler.
+    folder
+        A private folder for the TLS files.
+    env
+        The base environment; ``os.environ`` by default.
+    """
+    env = dict(os.environ if env is None else env)
+    env["DASK_SCHEDULER_ADDRESS"] = scheduler_address
+    cert, key = env.get(TLS_CERT_ENV), env.get(TLS_KEY_ENV)
+    if cert and key:
+        paths = {}
+        for name, text in (("cert.pem", cert), ("key.pem", key)):
+            path = os.path.join(folder, name)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            paths[name] = path
+        env.update(
+            {
+                "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
+                "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": paths["cert.pem"],
+                "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": paths["cert.pem"],
+                "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": paths["key.pem"],
+            }
+        )
+    return env
 
 
 async def _wait_for_workers(scheduler: Any, expected: int, timeout: float) -> None:
@@ -69,49 +119,66 @@ async def _wait_for_workers(scheduler: Any, expected: int, timeout: float) -> No
         )  # fmt: skip
 
 
-async def run_script_node(args: argparse.Namespace, node_args: argparse.Namespace,
-                          script_args: list[str]) -> int:  # fmt: skip
-    """Rank 0 of a job-mode job: scheduler, workers, then the script; returns its exit code."""
-    from distributed import Scheduler
+async def run_script_node(opts: NodeOptions) -> int:
+    """Run this node's part of a job-mode job; returns the node's exit code.
 
+    Rank 0: scheduler, workers, then the script (its exit code is returned);
+    other ranks: workers until the scheduler goes away (0).
+
+    Parameters
+    ----------
+    opts
+        The entrypoint's options; ``opts.script`` must be set.
+    """
+    if opts.script is None:
+        raise ValueError("run_script_node needs NodeOptions.script (job mode)")
     ctx = detect_context()
     if ctx.rank != 0:
-        await run_node(node_args)
+        await run_node(opts)
         return 0
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    script = _script_file(args)
-    scheduler = Scheduler(
-        host=ctx.node_ip,
-        port=node_args.scheduler_port,
-        dashboard_address=f"{ctx.node_ip}:{node_args.dashboard_port}",
-        **node_args.scheduler_options,
-    )
-    await scheduler
+    stop = stop_on_signals()
+    folder = tempfile.mkdtemp(prefix="dask-amlcompute-script-")
+    try:
+        script = _script_file(opts.script, folder)
+        scheduler = await start_scheduler(ctx, opts)
+        try:
+            return await _run_script(scheduler, ctx, opts, script, folder, stop)
+        finally:
+            await scheduler.close(reason="script-finished")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _run_script(
+    scheduler: Any, ctx: Any, opts: NodeOptions, script: str, folder: str, stop: asyncio.Event
+) -> int:
+    assert opts.script is not None
     nannies: list = []
     try:
-        tags = {SCHEDULER_TAG: scheduler.address, VERSIONS_TAG: json.dumps(package_versions())}
         try:
-            await asyncio.to_thread(publish_tags, tags)
+            await asyncio.to_thread(publish_tags, scheduler_tags(scheduler, ctx))
         except Exception as exc:  # the tag only helps to watch the run; the script still runs
             logger.warning("Could not publish the scheduler address: %s", exc)
-        if node_args.worker_on_scheduler:
-            nannies = await _start_workers(scheduler.address, ctx, node_args)
-        per_node = node_args.processes
-        nodes = ctx.world_size if node_args.worker_on_scheduler else ctx.world_size - 1
-        await _wait_for_workers(scheduler, per_node * nodes, args.wait_workers)
-        env = {**os.environ, "DASK_SCHEDULER_ADDRESS": scheduler.address}
-        logger.info("Running %s %s against %s", script, script_args, scheduler.address)
+        if opts.worker_on_scheduler:
+            nannies = await start_workers(scheduler.address, ctx, opts)
+        nodes = ctx.world_size if opts.worker_on_scheduler else ctx.world_size - 1
+        await _wait_for_workers(scheduler, opts.processes * nodes, opts.script.wait_workers)
+        env = script_environment(scheduler.address, folder)
+        args = list(opts.script.args)
+        logger.info("Running %s %s against %s", script, args, scheduler.address)
         print(OUTPUT_BEGIN, flush=True)
-        proc = await asyncio.create_subprocess_exec(sys.executable, script, *script_args, env=env)
+        proc = await asyncio.create_subprocess_exec(sys.executable, script, *args, env=env)
         waiter = asyncio.ensure_future(stop.wait())
+        finished = asyncio.ensure_future(scheduler.finished())
         done = asyncio.ensure_future(proc.wait())
-        await asyncio.wait([waiter, done], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([waiter, finished, done], return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
+        finished.cancel()
         if not done.done():
-            logger.warning("Stopping the script (the job is being cancelled)")
+            if stop.is_set():
+                logger.warning("Stopping the script (the job is being cancelled)")
+            else:  # --idle-timeout or --no-client-timeout: the cluster is gone
+                logger.warning("The scheduler stopped before the script ended: stopping the script")
             proc.terminate()
             try:
                 await asyncio.wait_for(done, 10)
@@ -127,22 +194,15 @@ async def run_script_node(args: argparse.Namespace, node_args: argparse.Namespac
         return code
     finally:
         await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
-        await scheduler.close(reason="script-finished")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m dask_amlcompute.jobmode``; returns the exit code."""
+    """Entry point of ``python -m dask_amlcompute.node.script``; returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
-    cut = argv.index("--") if "--" in argv else len(argv)
-    own = argparse.ArgumentParser(prog="python -m dask_amlcompute.jobmode", add_help=False)
-    own.add_argument("--script", default=None, help="script path (code snapshot)")
-    own.add_argument("--script-name", default="script.py")
-    own.add_argument("--wait-workers", type=float, default=300.0)
-    args, rest = own.parse_known_args(argv[:cut])
-    node_args = _parse_args(rest)
+    opts = NodeOptions.from_argv(argv, script=True, description=__doc__)
     try:
-        return asyncio.run(run_script_node(args, node_args, argv[cut + 1 :]))
+        return asyncio.run(run_script_node(opts))
     except Exception as exc:
         logger.error("dask-amlcompute job mode failed: %s", exc, exc_info=True)
         print(f"dask-amlcompute job mode failed: {exc}", file=sys.stderr, flush=True)

@@ -1,0 +1,169 @@
+"""The state of one cluster, shared by the cluster object and its jobs' ProcessInterfaces.
+
+:class:`ClusterState` is the only mutable thing they share: the AML jobs and
+their last known status, the deadline, where the cluster is in its lifecycle
+and when startup reached each phase. Everything fixed for the cluster's life
+(settings, the SDK operations, the log) travels in :class:`ClusterContext`;
+what concerns one job travels in that job's spec options.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._protocol import NodeOptions, main_job_name
+from ..config import ClusterSettings
+from .jobspec import build_job
+from .ops import TERMINAL_STATUSES, AmlOps, ComputeInfo
+
+
+class Lifecycle(enum.Enum):
+    """Where a cluster object is in its life."""
+
+    #: submitting / reconnecting and waiting for the scheduler
+    STARTING = "starting"
+    #: the scheduler is up; jobs are watched
+    RUNNING = "running"
+    #: closing a cluster this object owns: jobs are retired and cancelled
+    CLOSING = "closing"
+    #: closing an object that does not own the cluster: disconnect, change nothing
+    DETACHING = "detaching"
+
+
+@dataclass
+class ClusterState:
+    """What the cluster and its ProcessInterfaces know and change while it runs.
+
+    Attributes
+    ----------
+    name
+        The cluster name (its main job is ``{name}-main``).
+    lifecycle
+        See :class:`Lifecycle`.
+    jobs
+        AML job name -> last known status.
+    deadline
+        ``time.monotonic()`` when the cluster's ``job_timeout`` runs out (None: none).
+    compute
+        The compute target, once looked up.
+    environment
+        What the jobs run in; after the first submission, the ``name:version``
+        AML registered, so worker jobs do not upload it again.
+    scheduler_address
+        The scheduler's address as the nodes reach it (worker jobs dial it).
+    ended_reason
+        Why the main job ended while the cluster ran.
+    phases
+        Startup phase -> seconds since submission began (see :meth:`mark`).
+    """
+
+    name: str
+    lifecycle: Lifecycle = Lifecycle.STARTING
+    jobs: dict[str, str] = field(default_factory=dict)
+    deadline: float | None = None
+    compute: ComputeInfo | None = None
+    environment: Any = None
+    scheduler_address: str | None = None
+    ended_reason: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    started_at: float | None = None
+
+    @property
+    def main_job(self) -> str:
+        """The AML job running the scheduler."""
+        return main_job_name(self.name)
+
+    @property
+    def closing(self) -> bool:
+        """True once the cluster object is closing or detaching."""
+        return self.lifecycle in (Lifecycle.CLOSING, Lifecycle.DETACHING)
+
+    def main_job_ended(self) -> bool:
+        """True once the main job (hence the scheduler) is known to have ended."""
+        status = self.jobs.get(self.main_job)
+        return status in TERMINAL_STATUSES or status == "Finalizing"
+
+    def remaining(self) -> float | None:
+        """Seconds left before the cluster's deadline (None: no deadline)."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def mark(self, phase: str) -> None:
+        """Record when a startup phase was first reached (seconds since submission began)."""
+        if self.started_at is not None:
+            self.phases.setdefault(phase, round(time.monotonic() - self.started_at, 3))
+
+
+@dataclass(frozen=True)
+class ClusterContext:
+    """What every job of a cluster needs and that does not change while it runs.
+
+    Attributes
+    ----------
+    settings
+        The validated settings.
+    ops
+        The SDK operations (off the event loop).
+    state
+        The shared :class:`ClusterState`.
+    log
+        Shows a progress message (and records it for ``get_logs``).
+    connection_args
+        Dask connection arguments of the client (TLS).
+    secret_env
+        Extra node environment variables never shown (TLS material).
+    """
+
+    settings: ClusterSettings
+    ops: AmlOps
+    state: ClusterState
+    log: Callable[[str], None]
+    connection_args: dict[str, Any] = field(default_factory=dict)
+    secret_env: dict[str, str] = field(default_factory=dict)
+
+    def node_options(
+        self, role: str, prefix: str, scheduler_address: str | None = None
+    ) -> NodeOptions:
+        """Node entrypoint options for a job of this cluster."""
+        s = self.settings
+        return NodeOptions(
+            role=role,
+            name_prefix=prefix,
+            processes=s.processes_per_node,
+            threads=s.threads_per_process,
+            memory_limit=s.memory_limit,
+            scheduler_port=s.scheduler_port,
+            dashboard_port=s.dashboard_port,
+            worker_on_scheduler=s.worker_on_scheduler,
+            death_timeout=s.death_timeout,
+            idle_timeout=s.idle_timeout,
+            no_client_timeout=s.no_client_timeout,
+            # the client may take up to its startup bound to find and reach the scheduler
+            first_contact_timeout=s.startup_timeout if s.no_client_timeout else None,
+            scheduler_address=scheduler_address,
+            scheduler_options=s.scheduler_options,
+            worker_options=s.worker_options,
+        )
+
+    def build(
+        self, job_name: str, role: str, n_nodes: int, node: NodeOptions, timeout: float | None
+    ) -> Any:
+        """The AML job entity for one of this cluster's jobs."""
+        s = self.settings
+        return build_job(
+            name=job_name,
+            compute=s.compute,
+            n_nodes=n_nodes,
+            node=node,
+            environment=self.state.environment,
+            experiment_name=s.experiment_name,
+            timeout_seconds=timeout,
+            cluster_name=s.name,
+            tags=s.tags,
+            env_vars={**s.env_vars, **self.secret_env},
+            distribution=s.distribution,
+            settings={"nodes_per_job": s.nodes_per_job},
+        )

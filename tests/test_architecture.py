@@ -1,0 +1,156 @@
+"""The layout's rules, checked on the source: no import cycles, the node side stands alone,
+only the backend talks to Azure (see docs/architecture.md)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dask_amlcompute"
+#: Packages allowed to import ``azure``: the client's Azure side and the emulator's SDK client.
+AZURE_PACKAGES = ("backend", "emulator")
+
+
+def module_name(path: Path) -> str:
+    parts = ["dask_amlcompute", *path.relative_to(PACKAGE).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports(name: str) -> set[str]:
+    """Every module ``name`` imports, at any depth of its code (lazy imports included)."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            submodules = {f"{target}.{a.name}" for a in node.names} & MODULES.keys()
+            # "from pkg import module" imports the module (the package only runs as its parent)
+            found.update(submodules if len(submodules) == len(node.names) else {target})
+            found.update(submodules)
+    return found
+
+
+def internal_graph() -> dict[str, set[str]]:
+    graph = {}
+    for name in MODULES:
+        edges = set()
+        for target in imports(name):
+            # an import of a.b.c reaches the deepest module of ours on that path
+            parts = target.split(".")
+            for i in range(len(parts), 0, -1):
+                if ".".join(parts[:i]) in MODULES:
+                    edges.add(".".join(parts[:i]))
+                    break
+        edges.discard(name)
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_walk_sees_the_package():
+    graph = internal_graph()
+    assert "dask_amlcompute.backend.state" in graph["dask_amlcompute.backend.jobs"]
+    assert "dask_amlcompute.cluster" in graph["dask_amlcompute"]
+    # a cycle made on purpose is found
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles_anywhere():
+    graph = internal_graph()
+    # the package root re-exports the public names: what it imports may not import it back
+    assert cycles(graph) == []
+    back = sorted(
+        m for m, edges in graph.items() if "dask_amlcompute" in edges and m != "dask_amlcompute"
+    )
+    assert back == [], f"modules importing the package root: {back}"
+
+
+def test_only_the_backend_imports_azure():
+    offenders = sorted(
+        name
+        for name in MODULES
+        if not name.startswith(tuple(f"dask_amlcompute.{p}" for p in AZURE_PACKAGES))
+        and any(t == "azure" or t.startswith("azure.") for t in imports(name))
+    )
+    assert offenders == []
+
+
+def test_node_side_imports_only_stdlib_distributed_and_the_protocol():
+    node_modules = [m for m in MODULES if m.startswith("dask_amlcompute.node")]
+    allowed = {"dask_amlcompute._protocol", *node_modules}
+    for name in node_modules:
+        ours = {t for t in internal_graph()[name] if t.startswith("dask_amlcompute")}
+        assert ours <= allowed, f"{name} imports {sorted(ours - allowed)}"
+
+
+@pytest.mark.parametrize("entry", ["dask_amlcompute.node", "dask_amlcompute.node.script"])
+def test_node_side_runs_without_azure_asyncssh_or_mlflow(entry):
+    # A blocker refuses azure, asyncssh and mlflow as if they were not installed.
+    code = textwrap.dedent(
+        f"""
+        import importlib.abc, runpy, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("azure", "asyncssh", "mlflow"):
+                    raise ImportError("not installed here: " + name)
+        sys.meta_path.insert(0, Block())
+        for name in list(sys.modules):
+            if name.split(".")[0] in ("azure", "asyncssh", "mlflow"):
+                del sys.modules[name]
+        import dask_amlcompute.node.entry, dask_amlcompute.node.plugins, dask_amlcompute.node.script
+        sys.argv = ["{entry}", "--help"]
+        runpy.run_module("{entry}", run_name="__main__")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--role" in proc.stdout

@@ -190,7 +190,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             }
         job_suffixes = ctx.node_options("workers", "x").worker_suffixes(settings.nodes_per_job)
         self._workers_per_job = len(job_suffixes)
-        worker_job = {
+        worker_job: dict[str, Any] = {
             "cls": WorkerJob,
             "options": {
                 "context": ctx,
@@ -223,8 +223,9 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
 
     # -- reconnecting ----------------------------------------------------------
 
+    # distributed annotates SpecCluster.from_name as returning a ProcessInterface: it is a cluster
     @classmethod
-    def from_name(
+    def from_name(  # type: ignore[override]
         cls,
         name: str,
         ml_client: Any = None,
@@ -309,14 +310,15 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
                 await self.scheduler.close()
             return
         state.lifecycle = Lifecycle.CLOSING
-        dead = self.scheduler is not None and await self._scheduler_gone()
-        if dead:
+        scheduler = self.scheduler
+        dead = scheduler if scheduler is not None and await self._scheduler_gone() else None
+        if dead is not None:
             # The scheduler is gone with its job: don't spend connect timeouts on it.
-            self.scheduler.status = Status.failed
+            dead.status = Status.failed
             self.shutdown_scheduler = False
         await super()._close()
-        if dead:
-            await self.scheduler.close()
+        if dead is not None:
+            await dead.close()
 
     async def _correct_state_internal(self) -> None:
         try:
@@ -330,7 +332,8 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     async def _scheduler_gone(self) -> bool:
         """True if the main job has ended or its scheduler no longer answers."""
         ctx = self._context
-        if getattr(self.scheduler, "address", None) is None:
+        address = getattr(self.scheduler, "address", None)
+        if address is None:
             return True
         if not ctx.state.main_job_ended():
             try:
@@ -340,7 +343,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
                 logger.debug("Could not refresh %s: %s", self.main_job_name, exc)
         if ctx.state.main_job_ended():
             return True
-        return not await reachable(*host_port(self.scheduler.address), timeout=3)
+        return not await reachable(*host_port(address), timeout=3)
 
     def _check_capacity(self) -> None:
         compute = self._context.state.compute

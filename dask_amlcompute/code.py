@@ -87,7 +87,8 @@ class IgnoreRules:
         # dir, not dir itself (gitignore(5)), but its pathspec regex matches "dir/".
         ignored = False
         for pattern in self.spec.patterns:
-            inside_only = pattern.pattern.rstrip().endswith("/**")
+            source = pattern.pattern  # the line it came from (from_lines: str)
+            inside_only = isinstance(source, str) and source.rstrip().endswith("/**")
             target = relpath if inside_only else relpath + "/"
             if pattern.include is not None and pattern.match_file(target) is not None:
                 ignored = pattern.include
@@ -201,7 +202,7 @@ def collect_code(
 
 
 def upload_plugin(bundle: CodeBundle) -> Any:
-    """distributed's ``UploadDirectory`` plugin carrying exactly ``bundle``'s files.
+    """Distributed's ``UploadDirectory`` plugin carrying exactly ``bundle``'s files.
 
     The workers unpack it into their nanny's directory, put the folder on
     ``sys.path`` and restart to import from it.

@@ -86,9 +86,9 @@ def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
 
     Parameters
     ----------
-    text : str
+    text
         Any text (an error message, a repr, a log line).
-    secrets : sequence of str
+    secrets
         Literal secret values to mask wherever they occur.
 
     Returns
@@ -104,7 +104,7 @@ def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
     return text
 
 
-class StorageOptions(dict):  # type: ignore[type-arg]
+class StorageOptions(dict):
     """``storage_options`` for fsspec whose ``repr``/``str`` mask secret values.
 
     A plain ``dict`` otherwise: pass it to ``dd.read_parquet(...,
@@ -127,11 +127,11 @@ class DatastoreURI:
 
     Parameters
     ----------
-    datastore : str
+    datastore
         Datastore name.
-    path : str
+    path
         Path inside the datastore's container (no leading ``/``; may be empty).
-    subscription_id, resource_group, workspace : str or None
+    subscription_id, resource_group, workspace
         Workspace coordinates of the long form, None for the short form.
     """
 
@@ -147,7 +147,7 @@ def parse_uri(uri: str) -> DatastoreURI:
 
     Parameters
     ----------
-    uri : str
+    uri
         ``azureml://datastores/<name>/paths/<path>`` or the long form with
         subscription, resource group and workspace.  ``/paths/...`` may be
         omitted (the container's root).
@@ -203,15 +203,15 @@ class ResolvedURI:
 
     Parameters
     ----------
-    url : str
+    url
         ``abfs://`` URL (adlfs).
-    storage_options : StorageOptions
+    storage_options
         Keyword arguments of ``adlfs.AzureBlobFileSystem``.
-    uri : str
+    uri
         The original ``azureml://`` URI.
-    datastore : str
+    datastore
         Datastore name.
-    credential : str
+    credential
         ``"account_key"``, ``"sas"``, ``"service_principal"`` or ``"identity"``.
     """
 
@@ -236,7 +236,7 @@ class ResolvedURI:
 
         Parameters
         ----------
-        *parts : str
+        *parts
             Relative path segments, e.g. ``"results", "by_shop.parquet"``.
 
         Returns
@@ -385,16 +385,17 @@ def resolve(
 
     Parameters
     ----------
-    uri : str
+    uri
         ``azureml://datastores/<name>/paths/<path>`` or
         ``azureml://subscriptions/<s>/resourcegroups/<rg>/workspaces/<ws>/datastores/<name>/paths/<path>``.
-    ml_client : azure.ai.ml.MLClient
-        Client of the workspace holding the datastore (e.g. ``cluster.ml_client``).
-    identity : bool, optional
+    ml_client
+        Client (``azure.ai.ml.MLClient``) of the workspace holding the datastore
+        (e.g. ``cluster.ml_client``).
+    identity
         None (default): use the datastore's stored key / SAS / service principal
         if it has one, the compute's managed identity otherwise.  True: always use
         the identity (secrets are not fetched).  False: require a stored secret.
-    identity_client_id : str, optional
+    identity_client_id
         Client id of a user-assigned managed identity of the compute (passed to
         ``DefaultAzureCredential`` as ``managed_identity_client_id``).
 
@@ -471,11 +472,11 @@ def storage_options(uri: str, ml_client: Any, **kwargs: Any) -> StorageOptions:
 
     Parameters
     ----------
-    uri : str
+    uri
         AML datastore URI.
-    ml_client : azure.ai.ml.MLClient
-        Workspace client.
-    **kwargs : Any
+    ml_client
+        Workspace client (``azure.ai.ml.MLClient``).
+    **kwargs
         ``identity``, ``identity_client_id`` (see :func:`resolve`).
 
     Returns

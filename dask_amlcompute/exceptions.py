@@ -8,6 +8,8 @@ carry the job's name, status, studio URL and the tail of its node logs.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AmlComputeError(Exception):
     """Base class of every dask-amlcompute error."""
@@ -60,7 +62,15 @@ class JobError(AmlComputeError):
         Link to the job in Azure ML studio, when AML gave one.
     log_tail
         Last lines of the node logs, when they could be read.
+
+    Attributes
+    ----------
+    exit_code
+        Set on the errors of :func:`~dask_amlcompute.submit_script`: the script's exit
+        code (None if it did not finish).
     """
+
+    exit_code: int | None  # only on submit_script's errors
 
     def __init__(
         self,
@@ -102,7 +112,15 @@ class SchedulerUnreachableError(AmlComputeError, ConnectionError):
 
 
 class VersionMismatchError(AmlComputeError):
-    """Client and cluster run different versions of packages that must match."""
+    """Client and cluster run different versions of packages that must match.
+
+    Attributes
+    ----------
+    differences
+        The :class:`~dask_amlcompute.backend.versions.Difference` of each package.
+    """
+
+    differences: list[Any]  # of backend.versions.Difference (this module imports none of ours)
 
 
 class ErrorThresholdExceededError(AmlComputeError):

@@ -313,7 +313,7 @@ async def _outcome(ops: Any, info: Any) -> ScriptRun:
     cls = JobCanceledError if info.status == "Canceled" else JobFailedError
     err = cls(text, job_name=info.name, status=info.status, studio_url=info.studio_url,
               log_tail=tail)  # fmt: skip
-    err.exit_code = exit_code  # type: ignore[attr-defined]
+    err.exit_code = exit_code
     raise err
 
 

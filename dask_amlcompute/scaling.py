@@ -11,7 +11,7 @@ max nodes.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dask.utils import parse_bytes
 from distributed.deploy.adaptive import Adaptive
@@ -20,8 +20,15 @@ from ._protocol import is_main_job, worker_job_name
 from .backend.state import Lifecycle
 from .node.plugins import job_of_worker
 
+if TYPE_CHECKING:
+    from distributed.deploy.spec import SpecCluster
 
-class ScalingMixin:
+    _ClusterBase = SpecCluster  # what the mixin extends; at runtime only AmlComputeCluster does
+else:
+    _ClusterBase = object
+
+
+class ScalingMixin(_ClusterBase):
     """``scale``/``adapt`` for :class:`~dask_amlcompute.AmlComputeCluster` (a SpecCluster)."""
 
     # provided by AmlComputeCluster / SpecCluster
@@ -63,7 +70,14 @@ class ScalingMixin:
                 jobs = fit
         return jobs
 
-    def scale(self, n: int | None = None, memory=None, cores=None, *, nodes: int | None = None):
+    def scale(
+        self,
+        n: int | None = None,
+        memory: str | int | None = None,
+        cores: int | None = None,
+        *,
+        nodes: int | None = None,
+    ):
         """Scale the cluster to ``n`` workers (or ``nodes`` nodes in total).
 
         The main job's nodes always stay; extra capacity comes as worker jobs of
@@ -113,7 +127,9 @@ class ScalingMixin:
                 new = self.new_worker_spec()
                 self.worker_spec.update(new)
                 extra.extend(new)
-        self.loop.add_callback(self._correct_state)
+        loop = self.loop
+        assert loop is not None  # SpecCluster's LoopRunner sets it in __init__
+        loop.add_callback(self._correct_state)
         if self.asynchronous:
             from distributed.utils import NoOpAwaitable
 
@@ -137,7 +153,8 @@ class ScalingMixin:
         keep = [w for w in workers if is_main_job(job_of_worker(w), self.settings.name)]
         await super().scale_down([w for w in workers if w not in keep])
 
-    def adapt(
+    # minimum/maximum come first (adapt(2, 10)); SpecCluster's first parameter is Adaptive
+    def adapt(  # type: ignore[override]
         self,
         minimum: int | None = None,
         maximum: int | None = None,
@@ -177,12 +194,12 @@ class ScalingMixin:
             maximum = to_workers(maximum_nodes)
         minimum = max(minimum or 0, self._main_workers)
         max_nodes = self._max_nodes()
-        cap = to_workers(max_nodes) if max_nodes else math.inf
-        maximum = cap if maximum is None else min(maximum, cap)
+        cap: float = to_workers(max_nodes) if max_nodes else math.inf
+        upper = cap if maximum is None else min(maximum, cap)
         return super().adapt(
             Adaptive=Adaptive,
             minimum=minimum,
-            maximum=max(maximum, minimum),
+            maximum=max(upper, minimum),
             interval=interval,
             wait_count=wait_count,
             target_duration=target_duration,
@@ -194,4 +211,6 @@ class ScalingMixin:
         """A worker job ended on its own: drop it so adaptive/scale can replace it."""
         if key in self.worker_spec and not is_main_job(key, self.settings.name):
             del self.worker_spec[key]
-            self.loop.add_callback(self._correct_state)
+            loop = self.loop
+            assert loop is not None  # SpecCluster's LoopRunner sets it in __init__
+            loop.add_callback(self._correct_state)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import isodate
 from dask.utils import parse_bytes, parse_timedelta
@@ -253,7 +253,7 @@ def memory_limit(value: object, what: str = "memory_limit") -> str | int | float
     0.5
     """
     if value is None or value == "auto":
-        return value
+        return cast("str | None", value)  # None or "auto"
     number: float | None = None
     if isinstance(value, bool):
         number = None
@@ -279,6 +279,7 @@ def memory_limit(value: object, what: str = "memory_limit") -> str | int | float
             "or die as soon as they start. Give a unit ('4GiB', '500MB') or a fraction of "
             "the node's memory such as 0.5."
         )
+    assert isinstance(value, str | int | float)  # a number was read from it
     return value
 
 

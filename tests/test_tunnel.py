@@ -338,3 +338,14 @@ def test_resolve_client_keys(tmp_path: Path) -> None:
         SSHTunnel("127.0.0.1", 22, targets={"s": (NODE_IP, 1)}, known_hosts=["garbage"])
     with pytest.raises(ConfigurationError, match="target"):
         SSHTunnel("127.0.0.1", 22, targets={})
+
+
+def test_key_fingerprint_of_a_key_pair_matches_the_key() -> None:
+    # load_keypairs() gives SSHKeyPair objects, which have no get_fingerprint(): the refused-
+    # login message used to raise AttributeError for them instead of TunnelAuthenticationError.
+    from dask_amlcompute.connect.hostkeys import key_fingerprint
+
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    (pair,) = asyncssh.load_keypairs([key])
+    assert not hasattr(pair, "get_fingerprint")
+    assert key_fingerprint(pair) == key_fingerprint(key) == key.get_fingerprint()

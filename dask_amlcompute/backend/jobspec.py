@@ -92,6 +92,7 @@ def build_job(
     """
     from azure.ai.ml import MpiDistribution, PyTorchDistribution, command
 
+    dist: MpiDistribution | PyTorchDistribution
     if distribution == "mpi":
         dist = MpiDistribution(process_count_per_instance=1)
     elif distribution == "pytorch":

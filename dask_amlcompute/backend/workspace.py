@@ -131,7 +131,8 @@ def write_workspace_config(
     if missing:
         raise ConfigurationError(f"Cannot write {p}: {', '.join(missing)} not given.")
     if compute:
-        section = data.get(SECTION) if isinstance(data.get(SECTION), dict) else {}
+        found_section = data.get(SECTION)
+        section = found_section if isinstance(found_section, dict) else {}
         data[SECTION] = {**section, "compute": compute}
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
@@ -166,7 +167,8 @@ def load_workspace_settings(path: str | os.PathLike | None = None) -> WorkspaceS
     if found is None:
         return None
     data = _load_json(found)
-    section = data.get(SECTION) if isinstance(data.get(SECTION), dict) else {}
+    found_section = data.get(SECTION)
+    section = found_section if isinstance(found_section, dict) else {}
     return WorkspaceSettings(
         subscription_id=data.get("subscription_id"),
         resource_group=data.get("resource_group"),

@@ -35,7 +35,7 @@ import sys
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -112,8 +112,8 @@ class BatchRun:
     def __init__(self, fn: Callable, inputs: Iterable, **options: Any) -> None:
         self.fn, self.inputs, self.o = fn, inputs, options
         total = options["total"]
-        if total is None and hasattr(inputs, "__len__"):
-            total = len(inputs)  # type: ignore[arg-type]
+        if total is None and isinstance(inputs, Sized):
+            total = len(inputs)
         self.stats = BatchStats(total=total)
         self.limit = _check_threshold(options["error_threshold"], total)
         self.timeout = parse_duration(options["timeout"], "timeout")
@@ -256,7 +256,8 @@ class BatchRun:
         return result
 
     def _abort(self, live: dict[int, _Batch]) -> ErrorThresholdExceededError:
-        results, errors = {}, {}
+        results: dict[int, Any] = {}
+        errors: dict[int, ItemError] = {}
         for batch in live.values():
             for pos, index in enumerate(batch.indices):
                 if batch.final[pos]:

@@ -21,7 +21,7 @@ def workloads(client) -> list[tuple[str, object, object]]:
     import numpy as np
     import pandas as pd
 
-    results = []
+    results: list[tuple[str, object, object]] = []
 
     rng = np.random.default_rng(42)
     pdf = pd.DataFrame({"key": rng.integers(0, 10, 200_000), "value": rng.normal(size=200_000)})

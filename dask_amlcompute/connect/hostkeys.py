@@ -8,6 +8,8 @@ loaded keys; ``None`` means OpenSSH's defaults and the agent), and
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +18,7 @@ import asyncssh
 
 from ..exceptions import ConfigurationError
 
-__all__ = ["HostKeyChecker", "KeyLike", "resolve_client_keys"]
+__all__ = ["HostKeyChecker", "KeyLike", "key_fingerprint", "resolve_client_keys"]
 
 #: A private key: a file path, its text, or a loaded asyncssh key.
 KeyLike = str | bytes | os.PathLike | asyncssh.SSHKey | asyncssh.SSHKeyPair
@@ -29,12 +31,12 @@ def resolve_client_keys(
 
     Parameters
     ----------
-    client_keys : str, bytes, path, asyncssh key, or a sequence of them, optional
+    client_keys
         Each item is a private key file path (``~`` expanded), the text of a
         private key, or a loaded :class:`asyncssh.SSHKey` / ``SSHKeyPair``.
         ``None`` means OpenSSH's defaults: ``~/.ssh/id_ed25519``, ``id_rsa``,
         ... and the keys of the running ``ssh-agent``.
-    passphrase : str, optional
+    passphrase
         Passphrase of encrypted keys.
 
     Returns
@@ -64,14 +66,16 @@ def resolve_client_keys(
         if isinstance(item, (asyncssh.SSHKey, asyncssh.SSHKeyPair)):
             keys.append(item)
             continue
-        is_text = isinstance(item, bytes) or (isinstance(item, str) and "PRIVATE KEY" in item)
-        what = "the given key text" if is_text else f"the key file {item}"
+        source: bytes | str | Path
+        if isinstance(item, bytes) or (isinstance(item, str) and "PRIVATE KEY" in item):
+            source, what = item, "the given key text"
+        else:
+            source, what = Path(os.fspath(item)).expanduser(), f"the key file {item}"
         try:
-            if is_text:
-                keys.append(asyncssh.import_private_key(item, passphrase))  # type: ignore[arg-type]
+            if isinstance(source, Path):
+                keys.append(asyncssh.read_private_key(source, passphrase))
             else:
-                path = Path(os.fspath(item)).expanduser()  # type: ignore[arg-type]
-                keys.append(asyncssh.read_private_key(path, passphrase))
+                keys.append(asyncssh.import_private_key(source, passphrase))
         except OSError as exc:
             raise ConfigurationError(f"Cannot read {what}: {exc}") from exc
         except (asyncssh.KeyImportError, ValueError) as exc:
@@ -80,6 +84,18 @@ def resolve_client_keys(
                 "or client_keys=None to use the ssh-agent."
             ) from exc
     return keys
+
+
+def key_fingerprint(key: asyncssh.SSHKey | asyncssh.SSHKeyPair) -> str:
+    """The OpenSSH ``SHA256:...`` fingerprint of a key or key pair's public key.
+
+    An ``SSHKeyPair`` (e.g. from ``asyncssh.load_keypairs``) has no
+    ``get_fingerprint``; its public key gives the same fingerprint.
+    """
+    if isinstance(key, asyncssh.SSHKey):
+        return key.get_fingerprint()
+    digest = hashlib.sha256(key.key_public_data).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
 
 class HostKeyChecker(asyncssh.SSHClient):

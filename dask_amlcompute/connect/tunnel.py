@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import asyncssh
 
@@ -28,7 +29,7 @@ from ..exceptions import (
     TunnelError,
     TunnelUnreachableError,
 )
-from .hostkeys import HostKeyChecker, KeyLike, resolve_client_keys
+from .hostkeys import HostKeyChecker, KeyLike, key_fingerprint, resolve_client_keys
 
 __all__ = [
     "ForwardingError",
@@ -79,24 +80,28 @@ class _LocalSide(asyncio.Protocol):
 
     def __init__(self, tunnel: SSHTunnel, name: str) -> None:
         self._tunnel, self.name = tunnel, name
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.transport: asyncio.Transport  # set by connection_made, before _accept
         self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a TCP server's: a Transport
         self.transport.pause_reading()  # resumed when the channel is open
         self._tunnel._accept(self)
 
     def data_received(self, data: bytes) -> None:
+        chan = self.chan
+        assert chan is not None  # reading resumes only once the channel is open
         try:
-            self.chan.write(data)  # type: ignore[union-attr]
+            chan.write(data)
         except OSError:
             self.transport.abort()
 
     def eof_received(self) -> bool:
+        chan = self.chan
+        assert chan is not None  # reading resumes only once the channel is open
         with contextlib.suppress(OSError):
-            self.chan.write_eof()  # type: ignore[union-attr]
+            chan.write_eof()
             return True
         return False
 
@@ -120,33 +125,33 @@ class SSHTunnel:
 
     Parameters
     ----------
-    ssh_host, ssh_port : str, int
+    ssh_host, ssh_port
         The node's public SSH endpoint (``publicIpAddress``, ``port``).
-    username : str
+    username
         The compute's admin user.
-    client_keys : optional
+    client_keys
         Keys to log in with, see :func:`resolve_client_keys`; ``None`` uses
         the default ``~/.ssh`` keys and the ssh-agent, like OpenSSH. Given
         keys are used alone (like ``IdentitiesOnly``). ``~/.ssh/config`` is
         never read.
-    known_hosts : str, path or sequence of str, optional
+    known_hosts
         ``None``: ``~/.ssh/known_hosts``. A path: that file. A sequence:
         OpenSSH public host keys (``"ssh-ed25519 AAAA..."``) trusted for
         this host, and no others.
-    trust_on_first_use : bool
+    trust_on_first_use
         Accept a host key when ``known_hosts`` has no entry for the host,
         append it to the ``known_hosts`` file (``~/.ssh/known_hosts`` unless
         ``known_hosts`` is a path) and log its fingerprint as a warning. A key
         that differs from a recorded one is always refused.
-    targets : mapping of str to (host, port)
+    targets
         Name of each forward and the address the SSH server connects it to.
-    reconnect_attempts : int
+    reconnect_attempts
         Attempts to re-establish a dropped connection before giving up.
-    connect_timeout : float
+    connect_timeout
         Seconds allowed to connect and log in, and to open each channel.
-    reconnect_delay : float
+    reconnect_delay
         Pause before the first reconnection attempt, doubled after each.
-    passphrase : str, optional
+    passphrase
         Passphrase of encrypted ``client_keys``.
 
     Examples
@@ -243,7 +248,7 @@ class SSHTunnel:
             keepalive_interval=15, keepalive_count_max=3,
         )  # fmt: skip
         try:
-            coro = asyncssh.connect(self.ssh_host, self.ssh_port, **options)  # type: ignore[arg-type]
+            coro = asyncssh.connect(self.ssh_host, self.ssh_port, **options)
             conn = await asyncio.wait_for(coro, self.connect_timeout + 5)
         except (asyncssh.HostKeyNotVerifiable, asyncssh.KeyExchangeFailed) as exc:
             port = None if self.ssh_port == 22 else self.ssh_port
@@ -262,7 +267,7 @@ class SSHTunnel:
                 f"the fingerprint {fp} and pass trust_on_first_use=True or add it."
             ) from exc
         except asyncssh.PermissionDenied as exc:
-            tried = ", ".join(k.get_fingerprint() for k in self._keys or []) or "~/.ssh, agent"
+            tried = ", ".join(key_fingerprint(k) for k in self._keys or []) or "~/.ssh, agent"
             raise TunnelAuthenticationError(
                 f"SSH login {self._label} was refused (keys tried: {tried}): the compute's admin "
                 "user does not accept this key; pass ssh_key= or add the key when creating the "
@@ -284,9 +289,12 @@ class SSHTunnel:
     ) -> asyncssh.SSHTCPChannel[bytes]:
         """Open a ``direct-tcpip`` channel to target ``name``, piped to ``local`` if given."""
         host, port = self.targets[name]
-        factory = (
-            asyncssh.SSHTCPSession if local is None else (lambda: _RemoteSide(local.transport))
-        )
+        factory: Callable[[], asyncssh.SSHTCPSession[bytes]]
+        if local is None:
+            factory = asyncssh.SSHTCPSession
+        else:
+            transport = local.transport
+            factory = lambda: _RemoteSide(transport)  # noqa: E731
         try:
             coro = conn.create_connection(factory, host, port)
             chan, _ = await asyncio.wait_for(coro, self.connect_timeout)
@@ -314,7 +322,11 @@ class SSHTunnel:
                 try:
                     (await self._open_channel(self._conn, name)).close()
                 except ForwardingError as exc:
-                    if exc.__cause__.code != asyncssh.OPEN_CONNECT_FAILED:  # type: ignore[union-attr]
+                    cause = exc.__cause__  # the ChannelOpenError _open_channel raises it from
+                    if (
+                        not isinstance(cause, asyncssh.ChannelOpenError)
+                        or cause.code != asyncssh.OPEN_CONNECT_FAILED
+                    ):
                         raise
                     logger.debug("Nothing listens behind %r yet: %s", name, exc)
             loop = asyncio.get_running_loop()
@@ -329,8 +341,8 @@ class SSHTunnel:
         self._spawn(self._supervise())
         logger.debug("SSH tunnel %s open: %s", self._label, self._ports)
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -364,7 +376,8 @@ class SSHTunnel:
             await self._conn.wait_closed()
             if self._closed:
                 return
-            self._conn, error = None, None
+            self._conn = None
+            error: TunnelError | None = None
             self._settled.clear()
             logger.warning("SSH connection %s dropped; reconnecting (%d attempts)",
                            self._label, self.reconnect_attempts)  # fmt: skip
@@ -421,7 +434,7 @@ class SSHTunnel:
             conn.close()
         for local in list(self._locals):
             local.transport.abort()
-        waits = [asyncio.gather(*tasks, return_exceptions=True)]
+        waits: list[Awaitable[Any]] = [asyncio.gather(*tasks, return_exceptions=True)]
         waits += [s.wait_closed() for s in servers] + ([conn.wait_closed()] if conn else [])
         try:
             await asyncio.wait_for(asyncio.gather(*waits), CLOSE_TIMEOUT)

@@ -63,17 +63,17 @@ def cache_dir() -> Path:
 
 
 def install_azurite(prefix: Path | None = None, timeout: float = INSTALL_TIMEOUT) -> str:
-    """Install Azurite :data:`AZURITE_VERSION` with npm into ``prefix`` (once) and return
-    the path of its ``azurite-blob``.
+    """Install Azurite :data:`AZURITE_VERSION` with npm (once); return its ``azurite-blob`` path.
 
-    Concurrent callers (test processes) wait on a file lock; an install that was
-    interrupted is redone (a marker file is written only after success).
+    It is installed into ``prefix``. Concurrent callers (test processes) wait on a
+    file lock; an install that was interrupted is redone (a marker file is written
+    only after success).
 
     Parameters
     ----------
-    prefix : Path, optional
+    prefix
         npm ``--prefix``; default ``cache_dir() / "azurite-<version>"``.
-    timeout : float
+    timeout
         Bound on the npm run, in seconds.
 
     Raises
@@ -139,9 +139,9 @@ def find_azurite(extra_dirs: list[str] | None = None, install: bool = True) -> s
 
     Parameters
     ----------
-    extra_dirs : list of str, optional
+    extra_dirs
         More directories holding a ``node_modules`` tree.
-    install : bool
+    install
         Install Azurite with npm when it is not found.
 
     Returns
@@ -180,22 +180,22 @@ class Azurite:
 
     Parameters
     ----------
-    host : str
+    host
         Loopback listen address.
-    port : int
+    port
         Listen port (0 = ephemeral).
-    location : str, optional
+    location
         Workspace directory; a temporary one (removed on stop) by default.
-    executable : str, optional
+    executable
         ``azurite-blob`` path (default: :func:`find_azurite`).
-    start_timeout : float
+    start_timeout
         Seconds to wait for the service to listen.
 
     Attributes
     ----------
-    account_name, account_key : str
+    account_name, account_key
         The well-known development account and key.
-    blob_endpoint : str
+    blob_endpoint
         ``http://127.0.0.1:<port>/devstoreaccount1`` once started.
 
     Examples
@@ -237,7 +237,7 @@ class Azurite:
     # ---------------------------------------------------------------- lifecycle
     @property
     def running(self) -> bool:
-        """bool: whether the Azurite process is alive."""
+        """Whether the Azurite process is alive."""
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> Azurite:
@@ -322,7 +322,7 @@ class Azurite:
 
         Parameters
         ----------
-        timeout : float
+        timeout
             Seconds to wait after SIGTERM.
         """
         with contextlib.suppress(Exception):
@@ -354,7 +354,7 @@ class Azurite:
     # ------------------------------------------------------------------ helpers
     @property
     def connection_string(self) -> str:
-        """str: account-key connection string of the running service (a secret: don't log it)."""
+        """Account-key connection string of the running service (a secret: don't log it)."""
         if not self.blob_endpoint:
             raise RuntimeError("Azurite is not running; call start() first")
         return (
@@ -379,7 +379,7 @@ class Azurite:
 
         Parameters
         ----------
-        name : str
+        name
             Container name.
         """
         from azure.core.exceptions import ResourceExistsError
@@ -392,9 +392,9 @@ class Azurite:
 
         Parameters
         ----------
-        container : str
+        container
             Container name.
-        hours : float
+        hours
             Validity.
 
         Returns
@@ -426,15 +426,15 @@ class Azurite:
 
         Parameters
         ----------
-        name : str
+        name
             Datastore name.
-        container : str
+        container
             Container (created unless ``create=False``).
-        credential : str
+        credential
             ``"account_key"``, ``"sas"`` (a container SAS valid for 24 h) or ``"none"``.
-        create : bool
+        create
             Create the container.
-        **kwargs : Any
+        **kwargs
             More :class:`DatastoreSpec` fields (``kind``, ``is_default``, ``description``).
 
         Returns

@@ -91,11 +91,11 @@ def run_emulator_cli(
 
     Parameters
     ----------
-    argv : sequence of str, optional
+    argv
         Command-line arguments (default: ``sys.argv[1:]``).
-    ready : threading.Event, optional
+    ready
         Set once the emulator serves (for tests).
-    stop : threading.Event, optional
+    stop
         Setting it stops the emulator (for tests; signals are only handled
         when running in the main thread).
 
@@ -111,7 +111,7 @@ def run_emulator_cli(
         print(f"dask-amlcompute emulator: {exc}", file=sys.stderr)
         return 2
     stop = stop or threading.Event()
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())

@@ -42,9 +42,9 @@ class EmulatorCredential:
 
         Parameters
         ----------
-        *scopes : str
+        *scopes
             Requested scopes; the first one's resource becomes ``aud``.
-        **kwargs : Any
+        **kwargs
             Ignored (``claims``, ``tenant_id``, ...).
 
         Returns
@@ -86,9 +86,9 @@ class EmulatorTransport(RequestsTransport):
 
     Parameters
     ----------
-    base_url : str
+    base_url
         The emulator's base URL, e.g. ``http://127.0.0.1:8765``.
-    **kwargs : Any
+    **kwargs
         Passed to :class:`azure.core.pipeline.transport.RequestsTransport`
         (``connection_verify`` for a self-signed certificate, timeouts...).
     """
@@ -119,9 +119,11 @@ class EmulatorTransport(RequestsTransport):
 
         Parameters
         ----------
-        request : azure.core.rest.HttpRequest or azure.core.pipeline.transport.HttpRequest
-            The outgoing request (its URL is rewritten only while it is sent).
-        **kwargs : Any
+        request
+            The outgoing request, an ``azure.core.rest.HttpRequest`` or
+            ``azure.core.pipeline.transport.HttpRequest`` (its URL is rewritten only
+            while it is sent).
+        **kwargs
             Transport options.
 
         Returns
@@ -158,13 +160,13 @@ def make_ml_client(
 
     Parameters
     ----------
-    base_url : str
+    base_url
         Emulator base URL.
-    cert_path : str, optional
+    cert_path
         PEM certificate to trust when the emulator serves HTTPS.
-    subscription_id, resource_group, workspace_name : str
+    subscription_id, resource_group, workspace_name
         Workspace coordinates (default: the emulator's fixed identity).
-    **kwargs : Any
+    **kwargs
         Extra ``MLClient`` keyword arguments (``retry_total``...).
 
     Returns

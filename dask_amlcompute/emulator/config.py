@@ -20,26 +20,26 @@ class ComputeSpec:
 
     Parameters
     ----------
-    name : str
+    name
         Compute name (``compute=`` of a job).
-    max_nodes : int
+    max_nodes
         Maximum nodes in use at once, over all jobs (``max_instances``).
         A ``ComputeInstance`` always has exactly one node.
-    min_nodes : int
+    min_nodes
         Nodes kept allocated while idle (reported as idle by ``listNodes``).
-    vm_size : str
+    vm_size
         Reported VM size.
-    idle_seconds_before_scaledown : int
+    idle_seconds_before_scaledown
         A freed node stays listed as ``idle`` this long before it disappears.
-    admin_user : str or None
+    admin_user
         SSH admin user of the nodes.
-    ssh_public_keys : list of str
+    ssh_public_keys
         OpenSSH public keys accepted for ``admin_user``.
-    ssh_public_access : bool
+    ssh_public_access
         Whether nodes get a public SSH endpoint (``remoteLoginPortPublicAccess``).
-    kind : str
+    kind
         ``"AmlCompute"`` (default), ``"ComputeInstance"``, or another reported-only kind.
-    vm_priority : str
+    vm_priority
         ``"Dedicated"`` or ``"LowPriority"``.
     """
 
@@ -70,12 +70,12 @@ class ComputeSpec:
 
     @property
     def runs_jobs(self) -> bool:
-        """bool: whether jobs can be submitted to this compute."""
+        """Whether jobs can be submitted to this compute."""
         return self.kind in ("AmlCompute", "ComputeInstance")
 
     @property
     def ssh_enabled(self) -> bool:
-        """bool: whether nodes get an SSH endpoint (public access, admin user and a key)."""
+        """Whether nodes get an SSH endpoint (public access, admin user and a key)."""
         return bool(self.ssh_public_access and self.admin_user and self.ssh_public_keys)
 
 
@@ -85,11 +85,11 @@ class EnvironmentSpec:
 
     Parameters
     ----------
-    name : str
+    name
         Environment name.
-    version : str
+    version
         Version label.
-    image : str
+    image
         Docker image recorded on the environment (not pulled: nodes run on the host).
     """
 
@@ -115,21 +115,21 @@ class EmulatorConfig:
 
     Parameters
     ----------
-    computes : list of ComputeSpec
+    computes
         Compute targets of the workspace.
-    environments : list of EnvironmentSpec
+    environments
         Environments registered at start.
-    provisioning_delay : float
+    provisioning_delay
         Seconds a job spends in ``Preparing`` before its nodes start.
-    host : str
+    host
         Listen address; must be a loopback address.
-    port : int
+    port
         Listen port (0 = ephemeral).
-    https : bool
+    https
         Serve HTTPS with a generated self-signed certificate.
-    workdir : str or None
+    workdir
         Parent directory for the emulator's temporary directory.
-    datastores : list of DatastoreSpec
+    datastores
         Datastores of the workspace (references to blob endpoints such as Azurite).
     """
 
@@ -170,7 +170,7 @@ def config_from_dict(data: dict[str, Any]) -> EmulatorConfig:
 
     Parameters
     ----------
-    data : dict
+    data
         Keys of :class:`EmulatorConfig`; ``computes`` and ``environments`` are
         lists of mappings with the keys of :class:`ComputeSpec` /
         :class:`EnvironmentSpec`.
@@ -210,7 +210,7 @@ def load_config(path: str | os.PathLike[str]) -> EmulatorConfig:
 
     Parameters
     ----------
-    path : str or os.PathLike
+    path
         File path; ``.json`` files are read as JSON, anything else as YAML.
 
     Returns

@@ -29,7 +29,7 @@ class EmulatorControls:
 
         Parameters
         ----------
-        name : str
+        name
             Job name.
 
         Returns
@@ -44,7 +44,7 @@ class EmulatorControls:
 
         Parameters
         ----------
-        name : str
+        name
             Job name.
 
         Returns
@@ -52,14 +52,14 @@ class EmulatorControls:
         dict or None
             The error.
         """
-        return self._call(lambda e: dict(e.job(name).error) if e.job(name).error else None)
+        return self._call(lambda e: dict(error) if (error := e.job(name).error) else None)
 
     def job_nodes(self, name: str) -> list[dict[str, Any]]:
         """Return the job's nodes.
 
         Parameters
         ----------
-        name : str
+        name
             Job name.
 
         Returns
@@ -75,7 +75,7 @@ class EmulatorControls:
 
         Parameters
         ----------
-        compute : str
+        compute
             Compute name.
 
         Returns
@@ -106,9 +106,9 @@ class EmulatorControls:
 
         Parameters
         ----------
-        job_name : str
+        job_name
             Job name.
-        rank : int
+        rank
             Node rank.
 
         Returns
@@ -131,9 +131,9 @@ class EmulatorControls:
 
         Parameters
         ----------
-        job_name : str
+        job_name
             Job name.
-        rank : int
+        rank
             Node rank.
 
         Returns
@@ -155,11 +155,11 @@ class EmulatorControls:
 
         Parameters
         ----------
-        name : str
+        name
             Job name.
-        timeout : float
+        timeout
             Upper bound in seconds.
-        statuses : iterable of str, optional
+        statuses
             Stop at these statuses instead of the terminal ones.
 
         Returns
@@ -190,9 +190,9 @@ class EmulatorControls:
 
         Parameters
         ----------
-        job_name : str
+        job_name
             Job name.
-        rank : int
+        rank
             Node rank.
         """
         self._call(lambda e: e.kill_node(job_name, rank))
@@ -202,9 +202,9 @@ class EmulatorControls:
 
         Parameters
         ----------
-        job_name : str
+        job_name
             Job name.
-        rank : int
+        rank
             Node rank.
         """
         self._call(lambda e: e.kill_node(job_name, rank, preempted=True))
@@ -217,7 +217,7 @@ class EmulatorControls:
 
         Parameters
         ----------
-        enabled : bool
+        enabled
             Whether ``GET /jobs/{name}`` includes tags set through mlflow.
         """
         self._call(lambda e: setattr(e, "run_tags_on_job", bool(enabled)))
@@ -231,11 +231,11 @@ class EmulatorControls:
 
         Parameters
         ----------
-        count : int
+        count
             Number of requests to fail.
-        status : int
+        status
             HTTP status (429 or 5xx).
-        retry_after : float, optional
+        retry_after
             ``Retry-After`` header value in seconds.
         """
         faults = self._faults

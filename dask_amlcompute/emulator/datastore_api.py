@@ -63,7 +63,7 @@ class DatastoreHandler(_DatastoreHandler):
 
         Parameters
         ----------
-        name : str
+        name
             Datastore name.
         """
         self.send_json(datastore_to_rest(self.lookup(name)))
@@ -77,7 +77,7 @@ class DatastoreSecretsHandler(_DatastoreHandler):
 
         Parameters
         ----------
-        name : str
+        name
             Datastore name.
         """
         spec = self.lookup(name)
@@ -97,9 +97,10 @@ def datastore_routes(ctx: Any, ws_pattern: str) -> list[tuple[str, type, dict[st
 
     Parameters
     ----------
-    ctx : ServerContext
-        Shared handler context (``ctx.datastores`` maps lower-case names to specs).
-    ws_pattern : str
+    ctx
+        Shared handler context, a ``ServerContext`` (``ctx.datastores`` maps
+        lower-case names to specs).
+    ws_pattern
         Regex of the workspace path prefix.
 
     Returns

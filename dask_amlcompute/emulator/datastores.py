@@ -33,27 +33,27 @@ class DatastoreSpec:
 
     Parameters
     ----------
-    name : str
+    name
         Datastore name (``azureml://datastores/<name>/...``).
-    account : str
+    account
         Storage account name (Azurite's is ``devstoreaccount1``).
-    container : str
+    container
         Blob container (the filesystem of an ADLS Gen2 datastore).
-    credential : str
+    credential
         ``"account_key"``, ``"sas"`` or ``"none"`` (identity-based access).
-    endpoint : str
+    endpoint
         The account's blob endpoint URL, e.g. ``http://127.0.0.1:10000/devstoreaccount1``;
         served as the datastore's ``endpoint`` with ``protocol`` its scheme.  A
         bare suffix such as ``core.windows.net`` is served as is (a real account).
-    account_key : str, optional
+    account_key
         The key returned by ``listSecrets`` for ``credential="account_key"``.
-    sas_token : str, optional
+    sas_token
         The token returned by ``listSecrets`` for ``credential="sas"``.
-    kind : str
+    kind
         ``"AzureBlob"`` or ``"AzureDataLakeGen2"``.
-    is_default : bool
+    is_default
         Whether this is the workspace's default datastore.
-    description : str
+    description
         Free text.
 
     Notes
@@ -107,7 +107,7 @@ def datastore_to_rest(spec: DatastoreSpec) -> dict[str, Any]:
 
     Parameters
     ----------
-    spec : DatastoreSpec
+    spec
         The datastore.
 
     Returns
@@ -151,7 +151,7 @@ def secrets_to_rest(spec: DatastoreSpec) -> dict[str, Any] | None:
 
     Parameters
     ----------
-    spec : DatastoreSpec
+    spec
         The datastore.
 
     Returns

@@ -37,23 +37,23 @@ class Emulator(EmulatorControls):
 
     Parameters
     ----------
-    computes : iterable of ComputeSpec, optional
+    computes
         Compute targets (default: one 4-node ``cpu-cluster``).
-    provisioning_delay : float
+    provisioning_delay
         Seconds each job spends in ``Preparing``.
-    https : bool
+    https
         Serve HTTPS with a generated self-signed certificate.
-    workdir : str, optional
+    workdir
         Parent directory of the emulator's temporary directory.
-    host : str
+    host
         Loopback listen address.
-    port : int
+    port
         Listen port (0 = ephemeral).
-    environments : iterable of EnvironmentSpec, optional
+    environments
         Environments registered at start.
-    datastores : iterable of DatastoreSpec, optional
+    datastores
         Datastores of the workspace (see :class:`~dask_amlcompute.emulator.Azurite`).
-    config : EmulatorConfig, optional
+    config
         A full configuration; overrides the other arguments.
 
     Examples
@@ -117,9 +117,9 @@ class Emulator(EmulatorControls):
 
         Parameters
         ----------
-        path : str
+        path
             See :func:`dask_amlcompute.emulator.config.load_config` for the format.
-        **overrides : Any
+        **overrides
             :class:`EmulatorConfig` fields overriding the file (e.g. ``port``).
 
         Returns
@@ -137,7 +137,7 @@ class Emulator(EmulatorControls):
     # ---------------------------------------------------------------- lifecycle
     @property
     def running(self) -> bool:
-        """bool: whether the emulator is serving."""
+        """Whether the emulator is serving."""
         return self._thread is not None and self._thread.is_alive()
 
     def start(self, timeout: float = 30.0) -> Emulator:
@@ -145,7 +145,7 @@ class Emulator(EmulatorControls):
 
         Parameters
         ----------
-        timeout : float
+        timeout
             Seconds to wait for the server to listen.
 
         Returns
@@ -222,6 +222,7 @@ class Emulator(EmulatorControls):
         key_id = (spec.name, node.slot)
         if key_id not in self._host_keys:
             self._host_keys[key_id] = generate_host_key()
+        assert spec.admin_user  # the engine starts SSH only when spec.ssh_enabled
         server = NodeSSHServer(
             host="127.0.0.1",
             port=0,
@@ -253,7 +254,7 @@ class Emulator(EmulatorControls):
 
         Parameters
         ----------
-        timeout : float
+        timeout
             Upper bound for the shutdown.
         """
         with contextlib.suppress(Exception):
@@ -304,7 +305,7 @@ class Emulator(EmulatorControls):
 
         Parameters
         ----------
-        **kwargs : Any
+        **kwargs
             Extra ``MLClient`` keyword arguments.
 
         Returns
@@ -332,7 +333,7 @@ class Emulator(EmulatorControls):
 
     @property
     def provisioning_delay(self) -> float:
-        """float: seconds each job spends in ``Preparing`` (settable while running)."""
+        """Seconds each job spends in ``Preparing`` (settable while running)."""
         if self._engine is None:
             return float(self.config.provisioning_delay)
         return self._engine.provisioning_delay

@@ -43,7 +43,7 @@ def log_name(rank: int) -> str:
 
     Parameters
     ----------
-    rank : int
+    rank
         Node rank.
 
     Returns
@@ -59,16 +59,16 @@ class Engine:
 
     Parameters
     ----------
-    config : EmulatorConfig
+    config
         Computes, environments and the provisioning delay.
-    workdir : str
+    workdir
         Directory for job working directories and logs.
-    endpoints : Endpoints
+    endpoints
         Tracking URI (and certificate) given to nodes.
-    ssh_factory : callable, optional
+    ssh_factory
         ``ssh_factory(compute_spec, node) -> awaitable server`` starting a
         node's SSH endpoint; None disables SSH.
-    net : int
+    net
         Second octet of the node addresses (``127.{net}.N.M``).
     """
 
@@ -105,7 +105,7 @@ class Engine:
 
         Parameters
         ----------
-        name : str
+        name
             Compute name.
 
         Returns
@@ -130,7 +130,7 @@ class Engine:
 
         Parameters
         ----------
-        name : str
+        name
             Job name.
 
         Returns
@@ -156,9 +156,9 @@ class Engine:
 
         Parameters
         ----------
-        name, version : str
+        name, version
             Environment name and version.
-        properties : dict
+        properties
             REST ``properties`` (image, conda file, ...).
 
         Returns
@@ -180,7 +180,7 @@ class Engine:
 
         Parameters
         ----------
-        name, version : str
+        name, version
             Environment name and version.
 
         Returns
@@ -211,7 +211,7 @@ class Engine:
 
         Parameters
         ----------
-        name, version : str
+        name, version
             Environment name and version from the job's ``environmentId``.
 
         Returns
@@ -239,9 +239,9 @@ class Engine:
 
         Parameters
         ----------
-        name : str
+        name
             Job name.
-        body : Any
+        body
             Parsed JSON body.
 
         Returns
@@ -308,9 +308,9 @@ class Engine:
 
         Parameters
         ----------
-        name : str
+        name
             Job name.
-        reason : str
+        reason
             ``"canceled"``, ``"timeout"`` or ``"shutdown"``.
 
         Returns
@@ -330,11 +330,11 @@ class Engine:
 
         Parameters
         ----------
-        name : str
+        name
             Job name.
-        rank : int
+        rank
             Node rank.
-        preempted : bool
+        preempted
             Report the loss as a low-priority preemption.
 
         Returns
@@ -373,7 +373,7 @@ class Engine:
 
         Parameters
         ----------
-        compute : str
+        compute
             Compute name.
 
         Returns
@@ -503,6 +503,7 @@ class Engine:
                 )
             )
             tee = await nodeproc.start_node(node, spec.command, env)
+            assert node.pid is not None  # start_node set it
             self.reaper.watch(node.pid)
             waiters.append(asyncio.ensure_future(self._watch_node(job, node, tee)))
         job.status = "Running"
@@ -525,6 +526,7 @@ class Engine:
 
     async def _watch_node(self, job: JobRecord, node: NodeRecord, tee: asyncio.Task) -> None:
         code = await nodeproc.wait_node(node, tee)
+        assert node.pid is not None  # set by start_node, before this task
         self.reaper.forget(node.pid)
         node.state = "leaving" if node.state != "preempted" else node.state
         if code != 0 and job.failure is None and job.cancel_reason is None:
@@ -574,7 +576,7 @@ class Engine:
 
         Parameters
         ----------
-        timeout : float
+        timeout
             Upper bound for the orderly part; leftovers are SIGKILLed.
         """
         self._closing = True

@@ -8,11 +8,11 @@ class ApiError(Exception):
 
     Parameters
     ----------
-    status : int
+    status
         HTTP status code.
-    code : str
+    code
         ARM error code.
-    message : str
+    message
         Human-readable message.
     """
 

@@ -65,7 +65,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
         Parameters
         ----------
-        ctx : ServerContext
+        ctx
             Shared context.
         """
         self.ctx = ctx
@@ -115,11 +115,11 @@ class BaseHandler(tornado.web.RequestHandler):
 
         Parameters
         ----------
-        status : int
+        status
             HTTP status.
-        code : str
+        code
             ARM error code.
-        message : str
+        message
             Message.
         """
         self.set_status(status)
@@ -130,9 +130,9 @@ class BaseHandler(tornado.web.RequestHandler):
 
         Parameters
         ----------
-        data : Any
+        data
             JSON-serialisable body.
-        status : int
+        status
             HTTP status.
         """
         self.set_status(status)
@@ -164,9 +164,9 @@ class BaseHandler(tornado.web.RequestHandler):
 
         Parameters
         ----------
-        status_code : int
+        status_code
             HTTP status.
-        **kwargs : Any
+        **kwargs
             ``exc_info`` from tornado.
         """
         exc = kwargs.get("exc_info", (None, None, None))[1]

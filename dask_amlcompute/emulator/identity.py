@@ -41,11 +41,11 @@ def child_id(kind: str, name: str, *rest: str) -> str:
 
     Parameters
     ----------
-    kind : str
+    kind
         Collection name, e.g. ``"jobs"``, ``"computes"``, ``"environments"``.
-    name : str
+    name
         Resource name.
-    *rest : str
+    *rest
         Further path segments (e.g. ``"versions", "1"``).
 
     Returns
@@ -61,7 +61,7 @@ def studio_url(job_name: str) -> str:
 
     Parameters
     ----------
-    job_name : str
+    job_name
         The job name.
 
     Returns
@@ -77,7 +77,7 @@ def utcnow_iso(ts: float | None = None) -> str:
 
     Parameters
     ----------
-    ts : float, optional
+    ts
         POSIX time; now if omitted.
 
     Returns
@@ -94,9 +94,9 @@ def system_data(created: float, modified: float | None = None) -> dict[str, Any]
 
     Parameters
     ----------
-    created : float
+    created
         Creation POSIX time.
-    modified : float, optional
+    modified
         Last modification POSIX time.
 
     Returns

@@ -27,7 +27,7 @@ def parse_duration(value: Any) -> float | None:
 
     Parameters
     ----------
-    value : Any
+    value
         Duration string, number of seconds, or None.
 
     Returns
@@ -78,9 +78,9 @@ def parse_job(name: str, body: Any) -> JobSpec:
 
     Parameters
     ----------
-    name : str
+    name
         Job name from the URL.
-    body : Any
+    body
         Parsed JSON body.
 
     Returns
@@ -148,12 +148,12 @@ def parse_job(name: str, body: Any) -> JobSpec:
     )
 
 
-def environment_reference(environment_id: str) -> tuple[str, str | None] | None:
+def environment_reference(environment_id: str) -> tuple[str, str] | None:
     """Split a workspace environment ARM id into name and version.
 
     Parameters
     ----------
-    environment_id : str
+    environment_id
         ``environmentId`` of the job.
 
     Returns
@@ -179,15 +179,15 @@ def node_variables(
 
     Parameters
     ----------
-    spec : JobSpec
+    spec
         The job.
-    rank : int
+    rank
         Node rank (0-based).
-    ips : list of str
+    ips
         "Private IPs" of all the job's nodes, rank order.
-    tracking_uri : str
+    tracking_uri
         MLflow tracking URI for the workspace.
-    cert_path : str, optional
+    cert_path
         Certificate nodes must trust for an HTTPS emulator.
 
     Returns
@@ -265,9 +265,9 @@ def environment_report(environment_id: str, properties: dict[str, Any] | None) -
 
     Parameters
     ----------
-    environment_id : str
+    environment_id
         ``environmentId`` of the job.
-    properties : dict or None
+    properties
         REST ``properties`` of the workspace environment version (``image``,
         ``condaFile``), None for references the emulator cannot resolve.
 

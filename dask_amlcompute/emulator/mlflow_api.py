@@ -37,7 +37,7 @@ def tracking_uri(base_url: str) -> str:
 
     Parameters
     ----------
-    base_url : str
+    base_url
         Emulator base URL.
 
     Returns
@@ -57,7 +57,7 @@ def run_info(job: JobRecord) -> dict[str, Any]:
 
     Parameters
     ----------
-    job : JobRecord
+    job
         The job.
 
     Returns
@@ -87,7 +87,7 @@ def run_json(job: JobRecord) -> dict[str, Any]:
 
     Parameters
     ----------
-    job : JobRecord
+    job
         The job.
 
     Returns
@@ -117,11 +117,11 @@ class MlflowHandler(BaseHandler):
 
         Parameters
         ----------
-        status : int
+        status
             HTTP status.
-        code : str
+        code
             MLflow error code (``RESOURCE_DOES_NOT_EXIST``...).
-        message : str
+        message
             Message.
         """
         self.send_json({"error_code": code, "message": message}, status)
@@ -131,7 +131,7 @@ class MlflowHandler(BaseHandler):
 
         Parameters
         ----------
-        run_id : Any
+        run_id
             Run id from the request.
 
         Returns
@@ -183,7 +183,7 @@ class RunWriteHandler(MlflowHandler):
 
         Parameters
         ----------
-        action : str
+        action
             The MLflow action from the URL.
         """
         body = self.body_or_error()
@@ -223,13 +223,14 @@ class RunWriteHandler(MlflowHandler):
 
     @staticmethod
     def _metric(job: JobRecord, m: dict[str, Any]) -> None:
+        key = str(m.get("key"))
         entry = {
-            "key": str(m.get("key")),
+            "key": key,
             "value": float(m.get("value", 0.0)),
             "timestamp": int(m.get("timestamp") or time.time() * 1000),
             "step": int(m.get("step") or 0),
         }
-        job.mlflow_metrics.setdefault(entry["key"], []).append(entry)
+        job.mlflow_metrics.setdefault(key, []).append(entry)
 
 
 class MetricHistoryHandler(MlflowHandler):
@@ -253,7 +254,7 @@ class ExperimentHandler(MlflowHandler):
 
         Parameters
         ----------
-        action : str
+        action
             ``get-by-name`` or ``get``.
         """
         name = self.get_argument(
@@ -283,8 +284,8 @@ def mlflow_routes(ctx: Any) -> list[tuple[str, type, dict[str, Any]]]:
 
     Parameters
     ----------
-    ctx : ServerContext
-        Shared handler context.
+    ctx
+        Shared handler context, a ``ServerContext``.
 
     Returns
     -------

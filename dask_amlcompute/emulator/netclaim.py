@@ -22,7 +22,7 @@ def claim_loopback_net(first: int = 0) -> tuple[int, socket.socket]:
 
     Parameters
     ----------
-    first : int
+    first
         First octet value to try.
 
     Returns

@@ -32,7 +32,7 @@ def node_base_environment(extra: Mapping[str, str]) -> dict[str, str]:
 
     Parameters
     ----------
-    extra : Mapping
+    extra
         Variables added on top (AML variables, the job's environment variables).
 
     Returns
@@ -66,11 +66,11 @@ async def start_node(node: NodeRecord, command: str, env: Mapping[str, str]) -> 
 
     Parameters
     ----------
-    node : NodeRecord
+    node
         The node; ``pid``, ``process`` and ``state`` are updated.
-    command : str
+    command
         Shell command to run.
-    env : Mapping
+    env
         Full environment of the process.
 
     Returns
@@ -107,9 +107,9 @@ def signal_group(node: NodeRecord, sig: int) -> bool:
 
     Parameters
     ----------
-    node : NodeRecord
+    node
         The node.
-    sig : int
+    sig
         Signal number.
 
     Returns
@@ -134,9 +134,9 @@ async def wait_node(node: NodeRecord, stderr_task: asyncio.Task | None) -> int:
 
     Parameters
     ----------
-    node : NodeRecord
+    node
         The node.
-    stderr_task : asyncio.Task or None
+    stderr_task
         The stderr copying task returned by :func:`start_node`.
 
     Returns
@@ -162,9 +162,9 @@ async def stop_node(node: NodeRecord, grace: float = 3.0) -> None:
 
     Parameters
     ----------
-    node : NodeRecord
+    node
         The node.
-    grace : float
+    grace
         Seconds between SIGTERM and SIGKILL.
     """
     proc = node.process
@@ -184,9 +184,9 @@ def read_log(node: NodeRecord, max_bytes: int | None = None) -> str:
 
     Parameters
     ----------
-    node : NodeRecord
+    node
         The node.
-    max_bytes : int, optional
+    max_bytes
         Only the last ``max_bytes`` bytes.
 
     Returns

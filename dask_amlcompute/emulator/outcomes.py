@@ -15,11 +15,11 @@ def node_failure_error(node: NodeRecord, code: int, log_file: str) -> dict[str, 
 
     Parameters
     ----------
-    node : NodeRecord
+    node
         The failed node (its ``stderr_tail`` is quoted).
-    code : int
+    code
         Exit code; negative for a signal.
-    log_file : str
+    log_file
         Name of the node's log file (``user_logs/std_log_process_N.txt``).
 
     Returns
@@ -52,11 +52,11 @@ def cancel_error(reason: str | None, limit: object, seconds: float | None) -> di
 
     Parameters
     ----------
-    reason : str or None
+    reason
         ``"timeout"``, ``"shutdown"`` or ``"canceled"``.
-    limit : object
+    limit
         The job's ``limits.timeout`` as submitted (e.g. ``"PT30S"``).
-    seconds : float or None
+    seconds
         The timeout in seconds.
 
     Returns

@@ -103,9 +103,11 @@ class GroupReaper:
         self.start()
         if self._proc is None:
             return
+        stdin = self._proc.stdin
+        assert stdin is not None  # started with stdin=PIPE
         try:
-            self._proc.stdin.write(line + "\n")  # type: ignore[union-attr]
-            self._proc.stdin.flush()  # type: ignore[union-attr]
+            stdin.write(line + "\n")
+            stdin.flush()
         except OSError as exc:
             self._unavailable(exc)
 
@@ -123,8 +125,9 @@ class GroupReaper:
         proc, self._proc, self._closed = self._proc, None, True
         if proc is None:
             return
+        assert proc.stdin is not None  # started with stdin=PIPE
         with contextlib.suppress(OSError):
-            proc.stdin.close()  # type: ignore[union-attr]
+            proc.stdin.close()
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -142,9 +145,9 @@ def reap(groups: dict[int, str], grace: float = GRACE) -> list[int]:
 
     Parameters
     ----------
-    groups : dict
+    groups
         Process group id to its leader's start time when registered.
-    grace : float
+    grace
         Seconds between SIGTERM and SIGKILL.
 
     Returns

@@ -77,7 +77,7 @@ class JobHandler(_JobResource):
 
         Parameters
         ----------
-        name : str
+        name
             Job name.
         """
         self.send_json(self.job_json(self.engine.job(name)))
@@ -87,7 +87,7 @@ class JobHandler(_JobResource):
 
         Parameters
         ----------
-        name : str
+        name
             Job name.
         """
         job, created = self.engine.submit(name, self.json_body())
@@ -119,9 +119,9 @@ class JobCancelHandler(BaseHandler):
 
         Parameters
         ----------
-        name : str
+        name
             Job name.
-        sub : str
+        sub
             Subscription from the path.
         """
         job = self.engine.cancel(name)
@@ -144,9 +144,9 @@ class OperationHandler(BaseHandler):
 
         Parameters
         ----------
-        kind : str
+        kind
             ``mfeOperationsStatus`` or ``mfeOperationResults``.
-        op : str
+        op
             Operation id (``jc-{job name}``).
         """
         if not op.startswith("jc-"):
@@ -182,7 +182,7 @@ class ComputeHandler(BaseHandler):
 
         Parameters
         ----------
-        name : str
+        name
             Compute name.
         """
         self.send_json(shapes.compute_to_rest(self.engine.compute(name)))
@@ -196,7 +196,7 @@ class ListNodesHandler(BaseHandler):
 
         Parameters
         ----------
-        name : str
+        name
             Compute name.
         """
         compute = self.engine.compute(name)
@@ -235,7 +235,7 @@ class EnvironmentVersionsHandler(BaseHandler):
 
         Parameters
         ----------
-        name : str
+        name
             Environment name.
         """
         versions = list(self.engine.environments.get(name, {}).values())
@@ -258,7 +258,7 @@ class EnvironmentVersionHandler(BaseHandler):
 
         Parameters
         ----------
-        name, version : str
+        name, version
             Environment name and version.
         """
         self.send_json(shapes.environment_to_rest(self.engine.environment(name, version)))
@@ -268,7 +268,7 @@ class EnvironmentVersionHandler(BaseHandler):
 
         Parameters
         ----------
-        name, version : str
+        name, version
             Environment name and version.
         """
         body = self.json_body()
@@ -286,7 +286,7 @@ class EnvironmentContainerHandler(BaseHandler):
 
         Parameters
         ----------
-        name : str
+        name
             Environment name.
         """
         versions = self.engine.environments.get(name)
@@ -330,10 +330,10 @@ def log_urls(base_url: str, job: Any) -> dict[str, str]:
 
     Parameters
     ----------
-    base_url : str
+    base_url
         Emulator base URL.
-    job : JobRecord
-        The job.
+    job
+        The job (a ``JobRecord``).
 
     Returns
     -------
@@ -354,7 +354,7 @@ class RunDetailsHandler(BaseHandler):
 
         Parameters
         ----------
-        run_id : str
+        run_id
             Job name.
         """
         job = self.engine.job(run_id)
@@ -369,7 +369,7 @@ class RunHandler(BaseHandler):
 
         Parameters
         ----------
-        run_id : str
+        run_id
             Job name.
         """
         self.send_json(shapes.run_record(self.engine.job(run_id)))
@@ -383,9 +383,9 @@ class RunPatchHandler(BaseHandler):
 
         Parameters
         ----------
-        experiment : str
+        experiment
             Experiment name.
-        run_id : str
+        run_id
             Job name.
         """
         job = self.engine.job(run_id)
@@ -413,9 +413,9 @@ class LogHandler(BaseHandler):
 
         Parameters
         ----------
-        name : str
+        name
             Job name.
-        rank : str
+        rank
             Node rank.
         """
         job = self.engine.job(name)
@@ -478,7 +478,7 @@ class EmulatorApplication(tornado.web.Application):
 
         Parameters
         ----------
-        handler : tornado.web.RequestHandler
+        handler
             The handler that answered.
         """
         self.requests[f"{handler.request.method} {type(handler).__name__}"] += 1
@@ -490,7 +490,7 @@ def make_app(ctx: ServerContext) -> tornado.web.Application:
 
     Parameters
     ----------
-    ctx : ServerContext
+    ctx
         Shared handler context.
 
     Returns

@@ -21,9 +21,9 @@ def arm_error(code: str, message: str) -> dict[str, Any]:
 
     Parameters
     ----------
-    code : str
+    code
         Error code (``NotFound``, ``BadRequest``, ``UserError``...).
-    message : str
+    message
         Human-readable message.
 
     Returns
@@ -39,7 +39,7 @@ def seconds_to_iso_duration(seconds: float) -> str:
 
     Parameters
     ----------
-    seconds : float
+    seconds
         Duration.
 
     Returns
@@ -59,11 +59,11 @@ def job_to_rest(job: JobRecord, tracking_uri: str, run_tags: bool = True) -> dic
 
     Parameters
     ----------
-    job : JobRecord
+    job
         The job.
-    tracking_uri : str
+    tracking_uri
         MLflow tracking URI reported as the ``Tracking`` service endpoint.
-    run_tags : bool
+    run_tags
         Include the tags set through mlflow (run history) with the submitted ones.
 
     Returns
@@ -97,7 +97,7 @@ def compute_to_rest(compute: ComputeState) -> dict[str, Any]:
 
     Parameters
     ----------
-    compute : ComputeState
+    compute
         The compute.
 
     Returns
@@ -190,7 +190,7 @@ def environment_to_rest(env: EnvironmentVersion) -> dict[str, Any]:
 
     Parameters
     ----------
-    env : EnvironmentVersion
+    env
         The environment version.
 
     Returns
@@ -222,9 +222,9 @@ def environment_container_to_rest(name: str, versions: list[EnvironmentVersion])
 
     Parameters
     ----------
-    name : str
+    name
         Environment name.
-    versions : list of EnvironmentVersion
+    versions
         Its versions (at least one).
 
     Returns
@@ -257,9 +257,9 @@ def workspace_to_rest(api_host: str, tracking_uri: str) -> dict[str, Any]:
 
     Parameters
     ----------
-    api_host : str
+    api_host
         Host the discovery document points the data-plane clients at.
-    tracking_uri : str
+    tracking_uri
         MLflow tracking URI (plain ``http(s)`` to the emulator, not ``azureml://``).
 
     Returns
@@ -296,7 +296,7 @@ def discovery_document(api_host: str) -> dict[str, str]:
 
     Parameters
     ----------
-    api_host : str
+    api_host
         Host for every data-plane service.
 
     Returns
@@ -327,9 +327,9 @@ def run_details(job: JobRecord, log_urls: dict[str, str]) -> dict[str, Any]:
 
     Parameters
     ----------
-    job : JobRecord
+    job
         The job.
-    log_urls : dict
+    log_urls
         Log file name (e.g. ``user_logs/std_log_process_0.txt``) to URL.
 
     Returns
@@ -361,7 +361,7 @@ def run_record(job: JobRecord) -> dict[str, Any]:
 
     Parameters
     ----------
-    job : JobRecord
+    job
         The job.
 
     Returns

@@ -23,6 +23,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Awaitable, Iterable
+from typing import cast
 
 import asyncssh
 from asyncssh.forward import SSHForwarder
@@ -55,15 +56,15 @@ def generate_client_keypair(comment: str = "dask-amlcompute-emulator") -> tuple[
 
     Parameters
     ----------
-    comment : str, optional
+    comment
         Comment stored in the key and appended to the public key line.
 
     Returns
     -------
-    private_key_openssh : str
-        The private key in OpenSSH format (unencrypted).
-    public_key_openssh : str
-        The public key as a single ``authorized_keys`` line, without newline.
+    tuple of str
+        ``(private_key_openssh, public_key_openssh)``: the private key in OpenSSH
+        format (unencrypted), and the public key as a single ``authorized_keys``
+        line, without newline.
     """
     key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
     private = key.export_private_key("openssh").decode("ascii")
@@ -227,7 +228,8 @@ class _NodeConnectionHandler(asyncssh.SSHServer):
         if conn.is_closed():
             target.close()
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "SSH connection closed")
-        return _ChannelForwarder(target)
+        # asyncssh serves its SSHForwarder as a TCP session (and casts it the same way)
+        return cast(asyncssh.SSHTCPSession[bytes], _ChannelForwarder(target))
 
 
 class NodeSSHServer:
@@ -235,19 +237,19 @@ class NodeSSHServer:
 
     Parameters
     ----------
-    host : str
+    host
         Address to listen on (loopback, e.g. ``"127.0.0.1"``).
-    port : int
+    port
         Port to listen on; ``0`` picks a free port (see :attr:`port`).
-    admin_user : str
+    admin_user
         The only user name allowed to log in (the compute's admin user).
-    authorized_keys : iterable of str
+    authorized_keys
         OpenSSH public key lines (``"ssh-ed25519 AAAA... comment"``) allowed
         to log in as ``admin_user``. Blank lines and ``#`` comments are ignored.
-    allowed_forward_hosts : iterable of str
+    allowed_forward_hosts
         Hosts that local port forwards (``direct-tcpip``) may target, on any
         port. Everything else is refused.
-    host_key : asyncssh.SSHKey or str or bytes, optional
+    host_key
         Private host key (object or OpenSSH/PEM text). A fresh in-memory
         ed25519 key is generated when omitted.
 

@@ -97,22 +97,22 @@ class JobRecord:
 
     @property
     def is_terminal(self) -> bool:
-        """bool: whether the job has finished (Completed/Failed/Canceled)."""
+        """Whether the job has finished (Completed/Failed/Canceled)."""
         return self.status in TERMINAL_STATUSES
 
     @property
     def experiment_name(self) -> str:
-        """str: the submitted ``experimentName`` (``"Default"`` when there is none)."""
+        """The submitted ``experimentName`` (``"Default"`` when there is none)."""
         return self.properties.get("experimentName") or "Default"
 
     @property
     def display_name(self) -> str:
-        """str: the submitted ``displayName`` (the job name when there is none)."""
+        """The submitted ``displayName`` (the job name when there is none)."""
         return self.properties.get("displayName") or self.name
 
     @property
     def tags(self) -> dict[str, str]:
-        """dict: submitted tags merged with tags set through mlflow."""
+        """Submitted tags merged with tags set through mlflow."""
         tags = dict(self.properties.get("tags") or {})
         tags.update(self.mlflow_tags)
         return tags
@@ -139,7 +139,7 @@ class ComputeState:
 
         Parameters
         ----------
-        slot : int
+        slot
             Slot index, 0-based.
 
         Returns
@@ -155,7 +155,7 @@ class ComputeState:
 
         Parameters
         ----------
-        slot : int
+        slot
             Slot index.
 
         Returns
@@ -168,12 +168,12 @@ class ComputeState:
 
     @property
     def in_use(self) -> int:
-        """int: number of slots held by jobs."""
+        """Number of slots held by jobs."""
         return sum(1 for s in self.slots if s is not None)
 
     @property
     def free(self) -> int:
-        """int: number of free slots."""
+        """Number of free slots."""
         return len(self.slots) - self.in_use
 
     def allocate(self, job_name: str, count: int) -> list[int]:
@@ -181,9 +181,9 @@ class ComputeState:
 
         Parameters
         ----------
-        job_name : str
+        job_name
             The job taking the slots.
-        count : int
+        count
             Number of slots.
 
         Returns
@@ -210,7 +210,7 @@ class ComputeState:
 
         Parameters
         ----------
-        slot : int
+        slot
             Slot index.
         """
         self.slots[slot] = None
@@ -224,7 +224,7 @@ class ComputeState:
 
         Parameters
         ----------
-        now : float, optional
+        now
             Current POSIX time.
 
         Returns

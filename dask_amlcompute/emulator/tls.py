@@ -13,9 +13,9 @@ def make_self_signed(directory: str, host: str = "127.0.0.1") -> tuple[str, str]
 
     Parameters
     ----------
-    directory : str
+    directory
         Where ``cert.pem`` and ``key.pem`` are written (mode 0600 for the key).
-    host : str
+    host
         IP address put in the certificate's subject alternative names.
 
     Returns
@@ -72,7 +72,7 @@ def server_ssl_context(cert_path: str, key_path: str) -> ssl.SSLContext:
 
     Parameters
     ----------
-    cert_path, key_path : str
+    cert_path, key_path
         PEM files from :func:`make_self_signed`.
 
     Returns

@@ -133,8 +133,8 @@ def publish_tags(tags: Mapping[str, str], env: Mapping[str, str] | None = None) 
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:
-        MlflowClient = None
-    if MlflowClient is not None:
+        pass  # post the REST call below
+    else:
         client = MlflowClient(tracking_uri=uri)
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
@@ -287,7 +287,7 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
         await asyncio.gather(*nannies)
     except Exception as exc:
         await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
-        root = exc
+        root: BaseException = exc
         while root.__cause__ is not None:
             root = root.__cause__
         if isinstance(root, TimeoutError | asyncio.TimeoutError | OSError):

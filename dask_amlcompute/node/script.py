@@ -181,11 +181,13 @@ async def _run_script(
                 logger.warning("The scheduler stopped before the script ended: stopping the script")
             proc.terminate()
             try:
-                await asyncio.wait_for(done, 10)
+                await asyncio.wait_for(asyncio.shield(done), 10)
             except asyncio.TimeoutError:
                 proc.kill()
                 await done
-        code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+        returncode = proc.returncode
+        assert returncode is not None  # it has exited: proc.wait() returned
+        code = returncode if returncode >= 0 else 128 - returncode
         print(f"{OUTPUT_END} {code} -----", flush=True)
         try:
             await asyncio.to_thread(publish_tags, {EXIT_CODE_TAG: str(code)})

@@ -342,9 +342,16 @@ def main_job_name(cluster_name: str) -> str:
     return f"{cluster_name}-main"
 
 
-def worker_job_name(cluster_name: str, number: int) -> str:
-    """The ``number``-th extra worker job of a cluster (AML job names are never reused)."""
-    return f"{cluster_name}-w{number}"
+def worker_job_name(cluster_name: str, number: int, series: str = "") -> str:
+    """The ``number``-th extra worker job of a cluster object.
+
+    AML job names are unique forever, ended jobs included. A cluster object
+    numbers its worker jobs from 0 and never reuses a number; an object that
+    reconnected (``from_name``) cannot know which numbers earlier objects used
+    (listing every ended job of a workspace is expensive), so it numbers its own
+    ``series`` (a random token): ``{cluster}-w{number}-{series}``.
+    """
+    return f"{cluster_name}-w{number}-{series}" if series else f"{cluster_name}-w{number}"
 
 
 def is_main_job(job_name: str, cluster_name: str) -> bool:

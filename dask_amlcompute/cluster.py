@@ -6,6 +6,7 @@ import asyncio
 import html
 import logging
 import os
+import uuid
 from typing import Any
 
 from distributed.core import Status
@@ -18,7 +19,7 @@ from .backend.state import ClusterContext, ClusterState, Lifecycle
 from .backend.workspace import ml_client_from_config
 from .config import ClusterSettings, resolve_settings
 from .connect import SchedulerConnector, host_port, reachable
-from .exceptions import AmlComputeError, TooManyNodesError
+from .exceptions import AmlComputeError, ConfigurationError, TooManyNodesError
 from .scaling import ScalingMixin
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,8 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         )
         self._connector = SchedulerConnector(ctx)
         self.main_job_name = self._main_key = state.main_job
+        # a reconnected object names its worker jobs in a series of its own (never reused)
+        self._job_series = uuid.uuid4().hex[:6] if _attach else ""
         scheduler = {
             "cls": MainJob,
             "options": {"context": ctx, "connector": self._connector, "attach": _attach},
@@ -280,6 +283,8 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         try:
             ctx.state.compute = await ctx.ops.get_compute(self.settings.compute)
             attach = self.scheduler_spec["options"]["attach"]
+            if not attach:
+                await self._check_name_is_new()
             if not attach and isinstance(self.settings.environment, str):
                 await ctx.ops.check_environment(self.settings.environment)
             self._check_capacity()
@@ -344,6 +349,16 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         if ctx.state.main_job_ended():
             return True
         return not await reachable(*host_port(address), timeout=3)
+
+    async def _check_name_is_new(self) -> None:
+        """AML job names are unique forever: refuse a cluster name used before."""
+        if await self._context.ops.get_job_entity(self.main_job_name) is not None:
+            raise ConfigurationError(
+                f"A cluster named {self.settings.name!r} existed already in this workspace (AML "
+                f"job {self.main_job_name}), and AML never reuses a job name. Pick another "
+                "name, leave name unset for a fresh one, or reconnect to a running cluster with "
+                "AmlComputeCluster.from_name(name). Nothing was submitted."
+            )
 
     def _check_capacity(self) -> None:
         compute = self._context.state.compute

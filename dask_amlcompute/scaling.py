@@ -39,10 +39,11 @@ class ScalingMixin(_ClusterBase):
     _main_key: str
     _main_workers: int
     _workers_per_job: int
+    _job_series: str
     _i: int
 
     def _new_worker_name(self, worker_number: int) -> str:
-        return worker_job_name(self.settings.name, worker_number)
+        return worker_job_name(self.settings.name, worker_number, self._job_series)
 
     def new_worker_spec(self) -> dict[str, Any]:
         """The next worker job; AML job names are never reused, so numbers only grow."""

@@ -98,6 +98,16 @@ def test_run_tags_fall_back_to_run_history_with_a_warning(ml_client, cluster_kwa
     assert caplog.text.count("falling back to run history") == 1
 
 
+def test_a_cluster_name_is_never_reused(emulator, ml_client, cluster_kwargs):
+    name = "used-once-cluster"
+    with AmlComputeCluster(ml_client, n_nodes=1, name=name, **cluster_kwargs):
+        pass
+    # refused before submitting: a PUT would have met AML's (and the emulator's) 400
+    with pytest.raises(ConfigurationError, match="existed already"):
+        AmlComputeCluster(ml_client, n_nodes=1, name=name, **cluster_kwargs)
+    assert f"{name}-main" not in emulator.active_jobs()
+
+
 def test_processes_per_node_and_mpi_distribution(emulator, ml_client, cluster_kwargs):
     with (
         AmlComputeCluster(

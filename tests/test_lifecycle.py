@@ -127,6 +127,29 @@ def test_from_name_reconnects_without_owning(emu):
     )
 
 
+def test_reconnected_cluster_never_reuses_a_worker_job_name(emu):
+    # AML (and the emulator) refuse a second job with an existing name, ended ones included:
+    # scale -> scale down -> from_name -> scale must submit a job under a new name.
+    ml = emu.ml_client()
+    with AmlComputeCluster(ml, **settings()) as cluster, Client(cluster) as client:
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=60)
+        (first,) = [j for j in cluster.jobs if j != cluster.main_job_name]
+        cluster.scale(1)
+        wait_for(lambda: emu.job_status(first) in ("Canceled", "Completed"), 60, "w0 ended")
+        other = AmlComputeCluster.from_name(cluster.name, ml, quiet=True, poll_interval=0.2)
+        try:
+            other.scale(2)
+            with Client(other) as other_client:
+                other_client.wait_for_workers(2, timeout=60)
+            (new,) = [j for j in other.jobs if j != other.main_job_name]
+            assert new != first and new.startswith(f"{cluster.name}-w0-")
+            other.scale(1)
+            wait_for(lambda: emu.job_status(new) in ("Canceled", "Completed"), 60, "job ended")
+        finally:
+            other.close()
+
+
 def test_cli_list_logs_down(emu, capsys):
     cluster = AmlComputeCluster(emu.ml_client(), name="cli-target", **settings())
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import os
 import signal
@@ -23,6 +24,15 @@ from .errors import ApiError
 from .jobspec import JobSpec, environment_reference, environment_report, node_variables, parse_job
 from .reaper import GroupReaper
 from .state import ComputeState, EnvironmentVersion, JobRecord, NodeRecord
+
+#: What a PUT of an existing job may change on AML; anything else is refused.
+_MUTABLE_JOB_FIELDS = ("description", "tags", "displayName", "properties", "isArchived")
+
+
+def _fixed(props: dict[str, Any]) -> dict[str, Any]:
+    """The part of a job's ``properties`` a second PUT must leave as it is."""
+    return {k: v for k, v in props.items() if k not in _MUTABLE_JOB_FIELDS}
+
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +103,8 @@ class Engine:
         #: Copy mlflow run tags into the job resource's tags (AML does, possibly late).
         self.run_tags_on_job = True
         self.specs: dict[str, JobSpec] = {}
+        #: the ``properties`` of each job's first PUT, to refuse a different second one
+        self._submitted: dict[str, dict[str, Any]] = {}
         self.environments: dict[str, dict[str, EnvironmentVersion]] = {}
         self._ssh_factory = ssh_factory
         self._closing = False
@@ -259,10 +271,18 @@ class Engine:
         if name in self.jobs:
             job = self.jobs[name]
             props = body.get("properties") if isinstance(body, dict) else None
-            if isinstance(props, dict):
-                for key in ("tags", "displayName", "description"):
-                    if key in props and props[key] is not None:
-                        job.properties[key] = props[key]
+            if not isinstance(props, dict) or _fixed(props) != _fixed(self._submitted[name]):
+                # AML: job names are unique forever; a second PUT may change only these
+                # fields (the service's message, quoted in shared/DESIGN.md).
+                raise ApiError(
+                    400,
+                    "UserError",
+                    f"A job with this name already exists: {name}. Only description, tags, "
+                    "displayName, properties, and isArchived can be updated.",
+                )
+            for key in _MUTABLE_JOB_FIELDS:
+                if key in props and props[key] is not None and key != "properties":
+                    job.properties[key] = props[key]
             return job, False
         spec = parse_job(name, body)
         compute = self.computes.get(spec.compute.lower())
@@ -300,6 +320,7 @@ class Engine:
         job.wake = asyncio.Event()
         self.jobs[name] = job
         self.specs[name] = spec
+        self._submitted[name] = copy.deepcopy(body["properties"])
         job.task = asyncio.ensure_future(self._lifecycle(job, spec, compute))
         return job, True
 

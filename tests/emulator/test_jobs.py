@@ -245,27 +245,28 @@ def test_provisioning_delay_shows_preparing(emu, ml):
     assert emu.wait_job(job.name, 20) == "Completed"
 
 
-def test_resubmitting_same_name_updates_tags_only(emu, ml):
+def test_job_names_are_unique_forever_only_tags_may_change(emu, ml):
+    # AML refuses a second PUT of an existing name unless it changes only description,
+    # tags, displayName, properties or isArchived; an identical PUT (a client retry) is fine.
     from azure.ai.ml import command
+    from azure.core.exceptions import HttpResponseError
 
-    job = command(
-        command="echo one",
-        compute="cpu-cluster",
-        environment="azureml:dask-env:1",
-        experiment_name="emulator-tests",
-        name="fixed-name-job",
-        tags={"v": "1"},
-    )
-    ml.jobs.create_or_update(job)
+    def job(text: str, version: str):
+        return command(
+            command=text,
+            compute="cpu-cluster",
+            environment="azureml:dask-env:1",
+            experiment_name="emulator-tests",
+            name="fixed-name-job",
+            tags={"v": version},
+        )
+
+    ml.jobs.create_or_update(job("echo one", "1"))
     assert emu.wait_job("fixed-name-job", 20) == "Completed"
-    job2 = command(
-        command="echo two",
-        compute="cpu-cluster",
-        environment="azureml:dask-env:1",
-        experiment_name="emulator-tests",
-        name="fixed-name-job",
-        tags={"v": "2"},
-    )
-    ml.jobs.create_or_update(job2)
+    ml.jobs.create_or_update(job("echo one", "2"))  # same job, new tag: accepted
     got = ml.jobs.get("fixed-name-job")
     assert got.tags["v"] == "2" and got.command == "echo one"
+    with pytest.raises(HttpResponseError, match="already exists") as err:
+        ml.jobs.create_or_update(job("echo two", "3"))
+    assert err.value.status_code == 400
+    assert ml.jobs.get("fixed-name-job").command == "echo one"

@@ -177,3 +177,12 @@ def test_default_environment_pins_client_versions():
     assert (
         resolve_environment("myregistry.azurecr.io/dask:1").image == "myregistry.azurecr.io/dask:1"
     )
+
+
+def test_not_responding_and_paused_jobs_are_not_ended():
+    # They still hold nodes: close must cancel them, discovery must list them.
+    from dask_amlcompute.backend.ops import JobInfo
+
+    assert not JobInfo("j", "NotResponding").terminal
+    assert not JobInfo("j", "Paused").terminal
+    assert JobInfo("j", "Canceled").terminal

@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Job statuses after which a job will not run again.
-TERMINAL_STATUSES = frozenset({"Completed", "Failed", "Canceled", "NotResponding", "Paused"})
+#: NotResponding and Paused are not among them: such jobs still hold their nodes, so a
+#: cluster that closes must still cancel them (AML job status docs).
+TERMINAL_STATUSES = frozenset({"Completed", "Failed", "Canceled"})
 
 
 @dataclass(frozen=True)

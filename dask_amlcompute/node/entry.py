@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from distributed.core import Status
+
 from .._protocol import DASHBOARD_TAG, SCHEDULER_TAG, TLS_CERT_ENV, TLS_KEY_ENV, NodeOptions
 
 logger = logging.getLogger("dask_amlcompute.node")
@@ -323,7 +325,14 @@ async def _run_scheduler_node(ctx: NodeContext, opts: NodeOptions, stop: asyncio
     await asyncio.to_thread(publish_tags, tags)
     nannies = []
     if opts.worker_on_scheduler:
-        nannies = await start_workers(scheduler.address, ctx, opts)
+        try:
+            nannies = await start_workers(scheduler.address, ctx, opts)
+        except RuntimeError:
+            # The cluster may close while these workers still start (e.g. the client
+            # refused the cluster's versions): that is a normal end, not a node failure.
+            if scheduler.status not in (Status.closing, Status.closed) and not stop.is_set():
+                raise
+            logger.info("The scheduler closed while its node's workers were starting")
     waiter = asyncio.ensure_future(stop.wait())
     finished = asyncio.ensure_future(scheduler.finished())
     await asyncio.wait([waiter, finished], return_when=asyncio.FIRST_COMPLETED)

@@ -115,7 +115,9 @@ def aml_name(value: str, what: str) -> str:
     return value
 
 
-def string_mapping(value: Mapping | None, what: str) -> dict[str, str]:
+def string_mapping(
+    value: Mapping | None, what: str, example: str = "{'team': 'data'}"
+) -> dict[str, str]:
     """Check a mapping of strings to strings (AML job tags).
 
     Parameters
@@ -124,6 +126,8 @@ def string_mapping(value: Mapping | None, what: str) -> dict[str, str]:
         The mapping; None is an empty one.
     what
         Name of the setting, used in the error message.
+    example
+        A valid value, shown in the error message.
 
     Returns
     -------
@@ -141,7 +145,7 @@ def string_mapping(value: Mapping | None, what: str) -> dict[str, str]:
     if not isinstance(value, Mapping):
         raise ConfigurationError(
             f"{what} must be a mapping of strings to strings, got {type(value).__name__} "
-            f"{value!r}. Pass e.g. {what}={{'team': 'data'}}."
+            f"{value!r}. Pass e.g. {what}={example}."
         )
     out = {}
     for key, val in value.items():
@@ -184,21 +188,15 @@ def env_var_mapping(value: Mapping | None, what: str = "env_vars") -> dict[str, 
     >>> env_var_mapping({"OMP_NUM_THREADS": "1"})
     {'OMP_NUM_THREADS': '1'}
     """
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigurationError(
-            f"{what} must be a mapping of variable names to string values, got "
-            f"{type(value).__name__} {value!r}. Pass e.g. {what}={{'OMP_NUM_THREADS': '1'}}."
-        )
-    for key in value:
-        if not isinstance(key, str) or not _ENV_VAR_NAME.match(key):
+    checked = string_mapping(value, what, example="{'OMP_NUM_THREADS': '1'}")
+    for key in checked:
+        if not _ENV_VAR_NAME.match(key):
             raise ConfigurationError(
                 f"{what}: {key!r} is not a valid environment variable name. Names use "
                 "letters, digits and '_' and do not start with a digit "
                 "([A-Za-z_][A-Za-z0-9_]*); rename it."
             )
-    return string_mapping(value, what)
+    return checked
 
 
 def boolean(value: object, what: str) -> bool:

@@ -295,6 +295,10 @@ class EmulatorProcess:
         ``ComputeSpec`` fields, one dict per compute.
     provisioning_delay
         Seconds each job spends in ``Preparing``.
+    env
+        Extra environment variables of the emulator process.
+    **config
+        More emulator settings (``environment_cache``, ``build_environments``, ...).
 
     Examples
     --------
@@ -303,14 +307,21 @@ class EmulatorProcess:
     """
 
     def __init__(
-        self, workdir: Path, computes: list[dict[str, Any]], provisioning_delay: float = 0.0
+        self,
+        workdir: Path,
+        computes: list[dict[str, Any]],
+        provisioning_delay: float = 0.0,
+        env: dict[str, str] | None = None,
+        **config: Any,
     ) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="emulator-", dir=workdir))
         self.config = {
             "provisioning_delay": provisioning_delay,
             "workdir": str(self.workdir),
             "computes": computes,
+            **config,
         }
+        self.env = env
         self.proc: subprocess.Popen | None = None
         self.base_url = ""
 
@@ -326,6 +337,7 @@ class EmulatorProcess:
             stderr=log,
             text=True,
             start_new_session=True,
+            env={**os.environ, **self.env} if self.env else None,
         )
         lines: queue.Queue[str] = queue.Queue()
 

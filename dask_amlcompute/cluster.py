@@ -12,9 +12,10 @@ from typing import Any
 from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
 
-from .backend.environment import environment_from_settings
+from .backend.environment import environment_from_settings, library_in_snapshot
 from .backend.jobs import MainJob, MainJobWorkers, WorkerJob
 from .backend.ops import AmlOps
+from .backend.snapshot import stage_snapshot
 from .backend.state import ClusterContext, ClusterState, Lifecycle
 from .backend.workspace import ml_client_from_config
 from .config import ClusterSettings, resolve_settings
@@ -90,8 +91,11 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     startup_timeout
         Bound on waiting for the job to run and its workers to join.
     code
-        A folder of your own modules to ship to every worker (Dask's upload
-        mechanism; ``.amlignore``/``.gitignore`` rules and a size limit apply).
+        A folder of your own modules for every node: it goes into the jobs'
+        code snapshot beside the library (``.amlignore``/``.gitignore`` rules
+        and a size limit apply) and is the nodes' working directory, so its
+        modules import on every worker. To re-send changed code to a running
+        cluster, use :func:`~dask_amlcompute.ship_code`.
     asynchronous, loop
         As for every Dask cluster manager.
     **kwargs
@@ -154,18 +158,23 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             startup_timeout=startup_timeout,
             **kwargs,
         )
-        if code is not None:
-            from .code import collect_code
-
-            collect_code(code)  # bad folder or over the size limit: fail before submitting
-        self._code = code
         if ml_client is None:
             ml_client = ml_client_from_config(settings.workspace_config)
         self.settings: ClusterSettings = settings
         self.ml_client = ml_client
         self._quiet = settings.quiet
         security, secret_env = _temporary_tls(settings)
-        state = ClusterState(name=settings.name, environment=environment_from_settings(settings))
+        # the library (unless node_package installs it) and ``code`` travel in the jobs' code
+        # snapshot; a bad folder or one over the size limit fails here, before submitting
+        snapshot = stage_snapshot(
+            code,
+            include_library=library_in_snapshot(settings.node_package, settings.pip_packages),
+        )
+        state = ClusterState(
+            name=settings.name,
+            environment=environment_from_settings(settings),
+            code=str(snapshot) if snapshot else None,
+        )
         ctx = self._context = ClusterContext(
             settings=settings,
             ops=AmlOps(ml_client),
@@ -289,14 +298,6 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
                 await ctx.ops.check_environment(self.settings.environment)
             self._check_capacity()
             await super()._start()
-            if self._code is not None:
-                from .code import ship_code_async
-
-                bundle = await ship_code_async(self.scheduler_comm, self._code)
-                self._log(
-                    f"Shipped {len(bundle.files)} files ({bundle.total_bytes} bytes) "
-                    f"from {bundle.root} to the workers"
-                )
         except RuntimeError as exc:
             # SpecCluster wraps start failures in RuntimeError; surface our typed error.
             if isinstance(exc.__cause__, AmlComputeError):

@@ -15,6 +15,7 @@ import os
 import re
 import uuid
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import dask.config
@@ -49,6 +50,19 @@ def _load_defaults() -> dict:
 
 
 _registered = False
+
+
+def cache_dir() -> Path:
+    """The folder dask-amlcompute caches things in (snapshots, emulator downloads).
+
+    ``$DASK_AMLCOMPUTE_CACHE``, else ``$XDG_CACHE_HOME/dask-amlcompute``, else
+    ``~/.cache/dask-amlcompute``; created by whoever writes into it.
+    """
+    root = os.environ.get("DASK_AMLCOMPUTE_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg or Path.home() / ".cache") / "dask-amlcompute"
 
 
 def ensure_defaults() -> None:
@@ -107,6 +121,7 @@ class ClusterSettings:
     node_package: str | None = None
     version_check: str = "raise"
     quiet: bool = False
+    prepare_timeout: float = 3600.0
 
 
 def config_key(attribute: str) -> str:
@@ -125,7 +140,13 @@ def default_cluster_name() -> str:
 
 
 #: Settings that must be set (the schema has no null for them).
-_REQUIRED_DURATIONS = ("startup_timeout", "death_timeout", "poll_interval", "watch_interval")
+_REQUIRED_DURATIONS = (
+    "startup_timeout",
+    "prepare_timeout",
+    "death_timeout",
+    "poll_interval",
+    "watch_interval",
+)
 _OPTIONAL_DURATIONS = ("job_timeout", "idle_timeout", "no_client_timeout")
 _BOOLEANS = ("worker_on_scheduler", "security", "ssh_trust_on_first_use", "quiet")
 

@@ -99,6 +99,19 @@ class JobFailedError(JobError):
     """The job ended Failed (a node exited non-zero, the environment failed, ...)."""
 
 
+class EnvironmentBuildError(JobFailedError):
+    """AML could not build the job's environment image (the job ended Failed).
+
+    Attributes
+    ----------
+    requirements
+        The requirements the build log names as uninstallable (may be empty
+        when the log could not be read or names none).
+    """
+
+    requirements: list[str]
+
+
 class JobCanceledError(JobError):
     """The job was canceled (by a user, by the job timeout, or by AML)."""
 

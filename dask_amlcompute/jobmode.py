@@ -195,7 +195,8 @@ def build_script_job(
         An argument or dask config value is invalid, or the script is too large
         to embed.
     """
-    from .backend.environment import resolve_environment
+    from .backend.environment import library_in_snapshot, resolve_environment
+    from .backend.snapshot import stage_snapshot
 
     processes = positive_int(
         config.get("processes-per-node", override_with=processes_per_node), "processes_per_node"
@@ -212,15 +213,17 @@ def build_script_job(
     env = env_var_mapping(config.get("env-vars", override_with=env_vars), "env_vars")
     if boolean(config.get("security", override_with=security), "security"):
         env.update(_tls_env())
+    pip = pip_requirements(config.get("pip-packages", override_with=pip_packages), "pip_packages")
+    library = optional_string(
+        config.get("node-package", override_with=node_package), "node_package"
+    )
     node_env = resolve_environment(
         environment_setting(config.get("environment", override_with=environment)),
-        pip_requirements(config.get("pip-packages", override_with=pip_packages), "pip_packages"),
+        pip,
         extra_conda=string_list(
             config.get("conda-packages", override_with=conda_packages), "conda_packages"
         ),
-        node_package=optional_string(
-            config.get("node-package", override_with=node_package), "node_package"
-        ),
+        node_package=library,
     )
     idle = parse_duration(idle_timeout, "idle_timeout")
     no_client = parse_duration(no_client_timeout, "no_client_timeout")
@@ -270,8 +273,9 @@ def build_script_job(
         distribution=dist,
     )
     job.display_name = f"{script_path.name} on {n_nodes} node(s) (dask-amlcompute run)"
-    if code is not None:
-        job.code = str(code)
+    # the same code snapshot as a cluster's: the user's folder (if any) and the library
+    snapshot = stage_snapshot(code, include_library=library_in_snapshot(library, pip))
+    job.code = str(snapshot) if snapshot else None
     return job
 
 

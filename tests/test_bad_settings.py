@@ -70,6 +70,7 @@ CASES = [
     Case("environment", 42),
     Case("job_timeout", "soon"),
     Case("startup_timeout", "-5"),
+    Case("prepare_timeout", "eventually"),
     Case("experiment_name", "bad/name"),
     Case("name", "has space"),
     Case("name", "x" * 300),

@@ -17,6 +17,7 @@ from dask_amlcompute.backend.environment import (
     DEFAULT_IMAGE,
     build_spec,
     environment_from_settings,
+    library_in_snapshot,
     local_python,
     local_version,
     resolve_environment,
@@ -42,13 +43,16 @@ def test_generated_spec_pins_the_client_versions():
         f"dask=={dask.__version__}",
         f"distributed=={distributed.__version__}",
         f"cloudpickle=={cloudpickle.__version__}",
-        f"dask-amlcompute=={__version__}",
     ):
         assert line in pip
+    # no index has the library: it travels in the code snapshot, never as a requirement
+    assert not [p for p in pip if p.startswith("dask-amlcompute")]
+    assert spec.library is None
     assert "mlflow-skinny" in pip and "azureml-mlflow" in pip
-    # numpy is imported in this process (dask/distributed pull it in): pinned too
-    assert "numpy" in sys.modules
-    assert f"numpy=={local_version('numpy')}" in pip
+    # the installed data stack is pinned by default, imported or not (dataframe work needs it)
+    for name in ("numpy", "pandas", "pyarrow"):
+        if local_version(name):
+            assert f"{name}=={local_version(name)}" in pip
     assert spec.image == DEFAULT_IMAGE
 
 
@@ -142,12 +146,15 @@ def test_a_user_scientific_pin_replaces_the_automatic_one():
     assert "numpy" in spec.overridden and "numpy" not in spec.pins
 
 
-def test_node_package_is_how_the_nodes_get_the_library():
+def test_node_package_overrides_the_snapshot():
     url = "dask-amlcompute @ https://example.org/dask_amlcompute-0.1.0-py3-none-any.whl"
+    assert library_in_snapshot(None, None) and library_in_snapshot("", ["numpy"])
+    assert not library_in_snapshot(url, None)
+    assert not library_in_snapshot(None, ["dask-amlcompute==0.1.0"])
     spec = build_spec(node_package=url)
     assert url in spec.pip and f"dask-amlcompute=={__version__}" not in spec.pip
     assert build_spec(extra_pip=[url]).library == url
-    assert "--node-package" in build_spec().dockerfile()  # not on PyPI yet: says what to do
+    assert "code snapshot" in build_spec().dockerfile()  # where the library comes from
     assert "--node-package" not in spec.dockerfile()
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import dask
 import pytest
@@ -29,7 +30,8 @@ from dask_amlcompute.jobmode import (
 )
 
 OK_SCRIPT = """
-import sys
+import os, sys
+import dask_amlcompute
 from distributed import Client
 from dask_amlcompute.batch import map_batches
 
@@ -37,6 +39,13 @@ client = Client()  # DASK_SCHEDULER_ADDRESS points at the job's scheduler
 n = len(client.scheduler_info()["workers"])
 total = sum(map_batches(lambda x: x * 2, range(1000), client=client, progress=False))
 print(f"workers={n} total={total} args={sys.argv[1:]}")
+# the library comes from the job's code snapshot, the client's own packages are not there
+print("library in snapshot:", dask_amlcompute.__file__.startswith(os.getcwd()))
+try:
+    import azure.ai.ml
+    print("azure.ai.ml on the node: True")
+except ImportError:
+    print("azure.ai.ml on the node: False")
 """
 
 FAILING_SCRIPT = """
@@ -66,7 +75,9 @@ def test_embedded_script_job(tmp_path):
     assert opts.script.script is None and opts.script.script_name == "job.py"
     assert opts.script.args == ("--alpha", "1 2")
     assert argv[argv.index("--") + 1 :] == ["--alpha", "1 2"]
-    assert SCRIPT_ENV in job.environment_variables and job.code is None
+    assert SCRIPT_ENV in job.environment_variables
+    # the library travels in the job's code snapshot, as for a cluster
+    assert (Path(job.code) / "dask_amlcompute" / "node" / "script.py").is_file()
     assert job.resources.instance_count == 3 and job.tags["dask_mode"] == "script"
 
 
@@ -75,7 +86,9 @@ def test_code_folder_job_does_not_embed(tmp_path):
     argv = shlex.split(job.command)
     assert NodeOptions.from_argv(argv[3:], script=True).script.script == "job.py"
     assert SCRIPT_ENV not in job.environment_variables
-    assert job.code == str(tmp_path)
+    # one snapshot: the user's folder at the top, the library beside it
+    assert (Path(job.code) / "job.py").read_text() == "print('hi')\n"
+    assert (Path(job.code) / "dask_amlcompute" / "node" / "script.py").is_file()
 
 
 def test_too_large_script_names_code_option(tmp_path):
@@ -178,6 +191,8 @@ def test_script_runs_to_completion(emulator, ml_client, tmp_path):
                         script_args=["a", "b c"], poll_interval=0.3, quiet=True)  # fmt: skip
     assert run.status == "Completed" and run.exit_code == 0
     assert "workers=2 total=999000 args=['a', 'b c']" in run.output
+    assert "library in snapshot: True" in run.output
+    assert "azure.ai.ml on the node: False" in run.output
     assert emulator.job_status(run.job_name) == "Completed"
     assert run.job_name not in emulator.active_jobs()
     listed = [j for j in list_cluster_jobs(ml_client, include_ended=True) if j.name == run.job_name]

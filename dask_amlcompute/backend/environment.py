@@ -5,20 +5,29 @@ and the nodes to the client's own versions, so a version mismatch cannot
 happen by accident:
 
 * Python major.minor (conda ``python=X.Y``);
-* ``dask``, ``distributed``, ``cloudpickle`` and ``dask-amlcompute`` (pip ``==``);
-* the scientific stack the client has imported (``numpy``, ``pandas``,
-  ``pyarrow``), where installed.
+* ``dask``, ``distributed``, ``cloudpickle`` (pip ``==``);
+* the data stack the client has installed (``numpy``, ``pandas``,
+  ``pyarrow``): ``dask.dataframe`` work needs them on the nodes even when the
+  client imports them only after the cluster starts;
+
+plus, unpinned, what the node side needs besides them: the mlflow pieces that
+publish the scheduler's address (``mlflow-skinny``, ``azureml-mlflow``), the
+dashboard (``bokeh``) and the library's own small dependencies (``isodate``,
+``tqdm``). Every requirement is on the public package index: AML builds the
+image from it, and one requirement no index has fails the build and the job.
+
+dask-amlcompute itself is NOT a requirement (no index has it): it reaches the
+nodes in the jobs' code snapshot (:mod:`~dask_amlcompute.backend.snapshot`).
+``node_package=`` (setting ``node-package``) is the explicit override: a pip
+requirement the nodes can install (a wheel URL, ``git+https://...``); the
+snapshot then leaves the library out.
 
 It is an *inline* AML environment (base image + conda file). The SDK registers
 inline environments anonymously, named by a hash of their content
 (``CliV2AnonymousEnvironment:<hash>``), so AML builds each distinct spec once
 and reuses it; :attr:`NodeEnvironmentSpec.aml_version` is that hash.
-
-dask-amlcompute itself is not on PyPI yet: by default the nodes ``pip install
-dask-amlcompute==<client version>``, which only works from a package index
-that has it. Pass ``node_package=`` (setting ``node-package``) with a pip
-requirement the nodes can install (a wheel URL, ``git+https://...``), or use
-the Docker image of ``docker/`` as ``environment=``. See ``docs/environment.md``.
+``dask-amlcompute env build`` registers the same spec under a name of its own.
+See ``docs/environment.md``.
 """
 
 from __future__ import annotations
@@ -40,12 +49,13 @@ DEFAULT_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
 
 #: Pinned to the client's versions, always; a conflicting user pin is an error.
 CORE_PACKAGES = ("dask", "distributed", "cloudpickle")
-#: Pinned to the client's versions when installed (and, by default, imported).
+#: Pinned to the client's versions when installed (``stack="imported"``: only when imported).
 SCIENTIFIC_PACKAGES = ("numpy", "pandas", "pyarrow")
-#: The library itself.
+#: The library itself (never a requirement unless ``node_package`` names it).
 LIBRARY = "dask-amlcompute"
-#: Installed on the nodes without a pin: run tags (mlflow) and the dashboard (bokeh).
-NODE_HELPERS = ("azureml-mlflow", "bokeh>=3.1.0", "mlflow-skinny")
+#: Installed on the nodes without a pin: run tags (mlflow), the dashboard (bokeh), and the
+#: library's own dependencies that its node side imports (isodate, tqdm).
+NODE_HELPERS = ("azureml-mlflow", "bokeh>=3.1.0", "isodate", "mlflow-skinny", "tqdm")
 
 STACK_CHOICES = ("imported", "installed", "none")
 
@@ -69,7 +79,7 @@ def local_version(distribution: str) -> str | None:
         return None
 
 
-def pinned_packages(stack: str = "imported") -> dict[str, str]:
+def pinned_packages(stack: str = "installed") -> dict[str, str]:
     """The client's versions of the packages the nodes must match.
 
     Parameters
@@ -106,20 +116,41 @@ def pinned_packages(stack: str = "imported") -> dict[str, str]:
     return pins
 
 
-def library_requirement(node_package: str | None = None) -> str:
-    """The pip requirement that installs dask-amlcompute on the nodes.
+def library_requirement(node_package: str | None = None) -> str | None:
+    """The pip requirement that installs dask-amlcompute on the nodes, if any.
 
     Parameters
     ----------
     node_package
         A pip requirement (``"dask-amlcompute @ https://.../x.whl"``, a wheel
-        URL, ``"git+https://...@v0.1.0"``); None pins the client's version.
+        URL, ``"git+https://...@v0.1.0"``); None (the default): no requirement,
+        the library travels in the code snapshot.
     """
     if node_package is None or not str(node_package).strip():
-        from .._version import __version__
-
-        return f"{LIBRARY}=={__version__}"
+        return None
     return str(node_package).strip()
+
+
+def library_in_snapshot(node_package: str | None, pip_packages: Iterable[str] | None) -> bool:
+    """Whether the jobs' code snapshot must carry the library (nothing else installs it).
+
+    Parameters
+    ----------
+    node_package, pip_packages
+        The settings of the same names: either can give a requirement that
+        installs dask-amlcompute on the nodes instead.
+    """
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    if library_requirement(node_package):
+        return False
+    for text in _as_list(pip_packages, "pip_packages"):
+        try:
+            if _canonical(Requirement(text).name) == LIBRARY:
+                return False
+        except InvalidRequirement:
+            continue
+    return True
 
 
 def _as_list(value: Any, what: str) -> list[str]:
@@ -143,9 +174,10 @@ class NodeEnvironmentSpec:
     pins
         Distribution -> version pinned to the client's (library excluded).
     library
-        pip requirement installing dask-amlcompute.
+        pip requirement installing dask-amlcompute (``node_package``), or None
+        when it travels in the code snapshot (the default).
     pip
-        Everything pip installs, in order: pins, library, helpers, user extras.
+        Everything pip installs, in order: pins, library (if any), helpers, user extras.
     conda
         Extra conda packages (after ``python`` and ``pip``).
     image
@@ -156,7 +188,7 @@ class NodeEnvironmentSpec:
 
     python: str
     pins: Mapping[str, str]
-    library: str
+    library: str | None
     pip: tuple[str, ...]
     conda: tuple[str, ...] = ()
     image: str = DEFAULT_IMAGE
@@ -185,11 +217,21 @@ class NodeEnvironmentSpec:
         payload = json.dumps({"image": self.image, "conda": self.conda_dict()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
-    def to_environment(self) -> Any:
-        """The inline (anonymous) AML ``Environment`` built from this spec."""
+    def to_environment(self, name: str | None = None) -> Any:
+        """The AML ``Environment`` built from this spec.
+
+        Parameters
+        ----------
+        name
+            None: an inline (anonymous) environment, as jobs use it; a name: a
+            named environment whose version is :attr:`content_hash` (what
+            ``dask-amlcompute env build`` registers).
+        """
         from azure.ai.ml.entities import Environment
 
         return Environment(
+            name=name,
+            version=self.content_hash if name else None,
             image=self.image,
             conda_file=self.conda_dict(),
             description=(
@@ -214,8 +256,8 @@ class NodeEnvironmentSpec:
         lines = [
             f"# Generated by `dask-amlcompute env --format dockerfile` (spec {self.content_hash})",
             *(
-                ["# dask-amlcompute is not on PyPI yet: regenerate with --node-package <wheel URL>"]
-                if self.library == library_requirement()
+                ["# dask-amlcompute itself arrives in each job's code snapshot"]
+                if self.library is None
                 else []
             ),
             f"FROM {self.image}",
@@ -224,7 +266,7 @@ class NodeEnvironmentSpec:
             f"{conda} \\\n    && conda clean -afy",
             "ENV PATH=/opt/dask-amlcompute/bin:$PATH",
             f"RUN python -m pip install --no-cache-dir \\\n        {pip}",
-            'RUN python -c "import dask, distributed, cloudpickle, dask_amlcompute.node"',
+            'RUN python -c "import dask, distributed, cloudpickle"',
         ]
         return "\n".join(lines) + "\n"
 
@@ -328,7 +370,7 @@ def build_spec(
     extra_conda: Iterable[str] | None = None,
     node_package: str | None = None,
     image: str | None = None,
-    stack: str = "imported",
+    stack: str = "installed",
 ) -> NodeEnvironmentSpec:
     """The default node environment for this client, with the user's extra packages.
 
@@ -347,7 +389,8 @@ def build_spec(
     extra_conda
         More conda packages for the nodes (conda-forge).
     node_package
-        pip requirement installing dask-amlcompute (see :func:`library_requirement`).
+        pip requirement installing dask-amlcompute (see :func:`library_requirement`);
+        None: the library travels in the code snapshot instead.
     image
         Base image (default :data:`DEFAULT_IMAGE`).
     stack
@@ -372,7 +415,7 @@ def build_spec(
         extra = sorted(pin_extras.get(name, ()))
         pinned.append(f"{name}[{','.join(extra)}]=={version}" if extra else f"{name}=={version}")
     lib = library_requirement(library)
-    pip = tuple(dict.fromkeys([*pinned, lib, *helpers, *sorted(pip_extras)]))
+    pip = tuple(dict.fromkeys([*pinned, *([lib] if lib else []), *helpers, *sorted(pip_extras)]))
     return NodeEnvironmentSpec(
         python=python,
         pins=dict(sorted(pins.items())),

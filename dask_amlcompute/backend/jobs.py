@@ -81,6 +81,8 @@ class MainJob(ProcessInterface):
             if info.environment and not isinstance(state.environment, str):
                 # worker jobs name the environment AML registered: no re-upload per job
                 state.environment = info.environment
+            if info.code and state.code is not None:
+                state.code = info.code  # the code asset AML has: worker jobs skip hashing it
             if s.job_timeout:
                 state.deadline = time.monotonic() + s.job_timeout
         state.jobs[self.job_name] = info.status
@@ -89,6 +91,7 @@ class MainJob(ProcessInterface):
         try:
             left = max(0.0, startup_deadline - time.monotonic())
             info = await wait_for_tag(ctx, self.job_name, SCHEDULER_TAG, left)
+            startup_deadline += state.preparing_seconds  # Preparing has its own bound
             state.mark("scheduler address")
             self.internal_address = state.scheduler_address = info.tags[SCHEDULER_TAG]
             try:

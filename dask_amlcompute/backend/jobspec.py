@@ -50,6 +50,7 @@ def build_job(
     env_vars: Mapping[str, str] | None = None,
     distribution: str = "pytorch",
     settings: Mapping[str, Any] | None = None,
+    code: str | None = None,
 ):
     """Build the AML command job for the cluster's main job or a worker job.
 
@@ -84,6 +85,10 @@ def build_job(
         More cluster settings for the main job's settings tag (JSON values, by
         setting name, e.g. ``{"nodes_per_job": 2}``); those of ``node`` and
         ``distribution`` are always stored.
+    code
+        The job's code snapshot: a local folder (uploaded by the SDK, see
+        :func:`~dask_amlcompute.backend.snapshot.stage_snapshot`) or the ARM id
+        of a code asset AML already has. The nodes start in it.
 
     Returns
     -------
@@ -108,6 +113,7 @@ def build_job(
         display_name=f"{cluster_name} ({node.role})",
         description=f"Dask cluster {cluster_name}: {node.role} job started by dask-amlcompute",
         command=node_command(node),
+        code=code,
         compute=compute,
         instance_count=n_nodes,
         distribution=dist,

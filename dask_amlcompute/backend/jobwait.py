@@ -9,17 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import TYPE_CHECKING
 
-from ..exceptions import JobCanceledError, JobError, JobFailedError, StartupTimeoutError
+from ..exceptions import (
+    EnvironmentBuildError,
+    JobCanceledError,
+    JobError,
+    JobFailedError,
+    StartupTimeoutError,
+)
 from .ops import JobInfo
 
 if TYPE_CHECKING:
     from .ops import AmlOps
     from .state import ClusterContext
 
-__all__ = ["LIKELY_CAUSES", "RUN_HISTORY_FALLBACK_AFTER", "job_error", "wait_for_tag"]
+__all__ = [
+    "LIKELY_CAUSES",
+    "PREPARING_MESSAGE",
+    "RUN_HISTORY_FALLBACK_AFTER",
+    "job_error",
+    "wait_for_tag",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +58,56 @@ LIKELY_CAUSES = {
 }
 
 
+#: The start of AML's error when the environment image does not build ("Image build failed.
+#: For more details, check log file azureml-logs/20_image_build_log.txt."; seen in public job
+#: output, e.g. github.com/MG-Cafe/MLOps_Workshop issue 8).
+IMAGE_BUILD_FAILED = "Image build failed"
+#: The log file that message names.
+IMAGE_BUILD_LOG = "20_image_build_log"
+
+#: Lines of pip, conda and uv that name a requirement they could not install.
+_UNINSTALLABLE = (
+    re.compile(r"No matching distribution found for (\S+)"),
+    re.compile(r"Could not find a version that satisfies the requirement (\S+)"),
+    re.compile(r"Because (\S+?)(?:\[\S*\])? was not found in the package registry"),
+    re.compile(r"Because there (?:is|are) no versions? of (\S+?)(?:\[\S*\])? and you require"),
+)
+_CONDA_LISTS = re.compile(
+    r"(?:ResolvePackageNotFound|PackagesNotFoundError)[^\n]*\n((?:\s*\n|\s+- [^\n]+\n)+)"
+)
+
+
+def uninstallable_requirements(build_log: str) -> list[str]:
+    """The requirements an image build log says could not be installed, in order.
+
+    Reads pip (``No matching distribution found for X``), uv (``Because X was
+    not found in the package registry``) and conda (``ResolvePackageNotFound:``
+    followed by ``- X`` lines).
+
+    Examples
+    --------
+    >>> uninstallable_requirements("ERROR: No matching distribution found for foo==1.0")
+    ['foo==1.0']
+    """
+    found: list[str] = []
+    for pattern in _UNINSTALLABLE:
+        found += [m.group(1).rstrip(".,:") for m in pattern.finditer(build_log)]
+    for block in _CONDA_LISTS.finditer(build_log):
+        found += re.findall(r"^\s+- (\S+)", block.group(1), flags=re.M)
+    return list(dict.fromkeys(found))
+
+
 async def job_error(
     ops: AmlOps, info: JobInfo, message: str, cls: type[JobError] | None = None
 ) -> JobError:
-    """A typed error for a job, with AML's error message and the node log tail."""
+    """A typed error for a job, with AML's error message and the node log tail.
+
+    An image build failure becomes :class:`EnvironmentBuildError` naming the
+    requirements the build log says could not be installed, with the log's tail.
+    """
     aml_message, log_files = await ops.run_details(info.name)
+    if aml_message and IMAGE_BUILD_FAILED in aml_message:
+        return await _build_error(ops, info, aml_message, log_files)
     tail = await ops.log_tail(log_files) if log_files else None
     if aml_message:
         message = f"{message}\nAML says: {aml_message}"
@@ -60,34 +118,92 @@ async def job_error(
     )
 
 
+async def _build_error(
+    ops: AmlOps, info: JobInfo, aml_message: str, log_files: dict[str, str]
+) -> EnvironmentBuildError:
+    key = next((k for k in sorted(log_files) if IMAGE_BUILD_LOG in k), None)
+    text = await ops.read_log(log_files[key]) if key else None
+    requirements = uninstallable_requirements(text or "")
+    if requirements:
+        what = (
+            f"these requirements cannot be installed: {', '.join(requirements)}. Remove or fix "
+            "them (pip_packages / conda_packages, or your environment's conda file); every "
+            "requirement must come from a package index the build can reach"
+        )
+    else:
+        what = f"see {key or 'the image build log'} for why"
+    error = EnvironmentBuildError(
+        f"AML could not build the node environment of job {info.name}: {what}.\n"
+        f"AML says: {aml_message}",
+        job_name=info.name,
+        status=info.status,
+        studio_url=info.studio_url,
+        log_tail="\n".join(text.splitlines()[-30:]) if text else None,
+    )
+    error.requirements = requirements
+    return error
+
+
+#: What the Preparing phase is, shown when a job enters it.
+PREPARING_MESSAGE = (
+    "allocating nodes and building the node environment (first use of an environment on "
+    "this workspace: 5-20 min on AML; later starts reuse the image)"
+)
+#: Seconds between "still <status>" progress lines while a job's status does not change.
+STILL_WAITING_EVERY = 60.0
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
 async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: float) -> JobInfo:
-    """Poll a job until it publishes ``tag``; fail fast if it ends; bounded by ``timeout``.
+    """Poll a job until it publishes ``tag``; fail fast if it ends; bounded.
+
+    Time in ``Preparing`` (node allocation and, for a new environment, AML's
+    image build: 5-20 minutes) is bounded by ``settings.prepare_timeout`` and
+    not counted in ``timeout`` (``startup_timeout``), which bounds the rest.
+    The time spent preparing is left in ``ctx.state.preparing_seconds``.
 
     Polling starts fast and backs off to ``settings.poll_interval``. The tag is
     read from the job resource; once the job has run for
     :data:`RUN_HISTORY_FALLBACK_AFTER` seconds without it there, each poll also
     reads the run's own tags in run history (where ``mlflow.set_tag`` writes).
     """
-    deadline = time.monotonic() + timeout
-    delay = min(0.2, ctx.settings.poll_interval)
+    s = ctx.settings
+    delay = min(0.2, s.poll_interval)
     last_status = None
-    started = time.monotonic()
+    started = last_said = time.monotonic()
     running_since: float | None = None
+    preparing_since: float | None = None
+    prepared = 0.0  # seconds spent in Preparing, before preparing_since
     while True:
         info = await ctx.ops.get_job(job_name)
+        now = time.monotonic()
         ctx.state.jobs[job_name] = info.status
         if info.status != last_status:
-            ctx.log(f"AML job {job_name}: {info.status} ({time.monotonic() - started:.0f}s)")
-            last_status = info.status
-            delay = min(0.2, ctx.settings.poll_interval)  # things move: look again soon
+            what = f": {PREPARING_MESSAGE}" if info.status == "Preparing" else ""
+            ctx.log(f"AML job {job_name}: {info.status} ({now - started:.0f}s){what}")
+            last_status, last_said = info.status, now
+            delay = min(0.2, s.poll_interval)  # things move: look again soon
+        elif now - last_said >= STILL_WAITING_EVERY and not info.terminal:
+            ctx.log(f"AML job {job_name}: still {info.status} after {_minutes(now - started)}")
+            last_said = now
+        if info.status == "Preparing":
+            preparing_since = now if preparing_since is None else preparing_since
+        elif preparing_since is not None:
+            prepared += now - preparing_since
+            preparing_since = None
+        in_prepare = prepared + (now - preparing_since if preparing_since is not None else 0.0)
+        ctx.state.preparing_seconds = in_prepare
+        if info.status == "Preparing":
+            ctx.state.mark("Preparing")
         if info.status == "Running" and running_since is None:
-            running_since = time.monotonic()
+            running_since = now
             ctx.state.mark("Running")
         if tag in info.tags:
             return info
-        if running_since is not None and (
-            time.monotonic() - running_since >= RUN_HISTORY_FALLBACK_AFTER
-        ):
+        if running_since is not None and now - running_since >= RUN_HISTORY_FALLBACK_AFTER:
             merged = await ctx.ops.with_run_tags(info)
             if tag in merged.tags:
                 logger.info("Read %s of %s from run history (not on the job yet)", tag, job_name)
@@ -98,14 +214,26 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
                 info,
                 f"AML job {job_name} ended {info.status} while the Dask cluster was starting.",
             )
-        if time.monotonic() >= deadline:
+        if in_prepare >= s.prepare_timeout:
+            raise await job_error(
+                ctx.ops,
+                info,
+                f"The job stayed in Preparing for {_minutes(in_prepare)} (prepare_timeout="
+                f"{s.prepare_timeout:.0f}s): {LIKELY_CAUSES['Preparing']} Raise prepare_timeout "
+                "for a slow first image build. The job was cancelled.",
+                StartupTimeoutError,
+            )
+        deadline = started + timeout + in_prepare
+        if now >= deadline:
             cause = LIKELY_CAUSES.get(info.status, "")
             raise await job_error(
                 ctx.ops,
                 info,
-                f"The Dask scheduler did not start within {timeout:.0f}s (startup_timeout). "
-                f"The job is {info.status}: {cause} The job was cancelled.",
+                f"The Dask scheduler did not start within {timeout:.0f}s (startup_timeout, time "
+                f"in Preparing not counted). The job is {info.status}: {cause} "
+                "The job was cancelled.",
                 StartupTimeoutError,
             )
-        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 1.5, ctx.settings.poll_interval)
+        limit = deadline if preparing_since is None else now + s.prepare_timeout - in_prepare
+        await asyncio.sleep(min(delay, max(0.0, limit - now)))
+        delay = min(delay * 1.5, s.poll_interval)

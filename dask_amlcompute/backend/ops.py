@@ -53,6 +53,8 @@ class JobInfo:
     studio_url: str | None = None
     #: The job's environment as AML resolved it (``"name:version"``), if a string.
     environment: str | None = None
+    #: The job's code snapshot as AML registered it (ARM id of the code asset), if any.
+    code: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -390,20 +392,27 @@ class AmlOps:
         message = getattr(inner, "message", None) if inner is not None else None
         return message, dict(getattr(details, "log_files", None) or {})
 
-    async def log_tail(self, log_files: dict[str, str], lines: int = 30) -> str | None:
-        """The last ``lines`` lines of each user log of a job (bounded HTTP reads)."""
+    async def read_log(self, url: str) -> str | None:
+        """The text of one log file of a job (a bounded HTTP read), or None."""
         import requests
 
-        wanted = sorted(k for k in log_files if "user_logs/" in k or k.startswith("std_log"))
+        try:
+            resp = await asyncio.to_thread(requests.get, url, timeout=10)
+            resp.raise_for_status()
+        except Exception as exc:
+            logger.debug("Could not read log %s: %s", url.split("?", 1)[0], exc)
+            return None
+        return resp.text
+
+    async def log_tail(
+        self, log_files: dict[str, str], lines: int = 30, kind: str = "user_logs/"
+    ) -> str | None:
+        """The last ``lines`` lines of up to four logs of a job whose name contains ``kind``."""
+        wanted = sorted(k for k in log_files if kind in k or k.startswith("std_log"))
         chunks = []
         for key in wanted[:4]:
-            try:
-                resp = await asyncio.to_thread(requests.get, log_files[key], timeout=10)
-                resp.raise_for_status()
-            except Exception as exc:
-                logger.debug("Could not read log %s: %s", key, exc)
-                continue
-            tail = resp.text.splitlines()[-lines:]
+            text = await self.read_log(log_files[key])
+            tail = text.splitlines()[-lines:] if text else []
             if tail:
                 chunks.append(f"--- {key} ---\n" + "\n".join(tail))
         return "\n".join(chunks) or None
@@ -420,7 +429,13 @@ class AmlOps:
             tags={str(k): str(v) for k, v in (job.tags or {}).items()},
             studio_url=studio,
             environment=env if isinstance(env := getattr(job, "environment", None), str) else None,
+            code=code if isinstance(code := getattr(job, "code", None), str) else None,
         )
+
+    async def register_environment(self, environment: Any) -> str:
+        """Create (or update) a named environment version; returns ``"name:version"``."""
+        created = await self._call(self.ml_client.environments.create_or_update, environment)
+        return f"{created.name}:{created.version}"
 
     async def list_jobs(self, *, include_ended: bool = False) -> list[Any]:
         """The workspace's jobs as the SDK returns them (active ones by default).

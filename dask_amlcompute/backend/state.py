@@ -53,12 +53,21 @@ class ClusterState:
     environment
         What the jobs run in; after the first submission, the ``name:version``
         AML registered, so worker jobs do not upload it again.
+    code
+        The jobs' code snapshot: the staged folder (see
+        :mod:`~dask_amlcompute.backend.snapshot`); after the first submission,
+        the code asset AML registered, so worker jobs do not hash it again.
     scheduler_address
         The scheduler's address as the nodes reach it (worker jobs dial it).
     ended_reason
         Why the main job ended while the cluster ran.
     phases
         Startup phase -> seconds since submission began (see :meth:`mark`).
+    started_at
+        ``time.monotonic()`` when the cluster started submitting.
+    preparing_seconds
+        Seconds the main job spent in Preparing while the cluster started (not
+        counted against ``startup_timeout``, bounded by ``prepare_timeout``).
     """
 
     name: str
@@ -67,10 +76,12 @@ class ClusterState:
     deadline: float | None = None
     compute: ComputeInfo | None = None
     environment: Any = None
+    code: str | None = None
     scheduler_address: str | None = None
     ended_reason: str | None = None
     phases: dict[str, float] = field(default_factory=dict)
     started_at: float | None = None
+    preparing_seconds: float = 0.0
 
     @property
     def main_job(self) -> str:
@@ -159,6 +170,7 @@ class ClusterContext:
             n_nodes=n_nodes,
             node=node,
             environment=self.state.environment,
+            code=self.state.code,
             experiment_name=s.experiment_name,
             timeout_seconds=timeout,
             cluster_name=s.name,

@@ -166,7 +166,7 @@ def format_differences(differences: list[Difference], where: str = "the cluster"
         "",
         "To fix it:",
         "  - use the default node environment (environment=None): it pins Python, dask, "
-        "distributed, cloudpickle and the imported numpy/pandas/pyarrow to this client's "
+        "distributed, cloudpickle and the installed numpy/pandas/pyarrow to this client's "
         "versions;",
         "  - or pin the client's versions in your own environment (`dask-amlcompute env "
         "--print --format conda` prints them) and pass environment='name@latest';",

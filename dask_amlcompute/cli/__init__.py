@@ -35,6 +35,10 @@ def _env(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"dask-amlcompute env: {exc}", file=sys.stderr)
         return 2
+    if args.action == "build":
+        from .manage import register_environment
+
+        return register_environment(args, spec)
     if args.format == "json":
         info = {
             "image": spec.image,
@@ -88,7 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     from .manage import add_arguments as add_manage_arguments
 
     add_manage_arguments(sub)
-    env = sub.add_parser("env", help="show the node environment the library would use")
+    env = sub.add_parser(
+        "env",
+        help="show the node environment the library would use, or register it (env build)",
+    )
+    env.add_argument(
+        "action",
+        nargs="?",
+        choices=["show", "build"],
+        default="show",
+        help="show (default) or build: register it as a named, versioned AML environment",
+    )
+    env.add_argument("--name", default=None, help="env build: environment name")
+    env.add_argument("--emulator", metavar="URL", help="env build: a dask-amlcompute emulator")
+    env.add_argument("--workspace-config", metavar="PATH", help="env build: workspace config")
     env.add_argument("--format", choices=["json", "conda", "pip", "dockerfile"], default="json")
     env.add_argument("--extra", action="append", default=[], metavar="REQ", help="pip package")
     env.add_argument("--extra-conda", action="append", default=[], metavar="PKG")

@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds each job spends in Preparing",
     )
+    parser.add_argument(
+        "--no-build",
+        dest="build_environments",
+        action="store_false",
+        default=None,
+        help="do not build environments: every node runs on the emulator's own interpreter "
+        "(fast; for jobs whose environment does not matter)",
+    )
     return parser
 
 
@@ -74,6 +82,7 @@ def _make_emulator(args: argparse.Namespace) -> Any:
         "host": args.host,
         "https": args.https,
         "provisioning_delay": args.provisioning_delay,
+        "build_environments": args.build_environments,
     }
     if args.config:
         return Emulator.from_file(args.config, **overrides)

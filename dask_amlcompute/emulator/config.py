@@ -131,6 +131,16 @@ class EmulatorConfig:
         Parent directory for the emulator's temporary directory.
     datastores
         Datastores of the workspace (references to blob endpoints such as Azurite).
+    build_environments
+        Build each environment with a conda file into its own cached virtualenv
+        (as AML builds its image; the job stays ``Preparing`` meanwhile and a failed
+        build fails it). False: every node runs on the emulator's own interpreter
+        and site-packages (fast; for tests that only check job shapes).
+    environment_cache
+        Folder of the cached builds (default ``$DASK_AMLCOMPUTE_EMULATOR_ENVS``, else
+        ``~/.cache/dask-amlcompute/emulator-envs``).
+    build_timeout
+        Bound on one environment build, in seconds.
     """
 
     computes: list[ComputeSpec] = field(default_factory=default_computes)
@@ -141,8 +151,13 @@ class EmulatorConfig:
     https: bool = False
     workdir: str | None = None
     datastores: list[DatastoreSpec] = field(default_factory=list)
+    build_environments: bool = True
+    environment_cache: str | None = None
+    build_timeout: float = 900.0
 
     def __post_init__(self) -> None:
+        if not self.build_timeout > 0:
+            raise ValueError("build_timeout must be a positive number of seconds")
         if not self.host.startswith("127."):
             raise ValueError("the emulator only listens on loopback addresses (127.0.0.0/8)")
         names = [c.name for c in self.computes]
@@ -232,6 +247,9 @@ def load_config(path: str | os.PathLike[str]) -> EmulatorConfig:
             kind: ComputeInstance
         environments:
           - {name: dask-env, version: "3", image: "python:3.11"}
+        build_environments: true       # false: nodes share the emulator's interpreter
+        environment_cache: /tmp/envs   # default ~/.cache/dask-amlcompute/emulator-envs
+        build_timeout: 900
     """
     with open(path, encoding="utf-8") as fh:
         text = fh.read()

@@ -53,6 +53,15 @@ class Emulator(EmulatorControls):
         Environments registered at start.
     datastores
         Datastores of the workspace (see :class:`~dask_amlcompute.emulator.Azurite`).
+    build_environments
+        Build environments with a conda file into cached virtualenvs the nodes
+        run in (default); False runs every node on the emulator's own
+        interpreter (fast, for tests that only check job shapes).
+    environment_cache
+        Folder of the cached builds (default ``$DASK_AMLCOMPUTE_EMULATOR_ENVS``,
+        else ``~/.cache/dask-amlcompute/emulator-envs``).
+    build_timeout
+        Bound on one environment build, in seconds.
     config
         A full configuration; overrides the other arguments.
 
@@ -81,6 +90,9 @@ class Emulator(EmulatorControls):
         port: int = 0,
         environments: Iterable[EnvironmentSpec] | None = None,
         datastores: Iterable[DatastoreSpec] | None = None,
+        build_environments: bool = True,
+        environment_cache: str | None = None,
+        build_timeout: float = 900.0,
         config: EmulatorConfig | None = None,
     ) -> None:
         if config is None:
@@ -95,6 +107,9 @@ class Emulator(EmulatorControls):
                 port=port,
                 environments=list(environments or []),
                 datastores=list(datastores or []),
+                build_environments=build_environments,
+                environment_cache=environment_cache,
+                build_timeout=build_timeout,
                 **kwargs,
             )
         self.config = config
@@ -203,6 +218,12 @@ class Emulator(EmulatorControls):
             self._start_ssh,
             net=self.node_net,
         )
+        if self.config.build_environments:
+            from .envbuild import EnvironmentBuilder
+
+            self._engine.configure_builds(
+                EnvironmentBuilder(self.config.environment_cache, self.config.build_timeout)
+            )
         ctx = ServerContext(
             engine=self._engine,
             base_url=self.base_url,

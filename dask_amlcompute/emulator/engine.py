@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import logging
 import os
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +22,18 @@ from typing import Any
 
 from . import identity, outcomes
 from . import nodes as nodeproc
+from .codes import CodeStore, materialise
 from .config import EmulatorConfig
+from .envbuild import (
+    BUILD_FAILED_FORMAT,
+    BUILD_FAILED_MESSAGE,
+    BUILD_LOG_NAME,
+    BuildPlan,
+    BuildResult,
+    EnvironmentBuilder,
+    EnvironmentBuildError,
+    plan_build,
+)
 from .errors import ApiError
 from .jobspec import JobSpec, environment_reference, environment_report, node_variables, parse_job
 from .reaper import GroupReaper
@@ -38,6 +52,16 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between SIGTERM and SIGKILL when a job is canceled or times out.
 KILL_GRACE = 3.0
+
+
+@dataclass
+class SharedBuild:
+    """One environment build in this emulator and the jobs waiting for it."""
+
+    plan: BuildPlan
+    task: asyncio.Task[BuildResult]
+    waiters: set[str]
+    started: float
 
 
 @dataclass
@@ -108,6 +132,8 @@ class Engine:
         self.environments: dict[str, dict[str, EnvironmentVersion]] = {}
         self._ssh_factory = ssh_factory
         self._closing = False
+        #: Code snapshots (``command(code=...)``) and the blob service holding them.
+        self.codes = CodeStore(os.path.join(workdir, "blobstore"))
         for env in config.environments:
             self.put_environment(env.name, env.version, {"image": env.image})
 
@@ -443,6 +469,10 @@ class Engine:
                     log_path=os.path.join(base, "logs", log_name(rank)),
                 )
             )
+            code_id = self.specs[job.name].code_id if job.name in self.specs else None
+            if code_id:  # each node gets its own copy of the snapshot as working directory
+                os.makedirs(job.nodes[-1].workdir, exist_ok=True)
+                materialise(self.codes, code_id, job.nodes[-1].workdir)
 
     async def _start_ssh(self, compute: ComputeState, job: JobRecord) -> None:
         if self._ssh_factory is None or not compute.spec.ssh_enabled:
@@ -499,21 +529,31 @@ class Engine:
         job.status = "Preparing"
         self._make_nodes(job, compute)
         await self._start_ssh(compute, job)
+        # The provisioning delay and the environment build overlap, as on AML.
         deadline = time.monotonic() + self.provisioning_delay
-        while job.cancel_reason is None and (left := deadline - time.monotonic()) > 0:
-            await self._pause(job, left)
+        build = self._join_build(job, spec)
+        while job.cancel_reason is None:
+            left = deadline - time.monotonic()
+            if left <= 0 and (build is None or build.task.done()):
+                break
+            await self._pause(job, left if left > 0 else None)
         if job.cancel_reason is not None:
+            await self._leave_build(job, build)
             self._finish_canceled(job)
+            return
+        if build is not None and not self._take_build(job, build):
             return
         await self._run_nodes(job, spec)
 
     async def _run_nodes(self, job: JobRecord, spec: JobSpec) -> None:
         ips = [n.ip for n in job.nodes]
         waiters: list[asyncio.Task] = []
-        header = "".join(
-            f"[emulator] {line}\n"
-            for line in job.properties["properties"]["emulator.environment"].splitlines()
-        )
+        report = job.properties["properties"]["emulator.environment"].splitlines()
+        if job.venv is not None:  # the report's last line names the shared interpreter
+            report = [line for line in report if not line.startswith("nodes run ")]
+            report.append(f"nodes run {os.path.join(job.venv, 'bin', 'python')} (built)")
+            job.properties["properties"]["emulator.environment"] = "\n".join(report)
+        header = "".join(f"[emulator] {line}\n" for line in report)
         for node in job.nodes:
             os.makedirs(os.path.dirname(node.log_path), exist_ok=True)
             with open(node.log_path, "a", encoding="utf-8") as log:
@@ -521,7 +561,8 @@ class Engine:
             env = nodeproc.node_base_environment(
                 node_variables(
                     spec, node.rank, ips, self.endpoints.tracking_uri, self.endpoints.cert_path
-                )
+                ),
+                venv=job.venv,
             )
             tee = await nodeproc.start_node(node, spec.command, env)
             assert node.pid is not None  # start_node set it
@@ -619,3 +660,159 @@ class Engine:
             if not task.done():
                 task.cancel()
         await asyncio.to_thread(self.reaper.close)
+
+    # ------------------------------------------------------- environment builds
+    #: Builds environments with a conda file; None: every node runs on the emulator's
+    #: own interpreter (``build_environments=False``, or an engine never configured).
+    builder: EnvironmentBuilder | None = None
+
+    def configure_builds(self, builder: EnvironmentBuilder | None) -> None:
+        """Turn environment builds on (with ``builder``) or off (None).
+
+        Parameters
+        ----------
+        builder
+            Builds and caches the virtualenvs; its installer process groups are
+            registered with the reaper.
+        """
+        self.builder = builder
+        self._builds: dict[str, SharedBuild] = {}
+        if builder is not None:
+            reaper = self.reaper
+
+            def track(pid: int, alive: bool) -> None:
+                if alive:
+                    reaper.watch(pid)
+                else:
+                    reaper.forget(pid)
+
+            builder.on_process = track
+
+    def _note(self, job: JobRecord, line: str) -> None:
+        """Write an ``[emulator]`` progress line to every node log of the job."""
+        for node in job.nodes:
+            os.makedirs(os.path.dirname(node.log_path), exist_ok=True)
+            with open(node.log_path, "a", encoding="utf-8") as log:
+                log.write(f"[emulator] {line}\n")
+
+    def _write_build_log(self, job: JobRecord, lines: list[str], source: str | None) -> None:
+        """Write the job's image build log: emulator lines, then the installer output."""
+        path = job.build_log_path
+        if path is None:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as out:
+            out.writelines(f"[emulator] {line}\n" for line in lines)
+            if source is not None:
+                with (
+                    contextlib.suppress(OSError),
+                    open(source, encoding="utf-8", errors="replace") as src,
+                ):
+                    shutil.copyfileobj(src, out)
+
+    def _job_environment(self, spec: JobSpec) -> tuple[str | None, Any]:
+        """Image and conda file of a job's environment (None, None when unresolvable)."""
+        ref = environment_reference(spec.properties["environmentId"])
+        env = self.environments.get(ref[0], {}).get(ref[1]) if ref is not None else None
+        props = env.properties if env is not None else {}
+        return props.get("image"), props.get("condaFile")
+
+    def _join_build(self, job: JobRecord, spec: JobSpec) -> SharedBuild | None:
+        """Start (or join) the build of the job's environment; None when nothing is built."""
+        image, conda_file = self._job_environment(spec)
+        own = f"{sys.executable} (Python {'.'.join(map(str, sys.version_info[:3]))})"
+        if self.builder is None:
+            if conda_file:
+                self._note(
+                    job,
+                    "environment builds are off (build_environments=False): nodes run the "
+                    f"emulator's own interpreter {own} and its site-packages",
+                )
+            return None
+        plan = plan_build(image, conda_file)
+        if plan is None:
+            self._note(
+                job,
+                f"environment has no conda file (image {image or '-'} only): nodes run the "
+                f"emulator's own interpreter {own} and its site-packages as a stand-in "
+                "for the image",
+            )
+            return None
+        job.build_log_path = os.path.join(self.workdir, "jobs", job.name, "logs", BUILD_LOG_NAME)
+        self._write_build_log(job, [f"building environment {plan.key} ..."], None)
+        shared = self._builds.get(plan.key)
+        if shared is None or shared.task.done():
+            shared = SharedBuild(
+                plan=plan,
+                task=asyncio.ensure_future(self._build(plan)),
+                waiters=set(),
+                started=time.monotonic(),
+            )
+            self._builds[plan.key] = shared
+            shared.task.add_done_callback(functools.partial(self._build_done, shared))
+        shared.waiters.add(job.name)
+        self._note(job, f"building environment {plan.key} ...")
+        return shared
+
+    async def _build(self, plan: BuildPlan) -> BuildResult:
+        assert self.builder is not None  # only called with builds on
+        return await self.builder.build(plan)
+
+    def _build_done(self, shared: SharedBuild, _task: asyncio.Future[BuildResult]) -> None:
+        """Wake the jobs waiting for a build; a later job starts a fresh (cached) one."""
+        if self._builds.get(shared.plan.key) is shared:
+            del self._builds[shared.plan.key]
+        for name in shared.waiters:
+            job = self.jobs.get(name)
+            if job is not None:
+                job.wake.set()
+
+    async def _leave_build(self, job: JobRecord, shared: SharedBuild | None) -> None:
+        """A job stops waiting for a build; the last one to leave stops the build."""
+        if shared is None:
+            return
+        shared.waiters.discard(job.name)
+        if shared.waiters or shared.task.done():
+            return
+        shared.task.cancel()  # the builder stops its installer process group
+        await asyncio.wait([shared.task], timeout=KILL_GRACE + 10.0)
+        self._write_build_log(
+            job,
+            [f"building environment {shared.plan.key} ...", "build stopped: job canceled"],
+            None,
+        )
+
+    def _take_build(self, job: JobRecord, shared: SharedBuild) -> bool:
+        """Record a finished build on the job; False when it failed (the job is then Failed)."""
+        shared.waiters.discard(job.name)
+        task = shared.task
+        key = shared.plan.key
+        error = None if task.cancelled() else task.exception()
+        if task.cancelled() or error is not None:
+            reason = "the build was stopped" if task.cancelled() else str(error)
+            if error is not None and not isinstance(error, EnvironmentBuildError):
+                logger.error("building environment %s crashed", key, exc_info=error)
+            self._note(job, f"building environment {key} failed: {reason}")
+            log = None if self.builder is None else str(self.builder.root / key / "build.log")
+            self._write_build_log(
+                job, [f"building environment {key} ...", f"build failed: {reason}"], log
+            )
+            self._finish(job, "Failed", {"code": "UserError", "message": BUILD_FAILED_MESSAGE})
+            # AML's error carries the message format and an inner error code as well.
+            job.error = {
+                "code": "UserError",
+                "message": BUILD_FAILED_MESSAGE,
+                "messageFormat": BUILD_FAILED_FORMAT,
+                "messageParameters": {"ArtifactPath": BUILD_LOG_NAME},
+                "innerError": {"code": "BadArgument"},
+            }
+            return False
+        result = task.result()
+        if result.reused:
+            line = f"reused cached build of environment {key} ({result.venv})"
+        else:
+            line = f"built environment {key} in {time.monotonic() - shared.started:.1f}s"
+        self._note(job, line)
+        self._write_build_log(job, [f"building environment {key} ...", line], result.log_path)
+        job.venv = result.venv
+        return True

@@ -67,6 +67,8 @@ class JobSpec:
     timeout_seconds: float | None
     experiment_name: str
     environment_variables: dict[str, str]
+    #: ARM id of the job's code snapshot (``properties.codeId``), None without ``code=``.
+    code_id: str | None = None
 
 
 def _resource_name(value: str) -> str:
@@ -134,6 +136,9 @@ def parse_job(name: str, body: Any) -> JobSpec:
     env_vars = props.get("environmentVariables") or {}
     if not isinstance(env_vars, dict):
         raise ApiError(400, "BadRequest", "properties.environmentVariables must be an object")
+    code_id = props.get("codeId")
+    if code_id is not None and (not isinstance(code_id, str) or not code_id.strip()):
+        raise ApiError(400, "BadRequest", "properties.codeId must be a non-empty string")
     return JobSpec(
         name=name,
         properties=props,
@@ -145,6 +150,7 @@ def parse_job(name: str, body: Any) -> JobSpec:
         timeout_seconds=parse_duration(limits.get("timeout")),
         experiment_name=props.get("experimentName") or "Default",
         environment_variables={str(k): str(v) for k, v in env_vars.items()},
+        code_id=code_id,
     )
 
 
@@ -215,7 +221,6 @@ def node_variables(
         "AZUREML_COMPUTE_TARGET": spec.compute,
         "AZUREML_EMULATOR": "1",
         "AZUREML_EMULATOR_PROCESS_COUNT_PER_INSTANCE": str(spec.process_count_per_instance),
-        "AZ_BATCHAI_NODE_IP": ips[rank],
         "MLFLOW_TRACKING_URI": tracking_uri,
         "MLFLOW_RUN_ID": spec.name,
         "MLFLOW_EXPERIMENT_NAME": spec.experiment_name,

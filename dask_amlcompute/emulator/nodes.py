@@ -23,17 +23,27 @@ from .state import NodeRecord
 STDERR_TAIL_LINES = 20
 
 
-def node_base_environment(extra: Mapping[str, str]) -> dict[str, str]:
+def node_base_environment(extra: Mapping[str, str], venv: str | None = None) -> dict[str, str]:
     """Return the environment of a node process.
 
-    The emulator's own environment is inherited (so the current virtualenv
-    works), with the directory of the running interpreter first on ``PATH``
-    so that ``python`` in a command is this interpreter.
+    Without ``venv`` (an image-only environment, or builds turned off) the
+    emulator's own environment is inherited (so the current virtualenv works),
+    with the directory of the running interpreter first on ``PATH`` so that
+    ``python`` in a command is this interpreter.
+
+    With ``venv`` (the environment's built virtualenv) the node runs in it, as
+    in its image on AML: ``venv/bin`` first on ``PATH`` (the emulator's own
+    virtualenv's ``bin`` is dropped from it),
+    ``VIRTUAL_ENV`` set to it, ``PYTHONNOUSERSITE=1``, and no ``PYTHONPATH``,
+    ``PYTHONHOME``, ``PYTHONSTARTUP`` or ``PYTHONUSERBASE``, so the node sees
+    none of the client's site-packages.
 
     Parameters
     ----------
     extra
         Variables added on top (AML variables, the job's environment variables).
+    venv
+        The built virtualenv of the job's environment, or None.
 
     Returns
     -------
@@ -41,10 +51,23 @@ def node_base_environment(extra: Mapping[str, str]) -> dict[str, str]:
         The full environment.
     """
     env = dict(os.environ)
-    bindir = os.path.dirname(sys.executable)
     path = env.get("PATH", "")
-    env["PATH"] = bindir + (os.pathsep + path if path else "")
     env.pop("PYTHONSTARTUP", None)
+    if venv is None:
+        bindir = os.path.dirname(sys.executable)
+        env["PATH"] = bindir + (os.pathsep + path if path else "")
+    else:
+        client_bins = set()  # the client's virtualenv only: never a system bin directory
+        if sys.prefix != sys.base_prefix:
+            client_bins.add(os.path.realpath(os.path.join(sys.prefix, "bin")))
+        if env.get("VIRTUAL_ENV"):
+            client_bins.add(os.path.realpath(os.path.join(env["VIRTUAL_ENV"], "bin")))
+        kept = [d for d in path.split(os.pathsep) if d and os.path.realpath(d) not in client_bins]
+        env["PATH"] = os.pathsep.join([os.path.join(venv, "bin"), *kept])
+        env["VIRTUAL_ENV"] = venv
+        for name in ("PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "CONDA_PREFIX"):
+            env.pop(name, None)
+        env["PYTHONNOUSERSITE"] = "1"
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -15,10 +15,19 @@ from typing import Any
 import tornado.web
 
 from . import identity, shapes
+from .blobs import blob_routes
+from .code_api import code_routes
 from .datastore_api import datastore_routes
 from .engine import KILL_GRACE, log_name
 from .errors import ApiError
-from .handlers import BaseHandler, NotFoundHandler, ServerContext
+from .handlers import (
+    BaseHandler,
+    BuildLogHandler,
+    NotFoundHandler,
+    ServerContext,
+    build_log_urls,
+)
+from .jobspec import parse_job
 from .mlflow_api import mlflow_routes
 from .nodes import read_log
 from .state import TERMINAL_STATUSES, JobRecord
@@ -90,7 +99,14 @@ class JobHandler(_JobResource):
         name
             Job name.
         """
-        job, created = self.engine.submit(name, self.json_body())
+        body = self.json_body()
+        if name not in self.engine.jobs:
+            # AML refuses a job whose code snapshot (codeId) does not exist, before the
+            # job exists (as an unknown environment, Engine.job_environment).
+            spec = parse_job(name, body)
+            if spec.code_id:
+                self.engine.codes.resolve(spec.code_id)
+        job, created = self.engine.submit(name, body)
         self.send_json(self.job_json(job), 201 if created else 200)
 
 
@@ -338,11 +354,15 @@ def log_urls(base_url: str, job: Any) -> dict[str, str]:
     Returns
     -------
     dict
-        ``user_logs/std_log_process_{rank}.txt`` to URL.
+        ``user_logs/std_log_process_{rank}.txt`` (and, once the job's environment
+        build began, ``azureml-logs/20_image_build_log.txt``) to URL.
     """
     return {
-        log_name(n.rank): f"{base_url}/emulator/logs/{job.name}/{log_name(n.rank)}"
-        for n in job.nodes
+        **build_log_urls(base_url, job),
+        **{
+            log_name(n.rank): f"{base_url}/emulator/logs/{job.name}/{log_name(n.rank)}"
+            for n in job.nodes
+        },
     }
 
 
@@ -531,9 +551,16 @@ def make_app(ctx: ServerContext) -> tornado.web.Application:
             LogHandler,
             kw,
         ),
+        (
+            r"/emulator/logs/(?P<name>[^/]+)/azureml-logs/20_image_build_log\.txt",
+            BuildLogHandler,
+            kw,
+        ),
     ]
     routes = [("(?i)" + p, h, k) for p, h, k in routes]
     routes[:0] = datastore_routes(ctx, WS)
+    routes[:0] = code_routes(ctx, WS)
+    routes[:0] = blob_routes(ctx.engine.codes.blobs)
     routes.extend(mlflow_routes(ctx))
     return EmulatorApplication(
         routes,

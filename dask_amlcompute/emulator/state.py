@@ -82,7 +82,7 @@ class JobRecord:
     status: str = "NotStarted"
     start_time: float | None = None
     end_time: float | None = None
-    error: dict[str, str] | None = None
+    error: dict[str, Any] | None = None
     mlflow_tags: dict[str, str] = field(default_factory=dict)
     mlflow_params: dict[str, str] = field(default_factory=dict)
     mlflow_metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -94,6 +94,10 @@ class JobRecord:
     task: Any = None
     done: Any = None  # asyncio.Event set when the job reaches a terminal status
     wake: Any = None  # asyncio.Event set to interrupt the job's waits
+    #: The job's image build log (``azureml-logs/20_image_build_log.txt``), once a build began.
+    build_log_path: str | None = None
+    #: The built virtualenv the nodes run in; None: the emulator's own interpreter.
+    venv: str | None = None
 
     @property
     def is_terminal(self) -> bool:

@@ -80,8 +80,10 @@ def detect_context(env: Mapping[str, str] | None = None) -> NodeContext:
     PyTorch distribution sets ``NODE_RANK``/``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``;
     MPI distribution sets ``OMPI_COMM_WORLD_RANK``/``SIZE`` and
     ``AZ_BATCHAI_MPI_MASTER_NODE`` (or ``AZ_BATCH_MASTER_NODE`` as ``addr:port``).
-    Without either, the job is a single node of rank 0. ``AZ_BATCHAI_NODE_IP``
-    gives this node's own address where AML sets it.
+    Without either, the job is a single node of rank 0. This node's own
+    address: ``MASTER_ADDR`` on rank 0, else the local address the kernel routes
+    to the master from. (``AZ_BATCHAI_NODE_IP`` is read first where it is set,
+    but AML does not document it: nothing may depend on it.)
 
     Parameters
     ----------

@@ -86,9 +86,11 @@ def test_calls_after_stop_raise_cleanly():
 def test_ssh_tunnel_to_rank0_with_host_key_verification(emu, ml, ssh_keypair):
     import asyncssh
 
+    # rank 0 serves on its own address (MASTER_ADDR; AML gives no variable for the others)
     cmd = (
-        'echo ready-to-serve; python -c "import http.server, os; '
-        "http.server.HTTPServer((os.environ['AZ_BATCHAI_NODE_IP'], 8799), "
+        'echo ready-to-serve; python -c "import http.server, os, time; '
+        "os.environ['NODE_RANK'] == '0' or time.sleep(600); "
+        "http.server.HTTPServer((os.environ['MASTER_ADDR'], 8799), "
         'http.server.SimpleHTTPRequestHandler).serve_forever()"'
     )
     job = submit(

@@ -1,0 +1,183 @@
+"""The jobs' code snapshot: how dask-amlcompute itself (and the user's code) reaches the nodes.
+
+No package index has dask-amlcompute, so the nodes cannot ``pip install`` it
+(an AML image build with that requirement fails). Every job of a cluster
+instead carries the library's own files in its *code snapshot*:
+``command(code=<folder>)`` makes azure-ai-ml upload the folder to the
+workspace's storage, AML keeps it by content hash (a second job with the same
+content reuses it, no upload) and every node starts the job in a copy of that
+folder, so ``python -m dask_amlcompute.node`` imports the package from there.
+(Microsoft Learn, "Train models with Azure ML CLI, SDK and REST": the ``code``
+of a command job is "the local path to the source code directory to be
+uploaded and used for the job"; ray-on-aml ships its entry script the same way.)
+
+A user's own ``code=`` folder goes into the same snapshot: its files at the
+top, the library beside them under ``dask_amlcompute/``. The folder that is
+uploaded is staged here, in the user cache, named by the hash of its content,
+so repeated clusters hand the SDK an identical folder and AML reuses the
+upload.
+
+With ``node_package=`` (the library installed by pip from a URL the nodes can
+reach) the snapshot carries only the user's code, or there is none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..config import cache_dir
+from ..exceptions import ConfigurationError
+
+#: The package folder that travels (``dask_amlcompute/`` inside the snapshot).
+LIBRARY_DIR = Path(__file__).resolve().parent.parent
+#: Parts of the package that never run on a node (the local emulator is a client-side tool).
+LIBRARY_EXCLUDES = ("emulator",)
+#: Staged snapshots unused for this long are deleted when a new one is staged.
+PRUNE_AFTER_SECONDS = 7 * 24 * 3600
+#: Ignore files are not copied: the SDK would apply them to the staged folder too, and a
+#: user's pattern could then drop the library's files.
+_NOT_STAGED = frozenset({".amlignore", ".gitignore"})
+
+
+#: A file of the snapshot: its path there, and its source file or its content.
+SnapshotFile = tuple[str, "Path | bytes"]
+
+
+def library_metadata() -> SnapshotFile:
+    """A ``.dist-info`` for the snapshot's copy of the library.
+
+    With it, ``importlib.metadata.version("dask-amlcompute")`` on a node (what
+    distributed's version report reads) finds the library the snapshot
+    carries, as it would an installed one: the snapshot folder is on the
+    nodes' ``sys.path``.
+    """
+    from .._version import __version__
+
+    text = f"Metadata-Version: 2.1\nName: dask-amlcompute\nVersion: {__version__}\n"
+    return (f"dask_amlcompute-{__version__}.dist-info/METADATA", text.encode())
+
+
+def library_files() -> list[SnapshotFile]:
+    """The library's files for the snapshot, as ``(path in the snapshot, source)``.
+
+    Everything of the installed package (modules and package data) except
+    bytecode caches and :data:`LIBRARY_EXCLUDES`, and its :func:`library_metadata`.
+    """
+    found: list[SnapshotFile] = [library_metadata()]
+    for dirpath, dirnames, filenames in os.walk(LIBRARY_DIR):
+        rel_dir = Path(dirpath).relative_to(LIBRARY_DIR)
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if d != "__pycache__" and not (rel_dir == Path(".") and d in LIBRARY_EXCLUDES)
+        )
+        for name in sorted(filenames):
+            if name.endswith((".pyc", ".pyo")):
+                continue
+            rel = (Path(LIBRARY_DIR.name) / rel_dir / name).as_posix()
+            found.append((rel, Path(dirpath, name)))
+    return found
+
+
+def _user_files(code: str | os.PathLike) -> list[SnapshotFile]:
+    from ..code import collect_code
+
+    bundle = collect_code(code)  # .amlignore/.gitignore rules and the size bound
+    clash = [
+        rel
+        for rel in bundle.files
+        if rel.split("/", 1)[0] == LIBRARY_DIR.name or rel.startswith("dask_amlcompute-")
+    ]
+    if clash:
+        raise ConfigurationError(
+            f"The code folder {bundle.root} has {clash[0]!r}: the snapshot puts dask-amlcompute "
+            f"there. Rename that folder, or ship the library with node_package= instead."
+        )
+    return [(rel, bundle.root / rel) for rel in bundle.files if rel not in _NOT_STAGED]
+
+
+def _content_hash(files: Iterable[SnapshotFile]) -> str:
+    digest = hashlib.sha256()
+    for rel, source in files:
+        digest.update(rel.encode() + b"\0")
+        digest.update(source if isinstance(source, bytes) else source.read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()[:20]
+
+
+def _prune(root: Path, keep: Path) -> None:
+    cutoff = time.time() - PRUNE_AFTER_SECONDS
+    for entry in root.iterdir():
+        try:
+            if entry != keep and entry.is_dir() and entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def stage_snapshot(
+    code: str | os.PathLike | None = None,
+    *,
+    include_library: bool = True,
+    root: Path | None = None,
+) -> Path | None:
+    """Stage the folder that becomes the jobs' code snapshot.
+
+    Parameters
+    ----------
+    code
+        The user's code folder (its ``.amlignore``/``.gitignore`` rules apply),
+        or None.
+    include_library
+        Put the library's files under ``dask_amlcompute/`` (False when
+        ``node_package`` installs it).
+    root
+        Where staged snapshots are kept; default ``<cache>/snapshots``.
+
+    Returns
+    -------
+    pathlib.Path or None
+        The staged folder (named by its content hash, reused when it exists), or
+        None when there is nothing to ship.
+
+    Raises
+    ------
+    ConfigurationError
+        The code folder is missing, empty, too large or has a ``dask_amlcompute`` entry.
+    """
+    files = _user_files(code) if code is not None else []
+    if include_library:
+        files += library_files()
+    if not files:
+        return None
+    files.sort(key=lambda item: item[0])
+    root = root or cache_dir() / "snapshots"
+    target = root / _content_hash(files)
+    if target.is_dir():
+        os.utime(target)  # recently used: not pruned
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        for rel, source in files:
+            dest = staging / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(source, bytes):
+                dest.write_bytes(source)
+            else:
+                shutil.copyfile(source, dest)
+        try:
+            staging.rename(target)
+        except OSError:  # staged concurrently by another process: same content, use theirs
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _prune(root, target)
+    return target

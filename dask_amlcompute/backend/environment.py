@@ -12,8 +12,8 @@ happen by accident:
 
 plus, unpinned, what the node side needs besides them: the mlflow pieces that
 publish the scheduler's address (``mlflow-skinny``, ``azureml-mlflow``), the
-dashboard (``bokeh``) and the library's own small dependencies (``isodate``,
-``tqdm``). Every requirement is on the public package index: AML builds the
+dashboard (``bokeh``), the library's own small dependencies (``isodate``,
+``tqdm``) and ``strictyaml`` (see :data:`NODE_HELPERS`). Every requirement is on the public package index: AML builds the
 image from it, and one requirement no index has fails the build and the job.
 
 dask-amlcompute itself is NOT a requirement (no index has it): it reaches the
@@ -53,9 +53,20 @@ CORE_PACKAGES = ("dask", "distributed", "cloudpickle")
 SCIENTIFIC_PACKAGES = ("numpy", "pandas", "pyarrow")
 #: The library itself (never a requirement unless ``node_package`` names it).
 LIBRARY = "dask-amlcompute"
-#: Installed on the nodes without a pin: run tags (mlflow), the dashboard (bokeh), and the
-#: library's own dependencies that its node side imports (isodate, tqdm).
-NODE_HELPERS = ("azureml-mlflow", "bokeh>=3.1.0", "isodate", "mlflow-skinny", "tqdm")
+#: Installed on the nodes without a pin: run tags (mlflow), the dashboard (bokeh), the
+#: library's own dependencies that its node side imports (isodate, tqdm), and strictyaml:
+#: azure-ai-ml imports it on the client, where it registers ``warnings`` filters naming its
+#: own warning classes, and scikit-learn ships the client's ``warnings.filters`` with every
+#: joblib task (``sklearn.utils.parallel``); nodes without strictyaml cannot unpickle those
+#: tasks (found on the strict emulator: GridSearchCV with the dask backend hung).
+NODE_HELPERS = (
+    "azureml-mlflow",
+    "bokeh>=3.1.0",
+    "isodate",
+    "mlflow-skinny",
+    "strictyaml",
+    "tqdm",
+)
 
 STACK_CHOICES = ("imported", "installed", "none")
 

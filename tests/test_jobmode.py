@@ -117,7 +117,7 @@ def test_job_mode_reads_dask_config_like_the_cluster(tmp_path):
         "amlcompute.distribution": "mpi",
         "amlcompute.processes-per-node": 3,
         "amlcompute.threads-per-process": 2,
-        "amlcompute.pip-packages": ["tqdm"],
+        "amlcompute.pip-packages": ["tabulate"],
         "amlcompute.conda-packages": ["gcc"],
         "amlcompute.node-package": "git+https://example.org/dask-amlcompute.git",
     }
@@ -132,7 +132,7 @@ def test_job_mode_reads_dask_config_like_the_cluster(tmp_path):
         assert (opts.processes, opts.threads) == (3, 2)
         deps = job.environment.conda_file["dependencies"]
         pip = next(d["pip"] for d in deps if isinstance(d, dict))
-        assert "tqdm" in pip and "gcc" in deps
+        assert "tabulate" in pip and "gcc" in deps
         assert "git+https://example.org/dask-amlcompute.git" in pip
 
         # an argument wins over dask config (a mapping replaces the configured one)
@@ -150,13 +150,13 @@ def test_job_mode_reads_dask_config_like_the_cluster(tmp_path):
         assert (opts.processes, opts.threads) == (1, 4)
         deps = job.environment.conda_file["dependencies"]
         pip = next(d["pip"] for d in deps if isinstance(d, dict))
-        assert "rich" in pip and "tqdm" not in pip and "gcc" not in deps
+        assert "rich" in pip and "tabulate" not in pip and "gcc" not in deps
 
     # configured packages with a configured user environment: refused, as for a cluster
     with dask.config.set({"amlcompute.environment": "my-env@latest"}):
         assert _body(_job(tmp_path, environment=None))["environmentId"] == "my-env@latest"
         with (
-            dask.config.set({"amlcompute.pip-packages": ["tqdm"]}),
+            dask.config.set({"amlcompute.pip-packages": ["tabulate"]}),
             pytest.raises(ConfigurationError, match="pip_packages"),
         ):
             _job(tmp_path, environment=None)

@@ -7,8 +7,9 @@ happen by accident:
 * Python major.minor (conda ``python=X.Y``);
 * ``dask``, ``distributed``, ``cloudpickle`` (pip ``==``);
 * the data stack the client has installed (``numpy``, ``pandas``,
-  ``pyarrow``): ``dask.dataframe`` work needs them on the nodes even when the
-  client imports them only after the cluster starts;
+  ``pyarrow``, and ``adlfs`` for datastores): ``dask.dataframe`` work and
+  datastore reads need them on the nodes even when the client imports them
+  only after the cluster starts;
 
 plus, unpinned, what the node side needs besides them: the mlflow pieces that
 publish the scheduler's address (``mlflow-skinny``, ``azureml-mlflow``), the
@@ -50,7 +51,7 @@ DEFAULT_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
 #: Pinned to the client's versions, always; a conflicting user pin is an error.
 CORE_PACKAGES = ("dask", "distributed", "cloudpickle")
 #: Pinned to the client's versions when installed (``stack="imported"``: only when imported).
-SCIENTIFIC_PACKAGES = ("numpy", "pandas", "pyarrow")
+DATA_STACK = ("numpy", "pandas", "pyarrow", "adlfs")
 #: The library itself (never a requirement unless ``node_package`` names it).
 LIBRARY = "dask-amlcompute"
 #: Installed on the nodes without a pin: run tags (mlflow), the dashboard (bokeh), the
@@ -96,7 +97,7 @@ def pinned_packages(stack: str = "installed") -> dict[str, str]:
     Parameters
     ----------
     stack
-        Which of :data:`SCIENTIFIC_PACKAGES` to pin: ``"imported"`` (installed
+        Which of :data:`DATA_STACK` to pin: ``"imported"`` (installed
         and imported in this process), ``"installed"``, or ``"none"``.
 
     Returns
@@ -117,7 +118,7 @@ def pinned_packages(stack: str = "installed") -> dict[str, str]:
         "distributed": distributed.__version__,
         "cloudpickle": cloudpickle.__version__,
     }
-    for name in SCIENTIFIC_PACKAGES:
+    for name in DATA_STACK:
         if stack == "none" or (stack == "imported" and name not in sys.modules):
             continue
         version = local_version(name)
@@ -311,7 +312,7 @@ def _merge_pip(
             library = text
             continue
         if name not in pins:
-            version = local_version(name) if name in SCIENTIFIC_PACKAGES else None
+            version = local_version(name) if name in DATA_STACK else None
             if version and not req.specifier and not req.url:
                 pins[name] = version  # a known package the client has: pin it too
                 pin_extras.setdefault(name, set()).update(req.extras)

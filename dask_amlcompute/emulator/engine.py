@@ -554,6 +554,10 @@ class Engine:
             report.append(f"nodes run {os.path.join(job.venv, 'bin', 'python')} (built)")
             job.properties["properties"]["emulator.environment"] = "\n".join(report)
         header = "".join(f"[emulator] {line}\n" for line in report)
+        # Running from the moment the user processes start (a node seen running means the
+        # job is Running, never Preparing)
+        job.status = "Running"
+        job.start_time = time.time()
         for node in job.nodes:
             os.makedirs(os.path.dirname(node.log_path), exist_ok=True)
             with open(node.log_path, "a", encoding="utf-8") as log:
@@ -568,8 +572,6 @@ class Engine:
             assert node.pid is not None  # start_node set it
             self.reaper.watch(node.pid)
             waiters.append(asyncio.ensure_future(self._watch_node(job, node, tee)))
-        job.status = "Running"
-        job.start_time = time.time()
         deadline = None if job.timeout_seconds is None else time.monotonic() + job.timeout_seconds
         while True:
             if all(w.done() for w in waiters) or job.cancel_reason or job.failure:

@@ -266,7 +266,11 @@ def node_variables(
 
 
 def environment_report(environment_id: str, properties: dict[str, Any] | None) -> list[str]:
-    """What a job's environment would install on AML; the emulator installs nothing.
+    """What a job's environment asks for, for the node log header and a job property.
+
+    The conda and pip requirements are built into an isolated virtualenv
+    (:mod:`~dask_amlcompute.emulator.envbuild`) unless builds are off; the
+    image is never pulled.
 
     Parameters
     ----------
@@ -279,7 +283,7 @@ def environment_report(environment_id: str, properties: dict[str, Any] | None) -
     Returns
     -------
     list of str
-        Lines for the node log header, e.g. ``would install (pip): dask==...``.
+        Lines for the node log header, e.g. ``pip requirements: dask==...``.
     """
     import sys
 
@@ -298,8 +302,8 @@ def environment_report(environment_id: str, properties: dict[str, Any] | None) -
     if isinstance(deps, list):
         pip = [p for d in deps if isinstance(d, dict) for p in d.get("pip") or []]
         packages = [str(d) for d in deps if not isinstance(d, dict)]
-        lines.append("would install (conda): " + (", ".join(packages) or "-"))
-        lines.append("would install (pip): " + (", ".join(map(str, pip)) or "-"))
+        lines.append("conda dependencies: " + (", ".join(packages) or "-"))
+        lines.append("pip requirements: " + (", ".join(map(str, pip)) or "-"))
     elif properties is None:
         lines.append("not a workspace environment: recorded only")
     version = ".".join(map(str, sys.version_info[:3]))

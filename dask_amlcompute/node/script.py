@@ -88,6 +88,11 @@ def script_environment(
     """
     env = dict(os.environ if env is None else env)
     env["DASK_SCHEDULER_ADDRESS"] = scheduler_address
+    # The script runs from its own folder, so Python puts that folder first on its path, not
+    # the job's working directory: name the folder this package came from (the job's code
+    # snapshot, or site-packages when installed) so the script imports the same library.
+    library_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (library_root, env.get("PYTHONPATH")) if p)
     cert, key = env.get(TLS_CERT_ENV), env.get(TLS_KEY_ENV)
     if cert and key:
         paths = {}

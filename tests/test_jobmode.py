@@ -250,13 +250,14 @@ def test_tls_reaches_the_script_scheduler(emulator, ml_client, tmp_path):
 @pytest.mark.slow
 def test_idle_timeout_ends_a_hung_script_job(emulator, ml_client, tmp_path):
     # the scheduler's idle timeout applies to script jobs: a script that hangs without
-    # work ends its job long before job_timeout
+    # work ends its job long before job_timeout (the clock starts with the scheduler, so it
+    # must leave the script time to start Python and connect in its own environment)
     script = tmp_path / "hang.py"
     script.write_text("import time\nfrom distributed import Client\n"
                       "client = Client()\nprint('connected', flush=True)\ntime.sleep(600)\n")  # fmt: skip
     with pytest.raises(JobFailedError) as info:
         submit_script(ml_client, script, compute="cpu-cluster", n_nodes=1, job_timeout="10m",
-                      idle_timeout=3, wait_timeout=90, poll_interval=0.3, quiet=True)  # fmt: skip
+                      idle_timeout=10, wait_timeout=90, poll_interval=0.3, quiet=True)  # fmt: skip
     assert info.value.status == "Failed" and info.value.exit_code == 128 + signal.SIGTERM
     assert "connected" in info.value.log_tail
 

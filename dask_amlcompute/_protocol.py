@@ -354,6 +354,17 @@ def worker_job_name(cluster_name: str, number: int, series: str = "") -> str:
     return f"{cluster_name}-w{number}-{series}" if series else f"{cluster_name}-w{number}"
 
 
+def cluster_key_tag(cluster_name: str) -> str:
+    """A job tag key that only the jobs of cluster ``cluster_name`` carry.
+
+    AML's job list filters by tag key (``GET /jobs?tag=KEY``: "jobs returned will
+    have this tag key"), not by value: listing with this key returns this cluster's
+    jobs and no other's, so watching a cluster costs one request however many
+    clusters the workspace has run. The value is the job's role.
+    """
+    return f"{TAG_CLUSTER}.{cluster_name}"
+
+
 def is_main_job(job_name: str, cluster_name: str) -> bool:
     """True for the cluster's main job: the one scaling must never close."""
     return job_name == main_job_name(cluster_name)

@@ -2,13 +2,14 @@
 
 - :class:`MainJob`: the cluster's main job, SpecCluster's "scheduler". It submits
   the job (or reconnects to it), waits for the published scheduler address,
-  connects, watches the job and stops it on close.
+  connects, watches all of the cluster's jobs (one job list per
+  ``watch_interval``, :mod:`~dask_amlcompute.backend.watch`) and stops it on close.
 - :class:`MainJobWorkers`: the workers the main job runs beside the scheduler,
   one SpecCluster worker group. It only waits for them to join; they live and
   die with the main job.
 - :class:`WorkerJob`: an extra worker job added by ``scale``/``adapt``, one
   worker group. It submits the job (or adopts one found by ``from_name``),
-  watches it, and on close retires its workers through the scheduler (their
+  has the main job's watch follow it, and on close retires its workers through the scheduler (their
   data moves first) before cancelling the job so AML releases its nodes.
 """
 
@@ -27,7 +28,9 @@ from distributed.deploy.spec import ProcessInterface
 from .._protocol import DASHBOARD_TAG, SCHEDULER_TAG
 from ..exceptions import SchedulerUnreachableError, StartupTimeoutError
 from .jobwait import LIKELY_CAUSES, job_error, wait_for_tag
+from .ops import JobInfo
 from .state import ClusterContext, Lifecycle
+from .watch import poll_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +119,7 @@ class MainJob(ProcessInterface):
             raise
         ctx.log(f"Scheduler at {self.internal_address} (client uses {self.address})")
         state.lifecycle = Lifecycle.RUNNING
+        state.watched[self.job_name] = self._job_ended
         self._watcher = asyncio.create_task(self._watch())
         if s.no_client_timeout:
             self._heartbeat = asyncio.create_task(self._heartbeats(s.no_client_timeout))
@@ -135,7 +139,13 @@ class MainJob(ProcessInterface):
             await asyncio.sleep(interval)
 
     async def _watch(self) -> None:
-        """Notice when the main job ends while the cluster runs (timeout, node failure)."""
+        """Watch all of the cluster's jobs, one job list per ``watch_interval``.
+
+        The main job ending (timeout, node failure) ends the cluster; a worker job
+        ending is reported to its :class:`WorkerJob` (see
+        :func:`~dask_amlcompute.backend.watch.poll_jobs`). Also warns once before
+        the cluster's ``job_timeout`` runs out.
+        """
         ctx, state = self.context, self.context.state
         timeout = ctx.settings.job_timeout
         warn_before = min(600.0, 0.1 * timeout) if timeout else 0.0
@@ -150,19 +160,17 @@ class MainJob(ProcessInterface):
                     "its jobs. Save results now or start a new cluster with a longer job_timeout."
                 )
             try:
-                info = await ctx.ops.get_job(self.job_name)
+                await poll_jobs(ctx)
             except Exception as exc:  # the control plane may be briefly unavailable
-                logger.debug("Polling %s failed: %s", self.job_name, exc)
-                continue
-            state.jobs[self.job_name] = info.status
-            if state.main_job_ended():
-                if not state.closing:
-                    err = await job_error(
-                        ctx.ops, info, f"The cluster's AML job ended: {info.status}."
-                    )
-                    state.ended_reason = str(err)
-                    ctx.log(str(err))
-                return
+                logger.debug("Listing the jobs of %s failed: %s", ctx.settings.name, exc)
+
+    async def _job_ended(self, info: JobInfo) -> None:
+        """The main job ended while the cluster ran: record and show why."""
+        err = await job_error(
+            self.context.ops, info, f"The cluster's AML job ended: {info.status}."
+        )
+        self.context.state.ended_reason = str(err)
+        self.context.log(str(err))
 
     async def close(self) -> None:
         ctx, state = self.context, self.context.state
@@ -312,11 +320,11 @@ class WorkerJob(_JobWorkers):
         self.on_ended = on_ended
         self.existing = existing
         self._submitted = existing
-        self._monitor: asyncio.Task | None = None
 
     async def start(self) -> None:
         if self.existing or await self._submit():
-            self._monitor = asyncio.create_task(self._watch())
+            # the main job's watch follows it (one job list for all of the cluster's jobs)
+            self.context.state.watched[self.name] = self._job_ended
         await super().start()
 
     def _ended(self, status: str) -> None:
@@ -346,29 +354,14 @@ class WorkerJob(_JobWorkers):
         self._submitted = True
         return True
 
-    async def _watch(self) -> None:
-        """Follow the job; report when it ends by itself (failure, preemption, timeout)."""
-        ctx, state = self.context, self.context.state
-        while True:
-            await asyncio.sleep(ctx.settings.watch_interval)
-            try:
-                info = await ctx.ops.get_job(self.name)
-            except Exception as exc:
-                logger.debug("Polling %s failed: %s", self.name, exc)
-                continue
-            if info.status != state.jobs.get(self.name) and info.status == "Queued":
-                ctx.log(f"Worker job {self.name} is queued: the compute has no free nodes")
-            state.jobs[self.name] = info.status
-            if info.terminal:
-                if not state.closing:
-                    ctx.log(f"Worker job {self.name} ended {info.status}")
-                    self._ended(info.status)
-                return
+    async def _job_ended(self, info: JobInfo) -> None:
+        """The job ended by itself (failure, preemption, timeout): let scaling replace it."""
+        self.context.log(f"Worker job {self.name} ended {info.status}")
+        self._ended(info.status)
 
     async def close(self) -> None:
         ctx, state = self.context, self.context.state
-        if self._monitor is not None:
-            self._monitor.cancel()
+        state.watched.pop(self.name, None)
         if self._submitted and state.lifecycle is not Lifecycle.DETACHING:
             if not state.main_job_ended():
                 await self._retire()

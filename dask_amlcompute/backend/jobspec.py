@@ -16,6 +16,7 @@ from .._protocol import (
     TAG_USER,
     TAG_VERSION,
     NodeOptions,
+    cluster_key_tag,
     cluster_settings,
     node_command,
     settings_tag,
@@ -30,6 +31,7 @@ def cluster_tags(cluster_name: str, role: str, extra: Mapping[str, str] | None =
 
     tags = dict(extra or {})
     tags.update({TAG_CLUSTER: cluster_name, TAG_ROLE: role, TAG_VERSION: __version__})
+    tags[cluster_key_tag(cluster_name)] = role  # the key the cluster's job watch lists by
     # no user name in some containers: the tag is only a convenience for `down --all-mine`
     with contextlib.suppress(Exception):
         tags.setdefault(TAG_USER, getpass.getuser())

@@ -437,18 +437,40 @@ class AmlOps:
         created = await self._call(self.ml_client.environments.create_or_update, environment)
         return f"{created.name}:{created.version}"
 
-    async def list_jobs(self, *, include_ended: bool = False) -> list[Any]:
+    async def list_jobs(self, *, include_ended: bool = False, tag: str | None = None) -> list[Any]:
         """The workspace's jobs as the SDK returns them (active ones by default).
+
+        ``ActiveOnly``, AML's default view, means "not archived": jobs that have
+        ended are listed too, with their final status. The SDK follows the list's
+        pages (``nextLink``): one request per page.
 
         Parameters
         ----------
         include_ended
-            Also list jobs that have ended (``ListViewType.ALL``).
+            Also list archived jobs (``ListViewType.ALL``).
+        tag
+            Only jobs that carry this tag key: the REST list's ``tag`` query
+            parameter ("jobs returned will have this tag key"), which
+            ``jobs.list`` passes through to the REST operation.
         """
         from azure.ai.ml.constants import ListViewType
 
         view = ListViewType.ALL if include_ended else ListViewType.ACTIVE_ONLY
-        return await self._call(lambda: list(self.ml_client.jobs.list(list_view_type=view)))
+        extra = {} if tag is None else {"tag": tag}
+        jobs = await self._call(
+            lambda: list(self.ml_client.jobs.list(list_view_type=view, **extra))
+        )
+        return [j for j in jobs if j is not None]  # the SDK yields None for unparsable jobs
+
+    async def list_job_infos(self, tag: str) -> dict[str, JobInfo]:
+        """Snapshots of the (not archived) jobs that carry tag key ``tag``, by name.
+
+        Parameters
+        ----------
+        tag
+            The tag key (see :meth:`list_jobs`).
+        """
+        return {j.name: self._info(j) for j in await self.list_jobs(tag=tag)}
 
     async def get_job_entity(self, name: str) -> Any | None:
         """The SDK's entity of a job (command, resources, distribution, tags), None if none exists."""

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._protocol import NodeOptions, main_job_name
 from ..config import ClusterSettings
 from .jobspec import build_job
-from .ops import TERMINAL_STATUSES, AmlOps, ComputeInfo
+from .ops import TERMINAL_STATUSES, AmlOps, ComputeInfo, JobInfo
+
+#: What to do when a watched job ends (see :mod:`~dask_amlcompute.backend.watch`).
+OnJobEnd = Callable[[JobInfo], Awaitable[None]]
 
 
 class Lifecycle(enum.Enum):
@@ -46,6 +49,9 @@ class ClusterState:
         See :class:`Lifecycle`.
     jobs
         AML job name -> last known status.
+    watched
+        AML job name -> what to do when it ends, for the jobs the cluster's one
+        job watch follows (see :mod:`~dask_amlcompute.backend.watch`).
     deadline
         ``time.monotonic()`` when the cluster's ``job_timeout`` runs out (None: none).
     compute
@@ -73,6 +79,7 @@ class ClusterState:
     name: str
     lifecycle: Lifecycle = Lifecycle.STARTING
     jobs: dict[str, str] = field(default_factory=dict)
+    watched: dict[str, OnJobEnd] = field(default_factory=dict)
     deadline: float | None = None
     compute: ComputeInfo | None = None
     environment: Any = None

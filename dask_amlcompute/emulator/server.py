@@ -65,17 +65,27 @@ class _JobResource(BaseHandler):
 
 
 class JobsHandler(_JobResource):
-    """``GET /jobs`` (``listViewType`` ActiveOnly | ArchivedOnly | All)."""
+    """``GET /jobs`` (``listViewType`` ActiveOnly | ArchivedOnly | All; ``tag``).
+
+    As AML's REST list: ``ActiveOnly`` (the default) means not archived, so jobs
+    that have ended are listed with their final status; ``tag`` keeps the jobs
+    that carry that tag key ("jobs returned will have this tag key"), whatever
+    its value (``tag=k=v`` asks for a key named ``k=v``).
+    """
 
     def get(self, **_: str) -> None:
         """List jobs, newest first."""
         view = self.get_argument("listViewType", "ActiveOnly")
+        tag = self.get_argument("tag", None)
         jobs = sorted(self.engine.jobs.values(), key=lambda j: j.created, reverse=True)
         if view == "ArchivedOnly":
             jobs = [j for j in jobs if j.properties.get("isArchived")]
         elif view != "All":
             jobs = [j for j in jobs if not j.properties.get("isArchived")]
-        self.send_json(_value_list([self.job_json(j) for j in jobs]))
+        items = [self.job_json(j) for j in jobs]
+        if tag is not None:  # the tags as the list shows them
+            items = [i for i in items if tag in (i["properties"].get("tags") or {})]
+        self.send_json(_value_list(items))
 
 
 class JobHandler(_JobResource):

@@ -80,11 +80,12 @@ def watch_preparing(emu, job: str, timeout: float = 300.0) -> tuple[set[str], se
     pids: set[int] = set()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        nodes = emu.job_nodes(job)  # nodes first: a node seen started must mean Running after
         status = emu.job_status(job)
         seen.add(status)
         if status == "Preparing":
             pids |= build_pids(emu)
-            assert all(n["pid"] is None for n in emu.job_nodes(job)), "a node started early"
+            assert all(n["pid"] is None for n in nodes), "a node started early"
         if status in ("Completed", "Failed", "Canceled"):
             return seen, pids
         time.sleep(0.01)

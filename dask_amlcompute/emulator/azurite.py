@@ -28,6 +28,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from ..config import cache_dir
 from .datastores import DatastoreSpec
 
 #: Azurite's well-known development account (public, documented by Microsoft).
@@ -51,15 +52,6 @@ _LISTEN_RE = re.compile(r"listens on (https?://[^\s]+)")
 
 class AzuriteNotFoundError(FileNotFoundError):
     """The ``azurite-blob`` executable could not be found."""
-
-
-def cache_dir() -> Path:
-    """The folder dask-amlcompute caches downloads in (created on demand)."""
-    root = os.environ.get("DASK_AMLCOMPUTE_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return Path(xdg or Path.home() / ".cache") / "dask-amlcompute"
 
 
 def install_azurite(prefix: Path | None = None, timeout: float = INSTALL_TIMEOUT) -> str:

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .azurite import cache_dir
+from ..config import cache_dir
 from .reaper import group_running
 
 #: Name AML gives the image build log of a job.

@@ -76,6 +76,14 @@ def test_live_two_node_cluster_runs_a_workload_and_cleans_up(live_ml_client, liv
         )
         assert sum(client.gather(client.map(lambda x: x + 1, range(100)))) == 5050
         name = cluster.name
+        # the cluster's one-request job watch: the REST list's tag-key filter on real AML
+        import asyncio
+
+        from dask_amlcompute._protocol import cluster_key_tag
+        from dask_amlcompute.backend.ops import AmlOps
+
+        listed = asyncio.run(AmlOps(live_ml_client).list_job_infos(cluster_key_tag(name)))
+        assert set(listed) == {cluster.main_job_name}
     running = [j for j in list_cluster_jobs(live_ml_client) if j.cluster == name]
     assert all(
         j.status in ("Finalizing", "Completed", "Canceled", "CancelRequested") for j in running

@@ -205,28 +205,6 @@ class NotFoundHandler(BaseHandler):
     get = post = put = patch = delete = head = _not_found
 
 
-def build_log_urls(base_url: str, job: Any) -> dict[str, str]:
-    """Return the URL of a job's image build log, if its environment was built.
-
-    Parameters
-    ----------
-    base_url
-        Emulator base URL.
-    job
-        The job (a ``JobRecord``).
-
-    Returns
-    -------
-    dict
-        ``{"azureml-logs/20_image_build_log.txt": url}``, or empty.
-    """
-    from .envbuild import BUILD_LOG_NAME
-
-    if not getattr(job, "build_log_path", None):
-        return {}
-    return {BUILD_LOG_NAME: f"{base_url}/emulator/logs/{job.name}/{BUILD_LOG_NAME}"}
-
-
 class BuildLogHandler(BaseHandler):
     """``GET /emulator/logs/{job}/azureml-logs/20_image_build_log.txt``."""
 

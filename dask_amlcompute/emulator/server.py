@@ -19,13 +19,13 @@ from .blobs import blob_routes
 from .code_api import code_routes
 from .datastore_api import datastore_routes
 from .engine import KILL_GRACE, log_name
+from .envbuild import BUILD_LOG_NAME
 from .errors import ApiError
 from .handlers import (
     BaseHandler,
     BuildLogHandler,
     NotFoundHandler,
     ServerContext,
-    build_log_urls,
 )
 from .jobspec import parse_job
 from .mlflow_api import mlflow_routes
@@ -367,13 +367,9 @@ def log_urls(base_url: str, job: Any) -> dict[str, str]:
         ``user_logs/std_log_process_{rank}.txt`` (and, once the job's environment
         build began, ``azureml-logs/20_image_build_log.txt``) to URL.
     """
-    return {
-        **build_log_urls(base_url, job),
-        **{
-            log_name(n.rank): f"{base_url}/emulator/logs/{job.name}/{log_name(n.rank)}"
-            for n in job.nodes
-        },
-    }
+    logs = f"{base_url}/emulator/logs/{job.name}"
+    built = {BUILD_LOG_NAME: f"{logs}/{BUILD_LOG_NAME}"} if job.build_log_path else {}
+    return {**built, **{log_name(n.rank): f"{logs}/{log_name(n.rank)}" for n in job.nodes}}
 
 
 class RunDetailsHandler(BaseHandler):

@@ -14,11 +14,11 @@ What is sent follows an ignore file with ``.gitignore`` syntax: the folder's
 for a job's code snapshot), plus :data:`DEFAULT_IGNORES`. The total size is
 bounded (``max_bytes``): large data belongs in a datastore, not in code.
 
-On real AML the alternative is the job's ``code=`` snapshot, uploaded to the
-workspace's storage once per content hash and present in every node's working
-directory; it is not emulated (the emulator has no storage), and it fixes the
-code at job submission, whereas :func:`ship_code` can re-send a changed folder
-to a running cluster.
+A cluster's ``code=`` folder instead travels in the jobs' code snapshot
+(:mod:`~dask_amlcompute.backend.snapshot`, with the same ignore rules and size
+bound via :func:`collect_code`): uploaded once per content hash and present in
+every node's working directory, but fixed at job submission, whereas
+:func:`ship_code` can re-send a changed folder to a running cluster.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ LIKELY_CAUSES = {
     ),
     "Preparing": (
         "the nodes are being provisioned or the environment image is being built/pulled; "
-        "the first run of a new environment can take 10-20 minutes."
+        "the first run of a new environment can take 5-20 minutes."
     ),
     "Running": (
         "the nodes run but the scheduler did not publish its address: check the node logs "

@@ -244,6 +244,7 @@ class Emulator(EmulatorControls):
         if key_id not in self._host_keys:
             self._host_keys[key_id] = generate_host_key()
         assert spec.admin_user  # the engine starts SSH only when spec.ssh_enabled
+        assert self._engine is not None  # the engine calls this
         server = NodeSSHServer(
             host="127.0.0.1",
             port=0,
@@ -251,6 +252,8 @@ class Emulator(EmulatorControls):
             authorized_keys=list(spec.ssh_public_keys),
             allowed_forward_hosts={node.ip},
             host_key=self._host_keys[key_id],
+            network=self._engine.network,
+            compute=spec.name,
         )
         await server.start()
         return server

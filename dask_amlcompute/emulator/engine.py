@@ -36,6 +36,7 @@ from .envbuild import (
 )
 from .errors import ApiError
 from .jobspec import JobSpec, environment_reference, environment_report, node_variables, parse_job
+from .network import LoopbackNetwork, NodeNetwork
 from .reaper import GroupReaper
 from .state import ComputeState, EnvironmentVersion, JobRecord, NodeRecord
 
@@ -104,6 +105,8 @@ class Engine:
         node's SSH endpoint; None disables SSH.
     net
         Second octet of the node addresses (``127.{net}.N.M``).
+    network
+        The network the nodes live in (default: this machine's loopback).
     """
 
     def __init__(
@@ -113,8 +116,10 @@ class Engine:
         endpoints: Endpoints,
         ssh_factory: Callable[..., Any] | None = None,
         net: int = 0,
+        network: NodeNetwork | None = None,
     ) -> None:
         self.workdir = workdir
+        self.network: NodeNetwork = network if network is not None else LoopbackNetwork()
         self.endpoints = endpoints
         self.provisioning_delay = float(config.provisioning_delay)
         self.computes: dict[str, ComputeState] = {

@@ -28,6 +28,8 @@ from typing import cast
 import asyncssh
 from asyncssh.forward import SSHForwarder
 
+from .network import LoopbackNetwork, NodeNetwork
+
 __all__ = ["NodeSSHServer", "generate_client_keypair", "generate_host_key"]
 
 logger = logging.getLogger(__name__)
@@ -213,10 +215,11 @@ class _NodeConnectionHandler(asyncssh.SSHServer):
         window in which the target's first bytes are lost.
         """
         loop = asyncio.get_running_loop()
+        owner = self._owner
         try:
-            _, target = await asyncio.wait_for(
-                loop.create_connection(_TargetForwarder, host, port), FORWARD_CONNECT_TIMEOUT
-            )
+            # dialled from the node's network (its namespace in isolated mode)
+            sock = await owner.network.connect(owner.compute, host, port, FORWARD_CONNECT_TIMEOUT)
+            _, target = await loop.create_connection(_TargetForwarder, sock=sock)
         except asyncio.TimeoutError:
             self._log("forward to %s:%s timed out", host, port)
             raise asyncssh.ChannelOpenError(
@@ -252,6 +255,9 @@ class NodeSSHServer:
     host_key
         Private host key (object or OpenSSH/PEM text). A fresh in-memory
         ed25519 key is generated when omitted.
+    network, compute
+        The network the server listens in and dials forwards from, and the
+        compute whose network that is (default: this machine's loopback).
 
     Notes
     -----
@@ -269,8 +275,12 @@ class NodeSSHServer:
         authorized_keys: Iterable[str] = (),
         allowed_forward_hosts: Iterable[str] = (),
         host_key: asyncssh.SSHKey | str | bytes | None = None,
+        network: NodeNetwork | None = None,
+        compute: str = "",
     ) -> None:
         self.host = host
+        self.network: NodeNetwork = network if network is not None else LoopbackNetwork()
+        self.compute = compute
         self.admin_user = admin_user
         self.allowed_forward_hosts = {_normalize_host(h) for h in allowed_forward_hosts}
         self._port = port
@@ -320,10 +330,10 @@ class NodeSSHServer:
         """
         if self._acceptor is not None or self._closed:
             raise RuntimeError("NodeSSHServer can only be started once")
+        sock = await self.network.listen(self.compute, self.host, self._port)
         self._acceptor = await asyncssh.create_server(
             lambda: _NodeConnectionHandler(self),
-            self.host,
-            self._port,
+            sock=sock,
             server_host_keys=[self._host_key],
             allow_scp=False,
             agent_forwarding=False,

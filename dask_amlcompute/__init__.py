@@ -13,6 +13,7 @@ from .backend.workspace import ml_client_from_config, write_workspace_config
 from .cluster import AmlComputeCluster
 from .exceptions import (
     AmlComputeError,
+    ClusterLostError,
     ComputeNotFoundError,
     ConfigurationError,
     ControlPlaneError,
@@ -57,6 +58,7 @@ def __getattr__(name: str):
 __all__ = [
     "AmlComputeCluster",
     "AmlComputeError",
+    "ClusterLostError",
     "ComputeNotFoundError",
     "ConfigurationError",
     "ControlPlaneError",

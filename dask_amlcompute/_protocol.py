@@ -37,6 +37,9 @@ SETTINGS_TAG = "dask_settings"
 #: Run tags the scheduler node publishes (mlflow) and the client reads from the job.
 SCHEDULER_TAG = "dask_scheduler"
 DASHBOARD_TAG = "dask_dashboard"
+#: The id of the scheduler behind ``SCHEDULER_TAG`` (a new one for every attempt of the job:
+#: a job AML runs again after a preemption publishes a new id before its new address).
+SCHEDULER_ID_TAG = "dask_scheduler_id"
 
 #: Environment variables carrying the cluster's TLS certificate and key (PEM) to the nodes.
 TLS_CERT_ENV = "DASK_AMLCOMPUTE_TLS_CERT"

@@ -19,7 +19,14 @@ from .backend.snapshot import stage_snapshot
 from .backend.state import ClusterContext, ClusterState, Lifecycle
 from .backend.workspace import ml_client_from_config
 from .config import ClusterSettings, resolve_settings
-from .connect import SchedulerConnector, host_port, reachable
+from .connect import (
+    JOB_SERVICE_MODES,
+    SchedulerConnector,
+    available_paths,
+    host_port,
+    reachable,
+    unavailable_paths,
+)
 from .exceptions import AmlComputeError, ConfigurationError, TooManyNodesError
 from .scaling import ScalingMixin
 
@@ -87,7 +94,11 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     scheduler_options, worker_options
         Extra keyword arguments for the Dask scheduler and workers on the nodes.
     connect
-        ``"direct"``, ``"ssh"`` or ``"auto"``: how the client reaches the scheduler.
+        How the client reaches the scheduler. ``"auto"`` (default): the
+        scheduler's private address if a short probe connects (a client on the
+        compute's VNet), else the main job's SSH service through AML's proxy
+        (works on a stock workspace), else the node's public SSH endpoint.
+        ``"direct"``, ``"job-ssh"`` or ``"ssh"`` pick one of them.
     startup_timeout
         Bound on waiting for the job to run and its workers to join.
     code
@@ -96,6 +107,9 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         and a size limit apply) and is the nodes' working directory, so its
         modules import on every worker. To re-send changed code to a running
         cluster, use :func:`~dask_amlcompute.ship_code`.
+    credential
+        Azure credential: builds the ``MLClient`` when ``ml_client`` is not
+        given, and opens AML's job-service proxy (default: the ``MLClient``'s).
     asynchronous, loop
         As for every Dask cluster manager.
     **kwargs
@@ -136,6 +150,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         loop: Any = None,
         shutdown_on_close: bool = True,
         code: str | os.PathLike | None = None,
+        credential: Any = None,
         _attach: bool = False,
         _existing_worker_jobs: tuple[tuple[str, int], ...] = (),
         **kwargs: Any,
@@ -159,7 +174,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             **kwargs,
         )
         if ml_client is None:
-            ml_client = ml_client_from_config(settings.workspace_config)
+            ml_client = ml_client_from_config(settings.workspace_config, credential)
         self.settings: ClusterSettings = settings
         self.ml_client = ml_client
         self._quiet = settings.quiet
@@ -175,6 +190,11 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             environment=environment_from_settings(settings),
             code=str(snapshot) if snapshot else None,
         )
+        if settings.connect in JOB_SERVICE_MODES and (settings.ssh_key or not _attach):
+            from .connect.jobservice import cluster_key
+
+            # the main job's SSH service accepts this key (generated: in memory only)
+            state.job_ssh_key = cluster_key(settings.ssh_key)
         ctx = self._context = ClusterContext(
             settings=settings,
             ops=AmlOps(ml_client),
@@ -182,6 +202,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             log=self._log,
             connection_args=security.get_connection_args("client") if security else {},
             secret_env=secret_env,
+            credential=credential,
         )
         self._connector = SchedulerConnector(ctx)
         self.main_job_name = self._main_key = state.main_job
@@ -297,6 +318,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             if not attach and isinstance(self.settings.environment, str):
                 await ctx.ops.check_environment(self.settings.environment)
             self._check_capacity()
+            self._check_connect_path()
             await super()._start()
         except RuntimeError as exc:
             # SpecCluster wraps start failures in RuntimeError; surface our typed error.
@@ -359,6 +381,20 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
                 f"job {self.main_job_name}), and AML never reuses a job name. Pick another "
                 "name, leave name unset for a fresh one, or reconnect to a running cluster with "
                 "AmlComputeCluster.from_name(name). Nothing was submitted."
+            )
+
+    def _check_connect_path(self) -> None:
+        """Refuse a ``connect=`` that cannot work on this compute, before any node is paid for."""
+        mode = self.settings.connect
+        if mode not in ("job-ssh", "ssh"):
+            return  # direct and auto may work (auto: direct, then the job's SSH service)
+        missing = unavailable_paths(self._context)
+        if mode in missing:
+            usable = ", ".join(repr(p) for p in available_paths(self._context))
+            raise ConfigurationError(
+                f"connect={mode!r} cannot work on compute {self.settings.compute!r}: it needs "
+                f"{missing[mode]}. Use connect='auto' (tries direct, then the job's SSH service"
+                f"{'; usable here: ' + usable if usable else ''}). Nothing was submitted."
             )
 
     def _check_capacity(self) -> None:
@@ -432,8 +468,8 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     @property
     def dashboard_link(self) -> str:
         link = getattr(self.scheduler, "dashboard_link", None)
-        if link and self._connector.mode == "ssh":
-            return link
+        if link and (self._connector.mode != "direct" or self._connector.relay is not None):
+            return link  # forwarded through a tunnel, or published on this compute instance
         return super().dashboard_link
 
     async def _get_logs(self, cluster=True, scheduler=True, workers=True):

@@ -106,7 +106,7 @@ class ClusterSettings:
     death_timeout: float = 300.0
     idle_timeout: float | None = None
     no_client_timeout: float | None = 600.0
-    connect: str = "direct"
+    connect: str = "auto"
     security: bool = False
     ssh_key: str | None = None
     known_hosts: str | None = None
@@ -215,9 +215,9 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
         raise ConfigurationError(
             f"distribution must be 'pytorch' or 'mpi', not {raw['distribution']!r}."
         )
-    if raw["connect"] not in ("direct", "ssh", "auto"):
+    if raw["connect"] not in ("auto", "direct", "job-ssh", "ssh"):
         raise ConfigurationError(
-            f"connect must be 'direct', 'ssh' or 'auto', not {raw['connect']!r}."
+            f"connect must be 'auto', 'direct', 'job-ssh' or 'ssh', not {raw['connect']!r}."
         )
     if raw["name"] is None or raw["name"] == "":
         raw["name"] = default_cluster_name()

@@ -124,6 +124,16 @@ class SchedulerUnreachableError(AmlComputeError, ConnectionError):
     """The scheduler published an address the client cannot connect to."""
 
 
+class ClusterLostError(AmlComputeError, ConnectionError):
+    """The cluster's scheduler is gone for good: its job ended, or AML ran it again.
+
+    After a low-priority preemption AML may run the main job again: a new
+    scheduler, with none of the old one's workers or data, possibly at the same
+    address. The cluster object stops talking to it, cancels its jobs and raises
+    this (its message says why) from then on.
+    """
+
+
 class VersionMismatchError(AmlComputeError):
     """Client and cluster run different versions of packages that must match.
 

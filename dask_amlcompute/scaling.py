@@ -18,6 +18,7 @@ from distributed.deploy.adaptive import Adaptive
 
 from ._protocol import is_main_job, worker_job_name
 from .backend.state import Lifecycle
+from .exceptions import ClusterLostError
 from .node.plugins import job_of_worker
 
 if TYPE_CHECKING:
@@ -71,6 +72,12 @@ class ScalingMixin(_ClusterBase):
                 jobs = fit
         return jobs
 
+    def _raise_if_lost(self) -> None:
+        """Raise :class:`ClusterLostError` once the scheduler is gone for good."""
+        reason = self._context.state.lost_reason
+        if reason is not None:
+            raise ClusterLostError(reason)
+
     def scale(
         self,
         n: int | None = None,
@@ -100,7 +107,10 @@ class ScalingMixin(_ClusterBase):
         ------
         ValueError
             ``memory``/``cores`` with no worker running yet to measure them on.
+        ClusterLostError
+            The scheduler is gone for good (see :attr:`ended_reason`).
         """
+        self._raise_if_lost()
         if nodes is not None:
             n = self._main_workers + max(0, nodes - self.settings.n_nodes) * (
                 self._workers_per_job // self.settings.nodes_per_job
@@ -184,6 +194,7 @@ class ScalingMixin(_ClusterBase):
         interval, wait_count, target_duration
             As for :class:`distributed.deploy.Adaptive`.
         """
+        self._raise_if_lost()
         per_node = self._workers_per_job // self.settings.nodes_per_job
 
         def to_workers(n_nodes: int) -> int:

@@ -10,7 +10,7 @@ import pytest
 from _helpers import FAST_CLUSTER
 from distributed import Client
 
-from dask_amlcompute import AmlComputeCluster, SchedulerUnreachableError
+from dask_amlcompute import AmlComputeCluster, ConfigurationError
 from dask_amlcompute.connect.tunnel import HostKeyError
 from dask_amlcompute.emulator import ComputeSpec, Emulator
 from dask_amlcompute.emulator.ssh import generate_client_keypair
@@ -91,14 +91,18 @@ def test_unknown_host_key_is_refused_and_the_job_cancelled(ssh_emulator, ssh_key
     assert "unknown-host-key-main" not in ssh_emulator.active_jobs()
 
 
-def test_compute_without_public_ssh_gives_a_clear_error(ssh_emulator, ssh_key, tmp_path):
-    with pytest.raises(SchedulerUnreachableError, match="remote login"):
+def test_compute_without_public_ssh_gives_a_clear_error_before_submitting(
+    ssh_emulator, ssh_key, tmp_path
+):
+    # the compute's settings say public SSH cannot work: refused before any node is paid for
+    with pytest.raises(ConfigurationError, match="SSH public access") as raised:
         AmlComputeCluster(
             ssh_emulator.ml_client(),
             name="no-public-ssh",
             **kwargs(ssh_key, tmp_path, compute="private-cluster"),
         )
-    assert "no-public-ssh-main" not in ssh_emulator.active_jobs()
+    assert "connect='auto'" in str(raised.value) and "Nothing was submitted" in str(raised.value)
+    assert not any(j.name == "no-public-ssh-main" for j in ssh_emulator.ml_client().jobs.list())
 
 
 def test_auto_uses_direct_when_the_scheduler_is_reachable(ssh_emulator, ssh_key, tmp_path):
@@ -107,29 +111,6 @@ def test_auto_uses_direct_when_the_scheduler_is_reachable(ssh_emulator, ssh_key,
     ) as cluster:
         assert cluster._connector.mode == "direct"
         assert not cluster.scheduler_address.startswith("tcp://127.0.0.1:")
-
-
-def test_auto_falls_back_to_ssh_when_the_scheduler_is_not_reachable(
-    ssh_emulator, ssh_key, tmp_path, monkeypatch
-):
-    # Emulated nodes share this machine's loopback, so "outside the VNet" is simulated at the
-    # one place the library decides it: the bounded direct probe gets no answer.
-    import dask_amlcompute.connect as connect
-
-    async def unanswered(host, port, timeout=connect.PROBE_TIMEOUT):
-        return connect.UNANSWERED
-
-    monkeypatch.setattr(connect, "probe", unanswered)
-    with (
-        AmlComputeCluster(
-            ssh_emulator.ml_client(),
-            **kwargs(ssh_key, tmp_path, connect="auto", ssh_trust_on_first_use=True),
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        assert cluster._connector.mode == "ssh"
-        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
-        assert client.submit(lambda: "through the tunnel").result() == "through the tunnel"
 
 
 def test_tunnel_survives_a_dropped_ssh_connection_and_moves_bulk_data(

@@ -25,14 +25,21 @@ from typing import Any
 from distributed.core import rpc
 from distributed.deploy.spec import ProcessInterface
 
-from .._protocol import DASHBOARD_TAG, SCHEDULER_TAG
-from ..exceptions import SchedulerUnreachableError, StartupTimeoutError
+from .._protocol import DASHBOARD_TAG, SCHEDULER_ID_TAG, SCHEDULER_TAG
+from ..exceptions import ClusterLostError, SchedulerUnreachableError, StartupTimeoutError
 from .jobwait import LIKELY_CAUSES, job_error, wait_for_tag
+from .ops import TERMINAL_STATUSES as TERMINAL
 from .ops import JobInfo
 from .state import ClusterContext, Lifecycle
 from .watch import poll_jobs
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between checks that the scheduler the client uses is still the one it
+#: connected to (a cheap ``identity`` call to the scheduler, not a control-plane request).
+IDENTITY_CHECK_INTERVAL = 5.0
+#: Job statuses before Running: the main job back in one of them is being run again.
+NOT_YET_RUNNING = ("NotStarted", "Starting", "Provisioning", "Queued", "Preparing")
 
 
 class MainJob(ProcessInterface):
@@ -58,6 +65,7 @@ class MainJob(ProcessInterface):
         self.dashboard_link: str | None = None
         self._watcher: asyncio.Task | None = None
         self._heartbeat: asyncio.Task | None = None
+        self._identity: asyncio.Task | None = None
 
     def job(self) -> Any:
         """The job entity this interface submits."""
@@ -103,6 +111,14 @@ class MainJob(ProcessInterface):
                     startup_deadline,
                 )  # fmt: skip
                 state.mark("connected")
+                state.scheduler_id = info.tags.get(SCHEDULER_ID_TAG)
+                reached = await self._reached_id()
+                if state.scheduler_id and reached and reached != state.scheduler_id:
+                    raise ClusterLostError(
+                        f"The scheduler at {self.internal_address} ({reached}) is not the one AML "
+                        f"job {self.job_name} published ({state.scheduler_id}): AML ran the job "
+                        "again. The job was cancelled; start a new cluster."
+                    )
             except SchedulerUnreachableError:
                 info = await ctx.ops.get_job(self.job_name)
                 state.jobs[self.job_name] = info.status
@@ -120,10 +136,67 @@ class MainJob(ProcessInterface):
         ctx.log(f"Scheduler at {self.internal_address} (client uses {self.address})")
         state.lifecycle = Lifecycle.RUNNING
         state.watched[self.job_name] = self._job_ended
+        state.on_main_update = self._main_update
         self._watcher = asyncio.create_task(self._watch())
+        if state.scheduler_id:
+            self._identity = asyncio.create_task(self._check_identity())
         if s.no_client_timeout:
             self._heartbeat = asyncio.create_task(self._heartbeats(s.no_client_timeout))
         await super().start()
+
+    async def _reached_id(self) -> str | None:
+        """The id of the scheduler the client's address reaches now (None: no answer)."""
+        try:
+            async with rpc(
+                self.address, timeout=10, connection_args=self.context.connection_args
+            ) as scheduler:
+                identity = await scheduler.identity()
+        except Exception as exc:
+            logger.debug("Asking %s for its identity failed: %s", self.address, exc)
+            return None
+        return identity.get("id")
+
+    async def _check_identity(self) -> None:
+        """Notice, within seconds, a different scheduler answering at the client's address."""
+        while self.context.state.lost_reason is None:
+            await asyncio.sleep(IDENTITY_CHECK_INTERVAL)
+            reached = await self._reached_id()
+            if reached is not None and reached != self.context.state.scheduler_id:
+                await self._lost(
+                    f"A different Dask scheduler ({reached}) now answers at "
+                    f"{self.internal_address}: AML ran job {self.job_name} again (a low-priority "
+                    "node was preempted, or the job was requeued)."
+                )
+
+    async def _main_update(self, previous: str | None, info: JobInfo) -> None:
+        """The job watch saw the main job: a status gone back, or a new scheduler id, is a loss."""
+        new_id = info.tags.get(SCHEDULER_ID_TAG)
+        if previous in ("Running", "Finalizing") and info.status in NOT_YET_RUNNING:
+            await self._lost(
+                f"AML job {self.job_name} went back from {previous} to {info.status}: AML is "
+                "running it again (a low-priority node was preempted)."
+            )
+        elif (
+            new_id and self.context.state.scheduler_id and new_id != self.context.state.scheduler_id
+        ):
+            await self._lost(
+                f"AML job {self.job_name} published a new scheduler ({new_id}): AML ran it again."
+            )
+
+    async def _lost(self, why: str) -> None:
+        """Stop using the scheduler for good: close the connection path, cancel every job."""
+        ctx, state = self.context, self.context.state
+        if state.lost_reason is not None or state.closing:
+            return
+        state.lost_reason = state.ended_reason = (
+            f"{why} The new scheduler has none of this cluster's workers or data, so this "
+            "cluster object no longer talks to it; its jobs are cancelled. Start a new cluster."
+        )
+        logger.error("%s", state.lost_reason)
+        ctx.log(state.lost_reason)
+        await self.connector.close()  # a tunnel's local ports close: nothing reaches it
+        names = [n for n, status in state.jobs.items() if status not in TERMINAL]
+        await asyncio.gather(*(ctx.ops.cancel(n) for n in names), return_exceptions=True)
 
     async def _heartbeats(self, timeout: float) -> None:
         """Tell the scheduler this cluster object is alive (see ``NoClientTimeout``)."""
@@ -174,7 +247,7 @@ class MainJob(ProcessInterface):
 
     async def close(self) -> None:
         ctx, state = self.context, self.context.state
-        for task in (self._watcher, self._heartbeat):
+        for task in (self._watcher, self._heartbeat, self._identity):
             if task is not None:
                 task.cancel()
         if state.lifecycle is Lifecycle.DETACHING:  # not ours to stop: just disconnect

@@ -23,6 +23,9 @@ from .._protocol import (
 )
 from .._version import __version__
 
+#: Name of the main job's SSH service (AML's ``services`` key).
+SSH_SERVICE_NAME = "dask_ssh"
+
 
 def cluster_tags(cluster_name: str, role: str, extra: Mapping[str, str] | None = None) -> dict:
     """Tags that let ``from_name``/``list`` find the jobs of a cluster."""
@@ -53,6 +56,7 @@ def build_job(
     distribution: str = "pytorch",
     settings: Mapping[str, Any] | None = None,
     code: str | None = None,
+    ssh_public_key: str | None = None,
 ):
     """Build the AML command job for the cluster's main job or a worker job.
 
@@ -91,6 +95,11 @@ def build_job(
         The job's code snapshot: a local folder (uploaded by the SDK, see
         :func:`~dask_amlcompute.backend.snapshot.stage_snapshot`) or the ARM id
         of a code asset AML already has. The nodes start in it.
+    ssh_public_key
+        Declare AML's job SSH service on every node of the job, accepting this
+        OpenSSH public key (how ``connect="auto"``/``"job-ssh"`` reach the
+        scheduler without a public IP; the image needs ``openssh-server``, which
+        AML's base images have).
 
     Returns
     -------
@@ -98,6 +107,7 @@ def build_job(
         The job, ready for ``ml_client.jobs.create_or_update``.
     """
     from azure.ai.ml import MpiDistribution, PyTorchDistribution, command
+    from azure.ai.ml.entities import SshJobService
 
     dist: MpiDistribution | PyTorchDistribution
     if distribution == "mpi":
@@ -124,4 +134,9 @@ def build_job(
         experiment_name=experiment_name,
         timeout=int(timeout_seconds) if timeout_seconds else None,
         tags=tags,
+        services=(
+            {SSH_SERVICE_NAME: SshJobService(ssh_public_keys=ssh_public_key, nodes="all")}
+            if ssh_public_key
+            else None
+        ),
     )

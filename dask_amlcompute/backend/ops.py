@@ -41,6 +41,10 @@ class ComputeInfo:
     max_nodes: int = 0
     ssh_public_access: bool = False
     admin_user: str | None = None
+    #: Whether the nodes get a public IP (``enable_node_public_ip``); public SSH needs one.
+    node_public_ip: bool = True
+    #: The VNet subnet the nodes join (ARM id), if any.
+    subnet: str | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,8 @@ class AmlOps:
             max_nodes=int(getattr(compute, "max_instances", 0) or 0),
             ssh_public_access=bool(getattr(compute, "ssh_public_access_enabled", False)),
             admin_user=getattr(ssh, "admin_username", None) if ssh else None,
+            node_public_ip=getattr(compute, "enable_node_public_ip", True) is not False,
+            subnet=getattr(getattr(compute, "network_settings", None), "subnet", None) or None,
         )
 
     async def list_compute_names(self) -> list[str]:
@@ -379,6 +385,15 @@ class AmlOps:
             ("run_id", "runId"),
         ]
         return [{camel: node_field(n, snake, camel) for snake, camel in keys} for n in nodes]
+
+    async def show_services(self, name: str, node_index: int = 0) -> dict[str, Any]:
+        """The job services of one node of a job (``jobs.show_services``), by service name.
+
+        Each value is a ``ServiceInstance`` (``type``, ``status``, ``properties``
+        with ``ProxyEndpoint`` for SSH). Empty when AML lists none (yet, or any more).
+        """
+        found = await self._call(self.ml_client.jobs.show_services, name, node_index)
+        return dict(found or {})
 
     async def run_details(self, name: str) -> tuple[str | None, dict[str, str]]:
         """The AML error message of a job and its log files (name -> URL)."""

@@ -74,6 +74,9 @@ class ClusterState:
     preparing_seconds
         Seconds the main job spent in Preparing while the cluster started (not
         counted against ``startup_timeout``, bounded by ``prepare_timeout``).
+    job_ssh_key
+        The private key the main job's SSH service accepts (None: the job
+        declares no SSH service, or a reattached object does not know it).
     """
 
     name: str
@@ -84,8 +87,15 @@ class ClusterState:
     compute: ComputeInfo | None = None
     environment: Any = None
     code: str | None = None
+    job_ssh_key: Any = None
     scheduler_address: str | None = None
     ended_reason: str | None = None
+    #: The id of the scheduler the client connected to (``SCHEDULER_ID_TAG``).
+    scheduler_id: str | None = None
+    #: Set when the scheduler went away for good (see ``ClusterLostError``).
+    lost_reason: str | None = None
+    #: Called by the job watch with ``(previous status, info)`` of the main job.
+    on_main_update: Callable[[str | None, JobInfo], Awaitable[None]] | None = None
     phases: dict[str, float] = field(default_factory=dict)
     started_at: float | None = None
     preparing_seconds: float = 0.0
@@ -133,6 +143,9 @@ class ClusterContext:
         Dask connection arguments of the client (TLS).
     secret_env
         Extra node environment variables never shown (TLS material).
+    credential
+        The Azure credential given to the cluster, if any (tokens for AML's
+        job-service proxy; None: the ``MLClient``'s).
     """
 
     settings: ClusterSettings
@@ -141,6 +154,7 @@ class ClusterContext:
     log: Callable[[str], None]
     connection_args: dict[str, Any] = field(default_factory=dict)
     secret_env: dict[str, str] = field(default_factory=dict)
+    credential: Any = None
 
     def node_options(
         self, role: str, prefix: str, scheduler_address: str | None = None
@@ -185,4 +199,9 @@ class ClusterContext:
             env_vars={**s.env_vars, **self.secret_env},
             distribution=s.distribution,
             settings={"nodes_per_job": s.nodes_per_job},
+            ssh_public_key=(
+                self.state.job_ssh_key.export_public_key("openssh").decode("ascii").strip()
+                if role == "cluster" and self.state.job_ssh_key is not None
+                else None
+            ),
         )

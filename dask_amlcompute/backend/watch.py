@@ -75,6 +75,8 @@ async def poll_jobs(context: ClusterContext) -> None:
                 continue
         previous = state.jobs.get(name)
         state.jobs[name] = info.status
+        if name == state.main_job and state.on_main_update is not None and not state.closing:
+            await state.on_main_update(previous, info)
         if info.status == "Queued" and previous != "Queued" and name != state.main_job:
             ctx.log(f"Worker job {name} is queued: the compute has no free nodes")
         if not has_ended(ctx, info):

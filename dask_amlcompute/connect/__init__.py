@@ -1,10 +1,12 @@
 """How the client reaches the scheduler: directly, or through an SSH tunnel.
 
-``connect="direct"`` is for a client on the compute's VNet (an AML compute
-instance, a VM in the same network). ``connect="ssh"`` opens an SSH tunnel to
-the public SSH endpoint of the node running the scheduler and forwards the
-scheduler and dashboard ports. ``connect="auto"`` probes the scheduler's
-private address with a short, bounded timeout and falls back to SSH.
+``connect="auto"`` (the default) tries, in order: the scheduler's private
+address (a short, bounded probe: a client on the compute's VNet, e.g. an AML
+compute instance); the main job's own SSH service through AML's WebSocket
+proxy (:mod:`.jobservice`: works on a stock workspace, no public IP needed);
+the node's public SSH endpoint (:mod:`.ssh`: only where the compute was created
+with SSH access and node public IPs). ``"direct"``, ``"job-ssh"`` and ``"ssh"``
+pick one path.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from urllib.parse import urlparse
 
 from distributed.comm import parse_address
 
-from ..exceptions import SchedulerUnreachableError
+from ..exceptions import SchedulerUnreachableError, TunnelError
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,18 @@ PROBE_TIMEOUT = 5.0
 #: How long ``connect="direct"`` keeps trying an address that never answers at all
 #: (no refusal, no connection: a network that drops the packets) before giving up.
 UNANSWERED_BUDGET = 30.0
+#: How long ``connect="auto"`` probes the private address before the next path. The
+#: node publishes its address once the scheduler listens, so a reachable scheduler
+#: accepts at once; a refusal (another network's loopback, a scheduler gone) or no
+#: answer both mean "not this way".
+AUTO_DIRECT_BUDGET = 3.0
+#: Bound on one probe of ``connect="auto"``.
+AUTO_PROBE_TIMEOUT = 2.0
+
+#: The values of ``connect=``.
+CONNECT_MODES = ("auto", "direct", "job-ssh", "ssh")
+#: The modes that need the main job's SSH service.
+JOB_SERVICE_MODES = ("auto", "job-ssh")
 
 #: Outcomes of :func:`probe`.
 OPEN, REFUSED, UNANSWERED = "open", "refused", "unanswered"
@@ -78,6 +92,9 @@ class SchedulerConnector:
     def __init__(self, context: Any) -> None:
         self.context = context
         self.tunnel: Any = None
+        #: Relays the dashboard to a published port when the client is on a compute instance.
+        self.relay: Any = None
+        #: ``"direct"``, ``"job-ssh"`` or ``"ssh"`` once connected.
         self.mode: str | None = None
 
     async def connect(
@@ -93,23 +110,93 @@ class SchedulerConnector:
             The addresses the scheduler published.
         deadline
             ``time.monotonic()`` after which to give up (the startup bound).
+
+        Raises
+        ------
+        SchedulerUnreachableError
+            No path worked; the message lists each path tried and what it needs.
         """
+        address, link = await self._connect(job_name, scheduler, dashboard, deadline)
+        if link:
+            from .instance import publish_dashboard
+
+            published = await publish_dashboard(link)
+            if published is not None:
+                self.relay, link = published
+                self.context.log(f"Dashboard published on this compute instance: {link}")
+        return address, link
+
+    async def _connect(
+        self, job_name: str, scheduler: str, dashboard: str | None, deadline: float
+    ) -> tuple[str, str | None]:
         mode = self.context.settings.connect
-        host, port = host_port(scheduler)
-        if mode in ("direct", "auto"):
+        if mode == "direct":
             if await self._direct(job_name, scheduler, deadline):
                 self.mode = "direct"
                 return scheduler, dashboard
-            if mode == "direct":
-                raise SchedulerUnreachableError(
-                    f"The scheduler of AML job {job_name} listens on {scheduler}, which this "
-                    "machine cannot reach (no answer). Run the client on the compute's VNet "
-                    "(e.g. an AML compute instance), or pass connect='ssh' (or 'auto') to "
-                    "tunnel through the node's SSH endpoint."
-                )
-            self.context.log(f"{scheduler} is not reachable directly; opening an SSH tunnel")
-        protocol = parse_address(scheduler)[0]
-        return await self._connect_ssh(job_name, host, port, dashboard, protocol)
+            raise SchedulerUnreachableError(
+                f"The scheduler of AML job {job_name} listens on {scheduler}, which this "
+                "machine cannot reach (no answer). Run the client on the compute's VNet "
+                "(e.g. an AML compute instance), or use connect='auto' (the job's SSH "
+                "service through AML's proxy needs no network setup)."
+            )
+        if mode == "job-ssh":
+            return await self._tunnel("job-ssh", job_name, scheduler, dashboard, deadline)
+        if mode == "ssh":
+            return await self._tunnel("ssh", job_name, scheduler, dashboard, deadline)
+        return await self._auto(job_name, scheduler, dashboard, deadline)
+
+    async def _auto(
+        self, job_name: str, scheduler: str, dashboard: str | None, deadline: float
+    ) -> tuple[str, str | None]:
+        """Direct if a bounded probe connects, else the job's SSH service, else public SSH."""
+        host, port = host_port(scheduler)
+        outcome = await probe_for(host, port, AUTO_DIRECT_BUDGET)
+        if outcome == OPEN:
+            self.mode = "direct"
+            return scheduler, dashboard
+        tried = [
+            f"direct: {scheduler} {'refused' if outcome == REFUSED else 'did not answer'} "
+            "(needs the client on the compute's VNet, e.g. an AML compute instance)"
+        ]
+        for path in available_paths(self.context):
+            self.context.log(f"{scheduler} is not reachable directly; trying {PATHS[path]}")
+            try:
+                return await self._tunnel(path, job_name, scheduler, dashboard, deadline)
+            except (SchedulerUnreachableError, TunnelError) as exc:  # a job that ended: JobError
+                logger.warning("Connecting through %s failed: %s", PATHS[path], exc)
+                tried.append(f"{path}: {exc}")
+        for path, needs in unavailable_paths(self.context).items():
+            tried.append(f"{path}: not available ({needs})")
+        raise SchedulerUnreachableError(
+            f"Cannot reach the scheduler of AML job {job_name} by any path:\n  - "
+            + "\n  - ".join(tried)
+        )
+
+    async def _tunnel(
+        self, path: str, job_name: str, scheduler: str, dashboard: str | None, deadline: float
+    ) -> tuple[str, str | None]:
+        """Open the tunnel of ``path`` (``"job-ssh"`` or ``"ssh"``) to scheduler and dashboard."""
+        host, port = host_port(scheduler)
+        targets = {"scheduler": (host, port)}
+        dash = urlparse(dashboard) if dashboard else None
+        if dash is not None and dash.port:
+            targets["dashboard"] = (dash.hostname or host, dash.port)
+        if path == "job-ssh":
+            from .jobservice import open_job_service_tunnel
+
+            self.tunnel = await open_job_service_tunnel(self.context, job_name, targets, deadline)
+        else:
+            from .ssh import open_scheduler_tunnel
+
+            self.tunnel = await open_scheduler_tunnel(self.context, job_name, host, targets)
+        self.mode = path
+        address = self.tunnel.local_url("scheduler", parse_address(scheduler)[0])
+        link = None
+        if "dashboard" in targets and dash is not None:
+            lhost, lport = self.tunnel.local_address("dashboard")
+            link = f"http://{lhost}:{lport}{dash.path or '/status'}"
+        return address, link
 
     async def _direct(self, job_name: str, scheduler: str, deadline: float) -> bool:
         """Wait until the scheduler accepts a connection; False if this machine can't reach it.
@@ -153,26 +240,56 @@ class SchedulerConnector:
             logger.info("Scheduler %s not answering yet (%s); retrying", scheduler, outcome)
             await asyncio.sleep(min(ctx.settings.poll_interval, max(0.0, deadline - now)))
 
-    async def _connect_ssh(
-        self, job_name: str, host: str, port: int, dashboard: str | None, protocol: str = "tcp"
-    ) -> tuple[str, str | None]:
-        from .ssh import open_scheduler_tunnel
-
-        targets = {"scheduler": (host, port)}
-        dash = urlparse(dashboard) if dashboard else None
-        if dash is not None and dash.port:
-            targets["dashboard"] = (dash.hostname or host, dash.port)
-        self.tunnel = await open_scheduler_tunnel(self.context, job_name, host, targets)
-        self.mode = "ssh"
-        address = self.tunnel.local_url("scheduler", protocol)
-        link = None
-        if "dashboard" in targets and dash is not None:
-            lhost, lport = self.tunnel.local_address("dashboard")
-            link = f"http://{lhost}:{lport}{dash.path or '/status'}"
-        return address, link
-
     async def close(self) -> None:
-        """Close the tunnel, if any (idempotent)."""
+        """Close the dashboard relay and the tunnel, if any (idempotent)."""
+        if self.relay is not None:
+            relay, self.relay = self.relay, None
+            await relay.close()
         if self.tunnel is not None:
             tunnel, self.tunnel = self.tunnel, None
             await tunnel.close()
+
+
+#: What each tunnel path is, for messages.
+PATHS = {
+    "job-ssh": "the job's SSH service through AML's proxy",
+    "ssh": "the node's public SSH endpoint",
+}
+
+
+def available_paths(context: Any) -> list[str]:
+    """The tunnel paths ``connect="auto"`` can try for this cluster, in order."""
+    return [p for p in PATHS if p not in unavailable_paths(context)]
+
+
+def unavailable_paths(context: Any) -> dict[str, str]:
+    """Tunnel paths that cannot work here, each with what it would need.
+
+    Known before anything is submitted (from the compute's settings and this
+    cluster's key), so :meth:`AmlComputeCluster._start` can refuse a
+    ``connect=`` that cannot work without paying for a node.
+    """
+    out: dict[str, str] = {}
+    if context.state.job_ssh_key is None:
+        out["job-ssh"] = (
+            "the main job's SSH service and its key: connect='auto' or 'job-ssh' declares it; "
+            "a reattached cluster needs ssh_key="
+        )
+    compute = context.state.compute
+    if compute is None or not compute.ssh_public_access:
+        out["ssh"] = "a compute created with SSH public access (it cannot be changed later)"
+    elif not compute.node_public_ip:
+        out["ssh"] = "node public IPs (the compute was created without them)"
+    elif not compute.admin_user:
+        out["ssh"] = "an admin user with your public key on the compute"
+    return out
+
+
+async def probe_for(host: str, port: int, budget: float) -> str:
+    """Probe ``host:port`` until it accepts or ``budget`` seconds pass; the last outcome."""
+    deadline = time.monotonic() + budget
+    while True:
+        outcome = await probe(host, port, min(AUTO_PROBE_TIMEOUT, budget))
+        if outcome != REFUSED or time.monotonic() + 0.25 >= deadline:
+            return outcome
+        await asyncio.sleep(0.25)

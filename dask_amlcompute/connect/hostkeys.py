@@ -110,7 +110,8 @@ class HostKeyChecker(asyncssh.SSHClient):
         self, host: str, addr: str, port: int, key: asyncssh.SSHKey
     ) -> bool:
         self.offered = key
-        trusted, ca_keys, *_ = self._known.match(host, addr, None if port == 22 else port)
+        # addr is empty over a socket that is not TCP (the job-service WebSocket bridge)
+        trusted, ca_keys, *_ = self._known.match(host, addr or "", None if port == 22 else port)
         self.host_known = bool(trusted or ca_keys)
         self.accepted_new = self._tofu and not self.host_known
         return self.accepted_new

@@ -22,6 +22,11 @@ def pick_node(nodes: list[dict[str, Any]], job_name: str, private_ip: str) -> di
     return mine[0] if len(mine) == 1 else None
 
 
+def host_key_alias(compute: str, node: dict[str, Any]) -> str:
+    """The name a node's host key is recorded under: ``aml-<compute>-<nodeId>``."""
+    return f"aml-{compute}-{node.get('nodeId') or node.get('publicIpAddress')}"
+
+
 async def open_scheduler_tunnel(
     context: Any, job_name: str, private_ip: str, targets: dict[str, tuple[str, int]]
 ):
@@ -63,6 +68,9 @@ async def open_scheduler_tunnel(
         known_hosts=settings.known_hosts,
         trust_on_first_use=settings.ssh_trust_on_first_use,
         targets=targets,
+        # one known_hosts entry per node, not per ip:port: AML's public endpoint is a shared
+        # load-balancer IP with a port per node, and a new VM behind that port has a new key
+        host_key_alias=host_key_alias(settings.compute, node),
     )
     await tunnel.start()
     context.log(

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -153,6 +154,18 @@ class SSHTunnel:
         Pause before the first reconnection attempt, doubled after each.
     passphrase
         Passphrase of encrypted ``client_keys``.
+    host_key_alias
+        Name the host key is looked up and recorded under, instead of
+        ``[ssh_host]:ssh_port``: one per node (``aml-<compute>-<nodeId>``),
+        because AML's public SSH endpoint is a shared load-balancer IP with a
+        per-node port, and a new VM behind the same port has a new host key.
+    dial
+        Opens the connected socket the SSH connection runs over (e.g. a
+        WebSocket proxy's, see :mod:`~dask_amlcompute.connect.proxy`), once per
+        (re)connection; default: TCP to ``ssh_host:ssh_port``.
+    record_host_keys
+        Write a key trusted on first use to the ``known_hosts`` file. False
+        keeps it in memory for this tunnel's reconnections only.
 
     Examples
     --------
@@ -175,6 +188,9 @@ class SSHTunnel:
         connect_timeout: float = 15,
         reconnect_delay: float = 0.5,
         passphrase: str | None = None,
+        host_key_alias: str | None = None,
+        dial: Callable[[], Awaitable[socket.socket]] | None = None,
+        record_host_keys: bool = True,
     ) -> None:
         if not targets:
             raise ConfigurationError("SSHTunnel needs targets, e.g. {'scheduler': (ip, 8786)}")
@@ -185,7 +201,11 @@ class SSHTunnel:
         self.connect_timeout = float(connect_timeout)
         self.reconnects = 0
         self._keys = resolve_client_keys(client_keys, passphrase)
-        self._pattern = ssh_host if self.ssh_port == 22 else f"[{ssh_host}]:{self.ssh_port}"
+        self.host_key_alias, self._dial, self._record = host_key_alias, dial, record_host_keys
+        if host_key_alias:
+            self._pattern = host_key_alias
+        else:
+            self._pattern = ssh_host if self.ssh_port == 22 else f"[{ssh_host}]:{self.ssh_port}"
         self._trusted: list[str] = []  # known_hosts lines held in memory
         if known_hosts is None or isinstance(known_hosts, (str, os.PathLike)):
             self._file: Path | None = Path(known_hosts or _DEFAULT_KNOWN_HOSTS).expanduser()
@@ -197,7 +217,9 @@ class SSHTunnel:
                 except (asyncssh.KeyImportError, ValueError) as exc:
                     msg = f"known_hosts entry {text!r} is not an OpenSSH public key"
                     raise ConfigurationError(msg) from exc
-        self._label = f"{username}@{ssh_host}:{self.ssh_port}"
+        self._label = f"{username}@{ssh_host}:{self.ssh_port}" + (
+            f" (host key alias {host_key_alias})" if host_key_alias else ""
+        )
         self._conn: asyncssh.SSHClientConnection | None = None
         self._servers: dict[str, asyncio.AbstractServer] = {}
         self._ports: dict[str, int] = {}
@@ -213,8 +235,12 @@ class SSHTunnel:
         return self._trusted[-1]
 
     def _record_host_key(self, key: asyncssh.SSHKey) -> None:
-        """Trust ``key`` from now on and append it to the known_hosts file."""
+        """Trust ``key`` from now on and append it to the known_hosts file (if recording)."""
         line, path = self._trust(key), self._file or _DEFAULT_KNOWN_HOSTS.expanduser()
+        if not self._record:
+            logger.info("Trusting the SSH host key %s of %s for this session (kept in memory)",
+                        key.get_fingerprint(), self._label)  # fmt: skip
+            return
         logger.warning("Trusting the SSH host key %s of %s on first use; recording it in %s",
                        key.get_fingerprint(), self._label, path)  # fmt: skip
         try:
@@ -248,11 +274,13 @@ class SSHTunnel:
             keepalive_interval=15, keepalive_count_max=3,
         )  # fmt: skip
         try:
-            coro = asyncssh.connect(self.ssh_host, self.ssh_port, **options)
-            conn = await asyncio.wait_for(coro, self.connect_timeout + 5)
+            conn = await asyncio.wait_for(self._login(options), self.connect_timeout + 5)
         except (asyncssh.HostKeyNotVerifiable, asyncssh.KeyExchangeFailed) as exc:
-            port = None if self.ssh_port == 22 else self.ssh_port
-            recorded = bool(known.match(self.ssh_host, self.ssh_host, port)[0])
+            if self.host_key_alias:
+                recorded = bool(known.match(self.host_key_alias, "", None)[0])
+            else:
+                port = None if self.ssh_port == 22 else self.ssh_port
+                recorded = bool(known.match(self.ssh_host, self.ssh_host, port)[0])
             if isinstance(exc, asyncssh.KeyExchangeFailed) and not recorded:
                 raise TunnelError(f"SSH key exchange with {self._label} failed: {exc}") from exc
             fp = checker.offered.get_fingerprint() if checker.offered else "(not offered)"
@@ -283,6 +311,23 @@ class SSHTunnel:
         if checker.accepted_new and checker.offered is not None:
             self._record_host_key(checker.offered)
         return conn
+
+    async def _login(self, options: dict[str, Any]) -> asyncssh.SSHClientConnection:
+        """Dial (the given way, or TCP) and log in; the host key is matched per alias if set."""
+        if self._dial is None and not self.host_key_alias:
+            return await asyncssh.connect(self.ssh_host, self.ssh_port, **options)
+        if self._dial is not None:
+            sock = await self._dial()
+        else:
+            address = (self.ssh_host, self.ssh_port)
+            sock = await asyncio.to_thread(socket.create_connection, address, self.connect_timeout)
+        try:
+            # port 22: known_hosts lines name the alias alone, whatever port was dialled
+            host = self.host_key_alias or self.ssh_host
+            return await asyncssh.connect(host, 22, sock=sock, **options)
+        except BaseException:
+            sock.close()
+            raise
 
     async def _open_channel(
         self, conn: asyncssh.SSHClientConnection, name: str, local: _LocalSide | None = None

@@ -27,7 +27,14 @@ from typing import Any
 
 from distributed.core import Status
 
-from .._protocol import DASHBOARD_TAG, SCHEDULER_TAG, TLS_CERT_ENV, TLS_KEY_ENV, NodeOptions
+from .._protocol import (
+    DASHBOARD_TAG,
+    SCHEDULER_ID_TAG,
+    SCHEDULER_TAG,
+    TLS_CERT_ENV,
+    TLS_KEY_ENV,
+    NodeOptions,
+)
 
 logger = logging.getLogger("dask_amlcompute.node")
 
@@ -239,9 +246,12 @@ async def start_scheduler(ctx: NodeContext, opts: NodeOptions) -> Any:
 def scheduler_tags(scheduler: Any, ctx: NodeContext) -> dict[str, str]:
     """The run tags that tell the client where the scheduler is, in publishing order.
 
-    :data:`SCHEDULER_TAG` comes last: the client reads the others once it sees it.
+    :data:`SCHEDULER_ID_TAG` comes first: a job that AML runs again (after a
+    preemption) replaces the id before the address, so a client never pairs the
+    new id with a stale address. :data:`SCHEDULER_TAG` comes last: the client
+    reads the others once it sees it.
     """
-    tags = {}
+    tags = {SCHEDULER_ID_TAG: scheduler.id}
     if "dashboard" in scheduler.services:
         port = scheduler.services["dashboard"].port
         tags[DASHBOARD_TAG] = f"http://{ctx.node_ip}:{port}/status"

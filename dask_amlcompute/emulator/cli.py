@@ -10,11 +10,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import identity
+from .netns import NetworkNamespaceError
+from .network import NETWORK_MODES
 
 USAGE_TEMPLATE = """\
 Azure ML emulator serving at {base_url}  (offline stand-in: jobs run as local processes)
   subscription {sub}, resource group {rg}, workspace {ws}, region {region}
   computes: {computes}
+  network:  {network}
   work dir: {tempdir}
   status:   {base_url}/emulator/status
 
@@ -28,6 +31,14 @@ Point an unmodified MLClient at it from Python:
 
 Press Ctrl-C to stop; every node process is killed on exit.
 """
+
+
+#: How each network mode is described at start.
+NETWORK_NOTES = {
+    "loopback": "loopback (nodes reachable from this machine, as in the compute's VNet)",
+    "isolated": "isolated (a network namespace per compute: nodes reachable only through "
+    "their SSH endpoints)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not build environments: every node runs on the emulator's own interpreter "
         "(fast; for jobs whose environment does not matter)",
     )
+    parser.add_argument(
+        "--network",
+        choices=NETWORK_MODES,
+        default=None,
+        help="loopback (default): nodes reachable from this machine, as from a compute "
+        "instance in the compute's VNet; isolated: each compute's nodes in their own network "
+        "namespace, reachable only through their SSH endpoints, as from a laptop "
+        "(needs root or CAP_SYS_ADMIN and util-linux unshare/nsenter)",
+    )
     return parser
 
 
@@ -83,6 +103,7 @@ def _make_emulator(args: argparse.Namespace) -> Any:
         "https": args.https,
         "provisioning_delay": args.provisioning_delay,
         "build_environments": args.build_environments,
+        "network": args.network,
     }
     if args.config:
         return Emulator.from_file(args.config, **overrides)
@@ -125,7 +146,11 @@ def run_emulator_cli(
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
-        emu.start()
+        try:
+            emu.start()
+        except NetworkNamespaceError as exc:
+            print(f"dask-amlcompute emulator: {exc}", file=sys.stderr)
+            return 2
         computes = ", ".join(f"{c.name} ({c.kind}, max {c.max_nodes})" for c in emu.config.computes)
         print(
             USAGE_TEMPLATE.format(
@@ -135,6 +160,7 @@ def run_emulator_cli(
                 ws=identity.WORKSPACE_NAME,
                 region=identity.REGION,
                 computes=computes,
+                network=NETWORK_NOTES[emu.config.network],
                 tempdir=emu.tempdir,
                 cert_arg=f', cert_path="{emu.cert_path}"' if emu.cert_path else "",
             ),

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .datastores import DatastoreSpec
+from .network import NETWORK_MODES
 
 #: Compute kinds the emulator reports.  Only ``AmlCompute`` and
 #: ``ComputeInstance`` can run jobs; other kinds are listed but reject jobs.
@@ -141,6 +142,18 @@ class EmulatorConfig:
         ``~/.cache/dask-amlcompute/emulator-envs``).
     build_timeout
         Bound on one environment build, in seconds.
+    job_service_delay
+        Seconds a job's SSH service (``services={"ssh": SshJobService(...)}``)
+        reports ``Starting`` after the job's nodes start, before ``Running``.
+        AML takes 30-120 s; the emulator's daemon is ready at once.
+    network
+        Where the nodes live: ``"loopback"`` (default: every node on its own
+        loopback address of this machine, reachable by the client, as from a
+        compute instance in the compute's VNet) or ``"isolated"`` (each
+        compute's nodes in a Linux network namespace of their own, reachable
+        only through their SSH endpoints, as from a laptop; needs root or
+        ``CAP_SYS_ADMIN`` and util-linux ``unshare``/``nsenter``; see
+        :mod:`dask_amlcompute.emulator.netns`).
     """
 
     computes: list[ComputeSpec] = field(default_factory=default_computes)
@@ -154,10 +167,16 @@ class EmulatorConfig:
     build_environments: bool = True
     environment_cache: str | None = None
     build_timeout: float = 900.0
+    job_service_delay: float = 1.0
+    network: str = "loopback"
 
     def __post_init__(self) -> None:
         if not self.build_timeout > 0:
             raise ValueError("build_timeout must be a positive number of seconds")
+        if not self.job_service_delay >= 0:
+            raise ValueError("job_service_delay must be a number of seconds >= 0")
+        if self.network not in NETWORK_MODES:
+            raise ValueError(f"network must be one of {NETWORK_MODES}, not {self.network!r}")
         if not self.host.startswith("127."):
             raise ValueError("the emulator only listens on loopback addresses (127.0.0.0/8)")
         names = [c.name for c in self.computes]
@@ -250,6 +269,8 @@ def load_config(path: str | os.PathLike[str]) -> EmulatorConfig:
         build_environments: true       # false: nodes share the emulator's interpreter
         environment_cache: /tmp/envs   # default ~/.cache/dask-amlcompute/emulator-envs
         build_timeout: 900
+        job_service_delay: 1.0         # job SSH service: Starting this long (AML: 30-120 s)
+        network: loopback              # isolated: a network namespace per compute (root)
     """
     with open(path, encoding="utf-8") as fh:
         text = fh.read()

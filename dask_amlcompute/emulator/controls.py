@@ -148,6 +148,26 @@ class EmulatorControls:
 
         return self._call(_key)
 
+    def job_service_daemons(self, job_name: str) -> list[dict[str, Any]]:
+        """Return the SSH daemons of a job's services (``services={"ssh": SshJobService(...)}``).
+
+        They listen in the nodes' network and are reached through the
+        ``ProxyEndpoint`` of ``ml_client.jobs.show_services``; this lists them
+        for tests and debugging.
+
+        Parameters
+        ----------
+        job_name
+            Job name.
+
+        Returns
+        -------
+        list of dict
+            Per daemon: ``rank, service, ip, port, host_public_key``; empty
+            before the nodes start and after the job ends.
+        """
+        return self._call(lambda e: e.job_services.daemons(job_name))
+
     def wait_job(
         self, name: str, timeout: float = 60.0, statuses: Iterable[str] | None = None
     ) -> str:

@@ -19,6 +19,7 @@ from .datastores import DatastoreSpec
 from .engine import Endpoints, Engine
 from .handlers import FaultState, ServerContext
 from .mlflow_api import tracking_uri as make_tracking_uri
+from .network import LoopbackNetwork, NodeNetwork
 from .state import NodeRecord
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ class Emulator(EmulatorControls):
         else ``~/.cache/dask-amlcompute/emulator-envs``).
     build_timeout
         Bound on one environment build, in seconds.
+    network
+        ``"loopback"`` (default) or ``"isolated"``: each compute's nodes in a
+        network namespace of their own, reachable only through their SSH
+        endpoints (see :class:`~dask_amlcompute.emulator.config.EmulatorConfig`).
     config
         A full configuration; overrides the other arguments.
 
@@ -93,6 +98,7 @@ class Emulator(EmulatorControls):
         build_environments: bool = True,
         environment_cache: str | None = None,
         build_timeout: float = 900.0,
+        network: str = "loopback",
         config: EmulatorConfig | None = None,
     ) -> None:
         if config is None:
@@ -110,6 +116,7 @@ class Emulator(EmulatorControls):
                 build_environments=build_environments,
                 environment_cache=environment_cache,
                 build_timeout=build_timeout,
+                network=network,
                 **kwargs,
             )
         self.config = config
@@ -122,9 +129,13 @@ class Emulator(EmulatorControls):
         self._server: Any = None
         self._engine: Engine | None = None
         self._faults = FaultState()
-        self._host_keys: dict[tuple[str, int], Any] = {}
+        #: (compute, slot) -> (node id of the VM holding it, its host key)
+        self._host_keys: dict[tuple[str, int], tuple[str, Any]] = {}
+        #: (compute, slot) -> the public port the slot's SSH endpoint got first
+        self._ssh_ports: dict[tuple[str, int], int] = {}
         self._net_claim: Any = None
         self.node_net: int | None = None
+        self._network: NodeNetwork | None = None
 
     @classmethod
     def from_file(cls, path: str, **overrides: Any) -> Emulator:
@@ -208,6 +219,12 @@ class Emulator(EmulatorControls):
             ssl_ctx = server_ssl_context(self.cert_path, key_path)
         sockets = tornado.netutil.bind_sockets(self.config.port, self.config.host)
         port = sockets[0].getsockname()[1]
+        try:
+            self._network = await self._open_network(port)
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
         scheme = "https" if ssl_ctx else "http"
         self.base_url = f"{scheme}://{self.config.host}:{port}"
         self.tracking_uri = make_tracking_uri(self.base_url)
@@ -217,6 +234,7 @@ class Emulator(EmulatorControls):
             Endpoints(self.tracking_uri, self.cert_path),
             self._start_ssh,
             net=self.node_net,
+            network=self._network,
         )
         if self.config.build_environments:
             from .envbuild import EnvironmentBuilder
@@ -236,26 +254,98 @@ class Emulator(EmulatorControls):
         )
         self._server.add_sockets(sockets)
 
+    async def _open_network(self, port: int) -> NodeNetwork:
+        """Return the nodes' network; an isolated one is checked first (errors name why)."""
+        if self.config.network != "isolated":
+            return LoopbackNetwork()
+        from .netns import IsolatedNetwork
+
+        network = IsolatedNetwork(bridges=self.node_endpoints(port))
+        await network.check()
+        return network
+
+    def node_endpoints(self, port: int | None = None) -> list[tuple[str, int]]:
+        """The emulator's endpoints that nodes are given, as ``(host, port)``.
+
+        Its own address (base URL: MLflow tracking URI, code snapshots) and
+        each datastore's blob endpoint URL.  In the ``isolated`` network mode
+        these are bridged into every compute's namespace, and nothing else.
+
+        Parameters
+        ----------
+        port
+            The emulator's port (default: the one it serves on).
+
+        Returns
+        -------
+        list of tuple
+            ``(host, port)`` pairs.
+        """
+        from urllib.parse import urlsplit
+
+        if port is None:
+            port = urlsplit(self.base_url).port
+        found = [(self.config.host, int(port))] if port else []
+        for store in self.config.datastores:
+            url = urlsplit(store.endpoint) if "://" in store.endpoint else None
+            if url is not None and url.hostname:
+                found.append((url.hostname, url.port or (443 if url.scheme == "https" else 80)))
+        return found
+
+    @property
+    def node_network(self) -> NodeNetwork | None:
+        """The network the nodes are on while running (None when stopped)."""
+        return self._network
+
     async def _start_ssh(self, spec: ComputeSpec, node: NodeRecord) -> Any:
+        """Start a node's public SSH endpoint: a stable port per slot, a host key per VM.
+
+        AML's public endpoint is a load balancer IP with a port per node; a new
+        VM behind the same port has a new host key. So the slot's endpoint
+        keeps the port it got first (a new one, logged, if that cannot be bound
+        again), and the host key lasts as long as the VM holding the slot
+        (``node.node_id``, new after a scale-down or a preemption).
+        """
         from .ssh import NodeSSHServer, generate_host_key
 
-        # A node keeps its host key across jobs, as a real node keeps its own.
-        key_id = (spec.name, node.slot)
-        if key_id not in self._host_keys:
-            self._host_keys[key_id] = generate_host_key()
+        slot_id = (spec.name, node.slot)
+        held = self._host_keys.get(slot_id)
+        if held is None or held[0] != node.node_id:  # a new VM: a new host key
+            held = self._host_keys[slot_id] = (node.node_id, generate_host_key())
         assert spec.admin_user  # the engine starts SSH only when spec.ssh_enabled
         assert self._engine is not None  # the engine calls this
-        server = NodeSSHServer(
-            host="127.0.0.1",
-            port=0,
-            admin_user=spec.admin_user,
-            authorized_keys=list(spec.ssh_public_keys),
-            allowed_forward_hosts={node.ip},
-            host_key=self._host_keys[key_id],
-            network=self._engine.network,
-            compute=spec.name,
-        )
-        await server.start()
+        engine = self._engine
+
+        def endpoint(port: int) -> NodeSSHServer:
+            return NodeSSHServer(
+                host="127.0.0.1",
+                port=port,
+                admin_user=spec.admin_user or "",
+                authorized_keys=list(spec.ssh_public_keys),
+                allowed_forward_hosts={node.ip},
+                host_key=held[1],
+                network=engine.network,
+                compute=spec.name,
+                public=True,  # the client's way in; forwards are dialled in the node's network
+            )
+
+        port = self._ssh_ports.get(slot_id, 0)
+        server = endpoint(port)
+        try:
+            await server.start()
+        except OSError as exc:
+            if not port:
+                raise
+            logger.warning(
+                "SSH endpoint of %s node slot %d: port %d is taken (%s); using a new port",
+                spec.name,
+                node.slot,
+                port,
+                exc,
+            )
+            server = endpoint(0)
+            await server.start()
+        self._ssh_ports[slot_id] = server.port
         return server
 
     async def _astop(self) -> None:
@@ -267,6 +357,9 @@ class Emulator(EmulatorControls):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.close_all_connections(), 5.0)
         self._server = None
+        network, self._network = self._network, None
+        if network is not None:  # after the nodes: holders and bridges last
+            await asyncio.wait_for(network.close(), CALL_TIMEOUT)
         if self._net_claim is not None:
             self._net_claim.close()
             self._net_claim = None
@@ -297,6 +390,12 @@ class Emulator(EmulatorControls):
             loop.close()
         self._loop = self._thread = None
         self._engine = None
+        if self._network is not None:  # the loop could not close it
+            from .netns import IsolatedNetwork
+
+            if isinstance(self._network, IsolatedNetwork):
+                self._network.close_now()
+            self._network = None
         if self._net_claim is not None:
             self._net_claim.close()
             self._net_claim = None

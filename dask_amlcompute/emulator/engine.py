@@ -35,6 +35,7 @@ from .envbuild import (
     plan_build,
 )
 from .errors import ApiError
+from .jobservice import JobServices
 from .jobspec import JobSpec, environment_reference, environment_report, node_variables, parse_job
 from .network import LoopbackNetwork, NodeNetwork
 from .reaper import GroupReaper
@@ -136,6 +137,8 @@ class Engine:
         self._submitted: dict[str, dict[str, Any]] = {}
         self.environments: dict[str, dict[str, EnvironmentVersion]] = {}
         self._ssh_factory = ssh_factory
+        #: AML's job SSH services (``services={"ssh": SshJobService(...)}``) of the jobs.
+        self.job_services = JobServices(config.job_service_delay)
         self._closing = False
         #: Code snapshots (``command(code=...)``) and the blob service holding them.
         self.codes = CodeStore(os.path.join(workdir, "blobstore"))
@@ -351,6 +354,7 @@ class Engine:
         job.wake = asyncio.Event()
         self.jobs[name] = job
         self.specs[name] = spec
+        self.job_services.declare(name, spec.ssh_services)
         self._submitted[name] = copy.deepcopy(body["properties"])
         job.task = asyncio.ensure_future(self._lifecycle(job, spec, compute))
         return job, True
@@ -548,6 +552,7 @@ class Engine:
             return
         if build is not None and not self._take_build(job, build):
             return
+        await self.job_services.start(job, spec.ssh_services, compute.spec.name, self.network)
         await self._run_nodes(job, spec)
 
     async def _run_nodes(self, job: JobRecord, spec: JobSpec) -> None:
@@ -559,6 +564,8 @@ class Engine:
             report.append(f"nodes run {os.path.join(job.venv, 'bin', 'python')} (built)")
             job.properties["properties"]["emulator.environment"] = "\n".join(report)
         header = "".join(f"[emulator] {line}\n" for line in report)
+        await self.network.open(job.compute)  # the compute's network namespace, if isolated
+        prefix = self.network.command_prefix(job.compute)
         # Running from the moment the user processes start (a node seen running means the
         # job is Running, never Preparing)
         job.status = "Running"
@@ -573,7 +580,7 @@ class Engine:
                 ),
                 venv=job.venv,
             )
-            tee = await nodeproc.start_node(node, spec.command, env)
+            tee = await nodeproc.start_node(node, spec.command, env, prefix)
             assert node.pid is not None  # start_node set it
             self.reaper.watch(node.pid)
             waiters.append(asyncio.ensure_future(self._watch_node(job, node, tee)))
@@ -622,6 +629,7 @@ class Engine:
             self._finish(job, "Failed", {"code": "UserError", "message": "a node failed"})
 
     async def _teardown(self, job: JobRecord, compute: ComputeState) -> None:
+        await self.job_services.stop(job.name)
         for node in job.nodes:
             if node.process is not None and node.process.returncode is None:
                 await nodeproc.stop_node(node, 0.5)
@@ -631,8 +639,9 @@ class Engine:
                 node.ssh_server = None
             if node.state != "preempted":
                 node.state = "released"
+        lost = {n.slot for n in job.nodes if n.state == "preempted"}  # these VMs are gone
         for slot in job.slots or []:
-            compute.release(slot)
+            compute.release(slot, lost=slot in lost)
         with contextlib.suppress(ValueError):
             compute.queue.remove(job.name)
         if not job.is_terminal:
@@ -666,6 +675,7 @@ class Engine:
         for task in tasks:
             if not task.done():
                 task.cancel()
+        await self.job_services.close()
         await asyncio.to_thread(self.reaper.close)
 
     # ------------------------------------------------------- environment builds

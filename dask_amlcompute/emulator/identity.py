@@ -6,6 +6,8 @@ tests and demos can hard-code these values.
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -16,6 +18,11 @@ WORKSPACE_NAME = "emulator-ws"
 REGION = "local"
 TENANT_ID = "00000000-0000-0000-0000-0000000000aa"
 PROVIDER = "Microsoft.MachineLearningServices"
+
+#: Audiences of an Azure Resource Manager token: the classic resource id (what
+#: ``az ml job connect-ssh`` asks for, scope ``https://management.core.windows.net/.default``)
+#: and the current one (what azure-ai-ml asks for). Compared without a trailing slash.
+ARM_AUDIENCES = ("https://management.core.windows.net", "https://management.azure.com")
 
 #: Host names the SDK addresses that the emulator transport redirects to itself.
 #: The discovery document points the data-plane clients at ``API_HOST``.
@@ -112,3 +119,68 @@ def system_data(created: float, modified: float | None = None) -> dict[str, Any]
         "lastModifiedBy": "emulator@localhost",
         "lastModifiedByType": "User",
     }
+
+
+def bearer_claims(
+    authorization: str | None, audiences: tuple[str, ...] = ARM_AUDIENCES
+) -> dict[str, Any] | None:
+    """Return the claims of an emulator access token in an ``Authorization`` header.
+
+    The emulator's credential (:class:`~dask_amlcompute.emulator.client.EmulatorCredential`)
+    issues unsigned JWTs; there is no signature to verify, so a token is accepted
+    when it is a well-formed JWT of the emulated tenant (``tid``), not expired
+    (``exp``, ``nbf``) and issued for one of ``audiences`` (``aud``).
+
+    Parameters
+    ----------
+    authorization
+        The header value, ``"Bearer <token>"`` (None: no header).
+    audiences
+        Accepted ``aud`` values (a trailing ``/`` is ignored).
+
+    Returns
+    -------
+    dict or None
+        The token's claims, or None when the header carries no acceptable token.
+    """
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    parts = token.strip().split(".")
+    if scheme.lower() != "bearer" or len(parts) != 3:
+        return None
+    try:
+        payload = parts[1] + "=" * (-len(parts[1]) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(payload.encode("ascii")))
+    except (ValueError, UnicodeError):
+        return None
+    if not isinstance(claims, dict) or claims.get("tid") != TENANT_ID:
+        return None
+    now = time.time()
+    exp, nbf = claims.get("exp"), claims.get("nbf", 0)
+    if not isinstance(exp, (int, float)) or exp <= now:
+        return None
+    if not isinstance(nbf, (int, float)) or nbf > now + 300:
+        return None
+    aud = claims.get("aud")
+    given = aud if isinstance(aud, list) else [aud]
+    wanted = {a.rstrip("/").lower() for a in audiences}
+    if not any(isinstance(a, str) and a.rstrip("/").lower() in wanted for a in given):
+        return None
+    return claims
+
+
+def token_subject(authorization: str | None) -> str | None:
+    """Return the object id (``oid``) of the caller of a request, if its token is acceptable.
+
+    Parameters
+    ----------
+    authorization
+        The request's ``Authorization`` header.
+
+    Returns
+    -------
+    str or None
+        The ``oid`` claim of an ARM token of the emulated tenant, else None.
+    """
+    claims = bearer_claims(authorization)
+    oid = claims.get("oid") if claims else None
+    return oid if isinstance(oid, str) and oid else None

@@ -14,6 +14,10 @@ from .errors import ApiError
 MASTER_PORT = 6105
 #: Port used in the emulated TF_CONFIG cluster spec.
 TF_PORT = 2222
+#: Distributions of a multi-node job AML runs interactive services (SSH included) for:
+#: "You can't enable interactive applications on distributed training runs where the
+#: distribution type is anything other than PyTorch, TensorFlow, or MPI" (how-to-interactive-jobs).
+SSH_SERVICE_DISTRIBUTIONS = ("PyTorch", "TensorFlow", "Mpi")
 
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
 _DURATION = re.compile(
@@ -69,6 +73,136 @@ class JobSpec:
     environment_variables: dict[str, str]
     #: ARM id of the job's code snapshot (``properties.codeId``), None without ``code=``.
     code_id: str | None = None
+    #: The SSH services the job declared (``properties.services``, type ``SSH``).
+    ssh_services: tuple[SshServiceSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class SshServiceSpec:
+    """An SSH job service declared in ``properties.services`` (``SshJobService``).
+
+    Parameters
+    ----------
+    name
+        The service's key in ``properties.services`` (``"ssh"`` in AML's samples).
+    public_keys
+        OpenSSH public key lines of ``properties.sshPublicKeys``.
+    all_nodes
+        ``nodes: {"nodesValueType": "All"}``: the service runs on every node;
+        otherwise on rank 0 only.
+    """
+
+    name: str
+    public_keys: tuple[str, ...]
+    all_nodes: bool
+
+    def on_node(self, rank: int) -> bool:
+        """Whether the service runs on the node of rank ``rank``."""
+        return self.all_nodes or rank == 0
+
+
+def _public_key_lines(name: str, value: Any) -> tuple[str, ...]:
+    """The key lines of an SSH service's ``sshPublicKeys``; 400 when missing or invalid."""
+    lines = (
+        tuple(
+            line.strip()
+            for line in value.splitlines()
+            if line.strip() and not line.strip().startswith("#")
+        )
+        if isinstance(value, str)
+        else ()
+    )
+    if not lines:
+        raise ApiError(
+            400,
+            "UserError",
+            f"Job service '{name}' of type SSH has no public key: set "
+            "properties.sshPublicKeys to the OpenSSH public key(s) allowed to log in "
+            "(SshJobService(ssh_public_keys=...)).",
+        )
+    import asyncssh
+
+    for line in lines:
+        try:
+            asyncssh.import_public_key(line)
+        except (asyncssh.KeyImportError, ValueError):
+            raise ApiError(
+                400,
+                "UserError",
+                f"Job service '{name}': {line[:40]!r}... is not an OpenSSH public key "
+                "(expected a line such as 'ssh-ed25519 AAAA... comment').",
+            ) from None
+    return lines
+
+
+def parse_services(
+    services: Any, distribution_type: str | None, instance_count: int = 1
+) -> tuple[SshServiceSpec, ...]:
+    """Validate a job's ``properties.services`` and return its SSH services.
+
+    Services of other types (``JupyterLab``, ``TensorBoard``, ``VSCode``,
+    ``Custom``...) are accepted and not run: the emulator serves only SSH.
+    As AML documents it, an SSH service needs a single-node job or a PyTorch,
+    TensorFlow or MPI distribution ("custom distributed training setup ...
+    isn't currently supported"); AML's reaction to other jobs is not
+    documented, the emulator refuses them at submit.
+
+    Parameters
+    ----------
+    services
+        ``properties.services`` of the job body (None when absent).
+    distribution_type
+        ``distribution.distributionType`` of the job.
+    instance_count
+        ``resources.instanceCount`` of the job.
+
+    Returns
+    -------
+    tuple of SshServiceSpec
+        The declared SSH services, in body order.
+
+    Raises
+    ------
+    ApiError
+        400 for a malformed ``services`` object, an SSH service without
+        ``sshPublicKeys`` or with an invalid key, or an SSH service on a
+        multi-node job without a PyTorch, TensorFlow or MPI distribution.
+    """
+    if services is None:
+        return ()
+    if not isinstance(services, dict):
+        raise ApiError(400, "BadRequest", "properties.services must be an object")
+    found: list[SshServiceSpec] = []
+    for name, service in services.items():
+        if not isinstance(service, dict):
+            raise ApiError(400, "BadRequest", f"properties.services.{name} must be an object")
+        if str(service.get("jobServiceType") or "").lower() != "ssh":
+            continue
+        if distribution_type not in SSH_SERVICE_DISTRIBUTIONS and instance_count > 1:
+            raise ApiError(
+                400,
+                "UserError",
+                f"Job service '{name}' of type SSH is not supported on a {instance_count}-node "
+                f"job with distribution {distribution_type or 'not set'}: interactive services "
+                "need a single-node job or a PyTorch, TensorFlow or MPI distribution.",
+            )
+        props = service.get("properties") or {}
+        if not isinstance(props, dict):
+            raise ApiError(
+                400, "BadRequest", f"properties.services.{name}.properties must be an object"
+            )
+        keys = _public_key_lines(name, props.get("sshPublicKeys"))
+        nodes = service.get("nodes")
+        if nodes is not None and not (
+            isinstance(nodes, dict) and str(nodes.get("nodesValueType") or "").lower() == "all"
+        ):
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"properties.services.{name}.nodes must be null or {{'nodesValueType': 'All'}}",
+            )
+        found.append(SshServiceSpec(name=str(name), public_keys=keys, all_nodes=nodes is not None))
+    return tuple(found)
 
 
 def _resource_name(value: str) -> str:
@@ -139,6 +273,7 @@ def parse_job(name: str, body: Any) -> JobSpec:
     code_id = props.get("codeId")
     if code_id is not None and (not isinstance(code_id, str) or not code_id.strip()):
         raise ApiError(400, "BadRequest", "properties.codeId must be a non-empty string")
+    ssh_services = parse_services(props.get("services"), dist_type, count)
     return JobSpec(
         name=name,
         properties=props,
@@ -151,6 +286,7 @@ def parse_job(name: str, body: Any) -> JobSpec:
         experiment_name=props.get("experimentName") or "Default",
         environment_variables={str(k): str(v) for k, v in env_vars.items()},
         code_id=code_id,
+        ssh_services=ssh_services,
     )
 
 

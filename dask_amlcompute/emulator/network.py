@@ -15,7 +15,10 @@ Two modes (``EmulatorConfig.network``):
 
 Everything in the emulator that touches a node's network (starting node
 processes, the SSH endpoints' listeners and their forwards) goes through a
-:class:`NodeNetwork`, so both modes share one code path.
+:class:`NodeNetwork`, so both modes share one code path.  ``compute=None`` in
+:meth:`NodeNetwork.listen` / :meth:`NodeNetwork.connect` names the *public*
+side: the emulator's own network, where the client is (the SSH endpoints
+listen there and dial their forwards in the compute's network).
 """
 
 from __future__ import annotations
@@ -24,7 +27,16 @@ import asyncio
 import socket
 from typing import Protocol
 
-__all__ = ["LoopbackNetwork", "NodeNetwork", "open_connection_socket"]
+__all__ = [
+    "NETWORK_MODES",
+    "LoopbackNetwork",
+    "NodeNetwork",
+    "listen_on",
+    "open_connection_socket",
+]
+
+#: Values of ``EmulatorConfig.network``.
+NETWORK_MODES = ("loopback", "isolated")
 
 
 class NodeNetwork(Protocol):
@@ -37,13 +49,24 @@ class NodeNetwork(Protocol):
         """Make the compute's network ready for nodes (idempotent)."""
 
     def command_prefix(self, compute: str) -> list[str]:
-        """Argv prefix that runs a node process in the compute's network (``[]``: here)."""
+        """Argv prefix that runs a node process in the compute's network (``[]``: here).
 
-    async def listen(self, compute: str, host: str, port: int) -> socket.socket:
-        """A TCP socket bound to ``host:port`` in the compute's network, listening."""
+        Valid once :meth:`open` has returned for ``compute``.
+        """
 
-    async def connect(self, compute: str, host: str, port: int, timeout: float) -> socket.socket:
+    async def listen(self, compute: str | None, host: str, port: int) -> socket.socket:
+        """A non-blocking TCP socket bound to ``host:port``, listening.
+
+        In the compute's network, or in the emulator's own (public) network
+        when ``compute`` is None.
+        """
+
+    async def connect(
+        self, compute: str | None, host: str, port: int, timeout: float
+    ) -> socket.socket:
         """A TCP socket connected to ``host:port`` as seen from the compute's network.
+
+        ``compute=None``: as seen from the emulator's own (public) network.
 
         Raises
         ------
@@ -54,6 +77,33 @@ class NodeNetwork(Protocol):
 
     async def close(self) -> None:
         """Tear down whatever :meth:`open` created (idempotent)."""
+
+
+def listen_on(sock: socket.socket, host: str, port: int) -> socket.socket:
+    """Bind a fresh TCP socket to ``host:port`` and listen, non-blocking; close it on failure.
+
+    Parameters
+    ----------
+    sock
+        An unbound ``AF_INET`` stream socket (its network namespace is the one
+        it was created in).
+    host, port
+        Address to bind (port 0: an ephemeral port).
+
+    Returns
+    -------
+    socket.socket
+        ``sock``, listening.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(100)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def open_connection_socket(
@@ -81,21 +131,14 @@ class LoopbackNetwork:
         """Node processes run in this network namespace."""
         return []
 
-    async def listen(self, compute: str, host: str, port: int) -> socket.socket:
-        """A listening socket on ``host:port`` of this machine."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(100)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+    async def listen(self, compute: str | None, host: str, port: int) -> socket.socket:
+        """A listening socket on ``host:port`` of this machine (public and node side alike)."""
+        return listen_on(socket.socket(socket.AF_INET, socket.SOCK_STREAM), host, port)
 
-    async def connect(self, compute: str, host: str, port: int, timeout: float) -> socket.socket:
-        """A socket connected to ``host:port`` of this machine."""
+    async def connect(
+        self, compute: str | None, host: str, port: int, timeout: float
+    ) -> socket.socket:
+        """A socket connected to ``host:port`` of this machine (public and node side alike)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         return await open_connection_socket(sock, host, port, timeout)
 

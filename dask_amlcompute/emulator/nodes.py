@@ -5,6 +5,10 @@ A node runs the job's ``command`` with ``/bin/sh -c`` in its own session
 starts) can be signalled as one process group.  Standard output goes straight
 to the node's log file; standard error is copied into the same file by the
 event loop and its last lines are kept for the job's error message.
+
+In the ``isolated`` network mode the shell is started through an argv prefix
+(``nsenter --net=... --``) that execs it: the shell keeps the PID, and so the
+process group, that the emulator started.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from .state import NodeRecord
 
@@ -84,7 +88,9 @@ async def _tee_stderr(node: NodeRecord, reader: asyncio.StreamReader) -> None:
             node.stderr_tail = list(tail)
 
 
-async def start_node(node: NodeRecord, command: str, env: Mapping[str, str]) -> asyncio.Task:
+async def start_node(
+    node: NodeRecord, command: str, env: Mapping[str, str], prefix: Sequence[str] = ()
+) -> asyncio.Task:
     """Start the node's process group.
 
     Parameters
@@ -95,6 +101,9 @@ async def start_node(node: NodeRecord, command: str, env: Mapping[str, str]) -> 
         Shell command to run.
     env
         Full environment of the process.
+    prefix
+        Argv run before ``/bin/sh -c command`` (the node network's
+        ``command_prefix``); it must exec the shell, keeping its PID.
 
     Returns
     -------
@@ -105,6 +114,7 @@ async def start_node(node: NodeRecord, command: str, env: Mapping[str, str]) -> 
     os.makedirs(os.path.dirname(node.log_path), exist_ok=True)
     with open(node.log_path, "ab", buffering=0) as log:
         proc = await asyncio.create_subprocess_exec(
+            *prefix,
             "/bin/sh",
             "-c",
             command,

@@ -27,6 +27,7 @@ from .handlers import (
     NotFoundHandler,
     ServerContext,
 )
+from .jobservice import jobservice_routes
 from .jobspec import parse_job
 from .mlflow_api import mlflow_routes
 from .nodes import read_log
@@ -117,6 +118,8 @@ class JobHandler(_JobResource):
             if spec.code_id:
                 self.engine.codes.resolve(spec.code_id)
         job, created = self.engine.submit(name, body)
+        if created:  # who may connect to the job's services (jobservice.py)
+            job.owner = identity.token_subject(self.request.headers.get("Authorization"))
         self.send_json(self.job_json(job), 201 if created else 200)
 
 
@@ -401,6 +404,24 @@ class RunHandler(BaseHandler):
         self.send_json(shapes.run_record(self.engine.job(run_id)))
 
 
+class ServiceInstancesHandler(BaseHandler):
+    """Run history ``GET .../runs/{id}/serviceinstances/{nodeIndex}`` (``jobs.show_services``)."""
+
+    def get(self, run_id: str, node_index: str, **_: str) -> None:
+        """Return the node's job service instances (see :mod:`.jobservice`).
+
+        Parameters
+        ----------
+        run_id
+            Job name.
+        node_index
+            Node rank.
+        """
+        job = self.engine.job(run_id)
+        ws_base = "ws" + self.ctx.base_url.removeprefix("http")  # ws:// or wss://
+        self.send_json(self.engine.job_services.instances(job, int(node_index), ws_base))
+
+
 class RunPatchHandler(BaseHandler):
     """Run history ``PATCH .../experiments/{exp}/runs/{id}`` (tags, display name)."""
 
@@ -548,6 +569,11 @@ def make_app(ctx: ServerContext) -> tornado.web.Application:
             kw,
         ),
         (hist + r"/runs/(?P<run_id>[^/]+)/details", RunDetailsHandler, kw),
+        (
+            hist + r"/runs/(?P<run_id>[^/]+)/serviceinstances/(?P<node_index>\d+)",
+            ServiceInstancesHandler,
+            kw,
+        ),
         (hist + r"/runs/(?P<run_id>[^/]+)", RunHandler, kw),
         (hist + r"/experiments/(?P<experiment>[^/]+)/runs/(?P<run_id>[^/]+)", RunPatchHandler, kw),
         (r"/discovery", DiscoveryHandler, kw),
@@ -568,6 +594,7 @@ def make_app(ctx: ServerContext) -> tornado.web.Application:
     routes[:0] = code_routes(ctx, WS)
     routes[:0] = blob_routes(ctx.engine.codes.blobs)
     routes.extend(mlflow_routes(ctx))
+    routes.extend(jobservice_routes(ctx.engine.job_services))
     return EmulatorApplication(
         routes,
         default_handler_class=NotFoundHandler,

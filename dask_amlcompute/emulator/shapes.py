@@ -55,7 +55,8 @@ def job_to_rest(job: JobRecord, tracking_uri: str, run_tags: bool = True) -> dic
 
     The submitted ``properties`` are echoed back (environment, command,
     distribution, resources, limits, environment variables, experiment...),
-    with ``status``, ``services`` and merged tags filled in by the service.
+    with ``status``, merged tags and ``services`` (the declared ones as sent, plus
+    ``Tracking`` and ``Studio``) filled in by the service.
 
     Parameters
     ----------
@@ -80,6 +81,7 @@ def job_to_rest(job: JobRecord, tracking_uri: str, run_tags: bool = True) -> dic
     props["properties"] = dict(props.get("properties") or {})
     props["properties"].setdefault("_azureml.ComputeTargetType", "amlctrain")
     props["services"] = {
+        **(props.get("services") or {}),  # the declared ones (SSH, JupyterLab, ...) as sent
         "Tracking": {"jobServiceType": "Tracking", "endpoint": tracking_uri},
         "Studio": {"jobServiceType": "Studio", "endpoint": identity.studio_url(job.name)},
     }

@@ -258,6 +258,10 @@ class NodeSSHServer:
     network, compute
         The network the server listens in and dials forwards from, and the
         compute whose network that is (default: this machine's loopback).
+    public
+        Listen in the emulator's own network instead of the compute's (a
+        node's public SSH endpoint, reachable by the client); forwards are
+        still dialled from the compute's network.
 
     Notes
     -----
@@ -277,8 +281,10 @@ class NodeSSHServer:
         host_key: asyncssh.SSHKey | str | bytes | None = None,
         network: NodeNetwork | None = None,
         compute: str = "",
+        public: bool = False,
     ) -> None:
         self.host = host
+        self.public = public
         self.network: NodeNetwork = network if network is not None else LoopbackNetwork()
         self.compute = compute
         self.admin_user = admin_user
@@ -330,7 +336,8 @@ class NodeSSHServer:
         """
         if self._acceptor is not None or self._closed:
             raise RuntimeError("NodeSSHServer can only be started once")
-        sock = await self.network.listen(self.compute, self.host, self._port)
+        listen_in = None if self.public else self.compute  # None: the emulator's network
+        sock = await self.network.listen(listen_in, self.host, self._port)
         self._acceptor = await asyncssh.create_server(
             lambda: _NodeConnectionHandler(self),
             sock=sock,

@@ -98,6 +98,9 @@ class JobRecord:
     build_log_path: str | None = None
     #: The built virtualenv the nodes run in; None: the emulator's own interpreter.
     venv: str | None = None
+    #: Object id (``oid``) of the identity that submitted the job; None when the
+    #: submitting request carried no token the emulator accepts.
+    owner: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -133,6 +136,9 @@ class ComputeState:
     slots: list[str | None] = field(default_factory=list)
     freed_at: dict[int, float] = field(default_factory=dict)
     queue: list[str] = field(default_factory=list)
+    #: Per slot, which VM holds it: a new number each time a new VM is allocated
+    #: behind the slot (after scale-down or preemption), 0 until then.
+    generations: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.slots:
@@ -155,7 +161,10 @@ class ComputeState:
         return f"127.{self.net}.{self.index + 1}.{slot + 1}"
 
     def node_id_for_slot(self, slot: int) -> str:
-        """Return a stable AML-looking node id for a slot.
+        """Return the AML-looking node id of the VM that holds a slot now.
+
+        It stays the same while the VM stays allocated (across jobs, while idle)
+        and changes when a new VM takes the slot (see :meth:`allocate`).
 
         Parameters
         ----------
@@ -167,7 +176,9 @@ class ComputeState:
         str
             e.g. ``tvmps_3f2a..._d``.
         """
-        digest = hashlib.sha256(f"{self.spec.name}/{slot}".encode()).hexdigest()[:40]
+        generation = self.generations.get(slot, 0)
+        seed = f"{self.spec.name}/{slot}" + (f"/{generation}" if generation else "")
+        digest = hashlib.sha256(seed.encode()).hexdigest()[:40]
         return f"tvmps_{digest}_d"
 
     @property
@@ -182,6 +193,10 @@ class ComputeState:
 
     def allocate(self, job_name: str, count: int) -> list[int]:
         """Take ``count`` free slots for a job, preferring warm (recently freed) ones.
+
+        A slot whose VM is still allocated (idle, see :meth:`idle_slots`) keeps
+        it; any other slot gets a new VM (a new node id, and a new host key for
+        its SSH endpoint), as AML allocates a fresh VM after a scale-down.
 
         Parameters
         ----------
@@ -204,21 +219,31 @@ class ComputeState:
         if len(free) < count:
             raise RuntimeError(f"{self.spec.name}: {count} nodes requested, {len(free)} free")
         chosen = free[:count]
+        allocated = set(self.idle_slots())  # free slots whose VM is still allocated
         for i in chosen:
+            if i not in allocated:  # scaled down (or never allocated): a new VM
+                self.generations[i] = self.generations.get(i, 0) + 1
             self.slots[i] = job_name
             self.freed_at.pop(i, None)
         return chosen
 
-    def release(self, slot: int) -> None:
+    def release(self, slot: int, lost: bool = False) -> None:
         """Free a slot; it stays listed as idle until the scale-down time passes.
 
         Parameters
         ----------
         slot
             Slot index.
+        lost
+            The VM is gone (a preempted low-priority node): the slot is not idle,
+            and a VM that takes it later (``min_nodes`` included) is a new one.
         """
         self.slots[slot] = None
-        self.freed_at[slot] = time.time()
+        if lost:
+            self.freed_at.pop(slot, None)
+            self.generations[slot] = self.generations.get(slot, 0) + 1
+        else:
+            self.freed_at[slot] = time.time()
 
     def idle_slots(self, now: float | None = None) -> list[int]:
         """Return free slots that still count as allocated idle nodes.

@@ -250,8 +250,9 @@ class MainJob(ProcessInterface):
         for task in (self._watcher, self._heartbeat, self._identity):
             if task is not None:
                 task.cancel()
+        # the scheduler was told to stop already; the job's status comes from the control plane
+        await self.connector.close()
         if state.lifecycle is Lifecycle.DETACHING:  # not ours to stop: just disconnect
-            await self.connector.close()
             await super().close()
             return
         # SpecCluster has asked the scheduler to terminate: the nodes exit and the job

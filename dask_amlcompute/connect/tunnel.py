@@ -302,11 +302,15 @@ class SSHTunnel:
                 "compute."
             ) from exc
         except (OSError, asyncio.TimeoutError, asyncssh.Error) as exc:
+            hint = (
+                "The job's SSH service is not running (any more)."
+                if self._dial is not None
+                else "The compute has no public SSH access or the node has no public IP; create "
+                "the compute with remote login enabled or run the client on the same VNet (e.g. "
+                "an AML compute instance)."
+            )
             raise TunnelUnreachableError(
-                f"Cannot reach the SSH endpoint {self._label}: {exc or type(exc).__name__}. "
-                "The compute has no public SSH access or the node has no public IP; create the "
-                "compute with remote login enabled or run the client on the same VNet (e.g. an "
-                "AML compute instance)."
+                f"Cannot reach the SSH endpoint {self._label}: {exc or type(exc).__name__}. {hint}"
             ) from exc
         if checker.accepted_new and checker.offered is not None:
             self._record_host_key(checker.offered)

@@ -74,9 +74,9 @@ class ScalingMixin(_ClusterBase):
 
     def _raise_if_lost(self) -> None:
         """Raise :class:`ClusterLostError` once the scheduler is gone for good."""
-        reason = self._context.state.lost_reason
-        if reason is not None:
-            raise ClusterLostError(reason)
+        state = self._context.state
+        if state.lost_reason is not None and not state.closing:  # closing scales to 0: fine
+            raise ClusterLostError(state.lost_reason)
 
     def scale(
         self,

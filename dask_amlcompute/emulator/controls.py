@@ -217,7 +217,7 @@ class EmulatorControls:
         """
         self._call(lambda e: e.kill_node(job_name, rank))
 
-    def preempt_node(self, job_name: str, rank: int) -> None:
+    def preempt_node(self, job_name: str, rank: int, requeue: bool = False) -> None:
         """Emulate a low-priority preemption of a node: it is killed, the job fails.
 
         Parameters
@@ -227,7 +227,7 @@ class EmulatorControls:
         rank
             Node rank.
         """
-        self._call(lambda e: e.kill_node(job_name, rank, preempted=True))
+        self._call(lambda e: e.kill_node(job_name, rank, preempted=True, requeue=requeue))
 
     def set_run_tags_on_job(self, enabled: bool) -> None:
         """Show (default) or withhold mlflow run tags in the job resource's tags.

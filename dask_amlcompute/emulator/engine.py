@@ -381,7 +381,9 @@ class Engine:
             job.wake.set()
         return job
 
-    def kill_node(self, name: str, rank: int, preempted: bool = False) -> NodeRecord:
+    def kill_node(
+        self, name: str, rank: int, preempted: bool = False, requeue: bool = False
+    ) -> NodeRecord:
         """Kill one node's process group (fault injection).
 
         Parameters
@@ -392,6 +394,11 @@ class Engine:
             Node rank.
         preempted
             Report the loss as a low-priority preemption.
+        requeue
+            With ``preempted``: AML runs the job again instead of failing it
+            (both outcomes are reported by AML users: "Check if the run has failed
+            or restarted"): every node stops, the job goes back to ``Queued`` and
+            starts over on newly allocated nodes.
 
         Returns
         -------
@@ -407,7 +414,10 @@ class Engine:
         if not 0 <= rank < len(job.nodes):
             raise ApiError(404, "NotFound", f"job {name} has no node of rank {rank}")
         node = job.nodes[rank]
-        if job.failure is None and not job.is_terminal:
+        if preempted and requeue and not job.is_terminal and job.cancel_reason is None:
+            job.requeue = True
+            node.killed_reason = "preempted"
+        elif job.failure is None and not job.is_terminal:
             if preempted:
                 job.failure = {
                     "code": "JobPreempted",
@@ -422,6 +432,7 @@ class Engine:
                 node.killed_reason = "killed"
         node.state = "preempted" if preempted else "leaving"
         nodeproc.signal_group(node, signal.SIGKILL)
+        job.wake.set()
         return node
 
     def nodes_in_use(self, compute: str) -> int:
@@ -554,6 +565,11 @@ class Engine:
             return
         await self.job_services.start(job, spec.ssh_services, compute.spec.name, self.network)
         await self._run_nodes(job, spec)
+        if job.requeue:  # preempted, run again: back to the queue on new nodes
+            await self._release_nodes(job, compute)
+            job.requeue = False
+            job.attempts += 1
+            await self._run(job, spec, compute)
 
     async def _run_nodes(self, job: JobRecord, spec: JobSpec) -> None:
         ips = [n.ip for n in job.nodes]
@@ -586,7 +602,7 @@ class Engine:
             waiters.append(asyncio.ensure_future(self._watch_node(job, node, tee)))
         deadline = None if job.timeout_seconds is None else time.monotonic() + job.timeout_seconds
         while True:
-            if all(w.done() for w in waiters) or job.cancel_reason or job.failure:
+            if all(w.done() for w in waiters) or job.cancel_reason or job.failure or job.requeue:
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 job.cancel_reason = "timeout"
@@ -598,14 +614,15 @@ class Engine:
                 job.status = "CancelRequested"
             await asyncio.gather(*(nodeproc.stop_node(n, KILL_GRACE) for n in job.nodes))
         await asyncio.gather(*waiters, return_exceptions=True)
-        self._set_outcome(job)
+        if not job.requeue:
+            self._set_outcome(job)
 
     async def _watch_node(self, job: JobRecord, node: NodeRecord, tee: asyncio.Task) -> None:
         code = await nodeproc.wait_node(node, tee)
         assert node.pid is not None  # set by start_node, before this task
         self.reaper.forget(node.pid)
         node.state = "leaving" if node.state != "preempted" else node.state
-        if code != 0 and job.failure is None and job.cancel_reason is None:
+        if code != 0 and job.failure is None and job.cancel_reason is None and not job.requeue:
             job.failure = self._node_failure(node, code)
         job.wake.set()
 
@@ -627,6 +644,23 @@ class Engine:
             self._finish(job, "Completed")
         else:  # pragma: no cover - every non-zero exit records a failure
             self._finish(job, "Failed", {"code": "UserError", "message": "a node failed"})
+
+    async def _release_nodes(self, job: JobRecord, compute: ComputeState) -> None:
+        """Stop a job's nodes and services and give their slots back (before a re-run)."""
+        await self.job_services.stop(job.name)
+        for node in job.nodes:
+            if node.process is not None and node.process.returncode is None:
+                await nodeproc.stop_node(node, 0.5)
+            if node.ssh_server is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(node.ssh_server.close(), 5.0)
+                node.ssh_server = None
+        lost = {n.slot for n in job.nodes if n.state == "preempted"}  # these VMs are gone
+        for slot in job.slots or []:
+            compute.release(slot, lost=slot in lost)
+        job.slots = None
+        job.nodes = []
+        self._schedule()
 
     async def _teardown(self, job: JobRecord, compute: ComputeState) -> None:
         await self.job_services.stop(job.name)

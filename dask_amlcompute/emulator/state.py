@@ -101,6 +101,10 @@ class JobRecord:
     #: Object id (``oid``) of the identity that submitted the job; None when the
     #: submitting request carried no token the emulator accepts.
     owner: str | None = None
+    #: Set when a preemption makes AML run the job again (see ``Engine.kill_node``).
+    requeue: bool = False
+    #: How many times the job was run again after a preemption.
+    attempts: int = 0
 
     @property
     def is_terminal(self) -> bool:

@@ -338,6 +338,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
                 await self.scheduler.close()
             return
         state.lifecycle = Lifecycle.CLOSING
+        self._connector.expect_end()  # the scheduler stops next: its tunnel ends with it
         scheduler = self.scheduler
         dead = scheduler if scheduler is not None and await self._scheduler_gone() else None
         if dead is not None:

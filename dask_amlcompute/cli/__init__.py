@@ -10,7 +10,10 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(n_nodes=args.nodes, processes_per_node=args.processes, quiet=args.quiet)
+    return run_demo(
+        n_nodes=args.nodes, processes_per_node=args.processes, quiet=args.quiet,
+        network=args.network,
+    )  # fmt: skip
 
 
 def _emulator(args: argparse.Namespace, rest: list[str]) -> int:
@@ -81,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--nodes", type=int, default=3)
     demo.add_argument("--processes", type=int, default=1, help="worker processes per node")
     demo.add_argument("--quiet", action="store_true")
+    demo.add_argument(
+        "--network",
+        choices=("auto", "isolated", "loopback"),
+        default="auto",
+        help="where the emulated nodes live; auto: isolated (unreachable from the client, as "
+        "on a stock workspace) where this machine allows network namespaces, else loopback",
+    )
     sub.add_parser("emulator", help="run the local AML emulator (see --help)", add_help=False)
     sub.add_parser(
         "run",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import operator
 import sys
 import time
+from typing import Any
 
 
 def workloads(client) -> list[tuple[str, object, object]]:
@@ -54,23 +55,56 @@ def workloads(client) -> list[tuple[str, object, object]]:
     return results
 
 
+#: How the demo's client reached the scheduler, by connector mode.
+PATH_NAMES = {
+    "direct": "directly to the scheduler's address",
+    "job-ssh": "through the main job's SSH service and the (emulated) AML WebSocket proxy",
+    "ssh": "through the node's public SSH endpoint",
+}
+
+
 def format_phases(phases: dict[str, float]) -> str:
     """``submitted 0.1s -> Running 0.9s -> ...``: when each startup phase was reached."""
     return " -> ".join(f"{name} {seconds:.1f}s" for name, seconds in phases.items())
 
 
-def run_demo(n_nodes: int = 3, processes_per_node: int = 1, quiet: bool = False) -> int:
+def start_emulator(network: str) -> Any:
+    """A started emulator with a stock ``cpu-cluster`` (no SSH settings), on ``network``.
+
+    ``"auto"``: ``isolated`` (the nodes in a network namespace the client cannot
+    reach, as a laptop outside the compute's VNet) where this machine can create
+    network namespaces, else ``loopback``, saying so.
+    """
+    from ..emulator import ComputeSpec, Emulator
+    from ..emulator.netns import NetworkNamespaceError
+
+    computes = [
+        ComputeSpec(name="cpu-cluster", max_nodes=4, admin_user=None, ssh_public_access=False)
+    ]
+    if network != "auto":
+        return Emulator(computes=computes, network=network).start()
+    try:
+        return Emulator(computes=computes, network="isolated").start()
+    except NetworkNamespaceError as exc:
+        print(f"Nodes on this machine's loopback (no isolated network here: {exc})")
+        return Emulator(computes=computes, network="loopback").start()
+
+
+def run_demo(
+    n_nodes: int = 3, processes_per_node: int = 1, quiet: bool = False, network: str = "auto"
+) -> int:
     """Run the demo end to end; return the process exit code (0 = all results correct)."""
     from distributed import Client
 
     from ..cluster import AmlComputeCluster
-    from ..emulator import ComputeSpec, Emulator
 
     start = time.monotonic()
     failures = 0
-    computes = [ComputeSpec(name="cpu-cluster", max_nodes=4, min_nodes=0)]
-    with Emulator(computes=computes) as emu:
-        print(f"AML emulator at {emu.base_url} (workspace {emu.workspace_name})")
+    with start_emulator(network) as emu:
+        print(
+            f"AML emulator at {emu.base_url} (workspace {emu.workspace_name}, nodes on a "
+            f"{emu.config.network} network)"
+        )
         with (
             AmlComputeCluster(
                 emu.ml_client(),
@@ -88,6 +122,7 @@ def run_demo(n_nodes: int = 3, processes_per_node: int = 1, quiet: bool = False)
         ):
             workers = client.scheduler_info()["workers"]
             print(f"Startup: {format_phases(cluster.startup_phases)}")
+            print(f"Connected: {PATH_NAMES[cluster._connector.mode]}")
             print(
                 f"Cluster {cluster.name}: {len(workers)} workers, dashboard {cluster.dashboard_link}"
             )

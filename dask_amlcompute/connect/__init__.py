@@ -29,12 +29,11 @@ PROBE_TIMEOUT = 5.0
 #: How long ``connect="direct"`` keeps trying an address that never answers at all
 #: (no refusal, no connection: a network that drops the packets) before giving up.
 UNANSWERED_BUDGET = 30.0
-#: How long ``connect="auto"`` probes the private address before the next path. The
-#: node publishes its address once the scheduler listens, so a reachable scheduler
-#: accepts at once; a refusal (another network's loopback, a scheduler gone) or no
-#: answer both mean "not this way".
-AUTO_DIRECT_BUDGET = 3.0
-#: Bound on one probe of ``connect="auto"``.
+#: How long ``connect="auto"`` retries a refused probe before the next path. The node
+#: publishes its address once the scheduler listens, so a reachable scheduler accepts at
+#: once; refusals (another network's loopback, a scheduler gone) mean "not this way".
+AUTO_REFUSED_BUDGET = 0.6
+#: Bound on one probe of ``connect="auto"`` (no answer within it: not this way).
 AUTO_PROBE_TIMEOUT = 2.0
 
 #: The values of ``connect=``.
@@ -151,7 +150,7 @@ class SchedulerConnector:
     ) -> tuple[str, str | None]:
         """Direct if a bounded probe connects, else the job's SSH service, else public SSH."""
         host, port = host_port(scheduler)
-        outcome = await probe_for(host, port, AUTO_DIRECT_BUDGET)
+        outcome = await probe_for(host, port, AUTO_REFUSED_BUDGET)
         if outcome == OPEN:
             self.mode = "direct"
             return scheduler, dashboard
@@ -240,6 +239,11 @@ class SchedulerConnector:
             logger.info("Scheduler %s not answering yet (%s); retrying", scheduler, outcome)
             await asyncio.sleep(min(ctx.settings.poll_interval, max(0.0, deadline - now)))
 
+    def expect_end(self) -> None:
+        """The scheduler is about to stop: a tunnel dropping from now on is not reconnected."""
+        if self.tunnel is not None:
+            self.tunnel.expect_end()
+
     async def close(self) -> None:
         """Close the dashboard relay and the tunnel, if any (idempotent)."""
         if self.relay is not None:
@@ -285,11 +289,15 @@ def unavailable_paths(context: Any) -> dict[str, str]:
     return out
 
 
-async def probe_for(host: str, port: int, budget: float) -> str:
-    """Probe ``host:port`` until it accepts or ``budget`` seconds pass; the last outcome."""
-    deadline = time.monotonic() + budget
+async def probe_for(host: str, port: int, refused_budget: float) -> str:
+    """Probe ``host:port`` (each probe bounded by :data:`AUTO_PROBE_TIMEOUT`); the last outcome.
+
+    Returns at the first connection or unanswered probe; refusals are retried for
+    ``refused_budget`` seconds.
+    """
+    deadline = time.monotonic() + refused_budget
     while True:
-        outcome = await probe(host, port, min(AUTO_PROBE_TIMEOUT, budget))
+        outcome = await probe(host, port, AUTO_PROBE_TIMEOUT)
         if outcome != REFUSED or time.monotonic() + 0.25 >= deadline:
             return outcome
         await asyncio.sleep(0.25)

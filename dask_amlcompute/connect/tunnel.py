@@ -227,7 +227,7 @@ class SSHTunnel:
         self._tasks: set[asyncio.Task] = set()
         self._settled = asyncio.Event()  # set while connected, after giving up, and once closed
         self._failure: TunnelError | None = None
-        self._started = self._closed = False
+        self._started = self._closed = self._ending = False
 
     def _trust(self, key: asyncssh.SSHKey) -> str:
         text = " ".join(key.export_public_key().decode("ascii").split()[:2])
@@ -423,7 +423,7 @@ class SSHTunnel:
         """Wait for the connection to drop, then re-establish it with bounded retries."""
         while self._conn is not None:
             await self._conn.wait_closed()
-            if self._closed:
+            if self._closed or self._ending:
                 return
             self._conn = None
             error: TunnelError | None = None
@@ -463,6 +463,10 @@ class SSHTunnel:
         """Return ``"<protocol>://127.0.0.1:<port>"`` for target ``name``."""
         host, port = self.local_address(name)
         return f"{protocol}://{host}:{port}"
+
+    def expect_end(self) -> None:
+        """The far end is about to go away (the cluster is closing): don't reconnect then."""
+        self._ending = True
 
     async def close(self) -> None:
         """Close the local ports, forwarded connections and SSH connection (idempotent).

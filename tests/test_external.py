@@ -6,8 +6,9 @@ DefaultAzureCredential (`az login`, a service principal in AZURE_CLIENT_ID/SECRE
 or a managed identity). Optional: AZUREML_ENVIRONMENT (a registered node environment with
 this client's versions; default: the pinned inline environment, built by AML from the
 package index on first use, 5-20 min; the library reaches the nodes in the code snapshot
-either way, see docs/environment.md), DASK_AMLCOMPUTE__CONNECT=ssh plus SSH settings when
-running outside the workspace's VNet. Each test cancels what it started.
+either way, see docs/environment.md). The default connect="auto" reaches the scheduler from
+outside the workspace's VNet through the job's SSH service (no SSH settings on the compute).
+Each test cancels what it started.
 
 Run: python -m pytest -m external tests/test_external.py
 """
@@ -176,3 +177,40 @@ def test_live_env_build_registers_a_named_environment(live_ml_client):
     assert name == f"{DEFAULT_ENVIRONMENT_NAME}:{spec.content_hash}"
     registered = live_ml_client.environments.get(DEFAULT_ENVIRONMENT_NAME, spec.content_hash)
     assert registered.conda_file["dependencies"][-1]["pip"] == list(spec.pip)
+
+
+def test_live_job_ssh_service_carries_the_client_and_the_dashboard(live_ml_client, live_kwargs):
+    """connect="job-ssh": AML's job SSH service through its WebSocket proxy, on any workspace.
+
+    Checks on real AML what the emulator copies from public sources: the SshJobService on
+    the main job, the service instance's ProxyEndpoint (wss://...nodes.azureml.ms), the
+    bearer token with the management.core.windows.net scope, login as azureuser, and
+    that the default environment's image has openssh-server.
+    """
+    import urllib.request
+
+    from distributed import Client
+
+    from dask_amlcompute import AmlComputeCluster
+
+    with (
+        AmlComputeCluster(live_ml_client, n_nodes=2, connect="job-ssh", **live_kwargs) as c,
+        Client(c) as client,
+    ):
+        assert c._connector.mode == "job-ssh"
+        assert c._connector.tunnel.ssh_host.endswith(".nodes.azureml.ms")
+        assert client.submit(lambda x: x + 1, 41).result() == 42
+        link = c.dashboard_link.replace("/status", "/health")
+        assert urllib.request.urlopen(link, timeout=30).read() == b"ok"
+
+
+def test_live_auto_names_the_path_it_took(live_ml_client, live_kwargs):
+    """connect="auto" (the default) connects by one of its paths; which one depends on where
+    this test runs (a compute instance in the VNet: direct; elsewhere: job-ssh)."""
+    from distributed import Client
+
+    from dask_amlcompute import AmlComputeCluster
+
+    with AmlComputeCluster(live_ml_client, n_nodes=1, **live_kwargs) as c, Client(c) as client:
+        assert c._connector.mode in ("direct", "job-ssh", "ssh")
+        assert client.submit(lambda: "ok").result() == "ok"

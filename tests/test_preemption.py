@@ -29,3 +29,17 @@ def test_requeued_main_job_is_detected_and_the_cluster_lost(emulator, ml_client,
         # nothing is left running: the re-run job is cancelled
         assert emulator.wait_job(job, timeout=60) == "Canceled"
         assert first_id and first_id.startswith("Scheduler-")
+
+
+def test_preemption_that_fails_the_job_is_reported_with_aml_s_reason(
+    emulator, ml_client, cluster_kwargs
+):
+    with AmlComputeCluster(ml_client, n_nodes=1, **cluster_kwargs) as cluster:
+        job = cluster.main_job_name
+        emulator.preempt_node(job, 0)  # AML fails the job instead of running it again
+        wait_for(lambda: cluster.ended_reason, timeout=60, what="the cluster noticing the end")
+        assert "PreemptionError: Nodes of this job got pre-empted" in cluster.ended_reason
+        assert "dedicated compute" in cluster.ended_reason
+        with pytest.raises(ClusterLostError, match="PreemptionError"):
+            cluster.scale(2)
+        assert emulator.job_status(job) == "Failed"

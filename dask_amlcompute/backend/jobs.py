@@ -242,8 +242,14 @@ class MainJob(ProcessInterface):
         err = await job_error(
             self.context.ops, info, f"The cluster's AML job ended: {info.status}."
         )
-        self.context.state.ended_reason = str(err)
-        self.context.log(str(err))
+        state = self.context.state
+        state.ended_reason = str(err)
+        if "PreemptionError" in state.ended_reason:  # AML's wording for a preempted job
+            state.ended_reason += (
+                " A low-priority node was preempted; use a dedicated compute for the main job."
+            )
+        state.lost_reason = state.lost_reason or state.ended_reason  # scale/adapt: ClusterLostError
+        self.context.log(state.ended_reason)
 
     async def close(self) -> None:
         ctx, state = self.context, self.context.state

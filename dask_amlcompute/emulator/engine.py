@@ -419,14 +419,7 @@ class Engine:
             node.killed_reason = "preempted"
         elif job.failure is None and not job.is_terminal:
             if preempted:
-                job.failure = {
-                    "code": "JobPreempted",
-                    "message": (
-                        f"The job was preempted: low-priority node {node.node_id} (rank {rank}) "
-                        "was reclaimed by Azure while running the job. Resubmit the job or "
-                        "use dedicated nodes."
-                    ),
-                }
+                job.failure = outcomes.preemption_error(node)
                 node.killed_reason = "preempted"
             else:
                 node.killed_reason = "killed"

@@ -29,7 +29,7 @@ def node_failure_error(node: NodeRecord, code: int, log_file: str) -> dict[str, 
         its address, the exit status and ends with ``Error: <stderr tail>``.
     """
     if node.killed_reason == "preempted":
-        return {"code": "JobPreempted", "message": f"The job was preempted (rank {node.rank})."}
+        return preemption_error(node)
     if code < 0:
         try:
             what = f"was killed by signal {signal.Signals(-code).name}"
@@ -75,3 +75,31 @@ def cancel_error(reason: str | None, limit: object, seconds: float | None) -> di
     if reason == "shutdown":
         return {"code": "ServiceError", "message": "The emulator was stopped."}
     return None
+
+
+def preemption_error(node: NodeRecord) -> dict[str, str]:
+    """AML's error for a job failed by a low-priority preemption.
+
+    The message is AML's, as users report it ("AzureMLCompute job failed.
+    PreemptionError: Nodes of this job got pre-empted. Check if the run has
+    failed or restarted. Reason: Received pre-emption warning signal"); the code
+    ``JobPreempted`` is the emulator's own (AML's is not public).
+
+    Parameters
+    ----------
+    node
+        The preempted node.
+
+    Returns
+    -------
+    dict
+        ``{"code": ..., "message": ...}``.
+    """
+    return {
+        "code": "JobPreempted",
+        "message": (
+            "AzureMLCompute job failed. PreemptionError: Nodes of this job got pre-empted. "
+            "Check if the run has failed or restarted. Reason: Received pre-emption warning "
+            f"signal (node {node.node_id}, rank {node.rank})"
+        ),
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import psutil
 import pytest
@@ -231,7 +232,31 @@ def test_preempt_node_fails_job_as_preempted(emu, ml):
     emu.preempt_node(job.name, 0)
     assert emu.wait_job(job.name, 20) == "Failed"
     error = emu.job_error(job.name)
-    assert error["code"] == "JobPreempted" and "preempted" in error["message"]
+    assert error["code"] == "JobPreempted" and "PreemptionError" in error["message"]
+
+
+@pytest.mark.slow
+def test_preempt_node_with_requeue_runs_the_job_again_on_new_nodes(emu, ml):
+    job = submit(
+        ml, "echo ready; sleep 60", compute="warm", nodes=2, distribution={"type": "pytorch"}
+    )
+    wait_log(emu, job.name, 0, "ready")
+    before = {n["node_id"] for n in emu.job_nodes(job.name)}
+    emu.preempt_node(job.name, 0, requeue=True)
+    # the job goes back to the queue and starts again, the preempted VM replaced
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        nodes = emu.job_nodes(job.name)
+        ids = {n["node_id"] for n in nodes}
+        running = emu.job_status(job.name) == "Running" and all(n["pid"] for n in nodes)
+        if running and len(nodes) == 2 and ids != before:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the job did not run again on new nodes: {nodes}")
+    assert len(ids) == 2 and ids != before  # rank 0's VM is a new one
+    ml.jobs.begin_cancel(job.name).result()
+    assert emu.wait_job(job.name, 20) == "Canceled"
 
 
 def test_provisioning_delay_shows_preparing(emu, ml):

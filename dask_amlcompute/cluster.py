@@ -328,10 +328,13 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
 
     async def _close(self) -> None:
         state = self._context.state
-        if not self.shutdown_on_close and self.status.name == "running":
-            # A reconnected cluster we do not own: disconnect, leave it running.
+        if not self.shutdown_on_close:
+            # A reconnected cluster we do not own: disconnect, leave it running (also when
+            # this object failed to connect: the cluster is someone else's to stop).
             state.lifecycle = Lifecycle.DETACHING
             self.shutdown_scheduler = False
+            if self.status.name != "running":  # never connected: no worker groups to keep
+                self.worker_spec.clear()
             await asyncio.gather(*(w.close() for w in self.workers.values()))
             await super()._close()
             if self.scheduler is not None:

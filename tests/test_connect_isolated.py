@@ -113,3 +113,29 @@ def test_a_reallocated_node_with_a_new_host_key_is_trusted_on_first_use(
     lines = known_hosts.read_text().splitlines()
     assert len(lines) == 2 and all(line.startswith("aml-public-ssh-") for line in lines)
     assert lines[0].split()[0] != lines[1].split()[0]
+
+
+def test_reattaching_needs_the_key_and_says_so_when_no_path_works(isolated, ssh_key):
+    from dask_amlcompute import SchedulerUnreachableError
+
+    key = str(ssh_key[0])
+    with AmlComputeCluster(
+        isolated.ml_client(), compute="stock", n_nodes=1, ssh_key=key, **FAST_CLUSTER
+    ) as owner:
+        # the same key: the job's SSH service lets the second object in
+        with (
+            AmlComputeCluster.from_name(owner.name, isolated.ml_client(), ssh_key=key) as again,
+            Client(again) as client,
+        ):
+            assert again._connector.mode == "job-ssh"
+            assert client.submit(lambda: "again").result() == "again"
+        assert isolated.job_status(owner.main_job_name) == "Running"  # detaching left it
+        # without it no path can work here, and the error lists each one and what it needs
+        with pytest.raises(SchedulerUnreachableError) as raised:
+            AmlComputeCluster.from_name(owner.name, isolated.ml_client(), **FAST_CLUSTER)
+        message = str(raised.value)
+        assert "direct:" in message and "refused" in message
+        assert "job-ssh: not available" in message and "ssh_key=" in message
+        assert "ssh: not available" in message and "SSH public access" in message
+        # the owner's cluster is untouched by the failed attach
+        assert isolated.job_status(owner.main_job_name) == "Running"

@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 
 #: Seconds a job may run without its tag on the job resource before run history is read too.
+#: Seconds between polls while a running job has not published its address yet ...
+RUNNING_POLL = 0.25
+#: ... for this many seconds after it started running (then the usual back-off).
+RUNNING_FAST_FOR = 30.0
 RUN_HISTORY_FALLBACK_AFTER = 10.0
 
 LIKELY_CAUSES = {
@@ -165,7 +169,10 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
     not counted in ``timeout`` (``startup_timeout``), which bounds the rest.
     The time spent preparing is left in ``ctx.state.preparing_seconds``.
 
-    Polling starts fast and backs off to ``settings.poll_interval``. The tag is
+    Polling starts fast and backs off to ``settings.poll_interval`` while AML
+    queues or prepares the job; once it runs, the address is seconds away, so
+    polling stays at :data:`RUNNING_POLL` for :data:`RUNNING_FAST_FOR` seconds
+    before backing off again. The tag is
     read from the job resource; once the job has run for
     :data:`RUN_HISTORY_FALLBACK_AFTER` seconds without it there, each poll also
     reads the run's own tags in run history (where ``mlflow.set_tag`` writes).
@@ -235,5 +242,7 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
                 StartupTimeoutError,
             )
         limit = deadline if preparing_since is None else now + s.prepare_timeout - in_prepare
+        if running_since is not None and now - running_since < RUNNING_FAST_FOR:
+            delay = min(RUNNING_POLL, s.poll_interval)  # the address is moments away
         await asyncio.sleep(min(delay, max(0.0, limit - now)))
         delay = min(delay * 1.5, s.poll_interval)

@@ -16,6 +16,7 @@ and AML releases the nodes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -330,9 +331,21 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
+def preload_publisher() -> None:
+    """Import what :func:`publish_tags` needs (mlflow and its AML plugin: seconds of imports).
+
+    Run in a thread while the scheduler starts, so publishing the address does
+    not wait for the imports after the scheduler listens.
+    """
+    with contextlib.suppress(ImportError):
+        from mlflow.tracking import MlflowClient  # noqa: F401
+
+
 async def _run_scheduler_node(ctx: NodeContext, opts: NodeOptions, stop: asyncio.Event):
+    preload = asyncio.ensure_future(asyncio.to_thread(preload_publisher))
     scheduler = await start_scheduler(ctx, opts)
     tags = scheduler_tags(scheduler, ctx)
+    await preload
     logger.info("Scheduler at %s; publishing %s", scheduler.address, tags)
     await asyncio.to_thread(publish_tags, tags)
     nannies = []

@@ -17,6 +17,7 @@ from dask.utils import parse_bytes
 from distributed.deploy.adaptive import Adaptive
 
 from ._protocol import is_main_job, worker_job_name
+from .backend.ops import MAX_CONCURRENT_WRITES
 from .backend.state import Lifecycle
 from .exceptions import ClusterLostError
 from .node.plugins import job_of_worker
@@ -130,6 +131,13 @@ class ScalingMixin(_ClusterBase):
             jobs = self._jobs_for_workers(n)
             extra = [k for k in self.worker_spec if k != self._main_key]
             pending = [k for k in extra if k not in self.workers]
+            if jobs != len(extra):  # a burst of submissions or retirements: say so
+                change = jobs - len(extra)
+                self._context.log(
+                    f"Scaling to {jobs} worker job(s): "
+                    + (f"submitting {change}" if change > 0 else f"retiring {-change}")
+                    + f" (at most {MAX_CONCURRENT_WRITES} AML requests at a time)"
+                )
             while len(extra) > jobs:
                 key = pending.pop() if pending else extra[-1]
                 extra.remove(key)

@@ -110,6 +110,12 @@ RETRY_SETTINGS: dict[str, Any] = {
 }
 
 
+#: At most this many job submissions and cancellations in flight at once per cluster: a
+#: scale-up to 40 one-node worker jobs is a bounded burst, not 40 simultaneous PUTs
+#: against the workspace's request throttle.
+MAX_CONCURRENT_WRITES = 4
+
+
 class AmlOps:
     """Async facade over an ``MLClient`` for the few operations a cluster needs.
 
@@ -126,6 +132,7 @@ class AmlOps:
         self.ml_client = ml_client
         self._tracking_uri = tracking_uri
         self._warned: set[str] = set()
+        self._writes = asyncio.Semaphore(MAX_CONCURRENT_WRITES)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one SDK call in a worker thread; a transient failure is a :class:`ControlPlaneError`.
@@ -298,9 +305,10 @@ class AmlOps:
         ]
 
     async def submit(self, job: Any) -> JobInfo:
-        """Create the job; returns its first snapshot."""
+        """Create the job; returns its first snapshot (at most MAX_CONCURRENT_WRITES at once)."""
         try:
-            created = await self._call(self.ml_client.jobs.create_or_update, job)
+            async with self._writes:
+                created = await self._call(self.ml_client.jobs.create_or_update, job)
         except ControlPlaneError as exc:
             # The PUT may have landed before the connection broke: never submit twice.
             try:
@@ -368,7 +376,8 @@ class AmlOps:
             info = await self.get_job(name)
             if info.terminal:
                 return
-            poller = await self._call(self.ml_client.jobs.begin_cancel, name)
+            async with self._writes:  # the request; waiting for its result is not bounded by it
+                poller = await self._call(self.ml_client.jobs.begin_cancel, name)
             await asyncio.wait_for(asyncio.to_thread(poller.result), timeout)
         except Exception as exc:
             logger.warning("Cancelling AML job %s failed: %s", name, exc)

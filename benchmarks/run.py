@@ -29,7 +29,16 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "RESULTS.md"
 #: Suites in the order they run; each is a module here with ``run(opts) -> SuiteResult``.
-SUITES = ("startup", "envbuild", "throughput", "control_plane", "tunnel", "jobssh", "scaling")
+SUITES = (
+    "startup",
+    "envbuild",
+    "throughput",
+    "control_plane",
+    "tunnel",
+    "jobssh",
+    "scaling",
+    "scale",
+)
 #: Suites run only when named with ``--only`` (extra dependencies, research questions).
 OPT_IN = ("forwarders",)
 

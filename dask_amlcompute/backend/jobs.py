@@ -196,7 +196,10 @@ class MainJob(ProcessInterface):
         ctx.log(state.lost_reason)
         await self.connector.close()  # a tunnel's local ports close: nothing reaches it
         names = [n for n, status in state.jobs.items() if status not in TERMINAL]
-        await asyncio.gather(*(ctx.ops.cancel(n) for n in names), return_exceptions=True)
+        ended = await asyncio.gather(*(ctx.ops.cancel(n) for n in names), return_exceptions=True)
+        for name, status in zip(names, ended, strict=True):
+            if isinstance(status, str):
+                state.jobs[name] = status
 
     async def _heartbeats(self, timeout: float) -> None:
         """Tell the scheduler this cluster object is alive (see ``NoClientTimeout``)."""
@@ -275,7 +278,9 @@ class MainJob(ProcessInterface):
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 3.0)  # few requests: AML takes a while to notice
         if state.jobs.get(self.job_name) not in ("Completed", "Failed", "Canceled", "Finalizing"):
-            await ctx.ops.cancel(self.job_name)
+            status = await ctx.ops.cancel(self.job_name)
+            if status:
+                state.jobs[self.job_name] = status
         await self.connector.close()
         ctx.log(f"AML job {self.job_name}: {state.jobs.get(self.job_name)}")
         await super().close()
@@ -445,7 +450,9 @@ class WorkerJob(_JobWorkers):
         if self._submitted and state.lifecycle is not Lifecycle.DETACHING:
             if not state.main_job_ended():
                 await self._retire()
-            await ctx.ops.cancel(self.name)
+            status = await ctx.ops.cancel(self.name)
+            if status:  # what the cluster's job list shows (the watch follows it no more)
+                state.jobs[self.name] = status
             ctx.log(f"Cancelled worker job {self.name}")
         await super().close()
 

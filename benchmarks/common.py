@@ -229,6 +229,75 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         proc.wait(5)
 
 
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every process we started (by PID) at once, then reap each by its PID."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+    for proc in reversed(procs):
+        stop_process(proc)
+
+
+def plain_dask_start(
+    workdir: Path,
+    n: int,
+    rep: list[int],
+    memory_limit: str | None = None,
+    on_ready: Callable[[Any, float], None] | None = None,
+) -> float:
+    """Seconds from launching ``dask scheduler`` + ``n`` ``dask worker`` to a client with ``n``.
+
+    The baseline of the start-up suites: the same workers (one thread each) with
+    nothing but Dask, timed the same way (until the client sees every worker).
+
+    Parameters
+    ----------
+    workdir
+        Folder of the scheduler file and the processes' log.
+    n
+        Workers to launch.
+    rep
+        A one-item counter making each scheduler file name new.
+    memory_limit
+        ``--memory-limit`` of each worker (None: Dask's default).
+    on_ready
+        Called with ``(client, elapsed)`` once every worker joined.
+    """
+    rep[0] += 1
+    sched_file = workdir / f"plain-scheduler-{n}-{rep[0]}.json"
+    log = workdir / "plain-dask.log"
+    limit = ["--memory-limit", memory_limit] if memory_limit else []
+    start = time.perf_counter()
+    procs = [
+        spawn(
+            [DASK_CLI, "scheduler", "--host", "127.0.0.1", "--port", "0",
+             "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file)],
+            log,
+        )
+    ]  # fmt: skip
+    try:
+        for _ in range(n):
+            procs.append(
+                spawn(
+                    [DASK_CLI, "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+                     *limit, "--host", "127.0.0.1", "--death-timeout", "60"],
+                    log,
+                )
+            )  # fmt: skip
+        wait_until(sched_file.exists, 60 + 3 * n, "the scheduler file", step=0.01)
+        from distributed import Client
+
+        with Client(scheduler_file=str(sched_file), timeout=60) as client:
+            client.wait_for_workers(n, timeout=60 + 5 * n)
+            elapsed = time.perf_counter() - start
+            if on_ready is not None:
+                on_ready(client, elapsed)
+    finally:
+        stop_all(procs)
+    return elapsed
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A currently free TCP port on ``host``."""
     with socket.socket() as sock:

@@ -30,10 +30,7 @@ it, at steady state with default settings, and to close it.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -43,7 +40,6 @@ from typing import Any
 
 import psutil
 from common import (
-    DASK_CLI,
     EmulatorProcess,
     Options,
     RequestCounter,
@@ -55,9 +51,8 @@ from common import (
     interleave,
     median,
     pair_ratio,
+    plain_dask_start,
     route_summary,
-    spawn,
-    stop_process,
     wait_until,
 )
 from control_plane import TARGET_STEADY_PER_MIN, Meter
@@ -144,59 +139,14 @@ class Hold:
 # -- the baseline: plain dask processes ---------------------------------------
 
 
-def stop_all(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM every process we started (by PID) at once, then reap each by its PID."""
-    for proc in procs:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-    for proc in reversed(procs):
-        stop_process(proc)
+def plain_start(workdir: Path, n: int, rep: list[int], samples: list[Start]) -> float:
+    """The plain-Dask baseline with ``n`` workers of :data:`MEMORY_LIMIT`; its cost to ``samples``."""
+    cpu0 = client_cpu()
 
+    def measured(_client: Any, elapsed: float) -> None:
+        samples.append(Start(elapsed, client_cpu() - cpu0, client_rss_mib()))
 
-def plain_dask_start(workdir: Path, n: int, rep: list[int], samples: list[Start]) -> float:
-    """Seconds from launching ``dask scheduler`` + ``n`` ``dask worker`` to a client with ``n``.
-
-    Parameters
-    ----------
-    workdir
-        Folder of the scheduler file and the processes' log.
-    n
-        Workers to launch (one thread, :data:`MEMORY_LIMIT` each).
-    rep
-        A one-item counter making each scheduler file name new (with ``n``).
-    samples
-        Receives the client's cost of this start.
-    """
-    rep[0] += 1
-    sched_file = workdir / f"scale-scheduler-{n}-{rep[0]}.json"
-    log = workdir / "scale-plain-dask.log"
-    cpu0, start = client_cpu(), time.perf_counter()
-    procs = [
-        spawn(
-            [DASK_CLI, "scheduler", "--host", "127.0.0.1", "--port", "0",
-             "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file)],
-            log,
-        )
-    ]  # fmt: skip
-    try:
-        for _ in range(n):
-            procs.append(
-                spawn(
-                    [DASK_CLI, "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
-                     "--memory-limit", MEMORY_LIMIT, "--host", "127.0.0.1",
-                     "--death-timeout", "60"],
-                    log,
-                )
-            )  # fmt: skip
-        wait_until(sched_file.exists, 60 + 3 * n, "the scheduler file", step=0.01)
-        with Client(scheduler_file=str(sched_file), timeout=60) as client:
-            client.wait_for_workers(n, timeout=60 + 5 * n)
-            elapsed = time.perf_counter() - start
-            samples.append(Start(elapsed, client_cpu() - cpu0, client_rss_mib()))
-    finally:
-        stop_all(procs)
-    return elapsed
+    return plain_dask_start(workdir, n, rep, MEMORY_LIMIT, measured)
 
 
 # -- the subject: AmlComputeCluster --------------------------------------------
@@ -397,7 +347,7 @@ def startup_pairs(
         return aml_start(emu, ml_client, n, subj, hold if last else None, hold_seconds)
 
     files = [0]
-    interleave(lambda: plain_dask_start(workdir, n, files, base), subject, reps, warmup)
+    interleave(lambda: plain_start(workdir, n, files, base), subject, reps, warmup)
     return subj[warmup:], base[warmup:]
 
 

@@ -11,10 +11,8 @@ Both sides start three fresh Python processes, with nannies, one thread each.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from common import (
-    DASK_CLI,
     EmulatorProcess,
     Options,
     Row,
@@ -24,46 +22,12 @@ from common import (
     fmt_s,
     interleave,
     pair_ratio,
-    spawn,
-    stop_process,
-    wait_until,
+    plain_dask_start,
 )
 from distributed import Client
 
 COMPUTE = "bench-cpu"
 TARGET = 1.5
-
-
-def plain_dask_start(workdir: Path, rep: list[int]) -> float:
-    """Seconds from launching ``dask scheduler`` + 2 ``dask worker`` to a client with 2 workers."""
-    rep[0] += 1
-    sched_file = workdir / f"scheduler-{rep[0]}.json"
-    log = workdir / "plain-dask.log"
-    start = time.perf_counter()
-    procs = [
-        spawn(
-            [DASK_CLI, "scheduler", "--host", "127.0.0.1", "--port", "0",
-             "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file)],
-            log,
-        )
-    ]  # fmt: skip
-    try:
-        for _ in range(2):
-            procs.append(
-                spawn(
-                    [DASK_CLI, "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
-                     "--host", "127.0.0.1", "--death-timeout", "60"],
-                    log,
-                )
-            )  # fmt: skip
-        wait_until(sched_file.exists, 60, "the scheduler file", step=0.01)
-        with Client(scheduler_file=str(sched_file), timeout=60) as client:
-            client.wait_for_workers(2, timeout=60)
-            elapsed = time.perf_counter() - start
-    finally:
-        for proc in reversed(procs):
-            stop_process(proc)
-    return elapsed
 
 
 def aml_start(emu: EmulatorProcess, ml_client) -> float:
@@ -88,7 +52,7 @@ def run(opts: Options) -> SuiteResult:
         ml_client = emu.ml_client()
         ml_client.compute.get(COMPUTE)  # SDK imports and first connection, as in a notebook
         base, subj = interleave(
-            lambda: plain_dask_start(opts.workdir, counter),
+            lambda: plain_dask_start(opts.workdir, 2, counter),
             lambda: aml_start(emu, ml_client),
             reps=reps,
         )

@@ -232,16 +232,47 @@ def bulk_rows(opts: Options, emu: EmulatorProcess, job: str, key: Path) -> list[
     return rows
 
 
+def path_rows(suite: str, label: str, client: Client, direct: Client, opts: Options) -> list[Row]:
+    """Task latency, ``client.map`` throughput and scatter/gather: ``client`` vs ``direct``.
+
+    Both clients route data through the scheduler; runs alternate between them.
+    ``label`` names ``client``'s path in the rows (``"ssh"``, ``"job-ssh"``).
+    """
+    n_tasks, n_latency = opts.pick(10_000, 1_000), opts.pick(200, 100)
+    mbytes, reps, map_reps = opts.pick(100, 20), opts.pick(3, 2), opts.pick(2, 2)
+    rows: list[Row] = []
+    d, p = interleave(lambda: round_trip(direct, n_latency),
+                      lambda: round_trip(client, n_latency), reps=reps)  # fmt: skip
+    rows.append(Row(suite, f"task round-trip latency ({n_latency} tiny tasks), {label} / direct",
+                    pair_ratio(p, d), "x", detail=f"{label} median {median(p) * 1e3:.1f} ms/task, "
+                    f"direct {median(d) * 1e3:.1f} ms/task (n={reps}); lower is better"))  # fmt: skip
+    dcpu: list[float] = []
+    pcpu: list[float] = []
+    map_rate(direct, 500), map_rate(client, 500)  # warm-up
+    d, p = interleave(lambda: with_cpu(map_rate, dcpu, direct, n_tasks),
+                      lambda: with_cpu(map_rate, pcpu, client, n_tasks), map_reps,
+                      warmup=0)  # fmt: skip
+    ratio = pair_ratio(p, d)
+    rows.append(Row(suite, f"client.map {n_tasks} no-op tasks/s, {label} / direct", ratio, "x",
+                    f">= {THROUGHPUT_TARGET}x", ratio >= THROUGHPUT_TARGET,
+                    f"{label} median {median(p):.0f} tasks/s, direct {median(d):.0f} tasks/s "
+                    f"(n={map_reps}); client-process CPU per 1k tasks: {label} "
+                    f"{median(pcpu) * 1e3 / n_tasks:.2f} s, direct "
+                    f"{median(dcpu) * 1e3 / n_tasks:.2f} s"))  # fmt: skip
+    data = os.urandom(mbytes * 10**6)
+    d, p = interleave(lambda: scatter_gather_rate(direct, data),
+                      lambda: scatter_gather_rate(client, data), reps=reps)  # fmt: skip
+    rows.append(Row(suite, f"scatter+gather {mbytes} MB, {label} / direct (MB/s)",
+                    pair_ratio(p, d), "x", detail=f"{label} median {median(p):.0f} MB/s, direct "
+                    f"{median(d):.0f} MB/s (n={reps}); bytes counted both ways"))  # fmt: skip
+    return rows
+
+
 def run(opts: Options) -> SuiteResult:
     """Measure Dask through the tunnel vs direct, and the forwarder vs ssh -L."""
     key, public = ssh_keypair(opts.workdir)
     computes = [{"name": COMPUTE, "max_nodes": 4, "admin_user": "azureuser",
                  "ssh_public_keys": [public]}]  # fmt: skip
-    n_tasks = opts.pick(10_000, 1_000)
-    n_latency = opts.pick(200, 100)
-    mbytes = opts.pick(100, 20)
-    reps = opts.pick(3, 2)
-    map_reps = opts.pick(2, 2)
     ssh_extra = {
         "connect": "ssh",
         "ssh_key": str(key),
@@ -260,35 +291,7 @@ def run(opts: Options) -> SuiteResult:
         dclient.wait_for_workers(2, timeout=60)
         sclient.wait_for_workers(2, timeout=60)
 
-        d, s = interleave(lambda: round_trip(dclient, n_latency),
-                          lambda: round_trip(sclient, n_latency), reps=reps)  # fmt: skip
-        ratio = pair_ratio(s, d)
-        rows.append(Row("tunnel", f"task round-trip latency ({n_latency} tiny tasks), ssh / direct",
-                        ratio, "x", detail=f"ssh median {median(s) * 1e3:.1f} ms/task, direct "
-                        f"{median(d) * 1e3:.1f} ms/task (n={reps}); lower is better"))  # fmt: skip
-
-        dcpu: list[float] = []
-        scpu: list[float] = []
-        map_rate(dclient, 500), map_rate(sclient, 500)  # warm-up
-        d, s = interleave(lambda: with_cpu(map_rate, dcpu, dclient, n_tasks),
-                          lambda: with_cpu(map_rate, scpu, sclient, n_tasks), map_reps,
-                          warmup=0)  # fmt: skip
-        ratio = pair_ratio(s, d)
-        rows.append(Row("tunnel", f"client.map {n_tasks} no-op tasks/s, ssh / direct", ratio, "x",
-                        f">= {THROUGHPUT_TARGET}x", ratio >= THROUGHPUT_TARGET,
-                        f"ssh median {median(s):.0f} tasks/s, direct {median(d):.0f} tasks/s "
-                        f"(n={map_reps}); client-process CPU per 1k tasks: ssh "
-                        f"{median(scpu) * 1e3 / n_tasks:.2f} s, direct "
-                        f"{median(dcpu) * 1e3 / n_tasks:.2f} s"))  # fmt: skip
-
-        data = os.urandom(mbytes * 10**6)
-        d, s = interleave(lambda: scatter_gather_rate(dclient, data),
-                          lambda: scatter_gather_rate(sclient, data), reps=reps)  # fmt: skip
-        ratio = pair_ratio(s, d)
-        rows.append(Row("tunnel", f"scatter+gather {mbytes} MB, ssh / direct (MB/s)", ratio, "x",
-                        detail=f"ssh median {median(s):.0f} MB/s, direct {median(d):.0f} MB/s "
-                        f"(n={reps}); bytes counted both ways"))  # fmt: skip
-
+        rows += path_rows("tunnel", "ssh", sclient, dclient, opts)
         rows += bulk_rows(opts, emu, ssh.main_job_name, key)
     result = SuiteResult(rows=rows)
     result.notes.append(

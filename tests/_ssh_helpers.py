@@ -18,6 +18,17 @@ NODE_IP = "127.0.1.1"
 ADMIN = "azureuser"
 
 
+def write_client_key(folder) -> tuple[str, str]:
+    """Write a new ed25519 client key into ``folder``; ``(private key path, public key line)``."""
+    import os
+
+    private, public = generate_client_keypair(comment="test@dask-amlcompute")
+    path = folder / "id_ed25519"
+    path.write_text(private)
+    os.chmod(path, 0o600)
+    return str(path), public
+
+
 def run(coro_fn: Callable[[], Awaitable[None]], timeout: float = 15.0) -> None:
     """Run an async test body with a hard timeout."""
 

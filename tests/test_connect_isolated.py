@@ -7,28 +7,23 @@ really cannot dial the scheduler's private address.
 
 from __future__ import annotations
 
-import os
 import urllib.request
 
 import pytest
 from _helpers import FAST_CLUSTER
+from _ssh_helpers import write_client_key
 from distributed import Client
 
 from dask_amlcompute import AmlComputeCluster, ConfigurationError
 from dask_amlcompute.connect import REFUSED, UNANSWERED, host_port, probe
 from dask_amlcompute.emulator import ComputeSpec, Emulator
-from dask_amlcompute.emulator.ssh import generate_client_keypair
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def ssh_key(tmp_path_factory):
-    private, public = generate_client_keypair(comment="test@dask-amlcompute")
-    path = tmp_path_factory.mktemp("ssh") / "id_ed25519"
-    path.write_text(private)
-    os.chmod(path, 0o600)
-    return path, public
+    return write_client_key(tmp_path_factory.mktemp("ssh"))
 
 
 @pytest.fixture(scope="module")

@@ -638,8 +638,8 @@ class Engine:
         else:  # pragma: no cover - every non-zero exit records a failure
             self._finish(job, "Failed", {"code": "UserError", "message": "a node failed"})
 
-    async def _release_nodes(self, job: JobRecord, compute: ComputeState) -> None:
-        """Stop a job's nodes and services and give their slots back (before a re-run)."""
+    async def _stop_nodes(self, job: JobRecord) -> None:
+        """Stop a job's services, node processes and SSH endpoints."""
         await self.job_services.stop(job.name)
         for node in job.nodes:
             if node.process is not None and node.process.returncode is None:
@@ -648,27 +648,28 @@ class Engine:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(node.ssh_server.close(), 5.0)
                 node.ssh_server = None
-        lost = {n.slot for n in job.nodes if n.state == "preempted"}  # these VMs are gone
+
+    @staticmethod
+    def _free_slots(job: JobRecord, compute: ComputeState) -> None:
+        """Give a job's slots back; a preempted node's VM is gone (a new one comes next)."""
+        lost = {n.slot for n in job.nodes if n.state == "preempted"}
         for slot in job.slots or []:
             compute.release(slot, lost=slot in lost)
+
+    async def _release_nodes(self, job: JobRecord, compute: ComputeState) -> None:
+        """Stop a job's nodes and give their slots back (before AML runs it again)."""
+        await self._stop_nodes(job)
+        self._free_slots(job, compute)
         job.slots = None
         job.nodes = []
         self._schedule()
 
     async def _teardown(self, job: JobRecord, compute: ComputeState) -> None:
-        await self.job_services.stop(job.name)
+        await self._stop_nodes(job)
         for node in job.nodes:
-            if node.process is not None and node.process.returncode is None:
-                await nodeproc.stop_node(node, 0.5)
-            if node.ssh_server is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(node.ssh_server.close(), 5.0)
-                node.ssh_server = None
             if node.state != "preempted":
                 node.state = "released"
-        lost = {n.slot for n in job.nodes if n.state == "preempted"}  # these VMs are gone
-        for slot in job.slots or []:
-            compute.release(slot, lost=slot in lost)
+        self._free_slots(job, compute)
         with contextlib.suppress(ValueError):
             compute.queue.remove(job.name)
         if not job.is_terminal:

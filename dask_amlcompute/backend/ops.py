@@ -338,14 +338,19 @@ class AmlOps:
             if "mlflow" not in self._warned:  # a route that failed once is not tried again
                 return await asyncio.wait_for(self._call(self._mlflow_run_tags, name), 15)
         except Exception as exc:
+            hint = (
+                "Install mlflow-skinny (and azureml-mlflow on Azure ML) for the documented route."
+                if isinstance(exc, ImportError)
+                else "The MLflow route is not tried again for this cluster."
+            )
             self._warn_once(
                 "mlflow",
                 "Reading the run tags of %s through MLflow failed (%s: %s); falling back to "
-                "run history through a private azure-ai-ml attribute. Install mlflow-skinny "
-                "(and azureml-mlflow on Azure ML) for the documented route.",
+                "run history through a private azure-ai-ml attribute. %s",
                 name,
                 type(exc).__name__,
-                exc,
+                exc or "timed out",
+                hint,
             )
         try:
             run = await self._call(self.ml_client.jobs._runs_operations.get_run, name)

@@ -63,7 +63,13 @@ class _RemoteSide(asyncssh.SSHTCPSession[bytes]):
         self._transport.write(data)
 
     def eof_received(self) -> bool:
-        self._transport.write_eof()
+        # The local socket may be gone already (the client hung up at the same moment): an
+        # exception here would reach asyncssh and take down the whole SSH connection, every
+        # other forwarded connection with it.
+        try:
+            self._transport.write_eof()
+        except OSError:
+            self._transport.abort()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -409,8 +415,9 @@ class SSHTunnel:
                 raise self._failure or TunnelError("the SSH connection is being re-established")
             chan = await self._open_channel(self._conn, local.name, local)
         except (TunnelError, asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
-            logger.warning("SSH tunnel %s cannot forward a connection to %r: %s",
-                           self._label, local.name, exc)  # fmt: skip
+            # while the cluster closes, the client's reconnect attempts are expected to fail
+            log = logger.debug if self._ending else logger.warning
+            log("SSH tunnel %s cannot forward a connection to %r: %s", self._label, local.name, exc)
             local.transport.close()
             return
         if local.closed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from typing import TYPE_CHECKING
@@ -184,6 +185,7 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
     running_since: float | None = None
     preparing_since: float | None = None
     prepared = 0.0  # seconds spent in Preparing, before preparing_since
+    last_fallback = -math.inf  # when run history was last read for the tag
     while True:
         info = await ctx.ops.get_job(job_name)
         now = time.monotonic()
@@ -210,7 +212,12 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
             ctx.state.mark("Running")
         if tag in info.tags:
             return info
-        if running_since is not None and now - running_since >= RUN_HISTORY_FALLBACK_AFTER:
+        if (
+            running_since is not None
+            and now - running_since >= RUN_HISTORY_FALLBACK_AFTER
+            and now - last_fallback >= s.poll_interval  # not at the fast poll's pace
+        ):
+            last_fallback = now
             merged = await ctx.ops.with_run_tags(info)
             if tag in merged.tags:
                 logger.info("Read %s of %s from run history (not on the job yet)", tag, job_name)

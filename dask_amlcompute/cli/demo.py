@@ -102,8 +102,8 @@ def run_demo(
     failures = 0
     with start_emulator(network) as emu:
         print(
-            f"AML emulator at {emu.base_url} (workspace {emu.workspace_name}, nodes on a "
-            f"{emu.config.network} network)"
+            f"AML emulator at {emu.base_url} (workspace {emu.workspace_name}, "
+            f"{emu.config.network} node network)"
         )
         with (
             AmlComputeCluster(

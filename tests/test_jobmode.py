@@ -276,8 +276,13 @@ def test_submit_script_works_inside_a_running_event_loop(emulator, ml_client, tm
     assert run.status == "Completed" and "hello from the job" in run.output
 
 
+# A user's Ctrl-C in a terminal: SIGINT has its default handler there. A harness that runs
+# the suite in the background (a non-interactive shell's `cmd &`) starts every process with
+# SIGINT ignored, and children inherit that, so the client below restores the default first.
 INTERRUPTED_CLIENT = """
+import signal
 import sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from dask_amlcompute.emulator import make_ml_client
 from dask_amlcompute.jobmode import submit_script
 

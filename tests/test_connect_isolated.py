@@ -7,6 +7,7 @@ really cannot dial the scheduler's private address.
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 
 import pytest
@@ -50,7 +51,7 @@ def test_auto_reaches_a_stock_workspace_through_the_job_ssh_service(isolated):
     ):
         # the private address really is out of reach from here
         host, port = host_port(c._context.state.scheduler_address)
-        assert pytest.importorskip("asyncio").run(probe(host, port, 2)) in (REFUSED, UNANSWERED)
+        assert asyncio.run(probe(host, port, 2)) in (REFUSED, UNANSWERED)
         assert c._connector.mode == "job-ssh"
         assert c.scheduler_address.startswith("tcp://127.0.0.1:")
         assert client.submit(lambda x: x * 2, 21).result() == 42

@@ -89,11 +89,12 @@ sys.exit(0 if resp.status == 200 and os.environ["MLFLOW_RUN_ID"].encode() in bod
 PYTORCH = {"type": "pytorch"}
 
 
-def _namespaces_or_skip() -> None:
+def _require_namespaces() -> None:
+    """Isolated mode must run wherever the suite runs (CI is root): a machine without it fails."""
     try:
         asyncio.run(asyncio.wait_for(IsolatedNetwork().check(), 30))
     except NetworkNamespaceError as exc:
-        pytest.skip(f"no network namespaces on this machine: {exc}")
+        pytest.fail(f"no network namespaces on this machine (the isolated tests need them): {exc}")
 
 
 def _refused(host: str, port: int) -> bool:
@@ -158,7 +159,7 @@ def iso(ssh_keypair: tuple[str, str], blob_endpoint: str) -> Iterator[Emulator]:
 
     Its datastore ``blobs`` points at ``blob_endpoint``.
     """
-    _namespaces_or_skip()
+    _require_namespaces()
     computes = [
         ComputeSpec("cpu-cluster", max_nodes=3, ssh_public_keys=[ssh_keypair[1]]),
         ComputeSpec("other", max_nodes=1, ssh_public_access=False),
@@ -211,10 +212,9 @@ def test_start_fails_naming_why_without_cap_sys_admin(tmp_path):
     import subprocess
     import sys
 
-    _namespaces_or_skip()
+    _require_namespaces()
     setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("setpriv (util-linux) is needed to drop CAP_SYS_ADMIN")
+    assert setpriv is not None, "setpriv (util-linux, beside unshare/nsenter) drops CAP_SYS_ADMIN"
     script = (
         "from dask_amlcompute.emulator import Emulator\n"
         "try:\n"
@@ -237,7 +237,7 @@ def test_start_fails_naming_why_without_cap_sys_admin(tmp_path):
 def test_cli_runs_isolated_and_reports_why_it_cannot(tmp_path, capsys, monkeypatch):
     from dask_amlcompute.emulator import run_emulator_cli
 
-    _namespaces_or_skip()
+    _require_namespaces()
     ready, stop = threading.Event(), threading.Event()
     result: list[int] = []
     argv = ["--network", "isolated", "--no-build"]
@@ -343,7 +343,7 @@ def test_public_ssh_endpoint_forwards_into_the_namespace(iso, iso_ml, ssh_keypai
 
 
 def test_stop_leaves_no_holder_and_no_node(tmp_path):
-    _namespaces_or_skip()
+    _require_namespaces()
     emu = Emulator(
         computes=[ComputeSpec("cpu-cluster", max_nodes=2)],
         network="isolated",
@@ -397,7 +397,7 @@ def test_a_killed_emulator_leaves_no_holder_behind(tmp_path):
     import subprocess
     import sys
 
-    _namespaces_or_skip()
+    _require_namespaces()
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD_EMULATOR, str(tmp_path)],
         stdout=subprocess.PIPE,

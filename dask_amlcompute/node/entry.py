@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from distributed.comm.core import CommClosedError
 from distributed.core import Status
 
 from .._protocol import (
@@ -299,13 +300,26 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
         for i in range(opts.processes)
     ]
     try:
-        await asyncio.gather(*nannies)
-    except Exception as exc:
+        exc, joined, ended_early = await _join(nannies)
+    except asyncio.CancelledError:  # the node is stopping: leave no worker process behind
         await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
+        raise
+    if exc is not None or ended_early:
+        await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
+        # the scheduler was there (a worker joined, or a registration was cut off) and is gone
+        reached = joined > 0 or (
+            _in_chain(exc, CommClosedError) and not _in_chain(exc, ConnectionRefusedError)
+        )
+        if ended_early or (reached and not await _listening(scheduler_address)):
+            raise SchedulerClosedWhileJoining(
+                f"The scheduler at {scheduler_address} closed while the workers on node rank "
+                f"{ctx.rank} were joining it"
+            ) from exc
+    if exc is not None:
         root: BaseException = exc
         while root.__cause__ is not None:
             root = root.__cause__
-        if isinstance(root, TimeoutError | asyncio.TimeoutError | OSError):
+        if _in_chain(exc, OSError) or _in_chain(exc, asyncio.TimeoutError):
             why = f"could not join the scheduler at {scheduler_address} within {opts.death_timeout:.0f}s"
         else:
             why = "failed to start"
@@ -314,6 +328,69 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
         ) from exc
     logger.info("Started %d worker(s) on %s for %s", len(nannies), ctx.node_ip, scheduler_address)
     return nannies
+
+
+async def _join(nannies: list) -> tuple[BaseException | None, int, bool]:
+    """Start ``nannies`` together until all have joined, one failed, or a joined one ended.
+
+    Returns
+    -------
+    (first failure or None, how many joined, whether a joined worker already ended)
+        A worker that joined and then ended means its scheduler closed: the
+        others, still trying to join, would only wait out their death timeout.
+    """
+    starting = {asyncio.ensure_future(n.start()): n for n in nannies}
+    ended: dict[asyncio.Future, Any] = {}
+    failure: BaseException | None = None
+    try:
+        while starting and failure is None:
+            done, _ = await asyncio.wait([*starting, *ended], return_when=asyncio.FIRST_COMPLETED)
+            if any(task in ended for task in done):
+                return None, len(ended), True
+            for task in done:
+                nanny = starting.pop(task)
+                if task.exception() is not None:
+                    failure = failure or task.exception()
+                else:
+                    ended[asyncio.ensure_future(nanny.finished())] = nanny
+        return failure, len(ended), False
+    finally:
+        for task in [*starting, *ended]:
+            task.cancel()
+
+
+class SchedulerClosedWhileJoining(RuntimeError):
+    """Some of a node's workers joined the scheduler, which then closed before the rest did.
+
+    A normal end (the client closed the cluster while it was still starting, e.g.
+    after refusing its versions), not a node failure.
+    """
+
+
+def _in_chain(exc: BaseException | None, kind: type[BaseException]) -> bool:
+    """True if ``exc`` or an exception it was raised from or during is a ``kind``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+async def _listening(address: str, timeout: float = 3.0) -> bool:
+    """True if something accepts TCP connections at the Dask ``address``."""
+    from distributed.comm import get_address_host_port
+
+    host, port = get_address_host_port(address)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 def master_scheduler_address(ctx: NodeContext, opts: NodeOptions) -> str:
@@ -369,7 +446,21 @@ async def _run_scheduler_node(ctx: NodeContext, opts: NodeOptions, stop: asyncio
 async def _run_worker_node(
     scheduler_address: str, ctx: NodeContext, opts: NodeOptions, stop: asyncio.Event
 ):
-    nannies = await start_workers(scheduler_address, ctx, opts)
+    starting = asyncio.ensure_future(start_workers(scheduler_address, ctx, opts))
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # AML is cancelling the job while the workers still join
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        logger.info("Stopped while the workers were joining the scheduler")
+        return
+    stopped.cancel()
+    try:
+        nannies = starting.result()
+    except SchedulerClosedWhileJoining as exc:
+        logger.info("%s: nothing left to do", exc)
+        return
     waiter = asyncio.ensure_future(stop.wait())
     done = [asyncio.ensure_future(n.finished()) for n in nannies]
     await asyncio.wait([waiter, *done], return_when=asyncio.FIRST_COMPLETED)

@@ -1,0 +1,122 @@
+"""How a node's process ends: the exit code AML turns into the job's status.
+
+A node that exits non-zero makes AML report the whole job Failed, so a cluster
+closed while it is still starting (the client refused its versions, or the user
+closed it at once) must not leave a node exiting 1. These tests run the real node
+entry point (``python -m dask_amlcompute.node``) as a process against a real
+scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from distributed import Scheduler
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class CloseOnFirstWorker(SchedulerPlugin):
+    """Close the scheduler as soon as one worker has joined (the version check does this)."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+
+    def add_worker(self, scheduler=None, worker=None):
+        asyncio.get_running_loop().call_soon(
+            lambda: asyncio.ensure_future(self.scheduler.close(reason="test"))
+        )
+
+
+def _node(cwd, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZ", "MASTER", "RANK"))}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dask_amlcompute.node",
+            "--role",
+            "workers",
+            "--name-prefix",
+            "t",
+            "--threads",
+            "1",
+            "--memory-limit",
+            "0",
+            *args,
+        ],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+async def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    try:
+        code = await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        proc.wait()
+        raise
+    assert proc.stdout is not None
+    return code, proc.stdout.read()
+
+
+def test_scheduler_closing_while_workers_join_is_a_normal_end(tmp_path):
+    asyncio.run(_test_scheduler_closing_while_workers_join_is_a_normal_end(tmp_path))
+
+
+async def _test_scheduler_closing_while_workers_join_is_a_normal_end(tmp_path):
+    # processes=4 on 2 cores: the first worker joins well before the last, and
+    # the scheduler closes at the first join
+    scheduler = Scheduler(host="127.0.0.1", port=0, dashboard_address=":0")
+    await scheduler
+    scheduler.add_plugin(CloseOnFirstWorker(scheduler))
+    proc = _node(tmp_path, "--scheduler-address", scheduler.address, "--processes", "4")
+    code, log = await _wait(proc, 90)
+    await scheduler.close()
+    assert "closed while the workers on node rank 0 were joining it" in log, log
+    assert code == 0, log
+
+
+def test_unreachable_scheduler_is_still_a_failure(tmp_path):
+    asyncio.run(_test_unreachable_scheduler_is_still_a_failure(tmp_path))
+
+
+async def _test_unreachable_scheduler_is_still_a_failure(tmp_path):
+    # nothing listens on this port: the workers never join, the node fails (exit 1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _node(tmp_path, "--scheduler-address", f"tcp://127.0.0.1:{port}", "--death-timeout", "3")
+    code, log = await _wait(proc, 60)
+    assert code == 1, log
+    assert "could not join the scheduler" in log, log
+
+
+def test_sigterm_while_joining_exits_cleanly(tmp_path):
+    asyncio.run(_test_sigterm_while_joining_exits_cleanly(tmp_path))
+
+
+async def _test_sigterm_while_joining_exits_cleanly(tmp_path):
+    # AML cancelling the job while the workers still try to join: exit 0, no worker left
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _node(
+        tmp_path, "--scheduler-address", f"tcp://127.0.0.1:{port}", "--death-timeout", "60"
+    )
+    await asyncio.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    code, log = await _wait(proc, 30)
+    assert "Stopped while the workers were joining the scheduler" in log, log
+    assert code == 0, log

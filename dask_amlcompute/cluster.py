@@ -12,9 +12,19 @@ from typing import Any
 from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
 
+from .backend.capacity import (
+    QUOTA_DOCS,
+    Quota,
+    VmSizeInfo,
+    check_quota,
+    describe_price,
+    find_size,
+    quotas_for,
+    size_from_sdk,
+)
 from .backend.environment import environment_from_settings, library_in_snapshot
 from .backend.jobs import MainJob, MainJobWorkers, WorkerJob
-from .backend.ops import AmlOps
+from .backend.ops import AmlOps, ComputeInfo
 from .backend.snapshot import stage_snapshot
 from .backend.state import ClusterContext, ClusterState, Lifecycle
 from .backend.workspace import ml_client_from_config
@@ -27,10 +37,18 @@ from .connect import (
     reachable,
     unavailable_paths,
 )
-from .exceptions import AmlComputeError, ConfigurationError, TooManyNodesError
+from .exceptions import (
+    AmlComputeError,
+    ConfigurationError,
+    QuotaExceededError,
+    TooManyNodesError,
+)
 from .scaling import ScalingMixin
 
 logger = logging.getLogger(__name__)
+
+#: Seconds to wait for the region's VM sizes or quota (they only inform the start).
+CAPACITY_TIMEOUT = 30.0
 
 
 def _temporary_tls(settings: ClusterSettings) -> tuple[Any, dict[str, str]]:
@@ -317,7 +335,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
                 await self._check_name_is_new()
             if not attach and isinstance(self.settings.environment, str):
                 await ctx.ops.check_environment(self.settings.environment)
-            self._check_capacity()
+            await self._check_capacity(attach)
             self._check_connect_path()
             await super()._start()
         except RuntimeError as exc:
@@ -401,8 +419,10 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
                 f"{'; usable here: ' + usable if usable else ''}). Nothing was submitted."
             )
 
-    def _check_capacity(self) -> None:
-        compute = self._context.state.compute
+    async def _check_capacity(self, attach: bool) -> None:
+        """Refuse what can never run (nodes, quota) and show the size and price, before submitting."""
+        state = self._context.state
+        compute = state.compute
         n = self.settings.n_nodes
         if compute is not None and compute.max_nodes and n > compute.max_nodes:
             raise TooManyNodesError(
@@ -410,6 +430,53 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
                 f"node(s) (max_instances). Ask for at most {compute.max_nodes} nodes or raise "
                 "the compute's maximum; nothing was submitted."
             )
+        if compute is None:
+            return
+        size, quotas = await self._read_capacity(compute, quota=not attach)
+        state.vm_size = size
+        state.price = describe_price(size, compute.tier, n)
+        if size is None:
+            self._log(f"Compute {compute.name}: {n} node(s) of {compute.vm_size}; price unknown")
+            return
+        gpus = f", {size.gpus} GPU(s)" if size.gpus else ""
+        self._log(
+            f"Compute {compute.name}: {n} x {size.name} ({size.vcpus} vCPUs{gpus}, "
+            f"{compute.tier.replace('_', '-')}): {state.price}"
+        )
+        check = check_quota(quotas, n * size.vcpus)
+        if check.never is not None:
+            q = check.never
+            raise QuotaExceededError(
+                f"{n} node(s) of {size.name} need {check.vcpus} vCPUs, more than the region's "
+                f"quota '{q.name}' of {q.limit} vCPUs ({q.used} in use): the job could never "
+                f"start. Ask for at most {(q.limit or 0) // max(1, size.vcpus)} node(s) or a "
+                "smaller size, or request more quota (Azure portal > Quotas > Azure Machine "
+                f"Learning; {QUOTA_DOCS}). Nothing was submitted."
+            )
+        if check.full is not None:
+            q = check.full
+            self._log(
+                f"Quota: {check.vcpus} vCPUs needed but '{q.name}' has {q.free} of {q.limit} "
+                f"free ({q.used} in use by other jobs or allocated nodes): the job may wait in "
+                "Queued until enough nodes are released."
+            )
+
+    async def _read_capacity(
+        self, compute: ComputeInfo, quota: bool
+    ) -> tuple[VmSizeInfo | None, list[Quota]]:
+        """The compute's VM size and its quota lines; (None, []) when AML does not say."""
+        ops = self._context.ops
+        try:
+            sizes = await asyncio.wait_for(ops.list_sizes(), CAPACITY_TIMEOUT)
+            size = find_size((size_from_sdk(s) for s in sizes), compute.vm_size)
+            if size is None or not quota:
+                return size, []
+            tier = compute.tier
+            usages = await asyncio.wait_for(ops.list_usage(), CAPACITY_TIMEOUT)
+            return size, quotas_for(usages, size.family, tier)
+        except Exception as exc:  # sizes and quota only inform: never block a start on them
+            logger.info("Could not read VM sizes / quota of the region: %s", exc)
+            return None, []
 
     def _log(self, log: str) -> None:
         """Store a progress message for ``get_logs()`` and show it unless quiet."""
@@ -487,6 +554,9 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
                     logs[f"AML job {job_name}"] = tail
         return logs
 
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, price={self._context.state.price!r})"
+
     def _repr_html_(self, cluster_status: str | None = None) -> str:
         rows = "".join(
             f'<tr><td style="text-align: left;"><strong>AML job:</strong> {html.escape(job)}</td>'
@@ -497,7 +567,9 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         rows = (
             f'<tr><td style="text-align: left;"><strong>Compute:</strong> {compute}</td>'
             f'<td style="text-align: left;"><strong>Nodes:</strong> {self.settings.n_nodes}'
-            f" x {self.settings.processes_per_node} process(es)</td></tr>{rows}"
+            f" x {self.settings.processes_per_node} process(es)</td></tr>"
+            f'<tr><td style="text-align: left;" colspan="2"><strong>Price:</strong> '
+            f"{html.escape(self._context.state.price)}</td></tr>{rows}"
         )
         return super()._repr_html_(cluster_status=rows + (cluster_status or ""))
 

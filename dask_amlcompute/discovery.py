@@ -40,6 +40,8 @@ class ClusterJob:
     kind: str = "cluster"
     #: The ``dask_user`` tag: the login that started the cluster.
     user: str | None = None
+    #: When the job was submitted (timezone-aware), if AML says.
+    created_at: Any = None
 
 
 def _short_compute(compute: Any) -> str | None:
@@ -64,6 +66,7 @@ def _as_cluster_job(job: Any) -> ClusterJob | None:
         created_by=getattr(creation, "created_by", None),
         kind="script" if tags.get(TAG_MODE) == "script" else "cluster",
         user=tags.get(TAG_USER),
+        created_at=getattr(creation, "created_at", None),
     )
 
 

@@ -47,6 +47,14 @@ class TooManyNodesError(AmlComputeError, ValueError):
     """More nodes were asked for than the compute can ever provide."""
 
 
+class QuotaExceededError(AmlComputeError, ValueError):
+    """The request needs more vCPUs than the region's quota allows: it could never start.
+
+    Raised before anything is submitted; the message names the quota line, the
+    numbers and how to ask for more.
+    """
+
+
 class JobError(AmlComputeError):
     """A submitted AML job did not do what was expected.
 

@@ -45,6 +45,8 @@ class ComputeInfo:
     node_public_ip: bool = True
     #: The VNet subnet the nodes join (ARM id), if any.
     subnet: str | None = None
+    #: ``"dedicated"`` or ``"low_priority"`` (the compute's ``tier``).
+    tier: str = "dedicated"
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,16 @@ class AmlOps:
             admin_user=getattr(ssh, "admin_username", None) if ssh else None,
             node_public_ip=getattr(compute, "enable_node_public_ip", True) is not False,
             subnet=getattr(getattr(compute, "network_settings", None), "subnet", None) or None,
+            tier=str(getattr(compute, "tier", None) or "dedicated").lower().replace("-", "_"),
         )
+
+    async def list_sizes(self) -> list[Any]:
+        """The region's VM sizes (``compute.list_sizes()``; the workspace's location)."""
+        return await self._call(lambda: list(self.ml_client.compute.list_sizes()))
+
+    async def list_usage(self) -> list[Any]:
+        """The region's vCPU usage and limits (``compute.list_usage()``)."""
+        return await self._call(lambda: list(self.ml_client.compute.list_usage()))
 
     async def list_compute_names(self) -> list[str]:
         """Names of the computes in the workspace (empty on error)."""

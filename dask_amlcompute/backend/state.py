@@ -96,6 +96,9 @@ class ClusterState:
     lost_reason: str | None = None
     #: Called by the job watch with ``(previous status, info)`` of the main job.
     on_main_update: Callable[[str | None, JobInfo], Awaitable[None]] | None = None
+    #: The compute's VM size as the region lists it (None: unknown), and the price text.
+    vm_size: Any = None
+    price: str = "price unknown"
     phases: dict[str, float] = field(default_factory=dict)
     started_at: float | None = None
     preparing_seconds: float = 0.0

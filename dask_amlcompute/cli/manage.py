@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+from datetime import datetime, timezone
 from typing import Any
 
+from ..backend.capacity import find_size, size_from_sdk
 from ..backend.ops import AmlOps
 from ..discovery import ClusterJob, list_cluster_jobs_async
 
@@ -53,22 +55,65 @@ def _clusters(jobs: list[ClusterJob]) -> dict[str, list[ClusterJob]]:
     return out
 
 
+async def _node_prices(ops: AmlOps, computes: set[str]) -> dict[str, float | None]:
+    """Estimated hourly price of one node of each compute (None: unknown)."""
+    try:
+        sizes = [size_from_sdk(s) for s in await ops.list_sizes()]
+    except Exception:  # prices only inform the listing
+        sizes = []
+    prices: dict[str, float | None] = {}
+    for name in computes:
+        try:
+            compute = await ops.get_compute(name)
+        except Exception:
+            prices[name] = None
+            continue
+        size = find_size(sizes, compute.vm_size)
+        prices[name] = size.hourly_price(compute.tier) if size is not None else None
+    return prices
+
+
+def _money(value: float | None) -> str:
+    return "?" if value is None else f"${value:,.2f}"
+
+
 def run_list(args: argparse.Namespace) -> int:
-    """``dask-amlcompute list``."""
+    """``dask-amlcompute list``: clusters, their nodes and what they cost (estimate)."""
     ops = AmlOps(ml_client_for(args))
     jobs = asyncio.run(list_cluster_jobs_async(ops, include_ended=args.all))
     clusters = _clusters(jobs)
     if not clusters:
         print("No dask-amlcompute clusters" + ("" if args.all else " running") + ".")
         return 0
-    print(f"{'CLUSTER':30} {'KIND':7} {'COMPUTE':16} {'NODES':>5} {'JOBS':>4}  STATUS")
+    prices = asyncio.run(_node_prices(ops, {j.compute for j in jobs if j.compute}))
+    now = datetime.now(timezone.utc)
+    print(
+        f"{'CLUSTER':30} {'KIND':7} {'COMPUTE':16} {'NODES':>5} {'JOBS':>4} "
+        f"{'PRICE/H':>9} {'SO FAR':>9}  STATUS"
+    )
     for name, cjobs in sorted(clusters.items()):
         main = next((j for j in cjobs if j.role == "cluster"), cjobs[0])
-        nodes = sum(j.n_nodes for j in cjobs if j.status not in ("Completed", "Canceled", "Failed"))
+        active = [j for j in cjobs if j.status not in ("Completed", "Canceled", "Failed")]
+        nodes = sum(j.n_nodes for j in active)
+        hourly: float | None = 0.0
+        so_far: float | None = 0.0
+        for job in active:
+            price = prices.get(job.compute or "")
+            if price is None or hourly is None or so_far is None:
+                hourly = so_far = None
+                continue
+            hourly += price * job.n_nodes
+            if job.created_at is not None:
+                hours = max(0.0, (now - job.created_at).total_seconds() / 3600)
+                so_far += price * job.n_nodes * hours
         print(
-            f"{name:30} {main.kind:7} {main.compute or '?':16} {nodes:>5} {len(cjobs):>4}  "
-            f"{main.status}"
+            f"{name:30} {main.kind:7} {main.compute or '?':16} {nodes:>5} {len(cjobs):>4} "
+            f"{_money(hourly):>9} {_money(so_far):>9}  {main.status}"
         )
+    print(
+        "PRICE/H: estimated list price of the active jobs' nodes; SO FAR: since each job was "
+        "submitted (an upper bound: queued time included; '?' where AML gives no price)."
+    )
     return 0
 
 

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .azurite import Azurite
     from .client import EmulatorCredential, EmulatorTransport, make_ml_client
-    from .config import ComputeSpec, EmulatorConfig, EnvironmentSpec, load_config
+    from .config import (
+        ComputeSpec,
+        EmulatorConfig,
+        EnvironmentSpec,
+        QuotaSpec,
+        VmSizeSpec,
+        load_config,
+    )
     from .datastores import DatastoreSpec
     from .emulator import Emulator
 
@@ -29,6 +36,8 @@ __all__ = [
     "EmulatorCredential",
     "EmulatorTransport",
     "EnvironmentSpec",
+    "QuotaSpec",
+    "VmSizeSpec",
     "load_config",
     "make_ml_client",
     "run_emulator_cli",
@@ -40,6 +49,8 @@ _EXPORTS = {
     "ComputeSpec": "config",
     "EmulatorConfig": "config",
     "EnvironmentSpec": "config",
+    "QuotaSpec": "config",
+    "VmSizeSpec": "config",
     "load_config": "config",
     "Emulator": "emulator",
     "EmulatorCredential": "client",

@@ -14,6 +14,9 @@ from .network import NETWORK_MODES
 #: ``ComputeInstance`` can run jobs; other kinds are listed but reject jobs.
 COMPUTE_KINDS = ("AmlCompute", "ComputeInstance", "Kubernetes", "VirtualMachine")
 
+#: ``vmTier`` values of ``estimatedVMPrices`` (azure-rest-api-specs ``VMTier``).
+VM_TIERS = ("Standard", "LowPriority", "Spot")
+
 
 @dataclass
 class ComputeSpec:
@@ -65,6 +68,10 @@ class ComputeSpec:
             raise ValueError(f"compute {self.name!r}: max_nodes must be in 1..250")
         if not 0 <= self.min_nodes <= self.max_nodes:
             raise ValueError(f"compute {self.name!r}: min_nodes must be in 0..max_nodes")
+        priority = str(self.vm_priority).replace("_", "").replace("-", "").lower()
+        if priority not in ("dedicated", "lowpriority"):
+            raise ValueError(f"compute {self.name!r}: vm_priority must be Dedicated or LowPriority")
+        self.vm_priority = "LowPriority" if priority == "lowpriority" else "Dedicated"
         if isinstance(self.ssh_public_keys, str):
             self.ssh_public_keys = [self.ssh_public_keys]
         self.ssh_public_keys = [k.strip() for k in self.ssh_public_keys if k and k.strip()]
@@ -97,6 +104,170 @@ class EnvironmentSpec:
     name: str
     version: str = "1"
     image: str = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
+
+
+@dataclass
+class VmSizeSpec:
+    """One VM size of the emulated region's catalogue (``GET .../locations/{loc}/vmSizes``).
+
+    The fields are those of azure-rest-api-specs' ``VirtualMachineSize``
+    (``machinelearningservices`` 2023-08-01-preview, ``examples/VirtualMachineSize/list.json``).
+
+    Parameters
+    ----------
+    name
+        Size name, e.g. ``"Standard_DS3_v2"`` (matched case-insensitively, as AML does).
+    family
+        Quota family, e.g. ``"standardDSv2Family"``.
+    vcpus
+        vCPUs per node (what quota counts).
+    memory_gb
+        Memory per node.
+    gpus
+        GPUs per node.
+    prices
+        Illustrative USD per hour for Linux by ``vmTier`` (``"Standard"``,
+        ``"LowPriority"``, ``"Spot"``); None: the size has no ``estimatedVMPrices``
+        (AML omits them for some sizes).
+    low_priority_capable
+        Whether low-priority (Spot) nodes of this size exist.
+    premium_io
+        Premium storage support.
+    max_resource_volume_mb
+        Temporary disk size.
+    supported_compute_types
+        Compute types that may use the size.
+    """
+
+    name: str
+    family: str
+    vcpus: int
+    memory_gb: float
+    gpus: int = 0
+    prices: dict[str, float] | None = None
+    low_priority_capable: bool = True
+    premium_io: bool = True
+    max_resource_volume_mb: int = 0
+    supported_compute_types: list[str] = field(
+        default_factory=lambda: ["AmlCompute", "ComputeInstance"]
+    )
+
+    def __post_init__(self) -> None:
+        if self.vcpus < 1 or self.gpus < 0 or self.memory_gb <= 0:
+            raise ValueError(f"vm size {self.name!r}: vcpus >= 1, gpus >= 0, memory_gb > 0")
+        if self.prices is not None:
+            unknown = set(self.prices) - set(VM_TIERS)
+            if unknown:
+                raise ValueError(f"vm size {self.name!r}: price tiers must be among {VM_TIERS}")
+            self.prices = {k: float(v) for k, v in self.prices.items()}
+
+
+def default_vm_sizes() -> list[VmSizeSpec]:
+    """Return the default VM size catalogue.
+
+    Sizes, families, vCPUs, memory and GPUs are Azure's; the prices are
+    illustrative round numbers, not Azure's (``Standard_F4s_v2`` has none, as
+    AML sometimes returns a size without ``estimatedVMPrices``).
+
+    Returns
+    -------
+    list of VmSizeSpec
+        DSv2, DSv3, ESv3, FSv2 CPU sizes and NCSv3 GPU sizes.
+    """
+    return [
+        VmSizeSpec(
+            "Standard_DS3_v2",
+            "standardDSv2Family",
+            4,
+            14.0,
+            prices={"Standard": 0.29, "LowPriority": 0.06},
+            max_resource_volume_mb=28672,
+        ),
+        VmSizeSpec(
+            "Standard_D4s_v3",
+            "standardDSv3Family",
+            4,
+            16.0,
+            prices={"Standard": 0.19, "LowPriority": 0.04},
+            max_resource_volume_mb=32768,
+        ),
+        VmSizeSpec(
+            "Standard_D16s_v3",
+            "standardDSv3Family",
+            16,
+            64.0,
+            prices={"Standard": 0.77, "LowPriority": 0.15},
+            max_resource_volume_mb=131072,
+        ),
+        VmSizeSpec(
+            "Standard_E8s_v3",
+            "standardESv3Family",
+            8,
+            64.0,
+            prices={"Standard": 0.50, "LowPriority": 0.10},
+            max_resource_volume_mb=131072,
+        ),
+        VmSizeSpec("Standard_F4s_v2", "standardFSv2Family", 4, 8.0, max_resource_volume_mb=32768),
+        VmSizeSpec(
+            "Standard_NC6s_v3",
+            "standardNCSv3Family",
+            6,
+            112.0,
+            gpus=1,
+            prices={"Standard": 3.06, "LowPriority": 0.61},
+            max_resource_volume_mb=344064,
+        ),
+        VmSizeSpec(
+            "Standard_NC24s_v3",
+            "standardNCSv3Family",
+            24,
+            448.0,
+            gpus=4,
+            prices={"Standard": 12.24, "LowPriority": 2.45},
+            max_resource_volume_mb=1376256,
+        ),
+    ]
+
+
+@dataclass
+class QuotaSpec:
+    """vCPU quota of the emulated subscription in its region (AML compute quota).
+
+    As Microsoft Learn *Manage and increase quotas* describes it: dedicated
+    vCPUs have a limit per VM family and a regional total; low-priority vCPUs
+    have "a single value across VM families" (per-family low-priority limits
+    are reported as -1, i.e. none, unless set here); the total compute limit
+    counts clusters and compute instances (default 500).  Defaults are
+    generous; lower them (here or with ``emu.set_quota``) to see jobs queue.
+
+    Parameters
+    ----------
+    dedicated_vcpus
+        Total Cluster Dedicated Regional vCPUs.
+    low_priority_vcpus
+        Total Cluster LowPriority Regional vCPUs.
+    family_vcpus
+        Dedicated vCPU limit of a family not listed in ``families``.
+    families
+        Dedicated vCPU limit by family (e.g. ``{"standardNCSv3Family": 0}``).
+    low_priority_families
+        Low-priority vCPU limit by family (default: none).
+    max_computes
+        Total compute limit (clusters and compute instances).
+    """
+
+    dedicated_vcpus: int = 2000
+    low_priority_vcpus: int = 2000
+    family_vcpus: int = 1000
+    families: dict[str, int] = field(default_factory=dict)
+    low_priority_families: dict[str, int] = field(default_factory=dict)
+    max_computes: int = 500
+
+    def __post_init__(self) -> None:
+        values = [self.dedicated_vcpus, self.low_priority_vcpus, self.family_vcpus]
+        values += [*self.families.values(), *self.low_priority_families.values()]
+        if any(v < 0 for v in values) or self.max_computes < 0:
+            raise ValueError("quota limits must be >= 0")
 
 
 def default_computes() -> list[ComputeSpec]:
@@ -154,6 +325,15 @@ class EmulatorConfig:
         only through their SSH endpoints, as from a laptop; needs root or
         ``CAP_SYS_ADMIN`` and util-linux ``unshare``/``nsenter``; see
         :mod:`dask_amlcompute.emulator.netns`).
+    vm_sizes
+        The region's VM size catalogue (``list_sizes``); jobs and computes are
+        quota-checked with the vCPUs of their size (a configured compute whose
+        size is not in the catalogue is not counted).
+    quota
+        vCPU quota (``list_usage``); a job that does not fit waits in ``Queued``.
+    compute_provisioning_delay
+        Seconds a compute created or deleted through the API stays ``Creating``
+        or ``Deleting`` (the long-running operation's duration).
     """
 
     computes: list[ComputeSpec] = field(default_factory=default_computes)
@@ -169,8 +349,16 @@ class EmulatorConfig:
     build_timeout: float = 900.0
     job_service_delay: float = 1.0
     network: str = "loopback"
+    vm_sizes: list[VmSizeSpec] = field(default_factory=default_vm_sizes)
+    quota: QuotaSpec = field(default_factory=QuotaSpec)
+    compute_provisioning_delay: float = 0.5
 
     def __post_init__(self) -> None:
+        if not self.compute_provisioning_delay >= 0:
+            raise ValueError("compute_provisioning_delay must be a number of seconds >= 0")
+        sizes = [v.name.lower() for v in self.vm_sizes]
+        if len(set(sizes)) != len(sizes):
+            raise ValueError(f"duplicate vm sizes: {[v.name for v in self.vm_sizes]}")
         if not self.build_timeout > 0:
             raise ValueError("build_timeout must be a positive number of seconds")
         if not self.job_service_delay >= 0:
@@ -205,9 +393,10 @@ def config_from_dict(data: dict[str, Any]) -> EmulatorConfig:
     Parameters
     ----------
     data
-        Keys of :class:`EmulatorConfig`; ``computes`` and ``environments`` are
-        lists of mappings with the keys of :class:`ComputeSpec` /
-        :class:`EnvironmentSpec`.
+        Keys of :class:`EmulatorConfig`; ``computes``, ``environments`` and
+        ``vm_sizes`` are lists of mappings with the keys of :class:`ComputeSpec`,
+        :class:`EnvironmentSpec` and :class:`VmSizeSpec`; ``quota`` is a mapping
+        with the keys of :class:`QuotaSpec`.
 
     Returns
     -------
@@ -225,7 +414,15 @@ def config_from_dict(data: dict[str, Any]) -> EmulatorConfig:
     computes = data.pop("computes", None)
     environments = data.pop("environments", None) or []
     datastores = data.pop("datastores", None) or []
+    vm_sizes = data.pop("vm_sizes", None)
+    quota = data.pop("quota", None)
     kwargs: dict[str, Any] = dict(data)
+    if vm_sizes is not None:
+        kwargs["vm_sizes"] = [
+            _build(VmSizeSpec, v, f"vm_sizes[{i}]") for i, v in enumerate(vm_sizes)
+        ]
+    if quota is not None:
+        kwargs["quota"] = _build(QuotaSpec, quota, "quota")
     if computes is not None:
         kwargs["computes"] = [
             _build(ComputeSpec, c, f"computes[{i}]") for i, c in enumerate(computes)
@@ -271,6 +468,11 @@ def load_config(path: str | os.PathLike[str]) -> EmulatorConfig:
         build_timeout: 900
         job_service_delay: 1.0         # job SSH service: Starting this long (AML: 30-120 s)
         network: loopback              # isolated: a network namespace per compute (root)
+        compute_provisioning_delay: 0.5  # compute create/delete operations take this long
+        quota: {dedicated_vcpus: 24, families: {standardNCSv3Family: 0}}
+        vm_sizes:                      # replaces the default catalogue
+          - {name: Standard_D4s_v3, family: standardDSv3Family, vcpus: 4, memory_gb: 16,
+             prices: {Standard: 0.19, LowPriority: 0.04}}
     """
     with open(path, encoding="utf-8") as fh:
         text = fh.read()

@@ -148,6 +148,89 @@ class EmulatorControls:
 
         return self._call(_key)
 
+    def job_queue_reason(self, name: str) -> str | None:
+        """Return why a ``Queued`` job waits for vCPU quota, None when it does not.
+
+        The same text is the job property ``emulator.queueReason`` while it
+        waits and a ``Quota`` warning of its run details afterwards.
+
+        Parameters
+        ----------
+        name
+            Job name.
+
+        Returns
+        -------
+        str or None
+            AML's "must wait in a queue until quota is available", with numbers.
+        """
+        return self._call(lambda e: e.job(name).queue_reason)
+
+    # ----------------------------------------------------- computes and quota
+    def computes(self) -> dict[str, str]:
+        """Return the workspace's computes and their provisioning state.
+
+        Returns
+        -------
+        dict
+            Name to ``provisioningState`` (``Creating``, ``Succeeded``,
+            ``Deleting``); serverless jobs' nodes are not computes.
+        """
+        return self._call(
+            lambda e: {
+                c.spec.name: c.provisioning_state for c in e.computes.values() if not c.serverless
+            }
+        )
+
+    def compute_exists(self, name: str) -> bool:
+        """Return whether the workspace has a compute of that name (being created or deleted too).
+
+        Parameters
+        ----------
+        name
+            Compute name (case-insensitive).
+
+        Returns
+        -------
+        bool
+            Whether ``GET /computes/{name}`` finds it.
+        """
+        return name.lower() in {n.lower() for n in self.computes()}
+
+    def set_quota(self, limit: int, family: str | None = None, tier: str = "Dedicated") -> None:
+        """Change a vCPU quota limit (``list_usage`` reports it; queued jobs that now fit start).
+
+        Parameters
+        ----------
+        limit
+            New limit in vCPUs.
+        family
+            VM family (``"standardDSv3Family"``), or None for the regional total.
+        tier
+            ``"Dedicated"`` or ``"LowPriority"`` (``"Spot"`` is the same quota).
+        """
+        self._call(lambda e: e.set_quota(int(limit), family, tier))
+
+    def vcpus_in_use(self, family: str | None = None, tier: str = "Dedicated") -> int:
+        """Return the vCPUs of allocated nodes (busy or idle) counted against a quota.
+
+        Parameters
+        ----------
+        family
+            VM family, or None for the regional total of the tier.
+        tier
+            ``"Dedicated"`` or ``"LowPriority"``.
+
+        Returns
+        -------
+        int
+            ``currentValue`` of that ``list_usage`` entry.
+        """
+        from .capacity import tier_of
+
+        key = (family.lower() if family else None, tier_of(tier))
+        return self._call(lambda e: e.capacity.usage(e.computes.values()).get(key, 0))
+
     def job_service_daemons(self, job_name: str) -> list[dict[str, Any]]:
         """Return the SSH daemons of a job's services (``services={"ssh": SshJobService(...)}``).
 
@@ -220,12 +303,17 @@ class EmulatorControls:
     def preempt_node(self, job_name: str, rank: int, requeue: bool = False) -> None:
         """Emulate a low-priority preemption of a node: it is killed, the job fails.
 
+        Works on any job: one on a ``LowPriority`` compute or a serverless ``Spot``
+        job is what AML preempts.
+
         Parameters
         ----------
         job_name
             Job name.
         rank
             Node rank.
+        requeue
+            AML runs the job again on new nodes instead of failing it.
         """
         self._call(lambda e: e.kill_node(job_name, rank, preempted=True, requeue=requeue))
 

@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -18,6 +19,7 @@ from .controls import EmulatorControls
 from .datastores import DatastoreSpec
 from .engine import Endpoints, Engine
 from .handlers import FaultState, ServerContext
+from .mlflow_api import azureml_tracking_uri
 from .mlflow_api import tracking_uri as make_tracking_uri
 from .network import LoopbackNetwork, NodeNetwork
 from .state import NodeRecord
@@ -123,6 +125,10 @@ class Emulator(EmulatorControls):
         self.base_url = ""
         self.cert_path: str | None = None
         self.tracking_uri = ""
+        #: What the jobs' nodes get as ``MLFLOW_TRACKING_URI`` (``azureml://``, TLS, token).
+        self.node_tracking_uri = ""
+        self._tracking_port: int | None = None
+        self._tracking_server: Any = None
         self.tempdir: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -207,6 +213,7 @@ class Emulator(EmulatorControls):
         import tornado.httpserver
         import tornado.netutil
 
+        from .mlflow_api import make_tracking_app
         from .netclaim import claim_loopback_net
         from .server import make_app
         from .tls import make_self_signed, server_ssl_context
@@ -219,19 +226,31 @@ class Emulator(EmulatorControls):
             ssl_ctx = server_ssl_context(self.cert_path, key_path)
         sockets = tornado.netutil.bind_sockets(self.config.port, self.config.host)
         port = sockets[0].getsockname()[1]
+        # The nodes' tracking endpoint: TLS and a bearer token, like AML's azureml:// service
+        tracking_sockets = tornado.netutil.bind_sockets(0, self.config.host)
+        self._tracking_port = tracking_sockets[0].getsockname()[1]
         try:
             self._network = await self._open_network(port)
         except BaseException:
-            for sock in sockets:
+            for sock in sockets + tracking_sockets:
                 sock.close()
             raise
         scheme = "https" if ssl_ctx else "http"
         self.base_url = f"{scheme}://{self.config.host}:{port}"
         self.tracking_uri = make_tracking_uri(self.base_url)
+        tracking_dir = os.path.join(self.tempdir, "tracking-tls")
+        os.makedirs(tracking_dir, exist_ok=True)
+        tracking_cert, tracking_key = make_self_signed(tracking_dir, self.config.host)
+        self.node_tracking_uri = azureml_tracking_uri(f"{self.config.host}:{self._tracking_port}")
         self._engine = Engine(
             self.config,
             self.tempdir,
-            Endpoints(self.tracking_uri, self.cert_path),
+            Endpoints(
+                self.tracking_uri,
+                self.cert_path,
+                node_tracking_uri=self.node_tracking_uri,
+                node_ca_cert=tracking_cert,
+            ),
             self._start_ssh,
             net=self.node_net,
             network=self._network,
@@ -253,6 +272,10 @@ class Emulator(EmulatorControls):
             make_app(ctx), ssl_options=ssl_ctx, xheaders=False
         )
         self._server.add_sockets(sockets)
+        self._tracking_server = tornado.httpserver.HTTPServer(
+            make_tracking_app(ctx), ssl_options=server_ssl_context(tracking_cert, tracking_key)
+        )
+        self._tracking_server.add_sockets(tracking_sockets)
 
     async def _open_network(self, port: int) -> NodeNetwork:
         """Return the nodes' network; an isolated one is checked first (errors name why)."""
@@ -286,6 +309,8 @@ class Emulator(EmulatorControls):
         if port is None:
             port = urlsplit(self.base_url).port
         found = [(self.config.host, int(port))] if port else []
+        if self._tracking_port:
+            found.append((self.config.host, self._tracking_port))
         for store in self.config.datastores:
             url = urlsplit(store.endpoint) if "://" in store.endpoint else None
             if url is not None and url.hostname:
@@ -351,6 +376,9 @@ class Emulator(EmulatorControls):
     async def _astop(self) -> None:
         if self._server is not None:
             self._server.stop()
+        tracking, self._tracking_server = self._tracking_server, None
+        if tracking is not None:
+            tracking.stop()
         if self._engine is not None:
             await self._engine.shutdown()
         if self._server is not None:

@@ -22,8 +22,9 @@ from typing import Any
 
 from . import identity, outcomes
 from . import nodes as nodeproc
+from .capacity import Capacity, tier_of
 from .codes import CodeStore, materialise
-from .config import EmulatorConfig
+from .config import ComputeSpec, EmulatorConfig
 from .envbuild import (
     BUILD_FAILED_FORMAT,
     BUILD_FAILED_MESSAGE,
@@ -54,6 +55,11 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between SIGTERM and SIGKILL when a job is canceled or times out.
 KILL_GRACE = 3.0
+#: Seconds between quota checks of a job queued for want of quota (idle nodes of other
+#: computes scale down on a clock, not on an event).
+QUOTA_RECHECK = 0.5
+#: Third octets of node addresses (``127.{net}.{index + 1}.{slot + 1}``) go up to 254.
+MAX_COMPUTE_INDEX = 253
 
 
 @dataclass
@@ -72,6 +78,10 @@ class Endpoints:
 
     tracking_uri: str
     cert_path: str | None = None
+    #: The nodes' ``azureml://`` tracking URI (the emulator's TLS tracking endpoint).
+    node_tracking_uri: str = ""
+    #: The CA certificate of that endpoint, which the nodes' trust store holds.
+    node_ca_cert: str | None = None
 
 
 def log_name(rank: int) -> str:
@@ -123,10 +133,17 @@ class Engine:
         self.network: NodeNetwork = network if network is not None else LoopbackNetwork()
         self.endpoints = endpoints
         self.provisioning_delay = float(config.provisioning_delay)
+        self.net = net
         self.computes: dict[str, ComputeState] = {
             spec.name.lower(): ComputeState(spec=spec, index=i, net=net)
             for i, spec in enumerate(config.computes)
         }
+        #: VM sizes and vCPU quota of the region (``list_sizes``, ``list_usage``).
+        self.capacity = Capacity(config.vm_sizes, config.quota)
+        #: Seconds a compute create / delete operation takes.
+        self.compute_provisioning_delay = float(config.compute_provisioning_delay)
+        #: Tasks the engine started outside any job (closing a deleted compute's network).
+        self._background: set[asyncio.Task[Any]] = set()
         self.jobs: dict[str, JobRecord] = {}
         self.reaper = GroupReaper()  # kills our node groups if this process dies uncleanly
         self.reaper.start()
@@ -164,12 +181,10 @@ class Engine:
         ApiError
             404 if there is no such compute.
         """
-        try:
-            return self.computes[name.lower()]
-        except KeyError:
-            raise ApiError(
-                404, "ResourceNotFound", f"Compute '{name}' was not found in workspace"
-            ) from None
+        found = self.computes.get(name.lower())
+        if found is None or found.serverless:  # serverless pools have no name to address
+            raise ApiError(404, "ResourceNotFound", f"Compute '{name}' was not found in workspace")
+        return found
 
     def job(self, name: str) -> JobRecord:
         """Return a job by name.
@@ -319,23 +334,28 @@ class Engine:
                     job.properties[key] = props[key]
             return job, False
         spec = parse_job(name, body)
-        compute = self.computes.get(spec.compute.lower())
-        if compute is None:
+        pool = self._serverless_spec(spec) if spec.serverless else None
+        found = None if pool else self.computes.get(spec.compute.lower())
+        if pool is None and (
+            found is None or found.serverless or found.provisioning_state == "Deleting"
+        ):
             raise ApiError(
                 400,
                 "UserError",
                 f"Compute target '{spec.compute}' not found in workspace "
                 f"'{identity.WORKSPACE_NAME}'.",
             )
-        if not compute.spec.runs_jobs:
+        if found is not None and not found.spec.runs_jobs:
             raise ApiError(
                 400,
                 "UserError",
-                f"Compute '{compute.spec.name}' of type {compute.spec.kind} cannot "
+                f"Compute '{found.spec.name}' of type {found.spec.kind} cannot "
                 "run command jobs in the emulator.",
             )
         ref = environment_reference(spec.properties["environmentId"])
         env_props = self.job_environment(*ref).properties if ref is not None else None
+        compute = self._add_compute(pool, serverless=True) if pool else found
+        assert compute is not None  # one of the two, checked above
         props = dict(spec.properties)
         report = environment_report(spec.properties["environmentId"], env_props)
         props["properties"] = {
@@ -358,6 +378,173 @@ class Engine:
         self._submitted[name] = copy.deepcopy(body["properties"])
         job.task = asyncio.ensure_future(self._lifecycle(job, spec, compute))
         return job, True
+
+    def _serverless_spec(self, spec: JobSpec) -> ComputeSpec:
+        """The implicit pool of a serverless job; 400 when its size or quota cannot serve it.
+
+        AML refuses at submit a serverless job whose ``instance_type`` it does not
+        offer or whose instances can never fit the quota (Microsoft Learn,
+        *how-to-use-serverless-compute*, *Quota*: "you see an error").
+        """
+        tier = tier_of(spec.job_tier)
+        if spec.instance_type is None:
+            size = self.capacity.default_serverless_size(spec.instance_count, tier)
+        else:
+            found = self.capacity.size(spec.instance_type)
+            if found is None or "amlcompute" not in {
+                t.lower() for t in found.supported_compute_types
+            }:
+                message = self.capacity.unknown_size_error(spec.instance_type, f"Job '{spec.name}'")
+                raise ApiError(400, "UserError", message)
+            size = found
+        if tier != "Dedicated" and not size.low_priority_capable:
+            raise ApiError(400, "UserError", f"VM size {size.name} has no Spot (low priority) VMs.")
+        error = self.capacity.serverless_quota_error(size, tier, spec.instance_count)
+        if error is not None:
+            raise ApiError(400, "UserError", error)
+        if spec.instance_count > 250:
+            raise ApiError(400, "UserError", "resources.instanceCount must be at most 250")
+        return ComputeSpec(
+            name=f"serverless_{spec.name}",  # "_" is never in a compute's name
+            max_nodes=spec.instance_count,
+            vm_size=size.name,
+            idle_seconds_before_scaledown=0,  # the pool goes with its job
+            admin_user=None,
+            ssh_public_access=False,
+            vm_priority=tier,
+        )
+
+    # ----------------------------------------------------------------- computes
+    def _add_compute(
+        self, spec: ComputeSpec, *, serverless: bool = False, state: str = "Succeeded"
+    ) -> ComputeState:
+        """Register a compute (or a serverless job's pool) on the lowest free address index."""
+        used = {c.index for c in self.computes.values()}
+        free = [i for i in range(MAX_COMPUTE_INDEX + 1) if i not in used]
+        if not free:
+            raise ApiError(503, "ServiceUnavailable", "the emulator has no node addresses left")
+        compute = ComputeState(spec=spec, index=free[0], net=self.net)
+        compute.serverless = serverless
+        compute.provisioning_state = state
+        self.computes[spec.name.lower()] = compute
+        return compute
+
+    def create_compute(self, spec: ComputeSpec) -> ComputeState:
+        """Start creating a compute: ``Creating`` now, ``Succeeded`` after the delay.
+
+        Jobs may target it at once; they stay ``Queued`` until it is ready.
+
+        Parameters
+        ----------
+        spec
+            The validated compute.
+
+        Returns
+        -------
+        ComputeState
+            The new compute.
+        """
+        compute = self._add_compute(spec, state="Creating")
+        asyncio.get_running_loop().call_later(
+            self.compute_provisioning_delay, self._compute_created, compute
+        )
+        return compute
+
+    def update_compute(self, compute: ComputeState, spec: ComputeSpec) -> None:
+        """Apply new scale settings (max and min nodes, idle time) to a compute.
+
+        Parameters
+        ----------
+        compute
+            The compute.
+        spec
+            Its new settings.
+
+        Raises
+        ------
+        ApiError
+            409 when fewer nodes than its jobs hold are asked for.
+        """
+        try:
+            compute.resize(spec.max_nodes)
+        except ValueError as exc:
+            raise ApiError(409, "Conflict", str(exc)) from None
+        compute.spec.min_nodes = spec.min_nodes
+        compute.spec.idle_seconds_before_scaledown = spec.idle_seconds_before_scaledown
+        self._schedule()
+
+    def _compute_created(self, compute: ComputeState) -> None:
+        if compute.provisioning_state == "Creating":
+            compute.provisioning_state = "Succeeded"
+            self._schedule()
+
+    def delete_compute(self, name: str) -> ComputeState:
+        """Start deleting a compute: ``Deleting`` now, gone after the delay.
+
+        Its unfinished jobs fail at once with AML's ``AzureMLCompute cluster
+        <name> does not exist`` (UserError, as in Azure/MachineLearningNotebooks#906).
+
+        Parameters
+        ----------
+        name
+            Compute name.
+
+        Returns
+        -------
+        ComputeState
+            The compute being deleted.
+        """
+        compute = self.compute(name)
+        compute.provisioning_state = "Deleting"
+        error = {
+            "code": "UserError",
+            "message": f"AzureMLCompute cluster {compute.spec.name} does not exist",
+        }
+        for job in self.jobs.values():
+            if job.compute == compute.spec.name and not job.is_terminal and job.failure is None:
+                job.failure = dict(error)
+                job.wake.set()
+        asyncio.get_running_loop().call_later(
+            self.compute_provisioning_delay, self._compute_deleted, compute
+        )
+        return compute
+
+    def _compute_deleted(self, compute: ComputeState) -> None:
+        self._drop_compute(compute)
+
+    def _drop_compute(self, compute: ComputeState) -> None:
+        """Unregister a compute and, once its jobs have ended, close its network."""
+        if self.computes.get(compute.spec.name.lower()) is compute:
+            del self.computes[compute.spec.name.lower()]
+        jobs = [j for j in self.jobs.values() if j.compute == compute.spec.name and j.done]
+
+        async def close() -> None:
+            pending = [asyncio.ensure_future(j.done.wait()) for j in jobs if not j.is_terminal]
+            if pending:
+                await asyncio.wait(pending, timeout=KILL_GRACE + 10.0)
+                for waiter in pending:
+                    waiter.cancel()
+            if compute.spec.name.lower() not in self.computes:  # not created again meanwhile
+                await self.network.release(compute.spec.name)
+
+        task = asyncio.ensure_future(close())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def set_quota(self, limit: int, family: str | None = None, tier: str = "Dedicated") -> None:
+        """Change a vCPU limit; queued jobs that now fit start.
+
+        Parameters
+        ----------
+        limit
+            New limit.
+        family
+            VM family (e.g. ``standardDSv3Family``), or None for the regional total.
+        tier
+            ``Dedicated`` or ``LowPriority`` (``Spot``).
+        """
+        self.capacity.set_limit(limit, family, tier)
+        self._schedule()
 
     def cancel(self, name: str, reason: str = "canceled") -> JobRecord:
         """Request cancellation of a job (no-op if it already ended).
@@ -451,20 +638,36 @@ class Engine:
         job.wake.clear()
 
     def _schedule(self) -> None:
-        """Give free nodes to queued jobs, first come first served per compute."""
-        for compute in self.computes.values():
+        """Give free nodes to queued jobs, first come first served per compute.
+
+        A job that has its nodes free on its compute but whose new VMs would
+        exceed a vCPU quota stays at the head of the queue with the reason
+        (``queue_reason``) until quota frees up (see :mod:`.capacity`).
+        """
+        for compute in list(self.computes.values()):
+            if compute.provisioning_state != "Succeeded":
+                continue
             while compute.queue:
                 job = self.jobs[compute.queue[0]]
-                if job.is_terminal or job.cancel_reason is not None:
+                if job.is_terminal or job.cancel_reason is not None or job.failure is not None:
                     compute.queue.pop(0)
                     continue
                 if compute.free < job.instance_count:
                     break
+                reason = self.capacity.shortfall(
+                    self.computes.values(), compute, compute.new_vms(job.instance_count)
+                )
+                if reason is not None:
+                    if job.queue_reason is None:
+                        job.warnings.append({"source": "Quota", "message": reason})
+                    job.queue_reason = reason
+                    break
+                job.queue_reason = None
                 compute.queue.pop(0)
                 job.slots = compute.allocate(job.name, job.instance_count)
                 job.wake.set()
 
-    def _finish(self, job: JobRecord, status: str, error: dict[str, str] | None = None) -> None:
+    def _finish(self, job: JobRecord, status: str, error: dict[str, Any] | None = None) -> None:
         job.status = status
         job.error = error
         job.end_time = time.time()
@@ -530,12 +733,25 @@ class Engine:
                 },
             )
             return
-        if job.cancel_reason is None:
+        demand = self.capacity.demand(compute)
+        quota_error = (
+            None if demand is None else self.capacity.job_quota_error(demand, job.instance_count)
+        )
+        if quota_error is not None:  # more vCPUs than a limit: AML fails the job, no queueing
+            self._finish(job, "Failed", quota_error)
+            return
+        if job.cancel_reason is None and job.failure is None:
             job.status = "Queued"
             compute.queue.append(job.name)
             self._schedule()
-        while job.slots is None and job.cancel_reason is None:
-            await self._pause(job, None)
+        while job.slots is None and job.cancel_reason is None and job.failure is None:
+            await self._pause(job, QUOTA_RECHECK if job.queue_reason else None)
+            if job.slots is None and job.queue_reason:
+                self._schedule()
+        job.queue_reason = None
+        if job.failure is not None and job.slots is None:
+            self._finish(job, "Failed", job.failure)
+            return
         if job.cancel_reason is not None:
             self._finish_canceled(job)
             return
@@ -545,11 +761,15 @@ class Engine:
         # The provisioning delay and the environment build overlap, as on AML.
         deadline = time.monotonic() + self.provisioning_delay
         build = self._join_build(job, spec)
-        while job.cancel_reason is None:
+        while job.cancel_reason is None and job.failure is None:
             left = deadline - time.monotonic()
             if left <= 0 and (build is None or build.task.done()):
                 break
             await self._pause(job, left if left > 0 else None)
+        if job.failure is not None:  # its compute was deleted
+            await self._leave_build(job, build)
+            self._finish(job, "Failed", job.failure)
+            return
         if job.cancel_reason is not None:
             await self._leave_build(job, build)
             self._finish_canceled(job)
@@ -585,7 +805,13 @@ class Engine:
                 log.write(header)
             env = nodeproc.node_base_environment(
                 node_variables(
-                    spec, node.rank, ips, self.endpoints.tracking_uri, self.endpoints.cert_path
+                    spec,
+                    node.rank,
+                    ips,
+                    self.endpoints.node_tracking_uri or self.endpoints.tracking_uri,
+                    self.endpoints.cert_path,
+                    tracking_token=job.tracking_token,
+                    trusted_ca=self.endpoints.node_ca_cert,
                 ),
                 venv=job.venv,
             )
@@ -675,6 +901,8 @@ class Engine:
         if not job.is_terminal:
             self._finish_canceled(job)
         job.done.set()
+        if compute.serverless:  # a serverless job's nodes go with it
+            self._drop_compute(compute)
         self._schedule()
 
     async def shutdown(self, timeout: float = 15.0) -> None:
@@ -703,6 +931,11 @@ class Engine:
         for task in tasks:
             if not task.done():
                 task.cancel()
+        background = list(self._background)
+        for task in background:
+            task.cancel()
+        if background:
+            await asyncio.wait(background, timeout=KILL_GRACE)
         await self.job_services.close()
         await asyncio.to_thread(self.reaper.close)
 

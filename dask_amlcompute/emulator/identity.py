@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -61,6 +62,33 @@ def child_id(kind: str, name: str, *rest: str) -> str:
         The ARM id.
     """
     return "/".join([workspace_id(), kind, name, *rest])
+
+
+def operation_url(sub: str, kind: str, op: str, api_version: str) -> str:
+    """Return the ARM URL of a long-running operation of the emulated region.
+
+    Parameters
+    ----------
+    sub
+        Subscription id.
+    kind
+        Collection, e.g. ``"mfeOperationsStatus"``, ``"computeOperationsStatus"``.
+    op
+        Operation id.
+    api_version
+        ``api-version`` the client used.
+
+    Returns
+    -------
+    str
+        ``https://management.azure.com/subscriptions/{sub}/providers/
+        Microsoft.MachineLearningServices/locations/local/{kind}/{op}?api-version=...``
+        (the SDK's transport sends it back to the emulator).
+    """
+    return (
+        f"https://management.azure.com/subscriptions/{sub}/providers/{PROVIDER}/"
+        f"locations/{REGION}/{kind}/{op}?api-version={api_version}"
+    )
 
 
 def studio_url(job_name: str) -> str:
@@ -166,6 +194,42 @@ def bearer_claims(
     if not any(isinstance(a, str) and a.rstrip("/").lower() in wanted for a in given):
         return None
     return claims
+
+
+def run_token(job_name: str, lifetime: float = 30 * 24 * 3600) -> str:
+    """A job's ``MLFLOW_TRACKING_TOKEN``: a JWT, as AML's run tokens are.
+
+    ``azureml-mlflow`` decodes the token (without verifying it) to read its
+    ``exp`` (``AzureMLTokenAuthentication._get_token_expiry_time`` in
+    azureml-mlflow 1.62), so it must be a well-formed JWT. Unsigned, like the
+    emulator's ARM tokens; a random ``jti`` makes every job's token unique.
+
+    Parameters
+    ----------
+    job_name
+        The run the token is for.
+    lifetime
+        Seconds until ``exp``.
+
+    Returns
+    -------
+    str
+        The token.
+    """
+
+    def b64(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode("ascii")
+
+    now = int(time.time())
+    claims = {
+        "tid": TENANT_ID,
+        "aud": "https://ml.azure.com",
+        "runId": job_name,
+        "iat": now,
+        "exp": now + int(lifetime),
+        "jti": secrets.token_urlsafe(16),
+    }
+    return ".".join([b64({"alg": "none", "typ": "JWT"}), b64(claims), ""])
 
 
 def token_subject(authorization: str | None) -> str | None:

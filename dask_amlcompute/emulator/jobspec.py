@@ -75,6 +75,13 @@ class JobSpec:
     code_id: str | None = None
     #: The SSH services the job declared (``properties.services``, type ``SSH``).
     ssh_services: tuple[SshServiceSpec, ...] = ()
+    #: Serverless: no ``computeId`` (or ``"serverless"``); AML runs the job on nodes of
+    #: ``instance_type`` it manages itself (Microsoft Learn, *how-to-use-serverless-compute*).
+    serverless: bool = False
+    #: ``resources.instanceType`` (the VM size of a serverless job).
+    instance_type: str | None = None
+    #: ``queueSettings.jobTier``: ``Standard`` (dedicated VMs) or ``Spot`` (low priority).
+    job_tier: str | None = None
 
 
 @dataclass(frozen=True)
@@ -245,8 +252,10 @@ def parse_job(name: str, body: Any) -> JobSpec:
     if not isinstance(command, str) or not command.strip():
         raise ApiError(400, "BadRequest", "properties.command must be a non-empty string")
     compute_id = props.get("computeId")
-    if not isinstance(compute_id, str) or not compute_id:
-        raise ApiError(400, "BadRequest", "properties.computeId is required")
+    if compute_id is not None and (not isinstance(compute_id, str) or not compute_id):
+        raise ApiError(400, "BadRequest", "properties.computeId must be a non-empty string")
+    # No compute (or azure-ai-ml's SERVERLESS_COMPUTE, "serverless"): a serverless job.
+    serverless = compute_id is None or _resource_name(compute_id).lower() == "serverless"
     if not isinstance(props.get("environmentId"), str):
         raise ApiError(400, "BadRequest", "properties.environmentId is required")
     resources = props.get("resources") or {}
@@ -255,6 +264,19 @@ def parse_job(name: str, body: Any) -> JobSpec:
     count = resources.get("instanceCount", 1)
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise ApiError(400, "BadRequest", "resources.instanceCount must be a positive integer")
+    instance_type = resources.get("instanceType")
+    if instance_type is not None and (not isinstance(instance_type, str) or not instance_type):
+        raise ApiError(400, "BadRequest", "resources.instanceType must be a non-empty string")
+    queue = props.get("queueSettings") or {}
+    if not isinstance(queue, dict):
+        raise ApiError(400, "BadRequest", "properties.queueSettings must be an object")
+    job_tier = queue.get("jobTier")
+    if str(job_tier or "Null").lower() not in ("null", "standard", "spot"):
+        raise ApiError(
+            400,
+            "UserError",
+            f"queueSettings.jobTier {job_tier!r} is not supported: use Standard or Spot",
+        )
     dist = props.get("distribution") or {}
     if not isinstance(dist, dict):
         raise ApiError(400, "BadRequest", "properties.distribution must be an object")
@@ -278,7 +300,7 @@ def parse_job(name: str, body: Any) -> JobSpec:
         name=name,
         properties=props,
         command=command,
-        compute=_resource_name(compute_id),
+        compute="serverless" if serverless else _resource_name(str(compute_id)),
         instance_count=count,
         distribution_type=dist_type,
         process_count_per_instance=per_instance,
@@ -287,6 +309,9 @@ def parse_job(name: str, body: Any) -> JobSpec:
         environment_variables={str(k): str(v) for k, v in env_vars.items()},
         code_id=code_id,
         ssh_services=ssh_services,
+        serverless=serverless,
+        instance_type=instance_type,
+        job_tier=None if str(job_tier or "Null").lower() == "null" else str(job_tier),
     )
 
 
@@ -316,6 +341,9 @@ def node_variables(
     ips: list[str],
     tracking_uri: str,
     cert_path: str | None = None,
+    *,
+    tracking_token: str | None = None,
+    trusted_ca: str | None = None,
 ) -> dict[str, str]:
     """Return the variables AML sets on node ``rank`` of a job.
 
@@ -331,6 +359,13 @@ def node_variables(
         MLflow tracking URI for the workspace.
     cert_path
         Certificate nodes must trust for an HTTPS emulator.
+    tracking_token
+        The run's ``MLFLOW_TRACKING_TOKEN`` (AML sets it with an ``azureml://``
+        tracking URI; ``azureml-mlflow`` sends it as the bearer token).
+    trusted_ca
+        CA certificate of the tracking endpoint, put in the node's trust store
+        (``SSL_CERT_FILE``, ``REQUESTS_CA_BUNDLE``): on AML the endpoint has a
+        certificate every node trusts; here it is the emulator's own CA.
 
     Returns
     -------
@@ -360,7 +395,12 @@ def node_variables(
         "MLFLOW_TRACKING_URI": tracking_uri,
         "MLFLOW_RUN_ID": spec.name,
         "MLFLOW_EXPERIMENT_NAME": spec.experiment_name,
+        "MLFLOW_EXPERIMENT_ID": spec.experiment_name,  # the emulator's experiment id is its name
     }
+    if tracking_token:
+        env["MLFLOW_TRACKING_TOKEN"] = tracking_token
+    if trusted_ca:
+        env["SSL_CERT_FILE"] = env["REQUESTS_CA_BUNDLE"] = trusted_ca
     if cert_path:
         env["MLFLOW_TRACKING_SERVER_CERT_PATH"] = cert_path
         env["AZUREML_EMULATOR_CA_CERT"] = cert_path

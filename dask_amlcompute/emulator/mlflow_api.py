@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import tornado.web
+
 from . import identity
 from .errors import ApiError
 from .handlers import BaseHandler
@@ -25,11 +27,26 @@ _STATUS = {
     "Finalizing": "RUNNING",
 }
 
-#: URL prefix under which the MLflow API is served (the tracking URI's path).
-MLFLOW_PREFIX = (
-    f"/mlflow/v1.0/subscriptions/{identity.SUBSCRIPTION_ID}/resourceGroups/{identity.RESOURCE_GROUP}"
+#: The workspace scope under AML's MLflow API versions.
+WORKSPACE_SCOPE = (
+    f"/subscriptions/{identity.SUBSCRIPTION_ID}/resourceGroups/{identity.RESOURCE_GROUP}"
     f"/providers/{identity.PROVIDER}/workspaces/{identity.WORKSPACE_NAME}"
 )
+#: URL prefix under which the MLflow API is served (the tracking URI's path). AML
+#: serves ``/mlflow/v1.0`` (mlflow 1.x clients) and ``/mlflow/v2.0`` (what
+#: azureml-mlflow sends for mlflow >= 2: its ``AzureMLRestStore.get_host_credentials``).
+MLFLOW_PREFIX = "/mlflow/v1.0" + WORKSPACE_SCOPE
+
+
+def azureml_tracking_uri(netloc: str) -> str:
+    """The ``azureml://`` tracking URI AML gives a job's nodes, for the endpoint at ``netloc``.
+
+    On AML: ``azureml://<region>.api.azureml.ms/mlflow/v1.0/subscriptions/...``;
+    clients call ``https://<netloc>/mlflow/v2.0/<scope>/api/2.0/mlflow/...`` with
+    the job's ``MLFLOW_TRACKING_TOKEN`` (azureml-mlflow 1.62,
+    ``_internal/utils.py`` ``get_service_context_from_tracking_url_mlflow_env_vars``).
+    """
+    return f"azureml://{netloc}{MLFLOW_PREFIX}"
 
 
 def tracking_uri(base_url: str) -> str:
@@ -111,6 +128,37 @@ class MlflowHandler(BaseHandler):
     """Base for MLflow routes: MLflow-style errors, no injected faults."""
 
     control_plane = False
+    #: The job whose token the request carries (node-facing endpoint only).
+    token_job: JobRecord | None = None
+
+    def initialize(self, ctx: Any, require_token: bool = False) -> None:
+        """Receive the context; ``require_token``: the node-facing ``azureml://`` endpoint.
+
+        Parameters
+        ----------
+        ctx
+            Shared context.
+        require_token
+            Answer 401 without a job's ``MLFLOW_TRACKING_TOKEN`` as bearer token, and
+            403 when a job writes to another job's run.
+        """
+        super().initialize(ctx)
+        self.require_token = require_token
+
+    def prepare(self) -> None:
+        """Check the bearer token on the node-facing endpoint (AML answers 401 without one)."""
+        super().prepare()
+        if self._finished or not self.require_token:
+            return
+        auth = self.request.headers.get("Authorization", "")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        self.token_job = next(
+            (j for j in self.engine.jobs.values() if token and j.tracking_token == token), None
+        )
+        if self.token_job is None:
+            self.send_mlflow_error(
+                401, "UNAUTHENTICATED", "Missing or invalid bearer token for the tracking service."
+            )
 
     def send_mlflow_error(self, status: int, code: str, message: str) -> None:
         """Finish with an MLflow error body.
@@ -191,6 +239,13 @@ class RunWriteHandler(MlflowHandler):
             return
         job = self.find_run(body.get("run_id") or body.get("run_uuid"))
         if job is None:
+            return
+        if self.require_token and self.token_job is not None and job is not self.token_job:
+            self.send_mlflow_error(
+                403,
+                "PERMISSION_DENIED",
+                f"The token of run '{self.token_job.name}' cannot write to run '{job.name}'.",
+            )
             return
         try:
             self._apply(job, action, body)
@@ -279,21 +334,23 @@ class ExperimentHandler(MlflowHandler):
         )
 
 
-def mlflow_routes(ctx: Any) -> list[tuple[str, type, dict[str, Any]]]:
+def mlflow_routes(ctx: Any, require_token: bool = False) -> list[tuple[str, type, dict[str, Any]]]:
     """Return the tornado routes of the MLflow subset.
 
     Parameters
     ----------
     ctx
         Shared handler context, a ``ServerContext``.
+    require_token
+        Routes of the node-facing endpoint (see :meth:`MlflowHandler.initialize`).
 
     Returns
     -------
     list
         ``(pattern, handler, kwargs)`` tuples.
     """
-    api = "(?i)" + MLFLOW_PREFIX.replace(".", r"\.") + "/api/2\\.0/mlflow"
-    kw = {"ctx": ctx}
+    api = r"(?i)/mlflow/v[12]\.0" + WORKSPACE_SCOPE.replace(".", r"\.") + r"/api/2\.0/mlflow"
+    kw = {"ctx": ctx, "require_token": require_token}
     return [
         (api + r"/runs/get", RunGetHandler, kw),
         (
@@ -304,3 +361,34 @@ def mlflow_routes(ctx: Any) -> list[tuple[str, type, dict[str, Any]]]:
         (api + r"/metrics/get-history", MetricHistoryHandler, kw),
         (api + r"/experiments/(?P<action>get-by-name|get)", ExperimentHandler, kw),
     ]
+
+
+class _TrackingNotFound(MlflowHandler):
+    """Anything else on the tracking endpoint: MLflow's 404."""
+
+    def prepare(self) -> None:
+        """Answer 404 for every method."""
+        self.send_mlflow_error(404, "ENDPOINT_NOT_FOUND", f"No such endpoint: {self.request.path}")
+
+
+def make_tracking_app(ctx: Any) -> tornado.web.Application:
+    """The node-facing tracking endpoint (the host of the jobs' ``azureml://`` URI).
+
+    Only the MLflow routes, each requiring a job's ``MLFLOW_TRACKING_TOKEN``.
+
+    Parameters
+    ----------
+    ctx
+        Shared handler context, a ``ServerContext``.
+
+    Returns
+    -------
+    tornado.web.Application
+        The application.
+    """
+    return tornado.web.Application(
+        mlflow_routes(ctx, require_token=True),
+        default_handler_class=_TrackingNotFound,
+        default_handler_args={"ctx": ctx, "require_token": False},
+        compress_response=False,
+    )

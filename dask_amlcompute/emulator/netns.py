@@ -426,6 +426,22 @@ class IsolatedNetwork:
             sock = await _call_in_namespace(ns.fd, _tcp_socket)
         return await open_connection_socket(sock, host, port, timeout)
 
+    async def release(self, compute: str) -> None:
+        """Close one compute's bridges and stop its holder, if open (idempotent).
+
+        Parameters
+        ----------
+        compute
+            Compute name (case-insensitive): a deleted compute, or the pool of a
+            finished serverless job.
+        """
+        key = compute.lower()
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            ns = self._namespaces.pop(key, None)
+            if ns is not None:
+                await self._destroy(ns)
+        self._locks.pop(key, None)
+
     async def close(self) -> None:
         """Close every bridge and stop every holder (idempotent; each step bounded)."""
         self._closed = True

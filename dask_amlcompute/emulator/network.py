@@ -75,6 +75,9 @@ class NodeNetwork(Protocol):
             (``TimeoutError``).
         """
 
+    async def release(self, compute: str) -> None:
+        """Tear down one compute's network, if open (a deleted compute, a finished serverless job)."""
+
     async def close(self) -> None:
         """Tear down whatever :meth:`open` created (idempotent)."""
 
@@ -141,6 +144,9 @@ class LoopbackNetwork:
         """A socket connected to ``host:port`` of this machine (public and node side alike)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         return await open_connection_socket(sock, host, port, timeout)
+
+    async def release(self, compute: str) -> None:
+        """Nothing to tear down."""
 
     async def close(self) -> None:
         """Nothing to tear down."""

@@ -17,6 +17,7 @@ import tornado.web
 from . import identity, shapes
 from .blobs import blob_routes
 from .code_api import code_routes
+from .compute_api import compute_routes
 from .datastore_api import datastore_routes
 from .engine import KILL_GRACE, log_name
 from .envbuild import BUILD_LOG_NAME
@@ -124,12 +125,10 @@ class JobHandler(_JobResource):
 
 
 def _operation_urls(sub: str, op: str, api_version: str) -> tuple[str, str]:
-    base = (
-        f"https://management.azure.com/subscriptions/{sub}/providers/"
-        f"{identity.PROVIDER}/locations/{identity.REGION}"
+    return (
+        identity.operation_url(sub, "mfeOperationsStatus", op, api_version),
+        identity.operation_url(sub, "mfeOperationResults", op, api_version),
     )
-    q = f"?api-version={api_version}"
-    return f"{base}/mfeOperationsStatus/{op}{q}", f"{base}/mfeOperationResults/{op}{q}"
 
 
 async def _wait_done(job: Any, seconds: float) -> bool:
@@ -191,30 +190,6 @@ class OperationHandler(BaseHandler):
             self.set_header("Retry-After", "1")
             self.set_status(202)
             self.finish()
-
-
-class ComputesHandler(BaseHandler):
-    """``GET /computes``."""
-
-    def get(self, **_: str) -> None:
-        """List computes."""
-        self.send_json(
-            _value_list([shapes.compute_to_rest(c) for c in self.engine.computes.values()])
-        )
-
-
-class ComputeHandler(BaseHandler):
-    """``GET /computes/{name}``."""
-
-    def get(self, name: str, **_: str) -> None:
-        """Return a compute.
-
-        Parameters
-        ----------
-        name
-            Compute name.
-        """
-        self.send_json(shapes.compute_to_rest(self.engine.compute(name)))
 
 
 class ListNodesHandler(BaseHandler):
@@ -488,6 +463,10 @@ class StatusHandler(BaseHandler):
                 "computes": {
                     c.spec.name: {
                         "kind": c.spec.kind,
+                        "vm_size": c.spec.vm_size,
+                        "vm_priority": c.spec.vm_priority,
+                        "provisioning_state": c.provisioning_state,
+                        "serverless": c.serverless,
                         "max_nodes": c.spec.max_nodes,
                         "in_use": c.in_use,
                         "queued": list(c.queue),
@@ -551,9 +530,7 @@ def make_app(ctx: ServerContext) -> tornado.web.Application:
         (WS + r"/jobs", JobsHandler, kw),
         (WS + r"/jobs/(?P<name>[^/]+)/cancel", JobCancelHandler, kw),
         (WS + r"/jobs/(?P<name>[^/]+)", JobHandler, kw),
-        (WS + r"/computes", ComputesHandler, kw),
         (WS + r"/computes/(?P<name>[^/]+)/listNodes", ListNodesHandler, kw),
-        (WS + r"/computes/(?P<name>[^/]+)", ComputeHandler, kw),
         (WS + r"/environments", EnvironmentsHandler, kw),
         (WS + r"/environments/(?P<name>[^/]+)/versions", EnvironmentVersionsHandler, kw),
         (
@@ -590,6 +567,7 @@ def make_app(ctx: ServerContext) -> tornado.web.Application:
         ),
     ]
     routes = [("(?i)" + p, h, k) for p, h, k in routes]
+    routes[:0] = compute_routes(ctx, WS, LOC)
     routes[:0] = datastore_routes(ctx, WS)
     routes[:0] = code_routes(ctx, WS)
     routes[:0] = blob_routes(ctx.engine.codes.blobs)

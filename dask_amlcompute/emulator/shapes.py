@@ -1,19 +1,25 @@
 """JSON shapes of the ARM and run-history payloads the azure-ai-ml SDK reads.
 
 Field names follow the REST API as the SDK (1.35.x) deserializes it: jobs with
-api-version 2024-01-01-preview (GET) and 2025-01-01-preview (PUT), computes
-2023-08-01-preview, environments 2023-04-01-preview, workspace
+api-version 2024-01-01-preview (GET) and 2025-01-01-preview (PUT), computes,
+VM sizes and usages 2023-08-01-preview, environments 2023-04-01-preview, workspace
 2024-10-01-preview, run history ``/history/v1.0``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from . import identity
+from .capacity import DEDICATED, LOW_PRIORITY, Capacity, usage_name
+from .config import VmSizeSpec
 from .identity import system_data, utcnow_iso
 from .state import ComputeState, EnvironmentVersion, JobRecord
+
+#: ``osVhdSizeMB`` of every size in azure-rest-api-specs' VirtualMachineSize list example.
+OS_VHD_SIZE_MB = 1047552
 
 
 def arm_error(code: str, message: str) -> dict[str, Any]:
@@ -80,6 +86,8 @@ def job_to_rest(job: JobRecord, tracking_uri: str, run_tags: bool = True) -> dic
     props.setdefault("isArchived", False)
     props["properties"] = dict(props.get("properties") or {})
     props["properties"].setdefault("_azureml.ComputeTargetType", "amlctrain")
+    if job.queue_reason and job.status == "Queued":  # why the job waits (see capacity.py)
+        props["properties"]["emulator.queueReason"] = job.queue_reason
     props["services"] = {
         **(props.get("services") or {}),  # the declared ones (SSH, JupyterLab, ...) as sent
         "Tracking": {"jobServiceType": "Tracking", "endpoint": tracking_uri},
@@ -112,7 +120,8 @@ def compute_to_rest(compute: ComputeState) -> dict[str, Any]:
     outer: dict[str, Any] = {
         "computeType": spec.kind,
         "computeLocation": identity.REGION,
-        "provisioningState": "Succeeded",
+        "provisioningState": compute.provisioning_state,
+        "provisioningErrors": None,
         "createdOn": created,
         "modifiedOn": created,
         "isAttachedCompute": spec.kind not in ("AmlCompute", "ComputeInstance"),
@@ -350,7 +359,7 @@ def run_details(job: JobRecord, log_urls: dict[str, str]) -> dict[str, Any]:
         "tags": job.tags,
         "properties": dict(job.properties.get("properties") or {}),
         "logFiles": log_urls,
-        "warnings": [],
+        "warnings": [dict(w) for w in job.warnings],
         "services": {},
     }
     if job.error:
@@ -381,4 +390,118 @@ def run_record(job: JobRecord) -> dict[str, Any]:
             "computeRequest": {"nodeCount": job.instance_count},
         }
     )
+    return out
+
+
+def vm_size_to_rest(size: VmSizeSpec) -> dict[str, Any]:
+    """Return a ``VirtualMachineSize`` as ``GET .../locations/{loc}/vmSizes`` lists it.
+
+    Shape of azure-rest-api-specs ``machinelearningservices`` 2023-08-01-preview
+    ``examples/VirtualMachineSize/list.json``: ``estimatedVMPrices`` (USD per
+    ``OneHour``, one value per ``vmTier`` for ``osType`` Linux) is left out for a
+    size without prices.
+
+    Parameters
+    ----------
+    size
+        The catalogue entry.
+
+    Returns
+    -------
+    dict
+        The size.
+    """
+    out: dict[str, Any] = {
+        "name": size.name,
+        "family": size.family,
+        "vCPUs": size.vcpus,
+        "gpus": size.gpus,
+        "osVhdSizeMB": OS_VHD_SIZE_MB,
+        "maxResourceVolumeMB": size.max_resource_volume_mb,
+        "memoryGB": size.memory_gb,
+        "lowPriorityCapable": size.low_priority_capable,
+        "premiumIO": size.premium_io,
+        "supportedComputeTypes": list(size.supported_compute_types),
+    }
+    if size.prices:
+        out["estimatedVMPrices"] = {
+            "billingCurrency": "USD",
+            "unitOfMeasure": "OneHour",
+            "values": [
+                {"retailPrice": price, "osType": "Linux", "vmTier": tier}
+                for tier, price in size.prices.items()
+            ],
+        }
+    return out
+
+
+def _usage(arm_id: str, kind: str, name: str, current: int, limit: int) -> dict[str, Any]:
+    return {
+        "id": arm_id,
+        "amlWorkspaceLocation": identity.REGION,
+        "type": f"{identity.PROVIDER}/{kind}/usages",
+        "unit": "Count",
+        "currentValue": current,
+        "limit": limit,
+        "name": {"value": name, "localizedValue": name},
+    }
+
+
+def usages_to_rest(capacity: Capacity, computes: Iterable[ComputeState]) -> list[dict[str, Any]]:
+    """Return the ``value`` of ``GET .../locations/{loc}/usages``.
+
+    Entries as azure-rest-api-specs ``machinelearningservices`` 2023-08-01-preview
+    ``examples/Usage/list.json`` has them: ``Clusters`` (type ``totalCores``), per
+    tier the regional total (``dedicatedCores`` / ``lowPriorityCores``, named
+    ``Total Cluster Dedicated Regional vCPUs``) then one ``vmFamily`` entry per
+    family (``Standard DSv2 Family Cluster Dedicated vCPUs``, id segment
+    ``Standard_DSv2_Family_Cluster_Dedicated_vCPUs``; low-priority families have
+    limit -1, no per-family limit), each followed, when the workspace has computes
+    of that family and tier, by a ``workspaces`` entry and one ``workspaces/computes``
+    entry per compute (serverless jobs together as compute ``Serverless``, as the
+    portal names their usage).  Values count the vCPUs of allocated nodes.
+
+    Parameters
+    ----------
+    capacity
+        Sizes and limits.
+    computes
+        Every compute, serverless pools included.
+
+    Returns
+    -------
+    list of dict
+        The usages.
+    """
+    computes = list(computes)
+    sub = f"/subscriptions/{identity.SUBSCRIPTION_ID}"
+    used = capacity.usage(computes)
+    named = [c for c in computes if not c.serverless and c.spec.runs_jobs]
+    out = [_usage(f"{sub}/usages", "totalCores", "Clusters", len(named), capacity.max_computes)]
+    for tier, kind in ((DEDICATED, "dedicatedCores"), (LOW_PRIORITY, "lowPriorityCores")):
+        total = usage_name(None, tier)
+        out.append(
+            _usage(f"{sub}/usages", kind, total, used[(None, tier)], capacity.limit(None, tier))
+        )
+        for family in capacity.families():
+            name = usage_name(family, tier)
+            segment = name.replace(" ", "_")
+            limit = capacity.limit(family, tier)
+            current = used.get((family.lower(), tier), 0)
+            out.append(_usage(f"{sub}/usages/{segment}", "vmFamily", name, current, limit))
+            per_compute: dict[str, int] = {}
+            for compute in computes:
+                demand = capacity.demand(compute)
+                if demand is None or demand.family.lower() != family.lower() or demand.tier != tier:
+                    continue
+                label = "Serverless" if compute.serverless else compute.spec.name
+                vcpus = compute.allocated * demand.vcpus_per_node
+                per_compute[label] = per_compute.get(label, 0) + vcpus
+            if not per_compute:
+                continue
+            ws = identity.workspace_id()
+            out.append(_usage(f"{ws}/usages/{segment}", "workspaces", name, current, limit))
+            for label, vcpus in per_compute.items():
+                arm_id = f"{ws}/computes/{label}/usages/{segment}"
+                out.append(_usage(arm_id, "workspaces/computes", name, vcpus, limit))
     return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ComputeSpec
+from .identity import run_token
 
 ACTIVE_STATUSES = (
     "NotStarted",
@@ -84,6 +85,9 @@ class JobRecord:
     end_time: float | None = None
     error: dict[str, Any] | None = None
     mlflow_tags: dict[str, str] = field(default_factory=dict)
+    #: The run's ``MLFLOW_TRACKING_TOKEN``: what the job's nodes present to the tracking
+    #: endpoint (as AML gives each job a token for its run); never in a response or log.
+    tracking_token: str = field(default="", repr=False)
     mlflow_params: dict[str, str] = field(default_factory=dict)
     mlflow_metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     nodes: list[NodeRecord] = field(default_factory=list)
@@ -105,6 +109,15 @@ class JobRecord:
     requeue: bool = False
     #: How many times the job was run again after a preemption.
     attempts: int = 0
+    #: While ``Queued`` for want of vCPU quota: why (AML's "must wait in a queue until
+    #: quota is available"); None otherwise.
+    queue_reason: str | None = None
+    #: Run-history warnings (``{"source", "message"}``), e.g. that the job waited for quota.
+    warnings: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.tracking_token:
+            self.tracking_token = run_token(self.name)
 
     @property
     def is_terminal(self) -> bool:
@@ -143,10 +156,58 @@ class ComputeState:
     #: Per slot, which VM holds it: a new number each time a new VM is allocated
     #: behind the slot (after scale-down or preemption), 0 until then.
     generations: dict[int, int] = field(default_factory=dict)
+    #: ``Creating`` / ``Deleting`` while a create or delete operation runs, else ``Succeeded``.
+    provisioning_state: str = "Succeeded"
+    #: The implicit pool of one serverless job (not listed, not addressable by name).
+    serverless: bool = False
 
     def __post_init__(self) -> None:
         if not self.slots:
             self.slots = [None] * self.spec.max_nodes
+
+    def resize(self, max_nodes: int) -> None:
+        """Change the number of slots (``maxNodeCount``); trailing slots must be free.
+
+        Parameters
+        ----------
+        max_nodes
+            New maximum node count.
+
+        Raises
+        ------
+        ValueError
+            If a slot that would go is held by a job.
+        """
+        if any(s is not None for s in self.slots[max_nodes:]):
+            raise ValueError(f"{self.spec.name}: nodes beyond {max_nodes} are in use")
+        for i in range(max_nodes, len(self.slots)):
+            self.freed_at.pop(i, None)
+        self.slots = self.slots[:max_nodes] + [None] * (max_nodes - len(self.slots))
+        self.spec.max_nodes = max_nodes
+
+    @property
+    def allocated(self) -> int:
+        """Nodes whose VM is allocated: held by jobs, or idle before scale-down."""
+        return self.in_use + len(self.idle_slots())
+
+    def new_vms(self, count: int) -> int:
+        """How many new VMs :meth:`allocate` would bring up for ``count`` nodes.
+
+        Parameters
+        ----------
+        count
+            Nodes requested (at most :attr:`free`).
+
+        Returns
+        -------
+        int
+            Chosen slots whose VM is not allocated yet (idle VMs are reused).
+        """
+        allocated = set(self.idle_slots())
+        return sum(1 for i in self._choose(count) if i not in allocated)
+
+    def _choose(self, count: int) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is None][:count]
 
     def ip_for_slot(self, slot: int) -> str:
         """Return the loopback "private IP" of a node slot.
@@ -219,10 +280,9 @@ class ComputeState:
         RuntimeError
             If fewer than ``count`` slots are free.
         """
-        free = [i for i, s in enumerate(self.slots) if s is None]
-        if len(free) < count:
-            raise RuntimeError(f"{self.spec.name}: {count} nodes requested, {len(free)} free")
-        chosen = free[:count]
+        chosen = self._choose(count)
+        if len(chosen) < count:
+            raise RuntimeError(f"{self.spec.name}: {count} nodes requested, {self.free} free")
         allocated = set(self.idle_slots())  # free slots whose VM is still allocated
         for i in chosen:
             if i not in allocated:  # scaled down (or never allocated): a new VM

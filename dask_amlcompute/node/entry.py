@@ -37,6 +37,7 @@ from .._protocol import (
     TLS_KEY_ENV,
     NodeOptions,
 )
+from .runtags import publish_tags
 
 logger = logging.getLogger("dask_amlcompute.node")
 
@@ -124,49 +125,6 @@ def detect_context(env: Mapping[str, str] | None = None) -> NodeContext:
         node_ip=node_ip,
         job_name=env.get("AZUREML_RUN_ID", "local"),
     )
-
-
-def publish_tags(tags: Mapping[str, str], env: Mapping[str, str] | None = None) -> None:
-    """Set run tags on this job's mlflow run, where the client can read them.
-
-    Tags are set one by one in ``tags`` order: put the tag a reader waits for last.
-
-    Uses the mlflow client when installed (on AML, ``azureml-mlflow`` resolves the
-    ``azureml://`` tracking URI); otherwise posts the mlflow REST call itself for an
-    ``http(s)://`` tracking URI.
-    """
-    env = os.environ if env is None else env
-    run_id = env.get("MLFLOW_RUN_ID") or env.get("AZUREML_RUN_ID")
-    uri = env.get("MLFLOW_TRACKING_URI", "")
-    if not run_id or not uri:
-        raise RuntimeError(
-            "MLFLOW_TRACKING_URI / MLFLOW_RUN_ID are not set: the scheduler cannot publish its "
-            "address. Is this running inside an AML job?"
-        )
-    try:
-        from mlflow.tracking import MlflowClient
-    except ImportError:
-        pass  # post the REST call below
-    else:
-        client = MlflowClient(tracking_uri=uri)
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value)
-        return
-    if not uri.startswith(("http://", "https://")):
-        raise RuntimeError(f"mlflow is not installed and {uri!r} is not an http(s) tracking URI.")
-    import requests
-
-    headers = {}
-    if env.get("MLFLOW_TRACKING_TOKEN"):
-        headers["Authorization"] = f"Bearer {env['MLFLOW_TRACKING_TOKEN']}"
-    for key, value in tags.items():
-        resp = requests.post(
-            uri.rstrip("/") + "/api/2.0/mlflow/runs/set-tag",
-            json={"run_id": run_id, "key": key, "value": value},
-            headers=headers,
-            timeout=30,
-        )
-        resp.raise_for_status()
 
 
 def node_security(env: Mapping[str, str] | None = None):
@@ -408,23 +366,11 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def preload_publisher() -> None:
-    """Import what :func:`publish_tags` needs (mlflow and its AML plugin: seconds of imports).
-
-    Run in a thread while the scheduler starts, so publishing the address does
-    not wait for the imports after the scheduler listens.
-    """
-    with contextlib.suppress(ImportError):
-        from mlflow.tracking import MlflowClient  # noqa: F401
-
-
 async def _run_scheduler_node(ctx: NodeContext, opts: NodeOptions, stop: asyncio.Event):
-    preload = asyncio.ensure_future(asyncio.to_thread(preload_publisher))
     scheduler = await start_scheduler(ctx, opts)
     tags = scheduler_tags(scheduler, ctx)
-    await preload
     logger.info("Scheduler at %s; publishing %s", scheduler.address, tags)
-    await asyncio.to_thread(publish_tags, tags)
+    await publish_tags(tags)
     nannies = []
     if opts.worker_on_scheduler:
         try:

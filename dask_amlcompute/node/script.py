@@ -44,13 +44,13 @@ from .._protocol import (
 )
 from .entry import (
     detect_context,
-    publish_tags,
     run_node,
     scheduler_tags,
     start_scheduler,
     start_workers,
     stop_on_signals,
 )
+from .runtags import publish_tags
 
 logger = logging.getLogger("dask_amlcompute.jobmode")
 
@@ -161,7 +161,7 @@ async def _run_script(
     nannies: list = []
     try:
         try:
-            await asyncio.to_thread(publish_tags, scheduler_tags(scheduler, ctx))
+            await publish_tags(scheduler_tags(scheduler, ctx))
         except Exception as exc:  # the tag only helps to watch the run; the script still runs
             logger.warning("Could not publish the scheduler address: %s", exc)
         if opts.worker_on_scheduler:
@@ -195,7 +195,7 @@ async def _run_script(
         code = returncode if returncode >= 0 else 128 - returncode
         print(f"{OUTPUT_END} {code} -----", flush=True)
         try:
-            await asyncio.to_thread(publish_tags, {EXIT_CODE_TAG: str(code)})
+            await publish_tags({EXIT_CODE_TAG: str(code)})
         except Exception as exc:
             logger.warning("Could not publish the exit code: %s", exc)
         return code

@@ -122,8 +122,11 @@ def test_unknown_route_is_arm_404_json(emu):
 
 
 def test_unsupported_method_is_arm_405_json(emu):
-    r = requests.delete(f"{emu.base_url}{WS_PATH}/computes/cpu-cluster", timeout=10)
+    r = requests.post(f"{emu.base_url}{WS_PATH}/computes/cpu-cluster", timeout=10)
     assert r.status_code == 405 and r.json()["error"]["code"] == "MethodNotAllowed"
+    # DELETE is served (compute delete): without its required parameter it is a 400
+    r = requests.delete(f"{emu.base_url}{WS_PATH}/computes/cpu-cluster", timeout=10)
+    assert r.status_code == 400 and "underlyingResourceAction" in r.json()["error"]["message"]
 
 
 def test_wrong_workspace_is_404(emu):
@@ -187,7 +190,9 @@ def test_job_submit_survives_injected_errors(emu, ml):
 def test_workspace_get_and_status_page(emu, ml):
     ws = ml.workspaces.get(identity.WORKSPACE_NAME)
     assert ws.name == identity.WORKSPACE_NAME and ws.location == identity.REGION
-    assert ws.mlflow_tracking_uri == emu.tracking_uri
+    # with azureml-mlflow installed, azure-ai-ml rewrites it to the v2.0 API (both served)
+    v2 = emu.tracking_uri.replace("/mlflow/v1.0/", "/mlflow/v2.0/")
+    assert ws.mlflow_tracking_uri in (emu.tracking_uri, v2)
     status = requests.get(emu.base_url + "/emulator/status", timeout=10).json()
     assert status["workspace_name"] == identity.WORKSPACE_NAME
     assert status["computes"]["cpu-cluster"]["max_nodes"] == 4

@@ -79,8 +79,11 @@ sys.exit(0 if resp.status == 200 and body == b"blob-endpoint-ok" else 1)
 #: A node program: GET the run from the tracking URI; exit 0 only on HTTP 200.
 GET_TRACKING_URI = r"""
 import os, sys, urllib.request
-url = os.environ["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/runs/get?run_id=" + os.environ["MLFLOW_RUN_ID"]
-with urllib.request.urlopen(url, timeout=10) as resp:
+# what azureml-mlflow calls for the azureml:// URI: https, /mlflow/v2.0, the run's token
+base = "https://" + os.environ["MLFLOW_TRACKING_URI"].split("://", 1)[1].replace("/v1.0/", "/v2.0/")
+url = base + "/api/2.0/mlflow/runs/get?run_id=" + os.environ["MLFLOW_RUN_ID"]
+auth = {"Authorization": "Bearer " + os.environ["MLFLOW_TRACKING_TOKEN"]}
+with urllib.request.urlopen(urllib.request.Request(url, headers=auth), timeout=10) as resp:
     body = resp.read()
 print("tracking-status", resp.status, body[:60], flush=True)
 sys.exit(0 if resp.status == 200 and os.environ["MLFLOW_RUN_ID"].encode() in body else 1)
@@ -292,7 +295,12 @@ def test_node_port_reachable_from_its_peers_only(iso, iso_ml):
 def test_nodes_reach_the_emulator_only_through_its_bridges(iso, iso_ml, blob_endpoint):
     base = urlsplit(iso.base_url)
     blob = urlsplit(blob_endpoint)
-    assert iso.node_endpoints() == [(base.hostname, base.port), (blob.hostname, blob.port)]
+    tracking = urlsplit(iso.node_tracking_uri)  # the nodes' azureml:// tracking endpoint
+    assert iso.node_endpoints() == [
+        (base.hostname, base.port),
+        (tracking.hostname, tracking.port),
+        (blob.hostname, blob.port),
+    ]
     ok = _script_job(iso_ml, GET_TRACKING_URI)
     assert iso.wait_job(ok.name, 30) == "Completed", iso.node_log(ok.name, 0)
     assert "tracking-status 200" in iso.node_log(ok.name, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -48,7 +49,11 @@ def test_pytorch_job_env_per_node(emu, ml):
         assert env["AZUREML_ARM_RESOURCEGROUP"] == identity.RESOURCE_GROUP
         assert env["AZUREML_ARM_WORKSPACE_NAME"] == identity.WORKSPACE_NAME
         assert env["MLFLOW_RUN_ID"] == job.name
-        assert env["MLFLOW_TRACKING_URI"] == emu.tracking_uri
+        # AML's form: azureml:// with a token for the run (azureml-mlflow resolves it)
+        assert env["MLFLOW_TRACKING_URI"] == emu.node_tracking_uri
+        assert env["MLFLOW_TRACKING_URI"].startswith("azureml://127.0.0.1:")
+        assert env["MLFLOW_TRACKING_TOKEN"].count(".") == 2  # a JWT
+        assert env["MLFLOW_TRACKING_TOKEN"] not in json.dumps(ml.jobs.get(job.name)._to_dict())
         assert env["MLFLOW_EXPERIMENT_NAME"] == "emulator-tests"
         assert env["MY_VAR"] == "hello"
         assert "OMPI_COMM_WORLD_RANK" not in env

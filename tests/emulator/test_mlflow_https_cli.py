@@ -152,3 +152,46 @@ def test_cli_reports_bad_config(tmp_path, capsys):
 
     assert run_emulator_cli(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def _tracking_api(emu) -> str:
+    """The https URL azureml-mlflow derives from the nodes' azureml:// tracking URI."""
+    rest = emu.node_tracking_uri.removeprefix("azureml://")
+    netloc, _, path = rest.partition("/")
+    return f"https://{netloc}/{path.replace('mlflow/v1.0', 'mlflow/v2.0', 1)}/api/2.0/mlflow"
+
+
+def _tracking_ca(emu) -> str:
+    import os
+
+    return os.path.join(emu.tempdir, "tracking-tls", "cert.pem")
+
+
+def test_node_tracking_endpoint_is_tls_with_a_run_token(emu, ml):
+    """The nodes' azureml:// endpoint: TLS (a CA the nodes trust), a bearer token per run."""
+    job = submit(ml, "echo hi")
+    other = submit(ml, "echo hi")
+    emu.wait_job(job.name, 20)
+    emu.wait_job(other.name, 20)
+    token = emu._engine.jobs[job.name].tracking_token  # what AML hands the job's nodes
+    api, ca = _tracking_api(emu), _tracking_ca(emu)
+    body = {"run_id": job.name, "key": "k", "value": "v"}
+    with pytest.raises(requests.exceptions.SSLError):  # not a certificate anyone trusts
+        requests.post(api + "/runs/set-tag", json=body, timeout=10)
+    r = requests.post(api + "/runs/set-tag", json=body, timeout=10, verify=ca)
+    assert r.status_code == 401, r.text  # no token
+    bad = {"Authorization": "Bearer " + token[:-3] + "xyz"}
+    r = requests.post(api + "/runs/set-tag", json=body, headers=bad, timeout=10, verify=ca)
+    assert r.status_code == 401, r.text
+    auth = {"Authorization": f"Bearer {token}"}
+    r = requests.post(api + "/runs/set-tag", json=body, headers=auth, timeout=10, verify=ca)
+    assert r.status_code == 200, r.text
+    assert ml.jobs.get(job.name).tags["k"] == "v"
+    # a run's token does not write to another run
+    r = requests.post(
+        api + "/runs/set-tag", json={**body, "run_id": other.name}, headers=auth, verify=ca
+    )
+    assert r.status_code == 403, r.text
+    # only the MLflow API lives there
+    r = requests.get(api.split("/mlflow/")[0] + "/jobs", headers=auth, timeout=10, verify=ca)
+    assert r.status_code == 404

@@ -1,0 +1,228 @@
+"""VM sizes, vCPU quota and prices: what a cluster will take and cost, before it is submitted.
+
+AML counts quota in vCPUs per subscription and region: dedicated vCPUs per VM
+family and in a regional total, low-priority vCPUs in one regional total
+(Microsoft Learn, *Manage and increase quotas and limits for resources with
+Azure Machine Learning*). ``ml_client.compute.list_usage()`` lists them
+(``GET .../locations/{location}/usages``: entries of type ``dedicatedCores`` /
+``lowPriorityCores`` for the totals and ``vmFamily`` per family, named like
+``Standard DSv2 Family Cluster Dedicated vCPUs``; azure-rest-api-specs
+``machinelearningservices`` ``examples/Usage/list.json``);
+``ml_client.compute.list_sizes()`` gives each size's family, vCPUs, GPUs and,
+where AML returns them, estimated hourly prices per tier (``estimatedVMPrices``:
+``retailPrice`` by ``vmTier`` Standard / LowPriority / Spot).
+
+A job that can never fit its quota would sit in ``Queued`` forever on AML (and
+a serverless one is refused), so :func:`check_quota` tells the three cases
+apart: fits now, fits once other jobs release nodes (it will queue), never fits.
+Nothing here talks to AML: :class:`~dask_amlcompute.backend.ops.AmlOps` lists,
+this module decides.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: ``vmTier`` of ``estimatedVMPrices`` for each way of running nodes.
+PRICE_TIER = {"dedicated": "Standard", "low_priority": "LowPriority", "spot": "Spot"}
+#: Where AML's quota documentation is (what to read to ask for more).
+QUOTA_DOCS = "https://learn.microsoft.com/azure/machine-learning/how-to-manage-quotas"
+
+
+@dataclass(frozen=True)
+class VmSizeInfo:
+    """One VM size as AML lists it for the region.
+
+    Attributes
+    ----------
+    name
+        Size name (``Standard_D4s_v3``).
+    family
+        VM family (``standardDSv3Family``), the unit of dedicated quota.
+    vcpus, gpus
+        Per node.
+    memory_gb
+        Per node.
+    low_priority_capable
+        Whether low-priority / Spot VMs exist for it.
+    prices
+        Estimated hourly price per ``vmTier`` (Linux), in ``currency``; empty when
+        AML returned none.
+    """
+
+    name: str
+    family: str | None
+    vcpus: int
+    gpus: int = 0
+    memory_gb: float | None = None
+    low_priority_capable: bool = True
+    prices: Mapping[str, float] = field(default_factory=dict)
+    currency: str = "USD"
+
+    def hourly_price(self, tier: str) -> float | None:
+        """Estimated price of one node for an hour, or None when unknown.
+
+        Parameters
+        ----------
+        tier
+            ``"dedicated"``, ``"low_priority"`` or ``"spot"``.
+        """
+        return self.prices.get(PRICE_TIER.get(tier, tier).lower())
+
+
+def _field(obj: Any, *names: str) -> Any:
+    """The first of ``names`` that ``obj`` has set (attribute or mapping key)."""
+    for name in names:
+        value = obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def size_from_sdk(size: Any) -> VmSizeInfo:
+    """A :class:`VmSizeInfo` from azure-ai-ml's ``VmSize`` (``compute.list_sizes()``).
+
+    azure-ai-ml 1.35 builds ``VmSize`` with ``__dict__.update(rest.as_dict())``,
+    which leaves its snake_case attributes (``v_cp_us``, ``memory_gb``) None and
+    adds the REST names (``vCPUs``, ``memoryGB``, ``estimatedVMPrices``): both are read.
+    """
+    prices: dict[str, float] = {}
+    estimated = _field(size, "estimatedVMPrices", "estimated_vm_prices") or {}
+    if not isinstance(estimated, Mapping) and hasattr(estimated, "as_dict"):
+        estimated = estimated.as_dict()
+    currency = str(_field(estimated, "billingCurrency", "billing_currency") or "USD")
+    for value in _field(estimated, "values") or []:
+        if str(_field(value, "osType", "os_type") or "Linux").lower() != "linux":
+            continue
+        price, tier = (
+            _field(value, "retailPrice", "retail_price"),
+            _field(value, "vmTier", "vm_tier"),
+        )
+        if price is not None and tier:
+            prices[str(tier).lower()] = float(price)
+    memory = _field(size, "memoryGB", "memory_gb")
+    return VmSizeInfo(
+        name=str(size.name),
+        family=_field(size, "family"),
+        vcpus=int(_field(size, "vCPUs", "v_cp_us") or 0),
+        gpus=int(_field(size, "gpus") or 0),
+        memory_gb=float(memory) if memory is not None else None,
+        low_priority_capable=bool(_field(size, "lowPriorityCapable", "low_priority_capable")),
+        prices=prices,
+        currency=currency,
+    )
+
+
+def find_size(sizes: Iterable[VmSizeInfo], name: str | None) -> VmSizeInfo | None:
+    """The size called ``name`` (case-insensitive), or None."""
+    if not name:
+        return None
+    return next((s for s in sizes if s.name.lower() == name.lower()), None)
+
+
+@dataclass(frozen=True)
+class Quota:
+    """One quota line: vCPUs in use and the limit (None: no limit AML reports)."""
+
+    name: str
+    used: int
+    limit: int | None
+
+    @property
+    def free(self) -> int | None:
+        """VCPUs left, or None without a limit."""
+        return None if self.limit is None else max(0, self.limit - self.used)
+
+
+def _key(text: str) -> str:
+    return re.sub(r"[\s_]", "", text).lower()
+
+
+def _family_usage_key(family: str, tier: str) -> str:
+    # standardDSv3Family -> "Standard DSv3 Family Cluster Dedicated vCPUs" (spaces ignored)
+    kind = "Dedicated" if tier == "dedicated" else "LowPriority"
+    return _key(f"{family}Cluster{kind}vCPUs")
+
+
+def quotas_for(usages: Iterable[Any], family: str | None, tier: str) -> list[Quota]:
+    """The quota lines that bound ``tier`` nodes of ``family``: per family, then the total.
+
+    Parameters
+    ----------
+    usages
+        azure-ai-ml ``Usage`` entities (``compute.list_usage()``).
+    family
+        The size's family.
+    tier
+        ``"dedicated"``, ``"low_priority"`` or ``"spot"`` (Spot uses low-priority quota).
+
+    Returns
+    -------
+    list of Quota
+        Only lines with a limit (low-priority families report ``-1``: no per-family limit).
+    """
+    total_type = "dedicatedcores" if tier == "dedicated" else "lowprioritycores"
+    wanted = _family_usage_key(family, tier) if family else None
+    found: list[Quota] = []
+    total: Quota | None = None
+    for usage in usages:
+        kind = str(getattr(usage, "type", "") or "").lower()
+        name_obj = getattr(usage, "name", None)  # azure-ai-ml 1.35: {"value", "localizedValue"}
+        name = str(_field(name_obj, "value") or name_obj or "") if name_obj else ""
+        limit = _field(usage, "limit")
+        used = int(_field(usage, "current_value", "currentValue") or 0)
+        if limit is None or int(limit) < 0:
+            continue
+        if kind.endswith(f"/{total_type}/usages") and total is None:
+            total = Quota(name, used, int(limit))
+        elif wanted and kind.endswith("/vmfamily/usages") and _key(name) == wanted:
+            found.append(Quota(name, used, int(limit)))
+    return found[:1] + ([total] if total is not None else [])
+
+
+@dataclass(frozen=True)
+class QuotaCheck:
+    """How a request of ``vcpus`` fits the quota lines that bound it.
+
+    Attributes
+    ----------
+    vcpus
+        vCPUs the request needs.
+    never
+        The line the request exceeds on its own (it can never run), if any.
+    full
+        The line that is too full now (it will wait in ``Queued``), if any.
+    """
+
+    vcpus: int
+    never: Quota | None = None
+    full: Quota | None = None
+
+    @property
+    def fits_now(self) -> bool:
+        """Whether it fits what is free now."""
+        return self.never is None and self.full is None
+
+
+def check_quota(quotas: Iterable[Quota], vcpus: int) -> QuotaCheck:
+    """Compare a request of ``vcpus`` with its quota lines (see :func:`quotas_for`)."""
+    lines = list(quotas)
+    never = next((q for q in lines if q.limit is not None and vcpus > q.limit), None)
+    if never is not None:
+        return QuotaCheck(vcpus, never=never)
+    full = next((q for q in lines if q.free is not None and vcpus > q.free), None)
+    return QuotaCheck(vcpus, full=full)
+
+
+def describe_price(size: VmSizeInfo | None, tier: str, nodes: int) -> str:
+    """``"$0.19/h per node, $0.77/h for 4 nodes (estimate)"``, or ``"price unknown"``."""
+    price = size.hourly_price(tier) if size is not None else None
+    if price is None or size is None:
+        return "price unknown"
+    unit = "$" if size.currency == "USD" else f"{size.currency} "
+    return (
+        f"{unit}{price:.2f}/h per node, {unit}{price * nodes:.2f}/h for {nodes} node(s) (estimate)"
+    )

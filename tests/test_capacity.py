@@ -1,0 +1,154 @@
+"""Quota and price before submitting: sizes and usages read through the unmodified SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from dask_amlcompute import AmlComputeCluster, QuotaExceededError
+from dask_amlcompute.backend.capacity import (
+    Quota,
+    VmSizeInfo,
+    check_quota,
+    describe_price,
+    quotas_for,
+    size_from_sdk,
+)
+from dask_amlcompute.cli import main as cli_main
+
+# the emulator's cpu-cluster: Standard_DS3_v2 (4 vCPUs, standardDSv2Family, $0.29/h dedicated)
+FAMILY = "standardDSv2Family"
+
+
+@pytest.fixture
+def quota(emulator):
+    """Set the emulator's DSv2 dedicated quota for one test, then restore it."""
+    before = emulator.config.quota.families.get(FAMILY, emulator.config.quota.family_vcpus)
+
+    def set_limit(limit: int) -> None:
+        emulator.set_quota(limit, family=FAMILY, tier="Dedicated")
+
+    yield set_limit
+    emulator.set_quota(before, family=FAMILY, tier="Dedicated")
+
+
+def test_sizes_and_usages_through_the_sdk(ml_client, quota):
+    quota(40)
+    sizes = {s.name.lower(): size_from_sdk(s) for s in ml_client.compute.list_sizes()}
+    ds3 = sizes["standard_ds3_v2"]
+    assert (ds3.family, ds3.vcpus, ds3.gpus) == (FAMILY, 4, 0)
+    assert ds3.hourly_price("dedicated") == pytest.approx(0.29)
+    assert ds3.hourly_price("low_priority") == pytest.approx(0.06)
+    assert any(s.gpus > 0 for s in sizes.values())  # GPU sizes are listed with their count
+    lines = quotas_for(list(ml_client.compute.list_usage()), FAMILY, "dedicated")
+    assert [q.name for q in lines] == [
+        "Standard DSv2 Family Cluster Dedicated vCPUs",
+        "Total Cluster Dedicated Regional vCPUs",
+    ]
+    assert lines[0].limit == 40
+
+
+def test_quota_arithmetic():
+    lines = [Quota("family", used=8, limit=24), Quota("total", used=8, limit=100)]
+    assert check_quota(lines, 16).fits_now
+    assert check_quota(lines, 20).full == lines[0]  # fits once 4 vCPUs are released
+    assert check_quota(lines, 28).never == lines[0]  # more than the limit itself
+    size = VmSizeInfo("Standard_X", "f", 4, prices={"standard": 0.5})
+    assert (
+        describe_price(size, "dedicated", 3) == "$0.50/h per node, $1.50/h for 3 node(s) (estimate)"
+    )
+    assert describe_price(size, "low_priority", 3) == "price unknown"  # AML gave no such price
+    assert describe_price(None, "dedicated", 3) == "price unknown"
+
+
+def test_price_in_the_repr_the_log_and_list(emulator, ml_client, cluster_kwargs, capsys):
+    with AmlComputeCluster(ml_client, n_nodes=2, **cluster_kwargs) as cluster:
+        price = "$0.29/h per node, $0.58/h for 2 node(s) (estimate)"
+        assert f"price={price!r}" in repr(cluster)
+        assert price in cluster._repr_html_()
+        logs = "\n".join(cluster.get_logs(scheduler=False, workers=False).values())
+        assert f"Compute cpu-cluster: 2 x Standard_DS3_v2 (4 vCPUs, dedicated): {price}" in logs
+        capsys.readouterr()
+        assert cli_main(["list", "--emulator", emulator.base_url]) == 0
+        out = capsys.readouterr().out
+        row = next(line for line in out.splitlines() if line.startswith(cluster.name))
+        assert "$0.58" in row  # 2 nodes at $0.29/h
+
+
+def test_request_over_quota_is_refused_before_submitting(
+    emulator, ml_client, cluster_kwargs, quota
+):
+    quota(12)  # three 4-vCPU nodes at most
+    before = set(emulator.active_jobs())
+    with pytest.raises(QuotaExceededError) as info:
+        AmlComputeCluster(ml_client, n_nodes=4, name="over-quota", **cluster_kwargs)
+    message = str(info.value)
+    assert "16 vCPUs" in message and "Standard DSv2 Family Cluster Dedicated vCPUs" in message
+    assert "of 12 vCPUs" in message and "at most 3 node(s)" in message
+    assert "request more quota" in message and "Nothing was submitted" in message
+    assert set(emulator.active_jobs()) == before
+    assert not [j for j in ml_client.jobs.list() if j.name.startswith("over-quota")]
+
+
+def test_request_that_must_wait_for_quota_queues_and_starts(emulator, ml_client, cluster_kwargs):
+    """A compute of its own (no idle nodes from other tests), created and deleted through the SDK."""
+    from azure.ai.ml import command
+    from azure.ai.ml.entities import AmlCompute, Environment
+
+    name, family = "quota-test", "standardDSv3Family"  # Standard_D4s_v3: 4 vCPUs
+    ml_client.compute.begin_create_or_update(
+        AmlCompute(
+            name=name, size="Standard_D4s_v3", max_instances=3, idle_time_before_scale_down=1
+        )
+    ).result()
+    before = emulator.config.quota.families.get(family, emulator.config.quota.family_vcpus)
+    emulator.set_quota(8, family=family, tier="Dedicated")  # two nodes
+    holder = ml_client.jobs.create_or_update(
+        command(command="sleep 120", compute=name, environment=Environment(image="python"))
+    )
+    main = "waits-for-quota-main"
+
+    def status(job: str) -> str | None:
+        try:
+            return emulator.job_status(job)
+        except Exception:
+            return None
+
+    async def start_while_the_holder_runs() -> None:
+        kwargs = {**cluster_kwargs, "compute": name}
+        cluster = AmlComputeCluster(
+            ml_client, n_nodes=2, asynchronous=True, name="waits-for-quota", **kwargs
+        )
+        task = asyncio.ensure_future(cluster._start())
+        try:
+
+            def reason() -> str:
+                return (emulator.job_queue_reason(main) if status(main) else None) or ""
+
+            deadline = time.monotonic() + 120  # after Preparing (the environment's build)
+            while not reason() and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1)
+            assert status(main) == "Queued"  # 4 of 8 vCPUs held by the holder
+            assert "until quota is available" in reason()
+            logs = "\n".join(line for _, line in cluster._cluster_manager_logs)
+            assert "Quota: 8 vCPUs needed but 'Standard DSv3 Family Cluster Dedicated" in logs
+            assert "may wait in Queued until enough nodes are released" in logs
+            await asyncio.to_thread(lambda: ml_client.jobs.begin_cancel(holder.name).result())
+            await asyncio.wait_for(task, 120)  # starts once the holder's node is free
+            assert cluster.scheduler_address
+        finally:
+            await cluster.close()
+
+    try:
+        wait_until = time.monotonic() + 60
+        while status(holder.name) != "Running" and time.monotonic() < wait_until:
+            time.sleep(0.2)
+        asyncio.run(start_while_the_holder_runs())
+    finally:
+        ml_client.jobs.begin_cancel(holder.name).result()
+        emulator.set_quota(before, family=family, tier="Dedicated")
+        ml_client.compute.begin_delete(name).result()
+    assert not emulator.compute_exists(name)

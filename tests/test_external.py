@@ -85,6 +85,10 @@ def test_live_two_node_cluster_runs_a_workload_and_cleans_up(live_ml_client, liv
 
         listed = asyncio.run(AmlOps(live_ml_client).list_job_infos(cluster_key_tag(name)))
         assert set(listed) == {cluster.main_job_name}
+        # rank 0 published through the MLflow REST API (azureml:// -> https .../mlflow/v2.0,
+        # MLFLOW_TRACKING_TOKEN), not through the mlflow client fallback
+        logs = "\n".join(cluster.get_logs(scheduler=False, workers=False).values())
+        assert "publishing with the mlflow client" not in logs
     running = [j for j in list_cluster_jobs(live_ml_client) if j.cluster == name]
     assert all(
         j.status in ("Finalizing", "Completed", "Canceled", "CancelRequested") for j in running
@@ -214,3 +218,22 @@ def test_live_auto_names_the_path_it_took(live_ml_client, live_kwargs):
     with AmlComputeCluster(live_ml_client, n_nodes=1, **live_kwargs) as c, Client(c) as client:
         assert c._connector.mode in ("direct", "job-ssh", "ssh")
         assert client.submit(lambda: "ok").result() == "ok"
+
+
+def test_live_sizes_quota_and_price_are_read(live_ml_client):
+    """list_sizes / list_usage as azure-ai-ml returns them on real AML parse into size and quota."""
+    import asyncio
+
+    from dask_amlcompute.backend.capacity import find_size, quotas_for, size_from_sdk
+    from dask_amlcompute.backend.ops import AmlOps
+
+    ops = AmlOps(live_ml_client)
+    compute = asyncio.run(ops.get_compute(os.environ["AZUREML_COMPUTE"]))
+    sizes = [size_from_sdk(s) for s in asyncio.run(ops.list_sizes())]
+    size = find_size(sizes, compute.vm_size)
+    assert size is not None and size.vcpus > 0 and size.family
+    lines = quotas_for(asyncio.run(ops.list_usage()), size.family, compute.tier)
+    assert lines and all(q.limit is not None and q.limit >= 0 for q in lines)
+    # prices are optional on AML: when present, the compute's tier has one
+    if size.prices:
+        assert size.hourly_price(compute.tier) is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 
 import pytest
@@ -12,6 +13,19 @@ from _emu_helpers import submit
 from dask_amlcompute.emulator import ComputeSpec, Emulator, load_config
 
 
+def _mlflow_environment():
+    """A job environment with mlflow and azureml-mlflow, built by the emulator as AML builds it."""
+    from azure.ai.ml.entities import Environment
+
+    py = "{}.{}".format(*sys.version_info[:2])
+    conda = {
+        "name": "mlflow-in-job",
+        "channels": ["conda-forge"],
+        "dependencies": [f"python={py}", "pip", {"pip": ["mlflow-skinny", "azureml-mlflow"]}],
+    }
+    return Environment(image="python:3.11-slim", conda_file=conda)
+
+
 @pytest.mark.slow
 def test_mlflow_set_tag_inside_job_appears_in_job_tags(emu, ml):
     cmd = (
@@ -19,8 +33,11 @@ def test_mlflow_set_tag_inside_job_appears_in_job_tags(emu, ml):
         "mlflow.log_metric('m', 1.5); "
         "mlflow.log_param('p', 'v'); print('tagged')\""
     )
-    job = submit(ml, cmd, tags={"submitted": "yes"})
-    assert emu.wait_job(job.name, 60) == "Completed", emu.node_log(job.name, 0)
+    # AML gives jobs an azureml:// tracking URI: only azureml-mlflow resolves it, so the job's
+    # environment has it (built by the emulator, as AML builds it; not in the test extra,
+    # whose resolver would backtrack through azureml-mlflow's pins)
+    job = submit(ml, cmd, tags={"submitted": "yes"}, environment=_mlflow_environment())
+    assert emu.wait_job(job.name, 240) == "Completed", emu.node_log(job.name, 0)
     tags = ml.jobs.get(job.name).tags
     assert tags["scheduler"] == "tcp://node-0:8786"
     assert tags["submitted"] == "yes"
@@ -68,8 +85,8 @@ def test_https_mode_with_self_signed_certificate():
         ml = emu.ml_client()
         assert ml.compute.get("cpu-cluster").max_instances == 1
         cmd = "python -c \"import mlflow; mlflow.set_tag('secure', 'yes')\""
-        job = submit(ml, cmd, environment="azureml:AzureML-sklearn-1.5@latest")
-        assert emu.wait_job(job.name, 60) == "Completed", emu.node_log(job.name, 0)
+        job = submit(ml, cmd, environment=_mlflow_environment())
+        assert emu.wait_job(job.name, 240) == "Completed", emu.node_log(job.name, 0)
         assert ml.jobs.get(job.name).tags["secure"] == "yes"
         with pytest.raises(requests.exceptions.SSLError):
             requests.get(emu.base_url + "/emulator/status", timeout=10)

@@ -6,6 +6,7 @@ import asyncio
 import html
 import logging
 import os
+import time
 import uuid
 from typing import Any
 
@@ -15,6 +16,7 @@ from distributed.deploy.spec import SpecCluster
 from .backend.capacity import (
     QUOTA_DOCS,
     Quota,
+    QuotaCheck,
     VmSizeInfo,
     check_quota,
     describe_price,
@@ -39,6 +41,7 @@ from .connect import (
 )
 from .exceptions import (
     AmlComputeError,
+    ComputeNotFoundError,
     ConfigurationError,
     QuotaExceededError,
     TooManyNodesError,
@@ -49,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds to wait for the region's VM sizes or quota (they only inform the start).
 CAPACITY_TIMEOUT = 30.0
+#: Bound on creating or deleting a compute (AML: usually 1-3 minutes).
+COMPUTE_TIMEOUT = 900.0
 
 
 def _temporary_tls(settings: ClusterSettings) -> tuple[Any, dict[str, str]]:
@@ -130,6 +135,12 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         given, and opens AML's job-service proxy (default: the ``MLClient``'s).
     asynchronous, loop
         As for every Dask cluster manager.
+    create_compute
+        (keyword) ``{"size": "Standard_D4s_v3", "max_nodes": 8, "tier": "low_priority",
+        "idle_time_before_scale_down": "2m"}``: create ``compute`` (0 nodes at rest) when it
+        does not exist, after checking the size and quota; an existing compute is used as it is.
+    delete_compute_on_close
+        (keyword) Delete the compute when the cluster closes, if this cluster created it.
     **kwargs
         Any other setting of :class:`~dask_amlcompute.config.ClusterSettings`
         (``distribution``, ``worker_on_scheduler``, ``idle_timeout``, ``quiet``, ...).
@@ -329,8 +340,8 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             return await super()._start()
         ctx = self._context
         try:
-            ctx.state.compute = await ctx.ops.get_compute(self.settings.compute)
             attach = self.scheduler_spec["options"]["attach"]
+            ctx.state.compute = await self._find_or_create_compute(attach)
             if not attach:
                 await self._check_name_is_new()
             if not attach and isinstance(self.settings.environment, str):
@@ -369,6 +380,32 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         await super()._close()
         if dead is not None:
             await dead.close()
+        await self._release_compute()
+
+    async def _release_compute(self) -> None:
+        """Delete the compute this cluster created, or say how long its nodes stay billed."""
+        state, settings = self._context.state, self.settings
+        compute = state.compute
+        if state.created_compute and settings.delete_compute_on_close:
+            state.created_compute = False  # once
+            self._log(f"Deleting AmlCompute {settings.compute} (delete_compute_on_close)")
+            try:
+                await self._context.ops.delete_compute(settings.compute, timeout=COMPUTE_TIMEOUT)
+            except Exception as exc:
+                logger.warning(
+                    "Could not delete compute %s: %s. Delete it in Azure ML studio or with "
+                    "`az ml compute delete -n %s`; with 0 nodes at rest it bills nothing.",
+                    settings.compute,
+                    exc,
+                    settings.compute,
+                )
+                return
+            self._log(f"Deleted AmlCompute {settings.compute}")
+        elif compute is not None and compute.idle_seconds:
+            self._log(
+                f"AML releases the nodes of {compute.name} {compute.idle_seconds}s after its last "
+                "job ends (idle time before scale-down); they are billed until then."
+            )
 
     async def _correct_state_internal(self) -> None:
         try:
@@ -419,6 +456,81 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
                 f"{'; usable here: ' + usable if usable else ''}). Nothing was submitted."
             )
 
+    async def _find_or_create_compute(self, attach: bool) -> ComputeInfo:
+        """The compute; created first when it does not exist and ``create_compute`` says how."""
+        ops, request = self._context.ops, self.settings.create_compute
+        name = self.settings.compute
+        try:
+            compute = await ops.get_compute(name)
+        except ComputeNotFoundError:
+            if request is None or attach:
+                raise
+        else:
+            if request is not None and not attach:
+                self._log(
+                    f"Compute {name} exists: using it as it is (create_compute applies only to "
+                    "a compute that does not exist"
+                    + (
+                        "; it will not be deleted on close)"
+                        if self.settings.delete_compute_on_close
+                        else ")"
+                    )
+                )
+            return compute
+        assert request is not None  # re-raised above otherwise
+        sizes = [size_from_sdk(s) for s in await ops.list_sizes()]
+        size = find_size(sizes, request.size)
+        if size is None:
+            offered = ", ".join(sorted(s.name for s in sizes)[:12]) or "none listed"
+            raise ConfigurationError(
+                f"create_compute: VM size {request.size!r} is not offered for AmlCompute in this "
+                f"workspace's region. Sizes offered include: {offered}. Nothing was created."
+            )
+        usages = await ops.list_usage()
+        self._refuse_over_quota(
+            size, self.settings.n_nodes, quotas_for(usages, size.family, request.tier)
+        )
+        self._log(
+            f"Creating AmlCompute {name}: {size.name} ({size.vcpus} vCPUs), 0-{request.max_nodes} "
+            f"nodes, {request.tier.replace('_', '-')}, idle nodes released after "
+            f"{request.idle_seconds}s; {describe_price(size, request.tier, 1).split(',')[0]}"
+        )
+        started = time.monotonic()
+        try:
+            await ops.create_compute(
+                name,
+                size.name,
+                request.max_nodes,
+                request.tier,
+                request.idle_seconds,
+                timeout=COMPUTE_TIMEOUT,
+            )
+        except Exception as exc:
+            from azure.core.exceptions import HttpResponseError
+
+            if isinstance(exc, HttpResponseError) and exc.status_code == 400:
+                raise ConfigurationError(
+                    f"AML refused to create compute {name!r}: {exc.message}. Nothing was created."
+                ) from None
+            raise
+        self._context.state.created_compute = True
+        self._log(f"Created AmlCompute {name} in {time.monotonic() - started:.1f}s")
+        return await ops.get_compute(name)
+
+    def _refuse_over_quota(self, size: VmSizeInfo, n: int, quotas: list[Quota]) -> QuotaCheck:
+        """Raise :class:`QuotaExceededError` when ``n`` nodes of ``size`` can never fit."""
+        check = check_quota(quotas, n * size.vcpus)
+        if check.never is not None:
+            q = check.never
+            raise QuotaExceededError(
+                f"{n} node(s) of {size.name} need {check.vcpus} vCPUs, more than the region's "
+                f"quota '{q.name}' of {q.limit} vCPUs ({q.used} in use): the job could never "
+                f"start. Ask for at most {(q.limit or 0) // max(1, size.vcpus)} node(s) or a "
+                "smaller size, or request more quota (Azure portal > Quotas > Azure Machine "
+                f"Learning; {QUOTA_DOCS}). Nothing was submitted."
+            )
+        return check
+
     async def _check_capacity(self, attach: bool) -> None:
         """Refuse what can never run (nodes, quota) and show the size and price, before submitting."""
         state = self._context.state
@@ -443,16 +555,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             f"Compute {compute.name}: {n} x {size.name} ({size.vcpus} vCPUs{gpus}, "
             f"{compute.tier.replace('_', '-')}): {state.price}"
         )
-        check = check_quota(quotas, n * size.vcpus)
-        if check.never is not None:
-            q = check.never
-            raise QuotaExceededError(
-                f"{n} node(s) of {size.name} need {check.vcpus} vCPUs, more than the region's "
-                f"quota '{q.name}' of {q.limit} vCPUs ({q.used} in use): the job could never "
-                f"start. Ask for at most {(q.limit or 0) // max(1, size.vcpus)} node(s) or a "
-                "smaller size, or request more quota (Azure portal > Quotas > Azure Machine "
-                f"Learning; {QUOTA_DOCS}). Nothing was submitted."
-            )
+        check = self._refuse_over_quota(size, n, quotas)
         if check.full is not None:
             q = check.full
             self._log(

@@ -14,6 +14,7 @@ import getpass
 import os
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,74 @@ class ClusterSettings:
     version_check: str = "raise"
     quiet: bool = False
     prepare_timeout: float = 3600.0
+    #: The AmlCompute to create when ``compute`` does not exist (see :func:`compute_request`).
+    create_compute: ComputeRequest | None = None
+    delete_compute_on_close: bool = False
+
+
+@dataclass(frozen=True)
+class ComputeRequest:
+    """What ``create_compute=`` asks for: an AmlCompute cluster with 0 nodes at rest.
+
+    Attributes
+    ----------
+    size
+        VM size (``Standard_D4s_v3``); checked against the region's sizes before creating.
+    max_nodes
+        The cluster's maximum node count.
+    tier
+        ``"dedicated"`` or ``"low_priority"``.
+    idle_seconds
+        How long an idle node stays allocated (and billed) before AML releases it.
+    """
+
+    size: str
+    max_nodes: int
+    tier: str = "dedicated"
+    idle_seconds: int = 120
+
+
+def compute_request(value: Any) -> ComputeRequest | None:
+    """Validate ``create_compute``: None, or a mapping with ``size`` and ``max_nodes``.
+
+    Optional keys: ``tier`` (``dedicated`` | ``low_priority``) and
+    ``idle_time_before_scale_down`` (a duration, default 120 s).
+    """
+    if value is None or isinstance(value, ComputeRequest):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(
+            "create_compute must be a mapping like {'size': 'Standard_D4s_v3', 'max_nodes': 4}, "
+            f"got {value!r}."
+        )
+    data = {str(k).replace("-", "_"): v for k, v in value.items()}
+    known = {"size", "max_nodes", "tier", "idle_time_before_scale_down"}
+    if set(data) - known:
+        raise ConfigurationError(
+            f"create_compute: unknown key(s) {', '.join(sorted(set(data) - known))}; "
+            f"known: {', '.join(sorted(known))}."
+        )
+    size = data.get("size")
+    if not isinstance(size, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{1,63}", size):
+        raise ConfigurationError(
+            f"create_compute['size'] must be a VM size name like 'Standard_D4s_v3', got {size!r}."
+        )
+    tier = str(data.get("tier") or "dedicated").lower().replace("-", "_")
+    if tier not in ("dedicated", "low_priority"):
+        raise ConfigurationError(
+            f"create_compute['tier'] must be 'dedicated' or 'low_priority', got {data['tier']!r}."
+        )
+    idle = parse_duration(
+        data.get("idle_time_before_scale_down", 120), "idle_time_before_scale_down"
+    )
+    if idle is None or idle < 0:
+        raise ConfigurationError("create_compute['idle_time_before_scale_down'] must be >= 0.")
+    return ComputeRequest(
+        size=size,
+        max_nodes=positive_int(data.get("max_nodes"), "create_compute['max_nodes']"),
+        tier=tier,
+        idle_seconds=int(idle),
+    )
 
 
 def config_key(attribute: str) -> str:
@@ -148,7 +217,13 @@ _REQUIRED_DURATIONS = (
     "watch_interval",
 )
 _OPTIONAL_DURATIONS = ("job_timeout", "idle_timeout", "no_client_timeout")
-_BOOLEANS = ("worker_on_scheduler", "security", "ssh_trust_on_first_use", "quiet")
+_BOOLEANS = (
+    "worker_on_scheduler",
+    "security",
+    "ssh_trust_on_first_use",
+    "quiet",
+    "delete_compute_on_close",
+)
 
 
 def resolve_settings(**arguments: Any) -> ClusterSettings:
@@ -243,6 +318,12 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
     raw["workspace_config"] = optional_string(
         raw["workspace_config"], "workspace_config", allow_path=True
     )
+    raw["create_compute"] = compute_request(raw["create_compute"])
+    if raw["create_compute"] and raw["n_nodes"] > raw["create_compute"].max_nodes:
+        raise ConfigurationError(
+            f"n_nodes={raw['n_nodes']} is more than create_compute['max_nodes']="
+            f"{raw['create_compute'].max_nodes}: the cluster could never start."
+        )
     return ClusterSettings(**raw)
 
 

@@ -47,6 +47,8 @@ class ComputeInfo:
     subnet: str | None = None
     #: ``"dedicated"`` or ``"low_priority"`` (the compute's ``tier``).
     tier: str = "dedicated"
+    #: Seconds an idle node stays allocated (and billed) before AML releases it.
+    idle_seconds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,34 @@ class AmlOps:
             node_public_ip=getattr(compute, "enable_node_public_ip", True) is not False,
             subnet=getattr(getattr(compute, "network_settings", None), "subnet", None) or None,
             tier=str(getattr(compute, "tier", None) or "dedicated").lower().replace("-", "_"),
+            idle_seconds=getattr(compute, "idle_time_before_scale_down", None),
         )
+
+    async def create_compute(
+        self, name: str, size: str, max_nodes: int, tier: str, idle_seconds: int, timeout: float
+    ) -> None:
+        """Create an AmlCompute cluster (min 0 nodes) and wait, bounded, for AML to finish.
+
+        ``compute.begin_create_or_update(AmlCompute(...))``: a long-running
+        operation the SDK polls (``Azure-AsyncOperation``).
+        """
+        from azure.ai.ml.entities import AmlCompute
+
+        compute = AmlCompute(
+            name=name,
+            size=size,
+            min_instances=0,
+            max_instances=max_nodes,
+            tier=tier,
+            idle_time_before_scale_down=idle_seconds,
+        )
+        poller = await self._call(self.ml_client.compute.begin_create_or_update, compute)
+        await self._call(poller.result, timeout)
+
+    async def delete_compute(self, name: str, timeout: float) -> None:
+        """Delete a compute (``compute.begin_delete``) and wait, bounded, for AML to finish."""
+        poller = await self._call(self.ml_client.compute.begin_delete, name)
+        await self._call(poller.result, timeout)
 
     async def list_sizes(self) -> list[Any]:
         """The region's VM sizes (``compute.list_sizes()``; the workspace's location)."""

@@ -99,6 +99,8 @@ class ClusterState:
     #: The compute's VM size as the region lists it (None: unknown), and the price text.
     vm_size: Any = None
     price: str = "price unknown"
+    #: True when this cluster created its compute (``create_compute=``).
+    created_compute: bool = False
     phases: dict[str, float] = field(default_factory=dict)
     started_at: float | None = None
     preparing_seconds: float = 0.0

@@ -107,6 +107,9 @@ class NodeOptions:
     scheduler_address: str | None = None
     scheduler_options: Mapping[str, Any] = field(default_factory=dict)
     worker_options: Mapping[str, Any] = field(default_factory=dict)
+    #: dask-cuda workers: ``processes`` is the node's GPU count, one worker per GPU
+    #: (``dask_cuda.CUDAWorker``, ``resources={"GPU": 1}``).
+    cuda: bool = False
     #: Job mode only: the script to run on rank 0.
     script: ScriptOptions | None = None
 
@@ -148,6 +151,8 @@ class NodeOptions:
             argv += ["--scheduler-options", _json(self.scheduler_options)]
         if self.worker_options:
             argv += ["--worker-options", _json(self.worker_options)]
+        if self.cuda:
+            argv.append("--cuda")
         if self.script is not None:
             s = self.script
             argv += ["--script-name", s.script_name, "--wait-workers", _number(s.wait_workers)]
@@ -204,6 +209,7 @@ class NodeOptions:
             scheduler_address=args.scheduler_address,
             scheduler_options=args.scheduler_options,
             worker_options=args.worker_options,
+            cuda=args.cuda,
             script=ScriptOptions(
                 script=args.script,
                 script_name=args.script_name,
@@ -248,6 +254,9 @@ def node_parser(*, script: bool = False, description: str | None = None) -> argp
     )
     p.add_argument("--scheduler-options", type=json.loads, default={})
     p.add_argument("--worker-options", type=json.loads, default={})
+    p.add_argument(
+        "--cuda", action="store_true", help="dask-cuda workers, one per GPU (--processes GPUs)"
+    )
     if script:
         job = p.add_argument_group("job mode", "the script rank 0 runs; its arguments follow --")
         job.add_argument("--script", default=None, help="script path (code snapshot)")

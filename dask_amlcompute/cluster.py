@@ -338,22 +338,32 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     async def _start(self) -> None:
         if self.status.name in ("running", "closed"):
             return await super()._start()
-        ctx = self._context
         try:
-            attach = self.scheduler_spec["options"]["attach"]
-            ctx.state.compute = await self._find_or_create_compute(attach)
-            if not attach:
-                await self._check_name_is_new()
-            if not attach and isinstance(self.settings.environment, str):
-                await ctx.ops.check_environment(self.settings.environment)
-            await self._check_capacity(attach)
-            self._check_connect_path()
+            await self._prepare(self.scheduler_spec["options"]["attach"])
             await super()._start()
         except RuntimeError as exc:
             # SpecCluster wraps start failures in RuntimeError; surface our typed error.
             if isinstance(exc.__cause__, AmlComputeError):
                 raise exc.__cause__ from None
             raise
+
+    async def _prepare(self, attach: bool) -> None:
+        """Decide everything before the first submission; nothing is submitted.
+
+        The compute (created if asked), the name, the environment, quota and
+        price, GPU workers and the connect path.
+        """
+        ctx = self._context
+        ctx.state.compute = await self._find_or_create_compute(attach)
+        if self.settings.worker_compute:
+            ctx.state.worker_compute = await self._worker_compute()
+        if not attach:
+            await self._check_name_is_new()
+        if not attach and isinstance(self.settings.environment, str):
+            await ctx.ops.check_environment(self.settings.environment)
+        await self._check_capacity(attach)
+        self._use_gpus(attach)
+        self._check_connect_path()
 
     async def _close(self) -> None:
         state = self._context.state
@@ -460,6 +470,8 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         """The compute; created first when it does not exist and ``create_compute`` says how."""
         ops, request = self._context.ops, self.settings.create_compute
         name = self.settings.compute
+        if name is None:
+            return await self._serverless_compute()
         try:
             compute = await ops.get_compute(name)
         except ComputeNotFoundError:
@@ -496,26 +508,59 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             f"{request.idle_seconds}s; {describe_price(size, request.tier, 1).split(',')[0]}"
         )
         started = time.monotonic()
-        try:
-            await ops.create_compute(
-                name,
-                size.name,
-                request.max_nodes,
-                request.tier,
-                request.idle_seconds,
-                timeout=COMPUTE_TIMEOUT,
-            )
-        except Exception as exc:
-            from azure.core.exceptions import HttpResponseError
-
-            if isinstance(exc, HttpResponseError) and exc.status_code == 400:
-                raise ConfigurationError(
-                    f"AML refused to create compute {name!r}: {exc.message}. Nothing was created."
-                ) from None
-            raise
+        await ops.create_compute(
+            name, size.name, request.max_nodes, request.tier, request.idle_seconds, COMPUTE_TIMEOUT
+        )
         self._context.state.created_compute = True
         self._log(f"Created AmlCompute {name} in {time.monotonic() - started:.1f}s")
         return await ops.get_compute(name)
+
+    async def _worker_compute(self) -> ComputeInfo:
+        """The compute of the extra worker jobs (``worker_compute``), with its size and price."""
+        name = self.settings.worker_compute
+        assert name is not None
+        compute = await self._context.ops.get_compute(name)
+        size, _ = await self._read_capacity(compute, quota=False)
+        per_job = self.settings.nodes_per_job
+        self._log(
+            f"Worker jobs on compute {name} ({compute.tier.replace('_', '-')}, up to "
+            f"{compute.max_nodes} nodes): {describe_price(size, compute.tier, per_job)} per job"
+            + (
+                "; a preempted worker job is replaced by scale/adapt"
+                if compute.tier == "low_priority"
+                else ""
+            )
+        )
+        return compute
+
+    async def _serverless_compute(self) -> ComputeInfo:
+        """What serverless jobs of ``instance_type`` run on: checked against the region's sizes."""
+        settings = self.settings
+        sizes = [size_from_sdk(s) for s in await self._context.ops.list_sizes()]
+        size = find_size(sizes, settings.instance_type)
+        if size is None:
+            offered = ", ".join(sorted(s.name for s in sizes)[:12]) or "none listed"
+            raise ConfigurationError(
+                f"instance_type {settings.instance_type!r} is not offered in this workspace's "
+                f"region. Sizes offered include: {offered}. Nothing was submitted."
+            )
+        if settings.job_tier == "spot" and not size.low_priority_capable:
+            raise ConfigurationError(
+                f"instance_type {size.name!r} has no Spot (low-priority) VMs: use "
+                "job_tier='standard' or another size. Nothing was submitted."
+            )
+        self._log(
+            f"Serverless: {settings.n_nodes} x {size.name} ({settings.job_tier}); AML allocates "
+            "the nodes for this job and releases them when it ends"
+        )
+        return ComputeInfo(
+            name="serverless",
+            type="serverless",
+            vm_size=size.name,
+            ssh_public_access=False,
+            node_public_ip=False,
+            tier="spot" if settings.job_tier == "spot" else "dedicated",
+        )
 
     def _refuse_over_quota(self, size: VmSizeInfo, n: int, quotas: list[Quota]) -> QuotaCheck:
         """Raise :class:`QuotaExceededError` when ``n`` nodes of ``size`` can never fit."""
@@ -558,11 +603,43 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         check = self._refuse_over_quota(size, n, quotas)
         if check.full is not None:
             q = check.full
+            state.queue_hint = (
+                f"waiting for vCPU quota: {check.vcpus} needed, {q.free} of {q.limit} free "
+                f"in '{q.name}' when it was submitted"
+            )
             self._log(
                 f"Quota: {check.vcpus} vCPUs needed but '{q.name}' has {q.free} of {q.limit} "
                 f"free ({q.used} in use by other jobs or allocated nodes): the job may wait in "
                 "Queued until enough nodes are released."
             )
+
+    def _use_gpus(self, attach: bool) -> None:
+        """On a GPU size: one dask-cuda worker per GPU, and the CUDA image for the default env."""
+        ctx, settings = self._context, self.settings
+        size = ctx.state.vm_size
+        if attach or size is None or not size.gpus or settings.gpu_workers == "none":
+            return
+        ctx.state.gpus_per_node = size.gpus
+        if settings.environment is None:
+            ctx.state.environment = environment_from_settings(settings, gpu=True)
+        suffixes = ctx.node_options("cluster", "x").worker_suffixes(settings.n_nodes)
+        self._main_workers = len(suffixes)
+        if self._main_key in self.worker_spec:
+            self.worker_spec[self._main_key]["group"] = suffixes
+            self.worker_spec[self._main_key]["options"]["suffixes"] = suffixes
+        job_suffixes = ctx.node_options("workers", "x").worker_suffixes(settings.nodes_per_job)
+        self._workers_per_job = len(job_suffixes)
+        self.new_spec["group"] = job_suffixes
+        self.new_spec["options"]["suffixes"] = job_suffixes
+        self._log(
+            f"GPU size {size.name}: {size.gpus} GPU(s) per node, one dask-cuda worker per GPU "
+            "(resources={'GPU': 1})"
+            + (
+                "; default environment on AML's CUDA base image"
+                if settings.environment is None
+                else ""
+            )
+        )
 
     async def _read_capacity(
         self, compute: ComputeInfo, quota: bool
@@ -619,6 +696,11 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         return resolve(uri, self.ml_client, **kwargs)
 
     @property
+    def preemptions(self) -> int:
+        """Worker jobs that ended because AML preempted a low-priority node."""
+        return self._context.state.preemptions
+
+    @property
     def jobs(self) -> dict[str, str]:
         """AML jobs of this cluster and their last known status."""
         return dict(self._context.state.jobs)
@@ -666,7 +748,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             f'<td style="text-align: left;"><strong>Status:</strong> {html.escape(status)}</td></tr>'
             for job, status in self._context.state.jobs.items()
         )
-        compute = html.escape(self.settings.compute)
+        compute = html.escape(self.settings.compute or f"serverless {self.settings.instance_type}")
         rows = (
             f'<tr><td style="text-align: left;"><strong>Compute:</strong> {compute}</td>'
             f'<td style="text-align: left;"><strong>Nodes:</strong> {self.settings.n_nodes}'

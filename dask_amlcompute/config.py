@@ -87,7 +87,8 @@ class ClusterSettings:
     Durations are in seconds. See ``amlcompute.yaml`` for the meaning of each key.
     """
 
-    compute: str
+    #: The AmlCompute name; None: serverless jobs of ``instance_type``.
+    compute: str | None
     n_nodes: int
     nodes_per_job: int
     processes_per_node: int
@@ -126,6 +127,17 @@ class ClusterSettings:
     #: The AmlCompute to create when ``compute`` does not exist (see :func:`compute_request`).
     create_compute: ComputeRequest | None = None
     delete_compute_on_close: bool = False
+    #: Serverless: the VM size of the jobs' nodes (no ``compute``).
+    instance_type: str | None = None
+    #: Serverless: ``"standard"`` (dedicated VMs) or ``"spot"`` (low-priority, preemptible).
+    job_tier: str = "standard"
+    #: Serverless: the workspace's serverless jobs share a network (managed VNet or custom
+    #: subnet), so worker jobs can reach the main job's scheduler.
+    serverless_network: bool = False
+    #: The AmlCompute of the extra worker jobs (e.g. a low-priority cluster); None: ``compute``.
+    worker_compute: str | None = None
+    #: ``"auto"``: dask-cuda workers, one per GPU, on sizes with GPUs; ``"none"``: CPU workers.
+    gpu_workers: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -223,6 +235,7 @@ _BOOLEANS = (
     "ssh_trust_on_first_use",
     "quiet",
     "delete_compute_on_close",
+    "serverless_network",
 )
 
 
@@ -260,19 +273,32 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
     }
     if raw["workspace_config"] is not None:
         _check_workspace_config(raw["workspace_config"])
-    if raw["compute"] is None or raw["compute"] == "":
+    tier = str(raw["job_tier"] or "standard").lower()
+    if tier not in ("standard", "spot"):
+        raise ConfigurationError(
+            f"job_tier must be 'standard' or 'spot' (serverless jobs), not {raw['job_tier']!r}."
+        )
+    raw["job_tier"] = tier
+    raw["instance_type"] = optional_string(raw["instance_type"], "instance_type")
+    if raw["instance_type"] is not None:
+        _check_serverless(raw)
+    elif raw["compute"] is None or raw["compute"] == "":
         # Precedence: argument > dask config (incl. DASK_AMLCOMPUTE__COMPUTE) > the
         # compute cached in the workspace config.json > error.
         from .backend.workspace import cached_compute
 
         raw["compute"] = cached_compute(raw["workspace_config"])
-    if not raw["compute"]:
+    if raw["instance_type"] is not None:
+        pass  # serverless: no compute
+    elif not raw["compute"]:
         raise ConfigurationError(
             "No compute given: pass compute='<AmlCompute name>', set amlcompute.compute "
             "in dask config (DASK_AMLCOMPUTE__COMPUTE), or cache it in the workspace "
             "config.json with dask_amlcompute.write_workspace_config(..., compute=...)."
         )
-    if not isinstance(raw["compute"], str) or not raw["compute"].strip():
+    if raw["instance_type"] is None and (
+        not isinstance(raw["compute"], str) or not raw["compute"].strip()
+    ):
         raise ConfigurationError(
             f"compute must be the name of an AmlCompute target (a string), got {raw['compute']!r}."
         )
@@ -318,6 +344,16 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
     raw["workspace_config"] = optional_string(
         raw["workspace_config"], "workspace_config", allow_path=True
     )
+    if raw["gpu_workers"] not in ("auto", "none"):
+        raise ConfigurationError(
+            f"gpu_workers must be 'auto' or 'none', not {raw['gpu_workers']!r}."
+        )
+    raw["worker_compute"] = optional_string(raw["worker_compute"], "worker_compute")
+    if raw["worker_compute"] and raw["compute"] is None:
+        raise ConfigurationError(
+            "worker_compute puts worker jobs on an AmlCompute, but this cluster is serverless "
+            "(instance_type=...): its worker jobs cannot reach a serverless scheduler."
+        )
     raw["create_compute"] = compute_request(raw["create_compute"])
     if raw["create_compute"] and raw["n_nodes"] > raw["create_compute"].max_nodes:
         raise ConfigurationError(
@@ -325,6 +361,26 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
             f"{raw['create_compute'].max_nodes}: the cluster could never start."
         )
     return ClusterSettings(**raw)
+
+
+def _check_serverless(raw: dict[str, Any]) -> None:
+    """Serverless settings: ``instance_type`` without a compute, ``job_tier`` standard | spot."""
+    if raw["compute"]:
+        raise ConfigurationError(
+            f"instance_type={raw['instance_type']!r} runs the cluster as serverless jobs, which "
+            f"have no compute; leave compute unset (got compute={raw['compute']!r}), or drop "
+            "instance_type to use that compute."
+        )
+    if raw["create_compute"] is not None or raw["delete_compute_on_close"]:
+        raise ConfigurationError(
+            "create_compute / delete_compute_on_close are for an AmlCompute cluster; serverless "
+            "jobs (instance_type=...) need no compute."
+        )
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{1,63}", raw["instance_type"]):
+        raise ConfigurationError(
+            f"instance_type must be a VM size name like 'Standard_D4s_v3', got {raw['instance_type']!r}."
+        )
+    raw["compute"] = None
 
 
 def _check_workspace_config(path: Any) -> None:

@@ -140,6 +140,11 @@ async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]
         "n_nodes": int(getattr(main.resources, "instance_count", None) or 1),
         "experiment_name": main.experiment_name,
     }
+    if not settings["compute"] or settings["compute"] == "serverless":  # a serverless cluster
+        settings["compute"] = None
+        settings["instance_type"] = getattr(main.resources, "instance_type", None)
+        tier = getattr(getattr(main, "queue_settings", None), "job_tier", None)
+        settings["job_tier"] = "spot" if str(tier or "").lower() == "spot" else "standard"
     dist = getattr(main, "distribution", None)
     if dist is not None and "mpi" in type(dist).__name__.lower():
         settings["distribution"] = "mpi"

@@ -19,7 +19,7 @@ from distributed.deploy.adaptive import Adaptive
 from ._protocol import is_main_job, worker_job_name
 from .backend.ops import MAX_CONCURRENT_WRITES
 from .backend.state import Lifecycle
-from .exceptions import ClusterLostError
+from .exceptions import ClusterLostError, ConfigurationError
 from .node.plugins import job_of_worker
 
 if TYPE_CHECKING:
@@ -57,21 +57,49 @@ class ScalingMixin(_ClusterBase):
         compute = self._context.state.compute
         return compute.max_nodes if compute is not None and compute.max_nodes else None
 
+    def _worker_node_limit(self) -> int | None:
+        """Nodes the worker jobs may have together (None: no limit known)."""
+        state = self._context.state
+        if state.worker_compute is not None:  # worker jobs on a compute of their own
+            return state.worker_compute.max_nodes or None
+        max_nodes = self._max_nodes()
+        return None if max_nodes is None else max(0, max_nodes - self.settings.n_nodes)
+
     def _jobs_for_workers(self, n: int) -> int:
         """Extra worker jobs needed for ``n`` workers in total, clipped to the compute's max."""
         extra = max(0, n - self._main_workers)
         jobs = math.ceil(extra / self._workers_per_job) if extra else 0
-        max_nodes = self._max_nodes()
-        if max_nodes is not None:
-            fit = max(0, (max_nodes - self.settings.n_nodes) // self.settings.nodes_per_job)
+        limit = self._worker_node_limit()
+        if limit is not None:
+            fit = limit // self.settings.nodes_per_job
             if jobs > fit:
+                compute = self.settings.worker_compute or self.settings.compute
                 self._log(
-                    f"Asked for {n} workers, but compute {self.settings.compute!r} has at most "
-                    f"{max_nodes} nodes: scaling to {fit} worker job(s) "
+                    f"Asked for {n} workers, but compute {compute!r} has room for {limit} worker "
+                    f"node(s): scaling to {fit} worker job(s) "
                     f"({self._main_workers + fit * self._workers_per_job} workers)."
                 )
                 jobs = fit
         return jobs
+
+    def _refuse_serverless_growth(self, workers: float) -> None:
+        """Refuse worker jobs on serverless, unless ``serverless_network`` says jobs share a network.
+
+        Separate serverless jobs are not documented to reach each other.
+        """
+        settings = self.settings
+        if (
+            settings.compute is None
+            and not settings.serverless_network
+            and workers > self._main_workers
+        ):
+            raise ConfigurationError(
+                f"This cluster runs as one serverless job ({settings.n_nodes} node(s), "
+                f"{self._main_workers} worker(s)); separate serverless jobs are not documented to "
+                "reach each other, so it cannot add worker jobs. Start it with more n_nodes, or set "
+                "serverless_network=True if the workspace's serverless jobs share a network "
+                "(a managed virtual network or a custom subnet)."
+            )
 
     def _raise_if_lost(self) -> None:
         """Raise :class:`ClusterLostError` once the scheduler is gone for good."""
@@ -128,6 +156,7 @@ class ScalingMixin(_ClusterBase):
         elif closing or (n == 0 and state.closing):
             self.worker_spec.clear()
         else:
+            self._refuse_serverless_growth(n)
             jobs = self._jobs_for_workers(n)
             extra = [k for k in self.worker_spec if k != self._main_key]
             pending = [k for k in extra if k not in self.workers]
@@ -213,9 +242,13 @@ class ScalingMixin(_ClusterBase):
         if maximum_nodes is not None:
             maximum = to_workers(maximum_nodes)
         minimum = max(minimum or 0, self._main_workers)
-        max_nodes = self._max_nodes()
-        cap: float = to_workers(max_nodes) if max_nodes else math.inf
+        limit = self._worker_node_limit()
+        cap: float = math.inf if limit is None else to_workers(self.settings.n_nodes + limit)
         upper = cap if maximum is None else min(maximum, cap)
+        if self.settings.compute is None and not self.settings.serverless_network:
+            if maximum is not None:
+                self._refuse_serverless_growth(maximum)
+            upper = min(upper, self._main_workers)
         return super().adapt(
             Adaptive=Adaptive,
             minimum=minimum,

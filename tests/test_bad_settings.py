@@ -110,6 +110,15 @@ CASES = [
     Case("node_package", 3),
     Case("version_check", "maybe"),
     Case("quiet", "no"),
+    Case("create_compute", "big"),
+    Case("create_compute", {"size": "Standard_D4s_v3", "max_nodes": 0}, match="max_nodes"),
+    Case("delete_compute_on_close", "sometimes"),
+    Case("instance_type", "Standard_D4s_v3", match="leave compute unset"),
+    Case("job_tier", "premium"),
+    Case("serverless_network", "yes"),
+    Case("worker_compute", 42),
+    Case("worker_compute", "no-such-compute", ComputeNotFoundError, "cpu-cluster"),
+    Case("gpu_workers", "all"),
 ]
 
 

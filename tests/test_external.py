@@ -237,3 +237,69 @@ def test_live_sizes_quota_and_price_are_read(live_ml_client):
     # prices are optional on AML: when present, the compute's tier has one
     if size.prices:
         assert size.hourly_price(compute.tier) is not None
+
+
+def test_live_compute_is_created_and_deleted(live_ml_client, live_kwargs):
+    """create_compute / delete_compute_on_close against AML's real long-running operations."""
+    import uuid
+
+    from dask_amlcompute import AmlComputeCluster
+
+    name = f"dask-t-{uuid.uuid4().hex[:6]}"
+    kwargs = {**live_kwargs, "compute": name}
+    size = os.environ.get("AZUREML_CREATE_SIZE", "Standard_DS3_v2")
+    with AmlComputeCluster(
+        live_ml_client,
+        n_nodes=1,
+        create_compute={"size": size, "max_nodes": 1, "idle_time_before_scale_down": 60},
+        delete_compute_on_close=True,
+        **kwargs,
+    ) as cluster:
+        assert live_ml_client.compute.get(name).max_instances == 1
+    assert name not in {c.name for c in live_ml_client.compute.list()}
+    assert "Deleted AmlCompute" in "\n".join(line for _, line in cluster._cluster_manager_logs)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("AZUREML_SERVERLESS_SIZE"),
+    reason="set AZUREML_SERVERLESS_SIZE (e.g. Standard_D4s_v3) to run a serverless cluster",
+)
+def test_live_serverless_cluster(live_ml_client, live_kwargs):
+    """Serverless: no compute; the job's resources and queue settings as AML accepts them."""
+    from distributed import Client
+
+    from dask_amlcompute import AmlComputeCluster
+
+    kwargs = {k: v for k, v in live_kwargs.items() if k != "compute"}
+    with (
+        AmlComputeCluster(
+            live_ml_client,
+            instance_type=os.environ["AZUREML_SERVERLESS_SIZE"],
+            n_nodes=2,
+            **kwargs,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        assert sum(client.gather(client.map(lambda x: x + 1, range(100)))) == 5050
+
+
+@pytest.mark.skipif(
+    not os.environ.get("AZUREML_LOWPRI_COMPUTE"),
+    reason="set AZUREML_LOWPRI_COMPUTE (a low-priority AmlCompute) to run worker jobs on it",
+)
+def test_live_worker_jobs_on_a_low_priority_compute(live_ml_client, live_kwargs):
+    from distributed import Client
+
+    from dask_amlcompute import AmlComputeCluster
+
+    lowpri = os.environ["AZUREML_LOWPRI_COMPUTE"]
+    with (
+        AmlComputeCluster(
+            live_ml_client, n_nodes=1, worker_compute=lowpri, **live_kwargs
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        cluster.scale(nodes=2)
+        client.wait_for_workers(2, timeout=1800)
+        workers = [j for j in cluster.jobs if j != cluster.main_job_name]
+        assert live_ml_client.jobs.get(workers[0]).compute.rstrip("/").endswith(lowpri)

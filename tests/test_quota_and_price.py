@@ -137,6 +137,8 @@ def test_request_that_must_wait_for_quota_queues_and_starts(emulator, ml_client,
             assert "Quota: 8 vCPUs needed but 'Standard DSv3 Family Cluster Dedicated" in logs
             assert "may wait in Queued until enough nodes are released" in logs
             await asyncio.to_thread(lambda: ml_client.jobs.begin_cancel(holder.name).result())
+            queued = [line for line in logs.splitlines() if ": Queued (" in line]
+            assert queued and "waiting for vCPU quota: 8 needed, 4 of 8 free" in queued[0]
             await asyncio.wait_for(task, 120)  # starts once the holder's node is free
             assert cluster.scheduler_address
         finally:

@@ -70,7 +70,10 @@ class VmSizeInfo:
         tier
             ``"dedicated"``, ``"low_priority"`` or ``"spot"``.
         """
-        return self.prices.get(PRICE_TIER.get(tier, tier).lower())
+        price = self.prices.get(PRICE_TIER.get(tier, tier).lower())
+        if price is None and tier == "spot":  # serverless Spot runs on low-priority VMs
+            price = self.prices.get("lowpriority")
+        return price
 
 
 def _field(obj: Any, *names: str) -> Any:

@@ -47,6 +47,10 @@ import yaml
 from ..exceptions import ConfigurationError
 
 DEFAULT_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
+#: The default image on GPU sizes: AML's CUDA base image (CUDA 11.8, cuDNN 8, same OS and MPI).
+CUDA_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-cuda11.8-cudnn8-ubuntu22.04:latest"
+#: What GPU nodes add to the default environment: the dask-cuda workers.
+CUDA_PACKAGES = ("dask-cuda",)
 
 #: Pinned to the client's versions, always; a conflicting user pin is an error.
 CORE_PACKAGES = ("dask", "distributed", "cloudpickle")
@@ -458,6 +462,7 @@ def resolve_environment(
     *,
     extra_conda: Iterable[str] | None = None,
     node_package: str | None = None,
+    gpu: bool = False,
 ) -> Any:
     """Turn the user's ``environment=`` into what ``azure.ai.ml.command`` accepts.
 
@@ -471,6 +476,10 @@ def resolve_environment(
     extra_pip, extra_conda, node_package
         Extra packages and the library's requirement for the default
         environment (see :func:`build_spec`).
+    gpu
+        The nodes have GPUs: the default environment is built on
+        :data:`CUDA_IMAGE` with :data:`CUDA_PACKAGES` (a user environment is
+        used as it is).
 
     Raises
     ------
@@ -483,7 +492,13 @@ def resolve_environment(
     if environment is None:
         # Inline (anonymous) environment: AML names it by a hash of its content,
         # so it is built once per distinct spec and reused afterwards.
-        spec = build_spec(extra_pip=extra_pip, extra_conda=extra_conda, node_package=node_package)
+        pip = [*_as_list(extra_pip, "pip_packages"), *(CUDA_PACKAGES if gpu else ())]
+        spec = build_spec(
+            extra_pip=pip,
+            extra_conda=extra_conda,
+            node_package=node_package,
+            image=CUDA_IMAGE if gpu else None,
+        )
         return spec.to_environment()
     extras = _as_list(extra_pip, "pip_packages") + _as_list(extra_conda, "conda_packages")
     if extras or node_package:
@@ -501,11 +516,12 @@ def resolve_environment(
     return environment
 
 
-def environment_from_settings(settings: Any) -> Any:
+def environment_from_settings(settings: Any, gpu: bool = False) -> Any:
     """:func:`resolve_environment` for a :class:`~dask_amlcompute.config.ClusterSettings`."""
     return resolve_environment(
         settings.environment,
         settings.pip_packages,
         extra_conda=settings.conda_packages,
         node_package=settings.node_package,
+        gpu=gpu,
     )

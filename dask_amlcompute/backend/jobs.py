@@ -84,7 +84,9 @@ class MainJob(ProcessInterface):
             ctx.log(f"Reconnecting to AML job {self.job_name} ({info.status})")
         else:
             ctx.log(
-                f"Submitting AML job {self.job_name} to compute {s.compute!r}: {s.n_nodes} "
+                f"Submitting AML job {self.job_name} to "
+                + (f"compute {s.compute!r}" if s.compute else f"serverless {s.instance_type}")
+                + f": {s.n_nodes} "
                 f"node(s), scheduler on rank 0, {s.processes_per_node} worker process(es) per node"
             )
             info = await ctx.ops.submit(self.job())
@@ -441,7 +443,17 @@ class WorkerJob(_JobWorkers):
 
     async def _job_ended(self, info: JobInfo) -> None:
         """The job ended by itself (failure, preemption, timeout): let scaling replace it."""
-        self.context.log(f"Worker job {self.name} ended {info.status}")
+        ctx = self.context
+        why = ""
+        if info.status == "Failed":
+            err = await job_error(ctx.ops, info, f"Worker job {self.name} failed.")
+            if "Preemption" in str(err):  # AML's PreemptionError: a low-priority node was taken
+                ctx.state.preemptions += 1
+                why = (
+                    f": preempted (low-priority node), {ctx.state.preemptions} preemption(s) so "
+                    "far; scale/adapt replace it"
+                )
+        ctx.log(f"Worker job {self.name} ended {info.status}{why}")
         self._ended(info.status)
 
     async def close(self) -> None:

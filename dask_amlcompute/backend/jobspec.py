@@ -44,7 +44,7 @@ def cluster_tags(cluster_name: str, role: str, extra: Mapping[str, str] | None =
 def build_job(
     *,
     name: str,
-    compute: str,
+    compute: str | None,
     n_nodes: int,
     node: NodeOptions,
     environment: Any,
@@ -57,6 +57,8 @@ def build_job(
     settings: Mapping[str, Any] | None = None,
     code: str | None = None,
     ssh_public_key: str | None = None,
+    instance_type: str | None = None,
+    job_tier: str = "standard",
 ):
     """Build the AML command job for the cluster's main job or a worker job.
 
@@ -69,7 +71,7 @@ def build_job(
     name
         AML job name (unique in the workspace).
     compute
-        AmlCompute target name.
+        AmlCompute target name; None: a serverless job of ``instance_type``.
     n_nodes
         ``instance_count`` of the job.
     node
@@ -100,6 +102,10 @@ def build_job(
         OpenSSH public key (how ``connect="auto"``/``"job-ssh"`` reach the
         scheduler without a public IP; the image needs ``openssh-server``, which
         AML's base images have).
+    instance_type, job_tier
+        Serverless jobs (``compute`` None): ``resources.instance_type`` and
+        ``queue_settings.job_tier`` (``"standard"`` or ``"spot"``), as Microsoft
+        Learn *Model training on serverless compute* submits them.
 
     Returns
     -------
@@ -120,7 +126,7 @@ def build_job(
     tags = cluster_tags(cluster_name, node.role, tags)
     if node.role == "cluster":
         tags.update(settings_tag(cluster_settings(node, distribution, settings)))
-    return command(
+    job = command(
         name=name,
         display_name=f"{cluster_name} ({node.role})",
         description=f"Dask cluster {cluster_name}: {node.role} job started by dask-amlcompute",
@@ -128,6 +134,7 @@ def build_job(
         code=code,
         compute=compute,
         instance_count=n_nodes,
+        instance_type=instance_type if compute is None else None,
         distribution=dist,
         environment=environment,
         environment_variables=env,
@@ -140,3 +147,8 @@ def build_job(
             else None
         ),
     )
+    if compute is None:
+        from azure.ai.ml.entities import QueueSettings
+
+        job.queue_settings = QueueSettings(job_tier=job_tier)
+    return job

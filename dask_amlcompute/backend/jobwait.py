@@ -190,13 +190,18 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
         info = await ctx.ops.get_job(job_name)
         now = time.monotonic()
         ctx.state.jobs[job_name] = info.status
+        queued = (
+            f": {ctx.state.queue_hint}" if info.status == "Queued" and ctx.state.queue_hint else ""
+        )
         if info.status != last_status:
-            what = f": {PREPARING_MESSAGE}" if info.status == "Preparing" else ""
+            what = f": {PREPARING_MESSAGE}" if info.status == "Preparing" else queued
             ctx.log(f"AML job {job_name}: {info.status} ({now - started:.0f}s){what}")
             last_status, last_said = info.status, now
             delay = min(0.2, s.poll_interval)  # things move: look again soon
         elif now - last_said >= STILL_WAITING_EVERY and not info.terminal:
-            ctx.log(f"AML job {job_name}: still {info.status} after {_minutes(now - started)}")
+            ctx.log(
+                f"AML job {job_name}: still {info.status} after {_minutes(now - started)}{queued}"
+            )
             last_said = now
         if info.status == "Preparing":
             preparing_since = now if preparing_since is None else preparing_since

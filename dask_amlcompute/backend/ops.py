@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from ..exceptions import (
     AmlComputeError,
     ComputeNotFoundError,
+    ConfigurationError,
     ControlPlaneError,
     NotAmlComputeError,
 )
@@ -223,8 +224,17 @@ class AmlOps:
             tier=tier,
             idle_time_before_scale_down=idle_seconds,
         )
-        poller = await self._call(self.ml_client.compute.begin_create_or_update, compute)
-        await self._call(poller.result, timeout)
+        from azure.core.exceptions import HttpResponseError
+
+        try:
+            poller = await self._call(self.ml_client.compute.begin_create_or_update, compute)
+            await self._call(poller.result, timeout)
+        except HttpResponseError as exc:
+            if exc.status_code == 400:  # AML refused the request (name, size, quota)
+                raise ConfigurationError(
+                    f"AML refused to create compute {name!r}: {exc.message}. Nothing was created."
+                ) from None
+            raise
 
     async def delete_compute(self, name: str, timeout: float) -> None:
         """Delete a compute (``compute.begin_delete``) and wait, bounded, for AML to finish."""

@@ -101,6 +101,14 @@ class ClusterState:
     price: str = "price unknown"
     #: True when this cluster created its compute (``create_compute=``).
     created_compute: bool = False
+    #: The compute of the worker jobs (``worker_compute=``), once looked up.
+    worker_compute: ComputeInfo | None = None
+    #: Worker jobs that ended because AML preempted a low-priority node.
+    preemptions: int = 0
+    #: GPUs per node when the workers are dask-cuda workers (one per GPU); 0: CPU workers.
+    gpus_per_node: int = 0
+    #: Why a Queued job waits, as the quota check before submitting saw it (None: no reason).
+    queue_hint: str | None = None
     phases: dict[str, float] = field(default_factory=dict)
     started_at: float | None = None
     preparing_seconds: float = 0.0
@@ -169,7 +177,7 @@ class ClusterContext:
         return NodeOptions(
             role=role,
             name_prefix=prefix,
-            processes=s.processes_per_node,
+            processes=self.state.gpus_per_node or s.processes_per_node,
             threads=s.threads_per_process,
             memory_limit=s.memory_limit,
             scheduler_port=s.scheduler_port,
@@ -183,6 +191,7 @@ class ClusterContext:
             scheduler_address=scheduler_address,
             scheduler_options=s.scheduler_options,
             worker_options=s.worker_options,
+            cuda=self.state.gpus_per_node > 0,
         )
 
     def build(
@@ -192,7 +201,7 @@ class ClusterContext:
         s = self.settings
         return build_job(
             name=job_name,
-            compute=s.compute,
+            compute=s.worker_compute if role == "workers" and s.worker_compute else s.compute,
             n_nodes=n_nodes,
             node=node,
             environment=self.state.environment,
@@ -209,4 +218,6 @@ class ClusterContext:
                 if role == "cluster" and self.state.job_ssh_key is not None
                 else None
             ),
+            instance_type=s.instance_type,
+            job_tier=s.job_tier,
         )

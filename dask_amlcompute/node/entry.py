@@ -236,6 +236,8 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
         The workers could not join the scheduler within ``--death-timeout``, or
         failed to start; every nanny started is closed first.
     """
+    if opts.cuda:
+        return await start_cuda_workers(scheduler_address, ctx, opts)
     from distributed import Nanny
 
     security = node_security()
@@ -286,6 +288,43 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
         ) from exc
     logger.info("Started %d worker(s) on %s for %s", len(nannies), ctx.node_ip, scheduler_address)
     return nannies
+
+
+async def start_cuda_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOptions) -> list:
+    """Start dask-cuda workers on this GPU node: one per GPU, each with ``resources={"GPU": 1}``.
+
+    ``dask_cuda.CUDAWorker`` starts one nanny per visible GPU (``CUDA_VISIBLE_DEVICES``
+    rotated per worker), named ``PREFIX-RANK-INDEX`` like the CPU workers.
+
+    Returns
+    -------
+    list of distributed.Nanny
+        The running nannies.
+    """
+    try:
+        from dask_cuda import CUDAWorker
+    except ImportError as exc:
+        raise RuntimeError(
+            "--cuda needs dask-cuda in the node environment (the default environment adds it "
+            f"on GPU sizes): {exc}"
+        ) from exc
+    options = dict(opts.worker_options)
+    resources = {"GPU": 1, **dict(options.pop("resources", None) or {})}
+    security = node_security()
+    worker = CUDAWorker(
+        scheduler_address,
+        host=ctx.node_ip,
+        nthreads=opts.threads or 1,
+        name=f"{opts.name_prefix}-{ctx.rank}",
+        resources=resources,
+        death_timeout=opts.death_timeout,
+        local_directory=os.path.join(os.getcwd(), "dask-scratch-space"),
+        security=security,
+        **options,
+    )
+    await worker
+    logger.info("Started %d dask-cuda worker(s) on %s", len(worker.nannies), ctx.node_ip)
+    return list(worker.nannies)
 
 
 async def _join(nannies: list) -> tuple[BaseException | None, int, bool]:

@@ -1,0 +1,86 @@
+"""GPU sizes: dask-cuda workers (one per GPU, resources GPU=1) and AML's CUDA base image.
+
+No machine here has a GPU: these tests check what is submitted (the job's command, environment
+and worker groups) against the emulator's GPU sizes, and that a node without dask-cuda says so.
+A dask-cuda worker has not run in this project's CI (see docs: GPU nodes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dask_amlcompute import AmlComputeCluster, JobFailedError
+from dask_amlcompute._protocol import NodeOptions
+from dask_amlcompute.backend.environment import CUDA_IMAGE, DEFAULT_IMAGE
+
+GPU_SIZE = "Standard_NC24s_v3"  # emulator catalogue: 4 GPUs, 24 vCPUs
+
+
+@pytest.fixture(scope="module")
+def gpu_compute(ml_client):
+    from azure.ai.ml.entities import AmlCompute
+
+    name = "gpu-nodes"
+    ml_client.compute.begin_create_or_update(
+        AmlCompute(name=name, size=GPU_SIZE, max_instances=2)
+    ).result()
+    yield name
+    ml_client.compute.begin_delete(name).result()
+
+
+def _prepared(ml_client, **kwargs):
+    """The cluster's main job as it would be submitted (nothing is submitted)."""
+
+    async def main():
+        cluster = AmlComputeCluster(ml_client, asynchronous=True, **kwargs)
+        await cluster._prepare(attach=False)
+        return cluster, cluster.job_spec()
+
+    return asyncio.run(main())
+
+
+def _argv(spec) -> NodeOptions:
+    command = spec["properties"]["command"]
+    argv = command.split("-m dask_amlcompute.node", 1)[1].split()
+    return NodeOptions.from_argv(argv)
+
+
+def test_gpu_size_gives_dask_cuda_workers_and_the_cuda_image(ml_client, gpu_compute):
+    cluster, spec = _prepared(ml_client, compute=gpu_compute, n_nodes=2, name="gpu-plan")
+    node = _argv(spec)
+    assert node.cuda and node.processes == 4  # one worker per GPU
+    assert cluster._main_workers == 8  # 2 nodes x 4 GPUs (the scheduler's node too)
+    environment = cluster._context.state.environment
+    assert environment.image == CUDA_IMAGE
+    pip = str(environment.conda_file)
+    assert "dask-cuda" in pip
+    logs = "\n".join(line for _, line in cluster._cluster_manager_logs)
+    assert "4 GPU(s) per node, one dask-cuda worker per GPU" in logs
+    # the user's choices win: CPU workers, their own environment
+    cluster, spec = _prepared(
+        ml_client, compute=gpu_compute, n_nodes=1, gpu_workers="none", name="gpu-plan-cpu"
+    )
+    assert not _argv(spec).cuda and cluster._context.state.environment.image == DEFAULT_IMAGE
+    cluster, spec = _prepared(
+        ml_client, compute=gpu_compute, n_nodes=1, environment="my/image:1", name="gpu-plan-own"
+    )
+    assert _argv(spec).cuda and cluster._context.state.environment.image == "my/image:1"
+
+
+def test_cpu_size_keeps_cpu_workers(ml_client, cluster_kwargs):
+    cluster, spec = _prepared(ml_client, n_nodes=1, name="cpu-plan", **cluster_kwargs)
+    assert not _argv(spec).cuda
+    assert cluster._context.state.environment.image == DEFAULT_IMAGE
+
+
+def test_gpu_node_without_dask_cuda_fails_saying_so(ml_client, gpu_compute, cluster_kwargs):
+    # a user image without dask-cuda (the emulator runs its own interpreter for it)
+    kwargs = {
+        **cluster_kwargs,
+        "compute": gpu_compute,
+        "environment": "docker.io/library/python:3.11",
+    }
+    with pytest.raises(JobFailedError, match="needs dask-cuda in the node environment"):
+        AmlComputeCluster(ml_client, n_nodes=1, name="gpu-no-cuda", **kwargs)

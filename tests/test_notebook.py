@@ -18,6 +18,10 @@ NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
         ("quickstart.ipynb", ["nodes in use: 0"]),
         ("batch.ipynb", ["5000 results, 10 errors", "True batch time limit", "nodes in use: 0"]),
         ("datastores.ipynb", ["rows: 200000 summary matches: True", "nodes in use: 0"]),
+        (
+            "capacity.ipynb",
+            ["$0.76/h for 4 node(s)", "332833500", "compute deleted: True", "nodes in use: 0"],
+        ),
     ],
 )
 def test_notebook_executes(name, expected, tmp_path, monkeypatch):

@@ -490,14 +490,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
                 )
             return compute
         assert request is not None  # re-raised above otherwise
-        sizes = [size_from_sdk(s) for s in await ops.list_sizes()]
-        size = find_size(sizes, request.size)
-        if size is None:
-            offered = ", ".join(sorted(s.name for s in sizes)[:12]) or "none listed"
-            raise ConfigurationError(
-                f"create_compute: VM size {request.size!r} is not offered for AmlCompute in this "
-                f"workspace's region. Sizes offered include: {offered}. Nothing was created."
-            )
+        size = await self._offered_size(request.size, "create_compute: VM size", "created")
         usages = await ops.list_usage()
         self._refuse_over_quota(
             size, self.settings.n_nodes, quotas_for(usages, size.family, request.tier)
@@ -533,17 +526,23 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         )
         return compute
 
-    async def _serverless_compute(self) -> ComputeInfo:
-        """What serverless jobs of ``instance_type`` run on: checked against the region's sizes."""
-        settings = self.settings
+    async def _offered_size(self, name: str, what: str, nothing: str) -> VmSizeInfo:
+        """The region's VM size called ``name``; ConfigurationError listing some when it has none."""
         sizes = [size_from_sdk(s) for s in await self._context.ops.list_sizes()]
-        size = find_size(sizes, settings.instance_type)
+        size = find_size(sizes, name)
         if size is None:
             offered = ", ".join(sorted(s.name for s in sizes)[:12]) or "none listed"
             raise ConfigurationError(
-                f"instance_type {settings.instance_type!r} is not offered in this workspace's "
-                f"region. Sizes offered include: {offered}. Nothing was submitted."
+                f"{what} {name!r} is not offered in this workspace's region. Sizes offered "
+                f"include: {offered}. Nothing was {nothing}."
             )
+        return size
+
+    async def _serverless_compute(self) -> ComputeInfo:
+        """What serverless jobs of ``instance_type`` run on: checked against the region's sizes."""
+        settings = self.settings
+        assert settings.instance_type is not None  # serverless
+        size = await self._offered_size(settings.instance_type, "instance_type", "submitted")
         if settings.job_tier == "spot" and not size.low_priority_capable:
             raise ConfigurationError(
                 f"instance_type {size.name!r} has no Spot (low-priority) VMs: use "

@@ -26,6 +26,7 @@ from .backend.capacity import (
 )
 from .backend.environment import environment_from_settings, library_in_snapshot
 from .backend.jobs import MainJob, MainJobWorkers, WorkerJob
+from .backend.jobwait import job_error
 from .backend.ops import AmlOps, ComputeInfo
 from .backend.snapshot import stage_snapshot
 from .backend.state import ClusterContext, ClusterState, Lifecycle
@@ -43,6 +44,7 @@ from .exceptions import (
     AmlComputeError,
     ComputeNotFoundError,
     ConfigurationError,
+    JobError,
     QuotaExceededError,
     TooManyNodesError,
 )
@@ -345,7 +347,23 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             # SpecCluster wraps start failures in RuntimeError; surface our typed error.
             if isinstance(exc.__cause__, AmlComputeError):
                 raise exc.__cause__ from None
+            failure = await self._main_job_failure()
+            if failure is not None:  # e.g. the node died right after publishing its address
+                raise failure from exc
             raise
+
+    async def _main_job_failure(self) -> JobError | None:
+        """The main job's error with its node log tail, if it has failed (else None)."""
+        ops = self._context.ops
+        try:
+            info = await asyncio.wait_for(ops.get_job(self.main_job_name), CAPACITY_TIMEOUT)
+        except Exception:
+            return None
+        if info.status != "Failed":
+            return None
+        return await job_error(
+            ops, info, f"AML job {info.name} failed while the Dask cluster was starting."
+        )
 
     async def _prepare(self, attach: bool) -> None:
         """Decide everything before the first submission; nothing is submitted.

@@ -73,10 +73,12 @@ class ScalingMixin(_ClusterBase):
         if limit is not None:
             fit = limit // self.settings.nodes_per_job
             if jobs > fit:
-                compute = self.settings.worker_compute or self.settings.compute
+                if self.settings.worker_compute:
+                    where = f"worker compute {self.settings.worker_compute!r} has at most {limit}"
+                else:
+                    where = f"compute {self.settings.compute!r} has at most {self._max_nodes()}"
                 self._log(
-                    f"Asked for {n} workers, but compute {compute!r} has room for {limit} worker "
-                    f"node(s): scaling to {fit} worker job(s) "
+                    f"Asked for {n} workers, but {where} nodes: scaling to {fit} worker job(s) "
                     f"({self._main_workers + fit * self._workers_per_job} workers)."
                 )
                 jobs = fit

@@ -52,8 +52,8 @@ from .scaling import ScalingMixin
 
 logger = logging.getLogger(__name__)
 
-#: Seconds to wait for the region's VM sizes or quota (they only inform the start).
-CAPACITY_TIMEOUT = 30.0
+#: Seconds to wait for one look-up (VM sizes, quota, the main job's status after a failed start).
+LOOKUP_TIMEOUT = 30.0
 #: Bound on creating or deleting a compute (AML: usually 1-3 minutes).
 COMPUTE_TIMEOUT = 900.0
 
@@ -244,7 +244,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             "options": {"context": ctx, "connector": self._connector, "attach": _attach},
         }
         workers: dict[str, Any] = {}
-        suffixes = ctx.node_options("cluster", "x").worker_suffixes(settings.n_nodes)
+        suffixes, job_suffixes = self._worker_groups()
         self._main_workers = len(suffixes)
         if suffixes:
             workers[self._main_key] = {
@@ -252,7 +252,6 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
                 "options": {"context": ctx, "suffixes": suffixes},
                 "group": suffixes,
             }
-        job_suffixes = ctx.node_options("workers", "x").worker_suffixes(settings.nodes_per_job)
         self._workers_per_job = len(job_suffixes)
         worker_job: dict[str, Any] = {
             "cls": WorkerJob,
@@ -356,7 +355,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         """The main job's error with its node log tail, if it has failed (else None)."""
         ops = self._context.ops
         try:
-            info = await asyncio.wait_for(ops.get_job(self.main_job_name), CAPACITY_TIMEOUT)
+            info = await asyncio.wait_for(ops.get_job(self.main_job_name), LOOKUP_TIMEOUT)
         except Exception:
             return None
         if info.status != "Failed":
@@ -639,12 +638,11 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         ctx.state.gpus_per_node = size.gpus
         if settings.environment is None:
             ctx.state.environment = environment_from_settings(settings, gpu=True)
-        suffixes = ctx.node_options("cluster", "x").worker_suffixes(settings.n_nodes)
+        suffixes, job_suffixes = self._worker_groups()  # now one worker per GPU
         self._main_workers = len(suffixes)
         if self._main_key in self.worker_spec:
             self.worker_spec[self._main_key]["group"] = suffixes
             self.worker_spec[self._main_key]["options"]["suffixes"] = suffixes
-        job_suffixes = ctx.node_options("workers", "x").worker_suffixes(settings.nodes_per_job)
         self._workers_per_job = len(job_suffixes)
         self.new_spec["group"] = job_suffixes
         self.new_spec["options"]["suffixes"] = job_suffixes
@@ -658,18 +656,26 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             )
         )
 
+    def _worker_groups(self) -> tuple[list[str], list[str]]:
+        """Worker name suffixes of the main job and of one worker job (SpecCluster groups)."""
+        ctx, settings = self._context, self.settings
+        return (
+            ctx.node_options("cluster", "x").worker_suffixes(settings.n_nodes),
+            ctx.node_options("workers", "x").worker_suffixes(settings.nodes_per_job),
+        )
+
     async def _read_capacity(
         self, compute: ComputeInfo, quota: bool
     ) -> tuple[VmSizeInfo | None, list[Quota]]:
         """The compute's VM size and its quota lines; (None, []) when AML does not say."""
         ops = self._context.ops
         try:
-            sizes = await asyncio.wait_for(ops.list_sizes(), CAPACITY_TIMEOUT)
+            sizes = await asyncio.wait_for(ops.list_sizes(), LOOKUP_TIMEOUT)
             size = find_size((size_from_sdk(s) for s in sizes), compute.vm_size)
             if size is None or not quota:
                 return size, []
             tier = compute.tier
-            usages = await asyncio.wait_for(ops.list_usage(), CAPACITY_TIMEOUT)
+            usages = await asyncio.wait_for(ops.list_usage(), LOOKUP_TIMEOUT)
             return size, quotas_for(usages, size.family, tier)
         except Exception as exc:  # sizes and quota only inform: never block a start on them
             logger.info("Could not read VM sizes / quota of the region: %s", exc)

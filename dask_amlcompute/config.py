@@ -38,6 +38,7 @@ from .validation import (
     positive_int,
     string_list,
     string_mapping,
+    vm_size_name,
 )
 
 _HERE = os.path.dirname(__file__)
@@ -182,11 +183,7 @@ def compute_request(value: Any) -> ComputeRequest | None:
             f"create_compute: unknown key(s) {', '.join(sorted(set(data) - known))}; "
             f"known: {', '.join(sorted(known))}."
         )
-    size = data.get("size")
-    if not isinstance(size, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{1,63}", size):
-        raise ConfigurationError(
-            f"create_compute['size'] must be a VM size name like 'Standard_D4s_v3', got {size!r}."
-        )
+    size = vm_size_name(data.get("size"), "create_compute['size']")
     tier = str(data.get("tier") or "dedicated").lower().replace("-", "_")
     if tier not in ("dedicated", "low_priority"):
         raise ConfigurationError(
@@ -281,27 +278,25 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
     raw["job_tier"] = tier
     raw["instance_type"] = optional_string(raw["instance_type"], "instance_type")
     if raw["instance_type"] is not None:
-        _check_serverless(raw)
-    elif raw["compute"] is None or raw["compute"] == "":
-        # Precedence: argument > dask config (incl. DASK_AMLCOMPUTE__COMPUTE) > the
-        # compute cached in the workspace config.json > error.
-        from .backend.workspace import cached_compute
+        _check_serverless(raw)  # serverless: no compute
+    else:
+        if raw["compute"] is None or raw["compute"] == "":
+            # Precedence: argument > dask config (incl. DASK_AMLCOMPUTE__COMPUTE) > the
+            # compute cached in the workspace config.json > error.
+            from .backend.workspace import cached_compute
 
-        raw["compute"] = cached_compute(raw["workspace_config"])
-    if raw["instance_type"] is not None:
-        pass  # serverless: no compute
-    elif not raw["compute"]:
-        raise ConfigurationError(
-            "No compute given: pass compute='<AmlCompute name>', set amlcompute.compute "
-            "in dask config (DASK_AMLCOMPUTE__COMPUTE), or cache it in the workspace "
-            "config.json with dask_amlcompute.write_workspace_config(..., compute=...)."
-        )
-    if raw["instance_type"] is None and (
-        not isinstance(raw["compute"], str) or not raw["compute"].strip()
-    ):
-        raise ConfigurationError(
-            f"compute must be the name of an AmlCompute target (a string), got {raw['compute']!r}."
-        )
+            raw["compute"] = cached_compute(raw["workspace_config"])
+        if not raw["compute"]:
+            raise ConfigurationError(
+                "No compute given: pass compute='<AmlCompute name>', set amlcompute.compute "
+                "in dask config (DASK_AMLCOMPUTE__COMPUTE), or cache it in the workspace "
+                "config.json with dask_amlcompute.write_workspace_config(..., compute=...)."
+            )
+        if not isinstance(raw["compute"], str) or not raw["compute"].strip():
+            raise ConfigurationError(
+                "compute must be the name of an AmlCompute target (a string), got "
+                f"{raw['compute']!r}."
+            )
     for key in ("n_nodes", "nodes_per_job", "processes_per_node"):
         raw[key] = positive_int(raw[key], key)
     if raw["threads_per_process"] is not None:
@@ -376,10 +371,7 @@ def _check_serverless(raw: dict[str, Any]) -> None:
             "create_compute / delete_compute_on_close are for an AmlCompute cluster; serverless "
             "jobs (instance_type=...) need no compute."
         )
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{1,63}", raw["instance_type"]):
-        raise ConfigurationError(
-            f"instance_type must be a VM size name like 'Standard_D4s_v3', got {raw['instance_type']!r}."
-        )
+    vm_size_name(raw["instance_type"], "instance_type")
     raw["compute"] = None
 
 

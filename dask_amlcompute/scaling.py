@@ -60,6 +60,8 @@ class ScalingMixin(_ClusterBase):
     def _worker_node_limit(self) -> int | None:
         """Nodes the worker jobs may have together (None: no limit known)."""
         state = self._context.state
+        if self.settings.compute is None and not self.settings.serverless_network:
+            return 0  # one serverless job is the whole cluster (see _refuse_serverless_growth)
         if state.worker_compute is not None:  # worker jobs on a compute of their own
             return state.worker_compute.max_nodes or None
         max_nodes = self._max_nodes()
@@ -247,10 +249,8 @@ class ScalingMixin(_ClusterBase):
         limit = self._worker_node_limit()
         cap: float = math.inf if limit is None else to_workers(self.settings.n_nodes + limit)
         upper = cap if maximum is None else min(maximum, cap)
-        if self.settings.compute is None and not self.settings.serverless_network:
-            if maximum is not None:
-                self._refuse_serverless_growth(maximum)
-            upper = min(upper, self._main_workers)
+        if maximum is not None:
+            self._refuse_serverless_growth(maximum)
         return super().adapt(
             Adaptive=Adaptive,
             minimum=minimum,

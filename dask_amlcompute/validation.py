@@ -515,3 +515,12 @@ def environment_setting(value: object) -> Any:
         f"environment must be None, a string ('name@latest', 'name:version', a Docker image) "
         f"or an azure.ai.ml.entities.Environment, got {type(value).__name__} {value!r}."
     )
+
+
+def vm_size_name(value: object, what: str) -> str:
+    """Return ``value`` if it has the form of an Azure VM size name (``Standard_D4s_v3``)."""
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{1,63}", value):
+        raise ConfigurationError(
+            f"{what} must be a VM size name like 'Standard_D4s_v3', got {value!r}."
+        )
+    return value

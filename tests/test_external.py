@@ -260,10 +260,17 @@ def test_live_compute_is_created_and_deleted(live_ml_client, live_kwargs):
     assert "Deleted AmlCompute" in "\n".join(line for _, line in cluster._cluster_manager_logs)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("AZUREML_SERVERLESS_SIZE"),
-    reason="set AZUREML_SERVERLESS_SIZE (e.g. Standard_D4s_v3) to run a serverless cluster",
-)
+def _live_compute_size(live_ml_client) -> str:
+    """The VM size of AZUREML_COMPUTE: one the subscription has quota for in this region."""
+    import asyncio
+
+    from dask_amlcompute.backend.ops import AmlOps
+
+    compute = asyncio.run(AmlOps(live_ml_client).get_compute(os.environ["AZUREML_COMPUTE"]))
+    assert compute.vm_size
+    return compute.vm_size
+
+
 def test_live_serverless_cluster(live_ml_client, live_kwargs):
     """Serverless: no compute; the job's resources and queue settings as AML accepts them."""
     from distributed import Client
@@ -271,35 +278,43 @@ def test_live_serverless_cluster(live_ml_client, live_kwargs):
     from dask_amlcompute import AmlComputeCluster
 
     kwargs = {k: v for k, v in live_kwargs.items() if k != "compute"}
+    size = os.environ.get("AZUREML_SERVERLESS_SIZE") or _live_compute_size(live_ml_client)
     with (
-        AmlComputeCluster(
-            live_ml_client,
-            instance_type=os.environ["AZUREML_SERVERLESS_SIZE"],
-            n_nodes=2,
-            **kwargs,
-        ) as cluster,
+        AmlComputeCluster(live_ml_client, instance_type=size, n_nodes=2, **kwargs) as cluster,
         Client(cluster) as client,
     ):
         assert sum(client.gather(client.map(lambda x: x + 1, range(100)))) == 5050
 
 
-@pytest.mark.skipif(
-    not os.environ.get("AZUREML_LOWPRI_COMPUTE"),
-    reason="set AZUREML_LOWPRI_COMPUTE (a low-priority AmlCompute) to run worker jobs on it",
-)
 def test_live_worker_jobs_on_a_low_priority_compute(live_ml_client, live_kwargs):
+    """Worker jobs on a low-priority compute this test creates (0 nodes at rest) and deletes."""
+    import uuid
+
+    from azure.ai.ml.entities import AmlCompute
     from distributed import Client
 
     from dask_amlcompute import AmlComputeCluster
 
-    lowpri = os.environ["AZUREML_LOWPRI_COMPUTE"]
-    with (
-        AmlComputeCluster(
-            live_ml_client, n_nodes=1, worker_compute=lowpri, **live_kwargs
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        cluster.scale(nodes=2)
-        client.wait_for_workers(2, timeout=1800)
-        workers = [j for j in cluster.jobs if j != cluster.main_job_name]
-        assert live_ml_client.jobs.get(workers[0]).compute.rstrip("/").endswith(lowpri)
+    lowpri = f"dask-lp-{uuid.uuid4().hex[:6]}"
+    live_ml_client.compute.begin_create_or_update(
+        AmlCompute(
+            name=lowpri,
+            size=_live_compute_size(live_ml_client),
+            tier="low_priority",
+            max_instances=1,
+            idle_time_before_scale_down=60,
+        )
+    ).result()
+    try:
+        with (
+            AmlComputeCluster(
+                live_ml_client, n_nodes=1, worker_compute=lowpri, **live_kwargs
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            cluster.scale(nodes=2)
+            client.wait_for_workers(2, timeout=1800)
+            workers = [j for j in cluster.jobs if j != cluster.main_job_name]
+            assert live_ml_client.jobs.get(workers[0]).compute.rstrip("/").endswith(lowpri)
+    finally:
+        live_ml_client.compute.begin_delete(lowpri).result()

@@ -136,6 +136,7 @@ class AmlOps:
     def __init__(self, ml_client: Any, tracking_uri: str | None = None) -> None:
         self.ml_client = ml_client
         self._tracking_uri = tracking_uri
+        self._sizes: list[Any] | None = None
         self._warned: set[str] = set()
         self._writes = asyncio.Semaphore(MAX_CONCURRENT_WRITES)
 
@@ -242,8 +243,14 @@ class AmlOps:
         await self._call(poller.result, timeout)
 
     async def list_sizes(self) -> list[Any]:
-        """The region's VM sizes (``compute.list_sizes()``; the workspace's location)."""
-        return await self._call(lambda: list(self.ml_client.compute.list_sizes()))
+        """The region's VM sizes (``compute.list_sizes()``; the workspace's location).
+
+        Read once per ``AmlOps``: the catalogue does not change while a cluster starts,
+        and each SDK call also fetches the workspace for its location.
+        """
+        if self._sizes is None:
+            self._sizes = await self._call(lambda: list(self.ml_client.compute.list_sizes()))
+        return self._sizes
 
     async def list_usage(self) -> list[Any]:
         """The region's vCPU usage and limits (``compute.list_usage()``)."""

@@ -219,6 +219,21 @@ def scheduler_tags(scheduler: Any, ctx: NodeContext) -> dict[str, str]:
     return tags
 
 
+def worker_options(opts: NodeOptions) -> dict[str, Any]:
+    """Keyword arguments of every worker this node starts (CPU nannies and dask-cuda).
+
+    ``--worker-options``, node-local scratch space in the job's working directory
+    (never shared between nodes) and the cluster's TLS.
+    """
+    options = dict(opts.worker_options)
+    options.setdefault("local_directory", os.path.join(os.getcwd(), "dask-scratch-space"))
+    security = node_security()
+    if security is not None:
+        options.setdefault("security", security)
+        options.setdefault("protocol", "tls")
+    return options
+
+
 async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOptions) -> list:
     """Start ``opts.processes`` workers (nannies) on this node for ``scheduler_address``.
 
@@ -240,13 +255,7 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
         return await start_cuda_workers(scheduler_address, ctx, opts)
     from distributed import Nanny
 
-    security = node_security()
-    options = dict(opts.worker_options)
-    # node-local scratch space in the job's working directory (never shared between nodes)
-    options.setdefault("local_directory", os.path.join(os.getcwd(), "dask-scratch-space"))
-    if security is not None:
-        options.setdefault("security", security)
-        options.setdefault("protocol", "tls")
+    options = worker_options(opts)
     nannies = [
         Nanny(
             scheduler_address,
@@ -308,9 +317,8 @@ async def start_cuda_workers(scheduler_address: str, ctx: NodeContext, opts: Nod
             "--cuda needs dask-cuda in the node environment (the default environment adds it "
             f"on GPU sizes): {exc}"
         ) from exc
-    options = dict(opts.worker_options)
+    options = worker_options(opts)
     resources = {"GPU": 1, **dict(options.pop("resources", None) or {})}
-    security = node_security()
     worker = CUDAWorker(
         scheduler_address,
         host=ctx.node_ip,
@@ -318,8 +326,6 @@ async def start_cuda_workers(scheduler_address: str, ctx: NodeContext, opts: Nod
         name=f"{opts.name_prefix}-{ctx.rank}",
         resources=resources,
         death_timeout=opts.death_timeout,
-        local_directory=os.path.join(os.getcwd(), "dask-scratch-space"),
-        security=security,
         **options,
     )
     await worker

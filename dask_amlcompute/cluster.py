@@ -30,8 +30,8 @@ from .backend.jobwait import job_error
 from .backend.ops import AmlOps, ComputeInfo
 from .backend.snapshot import stage_snapshot
 from .backend.state import ClusterContext, ClusterState, Lifecycle
-from .backend.workspace import ml_client_from_config
-from .config import ClusterSettings, resolve_settings
+from .backend.workspace import with_cached_compute, workspace_client
+from .config import ClusterSettings, checked, resolve_settings
 from .connect import (
     JOB_SERVICE_MODES,
     SchedulerConnector,
@@ -204,8 +204,8 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             startup_timeout=startup_timeout,
             **kwargs,
         )
-        if ml_client is None:
-            ml_client = ml_client_from_config(settings.workspace_config, credential)
+        settings = with_cached_compute(settings)
+        ml_client = workspace_client(ml_client, settings.workspace_config, credential)
         self.settings: ClusterSettings = settings
         self.ml_client = ml_client
         self._quiet = settings.quiet
@@ -320,8 +320,10 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         """
         from .discovery import describe_cluster
 
-        if ml_client is None:
-            ml_client = ml_client_from_config(kwargs.get("workspace_config"))
+        if name is None:
+            raise ConfigurationError("from_name needs the name of a running cluster, got None.")
+        checked("name", name)
+        ml_client = workspace_client(ml_client, kwargs.get("workspace_config"))
         found = describe_cluster(ml_client, name)
         settings = {**found["settings"], **kwargs}
         return cls(

@@ -163,6 +163,8 @@ def collect_code(
         The folder does not exist or is empty after the rules, or its files
         exceed ``max_bytes`` (the message names the largest entries).
     """
+    if not isinstance(folder, str | os.PathLike):
+        raise ConfigurationError(f"code must be a folder (a str or path), got {folder!r}.")
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
         raise ConfigurationError(f"Cannot ship {folder}: not a folder.")

@@ -1,20 +1,26 @@
-"""dask-amlcompute's settings: dask config defaults, and one validated settings object.
+"""dask-amlcompute's settings: dask config defaults and schema, and one validated settings object.
 
 Like distributed and dask-jobqueue, the defaults YAML is merged into dask's
 defaults when the package is imported (``dask.config.update_defaults`` only
 fills in defaults; it never overrides a user's settings). Each setting of a
-cluster is read with ``dask.config.get("amlcompute.<key>", override_with=arg)``
-from one table, then validated; the result is an immutable
-:class:`ClusterSettings` that the rest of the library reads.
+cluster is read with ``dask.config.get("amlcompute.<key>", override_with=arg)``,
+checked against its entry in ``amlcompute-schema.yaml`` (jsonschema: types,
+enums, bounds, name patterns; an unknown key is refused) and by the schema's
+``duration``/``check`` keywords; the result is an immutable
+:class:`ClusterSettings` that the rest of the library reads. Settings are pure:
+nothing here reads the workspace (the cluster checks the compute, the
+environment and versions before it submits).
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import getpass
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,21 +30,13 @@ import yaml
 
 from .exceptions import ConfigurationError
 from .validation import (
-    aml_name,
-    boolean,
     env_var_mapping,
     environment_setting,
     existing_file,
     memory_limit,
-    optional_string,
     options_mapping,
     parse_duration,
     pip_requirements,
-    port,
-    positive_int,
-    string_list,
-    string_mapping,
-    vm_size_name,
 )
 
 _HERE = os.path.dirname(__file__)
@@ -88,7 +86,7 @@ class ClusterSettings:
     Durations are in seconds. See ``amlcompute.yaml`` for the meaning of each key.
     """
 
-    #: The AmlCompute name; None: serverless jobs of ``instance_type``.
+    #: The AmlCompute name; None: serverless jobs of ``instance_type`` (or not given yet).
     compute: str | None
     n_nodes: int
     nodes_per_job: int
@@ -183,22 +181,20 @@ def compute_request(value: Any) -> ComputeRequest | None:
             f"create_compute: unknown key(s) {', '.join(sorted(set(data) - known))}; "
             f"known: {', '.join(sorted(known))}."
         )
-    size = vm_size_name(data.get("size"), "create_compute['size']")
     tier = str(data.get("tier") or "dedicated").lower().replace("-", "_")
     if tier not in ("dedicated", "low_priority"):
         raise ConfigurationError(
             f"create_compute['tier'] must be 'dedicated' or 'low_priority', got {data['tier']!r}."
         )
     idle = parse_duration(
-        data.get("idle_time_before_scale_down", 120), "idle_time_before_scale_down"
+        data.get("idle_time_before_scale_down", 120),
+        "create_compute['idle_time_before_scale_down']",
     )
-    if idle is None or idle < 0:
-        raise ConfigurationError("create_compute['idle_time_before_scale_down'] must be >= 0.")
     return ComputeRequest(
-        size=size,
-        max_nodes=positive_int(data.get("max_nodes"), "create_compute['max_nodes']"),
+        size=checked("instance-type", data.get("size", ""), "create_compute['size']"),
+        max_nodes=checked("n-nodes", data.get("max_nodes"), "create_compute['max_nodes']"),
         tier=tier,
-        idle_seconds=int(idle),
+        idle_seconds=int(idle or 0),
     )
 
 
@@ -217,23 +213,150 @@ def default_cluster_name() -> str:
     return f"dask-{user}-{uuid.uuid4().hex[:8]}"
 
 
-#: Settings that must be set (the schema has no null for them).
-_REQUIRED_DURATIONS = (
-    "startup_timeout",
-    "prepare_timeout",
-    "death_timeout",
-    "poll_interval",
-    "watch_interval",
-)
-_OPTIONAL_DURATIONS = ("job_timeout", "idle_timeout", "no_client_timeout")
-_BOOLEANS = (
-    "worker_on_scheduler",
-    "security",
-    "ssh_trust_on_first_use",
-    "quiet",
-    "delete_compute_on_close",
-    "serverless_network",
-)
+# -- the schema ------------------------------------------------------------------------
+
+
+@functools.cache
+def schema() -> dict[str, Any]:
+    """The schema entry of every ``amlcompute.*`` key (``amlcompute-schema.yaml``), by key."""
+    with open(SCHEMA_FILE) as f:
+        return yaml.safe_load(f)["properties"]["amlcompute"]["properties"]
+
+
+#: How a schema type reads in an error message.
+_TYPE_WORDS = {
+    "string": "a string",
+    "integer": "an int",
+    "number": "a number",
+    "boolean": "True or False",
+    "object": "a mapping (dict)",
+    "array": "a list",
+    "null": "None",
+}
+#: The checks a schema cannot say, by the name the schema's ``check`` keyword gives.
+CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "memory-limit": memory_limit,
+    "env-vars": env_var_mapping,
+    "pip": pip_requirements,
+    "options": options_mapping,
+    "file": existing_file,
+    "environment": environment_setting,
+    "create-compute": lambda value, what: compute_request(value),
+}
+
+
+@functools.cache
+def _validator(key: str) -> Any:
+    """The jsonschema validator of ``key`` (imported here: the nodes import this module too)."""
+    from jsonschema import Draft202012Validator, validators
+
+    # JSON Schema types as Python has them: an int is no float or bool; mappings, tuples count
+    types = Draft202012Validator.TYPE_CHECKER.redefine_many(
+        {
+            "integer": lambda _, x: isinstance(x, int) and not isinstance(x, bool),
+            "object": lambda _, x: isinstance(x, Mapping),
+            "array": lambda _, x: isinstance(x, list | tuple),
+        }
+    )
+    return validators.extend(Draft202012Validator, type_checker=types)(schema()[key])
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def _refusal(what: str, error: Any) -> ConfigurationError:
+    """The ConfigurationError of a schema violation, naming the setting (and key) and the rule."""
+    where = what + "".join(f"[{p!r}]" for p in error.relative_path)
+    rule = error.validator_value
+    rules = {
+        "type": lambda: (
+            "must be "
+            + " or ".join(_TYPE_WORDS[t] for t in (rule if isinstance(rule, list) else [rule]))
+            + f", not {type(error.instance).__name__}"
+        ),
+        "enum": lambda: "must be one of " + ", ".join(map(repr, rule)),
+        "not": lambda: f"must not contain control characters ({rule['pattern']})",
+        "pattern": lambda: f"must match {rule}",
+        "minimum": lambda: f"must be at least {rule}",
+        "maximum": lambda: f"must be at most {rule}",
+        "minLength": lambda: f"must have at least {rule} character(s)",
+        "maxLength": lambda: f"must have at most {rule} characters",
+        "maxProperties": lambda: f"must have at most {rule} entries",
+        "maxItems": lambda: f"must have at most {rule} items",
+    }
+    text = rules[str(error.validator)]() if error.validator in rules else error.message[:200]
+    return ConfigurationError(f"{where} {text}; got {_short(error.instance)}.")
+
+
+def _unknown(name: str, known: Iterable[str], what: str) -> ConfigurationError:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigurationError(f"Unknown {what} {name!r}.{hint} (See amlcompute-schema.yaml.)")
+
+
+def check_config() -> None:
+    """Refuse ``amlcompute.*`` dask config keys the schema does not know, naming the closest."""
+    ensure_defaults()
+    section = dask.config.get("amlcompute", {})
+    if not isinstance(section, Mapping):
+        raise ConfigurationError(f"dask config 'amlcompute' must be a mapping, got {section!r}.")
+    unknown = sorted({str(k).replace("_", "-") for k in section} - set(schema()))
+    if unknown:
+        raise _unknown(unknown[0], schema(), "dask config key amlcompute.*:")
+
+
+def checked(key: str, value: Any, what: str | None = None) -> Any:
+    """``value`` of setting ``key`` checked against its schema entry, and normalised.
+
+    Parameters
+    ----------
+    key
+        The dask config key (``n-nodes``).
+    value
+        The value; ``os.PathLike`` becomes a string, mappings dicts and tuples lists.
+    what
+        Name for the error message (default: the attribute, ``n_nodes``).
+
+    Returns
+    -------
+    Any
+        The value; durations in seconds, and what the schema's ``check`` returns.
+
+    Raises
+    ------
+    ConfigurationError
+        The value breaks the schema or its check.
+    """
+    what = what or key.replace("-", "_")
+    entry = schema()[key]
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if key == "job-tier" and isinstance(value, str):
+        value = value.lower()  # AML spells it "Spot"
+    if key != "environment" or value is None or isinstance(value, str):  # an entity: backend
+        from jsonschema.exceptions import best_match
+
+        error = best_match(_validator(key).iter_errors(value))
+        if error is not None:
+            raise _refusal(what, error)
+    if "duration" in entry and value is not None:
+        value = parse_duration(value, what, *entry["duration"])
+    if isinstance(value, Mapping):
+        value = dict(value)
+    elif isinstance(value, tuple):
+        value = list(value)
+    return CHECKS[entry["check"]](value, what) if "check" in entry else value
+
+
+def setting(key: str, override_with: Any = None) -> Any:
+    """The checked ``amlcompute.<key>``: ``override_with`` unless None, else from dask config."""
+    check_config()
+    return checked(key, get(key, override_with))
+
+
+_FIELDS = tuple(f.name for f in fields(ClusterSettings))
 
 
 def resolve_settings(**arguments: Any) -> ClusterSettings:
@@ -241,7 +364,10 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
 
     Every setting is checked here, before anything reaches AML; what can only
     be checked against the workspace (the compute, a registered environment)
-    is checked by the cluster right before it submits.
+    is checked by the cluster right before it submits. Without ``compute`` or
+    ``instance_type`` the settings have no compute: the cluster takes the one
+    cached in the workspace config file
+    (:func:`~dask_amlcompute.backend.workspace.with_cached_compute`).
 
     Parameters
     ----------
@@ -256,110 +382,31 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
     Raises
     ------
     ConfigurationError
-        A value is missing or invalid; the message names the setting, the bad
-        value and what to change.
-    TypeError
-        An unknown setting was passed.
+        A value is invalid, a setting or dask config key is unknown; the message
+        names the setting, the bad value and what to change.
     """
-    unknown = set(arguments) - {f.name for f in fields(ClusterSettings)}
+    unknown = sorted(set(arguments) - set(_FIELDS))
     if unknown:
-        raise TypeError(f"Unknown settings: {', '.join(sorted(unknown))}")
+        raise _unknown(unknown[0], _FIELDS, "setting")
+    check_config()
     raw = {
-        f.name: get(config_key(f.name), override_with=arguments.get(f.name))
-        for f in fields(ClusterSettings)
+        name: checked(config_key(name), get(config_key(name), arguments.get(name)))
+        for name in _FIELDS
     }
-    if raw["workspace_config"] is not None:
-        _check_workspace_config(raw["workspace_config"])
-    tier = str(raw["job_tier"] or "standard").lower()
-    if tier not in ("standard", "spot"):
-        raise ConfigurationError(
-            f"job_tier must be 'standard' or 'spot' (serverless jobs), not {raw['job_tier']!r}."
-        )
-    raw["job_tier"] = tier
-    raw["instance_type"] = optional_string(raw["instance_type"], "instance_type")
+    raw["name"] = raw["name"] or default_cluster_name()
     if raw["instance_type"] is not None:
-        _check_serverless(raw)  # serverless: no compute
-    else:
-        if raw["compute"] is None or raw["compute"] == "":
-            # Precedence: argument > dask config (incl. DASK_AMLCOMPUTE__COMPUTE) > the
-            # compute cached in the workspace config.json > error.
-            from .backend.workspace import cached_compute
-
-            raw["compute"] = cached_compute(raw["workspace_config"])
-        if not raw["compute"]:
-            raise ConfigurationError(
-                "No compute given: pass compute='<AmlCompute name>', set amlcompute.compute "
-                "in dask config (DASK_AMLCOMPUTE__COMPUTE), or cache it in the workspace "
-                "config.json with dask_amlcompute.write_workspace_config(..., compute=...)."
-            )
-        if not isinstance(raw["compute"], str) or not raw["compute"].strip():
-            raise ConfigurationError(
-                "compute must be the name of an AmlCompute target (a string), got "
-                f"{raw['compute']!r}."
-            )
-    for key in ("n_nodes", "nodes_per_job", "processes_per_node"):
-        raw[key] = positive_int(raw[key], key)
-    if raw["threads_per_process"] is not None:
-        raw["threads_per_process"] = positive_int(raw["threads_per_process"], "threads_per_process")
-    raw["memory_limit"] = memory_limit(raw["memory_limit"])
-    for key in (*_REQUIRED_DURATIONS, *_OPTIONAL_DURATIONS):
-        raw[key] = parse_duration(raw[key], key)
-    for key in _REQUIRED_DURATIONS:
-        if raw[key] is None:
-            raise ConfigurationError(f"{key} must be set: every wait is bounded.")
-    if raw["distribution"] not in ("pytorch", "mpi"):
-        raise ConfigurationError(
-            f"distribution must be 'pytorch' or 'mpi', not {raw['distribution']!r}."
-        )
-    if raw["connect"] not in ("auto", "direct", "job-ssh", "ssh"):
-        raise ConfigurationError(
-            f"connect must be 'auto', 'direct', 'job-ssh' or 'ssh', not {raw['connect']!r}."
-        )
-    if raw["name"] is None or raw["name"] == "":
-        raw["name"] = default_cluster_name()
-    raw["name"] = aml_name(raw["name"], "cluster name")
-    raw["experiment_name"] = aml_name(raw["experiment_name"], "experiment_name")
-    raw["tags"] = string_mapping(raw["tags"], "tags")
-    raw["env_vars"] = env_var_mapping(raw["env_vars"], "env_vars")
-    for key in ("scheduler_options", "worker_options"):
-        raw[key] = options_mapping(raw[key], key)
-    for key in ("scheduler_port", "dashboard_port"):
-        raw[key] = port(raw[key], key)
-    for key in _BOOLEANS:
-        raw[key] = boolean(raw[key], key)
-    from .backend.versions import validate_policy
-
-    raw["version_check"] = validate_policy(raw["version_check"])
-    raw["environment"] = environment_setting(raw["environment"])
-    raw["pip_packages"] = pip_requirements(raw["pip_packages"], "pip_packages")
-    raw["conda_packages"] = string_list(raw["conda_packages"], "conda_packages")
-    raw["node_package"] = optional_string(raw["node_package"], "node_package")
-    raw["ssh_key"] = existing_file(raw["ssh_key"], "ssh_key")
-    raw["known_hosts"] = optional_string(raw["known_hosts"], "known_hosts", allow_path=True)
-    raw["workspace_config"] = optional_string(
-        raw["workspace_config"], "workspace_config", allow_path=True
-    )
-    if raw["gpu_workers"] not in ("auto", "none"):
-        raise ConfigurationError(
-            f"gpu_workers must be 'auto' or 'none', not {raw['gpu_workers']!r}."
-        )
-    raw["worker_compute"] = optional_string(raw["worker_compute"], "worker_compute")
-    if raw["worker_compute"] and raw["compute"] is None:
-        raise ConfigurationError(
-            "worker_compute puts worker jobs on an AmlCompute, but this cluster is serverless "
-            "(instance_type=...): its worker jobs cannot reach a serverless scheduler."
-        )
-    raw["create_compute"] = compute_request(raw["create_compute"])
-    if raw["create_compute"] and raw["n_nodes"] > raw["create_compute"].max_nodes:
+        _check_serverless(raw)
+    create = raw["create_compute"]
+    if create and raw["n_nodes"] > create.max_nodes:
         raise ConfigurationError(
             f"n_nodes={raw['n_nodes']} is more than create_compute['max_nodes']="
-            f"{raw['create_compute'].max_nodes}: the cluster could never start."
+            f"{create.max_nodes}: the cluster could never start."
         )
     return ClusterSettings(**raw)
 
 
 def _check_serverless(raw: dict[str, Any]) -> None:
-    """Serverless settings: ``instance_type`` without a compute, ``job_tier`` standard | spot."""
+    """Serverless settings (``instance_type``): no compute to use, create or put workers on."""
     if raw["compute"]:
         raise ConfigurationError(
             f"instance_type={raw['instance_type']!r} runs the cluster as serverless jobs, which "
@@ -371,19 +418,8 @@ def _check_serverless(raw: dict[str, Any]) -> None:
             "create_compute / delete_compute_on_close are for an AmlCompute cluster; serverless "
             "jobs (instance_type=...) need no compute."
         )
-    vm_size_name(raw["instance_type"], "instance_type")
-    raw["compute"] = None
-
-
-def _check_workspace_config(path: Any) -> None:
-    """Refuse a ``workspace_config`` that names no config file (or folder holding one)."""
-    from .backend.workspace import find_workspace_config
-
-    text = optional_string(path, "workspace_config", allow_path=True)
-    if find_workspace_config(text) is None:
+    if raw["worker_compute"]:
         raise ConfigurationError(
-            f"workspace_config={text!r}: no workspace config file there (neither a file nor a "
-            "folder holding config.json). Download config.json from the workspace's page in "
-            "Azure ML studio, write one with dask_amlcompute.write_workspace_config(...), or "
-            "leave workspace_config unset to search the current folder and its parents."
+            "worker_compute puts worker jobs on an AmlCompute, but this cluster is serverless "
+            "(instance_type=...): its worker jobs cannot reach a serverless scheduler."
         )

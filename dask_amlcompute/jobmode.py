@@ -55,23 +55,13 @@ from ._protocol import (
 )
 from .backend.jobspec import build_job
 from .backend.ops import run_blocking
+from .backend.workspace import workspace_client
 from .exceptions import (
     ConfigurationError,
     JobCanceledError,
     JobError,
     JobFailedError,
     TooManyNodesError,
-)
-from .validation import (
-    aml_name,
-    boolean,
-    env_var_mapping,
-    environment_setting,
-    optional_string,
-    parse_duration,
-    pip_requirements,
-    positive_int,
-    string_list,
 )
 
 __all__ = [
@@ -198,36 +188,33 @@ def build_script_job(
     from .backend.environment import library_in_snapshot, resolve_environment
     from .backend.snapshot import stage_snapshot
 
-    processes = positive_int(
-        config.get("processes-per-node", override_with=processes_per_node), "processes_per_node"
-    )
-    threads = config.get("threads-per-process", override_with=threads_per_process)
-    threads = None if threads is None else positive_int(threads, "threads_per_process")
-    timeout = parse_duration(config.get("job-timeout", override_with=job_timeout), "job_timeout")
-    experiment = aml_name(
-        config.get("experiment-name", override_with=experiment_name), "experiment_name"
-    )
-    dist = config.get("distribution", override_with=distribution)
-    if dist not in ("pytorch", "mpi"):
-        raise ConfigurationError(f"distribution must be 'pytorch' or 'mpi', not {dist!r}.")
-    env = env_var_mapping(config.get("env-vars", override_with=env_vars), "env_vars")
-    if boolean(config.get("security", override_with=security), "security"):
+    processes = config.setting("processes-per-node", processes_per_node)
+    threads = config.setting("threads-per-process", threads_per_process)
+    timeout = config.setting("job-timeout", job_timeout)
+    experiment = config.setting("experiment-name", experiment_name)
+    dist = config.setting("distribution", distribution)
+    env = config.setting("env-vars", env_vars)
+    if config.setting("security", security):
         env.update(_tls_env())
-    pip = pip_requirements(config.get("pip-packages", override_with=pip_packages), "pip_packages")
-    library = optional_string(
-        config.get("node-package", override_with=node_package), "node_package"
-    )
+    pip = config.setting("pip-packages", pip_packages)
+    library = config.setting("node-package", node_package)
     node_env = resolve_environment(
-        environment_setting(config.get("environment", override_with=environment)),
+        config.setting("environment", environment),
         pip,
-        extra_conda=string_list(
-            config.get("conda-packages", override_with=conda_packages), "conda_packages"
-        ),
+        extra_conda=config.setting("conda-packages", conda_packages),
         node_package=library,
     )
-    idle = parse_duration(idle_timeout, "idle_timeout")
-    no_client = parse_duration(no_client_timeout, "no_client_timeout")
-    wait_for_workers = parse_duration(wait_workers, "wait_workers") or 300.0
+    # not read from dask config: see submit_script
+    idle = config.checked("idle-timeout", idle_timeout)
+    no_client = config.checked("no-client-timeout", no_client_timeout)
+    wait_for_workers = config.checked("startup-timeout", wait_workers, "wait_workers")
+    if not isinstance(script_args, list | tuple) or not all(
+        isinstance(a, str) for a in script_args
+    ):
+        raise ConfigurationError(f"script_args must be a list of strings, got {script_args!r}.")
+    for what, path in (("script_path", script_path), ("code", code)):
+        if path is not None and not isinstance(path, str | os.PathLike):
+            raise ConfigurationError(f"{what} must be a path (str or os.PathLike), got {path!r}.")
 
     script_path = Path(script_path)
     in_snapshot = None
@@ -241,13 +228,17 @@ def build_script_job(
                 ) from None
         in_snapshot = script_path.as_posix()
     else:
-        env[SCRIPT_ENV] = embed_script(script_path.read_bytes(), str(script_path))
+        try:
+            source = script_path.read_bytes()
+        except OSError as exc:
+            raise ConfigurationError(f"Cannot read the script {script_path}: {exc}") from None
+        env[SCRIPT_ENV] = embed_script(source, str(script_path))
     node = NodeOptions(
         role="cluster",
         name_prefix=name,
         processes=processes,
         threads=threads,
-        death_timeout=parse_duration(death_timeout, "death_timeout") or 300.0,
+        death_timeout=config.checked("death-timeout", death_timeout),
         idle_timeout=idle,
         no_client_timeout=no_client,
         # the script's client connects only once the workers are there
@@ -256,13 +247,13 @@ def build_script_job(
             script=in_snapshot,
             script_name=script_path.name,
             wait_workers=wait_for_workers,
-            args=tuple(str(a) for a in script_args),
+            args=tuple(script_args),
         ),
     )
     job = build_job(
         name=name,
         compute=compute,
-        n_nodes=positive_int(n_nodes, "n_nodes"),
+        n_nodes=config.checked("n-nodes", n_nodes),
         node=node,
         environment=node_env,
         experiment_name=experiment,
@@ -479,8 +470,17 @@ def submit_script(
     """
     from .backend.ops import AmlOps
 
-    n_nodes = positive_int(n_nodes, "n_nodes")
-    name = aml_name(name or f"dask-run-{uuid.uuid4().hex[:10]}", "job name")
+    ml_client = workspace_client(ml_client)
+    n_nodes = config.checked("n-nodes", n_nodes)
+    name = config.checked("name", name or f"dask-run-{uuid.uuid4().hex[:10]}", "job name")
+    if compute is None:
+        raise ConfigurationError("submit_script needs compute='<AmlCompute name>'.")
+    compute = config.checked("compute", compute)
+    bound = config.checked("job-timeout", wait_timeout, "wait_timeout")
+    poll = config.checked("poll-interval", poll_interval)
+    for flag, value in (("wait", wait), ("quiet", quiet)):
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{flag} must be True or False, got {value!r}.")
     job = build_script_job(
         script_path,
         name=name,
@@ -504,7 +504,7 @@ def submit_script(
         wait_workers=wait_workers,
     )
     timeout = job.limits.timeout if job.limits is not None else None
-    bound = parse_duration(wait_timeout, "wait_timeout") or (timeout or 3600) + 1800
+    bound = bound or (timeout or 3600) + 1800
 
     def log(message: str) -> None:
         logger.info(message)
@@ -512,7 +512,7 @@ def submit_script(
             print(message, file=sys.stderr, flush=True)
 
     coro = _submit_and_wait(AmlOps(ml_client), job, n_nodes=n_nodes, wait=wait,
-                            wait_timeout=bound, poll_interval=poll_interval, log=log)  # fmt: skip
+                            wait_timeout=bound, poll_interval=poll, log=log)  # fmt: skip
     return run_blocking(coro)
 
 

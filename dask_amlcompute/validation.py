@@ -1,15 +1,17 @@
-"""Validation of user input before anything is submitted to AML.
+"""Checks of user input that a schema cannot say, before anything is submitted to AML.
 
-Each function returns the normalised value or raises
+Types, enums, bounds and name patterns of the settings are in
+``amlcompute-schema.yaml`` (checked by :mod:`dask_amlcompute.config`); these
+functions parse what is left (durations, memory sizes, pip requirements,
+environment references) and return the normalised value, or raise
 :class:`~dask_amlcompute.exceptions.ConfigurationError` naming the bad value
-and the accepted forms.
+and the accepted forms. Nothing here touches the workspace.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Mapping
 from datetime import timedelta
@@ -22,21 +24,32 @@ from dask.utils import parse_bytes, parse_timedelta
 from .exceptions import ConfigurationError
 
 #: A clock string, ``[h:]m:s`` (``"1:30:00"``, ``"05:00"``).
-_CLOCK = re.compile(r"^(?:(?P<h>\d+):)?(?P<m>\d+):(?P<s>\d+(?:\.\d+)?)$")
-# AML job and experiment names: letters, digits, '-' and '_', starting with a letter or digit.
-_AML_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
-# POSIX portable environment variable names (what a shell can export).
-_ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CLOCK = re.compile(r"(?:(?P<h>\d+):)?(?P<m>\d+):(?P<s>\d+(?:\.\d+)?)")
 # Registered AML environments: name, then ':version' or '@label' (azure-ai-ml's parsing).
-_ENV_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_ENV_VERSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_ENV_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 #: Byte sizes below this are refused as memory limits (surely a missing unit).
 _MIN_MEMORY_LIMIT = 2**20
+#: Byte sizes above this are refused: more than the largest Azure VM has (32 TiB, M-series).
+_MAX_MEMORY_LIMIT = 64 * 2**40
+#: Longest duration accepted anywhere (30 days; AML does not let a job live that long).
+MAX_DURATION = 30 * 86400.0
 #: Prefix of AML's curated environments, resolved by the service (not looked up here).
 CURATED_ENV_PREFIX = "AzureML-"
+#: Environment variables that AML (the distribution's ranks, the run's MLflow tracking),
+#: MPI and the library set on the nodes: ``env_vars`` may not replace them.
+RESERVED_ENV_PREFIXES = ("AZUREML_", "AZ_BATCH", "MLFLOW_", "OMPI_", "PMI_", "DASK_AMLCOMPUTE_")
+RESERVED_ENV_NAMES = frozenset(
+    {"MASTER_ADDR", "MASTER_PORT", "RANK", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE",
+     "LOCAL_WORLD_SIZE", "DASK_SCHEDULER_ADDRESS"}
+)  # fmt: skip
 
 
-def parse_duration(value: str | float | int | None, what: str = "timeout") -> float | None:
+def parse_duration(
+    value: str | float | None,
+    what: str = "timeout",
+    minimum: float = 0.0,
+    maximum: float = MAX_DURATION,
+) -> float | None:
     """Parse a duration into seconds.
 
     Parameters
@@ -48,6 +61,8 @@ def parse_duration(value: str | float | int | None, what: str = "timeout") -> fl
         ``None`` passes through.
     what
         Name of the setting, used in the error message.
+    minimum, maximum
+        Bounds in seconds (a duration is always more than 0).
 
     Returns
     -------
@@ -57,7 +72,8 @@ def parse_duration(value: str | float | int | None, what: str = "timeout") -> fl
     Raises
     ------
     ConfigurationError
-        Anything else, and durations that are not positive (``"PT"``, ``0``).
+        Anything else, durations that are not positive (``"PT"``, ``0``) and
+        durations out of bounds (``inf``, ``"1e400s"``).
 
     Examples
     --------
@@ -78,6 +94,11 @@ def parse_duration(value: str | float | int | None, what: str = "timeout") -> fl
             f"Invalid {what}: {value!r}. Use a positive number of seconds, a string such as "
             f"'90s', '30m' or '2h', an ISO 8601 duration such as 'PT2H', or '1:30:00'."
         )
+    if not minimum <= seconds <= maximum:
+        raise ConfigurationError(
+            f"Invalid {what}: {value!r} is {seconds:g} s; it must be from {minimum:g} s to "
+            f"{maximum:g} s ({maximum / 86400:g} days)."
+        )
     return seconds
 
 
@@ -90,137 +111,55 @@ def _duration_text(text: str) -> float | None:
             return None
         # years and months (an isodate.Duration) have no fixed length in seconds
         return delta.total_seconds() if isinstance(delta, timedelta) else None
-    if clock := _CLOCK.match(text):
+    if clock := _CLOCK.fullmatch(text):
         return int(clock["h"] or 0) * 3600 + int(clock["m"]) * 60 + float(clock["s"])
     try:
         return float(parse_timedelta(text))
-    except (ValueError, KeyError, TypeError, IndexError):
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError):
         return None
 
 
-def positive_int(value: object, what: str) -> int:
-    """Return ``value`` as an int >= 1 or raise a ConfigurationError naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{what} must be a positive integer, got {value!r}.")
-    return value
+def count(value: object, what: str, minimum: int = 1, maximum: int | None = None) -> int:
+    """Return ``value`` if it is an int (not a bool or float) from ``minimum`` to ``maximum``.
 
-
-def aml_name(value: str, what: str) -> str:
-    """Check an AML job or experiment name (letters, digits, '-', '_'; max 255)."""
-    if not isinstance(value, str) or not _AML_NAME.match(value):
-        raise ConfigurationError(
-            f"Invalid {what} {value!r}: AML names use letters, digits, '-' and '_', start "
-            "with a letter or digit and are at most 255 characters."
-        )
-    return value
-
-
-def string_mapping(
-    value: Mapping | None, what: str, example: str = "{'team': 'data'}"
-) -> dict[str, str]:
-    """Check a mapping of strings to strings (AML job tags).
-
-    Parameters
-    ----------
-    value
-        The mapping; None is an empty one.
-    what
-        Name of the setting, used in the error message.
-    example
-        A valid value, shown in the error message.
-
-    Returns
-    -------
-    dict
-        A copy of ``value``.
-
-    Raises
-    ------
-    ConfigurationError
-        ``value`` is not a mapping, a key is not a non-empty string, or a value
-        is not a string (values are not converted: ``{"n": 1}`` is refused).
+    Examples
+    --------
+    >>> count(3, "n")
+    3
     """
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
+    if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigurationError(
-            f"{what} must be a mapping of strings to strings, got {type(value).__name__} "
-            f"{value!r}. Pass e.g. {what}={example}."
+            f"{what} must be a whole number (an int), got {type(value).__name__} {value!r}."
         )
-    out = {}
-    for key, val in value.items():
-        if not isinstance(key, str) or not key:
-            raise ConfigurationError(
-                f"{what}: keys must be non-empty strings, got {key!r}. Use a string key."
-            )
-        if not isinstance(val, str):
-            raise ConfigurationError(
-                f"{what}[{key!r}] must be a string, got {type(val).__name__} {val!r}. "
-                f"Pass it as a string, e.g. {what}={{{key!r}: {str(val)!r}}}."
-            )
-        out[key] = val
-    return out
+    if value < minimum or (maximum is not None and value > maximum):
+        most = "" if maximum is None else f" and at most {maximum}"
+        raise ConfigurationError(f"{what} must be at least {minimum}{most}, got {value!r}.")
+    return value
 
 
 def env_var_mapping(value: Mapping | None, what: str = "env_vars") -> dict[str, str]:
-    """Check environment variables for the nodes: portable names, string values.
+    """Refuse environment variables that AML, MPI or the library set on the nodes.
 
-    Parameters
-    ----------
-    value
-        Mapping of variable name to value; None is an empty one.
-    what
-        Name of the setting, used in the error message.
-
-    Returns
-    -------
-    dict
-        A copy of ``value``.
-
-    Raises
-    ------
-    ConfigurationError
-        A name does not match ``[A-Za-z_][A-Za-z0-9_]*`` (e.g. ``"BAD NAME"``,
-        ``"A=B"``) or a value is not a string.
+    Names and values are checked by the schema (portable names, string values);
+    this refuses :data:`RESERVED_ENV_NAMES` and names starting with one of
+    :data:`RESERVED_ENV_PREFIXES` (``AZUREML_RUN_ID``, ``MASTER_ADDR``, ...):
+    replacing them would break how each node finds its rank and publishes the
+    scheduler's address.
 
     Examples
     --------
     >>> env_var_mapping({"OMP_NUM_THREADS": "1"})
     {'OMP_NUM_THREADS': '1'}
     """
-    checked = string_mapping(value, what, example="{'OMP_NUM_THREADS': '1'}")
+    checked = dict(value or {})
     for key in checked:
-        if not _ENV_VAR_NAME.match(key):
+        if key in RESERVED_ENV_NAMES or key.startswith(RESERVED_ENV_PREFIXES):
             raise ConfigurationError(
-                f"{what}: {key!r} is not a valid environment variable name. Names use "
-                "letters, digits and '_' and do not start with a digit "
-                "([A-Za-z_][A-Za-z0-9_]*); rename it."
+                f"{what}: {key!r} is set by AML or dask-amlcompute on every node (the node's "
+                "rank, the run's tracking, the cluster's own settings); it cannot be replaced. "
+                "Use another name."
             )
     return checked
-
-
-def boolean(value: object, what: str) -> bool:
-    """Return ``value`` if it is True or False; anything else (``"no"``, 0, None) is refused.
-
-    Examples
-    --------
-    >>> boolean(False, "quiet")
-    False
-    """
-    if not isinstance(value, bool):
-        raise ConfigurationError(
-            f"{what} must be True or False, got {type(value).__name__} {value!r}."
-        )
-    return value
-
-
-def port(value: object, what: str) -> int:
-    """Return ``value`` if it is a TCP port number (an int 0..65535, not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise ConfigurationError(
-            f"{what} must be a port number (an integer from 0 to 65535), got {value!r}."
-        )
-    return value
 
 
 def memory_limit(value: object, what: str = "memory_limit") -> str | int | float | None:
@@ -263,13 +202,18 @@ def memory_limit(value: object, what: str = "memory_limit") -> str | int | float
         except ValueError:
             try:
                 number = float(parse_bytes(value))
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, OverflowError):
                 number = None
     if number is None or not math.isfinite(number) or number < 0:
         raise ConfigurationError(
             f"Invalid {what}: {value!r}. Use 'auto', a size such as '4GiB' or '500MB' "
             "(or an int number of bytes), a fraction of the node's memory such as 0.5, "
             "or 0 for no per-worker limit."
+        )
+    if number > _MAX_MEMORY_LIMIT:
+        raise ConfigurationError(
+            f"{what}={value!r} is more memory than any Azure VM has "
+            f"({_MAX_MEMORY_LIMIT // 2**40} TiB); give the limit of one worker process."
         )
     if 1 < number < _MIN_MEMORY_LIMIT:
         raise ConfigurationError(
@@ -281,32 +225,8 @@ def memory_limit(value: object, what: str = "memory_limit") -> str | int | float
     return value
 
 
-def string_list(value: object, what: str) -> list[str]:
-    """Check a list (or tuple) of non-empty strings; a bare string is refused.
-
-    Examples
-    --------
-    >>> string_list(("gcc",), "conda_packages")
-    ['gcc']
-    """
-    if value is None:
-        return []
-    if isinstance(value, str) or not isinstance(value, list | tuple):
-        hint = f" Use a list: {what}=[{value!r}]." if isinstance(value, str) else ""
-        raise ConfigurationError(
-            f"{what} must be a list of strings, got {type(value).__name__} {value!r}.{hint}"
-        )
-    for item in value:
-        if not isinstance(item, str) or not item.strip():
-            raise ConfigurationError(
-                f"{what}: every entry must be a non-empty string, got {item!r}. "
-                "Remove it or write the package as text."
-            )
-    return list(value)
-
-
 def pip_requirements(value: object, what: str = "pip_packages") -> list[str]:
-    """Check pip requirements: a list of PEP 508 requirements.
+    """Check pip requirements (a list of strings): PEP 508 requirements.
 
     Direct references pip understands without a name (``git+https://...``,
     ``https://.../x.whl``, a local path starting with ``.``, ``/`` or ``~``) and
@@ -319,7 +239,7 @@ def pip_requirements(value: object, what: str = "pip_packages") -> list[str]:
     """
     from packaging.requirements import InvalidRequirement, Requirement
 
-    items = string_list(value, what)
+    items = list(cast("list[str]", value or []))  # a list of strings (the schema)
     for item in items:
         text = item.strip()
         if "://" in text or text.startswith(("git+", ".", "/", "~", "--")):
@@ -335,18 +255,6 @@ def pip_requirements(value: object, what: str = "pip_packages") -> list[str]:
     return items
 
 
-def optional_string(value: object, what: str, allow_path: bool = False) -> str | None:
-    """Return ``value`` as a non-empty string, or None; ``allow_path`` takes ``os.PathLike`` too."""
-    if value is None:
-        return None
-    if allow_path and isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if not isinstance(value, str) or not value.strip():
-        kind = "a non-empty string or path" if allow_path else "a non-empty string"
-        raise ConfigurationError(f"{what} must be {kind} or None, got {value!r}.")
-    return value
-
-
 def existing_file(value: object, what: str) -> str | None:
     """Return the ``~``-expanded path of an existing file, or None for None.
 
@@ -355,9 +263,9 @@ def existing_file(value: object, what: str) -> str | None:
     ConfigurationError
         ``value`` is not a path, or no file is there.
     """
-    text = optional_string(value, what, allow_path=True)
-    if text is None:
+    if value is None:
         return None
+    text = str(value)
     path = Path(text).expanduser()
     if not path.is_file():
         raise ConfigurationError(
@@ -367,23 +275,13 @@ def existing_file(value: object, what: str) -> str | None:
     return str(path)
 
 
-def options_mapping(value: object, what: str) -> dict[str, Any]:
-    """Check Dask keyword arguments for the nodes: a dict with string keys and JSON values.
+def options_mapping(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    """Check Dask keyword arguments for the nodes (a dict with name keys): JSON values.
 
     The options reach the nodes as JSON on the job's command line, so every
     value must survive ``json.dumps``.
     """
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigurationError(
-            f"{what} must be a dict of keyword arguments, got {type(value).__name__} {value!r}."
-        )
-    for key, val in value.items():
-        if not isinstance(key, str) or not key.isidentifier():
-            raise ConfigurationError(
-                f"{what}: keys must be keyword argument names (strings), got {key!r}."
-            )
+    for key, val in (value or {}).items():
         try:
             json.dumps(val, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -391,7 +289,7 @@ def options_mapping(value: object, what: str) -> dict[str, Any]:
                 f"{what}[{key!r}] = {val!r} cannot travel to the nodes ({exc}): options are "
                 "sent as JSON; use strings, numbers, booleans, None, lists and dicts."
             ) from None
-    return dict(value)
+    return dict(value or {})
 
 
 class EnvironmentRef(NamedTuple):
@@ -464,7 +362,7 @@ def environment_reference(value: str) -> EnvironmentRef | None:
     )
     if ref is None:
         raise ConfigurationError(f"environment={value!r} names no version: AML needs one. {hint}")
-    if not _ENV_NAME.match(ref.name) or not _ENV_VERSION.match(ref.version or ref.label or ""):
+    if not _ENV_NAME.fullmatch(ref.name) or not _ENV_NAME.fullmatch(ref.version or ref.label or ""):
         raise ConfigurationError(f"environment={value!r} is not an environment reference. {hint}")
     if ref.label is not None and ref.label != "latest":
         raise ConfigurationError(
@@ -474,7 +372,7 @@ def environment_reference(value: str) -> EnvironmentRef | None:
     return ref
 
 
-def environment_setting(value: object) -> Any:
+def environment_setting(value: object, what: str = "environment") -> Any:
     """Check the ``environment`` setting (no network: existence is checked before submit).
 
     Parameters
@@ -494,33 +392,11 @@ def environment_setting(value: object) -> Any:
     Raises
     ------
     ConfigurationError
-        Any other value.
+        A string that is not an environment reference.
     """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if not value.strip() or value != value.strip() or any(c.isspace() for c in value):
-            raise ConfigurationError(
-                f"environment must be a non-empty string without spaces, got {value!r}."
-            )
-        ref = environment_reference(value)
-        if ref is not None and ref.label is not None:
-            return str(ref)
-        return value
-    from .backend.environment import is_environment_entity
-
-    if is_environment_entity(value):
-        return value
-    raise ConfigurationError(
-        f"environment must be None, a string ('name@latest', 'name:version', a Docker image) "
-        f"or an azure.ai.ml.entities.Environment, got {type(value).__name__} {value!r}."
-    )
-
-
-def vm_size_name(value: object, what: str) -> str:
-    """Return ``value`` if it has the form of an Azure VM size name (``Standard_D4s_v3``)."""
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{1,63}", value):
-        raise ConfigurationError(
-            f"{what} must be a VM size name like 'Standard_D4s_v3', got {value!r}."
-        )
-    return value
+    if not isinstance(value, str):
+        return value  # None, or an Environment: the backend checks it (settings import no azure)
+    if not value.strip() or any(c.isspace() for c in value):
+        raise ConfigurationError(f"{what} must be a string without spaces, got {value!r}.")
+    ref = environment_reference(value)
+    return str(ref) if ref is not None and ref.label is not None else value

@@ -124,6 +124,19 @@ def test_only_the_backend_imports_azure():
     assert offenders == []
 
 
+def test_settings_are_pure():
+    """config and validation read no workspace: nothing of backend/, at any depth."""
+    graph = internal_graph()
+    for name in ("dask_amlcompute.config", "dask_amlcompute.validation"):
+        reached, todo = set(), [name]
+        while todo:
+            for target in graph[todo.pop()] - reached:
+                reached.add(target)
+                todo.append(target)
+        backend = sorted(m for m in reached if m.startswith("dask_amlcompute.backend"))
+        assert backend == [], f"{name} imports {backend}"
+
+
 def test_node_side_imports_only_stdlib_distributed_and_the_protocol():
     node_modules = [m for m in MODULES if m.startswith("dask_amlcompute.node")]
     allowed = {"dask_amlcompute._protocol", *node_modules}

@@ -27,7 +27,7 @@ def test_serverless_settings():
     for kwargs, match in [
         ({"instance_type": SIZE, "compute": "cpu-cluster"}, "leave compute unset"),
         ({"instance_type": SIZE, "job_tier": "premium"}, "job_tier"),
-        ({"instance_type": "not a size"}, "VM size name"),
+        ({"instance_type": "not a size"}, "instance_type must match"),
         (
             {"instance_type": SIZE, "create_compute": {"size": SIZE, "max_nodes": 2}},
             "need no compute",

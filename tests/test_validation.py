@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dask_amlcompute import ConfigurationError
-from dask_amlcompute.validation import aml_name, parse_duration
+from dask_amlcompute.config import checked
+from dask_amlcompute.validation import parse_duration
 
 
 @pytest.mark.parametrize(
@@ -46,27 +47,31 @@ def test_none_passes_through():
 
 
 def test_aml_names():
-    assert aml_name("dask-user_1", "name") == "dask-user_1"
-    for bad in ["", "-x", "a b", "x" * 256, "a/b"]:
-        with pytest.raises(ConfigurationError):
-            aml_name(bad, "name")
+    assert checked("experiment-name", "dask-user_1") == "dask-user_1"
+    for bad in ["", "-x", "a b", "x" * 256, "a/b", "abc\n", "abc\x00"]:
+        with pytest.raises(ConfigurationError, match="experiment_name"):
+            checked("experiment-name", bad)
+    checked("name", "x" * 200)  # room for '-w<n>-<series>' and the 'dask_cluster.' tag key
+    with pytest.raises(ConfigurationError, match="at most 200"):
+        checked("name", "x" * 201)
+
+
+def test_durations_are_bounded():
+    assert parse_duration("2h", "job_timeout", 1, 86400) == 7200.0
+    for bad in (float("inf"), "1e400s", 1e-9, 10**12):
+        with pytest.raises(ConfigurationError, match="job_timeout"):
+            checked("job-timeout", bad)
+    with pytest.raises(ConfigurationError, match="poll_interval"):
+        checked("poll-interval", "1ms")
 
 
 # -- helpers of resolve_settings (issue #13) ------------------------------------------
 
 from dask_amlcompute.validation import (  # noqa: E402
     EnvironmentRef,
-    boolean,
-    env_var_mapping,
     environment_reference,
     environment_setting,
-    existing_file,
     memory_limit,
-    options_mapping,
-    pip_requirements,
-    port,
-    string_list,
-    string_mapping,
 )
 
 
@@ -78,7 +83,8 @@ def test_memory_limit_accepts_what_distributed_accepts(value):
 
 
 @pytest.mark.parametrize(
-    "value", ["lots", "", "AUTO", "-1GB", -1, -0.5, True, float("inf"), 100, "512kB", [1]]
+    "value",
+    ["lots", "", "AUTO", "-1GB", -1, -0.5, True, float("inf"), 100, "512kB", [1], 10**30, "1e400"],
 )
 def test_memory_limit_refuses(value):
     with pytest.raises(ConfigurationError, match="memory_limit"):
@@ -97,47 +103,61 @@ def test_memory_limit_fractions_and_sizes_match_distributed():
 
 
 def test_env_vars_need_portable_names_and_string_values():
-    assert env_var_mapping({"_A1": "x", "B": ""}) == {"_A1": "x", "B": ""}
-    assert env_var_mapping(None) == {}
+    assert checked("env-vars", {"_A1": "x", "B": "", "PEM": "a\nb"}) == {
+        "_A1": "x",
+        "B": "",
+        "PEM": "a\nb",
+    }
+    assert checked("env-vars", None) == {}
     for bad, match in [
         ({"BAD NAME": "1"}, "BAD NAME"),
         ({"A=B": "1"}, "A=B"),
         ({"9A": "1"}, "9A"),
+        ({"FOO\n": "1"}, "FOO"),
         ({"": "1"}, "''"),
         ({1: "1"}, "1"),
         ({"A": 1}, "must be a string"),
         ({"A": None}, "must be a string"),
+        ({"A": "a\x00b"}, "control"),
         ("A=1", "mapping"),
+        ({"AZUREML_RUN_ID": "x"}, "AZUREML_RUN_ID"),
+        ({"MASTER_ADDR": "x"}, "MASTER_ADDR"),
+        ({"DASK_AMLCOMPUTE_TLS_CERT": "x"}, "DASK_AMLCOMPUTE_TLS_CERT"),
     ]:
         with pytest.raises(ConfigurationError, match=match):
-            env_var_mapping(bad)
+            checked("env-vars", bad)
 
 
-def test_string_mapping_refuses_instead_of_converting():
-    assert string_mapping({"team": "data"}, "tags") == {"team": "data"}
-    with pytest.raises(ConfigurationError, match=r"tags\['a'\] must be a string"):
-        string_mapping({"a": 1}, "tags")
-    with pytest.raises(ConfigurationError, match="non-empty strings"):
-        string_mapping({("a",): "x"}, "tags")
+def test_tags_are_refused_instead_of_converted():
+    assert checked("tags", {"team": "data"}) == {"team": "data"}
+    for bad, match in [
+        ({"a": 1}, r"tags\['a'\] must be a string"),
+        ({("a",): "x"}, "string"),
+        ({"a": "x\ny"}, "control"),
+        ({"a": "x" * 200_000}, "at most 8000"),
+        ({f"k{i}": "v" for i in range(51)}, "at most 50"),
+    ]:
+        with pytest.raises(ConfigurationError, match=match):
+            checked("tags", bad)
 
 
 def test_booleans_and_ports_are_strict():
-    assert boolean(True, "quiet") is True
+    assert checked("quiet", True) is True
     for bad in ("no", "false", 0, 1, None):
         with pytest.raises(ConfigurationError, match="quiet must be True or False"):
-            boolean(bad, "quiet")
-    assert port(0, "scheduler_port") == 0 and port(65535, "scheduler_port") == 65535
+            checked("quiet", bad)
+    assert checked("scheduler-port", 0) == 0 and checked("scheduler-port", 65535) == 65535
     for bad in (-1, 65536, True, "8786", 8786.0):
         with pytest.raises(ConfigurationError, match="scheduler_port"):
-            port(bad, "scheduler_port")
+            checked("scheduler-port", bad)
 
 
 def test_package_lists():
-    assert string_list(None, "conda_packages") == []
-    assert string_list(("gcc", "make"), "conda_packages") == ["gcc", "make"]
-    for bad in ("gcc", ["gcc", ""], ["  "], [None], {"gcc": 1}):
+    assert checked("conda-packages", None) is None
+    assert checked("conda-packages", ("gcc", "make")) == ["gcc", "make"]
+    for bad in ("gcc", ["gcc", ""], [None], {"gcc": 1}, ["a\nb"]):
         with pytest.raises(ConfigurationError, match="conda_packages"):
-            string_list(bad, "conda_packages")
+            checked("conda-packages", bad)
     ok = [
         "scikit-learn>=1.3",
         "dask[dataframe]",
@@ -147,35 +167,35 @@ def test_package_lists():
         "./local/pkg",
         "--extra-index-url https://pkgs.example.org/simple",
     ]
-    assert pip_requirements(ok) == ok
+    assert checked("pip-packages", ok) == ok
     for bad in (["numpy>>1"], ["not a requirement"], ["pkg=="], "numpy"):
         with pytest.raises(ConfigurationError, match="pip_packages"):
-            pip_requirements(bad)
+            checked("pip-packages", bad)
 
 
 def test_existing_file(tmp_path):
     key = tmp_path / "id_ed25519"
     key.write_text("key")
-    assert existing_file(str(key), "ssh_key") == str(key)
-    assert existing_file(key, "ssh_key") == str(key)  # os.PathLike too
-    assert existing_file(None, "ssh_key") is None
+    assert checked("ssh-key", str(key)) == str(key)
+    assert checked("ssh-key", key) == str(key)  # os.PathLike too
+    assert checked("ssh-key", None) is None
     for bad in (str(tmp_path / "missing"), str(tmp_path), "", 3):
         with pytest.raises(ConfigurationError, match="ssh_key"):
-            existing_file(bad, "ssh_key")
+            checked("ssh-key", bad)
 
 
 def test_options_travel_as_json():
-    assert options_mapping({"resources": {"GPU": 1}}, "worker_options") == {"resources": {"GPU": 1}}
-    assert options_mapping(None, "worker_options") == {}
+    assert checked("worker-options", {"resources": {"GPU": 1}}) == {"resources": {"GPU": 1}}
+    assert checked("worker-options", None) == {}
     for bad, match in [
-        (["x"], "dict of keyword arguments"),
-        ({1: 2}, "keyword argument names"),
-        ({"not an identifier": 1}, "keyword argument names"),
+        (["x"], "mapping"),
+        ({1: 2}, "string"),
+        ({"not an identifier": 1}, "must match"),
         ({"f": print}, "JSON"),
         ({"x": float("nan")}, "JSON"),
     ]:
         with pytest.raises(ConfigurationError, match=match):
-            options_mapping(bad, "worker_options")
+            checked("worker-options", bad)
 
 
 @pytest.mark.parametrize(
@@ -216,12 +236,18 @@ def test_bad_environment_references(text, match):
 def test_environment_setting():
     from azure.ai.ml.entities import Environment
 
+    from dask_amlcompute.backend.environment import resolve_environment
+
     env = Environment(image="docker.io/library/python:3.11")
     assert environment_setting(env) is env
+    assert checked("environment", env) is env  # an entity: the backend checks it
+    for bad in (42, ["my-env:1"]):
+        with pytest.raises(ConfigurationError, match="environment"):
+            resolve_environment(bad)
     assert environment_setting(None) is None
     assert environment_setting("docker.io/library/python:3.11") == "docker.io/library/python:3.11"
     assert environment_setting("azureml:my-env@latest") == "my-env@latest"
     assert environment_setting("azureml:my-env:2") == "azureml:my-env:2"
-    for bad in ("", " my-env:1", "my env:1", 42, ["my-env:1"]):
+    for bad in ("", " my-env:1", "my env:1", "my-env:1\n"):
         with pytest.raises(ConfigurationError, match="environment"):
-            environment_setting(bad)
+            checked("environment", bad)

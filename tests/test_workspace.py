@@ -14,6 +14,7 @@ from dask_amlcompute.backend.workspace import (
     cached_compute,
     load_workspace_settings,
     ml_client_from_config,
+    with_cached_compute,
 )
 from dask_amlcompute.config import resolve_settings
 
@@ -70,30 +71,33 @@ def test_found_in_parent_and_dot_azureml(project, monkeypatch):
 
 def test_compute_precedence_argument_config_file(project, monkeypatch):
     write_workspace_config(project, compute="from-file", **IDENTITY)
-    assert resolve_settings().compute == "from-file"
+    assert with_cached_compute(resolve_settings()).compute == "from-file"
     with env_in_dask_config(monkeypatch, "DASK_AMLCOMPUTE__COMPUTE", "from-env"):
-        assert resolve_settings().compute == "from-env"
+        assert with_cached_compute(resolve_settings()).compute == "from-env"
     with dask.config.set({"amlcompute.compute": "from-config"}):
-        assert resolve_settings().compute == "from-config"
+        assert with_cached_compute(resolve_settings()).compute == "from-config"
         assert resolve_settings(compute="from-argument").compute == "from-argument"
 
 
 def test_workspace_config_setting_points_at_the_file(project, tmp_path_factory):
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     path = write_workspace_config(elsewhere / "ws.json", compute="elsewhere-compute", **IDENTITY)
-    assert resolve_settings(workspace_config=str(path)).compute == "elsewhere-compute"
+    assert (
+        with_cached_compute(resolve_settings(workspace_config=str(path))).compute
+        == "elsewhere-compute"
+    )
 
 
 def test_no_compute_anywhere_is_a_clear_error(project):
     write_workspace_config(project, **IDENTITY)  # a file without a cached compute
     with pytest.raises(ConfigurationError, match=r"No compute given.*config\.json"):
-        resolve_settings()
+        with_cached_compute(resolve_settings())
 
 
 def test_broken_file_is_named(project):
     (project / "config.json").write_text("{not json")
     with pytest.raises(ConfigurationError, match=r"config\.json"):
-        resolve_settings()
+        with_cached_compute(resolve_settings())
 
 
 def test_cache_workspace_from_an_ml_client(project):
@@ -103,7 +107,7 @@ def test_cache_workspace_from_an_ml_client(project):
     cache_workspace(ml_client, project, compute="cpu-cluster")
     s = load_workspace_settings()
     assert (s.subscription_id, s.resource_group, s.workspace_name) == ("sub-1", "rg-1", "ws-1")
-    assert resolve_settings().compute == "cpu-cluster"
+    assert with_cached_compute(resolve_settings()).compute == "cpu-cluster"
     client = ml_client_from_config(credential=object())
     assert (client.subscription_id, client.workspace_name) == ("sub-1", "ws-1")
 

@@ -443,19 +443,6 @@ def build_spec(
     )
 
 
-def is_environment_entity(value: Any) -> bool:
-    """Whether ``value`` is an ``azure.ai.ml.entities.Environment`` (the ``environment`` setting).
-
-    Examples
-    --------
-    >>> is_environment_entity("name@latest")
-    False
-    """
-    from azure.ai.ml.entities import Environment
-
-    return isinstance(value, Environment)
-
-
 def resolve_environment(
     environment: Any,
     extra_pip: Iterable[str] | None = None,
@@ -510,7 +497,11 @@ def resolve_environment(
     if isinstance(environment, Environment):
         return environment
     if not isinstance(environment, str) or not environment.strip():
-        raise TypeError(f"environment must be a string or an Environment, got {environment!r}")
+        raise ConfigurationError(
+            "environment must be None, a string ('name@latest', 'name:version', a Docker image) "
+            f"or an azure.ai.ml.entities.Environment, got {type(environment).__name__} "
+            f"{environment!r}."
+        )
     if "/" in environment and not environment.startswith("azureml:"):
         return Environment(image=environment)
     return environment

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..config import ClusterSettings, checked
 from ..exceptions import ConfigurationError, WorkspaceNotConfiguredError
 
 CONFIG_NAMES = ("config.json", os.path.join(".azureml", "config.json"))
@@ -182,6 +183,58 @@ def cached_compute(path: str | os.PathLike | None = None) -> str | None:
     """The compute cached in the workspace config (``dask_amlcompute.compute``), or None."""
     found = load_workspace_settings(path)
     return found.compute if found is not None else None
+
+
+def with_cached_compute(settings: ClusterSettings) -> ClusterSettings:
+    """``settings`` with the compute cached in the workspace config when none was given.
+
+    Also refuses a ``workspace_config`` that names no config file. Serverless
+    settings (``instance_type``) need no compute and are returned as they are.
+
+    Raises
+    ------
+    ConfigurationError
+        ``workspace_config`` names no file, or no compute is given anywhere.
+    """
+    path = settings.workspace_config
+    if path is not None and find_workspace_config(path) is None:
+        raise ConfigurationError(
+            f"workspace_config={path!r}: no workspace config file there (neither a file nor a "
+            "folder holding config.json). Download config.json from the workspace's page in "
+            "Azure ML studio, write one with dask_amlcompute.write_workspace_config(...), or "
+            "leave workspace_config unset to search the current folder and its parents."
+        )
+    if settings.compute is not None or settings.instance_type is not None:
+        return settings
+    # Precedence: argument > dask config (incl. DASK_AMLCOMPUTE__COMPUTE) > config.json > error.
+    compute = cached_compute(path)
+    if not compute:
+        raise ConfigurationError(
+            "No compute given: pass compute='<AmlCompute name>', set amlcompute.compute "
+            "in dask config (DASK_AMLCOMPUTE__COMPUTE), or cache it in the workspace "
+            "config.json with dask_amlcompute.write_workspace_config(..., compute=...)."
+        )
+    return replace(settings, compute=checked("compute", compute))
+
+
+def workspace_client(ml_client: Any, path: Any = None, credential: Any = None) -> Any:
+    """``ml_client`` if it is an ``MLClient``; None: one from the workspace config file.
+
+    Raises
+    ------
+    ConfigurationError
+        ``ml_client`` is something else (a string, a workspace name, ...).
+    """
+    if ml_client is None:
+        return ml_client_from_config(path, credential)
+    from azure.ai.ml import MLClient
+
+    if not isinstance(ml_client, MLClient):
+        raise ConfigurationError(
+            f"ml_client must be an azure.ai.ml.MLClient (or None to read the workspace "
+            f"config.json), got {type(ml_client).__name__} {str(ml_client)[:80]!r}."
+        )
+    return ml_client
 
 
 def ml_client_from_config(path: str | os.PathLike | None = None, credential: Any = None) -> Any:

@@ -19,8 +19,10 @@ from distributed.deploy.adaptive import Adaptive
 from ._protocol import is_main_job, worker_job_name
 from .backend.ops import MAX_CONCURRENT_WRITES
 from .backend.state import Lifecycle
+from .config import schema
 from .exceptions import ClusterLostError, ConfigurationError
 from .node.plugins import job_of_worker
+from .validation import count, parse_duration
 
 if TYPE_CHECKING:
     from distributed.deploy.spec import SpecCluster
@@ -86,6 +88,16 @@ class ScalingMixin(_ClusterBase):
                 jobs = fit
         return jobs
 
+    def _counts(self, what: str, workers: int | None, nodes: int | None) -> tuple[int | None, ...]:
+        """``workers`` and ``nodes`` checked: whole numbers, at most what AML could ever run."""
+        most = schema()["n-nodes"]["maximum"]  # nodes of one compute
+        per_node = self._workers_per_job // self.settings.nodes_per_job
+        bound = self._main_workers + most * per_node
+        return (
+            None if workers is None else count(workers, f"{what} (workers)", 0, bound),
+            None if nodes is None else count(nodes, f"{what} (nodes)", 0, most),
+        )
+
     def _refuse_serverless_growth(self, workers: float) -> None:
         """Refuse worker jobs on serverless, unless ``serverless_network`` says jobs share a network.
 
@@ -138,12 +150,24 @@ class ScalingMixin(_ClusterBase):
 
         Raises
         ------
-        ValueError
-            ``memory``/``cores`` with no worker running yet to measure them on.
+        ConfigurationError
+            A count that is not a whole number from 0 to what AML could run (4000
+            nodes), a memory that is not a size; ``memory``/``cores`` with no
+            worker running yet to measure them on.
         ClusterLostError
             The scheduler is gone for good (see :attr:`ended_reason`).
         """
         self._raise_if_lost()
+        n, nodes = self._counts("scale", n, nodes)
+        if cores is not None:
+            count(cores, "scale(cores=...)", 0)
+        if memory is not None:
+            try:
+                memory = parse_bytes(memory)
+            except (ValueError, TypeError, AttributeError):
+                raise ConfigurationError(
+                    f"scale(memory={memory!r}): give a size such as '64 GiB' or bytes."
+                ) from None
         if nodes is not None:
             n = self._main_workers + max(0, nodes - self.settings.n_nodes) * (
                 self._workers_per_job // self.settings.nodes_per_job
@@ -194,7 +218,7 @@ class ScalingMixin(_ClusterBase):
         """The smallest ``field`` (memory_limit, nthreads) of the running workers."""
         found = [w[field] for w in self.scheduler_info.get("workers", {}).values() if w.get(field)]
         if not found:
-            raise ValueError(
+            raise ConfigurationError(
                 f"scale({what}=...) measures the {what} of the running workers, and none runs "
                 "yet (or they have no limit). Use scale(n) or scale(nodes=k) instead."
             )
@@ -234,8 +258,24 @@ class ScalingMixin(_ClusterBase):
             Bounds in nodes (main job included), instead of workers.
         interval, wait_count, target_duration
             As for :class:`distributed.deploy.Adaptive`.
+
+        Raises
+        ------
+        ConfigurationError
+            A bound that is no whole number from 0 to what AML could run, a
+            minimum above the maximum, a bad interval, duration or count.
         """
         self._raise_if_lost()
+        minimum, minimum_nodes = self._counts("adapt(minimum)", minimum, minimum_nodes)
+        maximum, maximum_nodes = self._counts("adapt(maximum)", maximum, maximum_nodes)
+        for low, high in ((minimum, maximum), (minimum_nodes, maximum_nodes)):
+            if low is not None and high is not None and low > high:
+                raise ConfigurationError(
+                    f"adapt: the minimum ({low}) is more than the maximum ({high})."
+                )
+        every = parse_duration(interval, "adapt(interval)", 0.1, 86400)
+        target = parse_duration(target_duration, "adapt(target_duration)", 1)
+        count(wait_count, "adapt(wait_count)", 1, 10**6)
         per_node = self._workers_per_job // self.settings.nodes_per_job
 
         def to_workers(n_nodes: int) -> int:
@@ -255,9 +295,9 @@ class ScalingMixin(_ClusterBase):
             Adaptive=Adaptive,
             minimum=minimum,
             maximum=max(upper, minimum),
-            interval=interval,
+            interval=every,
             wait_count=wait_count,
-            target_duration=target_duration,
+            target_duration=target,
             worker_key=job_of_worker,
             **kwargs,
         )

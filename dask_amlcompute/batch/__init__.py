@@ -43,7 +43,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..exceptions import ConfigurationError, ErrorThresholdExceededError
-from ..validation import parse_duration
+from ..validation import count, parse_duration
 from .output import _write_batch
 from .types import BatchResult, BatchStats, ItemError
 from .worker import _drop_state, _error, _run_batch
@@ -106,10 +106,54 @@ def _check_threshold(value: int | float | None, total: int | None) -> int | floa
     return int(value)
 
 
+#: Formats of the files ``output_dir`` gets.
+OUTPUT_FORMATS = ("auto", "json", "parquet", "pickle")
+
+
+def _check_options(fn: Any, o: dict[str, Any]) -> None:
+    """Refuse bad options of a batch run before anything is submitted."""
+    for what, value in (("fn", fn), ("init", o["init"] or fn)):
+        if not callable(value):
+            raise ConfigurationError(f"{what} must be callable, got {value!r}.")
+    for what, low, high in (
+        ("batch_size", 1, 10**6),
+        ("max_in_flight", 1, 10**5),
+        ("total", 0, None),
+    ):
+        if o[what] is not None:
+            count(o[what], what, low, high)
+    count(o["retries"], "retries", 0, 100)
+    if o["output_format"] not in OUTPUT_FORMATS:
+        raise ConfigurationError(
+            f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {o['output_format']!r}."
+        )
+    if not isinstance(o["progress"], bool) or not isinstance(o["desc"], str):
+        raise ConfigurationError("progress must be True or False and desc a string.")
+    if o["client"] is not None and o["cluster"] is not None:
+        raise ConfigurationError("Pass client= or cluster=, not both.")
+
+
+def _output_dir(value: Any) -> Path | None:
+    """``output_dir`` as a Path, created now: an unwritable folder fails before any batch runs."""
+    if value is None:
+        return None
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigurationError(f"output_dir must be a folder path, got {value!r}.")
+    path = Path(value)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(f"output_dir={str(path)!r} cannot be created: {exc}") from None
+    return path
+
+
 class BatchRun:
     """An iterable batch run; see :func:`iter_batches`. ``stats`` is live while iterating."""
 
     def __init__(self, fn: Callable, inputs: Iterable, **options: Any) -> None:
+        _check_options(fn, options)
+        if not isinstance(inputs, Iterable):
+            raise ConfigurationError(f"inputs must be iterable, got {type(inputs).__name__}.")
         self.fn, self.inputs, self.o = fn, inputs, options
         total = options["total"]
         if total is None and isinstance(inputs, Sized):
@@ -117,13 +161,7 @@ class BatchRun:
         self.stats = BatchStats(total=total)
         self.limit = _check_threshold(options["error_threshold"], total)
         self.timeout = parse_duration(options["timeout"], "timeout")
-        if not isinstance(options["retries"], int) or options["retries"] < 0:
-            raise ConfigurationError(
-                f"retries must be an integer >= 0, got {options['retries']!r}."
-            )
-        if options["client"] is not None and options["cluster"] is not None:
-            raise ConfigurationError("Pass client= or cluster=, not both.")
-        self.out_dir = Path(options["output_dir"]) if options["output_dir"] is not None else None
+        self.out_dir = _output_dir(options["output_dir"])
         self.files: list[Path] = []
         self.first_error: ItemError | None = None
 
@@ -148,11 +186,7 @@ class BatchRun:
         if size is None:
             size = 100 if stats.total is None else math.ceil(stats.total / (4 * threads))
             size = max(1, min(1000, size))
-        if not isinstance(size, int) or size < 1:
-            raise ConfigurationError(f"batch_size must be a positive integer, got {size!r}.")
         max_in_flight = o["max_in_flight"] or max(2, 2 * threads)
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
         run_id = uuid.uuid4().hex[:8]
         source = iter(self.inputs)
         tasks: dict[str, tuple[_Batch, list[int]]] = {}

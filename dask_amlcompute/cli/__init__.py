@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ..exceptions import AmlComputeError, ConfigurationError, WorkspaceNotConfiguredError
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
@@ -25,7 +27,6 @@ def _emulator(args: argparse.Namespace, rest: list[str]) -> int:
 def _env(args: argparse.Namespace) -> int:
     from .. import config
     from ..backend.environment import build_spec
-    from ..exceptions import ConfigurationError
 
     try:
         spec = build_spec(
@@ -76,13 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         from .run import run_cli
 
         return run_cli(argv[1:])
+    from .manage import count
+
     parser = argparse.ArgumentParser(
         prog="dask-amlcompute", description="Dask clusters on Azure ML compute clusters."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a 3-node cluster on the local AML emulator")
-    demo.add_argument("--nodes", type=int, default=3)
-    demo.add_argument("--processes", type=int, default=1, help="worker processes per node")
+    demo.add_argument("--nodes", type=count, default=3)
+    demo.add_argument("--processes", type=count, default=1, help="worker processes per node")
     demo.add_argument("--quiet", action="store_true")
     demo.add_argument(
         "--network",
@@ -127,9 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         return _emulator(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command in MANAGE_COMMANDS:
-        return MANAGE_COMMANDS[args.command](args)
-    return {"demo": _demo, "env": _env}[args.command](args)
+    command = MANAGE_COMMANDS.get(args.command) or {"demo": _demo, "env": _env}[args.command]
+    try:
+        return command(args)
+    except AmlComputeError as exc:  # one line, no traceback: 2 for bad input, else 1
+        print(f"dask-amlcompute {args.command}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigurationError | WorkspaceNotConfiguredError) else 1
 
 
 if __name__ == "__main__":

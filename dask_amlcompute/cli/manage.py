@@ -14,7 +14,17 @@ from typing import Any
 
 from ..backend.capacity import find_size, size_from_sdk
 from ..backend.ops import AmlOps
+from ..config import schema
 from ..discovery import ClusterJob, list_cluster_jobs_async
+from ..exceptions import ConfigurationError
+
+
+def count(text: str) -> int:
+    """The argparse type of node, process and line counts: a whole number from 1 to 4000."""
+    value, most = int(text), schema()["n-nodes"]["maximum"]
+    if not 1 <= value <= most:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {most}, got {value}")
+    return value
 
 
 def add_arguments(sub: Any) -> None:
@@ -30,7 +40,7 @@ def add_arguments(sub: Any) -> None:
         if name in ("logs", "down"):
             p.add_argument("name", nargs="?", help="cluster name")
         if name == "logs":
-            p.add_argument("--lines", type=int, default=100)
+            p.add_argument("--lines", type=count, default=100)
         if name == "down":
             p.add_argument("--all-mine", action="store_true", help="every cluster you started")
         if name == "list":
@@ -120,7 +130,7 @@ def run_list(args: argparse.Namespace) -> int:
 def run_logs(args: argparse.Namespace) -> int:
     """``dask-amlcompute logs NAME``."""
     if not args.name:
-        raise SystemExit("logs: give a cluster name")
+        raise ConfigurationError("give a cluster name: dask-amlcompute logs NAME")
     ops = AmlOps(ml_client_for(args))
 
     async def show() -> int:
@@ -143,7 +153,7 @@ def run_logs(args: argparse.Namespace) -> int:
 def run_down(args: argparse.Namespace) -> int:
     """``dask-amlcompute down NAME`` / ``--all-mine``."""
     if not args.all_mine and not args.name:
-        raise SystemExit("down: give a cluster name or --all-mine")
+        raise ConfigurationError("give a cluster name or --all-mine: dask-amlcompute down NAME")
     ops = AmlOps(ml_client_for(args))
 
     async def down() -> int:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from ..exceptions import AmlComputeError, JobError
 from ..jobmode import submit_script
+from .manage import count
 
 
 def run_cli(argv: Sequence[str]) -> int:
@@ -40,17 +41,17 @@ def _run_cli(argv: list[str]) -> int:
     p.add_argument(
         "script", help="the Python script (Client() in it connects to the job's cluster)"
     )
-    p.add_argument("--nodes", type=int, default=1, help="nodes of the job (default 1)")
+    p.add_argument("--nodes", type=count, default=1, help="nodes of the job (default 1)")
     p.add_argument(
         "--compute", default=None, help="AmlCompute cluster (default with --emulator: cpu-cluster)"
     )
     p.add_argument(
         "--processes",
-        type=int,
+        type=count,
         default=None,
         help="worker processes per node (default: amlcompute.processes-per-node, 1)",
     )
-    p.add_argument("--threads", type=int, default=None, help="threads per worker process")
+    p.add_argument("--threads", type=count, default=None, help="threads per worker process")
     p.add_argument(
         "--job-timeout", default=None, help="AML job time limit (default: amlcompute.job-timeout)"
     )
@@ -85,7 +86,9 @@ def _run_cli(argv: list[str]) -> int:
     p.add_argument("--workspace-config", default=None, help="path of the workspace config.json")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv[:cut])
-    env_vars = dict(kv.split("=", 1) for kv in args.env_var if "=" in kv) or None
+    if bad := [kv for kv in args.env_var if "=" not in kv]:
+        p.error(f"--env-var {bad[0]!r}: give KEY=VALUE")
+    env_vars = dict(kv.split("=", 1) for kv in args.env_var) or None
     emulator = None
     try:
         if args.emulator:
@@ -122,7 +125,7 @@ def _run_cli(argv: list[str]) -> int:
         print(str(exc), file=sys.stderr)
         return getattr(exc, "exit_code", None) or 1
     except (AmlComputeError, ValueError, OSError) as exc:
-        print(f"dask-amlcompute run: {exc}", file=sys.stderr)
+        print(f"dask-amlcompute run: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     finally:
         if emulator is not None:

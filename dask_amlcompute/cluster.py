@@ -31,7 +31,7 @@ from .backend.ops import AmlOps, ComputeInfo
 from .backend.snapshot import stage_snapshot
 from .backend.state import ClusterContext, ClusterState, Lifecycle
 from .backend.workspace import with_cached_compute, workspace_client
-from .config import ClusterSettings, checked, resolve_settings
+from .config import ClusterSettings, check_arguments, checked, resolve_settings
 from .connect import (
     JOB_SERVICE_MODES,
     SchedulerConnector,
@@ -74,6 +74,18 @@ def _temporary_tls(settings: ClusterSettings) -> tuple[Any, dict[str, str]]:
     security = Security.temporary()
     env = {TLS_CERT_ENV: security.tls_scheduler_cert, TLS_KEY_ENV: security.tls_scheduler_key}
     return security, env
+
+
+def _check_arguments(loop: Any = None, **flags: Any) -> None:
+    """Refuse flags that are not True/False and a ``loop`` that is not a tornado IOLoop."""
+    for what, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{what} must be True or False, got {value!r}.")
+    if loop is not None:
+        from tornado.ioloop import IOLoop
+
+        if not isinstance(loop, IOLoop):
+            raise ConfigurationError(f"loop must be a tornado IOLoop or None, got {loop!r}.")
 
 
 class AmlComputeCluster(ScalingMixin, SpecCluster):
@@ -205,6 +217,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             **kwargs,
         )
         settings = with_cached_compute(settings)
+        _check_arguments(asynchronous=asynchronous, shutdown_on_close=shutdown_on_close, loop=loop)
         ml_client = workspace_client(ml_client, settings.workspace_config, credential)
         self.settings: ClusterSettings = settings
         self.ml_client = ml_client
@@ -323,6 +336,8 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         if name is None:
             raise ConfigurationError("from_name needs the name of a running cluster, got None.")
         checked("name", name)
+        check_arguments(kwargs)
+        _check_arguments(asynchronous=asynchronous, shutdown_on_close=shutdown_on_close)
         ml_client = workspace_client(ml_client, kwargs.get("workspace_config"))
         found = describe_cluster(ml_client, name)
         settings = {**found["settings"], **kwargs}

@@ -167,7 +167,7 @@ def collect_code(
         raise ConfigurationError(f"code must be a folder (a str or path), got {folder!r}.")
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
-        raise ConfigurationError(f"Cannot ship {folder}: not a folder.")
+        raise ConfigurationError(f"Cannot ship code={str(folder)!r}: not a folder.")
     found = _find_ignore_file(root, ignore_file)
     rules = IgnoreRules.from_file(found, DEFAULT_IGNORES) if found else IgnoreRules(DEFAULT_IGNORES)
     files: list[tuple[str, int]] = []

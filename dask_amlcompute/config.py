@@ -302,9 +302,22 @@ def check_config() -> None:
     section = dask.config.get("amlcompute", {})
     if not isinstance(section, Mapping):
         raise ConfigurationError(f"dask config 'amlcompute' must be a mapping, got {section!r}.")
-    unknown = sorted({str(k).replace("_", "-") for k in section} - set(schema()))
+    keys = {str(k).replace("_", "-"): v for k, v in section.items()}
+    unknown = sorted(set(keys) - set(schema()))
     if unknown:
         raise _unknown(unknown[0], schema(), "dask config key amlcompute.*:")
+    for key in set(keys) - {config_key(f) for f in _FIELDS}:  # no setting: read where it applies
+        checked(key, keys[key], f"amlcompute.{key}")
+
+
+def check_arguments(arguments: Mapping[str, Any]) -> None:
+    """Refuse unknown settings and bad values among ``arguments`` (None: not given)."""
+    unknown = sorted(set(arguments) - set(_FIELDS))
+    if unknown:
+        raise _unknown(unknown[0], _FIELDS, "setting")
+    for name, value in arguments.items():
+        if value is not None:
+            checked(config_key(name), value)
 
 
 def checked(key: str, value: Any, what: str | None = None) -> Any:
@@ -385,9 +398,7 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
         A value is invalid, a setting or dask config key is unknown; the message
         names the setting, the bad value and what to change.
     """
-    unknown = sorted(set(arguments) - set(_FIELDS))
-    if unknown:
-        raise _unknown(unknown[0], _FIELDS, "setting")
+    check_arguments(arguments)
     check_config()
     raw = {
         name: checked(config_key(name), get(config_key(name), arguments.get(name)))

@@ -231,7 +231,7 @@ def build_script_job(
         try:
             source = script_path.read_bytes()
         except OSError as exc:
-            raise ConfigurationError(f"Cannot read the script {script_path}: {exc}") from None
+            raise ConfigurationError(f"Cannot read script_path {script_path}: {exc}") from None
         env[SCRIPT_ENV] = embed_script(source, str(script_path))
     node = NodeOptions(
         role="cluster",

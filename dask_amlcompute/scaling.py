@@ -88,15 +88,19 @@ class ScalingMixin(_ClusterBase):
                 jobs = fit
         return jobs
 
-    def _counts(self, what: str, workers: int | None, nodes: int | None) -> tuple[int | None, ...]:
-        """``workers`` and ``nodes`` checked: whole numbers, at most what AML could ever run."""
-        most = schema()["n-nodes"]["maximum"]  # nodes of one compute
+    def _counts(self, workers: tuple[str, Any], nodes: tuple[str, Any]) -> tuple[Any, Any]:
+        """Check ``(name, value)`` counts of workers and nodes (None passes).
+
+        Whole numbers, at most what AML could ever run (``n-nodes``' maximum).
+        """
+        most = schema()["n-nodes"]["maximum"]
         per_node = self._workers_per_job // self.settings.nodes_per_job
-        bound = self._main_workers + most * per_node
-        return (
-            None if workers is None else count(workers, f"{what} (workers)", 0, bound),
-            None if nodes is None else count(nodes, f"{what} (nodes)", 0, most),
+        bounds = (self._main_workers + most * per_node, most)
+        w, n = (
+            None if value is None else count(value, what, 0, bound)
+            for (what, value), bound in zip((workers, nodes), bounds, strict=True)
         )
+        return w, n
 
     def _refuse_serverless_growth(self, workers: float) -> None:
         """Refuse worker jobs on serverless, unless ``serverless_network`` says jobs share a network.
@@ -158,7 +162,7 @@ class ScalingMixin(_ClusterBase):
             The scheduler is gone for good (see :attr:`ended_reason`).
         """
         self._raise_if_lost()
-        n, nodes = self._counts("scale", n, nodes)
+        n, nodes = self._counts(("scale(n)", n), ("scale(nodes)", nodes))
         if cores is not None:
             count(cores, "scale(cores=...)", 0)
         if memory is not None:
@@ -266,8 +270,12 @@ class ScalingMixin(_ClusterBase):
             minimum above the maximum, a bad interval, duration or count.
         """
         self._raise_if_lost()
-        minimum, minimum_nodes = self._counts("adapt(minimum)", minimum, minimum_nodes)
-        maximum, maximum_nodes = self._counts("adapt(maximum)", maximum, maximum_nodes)
+        minimum, minimum_nodes = self._counts(
+            ("minimum", minimum), ("minimum_nodes", minimum_nodes)
+        )
+        maximum, maximum_nodes = self._counts(
+            ("maximum", maximum), ("maximum_nodes", maximum_nodes)
+        )
         for low, high in ((minimum, maximum), (minimum_nodes, maximum_nodes)):
             if low is not None and high is not None and low > high:
                 raise ConfigurationError(

@@ -223,8 +223,13 @@ def workspace_client(ml_client: Any, path: Any = None, credential: Any = None) -
     Raises
     ------
     ConfigurationError
-        ``ml_client`` is something else (a string, a workspace name, ...).
+        ``ml_client`` is something else (a string, a workspace name, ...), or
+        ``credential`` is no Azure credential.
     """
+    if credential is not None and not hasattr(credential, "get_token"):
+        raise ConfigurationError(
+            f"credential must be an Azure credential (with get_token), got {credential!r}."
+        )
     if ml_client is None:
         return ml_client_from_config(path, credential)
     from azure.ai.ml import MLClient

@@ -131,6 +131,14 @@ def _check_options(fn: Any, o: dict[str, Any]) -> None:
         raise ConfigurationError("progress must be True or False and desc a string.")
     if o["client"] is not None and o["cluster"] is not None:
         raise ConfigurationError("Pass client= or cluster=, not both.")
+    from distributed import Client
+    from distributed.deploy import Cluster
+
+    for what, kind in (("client", Client), ("cluster", Cluster)):
+        if o[what] is not None and not isinstance(o[what], kind):
+            raise ConfigurationError(
+                f"{what} must be a distributed {kind.__name__}, got {o[what]!r}."
+            )
 
 
 def _output_dir(value: Any) -> Path | None:

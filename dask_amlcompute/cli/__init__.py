@@ -30,7 +30,9 @@ def _env(args: argparse.Namespace) -> int:
 
     try:
         spec = build_spec(
-            extra_pip=[*(config.get("pip-packages") or []), *args.extra],
+            extra_pip=config.checked(
+                "pip-packages", [*(config.setting("pip-packages") or []), *args.extra]
+            ),
             extra_conda=[*(config.get("conda-packages") or []), *args.extra_conda],
             node_package=args.node_package or config.get("node-package"),
             image=args.image,

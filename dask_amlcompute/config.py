@@ -30,6 +30,7 @@ import yaml
 
 from .exceptions import ConfigurationError
 from .validation import (
+    MAX_WORKERS,
     env_var_mapping,
     environment_setting,
     existing_file,
@@ -405,6 +406,12 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
         for name in _FIELDS
     }
     raw["name"] = raw["name"] or default_cluster_name()
+    for key in ("n_nodes", "nodes_per_job"):
+        if raw[key] * raw["processes_per_node"] > MAX_WORKERS:
+            raise ConfigurationError(
+                f"{key} x processes_per_node = {raw[key] * raw['processes_per_node']} workers "
+                f"per job: more than {MAX_WORKERS}, far beyond what one Dask scheduler serves."
+            )
     if raw["instance_type"] is not None:
         _check_serverless(raw)
     create = raw["create_compute"]

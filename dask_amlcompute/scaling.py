@@ -22,7 +22,7 @@ from .backend.state import Lifecycle
 from .config import schema
 from .exceptions import ClusterLostError, ConfigurationError
 from .node.plugins import job_of_worker
-from .validation import count, parse_duration
+from .validation import MAX_WORKERS, count, parse_duration
 
 if TYPE_CHECKING:
     from distributed.deploy.spec import SpecCluster
@@ -95,7 +95,7 @@ class ScalingMixin(_ClusterBase):
         """
         most = schema()["n-nodes"]["maximum"]
         per_node = self._workers_per_job // self.settings.nodes_per_job
-        bounds = (self._main_workers + most * per_node, most)
+        bounds = (min(self._main_workers + most * per_node, MAX_WORKERS), most)
         w, n = (
             None if value is None else count(value, what, 0, bound)
             for (what, value), bound in zip((workers, nodes), bounds, strict=True)

@@ -31,6 +31,9 @@ _ENV_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _MIN_MEMORY_LIMIT = 2**20
 #: Byte sizes above this are refused: more than the largest Azure VM has (32 TiB, M-series).
 _MAX_MEMORY_LIMIT = 64 * 2**40
+#: Most Dask workers of one cluster (our bound: far more than one scheduler serves; it keeps
+#: the per-worker bookkeeping of a bad count small).
+MAX_WORKERS = 100_000
 #: Longest duration accepted anywhere (30 days; AML does not let a job live that long).
 MAX_DURATION = 30 * 86400.0
 #: Prefix of AML's curated environments, resolved by the service (not looked up here).

@@ -383,11 +383,19 @@ def test_bad_command_line_is_one_line_and_exit_code_2(case, capsys, keep_signal_
     assert len([line for line in err.splitlines() if line.startswith("dask-amlcompute")]) == 1
 
 
-def test_a_billion_nodes_fail_in_microseconds_not_gigabytes(aml):
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_nodes": 10**9}, "n_nodes must be at most 4000"),
+        ({"n_nodes": 4000, "processes_per_node": 1024}, "more than 100000"),
+        ({"nodes_per_job": 4000, "processes_per_node": 1024}, "more than 100000"),
+    ],
+)
+def test_huge_counts_fail_in_milliseconds_not_gigabytes(aml, kwargs, match):
     _, ml_client = aml
     started = time.perf_counter()
-    with pytest.raises(ConfigurationError, match="n_nodes must be at most 4000"):
-        AmlComputeCluster(ml_client, compute="c", n_nodes=10**9, asynchronous=True)
+    with pytest.raises(ConfigurationError, match=match):
+        AmlComputeCluster(ml_client, compute="c", asynchronous=True, **kwargs)
     assert time.perf_counter() - started < 0.5
 
 

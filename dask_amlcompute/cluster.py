@@ -336,7 +336,9 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         if name is None:
             raise ConfigurationError("from_name needs the name of a running cluster, got None.")
         checked("name", name)
-        check_arguments(kwargs)
+        check_arguments(
+            {k: v for k, v in kwargs.items() if k not in ("loop", "code", "credential")}
+        )
         _check_arguments(asynchronous=asynchronous, shutdown_on_close=shutdown_on_close)
         ml_client = workspace_client(ml_client, kwargs.get("workspace_config"))
         found = describe_cluster(ml_client, name)

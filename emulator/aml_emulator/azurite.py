@@ -3,8 +3,8 @@
 Azurite is the npm package ``azurite``. When it is not found (``AZURITE_BIN``, a
 ``node_modules`` next to the repository or the current folder, ``PATH``), the
 first use installs the pinned version with ``npm`` into a cache folder
-(``$DASK_AMLCOMPUTE_CACHE``, else ``$XDG_CACHE_HOME/dask-amlcompute``, else
-``~/.cache/dask-amlcompute``) and reuses it afterwards. Without ``npm`` the error
+(``$AML_EMULATOR_CACHE``, else ``$XDG_CACHE_HOME/aml-emulator``, else
+``~/.cache/aml-emulator``) and reuses it afterwards. Without ``npm`` the error
 says how to install it by hand.
 :class:`Azurite` starts ``azurite-blob`` on a loopback address with an
 ephemeral port and a temporary workspace, and stops it (by process group) on
@@ -28,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from ..config import cache_dir
+from .config import cache_dir
 from .datastores import DatastoreSpec
 
 #: Azurite's well-known development account (public, documented by Microsoft).
@@ -192,7 +192,7 @@ class Azurite:
 
     Examples
     --------
-    >>> from dask_amlcompute.emulator import Azurite, Emulator
+    >>> from aml_emulator import Azurite, Emulator
     >>> with Azurite() as azurite:  # doctest: +SKIP
     ...     store = azurite.datastore("lake", container="data")
     ...     with Emulator(datastores=[store]) as emu:

@@ -16,8 +16,8 @@ A job that fits the limits but not what other jobs leave free waits in
 ``Queued`` ("you get a message that your job must wait in a queue until quota is
 available", *how-to-use-serverless-compute*, *Quota*); one that can never fit is
 refused (see :meth:`Capacity.never_fits`).  Nothing here speaks HTTP: the routes
-are in :mod:`~dask_amlcompute.emulator.compute_api`, the JSON shapes in
-:mod:`~dask_amlcompute.emulator.shapes`.
+are in :mod:`~aml_emulator.compute_api`, the JSON shapes in
+:mod:`~aml_emulator.shapes`.
 """
 
 from __future__ import annotations

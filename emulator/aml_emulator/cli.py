@@ -1,4 +1,4 @@
-"""``dask-amlcompute emulator``: run the local AML emulator in the foreground."""
+"""``aml-emulator``: run the local AML emulator in the foreground."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ Azure ML emulator serving at {base_url}  (offline stand-in: jobs run as local pr
 
 Point an unmodified MLClient at it from Python:
 
-    from dask_amlcompute.emulator import make_ml_client
+    from aml_emulator import make_ml_client
     ml_client = make_ml_client("{base_url}"{cert_arg})
 
 (this builds azure.ai.ml.MLClient with an emulator credential and a transport that
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         The parser.
     """
     parser = argparse.ArgumentParser(
-        prog="dask-amlcompute emulator",
+        prog="aml-emulator",
         description="Run a local emulator of the Azure ML workspace API (for tests and demos).",
     )
     parser.add_argument(
@@ -138,7 +138,7 @@ def run_emulator_cli(
     try:
         emu = _make_emulator(args)
     except (OSError, ValueError) as exc:
-        print(f"dask-amlcompute emulator: {exc}", file=sys.stderr)
+        print(f"aml-emulator: {exc}", file=sys.stderr)
         return 2
     stop = stop or threading.Event()
     previous: dict[signal.Signals, Any] = {}
@@ -149,7 +149,7 @@ def run_emulator_cli(
         try:
             emu.start()
         except NetworkNamespaceError as exc:
-            print(f"dask-amlcompute emulator: {exc}", file=sys.stderr)
+            print(f"aml-emulator: {exc}", file=sys.stderr)
             return 2
         computes = ", ".join(f"{c.name} ({c.kind}, max {c.max_nodes})" for c in emu.config.computes)
         print(

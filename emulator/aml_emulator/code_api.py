@@ -4,8 +4,8 @@
 (``hash``, ``hashVersion``, ``$orderBy``, ``$top``, ``$skip``),
 ``GET/PUT .../codes/{name}/versions/{version}`` and
 ``POST .../codes/{name}/versions/{version}/startPendingUpload``.  The state and the
-request flow are described in :mod:`dask_amlcompute.emulator.codes`; the blob
-uploads in between go to :mod:`dask_amlcompute.emulator.blobs`.
+request flow are described in :mod:`aml_emulator.codes`; the blob
+uploads in between go to :mod:`aml_emulator.blobs`.
 """
 
 from __future__ import annotations

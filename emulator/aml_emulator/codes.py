@@ -12,7 +12,7 @@ What azure-ai-ml 1.35 does for ``command(code="folder")`` (``operations/_code_op
    does the same.
 2. ``POST .../codes/{name}/versions/1/startPendingUpload`` (``TemporaryBlobReference``):
    a fresh container and a container SAS (read, write, list) on the emulator's blob
-   service (:mod:`dask_amlcompute.emulator.blobs`).  The container name imitates AML's
+   service (:mod:`aml_emulator.blobs`).  The container name imitates AML's
    (``<8 hex>-e-<guid>``, as in the ``codeUri`` of a real response quoted in
    Azure/azure-cli-extensions#6662).
 3. Blob uploads with that SAS (``<folder name>/<relative path>`` in the container), then

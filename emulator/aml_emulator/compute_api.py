@@ -17,8 +17,8 @@ Paths and methods are those of azure-ai-ml 1.35 (``_restclient/arm_ml_service``,
   (``examples/Compute/delete.json``), the compute ``Deleting`` until it is gone;
 * ``GET /subscriptions/{sub}/providers/Microsoft.MachineLearningServices/locations/
   {loc}/vmSizes`` (``compute.list_sizes``) and ``.../usages`` (``compute.list_usage``),
-  shapes in :mod:`~dask_amlcompute.emulator.shapes`, numbers from
-  :mod:`~dask_amlcompute.emulator.capacity`.
+  shapes in :mod:`~aml_emulator.shapes`, numbers from
+  :mod:`~aml_emulator.capacity`.
 """
 
 from __future__ import annotations

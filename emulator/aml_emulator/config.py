@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from .datastores import DatastoreSpec
@@ -16,6 +17,18 @@ COMPUTE_KINDS = ("AmlCompute", "ComputeInstance", "Kubernetes", "VirtualMachine"
 
 #: ``vmTier`` values of ``estimatedVMPrices`` (azure-rest-api-specs ``VMTier``).
 VM_TIERS = ("Standard", "LowPriority", "Spot")
+
+
+def cache_dir() -> Path:
+    """The folder the emulator caches things in (environment builds, Azurite).
+
+    ``$AML_EMULATOR_CACHE``, else ``$XDG_CACHE_HOME/aml-emulator``, else
+    ``~/.cache/aml-emulator``; created by whoever writes into it.
+    """
+    root = os.environ.get("AML_EMULATOR_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aml-emulator"
 
 
 @dataclass
@@ -309,8 +322,8 @@ class EmulatorConfig:
         build fails it). False: every node runs on the emulator's own interpreter
         and site-packages (fast; for tests that only check job shapes).
     environment_cache
-        Folder of the cached builds (default ``$DASK_AMLCOMPUTE_EMULATOR_ENVS``, else
-        ``~/.cache/dask-amlcompute/emulator-envs``).
+        Folder of the cached builds (default ``$AML_EMULATOR_ENVS``, else
+        ``~/.cache/aml-emulator/envs``).
     build_timeout
         Bound on one environment build, in seconds.
     job_service_delay
@@ -324,7 +337,7 @@ class EmulatorConfig:
         compute's nodes in a Linux network namespace of their own, reachable
         only through their SSH endpoints, as from a laptop; needs root or
         ``CAP_SYS_ADMIN`` and util-linux ``unshare``/``nsenter``; see
-        :mod:`dask_amlcompute.emulator.netns`).
+        :mod:`aml_emulator.netns`).
     vm_sizes
         The region's VM size catalogue (``list_sizes``); jobs and computes are
         quota-checked with the vCPUs of their size (a configured compute whose
@@ -464,7 +477,7 @@ def load_config(path: str | os.PathLike[str]) -> EmulatorConfig:
         environments:
           - {name: dask-env, version: "3", image: "python:3.11"}
         build_environments: true       # false: nodes share the emulator's interpreter
-        environment_cache: /tmp/envs   # default ~/.cache/dask-amlcompute/emulator-envs
+        environment_cache: /tmp/envs   # default ~/.cache/aml-emulator/envs
         build_timeout: 900
         job_service_delay: 1.0         # job SSH service: Starting this long (AML: 30-120 s)
         network: loopback              # isolated: a network namespace per compute (root)

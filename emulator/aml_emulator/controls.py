@@ -1,4 +1,4 @@
-"""Inspection and fault-injection methods of :class:`~dask_amlcompute.emulator.Emulator`.
+"""Inspection and fault-injection methods of :class:`~aml_emulator.Emulator`.
 
 Kept apart from the lifecycle code; every method hops onto the emulator's
 event loop through ``self._call``.

@@ -1,7 +1,7 @@
 """Datastores of the emulated workspace: their configuration and REST shapes.
 
 A datastore here is a name pointing at a real blob endpoint, normally a local
-Azurite (see :mod:`dask_amlcompute.emulator.azurite`).  The emulator only
+Azurite (see :mod:`aml_emulator.azurite`).  The emulator only
 stores and serves the reference (``GET/list`` and ``listSecrets`` as azure-ai-ml
 1.35 calls them); the data itself lives in the storage emulator.
 

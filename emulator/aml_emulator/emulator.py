@@ -55,26 +55,26 @@ class Emulator(EmulatorControls):
     environments
         Environments registered at start.
     datastores
-        Datastores of the workspace (see :class:`~dask_amlcompute.emulator.Azurite`).
+        Datastores of the workspace (see :class:`~aml_emulator.Azurite`).
     build_environments
         Build environments with a conda file into cached virtualenvs the nodes
         run in (default); False runs every node on the emulator's own
         interpreter (fast, for tests that only check job shapes).
     environment_cache
-        Folder of the cached builds (default ``$DASK_AMLCOMPUTE_EMULATOR_ENVS``,
-        else ``~/.cache/dask-amlcompute/emulator-envs``).
+        Folder of the cached builds (default ``$AML_EMULATOR_ENVS``,
+        else ``~/.cache/aml-emulator/envs``).
     build_timeout
         Bound on one environment build, in seconds.
     network
         ``"loopback"`` (default) or ``"isolated"``: each compute's nodes in a
         network namespace of their own, reachable only through their SSH
-        endpoints (see :class:`~dask_amlcompute.emulator.config.EmulatorConfig`).
+        endpoints (see :class:`~aml_emulator.config.EmulatorConfig`).
     config
         A full configuration; overrides the other arguments.
 
     Examples
     --------
-    >>> from dask_amlcompute.emulator import Emulator, ComputeSpec
+    >>> from aml_emulator import Emulator, ComputeSpec
     >>> with Emulator(computes=[ComputeSpec("cpu-cluster", max_nodes=2)]) as emu:  # doctest: +SKIP
     ...     ml = emu.ml_client()
     ...     ml.compute.get("cpu-cluster").max_instances
@@ -150,7 +150,7 @@ class Emulator(EmulatorControls):
         Parameters
         ----------
         path
-            See :func:`dask_amlcompute.emulator.config.load_config` for the format.
+            See :func:`aml_emulator.config.load_config` for the format.
         **overrides
             :class:`EmulatorConfig` fields overriding the file (e.g. ``port``).
 

@@ -9,9 +9,9 @@ same with one isolated virtualenv per environment:
   given environment is built once and reused, as AML reuses the image.
 * **Cache**: ``<root>/<key>/venv`` with the full installer output in
   ``<root>/<key>/build.log`` and a completion marker ``<root>/<key>/.complete``
-  written only after success; ``<root>`` is ``$DASK_AMLCOMPUTE_EMULATOR_ENVS``,
-  else ``emulator-envs`` in the dask-amlcompute cache folder
-  (``~/.cache/dask-amlcompute/emulator-envs``). Processes building the same key
+  written only after success; ``<root>`` is ``$AML_EMULATOR_ENVS``,
+  else ``envs`` in the emulator's cache folder
+  (``~/.cache/aml-emulator/envs``). Processes building the same key
   serialise on ``<root>/<key>.lock`` (``flock``); the later one reuses the result.
 * **Python**: the conda file's ``python=X.Y``; the emulator's own ``X.Y`` is
   its base interpreter (never its virtualenv's site-packages), another one is
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import cache_dir
+from .config import cache_dir
 from .reaper import group_running
 
 #: Name AML gives the image build log of a job.
@@ -56,7 +56,7 @@ BUILD_LOG_NAME = "azureml-logs/20_image_build_log.txt"
 BUILD_FAILED_FORMAT = "Image build failed. For more details, check log file {ArtifactPath}."
 BUILD_FAILED_MESSAGE = BUILD_FAILED_FORMAT.format(ArtifactPath=BUILD_LOG_NAME)
 #: Environment variable naming the build cache folder.
-ENVS_VARIABLE = "DASK_AMLCOMPUTE_EMULATOR_ENVS"
+ENVS_VARIABLE = "AML_EMULATOR_ENVS"
 #: Default bound on one build (lock wait included), in seconds.
 DEFAULT_BUILD_TIMEOUT = 900.0
 #: Seconds between SIGTERM and SIGKILL when a build is stopped.
@@ -78,10 +78,10 @@ def default_envs_dir() -> Path:
     Returns
     -------
     pathlib.Path
-        ``$DASK_AMLCOMPUTE_EMULATOR_ENVS``, else ``<dask-amlcompute cache>/emulator-envs``.
+        ``$AML_EMULATOR_ENVS``, else ``<emulator cache>/envs``.
     """
     root = os.environ.get(ENVS_VARIABLE)
-    return Path(root) if root else cache_dir() / "emulator-envs"
+    return Path(root) if root else cache_dir() / "envs"
 
 
 def own_python() -> str:

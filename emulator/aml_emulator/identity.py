@@ -154,7 +154,7 @@ def bearer_claims(
 ) -> dict[str, Any] | None:
     """Return the claims of an emulator access token in an ``Authorization`` header.
 
-    The emulator's credential (:class:`~dask_amlcompute.emulator.client.EmulatorCredential`)
+    The emulator's credential (:class:`~aml_emulator.client.EmulatorCredential`)
     issues unsigned JWTs; there is no signature to verify, so a token is accepted
     when it is a well-formed JWT of the emulated tenant (``tid``), not expired
     (``exp``, ``nbf``) and issued for one of ``audiences`` (``aud``).

@@ -1,7 +1,7 @@
 """AML's job SSH service: a daemon per node in the job's network, reached through a WebSocket proxy.
 
 A command job (single-node, or with a PyTorch, TensorFlow or MPI distribution:
-:func:`~dask_amlcompute.emulator.jobspec.parse_services`) may declare
+:func:`~aml_emulator.jobspec.parse_services`) may declare
 ``services={"ssh": SshJobService(ssh_public_keys=..., nodes="all")}``. AML then
 runs an SSH daemon in the job's container on each node (every node with
 ``nodes="all"``, else rank 0 only) that accepts the job's public keys, and
@@ -21,7 +21,7 @@ with ``Authorization: Bearer <ARM token>`` (scope
 binary frames and log in as ``azureuser``. Only the job's owner may connect.
 
 The emulator does the same: :class:`JobServices` starts a
-:class:`~dask_amlcompute.emulator.ssh.NodeSSHServer` per node and service when
+:class:`~aml_emulator.ssh.NodeSSHServer` per node and service when
 the job's nodes start, listening on the node's own address *inside the node's
 network* (reachable only through the proxy), with a fresh host key (a new
 container per job), local forwards allowed to the node's address and

@@ -445,7 +445,7 @@ def environment_report(environment_id: str, properties: dict[str, Any] | None) -
     """What a job's environment asks for, for the node log header and a job property.
 
     The conda and pip requirements are built into an isolated virtualenv
-    (:mod:`~dask_amlcompute.emulator.envbuild`) unless builds are off; the
+    (:mod:`~aml_emulator.envbuild`) unless builds are off; the
     image is never pulled.
 
     Parameters

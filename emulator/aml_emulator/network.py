@@ -8,7 +8,7 @@ Two modes (``EmulatorConfig.network``):
     network of a client on the compute's VNet (an AML compute instance).
 ``"isolated"``
     The nodes of each compute live in a network namespace of their own (see
-    :mod:`dask_amlcompute.emulator.netns`): they reach each other (as in a
+    :mod:`aml_emulator.netns`): they reach each other (as in a
     VNet) and the emulator's endpoints (bridged in), but the client cannot
     reach them except through the emulator's SSH endpoints, as a laptop
     outside the VNet of a stock workspace.

@@ -3,7 +3,7 @@
 The emulator stops its nodes on a clean shutdown. If its process is killed
 (SIGKILL, an out-of-memory kill, a CI timeout), the node process groups would
 run on until their job timeouts. :class:`GroupReaper` starts one small helper
-process per emulator (``python -m dask_amlcompute.emulator.reaper``, in its own
+process per emulator (``python -m aml_emulator.reaper``, in its own
 session so it outlives the emulator; run as a script, so it imports only the
 standard library) and tells it, over a pipe, which process
 groups the emulator started and which ended. When the pipe closes, which the

@@ -1,7 +1,7 @@
 """HTTP routes of the emulator: ARM workspace API, discovery, run history, logs.
 
 Paths and JSON shapes are those the azure-ai-ml SDK uses; see
-:mod:`dask_amlcompute.emulator.shapes`.  Every unknown route answers 404
+:mod:`aml_emulator.shapes`.  Every unknown route answers 404
 with ARM error JSON.
 """
 

@@ -1,7 +1,7 @@
 """In-memory model of the emulated workspace: computes, node slots, jobs, environments.
 
 Everything here is plain data touched only from the emulator's event loop
-thread (public accessors on :class:`~dask_amlcompute.emulator.Emulator`
+thread (public accessors on :class:`~aml_emulator.Emulator`
 hop onto that loop), so no locking is needed.
 """
 
@@ -221,7 +221,7 @@ class ComputeState:
         -------
         str
             ``127.{net}.{compute index + 1}.{slot + 1}`` (``net`` is claimed
-            per emulator, see :mod:`dask_amlcompute.emulator.netclaim`).
+            per emulator, see :mod:`aml_emulator.netclaim`).
         """
         return f"127.{self.net}.{self.index + 1}.{slot + 1}"
 

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
-
-from _helpers import wait_for
 
 #: A node command printing the interpreter and the environment as one JSON line.
 PRINT_ENV = (
     'python -c "import json, os, sys; '
     "print('ENVJSON' + json.dumps({'exe': sys.executable, 'env': dict(os.environ)}))\""
 )
+
+
+def wait_for(
+    predicate: Any, timeout: float = 20.0, what: str = "condition", interval: float = 0.05
+) -> Any:
+    """Poll ``predicate`` every ``interval`` seconds until truthy (bounded); return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 def submit(

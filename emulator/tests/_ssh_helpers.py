@@ -1,7 +1,7 @@
 """Helpers shared by the SSH tests (emulator node endpoint and client tunnel): loopback TCP only.
 
-Importable as ``_ssh_helpers`` from any test: the tests folder has no ``__init__.py``, so
-pytest's default (prepend) import mode puts it on ``sys.path`` when it loads ``conftest.py``.
+Importable as ``_ssh_helpers`` from any test (``pythonpath`` in pyproject's pytest settings):
+the library's tunnel tests use the emulator's node SSH server too.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from dask_amlcompute.emulator.ssh import NodeSSHServer, generate_client_keypair
+from aml_emulator.ssh import NodeSSHServer, generate_client_keypair
 
 #: The address the test targets listen on (a loopback address other than 127.0.0.1).
 NODE_IP = "127.0.1.1"

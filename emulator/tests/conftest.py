@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def ssh_keypair() -> tuple[str, str]:
     """An ed25519 client key pair (private OpenSSH text, public authorized_keys line)."""
-    from dask_amlcompute.emulator.ssh import generate_client_keypair
+    from aml_emulator.ssh import generate_client_keypair
 
     return generate_client_keypair("emulator-tests")
 
@@ -21,7 +21,7 @@ def emu(ssh_keypair):
     (2 nodes, for queueing), ``warm`` (min 1 node), ``my-ci`` (ComputeInstance),
     ``aks`` (Kubernetes, reported only).
     """
-    from dask_amlcompute.emulator import ComputeSpec, Emulator, EnvironmentSpec
+    from aml_emulator import ComputeSpec, Emulator, EnvironmentSpec
 
     computes = [
         ComputeSpec(name="cpu-cluster", max_nodes=4, ssh_public_keys=[ssh_keypair[1]]),

@@ -8,7 +8,7 @@ import pytest
 import requests
 from _emu_helpers import submit, wait_log
 
-from dask_amlcompute.emulator import identity
+from aml_emulator import identity
 
 WS_PATH = identity.workspace_id()
 

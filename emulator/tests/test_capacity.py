@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from _emu_helpers import submit, wait_for, wait_log
 
-from dask_amlcompute.emulator import (
+from aml_emulator import (
     ComputeSpec,
     Emulator,
     EmulatorConfig,
@@ -314,7 +314,7 @@ def test_low_priority_compute_is_reported_and_preempted_like_aml(cap, cml):
 
 
 def test_sizes_and_quota_load_from_a_config_file(tmp_path):
-    from dask_amlcompute.emulator import load_config
+    from aml_emulator import load_config
 
     path = tmp_path / "emu.yaml"
     path.write_text(
@@ -342,7 +342,7 @@ def test_sizes_and_quota_load_from_a_config_file(tmp_path):
 
 
 def load_config_text(tmp_path: Any, text: str) -> Any:
-    from dask_amlcompute.emulator import load_config
+    from aml_emulator import load_config
 
     path = tmp_path / "other.yaml"
     path.write_text(text + "\n")

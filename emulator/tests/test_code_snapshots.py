@@ -22,7 +22,7 @@ from azure.ai.ml import command
 from azure.core.exceptions import HttpResponseError
 from azure.storage.blob import BlobClient, ContainerClient
 
-from dask_amlcompute.emulator import ComputeSpec, Emulator, EnvironmentSpec, identity
+from aml_emulator import ComputeSpec, Emulator, EnvironmentSpec, identity
 
 ENV = "azureml:snap-env:1"
 API = "api-version=2023-04-01"
@@ -356,7 +356,7 @@ def test_https_emulator_uploads_with_trusted_certificate(tmp_path, monkeypatch):
 
 def test_sas_expiry_protocol_and_permissions(tmp_path):
     """The SAS checks of the blob store itself (no server): time window, protocol, letters."""
-    from dask_amlcompute.emulator.blobs import BlobError, BlobStore
+    from aml_emulator.blobs import BlobError, BlobStore
 
     store = BlobStore(str(tmp_path / "blobs"))
     store.create_container("acct", "ctr-one")

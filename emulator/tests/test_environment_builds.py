@@ -17,12 +17,11 @@ import uuid
 
 import pytest
 import requests
-from _emu_helpers import PRINT_ENV, node_env
-from _helpers import wait_for
+from _emu_helpers import PRINT_ENV, node_env, wait_for
 
-from dask_amlcompute.emulator import identity
-from dask_amlcompute.emulator.envbuild import BUILD_FAILED_MESSAGE, BUILD_LOG_NAME
-from dask_amlcompute.emulator.reaper import group_running
+from aml_emulator import identity
+from aml_emulator.envbuild import BUILD_FAILED_MESSAGE, BUILD_LOG_NAME
+from aml_emulator.reaper import group_running
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +111,7 @@ def env_cache(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def bemu(env_cache):
     """An emulator that builds environments (the default) into the session's cache."""
-    from dask_amlcompute.emulator import ComputeSpec, Emulator
+    from aml_emulator import ComputeSpec, Emulator
 
     computes = [ComputeSpec(name="cpu-cluster", max_nodes=4, ssh_public_access=False)]
     with Emulator(computes=computes, environment_cache=env_cache, build_timeout=600) as emulator:
@@ -296,7 +295,7 @@ def test_image_only_environment_runs_on_the_stand_in(bemu, bml):
 
 
 def test_fast_mode_runs_conda_environments_on_the_shared_interpreter(tmp_path):
-    from dask_amlcompute.emulator import ComputeSpec, Emulator
+    from aml_emulator import ComputeSpec, Emulator
 
     cache = tmp_path / "envs"
     with Emulator(
@@ -314,8 +313,8 @@ def test_fast_mode_runs_conda_environments_on_the_shared_interpreter(tmp_path):
 
 
 def test_fast_mode_settings():
-    from dask_amlcompute.emulator.cli import _make_emulator, build_parser
-    from dask_amlcompute.emulator.config import EmulatorConfig, config_from_dict
+    from aml_emulator.cli import _make_emulator, build_parser
+    from aml_emulator.config import EmulatorConfig, config_from_dict
 
     assert EmulatorConfig().build_environments is True
     assert config_from_dict({"build_environments": False}).build_environments is False

@@ -20,16 +20,16 @@ from urllib.parse import urlsplit
 import pytest
 from _emu_helpers import submit, wait_for, wait_log
 
-from dask_amlcompute.emulator import (
+from aml_emulator import (
     ComputeSpec,
     DatastoreSpec,
     EmulatorConfig,
     EnvironmentSpec,
     load_config,
 )
-from dask_amlcompute.emulator.cli import build_parser
-from dask_amlcompute.emulator.emulator import Emulator
-from dask_amlcompute.emulator.netns import IsolatedNetwork, NetworkNamespaceError
+from aml_emulator.cli import build_parser
+from aml_emulator.emulator import Emulator
+from aml_emulator.netns import IsolatedNetwork, NetworkNamespaceError
 
 #: A node program (``python -c "$NODE_SCRIPT"``): rank 0 answers ``pong`` on
 #: MASTER_ADDR:PROBE_PORT; the other ranks dial it (bounded) and print what they got.
@@ -219,7 +219,7 @@ def test_start_fails_naming_why_without_cap_sys_admin(tmp_path):
     setpriv = shutil.which("setpriv")
     assert setpriv is not None, "setpriv (util-linux, beside unshare/nsenter) drops CAP_SYS_ADMIN"
     script = (
-        "from dask_amlcompute.emulator import Emulator\n"
+        "from aml_emulator import Emulator\n"
         "try:\n"
         f"    Emulator(network='isolated', build_environments=False, workdir={str(tmp_path)!r})"
         ".start()\n"
@@ -238,7 +238,7 @@ def test_start_fails_naming_why_without_cap_sys_admin(tmp_path):
 
 
 def test_cli_runs_isolated_and_reports_why_it_cannot(tmp_path, capsys, monkeypatch):
-    from dask_amlcompute.emulator import run_emulator_cli
+    from aml_emulator import run_emulator_cli
 
     _require_namespaces()
     ready, stop = threading.Event(), threading.Event()
@@ -381,7 +381,7 @@ def test_stop_leaves_no_holder_and_no_node(tmp_path):
 CHILD_EMULATOR = r"""
 import json, sys, time
 from azure.ai.ml import command
-from dask_amlcompute.emulator import ComputeSpec, Emulator
+from aml_emulator import ComputeSpec, Emulator
 emu = Emulator(computes=[ComputeSpec("c", max_nodes=1)], network="isolated",
                build_environments=False, workdir=sys.argv[1]).start()
 ml = emu.ml_client()

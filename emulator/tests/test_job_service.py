@@ -23,10 +23,10 @@ from azure.core.exceptions import HttpResponseError
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from dask_amlcompute.emulator import ComputeSpec, Emulator, EnvironmentSpec
-from dask_amlcompute.emulator.config import EmulatorConfig
-from dask_amlcompute.emulator.jobservice import JOB_SSH_USER, PROXY_PATH
-from dask_amlcompute.emulator.ssh import generate_client_keypair
+from aml_emulator import ComputeSpec, Emulator, EnvironmentSpec
+from aml_emulator.config import EmulatorConfig
+from aml_emulator.jobservice import JOB_SSH_USER, PROXY_PATH
+from aml_emulator.ssh import generate_client_keypair
 
 #: Scope of the token ``az ml job connect-ssh`` sends to the proxy.
 PROXY_SCOPE = "https://management.core.windows.net/.default"

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from _emu_helpers import PRINT_ENV, node_env, submit, wait_for, wait_log
 
-from dask_amlcompute.emulator import identity
+from aml_emulator import identity
 
 
 def _status(job) -> str:

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from _emu_helpers import submit, wait_for, wait_log
 
-from dask_amlcompute.emulator import ComputeSpec, Emulator
+from aml_emulator import ComputeSpec, Emulator
 
 
 def _listening_ports() -> set[int]:
@@ -194,7 +194,7 @@ def test_concurrent_emulators_use_distinct_node_addresses(emu):
         ip = other.job_nodes(job.name)[0]["ip"]
         assert ip == f"127.{other.node_net}.1.1"
     # The claim is released on stop.
-    from dask_amlcompute.emulator.netclaim import CLAIM_PORT
+    from aml_emulator.netclaim import CLAIM_PORT
 
     with socket.socket() as s:
         s.bind((f"127.{other.node_net}.0.1", CLAIM_PORT))

@@ -10,7 +10,7 @@ import pytest
 import requests
 from _emu_helpers import submit
 
-from dask_amlcompute.emulator import ComputeSpec, Emulator, load_config
+from aml_emulator import ComputeSpec, Emulator, load_config
 
 
 def _mlflow_environment():
@@ -124,7 +124,7 @@ def test_config_from_yaml_and_json(tmp_path):
 
 
 def test_config_rejects_non_loopback_and_bad_computes():
-    from dask_amlcompute.emulator import EmulatorConfig
+    from aml_emulator import EmulatorConfig
 
     with pytest.raises(ValueError, match="loopback"):
         EmulatorConfig(host="0.0.0.0")
@@ -137,7 +137,7 @@ def test_config_rejects_non_loopback_and_bad_computes():
 
 
 def test_cli_runs_until_stopped(tmp_path, capsys):
-    from dask_amlcompute.emulator import run_emulator_cli
+    from aml_emulator import run_emulator_cli
 
     cfg = tmp_path / "emu.yaml"
     cfg.write_text("computes:\n  - {name: cli-cluster, max_nodes: 2}\n")
@@ -165,7 +165,7 @@ def test_cli_runs_until_stopped(tmp_path, capsys):
 
 
 def test_cli_reports_bad_config(tmp_path, capsys):
-    from dask_amlcompute.emulator import run_emulator_cli
+    from aml_emulator import run_emulator_cli
 
     assert run_emulator_cli(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err

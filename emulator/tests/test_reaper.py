@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from _helpers import wait_for
+from _emu_helpers import wait_for
 
-from dask_amlcompute.emulator.reaper import GroupReaper, group_running
+from aml_emulator.reaper import GroupReaper, group_running
 
 
 def _alive(pgid: int) -> bool:
@@ -60,7 +60,7 @@ def test_closing_the_pipe_reaps_registered_groups_only():
 def test_sigkilled_emulator_leaves_no_node_running(tmp_path):
     from _emu_helpers import submit
 
-    from dask_amlcompute.emulator import make_ml_client
+    from aml_emulator import make_ml_client
 
     config = tmp_path / "emulator.json"
     config.write_text(json.dumps({"workdir": str(tmp_path),
@@ -69,7 +69,7 @@ def test_sigkilled_emulator_leaves_no_node_running(tmp_path):
                                                     "image": "python:3.11"}]}))  # fmt: skip
     log = open(tmp_path / "emulator.out", "w")  # noqa: SIM115  closed below
     emulator = subprocess.Popen(
-        [sys.executable, "-m", "dask_amlcompute.emulator.cli", "--config", str(config)],
+        [sys.executable, "-m", "aml_emulator.cli", "--config", str(config)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     pidfile = tmp_path / "node.pid"

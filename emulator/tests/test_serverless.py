@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from _emu_helpers import PRINT_ENV, node_env, wait_for, wait_log
 
-from dask_amlcompute.emulator import (
+from aml_emulator import (
     ComputeSpec,
     Emulator,
     EmulatorConfig,
@@ -168,7 +168,7 @@ def test_what_aml_refuses_is_refused_at_submit(sls, sml):
 @pytest.mark.slow
 def test_serverless_jobs_get_a_network_namespace_each(tmp_path):
     """In the isolated mode each serverless job's nodes are a network of their own."""
-    from dask_amlcompute.emulator.netns import IsolatedNetwork, NetworkNamespaceError
+    from aml_emulator.netns import IsolatedNetwork, NetworkNamespaceError
 
     try:
         import asyncio

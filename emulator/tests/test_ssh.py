@@ -11,7 +11,7 @@ import asyncssh
 import pytest
 from _ssh_helpers import ADMIN, NODE_IP, echo_server, free_port, node_server, run
 
-from dask_amlcompute.emulator.ssh import (
+from aml_emulator.ssh import (
     NodeSSHServer,
     generate_client_keypair,
     generate_host_key,

@@ -5,11 +5,13 @@
 ``GET/PUT .../codes/{name}/versions/{version}`` and
 ``POST .../codes/{name}/versions/{version}/startPendingUpload``.  The state and the
 request flow are described in :mod:`aml_emulator.codes`; the blob
-uploads in between go to :mod:`aml_emulator.blobs`.
+uploads in between go to the workspace storage (Azurite), which the two handlers that
+reach it call in a worker thread (starting it, listing and downloading blobs).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from .codes import CodeStore, code_container_to_rest, code_version_to_rest
@@ -118,7 +120,7 @@ class CodeVersionHandler(_CodeHandler):
         """
         self.send_json(code_version_to_rest(self.codes.get(name, version)))
 
-    def put(self, name: str, version: str, **_: str) -> None:
+    async def put(self, name: str, version: str, **_: str) -> None:
         """Register a code version whose ``codeUri`` points at uploaded blobs.
 
         Parameters
@@ -126,14 +128,15 @@ class CodeVersionHandler(_CodeHandler):
         name, version
             Code asset name and version.
         """
-        cv, created = self.codes.put(name, version, self.body_properties())
+        properties = self.body_properties()
+        cv, created = await asyncio.to_thread(self.codes.put, name, version, properties)
         self.send_json(code_version_to_rest(cv), 201 if created else 200)
 
 
 class CodeStartPendingUploadHandler(_CodeHandler):
     """``POST /codes/{name}/versions/{version}/startPendingUpload``."""
 
-    def post(self, name: str, version: str, **_: str) -> None:
+    async def post(self, name: str, version: str, **_: str) -> None:
         """Hand out a temporary container and its SAS URI.
 
         Parameters
@@ -144,7 +147,9 @@ class CodeStartPendingUploadHandler(_CodeHandler):
         body = self.json_body()
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", "body must be a JSON object")
-        self.send_json(self.codes.start_pending_upload(self.ctx.base_url, body))
+        self.send_json(
+            await asyncio.to_thread(self.codes.start_pending_upload, self.ctx.base_url, body)
+        )
 
 
 def code_routes(ctx: Any, ws_pattern: str) -> list[tuple[str, type, dict[str, Any]]]:

@@ -11,8 +11,8 @@ What azure-ai-ml 1.35 does for ``command(code="folder")`` (``operations/_code_op
    version from the returned id and ``GET``s that version.  :meth:`CodeStore.find_by_hash`
    does the same.
 2. ``POST .../codes/{name}/versions/1/startPendingUpload`` (``TemporaryBlobReference``):
-   a fresh container and a container SAS (read, write, list) on the emulator's blob
-   service (:mod:`aml_emulator.blobs`).  The container name imitates AML's
+   a fresh container and a container SAS on the workspace's blob storage, an Azurite
+   (:mod:`aml_emulator.azurite`) started on first use.  The container name imitates AML's
    (``<8 hex>-e-<guid>``, as in the ``codeUri`` of a real response quoted in
    Azure/azure-cli-extensions#6662).
 3. Blob uploads with that SAS (``<folder name>/<relative path>`` in the container), then
@@ -21,29 +21,28 @@ What azure-ai-ml 1.35 does for ``command(code="folder")`` (``operations/_code_op
    ``properties.hash_sha256``/``hash_version``; the job's ``codeId`` is that version's id.
 
 A node of a job with a ``codeId`` gets its own copy of the snapshot as its working
-directory (:func:`materialise`), as each AML node downloads the snapshot itself.
-
-This module imports no third-party package except through :mod:`.blobs` (tornado).
+directory (:func:`materialise`), as each AML node downloads the snapshot itself; the
+emulator downloads it once, when the version is registered (versions are immutable).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from . import identity
-from .blobs import BlobStore
+from .azurite import Azurite, AzuriteNotFoundError
 from .errors import ApiError
 
-#: Storage account name of the emulated workspace storage (3-24 lower-case alphanumerics).
-STORAGE_ACCOUNT = "emulatorwsstorage"
-#: Seconds a pending-upload SAS stays valid.
-SAS_TTL = 3600.0
+#: Hours a pending-upload SAS stays valid.
+SAS_HOURS = 1.0
 #: Metadata key azure-ai-ml puts on a blob that stands for a folder (``hdi_isfolder``).
 _HDI_FOLDER = "hdi_isfolder"
 _CODE_ID = re.compile(
@@ -61,9 +60,10 @@ class CodeVersion:
     name: str
     version: str
     code_uri: str
-    account: str
     container: str
     prefix: str
+    #: the snapshot's files, downloaded when the version was registered
+    local: str
     is_anonymous: bool = False
     description: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
@@ -162,36 +162,57 @@ def code_container_to_rest(name: str, versions: list[CodeVersion]) -> dict[str, 
     }
 
 
-def _parse_blob_url(uri: str) -> tuple[str, str, str]:
-    """Split an emulator blob URL into account, container and prefix (no slashes at the ends)."""
-    parts = urlsplit(uri)
-    host = parts.hostname or ""
-    segments = unquote(parts.path).split("/")
-    if (
-        parts.scheme not in ("http", "https")
-        or not (host.startswith("127.") or host == "localhost")
-        or len(segments) < 4
-        or segments[1] != "blob"
-    ):
-        raise ValueError(uri)
-    prefix = "/".join(s for s in segments[4:] if s not in ("", "."))
-    return segments[2], segments[3], prefix
-
-
 class CodeStore:
-    """Code versions of the workspace and the blob store holding their snapshots.
+    """Code versions of the workspace and the blob storage holding their snapshots.
 
     Parameters
     ----------
     root
-        Directory for blob data.
+        Directory for the downloaded snapshots.
+    reaper
+        Kills the Azurite process group if the emulator dies (``watch``/``forget``).
     """
 
-    def __init__(self, root: str) -> None:
-        self.blobs = BlobStore(root)
+    def __init__(self, root: str, reaper: Any = None) -> None:
+        self.root = root
+        self.reaper = reaper
         self.versions: dict[str, dict[str, CodeVersion]] = {}
         #: pendingUploadId -> container
         self.pending: dict[str, str] = {}
+        self._azurite: Azurite | None = None
+        self._lock = threading.Lock()
+
+    def storage(self) -> Azurite:
+        """Return the workspace's blob storage, starting Azurite on first use.
+
+        Returns
+        -------
+        Azurite
+            The running service.
+
+        Raises
+        ------
+        ApiError
+            503 when Azurite cannot be found or installed (the message says how).
+        """
+        with self._lock:
+            if self._azurite is None:
+                try:
+                    self._azurite = Azurite().start()
+                except (AzuriteNotFoundError, OSError, RuntimeError) as exc:
+                    raise ApiError(503, "ServiceUnavailable", f"workspace storage: {exc}") from exc
+                if self.reaper is not None and self._azurite.proc is not None:
+                    self.reaper.watch(self._azurite.proc.pid)
+            return self._azurite
+
+    def close(self) -> None:
+        """Stop Azurite (when started)."""
+        with self._lock:
+            azurite, self._azurite = self._azurite, None
+        if azurite is not None:
+            if self.reaper is not None and azurite.proc is not None:
+                self.reaper.forget(azurite.proc.pid)
+            azurite.stop()
 
     # -------------------------------------------------------------- versions
     def get(self, name: str, version: str) -> CodeVersion:
@@ -289,23 +310,18 @@ class CodeStore:
         existing = self.versions.get(name, {}).get(version)
         if existing is not None and existing.code_uri != uri:
             raise ApiError(400, "UserError", "Asset paths cannot be updated.")
-        try:
-            account, container, prefix = _parse_blob_url(uri)
-        except ValueError:
+        endpoint = self._azurite.blob_endpoint if self._azurite is not None else None
+        if not endpoint or not uri.startswith(endpoint + "/"):
             raise ApiError(
                 400,
                 "UserError",
                 f"codeUri {uri!r} is not a blob URL of this workspace's storage "
-                f"(the emulator's blob service, {STORAGE_ACCOUNT})",
-            ) from None
-        ctr = self.blobs.containers.get((account, container))
-        names = [
-            n
-            for n in (ctr.blobs if ctr is not None else {})
-            # a folder snapshot, or a single-file one (the prefix is the blob)
-            if not prefix or n == prefix or n.startswith(prefix + "/")
-        ]
-        if not names:
+                f"({endpoint or 'nothing uploaded yet'})",
+            )
+        container, _, prefix = unquote(uri[len(endpoint) + 1 :]).partition("/")
+        prefix = "/".join(p for p in prefix.split("/") if p not in ("", "."))
+        local = os.path.join(self.root, f"{name}-{version}-{uuid.uuid4().hex[:8]}")
+        if existing is None and not self._download(container, prefix, local):
             raise ApiError(
                 400,
                 "UserError",
@@ -325,9 +341,9 @@ class CodeStore:
             name=name,
             version=version,
             code_uri=uri,
-            account=account,
             container=container,
             prefix=prefix,
+            local=local,
             is_anonymous=bool(properties.get("isAnonymous", False)),
             description=properties.get("description"),
             tags={str(k): str(v) for k, v in tags.items()},
@@ -335,6 +351,40 @@ class CodeStore:
         )
         self.versions.setdefault(name, {})[version] = cv
         return cv, True
+
+    def _download(self, container: str, prefix: str, dest: str) -> bool:
+        """Download the blobs under ``prefix`` (or the one blob ``prefix``) into ``dest``.
+
+        Returns False when there is none. Folder markers (``hdi_isfolder``) become
+        folders; a name that would leave ``dest`` is skipped.
+        """
+        from azure.core.exceptions import ResourceNotFoundError
+
+        root = os.path.realpath(dest)
+        with self.storage().blob_service_client() as service:
+            client = service.get_container_client(container)
+            try:
+                blobs = list(client.list_blobs(name_starts_with=prefix, include=["metadata"]))
+            except ResourceNotFoundError:
+                return False
+            if prefix and any(b.name == prefix for b in blobs):  # a single-file snapshot
+                pairs = [(b, prefix.rsplit("/", 1)[-1]) for b in blobs if b.name == prefix]
+            else:
+                start = prefix + "/" if prefix else ""
+                pairs = [(b, b.name[len(start) :]) for b in blobs if b.name.startswith(start)]
+            for blob, rel in pairs:
+                parts = [p for p in rel.split("/") if p]
+                target = os.path.realpath(os.path.join(root, *parts))
+                if not parts or ".." in parts or os.path.commonpath([root, target]) != root:
+                    continue  # never write outside the snapshot folder
+                if (blob.metadata or {}).get(_HDI_FOLDER):
+                    os.makedirs(target, exist_ok=True)
+                    continue
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "wb") as out:
+                    client.download_blob(blob.name).readinto(out)
+        os.makedirs(root, exist_ok=True)
+        return bool(pairs)
 
     def resolve(self, code_id: str) -> CodeVersion:
         """Return the version a job's ``codeId`` names.
@@ -381,7 +431,7 @@ class CodeStore:
         Parameters
         ----------
         base_url
-            The emulator's base URL (the blob service is under ``/blob``).
+            The emulator's base URL (unused: the storage is Azurite's).
         body
             ``PendingUploadRequestDto``: ``pendingUploadId`` (optional, reused),
             ``pendingUploadType`` (``TemporaryBlobReference``).
@@ -405,22 +455,22 @@ class CodeStore:
                 "UserError",
                 f"pendingUploadType {kind!r} is not supported; use TemporaryBlobReference",
             )
+        storage = self.storage()
         upload_id = str(body.get("pendingUploadId") or uuid.uuid4())
         container = self.pending.get(upload_id)
         if container is None:
             container = f"{uuid.uuid4().hex[:8]}-e-{uuid.uuid4()}"
-            self.blobs.create_container(STORAGE_ACCOUNT, container)
+            storage.create_container(container)
             self.pending[upload_id] = container
-        protocol = "https" if base_url.startswith("https:") else "https,http"
-        sas = self.blobs.issue_sas(STORAGE_ACCOUNT, container, "rwl", SAS_TTL, protocol)
-        blob_uri = f"{base_url}/blob/{STORAGE_ACCOUNT}/{container}"
+        sas = storage.container_sas(container, hours=SAS_HOURS)
+        blob_uri = f"{storage.blob_endpoint}/{container}"
         return {
             "blobReferenceForConsumption": {
                 "blobUri": blob_uri,
                 "storageAccountArmId": (
                     f"/subscriptions/{identity.SUBSCRIPTION_ID}/resourceGroups/"
                     f"{identity.RESOURCE_GROUP}/providers/Microsoft.Storage/storageAccounts/"
-                    f"{STORAGE_ACCOUNT}"
+                    f"{storage.account_name}"
                 ),
                 "credential": {"credentialType": "SAS", "sasUri": f"{blob_uri}?{sas}"},
             },
@@ -429,7 +479,7 @@ class CodeStore:
         }
 
 
-def materialise(store: CodeStore, code_id: str, dest_dir: str) -> list[str]:
+def materialise(store: CodeStore, code_id: str, dest_dir: str) -> None:
     """Copy a code snapshot's files into a node's working directory.
 
     The files under the ``codeUri`` prefix land at the top of ``dest_dir`` (a job
@@ -443,33 +493,5 @@ def materialise(store: CodeStore, code_id: str, dest_dir: str) -> list[str]:
         The job's ``codeId``.
     dest_dir
         Destination directory (created if needed).
-
-    Returns
-    -------
-    list of str
-        Relative paths written.
     """
-    cv = store.resolve(code_id)
-    blobs = store.blobs.container(cv.account, cv.container).blobs
-    os.makedirs(dest_dir, exist_ok=True)
-    root = os.path.realpath(dest_dir)
-    if cv.prefix and cv.prefix in blobs:  # a single-file snapshot
-        pairs = [(cv.prefix, cv.prefix.rsplit("/", 1)[-1])]
-    else:
-        start = cv.prefix + "/" if cv.prefix else ""
-        pairs = [(n, n[len(start) :]) for n in sorted(blobs) if n.startswith(start)]
-    written: list[str] = []
-    for name, rel in pairs:
-        parts = [p for p in rel.split("/") if p]
-        if not parts or any(p in (".", "..") for p in parts):
-            continue  # never write outside the working directory
-        target = os.path.realpath(os.path.join(root, *parts))
-        if os.path.commonpath([root, target]) != root:
-            continue
-        if blobs[name].metadata.get(_HDI_FOLDER):
-            os.makedirs(target, exist_ok=True)
-            continue
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        store.blobs.copy_to(cv.account, cv.container, name, target)
-        written.append("/".join(parts))
-    return written
+    shutil.copytree(store.resolve(code_id).local, dest_dir, dirs_exist_ok=True)

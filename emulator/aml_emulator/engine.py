@@ -157,8 +157,8 @@ class Engine:
         #: AML's job SSH services (``services={"ssh": SshJobService(...)}``) of the jobs.
         self.job_services = JobServices(config.job_service_delay)
         self._closing = False
-        #: Code snapshots (``command(code=...)``) and the blob service holding them.
-        self.codes = CodeStore(os.path.join(workdir, "blobstore"))
+        #: Code snapshots (``command(code=...)``) and the blob storage (Azurite) holding them.
+        self.codes = CodeStore(os.path.join(workdir, "codes"), self.reaper)
         for env in config.environments:
             self.put_environment(env.name, env.version, {"image": env.image})
 
@@ -937,6 +937,7 @@ class Engine:
         if background:
             await asyncio.wait(background, timeout=KILL_GRACE)
         await self.job_services.close()
+        await asyncio.to_thread(self.codes.close)
         await asyncio.to_thread(self.reaper.close)
 
     # ------------------------------------------------------- environment builds

@@ -15,7 +15,6 @@ from typing import Any
 import tornado.web
 
 from . import identity, shapes
-from .blobs import blob_routes
 from .code_api import code_routes
 from .compute_api import compute_routes
 from .datastore_api import datastore_routes
@@ -570,7 +569,6 @@ def make_app(ctx: ServerContext) -> tornado.web.Application:
     routes[:0] = compute_routes(ctx, WS, LOC)
     routes[:0] = datastore_routes(ctx, WS)
     routes[:0] = code_routes(ctx, WS)
-    routes[:0] = blob_routes(ctx.engine.codes.blobs)
     routes.extend(mlflow_routes(ctx))
     routes.extend(jobservice_routes(ctx.engine.job_services))
     return EmulatorApplication(

@@ -1,7 +1,7 @@
 """``command(code=folder)`` through the unmodified SDK: upload, reuse by hash, per-node copies.
 
 The SDK lists code versions by content hash, asks for a pending upload (container SAS),
-uploads the folder with azure-storage-blob to the emulator's own blob service, registers
+uploads the folder with azure-storage-blob to the workspace storage (Azurite), registers
 the code version and PUTs the job with its ``codeId``.  Each node then runs in its own
 copy of the snapshot.
 """
@@ -14,20 +14,18 @@ import json
 import os
 import random
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import pytest
 import requests
 from azure.ai.ml import command
 from azure.core.exceptions import HttpResponseError
-from azure.storage.blob import BlobClient, ContainerClient
 
 from aml_emulator import ComputeSpec, Emulator, EnvironmentSpec, identity
 
 ENV = "azureml:snap-env:1"
 API = "api-version=2023-04-01"
 START = "POST CodeStartPendingUploadHandler"
-BLOB_PUT = "PUT BlobHandler"
 
 
 @pytest.fixture(scope="module")
@@ -143,15 +141,13 @@ def test_same_content_is_uploaded_once_changed_content_again(snap_emu, snap_ml, 
     job1 = _submit(snap_ml, first_dir, "python run.py")
     after1 = _counts(snap_emu)
     assert _delta(before, after1, START) == 1
-    assert _delta(before, after1, BLOB_PUT) == 3  # two Put Blob + Set Blob Metadata
     assert _delta(before, after1, "PUT CodeVersionHandler") == 1
 
     # Same content in another folder: the SDK finds the snapshot by hash, uploads nothing.
     again_dir = _write(tmp_path / "again" / "other-name", files)
     job2 = _submit(snap_ml, again_dir, "python run.py")
     after2 = _counts(snap_emu)
-    assert _delta(after1, after2, START) == 0
-    assert _delta(after1, after2, BLOB_PUT) == 0
+    assert _delta(after1, after2, START) == 0  # no pending upload: nothing to upload to
     assert _delta(after1, after2, "PUT CodeVersionHandler") == 0
     assert _delta(after1, after2, "GET CodeVersionHandler") == 1  # reads the found version
     assert job2.code == job1.code
@@ -161,7 +157,6 @@ def test_same_content_is_uploaded_once_changed_content_again(snap_emu, snap_ml, 
     job3 = _submit(snap_ml, changed_dir, "python run.py")
     after3 = _counts(snap_emu)
     assert _delta(after2, after3, START) == 1
-    assert _delta(after2, after3, BLOB_PUT) == 3
     assert job3.code != job1.code
 
     for job, word in ((job1, "one"), (job2, "one"), (job3, "two")):
@@ -191,59 +186,6 @@ def test_code_version_must_point_at_uploaded_blobs(snap_emu):
     assert answer.json()["error"]["code"] == "UserError"
     elsewhere = {"properties": {"codeUri": "https://example.com/blob/acct/ctr/x"}}
     assert requests.put(url, json=elsewhere, timeout=10).status_code == 400
-
-
-# ----------------------------------------------------------------------------- (d)
-def test_blob_writes_need_the_issued_sas(snap_emu):
-    ref = _pending_upload(snap_emu)
-    other = _pending_upload(snap_emu)
-    sas_url = ref["credential"]["sasUri"]
-    sas = dict(parse_qsl(urlsplit(sas_url).query))
-    blob_url = ref["blobUri"] + "/proj/file.txt"
-
-    # The issued SAS works.
-    ok = BlobClient.from_blob_url(_with_query(blob_url, sas))
-    ok.upload_blob(b"hello")
-    assert ok.download_blob().readall() == b"hello"
-
-    def refused(url: str, **headers: str) -> requests.Response:
-        answer = requests.put(url, data=b"x", headers={"x-ms-blob-type": "BlockBlob", **headers})
-        assert answer.status_code == 403, answer.text
-        assert answer.headers["x-ms-request-id"]
-        assert answer.headers["x-ms-version"]
-        assert answer.text.startswith('<?xml version="1.0" encoding="utf-8"?><Error><Code>')
-        return answer
-
-    # No SAS at all (anonymous), or an Authorization header instead of a SAS.
-    for answer in (
-        refused(blob_url),
-        refused(blob_url, Authorization="SharedKey emulatorwsstorage:Zm9v"),
-    ):
-        assert answer.headers["x-ms-error-code"] == "AuthenticationFailed"
-    # A forged signature, a widened permission, a SAS of another container.
-    forged = {**sas, "sig": "A" * 43 + "="}
-    widened = {**sas, "sp": "rwdl"}
-    foreign = dict(parse_qsl(urlsplit(other["credential"]["sasUri"]).query))
-    for query in (forged, widened, foreign):
-        answer = refused(_with_query(blob_url, query))
-        assert answer.headers["x-ms-error-code"] == "AuthenticationFailed"
-        assert "<AuthenticationErrorDetail>Signature did not match" in answer.text
-    # The SDK surfaces the same error code.
-    with pytest.raises(HttpResponseError) as info:
-        BlobClient.from_blob_url(_with_query(blob_url, forged)).upload_blob(b"x", overwrite=True)
-    assert info.value.status_code == 403
-    assert info.value.error_code == "AuthenticationFailed"
-    # A valid SAS still cannot delete (it grants read, write and list only).
-    with pytest.raises(HttpResponseError) as info:
-        ok.delete_blob()
-    assert info.value.error_code == "AuthorizationPermissionMismatch"
-    # Reads need the SAS too; unknown blobs are 404 BlobNotFound with the error header.
-    assert requests.get(blob_url, timeout=10).status_code == 403
-    missing = requests.head(_with_query(ref["blobUri"] + "/proj/nope", sas), timeout=10)
-    assert missing.status_code == 404
-    assert missing.headers["x-ms-error-code"] == "BlobNotFound"
-    # The blob written with the valid SAS is unchanged.
-    assert ok.download_blob().readall() == b"hello"
 
 
 # ----------------------------------------------------------------------------- (e)
@@ -290,47 +232,9 @@ def test_large_folder_round_trips_byte_identical(snap_emu, snap_ml, tmp_path):
             )
 
 
-def test_blocks_listing_and_ranges(snap_emu):
-    """Put Block / Put Block List, List Blobs (prefix, delimiter, metadata) and ranged reads,
-    as azure-storage-blob uses them for large files (> 64 MiB; smaller limits here)."""
-    ref = _pending_upload(snap_emu)
-    sas = urlsplit(ref["credential"]["sasUri"]).query
-    payload = random.Random(7).randbytes(1_000_003)
-    blob = BlobClient.from_blob_url(
-        f"{ref['blobUri']}/proj/chunked.bin?{sas}",
-        max_single_put_size=64 * 1024,
-        max_block_size=100 * 1024,
-        max_single_get_size=128 * 1024,
-        max_chunk_get_size=128 * 1024,
-    )
-    blob.upload_blob(payload, metadata={"kind": "chunked"})
-    assert _counts(snap_emu).get("PUT BlobHandler", 0) >= 11  # ten blocks and the list
-    assert blob.download_blob().readall() == payload
-    assert blob.download_blob(offset=10, length=5).readall() == payload[10:15]
-    props = blob.get_blob_properties()
-    assert props.size == len(payload) and props.metadata == {"kind": "chunked"}
-    with pytest.raises(HttpResponseError) as info:  # If-None-Match: * on an existing blob
-        blob.upload_blob(b"again")
-    assert info.value.error_code == "BlobAlreadyExists"
-
-    container = ContainerClient.from_container_url(ref["credential"]["sasUri"])
-    container.upload_blob("proj/a/one.txt", b"1")
-    container.upload_blob("proj/a/two.txt", b"22")
-    container.upload_blob("top.txt", b"")
-    listed = {b.name: b for b in container.list_blobs(name_starts_with="proj/", include="metadata")}
-    assert sorted(listed) == ["proj/a/one.txt", "proj/a/two.txt", "proj/chunked.bin"]
-    assert listed["proj/chunked.bin"].metadata == {"kind": "chunked"}
-    assert listed["proj/a/two.txt"].size == 2
-    walked = [b.name for b in container.walk_blobs(name_starts_with="proj/", delimiter="/")]
-    assert walked == ["proj/a/", "proj/chunked.bin"]
-    paged = list(container.list_blobs(results_per_page=2))
-    assert len(paged) == 4
-    assert container.download_blob("top.txt").readall() == b""
-
-
 def test_https_emulator_uploads_with_trusted_certificate(tmp_path, monkeypatch):
-    """With ``https=True`` the blob client (created inside the SDK without transport
-    options) verifies the emulator certificate through ``REQUESTS_CA_BUNDLE``."""
+    """With ``https=True`` the SDK verifies the emulator certificate through
+    ``REQUESTS_CA_BUNDLE`` and uploads the snapshot to the workspace storage."""
     src = _write(tmp_path / "tls", {"t.py": "print('TLS-OK')\n"})
     with Emulator(
         computes=[ComputeSpec(name="cpu-cluster", max_nodes=1, ssh_public_access=False)],
@@ -343,41 +247,15 @@ def test_https_emulator_uploads_with_trusted_certificate(tmp_path, monkeypatch):
         job = _submit(ml, src, "python t.py")
         assert emu.wait_job(job.name, 30) == "Completed", emu.job_error(job.name)
         assert "TLS-OK" in emu.node_log(job.name, 0)
-        sas_uri = requests.post(
+
+
+def test_without_azurite_an_upload_is_refused_saying_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("AZURITE_BIN", str(tmp_path / "no-azurite-here"))
+    with Emulator(computes=[ComputeSpec(name="cpu-cluster", max_nodes=1)]) as emu:
+        url = (
             f"{emu.base_url}{identity.child_id('codes', 'x', 'versions', '1')}"
-            f"/startPendingUpload?{API}",
-            json={},
-            verify=emu.cert_path,
-            timeout=10,
-        ).json()["blobReferenceForConsumption"]["credential"]["sasUri"]
-        # The SAS is https-only (spr=https), as the emulator serves https only.
-        assert dict(parse_qsl(urlsplit(sas_uri).query))["spr"] == "https"
-
-
-def test_sas_expiry_protocol_and_permissions(tmp_path):
-    """The SAS checks of the blob store itself (no server): time window, protocol, letters."""
-    from aml_emulator.blobs import BlobError, BlobStore
-
-    store = BlobStore(str(tmp_path / "blobs"))
-    store.create_container("acct", "ctr-one")
-
-    def params(**kw: Any) -> dict[str, str]:
-        return dict(parse_qsl(store.issue_sas("acct", "ctr-one", **kw)))
-
-    store.authorize("acct", "ctr-one", params(), "w", "http")
-    cases = [
-        (params(ttl=-10), "w", "http", "AuthenticationFailed"),
-        (params(protocol="https"), "r", "http", "AuthorizationProtocolMismatch"),
-        (params(permissions="r"), "w", "https", "AuthorizationPermissionMismatch"),
-        (params(permissions="rw"), "l", "https", "AuthorizationPermissionMismatch"),
-    ]
-    for query, letter, protocol, code in cases:
-        with pytest.raises(BlobError) as info:
-            store.authorize("acct", "ctr-one", query, letter, protocol)
-        assert info.value.status == 403 and info.value.code == code
-    # another emulator's key never validates this one's tokens
-    other = BlobStore(str(tmp_path / "other"))
-    other.create_container("acct", "ctr-one")
-    with pytest.raises(BlobError) as info:
-        other.authorize("acct", "ctr-one", params(), "r", "https")
-    assert info.value.code == "AuthenticationFailed"
+            f"/startPendingUpload?{API}"
+        )
+        answer = requests.post(url, json={}, timeout=10)
+    assert answer.status_code == 503
+    assert "npm install -g azurite" in answer.json()["error"]["message"]

@@ -56,11 +56,23 @@ def test_closing_the_pipe_reaps_registered_groups_only():
                 proc.wait(10)
 
 
+def _children(pid: int, word: str) -> list[int]:
+    """PIDs of the children of ``pid`` whose command line has ``word``."""
+    found = []
+    for child in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, ValueError):
+            ppid = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and word in Path(f"/proc/{child}/cmdline").read_text():
+                found.append(int(child))
+    return found
+
+
 @pytest.mark.slow
 def test_sigkilled_emulator_leaves_no_node_running(tmp_path):
+    import requests
     from _emu_helpers import submit
 
-    from aml_emulator import make_ml_client
+    from aml_emulator import identity, make_ml_client
 
     config = tmp_path / "emulator.json"
     config.write_text(json.dumps({"workdir": str(tmp_path),
@@ -73,9 +85,13 @@ def test_sigkilled_emulator_leaves_no_node_running(tmp_path):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     pidfile = tmp_path / "node.pid"
-    pgid = None
+    pgid = azurite = None
     try:
         url = wait_for(lambda: _served_url(tmp_path / "emulator.out"), 60, "the emulator")
+        # a code upload starts the workspace storage (Azurite, its own process group)
+        upload = f"{url}{identity.child_id('codes', 'c', 'versions', '1')}/startPendingUpload"
+        requests.post(upload, params={"api-version": "2023-04-01"}, json={}, timeout=60)
+        azurite = wait_for(lambda: _children(emulator.pid, "azurite"), 10, "Azurite")[0]
         submit(
             make_ml_client(url),
             f"echo $$ > {pidfile}; sleep 600",
@@ -89,6 +105,7 @@ def test_sigkilled_emulator_leaves_no_node_running(tmp_path):
         emulator.wait(10)
         try:
             wait_for(lambda: not _alive(pgid), 20, "the node group to be reaped")
+            wait_for(lambda: not _alive(azurite), 20, "Azurite's group to be reaped")
         except AssertionError as exc:
             log.flush()
             tail = (tmp_path / "emulator.out").read_text()[-2000:]
@@ -99,8 +116,9 @@ def test_sigkilled_emulator_leaves_no_node_running(tmp_path):
         if emulator.poll() is None:
             os.killpg(emulator.pid, signal.SIGKILL)
             emulator.wait(10)
-        if pgid is not None and _alive(pgid):  # the node our emulator started
-            os.killpg(pgid, signal.SIGKILL)
+        for group in (pgid, azurite):  # the node and the Azurite our emulator started
+            if group is not None and _alive(group):
+                os.killpg(group, signal.SIGKILL)
         log.close()
 
 

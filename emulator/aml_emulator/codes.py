@@ -200,7 +200,7 @@ class CodeStore:
                 try:
                     self._azurite = Azurite().start()
                 except (AzuriteNotFoundError, OSError, RuntimeError) as exc:
-                    raise ApiError(503, "ServiceUnavailable", f"workspace storage: {exc}") from exc
+                    raise ApiError(424, "FailedDependency", f"workspace storage: {exc}") from exc
                 if self.reaper is not None and self._azurite.proc is not None:
                     self.reaper.watch(self._azurite.proc.pid)
             return self._azurite

@@ -5,7 +5,7 @@ same run, interleaving the two and reporting the median of the per-pair
 ratios, because other jobs share this machine and absolute times drift.
 
 The AML emulator runs as its own process (``python -m
-dask_amlcompute.emulator.cli``), as AML runs outside the client: its HTTP and
+aml_emulator.cli``), as AML runs outside the client: its HTTP and
 SSH servers then do not compete with the client for the GIL.
 """
 
@@ -354,7 +354,7 @@ def route_summary(before: Counter[str], after: Counter[str], top: int = 4) -> st
 
 
 class EmulatorProcess:
-    """The AML emulator as a separate process (``python -m dask_amlcompute.emulator.cli``).
+    """The AML emulator as a separate process (``python -m aml_emulator.cli``).
 
     Parameters
     ----------
@@ -401,7 +401,7 @@ class EmulatorProcess:
         log = open(self.workdir / "emulator.log", "ab")  # noqa: SIM115  closed in stop()
         self._log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dask_amlcompute.emulator.cli", "--config", str(path)],
+            [sys.executable, "-m", "aml_emulator.cli", "--config", str(path)],
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
@@ -442,7 +442,7 @@ class EmulatorProcess:
 
     def ml_client(self, counter: RequestCounter | None = None) -> Any:
         """A real ``MLClient`` pointed at the emulator, optionally counting requests."""
-        from dask_amlcompute.emulator import make_ml_client
+        from aml_emulator import make_ml_client
 
         kwargs = {"per_call_policies": [counter]} if counter is not None else {}
         return make_ml_client(self.base_url, **kwargs)
@@ -549,7 +549,7 @@ def map_rate(client: Any, n: int) -> float:
 
 def ssh_keypair(workdir: Path) -> tuple[Path, str]:
     """A fresh ed25519 client key written 0600 under ``workdir``; returns (path, public line)."""
-    from dask_amlcompute.emulator.ssh import generate_client_keypair
+    from aml_emulator.ssh import generate_client_keypair
 
     private, public = generate_client_keypair(comment="benchmarks@dask-amlcompute")
     path = workdir / "id_ed25519"

@@ -73,8 +73,8 @@ def run(opts: Options) -> SuiteResult:
     import fsspec
     from distributed import Client
 
+    from aml_emulator import Azurite
     from dask_amlcompute.data import resolve
-    from dask_amlcompute.emulator import Azurite
 
     n_files = opts.pick(16, 8)
     rows = opts.pick(250_000, 100_000)  # 8 float64 columns: ~18 MB / ~8 MB per file

@@ -12,7 +12,7 @@ OpenSSH ``ssh -N -L`` in the same run, to the same SSH server and sink:
 * ``libssh2`` (``ssh2-python``) and ``paramiko``: a minimal blocking forwarder in
   its own process (so they get a core of their own, like ``ssh``).
 
-The SSH server is the emulator's :class:`~dask_amlcompute.emulator.ssh.NodeSSHServer`
+The SSH server is the emulator's :class:`~aml_emulator.ssh.NodeSSHServer`
 in its own process; the stream is ``netpump.py``'s (an 8-byte length, the
 bytes, a 1-byte answer). ``ssh2-python`` and ``paramiko`` come with
 ``pip install -e ".[forwarder-probes]"``; a missing one is reported as not measured.
@@ -51,7 +51,7 @@ CIPHER = "aes128-gcm@openssh.com"
 
 def serve(public_key_file: str) -> None:
     """Run a NodeSSHServer on 127.0.0.1 (forwards to 127.0.0.1 only); print port and host key."""
-    from dask_amlcompute.emulator.ssh import NodeSSHServer
+    from aml_emulator.ssh import NodeSSHServer
 
     async def main() -> None:
         server = NodeSSHServer(admin_user=USER, allowed_forward_hosts=["127.0.0.1"],

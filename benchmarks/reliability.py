@@ -71,7 +71,7 @@ def run_cycle(emu, fault: str, index: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the cycles, print the report, append it to RESULTS.md; exit 1 on wrong/leftover."""
-    from dask_amlcompute.emulator import ComputeSpec, Emulator
+    from aml_emulator import ComputeSpec, Emulator
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=10)

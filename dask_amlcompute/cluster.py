@@ -168,7 +168,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
 
     See Also
     --------
-    dask_amlcompute.emulator.Emulator : run all of this locally, without Azure.
+    aml_emulator.Emulator : run all of this locally, without Azure.
     """
 
     def __init__(

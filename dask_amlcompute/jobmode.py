@@ -12,10 +12,9 @@ script's exit code, which is also published as the run tag
 lives inside AML, bounded by ``job_timeout`` (the dask-mpi / jobqueue Runner pattern).
 
 The script travels inside the job definition (gzip + base64 in an environment
-variable, at most :data:`MAX_EMBEDDED_BYTES`), which works everywhere, including
-the local emulator (which has no blob storage for code snapshots). On real AML,
-``code="folder"`` uploads the folder as the job's code snapshot instead: use it
-for large scripts or scripts that import their own modules.
+variable, at most :data:`MAX_EMBEDDED_BYTES`). ``code="folder"`` uploads the
+folder as the job's code snapshot instead: use it for large scripts or scripts
+that import their own modules.
 
 This module builds and submits the job (the client side). The in-job side is
 ``python -m dask_amlcompute.node.script`` (:mod:`dask_amlcompute.node.script`),

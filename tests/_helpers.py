@@ -1,14 +1,16 @@
-"""Helpers shared by tests in any folder (importable as ``_helpers``: see ``_ssh_helpers``)."""
+"""Helpers shared by the library's tests (importable as ``_helpers``: pyproject's ``pythonpath``)."""
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import dask
 import pytest
+from _emu_helpers import wait_for  # the emulator's tests' helper, shared
+
+__all__ = ["FAST_CLUSTER", "env_in_dask_config", "wait_for"]
 
 #: Cluster arguments that make a cluster start fast and fail fast on the emulator.
 FAST_CLUSTER: dict[str, Any] = {
@@ -19,20 +21,6 @@ FAST_CLUSTER: dict[str, Any] = {
     "death_timeout": "60s",
     "quiet": True,
 }
-
-
-def wait_for(
-    predicate: Any, timeout: float = 20.0, what: str = "condition", interval: float = 0.05
-) -> Any:
-    """Poll ``predicate`` every ``interval`` seconds until truthy (bounded); return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def emulator():
     """One emulator for the session: computes for the cluster tests."""
-    from dask_amlcompute.emulator import ComputeSpec, Emulator
+    from aml_emulator import ComputeSpec, Emulator
 
     computes = [
         ComputeSpec(name="cpu-cluster", max_nodes=8, min_nodes=0),

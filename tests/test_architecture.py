@@ -1,5 +1,5 @@
 """The layout's rules, checked on the source: no import cycles, the node side stands alone,
-only the backend talks to Azure (see docs/architecture.md)."""
+only the backend talks to Azure, the emulator is a separate package (see docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dask_amlcompute"
-#: Packages allowed to import ``azure``: the client's Azure side and the emulator's SDK client.
-AZURE_PACKAGES = ("backend", "emulator")
+EMULATOR = Path(__file__).resolve().parents[1] / "emulator" / "aml_emulator"
+#: Packages allowed to import ``azure``: the client's Azure side.
+AZURE_PACKAGES = ("backend",)
+#: The library's modules that may import the emulator (commands that start or reach one).
+EMULATOR_USERS = (
+    "dask_amlcompute.cli.demo",
+    "dask_amlcompute.cli.manage",
+    "dask_amlcompute.cli.run",
+)
 
 
 def module_name(path: Path) -> str:
@@ -24,9 +31,9 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def imports(name: str) -> set[str]:
+def imports(name: str, path: Path | None = None) -> set[str]:
     """Every module ``name`` imports, at any depth of its code (lazy imports included)."""
-    path = MODULES[name]
+    path = path or MODULES[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -167,3 +174,38 @@ def test_node_side_runs_without_azure_asyncssh_or_mlflow(entry):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--role" in proc.stdout
+
+
+def test_the_emulator_imports_nothing_of_the_library():
+    found = {
+        path.name: sorted(
+            t for t in imports(f"aml_emulator.{path.stem}", path) if "dask_amlcompute" in t
+        )
+        for path in sorted(EMULATOR.glob("*.py"))
+    }
+    assert len(found) > 20
+    assert {name: ts for name, ts in found.items() if ts} == {}
+
+
+def test_the_library_works_without_the_emulator():
+    users = sorted(m for m in MODULES if any(t.startswith("aml_emulator") for t in imports(m)))
+    assert users == list(EMULATOR_USERS)
+    # A blocker refuses aml_emulator as if it were not installed: every module imports,
+    # and the commands that need it say how to install it.
+    code = textwrap.dedent(
+        f"""
+        import importlib, importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "aml_emulator":
+                    raise ModuleNotFoundError("No module named " + repr(name), name=name)
+        sys.meta_path.insert(0, Block())
+        for name in {sorted(m for m in MODULES if not m.endswith("__main__"))!r}:
+            importlib.import_module(name)
+        from dask_amlcompute.cli import main
+        sys.exit(main(["demo"]) + main(["list", "--emulator", "http://127.0.0.1:9"]))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert proc.stderr.count("pip install -e ./emulator") == 2

@@ -25,11 +25,11 @@ from typing import Any
 import dask
 import pytest
 
+from aml_emulator import make_ml_client
 from dask_amlcompute import AmlComputeCluster, AmlComputeError, ConfigurationError, submit_script
 from dask_amlcompute.batch import iter_batches, map_batches
 from dask_amlcompute.cli import main as cli_main
 from dask_amlcompute.config import ClusterSettings, config_key, schema
-from dask_amlcompute.emulator import make_ml_client
 
 NOT_A_FILE = "/nonexistent/dask-amlcompute/x"
 

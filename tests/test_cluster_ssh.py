@@ -10,9 +10,9 @@ from _helpers import FAST_CLUSTER
 from _ssh_helpers import write_client_key
 from distributed import Client
 
+from aml_emulator import ComputeSpec, Emulator
 from dask_amlcompute import AmlComputeCluster, ConfigurationError
 from dask_amlcompute.connect.tunnel import HostKeyError
-from dask_amlcompute.emulator import ComputeSpec, Emulator
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,9 @@ from _helpers import FAST_CLUSTER
 from _ssh_helpers import write_client_key
 from distributed import Client
 
+from aml_emulator import ComputeSpec, Emulator
 from dask_amlcompute import AmlComputeCluster, ConfigurationError
 from dask_amlcompute.connect import REFUSED, UNANSWERED, host_port, probe
-from dask_amlcompute.emulator import ComputeSpec, Emulator
 
 pytestmark = pytest.mark.slow
 

@@ -98,7 +98,7 @@ def test_redact_masks_keys_sas_and_literals():
 
 @pytest.fixture(scope="module")
 def azurite():
-    from dask_amlcompute.emulator.azurite import Azurite, AzuriteNotFoundError
+    from aml_emulator.azurite import Azurite, AzuriteNotFoundError
 
     try:
         with Azurite() as service:
@@ -109,7 +109,7 @@ def azurite():
 
 @pytest.fixture(scope="module")
 def datastores(azurite):
-    from dask_amlcompute.emulator import DatastoreSpec
+    from aml_emulator import DatastoreSpec
 
     return [
         azurite.datastore("lake", container="data", is_default=True),
@@ -142,7 +142,7 @@ def datastores(azurite):
 
 @pytest.fixture(scope="module")
 def data_emulator(datastores):
-    from dask_amlcompute.emulator import ComputeSpec, Emulator
+    from aml_emulator import ComputeSpec, Emulator
 
     with Emulator(
         computes=[ComputeSpec(name="cpu-cluster", max_nodes=4)], datastores=datastores
@@ -161,7 +161,7 @@ def _secrets(azurite, datastores):
 
 
 def test_azurite_without_npm_says_how_to_install_it(tmp_path, monkeypatch):
-    from dask_amlcompute.emulator.azurite import AzuriteNotFoundError, install_azurite
+    from aml_emulator.azurite import AzuriteNotFoundError, install_azurite
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no npm here
     with pytest.raises(AzuriteNotFoundError, match="npm is not on PATH") as err:
@@ -172,7 +172,7 @@ def test_azurite_without_npm_says_how_to_install_it(tmp_path, monkeypatch):
 
 def test_azurite_is_installed():
     """FAILS (never skips) without Azurite, saying how to install it."""
-    from dask_amlcompute.emulator.azurite import AzuriteNotFoundError, find_azurite
+    from aml_emulator.azurite import AzuriteNotFoundError, find_azurite
 
     try:
         assert find_azurite()

@@ -283,7 +283,7 @@ INTERRUPTED_CLIENT = """
 import signal
 import sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from dask_amlcompute.emulator import make_ml_client
+from aml_emulator import make_ml_client
 from dask_amlcompute.jobmode import submit_script
 
 ml = make_ml_client(sys.argv[1])

@@ -13,10 +13,10 @@ import pytest
 from _helpers import FAST_CLUSTER, wait_for
 from distributed import Client
 
+from aml_emulator import ComputeSpec, Emulator
 from dask_amlcompute import AmlComputeCluster
 from dask_amlcompute.cli import main as cli_main
 from dask_amlcompute.discovery import list_cluster_jobs
-from dask_amlcompute.emulator import ComputeSpec, Emulator
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def run_client_script(emu, body: str, timeout: float = 120) -> subprocess.Comple
         f"""
         import os, signal
         from dask_amlcompute import AmlComputeCluster
-        from dask_amlcompute.emulator import make_ml_client
+        from aml_emulator import make_ml_client
         ml = make_ml_client({emu.base_url!r})
         """
     ) + textwrap.dedent(body)

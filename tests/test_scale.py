@@ -9,8 +9,8 @@ from _helpers import FAST_CLUSTER, wait_for
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 from distributed import Client
 
+from aml_emulator import ComputeSpec, Emulator
 from dask_amlcompute import AmlComputeCluster
-from dask_amlcompute.emulator import ComputeSpec, Emulator
 
 pytestmark = pytest.mark.slow
 

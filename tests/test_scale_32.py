@@ -27,9 +27,9 @@ import pytest
 from _helpers import FAST_CLUSTER, wait_for
 from distributed import Client
 
+from aml_emulator import ComputeSpec, Emulator
 from dask_amlcompute import AmlComputeCluster
 from dask_amlcompute.cli.demo import workloads
-from dask_amlcompute.emulator import ComputeSpec, Emulator
 from dask_amlcompute.node.plugins import job_of_worker
 
 pytestmark = pytest.mark.slow

@@ -13,6 +13,11 @@ import asyncssh
 import pytest
 from _ssh_helpers import ADMIN, NODE_IP, echo_server, free_port, node_server, run
 
+from aml_emulator.ssh import (
+    NodeSSHServer,
+    generate_client_keypair,
+    generate_host_key,
+)
 from dask_amlcompute.connect.tunnel import (
     ForwardingError,
     HostKeyError,
@@ -21,11 +26,6 @@ from dask_amlcompute.connect.tunnel import (
     TunnelError,
     TunnelUnreachableError,
     resolve_client_keys,
-)
-from dask_amlcompute.emulator.ssh import (
-    NodeSSHServer,
-    generate_client_keypair,
-    generate_host_key,
 )
 from dask_amlcompute.exceptions import ConfigurationError
 

@@ -12,12 +12,12 @@ import requests
 from _helpers import FAST_CLUSTER, wait_for
 from distributed import Client
 
+from aml_emulator import ComputeSpec, Emulator
 from dask_amlcompute import AmlComputeCluster
 from dask_amlcompute._protocol import cluster_key_tag
 from dask_amlcompute.backend.ops import JobInfo
 from dask_amlcompute.backend.state import ClusterState, Lifecycle
 from dask_amlcompute.backend.watch import poll_jobs
-from dask_amlcompute.emulator import ComputeSpec, Emulator
 
 COMPUTE = "watch-cluster"
 IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04"

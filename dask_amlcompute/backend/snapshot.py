@@ -36,8 +36,6 @@ from ..exceptions import ConfigurationError
 
 #: The package folder that travels (``dask_amlcompute/`` inside the snapshot).
 LIBRARY_DIR = Path(__file__).resolve().parent.parent
-#: Parts of the package that never run on a node (the local emulator is a client-side tool).
-LIBRARY_EXCLUDES = ("emulator",)
 #: Staged snapshots unused for this long are deleted when a new one is staged.
 PRUNE_AFTER_SECONDS = 7 * 24 * 3600
 #: Ignore files are not copied: the SDK would apply them to the staged folder too, and a
@@ -67,16 +65,12 @@ def library_files() -> list[SnapshotFile]:
     """The library's files for the snapshot, as ``(path in the snapshot, source)``.
 
     Everything of the installed package (modules and package data) except
-    bytecode caches and :data:`LIBRARY_EXCLUDES`, and its :func:`library_metadata`.
+    bytecode caches, and its :func:`library_metadata`.
     """
     found: list[SnapshotFile] = [library_metadata()]
     for dirpath, dirnames, filenames in os.walk(LIBRARY_DIR):
         rel_dir = Path(dirpath).relative_to(LIBRARY_DIR)
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if d != "__pycache__" and not (rel_dir == Path(".") and d in LIBRARY_EXCLUDES)
-        )
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
         for name in sorted(filenames):
             if name.endswith((".pyc", ".pyo")):
                 continue

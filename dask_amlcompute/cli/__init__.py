@@ -8,6 +8,12 @@ import sys
 
 from ..exceptions import AmlComputeError, ConfigurationError, WorkspaceNotConfiguredError
 
+#: Said when a command needs the AML emulator and it is not installed.
+EMULATOR_MISSING = (
+    "dask-amlcompute: the local AML emulator is not installed. It is its own package in the "
+    "dask-amlcompute repository: run `pip install -e ./emulator` in a checkout of it."
+)
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
@@ -16,12 +22,6 @@ def _demo(args: argparse.Namespace) -> int:
         n_nodes=args.nodes, processes_per_node=args.processes, quiet=args.quiet,
         network=args.network,
     )  # fmt: skip
-
-
-def _emulator(args: argparse.Namespace, rest: list[str]) -> int:
-    from ..emulator.cli import run_emulator_cli
-
-    return run_emulator_cli(rest) or 0
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -74,7 +74,16 @@ def _terminate_gracefully() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dask-amlcompute`` console script."""
     _terminate_gracefully()
-    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except ModuleNotFoundError as exc:  # demo, run --emulator, --emulator URL
+        if exc.name != "aml_emulator":
+            raise
+        print(EMULATOR_MISSING, file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["run"]:  # the script's own arguments follow: jobmode parses them
         from .run import run_cli
 
@@ -96,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         help="where the emulated nodes live; auto: isolated (unreachable from the client, as "
         "on a stock workspace) where this machine allows network namespaces, else loopback",
     )
-    sub.add_parser("emulator", help="run the local AML emulator (see --help)", add_help=False)
     sub.add_parser(
         "run",
         help="run a Dask script as one AML job (run script.py --nodes 4 --compute NAME "
@@ -119,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         help="show (default) or build: register it as a named, versioned AML environment",
     )
     env.add_argument("--name", default=None, help="env build: environment name")
-    env.add_argument("--emulator", metavar="URL", help="env build: a dask-amlcompute emulator")
+    env.add_argument("--emulator", metavar="URL", help="env build: an AML emulator (aml-emulator)")
     env.add_argument("--workspace-config", metavar="PATH", help="env build: workspace config")
     env.add_argument("--format", choices=["json", "conda", "pip", "dockerfile"], default="json")
     env.add_argument("--extra", action="append", default=[], metavar="REQ", help="pip package")
@@ -127,11 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     env.add_argument("--node-package", metavar="REQ", help="pip spec of dask-amlcompute")
     env.add_argument("--image", default=None, help="base image (default: AML openmpi image)")
     env.add_argument("--stack", choices=["installed", "imported", "none"], default="installed")
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "emulator":
-        return _emulator(args, rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     command = MANAGE_COMMANDS.get(args.command) or {"demo": _demo, "env": _env}[args.command]
     try:
         return command(args)

@@ -75,8 +75,8 @@ def start_emulator(network: str) -> Any:
     reach, as a laptop outside the compute's VNet) where this machine can create
     network namespaces, else ``loopback``, saying so.
     """
-    from ..emulator import ComputeSpec, Emulator
-    from ..emulator.netns import NetworkNamespaceError
+    from aml_emulator import ComputeSpec, Emulator
+    from aml_emulator.netns import NetworkNamespaceError
 
     computes = [
         ComputeSpec(name="cpu-cluster", max_nodes=4, admin_user=None, ssh_public_access=False)

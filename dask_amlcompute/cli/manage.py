@@ -1,7 +1,7 @@
 """Cluster management commands: ``dask-amlcompute list | logs NAME | down NAME``.
 
 They work on real AML (workspace from ``config.json`` and ``DefaultAzureCredential``)
-and on the emulator (``--emulator URL``, as printed by ``dask-amlcompute emulator``).
+and on the emulator (``--emulator URL``, as printed by ``aml-emulator``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def add_arguments(sub: Any) -> None:
         ("down", "stop a cluster: cancel all of its AML jobs"),
     ]:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--emulator", metavar="URL", help="base URL of a dask-amlcompute emulator")
+        p.add_argument("--emulator", metavar="URL", help="base URL of an AML emulator")
         p.add_argument("--workspace-config", metavar="PATH", help="workspace config.json")
         if name in ("logs", "down"):
             p.add_argument("name", nargs="?", help="cluster name")
@@ -50,7 +50,7 @@ def add_arguments(sub: Any) -> None:
 def ml_client_for(args: argparse.Namespace) -> Any:
     """The MLClient the command line should use."""
     if args.emulator:
-        from ..emulator import make_ml_client
+        from aml_emulator import make_ml_client
 
         return make_ml_client(args.emulator)
     from ..backend.workspace import ml_client_from_config

@@ -92,7 +92,7 @@ def _run_cli(argv: list[str]) -> int:
     emulator = None
     try:
         if args.emulator:
-            from ..emulator import ComputeSpec, Emulator
+            from aml_emulator import ComputeSpec, Emulator
 
             if args.no_wait:
                 p.error(

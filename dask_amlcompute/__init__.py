@@ -8,7 +8,7 @@
 
 from . import config as _config
 from ._version import __version__
-from .backend.sdknotices import quiet_experimental_notices as _quiet_experimental_notices
+from .backend.sdknotices import install_log_filters as _install_log_filters
 from .backend.workspace import ml_client_from_config, write_workspace_config
 from .cluster import AmlComputeCluster
 from .exceptions import (
@@ -86,4 +86,4 @@ __all__ = [
     "write_workspace_config",
 ]
 
-_quiet_experimental_notices()  # before the SDK loads its job schemas (none load at import)
+_install_log_filters()  # before the SDK loads its job schemas (none load at import)

@@ -52,6 +52,11 @@ from .scaling import ScalingMixin
 
 logger = logging.getLogger(__name__)
 
+#: What :meth:`AmlComputeCluster.job_spec` shows in place of the TLS credentials.
+SECRET_IN_JOB_BODY = (
+    "<secret, not shown here: the submitted job body holds it in plain text, "
+    "readable by everyone who can read the workspace's jobs>"
+)
 #: Seconds to wait for one look-up (VM sizes, quota, the main job's status after a failed start).
 LOOKUP_TIMEOUT = 30.0
 #: Bound on creating or deleting a compute (AML: usually 1-3 minutes).
@@ -709,17 +714,20 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     # -- information ---------------------------------------------------------
 
     def job_spec(self) -> dict[str, Any]:
-        """The REST body of the main AML job, exactly as it would be submitted.
+        """The REST body of the main AML job, as it would be submitted.
 
         Nothing is sent to AML. Useful to review the command, environment and
-        limits, or to submit the job by other means.
+        limits, or to submit the job by other means. The one difference: with
+        ``security=True`` the TLS certificate and private key, which the submitted
+        body carries in plain text (readable by everyone who can read the
+        workspace's jobs), show as :data:`SECRET_IN_JOB_BODY`, not their values.
         """
         job = MainJob(self._context, self._connector).job()
         body = job._to_job()._to_rest_object().as_dict()
         env = body["properties"].get("environmentVariables") or {}
         for key in self._context.secret_env:
             if key in env:
-                env[key] = "<redacted>"
+                env[key] = SECRET_IN_JOB_BODY
         return body
 
     def resolve(self, uri: str, **kwargs: Any) -> Any:

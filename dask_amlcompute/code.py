@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,12 @@ def collect_code(
     ConfigurationError
         The folder does not exist or is empty after the rules, or its files
         exceed ``max_bytes`` (the message names the largest entries).
+
+    Warns
+    -----
+    UserWarning
+        Symbolic links to files outside ``folder`` are left out (their targets
+        would be uploaded to the workspace), with a warning naming them.
     """
     if not isinstance(folder, str | os.PathLike):
         raise ConfigurationError(f"code must be a folder (a str or path), got {folder!r}.")
@@ -171,7 +178,8 @@ def collect_code(
     found = _find_ignore_file(root, ignore_file)
     rules = IgnoreRules.from_file(found, DEFAULT_IGNORES) if found else IgnoreRules(DEFAULT_IGNORES)
     files: list[tuple[str, int]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    outside: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):  # links to folders are not entered
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         prefix = "" if rel_dir == "." else rel_dir + "/"
         dirnames[:] = sorted(d for d in dirnames if not rules.ignored(prefix + d, is_dir=True))
@@ -180,7 +188,19 @@ def collect_code(
             path = Path(dirpath, name)
             if rules.ignored(rel) or not path.is_file():
                 continue
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                outside.append(rel)
+                continue
             files.append((rel, path.stat().st_size))
+    if outside:
+        warnings.warn(
+            f"Not shipping {len(outside)} symbolic link(s) in {root} that point outside it: "
+            f"{', '.join(sorted(outside)[:10])}. Their targets (a key or credentials file, "
+            "say) would become readable by everyone with access to the workspace; copy a "
+            "file into the folder if the nodes need it, or list the link in .amlignore.",
+            UserWarning,
+            stacklevel=2,
+        )
     if not files:
         raise ConfigurationError(f"Nothing to ship from {root}: every file is ignored.")
     total = sum(size for _, size in files)

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 from .backend import datastores
 from .backend.ops import run_blocking
+from .backend.sdknotices import redact
 from .exceptions import AmlComputeError
 
 logger = logging.getLogger(__name__)
@@ -47,11 +48,6 @@ PUBLIC_SUFFIX = "core.windows.net"
 SECRET_KEYS = frozenset(
     {"account_key", "sas_token", "connection_string", "client_secret", "credential"}
 )
-_SECRET_PATTERNS = [
-    re.compile(r"(?i)(AccountKey=)[^;\s'\"]+"),
-    re.compile(r"(?i)(SharedAccessSignature=)[^;\s'\"]+"),
-    re.compile(r"(?i)([?&;]sig=)[^&;\s'\"]+"),
-]
 _SHORT = re.compile(r"^azureml://datastores/(?P<name>[^/]+)(?P<rest>/.*)?$", re.IGNORECASE)
 _LONG = re.compile(
     r"^azureml://subscriptions/(?P<sub>[^/]+)/resourcegroups/(?P<rg>[^/]+)/"
@@ -79,29 +75,6 @@ class DatastoreNotFoundError(DatastoreError, LookupError):
 
 class DatastoreCredentialsError(DatastoreError):
     """The datastore holds no credential the nodes can use."""
-
-
-def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
-    """Mask account keys, SAS signatures and the given secret values in a string.
-
-    Parameters
-    ----------
-    text
-        Any text (an error message, a repr, a log line).
-    secrets
-        Literal secret values to mask wherever they occur.
-
-    Returns
-    -------
-    str
-        The text with secrets replaced by ``***``.
-    """
-    for secret in secrets:
-        if secret and len(secret) >= 6:
-            text = text.replace(secret, "***")
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub(r"\1***", text)
-    return text
 
 
 class StorageOptions(dict):

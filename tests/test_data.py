@@ -93,6 +93,21 @@ def test_redact_masks_keys_sas_and_literals():
         assert secret not in out
 
 
+def test_sdk_log_lines_are_redacted_by_the_filter_the_library_installs(caplog):
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger("urllib3.connectionpool").debug(
+        '%s://%s:%s "%s %s %s" %s %s',
+        *("https", "acct.blob.core.windows.net", 443, "PUT", "/c/x?sv=1&sig=SIGVALUE%3D&se=2"),
+        *("HTTP/1.1", 201, 0),
+    )
+    trace = logging.getLogger("azure.core.pipeline.policies._universal")
+    trace.debug("    %r: %r", "Authorization", "Bearer eyJ0eXAi.eyJhdWQi.c2ln")
+    trace.debug('{"KEY": "-----BEGIN PRIVATE KEY-----\\nMIIEv\\n-----END PRIVATE KEY-----\\n"}')
+    text = caplog.text
+    assert "sig=***&se=2" in text and "Bearer ***" in text and "PRIVATE KEY-----***" in text
+    assert "SIGVALUE" not in text and "eyJ" not in text and "MIIEv" not in text
+
+
 # --------------------------------------------------------- Azurite + emulator (module scoped)
 
 
@@ -347,3 +362,38 @@ def test_cluster_reads_aggregates_and_writes_back(
         assert secret not in node_logs
         assert secret not in job_spec
         assert secret not in logs
+
+
+@pytest.mark.slow
+def test_debug_logs_of_a_tls_cluster_with_code_and_a_sas_datastore_hold_no_secret(
+    data_emulator, azurite, datastores, cluster_kwargs, caplog, tmp_path
+):
+    import re
+    import uuid
+
+    import fsspec
+    from distributed import Client
+
+    from dask_amlcompute import AmlComputeCluster
+
+    caplog.set_level(logging.DEBUG)  # every logger, the SDK's network trace included
+    ml = data_emulator.ml_client(logging_enable=True)
+    (tmp_path / "mymod.py").write_text(f"TOKEN = {uuid.uuid4().hex!r}\n")  # a new snapshot
+    with AmlComputeCluster(ml, security=True, code=tmp_path, **cluster_kwargs) as cluster:
+        sas = resolve("azureml://datastores/sasstore/paths/logs/", ml)
+        fsspec.filesystem("abfs", **sas.storage_options).pipe(f"{sas.url}a.txt", b"x")
+        cluster.scale(2)
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=60)
+        tls_key = cluster.security.tls_scheduler_key
+    text = caplog.text
+    assert "PRIVATE KEY-----" in tls_key
+    for secret in [*_secrets(azurite, datastores), tls_key.splitlines()[1]]:
+        assert secret not in text
+    # the snapshot's upload URLs (a write SAS) were logged, with their signature masked
+    assert re.search(r"[?&]sig=(\*\*\*|REDACTED)", text)
+    leaks = re.findall(
+        r"[?&]sig=(?!\*\*\*|REDACTED)[^&\s'\"]+|Bearer (?!\*\*\*)\S+|eyJ\w{8,}", text
+    )
+    assert not leaks
+    assert "AccountKey=" not in text.replace("AccountKey=***", "")

@@ -181,6 +181,31 @@ def test_throttled_and_failing_control_plane_during_start_and_scaling(emu):
         assert sorted(j.role for j in jobs) == ["cluster", "workers"]  # no duplicates
 
 
+def test_a_users_own_client_survives_a_burst_of_8_throttled_responses(emu):
+    from azure.ai.ml import MLClient
+
+    from dask_amlcompute.emulator.client import EmulatorTransport
+
+    # Built as a user builds one: azure-core's default retries (3 status retries).
+    ml = MLClient(
+        emu.credential(),
+        emu.subscription_id,
+        emu.resource_group,
+        emu.workspace_name,
+        transport=EmulatorTransport(emu.base_url),
+    )
+    # 429 + Retry-After: the ARM throttling answer ("Throttling Resource Manager requests").
+    emu.inject_http_errors(8, status=429, retry_after=1)
+    began = time.monotonic()
+    with AmlComputeCluster(ml, **settings()) as cluster, Client(cluster) as client:
+        assert emu.pending_http_errors() == 0
+        assert time.monotonic() - began < 60  # 8 x Retry-After 1 s + a start of a few seconds
+        emu.inject_http_errors(8, status=503)
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=90)
+        assert emu.pending_http_errors() == 0
+
+
 def test_node_killed_mid_computation_results_still_correct(emu):
     with AmlComputeCluster(emu.ml_client(), **settings()) as cluster, Client(cluster) as client:
         cluster.scale(2)

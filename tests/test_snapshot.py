@@ -63,6 +63,25 @@ def test_user_code_and_library_together_ignore_rules_apply(tmp_path):
     assert "dask_amlcompute/node/entry.py" in files
 
 
+def test_links_out_of_the_code_folder_are_left_out_with_a_warning(tmp_path):
+    secret = tmp_path / "home" / ".ssh" / "id_rsa"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("private key material: never uploaded\n")
+    code = tmp_path / "code"
+    (code / "conf").mkdir(parents=True)
+    (code / "run.py").write_text("print(1)\n")
+    (code / "id_rsa").symlink_to(secret)
+    (code / "conf" / "creds").symlink_to(secret)
+    (code / "alias.py").symlink_to(code / "run.py")  # inside the folder: shipped
+    (code / "home").symlink_to(secret.parent.parent, target_is_directory=True)  # not entered
+    with pytest.warns(UserWarning, match="2 symbolic link.*outside it: conf/creds, id_rsa"):
+        staged = stage_snapshot(code, root=tmp_path / "cache")
+    files = tree(staged)
+    assert "run.py" in files and (staged / "alias.py").read_text() == "print(1)\n"
+    assert not [f for f in files if "id_rsa" in f or "creds" in f or f.startswith("home/")]
+    assert not [p for p in staged.rglob("*") if p.is_file() and "never uploaded" in p.read_text()]
+
+
 def test_node_package_leaves_the_library_out(tmp_path):
     code = tmp_path / "code"
     code.mkdir()

@@ -6,6 +6,7 @@ import pytest
 from distributed import Client
 
 from dask_amlcompute import AmlComputeCluster
+from dask_amlcompute.cluster import SECRET_IN_JOB_BODY
 
 pytestmark = pytest.mark.slow
 
@@ -15,9 +16,10 @@ def test_tls_cluster_runs_and_rejects_a_client_without_the_certificate(
 ):
     with AmlComputeCluster(ml_client, n_nodes=2, security=True, **cluster_kwargs) as cluster:
         assert cluster.scheduler_address.startswith("tls://")
-        # the key never shows in what the library prints
+        # the key never shows in what the library prints; the preview says where it is
         env = cluster.job_spec()["properties"]["environmentVariables"]
-        assert env["DASK_AMLCOMPUTE_TLS_KEY"] == "<redacted>"
+        assert env["DASK_AMLCOMPUTE_TLS_KEY"] == SECRET_IN_JOB_BODY
+        assert "plain text" in SECRET_IN_JOB_BODY
         assert "PRIVATE KEY" not in repr(cluster)
         with Client(cluster) as client:  # picks up cluster.security
             workers = client.scheduler_info()["workers"]

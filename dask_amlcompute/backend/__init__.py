@@ -5,5 +5,5 @@
   :mod:`.jobwait` waits for a job's tag and explains failures.
 - :mod:`.jobspec`: the command jobs, built without a network.
 - :mod:`.environment`: the node environment; :mod:`.versions`: version checks;
-  :mod:`.workspace`: finding the workspace; :mod:`.sdknotices`: quiet SDK notices.
+  :mod:`.workspace`: finding the workspace; :mod:`.sdknotices`: no SDK notices or secrets in logs.
 """

@@ -101,18 +101,31 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-#: azure-core retry settings of the ``MLClient`` objects this library builds: connection
-#: errors and 408/429/5xx are retried with exponential back-off (0.8 s, 1.6 s, ... at most
-#: 30 s), about two minutes in all, honouring ``Retry-After``. Pass them to your own
-#: ``MLClient(..., **RETRY_SETTINGS)`` for the same behaviour.
-RETRY_SETTINGS: dict[str, Any] = {
-    "retry_total": 8,
-    "retry_connect": 8,
-    "retry_read": 4,
-    "retry_status": 8,
-    "retry_backoff_factor": 0.8,
-    "retry_backoff_max": 30,
-}
+#: The library's control-plane calls are retried for at most this many seconds when they
+#: keep failing transiently, on top of the ``MLClient``'s own azure-core retries (3 status
+#: retries by default): whoever built the client, a burst of throttling (429) or server
+#: errors (5xx) is waited out, honouring ``Retry-After``.
+RETRY_WINDOW = 120.0
+#: Back-off between two attempts without a ``Retry-After``: 0.8 s, 1.6 s, ... at most 30 s.
+RETRY_BACKOFF = (0.8, 30.0)
+
+
+def retry_delay(exc: BaseException, attempt: int) -> float:
+    """Seconds to wait before retrying after ``exc``, the failure of attempt ``attempt``.
+
+    AML's ``Retry-After`` (or ``retry-after-ms``) when the response had one, read by
+    azure-core's :class:`~azure.core.pipeline.policies.RetryPolicy`; else exponential back-off.
+    """
+    from azure.core.pipeline import PipelineResponse
+    from azure.core.pipeline.policies import RetryPolicy
+
+    response = getattr(exc, "response", None)
+    if response is not None and getattr(response, "headers", None) is not None:
+        after = RetryPolicy().get_retry_after(PipelineResponse(None, response, None))  # type: ignore[arg-type]
+        if after is not None:
+            return after
+    factor, most = RETRY_BACKOFF
+    return float(min(most, factor * 2 ** (attempt - 1)))
 
 
 #: At most this many job submissions and cancellations in flight at once per cluster: a
@@ -141,12 +154,33 @@ class AmlOps:
         self._writes = asyncio.Semaphore(MAX_CONCURRENT_WRITES)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one SDK call in a worker thread, retried while it fails transiently.
+
+        The ``MLClient``'s azure-core retries come first (connection errors, 408/429/5xx,
+        honouring ``Retry-After``); what still fails transiently is attempted again here,
+        after AML's ``Retry-After`` or a back-off, for at most :data:`RETRY_WINDOW`
+        seconds, so a user's client with azure-core's default of 3 status retries
+        survives the same bursts as any other. Then it is a :class:`ControlPlaneError`.
+        ``fn`` must be safe to repeat (reads, PUTs of the same body, cancels).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETRY_WINDOW
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._once(fn, *args, **kwargs)
+            except ControlPlaneError as exc:
+                delay = retry_delay(exc.__cause__ or exc, attempt)
+                if loop.time() + delay > deadline:
+                    raise
+                logger.debug("Attempt %d failed (%s); retrying in %.1f s", attempt, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _once(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one SDK call in a worker thread; a transient failure is a :class:`ControlPlaneError`.
 
-        Retrying is azure-core's job, configured once on the ``MLClient``
-        (:data:`RETRY_SETTINGS` for the clients this library builds): it retries
-        connection errors and 408/429/5xx with back-off, honouring ``Retry-After``.
-        What still fails after that is reported, not retried again here.
+        For calls that cannot be repeated as such (a poller's result); :meth:`_call` retries.
         """
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
@@ -229,7 +263,7 @@ class AmlOps:
 
         try:
             poller = await self._call(self.ml_client.compute.begin_create_or_update, compute)
-            await self._call(poller.result, timeout)
+            await self._once(poller.result, timeout)
         except HttpResponseError as exc:
             if exc.status_code == 400:  # AML refused the request (name, size, quota)
                 raise ConfigurationError(
@@ -240,7 +274,7 @@ class AmlOps:
     async def delete_compute(self, name: str, timeout: float) -> None:
         """Delete a compute (``compute.begin_delete``) and wait, bounded, for AML to finish."""
         poller = await self._call(self.ml_client.compute.begin_delete, name)
-        await self._call(poller.result, timeout)
+        await self._once(poller.result, timeout)
 
     async def list_sizes(self) -> list[Any]:
         """The region's VM sizes (``compute.list_sizes()``; the workspace's location).

@@ -1,22 +1,68 @@
-"""Keep azure-ai-ml's "experimental class" notices off the user's screen.
+"""What the SDK logs: no "experimental class" notices, no secrets.
 
 azure-ai-ml logs a warning (through the ``azure.ai.ml._utils._experimental``
 logger, which has no handler, so Python's last-resort handler prints it to
 stderr) the first time each experimental schema or class is used. Loading the
 SDK's job schemas prints six of them (``Class AutoDeleteSettingSchema: This is
 an experimental class, and may change at any time...``) before any result,
-although nothing the library does is experimental. :func:`quiet_experimental_notices`
+although nothing the library does is experimental. :class:`ExperimentalNoticeFilter`
 drops exactly those records; every other SDK warning still shows.
+
+At DEBUG, urllib3 logs every request line with its query string: the SAS
+signature (``sig=``) of the code snapshot's upload URL (write access) among
+them; azure-core's network trace (``logging_enable=True``) logs headers and
+bodies (bearer tokens, the job body). :class:`SecretRedactingFilter` masks SAS
+signatures, account keys, bearer/SharedKey authorizations and PEM private keys
+in the records of those loggers (:data:`REDACTED_LOGGERS`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 #: The logger azure-ai-ml's ``@experimental`` decorator writes to.
 EXPERIMENTAL_LOGGER = "azure.ai.ml._utils._experimental"
 #: Fragments of the SDK's EXPERIMENTAL_CLASS_MESSAGE / EXPERIMENTAL_METHOD_MESSAGE.
 NOTICE_FRAGMENTS = ("This is an experimental class", "This is an experimental method")
+#: Loggers that write request URLs, headers or bodies: urllib3's request lines, azure-core's
+#: HTTP logging policy and its network trace (a logger filter sees only its own records).
+REDACTED_LOGGERS = (
+    "urllib3.connectionpool",
+    "azure.core.pipeline.policies.http_logging_policy",
+    "azure.core.pipeline.policies._universal",
+)
+#: Secrets in text, each as (prefix kept)(secret masked).
+SECRET_PATTERNS = (
+    re.compile(r"(?i)(AccountKey=)[^;\s'\"]+"),
+    re.compile(r"(?i)(SharedAccessSignature=)[^;\s'\"]+"),
+    re.compile(r"(?i)([?&;]sig=)[^&;\s'\"]+"),
+    re.compile(r"(?i)((?:Bearer|SharedKey [^:\s'\"]+:)\s*)[^\s'\",]+"),
+    re.compile(r"(-----BEGIN [A-Z ]*PRIVATE KEY-----).*?-----END [A-Z ]*PRIVATE KEY-----", re.S),
+)
+
+
+def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
+    """Mask account keys, SAS signatures, authorizations, private keys and given values.
+
+    Parameters
+    ----------
+    text
+        Any text (an error message, a repr, a log line).
+    secrets
+        Literal secret values to mask wherever they occur.
+
+    Returns
+    -------
+    str
+        The text with secrets replaced by ``***``.
+    """
+    for secret in secrets:
+        if secret and len(secret) >= 6:
+            text = text.replace(secret, "***")
+    for pattern in SECRET_PATTERNS:
+        text = pattern.sub(r"\1***", text)
+    return text
 
 
 class ExperimentalNoticeFilter(logging.Filter):
@@ -27,11 +73,27 @@ class ExperimentalNoticeFilter(logging.Filter):
         return not any(fragment in message for fragment in NOTICE_FRAGMENTS)
 
 
-def quiet_experimental_notices() -> None:
-    """Install :class:`ExperimentalNoticeFilter` on the SDK's notice logger (idempotent).
+class SecretRedactingFilter(logging.Filter):
+    """Rewrite a record whose message holds a secret (see :func:`redact`); drop none."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def install_log_filters() -> None:
+    """Install both filters on their loggers (idempotent).
 
     Importing :mod:`dask_amlcompute` does this; azure itself is not imported.
     """
-    logger = logging.getLogger(EXPERIMENTAL_LOGGER)
-    if not any(isinstance(f, ExperimentalNoticeFilter) for f in logger.filters):
-        logger.addFilter(ExperimentalNoticeFilter())
+    wanted: list[tuple[str, type[logging.Filter]]] = [
+        (EXPERIMENTAL_LOGGER, ExperimentalNoticeFilter),
+        *((name, SecretRedactingFilter) for name in REDACTED_LOGGERS),
+    ]
+    for name, kind in wanted:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())

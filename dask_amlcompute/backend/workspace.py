@@ -275,15 +275,14 @@ def ml_client_from_config(path: str | os.PathLike | None = None, credential: Any
     from azure.ai.ml import MLClient
     from azure.ai.ml.exceptions import ValidationException
 
-    from .ops import RETRY_SETTINGS
-
     if credential is None:
         from azure.identity import DefaultAzureCredential
 
         credential = DefaultAzureCredential()
     try:
-        # azure-core's retries, configured once for the clients this library builds
-        return MLClient.from_config(credential, path=found, **RETRY_SETTINGS)
+        # azure-core's default retries, as on a client the user builds; the library's
+        # calls are retried further, the same way for both (backend.ops.AmlOps._call)
+        return MLClient.from_config(credential, path=found)
     except ValidationException as exc:  # the file lacks subscription_id, resource_group, ...
         raise WorkspaceNotConfiguredError(f"{found}: {exc.message}") from None
     except ValueError as exc:  # not JSON

@@ -184,7 +184,7 @@ def test_throttled_and_failing_control_plane_during_start_and_scaling(emu):
 def test_a_users_own_client_survives_a_burst_of_8_throttled_responses(emu):
     from azure.ai.ml import MLClient
 
-    from dask_amlcompute.emulator.client import EmulatorTransport
+    from aml_emulator.client import EmulatorTransport
 
     # Built as a user builds one: azure-core's default retries (3 status retries).
     ml = MLClient(

@@ -109,6 +109,7 @@ class ClusterSettings:
     death_timeout: float = 300.0
     idle_timeout: float | None = None
     no_client_timeout: float | None = 600.0
+    first_contact_timeout: float | None = 300.0
     connect: str = "auto"
     security: bool = False
     ssh_key: str | None = None
@@ -225,7 +226,7 @@ _REQUIRED_DURATIONS = (
     "poll_interval",
     "watch_interval",
 )
-_OPTIONAL_DURATIONS = ("job_timeout", "idle_timeout", "no_client_timeout")
+_OPTIONAL_DURATIONS = ("job_timeout", "idle_timeout", "no_client_timeout", "first_contact_timeout")
 _BOOLEANS = (
     "worker_on_scheduler",
     "security",

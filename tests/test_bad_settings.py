@@ -88,6 +88,7 @@ CASES = [
     Case("dashboard_port", -1),
     Case("death_timeout", "never"),
     Case("no_client_timeout", "later"),
+    Case("first_contact_timeout", -3),
     Case("idle_timeout", 0),
     Case("security", "yes"),
     Case("connect", "telepathy"),

@@ -154,7 +154,7 @@ def _cancel(owned: _Owned, name: str) -> None:
 
 
 def _cancel_then_die(signum: int, frame: Any) -> None:
-    """SIGTERM/SIGHUP: cancel what is owned, then end of the signal as it would have."""
+    """SIGTERM/SIGHUP: cancel what is owned, then let the signal end the process as before."""
     cancel_owned()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)

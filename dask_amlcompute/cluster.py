@@ -13,6 +13,7 @@ from typing import Any
 from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
 
+from .backend import reaper
 from .backend.capacity import (
     QUOTA_DOCS,
     Quota,
@@ -285,6 +286,8 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             group = ctx.node_options("workers", "x").worker_suffixes(n)
             options = {**worker_job["options"], "suffixes": group, "n_nodes": n, "existing": True}
             workers[job_name] = {"cls": WorkerJob, "options": options, "group": group}
+        # jobs this object owns are cancelled however the process ends (close() releases them)
+        self._reaper_key = reaper.own(self, ml_client, state.jobs) if shutdown_on_close else None
         try:
             super().__init__(
                 scheduler=scheduler,
@@ -412,6 +415,8 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             # A reconnected cluster we do not own: disconnect, leave it running (also when
             # this object failed to connect: the cluster is someone else's to stop).
             state.lifecycle = Lifecycle.DETACHING
+            if self._reaper_key is not None:  # owned once, left running now: not ours to stop
+                reaper.release(self._reaper_key, detached=True)
             self.shutdown_scheduler = False
             if self.status.name != "running":  # never connected: no worker groups to keep
                 self.worker_spec.clear()
@@ -431,6 +436,8 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         await super()._close()
         if dead is not None:
             await dead.close()
+        if self._reaper_key is not None:
+            reaper.release(self._reaper_key)
         await self._release_compute()
 
     async def _release_compute(self) -> None:

@@ -108,6 +108,7 @@ class ClusterSettings:
     death_timeout: float = 300.0
     idle_timeout: float | None = None
     no_client_timeout: float | None = 600.0
+    first_contact_timeout: float | None = 300.0
     connect: str = "auto"
     security: bool = False
     ssh_key: str | None = None

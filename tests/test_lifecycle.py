@@ -59,16 +59,6 @@ def test_killed_client_leaves_nothing_running(emu):
     assert emu.nodes_in_use("life") == 0
 
 
-def test_process_exit_without_close_cancels_via_atexit(emu):
-    proc = run_client_script(
-        emu,
-        f'cluster = AmlComputeCluster(ml, name="forgot-close", **{settings()!r})\nprint("up")\n',
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "up" in proc.stdout
-    assert emu.wait_job("forgot-close-main", timeout=30) in ("Completed", "Canceled")
-
-
 def test_cluster_object_keeps_the_cluster_alive_without_clients(emu):
     with AmlComputeCluster(emu.ml_client(), **settings(no_client_timeout=2)) as cluster:
         time.sleep(5)  # > no_client_timeout: only the cluster's heartbeats keep it up

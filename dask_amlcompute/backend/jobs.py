@@ -196,6 +196,8 @@ class MainJob(ProcessInterface):
         )
         logger.error("%s", state.lost_reason)
         ctx.log(state.lost_reason)
+        if self._heartbeat is not None:  # never keep the new scheduler alive
+            self._heartbeat.cancel()
         await self.connector.close()  # a tunnel's local ports close: nothing reaches it
         names = [n for n, status in state.jobs.items() if status not in TERMINAL]
         ended = await asyncio.gather(*(ctx.ops.cancel(n) for n in names), return_exceptions=True)
@@ -462,10 +464,11 @@ class WorkerJob(_JobWorkers):
         if self._submitted and state.lifecycle is not Lifecycle.DETACHING:
             if not state.main_job_ended():
                 await self._retire()
-            status = await ctx.ops.cancel(self.name)
-            if status:  # what the cluster's job list shows (the watch follows it no more)
-                state.jobs[self.name] = status
-            ctx.log(f"Cancelled worker job {self.name}")
+            if state.jobs.get(self.name) not in TERMINAL:  # cancelled at exit already?
+                status = await ctx.ops.cancel(self.name)
+                if status:  # what the cluster's job list shows (the watch follows it no more)
+                    state.jobs[self.name] = status
+                ctx.log(f"Cancelled worker job {self.name}")
         await super().close()
 
     async def _retire(self) -> None:

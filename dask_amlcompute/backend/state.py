@@ -186,8 +186,7 @@ class ClusterContext:
             death_timeout=s.death_timeout,
             idle_timeout=s.idle_timeout,
             no_client_timeout=s.no_client_timeout,
-            # the client may take up to its startup bound to find and reach the scheduler
-            first_contact_timeout=s.startup_timeout if s.no_client_timeout else None,
+            first_contact_timeout=s.first_contact_timeout,
             scheduler_address=scheduler_address,
             scheduler_options=s.scheduler_options,
             worker_options=s.worker_options,

@@ -61,7 +61,9 @@ class NoClientTimeout(SchedulerPlugin):
     scheduler starts: between the two, the node publishes its address through AML
     and the client polls for it, which on a busy machine or a slow control plane
     takes longer than a short ``timeout``. Until the first contact the scheduler
-    waits ``first_contact_timeout`` (the client's own startup bound) instead.
+    waits ``first_contact_timeout``, counted from its own start: a job whose client
+    died while it sat in Queued or Preparing (hours, maybe) ends that long after
+    its scheduler starts.
 
     Parameters
     ----------
@@ -69,14 +71,14 @@ class NoClientTimeout(SchedulerPlugin):
         Seconds without clients or heartbeats before shutting down.
     first_contact_timeout
         Seconds to wait for the first client or heartbeat after the scheduler
-        starts (at least ``timeout``; None: ``timeout``).
+        starts (None: ``timeout``).
     """
 
     name = "dask-amlcompute-no-client-timeout"
 
     def __init__(self, timeout: float, first_contact_timeout: float | None = None) -> None:
         self.timeout = timeout
-        self.first_contact_timeout = max(timeout, first_contact_timeout or 0.0)
+        self.first_contact_timeout = first_contact_timeout or timeout
         self.last_seen = 0.0
         self.contacted = False
         self._task: Any = None
@@ -108,7 +110,7 @@ class NoClientTimeout(SchedulerPlugin):
         import logging
         import time
 
-        interval = max(0.2, min(self.timeout / 5, 30.0))
+        interval = max(0.2, min(self.timeout / 5, self.first_contact_timeout / 5, 30.0))
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()

@@ -1,0 +1,160 @@
+"""Cancel a cluster's AML jobs however its client process ends.
+
+``close()`` cancels a cluster's jobs through :class:`~.ops.AmlOps`, on the cluster's event
+loop and thread pool. A process that ends without ``close()`` has neither by then: interpreter
+exit (an unhandled exception and Ctrl-C included) runs the exit hooks after Python has shut its
+thread pools down, and SIGTERM (a kernel restart) or SIGHUP end the process without running
+them at all. So a cluster that owns its jobs registers them here (:func:`own`), and whatever
+has not ended is cancelled without an event loop or executor: one
+``jobs.begin_cancel(name, polling=False)`` request per job (AML accepts it; nothing waits for
+the job to end), no retries, short socket timeouts, every job in its own daemon thread, all
+joined against one deadline. An exit never hangs on an unreachable control plane.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import signal
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from .ops import TERMINAL_STATUSES
+
+logger = logging.getLogger(__name__)
+
+#: Seconds one exit waits, in all, for the cancel requests of every cluster.
+EXIT_CANCEL_TIMEOUT = 5.0
+#: Per-request options of a cancel at exit: one attempt, short socket timeouts (azure-core).
+_REQUEST_OPTIONS: dict[str, Any] = {
+    "polling": False,
+    "retry_total": 0,
+    "connection_timeout": 3,
+    "read_timeout": 4,
+}
+#: Nothing left to cancel (Finalizing: the job's nodes are being released).
+_ENDED = TERMINAL_STATUSES | {"Finalizing"}
+
+
+@dataclass
+class _Owned:
+    ml_client: Any
+    #: The cluster's ``ClusterState.jobs`` (name -> last known status), shared, not copied.
+    jobs: dict[str, str]
+    cluster: weakref.ref
+
+
+_owned: dict[int, _Owned] = {}
+_keys = itertools.count()
+_lock = threading.RLock()  # re-entrant: a signal may arrive while this thread holds it
+_exit_hook = False
+
+
+def own(cluster: Any, ml_client: Any, jobs: dict[str, str]) -> int:
+    """Cancel ``jobs`` if the process ends without ``cluster.close()``.
+
+    A running cluster is never garbage collected before that (Dask's own tasks on its
+    event loop hold it), so a dropped, unclosed cluster is cancelled at exit too.
+
+    Installs, once, an exit hook and (from the main thread, where SIGTERM or SIGHUP still
+    have their default action) a handler that cancels before the signal ends the process.
+
+    Parameters
+    ----------
+    cluster
+        The cluster object (held weakly: at exit, a cluster whose ``shutdown_on_close`` is
+        now False is left running).
+    ml_client
+        The ``MLClient`` the cancels go through.
+    jobs
+        The cluster's jobs and their last known status, as the cluster updates them.
+
+    Returns
+    -------
+    int
+        The key for :func:`release`.
+    """
+    global _exit_hook
+    key = next(_keys)
+    with _lock:
+        _owned[key] = _Owned(ml_client, jobs, weakref.ref(cluster))
+        if not _exit_hook:
+            # registered after distributed's: runs before its reaper, which then finds the
+            # jobs cancelled instead of failing to cancel them on a shut-down executor
+            atexit.register(cancel_owned)
+            _exit_hook = True
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+                signal.signal(signum, _cancel_then_die)
+    return key
+
+
+def release(key: int, detached: bool = False) -> None:
+    """Forget a cluster that closed, once every job of it has ended (else exit retries).
+
+    ``detached``: it closed without stopping its jobs (``shutdown_on_close`` turned False):
+    forget it at once.
+    """
+    with _lock:
+        owned = _owned.get(key)
+        if owned is not None and (detached or all(s in _ENDED for s in list(owned.jobs.values()))):
+            del _owned[key]
+
+
+def cancel_owned(*keys: int, timeout: float = EXIT_CANCEL_TIMEOUT) -> None:
+    """Cancel the jobs of the given clusters (all: none given) that have not ended; bounded.
+
+    Parameters
+    ----------
+    *keys
+        Keys from :func:`own`.
+    timeout
+        Seconds to wait for all the cancel requests together.
+    """
+    with _lock:
+        found = [_owned.pop(k) for k in (keys or list(_owned)) if k in _owned]
+    threads = []
+    for owned in found:
+        cluster = owned.cluster()
+        if cluster is not None and not getattr(cluster, "shutdown_on_close", True):
+            continue  # the user chose to leave it running
+        for name, status in list(owned.jobs.items()):
+            if status in _ENDED:
+                continue
+            thread = threading.Thread(
+                target=_cancel, args=(owned, name), name=f"cancel-{name}", daemon=True
+            )
+            try:
+                thread.start()
+            except RuntimeError:  # no new threads this late: one bounded request right here
+                _cancel(owned, name)
+                continue
+            threads.append(thread)
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads):
+        logger.warning("Cancelling AML jobs took longer than %.0fs; not waiting", timeout)
+
+
+def _cancel(owned: _Owned, name: str) -> None:
+    try:
+        owned.ml_client.jobs.begin_cancel(name, **_REQUEST_OPTIONS)
+    except Exception as exc:
+        logger.warning("Cancelling AML job %s (cluster not closed) failed: %s", name, exc)
+        return
+    owned.jobs[name] = "Canceled"  # close(), if it still runs, finds nothing left to cancel
+    logger.info("Cancelled AML job %s: its cluster was not closed", name)
+
+
+def _cancel_then_die(signum: int, frame: Any) -> None:
+    """SIGTERM/SIGHUP: cancel what is owned, then let the signal end the process as before."""
+    cancel_owned()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)

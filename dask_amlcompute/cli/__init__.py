@@ -34,6 +34,7 @@ def _env(args: argparse.Namespace) -> int:
             node_package=args.node_package or config.get("node-package"),
             image=args.image,
             stack=args.stack,
+            gpu=args.gpu,
         )
     except ConfigurationError as exc:
         print(f"dask-amlcompute env: {exc}", file=sys.stderr)
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     env.add_argument("--node-package", metavar="REQ", help="pip spec of dask-amlcompute")
     env.add_argument("--image", default=None, help="base image (default: AML openmpi image)")
     env.add_argument("--stack", choices=["installed", "imported", "none"], default="installed")
+    env.add_argument(
+        "--gpu", action="store_true", help="the GPU sizes' environment (dask-cuda, CUDA image)"
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "emulator":
         return _emulator(args, rest)

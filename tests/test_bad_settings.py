@@ -71,6 +71,7 @@ CASES = [
     Case("job_timeout", "soon"),
     Case("startup_timeout", "-5"),
     Case("prepare_timeout", "eventually"),
+    Case("queue_timeout", "eventually"),
     Case("experiment_name", "bad/name"),
     Case("name", "has space"),
     Case("name", "x" * 300),

@@ -16,10 +16,17 @@ import dask
 import distributed
 import pytest
 
-from dask_amlcompute import AmlComputeCluster, ConfigurationError, JobFailedError
+from dask_amlcompute import (
+    AmlComputeCluster,
+    ConfigurationError,
+    EnvironmentBuildError,
+    JobFailedError,
+)
 from dask_amlcompute._protocol import NodeOptions
 from dask_amlcompute.backend.daskcuda import CUDA_IMAGE, dask_cuda_requirement
 from dask_amlcompute.backend.environment import DEFAULT_IMAGE, local_python
+from dask_amlcompute.backend.jobwait import job_error
+from dask_amlcompute.backend.ops import AmlOps
 
 GPU_SIZE = "Standard_NC24s_v3"  # emulator catalogue: 4 GPUs, 24 vCPUs
 
@@ -135,3 +142,44 @@ def test_job_ssh_is_refused_on_the_default_gpu_environment(ml_client, gpu_comput
         ml_client, compute=gpu_compute, n_nodes=1, connect="job-ssh", gpu_workers="none",
         name="gpu-ssh-cpu",
     )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_an_unbuildable_gpu_environment_fails_in_the_build_as_on_aml(
+    emulator, ml_client, gpu_compute
+):
+    # What the library submitted before it pinned dask-cuda: the client's dask beside a
+    # dask-cuda whose rapids-dask-dependency pins another. The emulator resolves it with the
+    # real installer in the build step, so the job fails there, as AML's image build does.
+    from azure.ai.ml import command
+    from azure.ai.ml.entities import Environment
+
+    from dask_amlcompute.emulator.envbuild import BUILD_FAILED_MESSAGE
+
+    conda = {
+        "name": "gpu-unbuildable",
+        "channels": ["conda-forge"],
+        "dependencies": [
+            f"python={local_python()}",
+            "pip",
+            {"pip": ["dask==2026.8.0", "distributed==2026.8.0", "dask-cuda[cu12]==26.10.0"]},
+        ],
+    }
+    job = ml_client.jobs.create_or_update(
+        command(
+            command="echo never",
+            compute=gpu_compute,
+            environment=Environment(image=CUDA_IMAGE, conda_file=conda),
+        )
+    )
+    assert emulator.wait_job(job.name, 300) == "Failed"
+    assert emulator.job_error(job.name)["message"] == BUILD_FAILED_MESSAGE
+    assert "echo never" not in emulator.node_log(job.name, 0)
+
+    async def library_error():  # what a cluster would raise: the build log names the conflict
+        ops = AmlOps(ml_client)
+        return await job_error(ops, await ops.get_job(job.name), "x")
+
+    error = asyncio.run(library_error())
+    assert isinstance(error, EnvironmentBuildError), error
+    assert "rapids-dask-dependency" in (error.log_tail or ""), error.log_tail

@@ -287,14 +287,11 @@ async def _phase_timeout(ctx: ClusterContext, info: JobInfo, spent: float) -> Jo
     setting = OWN_BOUNDS[info.status]
     bound = float(getattr(ctx.settings, setting))
     hint = f" ({ctx.state.queue_hint})" if info.status == "Queued" and ctx.state.queue_hint else ""
-    advice = {
-        "Preparing": "Raise prepare_timeout for a slow first image build.",
-        "Queued": "Raise queue_timeout to wait longer for nodes.",
-    }[info.status]
     return await job_error(
         ctx.ops,
         info,
         f"The job stayed in {info.status} for {_minutes(spent)} ({setting}={bound:.0f}s): "
-        f"{LIKELY_CAUSES[info.status]}{hint} {advice} The job was cancelled.",
+        f"{LIKELY_CAUSES[info.status]}{hint} Raise {setting} to wait longer. "
+        "The job was cancelled.",
         StartupTimeoutError,
     )

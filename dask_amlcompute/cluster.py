@@ -25,6 +25,7 @@ from .backend.capacity import (
     quotas_for,
     size_from_sdk,
 )
+from .backend.daskcuda import NO_SSH_SERVER
 from .backend.environment import environment_from_settings, library_in_snapshot
 from .backend.jobs import MainJob, MainJobWorkers, WorkerJob
 from .backend.jobwait import job_error
@@ -503,6 +504,8 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     def _check_connect_path(self) -> None:
         """Refuse a ``connect=`` that cannot work on this compute, before any node is paid for."""
         mode = self.settings.connect
+        if mode in ("job-ssh", "auto") and self._context.state.gpus_per_node:
+            self._check_gpu_job_ssh(mode)
         if mode not in ("job-ssh", "ssh"):
             return  # direct and auto may work (auto: direct, then the job's SSH service)
         missing = unavailable_paths(self._context)
@@ -513,6 +516,25 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
                 f"{missing[mode]}. Use connect='auto' (tries direct, then the job's SSH service"
                 f"{'; usable here: ' + usable if usable else ''}). Nothing was submitted."
             )
+
+    def _check_gpu_job_ssh(self, mode: str) -> None:
+        """The default GPU environment's image may lack the job SSH service's sshd: say so."""
+        if self.settings.environment is not None:
+            return  # the user's image: their call
+        way_out = (
+            "connect='direct' from inside the workspace's network (e.g. a compute instance), "
+            "environment= an image with openssh-server (`dask-amlcompute env --gpu --format "
+            "dockerfile` writes one), or gpu_workers='none' (CPU image, which has it)"
+        )
+        if mode == "job-ssh":
+            raise ConfigurationError(
+                f"connect='job-ssh' cannot work with the default GPU environment: "
+                f"{NO_SSH_SERVER}. Use {way_out}. Nothing was submitted."
+            )
+        self._log(
+            f"GPU nodes: only the direct connection can work ({NO_SSH_SERVER}); from outside "
+            f"the workspace's network use {way_out}"
+        )
 
     async def _find_or_create_compute(self, attach: bool) -> ComputeInfo:
         """The compute; created first when it does not exist and ``create_compute`` says how."""

@@ -125,6 +125,7 @@ class ClusterSettings:
     version_check: str = "raise"
     quiet: bool = False
     prepare_timeout: float = 3600.0
+    queue_timeout: float = 3600.0
     #: The AmlCompute to create when ``compute`` does not exist (see :func:`compute_request`).
     create_compute: ComputeRequest | None = None
     delete_compute_on_close: bool = False

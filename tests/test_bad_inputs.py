@@ -82,6 +82,7 @@ SETTINGS: dict[str, list[Any]] = {
     "idle_timeout": [0, "later"],
     "no_client_timeout": ["later", -5],
     "first_contact_timeout": ["soon", -3],
+    "queue_timeout": ["eventually", 0],
     "connect": ["telepathy", None, 3],
     "security": ["yes", 0],
     "ssh_key": [NOT_A_FILE, 42],

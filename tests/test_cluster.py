@@ -83,21 +83,29 @@ def test_scheduler_address_found_in_run_history_when_the_job_lacks_it(
     assert "falling back" not in caplog.text, caplog.text
 
 
-def test_run_tags_fall_back_to_run_history_with_a_warning(ml_client, cluster_kwargs, caplog):
+def test_run_tags_fall_back_to_run_history_said_once(ml_client, cluster_kwargs, caplog):
     # A client whose MLflow route fails (here: a tracking URI scheme mlflow has no store
     # for, as azureml:// is without the azureml-mlflow plugin) still gets the tags through
-    # run history, and is told once.
+    # run history, and is told once, at INFO (nothing is wrong for the user).
     import asyncio
 
     from dask_amlcompute.backend.ops import AmlOps
 
-    with AmlComputeCluster(ml_client, n_nodes=1, **cluster_kwargs) as cluster:
-        ops = AmlOps(ml_client, tracking_uri="azureml-unknown://nowhere/mlflow")
-        with caplog.at_level(logging.WARNING, logger="dask_amlcompute"):
+    # azureml:// with a credential that is not DefaultAzureCredential: azureml-mlflow would
+    # log in on its own (interactively outside a job), so the route is not even tried
+    azureml = "azureml://eastus.api.azureml.ms/mlflow/v1.0/subscriptions/s/resourceGroups/g"
+    with (
+        AmlComputeCluster(ml_client, n_nodes=1, **cluster_kwargs) as cluster,
+        caplog.at_level(logging.INFO, logger="dask_amlcompute"),
+    ):
+        for uri in ("azureml-unknown://nowhere/mlflow", azureml):
+            ops = AmlOps(ml_client, tracking_uri=uri)
             tags = asyncio.run(ops.run_tags(cluster.main_job_name))
             asyncio.run(ops.run_tags(cluster.main_job_name))
-    assert "dask_scheduler" in tags
-    assert caplog.text.count("falling back to run history") == 1
+            assert "dask_scheduler" in tags
+    fallbacks = [r for r in caplog.records if "falling back to run history" in r.getMessage()]
+    assert len(fallbacks) == 2 and {r.levelno for r in fallbacks} == {logging.INFO}
+    assert "would log in on its own" in fallbacks[1].getMessage()
 
 
 def test_a_cluster_name_is_never_reused(emulator, ml_client, cluster_kwargs):

@@ -20,7 +20,7 @@ import time
 import pytest
 from _helpers import FAST_CLUSTER, wait_for
 
-from dask_amlcompute.emulator import ComputeSpec, Emulator
+from aml_emulator import ComputeSpec, Emulator
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def start_client(emu, name: str, then: str = "", **extra) -> subprocess.Popen:
         logging.getLogger("dask_amlcompute.backend.reaper").setLevel("INFO")  # what it cancels
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a harness may ignore it
         from dask_amlcompute import AmlComputeCluster
-        from dask_amlcompute.emulator import make_ml_client
+        from aml_emulator import make_ml_client
         cluster = AmlComputeCluster(make_ml_client({emu.base_url!r}), name={name!r},
                                     **{settings!r})
         cluster.scale(2)

@@ -1,5 +1,8 @@
 """GPU sizes: dask-cuda workers (one per GPU, resources GPU=1) and AML's CUDA base image.
 
+The default environment pins the dask-cuda release that runs the client's dask; with a dask no
+release supports, the cluster is refused before anything is submitted.
+
 No machine here has a GPU: these tests check what is submitted (the job's command, environment
 and worker groups) against the emulator's GPU sizes, and that a node without dask-cuda says so.
 A dask-cuda worker has not run in this project's CI (see docs: GPU nodes).
@@ -9,11 +12,21 @@ from __future__ import annotations
 
 import asyncio
 
+import dask
+import distributed
 import pytest
 
-from dask_amlcompute import AmlComputeCluster, JobFailedError
+from dask_amlcompute import (
+    AmlComputeCluster,
+    ConfigurationError,
+    EnvironmentBuildError,
+    JobFailedError,
+)
 from dask_amlcompute._protocol import NodeOptions
-from dask_amlcompute.backend.environment import CUDA_IMAGE, DEFAULT_IMAGE
+from dask_amlcompute.backend.daskcuda import CUDA_IMAGE, dask_cuda_requirement
+from dask_amlcompute.backend.environment import DEFAULT_IMAGE, local_python
+from dask_amlcompute.backend.jobwait import job_error
+from dask_amlcompute.backend.ops import AmlOps
 
 GPU_SIZE = "Standard_NC24s_v3"  # emulator catalogue: 4 GPUs, 24 vCPUs
 
@@ -47,15 +60,27 @@ def _argv(spec) -> NodeOptions:
     return NodeOptions.from_argv(argv)
 
 
-def test_gpu_size_gives_dask_cuda_workers_and_the_cuda_image(ml_client, gpu_compute):
+@pytest.fixture
+def client_dask(monkeypatch):
+    """Make this client look as if it ran another dask (what the environment pins)."""
+
+    def use(version: str) -> None:
+        monkeypatch.setattr(dask, "__version__", version)
+        monkeypatch.setattr(distributed, "__version__", version)
+
+    return use
+
+
+def test_gpu_size_gives_dask_cuda_workers_and_the_cuda_image(ml_client, gpu_compute, client_dask):
+    client_dask("2026.7.1")
     cluster, spec = _prepared(ml_client, compute=gpu_compute, n_nodes=2, name="gpu-plan")
     node = _argv(spec)
     assert node.cuda and node.processes == 4  # one worker per GPU
     assert cluster._main_workers == 8  # 2 nodes x 4 GPUs (the scheduler's node too)
     environment = cluster._context.state.environment
     assert environment.image == CUDA_IMAGE
-    pip = str(environment.conda_file)
-    assert "dask-cuda" in pip
+    pip = environment.conda_file["dependencies"][-1]["pip"]
+    assert dask_cuda_requirement("2026.7.1", local_python()) in pip and "dask==2026.7.1" in pip
     logs = "\n".join(line for _, line in cluster._cluster_manager_logs)
     assert "4 GPU(s) per node, one dask-cuda worker per GPU" in logs
     # the user's choices win: CPU workers, their own environment
@@ -84,3 +109,77 @@ def test_gpu_node_without_dask_cuda_fails_saying_so(ml_client, gpu_compute, clus
     }
     with pytest.raises(JobFailedError, match="needs dask-cuda in the node environment"):
         AmlComputeCluster(ml_client, n_nodes=1, name="gpu-no-cuda", **kwargs)
+
+
+def test_a_dask_without_dask_cuda_is_refused_before_submitting(
+    emulator, ml_client, gpu_compute, client_dask
+):
+    client_dask("2026.8.0")  # dask-cuda 26.10 pins 2026.7.1; no release runs 2026.8.0
+    with pytest.raises(ConfigurationError, match=r"No dask-cuda release runs with dask 2026\.8\.0"):
+        AmlComputeCluster(ml_client, compute=gpu_compute, n_nodes=1, name="gpu-refused")
+    assert not [j.name for j in ml_client.jobs.list() if "gpu-refused" in j.name]
+    # the way out the message names: plain Dask workers on the GPU nodes
+    _, spec = _prepared(
+        ml_client, compute=gpu_compute, n_nodes=1, gpu_workers="none", name="gpu-refused-cpu"
+    )
+    assert not _argv(spec).cuda
+
+
+def test_job_ssh_is_refused_on_the_default_gpu_environment(ml_client, gpu_compute, client_dask):
+    client_dask("2026.7.1")
+    with pytest.raises(ConfigurationError, match="openssh-server") as info:
+        _prepared(ml_client, compute=gpu_compute, n_nodes=1, connect="job-ssh", name="gpu-ssh")
+    assert "gpu_workers='none'" in str(info.value) and "env --gpu" in str(info.value)
+    cluster, _ = _prepared(ml_client, compute=gpu_compute, n_nodes=1, name="gpu-auto")
+    logs = "\n".join(line for _, line in cluster._cluster_manager_logs)
+    assert "only the direct connection can work" in logs  # connect="auto": said, not refused
+    # the user's image or CPU workers: the job SSH path is theirs to have
+    _prepared(
+        ml_client, compute=gpu_compute, n_nodes=1, connect="job-ssh", environment="my/image:1",
+        name="gpu-ssh-own",
+    )  # fmt: skip
+    _prepared(
+        ml_client, compute=gpu_compute, n_nodes=1, connect="job-ssh", gpu_workers="none",
+        name="gpu-ssh-cpu",
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_an_unbuildable_gpu_environment_fails_in_the_build_as_on_aml(
+    emulator, ml_client, gpu_compute
+):
+    # What the library submitted before it pinned dask-cuda: the client's dask beside a
+    # dask-cuda whose rapids-dask-dependency pins another. The emulator resolves it with the
+    # real installer in the build step, so the job fails there, as AML's image build does.
+    from azure.ai.ml import command
+    from azure.ai.ml.entities import Environment
+
+    from aml_emulator.envbuild import BUILD_FAILED_MESSAGE
+
+    conda = {
+        "name": "gpu-unbuildable",
+        "channels": ["conda-forge"],
+        "dependencies": [
+            f"python={local_python()}",
+            "pip",
+            {"pip": ["dask==2026.8.0", "distributed==2026.8.0", "dask-cuda[cu12]==26.10.0"]},
+        ],
+    }
+    job = ml_client.jobs.create_or_update(
+        command(
+            command="echo never",
+            compute=gpu_compute,
+            environment=Environment(image=CUDA_IMAGE, conda_file=conda),
+        )
+    )
+    assert emulator.wait_job(job.name, 300) == "Failed"
+    assert emulator.job_error(job.name)["message"] == BUILD_FAILED_MESSAGE
+    assert "echo never" not in emulator.node_log(job.name, 0)
+
+    async def library_error():  # what a cluster would raise: the build log names the conflict
+        ops = AmlOps(ml_client)
+        return await job_error(ops, await ops.get_job(job.name), "x")
+
+    error = asyncio.run(library_error())
+    assert isinstance(error, EnvironmentBuildError), error
+    assert "rapids-dask-dependency" in (error.log_tail or ""), error.log_tail

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from dask_amlcompute import AmlComputeCluster, QuotaExceededError
+from dask_amlcompute import AmlComputeCluster, QuotaExceededError, StartupTimeoutError
 from dask_amlcompute.backend.capacity import (
     Quota,
     VmSizeInfo,
@@ -117,7 +117,14 @@ def test_request_that_must_wait_for_quota_queues_and_starts(emulator, ml_client,
             return None
 
     async def start_while_the_holder_runs() -> None:
-        kwargs = {**cluster_kwargs, "compute": name}
+        # AML counts scale-up and quota waits in Queued: startup_timeout does not, queue_timeout does
+        kwargs = {**cluster_kwargs, "compute": name, "startup_timeout": "15s"}
+        with pytest.raises(StartupTimeoutError, match="queue_timeout=2s") as info:
+            await AmlComputeCluster(
+                ml_client, n_nodes=2, asynchronous=True, name="queue-bound", queue_timeout="2s",
+                **kwargs,
+            )  # fmt: skip
+        assert "waiting for vCPU quota" in str(info.value)
         cluster = AmlComputeCluster(
             ml_client, n_nodes=2, asynchronous=True, name="waits-for-quota", **kwargs
         )
@@ -130,7 +137,7 @@ def test_request_that_must_wait_for_quota_queues_and_starts(emulator, ml_client,
             deadline = time.monotonic() + 120  # after Preparing (the environment's build)
             while not reason() and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
-            await asyncio.sleep(1)
+            await asyncio.sleep(16)  # longer than startup_timeout
             assert status(main) == "Queued"  # 4 of 8 vCPUs held by the holder
             assert "until quota is available" in reason()
             logs = "\n".join(line for _, line in cluster._cluster_manager_logs)
@@ -139,6 +146,8 @@ def test_request_that_must_wait_for_quota_queues_and_starts(emulator, ml_client,
             await asyncio.to_thread(lambda: ml_client.jobs.begin_cancel(holder.name).result())
             queued = [line for line in logs.splitlines() if ": Queued (" in line]
             assert queued and "waiting for vCPU quota: 8 needed, 4 of 8 free" in queued[0]
+            # AML's order: the image build (Preparing), then node allocation (Queued)
+            assert logs.index(": Preparing (") < logs.index(": Queued (")
             await asyncio.wait_for(task, 120)  # starts once the holder's node is free
             assert cluster.scheduler_address
         finally:
@@ -148,8 +157,10 @@ def test_request_that_must_wait_for_quota_queues_and_starts(emulator, ml_client,
         wait_until = time.monotonic() + 60
         while status(holder.name) != "Running" and time.monotonic() < wait_until:
             time.sleep(0.2)
+        emulator.provisioning_delay = 1.0  # Preparing long enough to be seen
         asyncio.run(start_while_the_holder_runs())
     finally:
+        emulator.provisioning_delay = 0.0
         ml_client.jobs.begin_cancel(holder.name).result()
         emulator.set_quota(before, family=family, tier="Dedicated")
         ml_client.compute.begin_delete(name).result()

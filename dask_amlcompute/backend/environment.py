@@ -45,12 +45,9 @@ from typing import Any
 import yaml
 
 from ..exceptions import ConfigurationError
+from .daskcuda import CUDA_IMAGE, dask_cuda_requirement
 
 DEFAULT_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
-#: The default image on GPU sizes: AML's CUDA base image (CUDA 11.8, cuDNN 8, same OS and MPI).
-CUDA_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-cuda11.8-cudnn8-ubuntu22.04:latest"
-#: What GPU nodes add to the default environment: the dask-cuda workers.
-CUDA_PACKAGES = ("dask-cuda",)
 
 #: Pinned to the client's versions, always; a conflicting user pin is an error.
 CORE_PACKAGES = ("dask", "distributed", "cloudpickle")
@@ -277,6 +274,14 @@ class NodeEnvironmentSpec:
                 else []
             ),
             f"FROM {self.image}",
+            *(  # AML's job SSH service needs it; its CPU image has it (see daskcuda.NO_SSH_SERVER)
+                [
+                    "RUN apt-get update && apt-get install -y --no-install-recommends "
+                    "openssh-server \\\n    && rm -rf /var/lib/apt/lists/*"
+                ]
+                if self.image == CUDA_IMAGE
+                else []
+            ),
             "ENV DASK_AMLCOMPUTE_ENV=/opt/dask-amlcompute",
             f'RUN conda create -y -p "$DASK_AMLCOMPUTE_ENV" -c conda-forge --override-channels '
             f"{conda} \\\n    && conda clean -afy",
@@ -387,6 +392,7 @@ def build_spec(
     node_package: str | None = None,
     image: str | None = None,
     stack: str = "installed",
+    gpu: bool = False,
 ) -> NodeEnvironmentSpec:
     """The default node environment for this client, with the user's extra packages.
 
@@ -411,18 +417,24 @@ def build_spec(
         Base image (default :data:`DEFAULT_IMAGE`).
     stack
         Which scientific packages to pin: ``"imported"``, ``"installed"`` or ``"none"``.
+    gpu
+        For GPU nodes: the dask-cuda release that runs the client's dask (see
+        :func:`~dask_amlcompute.backend.daskcuda.dask_cuda_requirement`), on
+        :data:`~dask_amlcompute.backend.daskcuda.CUDA_IMAGE` unless ``image`` is given.
 
     Raises
     ------
     ConfigurationError
-        A user package conflicts with a version the nodes must share with the client.
+        A user package conflicts with a version the nodes must share with the client,
+        or (``gpu``) no dask-cuda release runs the client's dask.
     """
     python = local_python()
     pins = pinned_packages(stack)
     pins.pop(LIBRARY)
-    pip_extras, library, overridden, pin_extras = _merge_pip(
-        pins, _as_list(extra_pip, "pip_packages"), node_package
-    )
+    extra_pip = _as_list(extra_pip, "pip_packages")
+    if gpu:
+        extra_pip.append(dask_cuda_requirement(pins["dask"], python))
+    pip_extras, library, overridden, pin_extras = _merge_pip(pins, extra_pip, node_package)
     conda = _merge_conda(python, pins, _as_list(extra_conda, "conda_packages"))
     named = {_canonical(re.split(r"[\s\[<>=!~;@]", p, maxsplit=1)[0]) for p in pip_extras}
     helpers = [h for h in NODE_HELPERS if _canonical(re.split(r"[<>=]", h)[0]) not in named]
@@ -438,7 +450,7 @@ def build_spec(
         library=lib,
         pip=pip,
         conda=tuple(dict.fromkeys(sorted(conda))),
-        image=image or DEFAULT_IMAGE,
+        image=image or (CUDA_IMAGE if gpu else DEFAULT_IMAGE),
         overridden=tuple(overridden),
     )
 
@@ -464,9 +476,8 @@ def resolve_environment(
         Extra packages and the library's requirement for the default
         environment (see :func:`build_spec`).
     gpu
-        The nodes have GPUs: the default environment is built on
-        :data:`CUDA_IMAGE` with :data:`CUDA_PACKAGES` (a user environment is
-        used as it is).
+        The nodes have GPUs: the default environment adds dask-cuda on the CUDA
+        image (see :func:`build_spec`; a user environment is used as it is).
 
     Raises
     ------
@@ -479,12 +490,8 @@ def resolve_environment(
     if environment is None:
         # Inline (anonymous) environment: AML names it by a hash of its content,
         # so it is built once per distinct spec and reused afterwards.
-        pip = [*_as_list(extra_pip, "pip_packages"), *(CUDA_PACKAGES if gpu else ())]
         spec = build_spec(
-            extra_pip=pip,
-            extra_conda=extra_conda,
-            node_package=node_package,
-            image=CUDA_IMAGE if gpu else None,
+            extra_pip=extra_pip, extra_conda=extra_conda, node_package=node_package, gpu=gpu
         )
         return spec.to_environment()
     extras = _as_list(extra_pip, "pip_packages") + _as_list(extra_conda, "conda_packages")

@@ -104,7 +104,7 @@ class MainJob(ProcessInterface):
         try:
             left = max(0.0, startup_deadline - time.monotonic())
             info = await wait_for_tag(ctx, self.job_name, SCHEDULER_TAG, left)
-            startup_deadline += state.preparing_seconds  # Preparing has its own bound
+            startup_deadline += sum(state.phase_seconds.values())  # bounded on their own
             state.mark("scheduler address")
             self.internal_address = state.scheduler_address = info.tags[SCHEDULER_TAG]
             try:

@@ -12,7 +12,7 @@ import logging
 import math
 import re
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..exceptions import (
     EnvironmentBuildError,
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LIKELY_CAUSES",
-    "PREPARING_MESSAGE",
+    "OWN_BOUNDS",
+    "PHASE_MESSAGES",
     "RUN_HISTORY_FALLBACK_AFTER",
     "job_error",
     "wait_for_tag",
@@ -48,19 +49,25 @@ RUN_HISTORY_FALLBACK_AFTER = 10.0
 LIKELY_CAUSES = {
     "NotStarted": "AML has not scheduled the job yet; the workspace may be throttling or busy.",
     "Starting": "AML is starting the job.",
+    "Preparing": (
+        "the node environment's image is being built or pulled; the first run of a new "
+        "environment can take 5-20 minutes."
+    ),
     "Queued": (
+        "AML is allocating the nodes (scaling the compute up from idle takes minutes), or "
         "the compute has no free nodes: other jobs hold them, the compute's max nodes is "
         "reached, or the subscription's core quota is exhausted."
-    ),
-    "Preparing": (
-        "the nodes are being provisioned or the environment image is being built/pulled; "
-        "the first run of a new environment can take 5-20 minutes."
     ),
     "Running": (
         "the nodes run but the scheduler did not publish its address: check the node logs "
         "(import errors, mlflow/azureml-mlflow missing in the environment)."
     ),
 }
+#: Statuses with a bound of their own (the setting), not counted in ``startup_timeout``.
+#: AML's order (JobStatus, learn.microsoft.com/javascript/api/@azure/arm-machinelearning/
+#: jobstatus): Preparing ("the run environment is being prepared": the image build), then
+#: Queued ("waiting for all required nodes to be ready": scale-up and quota), then Running.
+OWN_BOUNDS = {"Preparing": "prepare_timeout", "Queued": "queue_timeout"}
 
 
 #: The start of AML's error when the environment image does not build ("Image build failed.
@@ -149,11 +156,14 @@ async def _build_error(
     return error
 
 
-#: What the Preparing phase is, shown when a job enters it.
-PREPARING_MESSAGE = (
-    "allocating nodes and building the node environment (first use of an environment on "
-    "this workspace: 5-20 min on AML; later starts reuse the image)"
-)
+#: What each phase is, shown when a job enters it.
+PHASE_MESSAGES = {
+    "Preparing": (
+        "building the node environment's image (first use of an environment on this "
+        "workspace: 5-20 min on AML; later starts reuse the image)"
+    ),
+    "Queued": "waiting for the nodes (a compute scaling up from idle takes a few minutes)",
+}
 #: Seconds between "still <status>" progress lines while a job's status does not change.
 STILL_WAITING_EVERY = 60.0
 
@@ -162,13 +172,45 @@ def _minutes(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
+class _PhaseClock:
+    """Seconds a job spent in each status of :data:`OWN_BOUNDS` (the current stay included)."""
+
+    def __init__(self) -> None:
+        self.spent = dict.fromkeys(OWN_BOUNDS, 0.0)
+        self.status: str | None = None
+        self.since = 0.0
+
+    def update(self, status: str, now: float) -> None:
+        if self.status in self.spent:
+            self.spent[self.status] += now - self.since
+        self.status, self.since = status, now
+
+    def left(self, settings: Any) -> float | None:
+        """Seconds left of the current status's own bound (None: it has none)."""
+        if self.status not in OWN_BOUNDS:
+            return None
+        return float(getattr(settings, OWN_BOUNDS[self.status])) - self.spent[self.status]
+
+
+def _progress(ctx: ClusterContext, job_name: str, info: JobInfo, elapsed: float, new: bool) -> None:
+    """A progress line: the status (and what it means) when it changes, else "still"."""
+    hint = ctx.state.queue_hint if info.status == "Queued" else None
+    what = "; ".join(filter(None, [PHASE_MESSAGES.get(info.status) if new else None, hint]))
+    what = f": {what}" if what else ""
+    if new:
+        ctx.log(f"AML job {job_name}: {info.status} ({elapsed:.0f}s){what}")
+    else:
+        ctx.log(f"AML job {job_name}: still {info.status} after {_minutes(elapsed)}{what}")
+
+
 async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: float) -> JobInfo:
     """Poll a job until it publishes ``tag``; fail fast if it ends; bounded.
 
-    Time in ``Preparing`` (node allocation and, for a new environment, AML's
-    image build: 5-20 minutes) is bounded by ``settings.prepare_timeout`` and
+    Time in ``Preparing`` (AML's image build of a new environment: 5-20
+    minutes) and in ``Queued`` (node allocation: scale-up from idle, quota) is
+    bounded by ``settings.prepare_timeout`` and ``settings.queue_timeout`` and
     not counted in ``timeout`` (``startup_timeout``), which bounds the rest.
-    The time spent preparing is left in ``ctx.state.preparing_seconds``.
+    The time spent in each is left in ``ctx.state.phase_seconds``.
 
     Polling starts fast and backs off to ``settings.poll_interval`` while AML
     queues or prepares the job; once it runs, the address is seconds away, so
@@ -180,38 +222,24 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
     """
     s = ctx.settings
     delay = min(0.2, s.poll_interval)
-    last_status = None
     started = last_said = time.monotonic()
     running_since: float | None = None
-    preparing_since: float | None = None
-    prepared = 0.0  # seconds spent in Preparing, before preparing_since
+    clock = _PhaseClock()
     last_fallback = -math.inf  # when run history was last read for the tag
     while True:
         info = await ctx.ops.get_job(job_name)
         now = time.monotonic()
         ctx.state.jobs[job_name] = info.status
-        queued = (
-            f": {ctx.state.queue_hint}" if info.status == "Queued" and ctx.state.queue_hint else ""
-        )
-        if info.status != last_status:
-            what = f": {PREPARING_MESSAGE}" if info.status == "Preparing" else queued
-            ctx.log(f"AML job {job_name}: {info.status} ({now - started:.0f}s){what}")
-            last_status, last_said = info.status, now
-            delay = min(0.2, s.poll_interval)  # things move: look again soon
-        elif now - last_said >= STILL_WAITING_EVERY and not info.terminal:
-            ctx.log(
-                f"AML job {job_name}: still {info.status} after {_minutes(now - started)}{queued}"
-            )
+        new = info.status != clock.status
+        if new or (now - last_said >= STILL_WAITING_EVERY and not info.terminal):
+            _progress(ctx, job_name, info, now - started, new)
             last_said = now
-        if info.status == "Preparing":
-            preparing_since = now if preparing_since is None else preparing_since
-        elif preparing_since is not None:
-            prepared += now - preparing_since
-            preparing_since = None
-        in_prepare = prepared + (now - preparing_since if preparing_since is not None else 0.0)
-        ctx.state.preparing_seconds = in_prepare
-        if info.status == "Preparing":
-            ctx.state.mark("Preparing")
+        if new:
+            delay = min(0.2, s.poll_interval)  # things move: look again soon
+        clock.update(info.status, now)
+        ctx.state.phase_seconds = dict(clock.spent)
+        if info.status in OWN_BOUNDS:
+            ctx.state.mark(info.status)
         if info.status == "Running" and running_since is None:
             running_since = now
             ctx.state.mark("Running")
@@ -233,28 +261,37 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
                 info,
                 f"AML job {job_name} ended {info.status} while the Dask cluster was starting.",
             )
-        if in_prepare >= s.prepare_timeout:
-            raise await job_error(
-                ctx.ops,
-                info,
-                f"The job stayed in Preparing for {_minutes(in_prepare)} (prepare_timeout="
-                f"{s.prepare_timeout:.0f}s): {LIKELY_CAUSES['Preparing']} Raise prepare_timeout "
-                "for a slow first image build. The job was cancelled.",
-                StartupTimeoutError,
-            )
-        deadline = started + timeout + in_prepare
+        own_left = clock.left(s)
+        if own_left is not None and own_left <= 0:
+            raise await _phase_timeout(ctx, info, clock.spent[info.status])
+        deadline = started + timeout + sum(clock.spent.values())
         if now >= deadline:
             cause = LIKELY_CAUSES.get(info.status, "")
             raise await job_error(
                 ctx.ops,
                 info,
                 f"The Dask scheduler did not start within {timeout:.0f}s (startup_timeout, time "
-                f"in Preparing not counted). The job is {info.status}: {cause} "
+                f"in Preparing and Queued not counted). The job is {info.status}: {cause} "
                 "The job was cancelled.",
                 StartupTimeoutError,
             )
-        limit = deadline if preparing_since is None else now + s.prepare_timeout - in_prepare
+        limit = deadline if own_left is None else now + own_left
         if running_since is not None and now - running_since < RUNNING_FAST_FOR:
             delay = min(RUNNING_POLL, s.poll_interval)  # the address is moments away
         await asyncio.sleep(min(delay, max(0.0, limit - now)))
         delay = min(delay * 1.5, s.poll_interval)
+
+
+async def _phase_timeout(ctx: ClusterContext, info: JobInfo, spent: float) -> JobError:
+    """The error for a job that stayed in Preparing or Queued past its own bound."""
+    setting = OWN_BOUNDS[info.status]
+    bound = float(getattr(ctx.settings, setting))
+    hint = f" ({ctx.state.queue_hint})" if info.status == "Queued" and ctx.state.queue_hint else ""
+    return await job_error(
+        ctx.ops,
+        info,
+        f"The job stayed in {info.status} for {_minutes(spent)} ({setting}={bound:.0f}s): "
+        f"{LIKELY_CAUSES[info.status]}{hint} Raise {setting} to wait longer. "
+        "The job was cancelled.",
+        StartupTimeoutError,
+    )

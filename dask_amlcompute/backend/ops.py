@@ -193,10 +193,12 @@ class AmlOps:
                 "workspace's service health and your network; nothing was lost on the client side."
             ) from exc
 
-    def _warn_once(self, route: str, message: str, *args: Any) -> None:
+    def _warn_once(
+        self, route: str, message: str, *args: Any, level: int = logging.WARNING
+    ) -> None:
         if route not in self._warned:
             self._warned.add(route)
-            logger.warning(message, *args)
+            logger.log(level, message, *args)
 
     async def get_compute(self, name: str) -> ComputeInfo:
         """Look up an AmlCompute target.
@@ -422,8 +424,14 @@ class AmlOps:
         route, the workspace's MLflow tracking URI with the mlflow client (on real
         AML the ``azureml://`` URI needs the ``azureml-mlflow`` plugin); then,
         as a last resort, through run history with the SDK's private runs
-        operations. A route that fails is reported once, as a warning. Returns
-        ``{}`` when neither answers (the job resource stays the main route).
+        operations (the SDK's own pipeline and the cluster's credential). Falling
+        back is logged once at INFO, run history failing once as a warning.
+        Returns ``{}`` when neither answers (the job resource stays the main route).
+
+        The MLflow route is skipped for an ``azureml://`` URI unless the cluster's
+        credential is ``DefaultAzureCredential``: outside a job azureml-mlflow
+        authenticates on its own, with a chain that ends in interactive browser
+        and device-code logins (a prompt in a thread the timeout abandons).
         """
         try:
             if "mlflow" not in self._warned:  # a route that failed once is not tried again
@@ -442,6 +450,7 @@ class AmlOps:
                 type(exc).__name__,
                 exc or "timed out",
                 hint,
+                level=logging.INFO,
             )
         try:
             run = await self._call(self.ml_client.jobs._runs_operations.get_run, name)
@@ -459,8 +468,19 @@ class AmlOps:
         if self._tracking_uri is None:
             workspace = self.ml_client.workspaces.get(self.ml_client.workspace_name)
             self._tracking_uri = workspace.mlflow_tracking_uri
+        if str(self._tracking_uri).startswith("azureml:") and not self._default_credential():
+            raise LookupError(
+                "azureml-mlflow would log in on its own (interactive outside a job), not with "
+                "this cluster's credential"
+            )
         run = MlflowClient(tracking_uri=self._tracking_uri).get_run(name)
         return {str(k): str(v) for k, v in run.data.tags.items()}
+
+    def _default_credential(self) -> bool:
+        """Whether the MLClient's credential is ``DefaultAzureCredential`` (azureml-mlflow's kin)."""
+        from azure.identity import DefaultAzureCredential
+
+        return isinstance(getattr(self.ml_client, "_credential", None), DefaultAzureCredential)
 
     async def with_run_tags(self, info: JobInfo) -> JobInfo:
         """``info`` with the run-history tags of its job merged in (see :meth:`run_tags`)."""

@@ -71,9 +71,10 @@ class ClusterState:
         Startup phase -> seconds since submission began (see :meth:`mark`).
     started_at
         ``time.monotonic()`` when the cluster started submitting.
-    preparing_seconds
-        Seconds the main job spent in Preparing while the cluster started (not
-        counted against ``startup_timeout``, bounded by ``prepare_timeout``).
+    phase_seconds
+        Seconds the main job spent in Preparing and in Queued while the cluster
+        started (not counted against ``startup_timeout``; bounded by
+        ``prepare_timeout`` and ``queue_timeout``).
     job_ssh_key
         The private key the main job's SSH service accepts (None: the job
         declares no SSH service, or a reattached object does not know it).
@@ -111,7 +112,7 @@ class ClusterState:
     queue_hint: str | None = None
     phases: dict[str, float] = field(default_factory=dict)
     started_at: float | None = None
-    preparing_seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def main_job(self) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 
 from .._protocol import cluster_key_tag
+from .jobwait import PHASE_MESSAGES
 from .ops import JobInfo
 from .state import ClusterContext
 
@@ -78,7 +79,7 @@ async def poll_jobs(context: ClusterContext) -> None:
         if name == state.main_job and state.on_main_update is not None and not state.closing:
             await state.on_main_update(previous, info)
         if info.status == "Queued" and previous != "Queued" and name != state.main_job:
-            ctx.log(f"Worker job {name} is queued: the compute has no free nodes")
+            ctx.log(f"Worker job {name} is Queued: {PHASE_MESSAGES['Queued']}")
         if not has_ended(ctx, info):
             continue
         handler = state.watched.pop(name, None)

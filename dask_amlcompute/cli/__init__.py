@@ -37,6 +37,7 @@ def _env(args: argparse.Namespace) -> int:
             node_package=args.node_package or config.get("node-package"),
             image=args.image,
             stack=args.stack,
+            gpu=args.gpu,
         )
     except ConfigurationError as exc:
         print(f"dask-amlcompute env: {exc}", file=sys.stderr)
@@ -135,6 +136,9 @@ def _main(argv: list[str]) -> int:
     env.add_argument("--node-package", metavar="REQ", help="pip spec of dask-amlcompute")
     env.add_argument("--image", default=None, help="base image (default: AML openmpi image)")
     env.add_argument("--stack", choices=["installed", "imported", "none"], default="installed")
+    env.add_argument(
+        "--gpu", action="store_true", help="the GPU sizes' environment (dask-cuda, CUDA image)"
+    )
     args = parser.parse_args(argv)
     command = MANAGE_COMMANDS.get(args.command) or {"demo": _demo, "env": _env}[args.command]
     try:

@@ -1,7 +1,11 @@
 """Job lifecycle: queueing on compute capacity, provisioning, node processes, outcomes.
 
 All methods run on the emulator's event loop.  A job walks
-NotStarted -> Queued -> Preparing -> Running -> Completed | Failed | Canceled.
+NotStarted -> Preparing -> Queued -> Running -> Completed | Failed | Canceled,
+in AML's order (JobStatus, learn.microsoft.com/javascript/api/@azure/arm-machinelearning/
+jobstatus): Preparing "the run environment is being prepared" (the image build), Queued
+"waiting for all required nodes to be ready"; a preempted job that AML runs again goes back
+to Queued.
 """
 
 from __future__ import annotations
@@ -740,6 +744,35 @@ class Engine:
         if quota_error is not None:  # more vCPUs than a limit: AML fails the job, no queueing
             self._finish(job, "Failed", quota_error)
             return
+        if await self._prepare(job, spec):
+            await self._queue_and_run(job, spec, compute)
+
+    def _ended_early(self, job: JobRecord) -> bool:
+        """Finish a job canceled or failed (its compute deleted) before it ran; True if so."""
+        if job.failure is not None:
+            self._finish(job, "Failed", job.failure)
+        elif job.cancel_reason is not None:
+            self._finish_canceled(job)
+        return job.is_terminal
+
+    async def _prepare(self, job: JobRecord, spec: JobSpec) -> bool:
+        """Preparing: the environment's build and the provisioning delay; False if it ended."""
+        if job.cancel_reason is None and job.failure is None:
+            job.status = "Preparing"
+        deadline = time.monotonic() + self.provisioning_delay
+        build = self._join_build(job, spec)
+        while job.cancel_reason is None and job.failure is None:
+            left = deadline - time.monotonic()
+            if left <= 0 and (build is None or build.task.done()):
+                break
+            await self._pause(job, left if left > 0 else None)
+        if job.failure is not None or job.cancel_reason is not None:
+            await self._leave_build(job, build)
+            return not self._ended_early(job)
+        return build is None or self._take_build(job, build)
+
+    async def _queue_and_run(self, job: JobRecord, spec: JobSpec, compute: ComputeState) -> None:
+        """Queued until the compute has the nodes (and quota), then Running; again if requeued."""
         if job.cancel_reason is None and job.failure is None:
             job.status = "Queued"
             compute.queue.append(job.name)
@@ -749,40 +782,17 @@ class Engine:
             if job.slots is None and job.queue_reason:
                 self._schedule()
         job.queue_reason = None
-        if job.failure is not None and job.slots is None:
-            self._finish(job, "Failed", job.failure)
+        if self._ended_early(job):
             return
-        if job.cancel_reason is not None:
-            self._finish_canceled(job)
-            return
-        job.status = "Preparing"
         self._make_nodes(job, compute)
         await self._start_ssh(compute, job)
-        # The provisioning delay and the environment build overlap, as on AML.
-        deadline = time.monotonic() + self.provisioning_delay
-        build = self._join_build(job, spec)
-        while job.cancel_reason is None and job.failure is None:
-            left = deadline - time.monotonic()
-            if left <= 0 and (build is None or build.task.done()):
-                break
-            await self._pause(job, left if left > 0 else None)
-        if job.failure is not None:  # its compute was deleted
-            await self._leave_build(job, build)
-            self._finish(job, "Failed", job.failure)
-            return
-        if job.cancel_reason is not None:
-            await self._leave_build(job, build)
-            self._finish_canceled(job)
-            return
-        if build is not None and not self._take_build(job, build):
-            return
         await self.job_services.start(job, spec.ssh_services, compute.spec.name, self.network)
         await self._run_nodes(job, spec)
         if job.requeue:  # preempted, run again: back to the queue on new nodes
             await self._release_nodes(job, compute)
             job.requeue = False
             job.attempts += 1
-            await self._run(job, spec, compute)
+            await self._queue_and_run(job, spec, compute)
 
     async def _run_nodes(self, job: JobRecord, spec: JobSpec) -> None:
         ips = [n.ip for n in job.nodes]
@@ -792,7 +802,7 @@ class Engine:
             report = [line for line in report if not line.startswith("nodes run ")]
             report.append(f"nodes run {os.path.join(job.venv, 'bin', 'python')} (built)")
             job.properties["properties"]["emulator.environment"] = "\n".join(report)
-        header = "".join(f"[emulator] {line}\n" for line in report)
+        header = "".join(f"[emulator] {line}\n" for line in [*job.notes, *report])
         await self.network.open(job.compute)  # the compute's network namespace, if isolated
         prefix = self.network.command_prefix(job.compute)
         # Running from the moment the user processes start (a node seen running means the
@@ -968,11 +978,8 @@ class Engine:
             builder.on_process = track
 
     def _note(self, job: JobRecord, line: str) -> None:
-        """Write an ``[emulator]`` progress line to every node log of the job."""
-        for node in job.nodes:
-            os.makedirs(os.path.dirname(node.log_path), exist_ok=True)
-            with open(node.log_path, "a", encoding="utf-8") as log:
-                log.write(f"[emulator] {line}\n")
+        """Keep an ``[emulator]`` progress line for the node logs (they start with it)."""
+        job.notes.append(line)
 
     def _write_build_log(self, job: JobRecord, lines: list[str], source: str | None) -> None:
         """Write the job's image build log: emulator lines, then the installer output."""

@@ -114,6 +114,8 @@ class JobRecord:
     queue_reason: str | None = None
     #: Run-history warnings (``{"source", "message"}``), e.g. that the job waited for quota.
     warnings: list[dict[str, str]] = field(default_factory=list)
+    #: ``[emulator]`` lines from before the nodes existed (the build): each node log starts with them.
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.tracking_token:

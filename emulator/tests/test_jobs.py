@@ -300,3 +300,27 @@ def test_job_names_are_unique_forever_only_tags_may_change(emu, ml):
         ml.jobs.create_or_update(job("echo two", "3"))
     assert err.value.status_code == 400
     assert ml.jobs.get("fixed-name-job").command == "echo one"
+
+
+@pytest.mark.slow
+def test_status_order_is_preparing_then_queued(emu, ml):
+    # AML's order (JobStatus): Preparing (the image build) before Queued (waiting for nodes)
+    first = submit(
+        ml, "echo ready; sleep 30", compute="small", nodes=2, distribution={"type": "pytorch"}
+    )
+    wait_log(emu, first.name, 0, "ready")
+    emu.provisioning_delay = 0.5
+    try:
+        second = submit(ml, "echo second", compute="small")
+        seen: list[str] = []
+        deadline = time.monotonic() + 10
+        while "Queued" not in seen and time.monotonic() < deadline:
+            status = emu.job_status(second.name)
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            time.sleep(0.05)
+    finally:
+        emu.provisioning_delay = 0.0
+    assert "Preparing" in seen and seen.index("Preparing") < seen.index("Queued"), seen
+    ml.jobs.begin_cancel(first.name).result(timeout=30)
+    assert emu.wait_job(second.name, 30) == "Completed"

@@ -318,3 +318,57 @@ def test_live_worker_jobs_on_a_low_priority_compute(live_ml_client, live_kwargs)
             assert live_ml_client.jobs.get(workers[0]).compute.rstrip("/").endswith(lowpri)
     finally:
         live_ml_client.compute.begin_delete(lowpri).result()
+
+
+def test_live_gpu_environment_builds_on_aml(live_ml_client):
+    """The GPU default environment (CUDA 12 image, the pinned dask-cuda) builds on AML.
+
+    Only real AML settles this: the image is AML's, the build is AML's. The build needs no
+    GPU, so a one-node command job on AZUREML_COMPUTE runs in it and reads the installed
+    dask-cuda's version. A client whose dask no dask-cuda release admits is refused before
+    anything is registered (what the library does for it too).
+    """
+    import asyncio
+    import importlib.metadata
+
+    from azure.ai.ml import command
+
+    from dask_amlcompute import ConfigurationError
+    from dask_amlcompute.backend.daskcuda import dask_cuda_requirement
+    from dask_amlcompute.backend.environment import build_spec, local_python
+    from dask_amlcompute.backend.ops import AmlOps
+
+    dask_version = importlib.metadata.version("dask")
+    try:
+        requirement = dask_cuda_requirement(dask_version, local_python())
+    except ConfigurationError:
+        with pytest.raises(ConfigurationError, match="gpu_workers"):
+            build_spec(gpu=True)
+        return
+    spec = build_spec(gpu=True)
+    assert requirement in spec.pip
+    env_name = asyncio.run(
+        AmlOps(live_ml_client).register_environment(spec.to_environment("dask-amlcompute-gpu"))
+    )
+    wanted = requirement.split("==")[1]
+    job = command(
+        command=(
+            'python -c "import importlib.metadata as m, sys; '
+            f"sys.exit(m.version('dask-cuda') != '{wanted}')\""
+        ),
+        environment=env_name,
+        compute=os.environ["AZUREML_COMPUTE"],
+        experiment_name="dask-amlcompute-live-tests",
+        timeout=3600,
+    )
+    submitted = live_ml_client.jobs.create_or_update(job)
+    try:
+        live_ml_client.jobs.stream(submitted.name)  # returns when the job ends (build included)
+        assert live_ml_client.jobs.get(submitted.name).status == "Completed"
+    finally:
+        if live_ml_client.jobs.get(submitted.name).status not in (
+            "Completed",
+            "Failed",
+            "Canceled",
+        ):
+            live_ml_client.jobs.begin_cancel(submitted.name)

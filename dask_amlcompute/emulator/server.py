@@ -98,7 +98,7 @@ class JobsHandler(_JobResource):
             jobs = [
                 j for j in jobs if tag in (j.tags if run_tags else j.properties.get("tags") or {})
             ]
-        page = {
+        page: dict[str, Any] = {
             "value": [self.job_json(j) for j in jobs[skip : skip + JOBS_PAGE]],
             "nextLink": None,
         }

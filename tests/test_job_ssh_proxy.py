@@ -130,3 +130,11 @@ def test_job_ssh_goes_through_https_proxy_and_honours_no_proxy(tmp_path, monkeyp
             env.setenv("NO_PROXY", "127.0.0.1")
             assert login(url, token, private) == JOB_SSH_USER
         ml.jobs.begin_cancel(job.name).result(timeout=30)
+
+
+def test_proxy_endpoint_schemes():
+    assert proxy_url("https://ssh-<nodeIndex>.x/", 1) == "wss://ssh-1.x/nbip/v1.0/ws-tcp"
+    assert proxy_url("HTTP://h:8080") == "ws://h:8080/nbip/v1.0/ws-tcp"
+    assert proxy_url("wss://h") == "wss://h/nbip/v1.0/ws-tcp"
+    with pytest.raises(TunnelUnreachableError, match="ftp://h"):  # typed, not a KeyError
+        asyncio.run(open_proxy_socket(proxy_url("ftp://h"), "token", timeout=5))

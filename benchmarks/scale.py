@@ -452,8 +452,8 @@ def run(opts: Options) -> SuiteResult:
         f"({os.cpu_count()} cores), one worker thread and {MEMORY_LIMIT} each; every start on "
         "both sides competes for the same cores, so start-up grows with N on both sides. The "
         f"request curves use watch_interval={watch:g}s and windows of {polls} polls, scaled to "
-        f"the default {default_watch_interval():g}s (module docstring). The emulator answers a "
-        "job list in one page; AML pages long lists, one request per page."
+        f"the default {default_watch_interval():g}s (module docstring). The emulator pages job "
+        "lists as AML does (100 jobs a page); the watch lists only the cluster's own jobs."
     )
     if max_nodes - 1 < max(opts.pick(WORKER_JOBS, QUICK_WORKER_JOBS)):
         result.notes.append(f"scale: compute {COMPUTE} fits only {max_nodes - 1} worker jobs.")

@@ -18,7 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from ._protocol import TAG_CLUSTER, TAG_MODE, TAG_ROLE, TAG_USER, main_job_name, read_settings_tag
+from ._protocol import (
+    TAG_CLUSTER,
+    TAG_MODE,
+    TAG_ROLE,
+    TAG_USER,
+    cluster_key_tag,
+    main_job_name,
+    read_settings_tag,
+)
 from .backend.ops import TERMINAL_STATUSES, AmlOps, run_blocking, status_text
 from .exceptions import AmlComputeError
 
@@ -75,9 +83,13 @@ def _ops(client: Any) -> AmlOps:
 
 
 async def list_cluster_jobs_async(
-    ops: AmlOps | Any, *, include_ended: bool = False
+    ops: AmlOps | Any, *, include_ended: bool = False, cluster: str | None = None
 ) -> list[ClusterJob]:
     """The jobs of every dask-amlcompute cluster in the workspace (active ones by default).
+
+    AML lists only the jobs carrying the tag key every cluster job has (or,
+    for ``cluster``, that cluster's own key), so the workspace's other jobs,
+    however many, cost no request.
 
     Parameters
     ----------
@@ -85,8 +97,11 @@ async def list_cluster_jobs_async(
         An :class:`~dask_amlcompute.backend.ops.AmlOps` (or an ``MLClient``).
     include_ended
         Also list jobs that have ended.
+    cluster
+        Only the jobs of the cluster of this name.
     """
-    jobs = await _ops(ops).list_jobs(include_ended=include_ended)
+    tag = TAG_CLUSTER if cluster is None else cluster_key_tag(cluster)
+    jobs = await _ops(ops).list_jobs(include_ended=include_ended, tag=tag)
     out = []
     for job in jobs:
         cj = _as_cluster_job(job)
@@ -151,11 +166,8 @@ async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]
     known = {f.name for f in fields(ClusterSettings)}
     stored = read_settings_tag(main.tags)
     settings.update({k: v for k, v in stored.items() if k in known})
-    workers = [
-        (j.name, j.n_nodes)
-        for j in await list_cluster_jobs_async(ops)
-        if j.cluster == name and j.role == "workers"
-    ]
+    jobs = await list_cluster_jobs_async(ops, cluster=name)
+    workers = [(j.name, j.n_nodes) for j in jobs if j.role == "workers"]
     return {"settings": settings, "worker_jobs": workers}
 
 

@@ -26,6 +26,8 @@ def test_detection_reads_the_file_aml_writes_and_config_overrides_it(tmp_path):
         assert found.url(8704) == "https://my-ci-8704.westeurope.instances.azureml.ms/status"
         with dask.config.set({"amlcompute.compute-instance": False}):
             assert detect_compute_instance() is None  # turned off
+        nbvm.write_text("instance=\"my-ci\"\ndomainsuffix='westeurope.instances.azureml.ms'\n")
+        assert detect_compute_instance() == found  # shell-style quotes are not part of it
     with dask.config.set({"amlcompute.compute-instance-file": str(tmp_path / "absent")}):
         assert detect_compute_instance() is None  # not an instance
     with dask.config.set(

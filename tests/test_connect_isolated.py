@@ -66,6 +66,8 @@ def test_auto_reaches_a_stock_workspace_through_the_job_ssh_service(isolated):
         # the main job declares the SSH service with the cluster's (in-memory) key
         job = isolated.ml_client().jobs.get(c.main_job_name)
         assert job.services["dask_ssh"].ssh_public_keys.startswith("ssh-ed25519 ")
+        assert job.services["dask_ssh"].nodes is None  # node 0 only, the scheduler's
+        assert [d["rank"] for d in isolated.job_service_daemons(c.main_job_name)] == [0]
 
 
 def test_public_ssh_on_a_stock_compute_is_refused_before_submitting(isolated, ssh_key):

@@ -10,13 +10,14 @@ import time
 
 import psutil
 import pytest
+import requests
 from _helpers import FAST_CLUSTER, wait_for
 from distributed import Client
 
 from aml_emulator import ComputeSpec, Emulator
 from dask_amlcompute import AmlComputeCluster
 from dask_amlcompute.cli import main as cli_main
-from dask_amlcompute.discovery import list_cluster_jobs
+from dask_amlcompute.discovery import describe_cluster, list_cluster_jobs
 
 pytestmark = pytest.mark.slow
 
@@ -138,6 +139,35 @@ def test_reconnected_cluster_never_reuses_a_worker_job_name(emu):
             wait_for(lambda: emu.job_status(new) in ("Canceled", "Completed"), 60, "job ended")
         finally:
             other.close()
+
+
+def test_discovery_costs_one_request_however_long_the_job_history(emu, capsys):
+    ml = emu.ml_client()
+
+    def job_lists() -> int:  # pages of GET /jobs answered so far
+        status = requests.get(emu.base_url + "/emulator/status", timeout=10).json()
+        return status["requests"].get("GET JobsHandler", 0)
+
+    # no watch poll lands in the counts
+    with AmlComputeCluster(ml, name="history", **settings(watch_interval=600)) as cluster:
+        emu.add_past_jobs(cluster.main_job_name, 1000)  # unrelated, ended, not archived
+        before = job_lists()
+        assert sum(1 for _ in ml.jobs.list()) > 1000  # AML's pages: one request each
+        assert job_lists() - before > 10
+        calls = {
+            "list_cluster_jobs": lambda: list_cluster_jobs(ml, include_ended=True),
+            "describe_cluster": lambda: describe_cluster(ml, "history"),
+            "cli list": lambda: cli_main(["list", "--all", "--emulator", emu.base_url]),
+            "cli logs": lambda: cli_main(["logs", "history", "--emulator", emu.base_url]),
+        }
+        for what, call in calls.items():
+            before = job_lists()
+            call()
+            assert job_lists() - before <= 2, what
+        assert "history" in capsys.readouterr().out
+        assert [j.name for j in list_cluster_jobs(ml) if j.cluster == "history"] == [
+            cluster.main_job_name
+        ]
 
 
 def test_cli_list_logs_down(emu, capsys):

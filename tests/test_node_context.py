@@ -52,3 +52,23 @@ def test_single_node_job_is_rank_zero():
 def test_rank_above_zero_without_master_is_an_error():
     with pytest.raises(RuntimeError, match="MASTER_ADDR"):
         detect_context({"NODE_RANK": "1", "WORLD_SIZE": "2"})
+
+
+def test_a_node_never_publishes_loopback_unless_its_master_is_on_loopback():
+    import ipaddress
+
+    # no master (AML may leave MASTER_ADDR unset on one node): the host name's address,
+    # looked up, never routed to 127.0.0.1; loopback (this machine's name) is refused
+    try:
+        ctx = detect_context({"AZUREML_NODE_COUNT": "1"})
+    except RuntimeError as exc:
+        assert "no address other machines can reach" in str(exc)
+    else:
+        assert not ipaddress.ip_address(ctx.node_ip).is_loopback
+        assert ctx.master_addr == ctx.node_ip
+    # the master named by AML is this node's address on rank 0 (no lookup, no dial)
+    ctx = detect_context({"MASTER_ADDR": "10.0.4.1", "NODE_RANK": "0", "WORLD_SIZE": "2"})
+    assert (ctx.node_ip, ctx.master_addr) == ("10.0.4.1", "10.0.4.1")
+    # nodes sharing a loopback (the emulator's): the route to the master is loopback, kept
+    ctx = detect_context({"MASTER_ADDR": "127.0.6.1", "NODE_RANK": "1", "WORLD_SIZE": "2"})
+    assert ipaddress.ip_address(ctx.node_ip).is_loopback

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -90,6 +91,27 @@ def test_request_over_quota_is_refused_before_submitting(
     assert "request more quota" in message and "Nothing was submitted" in message
     assert set(emulator.active_jobs()) == before
     assert not [j for j in ml_client.jobs.list() if j.name.startswith("over-quota")]
+
+
+def test_family_lines_spelled_by_family_id_are_checked(cluster_kwargs, caplog):
+    from aml_emulator import Emulator
+    from aml_emulator.config import EmulatorConfig, QuotaSpec
+
+    config = EmulatorConfig(quota=QuotaSpec(families={FAMILY: 12}, family_value="id"))
+    with Emulator(config=config) as emu:
+        ml = emu.ml_client()
+        usages = list(ml.compute.list_usage())
+        assert FAMILY in {u.name["value"] for u in usages}  # the other spelling, served
+        with pytest.raises(QuotaExceededError, match="of 12 vCPUs"):
+            AmlComputeCluster(ml, n_nodes=4, name="over-quota-id", **cluster_kwargs)
+        assert emu.active_jobs() == []
+        # no line for the family at all: said, not silently passed
+        caplog.set_level(logging.WARNING, logger="dask_amlcompute.backend.capacity")
+        assert len(quotas_for(usages, "standardNoSuchFamily", "dedicated")) == 1  # the total
+        assert "quota for family standardNoSuchFamily (dedicated) not reported" in caplog.text
+        caplog.clear()
+        quotas_for(usages, FAMILY, "low_priority")  # reported, without a limit (-1)
+        assert "not reported" not in caplog.text
 
 
 def test_request_that_must_wait_for_quota_queues_and_starts(emulator, ml_client, cluster_kwargs):

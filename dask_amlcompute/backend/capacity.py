@@ -21,10 +21,13 @@ this module decides.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 #: ``vmTier`` of ``estimatedVMPrices`` for each way of running nodes.
 PRICE_TIER = {"dedicated": "Standard", "low_priority": "LowPriority", "spot": "Spot"}
@@ -166,24 +169,47 @@ def quotas_for(usages: Iterable[Any], family: str | None, tier: str) -> list[Quo
     -------
     list of Quota
         Only lines with a limit (low-priority families report ``-1``: no per-family limit).
+
+    Notes
+    -----
+    A family line is recognised by ``name.value``, ``name.localizedValue`` or
+    its ARM id's last segment (``Standard_DSv2_Family_Cluster_Dedicated_vCPUs``):
+    AML's example spells ``value`` as the label, other resource providers put
+    the family id (``standardDSv2Family``) there. No line for the family is logged.
     """
     total_type = "dedicatedcores" if tier == "dedicated" else "lowprioritycores"
     wanted = _family_usage_key(family, tier) if family else None
     found: list[Quota] = []
     total: Quota | None = None
+    seen = False  # a line for the family, with or without a limit
     for usage in usages:
         kind = str(getattr(usage, "type", "") or "").lower()
-        name_obj = getattr(usage, "name", None)  # azure-ai-ml 1.35: {"value", "localizedValue"}
-        name = str(_field(name_obj, "value") or name_obj or "") if name_obj else ""
+        names = _usage_names(usage)
         limit = _field(usage, "limit")
         used = int(_field(usage, "current_value", "currentValue") or 0)
+        mine = bool(wanted) and kind.endswith("/vmfamily/usages")
+        mine = mine and any(_key(n) == wanted for n in names)
+        seen = seen or mine
         if limit is None or int(limit) < 0:
             continue
         if kind.endswith(f"/{total_type}/usages") and total is None:
-            total = Quota(name, used, int(limit))
-        elif wanted and kind.endswith("/vmfamily/usages") and _key(name) == wanted:
-            found.append(Quota(name, used, int(limit)))
+            total = Quota(names[-1], used, int(limit))
+        elif mine:
+            found.append(Quota(names[-1], used, int(limit)))
+    if family and not seen:
+        logger.warning("quota for family %s (%s) not reported by AML; not checked", family, tier)
     return found[:1] + ([total] if total is not None else [])
+
+
+def _usage_names(usage: Any) -> list[str]:
+    """A usage line's id segment, ``name.value`` and ``name.localizedValue`` (the label last)."""
+    name = getattr(usage, "name", None)  # azure-ai-ml 1.35: {"value", "localizedValue"}
+    names = [str(getattr(usage, "id", "") or "").rsplit("/", 1)[-1]]
+    if isinstance(name, str):
+        return [*names, name]
+    names.append(str(_field(name, "value") or "") if name else "")
+    names.append(str(_field(name, "localizedValue", "localized_value") or "") if name else "")
+    return [n for n in names if n] or [""]
 
 
 @dataclass(frozen=True)

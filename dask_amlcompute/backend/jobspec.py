@@ -98,10 +98,10 @@ def build_job(
         :func:`~dask_amlcompute.backend.snapshot.stage_snapshot`) or the ARM id
         of a code asset AML already has. The nodes start in it.
     ssh_public_key
-        Declare AML's job SSH service on every node of the job, accepting this
-        OpenSSH public key (how ``connect="auto"``/``"job-ssh"`` reach the
-        scheduler without a public IP; the image needs ``openssh-server``, which
-        AML's base images have).
+        Declare AML's job SSH service on node 0 (the scheduler's; AML's default
+        without ``nodes="all"``), accepting this OpenSSH public key (how
+        ``connect="auto"``/``"job-ssh"`` reach the scheduler without a public
+        IP; the image needs ``openssh-server``, which AML's base images have).
     instance_type, job_tier
         Serverless jobs (``compute`` None): ``resources.instance_type`` and
         ``queue_settings.job_tier`` (``"standard"`` or ``"spot"``), as Microsoft
@@ -142,7 +142,7 @@ def build_job(
         timeout=int(timeout_seconds) if timeout_seconds else None,
         tags=tags,
         services=(
-            {SSH_SERVICE_NAME: SshJobService(ssh_public_keys=ssh_public_key, nodes="all")}
+            {SSH_SERVICE_NAME: SshJobService(ssh_public_keys=ssh_public_key)}
             if ssh_public_key
             else None
         ),

@@ -134,8 +134,7 @@ def run_logs(args: argparse.Namespace) -> int:
     ops = AmlOps(ml_client_for(args))
 
     async def show() -> int:
-        jobs = await list_cluster_jobs_async(ops, include_ended=True)
-        jobs = [j for j in jobs if j.cluster == args.name]
+        jobs = await list_cluster_jobs_async(ops, include_ended=True, cluster=args.name)
         if not jobs:
             print(f"No jobs for cluster {args.name!r}.")
             return 1
@@ -157,12 +156,11 @@ def run_down(args: argparse.Namespace) -> int:
     ops = AmlOps(ml_client_for(args))
 
     async def down() -> int:
-        jobs = await list_cluster_jobs_async(ops)
         if args.all_mine:
             me = getpass.getuser()
-            targets = [j for j in jobs if j.user == me]
+            targets = [j for j in await list_cluster_jobs_async(ops) if j.user == me]
         else:
-            targets = [j for j in jobs if j.cluster == args.name]
+            targets = await list_cluster_jobs_async(ops, cluster=args.name)
         if not targets:
             print("Nothing to stop.")
             return 0

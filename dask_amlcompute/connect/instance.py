@@ -69,7 +69,7 @@ def detect_compute_instance() -> ComputeInstance | None:
     for line in text.splitlines():
         key, sep, value = line.partition("=")
         if sep:
-            values[key.strip()] = value.strip()
+            values[key.strip()] = value.strip().strip("'\"")  # shell-style file: may be quoted
     if values.get("instance") and values.get("domainsuffix"):
         return ComputeInstance(values["instance"], values["domainsuffix"])
     logger.warning("%s lacks instance= or domainsuffix=; not treating this as a compute instance",

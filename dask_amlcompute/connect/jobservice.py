@@ -1,7 +1,7 @@
 """Reach the scheduler through the main job's own SSH service (no public IP needed).
 
-Every main job declares AML's job SSH service (``SshJobService``, on all
-nodes) with the cluster's public key. Once it runs, the node's service instance
+Every main job declares AML's job SSH service (``SshJobService``, on node
+0, the scheduler's: AML's default without ``nodes="all"``) with the cluster's public key. Once it runs, the node's service instance
 (``jobs.show_services``) names a ``ProxyEndpoint``; :mod:`.proxy` carries an
 SSH connection through it, logged in as :data:`JOB_SSH_USER`, and an
 :class:`~dask_amlcompute.connect.tunnel.SSHTunnel` forwards the scheduler and

@@ -38,13 +38,19 @@ PROXY_PATH = "/nbip/v1.0/ws-tcp"
 TOKEN_SCOPE = "https://management.core.windows.net/.default"
 #: Seconds between WebSocket pings (``az``'s Go client pings every 30 s).
 PING_INTERVAL = 30.0
-#: Largest chunk sent per frame.
-CHUNK = 64 * 1024
+#: Largest chunk sent per frame: both Microsoft clients send 4 KiB; larger frames
+#: are untested against AML's proxy, 16 KiB keeps the header overhead negligible.
+CHUNK = 16 * 1024
+#: ``ProxyEndpoint`` schemes and the WebSocket schemes they stand for (AML names
+#: ``wss://``; azure-dev's ``job_ssh_proxy.go`` also rewrites ``https://``).
+_WS_SCHEMES = {"https": "wss", "http": "ws"}
 
 
 def proxy_url(endpoint: str, node_index: int = 0) -> str:
     """The WebSocket URL of a ``ProxyEndpoint`` (``<nodeIndex>`` filled in, as ``az`` does)."""
-    return endpoint.replace("<nodeIndex>", str(node_index)).rstrip("/") + PROXY_PATH
+    url = endpoint.replace("<nodeIndex>", str(node_index)).rstrip("/") + PROXY_PATH
+    scheme, sep, rest = url.partition("://")
+    return _WS_SCHEMES.get(scheme.lower(), scheme) + sep + rest
 
 
 def _ssl_context() -> ssl.SSLContext:
@@ -59,6 +65,10 @@ def _ssl_context() -> ssl.SSLContext:
 async def open_proxy_socket(url: str, token: str, timeout: float = 30.0) -> socket.socket:
     """Open the WebSocket at ``url`` and return a socket whose bytes travel through it.
 
+    An HTTP(S) proxy named by ``HTTPS_PROXY`` (``wss://``) or ``HTTP_PROXY``
+    (``ws://``) is used through ``CONNECT`` unless ``NO_PROXY`` lists the host,
+    as azure-core does for the SDK's own calls.
+
     Parameters
     ----------
     url
@@ -67,7 +77,7 @@ async def open_proxy_socket(url: str, token: str, timeout: float = 30.0) -> sock
         An access token for :data:`TOKEN_SCOPE`; it goes only into the
         ``Authorization`` header, never into a log.
     timeout
-        Bound on the WebSocket handshake.
+        Bound on the proxy's ``CONNECT``, TLS and the WebSocket handshake.
 
     Returns
     -------
@@ -82,34 +92,43 @@ async def open_proxy_socket(url: str, token: str, timeout: float = 30.0) -> sock
     TunnelUnreachableError
         Anything else that kept the WebSocket from opening.
     """
-    from tornado.httpclient import HTTPClientError, HTTPRequest
-    from tornado.websocket import websocket_connect
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidProxyStatus, InvalidStatus, WebSocketException
 
-    request = HTTPRequest(
-        url,
-        headers={"Authorization": f"Bearer {token}"},
-        connect_timeout=timeout,
-        request_timeout=timeout,
-        ssl_options=_ssl_context() if url.startswith("wss:") else None,
-    )
+    options: dict[str, Any] = {"ssl": _ssl_context()} if url.startswith("wss:") else {}
+    where = url.split("?")[0]
     try:
         ws = await asyncio.wait_for(
-            websocket_connect(request, ping_interval=PING_INTERVAL, max_message_size=16 << 20),
+            connect(
+                url,
+                additional_headers={"Authorization": f"Bearer {token}"},
+                open_timeout=timeout,
+                ping_interval=PING_INTERVAL,
+                max_size=16 << 20,
+                compression=None,  # as az: raw SSH bytes, no permessage-deflate
+                **options,
+            ),
             timeout + 5,
         )
-    except HTTPClientError as exc:
-        if exc.code in (401, 403):
+    except InvalidStatus as exc:
+        code = exc.response.status_code
+        if code in (401, 403):
             raise TunnelAuthenticationError(
-                f"AML's job-service proxy refused the connection ({exc.code}): only the job's "
+                f"AML's job-service proxy refused the connection ({code}): only the job's "
                 "owner may connect to its SSH service; use the credential of the identity that "
                 "submitted the job."
             ) from None
         raise TunnelUnreachableError(
-            f"AML's job-service proxy {url.split('?')[0]} answered {exc.code}: {exc.message}"
+            f"AML's job-service proxy {where} answered {code} {exc.response.reason_phrase}"
         ) from None
-    except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+    except InvalidProxyStatus as exc:
         raise TunnelUnreachableError(
-            f"Cannot open AML's job-service proxy {url}: {exc or type(exc).__name__}"
+            f"The HTTP proxy (HTTPS_PROXY/HTTP_PROXY) refused CONNECT to {where}: "
+            f"{exc.response.status_code} {exc.response.reason_phrase}"
+        ) from None
+    except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
+        raise TunnelUnreachableError(
+            f"Cannot open AML's job-service proxy {where}: {exc or type(exc).__name__}"
         ) from exc
     mine, theirs = socket.socketpair()
     for sock in (mine, theirs):
@@ -130,13 +149,11 @@ async def _pump(ws: Any, sock: socket.socket) -> None:
 
     async def upstream() -> None:  # local socket -> WebSocket
         while data := await reader.read(CHUNK):
-            await ws.write_message(data, binary=True)
+            await ws.send(data)
 
     async def downstream() -> None:  # WebSocket -> local socket
-        while (message := await ws.read_message()) is not None:
-            if isinstance(message, str):
-                message = message.encode("utf-8")
-            writer.write(message)
+        async for message in ws:
+            writer.write(message.encode("utf-8") if isinstance(message, str) else message)
             await writer.drain()
 
     tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
@@ -148,7 +165,8 @@ async def _pump(ws: Any, sock: socket.socket) -> None:
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
-        ws.close()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(ws.close(), 5)
         writer.close()
         with contextlib.suppress(OSError):
             await asyncio.wait_for(writer.wait_closed(), 5)

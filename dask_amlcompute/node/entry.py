@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -81,7 +82,23 @@ def _route_ip(target: str) -> str:
             sock.connect((target, 9))
             return sock.getsockname()[0]
         except OSError:
-            return "127.0.0.1"
+            return ""
+
+
+def _host_ip() -> str:
+    """The host's own IPv4 address by its name (a lookup, nothing dialled), non-loopback first."""
+    try:
+        found = [a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)]
+    except OSError:
+        return ""
+    return next((str(a) for a in found if not _loopback(str(a))), str(found[0]) if found else "")
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address.lower() == "localhost"
 
 
 def detect_context(env: Mapping[str, str] | None = None) -> NodeContext:
@@ -92,13 +109,21 @@ def detect_context(env: Mapping[str, str] | None = None) -> NodeContext:
     ``AZ_BATCHAI_MPI_MASTER_NODE`` (or ``AZ_BATCH_MASTER_NODE`` as ``addr:port``).
     Without either, the job is a single node of rank 0. This node's own
     address: ``MASTER_ADDR`` on rank 0, else the local address the kernel routes
-    to the master from. (``AZ_BATCHAI_NODE_IP`` is read first where it is set,
-    but AML does not document it: nothing may depend on it.)
+    to the master from, else (no master: AML may leave it unset for one node)
+    the host name's address. (``AZ_BATCHAI_NODE_IP`` is read first where it is
+    set, but AML does not document it: nothing may depend on it.) A loopback
+    address is used only when the master's is one (the nodes share a loopback,
+    as the emulator's): others could never reach it.
 
     Parameters
     ----------
     env
         The environment to read; ``os.environ`` by default.
+
+    Raises
+    ------
+    RuntimeError
+        Rank > 0 without a master, or no address others can reach.
     """
     env = os.environ if env is None else env
     rank = _int(env, "NODE_RANK", "OMPI_COMM_WORLD_RANK", "RANK", "PMI_RANK")
@@ -108,20 +133,24 @@ def detect_context(env: Mapping[str, str] | None = None) -> NodeContext:
         master = env["AZ_BATCH_MASTER_NODE"].rsplit(":", 1)[0]
     rank = rank or 0
     size = size or 1
+    if rank != 0 and not master:
+        raise RuntimeError(
+            "This node has rank > 0 but neither MASTER_ADDR nor AZ_BATCHAI_MPI_MASTER_NODE "
+            "is set: submit the job with a PyTorch or MPI distribution."
+        )
     node_ip = env.get("AZ_BATCHAI_NODE_IP") or ""
     if not node_ip:
-        node_ip = master if (rank == 0 and master) else _route_ip(master or "127.0.0.1")
-    if not master:
-        if rank != 0:
+        node_ip = (master if rank == 0 else _route_ip(master)) if master else _host_ip()
+        if not node_ip or (_loopback(node_ip) and not (master and _loopback(master))):
             raise RuntimeError(
-                "This node has rank > 0 but neither MASTER_ADDR nor AZ_BATCHAI_MPI_MASTER_NODE "
-                "is set: submit the job with a PyTorch or MPI distribution."
+                f"This node found no address other machines can reach (got {node_ip or 'none'}"
+                f" from {'the route to ' + master if master else 'its host name'}): a Dask "
+                "scheduler or worker on a loopback address is out of everyone else's reach."
             )
-        master = node_ip
     return NodeContext(
         rank=rank,
         world_size=size,
-        master_addr=master,
+        master_addr=master or node_ip,
         node_ip=node_ip,
         job_name=env.get("AZUREML_RUN_ID", "local"),
     )

@@ -18,9 +18,11 @@ in azureml-mlflow 1.62); :func:`tracking_api` does the same. For a plain
 ``http(s)://`` tracking URI (an MLflow server) the API sits under the URI.
 
 Should the REST call be refused in a way that suggests the URL or the token is
-not what this module expects (4xx), the mlflow client (the documented path,
+not what this module expects (4xx), or fail to connect (TLS, or connection
+errors that outlast the retries), the mlflow client (the documented path,
 installed on the nodes by the default environment) publishes instead, and a
-warning says so in the node's log.
+warning says so in the node's log. The body carries ``run_uuid`` as well as
+``run_id``, as mlflow's ``RestStore`` sends it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import logging
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -132,20 +135,21 @@ async def publish_tags(tags: Mapping[str, str], env: Mapping[str, str] | None = 
             await _set_tag(api, key, value)
     except _Refused as exc:
         logger.warning(
-            "The MLflow REST API refused a run tag (%s); publishing with the mlflow client", exc
+            "The MLflow REST API did not take a run tag (%s); publishing with the mlflow client",
+            exc,
         )
         await asyncio.to_thread(_publish_with_mlflow, tags, env)
 
 
 class _Refused(Exception):
-    """A 4xx answer other than 429: the URL or the token is not what was expected."""
+    """The URL or the token is not what was expected: a 4xx other than 429, or no connection."""
 
 
 async def _set_tag(api: TrackingApi, key: str, value: str) -> None:
     from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
     client = AsyncHTTPClient()
-    body = json.dumps({"run_id": api.run_id, "key": key, "value": value})
+    body = json.dumps({"run_id": api.run_id, "run_uuid": api.run_id, "key": key, "value": value})
     delay = FIRST_BACKOFF
     for attempt in range(1, ATTEMPTS + 1):
         try:
@@ -161,8 +165,12 @@ async def _set_tag(api: TrackingApi, key: str, value: str) -> None:
             if exc.code != 599 and 400 <= exc.code < 500 and exc.code != 429:
                 raise _Refused(f"HTTP {exc.code} from {api.base}") from None
             failure: Exception = exc
-        except OSError as exc:  # connection refused/reset, TLS errors
+        except ssl.SSLError as exc:  # not a passing condition: no retry
+            raise _Refused(f"TLS error with {api.base}: {exc}") from None
+        except OSError as exc:  # connection refused/reset, name resolution
             failure = exc
+        if attempt == ATTEMPTS and isinstance(failure, OSError):
+            raise _Refused(f"no connection to {api.base} in {ATTEMPTS} attempts: {failure}")
         if attempt == ATTEMPTS:
             raise RunTagsError(
                 f"Could not set run tag {key!r} at {api.base} after {ATTEMPTS} attempts: {failure}"

@@ -127,6 +127,7 @@ class Capacity:
         for family, limit in quota.low_priority_families.items():
             self.family_limits[(family.lower(), LOW_PRIORITY)] = limit
         self.max_computes = quota.max_computes
+        self.family_value = quota.family_value
 
     # ------------------------------------------------------------------ sizes
     def size(self, name: str | None) -> VmSizeSpec | None:

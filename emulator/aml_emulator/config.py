@@ -267,6 +267,11 @@ class QuotaSpec:
         Low-priority vCPU limit by family (default: none).
     max_computes
         Total compute limit (clusters and compute instances).
+    family_value
+        ``name.value`` of the per-family usage lines: ``"label"`` (``Standard
+        DSv2 Family Cluster Dedicated vCPUs``, as AML's ``examples/Usage/list.json``)
+        or ``"id"`` (``standardDSv2Family``, how other resource providers spell
+        it); ``localizedValue`` and the ARM id's last segment keep the label.
     """
 
     dedicated_vcpus: int = 2000
@@ -275,8 +280,11 @@ class QuotaSpec:
     families: dict[str, int] = field(default_factory=dict)
     low_priority_families: dict[str, int] = field(default_factory=dict)
     max_computes: int = 500
+    family_value: str = "label"
 
     def __post_init__(self) -> None:
+        if self.family_value not in ("label", "id"):
+            raise ValueError("family_value must be 'label' or 'id'")
         values = [self.dedicated_vcpus, self.low_priority_vcpus, self.family_vcpus]
         values += [*self.families.values(), *self.low_priority_families.values()]
         if any(v < 0 for v in values) or self.max_computes < 0:

@@ -13,7 +13,7 @@ from typing import Any
 from .engine import Engine
 from .handlers import FaultState
 from .nodes import read_log
-from .state import NodeRecord
+from .state import JobRecord, NodeRecord
 
 
 class EmulatorControls:
@@ -316,6 +316,42 @@ class EmulatorControls:
             AML runs the job again on new nodes instead of failing it.
         """
         self._call(lambda e: e.kill_node(job_name, rank, preempted=True, requeue=requeue))
+
+    def add_past_jobs(self, template: str, count: int, tags: dict | None = None) -> None:
+        """Record ``count`` ended copies of job ``template``: a long job history.
+
+        Each copy has its own name, the template's submitted properties with
+        ``tags`` instead of its tags, ``Completed`` status, and was created
+        before it; none runs.
+
+        Parameters
+        ----------
+        template
+            Name of a job to copy.
+        count
+            How many copies.
+        tags
+            The copies' tags (none by default).
+        """
+        import asyncio
+        import copy
+
+        def _add(e: Engine) -> None:
+            job = e.job(template)
+            for i in range(int(count)):
+                past = JobRecord(
+                    name=f"{template}-past-{i}",
+                    properties={**copy.deepcopy(job.properties), "tags": dict(tags or {})},
+                    compute=job.compute,
+                    instance_count=job.instance_count,
+                    created=job.created - 1 - i,
+                    status="Completed",
+                )
+                past.done, past.wake = asyncio.Event(), asyncio.Event()
+                past.done.set()
+                e.jobs[past.name] = past
+
+        self._call(_add)
 
     def set_run_tags_on_job(self, enabled: bool) -> None:
         """Show (default) or withhold mlflow run tags in the job resource's tags.

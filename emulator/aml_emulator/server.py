@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections import Counter
 from typing import Any
+from urllib.parse import urlencode
 
 import tornado.web
 
@@ -65,28 +66,48 @@ class _JobResource(BaseHandler):
         return shapes.job_to_rest(job, self.ctx.tracking_uri, self.engine.run_tags_on_job)
 
 
+#: Jobs per page of ``GET /jobs``: AML pages long job lists (``nextLink`` with a
+#: ``$skipToken``, one request per page) and documents no page size; 100 here.
+JOBS_PAGE = 100
+
+
 class JobsHandler(_JobResource):
-    """``GET /jobs`` (``listViewType`` ActiveOnly | ArchivedOnly | All; ``tag``).
+    """``GET /jobs`` (``listViewType`` ActiveOnly | ArchivedOnly | All; ``tag``; ``$skipToken``).
 
     As AML's REST list: ``ActiveOnly`` (the default) means not archived, so jobs
     that have ended are listed with their final status; ``tag`` keeps the jobs
     that carry that tag key ("jobs returned will have this tag key"), whatever
-    its value (``tag=k=v`` asks for a key named ``k=v``).
+    its value (``tag=k=v`` asks for a key named ``k=v``). Pages hold
+    :data:`JOBS_PAGE` jobs; ``nextLink`` (the same query with a ``$skipToken``)
+    names the next one, as AML's ``JobBaseResourceArmPaginatedResult``.
     """
 
     def get(self, **_: str) -> None:
-        """List jobs, newest first."""
+        """List jobs, newest first, one page."""
         view = self.get_argument("listViewType", "ActiveOnly")
         tag = self.get_argument("tag", None)
+        skip = int(self.get_argument("$skipToken", "0") or 0)
         jobs = sorted(self.engine.jobs.values(), key=lambda j: j.created, reverse=True)
         if view == "ArchivedOnly":
             jobs = [j for j in jobs if j.properties.get("isArchived")]
         elif view != "All":
             jobs = [j for j in jobs if not j.properties.get("isArchived")]
-        items = [self.job_json(j) for j in jobs]
         if tag is not None:  # the tags as the list shows them
-            items = [i for i in items if tag in (i["properties"].get("tags") or {})]
-        self.send_json(_value_list(items))
+            run_tags = self.engine.run_tags_on_job
+            jobs = [
+                j for j in jobs if tag in (j.tags if run_tags else j.properties.get("tags") or {})
+            ]
+        page: dict[str, Any] = {
+            "value": [self.job_json(j) for j in jobs[skip : skip + JOBS_PAGE]],
+            "nextLink": None,
+        }
+        if skip + JOBS_PAGE < len(jobs):
+            query = {k: v[-1].decode() for k, v in self.request.query_arguments.items()}
+            query["$skipToken"] = str(skip + JOBS_PAGE)
+            # on ARM's host, as identity.operation_url (the SDK's transport sends it back here)
+            url = f"https://management.azure.com{self.request.path}?{urlencode(query)}"
+            page["nextLink"] = url
+        self.send_json(page)
 
 
 class JobHandler(_JobResource):

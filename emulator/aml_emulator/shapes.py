@@ -435,7 +435,9 @@ def vm_size_to_rest(size: VmSizeSpec) -> dict[str, Any]:
     return out
 
 
-def _usage(arm_id: str, kind: str, name: str, current: int, limit: int) -> dict[str, Any]:
+def _usage(
+    arm_id: str, kind: str, name: str, current: int, limit: int, value: str | None = None
+) -> dict[str, Any]:
     return {
         "id": arm_id,
         "amlWorkspaceLocation": identity.REGION,
@@ -443,7 +445,7 @@ def _usage(arm_id: str, kind: str, name: str, current: int, limit: int) -> dict[
         "unit": "Count",
         "currentValue": current,
         "limit": limit,
-        "name": {"value": name, "localizedValue": name},
+        "name": {"value": value or name, "localizedValue": name},
     }
 
 
@@ -488,7 +490,9 @@ def usages_to_rest(capacity: Capacity, computes: Iterable[ComputeState]) -> list
             segment = name.replace(" ", "_")
             limit = capacity.limit(family, tier)
             current = used.get((family.lower(), tier), 0)
-            out.append(_usage(f"{sub}/usages/{segment}", "vmFamily", name, current, limit))
+            value = family if capacity.family_value == "id" else None
+            arm_id = f"{sub}/usages/{segment}"
+            out.append(_usage(arm_id, "vmFamily", name, current, limit, value))
             per_compute: dict[str, int] = {}
             for compute in computes:
                 demand = capacity.demand(compute)

@@ -1,0 +1,140 @@
+"""The job SSH path through a corporate HTTP proxy (``HTTPS_PROXY``, ``CONNECT``).
+
+A real proxy (the ``proxy.py`` package, in its own process on loopback) sits
+between the client and the emulator's job-service WebSocket proxy, served over
+HTTPS as AML's is (``wss://``). :func:`open_proxy_socket` must tunnel through it
+when ``HTTPS_PROXY`` names it, the proxy's own access log showing the
+``CONNECT``; ``NO_PROXY`` bypasses it; a proxy that is down is a typed error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import asyncssh
+import pytest
+from _helpers import wait_for
+
+from aml_emulator import ComputeSpec, Emulator, EnvironmentSpec
+from aml_emulator.config import EmulatorConfig
+from aml_emulator.ssh import generate_client_keypair
+from dask_amlcompute.connect.jobservice import JOB_SSH_USER
+from dask_amlcompute.connect.proxy import TOKEN_SCOPE, open_proxy_socket, proxy_url
+from dask_amlcompute.exceptions import TunnelUnreachableError
+
+pytestmark = pytest.mark.slow
+
+#: Variables that would route or bypass the proxy if the environment had them.
+PROXY_VARIABLES = [f"{name}_proxy" for name in ("http", "https", "no", "all", "ws", "wss")]
+
+
+@contextlib.contextmanager
+def http_proxy(workdir: Path) -> Iterator[tuple[str, Path]]:
+    """Run proxy.py on a free loopback port; yield its URL and its log file."""
+    port_file, log = workdir / "proxy.port", workdir / "proxy.log"
+    argv = ["--hostname", "127.0.0.1", "--port", "0", "--port-file", str(port_file)]
+    argv += ["--log-file", str(log), "--num-workers", "1", "--num-acceptors", "1"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", *argv],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        port = wait_for(
+            lambda: port_file.exists() and port_file.read_text().strip(), 30, "proxy.py's port"
+        )
+        yield f"http://127.0.0.1:{port.split()[0]}", log
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+def login(url: str, token: str, key: str) -> str:
+    """Log in to the job's SSH daemon over :func:`open_proxy_socket`; return the user name."""
+
+    async def run() -> str:
+        sock = await open_proxy_socket(url, token, timeout=10)
+        async with asyncssh.connect(
+            "jobservice",
+            sock=sock,
+            username=JOB_SSH_USER,
+            client_keys=[asyncssh.import_private_key(key)],
+            known_hosts=None,
+            agent_path=None,
+            config=[],
+        ) as conn:
+            return conn.get_extra_info("username")
+
+    return asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_job_ssh_goes_through_https_proxy_and_honours_no_proxy(tmp_path, monkeypatch):
+    from azure.ai.ml import command
+    from azure.ai.ml.entities import SshJobService
+
+    private, public = generate_client_keypair("proxy-tests")
+    config = EmulatorConfig(
+        computes=[ComputeSpec(name="svc", max_nodes=1)],
+        environments=[EnvironmentSpec(name="dask-env", version="1")],
+        build_environments=False,
+        https=True,
+        job_service_delay=0.0,
+    )
+    with Emulator(config=config) as emu, http_proxy(tmp_path) as (proxy, log):
+        ml = emu.ml_client()
+        job = ml.jobs.create_or_update(
+            command(
+                command="echo up; sleep 60",
+                compute="svc",
+                environment="azureml:dask-env:1",
+                services={"ssh": SshJobService(ssh_public_keys=public)},
+            )
+        )
+
+        def running() -> object:
+            found = ml.jobs.show_services(job.name, 0)
+            return found and found["ssh"].status == "Running" and found["ssh"]
+
+        endpoint = wait_for(running, 30, "the SSH service").properties["ProxyEndpoint"]
+        assert endpoint.startswith("wss://")
+        # https:// names the same WebSocket (azure-dev's client rewrites it too)
+        url = proxy_url(endpoint.replace("wss://", "https://", 1))
+        assert url == proxy_url(endpoint)
+        netloc = urlparse(url).netloc
+        token = emu.credential().get_token(TOKEN_SCOPE).token
+        with monkeypatch.context() as env:
+            for name in PROXY_VARIABLES:
+                env.delenv(name, raising=False)
+                env.delenv(name.upper(), raising=False)
+            env.setenv("REQUESTS_CA_BUNDLE", emu.cert_path)
+            env.setenv("HTTPS_PROXY", proxy)
+            assert login(url, token, private) == JOB_SSH_USER
+            # proxy.py logs each tunnelled connection when it closes
+            wait_for(lambda: f"CONNECT {netloc}" in log.read_text(), 15, "the proxy's CONNECT")
+            env.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # discard port: nobody listens
+            with pytest.raises(TunnelUnreachableError):
+                login(url, token, private)
+            env.setenv("NO_PROXY", "127.0.0.1")
+            assert login(url, token, private) == JOB_SSH_USER
+        ml.jobs.begin_cancel(job.name).result(timeout=30)
+
+
+def test_proxy_endpoint_schemes():
+    assert proxy_url("https://ssh-<nodeIndex>.x/", 1) == "wss://ssh-1.x/nbip/v1.0/ws-tcp"
+    assert proxy_url("HTTP://h:8080") == "ws://h:8080/nbip/v1.0/ws-tcp"
+    assert proxy_url("wss://h") == "wss://h/nbip/v1.0/ws-tcp"
+    with pytest.raises(TunnelUnreachableError, match="ftp://h"):  # typed, not a KeyError
+        asyncio.run(open_proxy_socket(proxy_url("ftp://h"), "token", timeout=5))

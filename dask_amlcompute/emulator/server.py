@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from typing import Any
 
@@ -85,6 +86,10 @@ class JobsHandler(_JobResource):
         elif view != "All":
             jobs = [j for j in jobs if not j.properties.get("isArchived")]
         items = [self.job_json(j) for j in jobs]
+        if self.engine.job_list_lag:  # statuses as they were that long ago
+            then = time.monotonic() - self.engine.job_list_lag
+            for item, job in zip(items, jobs, strict=True):
+                item["properties"]["status"] = job.status_at(then)
         if tag is not None:  # the tags as the list shows them
             items = [i for i in items if tag in (i["properties"].get("tags") or {})]
         self.send_json(_value_list(items))

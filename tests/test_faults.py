@@ -46,9 +46,14 @@ def inject(fault: str, emulator, cluster) -> None:
     # job_timeout reached: AML (the emulator) ends the job by itself
 
 
-def slow(x: int) -> int:
-    time.sleep(1.5)
-    return x + 1
+def slow_task():
+    """A task of 1.5 s, defined here so cloudpickle ships it by value (nodes lack this module)."""
+
+    def slow(x: int) -> int:
+        time.sleep(1.5)
+        return x + 1
+
+    return slow
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
@@ -60,7 +65,7 @@ def test_fault_is_named_and_nothing_is_left(fault, emulator, ml_client, cluster_
         AmlComputeCluster(ml_client, **{**cluster_kwargs, **extra}) as cluster,
         Client(cluster) as client,
     ):
-        future = client.submit(slow, 41, pure=False)
+        future = client.submit(slow_task(), 41, pure=False)
         time.sleep(rng.uniform(0.2, 1.0))
         inject(fault, emulator, cluster)
         try:
@@ -69,7 +74,7 @@ def test_fault_is_named_and_nothing_is_left(fault, emulator, ml_client, cluster_
             assert "scheduler-connection-lost" in str(exc)
         if cause is None:  # the tunnel survives: it says what was lost; new work runs
             wait_for(lambda: cluster._connector.tunnel.reconnects, 30, "the tunnel to reconnect")
-            assert client.submit(slow, 1, pure=False).result(timeout=60) == 2
+            assert client.submit(slow_task(), 1, pure=False).result(timeout=60) == 2
             assert cluster.ended_reason is None
             assert "FutureCancelledError 'scheduler-connection-lost'" in caplog.text
         else:
@@ -103,7 +108,7 @@ def test_a_lagging_job_list_does_not_end_a_healthy_cluster(emulator, ml_client, 
             # ... for every watch poll of the lag window: the cluster lives through it
             time.sleep(max(0.0, submitted + lag + 2 - time.monotonic()))
             assert cluster.ended_reason is None
-            assert client.submit(slow, 1, pure=False).result(timeout=60) == 2
+            assert client.submit(slow_task(), 1, pure=False).result(timeout=60) == 2
             assert emulator.job_status(job) == "Running"
     finally:
         emulator.set_job_list_lag(0)

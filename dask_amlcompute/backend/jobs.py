@@ -178,8 +178,13 @@ class MainJob(ProcessInterface):
             if failure is not None:
                 await self._lost(
                     f"The SSH tunnel to the scheduler of AML job {self.job_name} dropped and "
-                    f"could not be re-established ({failure}), so this client cannot reach the "
-                    "scheduler any more."
+                    f"could not be re-established ({failure}): this cluster object cannot reach "
+                    "the scheduler; work in flight is lost (distributed cancels the futures "
+                    "pending on each client: 'scheduler-connection-lost'). The cluster's jobs "
+                    "keep running: attach again with AmlComputeCluster.from_name("
+                    f"{self.context.settings.name!r}) once the network is back, or close this "
+                    "object to cancel them.",
+                    cancel=False,
                 )
                 return
             reached = await self._reached_id() if state.scheduler_id else None
@@ -221,16 +226,21 @@ class MainJob(ProcessInterface):
                         self.job_name, info.status, fresh.status)  # fmt: skip
         return fresh
 
-    async def _lost(self, why: str) -> None:
-        """The cluster is gone for good: say why once, close the connection, cancel every job."""
+    async def _lost(self, why: str, cancel: bool = True) -> None:
+        """The cluster is gone for good: say why once, close the connection, cancel every job.
+
+        ``cancel=False``: only this object lost the scheduler (``why`` says what to do).
+        """
         ctx, state = self.context, self.context.state
         if state.lost_reason is not None or state.closing:
             return
-        state.lost_reason = state.ended_reason = f"{why} {LOST_WORK}"
+        state.lost_reason = state.ended_reason = f"{why} {LOST_WORK}" if cancel else why
         logger.warning("Dask cluster %s is lost: %s", ctx.settings.name, state.lost_reason)
         ctx.log(state.lost_reason)
-        state.watched.clear()  # their ends are no news now
         await self.connector.close()  # a tunnel's local ports close: nothing reaches it
+        if not cancel:
+            return
+        state.watched.clear()  # their ends are no news now
         names = [n for n, status in state.jobs.items() if status not in TERMINAL]
         ended = await asyncio.gather(*(ctx.ops.cancel(n) for n in names), return_exceptions=True)
         for name, status in zip(names, ended, strict=True):
@@ -324,6 +334,8 @@ class MainJob(ProcessInterface):
             except Exception:
                 break
             state.jobs[self.job_name] = info.status
+            if info.status in NOT_YET_RUNNING:  # queued again: it will not end by itself
+                break
             if not state.main_job_ended():
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 5.0)  # few requests: AML takes a while to notice

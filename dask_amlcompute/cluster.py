@@ -797,7 +797,11 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
 
     @property
     def ended_reason(self) -> str | None:
-        """Why the main job ended while the cluster was running (None if it did not)."""
+        """Why the cluster ended or was lost while it ran (None if it was not).
+
+        Names the cause (``job_timeout`` reached, a node lost or preempted, the job
+        run again, the tunnel gone) and what to do; also logged once as a WARNING.
+        """
         return self._context.state.ended_reason
 
     @property

@@ -120,9 +120,11 @@ def test_main_job_ending_is_reported_with_its_reason(emu):
         wait_for(lambda: len(cluster.jobs) == 2, timeout=30, what="worker job submitted")
         emu.fail_node(cluster.main_job_name, 0)
         wait_for(lambda: cluster.ended_reason, timeout=30, what="the cluster's end reported")
-        assert "The cluster's AML job ended: Failed." in cluster.ended_reason
+        assert "Failed: a node of the main job failed or was lost" in cluster.ended_reason
         assert "AML says:" in cluster.ended_reason
         assert cluster.jobs[cluster.main_job_name] == "Failed"
+        worker_job = next(j for j in cluster.jobs if j != cluster.main_job_name)
+        assert emu.wait_job(worker_job, timeout=30) == "Canceled"  # nothing is left running
 
 
 # -- poll_jobs without AML -------------------------------------------------------------
@@ -190,3 +192,18 @@ def test_poll_reports_the_main_job_from_finalizing_and_nothing_while_closing():
     ctx.state.watched.clear()
     asyncio.run(poll_jobs(ctx))  # nothing watched: no request
     assert ops.calls == [f"list {cluster_key_tag('c')}"] * 2
+
+
+def test_a_status_gone_back_in_the_list_only_is_confirmed_with_one_get():
+    from dask_amlcompute.backend.jobs import MainJob
+
+    ops = FakeOps(listed={"c-main": "Preparing"}, jobs={"c-main": "Running"})  # the list lags
+    ctx = context(ops)
+    ctx.state.jobs["c-main"] = "Running"
+    ctx.state.watched["c-main"] = lambda info: None
+    main = MainJob.__new__(MainJob)  # only what _main_update reads
+    main.context, main.job_name = ctx, "c-main"
+    ctx.state.on_main_update = main._main_update
+    asyncio.run(poll_jobs(ctx))
+    assert ops.calls == [f"list {cluster_key_tag('c')}", "get c-main"]
+    assert ctx.state.lost_reason is None and ctx.state.jobs["c-main"] == "Running"

@@ -40,6 +40,18 @@ logger = logging.getLogger(__name__)
 IDENTITY_CHECK_INTERVAL = 5.0
 #: Job statuses before Running: the main job back in one of them is being run again.
 NOT_YET_RUNNING = ("NotStarted", "Starting", "Provisioning", "Queued", "Preparing")
+#: Job statuses after a start: the main job going back from one of them is being run again.
+RAN = ("Running", "Finalizing")
+#: Seconds a closing cluster waits for its main job to end by itself before cancelling it.
+OWN_END_WAIT = 60.0
+#: Why a scheduler that AML started again is of no use.
+NEW_SCHEDULER = "The new scheduler has none of this cluster's workers or data."
+#: What a lost cluster means for the user's work, and what to do.
+LOST_WORK = (
+    "Work in flight is lost: distributed cancels the futures pending on each client "
+    "(FutureCancelledError 'scheduler-connection-lost'). The cluster's jobs are cancelled. "
+    "Start a new cluster."
+)
 
 
 class MainJob(ProcessInterface):
@@ -140,8 +152,7 @@ class MainJob(ProcessInterface):
         state.watched[self.job_name] = self._job_ended
         state.on_main_update = self._main_update
         self._watcher = asyncio.create_task(self._watch())
-        if state.scheduler_id:
-            self._identity = asyncio.create_task(self._check_identity())
+        self._identity = asyncio.create_task(self._check_scheduler())
         if s.no_client_timeout:
             self._heartbeat = asyncio.create_task(self._heartbeats(s.no_client_timeout))
         await super().start()
@@ -158,47 +169,80 @@ class MainJob(ProcessInterface):
             return None
         return identity.get("id")
 
-    async def _check_identity(self) -> None:
-        """Notice, within seconds, a different scheduler answering at the client's address."""
-        while self.context.state.lost_reason is None:
+    async def _check_scheduler(self) -> None:
+        """Notice, within seconds, a tunnel that gave up or a different scheduler answering."""
+        state = self.context.state
+        while state.lost_reason is None:
             await asyncio.sleep(IDENTITY_CHECK_INTERVAL)
-            reached = await self._reached_id()
-            if reached is not None and reached != self.context.state.scheduler_id:
+            failure = self.connector.failure
+            if failure is not None:
+                await self._lost(
+                    f"The SSH tunnel to the scheduler of AML job {self.job_name} dropped and "
+                    f"could not be re-established ({failure}): this cluster object cannot reach "
+                    "the scheduler; work in flight is lost (distributed cancels the futures "
+                    "pending on each client: 'scheduler-connection-lost'). The cluster's jobs "
+                    "keep running: attach again with AmlComputeCluster.from_name("
+                    f"{self.context.settings.name!r}) once the network is back, or close this "
+                    "object to cancel them.",
+                    cancel=False,
+                )
+                return
+            reached = await self._reached_id() if state.scheduler_id else None
+            if reached is not None and reached != state.scheduler_id:
                 await self._lost(
                     f"A different Dask scheduler ({reached}) now answers at "
-                    f"{self.internal_address}: AML ran job {self.job_name} again (a low-priority "
-                    "node was preempted, or the job was requeued)."
+                    f"{self.internal_address}: AML ran job {self.job_name} again (the rank-0 "
+                    f"node was preempted and the job requeued). {NEW_SCHEDULER}"
                 )
 
-    async def _main_update(self, previous: str | None, info: JobInfo) -> None:
-        """The job watch saw the main job: a status gone back, or a new scheduler id, is a loss."""
-        new_id = info.tags.get(SCHEDULER_ID_TAG)
-        if previous in ("Running", "Finalizing") and info.status in NOT_YET_RUNNING:
-            await self._lost(
-                f"AML job {self.job_name} went back from {previous} to {info.status}: AML is "
-                "running it again (a low-priority node was preempted)."
-            )
-        elif (
-            new_id and self.context.state.scheduler_id and new_id != self.context.state.scheduler_id
-        ):
-            await self._lost(
-                f"AML job {self.job_name} published a new scheduler ({new_id}): AML ran it again."
-            )
+    async def _main_update(self, previous: str | None, info: JobInfo) -> JobInfo:
+        """The job watch listed the main job: a status gone back or a new scheduler id is a loss.
 
-    async def _lost(self, why: str) -> None:
-        """Stop using the scheduler for good: close the connection path, cancel every job."""
+        The job list may lag ``GET /jobs/{name}`` (nothing documents that it is as
+        fresh, and AML lets a NotResponding job return to earlier statuses), so what
+        the list suggests is confirmed with one GET and only the GET decides.
+        Returns the snapshot to go on with.
+        """
+        state, ops = self.context.state, self.context.ops
+        listed_id = info.tags.get(SCHEDULER_ID_TAG)
+        new_listed = bool(state.scheduler_id and listed_id not in (None, state.scheduler_id))
+        if not new_listed and not (previous in RAN and info.status in NOT_YET_RUNNING):
+            return info
+        fresh = await ops.get_job(self.job_name)
+        state.jobs[self.job_name] = fresh.status
+        new_id = fresh.tags.get(SCHEDULER_ID_TAG)
+        if previous in RAN and fresh.status in NOT_YET_RUNNING:
+            await self._lost(
+                f"AML job {self.job_name} went back from {previous} to {fresh.status}: the "
+                f"rank-0 node was preempted and AML requeued the job to run it again. {NEW_SCHEDULER}"
+            )
+        elif new_id and state.scheduler_id and new_id != state.scheduler_id:
+            await self._lost(
+                f"AML job {self.job_name} published a new scheduler ({new_id}): AML ran it "
+                f"again. {NEW_SCHEDULER}"
+            )
+        else:
+            logger.info("The job list showed %s %s, a GET shows %s: the list lags; ignored",
+                        self.job_name, info.status, fresh.status)  # fmt: skip
+        return fresh
+
+    async def _lost(self, why: str, cancel: bool = True) -> None:
+        """The cluster is gone for good: say why once, close the connection, cancel every job.
+
+        ``cancel=False``: only this object lost the scheduler (``why`` says what to do).
+        """
         ctx, state = self.context, self.context.state
         if state.lost_reason is not None or state.closing:
             return
-        state.lost_reason = state.ended_reason = (
-            f"{why} The new scheduler has none of this cluster's workers or data, so this "
-            "cluster object no longer talks to it; its jobs are cancelled. Start a new cluster."
-        )
-        logger.error("%s", state.lost_reason)
+        state.lost_reason = state.ended_reason = f"{why} {LOST_WORK}" if cancel else why
+        logger.warning("Dask cluster %s is lost: %s", ctx.settings.name, state.lost_reason)
         ctx.log(state.lost_reason)
         if self._heartbeat is not None:  # never keep the new scheduler alive
             self._heartbeat.cancel()
         await self.connector.close()  # a tunnel's local ports close: nothing reaches it
+        if not cancel:
+            return
+        state.watched.clear()  # their ends are no news now
         names = [n for n, status in state.jobs.items() if status not in TERMINAL]
         ended = await asyncio.gather(*(ctx.ops.cancel(n) for n in names), return_exceptions=True)
         for name, status in zip(names, ended, strict=True):
@@ -245,18 +289,31 @@ class MainJob(ProcessInterface):
                 logger.debug("Listing the jobs of %s failed: %s", ctx.settings.name, exc)
 
     async def _job_ended(self, info: JobInfo) -> None:
-        """The main job ended while the cluster ran: record and show why."""
-        err = await job_error(
-            self.context.ops, info, f"The cluster's AML job ended: {info.status}."
-        )
-        state = self.context.state
-        state.ended_reason = str(err)
-        if "PreemptionError" in state.ended_reason:  # AML's wording for a preempted job
-            state.ended_reason += (
-                " A low-priority node was preempted; use a dedicated compute for the main job."
+        """The main job ended while the cluster ran: name the cause, end the rest."""
+        err = str(await job_error(self.context.ops, info, self._end_cause(info)))
+        hint = ""
+        if "PreemptionError" in err:  # AML's wording for a preempted node
+            hint = " A low-priority node was preempted: use a dedicated compute for the main job."
+        await self._lost(err.split("\nTail of the node logs:", 1)[0] + hint)
+        self.context.state.ended_reason = f"{err}{hint} {LOST_WORK}"  # with the node log tail
+
+    def _end_cause(self, info: JobInfo) -> str:
+        """What most likely ended the main job, and what to do about it."""
+        s, state, name = self.context.settings, self.context.state, self.job_name
+        left = state.remaining()
+        if info.status == "Canceled" and left is not None and left <= s.watch_interval + 5:
+            return (
+                f"AML job {name} was Canceled: the cluster's job_timeout ({s.job_timeout:.0f} s) "
+                "was reached. Start a new cluster with a longer job_timeout."
             )
-        state.lost_reason = state.lost_reason or state.ended_reason  # scale/adapt: ClusterLostError
-        self.context.log(state.ended_reason)
+        if info.status == "Canceled":
+            return f"AML job {name} was Canceled outside this cluster object (studio, CLI, SDK)."
+        if info.status == "Completed":
+            return (
+                f"The scheduler of AML job {name} exited and the job Completed (idle_timeout or "
+                "no_client_timeout reached, or it was shut down)."
+            )
+        return f"AML job {name} {info.status}: a node of the main job failed or was lost."
 
     async def close(self) -> None:
         ctx, state = self.context, self.context.state
@@ -269,24 +326,32 @@ class MainJob(ProcessInterface):
             await super().close()
             return
         # SpecCluster has asked the scheduler to terminate: the nodes exit and the job
-        # completes by itself. Give it a bounded moment, then cancel to be sure.
-        deadline = time.monotonic() + 15
+        # completes by itself, but AML may show it Running for a while after. Wait on the
+        # job's own end first (bounded, few requests), then cancel to release the nodes.
+        started = time.monotonic()
         delay = 0.5
-        while time.monotonic() < deadline and not state.main_job_ended():
+        while time.monotonic() - started < OWN_END_WAIT and not state.main_job_ended():
             try:
                 info = await ctx.ops.get_job(self.job_name)
             except Exception:
                 break
             state.jobs[self.job_name] = info.status
+            if info.status in NOT_YET_RUNNING:  # queued again: it will not end by itself
+                break
             if not state.main_job_ended():
                 await asyncio.sleep(delay)
-                delay = min(delay * 1.5, 3.0)  # few requests: AML takes a while to notice
+                delay = min(delay * 1.5, 5.0)  # few requests: AML takes a while to notice
+        note = ""
         if state.jobs.get(self.job_name) not in ("Completed", "Failed", "Canceled", "Finalizing"):
+            note = (
+                f" (still {state.jobs.get(self.job_name)} {time.monotonic() - started:.0f}s "
+                "after its scheduler was told to stop: cancelled to release its nodes)"
+            )
             status = await ctx.ops.cancel(self.job_name)
             if status:
                 state.jobs[self.job_name] = status
         await self.connector.close()
-        ctx.log(f"AML job {self.job_name}: {state.jobs.get(self.job_name)}")
+        ctx.log(f"AML job {self.job_name}: {state.jobs.get(self.job_name)}{note}")
         await super().close()
 
 

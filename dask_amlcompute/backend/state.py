@@ -95,8 +95,9 @@ class ClusterState:
     scheduler_id: str | None = None
     #: Set when the scheduler went away for good (see ``ClusterLostError``).
     lost_reason: str | None = None
-    #: Called by the job watch with ``(previous status, info)`` of the main job.
-    on_main_update: Callable[[str | None, JobInfo], Awaitable[None]] | None = None
+    #: Called by the job watch with ``(previous status, info)`` of the main job; returns
+    #: the snapshot to go on with (a GET's, when the list looked wrong).
+    on_main_update: Callable[[str | None, JobInfo], Awaitable[JobInfo]] | None = None
     #: The compute's VM size as the region lists it (None: unknown), and the price text.
     vm_size: Any = None
     price: str = "price unknown"

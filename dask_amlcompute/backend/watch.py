@@ -11,7 +11,10 @@ list of more than one page costs one request per page).
 
 A watched job missing from the list (archived, just submitted and not listed
 yet, or started by an earlier version without the key tag) costs one
-``GET /jobs/{name}`` in that poll. A job that has ended is handed to the
+``GET /jobs/{name}`` in that poll. The list may lag a GET (nothing documents that
+it is as fresh): the main job seeming to go back to an earlier status is
+confirmed with one GET before anything is concluded (see
+:meth:`~dask_amlcompute.backend.jobs.MainJob._main_update`). A job that has ended is handed to the
 handler it was registered with in :attr:`ClusterState.watched
 <dask_amlcompute.backend.state.ClusterState.watched>` and is no longer watched.
 """
@@ -77,7 +80,7 @@ async def poll_jobs(context: ClusterContext) -> None:
         previous = state.jobs.get(name)
         state.jobs[name] = info.status
         if name == state.main_job and state.on_main_update is not None and not state.closing:
-            await state.on_main_update(previous, info)
+            info = await state.on_main_update(previous, info)  # a GET may correct the list
         if info.status == "Queued" and previous != "Queued" and name != state.main_job:
             ctx.log(f"Worker job {name} is Queued: {PHASE_MESSAGES['Queued']}")
         if not has_ended(ctx, info):

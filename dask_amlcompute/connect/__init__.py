@@ -239,6 +239,11 @@ class SchedulerConnector:
             logger.info("Scheduler %s not answering yet (%s); retrying", scheduler, outcome)
             await asyncio.sleep(min(ctx.settings.poll_interval, max(0.0, deadline - now)))
 
+    @property
+    def failure(self) -> Exception | None:
+        """Why the tunnel gave up reconnecting (None: no tunnel, or it is up)."""
+        return None if self.tunnel is None else self.tunnel.failure
+
     def expect_end(self) -> None:
         """The scheduler is about to stop: a tunnel dropping from now on is not reconnected."""
         if self.tunnel is not None:

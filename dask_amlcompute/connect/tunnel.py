@@ -399,7 +399,14 @@ class SSHTunnel:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        """Forget a finished task; an error in it is logged (never left unretrieved)."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("SSH tunnel %s: %s failed", self._label, task.get_coro(),
+                           exc_info=task.exception())  # fmt: skip
 
     def _accept(self, local: _LocalSide) -> None:
         self._locals.add(local)
@@ -435,8 +442,13 @@ class SSHTunnel:
             self._conn = None
             error: TunnelError | None = None
             self._settled.clear()
-            logger.warning("SSH connection %s dropped; reconnecting (%d attempts)",
-                           self._label, self.reconnect_attempts)  # fmt: skip
+            logger.warning(
+                "SSH connection %s dropped; reconnecting (%d attempts). The connections through "
+                "it were cut: a Dask client reconnects by itself once the tunnel is back, but "
+                "distributed cancels the futures it had pending (FutureCancelledError "
+                "'scheduler-connection-lost'): submit them again.",
+                self._label, self.reconnect_attempts,
+            )  # fmt: skip
             for attempt in range(self.reconnect_attempts):
                 await asyncio.sleep(min(self.reconnect_delay * 2**attempt, MAX_RECONNECT_DELAY))
                 try:
@@ -444,8 +456,8 @@ class SSHTunnel:
                 except (HostKeyError, TunnelAuthenticationError) as exc:
                     error = exc  # retrying cannot help
                     break
-                except TunnelError as exc:
-                    error = exc
+                except Exception as exc:  # a TunnelError, or anything else: try again, bounded
+                    error = exc if isinstance(exc, TunnelError) else TunnelError(repr(exc))
                     logger.warning("Reconnection attempt %d/%d to %s failed: %s",
                                    attempt + 1, self.reconnect_attempts, self._label, exc)  # fmt: skip
                     continue
@@ -459,6 +471,11 @@ class SSHTunnel:
                              "now fail; recreate the tunnel (or the cluster's connection).",
                              self._label, self._failure)  # fmt: skip
             self._settled.set()
+
+    @property
+    def failure(self) -> TunnelError | None:
+        """Why the tunnel gave up reconnecting (None while it is up or reconnecting)."""
+        return self._failure
 
     def local_address(self, name: str) -> tuple[str, int]:
         """Return the local ``(host, port)`` that forwards to target ``name``."""

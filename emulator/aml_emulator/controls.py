@@ -366,6 +366,20 @@ class EmulatorControls:
         """
         self._call(lambda e: setattr(e, "run_tags_on_job", bool(enabled)))
 
+    def set_job_list_lag(self, seconds: float) -> None:
+        """Serve job statuses in the job list (``GET /jobs``) as they were ``seconds`` ago.
+
+        ``GET /jobs/{name}`` stays current. Nothing in AML's documentation says
+        the list is as fresh as a GET, so a client must not conclude from the
+        list alone that a job went back to an earlier status.
+
+        Parameters
+        ----------
+        seconds
+            How far the list lags (0: in step, the default).
+        """
+        self._call(lambda e: setattr(e, "job_list_lag", max(0.0, float(seconds))))
+
     def inject_http_errors(
         self, count: int, status: int = 503, retry_after: float | None = None
     ) -> None:

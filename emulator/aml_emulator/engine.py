@@ -153,6 +153,8 @@ class Engine:
         self.reaper.start()
         #: Copy mlflow run tags into the job resource's tags (AML does, possibly late).
         self.run_tags_on_job = True
+        #: Seconds the job list (``GET /jobs``) lags ``GET /jobs/{name}`` (0: in step).
+        self.job_list_lag = 0.0
         self.specs: dict[str, JobSpec] = {}
         #: the ``properties`` of each job's first PUT, to refuse a different second one
         self._submitted: dict[str, dict[str, Any]] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from typing import Any
 from urllib.parse import urlencode
@@ -97,10 +98,13 @@ class JobsHandler(_JobResource):
             jobs = [
                 j for j in jobs if tag in (j.tags if run_tags else j.properties.get("tags") or {})
             ]
-        page: dict[str, Any] = {
-            "value": [self.job_json(j) for j in jobs[skip : skip + JOBS_PAGE]],
-            "nextLink": None,
-        }
+        listed = jobs[skip : skip + JOBS_PAGE]
+        items = [self.job_json(j) for j in listed]
+        if self.engine.job_list_lag:  # statuses as they were that long ago
+            then = time.monotonic() - self.engine.job_list_lag
+            for item, job in zip(items, listed, strict=True):
+                item["properties"]["status"] = job.status_at(then)
+        page: dict[str, Any] = {"value": items, "nextLink": None}
         if skip + JOBS_PAGE < len(jobs):
             query = {k: v[-1].decode() for k, v in self.request.query_arguments.items()}
             query["$skipToken"] = str(skip + JOBS_PAGE)

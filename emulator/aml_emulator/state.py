@@ -80,6 +80,9 @@ class JobRecord:
     compute: str
     instance_count: int
     created: float = field(default_factory=time.time)
+    #: ``(time.monotonic(), status)`` at each change of ``status``, oldest first: what a
+    #: job list that lags shows (``Emulator.set_job_list_lag``). Declared before ``status``.
+    status_log: list[tuple[float, str]] = field(default_factory=list, repr=False)
     status: str = "NotStarted"
     start_time: float | None = None
     end_time: float | None = None
@@ -120,6 +123,20 @@ class JobRecord:
     def __post_init__(self) -> None:
         if not self.tracking_token:
             self.tracking_token = run_token(self.name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "status" and value != self.__dict__.get("status"):
+            self.status_log.append((time.monotonic(), value))
+        super().__setattr__(name, value)
+
+    def status_at(self, when: float) -> str:
+        """The status the job had at ``when`` (``time.monotonic()``; its first one before it)."""
+        status = self.status_log[0][1] if self.status_log else self.status
+        for changed, value in self.status_log:
+            if changed > when:
+                break
+            status = value
+        return status
 
     @property
     def is_terminal(self) -> bool:

@@ -12,6 +12,7 @@ from .backend.sdknotices import install_log_filters as _install_log_filters
 from .backend.workspace import ml_client_from_config, write_workspace_config
 from .cluster import AmlComputeCluster
 from .exceptions import (
+    AccessDeniedError,
     AmlComputeError,
     ClusterLostError,
     ComputeNotFoundError,
@@ -57,6 +58,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AccessDeniedError",
     "AmlComputeCluster",
     "AmlComputeError",
     "ClusterLostError",

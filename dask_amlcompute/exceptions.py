@@ -31,6 +31,10 @@ class WorkspaceNotConfiguredError(AmlComputeError):
     """No ``MLClient`` was given and no workspace config file was found."""
 
 
+class AccessDeniedError(AmlComputeError, PermissionError):
+    """AML refused the credential or the request (401/403): sign in again or ask for a role."""
+
+
 class ControlPlaneError(AmlComputeError, ConnectionError):
     """The AML control plane kept failing (throttling, 5xx, network) after bounded retries."""
 

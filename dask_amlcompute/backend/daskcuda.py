@@ -13,7 +13,7 @@ rapids-dask-dependency; the wheels' ``Requires-Dist``). It ships with the
 library rather than being queried at submit time: the environment stays a pure,
 offline function of the client (``dask-amlcompute env --gpu`` and
 ``cluster.job_spec()`` need no network, and AML's anonymous environment keeps one
-hash), and ``tests/test_gpu_environment.py`` reads the index again and fails when
+hash), and ``tests/unit/test_gpu_environment.py`` reads the index again and fails when
 the table is out of date.
 """
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from ..exceptions import (
+    AccessDeniedError,
     AmlComputeError,
     ComputeNotFoundError,
     ConfigurationError,
@@ -185,9 +186,14 @@ class AmlOps:
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except Exception as exc:
+            name = getattr(fn, "__qualname__", getattr(fn, "__name__", "call"))
+            if getattr(exc, "status_code", None) in (401, 403):
+                raise AccessDeniedError(
+                    f"Azure ML refused {name}: {str(exc).splitlines()[0]}. Sign in again "
+                    "(`az login`) or ask for a role on the workspace that allows it."
+                ) from exc
             if not is_transient(exc):
                 raise
-            name = getattr(fn, "__qualname__", getattr(fn, "__name__", "call"))
             raise ControlPlaneError(
                 f"The Azure ML control plane kept failing for {name}: {exc}. Check the "
                 "workspace's service health and your network; nothing was lost on the client side."

@@ -26,7 +26,13 @@ import dask
 import pytest
 
 from aml_emulator import make_ml_client
-from dask_amlcompute import AmlComputeCluster, AmlComputeError, ConfigurationError, submit_script
+from dask_amlcompute import (
+    AccessDeniedError,
+    AmlComputeCluster,
+    AmlComputeError,
+    ConfigurationError,
+    submit_script,
+)
 from dask_amlcompute.batch import iter_batches, map_batches
 from dask_amlcompute.cli import main as cli_main
 from dask_amlcompute.config import ClusterSettings, config_key, schema
@@ -285,7 +291,7 @@ class _Counter(BaseHTTPRequestHandler):
 
     def _any(self) -> None:
         type(self).requests.append(f"{self.command} {self.path}")
-        self.send_response(500)
+        self.send_response(403)  # not transient: the library does not retry it
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -297,7 +303,7 @@ class _Counter(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def aml():
-    """A loopback HTTP server standing in for AML: it counts every request (and fails it)."""
+    """A loopback HTTP server standing in for AML: it counts every request (and refuses it)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Counter)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -411,5 +417,6 @@ def test_the_harness_lets_good_input_through(aml, tmp_path):
     before = len(_Counter.requests)
     with pytest.raises(AmlComputeError) as info:
         submit_script(ml_client, script, compute="c", wait=False, quiet=True)
-    assert not isinstance(info.value, ConfigurationError), info.value
+    # a refusal (403) is typed too, never the SDK's HttpResponseError
+    assert isinstance(info.value, AccessDeniedError), info.value
     assert len(_Counter.requests) > before

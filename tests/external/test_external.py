@@ -10,7 +10,7 @@ either way, see docs/environment.md). The default connect="auto" reaches the sch
 outside the workspace's VNet through the job's SSH service (no SSH settings on the compute).
 Each test cancels what it started.
 
-Run: python -m pytest -m external tests/test_external.py
+Run: python -m pytest -m external tests/external/test_external.py
 """
 
 from __future__ import annotations

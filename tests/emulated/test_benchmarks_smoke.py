@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-RUN = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+RUN = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
 
 
 def test_quick_startup_benchmark_runs_and_prints_a_ratio():

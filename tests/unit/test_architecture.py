@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "dask_amlcompute"
-EMULATOR = Path(__file__).resolve().parents[1] / "emulator" / "aml_emulator"
+PACKAGE = Path(__file__).resolve().parents[2] / "dask_amlcompute"
+EMULATOR = Path(__file__).resolve().parents[2] / "emulator" / "aml_emulator"
 #: Packages allowed to import ``azure``: the client's Azure side.
 AZURE_PACKAGES = ("backend",)
 #: The library's modules that may import the emulator (commands that start or reach one).

@@ -3,7 +3,7 @@
 A compute or environment that does not exist raises its typed error (issue #13).
 Each case builds a cluster against the session emulator and checks, through the
 emulator's request counts (``GET /emulator/status``), that no job was PUT and no
-node started. Every other bad input is in ``tests/test_bad_inputs.py`` (no emulator).
+node started. Every other bad input is in ``tests/unit/test_bad_inputs.py`` (no emulator).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ CASES = [
     Case("environment", "azureml:missing-env@latest", EnvironmentNotFoundError, KNOWN_ENV),
     Case("environment", f"{KNOWN_ENV}:99", EnvironmentNotFoundError, "versions: 1"),
     Case("worker_compute", "no-such-compute", ComputeNotFoundError, "cpu-cluster"),
-    # one of the settings refused before any lookup (tests/test_bad_inputs.py has them all)
+    # one of the settings refused before any lookup (tests/unit/test_bad_inputs.py has them all)
     Case("n_nodes", 0),
 ]
 

@@ -37,6 +37,9 @@ class CloseOnFirstWorker(SchedulerPlugin):
 
 def _node(cwd, *args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AZ", "MASTER", "RANK"))}
+    # a one-node job whose master is this loopback (as the emulator's nodes share one): without
+    # MASTER_ADDR a node takes its host name's address and refuses a loopback one
+    env["MASTER_ADDR"] = "127.0.0.1"
     return subprocess.Popen(
         [
             sys.executable,

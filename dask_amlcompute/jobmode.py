@@ -511,4 +511,3 @@ def submit_script(
     coro = _submit_and_wait(AmlOps(ml_client), job, n_nodes=n_nodes, wait=wait,
                             wait_timeout=bound, poll_interval=poll, log=log)  # fmt: skip
     return run_blocking(coro)
-

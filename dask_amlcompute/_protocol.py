@@ -316,15 +316,17 @@ def settings_tag(settings: Mapping[str, Any]) -> dict[str, str]:
 
 
 def read_settings_tag(tags: Mapping[str, str] | None) -> dict[str, Any]:
-    """The settings stored by :func:`settings_tag`; ``{}`` when absent or unreadable."""
-    text = (tags or {}).get(SETTINGS_TAG)
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
+    """The settings stored by :func:`settings_tag`.
+
+    Raises
+    ------
+    ValueError
+        The tag is missing or is not a JSON object.
+    """
+    value = json.loads((tags or {}).get(SETTINGS_TAG) or "null")
+    if not isinstance(value, dict):
+        raise ValueError(f"no {SETTINGS_TAG} tag holding a JSON object")
+    return value
 
 
 def _number(value: float) -> str:

@@ -333,6 +333,9 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             An ``MLClient``; None reads the workspace config file.
         shutdown_on_close
             True to stop the cluster when this object closes.
+        asynchronous
+            True returns an awaitable: ``cluster = await AmlComputeCluster.from_name(name,
+            asynchronous=True)``; the AML lookups do not block the event loop.
         **kwargs
             Settings to override, e.g. ``connect="ssh"``, ``ssh_key=...``.
 
@@ -340,7 +343,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         --------
         >>> cluster = AmlComputeCluster.from_name("dask-me-1a2b3c4d")  # doctest: +SKIP
         """
-        from .discovery import describe_cluster
+        from .discovery import describe_cluster, describe_cluster_async
 
         if name is None:
             raise ConfigurationError("from_name needs the name of a running cluster, got None.")
@@ -350,17 +353,25 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         )
         _check_arguments(asynchronous=asynchronous, shutdown_on_close=shutdown_on_close)
         ml_client = workspace_client(ml_client, kwargs.get("workspace_config"))
-        found = describe_cluster(ml_client, name)
-        settings = {**found["settings"], **kwargs}
-        return cls(
-            ml_client,
-            name=name,
-            shutdown_on_close=shutdown_on_close,
-            asynchronous=asynchronous,
-            _attach=True,
-            _existing_worker_jobs=tuple(found["worker_jobs"]),
-            **settings,
-        )
+
+        def attach(found: dict[str, Any]) -> AmlComputeCluster:
+            return cls(
+                ml_client,
+                name=name,
+                shutdown_on_close=shutdown_on_close,
+                asynchronous=asynchronous,
+                _attach=True,
+                _existing_worker_jobs=tuple(found["worker_jobs"]),
+                **{**found["settings"], **kwargs},
+            )
+
+        if not asynchronous:
+            return attach(describe_cluster(ml_client, name))
+
+        async def attach_async() -> AmlComputeCluster:  # the lookup runs off the event loop
+            return await attach(await describe_cluster_async(ml_client, name))
+
+        return attach_async()  # type: ignore[return-value]
 
     # -- lifecycle -----------------------------------------------------------
 

@@ -25,7 +25,6 @@ in ``repr()``, logs or error messages of this module.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import posixpath
 import re
@@ -34,10 +33,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from .backend import datastores
-from .backend.ops import run_blocking
+from .backend.ops import AmlOps, run_blocking
 from .backend.sdknotices import redact
-from .exceptions import AmlComputeError
+from .exceptions import AmlComputeError, ControlPlaneError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -256,13 +254,12 @@ def _check_workspace(parsed: DatastoreURI, ml_client: Any) -> None:
 
 
 def _get_datastore(ml_client: Any, name: str, with_secrets: bool) -> Any:
+    ops = AmlOps(ml_client)
     try:
-        store = run_blocking(
-            asyncio.to_thread(
-                datastores.get_datastore, ml_client, name, include_secrets=with_secrets
-            )
-        )
-    except datastores.DatastoreRequestError as exc:
+        store = run_blocking(ops.get_datastore(name, include_secrets=with_secrets))
+    except ControlPlaneError:
+        raise
+    except AmlComputeError as exc:
         if not with_secrets:
             raise DatastoreError(f"could not read datastore {name!r}: {redact(str(exc))}") from None
         raise DatastoreCredentialsError(
@@ -272,7 +269,7 @@ def _get_datastore(ml_client: Any, name: str, with_secrets: bool) -> Any:
             "identity (it needs a 'Storage Blob Data Reader/Contributor' role on the account)."
         ) from None
     if store is None:
-        names = run_blocking(asyncio.to_thread(datastores.datastore_names, ml_client))
+        names = run_blocking(ops.list_datastore_names())
         known = ", ".join(names) if names else "(none could be listed)"
         raise DatastoreNotFoundError(
             f"datastore {name!r} does not exist in workspace "

@@ -115,9 +115,7 @@ async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]
 
     The settings come from the main job itself (compute, nodes, experiment)
     and from its ``dask_settings`` tag (processes, threads, ports, timeouts,
-    distribution, ...): nothing is parsed back from its command line. A main
-    job without that tag (started by an earlier version) gives the job's own
-    fields only; the other settings then take their defaults.
+    distribution, ...): nothing is parsed back from its command line.
 
     Parameters
     ----------
@@ -136,7 +134,7 @@ async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]
     Raises
     ------
     AmlComputeError
-        No running cluster of that name.
+        No running cluster of that name, or its main job has no settings tag.
     """
     from .config import ClusterSettings
 
@@ -160,11 +158,13 @@ async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]
         settings["instance_type"] = getattr(main.resources, "instance_type", None)
         tier = getattr(getattr(main, "queue_settings", None), "job_tier", None)
         settings["job_tier"] = "spot" if str(tier or "").lower() == "spot" else "standard"
-    dist = getattr(main, "distribution", None)
-    if dist is not None and "mpi" in type(dist).__name__.lower():
-        settings["distribution"] = "mpi"
+    try:
+        stored = read_settings_tag(main.tags)
+    except ValueError as exc:
+        raise AmlComputeError(
+            f"Job {main.name} is not the main job of a dask-amlcompute cluster ({exc})."
+        ) from None
     known = {f.name for f in fields(ClusterSettings)}
-    stored = read_settings_tag(main.tags)
     settings.update({k: v for k, v in stored.items() if k in known})
     jobs = await list_cluster_jobs_async(ops, cluster=name)
     workers = [(j.name, j.n_nodes) for j in jobs if j.role == "workers"]

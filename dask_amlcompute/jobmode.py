@@ -20,8 +20,6 @@ This module builds and submits the job (the client side). The in-job side is
 ``python -m dask_amlcompute.node.script`` (:mod:`dask_amlcompute.node.script`),
 whose command line :class:`dask_amlcompute._protocol.NodeOptions` defines; the
 ``dask-amlcompute run`` command line is :mod:`dask_amlcompute.cli.run`.
-``python -m dask_amlcompute.jobmode`` still runs the in-job side, for jobs
-submitted by earlier versions.
 """
 
 from __future__ import annotations
@@ -513,10 +511,3 @@ def submit_script(
     coro = _submit_and_wait(AmlOps(ml_client), job, n_nodes=n_nodes, wait=wait,
                             wait_timeout=bound, poll_interval=poll, log=log)  # fmt: skip
     return run_blocking(coro)
-
-
-if __name__ == "__main__":
-    # Jobs submitted by earlier versions run ``python -m dask_amlcompute.jobmode``.
-    from .node.script import main
-
-    sys.exit(main())

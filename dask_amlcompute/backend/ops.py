@@ -1,8 +1,8 @@
 """The one place that calls the (synchronous) azure-ai-ml SDK.
 
 Every call runs in a worker thread (:func:`asyncio.to_thread`) so the event
-loop never blocks, is counted (for the request benchmark), and SDK/HTTP
-errors are translated into the typed errors of :mod:`dask_amlcompute.exceptions`.
+loop never blocks, is retried while it fails transiently, and SDK/HTTP errors
+are translated into the typed errors of :mod:`dask_amlcompute.exceptions`.
 """
 
 from __future__ import annotations
@@ -306,6 +306,39 @@ class AmlOps:
             logger.debug("Could not list computes: %s", exc)
             return []
         return sorted(c.name for c in computes)
+
+    async def get_datastore(self, name: str, include_secrets: bool = False) -> Any | None:
+        """The workspace's datastore ``name`` (``datastores.get``), None when there is none.
+
+        ``include_secrets`` also fetches its account key, SAS token or service principal
+        secret (``listSecrets``, a separate permission).
+
+        Raises
+        ------
+        AmlComputeError
+            AML refused the request (no permission); the message is AML's.
+        ControlPlaneError
+            AML kept failing transiently (throttling, server errors) for the retry window.
+        """
+        from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+        try:
+            return await self._call(
+                self.ml_client.datastores.get, name, include_secrets=include_secrets
+            )
+        except ResourceNotFoundError:
+            return None
+        except HttpResponseError as exc:
+            raise AmlComputeError(str(exc)) from None
+
+    async def list_datastore_names(self) -> list[str]:
+        """Sorted names of the workspace's datastores (empty on error)."""
+        try:
+            stores = await self._call(lambda: list(self.ml_client.datastores.list()))
+        except Exception as exc:  # only used to improve another error message
+            logger.debug("Could not list datastores: %s", exc)
+            return []
+        return sorted(d.name for d in stores)
 
     #: At most this many names in an "environments that exist" list.
     listed_environments = 25

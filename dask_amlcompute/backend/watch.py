@@ -9,10 +9,9 @@ of the cluster that is not archived, ended ones included with their final
 status, so the request count does not grow with the number of worker jobs (a
 list of more than one page costs one request per page).
 
-A watched job missing from the list (archived, just submitted and not listed
-yet, or started by an earlier version without the key tag) costs one
-``GET /jobs/{name}`` in that poll. The list may lag a GET (nothing documents that
-it is as fresh): the main job seeming to go back to an earlier status is
+A watched job missing from the list (archived, or just submitted and not listed
+yet) costs one ``GET /jobs/{name}`` in that poll. The list may lag a GET (nothing
+documents that it is as fresh): the main job seeming to go back to an earlier status is
 confirmed with one GET before anything is concluded (see
 :meth:`~dask_amlcompute.backend.jobs.MainJob._main_update`). A job that has ended is handed to the
 handler it was registered with in :attr:`ClusterState.watched
@@ -71,7 +70,7 @@ async def poll_jobs(context: ClusterContext) -> None:
     listed = await ctx.ops.list_job_infos(cluster_key_tag(ctx.settings.name))
     for name in list(state.watched):
         info = listed.get(name)
-        if info is None:  # archived, not listed yet, or without the key tag (older version)
+        if info is None:  # archived or not listed yet
             try:
                 info = await ctx.ops.get_job(name)
             except Exception as exc:  # the control plane may be briefly unavailable

@@ -268,6 +268,24 @@ def test_missing_credentials_are_a_clear_error(data_client):
         resolve("azureml://datastores/lake/paths/x", data_client, identity=True)
 
 
+def test_throttled_datastore_lookups_are_retried(data_emulator):
+    from azure.ai.ml import MLClient
+
+    from aml_emulator.client import EmulatorTransport
+
+    emu = data_emulator  # a user's own client: azure-core's default 3 status retries
+    ml = MLClient(
+        emu.credential(),
+        emu.subscription_id,
+        emu.resource_group,
+        emu.workspace_name,
+        transport=EmulatorTransport(emu.base_url),
+    )
+    emu.inject_http_errors(6, status=429, retry_after=0.1)  # outlasts azure-core's retries
+    r = resolve("azureml://datastores/lake/paths/x", ml)  # the secrets lookup is throttled too
+    assert r.credential == "account_key" and emu.pending_http_errors() == 0
+
+
 def test_other_workspace_in_long_form_is_refused(data_client):
     with pytest.raises(DatastoreURIError, match="pass an MLClient for that workspace"):
         resolve(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -105,7 +107,16 @@ def test_from_name_reconnects_without_owning(emu):
                 assert sum(client.gather(client.map(lambda x: x + 1, range(10)))) == 55
         finally:
             other.close()
-        # closing the reconnected object only disconnected
+
+        async def reconnect() -> tuple[int, str]:
+            again = await AmlComputeCluster.from_name(
+                cluster.name, ml, asynchronous=True, quiet=True, poll_interval=0.2
+            )
+            async with again:
+                return again.settings.n_nodes, again.status.name
+
+        assert asyncio.run(reconnect()) == (2, "running")
+        # closing the reconnected objects only disconnected
         assert sorted(j for j in emu.active_jobs() if j.startswith(cluster.name)) == sorted(
             cluster.jobs
         )
@@ -116,6 +127,30 @@ def test_from_name_reconnects_without_owning(emu):
         timeout=60,
         what="jobs ended",
     )
+
+
+def test_from_name_asynchronous_looks_up_the_cluster_off_the_event_loop(emu):
+    from dask_amlcompute.exceptions import AmlComputeError
+
+    emu.inject_http_errors(4, status=429, retry_after=0.4)  # the lookup takes > 1 s
+
+    async def reconnect() -> list[float]:
+        ticks: list[float] = []
+
+        async def tick() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.02)
+
+        ticker = asyncio.create_task(tick())
+        with pytest.raises(AmlComputeError, match="No dask-amlcompute cluster named 'absent'"):
+            await AmlComputeCluster.from_name("absent", emu.ml_client(), asynchronous=True)
+        ticker.cancel()
+        return ticks
+
+    ticks = asyncio.run(reconnect())
+    assert ticks[-1] - ticks[0] > 1 and emu.pending_http_errors() == 0
+    assert max(b - a for a, b in itertools.pairwise(ticks)) < 0.5  # the loop ran on
 
 
 def test_reconnected_cluster_never_reuses_a_worker_job_name(emu):

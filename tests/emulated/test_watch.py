@@ -156,7 +156,7 @@ def context(ops: FakeOps) -> Any:
 def test_poll_lists_once_and_gets_only_jobs_missing_from_the_list():
     ops = FakeOps(
         listed={"c-main": "Running", "c-w0": "Running", "c-w1": "Failed", "other": "Running"},
-        jobs={"c-w2": "Canceled"},  # e.g. submitted by an earlier version: no key tag
+        jobs={"c-w2": "Canceled"},  # e.g. archived
     )
     ctx = context(ops)
     ended: list[tuple[str, str]] = []

@@ -152,7 +152,9 @@ def test_main_job_stores_its_settings_in_one_tag():
         experiment_name="x", timeout_seconds=None, cluster_name="c1",
     )  # fmt: skip
     assert SETTINGS_TAG not in rest(job)["tags"]
-    assert read_settings_tag({SETTINGS_TAG: "not json"}) == {}
+    for bad in ({SETTINGS_TAG: "not json"}, {SETTINGS_TAG: "[]"}, {}):
+        with pytest.raises(ValueError):
+            read_settings_tag(bad)
 
 
 def test_worker_suffixes_group_workers_by_rank_and_process():

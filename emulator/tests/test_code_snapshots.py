@@ -100,7 +100,8 @@ def test_snapshot_is_the_working_directory_of_every_node(snap_emu, snap_ml, tmp_
             "main.py": (
                 "import json, os, helper\n"
                 "files = sorted(os.path.relpath(os.path.join(d, f), '.')\n"
-                "               for d, _, fs in os.walk('.') for f in fs)\n"
+                "               for d, _, fs in os.walk('.') for f in fs\n"
+                "               if '__pycache__' not in d)\n"
                 "print('SNAP ' + json.dumps({'value': helper.VALUE, 'files': files,\n"
                 "      'data': open('sub/data.txt').read(), 'cwd': os.getcwd()}))\n"
             ),

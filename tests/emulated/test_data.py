@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from urllib.parse import parse_qs
 
 import pytest
@@ -388,7 +389,6 @@ def test_cluster_reads_aggregates_and_writes_back(
 def test_debug_logs_of_a_tls_cluster_with_code_and_a_sas_datastore_hold_no_secret(
     data_emulator, azurite, datastores, cluster_kwargs, caplog, tmp_path
 ):
-    import re
     import uuid
 
     import fsspec

@@ -220,37 +220,13 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             "cls": MainJob,
             "options": {"context": ctx, "connector": self._connector, "attach": _attach},
         }
-        workers: dict[str, Any] = {}
-        suffixes, job_suffixes = self._worker_groups()
-        self._main_workers = len(suffixes)
-        if suffixes:
-            workers[self._main_key] = {
-                "cls": MainJobWorkers,
-                "options": {"context": ctx, "suffixes": suffixes},
-                "group": suffixes,
-            }
-        self._workers_per_job = len(job_suffixes)
-        worker_job: dict[str, Any] = {
-            "cls": WorkerJob,
-            "options": {
-                "context": ctx,
-                "suffixes": job_suffixes,
-                "n_nodes": settings.nodes_per_job,
-                "on_ended": self._worker_job_ended,
-            },
-            "group": job_suffixes,
-        }
-        for job_name, n in _existing_worker_jobs:  # reconnecting: adopt the running ones
-            group = ctx.node_options("workers", "x").worker_suffixes(n)
-            options = {**worker_job["options"], "suffixes": group, "n_nodes": n, "existing": True}
-            workers[job_name] = {"cls": WorkerJob, "options": options, "group": group}
+        self._existing_worker_jobs = _existing_worker_jobs  # adopted in _build_worker_specs
+        self._main_workers = self._workers_per_job = 0  # set once from the plan in _start
         # jobs this object owns are cancelled however the process ends (close() releases them)
         self._reaper_key = reaper.own(self, ml_client, state.jobs) if shutdown_on_close else None
         try:
             super().__init__(
                 scheduler=scheduler,
-                workers=workers,
-                worker=worker_job,
                 asynchronous=asynchronous,
                 loop=loop,
                 security=security,
@@ -353,7 +329,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         """Complete the plan (see :func:`~dask_amlcompute.backend.plan.plan_cluster`)."""
         ctx = self._context
         ctx.state.plan = await plan_cluster(ctx.settings, ctx.ops, ctx.plan, self._log)
-        self._use_gpus()
+        self._build_worker_specs()
 
     async def _close(self) -> None:
         state = self._context.state
@@ -436,26 +412,29 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             return True
         return not await reachable(*host_port(address), timeout=3)
 
-    def _use_gpus(self) -> None:
-        """Regroup the worker specs when the plan runs one dask-cuda worker per GPU."""
-        if not self._context.plan.gpus_per_node:
-            return
-        suffixes, job_suffixes = self._worker_groups()  # now one worker per GPU
-        self._main_workers = len(suffixes)
-        if self._main_key in self.worker_spec:
-            self.worker_spec[self._main_key]["group"] = suffixes
-            self.worker_spec[self._main_key]["options"]["suffixes"] = suffixes
-        self._workers_per_job = len(job_suffixes)
-        self.new_spec["group"] = job_suffixes
-        self.new_spec["options"]["suffixes"] = job_suffixes
-
-    def _worker_groups(self) -> tuple[list[str], list[str]]:
-        """Worker name suffixes of the main job and of one worker job (SpecCluster groups)."""
+    def _build_worker_specs(self) -> None:
+        """The worker specs, once, from the plan (on a GPU size: one dask-cuda worker per GPU)."""
         ctx, settings = self._context, self.settings
-        return (
-            ctx.node_options("cluster", "x").worker_suffixes(settings.n_nodes),
-            ctx.node_options("workers", "x").worker_suffixes(settings.nodes_per_job),
-        )
+        suffixes = ctx.node_options("cluster", "x").worker_suffixes(settings.n_nodes)
+        job_suffixes = ctx.node_options("workers", "x").worker_suffixes(settings.nodes_per_job)
+        self._main_workers, self._workers_per_job = len(suffixes), len(job_suffixes)
+        if suffixes:
+            self.worker_spec[self._main_key] = {
+                "cls": MainJobWorkers,
+                "options": {"context": ctx, "suffixes": suffixes},
+                "group": suffixes,
+            }
+        options = {
+            "context": ctx,
+            "suffixes": job_suffixes,
+            "n_nodes": settings.nodes_per_job,
+            "on_ended": self._worker_job_ended,
+        }
+        self.new_spec = {"cls": WorkerJob, "options": options, "group": job_suffixes}
+        for job_name, n in self._existing_worker_jobs:  # reconnecting: adopt the running ones
+            group = ctx.node_options("workers", "x").worker_suffixes(n)
+            adopted = {**options, "suffixes": group, "n_nodes": n, "existing": True}
+            self.worker_spec[job_name] = {"cls": WorkerJob, "options": adopted, "group": group}
 
     def _log(self, log: str) -> None:
         """Store a progress message for ``get_logs()`` and show it unless quiet."""

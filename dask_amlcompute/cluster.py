@@ -6,50 +6,23 @@ import asyncio
 import html
 import logging
 import os
-import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
 
 from .backend import reaper
-from .backend.capacity import (
-    QUOTA_DOCS,
-    Quota,
-    QuotaCheck,
-    VmSizeInfo,
-    check_quota,
-    describe_price,
-    find_size,
-    quotas_for,
-    size_from_sdk,
-)
-from .backend.daskcuda import NO_SSH_SERVER
-from .backend.environment import environment_from_settings, library_in_snapshot
 from .backend.jobs import MainJob, MainJobWorkers, WorkerJob
 from .backend.jobwait import job_error
-from .backend.ops import AmlOps, ComputeInfo
-from .backend.snapshot import stage_snapshot
+from .backend.ops import AmlOps
+from .backend.plan import COMPUTE_TIMEOUT, LOOKUP_TIMEOUT, draft_plan, plan_cluster
 from .backend.state import ClusterContext, ClusterState, Lifecycle
 from .backend.workspace import with_cached_compute, workspace_client
 from .config import ClusterSettings, check_arguments, checked, resolve_settings
-from .connect import (
-    JOB_SERVICE_MODES,
-    SchedulerConnector,
-    available_paths,
-    host_port,
-    reachable,
-    unavailable_paths,
-)
-from .exceptions import (
-    AmlComputeError,
-    ComputeNotFoundError,
-    ConfigurationError,
-    JobError,
-    QuotaExceededError,
-    TooManyNodesError,
-)
+from .connect import SchedulerConnector, host_port, reachable
+from .exceptions import AmlComputeError, ConfigurationError, JobError
 from .scaling import ScalingMixin
 
 logger = logging.getLogger(__name__)
@@ -59,10 +32,6 @@ SECRET_IN_JOB_BODY = (
     "<secret, not shown here: the submitted job body holds it in plain text, "
     "readable by everyone who can read the workspace's jobs>"
 )
-#: Seconds to wait for one look-up (VM sizes, quota, the main job's status after a failed start).
-LOOKUP_TIMEOUT = 30.0
-#: Bound on creating or deleting a compute (AML: usually 1-3 minutes).
-COMPUTE_TIMEOUT = 900.0
 
 
 def _temporary_tls(settings: ClusterSettings) -> tuple[Any, dict[str, str]]:
@@ -230,22 +199,10 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         self.ml_client = ml_client
         self._quiet = settings.quiet
         security, secret_env = _temporary_tls(settings)
-        # the library (unless node_package installs it) and ``code`` travel in the jobs' code
-        # snapshot; a bad folder or one over the size limit fails here, before submitting
-        snapshot = stage_snapshot(
-            code,
-            include_library=library_in_snapshot(settings.node_package, settings.pip_packages),
-        )
+        # nothing of the workspace yet: plan_cluster completes the plan in _start
         state = ClusterState(
-            name=settings.name,
-            environment=environment_from_settings(settings),
-            code=str(snapshot) if snapshot else None,
+            name=settings.name, plan=draft_plan(settings, code, "attach" if _attach else "create")
         )
-        if settings.connect in JOB_SERVICE_MODES and (settings.ssh_key or not _attach):
-            from .connect.jobservice import cluster_key
-
-            # the main job's SSH service accepts this key (generated: in memory only)
-            state.job_ssh_key = cluster_key(settings.ssh_key)
         ctx = self._context = ClusterContext(
             settings=settings,
             ops=AmlOps(ml_client),
@@ -263,37 +220,13 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             "cls": MainJob,
             "options": {"context": ctx, "connector": self._connector, "attach": _attach},
         }
-        workers: dict[str, Any] = {}
-        suffixes, job_suffixes = self._worker_groups()
-        self._main_workers = len(suffixes)
-        if suffixes:
-            workers[self._main_key] = {
-                "cls": MainJobWorkers,
-                "options": {"context": ctx, "suffixes": suffixes},
-                "group": suffixes,
-            }
-        self._workers_per_job = len(job_suffixes)
-        worker_job: dict[str, Any] = {
-            "cls": WorkerJob,
-            "options": {
-                "context": ctx,
-                "suffixes": job_suffixes,
-                "n_nodes": settings.nodes_per_job,
-                "on_ended": self._worker_job_ended,
-            },
-            "group": job_suffixes,
-        }
-        for job_name, n in _existing_worker_jobs:  # reconnecting: adopt the running ones
-            group = ctx.node_options("workers", "x").worker_suffixes(n)
-            options = {**worker_job["options"], "suffixes": group, "n_nodes": n, "existing": True}
-            workers[job_name] = {"cls": WorkerJob, "options": options, "group": group}
+        self._existing_worker_jobs = _existing_worker_jobs  # adopted in _build_worker_specs
+        self._main_workers = self._workers_per_job = 0  # set once from the plan in _start
         # jobs this object owns are cancelled however the process ends (close() releases them)
         self._reaper_key = reaper.own(self, ml_client, state.jobs) if shutdown_on_close else None
         try:
             super().__init__(
                 scheduler=scheduler,
-                workers=workers,
-                worker=worker_job,
                 asynchronous=asynchronous,
                 loop=loop,
                 security=security,
@@ -379,7 +312,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         if self.status.name in ("running", "closed"):
             return await super()._start()
         try:
-            await self._prepare(self.scheduler_spec["options"]["attach"])
+            await self._prepare()
             await super()._start()
         except RuntimeError as exc:
             # SpecCluster wraps start failures in RuntimeError; surface our typed error.
@@ -403,23 +336,11 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             ops, info, f"AML job {info.name} failed while the Dask cluster was starting."
         )
 
-    async def _prepare(self, attach: bool) -> None:
-        """Decide everything before the first submission; nothing is submitted.
-
-        The compute (created if asked), the name, the environment, quota and
-        price, GPU workers and the connect path.
-        """
+    async def _prepare(self) -> None:
+        """Complete the plan (see :func:`~dask_amlcompute.backend.plan.plan_cluster`)."""
         ctx = self._context
-        ctx.state.compute = await self._find_or_create_compute(attach)
-        if self.settings.worker_compute:
-            ctx.state.worker_compute = await self._worker_compute()
-        if not attach:
-            await self._check_name_is_new()
-        if not attach and isinstance(self.settings.environment, str):
-            await ctx.ops.check_environment(self.settings.environment)
-        await self._check_capacity(attach)
-        self._use_gpus(attach)
-        self._check_connect_path()
+        ctx.state.plan = await plan_cluster(ctx.settings, ctx.ops, ctx.plan, self._log)
+        self._build_worker_specs()
 
     async def _close(self) -> None:
         state = self._context.state
@@ -455,9 +376,9 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     async def _release_compute(self) -> None:
         """Delete the compute this cluster created, or say how long its nodes stay billed."""
         state, settings = self._context.state, self.settings
-        compute = state.compute
-        if state.created_compute and settings.delete_compute_on_close:
-            state.created_compute = False  # once
+        compute = state.plan.compute
+        if state.plan.created_compute and settings.delete_compute_on_close:
+            state.plan = replace(state.plan, created_compute=False)  # once
             self._log(f"Deleting AmlCompute {settings.compute} (delete_compute_on_close)")
             try:
                 await self._context.ops.delete_compute(settings.compute, timeout=COMPUTE_TIMEOUT)
@@ -502,248 +423,29 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             return True
         return not await reachable(*host_port(address), timeout=3)
 
-    async def _check_name_is_new(self) -> None:
-        """AML job names are unique forever: refuse a cluster name used before."""
-        if await self._context.ops.get_job_entity(self.main_job_name) is not None:
-            raise ConfigurationError(
-                f"A cluster named {self.settings.name!r} existed already in this workspace (AML "
-                f"job {self.main_job_name}), and AML never reuses a job name. Pick another "
-                "name, leave name unset for a fresh one, or reconnect to a running cluster with "
-                "AmlComputeCluster.from_name(name). Nothing was submitted."
-            )
-
-    def _check_connect_path(self) -> None:
-        """Refuse a ``connect=`` that cannot work on this compute, before any node is paid for."""
-        mode = self.settings.connect
-        if mode in ("job-ssh", "auto") and self._context.state.gpus_per_node:
-            self._check_gpu_job_ssh(mode)
-        if mode not in ("job-ssh", "ssh"):
-            return  # direct and auto may work (auto: direct, then the job's SSH service)
-        missing = unavailable_paths(self._context)
-        if mode in missing:
-            usable = ", ".join(repr(p) for p in available_paths(self._context))
-            raise ConfigurationError(
-                f"connect={mode!r} cannot work on compute {self.settings.compute!r}: it needs "
-                f"{missing[mode]}. Use connect='auto' (tries direct, then the job's SSH service"
-                f"{'; usable here: ' + usable if usable else ''}). Nothing was submitted."
-            )
-
-    def _check_gpu_job_ssh(self, mode: str) -> None:
-        """The default GPU environment's image may lack the job SSH service's sshd: say so."""
-        if self.settings.environment is not None:
-            return  # the user's image: their call
-        way_out = (
-            "connect='direct' from inside the workspace's network (e.g. a compute instance), "
-            "environment= an image with openssh-server (`dask-amlcompute env --gpu --format "
-            "dockerfile` writes one), or gpu_workers='none' (CPU image, which has it)"
-        )
-        if mode == "job-ssh":
-            raise ConfigurationError(
-                f"connect='job-ssh' cannot work with the default GPU environment: "
-                f"{NO_SSH_SERVER}. Use {way_out}. Nothing was submitted."
-            )
-        self._log(
-            f"GPU nodes: only the direct connection can work ({NO_SSH_SERVER}); from outside "
-            f"the workspace's network use {way_out}"
-        )
-
-    async def _find_or_create_compute(self, attach: bool) -> ComputeInfo:
-        """The compute; created first when it does not exist and ``create_compute`` says how."""
-        ops, request = self._context.ops, self.settings.create_compute
-        name = self.settings.compute
-        if name is None:
-            return await self._serverless_compute()
-        try:
-            compute = await ops.get_compute(name)
-        except ComputeNotFoundError:
-            if request is None or attach:
-                raise
-        else:
-            if request is not None and not attach:
-                self._log(
-                    f"Compute {name} exists: using it as it is (create_compute applies only to "
-                    "a compute that does not exist"
-                    + (
-                        "; it will not be deleted on close)"
-                        if self.settings.delete_compute_on_close
-                        else ")"
-                    )
-                )
-            return compute
-        assert request is not None  # re-raised above otherwise
-        size = await self._offered_size(request.size, "create_compute: VM size", "created")
-        usages = await ops.list_usage()
-        self._refuse_over_quota(
-            size, self.settings.n_nodes, quotas_for(usages, size.family, request.tier)
-        )
-        self._log(
-            f"Creating AmlCompute {name}: {size.name} ({size.vcpus} vCPUs), 0-{request.max_nodes} "
-            f"nodes, {request.tier.replace('_', '-')}, idle nodes released after "
-            f"{request.idle_seconds}s; {describe_price(size, request.tier, 1).split(',')[0]}"
-        )
-        started = time.monotonic()
-        await ops.create_compute(
-            name, size.name, request.max_nodes, request.tier, request.idle_seconds, COMPUTE_TIMEOUT
-        )
-        self._context.state.created_compute = True
-        self._log(f"Created AmlCompute {name} in {time.monotonic() - started:.1f}s")
-        return await ops.get_compute(name)
-
-    async def _worker_compute(self) -> ComputeInfo:
-        """The compute of the extra worker jobs (``worker_compute``), with its size and price."""
-        name = self.settings.worker_compute
-        assert name is not None
-        compute = await self._context.ops.get_compute(name)
-        size, _ = await self._read_capacity(compute, quota=False)
-        per_job = self.settings.nodes_per_job
-        self._log(
-            f"Worker jobs on compute {name} ({compute.tier.replace('_', '-')}, up to "
-            f"{compute.max_nodes} nodes): {describe_price(size, compute.tier, per_job)} per job"
-            + (
-                "; a preempted worker job is replaced by scale/adapt"
-                if compute.tier == "low_priority"
-                else ""
-            )
-        )
-        return compute
-
-    async def _offered_size(self, name: str, what: str, nothing: str) -> VmSizeInfo:
-        """The region's VM size called ``name``; ConfigurationError listing some when it has none."""
-        sizes = [size_from_sdk(s) for s in await self._context.ops.list_sizes()]
-        size = find_size(sizes, name)
-        if size is None:
-            offered = ", ".join(sorted(s.name for s in sizes)[:12]) or "none listed"
-            raise ConfigurationError(
-                f"{what} {name!r} is not offered in this workspace's region. Sizes offered "
-                f"include: {offered}. Nothing was {nothing}."
-            )
-        return size
-
-    async def _serverless_compute(self) -> ComputeInfo:
-        """What serverless jobs of ``instance_type`` run on: checked against the region's sizes."""
-        settings = self.settings
-        assert settings.instance_type is not None  # serverless
-        size = await self._offered_size(settings.instance_type, "instance_type", "submitted")
-        if settings.job_tier == "spot" and not size.low_priority_capable:
-            raise ConfigurationError(
-                f"instance_type {size.name!r} has no Spot (low-priority) VMs: use "
-                "job_tier='standard' or another size. Nothing was submitted."
-            )
-        self._log(
-            f"Serverless: {settings.n_nodes} x {size.name} ({settings.job_tier}); AML allocates "
-            "the nodes for this job and releases them when it ends"
-        )
-        return ComputeInfo(
-            name="serverless",
-            type="serverless",
-            vm_size=size.name,
-            ssh_public_access=False,
-            node_public_ip=False,
-            tier="spot" if settings.job_tier == "spot" else "dedicated",
-        )
-
-    def _refuse_over_quota(self, size: VmSizeInfo, n: int, quotas: list[Quota]) -> QuotaCheck:
-        """Raise :class:`QuotaExceededError` when ``n`` nodes of ``size`` can never fit."""
-        check = check_quota(quotas, n * size.vcpus)
-        if check.never is not None:
-            q = check.never
-            raise QuotaExceededError(
-                f"{n} node(s) of {size.name} need {check.vcpus} vCPUs, more than the region's "
-                f"quota '{q.name}' of {q.limit} vCPUs ({q.used} in use): the job could never "
-                f"start. Ask for at most {(q.limit or 0) // max(1, size.vcpus)} node(s) or a "
-                "smaller size, or request more quota (Azure portal > Quotas > Azure Machine "
-                f"Learning; {QUOTA_DOCS}). Nothing was submitted."
-            )
-        return check
-
-    async def _check_capacity(self, attach: bool) -> None:
-        """Refuse what can never run (nodes, quota) and show the size and price, before submitting."""
-        state = self._context.state
-        compute = state.compute
-        n = self.settings.n_nodes
-        if compute is not None and compute.max_nodes and n > compute.max_nodes:
-            raise TooManyNodesError(
-                f"n_nodes={n} but compute {compute.name!r} has at most {compute.max_nodes} "
-                f"node(s) (max_instances). Ask for at most {compute.max_nodes} nodes or raise "
-                "the compute's maximum; nothing was submitted."
-            )
-        if compute is None:
-            return
-        size, quotas = await self._read_capacity(compute, quota=not attach)
-        state.vm_size = size
-        state.price = describe_price(size, compute.tier, n)
-        if size is None:
-            self._log(f"Compute {compute.name}: {n} node(s) of {compute.vm_size}; price unknown")
-            return
-        gpus = f", {size.gpus} GPU(s)" if size.gpus else ""
-        self._log(
-            f"Compute {compute.name}: {n} x {size.name} ({size.vcpus} vCPUs{gpus}, "
-            f"{compute.tier.replace('_', '-')}): {state.price}"
-        )
-        check = self._refuse_over_quota(size, n, quotas)
-        if check.full is not None:
-            q = check.full
-            state.queue_hint = (
-                f"waiting for vCPU quota: {check.vcpus} needed, {q.free} of {q.limit} free "
-                f"in '{q.name}' when it was submitted"
-            )
-            self._log(
-                f"Quota: {check.vcpus} vCPUs needed but '{q.name}' has {q.free} of {q.limit} "
-                f"free ({q.used} in use by other jobs or allocated nodes): the job may wait in "
-                "Queued until enough nodes are released."
-            )
-
-    def _use_gpus(self, attach: bool) -> None:
-        """On a GPU size: one dask-cuda worker per GPU, and the CUDA image for the default env."""
+    def _build_worker_specs(self) -> None:
+        """The worker specs, once, from the plan (on a GPU size: one dask-cuda worker per GPU)."""
         ctx, settings = self._context, self.settings
-        size = ctx.state.vm_size
-        if attach or size is None or not size.gpus or settings.gpu_workers == "none":
-            return
-        ctx.state.gpus_per_node = size.gpus
-        if settings.environment is None:
-            ctx.state.environment = environment_from_settings(settings, gpu=True)
-        suffixes, job_suffixes = self._worker_groups()  # now one worker per GPU
-        self._main_workers = len(suffixes)
-        if self._main_key in self.worker_spec:
-            self.worker_spec[self._main_key]["group"] = suffixes
-            self.worker_spec[self._main_key]["options"]["suffixes"] = suffixes
-        self._workers_per_job = len(job_suffixes)
-        self.new_spec["group"] = job_suffixes
-        self.new_spec["options"]["suffixes"] = job_suffixes
-        self._log(
-            f"GPU size {size.name}: {size.gpus} GPU(s) per node, one dask-cuda worker per GPU "
-            "(resources={'GPU': 1})"
-            + (
-                "; default environment on AML's CUDA base image"
-                if settings.environment is None
-                else ""
-            )
-        )
-
-    def _worker_groups(self) -> tuple[list[str], list[str]]:
-        """Worker name suffixes of the main job and of one worker job (SpecCluster groups)."""
-        ctx, settings = self._context, self.settings
-        return (
-            ctx.node_options("cluster", "x").worker_suffixes(settings.n_nodes),
-            ctx.node_options("workers", "x").worker_suffixes(settings.nodes_per_job),
-        )
-
-    async def _read_capacity(
-        self, compute: ComputeInfo, quota: bool
-    ) -> tuple[VmSizeInfo | None, list[Quota]]:
-        """The compute's VM size and its quota lines; (None, []) when AML does not say."""
-        ops = self._context.ops
-        try:
-            sizes = await asyncio.wait_for(ops.list_sizes(), LOOKUP_TIMEOUT)
-            size = find_size((size_from_sdk(s) for s in sizes), compute.vm_size)
-            if size is None or not quota:
-                return size, []
-            tier = compute.tier
-            usages = await asyncio.wait_for(ops.list_usage(), LOOKUP_TIMEOUT)
-            return size, quotas_for(usages, size.family, tier)
-        except Exception as exc:  # sizes and quota only inform: never block a start on them
-            logger.info("Could not read VM sizes / quota of the region: %s", exc)
-            return None, []
+        suffixes = ctx.node_options("cluster", "x").worker_suffixes(settings.n_nodes)
+        job_suffixes = ctx.node_options("workers", "x").worker_suffixes(settings.nodes_per_job)
+        self._main_workers, self._workers_per_job = len(suffixes), len(job_suffixes)
+        if suffixes:
+            self.worker_spec[self._main_key] = {
+                "cls": MainJobWorkers,
+                "options": {"context": ctx, "suffixes": suffixes},
+                "group": suffixes,
+            }
+        options = {
+            "context": ctx,
+            "suffixes": job_suffixes,
+            "n_nodes": settings.nodes_per_job,
+            "on_ended": self._worker_job_ended,
+        }
+        self.new_spec = {"cls": WorkerJob, "options": options, "group": job_suffixes}
+        for job_name, n in self._existing_worker_jobs:  # reconnecting: adopt the running ones
+            group = ctx.node_options("workers", "x").worker_suffixes(n)
+            adopted = {**options, "suffixes": group, "n_nodes": n, "existing": True}
+            self.worker_spec[job_name] = {"cls": WorkerJob, "options": adopted, "group": group}
 
     def _log(self, log: str) -> None:
         """Store a progress message for ``get_logs()`` and show it unless quiet."""
@@ -834,7 +536,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         return logs
 
     def __repr__(self) -> str:
-        return f"{super().__repr__()[:-1]}, price={self._context.state.price!r})"
+        return f"{super().__repr__()[:-1]}, price={self._context.plan.price!r})"
 
     def _repr_html_(self, cluster_status: str | None = None) -> str:
         rows = "".join(
@@ -848,7 +550,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             f'<td style="text-align: left;"><strong>Nodes:</strong> {self.settings.n_nodes}'
             f" x {self.settings.processes_per_node} process(es)</td></tr>"
             f'<tr><td style="text-align: left;" colspan="2"><strong>Price:</strong> '
-            f"{html.escape(self._context.state.price)}</td></tr>{rows}"
+            f"{html.escape(self._context.plan.price)}</td></tr>{rows}"
         )
         return super()._repr_html_(cluster_status=rows + (cluster_status or ""))
 

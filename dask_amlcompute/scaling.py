@@ -56,7 +56,7 @@ class ScalingMixin(_ClusterBase):
         return spec
 
     def _max_nodes(self) -> int | None:
-        compute = self._context.state.compute
+        compute = self._context.plan.compute
         return compute.max_nodes if compute is not None and compute.max_nodes else None
 
     def _worker_node_limit(self) -> int | None:
@@ -64,8 +64,8 @@ class ScalingMixin(_ClusterBase):
         state = self._context.state
         if self.settings.compute is None and not self.settings.serverless_network:
             return 0  # one serverless job is the whole cluster (see _refuse_serverless_growth)
-        if state.worker_compute is not None:  # worker jobs on a compute of their own
-            return state.worker_compute.max_nodes or None
+        if state.plan.worker_compute is not None:  # worker jobs on a compute of their own
+            return state.plan.worker_compute.max_nodes or None
         max_nodes = self._max_nodes()
         return None if max_nodes is None else max(0, max_nodes - self.settings.n_nodes)
 

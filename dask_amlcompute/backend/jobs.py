@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from distributed.core import rpc
@@ -103,11 +104,16 @@ class MainJob(ProcessInterface):
             )
             info = await ctx.ops.submit(self.job())
             state.mark("submitted")
-            if info.environment and not isinstance(state.environment, str):
-                # worker jobs name the environment AML registered: no re-upload per job
-                state.environment = info.environment
-            if info.code and state.code is not None:
-                state.code = info.code  # the code asset AML has: worker jobs skip hashing it
+            # worker jobs name the environment and code asset AML registered: no re-upload,
+            # no re-hashing per job
+            plan = state.plan
+            state.plan = replace(
+                plan,
+                environment=plan.environment
+                if isinstance(plan.environment, str) or not info.environment
+                else info.environment,
+                code=info.code if info.code and plan.code is not None else plan.code,
+            )
             if s.job_timeout:
                 state.deadline = time.monotonic() + s.job_timeout
         state.jobs[self.job_name] = info.status

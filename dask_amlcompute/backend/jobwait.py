@@ -194,7 +194,7 @@ class _PhaseClock:
 
 def _progress(ctx: ClusterContext, job_name: str, info: JobInfo, elapsed: float, new: bool) -> None:
     """A progress line: the status (and what it means) when it changes, else "still"."""
-    hint = ctx.state.queue_hint if info.status == "Queued" else None
+    hint = ctx.plan.queue_hint if info.status == "Queued" else None
     what = "; ".join(filter(None, [PHASE_MESSAGES.get(info.status) if new else None, hint]))
     what = f": {what}" if what else ""
     if new:
@@ -286,7 +286,7 @@ async def _phase_timeout(ctx: ClusterContext, info: JobInfo, spent: float) -> Jo
     """The error for a job that stayed in Preparing or Queued past its own bound."""
     setting = OWN_BOUNDS[info.status]
     bound = float(getattr(ctx.settings, setting))
-    hint = f" ({ctx.state.queue_hint})" if info.status == "Queued" and ctx.state.queue_hint else ""
+    hint = f" ({ctx.plan.queue_hint})" if info.status == "Queued" and ctx.plan.queue_hint else ""
     return await job_error(
         ctx.ops,
         info,

@@ -1,6 +1,8 @@
-"""The state of one cluster, shared by the cluster object and its jobs' ProcessInterfaces.
+"""The plan and state of one cluster, shared by the cluster object and its jobs.
 
-:class:`ClusterState` is the only mutable thing they share: the AML jobs and
+:class:`ClusterPlan` is what was decided before the first submission (see
+:mod:`~dask_amlcompute.backend.plan`). :class:`ClusterState` is the only
+mutable thing the cluster and its ProcessInterfaces share: the AML jobs and
 their last known status, the deadline, where the cluster is in its lifecycle
 and when startup reached each phase. Everything fixed for the cluster's life
 (settings, the SDK operations, the log) travels in :class:`ClusterContext`;
@@ -13,10 +15,11 @@ import enum
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .._protocol import NodeOptions, main_job_name
 from ..config import ClusterSettings
+from .capacity import VmSizeInfo
 from .jobspec import build_job
 from .ops import TERMINAL_STATUSES, AmlOps, ComputeInfo, JobInfo
 
@@ -37,6 +40,53 @@ class Lifecycle(enum.Enum):
     DETACHING = "detaching"
 
 
+@dataclass(frozen=True)
+class ClusterPlan:
+    """What a cluster runs on and with, decided before its first submission.
+
+    Attributes
+    ----------
+    mode
+        ``"create"``: a new cluster; ``"attach"``: reconnecting to a running one.
+    environment
+        What the jobs run in; after the first submission, the ``name:version``
+        AML registered, so worker jobs do not upload it again.
+    code
+        The jobs' code snapshot: the staged folder (see
+        :mod:`~dask_amlcompute.backend.snapshot`); after the first submission,
+        the code asset AML registered, so worker jobs do not hash it again.
+    job_ssh_key
+        The private key the main job's SSH service accepts (None: the job
+        declares no SSH service, or a reattached object does not know it).
+    compute
+        The compute target (serverless: what AML allocates), once looked up.
+    worker_compute
+        The compute of the worker jobs (``worker_compute=``), once looked up.
+    created_compute
+        True when this cluster created its compute (``create_compute=``).
+    vm_size
+        The compute's VM size as the region lists it (None: unknown).
+    price
+        The price text.
+    queue_hint
+        Why a Queued job waits, as the quota check saw it (None: no reason).
+    gpus_per_node
+        GPUs per node when the workers are dask-cuda workers (one per GPU); 0: CPU workers.
+    """
+
+    mode: Literal["create", "attach"]
+    environment: Any
+    code: str | None = None
+    job_ssh_key: Any = None
+    compute: ComputeInfo | None = None
+    worker_compute: ComputeInfo | None = None
+    created_compute: bool = False
+    vm_size: VmSizeInfo | None = None
+    price: str = "price unknown"
+    queue_hint: str | None = None
+    gpus_per_node: int = 0
+
+
 @dataclass
 class ClusterState:
     """What the cluster and its ProcessInterfaces know and change while it runs.
@@ -45,6 +95,10 @@ class ClusterState:
     ----------
     name
         The cluster name (its main job is ``{name}-main``).
+    plan
+        What was decided before the first submission (see
+        :mod:`~dask_amlcompute.backend.plan`); replaced, never changed, when the
+        first submission registers the environment and code.
     lifecycle
         See :class:`Lifecycle`.
     jobs
@@ -54,15 +108,6 @@ class ClusterState:
         job watch follows (see :mod:`~dask_amlcompute.backend.watch`).
     deadline
         ``time.monotonic()`` when the cluster's ``job_timeout`` runs out (None: none).
-    compute
-        The compute target, once looked up.
-    environment
-        What the jobs run in; after the first submission, the ``name:version``
-        AML registered, so worker jobs do not upload it again.
-    code
-        The jobs' code snapshot: the staged folder (see
-        :mod:`~dask_amlcompute.backend.snapshot`); after the first submission,
-        the code asset AML registered, so worker jobs do not hash it again.
     scheduler_address
         The scheduler's address as the nodes reach it (worker jobs dial it).
     ended_reason
@@ -75,20 +120,14 @@ class ClusterState:
         Seconds the main job spent in Preparing and in Queued while the cluster
         started (not counted against ``startup_timeout``; bounded by
         ``prepare_timeout`` and ``queue_timeout``).
-    job_ssh_key
-        The private key the main job's SSH service accepts (None: the job
-        declares no SSH service, or a reattached object does not know it).
     """
 
     name: str
+    plan: ClusterPlan
     lifecycle: Lifecycle = Lifecycle.STARTING
     jobs: dict[str, str] = field(default_factory=dict)
     watched: dict[str, OnJobEnd] = field(default_factory=dict)
     deadline: float | None = None
-    compute: ComputeInfo | None = None
-    environment: Any = None
-    code: str | None = None
-    job_ssh_key: Any = None
     scheduler_address: str | None = None
     ended_reason: str | None = None
     #: The id of the scheduler the client connected to (``SCHEDULER_ID_TAG``).
@@ -98,19 +137,8 @@ class ClusterState:
     #: Called by the job watch with ``(previous status, info)`` of the main job; returns
     #: the snapshot to go on with (a GET's, when the list looked wrong).
     on_main_update: Callable[[str | None, JobInfo], Awaitable[JobInfo]] | None = None
-    #: The compute's VM size as the region lists it (None: unknown), and the price text.
-    vm_size: Any = None
-    price: str = "price unknown"
-    #: True when this cluster created its compute (``create_compute=``).
-    created_compute: bool = False
-    #: The compute of the worker jobs (``worker_compute=``), once looked up.
-    worker_compute: ComputeInfo | None = None
     #: Worker jobs that ended because AML preempted a low-priority node.
     preemptions: int = 0
-    #: GPUs per node when the workers are dask-cuda workers (one per GPU); 0: CPU workers.
-    gpus_per_node: int = 0
-    #: Why a Queued job waits, as the quota check before submitting saw it (None: no reason).
-    queue_hint: str | None = None
     phases: dict[str, float] = field(default_factory=dict)
     started_at: float | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
@@ -171,6 +199,11 @@ class ClusterContext:
     secret_env: dict[str, str] = field(default_factory=dict)
     credential: Any = None
 
+    @property
+    def plan(self) -> ClusterPlan:
+        """The cluster's plan (see :mod:`~dask_amlcompute.backend.plan`)."""
+        return self.state.plan
+
     def node_options(
         self, role: str, prefix: str, scheduler_address: str | None = None
     ) -> NodeOptions:
@@ -179,7 +212,7 @@ class ClusterContext:
         return NodeOptions(
             role=role,
             name_prefix=prefix,
-            processes=self.state.gpus_per_node or s.processes_per_node,
+            processes=self.plan.gpus_per_node or s.processes_per_node,
             threads=s.threads_per_process,
             memory_limit=s.memory_limit,
             scheduler_port=s.scheduler_port,
@@ -192,7 +225,7 @@ class ClusterContext:
             scheduler_address=scheduler_address,
             scheduler_options=s.scheduler_options,
             worker_options=s.worker_options,
-            cuda=self.state.gpus_per_node > 0,
+            cuda=self.plan.gpus_per_node > 0,
         )
 
     def build(
@@ -205,8 +238,8 @@ class ClusterContext:
             compute=s.worker_compute if role == "workers" and s.worker_compute else s.compute,
             n_nodes=n_nodes,
             node=node,
-            environment=self.state.environment,
-            code=self.state.code,
+            environment=self.plan.environment,
+            code=self.plan.code,
             experiment_name=s.experiment_name,
             timeout_seconds=timeout,
             cluster_name=s.name,
@@ -215,8 +248,8 @@ class ClusterContext:
             distribution=s.distribution,
             settings={"nodes_per_job": s.nodes_per_job},
             ssh_public_key=(
-                self.state.job_ssh_key.export_public_key("openssh").decode("ascii").strip()
-                if role == "cluster" and self.state.job_ssh_key is not None
+                self.plan.job_ssh_key.export_public_key("openssh").decode("ascii").strip()
+                if role == "cluster" and self.plan.job_ssh_key is not None
                 else None
             ),
             instance_type=s.instance_type,

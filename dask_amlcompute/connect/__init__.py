@@ -158,14 +158,14 @@ class SchedulerConnector:
             f"direct: {scheduler} {'refused' if outcome == REFUSED else 'did not answer'} "
             "(needs the client on the compute's VNet, e.g. an AML compute instance)"
         ]
-        for path in available_paths(self.context):
+        for path in available_paths(self.context.plan):
             self.context.log(f"{scheduler} is not reachable directly; trying {PATHS[path]}")
             try:
                 return await self._tunnel(path, job_name, scheduler, dashboard, deadline)
             except (SchedulerUnreachableError, TunnelError) as exc:  # a job that ended: JobError
                 logger.warning("Connecting through %s failed: %s", PATHS[path], exc)
                 tried.append(f"{path}: {exc}")
-        for path, needs in unavailable_paths(self.context).items():
+        for path, needs in unavailable_paths(self.context.plan).items():
             tried.append(f"{path}: not available ({needs})")
         raise SchedulerUnreachableError(
             f"Cannot reach the scheduler of AML job {job_name} by any path:\n  - "
@@ -266,25 +266,25 @@ PATHS = {
 }
 
 
-def available_paths(context: Any) -> list[str]:
+def available_paths(plan: Any) -> list[str]:
     """The tunnel paths ``connect="auto"`` can try for this cluster, in order."""
-    return [p for p in PATHS if p not in unavailable_paths(context)]
+    return [p for p in PATHS if p not in unavailable_paths(plan)]
 
 
-def unavailable_paths(context: Any) -> dict[str, str]:
+def unavailable_paths(plan: Any) -> dict[str, str]:
     """Tunnel paths that cannot work here, each with what it would need.
 
     Known before anything is submitted (from the compute's settings and this
-    cluster's key), so :meth:`AmlComputeCluster._start` can refuse a
+    cluster's key, in its ``ClusterPlan``), so ``plan_cluster`` can refuse a
     ``connect=`` that cannot work without paying for a node.
     """
     out: dict[str, str] = {}
-    if context.state.job_ssh_key is None:
+    if plan.job_ssh_key is None:
         out["job-ssh"] = (
             "the main job's SSH service and its key: connect='auto' or 'job-ssh' declares it; "
             "a reattached cluster needs ssh_key="
         )
-    compute = context.state.compute
+    compute = plan.compute
     if compute is None or not compute.ssh_public_access:
         out["ssh"] = "a compute created with SSH public access (it cannot be changed later)"
     elif not compute.node_public_ip:

@@ -121,7 +121,7 @@ async def open_job_service_tunnel(
     from .proxy import open_proxy_socket, proxy_url
     from .tunnel import SSHTunnel
 
-    key = context.state.job_ssh_key
+    key = context.plan.job_ssh_key
     if key is None:
         raise SchedulerUnreachableError(
             f"This cluster object has no key for the SSH service of AML job {job_name} (a "

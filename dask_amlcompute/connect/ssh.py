@@ -33,7 +33,7 @@ async def open_scheduler_tunnel(
     """Open and return a started SSHTunnel forwarding ``targets`` via the scheduler's node."""
     from .tunnel import SSHTunnel
 
-    compute = context.state.compute
+    compute = context.plan.compute
     settings = context.settings
     if compute is None or not compute.ssh_public_access:
         raise SchedulerUnreachableError(

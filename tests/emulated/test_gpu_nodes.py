@@ -48,7 +48,7 @@ def _prepared(ml_client, **kwargs):
 
     async def main():
         cluster = AmlComputeCluster(ml_client, asynchronous=True, **kwargs)
-        await cluster._prepare(attach=False)
+        await cluster._prepare()
         return cluster, cluster.job_spec()
 
     return asyncio.run(main())
@@ -77,7 +77,7 @@ def test_gpu_size_gives_dask_cuda_workers_and_the_cuda_image(ml_client, gpu_comp
     node = _argv(spec)
     assert node.cuda and node.processes == 4  # one worker per GPU
     assert cluster._main_workers == 8  # 2 nodes x 4 GPUs (the scheduler's node too)
-    environment = cluster._context.state.environment
+    environment = cluster._context.plan.environment
     assert environment.image == CUDA_IMAGE
     pip = environment.conda_file["dependencies"][-1]["pip"]
     assert dask_cuda_requirement("2026.7.1", local_python()) in pip and "dask==2026.7.1" in pip
@@ -87,17 +87,17 @@ def test_gpu_size_gives_dask_cuda_workers_and_the_cuda_image(ml_client, gpu_comp
     cluster, spec = _prepared(
         ml_client, compute=gpu_compute, n_nodes=1, gpu_workers="none", name="gpu-plan-cpu"
     )
-    assert not _argv(spec).cuda and cluster._context.state.environment.image == DEFAULT_IMAGE
+    assert not _argv(spec).cuda and cluster._context.plan.environment.image == DEFAULT_IMAGE
     cluster, spec = _prepared(
         ml_client, compute=gpu_compute, n_nodes=1, environment="my/image:1", name="gpu-plan-own"
     )
-    assert _argv(spec).cuda and cluster._context.state.environment.image == "my/image:1"
+    assert _argv(spec).cuda and cluster._context.plan.environment.image == "my/image:1"
 
 
 def test_cpu_size_keeps_cpu_workers(ml_client, cluster_kwargs):
     cluster, spec = _prepared(ml_client, n_nodes=1, name="cpu-plan", **cluster_kwargs)
     assert not _argv(spec).cuda
-    assert cluster._context.state.environment.image == DEFAULT_IMAGE
+    assert cluster._context.plan.environment.image == DEFAULT_IMAGE
 
 
 def test_gpu_node_without_dask_cuda_fails_saying_so(ml_client, gpu_compute, cluster_kwargs):

@@ -16,7 +16,7 @@ from aml_emulator import ComputeSpec, Emulator
 from dask_amlcompute import AmlComputeCluster
 from dask_amlcompute._protocol import cluster_key_tag
 from dask_amlcompute.backend.ops import JobInfo
-from dask_amlcompute.backend.state import ClusterState, Lifecycle
+from dask_amlcompute.backend.state import ClusterPlan, ClusterState, Lifecycle
 from dask_amlcompute.backend.watch import poll_jobs
 
 COMPUTE = "watch-cluster"
@@ -147,7 +147,7 @@ class FakeOps:
 
 
 def context(ops: FakeOps) -> Any:
-    state = ClusterState(name="c", lifecycle=Lifecycle.RUNNING)
+    state = ClusterState(name="c", plan=ClusterPlan("create", None), lifecycle=Lifecycle.RUNNING)
     return SimpleNamespace(
         settings=SimpleNamespace(name="c"), ops=ops, state=state, log=lambda _: None
     )

@@ -298,14 +298,18 @@ class AmlOps:
         """The region's vCPU usage and limits (``compute.list_usage()``)."""
         return await self._call(lambda: list(self.ml_client.compute.list_usage()))
 
+    async def _names(self, list_fn: Callable[[], Any]) -> list[str]:
+        """Sorted names of what ``list_fn`` lists; empty on error (only for error messages)."""
+        try:
+            items = await self._call(lambda: list(list_fn()))
+        except Exception as exc:
+            logger.debug("Could not list names: %s", exc)
+            return []
+        return sorted(item.name for item in items)
+
     async def list_compute_names(self) -> list[str]:
         """Names of the computes in the workspace (empty on error)."""
-        try:
-            computes = await self._call(lambda: list(self.ml_client.compute.list()))
-        except Exception as exc:  # only used to improve another error message
-            logger.debug("Could not list computes: %s", exc)
-            return []
-        return sorted(c.name for c in computes)
+        return await self._names(self.ml_client.compute.list)
 
     async def get_datastore(self, name: str, include_secrets: bool = False) -> Any | None:
         """The workspace's datastore ``name`` (``datastores.get``), None when there is none.
@@ -333,12 +337,7 @@ class AmlOps:
 
     async def list_datastore_names(self) -> list[str]:
         """Sorted names of the workspace's datastores (empty on error)."""
-        try:
-            stores = await self._call(lambda: list(self.ml_client.datastores.list()))
-        except Exception as exc:  # only used to improve another error message
-            logger.debug("Could not list datastores: %s", exc)
-            return []
-        return sorted(d.name for d in stores)
+        return await self._names(self.ml_client.datastores.list)
 
     #: At most this many names in an "environments that exist" list.
     listed_environments = 25

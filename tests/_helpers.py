@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -33,3 +38,33 @@ def env_in_dask_config(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -
     finally:
         monkeypatch.delenv(name)
         dask.config.refresh()
+
+
+#: Variables that would route or bypass the proxy if the environment had them.
+PROXY_VARIABLES = [f"{name}_proxy" for name in ("http", "https", "no", "all", "ws", "wss")]
+
+
+@contextlib.contextmanager
+def http_proxy(workdir: Path) -> Iterator[tuple[str, Path]]:
+    """Run proxy.py on a free loopback port; yield its URL and its log file."""
+    port_file, log = workdir / "proxy.port", workdir / "proxy.log"
+    argv = ["--hostname", "127.0.0.1", "--port", "0", "--port-file", str(port_file)]
+    argv += ["--log-file", str(log), "--num-workers", "1", "--num-acceptors", "1"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", *argv],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        port = wait_for(
+            lambda: port_file.exists() and port_file.read_text().strip(), 30, "proxy.py's port"
+        )
+        yield f"http://127.0.0.1:{port.split()[0]}", log
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)

@@ -10,18 +10,11 @@ when ``HTTPS_PROXY`` names it, the proxy's own access log showing the
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import urlparse
 
 import asyncssh
 import pytest
-from _helpers import wait_for
+from _helpers import PROXY_VARIABLES, http_proxy, wait_for
 
 from aml_emulator import ComputeSpec, Emulator, EnvironmentSpec
 from aml_emulator.config import EmulatorConfig
@@ -31,35 +24,6 @@ from dask_amlcompute.connect.proxy import TOKEN_SCOPE, open_proxy_socket, proxy_
 from dask_amlcompute.exceptions import TunnelUnreachableError
 
 pytestmark = pytest.mark.slow
-
-#: Variables that would route or bypass the proxy if the environment had them.
-PROXY_VARIABLES = [f"{name}_proxy" for name in ("http", "https", "no", "all", "ws", "wss")]
-
-
-@contextlib.contextmanager
-def http_proxy(workdir: Path) -> Iterator[tuple[str, Path]]:
-    """Run proxy.py on a free loopback port; yield its URL and its log file."""
-    port_file, log = workdir / "proxy.port", workdir / "proxy.log"
-    argv = ["--hostname", "127.0.0.1", "--port", "0", "--port-file", str(port_file)]
-    argv += ["--log-file", str(log), "--num-workers", "1", "--num-acceptors", "1"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", *argv],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        port = wait_for(
-            lambda: port_file.exists() and port_file.read_text().strip(), 30, "proxy.py's port"
-        )
-        yield f"http://127.0.0.1:{port.split()[0]}", log
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
 
 
 def login(url: str, token: str, key: str) -> str:

@@ -372,3 +372,48 @@ def test_live_gpu_environment_builds_on_aml(live_ml_client):
             "Canceled",
         ):
             live_ml_client.jobs.begin_cancel(submitted.name)
+
+
+def test_live_job_ssh_through_an_https_proxy(live_ml_client, live_kwargs, tmp_path, monkeypatch):
+    """A corporate proxy: with HTTPS_PROXY set, the SDK's calls and the job SSH tunnel's
+    WebSocket both go through it (HTTP CONNECT), as they must on a laptop behind one.
+
+    Only real AML settles that its wss:// proxy endpoint takes a CONNECT-tunnelled client.
+    The proxy is proxy.py on this machine's loopback (tests/emulated/test_job_ssh_proxy.py).
+    """
+    from _helpers import PROXY_VARIABLES, http_proxy, wait_for
+    from distributed import Client
+
+    from dask_amlcompute import AmlComputeCluster
+
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    with http_proxy(tmp_path) as (url, log):
+        monkeypatch.setenv("HTTPS_PROXY", url)
+        with (
+            AmlComputeCluster(live_ml_client, n_nodes=1, connect="job-ssh", **live_kwargs) as c,
+            Client(c) as client,
+        ):
+            assert client.submit(lambda x: x + 1, 41).result() == 42
+            endpoint = c._connector.tunnel.ssh_host
+        # proxy.py logs each tunnelled connection when it closes
+        wait_for(lambda: f"CONNECT {endpoint}:443" in log.read_text(), 30, "the CONNECT")
+
+
+def test_live_single_node_publishes_an_address_others_reach(live_ml_client, live_kwargs):
+    """A one-node job: AML may leave MASTER_ADDR unset; the node must still publish its own
+    reachable address, never loopback (issue 25). Records what AML set, for the docs."""
+    import ipaddress
+    import os as node_os
+    from urllib.parse import urlparse
+
+    from distributed import Client
+
+    from dask_amlcompute import AmlComputeCluster
+
+    with AmlComputeCluster(live_ml_client, n_nodes=1, **live_kwargs) as c, Client(c) as client:
+        published = urlparse(client.scheduler_info()["address"]).hostname
+        master = client.run_on_scheduler(lambda: node_os.environ.get("MASTER_ADDR"))
+    print(f"one-node job: MASTER_ADDR={master!r}, scheduler published {published}")
+    assert not ipaddress.ip_address(published).is_loopback

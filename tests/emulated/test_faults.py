@@ -27,7 +27,12 @@ pytestmark = pytest.mark.slow
 FAULTS = {
     "rank-1 node killed": ({"n_nodes": 2}, r"Failed: a node of the main job failed.*node rank 1"),
     "scheduler node killed": ({}, r"Failed: a node of the main job failed.*node rank 0"),
-    "preempted, requeued": ({}, r"rank-0 node was preempted and (AML requeued|the job requeued)"),
+    # whichever the watch sees first: the job back in Queued, or the re-run's new scheduler
+    "preempted, requeued": (
+        {},
+        r"rank-0 node was preempted and (AML requeued|the job requeued)"
+        r"|published a new scheduler .*AML ran it again",
+    ),
     "job_timeout reached": ({"job_timeout": "12s"}, r"job_timeout \(12 s\) was reached"),
     "tunnel drop": ({"connect": "job-ssh"}, None),
 }

@@ -222,6 +222,7 @@ class ClusterContext:
             idle_timeout=s.idle_timeout,
             no_client_timeout=s.no_client_timeout,
             first_contact_timeout=s.first_contact_timeout,
+            job_timeout=s.job_timeout if role == "cluster" else None,
             scheduler_address=scheduler_address,
             scheduler_options=s.scheduler_options,
             worker_options=s.worker_options,

@@ -13,19 +13,15 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "dask_amlcompute"
 
 #: Library lines (the emulator is its own distribution). Target: 10,000.
-LINE_BUDGET = 12213
+LINE_BUDGET = 12181
 #: Longest module. Target: 550, cluster.py 450.
 MODULE_LIMIT = 550
 MODULES_OVER_LIMIT = {"backend/jobs.py": 554, "backend/ops.py": 717, "cluster.py": 582}
 #: Longest function. Target: 80 lines, every one.
 FUNCTION_LIMIT = 80
 FUNCTIONS_OVER_LIMIT = {
-    "batch/__init__.py:iter_batches": 95,
     "cluster.py:AmlComputeCluster.__init__": 91,
-    "code.py:collect_code": 82,
-    "data.py:resolve": 87,
     "jobmode.py:submit_script": 139,
-    "scaling.py:ScalingMixin.scale": 88,
 }
 #: Parameters of an internal function. Target: 12 (the public API keeps its keywords).
 PARAMETER_LIMIT = 12

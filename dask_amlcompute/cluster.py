@@ -21,7 +21,7 @@ from .backend.plan import COMPUTE_TIMEOUT, LOOKUP_TIMEOUT, draft_plan, plan_clus
 from .backend.state import ClusterContext, ClusterState, Lifecycle
 from .backend.workspace import with_cached_compute, workspace_client
 from .config import ClusterSettings, check_arguments, checked, resolve_settings
-from .connect import SchedulerConnector, host_port, reachable
+from .connect import SchedulerConnector, host_port, reachable, temporary_tls
 from .exceptions import AmlComputeError, ConfigurationError, JobError
 from .scaling import ScalingMixin
 
@@ -32,24 +32,6 @@ SECRET_IN_JOB_BODY = (
     "<secret, not shown here: the submitted job body holds it in plain text, "
     "readable by everyone who can read the workspace's jobs>"
 )
-
-
-def _temporary_tls(settings: ClusterSettings) -> tuple[Any, dict[str, str]]:
-    """Temporary TLS credentials when ``security=True``: ``(Security, node env vars)``.
-
-    The certificate and its key reach the nodes as job environment variables:
-    anyone who can read this job's definition in the workspace can read them
-    (see the README's security notes). They exist only for this cluster.
-    """
-    if not settings.security:
-        return None, {}
-    from distributed.security import Security
-
-    from ._protocol import TLS_CERT_ENV, TLS_KEY_ENV
-
-    security = Security.temporary()
-    env = {TLS_CERT_ENV: security.tls_scheduler_cert, TLS_KEY_ENV: security.tls_scheduler_key}
-    return security, env
 
 
 def _check_arguments(loop: Any = None, **flags: Any) -> None:
@@ -198,7 +180,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         self.settings: ClusterSettings = settings
         self.ml_client = ml_client
         self._quiet = settings.quiet
-        security, secret_env = _temporary_tls(settings)
+        security, secret_env = temporary_tls(settings)
         # nothing of the workspace yet: plan_cluster completes the plan in _start
         state = ClusterState(
             name=settings.name, plan=draft_plan(settings, code, "attach" if _attach else "create")

@@ -45,14 +45,13 @@ from ._protocol import (
     OUTPUT_END,
     SCRIPT_ENV,
     TAG_MODE,
-    TLS_CERT_ENV,
-    TLS_KEY_ENV,
     NodeOptions,
     ScriptOptions,
 )
 from .backend.jobspec import build_job
 from .backend.ops import run_blocking
 from .backend.workspace import workspace_client
+from .connect import temporary_tls
 from .exceptions import (
     ConfigurationError,
     JobCanceledError,
@@ -197,12 +196,7 @@ def build_script_job(
     wait_for_workers = config.checked("startup-timeout", wait_workers, "wait_workers")
     s = config.resolve_settings(**settings)
     script, embedded = _script(script_path, script_args, code, wait_for_workers)
-    env = {**s.env_vars, **embedded}
-    if s.security:
-        from distributed.security import Security
-
-        tls = Security.temporary()  # a certificate for this job only, in its environment
-        env.update({TLS_CERT_ENV: tls.tls_scheduler_cert, TLS_KEY_ENV: tls.tls_scheduler_key})
+    env = {**s.env_vars, **embedded, **temporary_tls(s)[1]}
     node = NodeOptions(
         role="cluster", name_prefix=s.name, processes=s.processes_per_node,
         threads=s.threads_per_process, death_timeout=s.death_timeout, idle_timeout=idle,

@@ -157,27 +157,17 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         **kwargs: Any,
     ) -> None:
         settings = resolve_settings(
-            compute=compute,
-            n_nodes=n_nodes,
-            processes_per_node=processes_per_node,
-            threads_per_process=threads_per_process,
-            memory_limit=memory_limit,
-            environment=environment,
-            job_timeout=job_timeout,
-            experiment_name=experiment_name,
-            name=name,
-            tags=tags,
-            env_vars=env_vars,
-            scheduler_options=scheduler_options,
-            worker_options=worker_options,
-            connect=connect,
-            startup_timeout=startup_timeout,
+            compute=compute, n_nodes=n_nodes, processes_per_node=processes_per_node,
+            threads_per_process=threads_per_process, memory_limit=memory_limit,
+            environment=environment, job_timeout=job_timeout, experiment_name=experiment_name,
+            name=name, tags=tags, env_vars=env_vars, scheduler_options=scheduler_options,
+            worker_options=worker_options, connect=connect, startup_timeout=startup_timeout,
             **kwargs,
-        )
-        settings = with_cached_compute(settings)
+        )  # fmt: skip
+        self.settings: ClusterSettings = with_cached_compute(settings)
+        settings = self.settings
         _check_arguments(asynchronous=asynchronous, shutdown_on_close=shutdown_on_close, loop=loop)
         ml_client = workspace_client(ml_client, settings.workspace_config, credential)
-        self.settings: ClusterSettings = settings
         self.ml_client = ml_client
         self._quiet = settings.quiet
         security, secret_env = temporary_tls(settings)
@@ -198,23 +188,19 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         self.main_job_name = self._main_key = state.main_job
         # a reconnected object names its worker jobs in a series of its own (never reused)
         self._job_series = uuid.uuid4().hex[:6] if _attach else ""
-        scheduler = {
-            "cls": MainJob,
-            "options": {"context": ctx, "connector": self._connector, "attach": _attach},
-        }
         self._existing_worker_jobs = _existing_worker_jobs  # adopted in _build_worker_specs
         self._main_workers = self._workers_per_job = 0  # set once from the plan in _start
         # jobs this object owns are cancelled however the process ends (close() releases them)
         self._reaper_key = reaper.own(self, ml_client, state.jobs) if shutdown_on_close else None
         try:
             super().__init__(
-                scheduler=scheduler,
-                asynchronous=asynchronous,
-                loop=loop,
-                security=security,
-                name=settings.name,
+                scheduler={
+                    "cls": MainJob,
+                    "options": {"context": ctx, "connector": self._connector, "attach": _attach},
+                },
+                asynchronous=asynchronous, loop=loop, security=security, name=settings.name,
                 shutdown_on_close=shutdown_on_close,
-            )
+            )  # fmt: skip
         except BaseException:
             runner = getattr(self, "_loop_runner", None)
             if runner is not None and not asynchronous:

@@ -13,14 +13,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "dask_amlcompute"
 
 #: Library lines (the emulator is its own distribution). Target: 10,000.
-LINE_BUDGET = 12181
+LINE_BUDGET = 12161
 #: Longest module. Target: 550, cluster.py 450.
 MODULE_LIMIT = 550
-MODULES_OVER_LIMIT = {"backend/jobs.py": 554, "backend/ops.py": 717, "cluster.py": 582}
+MODULES_OVER_LIMIT = {"backend/jobs.py": 554, "backend/ops.py": 717}
 #: Longest function. Target: 80 lines, every one.
 FUNCTION_LIMIT = 80
 FUNCTIONS_OVER_LIMIT = {
-    "cluster.py:AmlComputeCluster.__init__": 91,
     "jobmode.py:submit_script": 139,
 }
 #: Parameters of an internal function. Target: 12 (the public API keeps its keywords).

@@ -30,7 +30,7 @@ import posixpath
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 from .backend.ops import AmlOps, run_blocking
@@ -38,7 +38,6 @@ from .backend.sdknotices import redact
 from .exceptions import AmlComputeError, ControlPlaneError
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 #: Datastore endpoint suffix of the public Azure cloud.
 PUBLIC_SUFFIX = "core.windows.net"

@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from . import config
 from ._protocol import (
@@ -74,7 +74,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("dask_amlcompute.jobmode")
-T = TypeVar("T")
 
 #: Largest embedded script (after gzip + base64); use ``code=`` beyond it.
 MAX_EMBEDDED_BYTES = 64 * 1024

@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "dask_amlcompute"
 
 #: Library lines (the emulator is its own distribution). Target: 10,000.
-LINE_BUDGET = 12161
+LINE_BUDGET = 12159
 #: Longest module. Target: 550, cluster.py 450.
 MODULE_LIMIT = 550
 MODULES_OVER_LIMIT = {"backend/jobs.py": 554, "backend/ops.py": 717}
@@ -30,8 +30,7 @@ PUBLIC_API = {
     "batch/__init__.py:map_batches",
     "batch/__init__.py:iter_batches",
 }
-PARAMETERS_OVER_LIMIT = {
-}
+PARAMETERS_OVER_LIMIT: dict[str, int] = {}
 #: Fields of ClusterState. Target: 8.
 STATE_FIELDS = 15
 

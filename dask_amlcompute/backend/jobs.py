@@ -43,8 +43,9 @@ IDENTITY_CHECK_INTERVAL = 5.0
 NOT_YET_RUNNING = ("NotStarted", "Starting", "Provisioning", "Queued", "Preparing")
 #: Job statuses after a start: the main job going back from one of them is being run again.
 RAN = ("Running", "Finalizing")
-#: Seconds a closing cluster waits for its main job to end by itself before cancelling it.
-OWN_END_WAIT = 60.0
+#: Seconds a closing cluster waits for its main job to end by itself before cancelling it
+#: (a close returns within this plus one cancel round trip: issue 28).
+OWN_END_WAIT = 2.0
 #: Why a scheduler that AML started again is of no use.
 NEW_SCHEDULER = "The new scheduler has none of this cluster's workers or data."
 #: What a lost cluster means for the user's work, and what to do.
@@ -343,16 +344,16 @@ class MainJob(ProcessInterface):
             state.jobs[self.job_name] = info.status
             if info.status in NOT_YET_RUNNING:  # queued again: it will not end by itself
                 break
-            if not state.main_job_ended():
-                await asyncio.sleep(delay)
-                delay = min(delay * 1.5, 5.0)  # few requests: AML takes a while to notice
+            if not state.main_job_ended():  # few requests: AML takes a while to notice
+                await asyncio.sleep(min(delay, started + OWN_END_WAIT - time.monotonic()))
+                delay *= 1.5
         note = ""
         if state.jobs.get(self.job_name) not in ("Completed", "Failed", "Canceled", "Finalizing"):
             note = (
                 f" (still {state.jobs.get(self.job_name)} {time.monotonic() - started:.0f}s "
                 "after its scheduler was told to stop: cancelled to release its nodes)"
             )
-            status = await ctx.ops.cancel(self.job_name)
+            status = await ctx.ops.cancel(self.job_name, wait=False)
             if status:
                 state.jobs[self.job_name] = status
         await self.connector.close()
@@ -532,10 +533,10 @@ class WorkerJob(_JobWorkers):
         ctx, state = self.context, self.context.state
         state.watched.pop(self.name, None)
         if self._submitted and state.lifecycle is not Lifecycle.DETACHING:
-            if not state.main_job_ended():
+            if not state.main_job_ended() and not state.closing:  # closing: no data to keep
                 await self._retire()
             if state.jobs.get(self.name) not in TERMINAL:  # cancelled at exit already?
-                status = await ctx.ops.cancel(self.name)
+                status = await ctx.ops.cancel(self.name, wait=not state.closing)
                 if status:  # what the cluster's job list shows (the watch follows it no more)
                     state.jobs[self.name] = status
                 ctx.log(f"Cancelled worker job {self.name}")

@@ -524,11 +524,12 @@ class AmlOps:
         """``info`` with the run-history tags of its job merged in (see :meth:`run_tags`)."""
         return replace(info, tags={**info.tags, **await self.run_tags(info.name)})
 
-    async def cancel(self, name: str, timeout: float = 60) -> str | None:
+    async def cancel(self, name: str, timeout: float = 60, wait: bool = True) -> str | None:
         """Cancel a job and wait (bounded) for AML to accept it; ended jobs are left alone.
 
         Returns the job's status as it now stands (``"Canceled"`` once AML's
-        cancel operation finished), or None when cancelling failed (logged).
+        cancel operation finished; ``"CancelRequested"`` without ``wait``), or None
+        when cancelling failed (logged).
         """
         try:
             info = await self.get_job(name)
@@ -536,6 +537,8 @@ class AmlOps:
                 return info.status
             async with self._writes:  # the request; waiting for its result is not bounded by it
                 poller = await self._call(self.ml_client.jobs.begin_cancel, name)
+            if not wait:
+                return "CancelRequested"
             await asyncio.wait_for(asyncio.to_thread(poller.result), timeout)
         except Exception as exc:
             logger.warning("Cancelling AML job %s failed: %s", name, exc)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import threading
 import time
 
 import pytest
@@ -31,6 +32,7 @@ FAULTS = {
     "scheduler node killed": ({}, r"Failed: a node of the main job failed.*node rank 0"),
     "preempted, requeued": ({}, r"rank-0 node of AML job \S+ was preempted and AML requeued"),
     "job_timeout reached": ({"job_timeout": "12s"}, r"job_timeout \(12 s\) was reached"),
+    "cancelled from outside": ({}, r"was Canceled outside this cluster object"),
     "tunnel drop": ({"connect": "job-ssh"}, None),
 }
 #: Fault -> the words of the ClusterLostError a task in flight fails with (None: distributed's
@@ -38,10 +40,11 @@ FAULTS = {
 IN_FLIGHT = {
     "rank-1 node killed": r"node rank 1 failed or was preempted",
     "job_timeout reached": r"job_timeout \(12 s\) was reached",
+    "cancelled from outside": r"cancelled from outside the cluster, or preempted",
 }
 
 
-def inject(fault: str, emulator, cluster) -> None:
+def inject(fault: str, emulator, ml_client, cluster) -> None:
     job = cluster.main_job_name
     if fault == "rank-1 node killed":
         emulator.fail_node(job, 1)
@@ -49,6 +52,9 @@ def inject(fault: str, emulator, cluster) -> None:
         emulator.fail_node(job, 0)
     elif fault == "preempted, requeued":
         emulator.preempt_node(job, 0, requeue=True)
+    elif fault == "cancelled from outside":
+        # as from the studio or the CLI: elsewhere, while this test waits on the result
+        threading.Thread(target=ml_client.jobs.begin_cancel, args=(job,), daemon=True).start()
     elif fault == "tunnel drop":
         cluster.loop.add_callback(cluster._connector.tunnel._conn.abort)
     # job_timeout reached: AML (the emulator) ends the job by itself
@@ -76,7 +82,7 @@ def test_fault_is_named_and_nothing_is_left(fault, emulator, ml_client, cluster_
         # in flight when the fault hits (the tunnel's cluster runs new work after it: short)
         future = client.submit(slow_task(3 if cause is None else 120), 41, pure=False)
         time.sleep(rng.uniform(0.2, 1.0))
-        inject(fault, emulator, cluster)
+        inject(fault, emulator, ml_client, cluster)
         if fault in IN_FLIGHT:
             with pytest.raises(ClusterLostError, match=IN_FLIGHT[fault]) as lost:
                 future.result(timeout=60)

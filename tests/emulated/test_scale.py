@@ -81,8 +81,26 @@ def test_scale_up_and_down_submits_and_cancels_worker_jobs(emu):
     assert emu.nodes_in_use("scale-cluster") == 0
 
 
-def test_adapt_grows_under_load_and_shrinks_to_minimum(emu):
+def test_widget_controls_then_adapt_grows_under_load_and_shrinks_to_minimum(emu):
     with make(emu) as cluster, Client(cluster) as client:
+        # the notebook widget's scale and adapt controls
+        tab = cluster._widget()
+        accordion = tab.children[1].children[1]
+        (request, scale_button), (minimum, maximum, adapt_button) = (
+            accordion.children[0].children,
+            accordion.children[1].children,
+        )
+        request.value = 2
+        scale_button.click()
+        client.wait_for_workers(2, timeout=60)
+        assert len([j for j in cluster.jobs if j != cluster.main_job_name]) == 1
+        minimum.value, maximum.value = 1, 3
+        adapt_button.click()
+        assert cluster._adaptive is not None
+        assert (cluster._adaptive.minimum, cluster._adaptive.maximum) == (1, 3)
+        assert cluster.name in tab.children[0].value  # the status tab shows the cluster
+
+        # adapt with short intervals (replaces the widget's), under load and idle
         cluster.adapt(minimum=1, maximum=3, interval="300ms", wait_count=3, target_duration="1s")
 
         def slow(x):
@@ -128,22 +146,3 @@ def test_worker_job_queues_while_other_jobs_hold_the_nodes(emu):
         assert len(client.scheduler_info()["workers"]) == 1  # a queued job is not a worker
         ml.jobs.begin_cancel(blocker.name).result()
         client.wait_for_workers(2, timeout=60)
-
-
-def test_notebook_widget_scale_and_adapt_controls(emu):
-    with make(emu) as cluster, Client(cluster) as client:
-        tab = cluster._widget()
-        accordion = tab.children[1].children[1]
-        (request, scale_button), (minimum, maximum, adapt_button) = (
-            accordion.children[0].children,
-            accordion.children[1].children,
-        )
-        request.value = 2
-        scale_button.click()
-        client.wait_for_workers(2, timeout=60)
-        assert len([j for j in cluster.jobs if j != cluster.main_job_name]) == 1
-        minimum.value, maximum.value = 1, 3
-        adapt_button.click()
-        assert cluster._adaptive is not None
-        assert (cluster._adaptive.minimum, cluster._adaptive.maximum) == (1, 3)
-        assert cluster.name in tab.children[0].value  # the status tab shows the cluster

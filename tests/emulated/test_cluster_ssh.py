@@ -77,7 +77,7 @@ def test_compute_without_public_ssh_gives_a_clear_error_before_submitting(
 
 def test_auto_uses_direct_when_the_scheduler_is_reachable(ssh_emulator, ssh_key, tmp_path):
     with AmlComputeCluster(
-        ssh_emulator.ml_client(), **kwargs(ssh_key, tmp_path, connect="auto")
+        ssh_emulator.ml_client(), **kwargs(ssh_key, tmp_path, connect="auto", n_nodes=1)
     ) as cluster:
         assert cluster._connector.mode == "direct"
         assert not cluster.scheduler_address.startswith("tcp://127.0.0.1:")

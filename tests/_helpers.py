@@ -15,7 +15,7 @@ import dask
 import pytest
 from _emu_helpers import wait_for  # the emulator's tests' helper, shared
 
-__all__ = ["FAST_CLUSTER", "env_in_dask_config", "wait_for"]
+__all__ = ["FAST_CLUSTER", "env_in_dask_config", "make_tree", "wait_for"]
 
 #: Cluster arguments that make a cluster start fast and fail fast on the emulator.
 FAST_CLUSTER: dict[str, Any] = {
@@ -26,6 +26,15 @@ FAST_CLUSTER: dict[str, Any] = {
     "death_timeout": "60s",
     "quiet": True,
 }
+
+
+def make_tree(root: Path, files: dict[str, str]) -> Path:
+    """Write ``files`` (relative path: text) under ``root``; return ``root``."""
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
 
 
 @contextlib.contextmanager

@@ -19,11 +19,12 @@ from dask_amlcompute import (
     NotAmlComputeError,
     TooManyNodesError,
 )
+from dask_amlcompute.cli import main as cli_main
 
 pytestmark = pytest.mark.slow
 
 
-def test_three_node_cluster_runs_dask_workloads(emulator, ml_client, cluster_kwargs):
+def test_three_node_cluster_runs_dask_workloads(emulator, ml_client, cluster_kwargs, capsys):
     import dask.dataframe as dd
     import pandas as pd  # the test extra installs it: a missing one must fail
 
@@ -59,6 +60,17 @@ def test_three_node_cluster_runs_dask_workloads(emulator, ml_client, cluster_kwa
         assert cluster.jobs[job] == "Running"
         assert job in cluster._repr_html_()
         assert cluster.dashboard_link.startswith("http://")
+        # the price (size list of the unmodified SDK) in the repr, the log and `list`
+        price = "$0.29/h per node, $0.87/h for 3 node(s) (estimate)"
+        assert f"price={price!r}" in repr(cluster)
+        assert price in cluster._repr_html_()
+        logs = "\n".join(cluster.get_logs(scheduler=False, workers=False).values())
+        assert f"Compute cpu-cluster: 3 x Standard_DS3_v2 (4 vCPUs, dedicated): {price}" in logs
+        capsys.readouterr()
+        assert cli_main(["list", "--emulator", emulator.base_url]) == 0
+        out = capsys.readouterr().out
+        row = next(line for line in out.splitlines() if line.startswith(cluster.name))
+        assert "$0.87" in row  # 3 nodes at $0.29/h
     final = emulator.wait_job(job, timeout=30)
     assert final in ("Completed", "Canceled")
     assert job not in emulator.active_jobs()
@@ -67,55 +79,47 @@ def test_three_node_cluster_runs_dask_workloads(emulator, ml_client, cluster_kwa
 def test_scheduler_address_found_in_run_history_when_the_job_lacks_it(
     run_tags_withheld, ml_client, cluster_kwargs, caplog
 ):
-    from dask_amlcompute._protocol import SCHEDULER_TAG
+    """The address from run history, a no-client clock that waits for it, the MLflow fallback.
 
-    with (
-        caplog.at_level(logging.WARNING, logger="dask_amlcompute"),
-        AmlComputeCluster(ml_client, n_nodes=1, **cluster_kwargs) as cluster,
-        Client(cluster) as c,
-    ):
-        job = cluster.main_job_name
-        assert SCHEDULER_TAG not in (ml_client.jobs.get(job).tags or {})  # only run history has it
-        run = ml_client.jobs._runs_operations.get_run(job)
-        assert cluster.scheduler_address.endswith(run.tags[SCHEDULER_TAG].rsplit(":", 1)[1])
-        assert c.submit(operator.add, 1, 2).result() == 3
-    # read through the documented route (mlflow + the workspace's tracking URI), no fallback
-    assert "falling back" not in caplog.text, caplog.text
-
-
-def test_run_tags_fall_back_to_run_history_said_once(ml_client, cluster_kwargs, caplog):
-    # A client whose MLflow route fails (here: a tracking URI scheme mlflow has no store
-    # for, as azureml:// is without the azureml-mlflow plugin) still gets the tags through
-    # run history, and is told once, at INFO (nothing is wrong for the user).
+    With run tags kept off the job resource, the client reads the address from run history
+    only after the job has run RUN_HISTORY_FALLBACK_AFTER (10 s): far longer than
+    no_client_timeout=2. Counting from scheduler start, the scheduler would be gone by then
+    (the flake seen on busy machines, where publishing the address took longer than a short
+    no_client_timeout): its clock must wait for the first contact.
+    """
     import asyncio
 
+    from dask_amlcompute._protocol import SCHEDULER_TAG
     from dask_amlcompute.backend.ops import AmlOps
 
     # azureml:// with a credential that is not DefaultAzureCredential: azureml-mlflow would
     # log in on its own (interactively outside a job), so the route is not even tried
     azureml = "azureml://eastus.api.azureml.ms/mlflow/v1.0/subscriptions/s/resourceGroups/g"
+    kwargs = {**cluster_kwargs, "no_client_timeout": 2}
     with (
-        AmlComputeCluster(ml_client, n_nodes=1, **cluster_kwargs) as cluster,
         caplog.at_level(logging.INFO, logger="dask_amlcompute"),
+        AmlComputeCluster(ml_client, n_nodes=1, **kwargs) as cluster,
+        Client(cluster) as c,
     ):
+        assert cluster.startup_phases["scheduler address"] >= 10
+        job = cluster.main_job_name
+        assert SCHEDULER_TAG not in (ml_client.jobs.get(job).tags or {})  # only run history has it
+        run = ml_client.jobs._runs_operations.get_run(job)
+        assert cluster.scheduler_address.endswith(run.tags[SCHEDULER_TAG].rsplit(":", 1)[1])
+        assert c.submit(operator.add, 1, 2).result() == 3
+        # read through the documented route (mlflow + the workspace's tracking URI), no fallback
+        assert "falling back" not in caplog.text, caplog.text
+        # A client whose MLflow route fails (here: a tracking URI scheme mlflow has no store
+        # for, as azureml:// is without the azureml-mlflow plugin) still gets the tags through
+        # run history, and is told once, at INFO (nothing is wrong for the user).
         for uri in ("azureml-unknown://nowhere/mlflow", azureml):
             ops = AmlOps(ml_client, tracking_uri=uri)
-            tags = asyncio.run(ops.run_tags(cluster.main_job_name))
-            asyncio.run(ops.run_tags(cluster.main_job_name))
-            assert "dask_scheduler" in tags
+            tags = asyncio.run(ops.run_tags(job))
+            asyncio.run(ops.run_tags(job))
+            assert SCHEDULER_TAG in tags
     fallbacks = [r for r in caplog.records if "falling back to run history" in r.getMessage()]
     assert len(fallbacks) == 2 and {r.levelno for r in fallbacks} == {logging.INFO}
     assert "would log in on its own" in fallbacks[1].getMessage()
-
-
-def test_a_cluster_name_is_never_reused(emulator, ml_client, cluster_kwargs):
-    name = "used-once-cluster"
-    with AmlComputeCluster(ml_client, n_nodes=1, name=name, **cluster_kwargs):
-        pass
-    # refused before submitting: a PUT would have met AML's (and the emulator's) 400
-    with pytest.raises(ConfigurationError, match="existed already"):
-        AmlComputeCluster(ml_client, n_nodes=1, name=name, **cluster_kwargs)
-    assert f"{name}-main" not in emulator.active_jobs()
 
 
 def test_processes_per_node_and_mpi_distribution(emulator, ml_client, cluster_kwargs):

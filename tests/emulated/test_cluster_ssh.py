@@ -48,31 +48,6 @@ def kwargs(ssh_key, tmp_path, **extra):
     return out
 
 
-def test_cluster_through_ssh_tunnel(ssh_emulator, ssh_key, tmp_path):
-    known_hosts = tmp_path / "known_hosts"
-    with (
-        AmlComputeCluster(
-            ssh_emulator.ml_client(), **kwargs(ssh_key, tmp_path, ssh_trust_on_first_use=True)
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        job = cluster.main_job_name
-        # the client talks to a local forwarded port, not the node's private address
-        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
-        assert client.submit(lambda x: x + 1, 41).result() == 42
-        data = client.scatter(list(range(100)))
-        assert sum(client.gather(data)) == 4950
-        assert sum(client.gather(client.map(lambda x: x * 2, range(50)))) == 2450
-        # the dashboard is forwarded too and its link points at the local end
-        link = cluster.dashboard_link
-        assert link.startswith("http://127.0.0.1:")
-        health = urllib.request.urlopen(link.replace("/status", "/health"), timeout=10).read()
-        assert health == b"ok"
-        # trust-on-first-use recorded the node's real host key
-        assert ssh_emulator.host_key_for(job, 0).split()[1] in known_hosts.read_text()
-    assert ssh_emulator.wait_job(job, timeout=30) in ("Completed", "Canceled")
-
-
 def test_unknown_host_key_is_refused_and_the_job_cancelled(ssh_emulator, ssh_key, tmp_path):
     with pytest.raises(HostKeyError, match="trust_on_first_use"):
         AmlComputeCluster(
@@ -102,24 +77,40 @@ def test_compute_without_public_ssh_gives_a_clear_error_before_submitting(
 
 def test_auto_uses_direct_when_the_scheduler_is_reachable(ssh_emulator, ssh_key, tmp_path):
     with AmlComputeCluster(
-        ssh_emulator.ml_client(), **kwargs(ssh_key, tmp_path, connect="auto")
+        ssh_emulator.ml_client(), **kwargs(ssh_key, tmp_path, connect="auto", n_nodes=1)
     ) as cluster:
         assert cluster._connector.mode == "direct"
         assert not cluster.scheduler_address.startswith("tcp://127.0.0.1:")
 
 
-def test_tunnel_survives_a_dropped_ssh_connection_and_moves_bulk_data(
+def test_cluster_through_ssh_tunnel_survives_a_dropped_connection_and_moves_bulk_data(
     ssh_emulator, ssh_key, tmp_path
 ):
     import numpy as np
     import psutil
 
+    known_hosts = tmp_path / "known_hosts"
     with (
         AmlComputeCluster(
             ssh_emulator.ml_client(), **kwargs(ssh_key, tmp_path, ssh_trust_on_first_use=True)
         ) as cluster,
         Client(cluster) as client,
     ):
+        job = cluster.main_job_name
+        # the client talks to a local forwarded port, not the node's private address
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert client.submit(lambda x: x + 1, 41).result() == 42
+        data = client.scatter(list(range(100)))
+        assert sum(client.gather(data)) == 4950
+        assert sum(client.gather(client.map(lambda x: x * 2, range(50)))) == 2450
+        # the dashboard is forwarded too and its link points at the local end
+        link = cluster.dashboard_link
+        assert link.startswith("http://127.0.0.1:")
+        health = urllib.request.urlopen(link.replace("/status", "/health"), timeout=10).read()
+        assert health == b"ok"
+        # trust-on-first-use recorded the node's real host key
+        assert ssh_emulator.host_key_for(job, 0).split()[1] in known_hosts.read_text()
+
         tunnel = cluster._connector.tunnel
         local_ports = {tunnel.local_address(name)[1] for name in ("scheduler", "dashboard")}
         array = np.arange(
@@ -139,3 +130,4 @@ def test_tunnel_survives_a_dropped_ssh_connection_and_moves_bulk_data(
         c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN
     }
     assert not local_ports & listening  # close left no forwarded port open
+    assert ssh_emulator.wait_job(job, timeout=30) in ("Completed", "Canceled")

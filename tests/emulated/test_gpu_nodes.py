@@ -107,7 +107,12 @@ def test_gpu_node_without_dask_cuda_fails_saying_so(ml_client, gpu_compute, clus
         "compute": gpu_compute,
         "environment": "docker.io/library/python:3.11",
     }
-    with pytest.raises(JobFailedError, match="needs dask-cuda in the node environment"):
+    # The node fails just after publishing its address; the start surfaces the job's error
+    # once SpecCluster's connection to the dead scheduler gives up: a short connect timeout.
+    with (
+        dask.config.set({"distributed.comm.timeouts.connect": "5s"}),
+        pytest.raises(JobFailedError, match="needs dask-cuda in the node environment"),
+    ):
         AmlComputeCluster(ml_client, n_nodes=1, name="gpu-no-cuda", **kwargs)
 
 

@@ -119,32 +119,3 @@ def test_env_build_registers_the_environment_clusters_then_name(
         Client(cluster) as client,
     ):
         assert client.submit(lambda x: x + 1, 1).result() == 2
-
-
-@pytest.mark.slow
-def test_code_folder_reaches_every_node_with_the_library(
-    emulator, ml_client, cluster_kwargs, tmp_path
-):
-    # code= goes into the jobs' code snapshot: the main job's nodes and a worker job's nodes
-    # (which reuse the code asset AML registered) import the user's module from their cwd
-    (tmp_path / "mymod.py").write_text("def answer():\n    return 42\n")
-    (tmp_path / "data.csv").write_text("x\n1\n")
-    (tmp_path / ".amlignore").write_text("*.csv\n")
-
-    def probe() -> tuple[int, bool, bool]:
-        import os
-
-        import mymod
-
-        return mymod.answer(), os.path.exists("mymod.py"), os.path.exists("data.csv")
-
-    with (
-        AmlComputeCluster(ml_client, n_nodes=1, code=tmp_path, **cluster_kwargs) as cluster,
-        Client(cluster) as client,
-    ):
-        cluster.scale(nodes=2)
-        client.wait_for_workers(2, timeout=120)
-        results = client.run(probe)
-        worker_jobs = [j for j in cluster.jobs if j != cluster.main_job_name]
-    assert len(results) == 2 and worker_jobs
-    assert set(results.values()) == {(42, True, False)}  # the .amlignore rule applied

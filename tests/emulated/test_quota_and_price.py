@@ -10,14 +10,9 @@ import pytest
 
 from dask_amlcompute import AmlComputeCluster, QuotaExceededError, StartupTimeoutError
 from dask_amlcompute.backend.capacity import (
-    Quota,
-    VmSizeInfo,
-    check_quota,
-    describe_price,
     quotas_for,
     size_from_sdk,
 )
-from dask_amlcompute.cli import main as cli_main
 
 # the emulator's cpu-cluster: Standard_DS3_v2 (4 vCPUs, standardDSv2Family, $0.29/h dedicated)
 FAMILY = "standardDSv2Family"
@@ -49,33 +44,6 @@ def test_sizes_and_usages_through_the_sdk(ml_client, quota):
         "Total Cluster Dedicated Regional vCPUs",
     ]
     assert lines[0].limit == 40
-
-
-def test_quota_arithmetic():
-    lines = [Quota("family", used=8, limit=24), Quota("total", used=8, limit=100)]
-    assert check_quota(lines, 16).fits_now
-    assert check_quota(lines, 20).full == lines[0]  # fits once 4 vCPUs are released
-    assert check_quota(lines, 28).never == lines[0]  # more than the limit itself
-    size = VmSizeInfo("Standard_X", "f", 4, prices={"standard": 0.5})
-    assert (
-        describe_price(size, "dedicated", 3) == "$0.50/h per node, $1.50/h for 3 node(s) (estimate)"
-    )
-    assert describe_price(size, "low_priority", 3) == "price unknown"  # AML gave no such price
-    assert describe_price(None, "dedicated", 3) == "price unknown"
-
-
-def test_price_in_the_repr_the_log_and_list(emulator, ml_client, cluster_kwargs, capsys):
-    with AmlComputeCluster(ml_client, n_nodes=2, **cluster_kwargs) as cluster:
-        price = "$0.29/h per node, $0.58/h for 2 node(s) (estimate)"
-        assert f"price={price!r}" in repr(cluster)
-        assert price in cluster._repr_html_()
-        logs = "\n".join(cluster.get_logs(scheduler=False, workers=False).values())
-        assert f"Compute cpu-cluster: 2 x Standard_DS3_v2 (4 vCPUs, dedicated): {price}" in logs
-        capsys.readouterr()
-        assert cli_main(["list", "--emulator", emulator.base_url]) == 0
-        out = capsys.readouterr().out
-        row = next(line for line in out.splitlines() if line.startswith(cluster.name))
-        assert "$0.58" in row  # 2 nodes at $0.29/h
 
 
 def test_request_over_quota_is_refused_before_submitting(
@@ -140,7 +108,7 @@ def test_request_that_must_wait_for_quota_queues_and_starts(emulator, ml_client,
 
     async def start_while_the_holder_runs() -> None:
         # AML counts scale-up and quota waits in Queued: startup_timeout does not, queue_timeout does
-        kwargs = {**cluster_kwargs, "compute": name, "startup_timeout": "15s"}
+        kwargs = {**cluster_kwargs, "compute": name, "startup_timeout": "10s"}
         with pytest.raises(StartupTimeoutError, match="queue_timeout=2s") as info:
             await AmlComputeCluster(
                 ml_client, n_nodes=2, asynchronous=True, name="queue-bound", queue_timeout="2s",
@@ -159,7 +127,7 @@ def test_request_that_must_wait_for_quota_queues_and_starts(emulator, ml_client,
             deadline = time.monotonic() + 120  # after Preparing (the environment's build)
             while not reason() and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
-            await asyncio.sleep(16)  # longer than startup_timeout
+            await asyncio.sleep(11)  # longer than startup_timeout
             assert status(main) == "Queued"  # 4 of 8 vCPUs held by the holder
             assert "until quota is available" in reason()
             logs = "\n".join(line for _, line in cluster._cluster_manager_logs)

@@ -49,11 +49,15 @@ def test_scale_up_and_down_submits_and_cancels_worker_jobs(emu):
     puts = EnvironmentPuts()
     with make(emu, emu.ml_client(per_call_policies=[puts])) as cluster, Client(cluster) as client:
         assert len(client.scheduler_info()["workers"]) == 1
-        cluster.scale(3)
+        cluster.scale(10)  # clipped to the compute's max_nodes, and said
         client.wait_for_workers(3, timeout=60)
         assert emu.nodes_in_use("scale-cluster") == 3
+        assert any("at most 3 nodes" in msg for _, msg in cluster._cluster_manager_logs)
         worker_jobs = [j for j in cluster.jobs if j != cluster.main_job_name]
-        assert len(worker_jobs) == 2
+        assert len(worker_jobs) == 2  # main + 2 worker jobs, never more than max_nodes
+        assert len(client.scheduler_info()["workers"]) == 3
+        # a worker job ends no later than the cluster: what was left of its 10 minutes
+        assert all(emu.ml_client().jobs.get(j).limits.timeout < 600 for j in worker_jobs)
         future = client.scatter(list(range(1000)), broadcast=False)
         cluster.scale(1)
         wait_for(
@@ -77,18 +81,26 @@ def test_scale_up_and_down_submits_and_cancels_worker_jobs(emu):
     assert emu.nodes_in_use("scale-cluster") == 0
 
 
-def test_scale_is_clipped_to_the_compute_max_nodes(emu):
-    with make(emu, quiet=False) as cluster, Client(cluster) as client:
-        cluster.scale(10)
-        client.wait_for_workers(3, timeout=60)
-        time.sleep(1)
-        assert len(client.scheduler_info()["workers"]) == 3
-        assert len(cluster.jobs) == 3  # main + 2 worker jobs, never more than max_nodes
-        assert any("at most 3 nodes" in msg for _, msg in cluster._cluster_manager_logs)
-
-
-def test_adapt_grows_under_load_and_shrinks_to_minimum(emu):
+def test_widget_controls_then_adapt_grows_under_load_and_shrinks_to_minimum(emu):
     with make(emu) as cluster, Client(cluster) as client:
+        # the notebook widget's scale and adapt controls
+        tab = cluster._widget()
+        accordion = tab.children[1].children[1]
+        (request, scale_button), (minimum, maximum, adapt_button) = (
+            accordion.children[0].children,
+            accordion.children[1].children,
+        )
+        request.value = 2
+        scale_button.click()
+        client.wait_for_workers(2, timeout=60)
+        assert len([j for j in cluster.jobs if j != cluster.main_job_name]) == 1
+        minimum.value, maximum.value = 1, 3
+        adapt_button.click()
+        assert cluster._adaptive is not None
+        assert (cluster._adaptive.minimum, cluster._adaptive.maximum) == (1, 3)
+        assert cluster.name in tab.children[0].value  # the status tab shows the cluster
+
+        # adapt with short intervals (replaces the widget's), under load and idle
         cluster.adapt(minimum=1, maximum=3, interval="300ms", wait_count=3, target_duration="1s")
 
         def slow(x):
@@ -134,57 +146,3 @@ def test_worker_job_queues_while_other_jobs_hold_the_nodes(emu):
         assert len(client.scheduler_info()["workers"]) == 1  # a queued job is not a worker
         ml.jobs.begin_cancel(blocker.name).result()
         client.wait_for_workers(2, timeout=60)
-
-
-def test_failed_worker_job_is_replaced_by_adapt(emu):
-    with make(emu) as cluster, Client(cluster) as client:
-        cluster.adapt(minimum=2, maximum=2, interval="300ms")
-        client.wait_for_workers(2, timeout=60)
-        (job,) = [j for j in cluster.jobs if j != cluster.main_job_name]
-        emu.preempt_node(job, 0)
-        assert emu.wait_job(job, timeout=30) == "Failed"
-        wait_for(
-            lambda: (
-                len(
-                    [
-                        j
-                        for j, s in cluster.jobs.items()
-                        if s == "Running" and j not in (job, cluster.main_job_name)
-                    ]
-                )
-                == 1
-            ),
-            timeout=60,
-            what="replacement worker job",
-        )
-        client.wait_for_workers(2, timeout=60)
-        assert client.submit(sum, [1, 2]).result() == 3
-
-
-def test_worker_jobs_end_no_later_than_the_cluster_deadline(emu):
-    with make(emu, job_timeout="5m") as cluster, Client(cluster) as client:
-        time.sleep(2)
-        cluster.scale(2)
-        client.wait_for_workers(2, timeout=60)
-        (job,) = [j for j in cluster.jobs if j != cluster.main_job_name]
-        timeout = emu.ml_client().jobs.get(job).limits.timeout
-        assert timeout < 300  # what was left of the cluster's 5 minutes, not a fresh 5 minutes
-
-
-def test_notebook_widget_scale_and_adapt_controls(emu):
-    with make(emu) as cluster, Client(cluster) as client:
-        tab = cluster._widget()
-        accordion = tab.children[1].children[1]
-        (request, scale_button), (minimum, maximum, adapt_button) = (
-            accordion.children[0].children,
-            accordion.children[1].children,
-        )
-        request.value = 2
-        scale_button.click()
-        client.wait_for_workers(2, timeout=60)
-        assert len([j for j in cluster.jobs if j != cluster.main_job_name]) == 1
-        minimum.value, maximum.value = 1, 3
-        adapt_button.click()
-        assert cluster._adaptive is not None
-        assert (cluster._adaptive.minimum, cluster._adaptive.maximum) == (1, 3)
-        assert cluster.name in tab.children[0].value  # the status tab shows the cluster

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import urllib.request
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dask
@@ -128,6 +129,7 @@ def _index_versions(name: str) -> list[Version]:
 
 def _requires(name: str, version: Version, folder: Path) -> tuple[str, list[Requirement]]:
     """Requires-Python and Requires-Dist of a release's wheel (pip download, no dependencies)."""
+    folder = folder / f"{name}-{version}"  # a folder per download: several run at once
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
          "--python-version", "3.11", "-d", str(folder), f"{name}=={version}"],
@@ -155,16 +157,24 @@ def test_the_dask_cuda_table_matches_the_index(tmp_path):
     """Fails when dask-cuda publishes a release the table lacks: add its row (the test says)."""
     floor = min(map(Version, RELEASES))
     rdd = _index_versions("rapids-dask-dependency")
+    cuda = [v for v in _index_versions("dask-cuda") if v >= floor]
+    with ThreadPoolExecutor(4) as pool:  # one pip process per wheel: a few at a time
+        wheels = dict(
+            zip(cuda, pool.map(lambda v: _requires("dask-cuda", v, tmp_path), cuda), strict=True)
+        )
+        bounds = {
+            v: next(r.specifier for r in reqs if r.name == "rapids-dask-dependency")
+            for v, (_, reqs) in wheels.items()
+        }
+        wanted = [v for v in rdd if any(v in bound for bound in bounds.values())]
+        pins = pool.map(
+            lambda v: _pinned_dask(_requires("rapids-dask-dependency", v, tmp_path)[1]), wanted
+        )
+        pinned = dict(zip(wanted, pins, strict=True))
     found: dict[str, tuple[str, tuple[str, ...]]] = {}
-    for version in (v for v in _index_versions("dask-cuda") if v >= floor):
-        python, reqs = _requires("dask-cuda", version, tmp_path)
-        bound = next(r.specifier for r in reqs if r.name == "rapids-dask-dependency")
+    for version, (python, reqs) in wheels.items():
         extras = {str(m).split('"')[1] for r in reqs if (m := r.marker) and "extra" in str(m)}
         assert ("cu12" in extras) == (version >= Version(FIRST_WITH_CUDA_EXTRAS)), version
-        pins = [
-            _pinned_dask(_requires("rapids-dask-dependency", v, tmp_path)[1])
-            for v in rdd
-            if v in bound
-        ]
-        found[str(version)] = (python, tuple(sorted(set(pins), key=Version)))
+        dasks = {pinned[v] for v in wanted if v in bounds[version]}
+        found[str(version)] = (python, tuple(sorted(dasks, key=Version)))
     assert found == RELEASES, f"update RELEASES in dask_amlcompute/backend/daskcuda.py to {found}"

@@ -1,0 +1,91 @@
+"""The watch's poll of a cluster's AML jobs, against a stand-in for the operations object."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from dask_amlcompute._protocol import cluster_key_tag
+from dask_amlcompute.backend.ops import JobInfo
+from dask_amlcompute.backend.state import ClusterPlan, ClusterState, Lifecycle
+from dask_amlcompute.backend.watch import poll_jobs
+
+
+class FakeOps:
+    """Answers the job list with ``listed`` and ``GET /jobs/{name}`` with ``jobs``."""
+
+    def __init__(self, listed: dict[str, str], jobs: dict[str, str]) -> None:
+        self.listed, self.jobs = listed, jobs
+        self.calls: list[str] = []
+
+    async def list_job_infos(self, tag: str) -> dict[str, JobInfo]:
+        self.calls.append(f"list {tag}")
+        return {n: JobInfo(n, s) for n, s in self.listed.items()}
+
+    async def get_job(self, name: str) -> JobInfo:
+        self.calls.append(f"get {name}")
+        return JobInfo(name, self.jobs[name])
+
+
+def context(ops: FakeOps) -> Any:
+    state = ClusterState(name="c", plan=ClusterPlan("create", None), lifecycle=Lifecycle.RUNNING)
+    return SimpleNamespace(
+        settings=SimpleNamespace(name="c"), ops=ops, state=state, log=lambda _: None
+    )
+
+
+def test_poll_lists_once_and_gets_only_jobs_missing_from_the_list():
+    ops = FakeOps(
+        listed={"c-main": "Running", "c-w0": "Running", "c-w1": "Failed", "other": "Running"},
+        jobs={"c-w2": "Canceled"},  # e.g. archived
+    )
+    ctx = context(ops)
+    ended: list[tuple[str, str]] = []
+
+    async def on_end(info: JobInfo) -> None:
+        ended.append((info.name, info.status))
+
+    for name in ("c-main", "c-w0", "c-w1", "c-w2"):
+        ctx.state.watched[name] = on_end
+    asyncio.run(poll_jobs(ctx))
+    assert ops.calls == [f"list {cluster_key_tag('c')}", "get c-w2"]
+    assert sorted(ended) == [("c-w1", "Failed"), ("c-w2", "Canceled")]
+    assert set(ctx.state.watched) == {"c-main", "c-w0"}  # ended jobs are no longer watched
+    assert ctx.state.jobs == {"c-main": "Running", "c-w0": "Running", "c-w1": "Failed",
+                              "c-w2": "Canceled"}  # fmt: skip
+
+
+def test_poll_reports_the_main_job_from_finalizing_and_nothing_while_closing():
+    ops = FakeOps(listed={"c-main": "Finalizing", "c-w0": "Failed"}, jobs={})
+    ctx = context(ops)
+    ended: list[str] = []
+
+    async def on_end(info: JobInfo) -> None:
+        ended.append(info.name)
+
+    ctx.state.watched.update({"c-main": on_end})
+    asyncio.run(poll_jobs(ctx))
+    assert ended == ["c-main"]
+    ctx.state.lifecycle = Lifecycle.CLOSING
+    ctx.state.watched.update({"c-w0": on_end})
+    asyncio.run(poll_jobs(ctx))
+    assert ended == ["c-main"] and not ctx.state.watched
+    ctx.state.watched.clear()
+    asyncio.run(poll_jobs(ctx))  # nothing watched: no request
+    assert ops.calls == [f"list {cluster_key_tag('c')}"] * 2
+
+
+def test_a_status_gone_back_in_the_list_only_is_confirmed_with_one_get():
+    from dask_amlcompute.backend.jobs import MainJob
+
+    ops = FakeOps(listed={"c-main": "Preparing"}, jobs={"c-main": "Running"})  # the list lags
+    ctx = context(ops)
+    ctx.state.jobs["c-main"] = "Running"
+    ctx.state.watched["c-main"] = lambda info: None
+    main = MainJob.__new__(MainJob)  # only what _main_update reads
+    main.context, main.job_name = ctx, "c-main"
+    ctx.state.on_main_update = main._main_update
+    asyncio.run(poll_jobs(ctx))
+    assert ops.calls == [f"list {cluster_key_tag('c')}", "get c-main"]
+    assert ctx.state.lost_reason is None and ctx.state.jobs["c-main"] == "Running"

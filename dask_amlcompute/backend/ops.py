@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
@@ -430,26 +429,8 @@ class AmlOps:
         ]
 
     async def submit(self, job: Any) -> JobInfo:
-        """Create the job; returns its first snapshot (at most MAX_CONCURRENT_WRITES at once).
-
-        A local code folder and an inline environment are registered first, at once (the
-        SDK would register them one after the other), and the job names what AML registered.
-        """
-        from azure.ai.ml.entities import Code, Environment
-
-        async def register(create: Callable[[Any], Any], entity: Any) -> str:
-            return str((await self._call(create, entity)).id)
-
-        assets = {}
-        if isinstance(job.code, str) and os.path.isdir(job.code):
-            assets["code"] = register(self.ml_client.code.create_or_update, Code(path=job.code))
-        if isinstance(job.environment, Environment) and not job.environment.id:
-            assets["environment"] = register(
-                self.ml_client.environments.create_or_update, job.environment
-            )
+        """Create the job; returns its first snapshot (at most MAX_CONCURRENT_WRITES at once)."""
         try:
-            for key, arm_id in zip(assets, await asyncio.gather(*assets.values()), strict=True):
-                setattr(job, key, arm_id)
             async with self._writes:
                 created = await self._call(self.ml_client.jobs.create_or_update, job)
         except ControlPlaneError as exc:

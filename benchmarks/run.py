@@ -38,6 +38,7 @@ SUITES = (
     "jobssh",
     "scaling",
     "scale",
+    "roundtrips",
 )
 #: Suites run only when named with ``--only`` (extra dependencies, research questions).
 OPT_IN = ("forwarders",)

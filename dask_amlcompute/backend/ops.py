@@ -150,19 +150,16 @@ class AmlOps:
     def __init__(self, ml_client: Any, tracking_uri: str | None = None) -> None:
         self.ml_client = ml_client
         self._tracking_uri = tracking_uri
-        self._sizes: list[Any] | None = None
+        self._fetched: dict[str, asyncio.Task] = {}
         self._warned: set[str] = set()
         self._writes = asyncio.Semaphore(MAX_CONCURRENT_WRITES)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one SDK call in a worker thread, retried while it fails transiently.
 
-        The ``MLClient``'s azure-core retries come first (connection errors, 408/429/5xx,
-        honouring ``Retry-After``); what still fails transiently is attempted again here,
-        after AML's ``Retry-After`` or a back-off, for at most :data:`RETRY_WINDOW`
-        seconds, so a user's client with azure-core's default of 3 status retries
-        survives the same bursts as any other. Then it is a :class:`ControlPlaneError`.
-        ``fn`` must be safe to repeat (reads, PUTs of the same body, cancels).
+        After the ``MLClient``'s own azure-core retries, a transient failure is tried
+        again (AML's ``Retry-After`` or a back-off) for :data:`RETRY_WINDOW` seconds, then
+        is a :class:`ControlPlaneError`. ``fn`` must be safe to repeat.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RETRY_WINDOW
@@ -284,19 +281,35 @@ class AmlOps:
         poller = await self._call(self.ml_client.compute.begin_delete, name)
         await self._once(poller.result, timeout)
 
-    async def list_sizes(self) -> list[Any]:
-        """The region's VM sizes (``compute.list_sizes()``; the workspace's location).
+    async def _shared(self, key: str, fetch: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """``fetch()`` once per ``AmlOps`` (again after a failure), shared by concurrent callers."""
+        task = self._fetched.get(key)
+        if task is None or (task.done() and (task.cancelled() or task.exception())):
+            task = self._fetched[key] = asyncio.ensure_future(fetch())
+        return await asyncio.shield(task)  # a caller's timeout does not cancel it
 
-        Read once per ``AmlOps``: the catalogue does not change while a cluster starts,
-        and each SDK call also fetches the workspace for its location.
-        """
-        if self._sizes is None:
-            self._sizes = await self._call(lambda: list(self.ml_client.compute.list_sizes()))
-        return self._sizes
+    async def workspace(self) -> Any:
+        """The workspace (``workspaces.get``, once): its region and MLflow tracking URI."""
+        get = self.ml_client.workspaces.get
+        ws = await self._shared("ws", lambda: self._call(get, self.ml_client.workspace_name))
+        self._tracking_uri = self._tracking_uri or ws.mlflow_tracking_uri
+        return ws
+
+    async def _regional(self, list_fn: Callable[..., Any]) -> list[Any]:
+        where = (await self.workspace()).location  # the SDK would fetch the workspace each time
+        return await self._call(lambda: list(list_fn(location=where)))
+
+    async def list_sizes(self) -> list[Any]:
+        """The region's VM sizes (``compute.list_sizes``), read once per ``AmlOps``."""
+        return await self._shared(
+            "sizes", lambda: self._regional(self.ml_client.compute.list_sizes)
+        )
 
     async def list_usage(self) -> list[Any]:
-        """The region's vCPU usage and limits (``compute.list_usage()``)."""
-        return await self._call(lambda: list(self.ml_client.compute.list_usage()))
+        """The region's vCPU usage and limits (``compute.list_usage``), read once per ``AmlOps``."""
+        return await self._shared(
+            "usage", lambda: self._regional(self.ml_client.compute.list_usage)
+        )
 
     async def _names(self, list_fn: Callable[[], Any]) -> list[str]:
         """Sorted names of what ``list_fn`` lists; empty on error (only for error messages)."""
@@ -314,15 +327,8 @@ class AmlOps:
     async def get_datastore(self, name: str, include_secrets: bool = False) -> Any | None:
         """The workspace's datastore ``name`` (``datastores.get``), None when there is none.
 
-        ``include_secrets`` also fetches its account key, SAS token or service principal
-        secret (``listSecrets``, a separate permission).
-
-        Raises
-        ------
-        AmlComputeError
-            AML refused the request (no permission); the message is AML's.
-        ControlPlaneError
-            AML kept failing transiently (throttling, server errors) for the retry window.
+        ``include_secrets`` also fetches its secret (``listSecrets``, a separate permission).
+        AML's refusal is an :class:`AmlComputeError` with AML's message.
         """
         from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
@@ -343,25 +349,12 @@ class AmlOps:
     listed_environments = 25
 
     async def check_environment(self, reference: str) -> None:
-        """Check that a registered environment exists before a job uses it.
+        """Check that a registered environment (``[azureml:]name:version|@latest``) exists.
 
-        ``name@latest``, ``name:version``, ``azureml:name:version`` and
-        ``azureml:name@latest`` are looked up in the workspace
-        (``environments.get``). Docker images, registry and ARM ids (anything
-        with ``/``) and curated ``AzureML-...`` environments are not.
-
-        Parameters
-        ----------
-        reference
-            The ``environment`` setting.
-
-        Raises
-        ------
-        EnvironmentNotFoundError
-            The environment or that version of it does not exist; the message
-            lists the environments (and the versions of that name) that do.
-        ConfigurationError
-            ``reference`` is not a valid environment reference.
+        Docker images, registry and ARM ids (anything with ``/``) and curated
+        ``AzureML-...`` environments are not looked up. Raises
+        :class:`EnvironmentNotFoundError` listing the environments (and versions) that
+        exist, or :class:`ConfigurationError` for an invalid reference.
         """
         from azure.ai.ml.exceptions import ValidationErrorType, ValidationException
         from azure.core.exceptions import ResourceNotFoundError
@@ -455,24 +448,17 @@ class AmlOps:
         return self._info(await self._call(self.ml_client.jobs.get, name))
 
     async def run_tags(self, name: str) -> dict[str, str]:
-        """Tags of the job's run, read where ``mlflow.set_tag`` writes them.
+        """Tags of the job's run where ``mlflow.set_tag`` writes them (``{}`` if unreadable).
 
-        AML copies run tags into the job resource (:meth:`get_job`); this reads
-        them at the source, for when that copy is late. First through the public
-        route, the workspace's MLflow tracking URI with the mlflow client (on real
-        AML the ``azureml://`` URI needs the ``azureml-mlflow`` plugin); then,
-        as a last resort, through run history with the SDK's private runs
-        operations (the SDK's own pipeline and the cluster's credential). Falling
-        back is logged once at INFO, run history failing once as a warning.
-        Returns ``{}`` when neither answers (the job resource stays the main route).
-
-        The MLflow route is skipped for an ``azureml://`` URI unless the cluster's
-        credential is ``DefaultAzureCredential``: outside a job azureml-mlflow
-        authenticates on its own, with a chain that ends in interactive browser
-        and device-code logins (a prompt in a thread the timeout abandons).
+        For when AML's copy in the job resource is late. Through the workspace's MLflow
+        tracking URI (``azureml://`` needs azureml-mlflow, and is skipped unless the
+        credential is ``DefaultAzureCredential``: azureml-mlflow would otherwise log in
+        interactively), else the SDK's private run history; a fallback is logged once.
         """
         try:
             if "mlflow" not in self._warned:  # a route that failed once is not tried again
+                if self._tracking_uri is None:
+                    await asyncio.wait_for(self.workspace(), 15)
                 return await asyncio.wait_for(self._call(self._mlflow_run_tags, name), 15)
         except Exception as exc:
             hint = (
@@ -503,9 +489,6 @@ class AmlOps:
         """Run tags through the mlflow client and the workspace's tracking URI (blocking)."""
         from mlflow.tracking import MlflowClient
 
-        if self._tracking_uri is None:
-            workspace = self.ml_client.workspaces.get(self.ml_client.workspace_name)
-            self._tracking_uri = workspace.mlflow_tracking_uri
         if str(self._tracking_uri).startswith("azureml:") and not self._default_credential():
             raise LookupError(
                 "azureml-mlflow would log in on its own (interactive outside a job), not with "
@@ -625,20 +608,11 @@ class AmlOps:
         return f"{created.name}:{created.version}"
 
     async def list_jobs(self, *, include_ended: bool = False, tag: str | None = None) -> list[Any]:
-        """The workspace's jobs as the SDK returns them (active ones by default).
+        """The workspace's jobs as the SDK returns them, one request per page.
 
-        ``ActiveOnly``, AML's default view, means "not archived": jobs that have
-        ended are listed too, with their final status. The SDK follows the list's
-        pages (``nextLink``): one request per page.
-
-        Parameters
-        ----------
-        include_ended
-            Also list archived jobs (``ListViewType.ALL``).
-        tag
-            Only jobs that carry this tag key: the REST list's ``tag`` query
-            parameter ("jobs returned will have this tag key"), which
-            ``jobs.list`` passes through to the REST operation.
+        By default AML's ``ActiveOnly`` view ("not archived": ended jobs too, with their
+        final status); ``include_ended`` lists archived ones too. ``tag``: only jobs that
+        carry this tag key (the REST list's ``tag`` parameter).
         """
         from azure.ai.ml.constants import ListViewType
 
@@ -675,14 +649,10 @@ class AmlOps:
 def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion from synchronous code; Ctrl-C cancels it first.
 
-    Without an event loop in this thread (a script, a CLI, a test), the
-    coroutine runs right here with :func:`asyncio.run`: Ctrl-C cancels it, it
-    cleans up (e.g. cancels its AML job), then ``KeyboardInterrupt`` is raised.
-    When this thread already runs an event loop (a Jupyter kernel), that loop
-    cannot run it; the coroutine then runs in a loop of its own on a helper
-    thread while this thread waits, and Ctrl-C (the kernel's interrupt, raised
-    in this thread) cancels it there, waits (bounded) for its cleanup, then
-    raises ``KeyboardInterrupt``.
+    Without an event loop in this thread (a script, a CLI) it runs here with
+    :func:`asyncio.run`; under a running loop (a Jupyter kernel) in a loop of its own
+    on a helper thread. Either way Ctrl-C cancels it, waits (bounded) for its
+    cleanup (e.g. cancelling its AML job), then raises ``KeyboardInterrupt``.
     """
     try:
         asyncio.get_running_loop()

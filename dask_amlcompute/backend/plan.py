@@ -1,15 +1,9 @@
 """The cluster's plan: everything decided once, before anything is submitted.
 
-:func:`draft_plan` fixes what needs no workspace (the environment, the code
-snapshot, the job SSH key); :func:`plan_cluster` then looks up the compute
-(creating it when ``create_compute`` says how), the worker compute, the VM
-size, price and quota, decides GPU workers and refuses a connect path that
-cannot work. The result is a frozen
-:class:`~dask_amlcompute.backend.state.ClusterPlan` the cluster and its jobs
-read (``ClusterState.plan``); what changes while the cluster runs stays in
-:class:`~dask_amlcompute.backend.state.ClusterState`. (``ClusterPlan`` lives
-beside ``ClusterState``: here it would close the import cycle plan -> connect
--> jobwait -> state -> plan.)
+:func:`draft_plan` fixes what needs no workspace (environment, code snapshot, job
+SSH key); :func:`plan_cluster` looks up (or creates) the compute, the worker
+compute, VM size, price and quota, decides GPU workers and refuses a connect path
+that cannot work: a frozen :class:`~dask_amlcompute.backend.state.ClusterPlan`.
 """
 
 from __future__ import annotations
@@ -106,14 +100,22 @@ class _Planner:
         self.plan_ = replace(self.plan_, **changes)
 
     async def plan(self) -> ClusterPlan:
-        settings = self.settings
-        self.update(compute=await self._find_or_create_compute())
-        if settings.worker_compute:
-            self.update(worker_compute=await self._worker_compute())
-        if not self.attach:
-            await self._check_name_is_new()
-        if not self.attach and isinstance(settings.environment, str):
-            await self.ops.check_environment(settings.environment)
+        """The look-ups run at once; the error raised is the first check's in this order."""
+        s, create = self.settings, not self.attach
+        results = await asyncio.gather(
+            self._find_or_create_compute(),
+            self._worker_compute() if s.worker_compute else asyncio.sleep(0),
+            self._check_name_is_new() if create else asyncio.sleep(0),
+            self.ops.check_environment(s.environment)
+            if create and isinstance(s.environment, str)
+            else asyncio.sleep(0),
+            self.ops.list_sizes(),  # read ahead for _check_capacity (its failure shows there)
+            self.ops.list_usage() if create else asyncio.sleep(0),
+            return_exceptions=True,
+        )
+        if error := next((r for r in results[:4] if isinstance(r, BaseException)), None):
+            raise error
+        self.update(compute=results[0], worker_compute=results[1])
         await self._check_capacity()
         self._use_gpus()
         self._check_connect_path()

@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds each job spends in Preparing",
     )
     parser.add_argument(
+        "--request-latency",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds every control-plane and run-history request waits (a round trip to Azure)",
+    )
+    parser.add_argument(
         "--no-build",
         dest="build_environments",
         action="store_false",
@@ -102,6 +109,7 @@ def _make_emulator(args: argparse.Namespace) -> Any:
         "host": args.host,
         "https": args.https,
         "provisioning_delay": args.provisioning_delay,
+        "request_latency": args.request_latency,
         "build_environments": args.build_environments,
         "network": args.network,
     }

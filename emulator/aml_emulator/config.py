@@ -355,6 +355,10 @@ class EmulatorConfig:
     compute_provisioning_delay
         Seconds a compute created or deleted through the API stays ``Creating``
         or ``Deleting`` (the long-running operation's duration).
+    request_latency
+        Seconds every control-plane (ARM, workspace) and run-history (MLflow
+        tracking) request waits before it is served: a round trip to Azure
+        (100-300 ms from a laptop). 0 (default): answered at once.
     """
 
     computes: list[ComputeSpec] = field(default_factory=default_computes)
@@ -373,10 +377,12 @@ class EmulatorConfig:
     vm_sizes: list[VmSizeSpec] = field(default_factory=default_vm_sizes)
     quota: QuotaSpec = field(default_factory=QuotaSpec)
     compute_provisioning_delay: float = 0.5
+    request_latency: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.compute_provisioning_delay >= 0:
-            raise ValueError("compute_provisioning_delay must be a number of seconds >= 0")
+        for name in ("compute_provisioning_delay", "request_latency"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be a number of seconds >= 0")
         sizes = [v.name.lower() for v in self.vm_sizes]
         if len(set(sizes)) != len(sizes):
             raise ValueError(f"duplicate vm sizes: {[v.name for v in self.vm_sizes]}")
@@ -490,6 +496,7 @@ def load_config(path: str | os.PathLike[str]) -> EmulatorConfig:
         job_service_delay: 1.0         # job SSH service: Starting this long (AML: 30-120 s)
         network: loopback              # isolated: a network namespace per compute (root)
         compute_provisioning_delay: 0.5  # compute create/delete operations take this long
+        request_latency: 0.15          # each control-plane / run-history request waits this long
         quota: {dedicated_vcpus: 24, families: {standardNCSv3Family: 0}}
         vm_sizes:                      # replaces the default catalogue
           - {name: Standard_D4s_v3, family: standardDSv3Family, vcpus: 4, memory_gb: 16,

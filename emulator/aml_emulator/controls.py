@@ -10,8 +10,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .config import EmulatorConfig
 from .engine import Engine
-from .handlers import FaultState
+from .handlers import FaultState, ServerContext
 from .nodes import read_log
 from .state import JobRecord, NodeRecord
 
@@ -20,6 +21,8 @@ class EmulatorControls:
     """Mixin: read job/node state and inject faults (needs ``_call`` and ``_faults``)."""
 
     _faults: FaultState
+    _ctx: ServerContext | None
+    config: EmulatorConfig
     #: Runs ``fn(engine)`` on the emulator's loop and returns its result (``Emulator._call``).
     _call: Callable[[Callable[[Engine], Any]], Any]
 
@@ -286,6 +289,48 @@ class EmulatorControls:
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"job {name} still {status} after {timeout:g} s")
             time.sleep(0.05)
+
+    # ------------------------------------------------------------ round trips
+    @property
+    def request_latency(self) -> float:
+        """Seconds each control-plane and run-history request waits (settable while running)."""
+        return self.config.request_latency
+
+    @request_latency.setter
+    def request_latency(self, value: float) -> None:
+        if not value >= 0:
+            raise ValueError("request_latency must be a number of seconds >= 0")
+        self.config.request_latency = float(value)
+        if (ctx := self._ctx) is not None:
+            self._call(lambda e: setattr(ctx, "request_latency", float(value)))
+
+    def request_log(self, clear: bool = False) -> list[dict[str, Any]]:
+        """Return the control-plane and run-history requests served, oldest first.
+
+        Also served as ``GET /emulator/requests``.
+
+        Parameters
+        ----------
+        clear
+            Empty the log after reading it.
+
+        Returns
+        -------
+        list of dict
+            Per request: ``method, path, status, start, end`` (``time.time()``
+            when it arrived and when its answer was sent, latency included).
+        """
+        ctx = self._ctx
+
+        def _read(_: Engine) -> list[dict[str, Any]]:
+            if ctx is None:
+                return []
+            log = list(ctx.request_log)
+            if clear:
+                ctx.request_log.clear()
+            return log
+
+        return self._call(_read)
 
     # ---------------------------------------------------------- fault injection
     def fail_node(self, job_name: str, rank: int) -> None:

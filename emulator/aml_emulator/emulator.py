@@ -135,6 +135,7 @@ class Emulator(EmulatorControls):
         self._server: Any = None
         self._engine: Engine | None = None
         self._faults = FaultState()
+        self._ctx: ServerContext | None = None
         #: (compute, slot) -> (node id of the VM holding it, its host key)
         self._host_keys: dict[tuple[str, int], tuple[str, Any]] = {}
         #: (compute, slot) -> the public port the slot's SSH endpoint got first
@@ -267,7 +268,9 @@ class Emulator(EmulatorControls):
             tracking_uri=self.tracking_uri,
             faults=self._faults,
             datastores={d.name.lower(): d for d in self.config.datastores},
+            request_latency=self.config.request_latency,
         )
+        self._ctx = ctx
         self._server = tornado.httpserver.HTTPServer(
             make_app(ctx), ssl_options=ssl_ctx, xheaders=False
         )

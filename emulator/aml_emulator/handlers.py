@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,25 +42,41 @@ class FaultState:
         return self.status, self.retry_after
 
 
+#: Entries kept in the request log (oldest dropped first).
+REQUEST_LOG_SIZE = 100_000
+
+
 @dataclass
 class ServerContext:
-    """What handlers need: the engine, URLs, the fault state and the datastores."""
+    """What handlers need: the engine, URLs, the fault state and the datastores.
+
+    ``request_latency`` (seconds) delays every control-plane and run-history
+    request before it is served, as a round trip to Azure would (100-300 ms
+    from a laptop); ``request_log`` records those requests as
+    ``{"method", "path", "status", "start", "end"}`` (``time.time()``).
+    """
 
     engine: Engine
     base_url: str
     tracking_uri: str
     faults: FaultState
     datastores: dict[str, Any] = field(default_factory=dict)
+    request_latency: float = 0.0
+    request_log: deque[dict[str, Any]] = field(
+        default_factory=lambda: deque(maxlen=REQUEST_LOG_SIZE)
+    )
 
 
 class BaseHandler(tornado.web.RequestHandler):
     """JSON handler answering ARM-style errors, never a traceback.
 
     Subclasses set ``control_plane = False`` to be exempt from injected faults
-    (node-facing routes: mlflow, logs).
+    (node-facing routes: mlflow, logs); control-plane and ``run_history``
+    (MLflow tracking) routes get the request latency and are logged.
     """
 
     control_plane = True
+    run_history = False
     ctx: ServerContext
 
     def initialize(self, ctx: ServerContext) -> None:
@@ -80,8 +99,15 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("x-ms-request-id", "00000000-0000-0000-0000-emulator0000")
 
-    def prepare(self) -> None:
-        """Apply injected faults and check the workspace coordinates in the path."""
+    @property
+    def round_trip(self) -> bool:
+        """Whether this is a control-plane or run-history request (latency, log)."""
+        return self.control_plane or self.run_history
+
+    async def prepare(self) -> None:
+        """Apply the request latency, injected faults; check the workspace in the path."""
+        if self.round_trip and self.ctx.request_latency > 0:
+            await asyncio.sleep(self.ctx.request_latency)
         if self.control_plane:
             fault = self.ctx.faults.take()
             if fault is not None:
@@ -109,6 +135,20 @@ class BaseHandler(tornado.web.RequestHandler):
                     f"Workspace {got[0]}/{got[1]}/{got[2]} not found; the emulator serves "
                     f"subscription {wanted[0]}, resource group {wanted[1]}, workspace {wanted[2]}.",
                 )
+
+    def on_finish(self) -> None:
+        """Log a control-plane or run-history request (see :class:`ServerContext`)."""
+        if self.round_trip:
+            end = time.time()
+            self.ctx.request_log.append(
+                {
+                    "method": self.request.method,
+                    "path": self.request.path,
+                    "status": self.get_status(),
+                    "start": end - self.request.request_time(),
+                    "end": end,
+                }
+            )
 
     def send_arm_error(self, status: int, code: str, message: str) -> None:
         """Finish the request with an ARM error body.

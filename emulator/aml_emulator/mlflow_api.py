@@ -128,6 +128,7 @@ class MlflowHandler(BaseHandler):
     """Base for MLflow routes: MLflow-style errors, no injected faults."""
 
     control_plane = False
+    run_history = True
     #: The job whose token the request carries (node-facing endpoint only).
     token_job: JobRecord | None = None
 
@@ -145,9 +146,9 @@ class MlflowHandler(BaseHandler):
         super().initialize(ctx)
         self.require_token = require_token
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         """Check the bearer token on the node-facing endpoint (AML answers 401 without one)."""
-        super().prepare()
+        await super().prepare()
         if self._finished or not self.require_token:
             return
         auth = self.request.headers.get("Authorization", "")
@@ -366,7 +367,7 @@ def mlflow_routes(ctx: Any, require_token: bool = False) -> list[tuple[str, type
 class _TrackingNotFound(MlflowHandler):
     """Anything else on the tracking endpoint: MLflow's 404."""
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         """Answer 404 for every method."""
         self.send_mlflow_error(404, "ENDPOINT_NOT_FOUND", f"No such endpoint: {self.request.path}")
 

@@ -500,6 +500,10 @@ class StatusHandler(BaseHandler):
                 "jobs": {
                     j.name: {
                         "status": j.status,
+                        # (time.time(), status) of each change
+                        "status_log": [
+                            (time.time() - time.monotonic() + t, v) for t, v in j.status_log
+                        ],
                         "compute": j.compute,
                         "nodes": [n.as_dict() for n in j.nodes],
                     }
@@ -509,6 +513,18 @@ class StatusHandler(BaseHandler):
                 "requests": dict(getattr(self.application, "requests", {})),
             }
         )
+
+
+class RequestLogHandler(BaseHandler):
+    """``GET /emulator/requests``: the request log (see :class:`ServerContext`); not an AML API."""
+
+    control_plane = False
+
+    def get(self) -> None:
+        """Return the logged requests, oldest first; ``?clear=1`` empties the log."""
+        self.send_json(list(self.ctx.request_log))
+        if self.get_argument("clear", ""):
+            self.ctx.request_log.clear()
 
 
 class EmulatorApplication(tornado.web.Application):
@@ -579,6 +595,7 @@ def make_app(ctx: ServerContext) -> tornado.web.Application:
         (hist + r"/experiments/(?P<experiment>[^/]+)/runs/(?P<run_id>[^/]+)", RunPatchHandler, kw),
         (r"/discovery", DiscoveryHandler, kw),
         (r"/emulator/status", StatusHandler, kw),
+        (r"/emulator/requests", RequestLogHandler, kw),
         (
             r"/emulator/logs/(?P<name>[^/]+)/user_logs/std_log_process_(?P<rank>\d+)\.txt",
             LogHandler,

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "dask_amlcompute"
 LINE_BUDGET = 12159
 #: Longest module. Target: 550, cluster.py 450.
 MODULE_LIMIT = 550
-MODULES_OVER_LIMIT = {"backend/jobs.py": 554, "backend/ops.py": 717}
+MODULES_OVER_LIMIT = {"backend/jobs.py": 554, "backend/ops.py": 690}
 #: Longest function. Target: 80 lines, every one.
 FUNCTION_LIMIT = 80
 FUNCTIONS_OVER_LIMIT = {

@@ -170,19 +170,11 @@ def build_script_job(
     Takes the arguments of :func:`submit_script` (same defaults, same dask
     config keys). With ``code``, ``script_path`` is taken relative to that folder
     and the folder becomes the job's code snapshot; otherwise the script is read
-    and embedded.
-
-    Returns
-    -------
-    azure.ai.ml.entities.Command
-
-    Raises
-    ------
-    ConfigurationError
-        An argument or dask config value is invalid, or the script is too large
-        to embed.
+    and embedded. Returns the ``azure.ai.ml.entities.Command``; raises
+    ``ConfigurationError`` for an invalid argument or config value, or a script too large
+    to embed.
     """
-    from .backend.environment import library_in_snapshot, resolve_environment
+    from .backend.environment import library_in_snapshot, local_packages, resolve_environment
     from .backend.snapshot import stage_snapshot
 
     processes = config.setting("processes-per-node", processes_per_node)
@@ -195,11 +187,13 @@ def build_script_job(
         env.update(_tls_env())
     pip = config.setting("pip-packages", pip_packages)
     library = config.setting("node-package", node_package)
+    stack, user_env = config.setting("stack"), config.setting("environment", environment)
     node_env = resolve_environment(
-        config.setting("environment", environment),
+        user_env,
         pip,
         extra_conda=config.setting("conda-packages", conda_packages),
         node_package=library,
+        stack=stack,
     )
     # not read from dask config: see submit_script
     idle = config.checked("idle-timeout", idle_timeout)
@@ -262,7 +256,10 @@ def build_script_job(
     )
     job.display_name = f"{script_path.name} on {n_nodes} node(s) (dask-amlcompute run)"
     # the same code snapshot as a cluster's: the user's folder (if any) and the library
-    snapshot = stage_snapshot(code, include_library=library_in_snapshot(library, pip))
+    packages = local_packages(stack, pip) if user_env is None else ()
+    snapshot = stage_snapshot(
+        code, include_library=library_in_snapshot(library, pip), packages=packages
+    )
     job.code = str(snapshot) if snapshot else None
     return job
 

@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "dask_amlcompute"
 
 #: Library lines (the emulator is its own distribution). Target: 10,000.
-LINE_BUDGET = 12321
+LINE_BUDGET = 12319
 #: Longest module. Target: 550, cluster.py 450.
 MODULE_LIMIT = 550
 MODULES_OVER_LIMIT = {"backend/jobs.py": 554, "backend/ops.py": 717, "cluster.py": 582}
@@ -26,7 +26,7 @@ FUNCTIONS_OVER_LIMIT = {
     "cluster.py:AmlComputeCluster.__init__": 91,
     "code.py:collect_code": 82,
     "data.py:resolve": 87,
-    "jobmode.py:build_script_job": 124,
+    "jobmode.py:build_script_job": 121,
     "jobmode.py:submit_script": 168,
     "scaling.py:ScalingMixin.scale": 88,
 }

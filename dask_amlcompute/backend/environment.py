@@ -17,9 +17,12 @@ reuses it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import importlib.metadata
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
@@ -59,9 +62,7 @@ LIBRARY = "dask-amlcompute"
 NODE_HELPERS = ("azureml-mlflow", "bokeh>=3.1.0", "isodate", "mlflow-skinny", "strictyaml", "tqdm")
 
 STACK_CHOICES = ("sync", "installed", "imported", "none")
-#: Compiled extension modules: a local distribution with one cannot travel in the snapshot.
-_COMPILED = (".so", ".pyd", ".dylib")
-
+_COMPILED = (".so", ".pyd", ".dylib")  # extension modules: such a local one cannot travel
 _NAME = re.compile(r"^\s*(?:[\w.-]+::)?([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)$")
 
 
@@ -86,14 +87,9 @@ def pinned_packages(stack: str = "sync") -> dict[str, str]:
     """The client's versions of the distributions the nodes get, by ``stack`` (library excluded)."""
     if stack not in STACK_CHOICES:
         raise ConfigurationError(f"stack must be one of {STACK_CHOICES}, not {stack!r}.")
-    import cloudpickle
-    import dask
-    import distributed
-
-    pins = {m.__name__: m.__version__ for m in (dask, distributed, cloudpickle)}
+    pins = {name: importlib.import_module(name).__version__ for name in CORE_PACKAGES}
     if stack == "sync":
-        synced = _synced().items()
-        return {n: d.version for n, d in synced if _direct_url(d) is None} | pins
+        return {n: d.version for n, d in _synced().items() if not _direct_url(d)} | pins
     for name in DATA_STACK:
         version = local_version(name)
         if version and (stack == "installed" or (stack == "imported" and name in sys.modules)):
@@ -109,12 +105,17 @@ def _direct_url(dist: importlib.metadata.Distribution) -> str | None:
 
 def _synced() -> dict[str, importlib.metadata.Distribution]:
     """The distributions ``stack="sync"`` gives the nodes (see :data:`CLIENT_ONLY`), by name."""
+    return _synced_from(
+        tuple((p, os.stat(p).st_mtime_ns if os.path.isdir(p) else 0) for p in sys.path)
+    )
+
+
+@functools.lru_cache(maxsize=4)  # a cluster's start asks 3 times; an install changes the key
+def _synced_from(places: tuple) -> dict[str, importlib.metadata.Distribution]:
     from packaging.requirements import InvalidRequirement, Requirement
 
-    dists: dict[str, importlib.metadata.Distribution] = {}
-    for dist in importlib.metadata.distributions():
-        if dist.metadata["Name"]:
-            dists.setdefault(_canonical(dist.metadata["Name"]), dist)
+    found = reversed(list(importlib.metadata.distributions()))  # the first on sys.path wins
+    dists = {_canonical(d.metadata["Name"]): d for d in found if d.metadata["Name"]}
     users: dict[str, set[str]] = {name: set() for name in dists}
     for name, dist in dists.items():
         for text in dist.requires or ():
@@ -150,12 +151,11 @@ def local_packages(stack: str, pip_packages: Iterable[str] | None = None) -> lis
         compiled += [str(f) for f in dist.files or () if str(f).endswith(_COMPILED)]
         if compiled:
             raise ConfigurationError(
-                f"{name} {dist.version} is installed from {url}, not from the package index, "
-                f"and has compiled extension modules ({compiled[0]}): it cannot travel in the "
-                f"code snapshot as pure-Python packages do. Give the nodes a requirement that "
-                f"installs it (pip_packages=['{name} @ https://.../wheel.whl'], or its name when "
-                "an index has it), use environment= with an image that has it, or "
-                "stack='installed' (only dask and the data stack follow the client)."
+                f"{name} {dist.version} is installed from {url}, not from a package index, and "
+                f"has compiled extension modules ({compiled[0]}): it cannot travel in the code "
+                f"snapshot. Give the nodes a requirement that installs it (pip_packages=['{name} "
+                "@ https://.../x.whl'], or its name if an index has it), an environment= that "
+                "has it, or stack='installed' (only dask and the data stack follow the client)."
             )
         files += found
     return files

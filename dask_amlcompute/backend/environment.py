@@ -98,9 +98,10 @@ def pinned_packages(stack: str = "sync") -> dict[str, str]:
 
 
 def _direct_url(dist: importlib.metadata.Distribution) -> str | None:
-    """Where a distribution was installed from when not from an index (PEP 610), else None."""
-    text = dist.read_text("direct_url.json")
-    return str(json.loads(text).get("url", "?")) if text else None
+    """Where a distribution comes from when not from an index (PEP 610), else None."""
+    text = dist.read_text("direct_url.json")  # PyPI refuses local version labels (PEP 440):
+    local = "a local build (its version has a local label)" if "+" in dist.version else None
+    return str(json.loads(text).get("url", "?")) if text else local
 
 
 def _synced() -> dict[str, importlib.metadata.Distribution]:
@@ -135,10 +136,7 @@ def _synced_from(places: tuple) -> dict[str, importlib.metadata.Distribution]:
 
 
 def local_packages(stack: str, pip_packages: Iterable[str] | None = None) -> list[SnapshotFile]:
-    """The files of the synced distributions no index has (``"sync"``), for the code snapshot.
-
-    Not those ``pip_packages`` name. A compiled one is a ``ConfigurationError``.
-    """
+    """Files of the synced distributions no index has, not named by ``pip_packages``."""
     if stack != "sync":
         return []
     named = _named(pip_packages) | set(CORE_PACKAGES)

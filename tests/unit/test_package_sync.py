@@ -103,8 +103,14 @@ def test_a_local_compiled_distribution_is_refused_with_the_ways_out(site, tmp_pa
     assert "sync-compiled 0.1" in message and "_ext.cpython" in message
     for way_out in ("pip_packages=", "environment=", "stack='installed'"):
         assert way_out in message
+    # a local version label (PEP 440: no public index takes one) is a local build too
+    fake_distribution(site, "sync-wheel", "2.0+cpu", files={"sync_wheel/_c.so": ""})
+    with pytest.raises(ConfigurationError, match=r"sync-wheel 2\.0\+cpu is installed from a local"):
+        build_spec(extra_pip=["sync-compiled @ https://example.org/w.whl"])
+    assert "sync-wheel" not in pinned_packages("sync")
     # a requirement that installs it is the way out; so is a lighter stack
-    assert build_spec(extra_pip=["sync-compiled @ https://example.org/w.whl"])
+    extra_pip = ["sync-compiled @ https://example.org/w.whl", "sync-wheel==2.0"]
+    assert "sync-wheel==2.0" in build_spec(extra_pip=extra_pip).pip
     assert build_spec(stack="installed")
 
 

@@ -6,7 +6,9 @@ while the emulator builds the isolated virtualenv from the package index
 (first start); then the same cluster again with the build cached (cached
 start). Baseline, same run: the cached start. Measured twice: with the
 installer's download cache warm (what a second project on the same machine
-sees) and cold (a fresh ``UV_CACHE_DIR``: every wheel is downloaded).
+sees) and cold (a fresh ``UV_CACHE_DIR``: every wheel is downloaded), for the
+default ``stack="sync"`` (every package of this client, issue 27) and for
+``stack="installed"`` (dask and the data stack only, the default before).
 
 On real AML the first build of an environment is a Docker image build, 5-20
 minutes; these figures are the emulator's, not AML's.
@@ -14,7 +16,9 @@ minutes; these figures are the emulator's, not AML's.
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 from common import (
     EmulatorProcess,
@@ -31,11 +35,11 @@ from distributed import Client
 COMPUTE = "bench-cpu"
 
 
-def cluster_start(emu: EmulatorProcess, ml_client) -> tuple[float, float]:
+def cluster_start(emu: EmulatorProcess, ml_client, stack: str) -> tuple[float, float]:
     """Seconds to a client with the cluster's workers, and seconds spent in Preparing."""
     start = time.perf_counter()
     with (
-        aml_cluster(emu, ml_client, **cluster_kwargs(COMPUTE, n_nodes=2)) as cluster,
+        aml_cluster(emu, ml_client, **cluster_kwargs(COMPUTE, n_nodes=2, stack=stack)) as cluster,
         Client(cluster, timeout=60) as client,
     ):
         client.wait_for_workers(2, timeout=60)
@@ -45,10 +49,23 @@ def cluster_start(emu: EmulatorProcess, ml_client) -> tuple[float, float]:
     return elapsed, preparing
 
 
-def measure(opts: Options, cold_downloads: bool, reps: int) -> tuple[float, float, list[float]]:
-    """First start (build), its Preparing time, and cached starts, on a fresh environment cache."""
-    cache = opts.workdir / f"envs-{'cold' if cold_downloads else 'warm'}"
-    env = {"UV_CACHE_DIR": str(opts.workdir / "uv-cache-cold")} if cold_downloads else None
+def build_facts(cache: Path) -> str:
+    """Requirements and packages resolved of the environment built in ``cache`` (the uv log)."""
+    for log in cache.glob("*/build.log"):
+        reqs = len((log.parent / "requirements.txt").read_text().split())
+        resolved = re.search(r"Resolved (\d+) packages", log.read_text())
+        return f"{reqs} requirements, {resolved.group(1) if resolved else '?'} packages resolved"
+    return "no build found"
+
+
+def measure(
+    opts: Options, stack: str, cold_downloads: bool, reps: int
+) -> tuple[float, float, list[float], str]:
+    """First start (build), its Preparing time, cached starts and the build's size, on a fresh
+    environment cache."""
+    cache = opts.workdir / f"envs-{stack}-{'cold' if cold_downloads else 'warm'}"
+    uv_cache = opts.workdir / f"uv-cache-cold-{stack}"
+    env = {"UV_CACHE_DIR": str(uv_cache)} if cold_downloads else None
     with EmulatorProcess(
         opts.workdir,
         [{"name": COMPUTE, "max_nodes": 4}],
@@ -57,27 +74,27 @@ def measure(opts: Options, cold_downloads: bool, reps: int) -> tuple[float, floa
     ) as emu:
         ml_client = emu.ml_client()
         ml_client.compute.get(COMPUTE)  # SDK imports and first connection, as in a notebook
-        first, preparing = cluster_start(emu, ml_client)
-        cached = [cluster_start(emu, ml_client)[0] for _ in range(reps)]
-    return first, preparing, cached
+        first, preparing = cluster_start(emu, ml_client, stack)
+        cached = [cluster_start(emu, ml_client, stack)[0] for _ in range(reps)]
+    return first, preparing, cached, build_facts(cache)
 
 
 def run(opts: Options) -> SuiteResult:
     """First start with an environment build vs. cached start, warm and cold downloads."""
     reps = opts.pick(3, 1)
     result = SuiteResult()
-    for cold in (False, True):
-        first, preparing, cached = measure(opts, cold, reps)
+    for stack, cold in (("installed", False), ("installed", True), ("sync", False), ("sync", True)):
+        first, preparing, cached, facts = measure(opts, stack, cold, reps)
         what = "cold download cache (every wheel fetched)" if cold else "warm download cache"
         result.rows.append(
             Row(
                 "envbuild",
-                f"first start of a new default environment, {what}, / cached start",
+                f"first start of a new stack={stack} environment, {what}, / cached start",
                 first / median(cached),
                 "x",
                 detail=(
                     f"first start {first:.1f}s of which {preparing:.1f}s Preparing (the build); "
-                    f"cached start {fmt_s(cached)}; n_nodes=2"
+                    f"cached start {fmt_s(cached)}; {facts}; n_nodes=2"
                 ),
             )
         )

@@ -122,6 +122,8 @@ class ClusterSettings:
     pip_packages: list[str] = field(default_factory=list)
     conda_packages: list[str] = field(default_factory=list)
     node_package: str | None = None
+    #: What the default environment takes from the client (``backend.environment.STACK_CHOICES``).
+    stack: str = "sync"
     version_check: str = "raise"
     quiet: bool = False
     prepare_timeout: float = 3600.0

@@ -186,7 +186,7 @@ def build_script_job(
         An argument or dask config value is invalid, or the script is too large
         to embed.
     """
-    from .backend.environment import environment_from_settings, library_in_snapshot
+    from .backend.environment import environment_from_settings, library_in_snapshot, local_packages
     from .backend.snapshot import stage_snapshot
 
     # not read from dask config: see submit_script
@@ -204,8 +204,9 @@ def build_script_job(
         first_contact_timeout=wait_for_workers + no_client if no_client else None,
     )  # fmt: skip
     # the same code snapshot as a cluster's: the user's folder (if any) and the library
+    packages = local_packages(s.stack, s.pip_packages) if s.environment is None else ()
     snapshot = stage_snapshot(
-        code, include_library=library_in_snapshot(s.node_package, s.pip_packages)
+        code, include_library=library_in_snapshot(s.node_package, s.pip_packages), packages=packages
     )
     job = build_job(
         s, name=s.name, n_nodes=s.n_nodes, node=node, environment=environment_from_settings(s),

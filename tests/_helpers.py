@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import dask
 import pytest
 from _emu_helpers import wait_for  # the emulator's tests' helper, shared
 
-__all__ = ["FAST_CLUSTER", "env_in_dask_config", "make_tree", "wait_for"]
+__all__ = ["FAST_CLUSTER", "env_in_dask_config", "fake_distribution", "make_tree", "wait_for"]
 
 #: Cluster arguments that make a cluster start fast and fail fast on the emulator.
 FAST_CLUSTER: dict[str, Any] = {
@@ -25,6 +26,9 @@ FAST_CLUSTER: dict[str, Any] = {
     "startup_timeout": "90s",
     "death_timeout": "60s",
     "quiet": True,
+    # the lighter environment of before the sync default (built once, small): tests of package
+    # sync (tests/emulated/test_package_sync.py) ask for stack="sync"
+    "stack": "installed",
 }
 
 
@@ -77,3 +81,30 @@ def http_proxy(workdir: Path) -> Iterator[tuple[str, Path]]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
+
+
+def fake_distribution(
+    site: Path,
+    name: str,
+    version: str,
+    *,
+    requires: tuple[str, ...] = (),
+    files: dict[str, str] | None = None,
+    direct_url: str | None = None,
+) -> Path:
+    """Install a distribution the way pip leaves it: ``files`` (path -> text) in ``site``, and a
+    ``.dist-info`` with METADATA, RECORD and, for a non-index install, PEP 610 ``direct_url.json``
+    (``direct_url``: the project folder; editable)."""
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    meta = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    (info / "METADATA").write_text("\n".join([*meta, *(f"Requires-Dist: {r}" for r in requires)]))
+    for rel, text in (files or {}).items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text)
+    if direct_url:
+        url = {"url": Path(direct_url).as_uri(), "dir_info": {"editable": True}}
+        (info / "direct_url.json").write_text(json.dumps(url))
+    record = [*(files or {}), f"{info.name}/METADATA", f"{info.name}/RECORD"]
+    (info / "RECORD").write_text("".join(f"{r},,\n" for r in record))
+    return info

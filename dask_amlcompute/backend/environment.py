@@ -1,77 +1,68 @@
 """The node environment: what the AML job's nodes run on.
 
-The default environment pins the packages that must match between the client
-and the nodes to the client's own versions, so a version mismatch cannot
-happen by accident:
+The default, ``stack="sync"``, follows the client (see ``docs/environment.md``): every installed
+distribution is pinned to the client's version (``pip ==``), except the client-only tools of
+:data:`CLIENT_ONLY` and what only they require. A distribution with a PEP 610
+``direct_url.json`` (editable, local path, VCS or URL install) is not on the package index: pure
+Python, it travels in the jobs' code snapshot (:mod:`~dask_amlcompute.backend.snapshot`), as the
+library itself does; compiled, it is refused before anything is submitted. ``"installed"`` and
+``"imported"`` pin only ``dask``, ``distributed``, ``cloudpickle`` and the :data:`DATA_STACK`
+installed or imported; ``"none"`` the first three. The Python major.minor is always pinned, and
+:data:`NODE_HELPERS` are added unpinned unless pinned already.
 
-* Python major.minor (conda ``python=X.Y``);
-* ``dask``, ``distributed``, ``cloudpickle`` (pip ``==``);
-* the data stack the client has installed (``numpy``, ``pandas``,
-  ``pyarrow``, and ``adlfs`` for datastores): ``dask.dataframe`` work and
-  datastore reads need them on the nodes even when the client imports them
-  only after the cluster starts;
-
-plus, unpinned, what the node side needs besides them: the mlflow pieces that
-publish the scheduler's address (``mlflow-skinny``, ``azureml-mlflow``), the
-dashboard (``bokeh``), the library's own small dependencies (``isodate``,
-``tqdm``) and ``strictyaml`` (see :data:`NODE_HELPERS`). Every requirement is on the public package index: AML builds the
-image from it, and one requirement no index has fails the build and the job.
-
-dask-amlcompute itself is NOT a requirement (no index has it): it reaches the
-nodes in the jobs' code snapshot (:mod:`~dask_amlcompute.backend.snapshot`).
-``node_package=`` (setting ``node-package``) is the explicit override: a pip
-requirement the nodes can install (a wheel URL, ``git+https://...``); the
-snapshot then leaves the library out.
-
-It is an *inline* AML environment (base image + conda file). The SDK registers
-inline environments anonymously, named by a hash of their content
-(``CliV2AnonymousEnvironment:<hash>``), so AML builds each distinct spec once
-and reuses it; :attr:`NodeEnvironmentSpec.aml_version` is that hash.
-``dask-amlcompute env build`` registers the same spec under a name of its own.
-See ``docs/environment.md``.
+It is an *inline* AML environment (base image + conda file), named by the SDK after a hash of
+its content (``CliV2AnonymousEnvironment:<hash>``), so AML builds each distinct spec once and
+reuses it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import importlib.metadata
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from ..exceptions import ConfigurationError
 from .daskcuda import CUDA_IMAGE, dask_cuda_requirement
+from .snapshot import SnapshotFile, distribution_files
 
 DEFAULT_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
 
 #: Pinned to the client's versions, always; a conflicting user pin is an error.
 CORE_PACKAGES = ("dask", "distributed", "cloudpickle")
-#: Pinned to the client's versions when installed (``stack="imported"``: only when imported).
+#: Pinned by ``stack="installed"`` when installed (``"imported"``: when imported too).
 DATA_STACK = ("numpy", "pandas", "pyarrow", "adlfs")
+#: Client-only tools, never run on a worker: ``stack="sync"`` leaves them out, and what
+#: only they require (notebooks and kernels, linters, type checkers, tests, build tools,
+#: the AML SDK and its emulator). Names starting with :data:`CLIENT_ONLY_PREFIXES` too.
+CLIENT_ONLY = frozenset(
+    """aml-emulator azure-ai-ml black build coverage debugpy flake8 ipykernel ipython
+    ipywidgets isort jupyter jupyter-client jupyter-core jupyter-server jupyterlab
+    jupyterlab-widgets mypy nbclient nbconvert nbformat notebook nox pip pre-commit pylint
+    pyright pytest ruff setuptools tox twine uv wheel widgetsnbextension""".split()  # noqa: SIM905
+)
+CLIENT_ONLY_PREFIXES = ("pytest-", "types-", "sphinx")
 #: The library itself (never a requirement unless ``node_package`` names it).
 LIBRARY = "dask-amlcompute"
-#: Installed on the nodes without a pin: run tags (mlflow), the dashboard (bokeh), the
-#: library's own dependencies that its node side imports (isodate, tqdm), and strictyaml:
-#: azure-ai-ml imports it on the client, where it registers ``warnings`` filters naming its
-#: own warning classes, and scikit-learn ships the client's ``warnings.filters`` with every
-#: joblib task (``sklearn.utils.parallel``); nodes without strictyaml cannot unpickle those
-#: tasks (found on the strict emulator: GridSearchCV with the dask backend hung).
-NODE_HELPERS = (
-    "azureml-mlflow",
-    "bokeh>=3.1.0",
-    "isodate",
-    "mlflow-skinny",
-    "strictyaml",
-    "tqdm",
-)
+#: Installed on the nodes without a pin: run tags (mlflow), the dashboard (bokeh), the library's
+#: own dependencies that its node side imports (isodate, tqdm), and strictyaml: azure-ai-ml
+#: imports it on the client, where it registers ``warnings`` filters naming its own warning
+#: classes, and scikit-learn ships the client's ``warnings.filters`` with every joblib task
+#: (``sklearn.utils.parallel``); nodes without strictyaml cannot unpickle those tasks (found on
+#: the strict emulator: GridSearchCV with the dask backend hung).
+NODE_HELPERS = ("azureml-mlflow", "bokeh>=3.1.0", "isodate", "mlflow-skinny", "strictyaml", "tqdm")
 
-STACK_CHOICES = ("imported", "installed", "none")
-
+STACK_CHOICES = ("sync", "installed", "imported", "none")
+_COMPILED = (".so", ".pyd", ".dylib")  # extension modules: such a local one cannot travel
 _NAME = re.compile(r"^\s*(?:[\w.-]+::)?([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)$")
 
 
@@ -92,78 +83,98 @@ def local_version(distribution: str) -> str | None:
         return None
 
 
-def pinned_packages(stack: str = "installed") -> dict[str, str]:
-    """The client's versions of the packages the nodes must match.
-
-    Parameters
-    ----------
-    stack
-        Which of :data:`DATA_STACK` to pin: ``"imported"`` (installed
-        and imported in this process), ``"installed"``, or ``"none"``.
-
-    Returns
-    -------
-    dict
-        Distribution name -> version, the library included.
-    """
+def pinned_packages(stack: str = "sync") -> dict[str, str]:
+    """The client's versions of the distributions the nodes get, by ``stack`` (library excluded)."""
     if stack not in STACK_CHOICES:
         raise ConfigurationError(f"stack must be one of {STACK_CHOICES}, not {stack!r}.")
-    import cloudpickle
-    import dask
-    import distributed
-
-    from .._version import __version__
-
-    pins = {
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
-        "cloudpickle": cloudpickle.__version__,
-    }
+    pins = {name: importlib.import_module(name).__version__ for name in CORE_PACKAGES}
+    if stack == "sync":
+        return {n: d.version for n, d in _synced().items() if not _direct_url(d)} | pins
     for name in DATA_STACK:
-        if stack == "none" or (stack == "imported" and name not in sys.modules):
-            continue
         version = local_version(name)
-        if version:
+        if version and (stack == "installed" or (stack == "imported" and name in sys.modules)):
             pins[name] = version
-    pins[LIBRARY] = __version__
     return pins
 
 
-def library_requirement(node_package: str | None = None) -> str | None:
-    """The pip requirement that installs dask-amlcompute on the nodes, if any.
+def _direct_url(dist: importlib.metadata.Distribution) -> str | None:
+    """Where a distribution comes from when not from an index (PEP 610), else None."""
+    text = dist.read_text("direct_url.json")  # PyPI refuses local version labels (PEP 440):
+    local = "a local build (its version has a local label)" if "+" in dist.version else None
+    return str(json.loads(text).get("url", "?")) if text else local
 
-    Parameters
-    ----------
-    node_package
-        A pip requirement (``"dask-amlcompute @ https://.../x.whl"``, a wheel
-        URL, ``"git+https://...@v0.1.0"``); None (the default): no requirement,
-        the library travels in the code snapshot.
-    """
-    if node_package is None or not str(node_package).strip():
-        return None
-    return str(node_package).strip()
+
+def _synced() -> dict[str, importlib.metadata.Distribution]:
+    """The distributions ``stack="sync"`` gives the nodes (see :data:`CLIENT_ONLY`), by name."""
+    return _synced_from(
+        tuple((p, os.stat(p).st_mtime_ns if os.path.isdir(p) else 0) for p in sys.path)
+    )
+
+
+@functools.lru_cache(maxsize=4)  # a cluster's start asks 3 times; an install changes the key
+def _synced_from(places: tuple) -> dict[str, importlib.metadata.Distribution]:
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    found = reversed(list(importlib.metadata.distributions()))  # the first on sys.path wins
+    dists = {_canonical(d.metadata["Name"]): d for d in found if d.metadata["Name"]}
+    users: dict[str, set[str]] = {name: set() for name in dists}
+    for name, dist in dists.items():
+        for text in dist.requires or ():
+            try:
+                req = Requirement(text)
+            except InvalidRequirement:
+                continue
+            if _canonical(req.name) in users and (
+                req.marker is None or req.marker.evaluate({"extra": ""})
+            ):
+                users[_canonical(req.name)].add(name)
+    kept = {n for n in dists if n not in CLIENT_ONLY and not n.startswith(CLIENT_ONLY_PREFIXES)}
+    kept.add(LIBRARY)  # its requirements are the nodes' too
+    while orphans := {n for n in kept if users.get(n) and not users[n] & kept}:
+        kept -= orphans
+    return {name: dists[name] for name in sorted(kept) if name in dists and name != LIBRARY}
+
+
+def local_packages(stack: str, pip_packages: Iterable[str] | None = None) -> list[SnapshotFile]:
+    """Files of the synced distributions no index has, not named by ``pip_packages``."""
+    if stack != "sync":
+        return []
+    named = _named(pip_packages) | set(CORE_PACKAGES)
+    files: list[SnapshotFile] = []
+    for name, dist in _synced().items():
+        if name in named or (url := _direct_url(dist)) is None:
+            continue
+        found = distribution_files(dist)
+        compiled = [f for f, _ in found if f.endswith(_COMPILED)]
+        compiled += [str(f) for f in dist.files or () if str(f).endswith(_COMPILED)]
+        if compiled:
+            raise ConfigurationError(
+                f"{name} {dist.version} is installed from {url}, not from a package index, and "
+                f"has compiled extension modules ({compiled[0]}): it cannot travel in the code "
+                f"snapshot. Give the nodes a requirement that installs it (pip_packages=['{name} "
+                "@ https://.../x.whl'], or its name if an index has it), an environment= that "
+                "has it, or stack='installed' (only dask and the data stack follow the client)."
+            )
+        files += found
+    return files
 
 
 def library_in_snapshot(node_package: str | None, pip_packages: Iterable[str] | None) -> bool:
-    """Whether the jobs' code snapshot must carry the library (nothing else installs it).
+    """Whether the snapshot must carry the library: neither setting gives its requirement."""
+    return not (node_package or "").strip() and LIBRARY not in _named(pip_packages)
 
-    Parameters
-    ----------
-    node_package, pip_packages
-        The settings of the same names: either can give a requirement that
-        installs dask-amlcompute on the nodes instead.
-    """
+
+def _named(pip_packages: Iterable[str] | None) -> set[str]:
+    """The distributions that requirements name (bare URLs and paths name none)."""
     from packaging.requirements import InvalidRequirement, Requirement
 
-    if library_requirement(node_package):
-        return False
+    names = set()
     for text in _as_list(pip_packages, "pip_packages"):
         try:
-            if _canonical(Requirement(text).name) == LIBRARY:
-                return False
+            names.add(_canonical(Requirement(text).name))
         except InvalidRequirement:
             continue
-    return True
+    return names
 
 
 def _as_list(value: Any, what: str) -> list[str]:
@@ -180,23 +191,10 @@ def _as_list(value: Any, what: str) -> list[str]:
 class NodeEnvironmentSpec:
     """The content of the default node environment.
 
-    Attributes
-    ----------
-    python
-        ``major.minor`` of the nodes' Python (conda ``python=X.Y``).
-    pins
-        Distribution -> version pinned to the client's (library excluded).
-    library
-        pip requirement installing dask-amlcompute (``node_package``), or None
-        when it travels in the code snapshot (the default).
-    pip
-        Everything pip installs, in order: pins, library (if any), helpers, user extras.
-    conda
-        Extra conda packages (after ``python`` and ``pip``).
-    image
-        Base Docker image.
-    overridden
-        Scientific packages whose automatic pin a user requirement replaced.
+    ``python`` is the nodes' ``major.minor``; ``pins`` maps distributions to the
+    client's versions; ``library`` is ``node_package`` (None: the library travels
+    in the code snapshot); ``pip`` is everything pip installs, in order (pins,
+    library, helpers, user extras); ``conda`` the extra conda packages.
     """
 
     python: str
@@ -205,7 +203,6 @@ class NodeEnvironmentSpec:
     pip: tuple[str, ...]
     conda: tuple[str, ...] = ()
     image: str = DEFAULT_IMAGE
-    overridden: tuple[str, ...] = field(default=())
 
     def conda_dict(self) -> dict[str, Any]:
         """The conda environment file, as a dict (what AML's ``conda_file`` takes)."""
@@ -231,15 +228,7 @@ class NodeEnvironmentSpec:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_environment(self, name: str | None = None) -> Any:
-        """The AML ``Environment`` built from this spec.
-
-        Parameters
-        ----------
-        name
-            None: an inline (anonymous) environment, as jobs use it; a name: a
-            named environment whose version is :attr:`content_hash` (what
-            ``dask-amlcompute env build`` registers).
-        """
+        """The AML ``Environment``: inline, or named (version :attr:`content_hash`)."""
         from azure.ai.ml.entities import Environment
 
         return Environment(
@@ -255,11 +244,7 @@ class NodeEnvironmentSpec:
 
     @property
     def aml_version(self) -> str:
-        """The version AML files this environment under (``CliV2AnonymousEnvironment``).
-
-        Computed by azure-ai-ml from image and conda file, exactly as it names
-        the environment when a job uses it.
-        """
+        """The version azure-ai-ml files this environment under (``CliV2AnonymousEnvironment``)."""
         return str(self.to_environment().version)
 
     def dockerfile(self) -> str:
@@ -268,20 +253,13 @@ class NodeEnvironmentSpec:
         pip = " \\\n        ".join(f'"{p}"' for p in self.pip)
         lines = [
             f"# Generated by `dask-amlcompute env --format dockerfile` (spec {self.content_hash})",
-            *(
-                ["# dask-amlcompute itself arrives in each job's code snapshot"]
-                if self.library is None
-                else []
-            ),
+            *["# dask-amlcompute itself arrives in each job's code snapshot"][: not self.library],
             f"FROM {self.image}",
-            *(  # AML's job SSH service needs it; its CPU image has it (see daskcuda.NO_SSH_SERVER)
-                [
-                    "RUN apt-get update && apt-get install -y --no-install-recommends "
-                    "openssh-server \\\n    && rm -rf /var/lib/apt/lists/*"
-                ]
-                if self.image == CUDA_IMAGE
-                else []
-            ),
+            # AML's job SSH service needs it; its CPU image has it (see daskcuda.NO_SSH_SERVER)
+            *[
+                "RUN apt-get update && apt-get install -y --no-install-recommends "
+                "openssh-server \\\n    && rm -rf /var/lib/apt/lists/*"
+            ][: self.image == CUDA_IMAGE],
             "ENV DASK_AMLCOMPUTE_ENV=/opt/dask-amlcompute",
             f'RUN conda create -y -p "$DASK_AMLCOMPUTE_ENV" -c conda-forge --override-channels '
             f"{conda} \\\n    && conda clean -afy",
@@ -294,16 +272,15 @@ class NodeEnvironmentSpec:
 
 def _merge_pip(
     pins: dict[str, str], extras: list[str], library: str | None
-) -> tuple[list[str], str | None, list[str], dict[str, set[str]]]:
+) -> tuple[list[str], str | None, dict[str, set[str]]]:
     """Fold user pip requirements into ``pins`` (updated in place).
 
-    Returns the user requirements still to install, the library requirement,
-    the scientific packages whose pin was replaced, and pip extras of pins.
+    Returns the user requirements still to install, the library requirement
+    and pip extras of pins.
     """
     from packaging.requirements import InvalidRequirement, Requirement
 
     kept: list[str] = []
-    overridden: list[str] = []
     pin_extras: dict[str, set[str]] = {}
     for text in extras:
         try:
@@ -320,16 +297,11 @@ def _merge_pip(
                 )
             library = text
             continue
-        if name not in pins:
-            version = local_version(name) if name in DATA_STACK else None
-            if version and not req.specifier and not req.url:
-                pins[name] = version  # a known package the client has: pin it too
-                pin_extras.setdefault(name, set()).update(req.extras)
-            else:
-                kept.append(text)
-            continue
-        local = pins[name]
-        if not req.url and (not req.specifier or req.specifier.contains(local, prereleases=True)):
+        # an unversioned requirement of a package the client has gets the client's version
+        local = pins.get(name) or (None if req.specifier else local_version(name))
+        ok = local and (not req.specifier or req.specifier.contains(local, prereleases=True))
+        if ok and not req.url:
+            pins[name] = str(local)
             pin_extras.setdefault(name, set()).update(req.extras)  # the pin satisfies it
             continue
         if name in CORE_PACKAGES:
@@ -339,10 +311,9 @@ def _merge_pip(
                 f"Remove it from pip_packages, or install it locally (pip install '{text}') so "
                 "the pin follows."
             )
-        del pins[name]  # documented precedence: a user's scientific pin wins
-        overridden.append(name)
+        pins.pop(name, None)  # documented precedence: a user's pin wins
         kept.append(text)
-    return kept, library, overridden, pin_extras
+    return kept, library, pin_extras
 
 
 def _conda_satisfied(constraint: str, local: str) -> bool:
@@ -391,7 +362,7 @@ def build_spec(
     extra_conda: Iterable[str] | None = None,
     node_package: str | None = None,
     image: str | None = None,
-    stack: str = "installed",
+    stack: str = "sync",
     gpu: bool = False,
 ) -> NodeEnvironmentSpec:
     """The default node environment for this client, with the user's extra packages.
@@ -399,10 +370,9 @@ def build_spec(
     Precedence when a user package names a pinned one: an unversioned or
     compatible requirement keeps the client's pin (extras such as
     ``dask[dataframe]`` are kept); an incompatible one is an error for Python,
-    dask, distributed and cloudpickle, and replaces the automatic pin for
-    numpy/pandas/pyarrow (the version check then warns about the difference).
-    An unversioned numpy/pandas/pyarrow that the client has installed is
-    pinned to the client's version.
+    dask, distributed and cloudpickle, and replaces the pin of any other (the
+    version check then warns about the difference). An unversioned one the
+    client has installed is pinned to the client's version.
 
     Parameters
     ----------
@@ -411,12 +381,12 @@ def build_spec(
     extra_conda
         More conda packages for the nodes (conda-forge).
     node_package
-        pip requirement installing dask-amlcompute (see :func:`library_requirement`);
+        pip requirement installing dask-amlcompute (a wheel URL, ``git+https://...``);
         None: the library travels in the code snapshot instead.
     image
         Base image (default :data:`DEFAULT_IMAGE`).
     stack
-        Which scientific packages to pin: ``"imported"``, ``"installed"`` or ``"none"``.
+        What follows the client: one of :data:`STACK_CHOICES`.
     gpu
         For GPU nodes: the dask-cuda release that runs the client's dask (see
         :func:`~dask_amlcompute.backend.daskcuda.dask_cuda_requirement`), on
@@ -426,23 +396,25 @@ def build_spec(
     ------
     ConfigurationError
         A user package conflicts with a version the nodes must share with the client,
-        or (``gpu``) no dask-cuda release runs the client's dask.
+        (``gpu``) no dask-cuda release runs the client's dask, or (``"sync"``) a
+        local distribution cannot travel (see :func:`local_packages`).
     """
     python = local_python()
     pins = pinned_packages(stack)
-    pins.pop(LIBRARY)
+    local_packages(stack, extra_pip)  # refuses what cannot travel, before anything is built
     extra_pip = _as_list(extra_pip, "pip_packages")
     if gpu:
         extra_pip.append(dask_cuda_requirement(pins["dask"], python))
-    pip_extras, library, overridden, pin_extras = _merge_pip(pins, extra_pip, node_package)
+    pip_extras, library, pin_extras = _merge_pip(pins, extra_pip, node_package)
     conda = _merge_conda(python, pins, _as_list(extra_conda, "conda_packages"))
     named = {_canonical(re.split(r"[\s\[<>=!~;@]", p, maxsplit=1)[0]) for p in pip_extras}
+    named |= set(pins)
     helpers = [h for h in NODE_HELPERS if _canonical(re.split(r"[<>=]", h)[0]) not in named]
     pinned = []
     for name, version in sorted(pins.items()):
         extra = sorted(pin_extras.get(name, ()))
         pinned.append(f"{name}[{','.join(extra)}]=={version}" if extra else f"{name}=={version}")
-    lib = library_requirement(library)
+    lib = (library or "").strip() or None
     pip = tuple(dict.fromkeys([*pinned, *([lib] if lib else []), *helpers, *sorted(pip_extras)]))
     return NodeEnvironmentSpec(
         python=python,
@@ -451,7 +423,6 @@ def build_spec(
         pip=pip,
         conda=tuple(dict.fromkeys(sorted(conda))),
         image=image or (CUDA_IMAGE if gpu else DEFAULT_IMAGE),
-        overridden=tuple(overridden),
     )
 
 
@@ -462,28 +433,14 @@ def resolve_environment(
     extra_conda: Iterable[str] | None = None,
     node_package: str | None = None,
     gpu: bool = False,
+    stack: str = "sync",
 ) -> Any:
     """Turn the user's ``environment=`` into what ``azure.ai.ml.command`` accepts.
 
-    Parameters
-    ----------
-    environment
-        ``None`` for the default pinned environment; an ``Environment`` entity;
-        ``"name@latest"``, ``"name:version"`` or ``"azureml:..."`` for a
-        registered environment; a Docker image reference (contains ``/``).
-        Anything but None is used unchanged.
-    extra_pip, extra_conda, node_package
-        Extra packages and the library's requirement for the default
-        environment (see :func:`build_spec`).
-    gpu
-        The nodes have GPUs: the default environment adds dask-cuda on the CUDA
-        image (see :func:`build_spec`; a user environment is used as it is).
-
-    Raises
-    ------
-    ConfigurationError
-        Extra packages were given with a user environment (add them to that
-        environment instead), or they conflict with the pins.
+    ``None`` gives the default environment (:func:`build_spec` with the other
+    arguments); an ``Environment`` entity, ``"name@latest"``, ``"name:version"``,
+    ``"azureml:..."`` or a Docker image reference (contains ``/``) is used as it
+    is, and extra packages with it are a ``ConfigurationError``.
     """
     from azure.ai.ml.entities import Environment
 
@@ -491,7 +448,11 @@ def resolve_environment(
         # Inline (anonymous) environment: AML names it by a hash of its content,
         # so it is built once per distinct spec and reused afterwards.
         spec = build_spec(
-            extra_pip=extra_pip, extra_conda=extra_conda, node_package=node_package, gpu=gpu
+            extra_pip=extra_pip,
+            extra_conda=extra_conda,
+            node_package=node_package,
+            gpu=gpu,
+            stack=stack,
         )
         return spec.to_environment()
     extras = _as_list(extra_pip, "pip_packages") + _as_list(extra_conda, "conda_packages")
@@ -522,4 +483,5 @@ def environment_from_settings(settings: Any, gpu: bool = False) -> Any:
         extra_conda=settings.conda_packages,
         node_package=settings.node_package,
         gpu=gpu,
+        stack=settings.stack,
     )

@@ -36,7 +36,7 @@ from .capacity import (
     size_from_sdk,
 )
 from .daskcuda import NO_SSH_SERVER
-from .environment import environment_from_settings, library_in_snapshot
+from .environment import environment_from_settings, library_in_snapshot, local_packages
 from .ops import AmlOps, ComputeInfo
 from .snapshot import stage_snapshot
 from .state import ClusterPlan
@@ -58,7 +58,11 @@ def draft_plan(
     jobs' code snapshot; a bad folder or one over the size limit fails here.
     """
     snapshot = stage_snapshot(
-        code, include_library=library_in_snapshot(settings.node_package, settings.pip_packages)
+        code,
+        include_library=library_in_snapshot(settings.node_package, settings.pip_packages),
+        packages=local_packages(settings.stack, settings.pip_packages)
+        if settings.environment is None
+        else (),
     )
     key = None
     if settings.connect in JOB_SERVICE_MODES and (settings.ssh_key or mode == "create"):

@@ -24,6 +24,8 @@ reach) the snapshot carries only the user's code, or there is none.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -47,36 +49,61 @@ _NOT_STAGED = frozenset({".amlignore", ".gitignore"})
 SnapshotFile = tuple[str, "Path | bytes"]
 
 
-def library_metadata() -> SnapshotFile:
-    """A ``.dist-info`` for the snapshot's copy of the library.
+def dist_metadata(name: str, version: str) -> SnapshotFile:
+    """A ``.dist-info`` for a distribution the snapshot carries.
 
-    With it, ``importlib.metadata.version("dask-amlcompute")`` on a node (what
-    distributed's version report reads) finds the library the snapshot
-    carries, as it would an installed one: the snapshot folder is on the
-    nodes' ``sys.path``.
+    ``importlib.metadata.version(name)`` on a node (distributed's version report) then
+    finds it as an installed one: the snapshot folder is on the nodes' ``sys.path``.
     """
-    from .._version import __version__
+    text = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    return (f"{name.replace('-', '_')}-{version}.dist-info/METADATA", text.encode())
 
-    text = f"Metadata-Version: 2.1\nName: dask-amlcompute\nVersion: {__version__}\n"
-    return (f"dask_amlcompute-{__version__}.dist-info/METADATA", text.encode())
+
+def distribution_files(dist: importlib.metadata.Distribution) -> list[SnapshotFile]:
+    """A locally installed distribution's files for the snapshot (``stack="sync"``).
+
+    Its top-level packages and modules (``top_level.txt``, else those of its RECORD and of
+    its ``.pth`` folders: an editable install's source), found where the client imports them.
+    """
+    tops = set((dist.read_text("top_level.txt") or "").split())
+    for file in [] if tops else dist.files or ():
+        if file.suffix == ".pth":
+            folders = Path(str(dist.locate_file(file))).read_text().splitlines()
+            tops |= {p.stem for f in folders if Path(f).is_dir() for p in Path(f).iterdir()
+                     if p.suffix == ".py" or (p / "__init__.py").is_file()}  # fmt: skip
+        elif not file.parts[0].endswith((".dist-info", ".data", "..", "__pycache__")):
+            tops.add(file.parts[0].removesuffix(".py"))
+    found = [dist_metadata(dist.metadata["Name"], dist.version)]
+    for top in sorted(tops - {"setup", "conftest", "tests", "test"}):
+        spec = importlib.util.find_spec(top)
+        for place in (spec and spec.submodule_search_locations) or ():
+            found += _tree(Path(place), top)
+        if spec and not spec.submodule_search_locations and Path(spec.origin or "").is_file():
+            found.append((Path(str(spec.origin)).name, Path(str(spec.origin))))
+    return found
+
+
+def _tree(folder: Path, prefix: str) -> list[SnapshotFile]:
+    """A folder's files (bytecode caches left out) as ``(prefix/relative path, source)``."""
+    found: list[SnapshotFile] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        rel_dir = Path(dirpath).relative_to(folder)
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            if not name.endswith((".pyc", ".pyo")):
+                found.append(((Path(prefix) / rel_dir / name).as_posix(), Path(dirpath, name)))
+    return found
 
 
 def library_files() -> list[SnapshotFile]:
     """The library's files for the snapshot, as ``(path in the snapshot, source)``.
 
     Everything of the installed package (modules and package data) except
-    bytecode caches, and its :func:`library_metadata`.
+    bytecode caches, and its :func:`dist_metadata`.
     """
-    found: list[SnapshotFile] = [library_metadata()]
-    for dirpath, dirnames, filenames in os.walk(LIBRARY_DIR):
-        rel_dir = Path(dirpath).relative_to(LIBRARY_DIR)
-        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
-        for name in sorted(filenames):
-            if name.endswith((".pyc", ".pyo")):
-                continue
-            rel = (Path(LIBRARY_DIR.name) / rel_dir / name).as_posix()
-            found.append((rel, Path(dirpath, name)))
-    return found
+    from .._version import __version__
+
+    return [dist_metadata("dask-amlcompute", __version__), *_tree(LIBRARY_DIR, LIBRARY_DIR.name)]
 
 
 def _user_files(code: str | os.PathLike) -> list[SnapshotFile]:
@@ -120,6 +147,7 @@ def stage_snapshot(
     *,
     include_library: bool = True,
     root: Path | None = None,
+    packages: Iterable[SnapshotFile] = (),
 ) -> Path | None:
     """Stage the folder that becomes the jobs' code snapshot.
 
@@ -133,6 +161,8 @@ def stage_snapshot(
         ``node_package`` installs it).
     root
         Where staged snapshots are kept; default ``<cache>/snapshots``.
+    packages
+        Files of local distributions (``environment.local_packages``).
 
     Returns
     -------
@@ -148,6 +178,7 @@ def stage_snapshot(
     files = _user_files(code) if code is not None else []
     if include_library:
         files += library_files()
+    files += packages
     if not files:
         return None
     files.sort(key=lambda item: item[0])

@@ -36,7 +36,7 @@ def _env(args: argparse.Namespace) -> int:
             extra_conda=[*(config.get("conda-packages") or []), *args.extra_conda],
             node_package=args.node_package or config.get("node-package"),
             image=args.image,
-            stack=args.stack,
+            stack=args.stack or config.setting("stack"),
             gpu=args.gpu,
         )
     except ConfigurationError as exc:
@@ -135,7 +135,7 @@ def _main(argv: list[str]) -> int:
     env.add_argument("--extra-conda", action="append", default=[], metavar="PKG")
     env.add_argument("--node-package", metavar="REQ", help="pip spec of dask-amlcompute")
     env.add_argument("--image", default=None, help="base image (default: AML openmpi image)")
-    env.add_argument("--stack", choices=["installed", "imported", "none"], default="installed")
+    env.add_argument("--stack", choices=["sync", "installed", "imported", "none"])
     env.add_argument(
         "--gpu", action="store_true", help="the GPU sizes' environment (dask-cuda, CUDA image)"
     )

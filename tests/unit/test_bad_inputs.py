@@ -102,6 +102,7 @@ SETTINGS: dict[str, list[Any]] = {
     "pip_packages": ["scikit-learn", ["numpy>>1"], [""], ["a\nb"]],
     "conda_packages": [[1], "gcc", ["x" * 5000]],
     "node_package": ["", 3],
+    "stack": ["everything", None],
     "version_check": ["maybe", True],
     "quiet": ["no", None],
     "create_compute": ["big", {"size": "Standard_D4s_v3", "max_nodes": 0}, {"size": "x!"}],

@@ -48,7 +48,8 @@ def test_generated_spec_pins_the_client_versions():
     # no index has the library: it travels in the code snapshot, never as a requirement
     assert not [p for p in pip if p.startswith("dask-amlcompute")]
     assert spec.library is None
-    assert "mlflow-skinny" in pip and "azureml-mlflow" in pip
+    # the node helpers: pinned when the client has them (sync), else unpinned
+    assert {p.split("==")[0] for p in pip} >= {"mlflow-skinny", "azureml-mlflow"}
     # the installed data stack is pinned by default, imported or not (dataframe work needs it)
     for name in ("numpy", "pandas", "pyarrow"):
         if local_version(name):
@@ -98,6 +99,7 @@ def test_hash_changes_when_the_local_version_changes(monkeypatch):
 
 def test_user_extras_merge_with_the_pins():
     spec = build_spec(
+        stack="installed",
         extra_pip=[
             "scikit-learn>=1.3",
             "dask[dataframe]",
@@ -143,7 +145,10 @@ def test_a_user_scientific_pin_replaces_the_automatic_one():
 
     spec = build_spec(stack="installed", extra_pip=["numpy<1"])
     assert "numpy<1" in spec.pip
-    assert "numpy" in spec.overridden and "numpy" not in spec.pins
+    assert "numpy" not in spec.pins
+    # the same under sync: the user's requirement replaces the synced pin
+    synced = build_spec(extra_pip=["scikit-learn<1"])
+    assert "scikit-learn<1" in synced.pip and "scikit-learn" not in synced.pins
 
 
 def test_node_package_overrides_the_snapshot():
@@ -183,10 +188,11 @@ def test_user_environments_are_unchanged():
 
 
 def test_settings_feed_the_default_environment():
-    s = resolve_settings(compute="c", pip_packages=["scikit-learn"], node_package="git+https://x/y")
+    s = resolve_settings(compute="c", pip_packages=["rich"], node_package="git+https://x/y")
     env = environment_from_settings(s)
     pip = env.conda_file["dependencies"][-1]["pip"]
-    assert "scikit-learn" in pip and "git+https://x/y" in pip
+    assert "rich" in pip and "git+https://x/y" in pip
+    assert s.stack == "sync" and resolve_settings(compute="c", stack="none").stack == "none"
     assert resolve_settings(compute="c").version_check == "raise"
 
 

@@ -38,7 +38,7 @@ _REQUEST_OPTIONS: dict[str, Any] = {
     "read_timeout": 4,
 }
 #: Nothing left to cancel (Finalizing: the job's nodes are being released).
-_ENDED = TERMINAL_STATUSES | {"Finalizing"}
+_ENDED = TERMINAL_STATUSES | {"Finalizing", "CancelRequested"}  # a cancel accepted: done
 
 
 @dataclass

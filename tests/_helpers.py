@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import dask
 import pytest
 from _emu_helpers import wait_for  # the emulator's tests' helper, shared
 
-__all__ = ["FAST_CLUSTER", "env_in_dask_config", "wait_for"]
+__all__ = ["FAST_CLUSTER", "LIBRARY_LINES", "env_in_dask_config", "foreign_lines", "wait_for"]
 
 #: Cluster arguments that make a cluster start fast and fail fast on the emulator.
 FAST_CLUSTER: dict[str, Any] = {
@@ -26,6 +27,29 @@ FAST_CLUSTER: dict[str, Any] = {
     "death_timeout": "60s",
     "quiet": True,
 }
+
+
+#: The cluster's progress lines (``cluster._log``), the only lines of the library's own
+#: that reach a user's screen (each a regular expression for a whole line).
+LIBRARY_LINES = (
+    r"(Submitting|Reconnecting to) AML job \S+.*",
+    r"Studio: \S+",
+    r"AML job \S+: .+",
+    r"Scheduler at \S+ \(client uses \S+\)",
+    r"\S+ is not reachable directly; trying .+",
+    r"(Waiting for|Connected through) the SSH service of AML job .+",
+    r"SSH tunnel via \S+ to \S+",
+    r"Dashboard published on this compute instance: \S+",
+)
+
+
+def foreign_lines(text: str, *allowed: str) -> list[str]:
+    """The lines of ``text`` that are neither a :data:`LIBRARY_LINES` line nor ``allowed``.
+
+    A blank line, a colour code, an SDK progress bar or warning: anything else shows.
+    """
+    patterns = [re.compile(p) for p in (*LIBRARY_LINES, *allowed)]
+    return [line for line in text.splitlines() if not any(p.fullmatch(line) for p in patterns)]
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from distributed.deploy.spec import ProcessInterface
 
 from .._protocol import DASHBOARD_TAG, SCHEDULER_ID_TAG, SCHEDULER_TAG
 from ..exceptions import ClusterLostError, SchedulerUnreachableError, StartupTimeoutError
-from .jobwait import LIKELY_CAUSES, job_error, wait_for_tag
+from .jobwait import LIKELY_CAUSES, job_error, missing_module_hint, wait_for_tag
 from .ops import TERMINAL_STATUSES as TERMINAL
 from .ops import JobInfo
 from .state import ClusterContext, Lifecycle
@@ -159,8 +159,7 @@ class MainJob(ProcessInterface):
         state.on_main_update = self._main_update
         self._watcher = asyncio.create_task(self._watch())
         self._identity = asyncio.create_task(self._check_scheduler())
-        if s.no_client_timeout:
-            self._heartbeat = asyncio.create_task(self._heartbeats(s.no_client_timeout))
+        self._heartbeat = asyncio.create_task(self._heartbeats(s.no_client_timeout or math.inf))
         await super().start()
 
     async def _reached_id(self) -> str | None:
@@ -256,14 +255,16 @@ class MainJob(ProcessInterface):
                 state.jobs[name] = status
 
     async def _heartbeats(self, timeout: float) -> None:
-        """Tell the scheduler this cluster object is alive (see ``NoClientTimeout``)."""
+        """Tell the scheduler this cluster is alive; warn of modules the nodes lack (plugins)."""
         interval = max(0.2, min(timeout / 4, self.context.settings.watch_interval))
         while True:
             try:
                 async with rpc(
                     self.address, timeout=10, connection_args=self.context.connection_args
                 ) as scheduler:
-                    await scheduler.dask_amlcompute_heartbeat()
+                    reply = await scheduler.dask_amlcompute_heartbeat()
+                for module in reply.get("missing_modules", ()) if isinstance(reply, dict) else ():
+                    logger.warning(missing_module_hint(module))
             except Exception as exc:
                 logger.debug("Heartbeat to %s failed: %s", self.address, exc)
             await asyncio.sleep(interval)

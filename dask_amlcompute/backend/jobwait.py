@@ -2,7 +2,8 @@
 
 :func:`wait_for_tag` polls a job (with back-off, bounded) until its scheduler
 publishes a tag; :func:`job_error` turns an ended or stuck job into a typed
-error carrying AML's own message and the tail of the node logs.
+error carrying AML's own message and the tail of the node logs;
+:func:`missing_module_hint` explains a task failing for a module the nodes lack.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "PHASE_MESSAGES",
     "RUN_HISTORY_FALLBACK_AFTER",
     "job_error",
+    "missing_module_hint",
     "wait_for_tag",
 ]
 
@@ -295,3 +297,24 @@ async def _phase_timeout(ctx: ClusterContext, info: JobInfo, spent: float) -> Jo
         "The job was cancelled.",
         StartupTimeoutError,
     )
+
+
+def missing_module_hint(module: str) -> str:
+    """One line: the nodes lack ``module``, the client's distribution of it, the fix."""
+    from importlib.metadata import files, packages_distributions, version
+
+    dists = sorted(set(packages_distributions().get(module.split(".")[0], ())))
+    path = module.replace(".", "/") + "/"  # "azure.ai": of the azure-* ones, azure-ai-ml
+    dists = [d for d in dists if any(str(f).startswith(path) for f in files(d) or ())] or dists
+    found = [f"{d}=={version(d)}" for d in dists]
+    fix = (
+        f"add pip_packages={found!r}, or use stack='installed'"
+        if found
+        else "ship its folder with code="
+    )
+    where = (
+        f"this client has it from {', '.join(found)}"
+        if found
+        else "nor an installed distribution here"
+    )
+    return f"Tasks failed: the cluster's nodes have no module {module!r} ({where}): {fix}."

@@ -22,6 +22,7 @@ from ..exceptions import (
     ControlPlaneError,
     NotAmlComputeError,
 )
+from .sdknotices import without_sdk_output
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -439,7 +440,9 @@ class AmlOps:
         """Create the job; returns its first snapshot (at most MAX_CONCURRENT_WRITES at once)."""
         try:
             async with self._writes:
-                created = await self._call(self.ml_client.jobs.create_or_update, job)
+                # the SDK's code upload writes a progress bar and a colour reset to stderr
+                submit = without_sdk_output(self.ml_client.jobs.create_or_update)
+                created = await self._call(submit, job)
         except ControlPlaneError as exc:
             # The PUT may have landed before the connection broke: never submit twice.
             try:

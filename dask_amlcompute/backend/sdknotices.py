@@ -14,12 +14,26 @@ them; azure-core's network trace (``logging_enable=True``) logs headers and
 bodies (bearer tokens, the job body). :class:`SecretRedactingFilter` masks SAS
 signatures, account keys, bearer/SharedKey authorizations and PEM private keys
 in the records of those loggers (:data:`REDACTED_LOGGERS`).
+
+Uploading a job's code snapshot, the SDK writes a tqdm bar (``Uploading 0ac58...
+(0.47 MBs)``) and, whatever ``MLClient(show_progress=...)`` says, a colour reset
+(``print(Fore.RESET ...)`` in its blob and gen2 storage clients' ``upload``) to
+``sys.stderr``. No parameter of the call turns that off, so
+:func:`without_sdk_output` runs the call with ``sys.stderr`` dropping what the
+calling thread writes (other threads write through) and puts it back after.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: The logger azure-ai-ml's ``@experimental`` decorator writes to.
 EXPERIMENTAL_LOGGER = "azure.ai.ml._utils._experimental"
@@ -97,3 +111,41 @@ def install_log_filters() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in logger.filters):
             logger.addFilter(kind())
+
+
+class _ThreadMutedStream:
+    """``sys.stderr`` while SDK calls run: drops what their threads (``muted``) write."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.muted: set[int] = set()
+
+    def write(self, text: str) -> int:
+        return len(text) if threading.get_ident() in self.muted else self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+_stderr_lock = threading.Lock()
+
+
+def without_sdk_output(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn``, run with what it writes to ``sys.stderr`` from its own thread dropped."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> T:
+        with _stderr_lock:
+            if not isinstance(sys.stderr, _ThreadMutedStream):
+                sys.stderr = _ThreadMutedStream(sys.stderr)
+            proxy = sys.stderr
+            proxy.muted.add(threading.get_ident())
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with _stderr_lock:
+                proxy.muted.discard(threading.get_ident())
+                if not proxy.muted and sys.stderr is proxy:
+                    sys.stderr = proxy.stream
+
+    return call

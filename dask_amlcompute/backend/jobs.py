@@ -4,13 +4,11 @@
   the job (or reconnects to it), waits for the published scheduler address,
   connects, watches all of the cluster's jobs (one job list per
   ``watch_interval``, :mod:`~dask_amlcompute.backend.watch`) and stops it on close.
-- :class:`MainJobWorkers`: the workers the main job runs beside the scheduler,
-  one SpecCluster worker group. It only waits for them to join; they live and
-  die with the main job.
-- :class:`WorkerJob`: an extra worker job added by ``scale``/``adapt``, one
-  worker group. It submits the job (or adopts one found by ``from_name``),
-  has the main job's watch follow it, and on close retires its workers through the scheduler (their
-  data moves first) before cancelling the job so AML releases its nodes.
+- :class:`MainJobWorkers`: the workers the main job runs beside the scheduler, one
+  SpecCluster worker group. It only waits for them to join; they die with the main job.
+- :class:`WorkerJob`: an extra worker job added by ``scale``/``adapt``, one worker group.
+  It submits the job (or adopts one found by ``from_name``), has the main job's watch follow
+  it, and on close retires its workers (their data moves first), then cancels the job.
 """
 
 from __future__ import annotations

@@ -27,9 +27,8 @@ from .sdknotices import without_sdk_output
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Job statuses after which a job will not run again.
-#: NotResponding and Paused are not among them: such jobs still hold their nodes, so a
-#: cluster that closes must still cancel them (AML job status docs).
+#: Job statuses after which a job will not run again. Not NotResponding and Paused: such
+#: jobs still hold their nodes, a closing cluster must cancel them (AML job status docs).
 TERMINAL_STATUSES = frozenset({"Completed", "Failed", "Canceled"})
 
 
@@ -253,11 +252,7 @@ class AmlOps:
     async def create_compute(
         self, name: str, size: str, max_nodes: int, tier: str, idle_seconds: int, timeout: float
     ) -> None:
-        """Create an AmlCompute cluster (min 0 nodes) and wait, bounded, for AML to finish.
-
-        ``compute.begin_create_or_update(AmlCompute(...))``: a long-running
-        operation the SDK polls (``Azure-AsyncOperation``).
-        """
+        """Create an AmlCompute cluster (min 0 nodes); wait, bounded, for the SDK's poller."""
         from azure.ai.ml.entities import AmlCompute
 
         compute = AmlCompute(
@@ -440,8 +435,7 @@ class AmlOps:
         """Create the job; returns its first snapshot (at most MAX_CONCURRENT_WRITES at once)."""
         try:
             async with self._writes:
-                # the SDK's code upload writes a progress bar and a colour reset to stderr
-                submit = without_sdk_output(self.ml_client.jobs.create_or_update)
+                submit = without_sdk_output(self.ml_client.jobs.create_or_update)  # upload bar
                 created = await self._call(submit, job)
         except ControlPlaneError as exc:
             # The PUT may have landed before the connection broke: never submit twice.

@@ -1,26 +1,17 @@
-"""What the SDK logs: no "experimental class" notices, no secrets.
+"""What the SDK prints: no "experimental class" notices, no upload bar, no secrets.
 
-azure-ai-ml logs a warning (through the ``azure.ai.ml._utils._experimental``
-logger, which has no handler, so Python's last-resort handler prints it to
-stderr) the first time each experimental schema or class is used. Loading the
-SDK's job schemas prints six of them (``Class AutoDeleteSettingSchema: This is
-an experimental class, and may change at any time...``) before any result,
-although nothing the library does is experimental. :class:`ExperimentalNoticeFilter`
-drops exactly those records; every other SDK warning still shows.
+azure-ai-ml logs a warning through ``azure.ai.ml._utils._experimental`` (no handler: Python's
+last resort prints it) the first time each experimental schema is used, six of them
+(``Class AutoDeleteSettingSchema: This is an experimental class...``) before any result:
+:class:`ExperimentalNoticeFilter` drops exactly those. At DEBUG, urllib3 logs request lines
+with the snapshot upload's SAS signature (``sig=``), and azure-core's network trace
+(``logging_enable=True``) headers and bodies: :class:`SecretRedactingFilter` masks SAS
+signatures, account keys, authorizations and private keys (:data:`REDACTED_LOGGERS`).
 
-At DEBUG, urllib3 logs every request line with its query string: the SAS
-signature (``sig=``) of the code snapshot's upload URL (write access) among
-them; azure-core's network trace (``logging_enable=True``) logs headers and
-bodies (bearer tokens, the job body). :class:`SecretRedactingFilter` masks SAS
-signatures, account keys, bearer/SharedKey authorizations and PEM private keys
-in the records of those loggers (:data:`REDACTED_LOGGERS`).
-
-Uploading a job's code snapshot, the SDK writes a tqdm bar (``Uploading 0ac58...
-(0.47 MBs)``) and, whatever ``MLClient(show_progress=...)`` says, a colour reset
-(``print(Fore.RESET ...)`` in its blob and gen2 storage clients' ``upload``) to
-``sys.stderr``. No parameter of the call turns that off, so
-:func:`without_sdk_output` runs the call with ``sys.stderr`` dropping what the
-calling thread writes (other threads write through) and puts it back after.
+Uploading a job's code snapshot, the SDK writes a tqdm bar (``Uploading 0ac58... (0.47
+MBs)``) and, whatever ``MLClient(show_progress=...)`` says, a colour reset (``print(Fore.RESET
+...)`` in its blob and gen2 storage clients' ``upload``) to ``sys.stderr``; no parameter of the
+call turns that off. :func:`without_sdk_output` drops what the calling thread writes there.
 """
 
 from __future__ import annotations

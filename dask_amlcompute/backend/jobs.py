@@ -201,10 +201,8 @@ class MainJob(ProcessInterface):
     async def _main_update(self, previous: str | None, info: JobInfo) -> JobInfo:
         """The job watch listed the main job: a status gone back or a new scheduler id is a loss.
 
-        The job list may lag ``GET /jobs/{name}`` (nothing documents that it is as
-        fresh, and AML lets a NotResponding job return to earlier statuses), so what
-        the list suggests is confirmed with one GET and only the GET decides.
-        Returns the snapshot to go on with.
+        The job list may lag ``GET /jobs/{name}`` (and a NotResponding job may return to
+        earlier statuses): one GET confirms and decides. Returns the snapshot to go on with.
         """
         state, ops = self.context.state, self.context.ops
         listed_id = info.tags.get(SCHEDULER_ID_TAG)
@@ -268,12 +266,9 @@ class MainJob(ProcessInterface):
             await asyncio.sleep(interval)
 
     async def _watch(self) -> None:
-        """Watch all of the cluster's jobs, one job list per ``watch_interval``.
+        """Watch the cluster's jobs (:func:`~.watch.poll_jobs`) each ``watch_interval``.
 
-        The main job ending (timeout, node failure) ends the cluster; a worker job
-        ending is reported to its :class:`WorkerJob` (see
-        :func:`~dask_amlcompute.backend.watch.poll_jobs`). Also warns once before
-        the cluster's ``job_timeout`` runs out.
+        Also warns once before the cluster's ``job_timeout`` runs out.
         """
         ctx, state = self.context, self.context.state
         timeout = ctx.settings.job_timeout

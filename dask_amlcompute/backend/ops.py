@@ -157,12 +157,9 @@ class AmlOps:
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one SDK call in a worker thread, retried while it fails transiently.
 
-        The ``MLClient``'s azure-core retries come first (connection errors, 408/429/5xx,
-        honouring ``Retry-After``); what still fails transiently is attempted again here,
-        after AML's ``Retry-After`` or a back-off, for at most :data:`RETRY_WINDOW`
-        seconds, so a user's client with azure-core's default of 3 status retries
-        survives the same bursts as any other. Then it is a :class:`ControlPlaneError`.
-        ``fn`` must be safe to repeat (reads, PUTs of the same body, cancels).
+        After the ``MLClient``'s own azure-core retries, a transient failure is attempted
+        again after ``Retry-After`` or a back-off, for at most :data:`RETRY_WINDOW` seconds,
+        then it is a :class:`ControlPlaneError`. ``fn`` must be safe to repeat.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RETRY_WINDOW
@@ -341,10 +338,8 @@ class AmlOps:
     async def check_environment(self, reference: str) -> None:
         """Check that a registered environment exists before a job uses it.
 
-        ``name@latest``, ``name:version``, ``azureml:name:version`` and
-        ``azureml:name@latest`` are looked up in the workspace
-        (``environments.get``). Docker images, registry and ARM ids (anything
-        with ``/``) and curated ``AzureML-...`` environments are not.
+        ``[azureml:]name@latest`` and ``[azureml:]name:version`` are looked up
+        (``environments.get``); images, registry and ARM ids and curated ``AzureML-...`` are not.
 
         Parameters
         ----------
@@ -454,19 +449,13 @@ class AmlOps:
     async def run_tags(self, name: str) -> dict[str, str]:
         """Tags of the job's run, read where ``mlflow.set_tag`` writes them.
 
-        AML copies run tags into the job resource (:meth:`get_job`); this reads
-        them at the source, for when that copy is late. First through the public
-        route, the workspace's MLflow tracking URI with the mlflow client (on real
-        AML the ``azureml://`` URI needs the ``azureml-mlflow`` plugin); then,
-        as a last resort, through run history with the SDK's private runs
-        operations (the SDK's own pipeline and the cluster's credential). Falling
-        back is logged once at INFO, run history failing once as a warning.
-        Returns ``{}`` when neither answers (the job resource stays the main route).
-
-        The MLflow route is skipped for an ``azureml://`` URI unless the cluster's
-        credential is ``DefaultAzureCredential``: outside a job azureml-mlflow
-        authenticates on its own, with a chain that ends in interactive browser
-        and device-code logins (a prompt in a thread the timeout abandons).
+        AML copies run tags into the job resource (:meth:`get_job`); this reads them at
+        the source, for when that copy is late: first with the mlflow client and the
+        workspace's tracking URI (``azureml://`` needs azureml-mlflow, and is skipped unless
+        the credential is ``DefaultAzureCredential``: azureml-mlflow would log in on its own,
+        interactively), then through run history with the SDK's private runs operations.
+        Falling back is logged once at INFO, run history failing once as a warning.
+        Returns ``{}`` when neither answers.
         """
         try:
             if "mlflow" not in self._warned:  # a route that failed once is not tried again
@@ -621,18 +610,15 @@ class AmlOps:
     async def list_jobs(self, *, include_ended: bool = False, tag: str | None = None) -> list[Any]:
         """The workspace's jobs as the SDK returns them (active ones by default).
 
-        ``ActiveOnly``, AML's default view, means "not archived": jobs that have
-        ended are listed too, with their final status. The SDK follows the list's
-        pages (``nextLink``): one request per page.
+        ``ActiveOnly``, AML's default view, means "not archived": ended jobs are listed too.
+        The SDK follows the list's pages (``nextLink``): one request per page.
 
         Parameters
         ----------
         include_ended
             Also list archived jobs (``ListViewType.ALL``).
         tag
-            Only jobs that carry this tag key: the REST list's ``tag`` query
-            parameter ("jobs returned will have this tag key"), which
-            ``jobs.list`` passes through to the REST operation.
+            Only jobs that carry this tag key (the REST list's ``tag`` query parameter).
         """
         from azure.ai.ml.constants import ListViewType
 
@@ -669,14 +655,10 @@ class AmlOps:
 def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion from synchronous code; Ctrl-C cancels it first.
 
-    Without an event loop in this thread (a script, a CLI, a test), the
-    coroutine runs right here with :func:`asyncio.run`: Ctrl-C cancels it, it
-    cleans up (e.g. cancels its AML job), then ``KeyboardInterrupt`` is raised.
-    When this thread already runs an event loop (a Jupyter kernel), that loop
-    cannot run it; the coroutine then runs in a loop of its own on a helper
-    thread while this thread waits, and Ctrl-C (the kernel's interrupt, raised
-    in this thread) cancels it there, waits (bounded) for its cleanup, then
-    raises ``KeyboardInterrupt``.
+    Without an event loop in this thread (a script, a CLI) it runs here with
+    :func:`asyncio.run`. Under a running loop (a Jupyter kernel) it runs in a loop of its
+    own on a helper thread while this one waits. Either way Ctrl-C cancels it, waits
+    (bounded) for its cleanup (e.g. cancelling its AML job), then raises ``KeyboardInterrupt``.
     """
     try:
         asyncio.get_running_loop()

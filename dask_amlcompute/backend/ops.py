@@ -102,10 +102,8 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-#: The library's control-plane calls are retried for at most this many seconds when they
-#: keep failing transiently, on top of the ``MLClient``'s own azure-core retries (3 status
-#: retries by default): whoever built the client, a burst of throttling (429) or server
-#: errors (5xx) is waited out, honouring ``Retry-After``.
+#: Seconds the library retries a call that keeps failing transiently, after the ``MLClient``'s
+#: own azure-core retries (3 by default): bursts of 429/5xx are waited out (``Retry-After``).
 RETRY_WINDOW = 120.0
 #: Back-off between two attempts without a ``Retry-After``: 0.8 s, 1.6 s, ... at most 30 s.
 RETRY_BACKOFF = (0.8, 30.0)
@@ -129,9 +127,8 @@ def retry_delay(exc: BaseException, attempt: int) -> float:
     return float(min(most, factor * 2 ** (attempt - 1)))
 
 
-#: At most this many job submissions and cancellations in flight at once per cluster: a
-#: scale-up to 40 one-node worker jobs is a bounded burst, not 40 simultaneous PUTs
-#: against the workspace's request throttle.
+#: Job submissions and cancellations in flight at once per cluster: a scale-up to 40 worker
+#: jobs is a bounded burst, not 40 simultaneous PUTs against the workspace's throttle.
 MAX_CONCURRENT_WRITES = 4
 
 
@@ -513,8 +510,7 @@ class AmlOps:
     async def cancel(self, name: str, timeout: float = 60) -> str | None:
         """Cancel a job and wait (bounded) for AML to accept it; ended jobs are left alone.
 
-        Returns the job's status as it now stands (``"Canceled"`` once AML's
-        cancel operation finished), or None when cancelling failed (logged).
+        Returns the job's status now (``"Canceled"`` once cancelled), None on failure (logged).
         """
         try:
             info = await self.get_job(name)
@@ -630,13 +626,7 @@ class AmlOps:
         return [j for j in jobs if j is not None]  # the SDK yields None for unparsable jobs
 
     async def list_job_infos(self, tag: str) -> dict[str, JobInfo]:
-        """Snapshots of the (not archived) jobs that carry tag key ``tag``, by name.
-
-        Parameters
-        ----------
-        tag
-            The tag key (see :meth:`list_jobs`).
-        """
+        """Snapshots of the (not archived) jobs that carry tag key ``tag``, by name."""
         return {j.name: self._info(j) for j in await self.list_jobs(tag=tag)}
 
     async def get_job_entity(self, name: str) -> Any | None:

@@ -37,12 +37,10 @@ SnapshotFile = tuple[str, "Path | bytes"]
 
 
 def library_metadata() -> SnapshotFile:
-    """A ``.dist-info`` for the snapshot's copy of the library.
+    """A ``.dist-info`` for the snapshot's copy of the library (on the nodes' ``sys.path``).
 
-    With it, ``importlib.metadata.version("dask-amlcompute")`` on a node (what
-    distributed's version report reads) finds the library the snapshot
-    carries, as it would an installed one: the snapshot folder is on the
-    nodes' ``sys.path``.
+    With it ``importlib.metadata.version("dask-amlcompute")`` (distributed's version report)
+    finds the library on a node as it would an installed one.
     """
     from .._version import __version__
 
@@ -51,18 +49,12 @@ def library_metadata() -> SnapshotFile:
 
 
 def library_files() -> list[SnapshotFile]:
-    """The library's files for the snapshot, as ``(path in the snapshot, source)``.
-
-    Everything of the installed package (modules and package data) except
-    bytecode caches, and its :func:`library_metadata`.
-    """
+    """The package's files but bytecode, and :func:`library_metadata`: ``(path, source)``."""
     found: list[SnapshotFile] = [library_metadata()]
     for dirpath, dirnames, filenames in os.walk(LIBRARY_DIR):
         rel_dir = Path(dirpath).relative_to(LIBRARY_DIR)
         dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
-        for name in sorted(filenames):
-            if name.endswith((".pyc", ".pyo")):
-                continue
+        for name in sorted(f for f in filenames if not f.endswith((".pyc", ".pyo"))):
             rel = (Path(LIBRARY_DIR.name) / rel_dir / name).as_posix()
             found.append((rel, Path(dirpath, name)))
     return found

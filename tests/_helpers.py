@@ -36,10 +36,16 @@ LIBRARY_LINES = (
     r"Studio: \S+",
     r"AML job \S+: .+",
     r"Scheduler at \S+ \(client uses \S+\)",
+    r"Compute \S+: .+|Compute \S+ exists: .+|(Creat|Delet)(ing|ed) AmlCompute .+",
+    r"(Worker jobs on compute|Serverless:|Quota:|GPU nodes:|GPU size) .+",
+    r"AML releases the nodes of \S+ .+",
+    r"(Submitting|Cancelled) worker job .+|Worker job \S+ .+|Not submitting \S+: .+",
+    r"(Asked for \d+ workers|Scaling to \d+ worker job).+",
     r"\S+ is not reachable directly; trying .+",
     r"(Waiting for|Connected through) the SSH service of AML job .+",
     r"SSH tunnel via \S+ to \S+",
     r"Dashboard published on this compute instance: \S+",
+    r"The cluster reaches its job_timeout .+",
 )
 
 

@@ -42,4 +42,5 @@ def test_demo_prints_results_and_startup_phases_without_sdk_noise():
         assert phase in phases, phases
     # nothing but the library's progress and the demo's lines: no SDK notice ("Class ...Schema:
     # This is an experimental class"), upload bar ("Uploading 0ac58... (0.47 MBs)"), colour reset
-    assert foreign_lines(proc.stdout + proc.stderr, *DEMO_LINES) == []
+    foreign = foreign_lines(proc.stdout + proc.stderr, *DEMO_LINES)
+    assert not foreign, "\n".join(map(repr, foreign))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
@@ -527,21 +528,14 @@ class AmlOps:
     async def list_nodes(self, compute: str) -> list[dict[str, Any]]:
         """Nodes of a compute as plain dicts with camelCase keys."""
         nodes = await self._call(lambda: list(self.ml_client.compute.list_nodes(compute)))
-        keys = [
-            ("node_id", "nodeId"),
-            ("private_ip_address", "privateIpAddress"),
-            ("public_ip_address", "publicIpAddress"),
-            ("port", "port"),
-            ("node_state", "nodeState"),
-            ("run_id", "runId"),
-        ]
-        return [{camel: node_field(n, snake, camel) for snake, camel in keys} for n in nodes]
+        keys = ("nodeId", "privateIpAddress", "publicIpAddress", "port", "nodeState", "runId")
+        snake = {k: re.sub("([A-Z])", r"_\1", k).lower() for k in keys}  # nodeId: node_id
+        return [{k: node_field(n, snake[k], k) for k in keys} for n in nodes]
 
     async def show_services(self, name: str, node_index: int = 0) -> dict[str, Any]:
-        """The job services of one node of a job (``jobs.show_services``), by service name.
+        """The ``ServiceInstance`` of one node of a job by service name (``jobs.show_services``).
 
-        Each value is a ``ServiceInstance`` (``type``, ``status``, ``properties``
-        with ``ProxyEndpoint`` for SSH). Empty when AML lists none (yet, or any more).
+        ``properties["ProxyEndpoint"]`` is SSH's. Empty when AML lists none (yet, or any more).
         """
         found = await self._call(self.ml_client.jobs.show_services, name, node_index)
         return dict(found or {})

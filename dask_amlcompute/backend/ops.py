@@ -78,18 +78,17 @@ def status_text(status: Any) -> str:
     return str(getattr(status, "value", status) or "Unknown")
 
 
-def node_field(node: Any, snake: str, camel: str) -> Any:
-    """Read a field of a ``list_nodes`` entry.
+def node_field(node: Any, camel: str) -> Any:
+    """A field of a ``list_nodes`` entry (``camel``: ``nodeId``, ...).
 
     azure-ai-ml 1.35.x leaves the snake_case attributes None and keeps the
     values under camelCase keys in ``__dict__``; read both.
     """
+    snake = re.sub("([A-Z])", r"_\1", camel).lower()  # nodeId: node_id
     if isinstance(node, dict):
         return node.get(camel, node.get(snake))
     value = getattr(node, snake, None)
-    if value is None:
-        value = getattr(node, "__dict__", {}).get(camel)
-    return value
+    return getattr(node, "__dict__", {}).get(camel) if value is None else value
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -529,8 +528,7 @@ class AmlOps:
         """Nodes of a compute as plain dicts with camelCase keys."""
         nodes = await self._call(lambda: list(self.ml_client.compute.list_nodes(compute)))
         keys = ("nodeId", "privateIpAddress", "publicIpAddress", "port", "nodeState", "runId")
-        snake = {k: re.sub("([A-Z])", r"_\1", k).lower() for k in keys}  # nodeId: node_id
-        return [{k: node_field(n, snake[k], k) for k in keys} for n in nodes]
+        return [{k: node_field(n, k) for k in keys} for n in nodes]
 
     async def show_services(self, name: str, node_index: int = 0) -> dict[str, Any]:
         """The ``ServiceInstance`` of one node of a job by service name (``jobs.show_services``).

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "dask_amlcompute"
 LINE_BUDGET = 12321
 #: Longest module. Target: 550, cluster.py 450.
 MODULE_LIMIT = 550
-MODULES_OVER_LIMIT = {"backend/ops.py": 680, "cluster.py": 582}
+MODULES_OVER_LIMIT = {"backend/ops.py": 678, "cluster.py": 582}
 #: Longest function. Target: 80 lines, every one.
 FUNCTION_LIMIT = 80
 FUNCTIONS_OVER_LIMIT = {

@@ -104,6 +104,8 @@ class NodeOptions:
     idle_timeout: float | None = None
     no_client_timeout: float | None = None
     first_contact_timeout: float | None = None
+    #: The main job's ``job_timeout`` (rank 0 names it when AML stops the job for it).
+    job_timeout: float | None = None
     scheduler_address: str | None = None
     scheduler_options: Mapping[str, Any] = field(default_factory=dict)
     worker_options: Mapping[str, Any] = field(default_factory=dict)
@@ -145,6 +147,8 @@ class NodeOptions:
             argv += ["--no-client-timeout", _number(self.no_client_timeout)]
             if self.first_contact_timeout:
                 argv += ["--first-contact-timeout", _number(self.first_contact_timeout)]
+        if self.job_timeout:
+            argv += ["--job-timeout", _number(self.job_timeout)]
         if self.scheduler_address:
             argv += ["--scheduler-address", self.scheduler_address]
         if self.scheduler_options:
@@ -206,6 +210,7 @@ class NodeOptions:
             idle_timeout=args.idle_timeout,
             no_client_timeout=args.no_client_timeout,
             first_contact_timeout=args.first_contact_timeout,
+            job_timeout=args.job_timeout,
             scheduler_address=args.scheduler_address,
             scheduler_options=args.scheduler_options,
             worker_options=args.worker_options,
@@ -252,6 +257,7 @@ def node_parser(*, script: bool = False, description: str | None = None) -> argp
         default=None,
         help="seconds the scheduler waits for its first client or heartbeat",
     )
+    p.add_argument("--job-timeout", type=float, default=None)
     p.add_argument("--scheduler-options", type=json.loads, default={})
     p.add_argument("--worker-options", type=json.loads, default={})
     p.add_argument(

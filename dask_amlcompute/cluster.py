@@ -21,7 +21,7 @@ from .backend.plan import COMPUTE_TIMEOUT, LOOKUP_TIMEOUT, draft_plan, plan_clus
 from .backend.state import ClusterContext, ClusterState, Lifecycle
 from .backend.workspace import with_cached_compute, workspace_client
 from .config import ClusterSettings, check_arguments, checked, resolve_settings
-from .connect import SchedulerConnector, host_port, reachable
+from .connect import SchedulerConnector, host_port, reachable, temporary_tls
 from .exceptions import AmlComputeError, ConfigurationError, JobError
 from .scaling import ScalingMixin
 
@@ -32,24 +32,6 @@ SECRET_IN_JOB_BODY = (
     "<secret, not shown here: the submitted job body holds it in plain text, "
     "readable by everyone who can read the workspace's jobs>"
 )
-
-
-def _temporary_tls(settings: ClusterSettings) -> tuple[Any, dict[str, str]]:
-    """Temporary TLS credentials when ``security=True``: ``(Security, node env vars)``.
-
-    The certificate and its key reach the nodes as job environment variables:
-    anyone who can read this job's definition in the workspace can read them
-    (see the README's security notes). They exist only for this cluster.
-    """
-    if not settings.security:
-        return None, {}
-    from distributed.security import Security
-
-    from ._protocol import TLS_CERT_ENV, TLS_KEY_ENV
-
-    security = Security.temporary()
-    env = {TLS_CERT_ENV: security.tls_scheduler_cert, TLS_KEY_ENV: security.tls_scheduler_key}
-    return security, env
 
 
 def _check_arguments(loop: Any = None, **flags: Any) -> None:
@@ -175,30 +157,20 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         **kwargs: Any,
     ) -> None:
         settings = resolve_settings(
-            compute=compute,
-            n_nodes=n_nodes,
-            processes_per_node=processes_per_node,
-            threads_per_process=threads_per_process,
-            memory_limit=memory_limit,
-            environment=environment,
-            job_timeout=job_timeout,
-            experiment_name=experiment_name,
-            name=name,
-            tags=tags,
-            env_vars=env_vars,
-            scheduler_options=scheduler_options,
-            worker_options=worker_options,
-            connect=connect,
-            startup_timeout=startup_timeout,
+            compute=compute, n_nodes=n_nodes, processes_per_node=processes_per_node,
+            threads_per_process=threads_per_process, memory_limit=memory_limit,
+            environment=environment, job_timeout=job_timeout, experiment_name=experiment_name,
+            name=name, tags=tags, env_vars=env_vars, scheduler_options=scheduler_options,
+            worker_options=worker_options, connect=connect, startup_timeout=startup_timeout,
             **kwargs,
-        )
-        settings = with_cached_compute(settings)
+        )  # fmt: skip
+        self.settings: ClusterSettings = with_cached_compute(settings)
+        settings = self.settings
         _check_arguments(asynchronous=asynchronous, shutdown_on_close=shutdown_on_close, loop=loop)
         ml_client = workspace_client(ml_client, settings.workspace_config, credential)
-        self.settings: ClusterSettings = settings
         self.ml_client = ml_client
         self._quiet = settings.quiet
-        security, secret_env = _temporary_tls(settings)
+        security, secret_env = temporary_tls(settings)
         # nothing of the workspace yet: plan_cluster completes the plan in _start
         state = ClusterState(
             name=settings.name, plan=draft_plan(settings, code, "attach" if _attach else "create")
@@ -216,23 +188,19 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         self.main_job_name = self._main_key = state.main_job
         # a reconnected object names its worker jobs in a series of its own (never reused)
         self._job_series = uuid.uuid4().hex[:6] if _attach else ""
-        scheduler = {
-            "cls": MainJob,
-            "options": {"context": ctx, "connector": self._connector, "attach": _attach},
-        }
         self._existing_worker_jobs = _existing_worker_jobs  # adopted in _build_worker_specs
         self._main_workers = self._workers_per_job = 0  # set once from the plan in _start
         # jobs this object owns are cancelled however the process ends (close() releases them)
         self._reaper_key = reaper.own(self, ml_client, state.jobs) if shutdown_on_close else None
         try:
             super().__init__(
-                scheduler=scheduler,
-                asynchronous=asynchronous,
-                loop=loop,
-                security=security,
-                name=settings.name,
+                scheduler={
+                    "cls": MainJob,
+                    "options": {"context": ctx, "connector": self._connector, "attach": _attach},
+                },
+                asynchronous=asynchronous, loop=loop, security=security, name=settings.name,
                 shutdown_on_close=shutdown_on_close,
-            )
+            )  # fmt: skip
         except BaseException:
             runner = getattr(self, "_loop_runner", None)
             if runner is not None and not asynchronous:

@@ -24,6 +24,7 @@ every node's working directory, but fixed at job submission, whereas
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import warnings
 from collections.abc import Iterable
@@ -139,6 +140,22 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover
 
 
+def _too_large(
+    root: Path, files: list[tuple[str, int]], max_bytes: int, found: Path | None
+) -> ConfigurationError:
+    """The refusal of code over ``max_bytes``, naming its largest top-level entries."""
+    sizes: collections.Counter[str] = collections.Counter()
+    for rel, size in files:
+        sizes[rel.split("/", 1)[0] + ("/" if "/" in rel else "")] += size
+    listing = ", ".join(f"{name} ({_human(size)})" for name, size in sizes.most_common(5))
+    return ConfigurationError(
+        f"The code in {root} is {_human(sizes.total())} ({len(files)} files), over the "
+        f"{_human(max_bytes)} limit. Largest entries: {listing}. Add data, outputs and "
+        f"environments to {found.name if found else '.amlignore'} (gitignore syntax), move "
+        "large data to a datastore, or raise max_bytes."
+    )
+
+
 def collect_code(
     folder: str | os.PathLike,
     *,
@@ -205,19 +222,7 @@ def collect_code(
         raise ConfigurationError(f"Nothing to ship from {root}: every file is ignored.")
     total = sum(size for _, size in files)
     if max_bytes is not None and total > max_bytes:
-        sizes: dict[str, int] = {}
-        for rel, size in files:
-            top = rel.split("/", 1)[0] + ("/" if "/" in rel else "")
-            sizes[top] = sizes.get(top, 0) + size
-        largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:5]
-        listing = ", ".join(f"{name} ({_human(size)})" for name, size in largest)
-        where = found.name if found else ".amlignore"
-        raise ConfigurationError(
-            f"The code in {root} is {_human(total)} ({len(files)} files), over the "
-            f"{_human(max_bytes)} limit. Largest entries: {listing}. Add data, outputs and "
-            f"environments to {where} (gitignore syntax), move large data to a datastore, "
-            "or raise max_bytes."
-        )
+        raise _too_large(root, files, max_bytes, found)
     return CodeBundle(
         root=root, files=tuple(sorted(r for r, _ in files)), total_bytes=total, ignore_file=found
     )

@@ -30,7 +30,7 @@ import posixpath
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 from .backend.ops import AmlOps, run_blocking
@@ -38,7 +38,6 @@ from .backend.sdknotices import redact
 from .exceptions import AmlComputeError, ControlPlaneError
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 #: Datastore endpoint suffix of the public Azure cloud.
 PUBLIC_SUFFIX = "core.windows.net"
@@ -348,6 +347,32 @@ def _options(
     return StorageOptions(opts)
 
 
+def _credential(ml_client: Any, name: str, identity: bool | None) -> tuple[Any, str, dict]:
+    """The datastore, and the kind and secrets of the credential the nodes use."""
+    store = _get_datastore(ml_client, name, with_secrets=False)
+    kind, _ = _credential_of(store)
+    if identity is True:
+        return store, "identity", {}
+    if kind == "identity":
+        if identity is False:
+            raise DatastoreCredentialsError(
+                f"datastore {name!r} holds no credentials (identity-based access) but "
+                "identity=False was given."
+            )
+        return store, kind, {}
+    store = _get_datastore(ml_client, name, with_secrets=True)
+    kind, secrets = _credential_of(store)
+    missing = [k for k, v in secrets.items() if not v]
+    if kind == "certificate" or missing:
+        what = "certificate" if kind == "certificate" else ", ".join(missing)
+        raise DatastoreCredentialsError(
+            f"datastore {name!r} ({kind.replace('_', ' ')} credentials) has no "
+            f"usable secret for the nodes (missing: {what}). Pass identity=True to use the "
+            "compute's managed identity, or update the datastore's credentials."
+        )
+    return store, kind, secrets
+
+
 def resolve(
     uri: str, ml_client: Any, *, identity: bool | None = None, identity_client_id: str | None = None
 ) -> ResolvedURI:
@@ -397,28 +422,7 @@ def resolve(
     """
     parsed = parse_uri(uri)
     _check_workspace(parsed, ml_client)
-    store = _get_datastore(ml_client, parsed.datastore, with_secrets=False)
-    kind, _ = _credential_of(store)
-    if kind != "identity" and identity is not True:
-        store = _get_datastore(ml_client, parsed.datastore, with_secrets=True)
-        kind, secrets = _credential_of(store)
-        missing = [k for k, v in secrets.items() if not v]
-        if kind == "certificate" or missing:
-            what = "certificate" if kind == "certificate" else ", ".join(missing)
-            raise DatastoreCredentialsError(
-                f"datastore {parsed.datastore!r} ({kind.replace('_', ' ')} credentials) has no "
-                f"usable secret for the nodes (missing: {what}). Pass identity=True to use the "
-                "compute's managed identity, or update the datastore's credentials."
-            )
-    else:
-        secrets = {}
-    if identity is True:
-        kind = "identity"
-    elif identity is False and kind == "identity":
-        raise DatastoreCredentialsError(
-            f"datastore {parsed.datastore!r} holds no credentials (identity-based access) but "
-            "identity=False was given."
-        )
+    store, kind, secrets = _credential(ml_client, parsed.datastore, identity)
     options = _options(store, kind, secrets, identity_client_id)
     container = _attr(store, "container_name", "filesystem")
     if not container:

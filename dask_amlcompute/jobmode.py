@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from . import config
 from ._protocol import (
@@ -45,14 +45,13 @@ from ._protocol import (
     OUTPUT_END,
     SCRIPT_ENV,
     TAG_MODE,
-    TLS_CERT_ENV,
-    TLS_KEY_ENV,
     NodeOptions,
     ScriptOptions,
 )
 from .backend.jobspec import build_job
 from .backend.ops import run_blocking
 from .backend.workspace import workspace_client
+from .connect import temporary_tls
 from .exceptions import (
     ConfigurationError,
     JobCanceledError,
@@ -75,7 +74,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("dask_amlcompute.jobmode")
-T = TypeVar("T")
 
 #: Largest embedded script (after gzip + base64); use ``code=`` beyond it.
 MAX_EMBEDDED_BYTES = 64 * 1024
@@ -133,44 +131,50 @@ def embed_script(source: bytes, name: str = "script") -> str:
     return encoded
 
 
-def _tls_env() -> dict[str, str]:
-    """A temporary certificate and key for the job's TLS (see ``security=``)."""
-    from distributed.security import Security
-
-    security = Security.temporary()
-    return {TLS_CERT_ENV: security.tls_scheduler_cert, TLS_KEY_ENV: security.tls_scheduler_key}
+def _script(
+    script_path: Any, script_args: Any, code: Any, wait_workers: float
+) -> tuple[ScriptOptions, dict[str, str]]:
+    """The script's options, and the variable embedding it (unless ``code`` carries it)."""
+    if not isinstance(script_args, list | tuple) or not all(
+        isinstance(a, str) for a in script_args
+    ):
+        raise ConfigurationError(f"script_args must be a list of strings, got {script_args!r}.")
+    for what, path in (("script_path", script_path), ("code", code)):
+        if path is not None and not isinstance(path, str | os.PathLike):
+            raise ConfigurationError(f"{what} must be a path (str or os.PathLike), got {path!r}.")
+    path = Path(script_path)
+    embedded = {}
+    if code is None:
+        try:
+            embedded[SCRIPT_ENV] = embed_script(path.read_bytes(), str(path))
+        except OSError as exc:
+            raise ConfigurationError(f"Cannot read script_path {path}: {exc}") from None
+    elif path.is_absolute():
+        try:
+            path = path.relative_to(Path(code).resolve())
+        except ValueError:
+            raise ConfigurationError(
+                f"Script {path} is not inside the code folder {code}."
+            ) from None
+    script = None if code is None else path.as_posix()
+    return ScriptOptions(script, path.name, wait_workers, tuple(script_args)), embedded
 
 
 def build_script_job(
     script_path: str | os.PathLike,
     *,
-    name: str,
-    compute: str,
-    n_nodes: int = 1,
-    processes_per_node: int | None = None,
-    threads_per_process: int | None = None,
     script_args: Sequence[str] = (),
-    job_timeout: str | float | None = None,
-    experiment_name: str | None = None,
-    environment: Any = None,
-    pip_packages: Sequence[str] | None = None,
-    conda_packages: Sequence[str] | None = None,
-    node_package: str | None = None,
-    env_vars: Mapping[str, str] | None = None,
     code: str | os.PathLike | None = None,
-    distribution: str | None = None,
-    security: bool | None = None,
-    idle_timeout: str | float | None = None,
-    no_client_timeout: str | float | None = None,
     wait_workers: str | float = "5m",
-    death_timeout: str | float = "5m",
+    **settings: Any,
 ):
     """Build (but do not submit) the AML command job of :func:`submit_script`.
 
-    Takes the arguments of :func:`submit_script` (same defaults, same dask
-    config keys). With ``code``, ``script_path`` is taken relative to that folder
-    and the folder becomes the job's code snapshot; otherwise the script is read
-    and embedded.
+    Takes the arguments of :func:`submit_script`; ``settings`` are resolved
+    with the cluster's :func:`~dask_amlcompute.config.resolve_settings` (same
+    dask config keys), except ``idle_timeout`` and ``no_client_timeout``. With
+    ``code``, ``script_path`` is taken relative to that folder and the folder
+    becomes the job's code snapshot; otherwise the script is read and embedded.
 
     Returns
     -------
@@ -182,88 +186,33 @@ def build_script_job(
         An argument or dask config value is invalid, or the script is too large
         to embed.
     """
-    from .backend.environment import library_in_snapshot, resolve_environment
+    from .backend.environment import environment_from_settings, library_in_snapshot
     from .backend.snapshot import stage_snapshot
 
-    processes = config.setting("processes-per-node", processes_per_node)
-    threads = config.setting("threads-per-process", threads_per_process)
-    timeout = config.setting("job-timeout", job_timeout)
-    experiment = config.setting("experiment-name", experiment_name)
-    dist = config.setting("distribution", distribution)
-    env = config.setting("env-vars", env_vars)
-    if config.setting("security", security):
-        env.update(_tls_env())
-    pip = config.setting("pip-packages", pip_packages)
-    library = config.setting("node-package", node_package)
-    node_env = resolve_environment(
-        config.setting("environment", environment),
-        pip,
-        extra_conda=config.setting("conda-packages", conda_packages),
-        node_package=library,
-    )
     # not read from dask config: see submit_script
-    idle = config.checked("idle-timeout", idle_timeout)
-    no_client = config.checked("no-client-timeout", no_client_timeout)
+    idle = config.checked("idle-timeout", settings.pop("idle_timeout", None))
+    no_client = config.checked("no-client-timeout", settings.pop("no_client_timeout", None))
     wait_for_workers = config.checked("startup-timeout", wait_workers, "wait_workers")
-    if not isinstance(script_args, list | tuple) or not all(
-        isinstance(a, str) for a in script_args
-    ):
-        raise ConfigurationError(f"script_args must be a list of strings, got {script_args!r}.")
-    for what, path in (("script_path", script_path), ("code", code)):
-        if path is not None and not isinstance(path, str | os.PathLike):
-            raise ConfigurationError(f"{what} must be a path (str or os.PathLike), got {path!r}.")
-
-    script_path = Path(script_path)
-    in_snapshot = None
-    if code is not None:
-        if script_path.is_absolute():
-            try:
-                script_path = script_path.relative_to(Path(code).resolve())
-            except ValueError:
-                raise ConfigurationError(
-                    f"Script {script_path} is not inside the code folder {code}."
-                ) from None
-        in_snapshot = script_path.as_posix()
-    else:
-        try:
-            source = script_path.read_bytes()
-        except OSError as exc:
-            raise ConfigurationError(f"Cannot read script_path {script_path}: {exc}") from None
-        env[SCRIPT_ENV] = embed_script(source, str(script_path))
+    s = config.resolve_settings(**settings)
+    script, embedded = _script(script_path, script_args, code, wait_for_workers)
+    env = {**s.env_vars, **embedded, **temporary_tls(s)[1]}
     node = NodeOptions(
-        role="cluster",
-        name_prefix=name,
-        processes=processes,
-        threads=threads,
-        death_timeout=config.checked("death-timeout", death_timeout),
-        idle_timeout=idle,
-        no_client_timeout=no_client,
+        role="cluster", name_prefix=s.name, processes=s.processes_per_node,
+        threads=s.threads_per_process, death_timeout=s.death_timeout, idle_timeout=idle,
+        no_client_timeout=no_client, script=script,
         # the script's client connects only once the workers are there
         first_contact_timeout=wait_for_workers + no_client if no_client else None,
-        script=ScriptOptions(
-            script=in_snapshot,
-            script_name=script_path.name,
-            wait_workers=wait_for_workers,
-            args=tuple(script_args),
-        ),
+    )  # fmt: skip
+    # the same code snapshot as a cluster's: the user's folder (if any) and the library
+    snapshot = stage_snapshot(
+        code, include_library=library_in_snapshot(s.node_package, s.pip_packages)
     )
     job = build_job(
-        name=name,
-        compute=compute,
-        n_nodes=config.checked("n-nodes", n_nodes),
-        node=node,
-        environment=node_env,
-        experiment_name=experiment,
-        timeout_seconds=timeout,
-        cluster_name=name,
-        tags={TAG_MODE: "script", "dask_script": script_path.name},
-        env_vars=env,
-        distribution=dist,
-    )
-    job.display_name = f"{script_path.name} on {n_nodes} node(s) (dask-amlcompute run)"
-    # the same code snapshot as a cluster's: the user's folder (if any) and the library
-    snapshot = stage_snapshot(code, include_library=library_in_snapshot(library, pip))
-    job.code = str(snapshot) if snapshot else None
+        s, name=s.name, n_nodes=s.n_nodes, node=node, environment=environment_from_settings(s),
+        code=str(snapshot) if snapshot else None, timeout_seconds=s.job_timeout, env_vars=env,
+        tags={TAG_MODE: "script", "dask_script": script.script_name},
+    )  # fmt: skip
+    job.display_name = f"{script.script_name} on {s.n_nodes} node(s) (dask-amlcompute run)"
     return job
 
 
@@ -378,22 +327,13 @@ def submit_script(
     ``processes_per_node`` workers.
 
     Settings follow the cluster's precedence: an argument that is given (not
-    None) wins; otherwise the ``amlcompute.*`` dask config key of the same name
-    (``amlcompute.job-timeout``, ``experiment-name``, ``environment``,
-    ``pip-packages``, ``conda-packages``, ``node-package``, ``env-vars``,
-    ``distribution``, ``processes-per-node``, ``threads-per-process``,
-    ``security``; YAML files, ``DASK_AMLCOMPUTE__...`` environment variables or
-    ``dask.config.set``); otherwise the package default (``amlcompute.yaml``).
-    A mapping argument (``env_vars``) replaces the configured one. The
-    scheduler's ``idle_timeout`` and ``no_client_timeout`` are NOT read from
-    config: the cluster's defaults are meant for interactive use and would stop
-    a script that works a while without a client; here the job ends with the
-    script anyway.
-
-    The call blocks the calling thread (see :func:`~dask_amlcompute.backend.ops.run_blocking`: it also works
-    in a notebook whose event loop is running). Interrupting it (Ctrl-C, the
-    notebook's interrupt) cancels the job, once submitted, before it raises
-    ``KeyboardInterrupt``.
+    None) wins, else the ``amlcompute.*`` dask config key of the same name, else
+    the package default (``amlcompute.yaml``); a mapping (``env_vars``) replaces
+    the configured one. ``idle_timeout`` and ``no_client_timeout`` are NOT read
+    from config: the cluster's interactive defaults would stop a script that
+    works a while without a client. The call blocks (see
+    :func:`~dask_amlcompute.backend.ops.run_blocking`); interrupting it cancels
+    the job, once submitted, before it raises ``KeyboardInterrupt``.
 
     Parameters
     ----------
@@ -402,17 +342,13 @@ def submit_script(
     script_path
         The script; relative to ``code`` when ``code`` is given.
     compute, n_nodes, processes_per_node, threads_per_process
-        Where and how wide the in-job cluster is (``processes_per_node``:
-        ``amlcompute.processes-per-node``, 1; ``threads_per_process``: cores /
-        processes unless configured).
+        Where and how wide the in-job cluster is.
     script_args
         Arguments of the script.
     job_timeout
-        AML job time limit: AML cancels the job after it
-        (``amlcompute.job-timeout``, 2h).
+        AML job time limit: AML cancels the job after it.
     experiment_name, name
-        Experiment (``amlcompute.experiment-name``) and job name (default
-        ``dask-run-<random>``).
+        Experiment and job name (default ``dask-run-<random>``).
     environment, pip_packages, conda_packages, node_package
         As for :class:`~dask_amlcompute.AmlComputeCluster` (default: pinned to this
         client's Python/dask/distributed/cloudpickle versions).
@@ -422,7 +358,7 @@ def submit_script(
         A folder uploaded as the job's code snapshot (real AML). Without it the
         script is embedded in the job (limit :data:`MAX_EMBEDDED_BYTES`).
     distribution
-        ``"pytorch"`` or ``"mpi"`` (``amlcompute.distribution``).
+        ``"pytorch"`` or ``"mpi"``.
     security
         True: TLS between the script, the scheduler and the workers, with a
         temporary certificate carried in the job's environment variables
@@ -468,38 +404,22 @@ def submit_script(
     from .backend.ops import AmlOps
 
     ml_client = workspace_client(ml_client)
-    n_nodes = config.checked("n-nodes", n_nodes)
-    name = config.checked("name", name or f"dask-run-{uuid.uuid4().hex[:10]}", "job name")
     if compute is None:
         raise ConfigurationError("submit_script needs compute='<AmlCompute name>'.")
-    compute = config.checked("compute", compute)
     bound = config.checked("job-timeout", wait_timeout, "wait_timeout")
     poll = config.checked("poll-interval", poll_interval)
     for flag, value in (("wait", wait), ("quiet", quiet)):
         if not isinstance(value, bool):
             raise ConfigurationError(f"{flag} must be True or False, got {value!r}.")
     job = build_script_job(
-        script_path,
-        name=name,
-        compute=compute,
-        n_nodes=n_nodes,
-        processes_per_node=processes_per_node,
-        threads_per_process=threads_per_process,
-        script_args=script_args,
-        job_timeout=job_timeout,
-        experiment_name=experiment_name,
-        environment=environment,
-        pip_packages=pip_packages,
-        conda_packages=conda_packages,
-        node_package=node_package,
-        env_vars=env_vars,
-        code=code,
-        distribution=distribution,
-        security=security,
-        idle_timeout=idle_timeout,
-        no_client_timeout=no_client_timeout,
-        wait_workers=wait_workers,
-    )
+        script_path, script_args=script_args, code=code, wait_workers=wait_workers,
+        name=name or f"dask-run-{uuid.uuid4().hex[:10]}", compute=compute, n_nodes=n_nodes,
+        processes_per_node=processes_per_node, threads_per_process=threads_per_process,
+        job_timeout=job_timeout, experiment_name=experiment_name, environment=environment,
+        pip_packages=pip_packages, conda_packages=conda_packages, node_package=node_package,
+        env_vars=env_vars, distribution=distribution, security=security,
+        idle_timeout=idle_timeout, no_client_timeout=no_client_timeout,
+    )  # fmt: skip
     timeout = job.limits.timeout if job.limits is not None else None
     bound = bound or (timeout or 3600) + 1800
 
@@ -508,6 +428,6 @@ def submit_script(
         if not quiet:
             print(message, file=sys.stderr, flush=True)
 
-    coro = _submit_and_wait(AmlOps(ml_client), job, n_nodes=n_nodes, wait=wait,
-                            wait_timeout=bound, poll_interval=poll, log=log)  # fmt: skip
+    coro = _submit_and_wait(AmlOps(ml_client), job, n_nodes=job.resources.instance_count,
+                            wait=wait, wait_timeout=bound, poll_interval=poll, log=log)  # fmt: skip
     return run_blocking(coro)

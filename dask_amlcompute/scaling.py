@@ -178,7 +178,7 @@ class ScalingMixin(_ClusterBase):
             )
         n = n or 0
         if memory is not None:
-            n = max(n, math.ceil(parse_bytes(memory) / self._per_worker("memory_limit", "memory")))
+            n = max(n, math.ceil(memory / self._per_worker("memory_limit", "memory")))
         if cores is not None:
             n = max(n, math.ceil(cores / self._per_worker("nthreads", "cores")))
         state = self._context.state
@@ -188,25 +188,7 @@ class ScalingMixin(_ClusterBase):
         elif closing or (n == 0 and state.closing):
             self.worker_spec.clear()
         else:
-            self._refuse_serverless_growth(n)
-            jobs = self._jobs_for_workers(n)
-            extra = [k for k in self.worker_spec if k != self._main_key]
-            pending = [k for k in extra if k not in self.workers]
-            if jobs != len(extra):  # a burst of submissions or retirements: say so
-                change = jobs - len(extra)
-                self._context.log(
-                    f"Scaling to {jobs} worker job(s): "
-                    + (f"submitting {change}" if change > 0 else f"retiring {-change}")
-                    + f" (at most {MAX_CONCURRENT_WRITES} AML requests at a time)"
-                )
-            while len(extra) > jobs:
-                key = pending.pop() if pending else extra[-1]
-                extra.remove(key)
-                del self.worker_spec[key]
-            while len(extra) < jobs:
-                new = self.new_worker_spec()
-                self.worker_spec.update(new)
-                extra.extend(new)
+            self._set_worker_jobs(n)
         loop = self.loop
         assert loop is not None  # SpecCluster's LoopRunner sets it in __init__
         loop.add_callback(self._correct_state)
@@ -217,6 +199,28 @@ class ScalingMixin(_ClusterBase):
         return None
 
     scale_up = scale
+
+    def _set_worker_jobs(self, n: int) -> None:
+        """Add or drop worker jobs in ``worker_spec`` (pending ones first) for ``n`` workers."""
+        self._refuse_serverless_growth(n)
+        jobs = self._jobs_for_workers(n)
+        extra = [k for k in self.worker_spec if k != self._main_key]
+        pending = [k for k in extra if k not in self.workers]
+        if jobs != len(extra):  # a burst of submissions or retirements: say so
+            change = jobs - len(extra)
+            self._context.log(
+                f"Scaling to {jobs} worker job(s): "
+                + (f"submitting {change}" if change > 0 else f"retiring {-change}")
+                + f" (at most {MAX_CONCURRENT_WRITES} AML requests at a time)"
+            )
+        while len(extra) > jobs:
+            key = pending.pop() if pending else extra[-1]
+            extra.remove(key)
+            del self.worker_spec[key]
+        while len(extra) < jobs:
+            new = self.new_worker_spec()
+            self.worker_spec.update(new)
+            extra.extend(new)
 
     def _per_worker(self, field: str, what: str) -> float:
         """The smallest ``field`` (memory_limit, nthreads) of the running workers."""

@@ -192,10 +192,8 @@ class MainJob(ProcessInterface):
                 return
             reached = await self._reached_id() if state.scheduler_id else None
             if reached is not None and reached != state.scheduler_id:
-                await self._lost(
-                    f"A different Dask scheduler ({reached}) now answers at "
-                    f"{self.internal_address}: AML ran job {self.job_name} again (the rank-0 "
-                    f"node was preempted and the job requeued). {NEW_SCHEDULER}"
+                await self._requeued(
+                    f"A different Dask scheduler ({reached}) now answers at {self.internal_address}"
                 )
 
     async def _main_update(self, previous: str | None, info: JobInfo) -> JobInfo:
@@ -213,19 +211,20 @@ class MainJob(ProcessInterface):
         state.jobs[self.job_name] = fresh.status
         new_id = fresh.tags.get(SCHEDULER_ID_TAG)
         if previous in RAN and fresh.status in NOT_YET_RUNNING:
-            await self._lost(
-                f"AML job {self.job_name} went back from {previous} to {fresh.status}: the "
-                f"rank-0 node was preempted and AML requeued the job to run it again. {NEW_SCHEDULER}"
-            )
+            await self._requeued(f"AML job went back from {previous} to {fresh.status}")
         elif new_id and state.scheduler_id and new_id != state.scheduler_id:
-            await self._lost(
-                f"AML job {self.job_name} published a new scheduler ({new_id}): AML ran it "
-                f"again. {NEW_SCHEDULER}"
-            )
+            await self._requeued(f"AML job published a new scheduler ({new_id})")
         else:
             logger.info("The job list showed %s %s, a GET shows %s: the list lags; ignored",
                         self.job_name, info.status, fresh.status)  # fmt: skip
         return fresh
+
+    async def _requeued(self, evidence: str) -> None:
+        """The main job runs again (a new scheduler): one wording, whichever ``evidence`` came first."""
+        await self._lost(
+            f"{evidence}: the rank-0 node of AML job {self.job_name} was preempted and AML "
+            f"requeued the job to run it again. {NEW_SCHEDULER}"
+        )
 
     async def _lost(self, why: str, cancel: bool = True) -> None:
         """The cluster is gone for good: say why once, close the connection, cancel every job.

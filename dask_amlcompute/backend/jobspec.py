@@ -8,7 +8,7 @@ can show it and unit tests can check it without a network.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._protocol import (
     TAG_CLUSTER,
@@ -22,6 +22,9 @@ from .._protocol import (
     settings_tag,
 )
 from .._version import __version__
+
+if TYPE_CHECKING:
+    from ..config import ClusterSettings
 
 #: Name of the main job's SSH service (AML's ``services`` key).
 SSH_SERVICE_NAME = "dask_ssh"
@@ -42,70 +45,45 @@ def cluster_tags(cluster_name: str, role: str, extra: Mapping[str, str] | None =
 
 
 def build_job(
+    settings: ClusterSettings,
     *,
     name: str,
-    compute: str | None,
     n_nodes: int,
     node: NodeOptions,
     environment: Any,
-    experiment_name: str,
     timeout_seconds: float | None,
-    cluster_name: str,
-    tags: Mapping[str, str] | None = None,
-    env_vars: Mapping[str, str] | None = None,
-    distribution: str = "pytorch",
-    settings: Mapping[str, Any] | None = None,
     code: str | None = None,
+    env_vars: Mapping[str, str] | None = None,
+    tags: Mapping[str, str] | None = None,
     ssh_public_key: str | None = None,
-    instance_type: str | None = None,
-    job_tier: str = "standard",
 ):
     """Build the AML command job for the cluster's main job or a worker job.
 
-    The main job (``node.role == "cluster"``) also carries the cluster's
-    settings as one JSON tag (:data:`~dask_amlcompute._protocol.SETTINGS_TAG`),
-    which :meth:`AmlComputeCluster.from_name` reads back.
+    ``settings`` give the compute (``worker_compute`` for worker jobs, if set;
+    none: a serverless job of ``instance_type`` and ``job_tier``, as Microsoft
+    Learn *Model training on serverless compute* submits them), experiment,
+    distribution, the cluster's name and tags. The main job (``node.role ==
+    "cluster"``) also carries the cluster's settings as one JSON tag
+    (:data:`~dask_amlcompute._protocol.SETTINGS_TAG`), which ``from_name`` reads.
 
     Parameters
     ----------
-    name
-        AML job name (unique in the workspace).
-    compute
-        AmlCompute target name; None: a serverless job of ``instance_type``.
-    n_nodes
-        ``instance_count`` of the job.
-    node
-        Options of the node entrypoint.
+    name, n_nodes, node
+        AML job name (unique in the workspace), ``instance_count``, and the
+        options of the node entrypoint.
     environment
         What :func:`~dask_amlcompute.backend.environment.resolve_environment` returned.
-    experiment_name
-        Experiment the job is filed under (always set: the SDK would otherwise
-        use the current folder's name).
     timeout_seconds
         ``limits.timeout`` of the job, the server-side backstop.
-    cluster_name
-        Name of the Dask cluster, stored as a tag.
-    tags, env_vars
-        Extra job tags and node environment variables.
-    distribution
-        ``"pytorch"`` or ``"mpi"``: how AML tells each node its rank.
-    settings
-        More cluster settings for the main job's settings tag (JSON values, by
-        setting name, e.g. ``{"nodes_per_job": 2}``); those of ``node`` and
-        ``distribution`` are always stored.
     code
-        The job's code snapshot: a local folder (uploaded by the SDK, see
-        :func:`~dask_amlcompute.backend.snapshot.stage_snapshot`) or the ARM id
-        of a code asset AML already has. The nodes start in it.
+        The job's code snapshot: a local folder (uploaded by the SDK) or the ARM
+        id of a code asset AML already has. The nodes start in it.
+    env_vars, tags
+        Node environment variables and more job tags.
     ssh_public_key
-        Declare AML's job SSH service on node 0 (the scheduler's; AML's default
-        without ``nodes="all"``), accepting this OpenSSH public key (how
-        ``connect="auto"``/``"job-ssh"`` reach the scheduler without a public
-        IP; the image needs ``openssh-server``, which AML's base images have).
-    instance_type, job_tier
-        Serverless jobs (``compute`` None): ``resources.instance_type`` and
-        ``queue_settings.job_tier`` (``"standard"`` or ``"spot"``), as Microsoft
-        Learn *Model training on serverless compute* submits them.
+        Declare AML's job SSH service on node 0 (the scheduler's), accepting this
+        OpenSSH public key (how ``connect="auto"``/``"job-ssh"`` reach the
+        scheduler without a public IP).
 
     Returns
     -------
@@ -113,34 +91,30 @@ def build_job(
         The job, ready for ``ml_client.jobs.create_or_update``.
     """
     from azure.ai.ml import MpiDistribution, PyTorchDistribution, command
-    from azure.ai.ml.entities import SshJobService
+    from azure.ai.ml.entities import QueueSettings, SshJobService
 
-    dist: MpiDistribution | PyTorchDistribution
-    if distribution == "mpi":
-        dist = MpiDistribution(process_count_per_instance=1)
-    elif distribution == "pytorch":
-        dist = PyTorchDistribution(process_count_per_instance=1)
-    else:
-        raise ValueError(f"distribution must be 'pytorch' or 'mpi', got {distribution!r}")
-    env = dict(env_vars or {})
-    tags = cluster_tags(cluster_name, node.role, tags)
+    s = settings
+    compute = s.worker_compute if node.role == "workers" and s.worker_compute else s.compute
+    distribution = {"mpi": MpiDistribution, "pytorch": PyTorchDistribution}[s.distribution]
+    all_tags = cluster_tags(s.name, node.role, {**s.tags, **(tags or {})})
     if node.role == "cluster":
-        tags.update(settings_tag(cluster_settings(node, distribution, settings)))
+        extra = {"nodes_per_job": s.nodes_per_job}
+        all_tags.update(settings_tag(cluster_settings(node, s.distribution, extra)))
     job = command(
         name=name,
-        display_name=f"{cluster_name} ({node.role})",
-        description=f"Dask cluster {cluster_name}: {node.role} job started by dask-amlcompute",
+        display_name=f"{s.name} ({node.role})",
+        description=f"Dask cluster {s.name}: {node.role} job started by dask-amlcompute",
         command=node_command(node),
         code=code,
         compute=compute,
         instance_count=n_nodes,
-        instance_type=instance_type if compute is None else None,
-        distribution=dist,
+        instance_type=s.instance_type if compute is None else None,
+        distribution=distribution(process_count_per_instance=1),
         environment=environment,
-        environment_variables=env,
-        experiment_name=experiment_name,
+        environment_variables=dict(env_vars or {}),
+        experiment_name=s.experiment_name,
         timeout=int(timeout_seconds) if timeout_seconds else None,
-        tags=tags,
+        tags=all_tags,
         services=(
             {SSH_SERVICE_NAME: SshJobService(ssh_public_keys=ssh_public_key)}
             if ssh_public_key
@@ -148,7 +122,5 @@ def build_job(
         ),
     )
     if compute is None:
-        from azure.ai.ml.entities import QueueSettings
-
-        job.queue_settings = QueueSettings(job_tier=job_tier)
+        job.queue_settings = QueueSettings(job_tier=s.job_tier)
     return job

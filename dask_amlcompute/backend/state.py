@@ -222,6 +222,7 @@ class ClusterContext:
             idle_timeout=s.idle_timeout,
             no_client_timeout=s.no_client_timeout,
             first_contact_timeout=s.first_contact_timeout,
+            job_timeout=s.job_timeout if role == "cluster" else None,
             scheduler_address=scheduler_address,
             scheduler_options=s.scheduler_options,
             worker_options=s.worker_options,
@@ -234,24 +235,17 @@ class ClusterContext:
         """The AML job entity for one of this cluster's jobs."""
         s = self.settings
         return build_job(
+            s,
             name=job_name,
-            compute=s.worker_compute if role == "workers" and s.worker_compute else s.compute,
             n_nodes=n_nodes,
             node=node,
             environment=self.plan.environment,
             code=self.plan.code,
-            experiment_name=s.experiment_name,
             timeout_seconds=timeout,
-            cluster_name=s.name,
-            tags=s.tags,
             env_vars={**s.env_vars, **self.secret_env},
-            distribution=s.distribution,
-            settings={"nodes_per_job": s.nodes_per_job},
             ssh_public_key=(
                 self.plan.job_ssh_key.export_public_key("openssh").decode("ascii").strip()
                 if role == "cluster" and self.plan.job_ssh_key is not None
                 else None
             ),
-            instance_type=s.instance_type,
-            job_tier=s.job_tier,
         )

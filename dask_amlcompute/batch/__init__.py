@@ -339,9 +339,8 @@ def iter_batches(
 ) -> BatchRun:
     """Run ``fn`` over ``inputs`` in mini-batches; yield each batch as it finishes.
 
-    Inputs are read lazily and at most ``max_in_flight`` batches are submitted at
-    once, so a generator of millions of inputs runs in bounded memory. Batches
-    come in completion order; each carries its input positions.
+    Inputs are read lazily, at most ``max_in_flight`` batches at once (bounded
+    memory); batches come in completion order, with their input positions.
 
     Parameters
     ----------
@@ -367,11 +366,10 @@ def iter_batches(
         How many times a failed input is run again before it counts as failed.
     init
         Called once per worker, before its first batch, for expensive setup (load
-        a model); its return value is passed to ``fn`` and dropped at the end of the
-        run. An exception fails the batch's inputs (init is tried again next batch).
+        a model); its return value is passed to ``fn`` and dropped at the end. An
+        exception fails the batch's inputs (init is tried again next batch).
     progress
-        Show a progress bar (tqdm) with done/failed/retried counts, and a final
-        summary.
+        Show a progress bar (tqdm) with done/failed/retried counts, and a summary.
     output_dir
         Write each finished batch to a file there (``batch-NNNNNN.json``, or
         ``.parquet`` when every result of the batch is a pandas DataFrame and
@@ -381,16 +379,14 @@ def iter_batches(
         ``"auto"``, ``"json"``, ``"parquet"`` or ``"pickle"``.
     max_in_flight
         Most batches submitted at once. Default: twice the worker threads.
-    total
+    total, desc
         Number of inputs when ``inputs`` has no ``len()`` (for the progress bar and
-        a fractional ``error_threshold``).
-    desc
-        Label of the progress bar.
+        a fractional ``error_threshold``); label of the progress bar.
 
     Returns
     -------
     BatchRun
-        An iterable of :class:`BatchResult`; ``.stats`` holds live counters.
+        An iterable of :class:`BatchResult`; ``.stats`` counts live.
 
     Examples
     --------
@@ -398,22 +394,11 @@ def iter_batches(
     ...     save(batch.indices, batch.results)
     """
     return BatchRun(
-        fn,
-        inputs,
-        client=client,
-        cluster=cluster,
-        batch_size=batch_size,
-        error_threshold=error_threshold,
-        timeout=timeout,
-        retries=retries,
-        init=init,
-        progress=progress,
-        output_dir=output_dir,
-        output_format=output_format,
-        max_in_flight=max_in_flight,
-        total=total,
-        desc=desc,
-    )
+        fn, inputs, client=client, cluster=cluster, batch_size=batch_size,
+        error_threshold=error_threshold, timeout=timeout, retries=retries, init=init,
+        progress=progress, output_dir=output_dir, output_format=output_format,
+        max_in_flight=max_in_flight, total=total, desc=desc,
+    )  # fmt: skip
 
 
 def map_batches(fn: Callable, inputs: Iterable, **options: Any) -> list[Any]:

@@ -30,61 +30,38 @@ def run_cli(argv: Sequence[str]) -> int:
         return exc.code if isinstance(exc.code, int) else 0
 
 
-def _run_cli(argv: list[str]) -> int:
-    cut = argv.index("--") if "--" in argv else len(argv)
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dask-amlcompute run",
         description="Run a Dask script as one AML job: rank 0 runs the scheduler and the "
         "script, the other nodes run workers; the job ends when the script does. "
         "Arguments after -- go to the script.",
     )
-    p.add_argument(
-        "script", help="the Python script (Client() in it connects to the job's cluster)"
-    )
-    p.add_argument("--nodes", type=count, default=1, help="nodes of the job (default 1)")
-    p.add_argument(
-        "--compute", default=None, help="AmlCompute cluster (default with --emulator: cpu-cluster)"
-    )
-    p.add_argument(
-        "--processes",
-        type=count,
-        default=None,
-        help="worker processes per node (default: amlcompute.processes-per-node, 1)",
-    )
-    p.add_argument("--threads", type=count, default=None, help="threads per worker process")
-    p.add_argument(
-        "--job-timeout", default=None, help="AML job time limit (default: amlcompute.job-timeout)"
-    )
-    p.add_argument(
-        "--experiment", default=None, help="AML experiment (default: amlcompute.experiment-name)"
-    )
-    p.add_argument("--name", default=None, help="AML job name (default dask-run-<random>)")
-    p.add_argument(
-        "--environment", default=None, help="AML environment (name@latest, name:version or image)"
-    )
-    p.add_argument(
-        "--code",
-        default=None,
-        help="upload this folder as the code snapshot (SCRIPT relative to it)",
-    )
-    p.add_argument("--env-var", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument(
-        "--tls",
-        action="store_true",
-        default=None,
-        help="TLS between the script, the scheduler and the workers (temporary certificate)",
-    )
-    p.add_argument(
-        "--idle-timeout",
-        default=None,
-        help="stop the job after this long without Dask tasks (e.g. 30m; default: none)",
-    )
-    p.add_argument("--no-wait", action="store_true", help="return after submitting")
-    p.add_argument(
-        "--emulator", action="store_true", help="run on a local AML emulator (no Azure account)"
-    )
-    p.add_argument("--workspace-config", default=None, help="path of the workspace config.json")
-    p.add_argument("--quiet", action="store_true")
+    add = p.add_argument
+    add("script", help="the Python script (Client() in it connects to the job's cluster)")
+    add("--nodes", type=count, default=1, help="nodes of the job (default 1)")
+    add("--compute", help="AmlCompute cluster (default with --emulator: cpu-cluster)")
+    add("--processes", type=count, help="worker processes per node (default: config, 1)")
+    add("--threads", type=count, help="threads per worker process")
+    add("--job-timeout", help="AML job time limit (default: amlcompute.job-timeout)")
+    add("--experiment", help="AML experiment (default: amlcompute.experiment-name)")
+    add("--name", help="AML job name (default dask-run-<random>)")
+    add("--environment", help="AML environment (name@latest, name:version or image)")
+    add("--code", help="upload this folder as the code snapshot (SCRIPT relative to it)")
+    add("--env-var", action="append", default=[], metavar="KEY=VALUE")
+    add("--tls", action="store_true", default=None,
+        help="TLS between the script, the scheduler and the workers (temporary certificate)")  # fmt: skip
+    add("--idle-timeout", help="stop the job after this long without Dask tasks (default: none)")
+    add("--no-wait", action="store_true", help="return after submitting")
+    add("--emulator", action="store_true", help="run on a local AML emulator (no Azure account)")
+    add("--workspace-config", help="path of the workspace config.json")
+    add("--quiet", action="store_true")
+    return p
+
+
+def _run_cli(argv: list[str]) -> int:
+    cut = argv.index("--") if "--" in argv else len(argv)
+    p = _parser()
     args = p.parse_args(argv[:cut])
     if bad := [kv for kv in args.env_var if "=" not in kv]:
         p.error(f"--env-var {bad[0]!r}: give KEY=VALUE")

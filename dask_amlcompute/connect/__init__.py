@@ -45,6 +45,24 @@ JOB_SERVICE_MODES = ("auto", "job-ssh")
 OPEN, REFUSED, UNANSWERED = "open", "refused", "unanswered"
 
 
+def temporary_tls(settings: Any) -> tuple[Any, dict[str, str]]:
+    """Temporary TLS credentials when ``settings.security``: ``(Security, node env vars)``.
+
+    The certificate and its key reach the nodes as job environment variables:
+    anyone who can read the job's definition in the workspace can read them
+    (see the README's security notes). They exist only for this cluster or job.
+    """
+    if not settings.security:
+        return None, {}
+    from distributed.security import Security
+
+    from .._protocol import TLS_CERT_ENV, TLS_KEY_ENV
+
+    security = Security.temporary()
+    env = {TLS_CERT_ENV: security.tls_scheduler_cert, TLS_KEY_ENV: security.tls_scheduler_key}
+    return security, env
+
+
 async def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str:
     """Try one TCP connection to ``host:port``.
 

@@ -144,7 +144,6 @@ async def open_job_service_tunnel(
         client_keys=[key],
         known_hosts=[],  # see the module docstring: pinned in memory on first use
         trust_on_first_use=True,
-        record_host_keys=False,
         host_key_alias=f"aml-job-{job_name}-0",
         dial=dial,
         targets=targets,

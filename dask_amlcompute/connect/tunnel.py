@@ -144,12 +144,12 @@ class SSHTunnel:
     known_hosts
         ``None``: ``~/.ssh/known_hosts``. A path: that file. A sequence:
         OpenSSH public host keys (``"ssh-ed25519 AAAA..."``) trusted for
-        this host, and no others.
+        this host, and no others, in memory.
     trust_on_first_use
-        Accept a host key when ``known_hosts`` has no entry for the host,
-        append it to the ``known_hosts`` file (``~/.ssh/known_hosts`` unless
-        ``known_hosts`` is a path) and log its fingerprint as a warning. A key
-        that differs from a recorded one is always refused.
+        Accept a host key when ``known_hosts`` has no entry for the host, and
+        log its fingerprint: appended to the ``known_hosts`` file, or (a
+        sequence) kept in memory for this tunnel's reconnections. A key that
+        differs from a recorded one is always refused.
     targets
         Name of each forward and the address the SSH server connects it to.
     reconnect_attempts
@@ -158,8 +158,6 @@ class SSHTunnel:
         Seconds allowed to connect and log in, and to open each channel.
     reconnect_delay
         Pause before the first reconnection attempt, doubled after each.
-    passphrase
-        Passphrase of encrypted ``client_keys``.
     host_key_alias
         Name the host key is looked up and recorded under, instead of
         ``[ssh_host]:ssh_port``: one per node (``aml-<compute>-<nodeId>``),
@@ -169,9 +167,6 @@ class SSHTunnel:
         Opens the connected socket the SSH connection runs over (e.g. a
         WebSocket proxy's, see :mod:`~dask_amlcompute.connect.proxy`), once per
         (re)connection; default: TCP to ``ssh_host:ssh_port``.
-    record_host_keys
-        Write a key trusted on first use to the ``known_hosts`` file. False
-        keeps it in memory for this tunnel's reconnections only.
 
     Examples
     --------
@@ -193,10 +188,8 @@ class SSHTunnel:
         reconnect_attempts: int = 5,
         connect_timeout: float = 15,
         reconnect_delay: float = 0.5,
-        passphrase: str | None = None,
         host_key_alias: str | None = None,
         dial: Callable[[], Awaitable[socket.socket]] | None = None,
-        record_host_keys: bool = True,
     ) -> None:
         if not targets:
             raise ConfigurationError("SSHTunnel needs targets, e.g. {'scheduler': (ip, 8786)}")
@@ -206,8 +199,8 @@ class SSHTunnel:
         self.reconnect_attempts, self.reconnect_delay = int(reconnect_attempts), reconnect_delay
         self.connect_timeout = float(connect_timeout)
         self.reconnects = 0
-        self._keys = resolve_client_keys(client_keys, passphrase)
-        self.host_key_alias, self._dial, self._record = host_key_alias, dial, record_host_keys
+        self._keys = resolve_client_keys(client_keys)
+        self.host_key_alias, self._dial = host_key_alias, dial
         if host_key_alias:
             self._pattern = host_key_alias
         else:
@@ -242,8 +235,8 @@ class SSHTunnel:
 
     def _record_host_key(self, key: asyncssh.SSHKey) -> None:
         """Trust ``key`` from now on and append it to the known_hosts file (if recording)."""
-        line, path = self._trust(key), self._file or _DEFAULT_KNOWN_HOSTS.expanduser()
-        if not self._record:
+        line, path = self._trust(key), self._file
+        if path is None:
             logger.info("Trusting the SSH host key %s of %s for this session (kept in memory)",
                         key.get_fingerprint(), self._label)  # fmt: skip
             return

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +39,12 @@ from .._protocol import (
     TLS_KEY_ENV,
     NodeOptions,
 )
+from .plugins import NameTheStop
 from .runtags import publish_tags
 
 logger = logging.getLogger("dask_amlcompute.node")
+#: When this node process started (AML counts job_timeout from about then).
+STARTED = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,7 @@ async def start_scheduler(ctx: NodeContext, opts: NodeOptions) -> Any:
         from .plugins import KeepMainJobWorkers
 
         scheduler.add_plugin(KeepMainJobWorkers(opts.name_prefix))
+        scheduler.add_plugin(NameTheStop(opts.name_prefix, opts.job_timeout))
     if opts.no_client_timeout:
         from .plugins import NoClientTimeout
 
@@ -463,6 +468,9 @@ async def _run_scheduler_node(ctx: NodeContext, opts: NodeOptions, stop: asyncio
     finished = asyncio.ensure_future(scheduler.finished())
     await asyncio.wait([waiter, finished], return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()
+    naming = scheduler.plugins.get(NameTheStop.name)
+    if stop.is_set() and naming and naming.fail_work(scheduler, ctx.job_name, STARTED):
+        await asyncio.sleep(0.5)  # the client comms send the errors before they close
     await scheduler.close(reason="node-stopped" if stop.is_set() else "scheduler-finished")
     await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
 

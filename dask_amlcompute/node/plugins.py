@@ -44,6 +44,82 @@ class KeepMainJobWorkers(SchedulerPlugin):
         return [ws for ws in workers if job_of_worker(ws.name) != self.main_group]
 
 
+class NameTheStop(SchedulerPlugin):
+    """Fail the work in flight with the reason AML stops the job, before the scheduler closes.
+
+    AML stops a job by sending SIGTERM to every node: it was cancelled, it reached
+    ``job_timeout``, or another of its nodes failed or was preempted. Without this,
+    the scheduler just closes and every client sees distributed's
+    ``FutureCancelledError: scheduler-connection-lost``. Instead, :meth:`fail_work`
+    errs every task a client still waits for with a
+    :class:`~dask_amlcompute.ClusterLostError` naming what this node knows.
+
+    Parameters
+    ----------
+    main_group
+        Worker-group name of the main job (its workers are ``main_group-R-I``).
+    job_timeout
+        The main job's ``job_timeout`` in seconds (None: none).
+    """
+
+    name = "dask-amlcompute-name-the-stop"
+
+    def __init__(self, main_group: str, job_timeout: float | None = None) -> None:
+        self.main_group = main_group
+        self.job_timeout = job_timeout
+        self.names: dict[str, str] = {}
+        self.lost_ranks: list[str] = []
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        self.names[worker] = str(scheduler.workers[worker].name)
+
+    def remove_worker(self, scheduler: Any, worker: str, *, stimulus_id: str, **kw: Any) -> None:
+        # "handle-worker-cleanup": the worker's comm broke, it did not say goodbye
+        name = self.names.pop(worker, "")
+        rank = name.rsplit("-", 2)[-2] if job_of_worker(name) == self.main_group else "0"
+        if stimulus_id.startswith("handle-worker-cleanup") and rank != "0":
+            self.lost_ranks += [] if rank in self.lost_ranks else [rank]
+
+    def reason(self, job: str, elapsed: float) -> str:
+        """Why AML stops ``job``, as far as rank 0 can tell, ``elapsed`` s after it started."""
+        timeout = self.job_timeout
+        if self.lost_ranks:
+            what = (
+                f"node rank {', '.join(self.lost_ranks)} failed or was preempted (its workers "
+                "left without closing) and AML stops the whole job when one of its nodes ends"
+            )
+        elif timeout and elapsed >= timeout - max(5.0, 0.02 * timeout):
+            what = f"its job_timeout ({timeout:g} s) was reached; pass a longer job_timeout"
+        else:
+            what = "it was cancelled from outside the cluster, or preempted"
+        return (
+            f"AML is stopping job {job}: {what}. The work in flight is lost: start a new "
+            "cluster and run it again (cluster.ended_reason says what AML recorded)."
+        )
+
+    def fail_work(self, scheduler: Any, job: str, started: float) -> int:
+        """Err every task a client waits for with :meth:`reason`; returns how many.
+
+        ``started``: ``time.monotonic()`` when this node started.
+        """
+        import time
+
+        from distributed.protocol import Serialized, serialize
+
+        from ..exceptions import ClusterLostError
+
+        reason = self.reason(job, time.monotonic() - started)
+        error = Serialized(*serialize(ClusterLostError(reason)))
+        waited = [
+            t
+            for t in scheduler.tasks.values()
+            if t.who_wants and t.state not in ("memory", "erred")
+        ]
+        for ts in waited:
+            scheduler.report({"op": "task-erred", "key": ts.key, "exception": error}, ts=ts)
+        return len(waited)
+
+
 #: Scheduler handler the cluster manager calls to say it is still there.
 HEARTBEAT_HANDLER = "dask_amlcompute_heartbeat"
 

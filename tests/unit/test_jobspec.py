@@ -16,6 +16,7 @@ from dask_amlcompute._protocol import (
 )
 from dask_amlcompute.backend.environment import resolve_environment
 from dask_amlcompute.backend.jobspec import build_job
+from dask_amlcompute.config import resolve_settings
 
 
 def rest(job):
@@ -24,16 +25,15 @@ def rest(job):
 
 def test_cluster_job_body_has_the_documented_shape():
     node = NodeOptions(role="cluster", name_prefix="c1-main", processes=2, threads=3)
+    settings = resolve_settings(compute="cpu-cluster", name="c1", experiment_name="exp",
+                                tags={"team": "x"})  # fmt: skip
     job = build_job(
+        settings,
         name="c1-main",
-        compute="cpu-cluster",
         n_nodes=3,
         node=node,
         environment=resolve_environment("my-env@latest"),
-        experiment_name="exp",
         timeout_seconds=5400,
-        cluster_name="c1",
-        tags={"team": "x"},
         env_vars={"FOO": "1"},
     )
     body = rest(job)
@@ -55,10 +55,9 @@ def test_cluster_job_body_has_the_documented_shape():
 
 def test_mpi_distribution():
     node = NodeOptions(role="cluster", name_prefix="p")
-    job = build_job(
-        name="j", compute="c", n_nodes=2, node=node, environment="e:1",
-        experiment_name="x", timeout_seconds=None, cluster_name="p", distribution="mpi",
-    )  # fmt: skip
+    settings = resolve_settings(compute="c", name="p", distribution="mpi")
+    job = build_job(settings, name="j", n_nodes=2, node=node, environment="e:1",
+                    timeout_seconds=None)  # fmt: skip
     assert rest(job)["distribution"]["distributionType"] == "Mpi"
 
 
@@ -126,11 +125,9 @@ def test_main_job_stores_its_settings_in_one_tag():
         worker_on_scheduler=False, scheduler_port=9786, dashboard_port=9787, death_timeout=120,
         no_client_timeout=900, worker_options={"resources": {"GPU": 1}},
     )  # fmt: skip
-    job = build_job(
-        name="c1-main", compute="cpu", n_nodes=2, node=node, environment="e:1",
-        experiment_name="x", timeout_seconds=None, cluster_name="c1", distribution="mpi",
-        settings={"nodes_per_job": 2},
-    )  # fmt: skip
+    settings = resolve_settings(compute="cpu", name="c1", distribution="mpi", nodes_per_job=2)
+    job = build_job(settings, name="c1-main", n_nodes=2, node=node, environment="e:1",
+                    timeout_seconds=None)  # fmt: skip
     tags = rest(job)["tags"]
     assert json.loads(tags[SETTINGS_TAG]) == read_settings_tag(tags)
     assert read_settings_tag(tags) == {
@@ -147,10 +144,8 @@ def test_main_job_stores_its_settings_in_one_tag():
         "nodes_per_job": 2,
     }
     workers = NodeOptions(role="workers", name_prefix="c1-w1", scheduler_address="tcp://a:1")
-    job = build_job(
-        name="c1-w1", compute="cpu", n_nodes=1, node=workers, environment="e:1",
-        experiment_name="x", timeout_seconds=None, cluster_name="c1",
-    )  # fmt: skip
+    job = build_job(settings, name="c1-w1", n_nodes=1, node=workers, environment="e:1",
+                    timeout_seconds=None)  # fmt: skip
     assert SETTINGS_TAG not in rest(job)["tags"]
     for bad in ({SETTINGS_TAG: "not json"}, {SETTINGS_TAG: "[]"}, {}):
         with pytest.raises(ValueError):

@@ -13,22 +13,14 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "dask_amlcompute"
 
 #: Library lines (the emulator is its own distribution). Target: 10,000.
-LINE_BUDGET = 12321
+LINE_BUDGET = 12159
 #: Longest module. Target: 550, cluster.py 450.
 MODULE_LIMIT = 550
-MODULES_OVER_LIMIT = {"backend/ops.py": 678, "cluster.py": 582}
+MODULES_OVER_LIMIT = {"backend/ops.py": 678}
 #: Longest function. Target: 80 lines, every one.
 FUNCTION_LIMIT = 80
 FUNCTIONS_OVER_LIMIT = {
-    "backend/jobspec.py:build_job": 111,
-    "batch/__init__.py:iter_batches": 95,
-    "cli/run.py:_run_cli": 104,
-    "cluster.py:AmlComputeCluster.__init__": 91,
-    "code.py:collect_code": 82,
-    "data.py:resolve": 87,
-    "jobmode.py:build_script_job": 124,
-    "jobmode.py:submit_script": 168,
-    "scaling.py:ScalingMixin.scale": 88,
+    "jobmode.py:submit_script": 139,
 }
 #: Parameters of an internal function. Target: 12 (the public API keeps its keywords).
 PARAMETER_LIMIT = 12
@@ -38,11 +30,7 @@ PUBLIC_API = {
     "batch/__init__.py:map_batches",
     "batch/__init__.py:iter_batches",
 }
-PARAMETERS_OVER_LIMIT = {
-    "backend/jobspec.py:build_job": 16,
-    "connect/tunnel.py:SSHTunnel.__init__": 14,
-    "jobmode.py:build_script_job": 21,
-}
+PARAMETERS_OVER_LIMIT: dict[str, int] = {}
 #: Fields of ClusterState. Target: 8.
 STATE_FIELDS = 15
 

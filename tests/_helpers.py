@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,15 @@ import dask
 import pytest
 from _emu_helpers import wait_for  # the emulator's tests' helper, shared
 
-__all__ = ["FAST_CLUSTER", "env_in_dask_config", "fake_distribution", "make_tree", "wait_for"]
+__all__ = [
+    "FAST_CLUSTER",
+    "LIBRARY_LINES",
+    "env_in_dask_config",
+    "fake_distribution",
+    "foreign_lines",
+    "make_tree",
+    "wait_for",
+]
 
 #: Cluster arguments that make a cluster start fast and fail fast on the emulator.
 FAST_CLUSTER: dict[str, Any] = {
@@ -39,6 +48,35 @@ def make_tree(root: Path, files: dict[str, str]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return root
+
+
+#: The cluster's progress lines (``cluster._log``), the only lines of the library's own
+#: that reach a user's screen (each a regular expression for a whole line).
+LIBRARY_LINES = (
+    r"(Submitting|Reconnecting to) AML job \S+.*",
+    r"Studio: \S+",
+    r"AML job \S+: .+",
+    r"Scheduler at \S+ \(client uses \S+\)",
+    r"Compute \S+: .+|Compute \S+ exists: .+|(Creat|Delet)(ing|ed) AmlCompute .+",
+    r"(Worker jobs on compute|Serverless:|Quota:|GPU nodes:|GPU size) .+",
+    r"AML releases the nodes of \S+ .+",
+    r"(Submitting|Cancelled) worker job .+|Worker job \S+ .+|Not submitting \S+: .+",
+    r"(Asked for \d+ workers|Scaling to \d+ worker job).+",
+    r"\S+ is not reachable directly; trying .+",
+    r"(Waiting for|Connected through) the SSH service of AML job .+",
+    r"SSH tunnel via \S+ to \S+",
+    r"Dashboard published on this compute instance: \S+",
+    r"The cluster reaches its job_timeout .+",
+)
+
+
+def foreign_lines(text: str, *allowed: str) -> list[str]:
+    """The lines of ``text`` that are neither a :data:`LIBRARY_LINES` line nor ``allowed``.
+
+    A blank line, a colour code, an SDK progress bar or warning: anything else shows.
+    """
+    patterns = [re.compile(p) for p in (*LIBRARY_LINES, *allowed)]
+    return [line for line in text.splitlines() if not any(p.fullmatch(line) for p in patterns)]
 
 
 @contextlib.contextmanager

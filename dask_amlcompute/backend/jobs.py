@@ -4,13 +4,11 @@
   the job (or reconnects to it), waits for the published scheduler address,
   connects, watches all of the cluster's jobs (one job list per
   ``watch_interval``, :mod:`~dask_amlcompute.backend.watch`) and stops it on close.
-- :class:`MainJobWorkers`: the workers the main job runs beside the scheduler,
-  one SpecCluster worker group. It only waits for them to join; they live and
-  die with the main job.
-- :class:`WorkerJob`: an extra worker job added by ``scale``/``adapt``, one
-  worker group. It submits the job (or adopts one found by ``from_name``),
-  has the main job's watch follow it, and on close retires its workers through the scheduler (their
-  data moves first) before cancelling the job so AML releases its nodes.
+- :class:`MainJobWorkers`: the workers the main job runs beside the scheduler, one
+  SpecCluster worker group. It only waits for them to join; they die with the main job.
+- :class:`WorkerJob`: an extra worker job added by ``scale``/``adapt``, one worker group.
+  It submits the job (or adopts one found by ``from_name``), has the main job's watch follow
+  it, and on close retires its workers (their data moves first), then cancels the job.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from distributed.deploy.spec import ProcessInterface
 
 from .._protocol import DASHBOARD_TAG, SCHEDULER_ID_TAG, SCHEDULER_TAG
 from ..exceptions import ClusterLostError, SchedulerUnreachableError, StartupTimeoutError
-from .jobwait import LIKELY_CAUSES, job_error, wait_for_tag
+from .jobwait import LIKELY_CAUSES, job_error, missing_module_hint, wait_for_tag
 from .ops import TERMINAL_STATUSES as TERMINAL
 from .ops import JobInfo
 from .state import ClusterContext, Lifecycle
@@ -160,8 +158,7 @@ class MainJob(ProcessInterface):
         state.on_main_update = self._main_update
         self._watcher = asyncio.create_task(self._watch())
         self._identity = asyncio.create_task(self._check_scheduler())
-        if s.no_client_timeout:
-            self._heartbeat = asyncio.create_task(self._heartbeats(s.no_client_timeout))
+        self._heartbeat = asyncio.create_task(self._heartbeats(s.no_client_timeout or math.inf))
         await super().start()
 
     async def _reached_id(self) -> str | None:
@@ -203,10 +200,8 @@ class MainJob(ProcessInterface):
     async def _main_update(self, previous: str | None, info: JobInfo) -> JobInfo:
         """The job watch listed the main job: a status gone back or a new scheduler id is a loss.
 
-        The job list may lag ``GET /jobs/{name}`` (nothing documents that it is as
-        fresh, and AML lets a NotResponding job return to earlier statuses), so what
-        the list suggests is confirmed with one GET and only the GET decides.
-        Returns the snapshot to go on with.
+        The job list may lag ``GET /jobs/{name}`` (and a NotResponding job may return to
+        earlier statuses): one GET confirms and decides. Returns the snapshot to go on with.
         """
         state, ops = self.context.state, self.context.ops
         listed_id = info.tags.get(SCHEDULER_ID_TAG)
@@ -256,25 +251,24 @@ class MainJob(ProcessInterface):
                 state.jobs[name] = status
 
     async def _heartbeats(self, timeout: float) -> None:
-        """Tell the scheduler this cluster object is alive (see ``NoClientTimeout``)."""
+        """Tell the scheduler this cluster is alive; warn of modules the nodes lack (plugins)."""
         interval = max(0.2, min(timeout / 4, self.context.settings.watch_interval))
         while True:
             try:
                 async with rpc(
                     self.address, timeout=10, connection_args=self.context.connection_args
                 ) as scheduler:
-                    await scheduler.dask_amlcompute_heartbeat()
+                    reply = await scheduler.dask_amlcompute_heartbeat()
+                for module in reply.get("missing_modules", ()) if isinstance(reply, dict) else ():
+                    logger.warning(missing_module_hint(module))
             except Exception as exc:
                 logger.debug("Heartbeat to %s failed: %s", self.address, exc)
             await asyncio.sleep(interval)
 
     async def _watch(self) -> None:
-        """Watch all of the cluster's jobs, one job list per ``watch_interval``.
+        """Watch the cluster's jobs (:func:`~.watch.poll_jobs`) each ``watch_interval``.
 
-        The main job ending (timeout, node failure) ends the cluster; a worker job
-        ending is reported to its :class:`WorkerJob` (see
-        :func:`~dask_amlcompute.backend.watch.poll_jobs`). Also warns once before
-        the cluster's ``job_timeout`` runs out.
+        Also warns once before the cluster's ``job_timeout`` runs out.
         """
         ctx, state = self.context, self.context.state
         timeout = ctx.settings.job_timeout

@@ -2,7 +2,8 @@
 
 :func:`wait_for_tag` polls a job (with back-off, bounded) until its scheduler
 publishes a tag; :func:`job_error` turns an ended or stuck job into a typed
-error carrying AML's own message and the tail of the node logs.
+error carrying AML's own message and the tail of the node logs;
+:func:`missing_module_hint` explains a task failing for a module the nodes lack.
 """
 
 from __future__ import annotations
@@ -33,17 +34,18 @@ __all__ = [
     "PHASE_MESSAGES",
     "RUN_HISTORY_FALLBACK_AFTER",
     "job_error",
+    "missing_module_hint",
     "wait_for_tag",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-#: Seconds a job may run without its tag on the job resource before run history is read too.
 #: Seconds between polls while a running job has not published its address yet ...
 RUNNING_POLL = 0.25
 #: ... for this many seconds after it started running (then the usual back-off).
 RUNNING_FAST_FOR = 30.0
+#: Seconds a job may run without its tag on the job resource before run history is read too.
 RUN_HISTORY_FALLBACK_AFTER = 10.0
 
 LIKELY_CAUSES = {
@@ -90,11 +92,7 @@ _CONDA_LISTS = re.compile(
 
 
 def uninstallable_requirements(build_log: str) -> list[str]:
-    """The requirements an image build log says could not be installed, in order.
-
-    Reads pip (``No matching distribution found for X``), uv (``Because X was
-    not found in the package registry``) and conda (``ResolvePackageNotFound:``
-    followed by ``- X`` lines).
+    """The requirements an image build log (pip, uv, conda) says could not be installed.
 
     Examples
     --------
@@ -206,19 +204,12 @@ def _progress(ctx: ClusterContext, job_name: str, info: JobInfo, elapsed: float,
 async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: float) -> JobInfo:
     """Poll a job until it publishes ``tag``; fail fast if it ends; bounded.
 
-    Time in ``Preparing`` (AML's image build of a new environment: 5-20
-    minutes) and in ``Queued`` (node allocation: scale-up from idle, quota) is
-    bounded by ``settings.prepare_timeout`` and ``settings.queue_timeout`` and
-    not counted in ``timeout`` (``startup_timeout``), which bounds the rest.
-    The time spent in each is left in ``ctx.state.phase_seconds``.
-
-    Polling starts fast and backs off to ``settings.poll_interval`` while AML
-    queues or prepares the job; once it runs, the address is seconds away, so
-    polling stays at :data:`RUNNING_POLL` for :data:`RUNNING_FAST_FOR` seconds
-    before backing off again. The tag is
-    read from the job resource; once the job has run for
-    :data:`RUN_HISTORY_FALLBACK_AFTER` seconds without it there, each poll also
-    reads the run's own tags in run history (where ``mlflow.set_tag`` writes).
+    Time in ``Preparing`` (image build: 5-20 minutes) and ``Queued`` (node allocation) is
+    bounded by ``settings.prepare_timeout`` / ``queue_timeout``, not counted in ``timeout``
+    (``startup_timeout``), and left in ``ctx.state.phase_seconds``. Polling backs off to
+    ``settings.poll_interval``; once the job runs it stays at :data:`RUNNING_POLL` for
+    :data:`RUNNING_FAST_FOR` seconds. The tag is read from the job resource, and after
+    :data:`RUN_HISTORY_FALLBACK_AFTER` seconds of running also from run history.
     """
     s = ctx.settings
     delay = min(0.2, s.poll_interval)
@@ -295,3 +286,24 @@ async def _phase_timeout(ctx: ClusterContext, info: JobInfo, spent: float) -> Jo
         "The job was cancelled.",
         StartupTimeoutError,
     )
+
+
+def missing_module_hint(module: str) -> str:
+    """One line: the nodes lack ``module``, the client's distribution of it, the fix."""
+    from importlib.metadata import files, packages_distributions, version
+
+    dists = sorted(set(packages_distributions().get(module.split(".")[0], ())))
+    path = module.replace(".", "/") + "/"  # "azure.ai": of the azure-* ones, azure-ai-ml
+    dists = [d for d in dists if any(str(f).startswith(path) for f in files(d) or ())] or dists
+    found = [f"{d}=={version(d)}" for d in dists]
+    fix = (
+        f"add pip_packages={found!r}, or use stack='installed'"
+        if found
+        else "ship its folder with code="
+    )
+    where = (
+        f"this client has it from {', '.join(found)}"
+        if found
+        else "nor an installed distribution here"
+    )
+    return f"Tasks failed: the cluster's nodes have no module {module!r} ({where}): {fix}."

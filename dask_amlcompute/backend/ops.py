@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
@@ -22,13 +23,13 @@ from ..exceptions import (
     ControlPlaneError,
     NotAmlComputeError,
 )
+from .sdknotices import without_sdk_output
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Job statuses after which a job will not run again.
-#: NotResponding and Paused are not among them: such jobs still hold their nodes, so a
-#: cluster that closes must still cancel them (AML job status docs).
+#: Job statuses after which a job will not run again. Not NotResponding and Paused: such
+#: jobs still hold their nodes, a closing cluster must cancel them (AML job status docs).
 TERMINAL_STATUSES = frozenset({"Completed", "Failed", "Canceled"})
 
 
@@ -77,18 +78,17 @@ def status_text(status: Any) -> str:
     return str(getattr(status, "value", status) or "Unknown")
 
 
-def node_field(node: Any, snake: str, camel: str) -> Any:
-    """Read a field of a ``list_nodes`` entry.
+def node_field(node: Any, camel: str) -> Any:
+    """A field of a ``list_nodes`` entry (``camel``: ``nodeId``, ...).
 
     azure-ai-ml 1.35.x leaves the snake_case attributes None and keeps the
     values under camelCase keys in ``__dict__``; read both.
     """
+    snake = re.sub("([A-Z])", r"_\1", camel).lower()  # nodeId: node_id
     if isinstance(node, dict):
         return node.get(camel, node.get(snake))
     value = getattr(node, snake, None)
-    if value is None:
-        value = getattr(node, "__dict__", {}).get(camel)
-    return value
+    return getattr(node, "__dict__", {}).get(camel) if value is None else value
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -102,10 +102,8 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-#: The library's control-plane calls are retried for at most this many seconds when they
-#: keep failing transiently, on top of the ``MLClient``'s own azure-core retries (3 status
-#: retries by default): whoever built the client, a burst of throttling (429) or server
-#: errors (5xx) is waited out, honouring ``Retry-After``.
+#: Seconds the library retries a call that keeps failing transiently, after the ``MLClient``'s
+#: own azure-core retries (3 by default): bursts of 429/5xx are waited out (``Retry-After``).
 RETRY_WINDOW = 120.0
 #: Back-off between two attempts without a ``Retry-After``: 0.8 s, 1.6 s, ... at most 30 s.
 RETRY_BACKOFF = (0.8, 30.0)
@@ -129,9 +127,8 @@ def retry_delay(exc: BaseException, attempt: int) -> float:
     return float(min(most, factor * 2 ** (attempt - 1)))
 
 
-#: At most this many job submissions and cancellations in flight at once per cluster: a
-#: scale-up to 40 one-node worker jobs is a bounded burst, not 40 simultaneous PUTs
-#: against the workspace's request throttle.
+#: Job submissions and cancellations in flight at once per cluster: a scale-up to 40 worker
+#: jobs is a bounded burst, not 40 simultaneous PUTs against the workspace's throttle.
 MAX_CONCURRENT_WRITES = 4
 
 
@@ -249,11 +246,7 @@ class AmlOps:
     async def create_compute(
         self, name: str, size: str, max_nodes: int, tier: str, idle_seconds: int, timeout: float
     ) -> None:
-        """Create an AmlCompute cluster (min 0 nodes) and wait, bounded, for AML to finish.
-
-        ``compute.begin_create_or_update(AmlCompute(...))``: a long-running
-        operation the SDK polls (``Azure-AsyncOperation``).
-        """
+        """Create an AmlCompute cluster (min 0 nodes); wait, bounded, for the SDK's poller."""
         from azure.ai.ml.entities import AmlCompute
 
         compute = AmlCompute(
@@ -432,7 +425,8 @@ class AmlOps:
         """Create the job; returns its first snapshot (at most MAX_CONCURRENT_WRITES at once)."""
         try:
             async with self._writes:
-                created = await self._call(self.ml_client.jobs.create_or_update, job)
+                submit = without_sdk_output(self.ml_client.jobs.create_or_update)  # upload bar
+                created = await self._call(submit, job)
         except ControlPlaneError as exc:
             # The PUT may have landed before the connection broke: never submit twice.
             try:
@@ -531,21 +525,13 @@ class AmlOps:
     async def list_nodes(self, compute: str) -> list[dict[str, Any]]:
         """Nodes of a compute as plain dicts with camelCase keys."""
         nodes = await self._call(lambda: list(self.ml_client.compute.list_nodes(compute)))
-        keys = [
-            ("node_id", "nodeId"),
-            ("private_ip_address", "privateIpAddress"),
-            ("public_ip_address", "publicIpAddress"),
-            ("port", "port"),
-            ("node_state", "nodeState"),
-            ("run_id", "runId"),
-        ]
-        return [{camel: node_field(n, snake, camel) for snake, camel in keys} for n in nodes]
+        keys = ("nodeId", "privateIpAddress", "publicIpAddress", "port", "nodeState", "runId")
+        return [{k: node_field(n, k) for k in keys} for n in nodes]
 
     async def show_services(self, name: str, node_index: int = 0) -> dict[str, Any]:
-        """The job services of one node of a job (``jobs.show_services``), by service name.
+        """The ``ServiceInstance`` of one node of a job by service name (``jobs.show_services``).
 
-        Each value is a ``ServiceInstance`` (``type``, ``status``, ``properties``
-        with ``ProxyEndpoint`` for SSH). Empty when AML lists none (yet, or any more).
+        ``properties["ProxyEndpoint"]`` is SSH's. Empty when AML lists none (yet, or any more).
         """
         found = await self._call(self.ml_client.jobs.show_services, name, node_index)
         return dict(found or {})
@@ -624,13 +610,7 @@ class AmlOps:
         return [j for j in jobs if j is not None]  # the SDK yields None for unparsable jobs
 
     async def list_job_infos(self, tag: str) -> dict[str, JobInfo]:
-        """Snapshots of the (not archived) jobs that carry tag key ``tag``, by name.
-
-        Parameters
-        ----------
-        tag
-            The tag key (see :meth:`list_jobs`).
-        """
+        """Snapshots of the (not archived) jobs that carry tag key ``tag``, by name."""
         return {j.name: self._info(j) for j in await self.list_jobs(tag=tag)}
 
     async def get_job_entity(self, name: str) -> Any | None:

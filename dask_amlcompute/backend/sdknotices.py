@@ -1,25 +1,30 @@
-"""What the SDK logs: no "experimental class" notices, no secrets.
+"""What the SDK prints: no "experimental class" notices, no upload bar, no secrets.
 
-azure-ai-ml logs a warning (through the ``azure.ai.ml._utils._experimental``
-logger, which has no handler, so Python's last-resort handler prints it to
-stderr) the first time each experimental schema or class is used. Loading the
-SDK's job schemas prints six of them (``Class AutoDeleteSettingSchema: This is
-an experimental class, and may change at any time...``) before any result,
-although nothing the library does is experimental. :class:`ExperimentalNoticeFilter`
-drops exactly those records; every other SDK warning still shows.
+azure-ai-ml logs a warning through ``azure.ai.ml._utils._experimental`` (no handler: Python's
+last resort prints it) the first time each experimental schema is used, six of them
+(``Class AutoDeleteSettingSchema: This is an experimental class...``) before any result:
+:class:`ExperimentalNoticeFilter` drops exactly those. At DEBUG, urllib3 logs request lines
+with the snapshot upload's SAS signature (``sig=``), and azure-core's network trace
+(``logging_enable=True``) headers and bodies: :class:`SecretRedactingFilter` masks SAS
+signatures, account keys, authorizations and private keys (:data:`REDACTED_LOGGERS`).
 
-At DEBUG, urllib3 logs every request line with its query string: the SAS
-signature (``sig=``) of the code snapshot's upload URL (write access) among
-them; azure-core's network trace (``logging_enable=True``) logs headers and
-bodies (bearer tokens, the job body). :class:`SecretRedactingFilter` masks SAS
-signatures, account keys, bearer/SharedKey authorizations and PEM private keys
-in the records of those loggers (:data:`REDACTED_LOGGERS`).
+Uploading a job's code snapshot, the SDK writes a tqdm bar (``Uploading 0ac58... (0.47
+MBs)``) and, whatever ``MLClient(show_progress=...)`` says, a colour reset (``print(Fore.RESET
+...)`` in its blob and gen2 storage clients' ``upload``) to ``sys.stderr``; no parameter of the
+call turns that off. :func:`without_sdk_output` drops what the calling thread writes there.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: The logger azure-ai-ml's ``@experimental`` decorator writes to.
 EXPERIMENTAL_LOGGER = "azure.ai.ml._utils._experimental"
@@ -97,3 +102,41 @@ def install_log_filters() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in logger.filters):
             logger.addFilter(kind())
+
+
+class _ThreadMutedStream:
+    """``sys.stderr`` while SDK calls run: drops what their threads (``muted``) write."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.muted: set[int] = set()
+
+    def write(self, text: str) -> int:
+        return len(text) if threading.get_ident() in self.muted else self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+_stderr_lock = threading.Lock()
+
+
+def without_sdk_output(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn``, run with what it writes to ``sys.stderr`` from its own thread dropped."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> T:
+        with _stderr_lock:
+            if not isinstance(sys.stderr, _ThreadMutedStream):
+                sys.stderr = _ThreadMutedStream(sys.stderr)
+            proxy = sys.stderr
+            proxy.muted.add(threading.get_ident())
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with _stderr_lock:
+                proxy.muted.discard(threading.get_ident())
+                if not proxy.muted and sys.stderr is proxy:
+                    sys.stderr = proxy.stream
+
+    return call

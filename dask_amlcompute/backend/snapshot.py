@@ -1,24 +1,13 @@
 """The jobs' code snapshot: how dask-amlcompute itself (and the user's code) reaches the nodes.
 
-No package index has dask-amlcompute, so the nodes cannot ``pip install`` it
-(an AML image build with that requirement fails). Every job of a cluster
-instead carries the library's own files in its *code snapshot*:
-``command(code=<folder>)`` makes azure-ai-ml upload the folder to the
-workspace's storage, AML keeps it by content hash (a second job with the same
-content reuses it, no upload) and every node starts the job in a copy of that
-folder, so ``python -m dask_amlcompute.node`` imports the package from there.
-(Microsoft Learn, "Train models with Azure ML CLI, SDK and REST": the ``code``
-of a command job is "the local path to the source code directory to be
-uploaded and used for the job"; ray-on-aml ships its entry script the same way.)
-
-A user's own ``code=`` folder goes into the same snapshot: its files at the
-top, the library beside them under ``dask_amlcompute/``. The folder that is
-uploaded is staged here, in the user cache, named by the hash of its content,
-so repeated clusters hand the SDK an identical folder and AML reuses the
-upload.
-
-With ``node_package=`` (the library installed by pip from a URL the nodes can
-reach) the snapshot carries only the user's code, or there is none.
+No package index has dask-amlcompute, so every job carries the library's files in its code
+snapshot (``command(code=<folder>)``: azure-ai-ml uploads the folder, AML keeps it by content
+hash and starts each node in a copy of it; ray-on-aml ships its entry script the same way).
+A user's ``code=`` folder goes into the same snapshot, its files at the top and the library
+under ``dask_amlcompute/``. The folder is staged in the user cache, named by its content
+hash, so repeated clusters hand the SDK an identical folder and AML reuses the upload. With
+``node_package=`` the snapshot carries only the user's code, or there is none. See
+docs/environment.md.
 """
 
 from __future__ import annotations

@@ -234,6 +234,10 @@ async def start_scheduler(ctx: NodeContext, opts: NodeOptions) -> Any:
         await scheduler.register_scheduler_plugin(
             NoClientTimeout(opts.no_client_timeout, opts.first_contact_timeout), idempotent=True
         )
+    if opts.role == "cluster":  # after NoClientTimeout: wraps its heartbeat handler
+        from .plugins import MissingModules
+
+        await scheduler.register_scheduler_plugin(MissingModules(), idempotent=True)
     return scheduler
 
 

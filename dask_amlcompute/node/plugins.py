@@ -212,3 +212,56 @@ class NoClientTimeout(SchedulerPlugin):
 
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
+
+
+class MissingModules(SchedulerPlugin):
+    """Note the modules the nodes lack; the heartbeat's reply names each once.
+
+    A task importing one errs (``No module named 'x'``); a graph holding one of its
+    functions fails to unpickle on the scheduler, which logs that while handling the
+    error (:meth:`filter` sees it). Register after :class:`NoClientTimeout`: this wraps
+    its heartbeat handler.
+    """
+
+    name = "dask-amlcompute-missing-modules"
+
+    def __init__(self) -> None:
+        self.found: dict[str, bool] = {}  # module: reported
+
+    async def start(self, scheduler: Any) -> None:
+        import logging
+
+        beat = scheduler.handlers.get(HEARTBEAT_HANDLER)
+
+        def heartbeat() -> dict[str, Any]:
+            new = [module for module, told in self.found.items() if not told]
+            self.found.update(dict.fromkeys(new, True))
+            return {"timeout": beat() if beat else None, "missing_modules": new}
+
+        scheduler.handlers[HEARTBEAT_HANDLER] = heartbeat
+        logging.getLogger("distributed.scheduler").addFilter(self.filter)
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if finish == "erred":
+            self.note(str(kwargs.get("exception_text")))
+
+    def filter(self, record: Any) -> bool:
+        """A log filter: note the modules of the import errors being handled."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        while exc is not None:
+            self.note(str(exc) if isinstance(exc, ImportError) else "")
+            exc = exc.__cause__ or exc.__context__
+        return True
+
+    def note(self, text: str) -> None:
+        import re
+
+        for module in re.findall(r"No module named '([\w.]+)'", text):
+            self.found.setdefault(module, False)
+
+    async def close(self) -> None:
+        import logging
+
+        logging.getLogger("distributed.scheduler").removeFilter(self.filter)

@@ -180,8 +180,7 @@ def make_ml_client(
     if cert_path:
         transport_kwargs["connection_verify"] = cert_path
         kwargs.setdefault("connection_verify", cert_path)
-    kwargs.setdefault("enable_telemetry", False)
-    kwargs.setdefault("show_progress", False)
+    kwargs.setdefault("enable_telemetry", False)  # show_progress: the SDK's default, as a user's
     # Short retry back-off: the emulator answers fast and tests inject 429/503.
     kwargs.setdefault("retry_backoff_factor", 0.2)
     kwargs.setdefault("retry_backoff_max", 2)

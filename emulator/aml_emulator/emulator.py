@@ -416,8 +416,11 @@ class Emulator(EmulatorControls):
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout)
         if loop is not None and not loop.is_running():
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(loop.shutdown_asyncgens())
+            shutdown = loop.shutdown_asyncgens()
+            try:
+                loop.run_until_complete(shutdown)
+            except Exception:  # e.g. this thread runs a loop of its own (a Jupyter kernel)
+                shutdown.close()  # else "coroutine ... was never awaited" on stderr
             loop.close()
         self._loop = self._thread = None
         self._engine = None

@@ -4,10 +4,13 @@ index has fails with a typed error, and Preparing has its own bound."""
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 
 import dask.bag as db
 import pytest
+from _helpers import wait_for
 from distributed import Client
 
 from dask_amlcompute import AmlComputeCluster, EnvironmentBuildError, StartupTimeoutError
@@ -104,7 +107,7 @@ def test_preparing_has_its_own_bound(emulator, ml_client, cluster_kwargs):
 
 @pytest.mark.slow
 def test_env_build_registers_the_environment_clusters_then_name(
-    emulator, ml_client, cluster_kwargs, capsys
+    emulator, ml_client, cluster_kwargs, capsys, caplog
 ):
     assert cli_main(["env", "build", "--emulator", emulator.base_url, "--stack", "none"]) == 0
     spec = build_spec(stack="none")
@@ -119,3 +122,29 @@ def test_env_build_registers_the_environment_clusters_then_name(
         Client(cluster) as client,
     ):
         assert client.submit(lambda x: x + 1, 1).result() == 2
+        # stack="none" nodes lack scikit-learn and nbformat, which this client has: a task
+        # importing one errs, a graph holding a function of the other cannot be unpickled
+        # on the scheduler. However often that happens, the library names each in one line.
+        import nbformat
+
+        def uses_sklearn(x):  # nested: pickled by value, imports sklearn on the node
+            import sklearn  # noqa: F401
+
+            return x
+
+        with caplog.at_level(logging.WARNING, logger="dask_amlcompute"):
+            for attempt in range(2):
+                with pytest.raises(ModuleNotFoundError, match="sklearn"):
+                    client.submit(uses_sklearn, attempt).result(timeout=30)
+                with pytest.raises(RuntimeError, match="deserialization of the task graph"):
+                    client.submit(nbformat.reads, "{}", attempt).result(timeout=30)
+
+            def hints() -> list[str]:
+                return [r.getMessage() for r in caplog.records if "no module" in r.getMessage()]
+
+            wait_for(lambda: len(hints()) >= 2, 20, "the missing-module hints")
+            time.sleep(3 * cluster_kwargs["watch_interval"])  # heartbeats that must not repeat them
+    assert len(hints()) == 2, hints()
+    sklearn, nbformat_hint = sorted(hints(), key=lambda h: "nbformat" in h)
+    assert "'sklearn'" in sklearn and "pip_packages=['scikit-learn==" in sklearn
+    assert "'nbformat'" in nbformat_hint and "pip_packages=['nbformat==" in nbformat_hint

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _helpers import foreign_lines
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
@@ -49,3 +50,9 @@ def test_notebook_executes(name, expected, tmp_path, monkeypatch):
     )
     for text in expected:
         assert text in outputs
+    if name == "quickstart.ipynb":  # printed: the library's progress and the results only
+        streams = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+        text = "".join(o["text"] for o in streams if o.get("output_type") == "stream")
+        allowed = (r"AML jobs: \{.+\}", r"Dashboard: \S+", r"nodes in use: 0")
+        foreign = foreign_lines(text, *allowed)
+        assert not foreign, "\n".join(map(repr, foreign))

@@ -1,0 +1,74 @@
+"""A module the nodes lack: the scheduler plugin notes it, the client names it once (issue 27)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from importlib.metadata import version
+from types import SimpleNamespace
+
+from dask_amlcompute.backend.jobwait import missing_module_hint
+from dask_amlcompute.node.plugins import HEARTBEAT_HANDLER, MissingModules
+
+
+def test_the_hint_names_the_module_its_distribution_at_the_clients_version_and_the_fix():
+    hint = missing_module_hint("sklearn")
+    pin = f"scikit-learn=={version('scikit-learn')}"
+    assert hint == (
+        "Tasks failed: the cluster's nodes have no module 'sklearn' (this client has it from "
+        f"{pin}): add pip_packages=['{pin}'], or use stack='installed'."
+    )
+
+
+def test_a_namespace_package_names_only_the_distribution_with_that_subpackage():
+    # "azure" comes from a dozen azure-* distributions; "azure.ai" from azure-ai-ml only
+    assert f"pip_packages=['azure-ai-ml=={version('azure-ai-ml')}']" in missing_module_hint(
+        "azure.ai"
+    )
+
+
+def test_a_module_no_distribution_provides_points_to_the_code_folder():
+    hint = missing_module_hint("my_local_helpers_xyz")
+    assert "'my_local_helpers_xyz'" in hint and "code=" in hint and "pip_packages" not in hint
+
+
+def started(plugin: MissingModules, beat=None) -> SimpleNamespace:
+    scheduler = SimpleNamespace(handlers={HEARTBEAT_HANDLER: beat} if beat else {})
+    asyncio.run(plugin.start(scheduler))
+    return scheduler
+
+
+def test_erred_tasks_and_failed_graphs_are_reported_once_per_module():
+    plugin = MissingModules()
+    heartbeat = started(plugin, beat=lambda: 600.0).handlers[HEARTBEAT_HANDLER]
+    try:
+        for key in ("a", "b"):  # a task importing sklearn errs, twice
+            text = "ModuleNotFoundError(\"No module named 'sklearn'\")"
+            plugin.transition(key, "processing", "erred", exception_text=text)
+        plugin.transition("c", "processing", "memory")
+        # the scheduler cannot unpickle a graph: distributed logs while handling the error
+        for _ in range(2):
+            try:
+                try:
+                    import no_such_module_xyz  # noqa: F401
+                except ImportError as exc:
+                    raise RuntimeError("Error during deserialization of the task graph") from exc
+            except RuntimeError as exc:
+                logging.getLogger("distributed.scheduler").error(str(exc))
+        first = heartbeat()
+        assert first == {"timeout": 600.0, "missing_modules": ["sklearn", "no_such_module_xyz"]}
+        assert heartbeat()["missing_modules"] == []  # told once
+    finally:
+        asyncio.run(plugin.close())
+    assert plugin.filter not in logging.getLogger("distributed.scheduler").filters
+
+
+def test_without_a_no_client_timeout_the_heartbeat_still_answers():
+    plugin = MissingModules()
+    try:
+        assert started(plugin).handlers[HEARTBEAT_HANDLER]() == {
+            "timeout": None,
+            "missing_modules": [],
+        }
+    finally:
+        asyncio.run(plugin.close())

@@ -1,0 +1,43 @@
+"""azure-ai-ml's code upload writes a tqdm bar and a colour reset to stderr: none shows (issue 27)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+from colorama import Fore
+from tqdm import tqdm
+
+from dask_amlcompute.backend.sdknotices import without_sdk_output
+
+
+def upload_like_the_sdk(source: str) -> str:
+    """What BlobStorageClient.upload writes around a directory upload (azure-ai-ml 1.x)."""
+    with tqdm(total=100, desc=Fore.GREEN + f"Uploading {source} (0.47 MBs)") as bar:
+        bar.update(100)
+    print(Fore.RESET + "\n", file=sys.stderr)
+    return "uploaded"
+
+
+def test_the_calls_own_stderr_output_is_dropped_and_stderr_restored(capsys):
+    stderr = sys.stderr
+    assert without_sdk_output(upload_like_the_sdk)("0ac58") == "uploaded"
+    assert sys.stderr is stderr
+    assert capsys.readouterr().err == ""
+
+
+def test_other_threads_write_through_while_the_call_runs(capsys):
+    started, done = threading.Event(), threading.Event()
+
+    def slow_upload() -> None:
+        print("from the SDK", file=sys.stderr)
+        started.set()
+        done.wait(10)
+
+    call = threading.Thread(target=without_sdk_output(slow_upload))
+    call.start()
+    assert started.wait(10)
+    print("from the user", file=sys.stderr)  # another thread, meanwhile
+    done.set()
+    call.join(10)
+    assert capsys.readouterr().err == "from the user\n"

@@ -165,9 +165,8 @@ def format_differences(differences: list[Difference], where: str = "the cluster"
         table,
         "",
         "To fix it:",
-        "  - use the default node environment (environment=None): it pins Python, dask, "
-        "distributed, cloudpickle and the installed numpy/pandas/pyarrow to this client's "
-        "versions;",
+        "  - use the default node environment (environment=None, stack='sync'): it pins Python "
+        "and every distribution this client has installed to this client's versions;",
         "  - or pin the client's versions in your own environment (`dask-amlcompute env "
         "--print --format conda` prints them) and pass environment='name@latest';",
     ]

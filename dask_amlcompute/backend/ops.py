@@ -513,8 +513,8 @@ class AmlOps:
             if info.terminal:
                 return info.status
             async with self._writes:  # the request; waiting for its result is not bounded by it
-                poller = await self._call(self.ml_client.jobs.begin_cancel, name)
-            if not wait:
+                poller = await self._call(self.ml_client.jobs.begin_cancel, name, polling=wait)
+            if not wait:  # polling=False: no background thread polls the cancel's operation
                 return "CancelRequested"
             await asyncio.wait_for(asyncio.to_thread(poller.result), timeout)
         except Exception as exc:

@@ -210,3 +210,11 @@ def test_the_library_works_without_the_emulator():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert proc.stderr.count("pip install -e ./emulator") == 2
+
+
+def test_test_modules_have_unique_basenames():
+    # the README's command collects tests/ and emulator/tests in one run (rootdir imports):
+    # two test modules of one basename fail collection with "import file mismatch"
+    root = Path(__file__).resolve().parents[2]
+    names = [p.name for d in ("tests", "emulator/tests") for p in (root / d).rglob("test_*.py")]
+    assert not {n for n in names if names.count(n) > 1}

@@ -350,7 +350,6 @@ class MainJob(ProcessInterface):
             status = await ctx.ops.cancel(self.job_name, wait=False)
             if status:
                 state.jobs[self.job_name] = status
-        await self.connector.close()
         ctx.log(f"AML job {self.job_name}: {state.jobs.get(self.job_name)}{note}")
         await super().close()
 

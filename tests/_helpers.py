@@ -15,14 +15,23 @@ from typing import Any
 
 import dask
 import pytest
-from _emu_helpers import wait_for  # the emulator's tests' helper, shared
+from _emu_helpers import wait_for  # the emulator's tests' helpers, shared
+from _ssh_helpers import free_port
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from dask_amlcompute.backend.daskcuda import RELEASES
+from dask_amlcompute.backend.environment import local_python
 
 __all__ = [
     "FAST_CLUSTER",
+    "GPU_DASK",
     "LIBRARY_LINES",
+    "NO_GPU_DASK",
     "env_in_dask_config",
     "fake_distribution",
     "foreign_lines",
+    "free_port",
     "make_tree",
     "wait_for",
 ]
@@ -39,6 +48,15 @@ FAST_CLUSTER: dict[str, Any] = {
     # sync (tests/emulated/test_package_sync.py) ask for stack="sync"
     "stack": "installed",
 }
+
+
+#: The newest dask a dask-cuda release runs with on this Python (the shipped table's answer),
+#: and one no release runs with (between dask-cuda 26.10's 2026.7.1 and whatever comes next).
+GPU_DASK = max(
+    (d for py, ds in RELEASES.values() if SpecifierSet(py).contains(local_python()) for d in ds),
+    key=Version,
+)
+NO_GPU_DASK = "2026.8.0"
 
 
 def make_tree(root: Path, files: dict[str, str]) -> Path:

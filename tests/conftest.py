@@ -6,6 +6,7 @@ import os
 
 import pytest
 from _helpers import FAST_CLUSTER
+from _ssh_helpers import write_client_key
 
 EXTERNAL_VARS = (
     "AZURE_SUBSCRIPTION_ID",
@@ -52,6 +53,25 @@ def run_tags_withheld(emulator):
         yield emulator
     finally:
         emulator.set_run_tags_on_job(True)
+
+
+@pytest.fixture(scope="session")
+def ssh_key(tmp_path_factory):
+    """A client key pair for public-SSH computes: ``(private key file, public key line)``."""
+    return write_client_key(tmp_path_factory.mktemp("ssh"))
+
+
+@pytest.fixture
+def client_dask(monkeypatch):
+    """Make this client look as if it ran another dask (what the GPU environment pins)."""
+    import dask
+    import distributed
+
+    def use(version: str) -> None:
+        monkeypatch.setattr(dask, "__version__", version)
+        monkeypatch.setattr(distributed, "__version__", version)
+
+    return use
 
 
 @pytest.fixture

@@ -7,19 +7,13 @@ import urllib.request
 
 import pytest
 from _helpers import FAST_CLUSTER
-from _ssh_helpers import write_client_key
 from distributed import Client
 
 from aml_emulator import ComputeSpec, Emulator
-from dask_amlcompute import AmlComputeCluster, ConfigurationError
+from dask_amlcompute import AmlComputeCluster
 from dask_amlcompute.connect.tunnel import HostKeyError
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ssh_key(tmp_path_factory):
-    return write_client_key(tmp_path_factory.mktemp("ssh"))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +23,6 @@ def ssh_emulator(ssh_key):
         ComputeSpec(
             name="ssh-cluster", max_nodes=4, admin_user="azureuser", ssh_public_keys=[public]
         ),
-        ComputeSpec(name="private-cluster", max_nodes=4, ssh_public_access=False),
     ]
     with Emulator(computes=computes) as emu:
         yield emu
@@ -59,20 +52,6 @@ def test_unknown_host_key_is_refused_and_the_job_cancelled(ssh_emulator, ssh_key
         "Failed",
     )
     assert "unknown-host-key-main" not in ssh_emulator.active_jobs()
-
-
-def test_compute_without_public_ssh_gives_a_clear_error_before_submitting(
-    ssh_emulator, ssh_key, tmp_path
-):
-    # the compute's settings say public SSH cannot work: refused before any node is paid for
-    with pytest.raises(ConfigurationError, match="SSH public access") as raised:
-        AmlComputeCluster(
-            ssh_emulator.ml_client(),
-            name="no-public-ssh",
-            **kwargs(ssh_key, tmp_path, compute="private-cluster"),
-        )
-    assert "connect='auto'" in str(raised.value) and "Nothing was submitted" in str(raised.value)
-    assert not any(j.name == "no-public-ssh-main" for j in ssh_emulator.ml_client().jobs.list())
 
 
 def test_auto_uses_direct_when_the_scheduler_is_reachable(ssh_emulator, ssh_key, tmp_path):

@@ -11,10 +11,11 @@ A dask-cuda worker has not run in this project's CI (see docs: GPU nodes).
 from __future__ import annotations
 
 import asyncio
+import re
 
 import dask
-import distributed
 import pytest
+from _helpers import GPU_DASK, NO_GPU_DASK
 
 from dask_amlcompute import (
     AmlComputeCluster,
@@ -60,19 +61,8 @@ def _argv(spec) -> NodeOptions:
     return NodeOptions.from_argv(argv)
 
 
-@pytest.fixture
-def client_dask(monkeypatch):
-    """Make this client look as if it ran another dask (what the environment pins)."""
-
-    def use(version: str) -> None:
-        monkeypatch.setattr(dask, "__version__", version)
-        monkeypatch.setattr(distributed, "__version__", version)
-
-    return use
-
-
 def test_gpu_size_gives_dask_cuda_workers_and_the_cuda_image(ml_client, gpu_compute, client_dask):
-    client_dask("2026.7.1")
+    client_dask(GPU_DASK)
     cluster, spec = _prepared(ml_client, compute=gpu_compute, n_nodes=2, name="gpu-plan")
     node = _argv(spec)
     assert node.cuda and node.processes == 4  # one worker per GPU
@@ -80,7 +70,7 @@ def test_gpu_size_gives_dask_cuda_workers_and_the_cuda_image(ml_client, gpu_comp
     environment = cluster._context.plan.environment
     assert environment.image == CUDA_IMAGE
     pip = environment.conda_file["dependencies"][-1]["pip"]
-    assert dask_cuda_requirement("2026.7.1", local_python()) in pip and "dask==2026.7.1" in pip
+    assert dask_cuda_requirement(GPU_DASK, local_python()) in pip and f"dask=={GPU_DASK}" in pip
     logs = "\n".join(line for _, line in cluster._cluster_manager_logs)
     assert "4 GPU(s) per node, one dask-cuda worker per GPU" in logs
     # the user's choices win: CPU workers, their own environment
@@ -119,8 +109,9 @@ def test_gpu_node_without_dask_cuda_fails_saying_so(ml_client, gpu_compute, clus
 def test_a_dask_without_dask_cuda_is_refused_before_submitting(
     emulator, ml_client, gpu_compute, client_dask
 ):
-    client_dask("2026.8.0")  # dask-cuda 26.10 pins 2026.7.1; no release runs 2026.8.0
-    with pytest.raises(ConfigurationError, match=r"No dask-cuda release runs with dask 2026\.8\.0"):
+    client_dask(NO_GPU_DASK)
+    refusal = f"No dask-cuda release runs with dask {re.escape(NO_GPU_DASK)}"
+    with pytest.raises(ConfigurationError, match=refusal):
         AmlComputeCluster(ml_client, compute=gpu_compute, n_nodes=1, name="gpu-refused")
     assert not [j.name for j in ml_client.jobs.list() if "gpu-refused" in j.name]
     # the way out the message names: plain Dask workers on the GPU nodes
@@ -131,7 +122,7 @@ def test_a_dask_without_dask_cuda_is_refused_before_submitting(
 
 
 def test_job_ssh_is_refused_on_the_default_gpu_environment(ml_client, gpu_compute, client_dask):
-    client_dask("2026.7.1")
+    client_dask(GPU_DASK)
     with pytest.raises(ConfigurationError, match="openssh-server") as info:
         _prepared(ml_client, compute=gpu_compute, n_nodes=1, connect="job-ssh", name="gpu-ssh")
     assert "gpu_workers='none'" in str(info.value) and "env --gpu" in str(info.value)
@@ -167,7 +158,13 @@ def test_an_unbuildable_gpu_environment_fails_in_the_build_as_on_aml(
         "dependencies": [
             f"python={local_python()}",
             "pip",
-            {"pip": ["dask==2026.8.0", "distributed==2026.8.0", "dask-cuda[cu12]==26.10.0"]},
+            {
+                "pip": [
+                    f"dask=={NO_GPU_DASK}",
+                    f"distributed=={NO_GPU_DASK}",
+                    dask_cuda_requirement(GPU_DASK, local_python()),
+                ]
+            },
         ],
     }
     job = ml_client.jobs.create_or_update(

@@ -15,11 +15,10 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import dask
-import distributed
 import pytest
+from _helpers import GPU_DASK as SUPPORTED
+from _helpers import NO_GPU_DASK as UNSUPPORTED
 from packaging.requirements import Requirement
-from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from dask_amlcompute.backend.daskcuda import (
@@ -31,24 +30,6 @@ from dask_amlcompute.backend.daskcuda import (
 from dask_amlcompute.backend.environment import build_spec, local_python
 from dask_amlcompute.cli import main as cli_main
 from dask_amlcompute.exceptions import ConfigurationError
-
-#: The newest dask with a dask-cuda on this Python (the table's own answer).
-SUPPORTED = max(
-    (d for py, ds in RELEASES.values() if SpecifierSet(py).contains(local_python()) for d in ds),
-    key=Version,
-)
-UNSUPPORTED = "2026.8.0"  # between dask-cuda 26.10's 2026.7.1 and whatever comes next
-
-
-@pytest.fixture
-def client_dask(monkeypatch):
-    """Make this client look as if it ran another dask (what build_spec pins)."""
-
-    def use(version: str) -> None:
-        monkeypatch.setattr(dask, "__version__", version)
-        monkeypatch.setattr(distributed, "__version__", version)
-
-    return use
 
 
 def test_gpu_environment_pins_the_dask_cuda_of_the_clients_dask(client_dask):

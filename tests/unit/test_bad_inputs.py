@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import signal
 import threading
 import time
@@ -50,7 +51,8 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.entry}:{self.param}={self.bad!r}"[:70]
+        # no memory address (``<object object at 0x...>``): parallel workers collect the same ids
+        return re.sub(r" at 0x[0-9a-f]+", "", f"{self.entry}:{self.param}={self.bad!r}")[:70]
 
 
 #: Bad values of every setting: passed as arguments and as dask config values.

@@ -253,7 +253,7 @@ def test_node_killed_mid_computation_results_still_correct(emu):
 def test_repeated_create_close_leaves_nothing(emu):
     me = psutil.Process(os.getpid())
     before = {c.pid for c in me.children(recursive=True)}
-    for _ in range(3):  # each cycle ~8 s on 2 cores; a leak of one cycle shows after any
+    for _ in range(2):  # each cycle ~5 s on 2 cores; a leak of one cycle shows after any
         with AmlComputeCluster(emu.ml_client(), **settings()) as cluster, Client(cluster) as client:
             assert client.submit(int, "7").result() == 7
         emu.wait_job(cluster.main_job_name, timeout=30)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+from pathlib import Path
 
 import pytest
 from _helpers import FAST_CLUSTER
@@ -24,6 +26,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "external" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)  # outside pytest-timeout: waiting is not run time
+def pytest_runtest_protocol(item):
+    """A test marked ``alone`` runs while the other test process runs nothing (pyproject's
+    ``-n 2``): it keeps both cores busy by itself, and what ran beside it would crawl."""
+    basetemp = getattr(item.config, "workerinput", None) and item.config.option.basetemp
+    if not basetemp:  # one process: nothing runs beside
+        yield
+        return
+    # the run's temporary folder (the workers' folders are in it): shared by both, cleaned by pytest
+    with open(Path(basetemp).parent / "alone.lock", "a") as lock:
+        alone = item.get_closest_marker("alone") is not None
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        yield
 
 
 @pytest.fixture(scope="session")

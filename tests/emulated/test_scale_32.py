@@ -32,7 +32,7 @@ from dask_amlcompute import AmlComputeCluster
 from dask_amlcompute.cli.demo import workloads
 from dask_amlcompute.node.plugins import job_of_worker
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # 32 node processes: both cores
 
 COMPUTE = "scale-32"
 #: Nodes of the main job: what adaptive scaling can never go below.

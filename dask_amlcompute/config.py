@@ -45,14 +45,6 @@ DEFAULTS_FILE = os.path.join(_HERE, "amlcompute.yaml")
 SCHEMA_FILE = os.path.join(_HERE, "amlcompute-schema.yaml")
 
 
-def _load_defaults() -> dict:
-    with open(DEFAULTS_FILE) as f:
-        return yaml.safe_load(f)
-
-
-_registered = False
-
-
 def cache_dir() -> Path:
     """The folder dask-amlcompute caches things in (snapshots, emulator downloads).
 
@@ -66,12 +58,11 @@ def cache_dir() -> Path:
     return Path(xdg or Path.home() / ".cache") / "dask-amlcompute"
 
 
+@functools.cache
 def ensure_defaults() -> None:
-    """Merge the package defaults into dask.config (idempotent)."""
-    global _registered
-    if not _registered:
-        dask.config.update_defaults(_load_defaults())
-        _registered = True
+    """Merge the package defaults into dask.config (once)."""
+    with open(DEFAULTS_FILE) as f:
+        dask.config.update_defaults(yaml.safe_load(f))
 
 
 def get(key: str, override_with=None):
@@ -166,40 +157,19 @@ class ComputeRequest:
     idle_seconds: int = 120
 
 
-def compute_request(value: Any) -> ComputeRequest | None:
-    """Validate ``create_compute``: None, or a mapping with ``size`` and ``max_nodes``.
-
-    Optional keys: ``tier`` (``dedicated`` | ``low_priority``) and
-    ``idle_time_before_scale_down`` (a duration, default 120 s).
-    """
+def compute_request(value: Any, what: str = "create_compute") -> ComputeRequest | None:
+    """``create_compute`` (None, or a mapping; the schema's ``compute-request``) as a request."""
     if value is None or isinstance(value, ComputeRequest):
         return value
-    if not isinstance(value, Mapping):
-        raise ConfigurationError(
-            "create_compute must be a mapping like {'size': 'Standard_D4s_v3', 'max_nodes': 4}, "
-            f"got {value!r}."
-        )
-    data = {str(k).replace("-", "_"): v for k, v in value.items()}
-    known = {"size", "max_nodes", "tier", "idle_time_before_scale_down"}
-    if set(data) - known:
-        raise ConfigurationError(
-            f"create_compute: unknown key(s) {', '.join(sorted(set(data) - known))}; "
-            f"known: {', '.join(sorted(known))}."
-        )
-    tier = str(data.get("tier") or "dedicated").lower().replace("-", "_")
-    if tier not in ("dedicated", "low_priority"):
-        raise ConfigurationError(
-            f"create_compute['tier'] must be 'dedicated' or 'low_priority', got {data['tier']!r}."
-        )
-    idle = parse_duration(
-        data.get("idle_time_before_scale_down", 120),
-        "create_compute['idle_time_before_scale_down']",
-    )
+    if isinstance(value, Mapping):  # "max-nodes" or "max_nodes", "low-priority" or "Low_Priority"
+        value = {str(k).replace("-", "_"): v for k, v in value.items()}
+        if isinstance(value.get("tier"), str):
+            value["tier"] = value["tier"].lower().replace("-", "_")
+    _check(_validator("compute-request"), value, what)
+    idle = value.get("idle_time_before_scale_down", 120)
+    idle = parse_duration(idle, f"{what}['idle_time_before_scale_down']")
     return ComputeRequest(
-        size=checked("instance-type", data.get("size", ""), "create_compute['size']"),
-        max_nodes=checked("n-nodes", data.get("max_nodes"), "create_compute['max_nodes']"),
-        tier=tier,
-        idle_seconds=int(idle or 0),
+        value["size"], value["max_nodes"], value.get("tier", "dedicated"), int(idle or 0)
     )
 
 
@@ -222,10 +192,14 @@ def default_cluster_name() -> str:
 
 
 @functools.cache
+def _schema_file() -> dict[str, Any]:
+    with open(SCHEMA_FILE) as f:
+        return yaml.safe_load(f)
+
+
 def schema() -> dict[str, Any]:
     """The schema entry of every ``amlcompute.*`` key (``amlcompute-schema.yaml``), by key."""
-    with open(SCHEMA_FILE) as f:
-        return yaml.safe_load(f)["properties"]["amlcompute"]["properties"]
+    return _schema_file()["properties"]["amlcompute"]["properties"]
 
 
 #: How a schema type reads in an error message.
@@ -246,13 +220,14 @@ CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "options": options_mapping,
     "file": existing_file,
     "environment": environment_setting,
-    "create-compute": lambda value, what: compute_request(value),
+    "create-compute": compute_request,
 }
 
 
 @functools.cache
 def _validator(key: str) -> Any:
-    """The jsonschema validator of ``key`` (imported here: the nodes import this module too)."""
+    """The jsonschema validator of setting (or schema definition) ``key``."""
+    # imported here: the nodes import this module too
     from jsonschema import Draft202012Validator, validators
 
     # JSON Schema types as Python has them: an int is no float or bool; mappings, tuples count
@@ -263,7 +238,16 @@ def _validator(key: str) -> Any:
             "array": lambda _, x: isinstance(x, list | tuple),
         }
     )
-    return validators.extend(Draft202012Validator, type_checker=types)(schema()[key])
+    entry = schema().get(key) or _schema_file()["definitions"][key]
+    return validators.extend(Draft202012Validator, type_checker=types)(entry)
+
+
+def _check(validator: Any, value: Any, what: str) -> None:
+    from jsonschema.exceptions import best_match
+
+    error = best_match(validator.iter_errors(value))
+    if error is not None:
+        raise _refusal(what, error)
 
 
 def _short(value: Any) -> str:
@@ -290,6 +274,10 @@ def _refusal(what: str, error: Any) -> ConfigurationError:
         "maxLength": lambda: f"must have at most {rule} characters",
         "maxProperties": lambda: f"must have at most {rule} entries",
         "maxItems": lambda: f"must have at most {rule} items",
+        "required": lambda: "needs " + ", ".join(repr(k) for k in rule if k not in error.instance),
+        "additionalProperties": lambda: (
+            "has unknown key(s); known: " + ", ".join(error.schema["properties"])
+        ),
     }
     text = rules[str(error.validator)]() if error.validator in rules else error.message[:200]
     return ConfigurationError(f"{where} {text}; got {_short(error.instance)}.")
@@ -354,11 +342,7 @@ def checked(key: str, value: Any, what: str | None = None) -> Any:
     if key == "job-tier" and isinstance(value, str):
         value = value.lower()  # AML spells it "Spot"
     if key != "environment" or value is None or isinstance(value, str):  # an entity: backend
-        from jsonschema.exceptions import best_match
-
-        error = best_match(_validator(key).iter_errors(value))
-        if error is not None:
-            raise _refusal(what, error)
+        _check(_validator(key), value, what)
     if "duration" in entry and value is not None:
         value = parse_duration(value, what, *entry["duration"])
     if isinstance(value, Mapping):

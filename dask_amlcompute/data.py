@@ -7,20 +7,10 @@ An AML datastore URI names data by datastore, not by storage account::
 
 :func:`resolve` asks the workspace (``ml_client.datastores``) which account,
 container and credential the datastore uses and returns an ``abfs://`` URL with
-the ``storage_options`` adlfs needs *on the nodes*, so that bulk data moves
-between the workers and storage and never through the notebook or an SSH
-tunnel::
-
-    r = resolve("azureml://datastores/lake/paths/sales/2024/", ml_client)
-    df = dd.read_parquet(r.url, storage_options=r.storage_options)
-    df.groupby("shop").amount.sum().to_frame().to_parquet(
-        r.join("../summary").url, storage_options=r.storage_options)
-
-Credentials, in order: the datastore's account key or SAS token (fetched with
-``include_secrets=True``), a service principal's secret, or, for identity-based
-datastores (no stored credential), the compute's managed identity through
-azure-identity's ``DefaultAzureCredential`` on each node.  Secrets never appear
-in ``repr()``, logs or error messages of this module.
+the ``storage_options`` adlfs needs *on the nodes*: bulk data moves between the
+workers and storage, never through the notebook (docs/data.md). Credentials: the
+datastore's account key, SAS token or service principal, else the compute's
+managed identity. Secrets never appear in ``repr()``, logs or error messages.
 """
 
 from __future__ import annotations

@@ -1,25 +1,12 @@
 """Job mode: one AML job runs a Dask cluster and your script, and ends with it.
 
-``submit_script(ml_client, "batch.py", compute="cpu-cluster", n_nodes=4)`` (or
-``dask-amlcompute run batch.py --nodes 4 --compute cpu-cluster``) submits ONE AML
-command job. Rank 0 starts the Dask scheduler (and workers beside it), waits for
-the other ranks' workers, then runs the script with ``DASK_SCHEDULER_ADDRESS``
-set, so ``Client()`` in the script connects to the in-job cluster. When the
-script exits the scheduler shuts down, every node exits and the job ends:
-``Completed`` when the script exited 0, else ``Failed`` (rank 0 exits with the
-script's exit code, which is also published as the run tag
-``dask_script_exit_code``). No notebook or laptop needs to stay open: the batch
-lives inside AML, bounded by ``job_timeout`` (the dask-mpi / jobqueue Runner pattern).
-
-The script travels inside the job definition (gzip + base64 in an environment
-variable, at most :data:`MAX_EMBEDDED_BYTES`). ``code="folder"`` uploads the
-folder as the job's code snapshot instead: use it for large scripts or scripts
-that import their own modules.
-
-This module builds and submits the job (the client side). The in-job side is
-``python -m dask_amlcompute.node.script`` (:mod:`dask_amlcompute.node.script`),
-whose command line :class:`dask_amlcompute._protocol.NodeOptions` defines; the
-``dask-amlcompute run`` command line is :mod:`dask_amlcompute.cli.run`.
+:func:`submit_script` (``dask-amlcompute run``, :mod:`dask_amlcompute.cli.run`)
+submits ONE command job: rank 0 starts the scheduler, waits for the workers, runs
+the script with ``DASK_SCHEDULER_ADDRESS`` set and exits with its exit code (also
+the run tag ``dask_script_exit_code``): the dask-mpi / jobqueue Runner pattern.
+The script is embedded in the job (gzip + base64, at most :data:`MAX_EMBEDDED_BYTES`)
+or travels in the ``code=`` folder. This is the client side; the in-job side is
+:mod:`dask_amlcompute.node.script`.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """dask-amlcompute's settings: dask config defaults and schema, and one validated settings object.
 
-Like distributed and dask-jobqueue, the defaults YAML is merged into dask's
-defaults when the package is imported (``dask.config.update_defaults`` only
-fills in defaults; it never overrides a user's settings). Each setting of a
-cluster is read with ``dask.config.get("amlcompute.<key>", override_with=arg)``,
-checked against its entry in ``amlcompute-schema.yaml`` (jsonschema: types,
-enums, bounds, name patterns; an unknown key is refused) and by the schema's
-``duration``/``check`` keywords; the result is an immutable
-:class:`ClusterSettings` that the rest of the library reads. Settings are pure:
-nothing here reads the workspace (the cluster checks the compute, the
-environment and versions before it submits).
+As in dask-jobqueue, ``amlcompute.yaml`` fills in dask's defaults at import. Each
+setting is ``dask.config.get("amlcompute.<key>", override_with=arg)`` checked
+against ``amlcompute-schema.yaml`` (jsonschema, plus its ``duration``/``check``
+keywords): an immutable :class:`ClusterSettings`. Nothing here reads the workspace.
 """
 
 from __future__ import annotations
@@ -75,10 +69,9 @@ def get(key: str, override_with=None):
 class ClusterSettings:
     """Every setting of an :class:`~dask_amlcompute.AmlComputeCluster`, validated.
 
-    Durations are in seconds. See ``amlcompute.yaml`` for the meaning of each key.
+    Durations are in seconds. Each key's meaning: ``amlcompute-schema.yaml``.
     """
 
-    #: The AmlCompute name; None: serverless jobs of ``instance_type`` (or not given yet).
     compute: str | None
     n_nodes: int
     nodes_per_job: int
@@ -113,25 +106,17 @@ class ClusterSettings:
     pip_packages: list[str] = field(default_factory=list)
     conda_packages: list[str] = field(default_factory=list)
     node_package: str | None = None
-    #: What the default environment takes from the client (``backend.environment.STACK_CHOICES``).
     stack: str = "sync"
     version_check: str = "raise"
     quiet: bool = False
     prepare_timeout: float = 3600.0
     queue_timeout: float = 3600.0
-    #: The AmlCompute to create when ``compute`` does not exist (see :func:`compute_request`).
     create_compute: ComputeRequest | None = None
     delete_compute_on_close: bool = False
-    #: Serverless: the VM size of the jobs' nodes (no ``compute``).
     instance_type: str | None = None
-    #: Serverless: ``"standard"`` (dedicated VMs) or ``"spot"`` (low-priority, preemptible).
     job_tier: str = "standard"
-    #: Serverless: the workspace's serverless jobs share a network (managed VNet or custom
-    #: subnet), so worker jobs can reach the main job's scheduler.
     serverless_network: bool = False
-    #: The AmlCompute of the extra worker jobs (e.g. a low-priority cluster); None: ``compute``.
     worker_compute: str | None = None
-    #: ``"auto"``: dask-cuda workers, one per GPU, on sizes with GPUs; ``"none"``: CPU workers.
     gpu_workers: str = "auto"
 
 
@@ -139,16 +124,7 @@ class ClusterSettings:
 class ComputeRequest:
     """What ``create_compute=`` asks for: an AmlCompute cluster with 0 nodes at rest.
 
-    Attributes
-    ----------
-    size
-        VM size (``Standard_D4s_v3``); checked against the region's sizes before creating.
-    max_nodes
-        The cluster's maximum node count.
-    tier
-        ``"dedicated"`` or ``"low_priority"``.
-    idle_seconds
-        How long an idle node stays allocated (and billed) before AML releases it.
+    ``idle_seconds``: how long an idle node stays allocated (and billed).
     """
 
     size: str
@@ -314,26 +290,10 @@ def check_arguments(arguments: Mapping[str, Any]) -> None:
 
 
 def checked(key: str, value: Any, what: str | None = None) -> Any:
-    """``value`` of setting ``key`` checked against its schema entry, and normalised.
+    """``value`` of setting ``key`` (``n-nodes``) checked against its schema entry, normalised.
 
-    Parameters
-    ----------
-    key
-        The dask config key (``n-nodes``).
-    value
-        The value; ``os.PathLike`` becomes a string, mappings dicts and tuples lists.
-    what
-        Name for the error message (default: the attribute, ``n_nodes``).
-
-    Returns
-    -------
-    Any
-        The value; durations in seconds, and what the schema's ``check`` returns.
-
-    Raises
-    ------
-    ConfigurationError
-        The value breaks the schema or its check.
+    Paths become strings, mappings dicts, tuples lists, durations seconds; the
+    schema's ``check`` has the last word. ``what`` names it in errors (``n_nodes``).
     """
     what = what or key.replace("-", "_")
     entry = schema()[key]
@@ -362,30 +322,10 @@ _FIELDS = tuple(f.name for f in fields(ClusterSettings))
 
 
 def resolve_settings(**arguments: Any) -> ClusterSettings:
-    """Merge ``arguments`` (None means "not given") over dask config and validate.
+    """Merge ``arguments`` (None: not given) over dask config; validate every setting.
 
-    Every setting is checked here, before anything reaches AML; what can only
-    be checked against the workspace (the compute, a registered environment)
-    is checked by the cluster right before it submits. Without ``compute`` or
-    ``instance_type`` the settings have no compute: the cluster takes the one
-    cached in the workspace config file
-    (:func:`~dask_amlcompute.backend.workspace.with_cached_compute`).
-
-    Parameters
-    ----------
-    **arguments
-        Settings by attribute name (``n_nodes=...``); see :class:`ClusterSettings`.
-
-    Returns
-    -------
-    ClusterSettings
-        The validated, normalised settings.
-
-    Raises
-    ------
-    ConfigurationError
-        A value is invalid, a setting or dask config key is unknown; the message
-        names the setting, the bad value and what to change.
+    What needs the workspace (compute, registered environment) is the plan's.
+    Raises ConfigurationError naming the setting, the bad value and what to change.
     """
     check_arguments(arguments)
     check_config()

@@ -83,17 +83,7 @@ class StorageOptions(dict):
 
 @dataclass(frozen=True)
 class DatastoreURI:
-    """A parsed ``azureml://`` datastore URI.
-
-    Parameters
-    ----------
-    datastore
-        Datastore name.
-    path
-        Path inside the datastore's container (no leading ``/``; may be empty).
-    subscription_id, resource_group, workspace
-        Workspace coordinates of the long form, None for the short form.
-    """
+    """A parsed ``azureml://`` datastore URI (workspace coordinates: long form only)."""
 
     datastore: str
     path: str
@@ -103,24 +93,9 @@ class DatastoreURI:
 
 
 def parse_uri(uri: str) -> DatastoreURI:
-    """Parse the short or long form of an AML datastore URI.
+    """Parse the short or long form of an AML datastore URI (``/paths/...`` optional).
 
-    Parameters
-    ----------
-    uri
-        ``azureml://datastores/<name>/paths/<path>`` or the long form with
-        subscription, resource group and workspace.  ``/paths/...`` may be
-        omitted (the container's root).
-
-    Returns
-    -------
-    DatastoreURI
-        The datastore name, path and (long form) workspace coordinates.
-
-    Raises
-    ------
-    DatastoreURIError
-        If ``uri`` is not such a URI (with the accepted forms in the message).
+    Raises DatastoreURIError, naming the accepted forms, for anything else.
     """
     if not isinstance(uri, str):
         raise DatastoreURIError(
@@ -192,18 +167,7 @@ class ResolvedURI:
         yield self.storage_options
 
     def join(self, *parts: str) -> ResolvedURI:
-        """Return the same location with path segments appended (``..`` allowed).
-
-        Parameters
-        ----------
-        *parts
-            Relative path segments, e.g. ``"results", "by_shop.parquet"``.
-
-        Returns
-        -------
-        ResolvedURI
-            Same credentials, new URL (and URI).
-        """
+        """The same location (and credentials) with path segments appended (``..`` allowed)."""
         scheme, _, rest = self.url.partition("://")
         container, _, path = rest.partition("/")
         new_path = posixpath.normpath(posixpath.join("/" + path, *parts)).lstrip("/")
@@ -432,20 +396,5 @@ def resolve(
 
 
 def storage_options(uri: str, ml_client: Any, **kwargs: Any) -> StorageOptions:
-    """Return only the ``storage_options`` of :func:`resolve`.
-
-    Parameters
-    ----------
-    uri
-        AML datastore URI.
-    ml_client
-        Workspace client (``azure.ai.ml.MLClient``).
-    **kwargs
-        ``identity``, ``identity_client_id`` (see :func:`resolve`).
-
-    Returns
-    -------
-    StorageOptions
-        adlfs keyword arguments (secrets masked in ``repr``).
-    """
+    """Only the ``storage_options`` of :func:`resolve` (same arguments)."""
     return resolve(uri, ml_client, **kwargs).storage_options

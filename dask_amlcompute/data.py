@@ -338,22 +338,17 @@ def resolve(
         ``azureml://datastores/<name>/paths/<path>`` or
         ``azureml://subscriptions/<s>/resourcegroups/<rg>/workspaces/<ws>/datastores/<name>/paths/<path>``.
     ml_client
-        Client (``azure.ai.ml.MLClient``) of the workspace holding the datastore
-        (e.g. ``cluster.ml_client``).
+        ``azure.ai.ml.MLClient`` of the workspace holding the datastore.
     identity
-        None (default): use the datastore's stored key / SAS / service principal
-        if it has one, the compute's managed identity otherwise.  True: always use
-        the identity (secrets are not fetched).  False: require a stored secret.
+        None: the datastore's stored key / SAS / service principal if it has one,
+        else the compute's managed identity. True: the identity. False: a secret.
     identity_client_id
-        Client id of a user-assigned managed identity of the compute (passed to
-        ``DefaultAzureCredential`` as ``managed_identity_client_id``).
+        Client id of a user-assigned managed identity of the compute.
 
     Returns
     -------
     ResolvedURI
-        ``url`` (``abfs://<container>@<account>.dfs.core.windows.net/<path>`` on
-        Azure, ``abfs://<container>/<path>`` for custom endpoints) and
-        ``storage_options``.
+        ``url`` (``abfs://...``) and ``storage_options``.
 
     Raises
     ------
@@ -369,10 +364,6 @@ def resolve(
     --------
     >>> r = resolve("azureml://datastores/workspaceblobstore/paths/data/", ml_client)  # doctest: +SKIP
     >>> df = dd.read_parquet(r.url, storage_options=r.storage_options)  # doctest: +SKIP
-
-    See Also
-    --------
-    storage_options : only the options.
     """
     parsed = parse_uri(uri)
     _check_workspace(parsed, ml_client)

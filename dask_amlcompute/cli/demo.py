@@ -96,7 +96,7 @@ def run_demo(
         with cluster, Client(cluster) as client:
             workers = client.scheduler_info()["workers"]
             print(f"Startup: {format_phases(cluster.startup_phases)}")
-            print(f"Connected: {PATH_NAMES[cluster._connector.mode]}")
+            print(f"Connected: {PATH_NAMES[str(cluster._connector.mode)]}")
             print(
                 f"Cluster {cluster.name}: {len(workers)} workers, dashboard {cluster.dashboard_link}"
             )

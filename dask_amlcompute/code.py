@@ -122,30 +122,11 @@ def collect_code(
     ignore_file: str | os.PathLike | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> CodeBundle:
-    """The files of ``folder`` to ship, after the ignore rules, within the size limit.
+    """The files of ``folder`` to ship, after the ignore rules, within ``max_bytes`` (None: any).
 
-    Parameters
-    ----------
-    folder
-        The folder to ship; it becomes an entry of the workers' ``sys.path``.
-    ignore_file
-        An ignore file (relative paths are relative to ``folder``); default:
-        ``folder/.amlignore``, else ``folder/.gitignore``, else only
-        :data:`DEFAULT_IGNORES`.
-    max_bytes
-        Bound on the total size of the files; None for no bound.
-
-    Raises
-    ------
-    ConfigurationError
-        The folder does not exist or is empty after the rules, or its files
-        exceed ``max_bytes`` (the message names the largest entries).
-
-    Warns
-    -----
-    UserWarning
-        Symbolic links to files outside ``folder`` are left out (their targets
-        would be uploaded to the workspace), with a warning naming them.
+    ``ignore_file`` is relative to ``folder``; default ``.amlignore``, else ``.gitignore``.
+    ConfigurationError: no folder, nothing left, or too large (naming the largest
+    entries). Links to files outside ``folder`` are left out with a UserWarning.
     """
     if not isinstance(folder, str | os.PathLike):
         raise ConfigurationError(f"code must be a folder (a str or path), got {folder!r}.")

@@ -102,13 +102,7 @@ def script_output(log: str | None) -> str | None:
 
 
 def embed_script(source: bytes, name: str = "script") -> str:
-    """Compress and encode a script for :data:`SCRIPT_ENV`; refuse one too large.
-
-    Raises
-    ------
-    ConfigurationError
-        The encoded script exceeds :data:`MAX_EMBEDDED_BYTES`.
-    """
+    """Compress and encode a script for :data:`SCRIPT_ENV`; refuse one too large to embed."""
     encoded = base64.b64encode(gzip.compress(source, mtime=0)).decode("ascii")
     if len(encoded) > MAX_EMBEDDED_BYTES:
         raise ConfigurationError(

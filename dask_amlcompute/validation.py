@@ -7,6 +7,7 @@ raises :class:`~dask_amlcompute.exceptions.ConfigurationError`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -154,18 +155,13 @@ def memory_limit(value: object, what: str = "memory_limit") -> str | int | float
     if value is None or value == "auto":
         return cast("str | None", value)  # None or "auto"
     number: float | None = None
-    if isinstance(value, bool):
-        number = None
-    elif isinstance(value, int | float):
+    if isinstance(value, int | float) and not isinstance(value, bool):
         number = float(value)
     elif isinstance(value, str) and value.strip():
-        try:
-            number = float(value)  # "0.5" is a fraction, "1e9" bytes, as in distributed
-        except ValueError:
-            try:
-                number = float(parse_bytes(value))
-            except (ValueError, TypeError, OverflowError):
-                number = None
+        for parse in (float, parse_bytes):  # "0.5" is a fraction, "1e9" bytes, as in distributed
+            with contextlib.suppress(ValueError, TypeError, OverflowError):
+                number = float(parse(value))
+                break
     if number is None or not math.isfinite(number) or number < 0:
         raise ConfigurationError(
             f"Invalid {what}: {value!r}. Use 'auto', a size such as '4GiB' or '500MB' "

@@ -1,24 +1,13 @@
 """Ship a folder of the user's own modules to the workers.
 
-Tasks that call functions from the user's modules (``from mylib import f``)
-are pickled *by reference*: the workers must be able to import ``mylib``.
-:func:`ship_code` sends a folder through Dask's own mechanism, distributed's
-:class:`~distributed.diagnostics.plugin.UploadDirectory` plugin: the folder is
-zipped on the client, every worker's nanny unpacks it and puts it on
-``sys.path``, and the workers restart to pick it up (at cluster start they hold
-no data). Workers that join later (``scale``/``adapt``) receive it from the
-scheduler before they start.
-
-What is sent follows an ignore file with ``.gitignore`` syntax: the folder's
-``.amlignore`` if present, else its ``.gitignore`` (the same choice AML makes
-for a job's code snapshot), plus :data:`DEFAULT_IGNORES`. The total size is
-bounded (``max_bytes``): large data belongs in a datastore, not in code.
-
-A cluster's ``code=`` folder instead travels in the jobs' code snapshot
-(:mod:`~dask_amlcompute.backend.snapshot`, with the same ignore rules and size
-bound via :func:`collect_code`): uploaded once per content hash and present in
-every node's working directory, but fixed at job submission, whereas
-:func:`ship_code` can re-send a changed folder to a running cluster.
+Tasks calling the user's modules are pickled by reference: the workers must
+import them. :func:`ship_code` sends a folder with distributed's
+:class:`~distributed.diagnostics.plugin.UploadDirectory` plugin (unpacked on
+``sys.path``, workers restarted; later workers get it before they start).
+What is sent follows ``.amlignore``, else ``.gitignore`` (AML's choice for a code
+snapshot), plus :data:`DEFAULT_IGNORES`, up to ``max_bytes``. A cluster's ``code=``
+folder travels in the jobs' code snapshot instead (:mod:`~dask_amlcompute.backend.snapshot`,
+same rules via :func:`collect_code`), fixed at submission.
 """
 
 from __future__ import annotations
@@ -33,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pathspec
+from dask.utils import format_bytes
 
 from .exceptions import ConfigurationError
 
@@ -45,21 +35,11 @@ IGNORE_FILES = (".amlignore", ".gitignore")
 
 
 class IgnoreRules:
-    """``.gitignore`` rules for paths relative to a folder.
+    """``.gitignore`` rules (:class:`pathspec.GitIgnoreSpec`) for paths relative to a folder.
 
-    Matching is :class:`pathspec.GitIgnoreSpec`'s: ``#`` comments, ``!``
-    negation (the last matching rule wins), ``dir/`` (directories only),
-    patterns with a ``/`` anchored at the folder, others matched at any depth,
-    ``*``, ``?``, ``[abc]`` and ``**`` (``dir/**`` is what is inside ``dir``).
-    As in git, a file inside an ignored directory cannot be re-included
-    (:func:`collect_code` does not enter ignored directories). Unlike git, a
-    negated directory (``!src/``) also re-includes directories under it that
-    an earlier rule ignored. Nested ignore files in subfolders are not read.
-
-    Parameters
-    ----------
-    patterns
-        Lines of an ignore file.
+    As in git, a file inside an ignored directory cannot be re-included. Unlike
+    git, a negated directory (``!src/``) also re-includes directories under it that
+    an earlier rule ignored. Nested ignore files are not read.
 
     Examples
     --------
@@ -99,19 +79,7 @@ class IgnoreRules:
 
 @dataclass(frozen=True)
 class CodeBundle:
-    """The files of a folder that :func:`ship_code` sends.
-
-    Attributes
-    ----------
-    root
-        The folder (absolute).
-    files
-        Paths relative to ``root`` (``/``-separated), sorted.
-    total_bytes
-        Their total size.
-    ignore_file
-        The ignore file applied, if any.
-    """
+    """The files of a folder that :func:`ship_code` sends: ``/``-separated, relative, sorted."""
 
     root: Path
     files: tuple[str, ...]
@@ -132,14 +100,6 @@ def _find_ignore_file(root: Path, ignore_file: str | os.PathLike | None) -> Path
     return None
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
-
-
 def _too_large(
     root: Path, files: list[tuple[str, int]], max_bytes: int, found: Path | None
 ) -> ConfigurationError:
@@ -147,10 +107,10 @@ def _too_large(
     sizes: collections.Counter[str] = collections.Counter()
     for rel, size in files:
         sizes[rel.split("/", 1)[0] + ("/" if "/" in rel else "")] += size
-    listing = ", ".join(f"{name} ({_human(size)})" for name, size in sizes.most_common(5))
+    listing = ", ".join(f"{name} ({format_bytes(size)})" for name, size in sizes.most_common(5))
     return ConfigurationError(
-        f"The code in {root} is {_human(sizes.total())} ({len(files)} files), over the "
-        f"{_human(max_bytes)} limit. Largest entries: {listing}. Add data, outputs and "
+        f"The code in {root} is {format_bytes(sizes.total())} ({len(files)} files), over the "
+        f"{format_bytes(max_bytes)} limit. Largest entries: {listing}. Add data, outputs and "
         f"environments to {found.name if found else '.amlignore'} (gitignore syntax), move "
         "large data to a datastore, or raise max_bytes."
     )
@@ -162,30 +122,11 @@ def collect_code(
     ignore_file: str | os.PathLike | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> CodeBundle:
-    """The files of ``folder`` to ship, after the ignore rules, within the size limit.
+    """The files of ``folder`` to ship, after the ignore rules, within ``max_bytes`` (None: any).
 
-    Parameters
-    ----------
-    folder
-        The folder to ship; it becomes an entry of the workers' ``sys.path``.
-    ignore_file
-        An ignore file (relative paths are relative to ``folder``); default:
-        ``folder/.amlignore``, else ``folder/.gitignore``, else only
-        :data:`DEFAULT_IGNORES`.
-    max_bytes
-        Bound on the total size of the files; None for no bound.
-
-    Raises
-    ------
-    ConfigurationError
-        The folder does not exist or is empty after the rules, or its files
-        exceed ``max_bytes`` (the message names the largest entries).
-
-    Warns
-    -----
-    UserWarning
-        Symbolic links to files outside ``folder`` are left out (their targets
-        would be uploaded to the workspace), with a warning naming them.
+    ``ignore_file`` is relative to ``folder``; default ``.amlignore``, else ``.gitignore``.
+    ConfigurationError: no folder, nothing left, or too large (naming the largest
+    entries). Links to files outside ``folder`` are left out with a UserWarning.
     """
     if not isinstance(folder, str | os.PathLike):
         raise ConfigurationError(f"code must be a folder (a str or path), got {folder!r}.")

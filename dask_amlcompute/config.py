@@ -1,15 +1,9 @@
 """dask-amlcompute's settings: dask config defaults and schema, and one validated settings object.
 
-Like distributed and dask-jobqueue, the defaults YAML is merged into dask's
-defaults when the package is imported (``dask.config.update_defaults`` only
-fills in defaults; it never overrides a user's settings). Each setting of a
-cluster is read with ``dask.config.get("amlcompute.<key>", override_with=arg)``,
-checked against its entry in ``amlcompute-schema.yaml`` (jsonschema: types,
-enums, bounds, name patterns; an unknown key is refused) and by the schema's
-``duration``/``check`` keywords; the result is an immutable
-:class:`ClusterSettings` that the rest of the library reads. Settings are pure:
-nothing here reads the workspace (the cluster checks the compute, the
-environment and versions before it submits).
+As in dask-jobqueue, ``amlcompute.yaml`` fills in dask's defaults at import. Each
+setting is ``dask.config.get("amlcompute.<key>", override_with=arg)`` checked
+against ``amlcompute-schema.yaml`` (jsonschema, plus its ``duration``/``check``
+keywords): an immutable :class:`ClusterSettings`. Nothing here reads the workspace.
 """
 
 from __future__ import annotations
@@ -45,14 +39,6 @@ DEFAULTS_FILE = os.path.join(_HERE, "amlcompute.yaml")
 SCHEMA_FILE = os.path.join(_HERE, "amlcompute-schema.yaml")
 
 
-def _load_defaults() -> dict:
-    with open(DEFAULTS_FILE) as f:
-        return yaml.safe_load(f)
-
-
-_registered = False
-
-
 def cache_dir() -> Path:
     """The folder dask-amlcompute caches things in (snapshots, emulator downloads).
 
@@ -66,12 +52,11 @@ def cache_dir() -> Path:
     return Path(xdg or Path.home() / ".cache") / "dask-amlcompute"
 
 
+@functools.cache
 def ensure_defaults() -> None:
-    """Merge the package defaults into dask.config (idempotent)."""
-    global _registered
-    if not _registered:
-        dask.config.update_defaults(_load_defaults())
-        _registered = True
+    """Merge the package defaults into dask.config (once)."""
+    with open(DEFAULTS_FILE) as f:
+        dask.config.update_defaults(yaml.safe_load(f))
 
 
 def get(key: str, override_with=None):
@@ -84,10 +69,9 @@ def get(key: str, override_with=None):
 class ClusterSettings:
     """Every setting of an :class:`~dask_amlcompute.AmlComputeCluster`, validated.
 
-    Durations are in seconds. See ``amlcompute.yaml`` for the meaning of each key.
+    Durations are in seconds. Each key's meaning: ``amlcompute-schema.yaml``.
     """
 
-    #: The AmlCompute name; None: serverless jobs of ``instance_type`` (or not given yet).
     compute: str | None
     n_nodes: int
     nodes_per_job: int
@@ -122,25 +106,17 @@ class ClusterSettings:
     pip_packages: list[str] = field(default_factory=list)
     conda_packages: list[str] = field(default_factory=list)
     node_package: str | None = None
-    #: What the default environment takes from the client (``backend.environment.STACK_CHOICES``).
     stack: str = "sync"
     version_check: str = "raise"
     quiet: bool = False
     prepare_timeout: float = 3600.0
     queue_timeout: float = 3600.0
-    #: The AmlCompute to create when ``compute`` does not exist (see :func:`compute_request`).
     create_compute: ComputeRequest | None = None
     delete_compute_on_close: bool = False
-    #: Serverless: the VM size of the jobs' nodes (no ``compute``).
     instance_type: str | None = None
-    #: Serverless: ``"standard"`` (dedicated VMs) or ``"spot"`` (low-priority, preemptible).
     job_tier: str = "standard"
-    #: Serverless: the workspace's serverless jobs share a network (managed VNet or custom
-    #: subnet), so worker jobs can reach the main job's scheduler.
     serverless_network: bool = False
-    #: The AmlCompute of the extra worker jobs (e.g. a low-priority cluster); None: ``compute``.
     worker_compute: str | None = None
-    #: ``"auto"``: dask-cuda workers, one per GPU, on sizes with GPUs; ``"none"``: CPU workers.
     gpu_workers: str = "auto"
 
 
@@ -148,16 +124,7 @@ class ClusterSettings:
 class ComputeRequest:
     """What ``create_compute=`` asks for: an AmlCompute cluster with 0 nodes at rest.
 
-    Attributes
-    ----------
-    size
-        VM size (``Standard_D4s_v3``); checked against the region's sizes before creating.
-    max_nodes
-        The cluster's maximum node count.
-    tier
-        ``"dedicated"`` or ``"low_priority"``.
-    idle_seconds
-        How long an idle node stays allocated (and billed) before AML releases it.
+    ``idle_seconds``: how long an idle node stays allocated (and billed).
     """
 
     size: str
@@ -166,40 +133,19 @@ class ComputeRequest:
     idle_seconds: int = 120
 
 
-def compute_request(value: Any) -> ComputeRequest | None:
-    """Validate ``create_compute``: None, or a mapping with ``size`` and ``max_nodes``.
-
-    Optional keys: ``tier`` (``dedicated`` | ``low_priority``) and
-    ``idle_time_before_scale_down`` (a duration, default 120 s).
-    """
+def compute_request(value: Any, what: str = "create_compute") -> ComputeRequest | None:
+    """``create_compute`` (None, or a mapping; the schema's ``compute-request``) as a request."""
     if value is None or isinstance(value, ComputeRequest):
         return value
-    if not isinstance(value, Mapping):
-        raise ConfigurationError(
-            "create_compute must be a mapping like {'size': 'Standard_D4s_v3', 'max_nodes': 4}, "
-            f"got {value!r}."
-        )
-    data = {str(k).replace("-", "_"): v for k, v in value.items()}
-    known = {"size", "max_nodes", "tier", "idle_time_before_scale_down"}
-    if set(data) - known:
-        raise ConfigurationError(
-            f"create_compute: unknown key(s) {', '.join(sorted(set(data) - known))}; "
-            f"known: {', '.join(sorted(known))}."
-        )
-    tier = str(data.get("tier") or "dedicated").lower().replace("-", "_")
-    if tier not in ("dedicated", "low_priority"):
-        raise ConfigurationError(
-            f"create_compute['tier'] must be 'dedicated' or 'low_priority', got {data['tier']!r}."
-        )
-    idle = parse_duration(
-        data.get("idle_time_before_scale_down", 120),
-        "create_compute['idle_time_before_scale_down']",
-    )
+    if isinstance(value, Mapping):  # "max-nodes" or "max_nodes", "low-priority" or "Low_Priority"
+        value = {str(k).replace("-", "_"): v for k, v in value.items()}
+        if isinstance(value.get("tier"), str):
+            value["tier"] = value["tier"].lower().replace("-", "_")
+    _check(_validator("compute-request"), value, what)
+    idle = value.get("idle_time_before_scale_down", 120)
+    idle = parse_duration(idle, f"{what}['idle_time_before_scale_down']")
     return ComputeRequest(
-        size=checked("instance-type", data.get("size", ""), "create_compute['size']"),
-        max_nodes=checked("n-nodes", data.get("max_nodes"), "create_compute['max_nodes']"),
-        tier=tier,
-        idle_seconds=int(idle or 0),
+        value["size"], value["max_nodes"], value.get("tier", "dedicated"), int(idle or 0)
     )
 
 
@@ -222,10 +168,14 @@ def default_cluster_name() -> str:
 
 
 @functools.cache
+def _schema_file() -> dict[str, Any]:
+    with open(SCHEMA_FILE) as f:
+        return yaml.safe_load(f)
+
+
 def schema() -> dict[str, Any]:
     """The schema entry of every ``amlcompute.*`` key (``amlcompute-schema.yaml``), by key."""
-    with open(SCHEMA_FILE) as f:
-        return yaml.safe_load(f)["properties"]["amlcompute"]["properties"]
+    return _schema_file()["properties"]["amlcompute"]["properties"]
 
 
 #: How a schema type reads in an error message.
@@ -246,13 +196,14 @@ CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "options": options_mapping,
     "file": existing_file,
     "environment": environment_setting,
-    "create-compute": lambda value, what: compute_request(value),
+    "create-compute": compute_request,
 }
 
 
 @functools.cache
 def _validator(key: str) -> Any:
-    """The jsonschema validator of ``key`` (imported here: the nodes import this module too)."""
+    """The jsonschema validator of setting (or schema definition) ``key``."""
+    # imported here: the nodes import this module too
     from jsonschema import Draft202012Validator, validators
 
     # JSON Schema types as Python has them: an int is no float or bool; mappings, tuples count
@@ -263,7 +214,16 @@ def _validator(key: str) -> Any:
             "array": lambda _, x: isinstance(x, list | tuple),
         }
     )
-    return validators.extend(Draft202012Validator, type_checker=types)(schema()[key])
+    entry = schema().get(key) or _schema_file()["definitions"][key]
+    return validators.extend(Draft202012Validator, type_checker=types)(entry)
+
+
+def _check(validator: Any, value: Any, what: str) -> None:
+    from jsonschema.exceptions import best_match
+
+    error = best_match(validator.iter_errors(value))
+    if error is not None:
+        raise _refusal(what, error)
 
 
 def _short(value: Any) -> str:
@@ -290,6 +250,10 @@ def _refusal(what: str, error: Any) -> ConfigurationError:
         "maxLength": lambda: f"must have at most {rule} characters",
         "maxProperties": lambda: f"must have at most {rule} entries",
         "maxItems": lambda: f"must have at most {rule} items",
+        "required": lambda: "needs " + ", ".join(repr(k) for k in rule if k not in error.instance),
+        "additionalProperties": lambda: (
+            "has unknown key(s); known: " + ", ".join(error.schema["properties"])
+        ),
     }
     text = rules[str(error.validator)]() if error.validator in rules else error.message[:200]
     return ConfigurationError(f"{where} {text}; got {_short(error.instance)}.")
@@ -326,26 +290,10 @@ def check_arguments(arguments: Mapping[str, Any]) -> None:
 
 
 def checked(key: str, value: Any, what: str | None = None) -> Any:
-    """``value`` of setting ``key`` checked against its schema entry, and normalised.
+    """``value`` of setting ``key`` (``n-nodes``) checked against its schema entry, normalised.
 
-    Parameters
-    ----------
-    key
-        The dask config key (``n-nodes``).
-    value
-        The value; ``os.PathLike`` becomes a string, mappings dicts and tuples lists.
-    what
-        Name for the error message (default: the attribute, ``n_nodes``).
-
-    Returns
-    -------
-    Any
-        The value; durations in seconds, and what the schema's ``check`` returns.
-
-    Raises
-    ------
-    ConfigurationError
-        The value breaks the schema or its check.
+    Paths become strings, mappings dicts, tuples lists, durations seconds; the
+    schema's ``check`` has the last word. ``what`` names it in errors (``n_nodes``).
     """
     what = what or key.replace("-", "_")
     entry = schema()[key]
@@ -354,11 +302,7 @@ def checked(key: str, value: Any, what: str | None = None) -> Any:
     if key == "job-tier" and isinstance(value, str):
         value = value.lower()  # AML spells it "Spot"
     if key != "environment" or value is None or isinstance(value, str):  # an entity: backend
-        from jsonschema.exceptions import best_match
-
-        error = best_match(_validator(key).iter_errors(value))
-        if error is not None:
-            raise _refusal(what, error)
+        _check(_validator(key), value, what)
     if "duration" in entry and value is not None:
         value = parse_duration(value, what, *entry["duration"])
     if isinstance(value, Mapping):
@@ -378,30 +322,10 @@ _FIELDS = tuple(f.name for f in fields(ClusterSettings))
 
 
 def resolve_settings(**arguments: Any) -> ClusterSettings:
-    """Merge ``arguments`` (None means "not given") over dask config and validate.
+    """Merge ``arguments`` (None: not given) over dask config; validate every setting.
 
-    Every setting is checked here, before anything reaches AML; what can only
-    be checked against the workspace (the compute, a registered environment)
-    is checked by the cluster right before it submits. Without ``compute`` or
-    ``instance_type`` the settings have no compute: the cluster takes the one
-    cached in the workspace config file
-    (:func:`~dask_amlcompute.backend.workspace.with_cached_compute`).
-
-    Parameters
-    ----------
-    **arguments
-        Settings by attribute name (``n_nodes=...``); see :class:`ClusterSettings`.
-
-    Returns
-    -------
-    ClusterSettings
-        The validated, normalised settings.
-
-    Raises
-    ------
-    ConfigurationError
-        A value is invalid, a setting or dask config key is unknown; the message
-        names the setting, the bad value and what to change.
+    What needs the workspace (compute, registered environment) is the plan's.
+    Raises ConfigurationError naming the setting, the bad value and what to change.
     """
     check_arguments(arguments)
     check_config()

@@ -7,20 +7,10 @@ An AML datastore URI names data by datastore, not by storage account::
 
 :func:`resolve` asks the workspace (``ml_client.datastores``) which account,
 container and credential the datastore uses and returns an ``abfs://`` URL with
-the ``storage_options`` adlfs needs *on the nodes*, so that bulk data moves
-between the workers and storage and never through the notebook or an SSH
-tunnel::
-
-    r = resolve("azureml://datastores/lake/paths/sales/2024/", ml_client)
-    df = dd.read_parquet(r.url, storage_options=r.storage_options)
-    df.groupby("shop").amount.sum().to_frame().to_parquet(
-        r.join("../summary").url, storage_options=r.storage_options)
-
-Credentials, in order: the datastore's account key or SAS token (fetched with
-``include_secrets=True``), a service principal's secret, or, for identity-based
-datastores (no stored credential), the compute's managed identity through
-azure-identity's ``DefaultAzureCredential`` on each node.  Secrets never appear
-in ``repr()``, logs or error messages of this module.
+the ``storage_options`` adlfs needs *on the nodes*: bulk data moves between the
+workers and storage, never through the notebook (docs/data.md). Credentials: the
+datastore's account key, SAS token or service principal, else the compute's
+managed identity. Secrets never appear in ``repr()``, logs or error messages.
 """
 
 from __future__ import annotations
@@ -93,17 +83,7 @@ class StorageOptions(dict):
 
 @dataclass(frozen=True)
 class DatastoreURI:
-    """A parsed ``azureml://`` datastore URI.
-
-    Parameters
-    ----------
-    datastore
-        Datastore name.
-    path
-        Path inside the datastore's container (no leading ``/``; may be empty).
-    subscription_id, resource_group, workspace
-        Workspace coordinates of the long form, None for the short form.
-    """
+    """A parsed ``azureml://`` datastore URI (workspace coordinates: long form only)."""
 
     datastore: str
     path: str
@@ -113,24 +93,9 @@ class DatastoreURI:
 
 
 def parse_uri(uri: str) -> DatastoreURI:
-    """Parse the short or long form of an AML datastore URI.
+    """Parse the short or long form of an AML datastore URI (``/paths/...`` optional).
 
-    Parameters
-    ----------
-    uri
-        ``azureml://datastores/<name>/paths/<path>`` or the long form with
-        subscription, resource group and workspace.  ``/paths/...`` may be
-        omitted (the container's root).
-
-    Returns
-    -------
-    DatastoreURI
-        The datastore name, path and (long form) workspace coordinates.
-
-    Raises
-    ------
-    DatastoreURIError
-        If ``uri`` is not such a URI (with the accepted forms in the message).
+    Raises DatastoreURIError, naming the accepted forms, for anything else.
     """
     if not isinstance(uri, str):
         raise DatastoreURIError(
@@ -202,18 +167,7 @@ class ResolvedURI:
         yield self.storage_options
 
     def join(self, *parts: str) -> ResolvedURI:
-        """Return the same location with path segments appended (``..`` allowed).
-
-        Parameters
-        ----------
-        *parts
-            Relative path segments, e.g. ``"results", "by_shop.parquet"``.
-
-        Returns
-        -------
-        ResolvedURI
-            Same credentials, new URL (and URI).
-        """
+        """The same location (and credentials) with path segments appended (``..`` allowed)."""
         scheme, _, rest = self.url.partition("://")
         container, _, path = rest.partition("/")
         new_path = posixpath.normpath(posixpath.join("/" + path, *parts)).lstrip("/")
@@ -384,22 +338,17 @@ def resolve(
         ``azureml://datastores/<name>/paths/<path>`` or
         ``azureml://subscriptions/<s>/resourcegroups/<rg>/workspaces/<ws>/datastores/<name>/paths/<path>``.
     ml_client
-        Client (``azure.ai.ml.MLClient``) of the workspace holding the datastore
-        (e.g. ``cluster.ml_client``).
+        ``azure.ai.ml.MLClient`` of the workspace holding the datastore.
     identity
-        None (default): use the datastore's stored key / SAS / service principal
-        if it has one, the compute's managed identity otherwise.  True: always use
-        the identity (secrets are not fetched).  False: require a stored secret.
+        None: the datastore's stored key / SAS / service principal if it has one,
+        else the compute's managed identity. True: the identity. False: a secret.
     identity_client_id
-        Client id of a user-assigned managed identity of the compute (passed to
-        ``DefaultAzureCredential`` as ``managed_identity_client_id``).
+        Client id of a user-assigned managed identity of the compute.
 
     Returns
     -------
     ResolvedURI
-        ``url`` (``abfs://<container>@<account>.dfs.core.windows.net/<path>`` on
-        Azure, ``abfs://<container>/<path>`` for custom endpoints) and
-        ``storage_options``.
+        ``url`` (``abfs://...``) and ``storage_options``.
 
     Raises
     ------
@@ -415,10 +364,6 @@ def resolve(
     --------
     >>> r = resolve("azureml://datastores/workspaceblobstore/paths/data/", ml_client)  # doctest: +SKIP
     >>> df = dd.read_parquet(r.url, storage_options=r.storage_options)  # doctest: +SKIP
-
-    See Also
-    --------
-    storage_options : only the options.
     """
     parsed = parse_uri(uri)
     _check_workspace(parsed, ml_client)
@@ -442,20 +387,5 @@ def resolve(
 
 
 def storage_options(uri: str, ml_client: Any, **kwargs: Any) -> StorageOptions:
-    """Return only the ``storage_options`` of :func:`resolve`.
-
-    Parameters
-    ----------
-    uri
-        AML datastore URI.
-    ml_client
-        Workspace client (``azure.ai.ml.MLClient``).
-    **kwargs
-        ``identity``, ``identity_client_id`` (see :func:`resolve`).
-
-    Returns
-    -------
-    StorageOptions
-        adlfs keyword arguments (secrets masked in ``repr``).
-    """
+    """Only the ``storage_options`` of :func:`resolve` (same arguments)."""
     return resolve(uri, ml_client, **kwargs).storage_options

@@ -1,16 +1,9 @@
-"""Finding dask-amlcompute clusters in a workspace from their AML jobs.
+"""Finding dask-amlcompute clusters in a workspace from their AML jobs' tags.
 
-Every job of a cluster carries the tags ``dask_cluster`` (the cluster name)
-and ``dask_role`` (``cluster`` for the main job, ``workers`` for worker jobs);
-the main job also carries its settings (``dask_settings``, see
-:func:`dask_amlcompute._protocol.cluster_settings`). Used by
-:meth:`AmlComputeCluster.from_name`, the CLI (``list``/``logs``/``down``) and
-dask-ctl's ``dask_cluster_discovery`` entry point
-(:func:`dask_amlcompute.cluster.discover`).
-
-Every AML call goes through :class:`~dask_amlcompute.backend.ops.AmlOps`: the
-``*_async`` functions run in the caller's event loop; :func:`list_cluster_jobs`
-and :func:`describe_cluster` are their blocking forms.
+Every job of a cluster carries ``dask_cluster`` (its name) and ``dask_role``
+(``cluster`` or ``workers``); the main job also its settings (``dask_settings``).
+Used by ``from_name``, the CLI and dask-ctl's discovery; the ``*_async`` forms
+run in the caller's event loop.
 """
 
 from __future__ import annotations
@@ -85,20 +78,9 @@ def _ops(client: Any) -> AmlOps:
 async def list_cluster_jobs_async(
     ops: AmlOps | Any, *, include_ended: bool = False, cluster: str | None = None
 ) -> list[ClusterJob]:
-    """The jobs of every dask-amlcompute cluster in the workspace (active ones by default).
+    """The jobs of every dask-amlcompute cluster (or of ``cluster``), active ones by default.
 
-    AML lists only the jobs carrying the tag key every cluster job has (or,
-    for ``cluster``, that cluster's own key), so the workspace's other jobs,
-    however many, cost no request.
-
-    Parameters
-    ----------
-    ops
-        An :class:`~dask_amlcompute.backend.ops.AmlOps` (or an ``MLClient``).
-    include_ended
-        Also list jobs that have ended.
-    cluster
-        Only the jobs of the cluster of this name.
+    AML lists only the jobs with the cluster tag key: other jobs cost no request.
     """
     tag = TAG_CLUSTER if cluster is None else cluster_key_tag(cluster)
     jobs = await _ops(ops).list_jobs(include_ended=include_ended, tag=tag)
@@ -111,30 +93,10 @@ async def list_cluster_jobs_async(
 
 
 async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]:
-    """Settings and live worker jobs of the running cluster ``name``.
+    """``{"settings": {...}, "worker_jobs": [(job name, nodes)]}`` of the running cluster ``name``.
 
-    The settings come from the main job itself (compute, nodes, experiment)
-    and from its ``dask_settings`` tag (processes, threads, ports, timeouts,
-    distribution, ...): nothing is parsed back from its command line.
-
-    Parameters
-    ----------
-    ops
-        An :class:`~dask_amlcompute.backend.ops.AmlOps` (or an ``MLClient``).
-    name
-        The cluster name.
-
-    Returns
-    -------
-    dict
-        ``{"settings": {setting: value}, "worker_jobs": [(job name, nodes)]}``;
-        the settings are keyword arguments of
-        :class:`~dask_amlcompute.AmlComputeCluster`.
-
-    Raises
-    ------
-    AmlComputeError
-        No running cluster of that name, or its main job has no settings tag.
+    The settings (keyword arguments of the cluster) come from the main job and its
+    ``dask_settings`` tag. AmlComputeError: no such running cluster, or no settings tag.
     """
     from .config import ClusterSettings
 

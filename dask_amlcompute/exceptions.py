@@ -20,11 +20,7 @@ class ConfigurationError(AmlComputeError, ValueError):
 
 
 class EnvironmentNotFoundError(ConfigurationError, LookupError):
-    """The ``environment`` setting names no environment registered in the workspace.
-
-    Raised before anything is submitted; the message names the reference and
-    lists the environments that exist.
-    """
+    """The ``environment`` setting names no registered environment (the message lists some)."""
 
 
 class WorkspaceNotConfiguredError(AmlComputeError):
@@ -52,11 +48,7 @@ class TooManyNodesError(AmlComputeError, ValueError):
 
 
 class QuotaExceededError(AmlComputeError, ValueError):
-    """The request needs more vCPUs than the region's quota allows: it could never start.
-
-    Raised before anything is submitted; the message names the quota line, the
-    numbers and how to ask for more.
-    """
+    """The request needs more vCPUs than the region's quota allows: it could never start."""
 
 
 class JobError(AmlComputeError):
@@ -139,10 +131,8 @@ class SchedulerUnreachableError(AmlComputeError, ConnectionError):
 class ClusterLostError(AmlComputeError, ConnectionError):
     """The cluster's scheduler is gone for good: its job ended, or AML ran it again.
 
-    After a low-priority preemption AML may run the main job again: a new
-    scheduler, with none of the old one's workers or data, possibly at the same
-    address. The cluster object stops talking to it, cancels its jobs and raises
-    this (its message says why) from then on.
+    After a preemption AML may run the main job again: a new scheduler without the
+    old one's workers or data. The cluster cancels its jobs and raises this from then on.
     """
 
 

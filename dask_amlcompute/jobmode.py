@@ -1,25 +1,12 @@
 """Job mode: one AML job runs a Dask cluster and your script, and ends with it.
 
-``submit_script(ml_client, "batch.py", compute="cpu-cluster", n_nodes=4)`` (or
-``dask-amlcompute run batch.py --nodes 4 --compute cpu-cluster``) submits ONE AML
-command job. Rank 0 starts the Dask scheduler (and workers beside it), waits for
-the other ranks' workers, then runs the script with ``DASK_SCHEDULER_ADDRESS``
-set, so ``Client()`` in the script connects to the in-job cluster. When the
-script exits the scheduler shuts down, every node exits and the job ends:
-``Completed`` when the script exited 0, else ``Failed`` (rank 0 exits with the
-script's exit code, which is also published as the run tag
-``dask_script_exit_code``). No notebook or laptop needs to stay open: the batch
-lives inside AML, bounded by ``job_timeout`` (the dask-mpi / jobqueue Runner pattern).
-
-The script travels inside the job definition (gzip + base64 in an environment
-variable, at most :data:`MAX_EMBEDDED_BYTES`). ``code="folder"`` uploads the
-folder as the job's code snapshot instead: use it for large scripts or scripts
-that import their own modules.
-
-This module builds and submits the job (the client side). The in-job side is
-``python -m dask_amlcompute.node.script`` (:mod:`dask_amlcompute.node.script`),
-whose command line :class:`dask_amlcompute._protocol.NodeOptions` defines; the
-``dask-amlcompute run`` command line is :mod:`dask_amlcompute.cli.run`.
+:func:`submit_script` (``dask-amlcompute run``, :mod:`dask_amlcompute.cli.run`)
+submits ONE command job: rank 0 starts the scheduler, waits for the workers, runs
+the script with ``DASK_SCHEDULER_ADDRESS`` set and exits with its exit code (also
+the run tag ``dask_script_exit_code``): the dask-mpi / jobqueue Runner pattern.
+The script is embedded in the job (gzip + base64, at most :data:`MAX_EMBEDDED_BYTES`)
+or travels in the ``code=`` folder. This is the client side; the in-job side is
+:mod:`dask_amlcompute.node.script`.
 """
 
 from __future__ import annotations
@@ -34,7 +21,7 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +36,7 @@ from ._protocol import (
     ScriptOptions,
 )
 from .backend.jobspec import build_job
-from .backend.ops import run_blocking
+from .backend.ops import AmlOps, run_blocking
 from .backend.workspace import workspace_client
 from .connect import temporary_tls
 from .exceptions import (
@@ -75,6 +62,8 @@ __all__ = [
 
 logger = logging.getLogger("dask_amlcompute.jobmode")
 
+#: The parameters of :func:`submit_script` that are cluster settings.
+_SETTINGS = frozenset(f.name for f in fields(config.ClusterSettings)) - {"poll_interval"}
 #: Largest embedded script (after gzip + base64); use ``code=`` beyond it.
 MAX_EMBEDDED_BYTES = 64 * 1024
 
@@ -113,13 +102,7 @@ def script_output(log: str | None) -> str | None:
 
 
 def embed_script(source: bytes, name: str = "script") -> str:
-    """Compress and encode a script for :data:`SCRIPT_ENV`; refuse one too large.
-
-    Raises
-    ------
-    ConfigurationError
-        The encoded script exceeds :data:`MAX_EMBEDDED_BYTES`.
-    """
+    """Compress and encode a script for :data:`SCRIPT_ENV`; refuse one too large to embed."""
     encoded = base64.b64encode(gzip.compress(source, mtime=0)).decode("ascii")
     if len(encoded) > MAX_EMBEDDED_BYTES:
         raise ConfigurationError(
@@ -172,9 +155,9 @@ def build_script_job(
 
     Takes the arguments of :func:`submit_script`; ``settings`` are resolved
     with the cluster's :func:`~dask_amlcompute.config.resolve_settings` (same
-    dask config keys), except ``idle_timeout`` and ``no_client_timeout``. With
-    ``code``, ``script_path`` is taken relative to that folder and the folder
-    becomes the job's code snapshot; otherwise the script is read and embedded.
+    dask config keys), except ``idle_timeout`` and ``no_client_timeout``. The
+    environment and code snapshot are the cluster's
+    (:func:`~dask_amlcompute.backend.plan.draft_plan`).
 
     Returns
     -------
@@ -186,8 +169,7 @@ def build_script_job(
         An argument or dask config value is invalid, or the script is too large
         to embed.
     """
-    from .backend.environment import environment_from_settings, library_in_snapshot, local_packages
-    from .backend.snapshot import stage_snapshot
+    from .backend.plan import draft_plan
 
     # not read from dask config: see submit_script
     idle = config.checked("idle-timeout", settings.pop("idle_timeout", None))
@@ -195,7 +177,6 @@ def build_script_job(
     wait_for_workers = config.checked("startup-timeout", wait_workers, "wait_workers")
     s = config.resolve_settings(**settings)
     script, embedded = _script(script_path, script_args, code, wait_for_workers)
-    env = {**s.env_vars, **embedded, **temporary_tls(s)[1]}
     node = NodeOptions(
         role="cluster", name_prefix=s.name, processes=s.processes_per_node,
         threads=s.threads_per_process, death_timeout=s.death_timeout, idle_timeout=idle,
@@ -203,15 +184,12 @@ def build_script_job(
         # the script's client connects only once the workers are there
         first_contact_timeout=wait_for_workers + no_client if no_client else None,
     )  # fmt: skip
-    # the same code snapshot as a cluster's: the user's folder (if any) and the library
-    packages = local_packages(s.stack, s.pip_packages) if s.environment is None else ()
-    snapshot = stage_snapshot(
-        code, include_library=library_in_snapshot(s.node_package, s.pip_packages), packages=packages
-    )
+    plan = draft_plan(replace(s, connect="direct"), code, "create")  # no client: no SSH key
     job = build_job(
-        s, name=s.name, n_nodes=s.n_nodes, node=node, environment=environment_from_settings(s),
-        code=str(snapshot) if snapshot else None, timeout_seconds=s.job_timeout, env_vars=env,
-        tags={TAG_MODE: "script", "dask_script": script.script_name},
+        s, name=s.name, n_nodes=s.n_nodes, node=node, environment=plan.environment,
+        code=plan.code, timeout_seconds=s.job_timeout, tags={TAG_MODE: "script",
+        "dask_script": script.script_name}, env_vars={**s.env_vars, **embedded,
+        **temporary_tls(s)[1]},
     )  # fmt: skip
     job.display_name = f"{script.script_name} on {s.n_nodes} node(s) (dask-amlcompute run)"
     return job
@@ -259,13 +237,22 @@ async def _outcome(ops: Any, info: Any) -> ScriptRun:
     raise err
 
 
-async def _submit_and_wait(ops: Any, job: Any, *, n_nodes: int, wait: bool, wait_timeout: float,
-                           poll_interval: float, log: Any) -> ScriptRun:  # fmt: skip
+async def _submit_and_wait(ops: AmlOps, job: Any, wait: bool, wait_timeout: float | None,
+                           poll_interval: float, quiet: bool) -> ScriptRun:  # fmt: skip
     """Submit ``job`` and (with ``wait``) wait for it to end.
 
     Cancelled (Ctrl-C) once the submission has begun, it cancels the job first:
     a submission still in flight is let land (bounded), then cancelled.
     """
+
+    def log(message: str) -> None:
+        logger.info(message)
+        if not quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    n_nodes = job.resources.instance_count
+    timeout = job.limits.timeout if job.limits is not None else None
+    wait_timeout = wait_timeout or (timeout or 3600) + 1800
     compute = await ops.get_compute(job.compute)
     if compute.max_nodes and n_nodes > compute.max_nodes:
         raise TooManyNodesError(
@@ -294,91 +281,49 @@ async def _submit_and_wait(ops: Any, job: Any, *, n_nodes: int, wait: bool, wait
 
 
 def submit_script(
-    ml_client: Any,
-    script_path: str | os.PathLike,
-    *,
-    compute: str,
-    n_nodes: int = 1,
-    processes_per_node: int | None = None,
-    threads_per_process: int | None = None,
-    script_args: Sequence[str] = (),
-    job_timeout: str | float | None = None,
-    experiment_name: str | None = None,
-    name: str | None = None,
-    environment: Any = None,
-    pip_packages: Sequence[str] | None = None,
-    conda_packages: Sequence[str] | None = None,
-    node_package: str | None = None,
-    env_vars: Mapping[str, str] | None = None,
-    code: str | os.PathLike | None = None,
-    distribution: str | None = None,
-    security: bool | None = None,
-    idle_timeout: str | float | None = None,
-    no_client_timeout: str | float | None = None,
-    wait: bool = True,
-    wait_timeout: str | float | None = None,
-    wait_workers: str | float = "5m",
-    poll_interval: float = 2.0,
-    quiet: bool = False,
-) -> ScriptRun:
+    ml_client: Any, script_path: str | os.PathLike, *, compute: str, n_nodes: int = 1,
+    processes_per_node: int | None = None, threads_per_process: int | None = None,
+    script_args: Sequence[str] = (), job_timeout: str | float | None = None,
+    experiment_name: str | None = None, name: str | None = None, environment: Any = None,
+    pip_packages: Sequence[str] | None = None, conda_packages: Sequence[str] | None = None,
+    node_package: str | None = None, env_vars: Mapping[str, str] | None = None,
+    code: str | os.PathLike | None = None, distribution: str | None = None,
+    security: bool | None = None, idle_timeout: str | float | None = None,
+    no_client_timeout: str | float | None = None, wait: bool = True,
+    wait_timeout: str | float | None = None, wait_workers: str | float = "5m",
+    poll_interval: float = 2.0, quiet: bool = False,
+) -> ScriptRun:  # fmt: skip
     """Run a Dask script as one AML job on ``n_nodes`` nodes; the job ends with the script.
 
-    Rank 0 runs the Dask scheduler and then ``python <script> <script_args>`` with
-    ``DASK_SCHEDULER_ADDRESS`` set (so ``Client()`` connects); every rank runs
-    ``processes_per_node`` workers.
-
-    Settings follow the cluster's precedence: an argument that is given (not
-    None) wins, else the ``amlcompute.*`` dask config key of the same name, else
-    the package default (``amlcompute.yaml``); a mapping (``env_vars``) replaces
-    the configured one. ``idle_timeout`` and ``no_client_timeout`` are NOT read
-    from config: the cluster's interactive defaults would stop a script that
-    works a while without a client. The call blocks (see
-    :func:`~dask_amlcompute.backend.ops.run_blocking`); interrupting it cancels
-    the job, once submitted, before it raises ``KeyboardInterrupt``.
+    Rank 0 runs the scheduler, then the script with ``DASK_SCHEDULER_ADDRESS`` set
+    (``Client()`` connects); every rank runs workers. Settings follow the cluster's
+    precedence (argument, ``amlcompute.*`` dask config, ``amlcompute.yaml``) but for
+    ``idle_timeout`` and ``no_client_timeout``, never read from config (the cluster's
+    defaults would stop a script working without a client). Blocks; interrupting it
+    cancels the submitted job, then raises.
 
     Parameters
     ----------
     ml_client
         An ``azure.ai.ml.MLClient`` (``Emulator.ml_client()`` works too).
-    script_path
-        The script; relative to ``code`` when ``code`` is given.
-    compute, n_nodes, processes_per_node, threads_per_process
-        Where and how wide the in-job cluster is.
-    script_args
-        Arguments of the script.
-    job_timeout
-        AML job time limit: AML cancels the job after it.
-    experiment_name, name
-        Experiment and job name (default ``dask-run-<random>``).
-    environment, pip_packages, conda_packages, node_package
-        As for :class:`~dask_amlcompute.AmlComputeCluster` (default: pinned to this
-        client's Python/dask/distributed/cloudpickle versions).
-    env_vars
-        Extra environment variables of every node (and the script).
+    script_path, script_args
+        The script (relative to ``code`` when given) and its arguments.
+    compute, n_nodes, processes_per_node, threads_per_process, job_timeout, \
+experiment_name, name, environment, pip_packages, conda_packages, node_package, \
+env_vars, distribution, security
+        As for :class:`~dask_amlcompute.AmlComputeCluster` (``name``: the job's,
+        default ``dask-run-<random>``).
     code
-        A folder uploaded as the job's code snapshot (real AML). Without it the
-        script is embedded in the job (limit :data:`MAX_EMBEDDED_BYTES`).
-    distribution
-        ``"pytorch"`` or ``"mpi"``.
-    security
-        True: TLS between the script, the scheduler and the workers, with a
-        temporary certificate carried in the job's environment variables
-        (``amlcompute.security``).
+        A folder uploaded as the job's code snapshot; without it the script is
+        embedded in the job (at most :data:`MAX_EMBEDDED_BYTES`).
     idle_timeout, no_client_timeout
-        The scheduler stops after this long without tasks (``idle_timeout``) or
-        without a client (``no_client_timeout``, counted once the script has
-        had ``wait_workers`` to connect); rank 0 then stops the script and the
-        job fails. None (default): no such limit, only ``job_timeout``.
-    wait
-        Wait for the job to end; False returns right after submission.
-    wait_timeout
-        Bound on that wait (default: ``job_timeout`` plus 30 minutes for queueing).
-    wait_workers
-        How long rank 0 waits for all workers before starting the script anyway.
-    poll_interval
-        Seconds between status polls.
-    quiet
-        Do not print progress.
+        Stop the scheduler (and fail the job) after this long without tasks, or
+        without a client once the script had ``wait_workers``. None: no limit.
+    wait, wait_timeout, poll_interval
+        Wait for the job to end (False: return once submitted), at most ``wait_timeout``
+        (default ``job_timeout`` + 30 min), polling every ``poll_interval``.
+    wait_workers, quiet
+        How long rank 0 waits for all workers before the script; print no progress.
 
     Returns
     -------
@@ -386,49 +331,26 @@ def submit_script(
 
     Raises
     ------
-    JobFailedError
-        The script failed (``exit_code`` attribute, log tail in the message).
-    JobCanceledError
-        The job was cancelled (``job_timeout`` reached, or by a user).
+    JobFailedError, JobCanceledError
+        The script failed (``exit_code``, log tail) or the job was cancelled.
     ConfigurationError
         An argument or dask config value is invalid; nothing was submitted.
-    KeyboardInterrupt
-        Interrupted; the job was cancelled.
 
     Examples
     --------
-    >>> run = submit_script(ml_client, "score.py", compute="cpu-cluster", n_nodes=4,
-    ...                     job_timeout="3h")  # doctest: +SKIP
-    >>> run.status  # doctest: +SKIP
+    >>> submit_script(ml_client, "score.py", compute="cpu", n_nodes=4).status  # doctest: +SKIP
     'Completed'
     """
-    from .backend.ops import AmlOps
-
+    settings = {k: v for k, v in locals().items() if k in _SETTINGS}  # quiet: checked there
     ml_client = workspace_client(ml_client)
     if compute is None:
         raise ConfigurationError("submit_script needs compute='<AmlCompute name>'.")
+    if not isinstance(wait, bool):
+        raise ConfigurationError(f"wait must be True or False, got {wait!r}.")
     bound = config.checked("job-timeout", wait_timeout, "wait_timeout")
     poll = config.checked("poll-interval", poll_interval)
-    for flag, value in (("wait", wait), ("quiet", quiet)):
-        if not isinstance(value, bool):
-            raise ConfigurationError(f"{flag} must be True or False, got {value!r}.")
     job = build_script_job(
         script_path, script_args=script_args, code=code, wait_workers=wait_workers,
-        name=name or f"dask-run-{uuid.uuid4().hex[:10]}", compute=compute, n_nodes=n_nodes,
-        processes_per_node=processes_per_node, threads_per_process=threads_per_process,
-        job_timeout=job_timeout, experiment_name=experiment_name, environment=environment,
-        pip_packages=pip_packages, conda_packages=conda_packages, node_package=node_package,
-        env_vars=env_vars, distribution=distribution, security=security,
-        idle_timeout=idle_timeout, no_client_timeout=no_client_timeout,
+        **{**settings, "name": name or f"dask-run-{uuid.uuid4().hex[:10]}"},
     )  # fmt: skip
-    timeout = job.limits.timeout if job.limits is not None else None
-    bound = bound or (timeout or 3600) + 1800
-
-    def log(message: str) -> None:
-        logger.info(message)
-        if not quiet:
-            print(message, file=sys.stderr, flush=True)
-
-    coro = _submit_and_wait(AmlOps(ml_client), job, n_nodes=job.resources.instance_count,
-                            wait=wait, wait_timeout=bound, poll_interval=poll, log=log)  # fmt: skip
-    return run_blocking(coro)
+    return run_blocking(_submit_and_wait(AmlOps(ml_client), job, wait, bound, poll, quiet))

@@ -1,15 +1,13 @@
 """Checks of user input that a schema cannot say, before anything is submitted to AML.
 
-Types, enums, bounds and name patterns of the settings are in
-``amlcompute-schema.yaml`` (checked by :mod:`dask_amlcompute.config`); these
-functions parse what is left (durations, memory sizes, pip requirements,
-environment references) and return the normalised value, or raise
-:class:`~dask_amlcompute.exceptions.ConfigurationError` naming the bad value
-and the accepted forms. Nothing here touches the workspace.
+Durations, memory sizes, pip requirements, environment references. Types, enums, bounds and patterns are in ``amlcompute-schema.yaml`` (checked by
+:mod:`dask_amlcompute.config`). Each function returns the normalised value or
+raises :class:`~dask_amlcompute.exceptions.ConfigurationError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -53,33 +51,12 @@ def parse_duration(
     minimum: float = 0.0,
     maximum: float = MAX_DURATION,
 ) -> float | None:
-    """Parse a duration into seconds.
+    """Seconds of ``value`` (None passes), named ``what`` in errors, within the bounds.
 
-    Parameters
-    ----------
-    value
-        Seconds as a number, a dask-style string (``"90s"``, ``"2h"``, ``"1.5 hours"``,
-        see :func:`dask.utils.parse_timedelta`), an ISO 8601 duration (``"PT1H30M"``,
-        read by :func:`isodate.parse_duration`) or a clock string (``"1:30:00"``).
-        ``None`` passes through.
-    what
-        Name of the setting, used in the error message.
-    minimum, maximum
-        Bounds in seconds (a duration is always more than 0).
+    ``value``: seconds, a dask string (``"90s"``, ``"1.5 hours"``), an ISO 8601
+    duration (``"PT1H30M"``) or a clock (``"1:30:00"``). Anything else, and
+    durations that are not positive or out of bounds, raise ConfigurationError.
 
-    Returns
-    -------
-    float or None
-        Seconds.
-
-    Raises
-    ------
-    ConfigurationError
-        Anything else, durations that are not positive (``"PT"``, ``0``) and
-        durations out of bounds (``inf``, ``"1e400s"``).
-
-    Examples
-    --------
     >>> parse_duration("PT1H30M")
     5400.0
     >>> parse_duration("2h")
@@ -143,11 +120,8 @@ def count(value: object, what: str, minimum: int = 1, maximum: int | None = None
 def env_var_mapping(value: Mapping | None, what: str = "env_vars") -> dict[str, str]:
     """Refuse environment variables that AML, MPI or the library set on the nodes.
 
-    Names and values are checked by the schema (portable names, string values);
-    this refuses :data:`RESERVED_ENV_NAMES` and names starting with one of
-    :data:`RESERVED_ENV_PREFIXES` (``AZUREML_RUN_ID``, ``MASTER_ADDR``, ...):
-    replacing them would break how each node finds its rank and publishes the
-    scheduler's address.
+    Replacing them (``AZUREML_RUN_ID``, ``MASTER_ADDR``, ...) would break how each
+    node finds its rank and publishes the scheduler's address.
 
     Examples
     --------
@@ -166,24 +140,10 @@ def env_var_mapping(value: Mapping | None, what: str = "env_vars") -> dict[str, 
 
 
 def memory_limit(value: object, what: str = "memory_limit") -> str | int | float | None:
-    """Check a Dask worker memory limit, with the semantics of ``distributed``.
+    """Check a Dask worker memory limit (``distributed.Nanny``'s); return it unchanged.
 
-    Parameters
-    ----------
-    value
-        ``"auto"`` (split the node's memory between its worker processes); None
-        (same as ``"auto"`` on the nodes); a number of bytes (int, or a string
-        such as ``"4GiB"`` or ``"500 MB"``, see :func:`dask.utils.parse_bytes`);
-        a fraction of the node's memory ``0 < x <= 1`` (float, or its string);
-        0 for no limit, as in ``distributed.Nanny``. Sizes under 1 MiB are
-        refused: they are a missing unit, not a usable limit.
-    what
-        Name of the setting, used in the error message.
-
-    Returns
-    -------
-    str, int, float or None
-        ``value`` unchanged: the nodes pass it to ``distributed``.
+    ``"auto"`` or None, bytes (int, or ``"4GiB"``), a fraction of the node's
+    memory (``0 < x <= 1``) or 0 for none. Under 1 MiB is refused (a missing unit).
 
     Examples
     --------
@@ -195,18 +155,13 @@ def memory_limit(value: object, what: str = "memory_limit") -> str | int | float
     if value is None or value == "auto":
         return cast("str | None", value)  # None or "auto"
     number: float | None = None
-    if isinstance(value, bool):
-        number = None
-    elif isinstance(value, int | float):
+    if isinstance(value, int | float) and not isinstance(value, bool):
         number = float(value)
     elif isinstance(value, str) and value.strip():
-        try:
-            number = float(value)  # "0.5" is a fraction, "1e9" bytes, as in distributed
-        except ValueError:
-            try:
-                number = float(parse_bytes(value))
-            except (ValueError, TypeError, OverflowError):
-                number = None
+        for parse in (float, parse_bytes):  # "0.5" is a fraction, "1e9" bytes, as in distributed
+            with contextlib.suppress(ValueError, TypeError, OverflowError):
+                number = float(parse(value))
+                break
     if number is None or not math.isfinite(number) or number < 0:
         raise ConfigurationError(
             f"Invalid {what}: {value!r}. Use 'auto', a size such as '4GiB' or '500MB' "
@@ -229,11 +184,7 @@ def memory_limit(value: object, what: str = "memory_limit") -> str | int | float
 
 
 def pip_requirements(value: object, what: str = "pip_packages") -> list[str]:
-    """Check pip requirements (a list of strings): PEP 508 requirements.
-
-    Direct references pip understands without a name (``git+https://...``,
-    ``https://.../x.whl``, a local path starting with ``.``, ``/`` or ``~``) and
-    pip options (``--extra-index-url ...``) are accepted as they are.
+    """Check pip requirements (PEP 508); URLs, local paths and pip options pass as they are.
 
     Examples
     --------
@@ -259,13 +210,7 @@ def pip_requirements(value: object, what: str = "pip_packages") -> list[str]:
 
 
 def existing_file(value: object, what: str) -> str | None:
-    """Return the ``~``-expanded path of an existing file, or None for None.
-
-    Raises
-    ------
-    ConfigurationError
-        ``value`` is not a path, or no file is there.
-    """
+    """Return the ``~``-expanded path of an existing file, or None for None."""
     if value is None:
         return None
     text = str(value)
@@ -279,11 +224,7 @@ def existing_file(value: object, what: str) -> str | None:
 
 
 def options_mapping(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
-    """Check Dask keyword arguments for the nodes (a dict with name keys): JSON values.
-
-    The options reach the nodes as JSON on the job's command line, so every
-    value must survive ``json.dumps``.
-    """
+    """Check Dask keyword arguments for the nodes: they travel as JSON on the command line."""
     for key, val in (value or {}).items():
         try:
             json.dumps(val, allow_nan=False)
@@ -296,17 +237,7 @@ def options_mapping(value: Mapping[str, Any] | None, what: str) -> dict[str, Any
 
 
 class EnvironmentRef(NamedTuple):
-    """A registered AML environment named by a string setting.
-
-    Attributes
-    ----------
-    name
-        Environment name (without ``azureml:``).
-    version
-        Version for ``name:version``, else None.
-    label
-        Label for ``name@label`` (only ``latest``), else None.
-    """
+    """A registered AML environment: ``name:version`` or ``name@label``."""
 
     name: str
     version: str | None = None
@@ -317,26 +248,10 @@ class EnvironmentRef(NamedTuple):
 
 
 def environment_reference(value: str) -> EnvironmentRef | None:
-    """Parse an ``environment=`` string naming a registered workspace environment.
+    """The registered environment an ``environment=`` string names, or None.
 
-    Parameters
-    ----------
-    value
-        ``"name@latest"``, ``"name:version"``, ``"azureml:name:version"`` or
-        ``"azureml:name@latest"``.
-
-    Returns
-    -------
-    EnvironmentRef or None
-        None for what is not looked up in the workspace: Docker images and
-        registry or ARM ids (they contain ``/``) and curated environments
-        (``AzureML-...``, resolved by the service).
-
-    Raises
-    ------
-    ConfigurationError
-        The string names an environment without a version or label, a label
-        other than ``latest``, or has characters AML names cannot have.
+    ``[azureml:]name@latest`` or ``[azureml:]name:version``; None for images and
+    registry or ARM ids (with ``/``) and curated environments (``AzureML-...``).
 
     Examples
     --------
@@ -376,26 +291,10 @@ def environment_reference(value: str) -> EnvironmentRef | None:
 
 
 def environment_setting(value: object, what: str = "environment") -> Any:
-    """Check the ``environment`` setting (no network: existence is checked before submit).
+    """Check the ``environment`` setting (no network: the plan checks it exists).
 
-    Parameters
-    ----------
-    value
-        None (the pinned default), a non-empty string (see
-        :func:`environment_reference`; anything with ``/`` is a Docker image or
-        registry id), or an ``azure.ai.ml.entities.Environment``.
-
-    Returns
-    -------
-    Any
-        ``value``; ``"azureml:name@latest"`` becomes ``"name@latest"``, which
-        azure-ai-ml resolves (1.35 looks up the label under the prefixed name
-        and fails).
-
-    Raises
-    ------
-    ConfigurationError
-        A string that is not an environment reference.
+    ``"azureml:name@latest"`` becomes ``"name@latest"``: azure-ai-ml 1.35 looks the
+    label up under the prefixed name and fails.
     """
     if not isinstance(value, str):
         return value  # None, or an Environment: the backend checks it (settings import no azure)

@@ -8,21 +8,11 @@ client (an :class:`~dask_amlcompute.AmlComputeCluster`, a ``LocalCluster``, ...)
 * :func:`iter_batches` yields finished mini-batches as they complete, keeping at
   most ``max_in_flight`` batches submitted, so memory stays bounded.
 
-Each mini-batch is one Dask task that calls ``fn`` on its inputs one by one; an
-exception fails only its own input. Failed inputs are retried (``retries``),
-then reported. A batch time limit (``timeout``) abandons a hung call: the input
-is failed as timed out, the inputs after it are resubmitted, and the worker's
-task slot is freed. Python cannot kill a thread, so the hung call's thread is
-interrupted with an exception at its next Python instruction (a loop in Python
-code stops at once); a call blocked in C code (a socket read, ``time.sleep``)
-keeps its thread until it returns. Such threads are counted in
-:attr:`BatchStats.stuck_threads`; restart the workers
-(``client.restart_workers``) if they pile up.
-
-This module is the client side (scheduling, retries, the threshold, progress);
-the task that runs on the workers is in :mod:`dask_amlcompute.batch.worker`, the
-result types in :mod:`dask_amlcompute.batch.types` and the result files in
-:mod:`dask_amlcompute.batch.output`.
+Each mini-batch is one Dask task calling ``fn`` on its inputs one by one; an
+exception fails only its own input. A batch time limit (``timeout``) abandons a
+hung call (its thread is interrupted at its next Python instruction; one blocked
+in C code is counted in :attr:`BatchStats.stuck_threads`) and resubmits the inputs
+after it. This is the client side; the worker side is :mod:`.worker`.
 """
 
 from __future__ import annotations

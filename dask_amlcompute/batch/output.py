@@ -14,7 +14,6 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from ..exceptions import ConfigurationError
 from .types import BatchResult, ItemError
 
 
@@ -59,11 +58,9 @@ def _write_batch(out_dir: Path, batch: BatchResult, fmt: str) -> Path:
         with open(tmp, "wb") as fh:
             data = {"batch": batch.number, "indices": batch.indices, "results": batch.results}
             pickle.dump(data, fh)
-    elif fmt == "json":
+    else:  # json (iter_batches checked output_format)
         items = [{"index": i, "result": r} for i, r in ok] + [{"error": e} for e in errors]
         items.sort(key=lambda d: d.get("index", d.get("error", {}).get("index", -1)))
         tmp.write_text(json.dumps({"batch": batch.number, "items": items}, default=_json_default))
-    else:
-        raise ConfigurationError(f"output_format must be auto/json/parquet/pickle, not {fmt!r}.")
     os.replace(tmp, path)
     return path

@@ -47,18 +47,16 @@ def _env(args: argparse.Namespace) -> int:
 
         return register_environment(args, spec)
     if args.format == "json":
-        info = {
-            "image": spec.image,
-            "conda": spec.conda_dict(),
-            "content_hash": spec.content_hash,
-            "aml_environment": f"CliV2AnonymousEnvironment:{spec.aml_version}",
-        }
-        text = json.dumps(info, indent=2) + "\n"
+        info = {"image": spec.image, "conda": spec.conda_dict(), "content_hash": spec.content_hash,
+                "aml_environment": f"CliV2AnonymousEnvironment:{spec.aml_version}"}  # fmt: skip
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
     else:
-        text = {"conda": spec.conda_yaml, "pip": spec.requirements, "dockerfile": spec.dockerfile}[
-            args.format
-        ]()
-    sys.stdout.write(text)
+        formats = {
+            "conda": spec.conda_yaml,
+            "pip": spec.requirements,
+            "dockerfile": spec.dockerfile,
+        }
+        sys.stdout.write(formats[args.format]())
     return 0
 
 
@@ -99,46 +97,29 @@ def _main(argv: list[str]) -> int:
     demo.add_argument("--nodes", type=count, default=3)
     demo.add_argument("--processes", type=count, default=1, help="worker processes per node")
     demo.add_argument("--quiet", action="store_true")
-    demo.add_argument(
-        "--network",
-        choices=("auto", "isolated", "loopback"),
-        default="auto",
-        help="where the emulated nodes live; auto: isolated (unreachable from the client, as "
-        "on a stock workspace) where this machine allows network namespaces, else loopback",
-    )
-    sub.add_parser(
-        "run",
-        help="run a Dask script as one AML job (run script.py --nodes 4 --compute NAME "
-        "[--emulator] [-- script args])",
-        add_help=False,
-    )
+    demo.add_argument("--network", choices=("auto", "isolated", "loopback"), default="auto",
+                      help="where the emulated nodes live; auto: isolated (unreachable from the "
+                      "client, as on a stock workspace) where network namespaces work, else loopback")  # fmt: skip
+    sub.add_parser("run", add_help=False, help="run a Dask script as one AML job (run script.py "
+                   "--nodes 4 --compute NAME [--emulator] [-- script args])")  # fmt: skip
     from .manage import COMMANDS as MANAGE_COMMANDS
     from .manage import add_arguments as add_manage_arguments
 
     add_manage_arguments(sub)
-    env = sub.add_parser(
-        "env",
-        help="show the node environment the library would use, or register it (env build)",
-    )
-    env.add_argument(
-        "action",
-        nargs="?",
-        choices=["show", "build"],
-        default="show",
-        help="show (default) or build: register it as a named, versioned AML environment",
-    )
-    env.add_argument("--name", default=None, help="env build: environment name")
-    env.add_argument("--emulator", metavar="URL", help="env build: an AML emulator (aml-emulator)")
-    env.add_argument("--workspace-config", metavar="PATH", help="env build: workspace config")
-    env.add_argument("--format", choices=["json", "conda", "pip", "dockerfile"], default="json")
-    env.add_argument("--extra", action="append", default=[], metavar="REQ", help="pip package")
-    env.add_argument("--extra-conda", action="append", default=[], metavar="PKG")
-    env.add_argument("--node-package", metavar="REQ", help="pip spec of dask-amlcompute")
-    env.add_argument("--image", default=None, help="base image (default: AML openmpi image)")
-    env.add_argument("--stack", choices=["sync", "installed", "imported", "none"])
-    env.add_argument(
-        "--gpu", action="store_true", help="the GPU sizes' environment (dask-cuda, CUDA image)"
-    )
+    add = sub.add_parser("env", help="show the node environment the library would use, or "
+                         "register it (env build)").add_argument  # fmt: skip
+    add("action", nargs="?", choices=["show", "build"], default="show",
+        help="show (default) or build: register it as a named, versioned AML environment")  # fmt: skip
+    add("--name", default=None, help="env build: environment name")
+    add("--emulator", metavar="URL", help="env build: an AML emulator (aml-emulator)")
+    add("--workspace-config", metavar="PATH", help="env build: workspace config")
+    add("--format", choices=["json", "conda", "pip", "dockerfile"], default="json")
+    add("--extra", action="append", default=[], metavar="REQ", help="pip package")
+    add("--extra-conda", action="append", default=[], metavar="PKG")
+    add("--node-package", metavar="REQ", help="pip spec of dask-amlcompute")
+    add("--image", default=None, help="base image (default: AML openmpi image)")
+    add("--stack", choices=["sync", "installed", "imported", "none"])
+    add("--gpu", action="store_true", help="the GPU sizes' environment (dask-cuda, CUDA image)")
     args = parser.parse_args(argv)
     command = MANAGE_COMMANDS.get(args.command) or {"demo": _demo, "env": _env}[args.command]
     try:
@@ -146,7 +127,3 @@ def _main(argv: list[str]) -> int:
     except AmlComputeError as exc:  # one line, no traceback: 2 for bad input, else 1
         print(f"dask-amlcompute {args.command}: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigurationError | WorkspaceNotConfiguredError) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

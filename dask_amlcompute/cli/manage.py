@@ -83,6 +83,10 @@ async def _node_prices(ops: AmlOps, computes: set[str]) -> dict[str, float | Non
     return prices
 
 
+def _hours(now: datetime, since: datetime | None) -> float:
+    return 0.0 if since is None else max(0.0, (now - since).total_seconds() / 3600)
+
+
 def _money(value: float | None) -> str:
     return "?" if value is None else f"${value:,.2f}"
 
@@ -105,17 +109,10 @@ def run_list(args: argparse.Namespace) -> int:
         main = next((j for j in cjobs if j.role == "cluster"), cjobs[0])
         active = [j for j in cjobs if j.status not in ("Completed", "Canceled", "Failed")]
         nodes = sum(j.n_nodes for j in active)
-        hourly: float | None = 0.0
-        so_far: float | None = 0.0
-        for job in active:
-            price = prices.get(job.compute or "")
-            if price is None or hourly is None or so_far is None:
-                hourly = so_far = None
-                continue
-            hourly += price * job.n_nodes
-            if job.created_at is not None:
-                hours = max(0.0, (now - job.created_at).total_seconds() / 3600)
-                so_far += price * job.n_nodes * hours
+        rates = [(price, j) for j in active if (price := prices.get(j.compute or "")) is not None]
+        known = len(rates) == len(active)  # else the sums are unknown
+        hourly = sum(p * j.n_nodes for p, j in rates) if known else None
+        so_far = sum(p * j.n_nodes * _hours(now, j.created_at) for p, j in rates) if known else None
         print(
             f"{name:30} {main.kind:7} {main.compute or '?':16} {nodes:>5} {len(cjobs):>4} "
             f"{_money(hourly):>9} {_money(so_far):>9}  {main.status}"

@@ -100,8 +100,8 @@ def test_size_limit_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigurationError) as info:
         collect_code(root, max_bytes=1000)
     message = str(info.value)
-    assert "over the 1000 B limit" in message
-    assert "data/ (4.9 KiB)" in message  # names the largest entry
+    assert "over the 0.98 kiB limit" in message
+    assert "data/ (4.88 kiB)" in message  # names the largest entry
     assert ".amlignore" in message and "max_bytes" in message
     (root / ".amlignore").write_text("data/\n")
     assert collect_code(root, max_bytes=1000).files == (".amlignore", "mod.py")

@@ -12,6 +12,8 @@ path exists at all; the job-service path is the same in ``isolated`` mode.
 
 from __future__ import annotations
 
+import os
+
 from common import (
     EmulatorProcess,
     Options,
@@ -19,11 +21,56 @@ from common import (
     SuiteResult,
     aml_cluster,
     cluster_kwargs,
+    median,
+    pair_ratio,
 )
 from distributed import Client
-from tunnel import path_rows
+from tunnel import cpu_seconds, path_rows, scatter_gather_rate
+
+from dask_amlcompute.connect import proxy
 
 COMPUTE = "bench-jobssh"
+
+
+def frame_size_row(client: Client, direct: Client, opts: Options, emu_pid: int) -> Row:
+    """Scatter+gather with the client's frames at 16 KiB and 64 KiB, and where the CPU goes.
+
+    The library sends at most ``proxy.CHUNK`` (16 KiB) per frame, because larger
+    frames are untested against AML's proxy; the emulator's proxy takes any size,
+    so the 64 KiB runs (an experiment: the relay reads the constant per batch)
+    show what the limit costs. CPU seconds per GB moved are counted for this
+    (client) process and the emulator's (its proxy and the job's SSH daemon).
+    """
+    mbytes, reps = opts.pick(100, 20), opts.pick(3, 2)
+    data = os.urandom(mbytes * 10**6)
+    gb = 2 * mbytes / 1e3
+    rates: dict[str, list[float]] = {"direct": [], "16": [], "64": []}
+    cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in rates}
+    kept = proxy.CHUNK
+    try:
+        for rep in range(reps + 1):  # the first round warms up
+            for name in ("direct", "16", "64") if rep % 2 else ("64", "16", "direct"):
+                proxy.CHUNK = int(name) * 1024 if name != "direct" else kept
+                before = cpu_seconds(), cpu_seconds(emu_pid)
+                rate = scatter_gather_rate(direct if name == "direct" else client, data)
+                if rep:
+                    rates[name].append(rate)
+                    cpu[name].append(((cpu_seconds() - before[0]) / gb,
+                                      (cpu_seconds(emu_pid) - before[1]) / gb))  # fmt: skip
+    finally:
+        proxy.CHUNK = kept
+
+    def used(name: str) -> str:
+        return (f"client {median([c for c, _ in cpu[name]]):.1f}, emulator "
+                f"{median([e for _, e in cpu[name]]):.1f}")  # fmt: skip
+
+    return Row("jobssh", f"scatter+gather {mbytes} MB, job-ssh with 64 KiB client frames / "
+               "with 16 KiB (MB/s)", pair_ratio(rates["64"], rates["16"]), "x",
+               detail=f"experiment (the library sends 16 KiB): 64 KiB {median(rates['64']):.0f} "
+               f"MB/s ({pair_ratio(rates['64'], rates['direct']):.2f}x direct), 16 KiB "
+               f"{median(rates['16']):.0f} MB/s ({pair_ratio(rates['16'], rates['direct']):.2f}x), "
+               f"direct {median(rates['direct']):.0f} MB/s (n={reps}); CPU s/GB: 64 KiB "
+               f"{used('64')}; 16 KiB {used('16')}; direct {used('direct')}")  # fmt: skip
 
 
 def run(opts: Options) -> SuiteResult:
@@ -46,6 +93,7 @@ def run(opts: Options) -> SuiteResult:
         jclient.wait_for_workers(2, timeout=60)
 
         rows += path_rows("jobssh", "job-ssh", jclient, dclient, opts)
+        rows.append(frame_size_row(jclient, dclient, opts, emu.proc.pid))  # type: ignore[union-attr]
     result = SuiteResult(rows=rows)
     result.notes.append(
         "jobssh: the proxy and the job's SSH daemon run in the emulator process on this "

@@ -49,11 +49,6 @@ def resolve_client_keys(
     ConfigurationError
         A file is unreadable, a key cannot be parsed or decrypted, or the
         sequence is empty.
-
-    Examples
-    --------
-    >>> resolve_client_keys() is None
-    True
     """
     if client_keys is None:
         return None
@@ -87,11 +82,7 @@ def resolve_client_keys(
 
 
 def key_fingerprint(key: asyncssh.SSHKey | asyncssh.SSHKeyPair) -> str:
-    """The OpenSSH ``SHA256:...`` fingerprint of a key or key pair's public key.
-
-    An ``SSHKeyPair`` (e.g. from ``asyncssh.load_keypairs``) has no
-    ``get_fingerprint``; its public key gives the same fingerprint.
-    """
+    """The OpenSSH ``SHA256:...`` fingerprint of a key, or of a key pair's public key."""
     if isinstance(key, asyncssh.SSHKey):
         return key.get_fingerprint()
     digest = hashlib.sha256(key.key_public_data).digest()
@@ -110,7 +101,7 @@ class HostKeyChecker(asyncssh.SSHClient):
         self, host: str, addr: str, port: int, key: asyncssh.SSHKey
     ) -> bool:
         self.offered = key
-        # addr is empty over a socket that is not TCP (the job-service WebSocket bridge)
+        # addr is empty over the job-service WebSocket (no TCP peer)
         trusted, ca_keys, *_ = self._known.match(host, addr or "", None if port == 22 else port)
         self.host_known = bool(trusted or ca_keys)
         self.accepted_new = self._tofu and not self.host_known

@@ -118,7 +118,7 @@ async def open_job_service_tunnel(
     context: Any, job_name: str, targets: dict[str, tuple[str, int]], deadline: float
 ):
     """Open and return a started SSHTunnel to ``targets`` through the job's SSH service."""
-    from .proxy import open_proxy_socket, proxy_url
+    from .proxy import open_proxy_tunnel, proxy_url
     from .tunnel import SSHTunnel
 
     key = context.plan.job_ssh_key
@@ -134,7 +134,7 @@ async def open_job_service_tunnel(
 
     async def dial():
         token = await asyncio.to_thread(access_token, context)
-        return await open_proxy_socket(url, token)
+        return await open_proxy_tunnel(url, token)
 
     parsed = urlparse(url)
     tunnel = SSHTunnel(

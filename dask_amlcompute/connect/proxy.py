@@ -1,19 +1,13 @@
-"""Carry a TCP byte stream through Azure ML's job-service WebSocket proxy.
+"""Carry an SSH connection through Azure ML's job-service WebSocket proxy.
 
-AML's job SSH service (``services={"ssh": SshJobService(...)}``) is reached
-without any public IP: ``ml_client.jobs.show_services(job, node_index)`` names
-the node's ``ProxyEndpoint`` (``wss://ssh-<id>.<region>.nodes.azureml.ms``),
-and a client opens a WebSocket to ``{ProxyEndpoint}/nbip/v1.0/ws-tcp`` with
-``Authorization: Bearer <ARM token>`` (scope
-``https://management.core.windows.net/.default``); binary frames then carry the
-raw SSH bytes of a connection to the daemon in the job's container. This is what
-``az ml job connect-ssh`` does (public source: Azure/azure-cli-extensions,
-``src/machinelearningservices/azext_mlv2/manual/custom/_ssh_connector.py``;
-binary frames of at most 4 KiB there, no subprotocol).
-
-:func:`open_proxy_socket` returns one end of a socket pair whose other end is
-pumped to and from the WebSocket, so :mod:`asyncssh` runs over it unchanged
-(``asyncssh.connect(sock=...)``).
+``ml_client.jobs.show_services(job, node_index)`` names a node's ``ProxyEndpoint``
+(``wss://ssh-<id>.<region>.nodes.azureml.ms``); a client opens a WebSocket to
+``{ProxyEndpoint}/nbip/v1.0/ws-tcp`` with ``Authorization: Bearer <ARM token>``
+and binary frames carry the raw SSH bytes to the daemon in the job's container,
+as ``az ml job connect-ssh`` does (Azure/azure-cli-extensions,
+``azext_mlv2/manual/custom/_ssh_connector.py``: 4 KiB binary frames, no subprotocol).
+:func:`open_proxy_tunnel` returns the WebSocket as an ``asyncssh.connect(tunnel=)``
+object, asyncssh's hook for SSH over any transport (ronf/asyncssh#429, #625).
 """
 
 from __future__ import annotations
@@ -22,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import ssl
 from typing import Any
 
@@ -30,14 +23,12 @@ from ..exceptions import TunnelAuthenticationError, TunnelUnreachableError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PROXY_PATH", "TOKEN_SCOPE", "open_proxy_socket", "proxy_url"]
+__all__ = ["PROXY_PATH", "TOKEN_SCOPE", "open_proxy_tunnel", "proxy_url"]
 
 #: Path of the TCP relay under a job service's ProxyEndpoint.
 PROXY_PATH = "/nbip/v1.0/ws-tcp"
 #: Scope of the bearer token the proxy accepts (ARM, the classic audience).
 TOKEN_SCOPE = "https://management.core.windows.net/.default"
-#: Seconds between WebSocket pings (``az``'s Go client pings every 30 s).
-PING_INTERVAL = 30.0
 #: Largest chunk sent per frame: both Microsoft clients send 4 KiB; larger frames
 #: are untested against AML's proxy, 16 KiB keeps the header overhead negligible.
 CHUNK = 16 * 1024
@@ -62,8 +53,8 @@ def _ssl_context() -> ssl.SSLContext:
     return context
 
 
-async def open_proxy_socket(url: str, token: str, timeout: float = 30.0) -> socket.socket:
-    """Open the WebSocket at ``url`` and return a socket whose bytes travel through it.
+async def open_proxy_tunnel(url: str, token: str, timeout: float = 30.0) -> WebSocketTunnel:
+    """Open the WebSocket at ``url``; return it as a tunnel for ``asyncssh.connect(tunnel=)``.
 
     An HTTP(S) proxy named by ``HTTPS_PROXY`` (``wss://``) or ``HTTP_PROXY``
     (``ws://``) is used through ``CONNECT`` unless ``NO_PROXY`` lists the host,
@@ -81,9 +72,8 @@ async def open_proxy_socket(url: str, token: str, timeout: float = 30.0) -> sock
 
     Returns
     -------
-    socket.socket
-        A connected stream socket; closing it closes the WebSocket, and the
-        WebSocket closing closes it.
+    WebSocketTunnel
+        Carries one SSH connection; closing either closes both.
 
     Raises
     ------
@@ -103,7 +93,7 @@ async def open_proxy_socket(url: str, token: str, timeout: float = 30.0) -> sock
                 url,
                 additional_headers={"Authorization": f"Bearer {token}"},
                 open_timeout=timeout,
-                ping_interval=PING_INTERVAL,
+                ping_interval=30.0,  # as az's Go client
                 max_size=16 << 20,
                 compression=None,  # as az: raw SSH bytes, no permessage-deflate
                 **options,
@@ -130,44 +120,72 @@ async def open_proxy_socket(url: str, token: str, timeout: float = 30.0) -> sock
         raise TunnelUnreachableError(
             f"Cannot open AML's job-service proxy {where}: {exc or type(exc).__name__}"
         ) from exc
-    mine, theirs = socket.socketpair()
-    for sock in (mine, theirs):
-        sock.setblocking(False)
-    task = asyncio.ensure_future(_pump(ws, theirs))
-    _PUMPS.add(task)
-    task.add_done_callback(_PUMPS.discard)
-    return mine
+    return WebSocketTunnel(ws)
 
 
-#: Running pumps (kept referenced until they end).
-_PUMPS: set[asyncio.Task[None]] = set()
+class WebSocketTunnel(asyncio.Transport):
+    """An SSH connection's transport over a WebSocket (asyncssh's ``tunnel=`` protocol).
 
+    Writes are gathered while a frame is being sent and go out as frames of at
+    most :data:`CHUNK` bytes; received frames go to asyncssh as they come.
+    asyncssh bounds what is buffered here by its SSH channel windows.
+    """
 
-async def _pump(ws: Any, sock: socket.socket) -> None:
-    """Relay bytes between the local socket and the WebSocket until either side closes."""
-    reader, writer = await asyncio.open_connection(sock=sock)
+    def __init__(self, ws: Any) -> None:
+        super().__init__()
+        self._ws, self._out, self._ready = ws, bytearray(), asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._aborted = False
 
-    async def upstream() -> None:  # local socket -> WebSocket
-        while data := await reader.read(CHUNK):
-            await ws.send(data)
+    async def create_connection(self, factory: Any, host: str, port: int) -> tuple[Any, Any]:
+        """Start carrying the connection ``factory()`` makes (called by asyncssh once)."""
+        protocol = factory()
+        protocol.connection_made(self)
+        self._task = asyncio.ensure_future(self._relay(protocol))
+        return self, protocol
 
-    async def downstream() -> None:  # WebSocket -> local socket
-        async for message in ws:
-            writer.write(message.encode("utf-8") if isinstance(message, str) else message)
-            await writer.drain()
+    def write(self, data: Any) -> None:
+        if not self.is_closing():
+            self._out += data
+            self._ready.set()
 
-    tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(ws.close(), 5)
-        writer.close()
-        with contextlib.suppress(OSError):
-            await asyncio.wait_for(writer.wait_closed(), 5)
-        logger.debug("job-service proxy connection closed")
+    def is_closing(self) -> bool:
+        return self._aborted or (self._task is not None and self._task.done())
+
+    def abort(self) -> None:
+        if self._aborted:
+            return
+        self._aborted = True
+        if self._task is None:  # asyncssh never used it
+            self._task = asyncio.ensure_future(self._ws.close())
+        else:
+            self._task.cancel()
+
+    close = abort
+
+    async def _relay(self, protocol: Any) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        async def upstream() -> None:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                data, self._out = memoryview(self._out), bytearray()
+                for start in range(0, len(data), CHUNK):
+                    await self._ws.send(data[start : start + CHUNK])
+
+        async def downstream() -> None:
+            async for message in self._ws:
+                protocol.data_received(message.encode() if isinstance(message, str) else message)
+
+        tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(ConnectionClosed, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._ws.close(), 5)
+            logger.debug("job-service proxy connection closed")
+            protocol.connection_lost(None)

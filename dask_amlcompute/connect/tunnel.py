@@ -32,15 +32,7 @@ from ..exceptions import (
 )
 from .hostkeys import HostKeyChecker, KeyLike, key_fingerprint, resolve_client_keys
 
-__all__ = [
-    "ForwardingError",
-    "HostKeyError",
-    "SSHTunnel",
-    "TunnelAuthenticationError",
-    "TunnelError",
-    "TunnelUnreachableError",
-    "resolve_client_keys",
-]
+__all__ = ["SSHTunnel"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +55,7 @@ class _RemoteSide(asyncssh.SSHTCPSession[bytes]):
         self._transport.write(data)
 
     def eof_received(self) -> bool:
-        # The local socket may be gone already (the client hung up at the same moment): an
-        # exception here would reach asyncssh and take down the whole SSH connection, every
-        # other forwarded connection with it.
+        # the local socket may be gone: raising here would take down the whole SSH connection
         try:
             self._transport.write_eof()
         except OSError:
@@ -164,16 +154,9 @@ class SSHTunnel:
         because AML's public SSH endpoint is a shared load-balancer IP with a
         per-node port, and a new VM behind the same port has a new host key.
     dial
-        Opens the connected socket the SSH connection runs over (e.g. a
-        WebSocket proxy's, see :mod:`~dask_amlcompute.connect.proxy`), once per
-        (re)connection; default: TCP to ``ssh_host:ssh_port``.
-
-    Examples
-    --------
-    >>> tunnel = SSHTunnel("20.1.2.3", 50000, "azureuser",
-    ...                    targets={"scheduler": ("10.0.0.4", 8786)})  # doctest: +SKIP
-    >>> await tunnel.start()  # doctest: +SKIP
-    >>> client = await Client(tunnel.local_url("scheduler"), asynchronous=True)  # doctest: +SKIP
+        Opens what the SSH connection runs over, once per (re)connection: an
+        ``asyncssh.connect(tunnel=)`` object (e.g. a WebSocket proxy's, see
+        :mod:`~dask_amlcompute.connect.proxy`); default: TCP to ``ssh_host:ssh_port``.
     """
 
     def __init__(
@@ -189,7 +172,7 @@ class SSHTunnel:
         connect_timeout: float = 15,
         reconnect_delay: float = 0.5,
         host_key_alias: str | None = None,
-        dial: Callable[[], Awaitable[socket.socket]] | None = None,
+        dial: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
         if not targets:
             raise ConfigurationError("SSHTunnel needs targets, e.g. {'scheduler': (ip, 8786)}")
@@ -320,16 +303,17 @@ class SSHTunnel:
         if self._dial is None and not self.host_key_alias:
             return await asyncssh.connect(self.ssh_host, self.ssh_port, **options)
         if self._dial is not None:
-            sock = await self._dial()
+            way: dict[str, Any] = {"tunnel": await self._dial()}
         else:
             address = (self.ssh_host, self.ssh_port)
-            sock = await asyncio.to_thread(socket.create_connection, address, self.connect_timeout)
+            way = {"sock": await asyncio.to_thread(
+                socket.create_connection, address, self.connect_timeout)}  # fmt: skip
         try:
             # port 22: known_hosts lines name the alias alone, whatever port was dialled
             host = self.host_key_alias or self.ssh_host
-            return await asyncssh.connect(host, 22, sock=sock, **options)
+            return await asyncssh.connect(host, 22, **way, **options)
         except BaseException:
-            sock.close()
+            next(iter(way.values())).close()
             raise
 
     async def _open_channel(
@@ -486,10 +470,7 @@ class SSHTunnel:
         self._ending = True
 
     async def close(self) -> None:
-        """Close the local ports, forwarded connections and SSH connection (idempotent).
-
-        Each wait is bounded by ``CLOSE_TIMEOUT`` seconds.
-        """
+        """Close the local ports, connections and SSH connection (idempotent; bounded waits)."""
         if self._closed:
             return
         self._closed = True

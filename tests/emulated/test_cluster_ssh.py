@@ -11,7 +11,7 @@ from distributed import Client
 
 from aml_emulator import ComputeSpec, Emulator
 from dask_amlcompute import AmlComputeCluster
-from dask_amlcompute.connect.tunnel import HostKeyError
+from dask_amlcompute.exceptions import HostKeyError
 
 pytestmark = pytest.mark.slow
 

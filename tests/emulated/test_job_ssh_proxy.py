@@ -2,7 +2,7 @@
 
 A real proxy (the ``proxy.py`` package, in its own process on loopback) sits
 between the client and the emulator's job-service WebSocket proxy, served over
-HTTPS as AML's is (``wss://``). :func:`open_proxy_socket` must tunnel through it
+HTTPS as AML's is (``wss://``). :func:`open_proxy_tunnel` must tunnel through it
 when ``HTTPS_PROXY`` names it, the proxy's own access log showing the
 ``CONNECT``; ``NO_PROXY`` bypasses it; a proxy that is down is a typed error.
 """
@@ -20,20 +20,20 @@ from aml_emulator import ComputeSpec, Emulator, EnvironmentSpec
 from aml_emulator.config import EmulatorConfig
 from aml_emulator.ssh import generate_client_keypair
 from dask_amlcompute.connect.jobservice import JOB_SSH_USER
-from dask_amlcompute.connect.proxy import TOKEN_SCOPE, open_proxy_socket, proxy_url
+from dask_amlcompute.connect.proxy import TOKEN_SCOPE, open_proxy_tunnel, proxy_url
 from dask_amlcompute.exceptions import TunnelUnreachableError
 
 pytestmark = pytest.mark.slow
 
 
 def login(url: str, token: str, key: str) -> str:
-    """Log in to the job's SSH daemon over :func:`open_proxy_socket`; return the user name."""
+    """Log in to the job's SSH daemon over :func:`open_proxy_tunnel`; return the user name."""
 
     async def run() -> str:
-        sock = await open_proxy_socket(url, token, timeout=10)
+        tunnel = await open_proxy_tunnel(url, token, timeout=10)
         async with asyncssh.connect(
             "jobservice",
-            sock=sock,
+            tunnel=tunnel,
             username=JOB_SSH_USER,
             client_keys=[asyncssh.import_private_key(key)],
             known_hosts=None,
@@ -101,4 +101,4 @@ def test_proxy_endpoint_schemes():
     assert proxy_url("HTTP://h:8080") == "ws://h:8080/nbip/v1.0/ws-tcp"
     assert proxy_url("wss://h") == "wss://h/nbip/v1.0/ws-tcp"
     with pytest.raises(TunnelUnreachableError, match="ftp://h"):  # typed, not a KeyError
-        asyncio.run(open_proxy_socket(proxy_url("ftp://h"), "token", timeout=5))
+        asyncio.run(open_proxy_tunnel(proxy_url("ftp://h"), "token", timeout=5))

@@ -18,16 +18,16 @@ from aml_emulator.ssh import (
     generate_client_keypair,
     generate_host_key,
 )
-from dask_amlcompute.connect.tunnel import (
+from dask_amlcompute.connect.hostkeys import resolve_client_keys
+from dask_amlcompute.connect.tunnel import SSHTunnel
+from dask_amlcompute.exceptions import (
+    ConfigurationError,
     ForwardingError,
     HostKeyError,
-    SSHTunnel,
     TunnelAuthenticationError,
     TunnelError,
     TunnelUnreachableError,
-    resolve_client_keys,
 )
-from dask_amlcompute.exceptions import ConfigurationError
 
 
 @pytest.fixture(autouse=True)

@@ -379,8 +379,7 @@ async def _run_scheduler_node(ctx: NodeContext, opts: NodeOptions, stop: asyncio
         try:
             nannies = await start_workers(scheduler.address, ctx, opts)
         except RuntimeError:
-            # The cluster may close while these workers still start (e.g. the client
-            # refused the cluster's versions): that is a normal end, not a node failure.
+            # the cluster closing while they start (e.g. refused versions) is a normal end
             if scheduler.status not in (Status.closing, Status.closed) and not stop.is_set():
                 raise
             logger.info("The scheduler closed while its node's workers were starting")

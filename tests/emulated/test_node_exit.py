@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 from distributed import Scheduler
 from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.utils import open_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,9 +97,7 @@ def test_unreachable_scheduler_is_still_a_failure(tmp_path):
 
 async def _test_unreachable_scheduler_is_still_a_failure(tmp_path):
     # nothing listens on this port: the workers never join, the node fails (exit 1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = open_port("127.0.0.1")
     proc = _node(tmp_path, "--scheduler-address", f"tcp://127.0.0.1:{port}", "--death-timeout", "3")
     code, log = await _wait(proc, 60)
     assert code == 1, log
@@ -112,9 +110,7 @@ def test_sigterm_while_joining_exits_cleanly(tmp_path):
 
 async def _test_sigterm_while_joining_exits_cleanly(tmp_path):
     # AML cancelling the job while the workers still try to join: exit 0, no worker left
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = open_port("127.0.0.1")
     proc = _node(
         tmp_path, "--scheduler-address", f"tcp://127.0.0.1:{port}", "--death-timeout", "60"
     )

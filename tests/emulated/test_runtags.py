@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from distributed.utils import open_port
 
 from dask_amlcompute.node.runtags import RunTagsError, tracking_api
 
@@ -90,9 +90,7 @@ def test_publish_through_the_emulated_azureml_endpoint(emulator, ml_client):
 
 
 def test_unreachable_tracking_endpoint_fails_after_bounded_retries():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = open_port("127.0.0.1")
     env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_RUN_ID": "r"}
     env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # the fallback's own retries (minutes by default)
     done = _publish(env, {"k": "v"})

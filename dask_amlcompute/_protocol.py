@@ -1,17 +1,9 @@
 """The contract between the client and the nodes of a job.
 
-Both sides import this module (the node side imports nothing else of the
-library's client side):
-
-- the job tags that identify a cluster's jobs, and :data:`SETTINGS_TAG`, the
-  cluster's settings that :meth:`AmlComputeCluster.from_name` reads back;
-- the run tags a scheduler publishes;
-- the command line of the in-job entrypoints, defined once: :class:`NodeOptions`
-  builds it (:meth:`NodeOptions.to_argv`, :func:`node_command`) and parses it
-  (:meth:`NodeOptions.from_argv`, used by ``python -m dask_amlcompute.node`` and
-  ``python -m dask_amlcompute.node.script``) from the same argparse definition
-  (:func:`node_parser`);
-- the environment variables and log markers of TLS and job mode.
+Both sides import it (the node side nothing else of the client's): the job and
+run tags, the in-job command line (:class:`NodeOptions` builds and parses it with
+one argparse definition, :func:`node_parser`), the environment variables and log
+markers of TLS and job mode, and the job names.
 """
 
 from __future__ import annotations
@@ -20,7 +12,7 @@ import argparse
 import json
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 #: Job tags that identify a cluster's jobs.
@@ -61,24 +53,15 @@ SCRIPT_MODULE = "dask_amlcompute.node.script"
 
 @dataclass(frozen=True)
 class ScriptOptions:
-    """Job mode's options of ``python -m dask_amlcompute.node.script``.
+    """Job mode's options of ``python -m dask_amlcompute.node.script``."""
 
-    Attributes
-    ----------
-    script
-        Path of the script in the job's code snapshot; None: the script is
-        embedded in the job (:data:`SCRIPT_ENV`).
-    script_name
-        File name of the embedded script.
-    wait_workers
-        Seconds rank 0 waits for every worker before starting the script anyway.
-    args
-        The script's own arguments (after ``--`` on the command line).
-    """
-
+    #: Path of the script in the code snapshot; None: embedded (:data:`SCRIPT_ENV`).
     script: str | None = None
+    #: File name of the embedded script.
     script_name: str = "script.py"
+    #: Seconds rank 0 waits for every worker before starting the script anyway.
     wait_workers: float = 300.0
+    #: The script's own arguments (after ``--``).
     args: tuple[str, ...] = ()
 
 
@@ -126,116 +109,47 @@ class NodeOptions:
         return [f"-{r}-{i}" for r in range(first, n_nodes) for i in range(self.processes)]
 
     def to_argv(self) -> list[str]:
-        """The entrypoint's arguments (what follows ``python -m MODULE``)."""
-        memory = self.memory_limit if self.memory_limit is not None else "auto"
-        argv = [
-            "--role", self.role,
-            "--name-prefix", self.name_prefix,
-            "--processes", str(self.processes),
-            "--memory-limit", _number(memory) if isinstance(memory, int | float) else memory,
-            "--scheduler-port", str(self.scheduler_port),
-            "--dashboard-port", str(self.dashboard_port),
-            "--death-timeout", _number(self.death_timeout),
-        ]  # fmt: skip
-        if self.threads:
-            argv += ["--threads", str(self.threads)]
-        if not self.worker_on_scheduler:
-            argv.append("--no-worker-on-scheduler")
-        if self.idle_timeout:
-            argv += ["--idle-timeout", _number(self.idle_timeout)]
-        if self.no_client_timeout:
-            argv += ["--no-client-timeout", _number(self.no_client_timeout)]
-            if self.first_contact_timeout:
-                argv += ["--first-contact-timeout", _number(self.first_contact_timeout)]
-        if self.job_timeout:
-            argv += ["--job-timeout", _number(self.job_timeout)]
-        if self.scheduler_address:
-            argv += ["--scheduler-address", self.scheduler_address]
-        if self.scheduler_options:
-            argv += ["--scheduler-options", _json(self.scheduler_options)]
-        if self.worker_options:
-            argv += ["--worker-options", _json(self.worker_options)]
-        if self.cuda:
-            argv.append("--cuda")
-        if self.script is not None:
-            s = self.script
-            argv += ["--script-name", s.script_name, "--wait-workers", _number(s.wait_workers)]
-            if s.script is not None:
-                argv += ["--script", s.script]
-            argv += ["--", *s.args]
-        return argv
+        """The entrypoint's arguments (what follows ``python -m MODULE``): the options set."""
+        argv: list[str] = []
+        for opts in (self, self.script) if self.script else (self,):
+            for f in fields(opts):
+                value = getattr(opts, f.name)
+                if f.name == "args" or isinstance(value, ScriptOptions | type(None)):
+                    continue
+                if value == f.default or value == {}:
+                    continue
+                flag = "--" + f.name.replace("_", "-")
+                if isinstance(value, bool):  # only flags that differ from the default
+                    argv.append(flag if value else f"--no-{flag[2:]}")
+                elif isinstance(value, Mapping):
+                    argv += [flag, json.dumps(dict(value), sort_keys=True)]
+                else:
+                    argv += [flag, _number(value) if isinstance(value, int | float) else value]
+        return argv + (["--", *self.script.args] if self.script else [])
 
     @classmethod
     def from_argv(
-        cls,
-        argv: Sequence[str],
-        *,
-        script: bool = False,
-        description: str | None = None,
+        cls, argv: Sequence[str], *, script: bool = False, description: str | None = None
     ) -> NodeOptions:
         """Parse an entrypoint's arguments (what :meth:`to_argv` returned).
 
-        Parameters
-        ----------
-        argv
-            The arguments after ``python -m MODULE``.
-        script
-            Job mode (``python -m dask_amlcompute.node.script``): accept
-            ``--script``, ``--script-name``, ``--wait-workers`` and, after
-            ``--``, the script's own arguments.
-        description
-            ``--help`` text.
-
-        Raises
-        ------
-        SystemExit
-            Bad arguments, or ``--help`` (argparse prints the message).
+        ``script``: job mode (``python -m dask_amlcompute.node.script``), which takes
+        ``--script``, ``--script-name``, ``--wait-workers`` and, after ``--``, the
+        script's own arguments. Bad arguments or ``--help`` raise ``SystemExit``.
         """
         argv = list(argv)
         script_args: list[str] = []
         if script and "--" in argv:
             cut = argv.index("--")
             argv, script_args = argv[:cut], argv[cut + 1 :]
-        args = node_parser(script=script, description=description).parse_args(argv)
-        return cls(
-            role=args.role,
-            name_prefix=args.name_prefix,
-            processes=args.processes,
-            threads=args.threads or None,
-            memory_limit=args.memory_limit,
-            scheduler_port=args.scheduler_port,
-            dashboard_port=args.dashboard_port,
-            worker_on_scheduler=args.worker_on_scheduler,
-            death_timeout=args.death_timeout,
-            idle_timeout=args.idle_timeout,
-            no_client_timeout=args.no_client_timeout,
-            first_contact_timeout=args.first_contact_timeout,
-            job_timeout=args.job_timeout,
-            scheduler_address=args.scheduler_address,
-            scheduler_options=args.scheduler_options,
-            worker_options=args.worker_options,
-            cuda=args.cuda,
-            script=ScriptOptions(
-                script=args.script,
-                script_name=args.script_name,
-                wait_workers=args.wait_workers,
-                args=tuple(script_args),
-            )
-            if script
-            else None,
-        )
+        args = vars(node_parser(script=script, description=description).parse_args(argv))
+        job = {f.name: args.pop(f.name) for f in fields(ScriptOptions) if f.name in args}
+        args["threads"] = args["threads"] or None
+        return cls(**args, script=ScriptOptions(**job, args=tuple(script_args)) if script else None)
 
 
 def node_parser(*, script: bool = False, description: str | None = None) -> argparse.ArgumentParser:
-    """The argparse definition of the in-job entrypoints' command line (the only one).
-
-    Parameters
-    ----------
-    script
-        Add job mode's options (``python -m dask_amlcompute.node.script``).
-    description
-        ``--help`` text.
-    """
+    """The argparse definition of the in-job command line (``script``: job mode's too)."""
     p = argparse.ArgumentParser(
         prog=f"python -m {SCRIPT_MODULE if script else NODE_MODULE}", description=description
     )
@@ -286,17 +200,8 @@ def cluster_settings(
 ) -> dict[str, Any]:
     """The settings of a cluster that :data:`SETTINGS_TAG` carries, by setting name.
 
-    Unset (None) values are left out: a reconnecting client uses its own
-    defaults for them.
-
-    Parameters
-    ----------
-    node
-        The options of the cluster's main job.
-    distribution
-        ``"pytorch"`` or ``"mpi"``.
-    extra
-        More settings to store (JSON values).
+    From the main job's ``node`` options, ``distribution`` and ``extra`` (JSON values);
+    unset ones are left out (a reconnecting client uses its own defaults).
     """
     settings = {
         "processes_per_node": node.processes,
@@ -322,13 +227,7 @@ def settings_tag(settings: Mapping[str, Any]) -> dict[str, str]:
 
 
 def read_settings_tag(tags: Mapping[str, str] | None) -> dict[str, Any]:
-    """The settings stored by :func:`settings_tag`.
-
-    Raises
-    ------
-    ValueError
-        The tag is missing or is not a JSON object.
-    """
+    """The settings stored by :func:`settings_tag`; ValueError if missing or not an object."""
     value = json.loads((tags or {}).get(SETTINGS_TAG) or "null")
     if not isinstance(value, dict):
         raise ValueError(f"no {SETTINGS_TAG} tag holding a JSON object")
@@ -338,10 +237,6 @@ def read_settings_tag(tags: Mapping[str, str] | None) -> dict[str, Any]:
 def _number(value: float) -> str:
     """A number for the command line, exactly (no ``:g`` rounding of large values)."""
     return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def _json(value: Mapping[str, Any]) -> str:
-    return json.dumps(dict(value), sort_keys=True)
 
 
 def _memory_limit(text: str) -> str | int | float:

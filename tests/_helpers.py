@@ -16,7 +16,6 @@ from typing import Any
 import dask
 import pytest
 from _emu_helpers import wait_for  # the emulator's tests' helpers, shared
-from _ssh_helpers import free_port
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
@@ -31,7 +30,6 @@ __all__ = [
     "env_in_dask_config",
     "fake_distribution",
     "foreign_lines",
-    "free_port",
     "make_tree",
     "wait_for",
 ]

@@ -28,8 +28,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from distributed import Nanny, Scheduler
 from distributed.comm.core import CommClosedError
 from distributed.core import Status
+from distributed.security import Security
 
 from .._protocol import (
     DASHBOARD_TAG,
@@ -39,7 +41,14 @@ from .._protocol import (
     TLS_KEY_ENV,
     NodeOptions,
 )
-from .plugins import NameTheStop
+from .plugins import (
+    HEARTBEAT_HANDLER,
+    KeepMainJobWorkers,
+    MissingModules,
+    NameTheStop,
+    NoClientTimeout,
+    heartbeat,
+)
 from .runtags import publish_tags
 
 logger = logging.getLogger("dask_amlcompute.node")
@@ -49,20 +58,9 @@ STARTED = time.monotonic()
 
 @dataclass(frozen=True)
 class NodeContext:
-    """Where this process sits in the AML job.
+    """Where this process sits in the AML job (rank 0 runs the scheduler).
 
-    Attributes
-    ----------
-    rank
-        Node rank (0 runs the scheduler in a cluster job).
-    world_size
-        Number of nodes (processes, one per node) in the job.
-    master_addr
-        Address of the rank-0 node.
-    node_ip
-        This node's own address, the one the scheduler/workers listen on.
-    job_name
-        The AML job name (``AZUREML_RUN_ID``).
+    ``node_ip`` is this node's address, where its servers listen.
     """
 
     rank: int
@@ -110,19 +108,11 @@ def detect_context(env: Mapping[str, str] | None = None) -> NodeContext:
 
     PyTorch distribution sets ``NODE_RANK``/``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``;
     MPI distribution sets ``OMPI_COMM_WORLD_RANK``/``SIZE`` and
-    ``AZ_BATCHAI_MPI_MASTER_NODE`` (or ``AZ_BATCH_MASTER_NODE`` as ``addr:port``).
-    Without either, the job is a single node of rank 0. This node's own
-    address: ``MASTER_ADDR`` on rank 0, else the local address the kernel routes
-    to the master from, else (no master: AML may leave it unset for one node)
-    the host name's address. (``AZ_BATCHAI_NODE_IP`` is read first where it is
-    set, but AML does not document it: nothing may depend on it.) A loopback
-    address is used only when the master's is one (the nodes share a loopback,
-    as the emulator's): others could never reach it.
-
-    Parameters
-    ----------
-    env
-        The environment to read; ``os.environ`` by default.
+    ``AZ_BATCHAI_MPI_MASTER_NODE`` (or ``AZ_BATCH_MASTER_NODE`` as ``addr:port``);
+    without either, a single node of rank 0. This node's address: ``MASTER_ADDR``
+    on rank 0, else the local address routed to the master, else the host name's
+    (``AZ_BATCHAI_NODE_IP``, undocumented, first where set). Loopback only when
+    the master's is one (as the emulator's nodes share one).
 
     Raises
     ------
@@ -166,18 +156,12 @@ def node_security(env: Mapping[str, str] | None = None):
     cert, key = env.get(TLS_CERT_ENV), env.get(TLS_KEY_ENV)
     if not cert or not key:
         return None
-    from distributed.security import Security
-
-    return Security(
-        require_encryption=True,
-        tls_ca_file=cert,
-        tls_scheduler_cert=cert,
-        tls_scheduler_key=key,
-        tls_worker_cert=cert,
-        tls_worker_key=key,
-        tls_client_cert=cert,
-        tls_client_key=key,
-    )
+    pem = {
+        f"tls_{r}_{k}": v
+        for r in ("scheduler", "worker", "client")
+        for k, v in (("cert", cert), ("key", key))
+    }
+    return Security(require_encryption=True, tls_ca_file=cert, **pem)
 
 
 def _worker_threads(opts: NodeOptions) -> int:
@@ -187,28 +171,11 @@ def _worker_threads(opts: NodeOptions) -> int:
 
 
 async def start_scheduler(ctx: NodeContext, opts: NodeOptions) -> Any:
-    """Start this node's Dask scheduler as every dask-amlcompute job runs it.
+    """Start this node's Dask scheduler (cluster and job-mode jobs) on ``ctx.node_ip``.
 
-    The cluster's TLS (:func:`node_security`), ``--idle-timeout``, the scheduler
-    plugins (:class:`~.plugins.KeepMainJobWorkers` for ``--role cluster``,
-    :class:`~.plugins.NoClientTimeout` with ``--no-client-timeout``) and
-    ``--scheduler-options`` apply; cluster jobs and job-mode jobs both start
-    their scheduler here.
-
-    Parameters
-    ----------
-    ctx
-        Where this node sits in the job (the scheduler listens on ``ctx.node_ip``).
-    opts
-        The entrypoint's options.
-
-    Returns
-    -------
-    distributed.Scheduler
-        The running scheduler.
+    With the cluster's TLS, ``--idle-timeout``, ``--scheduler-options``, the
+    plugins of :mod:`.plugins` and their :data:`HEARTBEAT_HANDLER`.
     """
-    from distributed import Scheduler
-
     options = dict(opts.scheduler_options)
     if opts.idle_timeout:
         options.setdefault("idle_timeout", opts.idle_timeout)
@@ -223,21 +190,15 @@ async def start_scheduler(ctx: NodeContext, opts: NodeOptions) -> Any:
         **options,
     )
     await scheduler
+    scheduler.handlers[HEARTBEAT_HANDLER] = lambda: heartbeat(scheduler)
+    plugins: list = []
     if opts.role == "cluster":
-        from .plugins import KeepMainJobWorkers
-
-        scheduler.add_plugin(KeepMainJobWorkers(opts.name_prefix))
-        scheduler.add_plugin(NameTheStop(opts.name_prefix, opts.job_timeout))
+        plugins += [KeepMainJobWorkers(opts.name_prefix), MissingModules()]
+        plugins.append(NameTheStop(opts.name_prefix, opts.job_timeout))
     if opts.no_client_timeout:
-        from .plugins import NoClientTimeout
-
-        await scheduler.register_scheduler_plugin(
-            NoClientTimeout(opts.no_client_timeout, opts.first_contact_timeout), idempotent=True
-        )
-    if opts.role == "cluster":  # after NoClientTimeout: wraps its heartbeat handler
-        from .plugins import MissingModules
-
-        await scheduler.register_scheduler_plugin(MissingModules(), idempotent=True)
+        plugins.append(NoClientTimeout(opts.no_client_timeout, opts.first_contact_timeout))
+    for plugin in plugins:
+        await scheduler.register_scheduler_plugin(plugin, idempotent=True)
     return scheduler
 
 
@@ -273,26 +234,22 @@ def worker_options(opts: NodeOptions) -> dict[str, Any]:
 
 
 async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOptions) -> list:
-    """Start ``opts.processes`` workers (nannies) on this node for ``scheduler_address``.
-
-    Workers are named ``PREFIX-RANK-INDEX``, use the cluster's TLS and keep
-    their scratch space in the job's working directory.
+    """Start ``opts.processes`` workers (nannies) ``PREFIX-RANK-INDEX`` for ``scheduler_address``.
 
     Returns
     -------
     list of distributed.Nanny
-        The running nannies.
+        The running nannies; none when the scheduler closed while they joined
+        (the client closed the cluster while it started: a normal end).
 
     Raises
     ------
     RuntimeError
-        The workers could not join the scheduler within ``--death-timeout``, or
-        failed to start; every nanny started is closed first.
+        The workers failed to start or to join within ``--death-timeout``
+        (every nanny started is closed first).
     """
     if opts.cuda:
         return await start_cuda_workers(scheduler_address, ctx, opts)
-    from distributed import Nanny
-
     options = worker_options(opts)
     nannies = [
         Nanny(
@@ -306,35 +263,39 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
         )
         for i in range(opts.processes)
     ]
+    outcome: BaseException | bool = False
     try:
-        exc, joined, ended_early = await _join(nannies)
-    except asyncio.CancelledError:  # the node is stopping: leave no worker process behind
-        await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
-        raise
-    if exc is not None or ended_early:
-        await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
-        # the scheduler was there (a worker joined, or a registration was cut off) and is gone
-        reached = joined > 0 or (
-            _in_chain(exc, CommClosedError) and not _in_chain(exc, ConnectionRefusedError)
+        outcome = await _join(nannies)
+    finally:  # failed, a worker ended, or the node is stopping: leave no worker behind
+        if outcome is not True:
+            await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
+    if outcome is True:
+        logger.info(
+            "Started %d worker(s) on %s for %s", len(nannies), ctx.node_ip, scheduler_address
         )
-        if ended_early or (reached and not await _listening(scheduler_address)):
-            raise SchedulerClosedWhileJoining(
-                f"The scheduler at {scheduler_address} closed while the workers on node rank "
-                f"{ctx.rank} were joining it"
-            ) from exc
-    if exc is not None:
-        root: BaseException = exc
-        while root.__cause__ is not None:
-            root = root.__cause__
-        if _in_chain(exc, OSError) or _in_chain(exc, asyncio.TimeoutError):
-            why = f"could not join the scheduler at {scheduler_address} within {opts.death_timeout:.0f}s"
-        else:
-            why = "failed to start"
-        raise RuntimeError(
-            f"Workers on node rank {ctx.rank} {why}: {type(root).__name__}: {root}"
-        ) from exc
-    logger.info("Started %d worker(s) on %s for %s", len(nannies), ctx.node_ip, scheduler_address)
-    return nannies
+        return nannies
+    chain: list[BaseException] = []
+    exc: BaseException | bool | None = outcome
+    while isinstance(exc, BaseException) and len(chain) < 50:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    # a joined worker ended, or the scheduler closed a connection it had taken (not refused it)
+    if outcome is False or (
+        any(isinstance(e, CommClosedError) for e in chain)
+        and not any(isinstance(e, ConnectionRefusedError) for e in chain)
+    ):
+        logger.info("The scheduler at %s closed while the workers on node rank %d were joining "
+                    "it: nothing left to do", scheduler_address, ctx.rank)  # fmt: skip
+        return []
+    if any(isinstance(e, OSError | asyncio.TimeoutError) for e in chain):
+        why = (
+            f"could not join the scheduler at {scheduler_address} within {opts.death_timeout:.0f}s"
+        )
+    else:
+        why = "failed to start"
+    raise RuntimeError(
+        f"Workers on node rank {ctx.rank} {why}: {type(chain[-1]).__name__}: {chain[-1]}"
+    ) from chain[0]
 
 
 async def start_cuda_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOptions) -> list:
@@ -371,67 +332,26 @@ async def start_cuda_workers(scheduler_address: str, ctx: NodeContext, opts: Nod
     return list(worker.nannies)
 
 
-async def _join(nannies: list) -> tuple[BaseException | None, int, bool]:
-    """Start ``nannies`` together until all have joined, one failed, or a joined one ended.
+async def _join(nannies: list) -> BaseException | bool:
+    """Start ``nannies``: True when all joined, the first error, or False when a joined one ended.
 
-    Returns
-    -------
-    (first failure or None, how many joined, whether a joined worker already ended)
-        A worker that joined and then ended means its scheduler closed: the
-        others, still trying to join, would only wait out their death timeout.
+    A joined worker ending means its scheduler closed: the others would wait out their death timeout.
     """
     starting = {asyncio.ensure_future(n.start()): n for n in nannies}
-    ended: dict[asyncio.Future, Any] = {}
-    failure: BaseException | None = None
+    ended: set[asyncio.Future] = set()
     try:
-        while starting and failure is None:
+        while starting:
             done, _ = await asyncio.wait([*starting, *ended], return_when=asyncio.FIRST_COMPLETED)
-            if any(task in ended for task in done):
-                return None, len(ended), True
+            if done & ended:
+                return False
             for task in done:
-                nanny = starting.pop(task)
-                if task.exception() is not None:
-                    failure = failure or task.exception()
-                else:
-                    ended[asyncio.ensure_future(nanny.finished())] = nanny
-        return failure, len(ended), False
+                if (error := task.exception()) is not None:
+                    return error
+                ended.add(asyncio.ensure_future(starting.pop(task).finished()))
+        return True
     finally:
         for task in [*starting, *ended]:
             task.cancel()
-
-
-class SchedulerClosedWhileJoining(RuntimeError):
-    """Some of a node's workers joined the scheduler, which then closed before the rest did.
-
-    A normal end (the client closed the cluster while it was still starting, e.g.
-    after refusing its versions), not a node failure.
-    """
-
-
-def _in_chain(exc: BaseException | None, kind: type[BaseException]) -> bool:
-    """True if ``exc`` or an exception it was raised from or during is a ``kind``."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, kind):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-async def _listening(address: str, timeout: float = 3.0) -> bool:
-    """True if something accepts TCP connections at the Dask ``address``."""
-    from distributed.comm import get_address_host_port
-
-    host, port = get_address_host_port(address)
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
 
 
 def master_scheduler_address(ctx: NodeContext, opts: NodeOptions) -> str:
@@ -459,8 +379,7 @@ async def _run_scheduler_node(ctx: NodeContext, opts: NodeOptions, stop: asyncio
         try:
             nannies = await start_workers(scheduler.address, ctx, opts)
         except RuntimeError:
-            # The cluster may close while these workers still start (e.g. the client
-            # refused the cluster's versions): that is a normal end, not a node failure.
+            # the cluster closing while they start (e.g. refused versions) is a normal end
             if scheduler.status not in (Status.closing, Status.closed) and not stop.is_set():
                 raise
             logger.info("The scheduler closed while its node's workers were starting")
@@ -488,10 +407,8 @@ async def _run_worker_node(
         logger.info("Stopped while the workers were joining the scheduler")
         return
     stopped.cancel()
-    try:
-        nannies = starting.result()
-    except SchedulerClosedWhileJoining as exc:
-        logger.info("%s: nothing left to do", exc)
+    nannies = starting.result()
+    if not nannies:  # the scheduler closed while they joined
         return
     waiter = asyncio.ensure_future(stop.wait())
     done = [asyncio.ensure_future(n.finished()) for n in nannies]

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
+import sys
+import time
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
+
+#: Scheduler handler the cluster manager calls to say it is still there.
+HEARTBEAT_HANDLER = "dask_amlcompute_heartbeat"
+
+
+def worker_job_and_rank(worker: Any) -> tuple[str, str]:
+    """(job, rank) of a worker named ``JOB-RANK-INDEX``; (its name, "") for any other name."""
+    name = str(getattr(worker, "name", worker))
+    parts = name.rsplit("-", 2)
+    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        return parts[0], parts[1]
+    return name, ""
 
 
 def job_of_worker(worker: Any) -> str:
@@ -17,22 +34,22 @@ def job_of_worker(worker: Any) -> str:
     >>> job_of_worker("dask-me-1234-w3-0-1")
     'dask-me-1234-w3'
     """
-    name = str(getattr(worker, "name", worker))
-    parts = name.rsplit("-", 2)
-    return parts[0] if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else name
+    return worker_job_and_rank(worker)[0]
+
+
+def heartbeat(scheduler: Any) -> dict[str, Any]:
+    """The :data:`HEARTBEAT_HANDLER` reply: every plugin's ``on_heartbeat()`` part, merged."""
+    reply: dict[str, Any] = {}
+    for plugin in list(scheduler.plugins.values()):
+        reply.update(getattr(plugin, "on_heartbeat", dict)())
+    return reply
 
 
 class KeepMainJobWorkers(SchedulerPlugin):
-    """Never offer the main job's workers for downscaling.
+    """Never offer the main job's workers (``main_group-R-I``) for downscaling.
 
     The main job's nodes run the scheduler and stay for the cluster's life, so
-    retiring their workers would only idle paid-for nodes. Adaptive scaling
-    therefore closes whole worker jobs only.
-
-    Parameters
-    ----------
-    main_group
-        Worker-group name of the main job (its workers are ``main_group-R-I``).
+    adaptive scaling closes whole worker jobs only.
     """
 
     name = "dask-amlcompute-keep-main-job"
@@ -48,9 +65,8 @@ class NameTheStop(SchedulerPlugin):
     """Fail the work in flight with the reason AML stops the job, before the scheduler closes.
 
     AML stops a job by sending SIGTERM to every node: it was cancelled, it reached
-    ``job_timeout``, or another of its nodes failed or was preempted. Without this,
-    the scheduler just closes and every client sees distributed's
-    ``FutureCancelledError: scheduler-connection-lost``. Instead, :meth:`fail_work`
+    ``job_timeout``, or another of its nodes failed or was preempted. Instead of
+    distributed's ``FutureCancelledError: scheduler-connection-lost``, :meth:`fail_work`
     errs every task a client still waits for with a
     :class:`~dask_amlcompute.ClusterLostError` naming what this node knows.
 
@@ -75,10 +91,10 @@ class NameTheStop(SchedulerPlugin):
 
     def remove_worker(self, scheduler: Any, worker: str, *, stimulus_id: str, **kw: Any) -> None:
         # "handle-worker-cleanup": the worker's comm broke, it did not say goodbye
-        name = self.names.pop(worker, "")
-        rank = name.rsplit("-", 2)[-2] if job_of_worker(name) == self.main_group else "0"
-        if stimulus_id.startswith("handle-worker-cleanup") and rank != "0":
-            self.lost_ranks += [] if rank in self.lost_ranks else [rank]
+        job, rank = worker_job_and_rank(self.names.pop(worker, ""))
+        lost = job == self.main_group and rank != "0" and rank not in self.lost_ranks
+        if lost and stimulus_id.startswith("handle-worker-cleanup"):
+            self.lost_ranks.append(rank)
 
     def reason(self, job: str, elapsed: float) -> str:
         """Why AML stops ``job``, as far as rank 0 can tell, ``elapsed`` s after it started."""
@@ -102,8 +118,6 @@ class NameTheStop(SchedulerPlugin):
 
         ``started``: ``time.monotonic()`` when this node started.
         """
-        import time
-
         from distributed.protocol import Serialized, serialize
 
         from ..exceptions import ClusterLostError
@@ -120,34 +134,14 @@ class NameTheStop(SchedulerPlugin):
         return len(waited)
 
 
-#: Scheduler handler the cluster manager calls to say it is still there.
-HEARTBEAT_HANDLER = "dask_amlcompute_heartbeat"
-
-
 class NoClientTimeout(SchedulerPlugin):
     """Shut the scheduler down when nobody has used it for ``timeout`` seconds.
 
-    "Nobody" means no Dask client is connected and the cluster manager (the
-    :class:`~dask_amlcompute.AmlComputeCluster` object) has not sent a heartbeat.
-    This is the backstop for a notebook kernel that died without closing its
-    cluster: the scheduler stops, every node exits and the AML job completes,
-    so AML releases the nodes long before the job timeout.
-
-    The clock starts at the first contact (a heartbeat or a client), not when the
-    scheduler starts: between the two, the node publishes its address through AML
-    and the client polls for it, which on a busy machine or a slow control plane
-    takes longer than a short ``timeout``. Until the first contact the scheduler
-    waits ``first_contact_timeout``, counted from its own start: a job whose client
-    died while it sat in Queued or Preparing (hours, maybe) ends that long after
-    its scheduler starts.
-
-    Parameters
-    ----------
-    timeout
-        Seconds without clients or heartbeats before shutting down.
-    first_contact_timeout
-        Seconds to wait for the first client or heartbeat after the scheduler
-        starts (None: ``timeout``).
+    "Nobody": no Dask client is connected and the cluster manager sent no heartbeat.
+    The backstop for a notebook kernel that died without closing its cluster. The
+    clock starts at the first contact (a heartbeat or a client): until then the
+    scheduler waits ``first_contact_timeout`` (None: ``timeout``) from its own start,
+    as the client may take long to read its address from AML.
     """
 
     name = "dask-amlcompute-no-client-timeout"
@@ -161,36 +155,22 @@ class NoClientTimeout(SchedulerPlugin):
         self._closing: Any = None
 
     async def start(self, scheduler: Any) -> None:
-        import asyncio
-        import time
-
         self.scheduler = scheduler
         self.last_seen = time.monotonic()
-        scheduler.handlers[HEARTBEAT_HANDLER] = self.heartbeat
         self._task = asyncio.create_task(self._watch())
 
-    def heartbeat(self) -> float:
-        """Record that the cluster manager is alive; returns the timeout."""
-        import time
-
+    def on_heartbeat(self) -> dict[str, Any]:
+        """Record that the cluster manager is alive; the reply names the timeout."""
         self.contacted = True
         self.last_seen = time.monotonic()
-        return self.timeout
-
-    def has_clients(self) -> bool:
-        """True if a Dask client is connected."""
-        return any(name != "fire-and-forget" for name in self.scheduler.clients)
+        return {"timeout": self.timeout}
 
     async def _watch(self) -> None:
-        import asyncio
-        import logging
-        import time
-
         interval = max(0.2, min(self.timeout / 5, self.first_contact_timeout / 5, 30.0))
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
-            if self.has_clients():
+            if any(name != "fire-and-forget" for name in self.scheduler.clients):
                 self.contacted = True
                 self.last_seen = now
                 continue
@@ -208,8 +188,6 @@ class NoClientTimeout(SchedulerPlugin):
                 return
 
     async def close(self) -> None:
-        import asyncio
-
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
 
@@ -219,8 +197,7 @@ class MissingModules(SchedulerPlugin):
 
     A task importing one errs (``No module named 'x'``); a graph holding one of its
     functions fails to unpickle on the scheduler, which logs that while handling the
-    error (:meth:`filter` sees it). Register after :class:`NoClientTimeout`: this wraps
-    its heartbeat handler.
+    error (:meth:`filter` sees it).
     """
 
     name = "dask-amlcompute-missing-modules"
@@ -229,17 +206,12 @@ class MissingModules(SchedulerPlugin):
         self.found: dict[str, bool] = {}  # module: reported
 
     async def start(self, scheduler: Any) -> None:
-        import logging
-
-        beat = scheduler.handlers.get(HEARTBEAT_HANDLER)
-
-        def heartbeat() -> dict[str, Any]:
-            new = [module for module, told in self.found.items() if not told]
-            self.found.update(dict.fromkeys(new, True))
-            return {"timeout": beat() if beat else None, "missing_modules": new}
-
-        scheduler.handlers[HEARTBEAT_HANDLER] = heartbeat
         logging.getLogger("distributed.scheduler").addFilter(self.filter)
+
+    def on_heartbeat(self) -> dict[str, Any]:
+        new = [module for module, told in self.found.items() if not told]
+        self.found.update(dict.fromkeys(new, True))
+        return {"missing_modules": new}
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         if finish == "erred":
@@ -247,8 +219,6 @@ class MissingModules(SchedulerPlugin):
 
     def filter(self, record: Any) -> bool:
         """A log filter: note the modules of the import errors being handled."""
-        import sys
-
         exc = sys.exc_info()[1]
         while exc is not None:
             self.note(str(exc) if isinstance(exc, ImportError) else "")
@@ -256,12 +226,8 @@ class MissingModules(SchedulerPlugin):
         return True
 
     def note(self, text: str) -> None:
-        import re
-
         for module in re.findall(r"No module named '([\w.]+)'", text):
             self.found.setdefault(module, False)
 
     async def close(self) -> None:
-        import logging
-
         logging.getLogger("distributed.scheduler").removeFilter(self.filter)

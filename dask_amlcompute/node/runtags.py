@@ -1,28 +1,15 @@
 """Set run tags on the job's own MLflow run, where the client reads them.
 
-The scheduler node publishes its address as run tags as soon as it listens, so
-this is on the start-up path of every cluster. It posts the MLflow REST API's
-``runs/set-tag`` itself, through tornado's HTTP client (already imported with
-distributed), instead of importing the mlflow client: ``import mlflow`` (with
-``azureml-mlflow``) takes about a second, the largest fixed cost of a cluster's
-start-up (issue #17).
-
-Inside an AML job, AML sets ``MLFLOW_TRACKING_URI`` to the workspace's
-``azureml://<region>.api.azureml.ms/mlflow/v1.0/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.MachineLearningServices/workspaces/<ws>``
-URI, ``MLFLOW_TRACKING_TOKEN`` to a token for the run, and ``MLFLOW_RUN_ID``.
-``azureml-mlflow`` turns those into ``https://<host>/mlflow/v2.0/<workspace
-scope>`` plus the MLflow API path, with ``Authorization: Bearer <token>``
-(``azureml/mlflow/_store/azureml_reststore.py`` ``get_host_credentials`` and
-``_internal/utils.py`` ``get_service_context_from_tracking_url_mlflow_env_vars``
-in azureml-mlflow 1.62); :func:`tracking_api` does the same. For a plain
-``http(s)://`` tracking URI (an MLflow server) the API sits under the URI.
-
-Should the REST call be refused in a way that suggests the URL or the token is
-not what this module expects (4xx), or fail to connect (TLS, or connection
-errors that outlast the retries), the mlflow client (the documented path,
-installed on the nodes by the default environment) publishes instead, and a
-warning says so in the node's log. The body carries ``run_uuid`` as well as
-``run_id``, as mlflow's ``RestStore`` sends it.
+The scheduler node publishes its address as soon as it listens, through the MLflow
+REST API's ``runs/set-tag`` with tornado's HTTP client: ``import mlflow`` (with
+``azureml-mlflow``) would cost about a second of every cluster's start (issue #17).
+Inside an AML job, ``MLFLOW_TRACKING_URI`` is the workspace's
+``azureml://<region>.api.azureml.ms/mlflow/v1.0/<workspace scope>`` URI and
+``MLFLOW_TRACKING_TOKEN`` a token for the run; :func:`tracking_api` turns them into ``https://<host>/mlflow/v2.0/<workspace scope>`` with a bearer token, as
+``azureml-mlflow`` 1.62 does (``azureml_reststore.py`` ``get_host_credentials``).
+A plain ``http(s)://`` URI (an MLflow server) holds the API itself. Where the REST
+call is refused (4xx other than 429, TLS) or cannot connect, the mlflow client
+publishes instead, with a warning.
 """
 
 from __future__ import annotations
@@ -61,17 +48,7 @@ class RunTagsError(RuntimeError):
 
 @dataclass(frozen=True)
 class TrackingApi:
-    """Where and how to call the MLflow REST API of this job's run.
-
-    Attributes
-    ----------
-    base
-        URL the MLflow API paths (``/api/2.0/mlflow/...``) are appended to.
-    run_id
-        The run to tag.
-    headers
-        Request headers (the bearer token); never logged.
-    """
+    """The MLflow REST API (``base`` + ``/api/2.0/mlflow/...``) of the run; ``headers`` never logged."""
 
     base: str
     run_id: str
@@ -81,16 +58,8 @@ class TrackingApi:
 def tracking_api(env: Mapping[str, str] | None = None) -> TrackingApi | None:
     """The MLflow REST endpoint of this job's run, from the variables AML sets.
 
-    Returns
-    -------
-    TrackingApi or None
-        None when the tracking URI is one only the mlflow client can resolve
-        (an ``azureml://`` URI without ``MLFLOW_TRACKING_TOKEN``, another scheme).
-
-    Raises
-    ------
-    RunTagsError
-        ``MLFLOW_TRACKING_URI`` or the run id is not set (not inside a job).
+    None when only the mlflow client can resolve the tracking URI (``azureml://``
+    without a token, another scheme). :class:`RunTagsError` outside a job.
     """
     env = os.environ if env is None else env
     run_id = env.get("MLFLOW_RUN_ID") or env.get("AZUREML_RUN_ID")
@@ -113,16 +82,10 @@ def tracking_api(env: Mapping[str, str] | None = None) -> TrackingApi | None:
 
 
 async def publish_tags(tags: Mapping[str, str], env: Mapping[str, str] | None = None) -> None:
-    """Set ``tags`` on this job's MLflow run, one by one in order.
+    """Set ``tags`` on this job's MLflow run in order (the one a reader waits for last).
 
-    Put the tag a reader waits for last. Each call is retried (bounded) on
-    429, 5xx and connection errors.
-
-    Raises
-    ------
-    RunTagsError
-        Not inside a job, or neither the REST API nor the mlflow client could
-        set the tags.
+    Each call is retried (bounded) on 429, 5xx and connection errors.
+    :class:`RunTagsError`: not in a job, or no path could set them.
     """
     env = os.environ if env is None else env
     api = tracking_api(env)

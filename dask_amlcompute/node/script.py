@@ -1,21 +1,12 @@
 """In-job side of job mode: what ``python -m dask_amlcompute.node.script`` runs on each node.
 
-Rank 0 starts the Dask scheduler exactly as a cluster's main job does
-(:func:`~dask_amlcompute.node.entry.start_scheduler`: the job's TLS, the
-scheduler plugins, the idle and no-client timeouts), starts workers beside it,
-waits for the other ranks' workers, runs the script with
-``DASK_SCHEDULER_ADDRESS`` set (and the job's TLS client settings, so
-``Client()`` connects), prints its output between :data:`OUTPUT_BEGIN` and
-:data:`OUTPUT_END`, publishes its exit code as the run tag
-:data:`EXIT_CODE_TAG` and exits with it; the other ranks run workers
-(:func:`dask_amlcompute.node.entry.run_node`) until the scheduler goes away.
-When the scheduler stops first (``--idle-timeout``, ``--no-client-timeout``),
-rank 0 stops the script: the job ends instead of running on without a cluster.
-
-The command line is that of ``python -m dask_amlcompute.node`` plus
-``--script``/``--script-name``/``--wait-workers``, then ``--`` and the script's
-own arguments (:meth:`dask_amlcompute._protocol.NodeOptions.from_argv`). The
-client side that builds and submits the job is :mod:`dask_amlcompute.jobmode`.
+Rank 0 starts the scheduler as a cluster's main job does (:func:`.entry.start_scheduler`)
+and workers beside it, waits for the other ranks' workers, runs the script with
+``DASK_SCHEDULER_ADDRESS`` (and the job's TLS) set, prints its output between
+:data:`OUTPUT_BEGIN` and :data:`OUTPUT_END`, publishes its exit code as
+:data:`EXIT_CODE_TAG` and exits with it. Other ranks run workers until the scheduler
+goes; a scheduler that stops first (idle or no-client timeout) stops the script.
+The client side is :mod:`dask_amlcompute.jobmode`.
 """
 
 from __future__ import annotations
@@ -70,21 +61,10 @@ def _script_file(script: ScriptOptions, folder: str) -> str:
 def script_environment(
     scheduler_address: str, folder: str, env: dict[str, str] | None = None
 ) -> dict[str, str]:
-    """The script's environment: ``DASK_SCHEDULER_ADDRESS`` and, in a TLS job, the client's TLS.
+    """The script's environment (from ``env``, default ``os.environ``): the scheduler's address.
 
-    With TLS the job's certificate and key are written to ``folder`` (readable
-    by this user only) and named in dask config variables
-    (``DASK_DISTRIBUTED__COMM__TLS__...``), so ``Client()`` in the script uses
-    them without any code.
-
-    Parameters
-    ----------
-    scheduler_address
-        The job's scheduler.
-    folder
-        A private folder for the TLS files.
-    env
-        The base environment; ``os.environ`` by default.
+    In a TLS job, the certificate and key are written to the private ``folder`` (mode
+    0600) and named in ``DASK_DISTRIBUTED__COMM__TLS__...``, so ``Client()`` uses them.
     """
     env = dict(os.environ if env is None else env)
     env["DASK_SCHEDULER_ADDRESS"] = scheduler_address
@@ -125,16 +105,7 @@ async def _wait_for_workers(scheduler: Any, expected: int, timeout: float) -> No
 
 
 async def run_script_node(opts: NodeOptions) -> int:
-    """Run this node's part of a job-mode job; returns the node's exit code.
-
-    Rank 0: scheduler, workers, then the script (its exit code is returned);
-    other ranks: workers until the scheduler goes away (0).
-
-    Parameters
-    ----------
-    opts
-        The entrypoint's options; ``opts.script`` must be set.
-    """
+    """Run this node's part of a job-mode job; returns its exit code (rank 0: the script's)."""
     if opts.script is None:
         raise ValueError("run_script_node needs NodeOptions.script (job mode)")
     ctx = detect_context()
@@ -164,8 +135,10 @@ async def _run_script(
             await publish_tags(scheduler_tags(scheduler, ctx))
         except Exception as exc:  # the tag only helps to watch the run; the script still runs
             logger.warning("Could not publish the scheduler address: %s", exc)
-        if opts.worker_on_scheduler:
-            nannies = await start_workers(scheduler.address, ctx, opts)
+        if opts.worker_on_scheduler and not (
+            nannies := await start_workers(scheduler.address, ctx, opts)
+        ):
+            raise RuntimeError("The scheduler closed while its node's workers were starting")
         nodes = ctx.world_size if opts.worker_on_scheduler else ctx.world_size - 1
         await _wait_for_workers(scheduler, opts.processes * nodes, opts.script.wait_workers)
         env = script_environment(scheduler.address, folder)

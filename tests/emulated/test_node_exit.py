@@ -16,9 +16,9 @@ import subprocess
 import sys
 
 import pytest
-from _helpers import free_port
 from distributed import Scheduler
 from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.utils import open_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,7 +97,7 @@ def test_unreachable_scheduler_is_still_a_failure(tmp_path):
 
 async def _test_unreachable_scheduler_is_still_a_failure(tmp_path):
     # nothing listens on this port: the workers never join, the node fails (exit 1)
-    port = free_port()
+    port = open_port("127.0.0.1")
     proc = _node(tmp_path, "--scheduler-address", f"tcp://127.0.0.1:{port}", "--death-timeout", "3")
     code, log = await _wait(proc, 60)
     assert code == 1, log
@@ -110,7 +110,7 @@ def test_sigterm_while_joining_exits_cleanly(tmp_path):
 
 async def _test_sigterm_while_joining_exits_cleanly(tmp_path):
     # AML cancelling the job while the workers still try to join: exit 0, no worker left
-    port = free_port()
+    port = open_port("127.0.0.1")
     proc = _node(
         tmp_path, "--scheduler-address", f"tcp://127.0.0.1:{port}", "--death-timeout", "60"
     )

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from _helpers import free_port
+from distributed.utils import open_port
 
 from dask_amlcompute.node.runtags import RunTagsError, tracking_api
 
@@ -90,7 +90,7 @@ def test_publish_through_the_emulated_azureml_endpoint(emulator, ml_client):
 
 
 def test_unreachable_tracking_endpoint_fails_after_bounded_retries():
-    port = free_port()
+    port = open_port("127.0.0.1")
     env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_RUN_ID": "r"}
     env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # the fallback's own retries (minutes by default)
     done = _publish(env, {"k": "v"})

@@ -8,7 +8,7 @@ from importlib.metadata import version
 from types import SimpleNamespace
 
 from dask_amlcompute.backend.jobwait import missing_module_hint
-from dask_amlcompute.node.plugins import HEARTBEAT_HANDLER, MissingModules
+from dask_amlcompute.node.plugins import MissingModules, NoClientTimeout, heartbeat
 
 
 def test_the_hint_names_the_module_its_distribution_at_the_clients_version_and_the_fix():
@@ -32,15 +32,16 @@ def test_a_module_no_distribution_provides_points_to_the_code_folder():
     assert "'my_local_helpers_xyz'" in hint and "code=" in hint and "pip_packages" not in hint
 
 
-def started(plugin: MissingModules, beat=None) -> SimpleNamespace:
-    scheduler = SimpleNamespace(handlers={HEARTBEAT_HANDLER: beat} if beat else {})
-    asyncio.run(plugin.start(scheduler))
-    return scheduler
+def started(plugin: MissingModules, *others) -> SimpleNamespace:
+    """A scheduler with ``plugin`` (started) and ``others``: what the heartbeat handler reads."""
+    asyncio.run(plugin.start(SimpleNamespace()))
+    return SimpleNamespace(plugins={p.name: p for p in (plugin, *others)})
 
 
 def test_erred_tasks_and_failed_graphs_are_reported_once_per_module():
     plugin = MissingModules()
-    heartbeat = started(plugin, beat=lambda: 600.0).handlers[HEARTBEAT_HANDLER]
+    # the one handler gathers every plugin's part (here the no-client timeout's), in any order
+    scheduler = started(plugin, NoClientTimeout(600.0))
     try:
         for key in ("a", "b"):  # a task importing sklearn errs, twice
             text = "ModuleNotFoundError(\"No module named 'sklearn'\")"
@@ -55,9 +56,11 @@ def test_erred_tasks_and_failed_graphs_are_reported_once_per_module():
                     raise RuntimeError("Error during deserialization of the task graph") from exc
             except RuntimeError as exc:
                 logging.getLogger("distributed.scheduler").error(str(exc))
-        first = heartbeat()
+        first = heartbeat(scheduler)
         assert first == {"timeout": 600.0, "missing_modules": ["sklearn", "no_such_module_xyz"]}
-        assert heartbeat()["missing_modules"] == []  # told once
+        assert heartbeat(scheduler)["missing_modules"] == []  # told once
+        scheduler.plugins = dict(reversed(scheduler.plugins.items()))
+        assert heartbeat(scheduler) == {"timeout": 600.0, "missing_modules": []}
     finally:
         asyncio.run(plugin.close())
     assert plugin.filter not in logging.getLogger("distributed.scheduler").filters
@@ -66,9 +69,6 @@ def test_erred_tasks_and_failed_graphs_are_reported_once_per_module():
 def test_without_a_no_client_timeout_the_heartbeat_still_answers():
     plugin = MissingModules()
     try:
-        assert started(plugin).handlers[HEARTBEAT_HANDLER]() == {
-            "timeout": None,
-            "missing_modules": [],
-        }
+        assert heartbeat(started(plugin)) == {"missing_modules": []}
     finally:
         asyncio.run(plugin.close())

@@ -1,8 +1,6 @@
 """The one place that calls the (synchronous) azure-ai-ml SDK.
 
-Every call runs in a worker thread (:func:`asyncio.to_thread`) so the event
-loop never blocks, is retried while it fails transiently, and SDK/HTTP errors
-are translated into the typed errors of :mod:`dask_amlcompute.exceptions`.
+In worker threads, retried while it fails transiently, its errors typed (:mod:`..exceptions`).
 """
 
 from __future__ import annotations
@@ -74,17 +72,6 @@ def status_text(status: Any) -> str:
     return str(getattr(status, "value", status) or "Unknown")
 
 
-def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying: throttling, server errors, connection problems."""
-    from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
-
-    if isinstance(exc, ServiceRequestError | ServiceResponseError | ConnectionError):
-        return True
-    if isinstance(exc, HttpResponseError):
-        return getattr(exc, "status_code", None) in (408, 429, 500, 502, 503, 504)
-    return False
-
-
 #: Seconds a call failing transiently is retried, after the ``MLClient``'s own azure-core
 #: retries (3 by default): bursts of 429/5xx are waited out.
 RETRY_WINDOW = 120.0
@@ -98,12 +85,11 @@ def retry_delay(exc: BaseException, attempt: int) -> float:
     from azure.core.pipeline.policies import RetryPolicy
 
     response = getattr(exc, "response", None)
-    if response is not None and getattr(response, "headers", None) is not None:
-        after = RetryPolicy().get_retry_after(PipelineResponse(None, response, None))  # type: ignore[arg-type]
+    if getattr(response, "headers", None) is not None:
+        after = RetryPolicy().get_retry_after(PipelineResponse(None, response, None))  # type: ignore[arg-type,type-var]
         if after is not None:
             return after
-    factor, most = RETRY_BACKOFF
-    return float(min(most, factor * 2 ** (attempt - 1)))
+    return float(min(RETRY_BACKOFF[1], RETRY_BACKOFF[0] * 2 ** (attempt - 1)))
 
 
 #: Job submissions and cancellations in flight at once per cluster (a bounded burst).
@@ -115,13 +101,7 @@ _WORKSPACES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 class AmlOps:
     """Async facade over an ``MLClient`` for the few operations a cluster needs.
 
-    Parameters
-    ----------
-    ml_client
-        An ``azure.ai.ml.MLClient`` bound to a workspace.
-    tracking_uri
-        The workspace's MLflow tracking URI, for reading run tags; None reads it
-        from the workspace when first needed.
+    ``tracking_uri``: the workspace's MLflow tracking URI (run tags); None: read when needed.
     """
 
     def __init__(self, ml_client: Any, tracking_uri: str | None = None) -> None:
@@ -149,16 +129,20 @@ class AmlOps:
 
     async def _once(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` in a thread once; a transient failure is a :class:`ControlPlaneError`."""
+        from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except Exception as exc:
             name = getattr(fn, "__qualname__", getattr(fn, "__name__", "call"))
-            if getattr(exc, "status_code", None) in (401, 403):
+            status = getattr(exc, "status_code", None)
+            if status in (401, 403):
                 raise AccessDeniedError(
                     f"Azure ML refused {name}: {str(exc).splitlines()[0]}. Sign in again "
                     "(`az login`) or ask for a role on the workspace that allows it."
                 ) from exc
-            if not is_transient(exc):
+            lost = isinstance(exc, ServiceRequestError | ServiceResponseError | ConnectionError)
+            if not lost and status not in (408, 429, 500, 502, 503, 504):  # throttled, 5xx
                 raise
             raise ControlPlaneError(
                 f"The Azure ML control plane kept failing for {name}: {exc}. Check the "
@@ -170,13 +154,19 @@ class AmlOps:
             self._warned.add(route)
             logger.log(level, msg, *args)
 
-    async def get_compute(self, name: str) -> ComputeInfo:
-        """An AmlCompute target; :class:`ComputeNotFoundError` lists the computes that exist."""
+    async def _found(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """``fn(*args, **kwargs)``, None when AML has no such resource."""
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
-            compute = await self._call(self.ml_client.compute.get, name)
+            return await self._call(fn, *args, **kwargs)
         except ResourceNotFoundError:
+            return None
+
+    async def get_compute(self, name: str) -> ComputeInfo:
+        """An AmlCompute target; :class:`ComputeNotFoundError` lists the computes that exist."""
+        compute = await self._found(self.ml_client.compute.get, name)
+        if compute is None:
             names = await self._names(self.ml_client.compute.list)
             raise ComputeNotFoundError(
                 f"No compute named {name!r} in workspace "
@@ -278,19 +268,15 @@ class AmlOps:
         return sorted(found, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
 
     async def get_datastore(self, name: str, include_secrets: bool = False) -> Any | None:
-        """The workspace's datastore ``name`` (``datastores.get``), None when there is none.
+        """The datastore ``name``, None when there is none; AML's refusal: an AmlComputeError.
 
         ``include_secrets`` also fetches its secret (``listSecrets``, a separate permission).
-        AML's refusal is an :class:`AmlComputeError` with AML's message.
         """
-        from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+        from azure.core.exceptions import HttpResponseError
 
         try:
-            return await self._call(
-                self.ml_client.datastores.get, name, include_secrets=include_secrets
-            )
-        except ResourceNotFoundError:
-            return None
+            get = self.ml_client.datastores.get
+            return await self._found(get, name, include_secrets=include_secrets)
         except HttpResponseError as exc:
             raise AmlComputeError(str(exc)) from None
 
@@ -306,7 +292,6 @@ class AmlOps:
         environments and versions that exist.
         """
         from azure.ai.ml.exceptions import ValidationErrorType, ValidationException
-        from azure.core.exceptions import ResourceNotFoundError
 
         from ..exceptions import EnvironmentNotFoundError
         from ..validation import environment_reference
@@ -315,23 +300,17 @@ class AmlOps:
         if ref is None:
             return
         try:
-            await self._call(envs.get, ref.name, version=ref.version, label=ref.label)
-            return
-        except ResourceNotFoundError:
-            pass
+            if await self._found(envs.get, ref.name, ref.version, ref.label):
+                return
         except ValidationException as exc:  # "@latest" of a name without versions (client-side)
             if getattr(exc, "error_type", None) != ValidationErrorType.RESOURCE_NOT_FOUND:
                 raise
-        # the SDK's anonymous environments (inline environments of past jobs) are left out
-        names = sorted(
-            set(await self._names(envs.list)) - {"CliV2AnonymousEnvironment"}, key=str.lower
-        )
+        found = await self._names(envs.list)  # less the inline environments of past jobs:
+        names = sorted(set(found) - {"CliV2AnonymousEnvironment"}, key=str.lower)
         shown = ", ".join(names[:25]) + (f" and {len(names) - 25} more" if len(names) > 25 else "")
-        versions = (
-            await self._names(lambda: envs.list(name=ref.name), "version")
-            if ref.name in names and ref.version is not None
-            else []
-        )
+        versions: list[str] = []
+        if ref.name in names and ref.version is not None:
+            versions = await self._names(lambda: envs.list(name=ref.name), "version")
         what = (
             f"Environment {ref.name!r} has no version {ref.version!r} (versions: "
             f"{', '.join(versions[:25])})."
@@ -406,11 +385,9 @@ class AmlOps:
         from azure.identity import DefaultAzureCredential
         from mlflow.tracking import MlflowClient
 
-        credential = getattr(self.ml_client, "_credential", None)
-        if str(self._tracking_uri).startswith("azureml:") and not isinstance(
-            credential,
-            DefaultAzureCredential,  # what azureml-mlflow logs in with
-        ):
+        # azureml-mlflow logs in with a DefaultAzureCredential of its own
+        own = isinstance(getattr(self.ml_client, "_credential", None), DefaultAzureCredential)
+        if str(self._tracking_uri).startswith("azureml:") and not own:
             raise LookupError(
                 "azureml-mlflow would log in on its own (interactive outside a job), not with "
                 "this cluster's credential"
@@ -454,10 +431,7 @@ class AmlOps:
         return [{k: vars(n).get(k, getattr(n, snake[k], None)) for k in keys} for n in nodes]
 
     async def show_services(self, name: str, node_index: int = 0) -> dict[str, Any]:
-        """The ``ServiceInstance`` of one node of a job by service name (``jobs.show_services``).
-
-        ``properties["ProxyEndpoint"]`` is SSH's. Empty when AML lists none (yet, or any more).
-        """
+        """One node's ``ServiceInstance`` by service name (SSH's: ``properties["ProxyEndpoint"]``)."""
         found = await self._call(self.ml_client.jobs.show_services, name, node_index)
         return dict(found or {})
 
@@ -483,18 +457,12 @@ class AmlOps:
             return None
         return resp.text
 
-    async def log_tail(
-        self, log_files: dict[str, str], lines: int = 30, kind: str = "user_logs/"
-    ) -> str | None:
-        """The last ``lines`` lines of up to four logs of a job whose name contains ``kind``."""
-        wanted = sorted(k for k in log_files if kind in k or k.startswith("std_log"))
-        chunks = []
-        for key in wanted[:4]:
-            text = await self.read_log(log_files[key])
-            tail = text.splitlines()[-lines:] if text else []
-            if tail:
-                chunks.append(f"--- {key} ---\n" + "\n".join(tail))
-        return "\n".join(chunks) or None
+    async def log_tail(self, log_files: dict[str, str], lines: int = 30) -> str | None:
+        """The last ``lines`` lines of up to four of a job's user logs."""
+        keys = sorted(k for k in log_files if "user_logs/" in k or k.startswith("std_log"))[:4]
+        texts = await asyncio.gather(*(self.read_log(log_files[k]) for k in keys))
+        tails = [(k, t.splitlines()[-lines:]) for k, t in zip(keys, texts, strict=True) if t]
+        return "\n".join(f"--- {k} ---\n" + "\n".join(t) for k, t in tails if t) or None
 
     @staticmethod
     def _info(job: Any) -> JobInfo:
@@ -536,12 +504,7 @@ class AmlOps:
 
     async def get_job_entity(self, name: str) -> Any | None:
         """The SDK's entity of a job (command, resources, distribution, tags), None if none exists."""
-        from azure.core.exceptions import ResourceNotFoundError
-
-        try:
-            return await self._call(self.ml_client.jobs.get, name)
-        except ResourceNotFoundError:
-            return None
+        return await self._found(self.ml_client.jobs.get, name)
 
 
 # -- running the async operations from synchronous code --------------------------

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from packaging.requirements import InvalidRequirement, Requirement
 
 from ..exceptions import ConfigurationError
 from .daskcuda import CUDA_IMAGE, dask_cuda_requirement
@@ -66,7 +67,15 @@ def local_python() -> str:
 
 
 def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+    return re.sub(r"[-_.]+", "-", name).lower()  # packaging.utils.canonicalize_name, as a str
+
+
+def _requirement(text: str) -> Requirement | None:
+    """``text`` parsed; None for what is no requirement (a bare URL or path: pip's business)."""
+    try:
+        return Requirement(text)
+    except InvalidRequirement:
+        return None
 
 
 def local_version(distribution: str) -> str | None:
@@ -107,17 +116,11 @@ def _synced() -> dict[str, importlib.metadata.Distribution]:
 
 @functools.lru_cache(maxsize=4)  # a cluster's start asks 3 times; an install changes the key
 def _synced_from(places: tuple) -> dict[str, importlib.metadata.Distribution]:
-    from packaging.requirements import InvalidRequirement, Requirement
-
     found = reversed(list(importlib.metadata.distributions()))  # the first on sys.path wins
     dists = {_canonical(d.metadata["Name"]): d for d in found if d.metadata["Name"]}
     users: dict[str, set[str]] = {name: set() for name in dists}
     for name, dist in dists.items():
-        for text in dist.requires or ():
-            try:
-                req = Requirement(text)
-            except InvalidRequirement:
-                continue
+        for req in filter(None, map(_requirement, dist.requires or ())):
             if _canonical(req.name) in users and (
                 req.marker is None or req.marker.evaluate({"extra": ""})
             ):
@@ -160,15 +163,8 @@ def library_in_snapshot(node_package: str | None, pip_packages: Iterable[str] | 
 
 def _named(pip_packages: Iterable[str] | None) -> set[str]:
     """The distributions that requirements name (bare URLs and paths name none)."""
-    from packaging.requirements import InvalidRequirement, Requirement
-
-    names = set()
-    for text in _as_list(pip_packages, "pip_packages"):
-        try:
-            names.add(_canonical(Requirement(text).name))
-        except InvalidRequirement:
-            continue
-    return names
+    reqs = map(_requirement, _as_list(pip_packages, "pip_packages"))
+    return {_canonical(req.name) for req in reqs if req is not None}
 
 
 def _as_list(value: Any, what: str) -> list[str]:
@@ -262,15 +258,12 @@ def _merge_pip(
     pins: dict[str, str], extras: list[str], library: str | None
 ) -> tuple[list[str], str | None, dict[str, set[str]]]:
     """Fold user requirements into ``pins`` (in place): (still to install, library, pin extras)."""
-    from packaging.requirements import InvalidRequirement, Requirement
-
     kept: list[str] = []
     pin_extras: dict[str, set[str]] = {}
     for text in extras:
-        try:
-            req = Requirement(text)
-        except InvalidRequirement:
-            kept.append(text)  # a bare URL or path: pip's business, nothing to compare
+        req = _requirement(text)
+        if req is None:
+            kept.append(text)  # nothing to compare
             continue
         name = _canonical(req.name)
         if name == LIBRARY:

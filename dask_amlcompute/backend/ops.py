@@ -305,7 +305,7 @@ class AmlOps:
         except ValidationException as exc:  # "@latest" of a name without versions (client-side)
             if getattr(exc, "error_type", None) != ValidationErrorType.RESOURCE_NOT_FOUND:
                 raise
-        found = await self._names(envs.list)  # less the inline environments of past jobs:
+        found = await self._names(envs.list)  # less the SDK's inline ones of past jobs
         names = sorted(set(found) - {"CliV2AnonymousEnvironment"}, key=str.lower)
         shown = ", ".join(names[:25]) + (f" and {len(names) - 25} more" if len(names) > 25 else "")
         versions: list[str] = []

@@ -8,6 +8,7 @@ run in the caller's event loop.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
@@ -100,8 +101,12 @@ async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]
     """
     from .config import ClusterSettings
 
-    ops = _ops(ops)
-    main = await ops.get_job_entity(main_job_name(name))
+    ops = _ops(ops)  # the look-ups at once (the workspace: for the cluster's VM size)
+    main, jobs, _ = await asyncio.gather(
+        ops.get_job_entity(main_job_name(name)),
+        list_cluster_jobs_async(ops, cluster=name),
+        ops.read_ahead(),
+    )
     if main is None:
         raise AmlComputeError(
             f"No dask-amlcompute cluster named {name!r} in this workspace "
@@ -128,7 +133,6 @@ async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]
         ) from None
     known = {f.name for f in fields(ClusterSettings)}
     settings.update({k: v for k, v in stored.items() if k in known})
-    jobs = await list_cluster_jobs_async(ops, cluster=name)
     workers = [(j.name, j.n_nodes) for j in jobs if j.role == "workers"]
     return {"settings": settings, "worker_jobs": workers}
 

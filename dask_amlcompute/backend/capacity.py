@@ -1,22 +1,16 @@
 """VM sizes, vCPU quota and prices: what a cluster will take and cost, before it is submitted.
 
-AML counts quota in vCPUs per subscription and region: dedicated vCPUs per VM
-family and in a regional total, low-priority vCPUs in one regional total
-(Microsoft Learn, *Manage and increase quotas and limits for resources with
-Azure Machine Learning*). ``ml_client.compute.list_usage()`` lists them
-(``GET .../locations/{location}/usages``: entries of type ``dedicatedCores`` /
-``lowPriorityCores`` for the totals and ``vmFamily`` per family, named like
-``Standard DSv2 Family Cluster Dedicated vCPUs``; azure-rest-api-specs
-``machinelearningservices`` ``examples/Usage/list.json``);
-``ml_client.compute.list_sizes()`` gives each size's family, vCPUs, GPUs and,
-where AML returns them, estimated hourly prices per tier (``estimatedVMPrices``:
-``retailPrice`` by ``vmTier`` Standard / LowPriority / Spot).
+AML counts quota in vCPUs per subscription and region: dedicated vCPUs per VM family and in
+a regional total, low-priority vCPUs in one regional total (Microsoft Learn, *Manage and
+increase quotas and limits for resources with Azure Machine Learning*); ``compute.list_usage()``
+lists them (types ``dedicatedCores`` / ``lowPriorityCores`` / ``vmFamily``, named like
+``Standard DSv2 Family Cluster Dedicated vCPUs``: azure-rest-api-specs
+``machinelearningservices`` ``examples/Usage/list.json``). ``compute.list_sizes()`` gives each
+size's family, vCPUs, GPUs and estimated hourly prices (``estimatedVMPrices``).
 
-A job that can never fit its quota would sit in ``Queued`` forever on AML (and
-a serverless one is refused), so :func:`check_quota` tells the three cases
-apart: fits now, fits once other jobs release nodes (it will queue), never fits.
-Nothing here talks to AML: :class:`~dask_amlcompute.backend.ops.AmlOps` lists,
-this module decides.
+A job that can never fit its quota would sit in ``Queued`` forever (a serverless one is
+refused): :func:`check_quota` tells fits now, will queue and never fits apart. Nothing here
+talks to AML: :class:`~dask_amlcompute.backend.ops.AmlOps` lists, this module decides.
 """
 
 from __future__ import annotations
@@ -37,42 +31,19 @@ QUOTA_DOCS = "https://learn.microsoft.com/azure/machine-learning/how-to-manage-q
 
 @dataclass(frozen=True)
 class VmSizeInfo:
-    """One VM size as AML lists it for the region.
-
-    Attributes
-    ----------
-    name
-        Size name (``Standard_D4s_v3``).
-    family
-        VM family (``standardDSv3Family``), the unit of dedicated quota.
-    vcpus, gpus
-        Per node.
-    memory_gb
-        Per node.
-    low_priority_capable
-        Whether low-priority / Spot VMs exist for it.
-    prices
-        Estimated hourly price per ``vmTier`` (Linux), in ``currency``; empty when
-        AML returned none.
-    """
+    """One VM size as AML lists it for the region."""
 
     name: str
-    family: str | None
+    family: str | None  # the unit of dedicated quota
     vcpus: int
     gpus: int = 0
     memory_gb: float | None = None
     low_priority_capable: bool = True
-    prices: Mapping[str, float] = field(default_factory=dict)
+    prices: Mapping[str, float] = field(default_factory=dict)  # hourly, Linux, by vmTier (lower)
     currency: str = "USD"
 
     def hourly_price(self, tier: str) -> float | None:
-        """Estimated price of one node for an hour, or None when unknown.
-
-        Parameters
-        ----------
-        tier
-            ``"dedicated"``, ``"low_priority"`` or ``"spot"``.
-        """
+        """Estimated price of one node for an hour in ``tier`` (``"dedicated"``, ...), or None."""
         price = self.prices.get(PRICE_TIER.get(tier, tier).lower())
         if price is None and tier == "spot":  # serverless Spot runs on low-priority VMs
             price = self.prices.get("lowpriority")
@@ -91,9 +62,8 @@ def _field(obj: Any, *names: str) -> Any:
 def size_from_sdk(size: Any) -> VmSizeInfo:
     """A :class:`VmSizeInfo` from azure-ai-ml's ``VmSize`` (``compute.list_sizes()``).
 
-    azure-ai-ml 1.35 builds ``VmSize`` with ``__dict__.update(rest.as_dict())``,
-    which leaves its snake_case attributes (``v_cp_us``, ``memory_gb``) None and
-    adds the REST names (``vCPUs``, ``memoryGB``, ``estimatedVMPrices``): both are read.
+    azure-ai-ml 1.35 leaves the snake_case attributes None and adds the REST names
+    (``vCPUs``, ``estimatedVMPrices``) to ``__dict__``: both are read.
     """
     prices: dict[str, float] = {}
     estimated = _field(size, "estimatedVMPrices", "estimated_vm_prices") or {}
@@ -103,10 +73,8 @@ def size_from_sdk(size: Any) -> VmSizeInfo:
     for value in _field(estimated, "values") or []:
         if str(_field(value, "osType", "os_type") or "Linux").lower() != "linux":
             continue
-        price, tier = (
-            _field(value, "retailPrice", "retail_price"),
-            _field(value, "vmTier", "vm_tier"),
-        )
+        price = _field(value, "retailPrice", "retail_price")
+        tier = _field(value, "vmTier", "vm_tier")
         if price is not None and tier:
             prices[str(tier).lower()] = float(price)
     memory = _field(size, "memoryGB", "memory_gb")
@@ -124,9 +92,7 @@ def size_from_sdk(size: Any) -> VmSizeInfo:
 
 def find_size(sizes: Iterable[VmSizeInfo], name: str | None) -> VmSizeInfo | None:
     """The size called ``name`` (case-insensitive), or None."""
-    if not name:
-        return None
-    return next((s for s in sizes if s.name.lower() == name.lower()), None)
+    return next((s for s in sizes if s.name.lower() == name.lower()), None) if name else None
 
 
 @dataclass(frozen=True)
@@ -154,28 +120,11 @@ def _family_usage_key(family: str, tier: str) -> str:
 
 
 def quotas_for(usages: Iterable[Any], family: str | None, tier: str) -> list[Quota]:
-    """The quota lines that bound ``tier`` nodes of ``family``: per family, then the total.
+    """The quota lines (with a limit) that bound ``tier`` nodes of ``family``: family, total.
 
-    Parameters
-    ----------
-    usages
-        azure-ai-ml ``Usage`` entities (``compute.list_usage()``).
-    family
-        The size's family.
-    tier
-        ``"dedicated"``, ``"low_priority"`` or ``"spot"`` (Spot uses low-priority quota).
-
-    Returns
-    -------
-    list of Quota
-        Only lines with a limit (low-priority families report ``-1``: no per-family limit).
-
-    Notes
-    -----
-    A family line is recognised by ``name.value``, ``name.localizedValue`` or
-    its ARM id's last segment (``Standard_DSv2_Family_Cluster_Dedicated_vCPUs``):
-    AML's example spells ``value`` as the label, other resource providers put
-    the family id (``standardDSv2Family``) there. No line for the family is logged.
+    ``usages``: ``compute.list_usage()``; Spot uses low-priority quota. A family line is
+    recognised by ``name.value``, ``name.localizedValue`` or its ARM id's last segment (AML's
+    example spells ``value`` as the label, other providers the family id); none is logged.
     """
     total_type = "dedicatedcores" if tier == "dedicated" else "lowprioritycores"
     wanted = _family_usage_key(family, tier) if family else None
@@ -214,21 +163,11 @@ def _usage_names(usage: Any) -> list[str]:
 
 @dataclass(frozen=True)
 class QuotaCheck:
-    """How a request of ``vcpus`` fits the quota lines that bound it.
-
-    Attributes
-    ----------
-    vcpus
-        vCPUs the request needs.
-    never
-        The line the request exceeds on its own (it can never run), if any.
-    full
-        The line that is too full now (it will wait in ``Queued``), if any.
-    """
+    """How a request of ``vcpus`` fits the quota lines that bound it."""
 
     vcpus: int
-    never: Quota | None = None
-    full: Quota | None = None
+    never: Quota | None = None  # the line it exceeds on its own: it can never run
+    full: Quota | None = None  # the line too full now: it will wait in Queued
 
     @property
     def fits_now(self) -> bool:

@@ -1,20 +1,11 @@
 """The GPU nodes' environment: which dask-cuda release and which CUDA base image.
 
-Every dask-cuda release requires ``rapids-dask-dependency==YY.MM.*``, and each
-rapids-dask-dependency release pins one exact dask and distributed. An unpinned
-``dask-cuda`` next to ``dask==<client's>`` therefore builds only when some
-release happens to pin the client's dask; otherwise pip backtracks through every
-release and AML's image build fails after minutes. So the GPU environment pins
-the newest dask-cuda whose rapids-dask-dependency admits the client's dask, and
-refuses before submitting when none does.
-
-:data:`RELEASES` is read from the package index (pypi.org hosts dask-cuda and
-rapids-dask-dependency; the wheels' ``Requires-Dist``). It ships with the
-library rather than being queried at submit time: the environment stays a pure,
-offline function of the client (``dask-amlcompute env --gpu`` and
-``cluster.job_spec()`` need no network, and AML's anonymous environment keeps one
-hash), and ``tests/unit/test_gpu_environment.py`` reads the index again and fails when
-the table is out of date.
+Each dask-cuda release requires ``rapids-dask-dependency==YY.MM.*``, which pins one exact dask
+and distributed: an unpinned ``dask-cuda`` beside ``dask==<client's>`` makes pip backtrack and
+AML's image build fail after minutes. So the GPU environment pins the newest dask-cuda that
+admits the client's dask, and refuses before submitting when none does. :data:`RELEASES` (from
+pypi.org) ships with the library so the environment stays an offline function of the client;
+``tests/unit/test_gpu_environment.py`` fails when it is out of date.
 """
 
 from __future__ import annotations
@@ -61,37 +52,17 @@ RELEASES: dict[str, tuple[str, tuple[str, ...]]] = {
 FIRST_WITH_CUDA_EXTRAS = "25.10.0"
 
 
-def _runs_on(python: str) -> dict[str, tuple[str, ...]]:
-    """dask-cuda release -> its dask versions, for the releases that support ``python``."""
-    return {v: d for v, (py, d) in RELEASES.items() if SpecifierSet(py).contains(python)}
-
-
 def dask_cuda_requirement(dask: str, python: str) -> str:
-    """The pinned dask-cuda requirement for nodes that run ``dask`` on ``python``.
+    """The newest dask-cuda release for nodes that run ``dask`` on ``python`` (``major.minor``).
 
-    Parameters
-    ----------
-    dask
-        The dask (and distributed) version the nodes must run: the client's.
-    python
-        The nodes' Python, ``major.minor``.
-
-    Returns
-    -------
-    str
-        e.g. ``"dask-cuda[cu12]==26.10.0"``: the newest release that admits both.
-
-    Raises
-    ------
-    ConfigurationError
-        No dask-cuda release admits this dask on this Python.
+    Raises :class:`ConfigurationError` when no release admits this dask on this Python.
 
     Examples
     --------
     >>> dask_cuda_requirement("2026.7.1", "3.11")
     'dask-cuda[cu12]==26.10.0'
     """
-    releases = _runs_on(python)
+    releases = {v: d for v, (py, d) in RELEASES.items() if SpecifierSet(py).contains(python)}
     fits = [v for v, versions in releases.items() if Version(dask) in map(Version, versions)]
     if not fits:
         known = sorted({d for versions in releases.values() for d in versions}, key=Version)

@@ -1,18 +1,12 @@
-"""The node environment: what the AML job's nodes run on.
+"""The node environment: what the AML job's nodes run on (see ``docs/environment.md``).
 
-The default, ``stack="sync"``, follows the client (see ``docs/environment.md``): every installed
-distribution is pinned to the client's version (``pip ==``), except the client-only tools of
-:data:`CLIENT_ONLY` and what only they require. A distribution with a PEP 610
-``direct_url.json`` (editable, local path, VCS or URL install) is not on the package index: pure
-Python, it travels in the jobs' code snapshot (:mod:`~dask_amlcompute.backend.snapshot`), as the
-library itself does; compiled, it is refused before anything is submitted. ``"installed"`` and
-``"imported"`` pin only ``dask``, ``distributed``, ``cloudpickle`` and the :data:`DATA_STACK`
-installed or imported; ``"none"`` the first three. The Python major.minor is always pinned, and
-:data:`NODE_HELPERS` are added unpinned unless pinned already.
-
-It is an *inline* AML environment (base image + conda file), named by the SDK after a hash of
-its content (``CliV2AnonymousEnvironment:<hash>``), so AML builds each distinct spec once and
-reuses it.
+``stack="sync"`` (the default) pins every installed distribution to the client's version, except
+the client-only tools of :data:`CLIENT_ONLY` and what only they require; one not from an index
+(PEP 610 ``direct_url.json``) travels in the code snapshot when pure Python, and is refused when
+compiled. ``"installed"``/``"imported"`` pin ``dask``, ``distributed``, ``cloudpickle`` and the
+:data:`DATA_STACK` installed/imported, ``"none"`` the first three. Python's major.minor is always
+pinned; :data:`NODE_HELPERS` are added unpinned. It is an *inline* AML environment (image + conda
+file) the SDK names by a hash of its content, so AML builds each distinct spec once.
 """
 
 from __future__ import annotations
@@ -30,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from packaging.requirements import InvalidRequirement, Requirement
 
 from ..exceptions import ConfigurationError
 from .daskcuda import CUDA_IMAGE, dask_cuda_requirement
@@ -72,7 +67,15 @@ def local_python() -> str:
 
 
 def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+    return re.sub(r"[-_.]+", "-", name).lower()  # packaging.utils.canonicalize_name, as a str
+
+
+def _requirement(text: str) -> Requirement | None:
+    """``text`` parsed; None for what is no requirement (a bare URL or path: pip's business)."""
+    try:
+        return Requirement(text)
+    except InvalidRequirement:
+        return None
 
 
 def local_version(distribution: str) -> str | None:
@@ -113,17 +116,11 @@ def _synced() -> dict[str, importlib.metadata.Distribution]:
 
 @functools.lru_cache(maxsize=4)  # a cluster's start asks 3 times; an install changes the key
 def _synced_from(places: tuple) -> dict[str, importlib.metadata.Distribution]:
-    from packaging.requirements import InvalidRequirement, Requirement
-
     found = reversed(list(importlib.metadata.distributions()))  # the first on sys.path wins
     dists = {_canonical(d.metadata["Name"]): d for d in found if d.metadata["Name"]}
     users: dict[str, set[str]] = {name: set() for name in dists}
     for name, dist in dists.items():
-        for text in dist.requires or ():
-            try:
-                req = Requirement(text)
-            except InvalidRequirement:
-                continue
+        for req in filter(None, map(_requirement, dist.requires or ())):
             if _canonical(req.name) in users and (
                 req.marker is None or req.marker.evaluate({"extra": ""})
             ):
@@ -166,15 +163,8 @@ def library_in_snapshot(node_package: str | None, pip_packages: Iterable[str] | 
 
 def _named(pip_packages: Iterable[str] | None) -> set[str]:
     """The distributions that requirements name (bare URLs and paths name none)."""
-    from packaging.requirements import InvalidRequirement, Requirement
-
-    names = set()
-    for text in _as_list(pip_packages, "pip_packages"):
-        try:
-            names.add(_canonical(Requirement(text).name))
-        except InvalidRequirement:
-            continue
-    return names
+    reqs = map(_requirement, _as_list(pip_packages, "pip_packages"))
+    return {_canonical(req.name) for req in reqs if req is not None}
 
 
 def _as_list(value: Any, what: str) -> list[str]:
@@ -189,18 +179,12 @@ def _as_list(value: Any, what: str) -> list[str]:
 
 @dataclass(frozen=True)
 class NodeEnvironmentSpec:
-    """The content of the default node environment.
-
-    ``python`` is the nodes' ``major.minor``; ``pins`` maps distributions to the
-    client's versions; ``library`` is ``node_package`` (None: the library travels
-    in the code snapshot); ``pip`` is everything pip installs, in order (pins,
-    library, helpers, user extras); ``conda`` the extra conda packages.
-    """
+    """The content of the default node environment."""
 
     python: str
     pins: Mapping[str, str]
-    library: str | None
-    pip: tuple[str, ...]
+    library: str | None  # node_package; None: the library travels in the code snapshot
+    pip: tuple[str, ...]  # pins, library, helpers, user extras
     conda: tuple[str, ...] = ()
     image: str = DEFAULT_IMAGE
 
@@ -217,7 +201,7 @@ class NodeEnvironmentSpec:
         return yaml.safe_dump(self.conda_dict(), sort_keys=False)
 
     def requirements(self) -> str:
-        """A pip ``requirements.txt`` (Python and conda packages are not in it)."""
+        """A pip ``requirements.txt`` (without Python and conda packages)."""
         head = f"# dask-amlcompute node requirements for Python {self.python}"
         return "\n".join([head, *self.pip]) + "\n"
 
@@ -273,20 +257,13 @@ class NodeEnvironmentSpec:
 def _merge_pip(
     pins: dict[str, str], extras: list[str], library: str | None
 ) -> tuple[list[str], str | None, dict[str, set[str]]]:
-    """Fold user pip requirements into ``pins`` (updated in place).
-
-    Returns the user requirements still to install, the library requirement
-    and pip extras of pins.
-    """
-    from packaging.requirements import InvalidRequirement, Requirement
-
+    """Fold user requirements into ``pins`` (in place): (still to install, library, pin extras)."""
     kept: list[str] = []
     pin_extras: dict[str, set[str]] = {}
     for text in extras:
-        try:
-            req = Requirement(text)
-        except InvalidRequirement:
-            kept.append(text)  # a bare URL or path: pip's business, nothing to compare
+        req = _requirement(text)
+        if req is None:
+            kept.append(text)  # nothing to compare
             continue
         name = _canonical(req.name)
         if name == LIBRARY:
@@ -367,37 +344,29 @@ def build_spec(
 ) -> NodeEnvironmentSpec:
     """The default node environment for this client, with the user's extra packages.
 
-    Precedence when a user package names a pinned one: an unversioned or
-    compatible requirement keeps the client's pin (extras such as
-    ``dask[dataframe]`` are kept); an incompatible one is an error for Python,
-    dask, distributed and cloudpickle, and replaces the pin of any other (the
-    version check then warns about the difference). An unversioned one the
-    client has installed is pinned to the client's version.
+    A user requirement of a pinned package that is unversioned or compatible keeps the pin
+    (with its extras, ``dask[dataframe]``); an incompatible one is an error for Python, dask,
+    distributed and cloudpickle and replaces any other pin. An unversioned one the client has
+    installed is pinned to the client's version.
 
     Parameters
     ----------
-    extra_pip
-        More pip requirements for the nodes.
-    extra_conda
-        More conda packages for the nodes (conda-forge).
+    extra_pip, extra_conda
+        More pip requirements and conda-forge packages for the nodes.
     node_package
-        pip requirement installing dask-amlcompute (a wheel URL, ``git+https://...``);
-        None: the library travels in the code snapshot instead.
+        pip requirement installing dask-amlcompute; None: it travels in the code snapshot.
     image
-        Base image (default :data:`DEFAULT_IMAGE`).
+        Base image (default :data:`DEFAULT_IMAGE`, :data:`.daskcuda.CUDA_IMAGE` for ``gpu``).
     stack
         What follows the client: one of :data:`STACK_CHOICES`.
     gpu
-        For GPU nodes: the dask-cuda release that runs the client's dask (see
-        :func:`~dask_amlcompute.backend.daskcuda.dask_cuda_requirement`), on
-        :data:`~dask_amlcompute.backend.daskcuda.CUDA_IMAGE` unless ``image`` is given.
+        Add the dask-cuda release that runs the client's dask.
 
     Raises
     ------
     ConfigurationError
-        A user package conflicts with a version the nodes must share with the client,
-        (``gpu``) no dask-cuda release runs the client's dask, or (``"sync"``) a
-        local distribution cannot travel (see :func:`local_packages`).
+        A conflict with a version the nodes must share, no dask-cuda for this dask (``gpu``),
+        or a local distribution that cannot travel (``"sync"``).
     """
     python = local_python()
     pins = pinned_packages(stack)
@@ -437,24 +406,20 @@ def resolve_environment(
 ) -> Any:
     """Turn the user's ``environment=`` into what ``azure.ai.ml.command`` accepts.
 
-    ``None`` gives the default environment (:func:`build_spec` with the other
-    arguments); an ``Environment`` entity, ``"name@latest"``, ``"name:version"``,
-    ``"azureml:..."`` or a Docker image reference (contains ``/``) is used as it
-    is, and extra packages with it are a ``ConfigurationError``.
+    ``None``: the default environment (:func:`build_spec`, inline: AML names it by a hash of
+    its content); an ``Environment``, ``"name@latest"``, ``"name:version"``, ``"azureml:..."``
+    or an image (with ``/``) is used as it is, and extra packages with it are an error.
     """
     from azure.ai.ml.entities import Environment
 
     if environment is None:
-        # Inline (anonymous) environment: AML names it by a hash of its content,
-        # so it is built once per distinct spec and reused afterwards.
-        spec = build_spec(
+        return build_spec(
             extra_pip=extra_pip,
             extra_conda=extra_conda,
             node_package=node_package,
             gpu=gpu,
             stack=stack,
-        )
-        return spec.to_environment()
+        ).to_environment()
     extras = _as_list(extra_pip, "pip_packages") + _as_list(extra_conda, "conda_packages")
     if extras or node_package:
         raise ConfigurationError(

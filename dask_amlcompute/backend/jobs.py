@@ -120,7 +120,8 @@ class MainJob(ProcessInterface):
             ctx.log(f"Studio: {info.studio_url}")
         try:
             left = max(0.0, startup_deadline - time.monotonic())
-            info = await wait_for_tag(ctx, self.job_name, SCHEDULER_TAG, left)
+            if SCHEDULER_TAG not in info.tags:  # a reconnected job's is there: no second GET
+                info = await wait_for_tag(ctx, self.job_name, SCHEDULER_TAG, left)
             startup_deadline += sum(state.phase_seconds.values())  # bounded on their own
             state.mark("scheduler address")
             self.internal_address = state.scheduler_address = info.tags[SCHEDULER_TAG]
@@ -347,7 +348,9 @@ class MainJob(ProcessInterface):
                 f" (still {state.jobs.get(self.job_name)} {time.monotonic() - started:.0f}s "
                 "after its scheduler was told to stop: cancelled to release its nodes)"
             )
-            status = await ctx.ops.cancel(self.job_name, wait=False)
+            status = await ctx.ops.cancel(
+                self.job_name, wait=False, status=state.jobs.get(self.job_name)
+            )
             if status:
                 state.jobs[self.job_name] = status
         ctx.log(f"AML job {self.job_name}: {state.jobs.get(self.job_name)}{note}")

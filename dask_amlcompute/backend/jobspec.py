@@ -1,9 +1,4 @@
-"""Pure functions that build the AML command jobs of a cluster.
-
-Nothing here talks to AML: the result of :func:`build_job` is exactly what
-:class:`~dask_amlcompute.AmlComputeCluster` submits, so ``cluster.job_spec()``
-can show it and unit tests can check it without a network.
-"""
+"""Pure functions that build the AML command jobs of a cluster (``cluster.job_spec()`` shows them)."""
 
 from __future__ import annotations
 
@@ -38,8 +33,7 @@ def cluster_tags(cluster_name: str, role: str, extra: Mapping[str, str] | None =
     tags = dict(extra or {})
     tags.update({TAG_CLUSTER: cluster_name, TAG_ROLE: role, TAG_VERSION: __version__})
     tags[cluster_key_tag(cluster_name)] = role  # the key the cluster's job watch lists by
-    # no user name in some containers: the tag is only a convenience for `down --all-mine`
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):  # no user name in some containers (for down --all-mine)
         tags.setdefault(TAG_USER, getpass.getuser())
     return tags
 
@@ -57,38 +51,27 @@ def build_job(
     tags: Mapping[str, str] | None = None,
     ssh_public_key: str | None = None,
 ):
-    """Build the AML command job for the cluster's main job or a worker job.
+    """The AML command job (``azure.ai.ml.entities.Command``) of the main job or a worker job.
 
-    ``settings`` give the compute (``worker_compute`` for worker jobs, if set;
-    none: a serverless job of ``instance_type`` and ``job_tier``, as Microsoft
-    Learn *Model training on serverless compute* submits them), experiment,
-    distribution, the cluster's name and tags. The main job (``node.role ==
-    "cluster"``) also carries the cluster's settings as one JSON tag
-    (:data:`~dask_amlcompute._protocol.SETTINGS_TAG`), which ``from_name`` reads.
+    ``settings`` give the compute (``worker_compute`` for worker jobs, if set; none: a
+    serverless job of ``instance_type`` and ``job_tier``), experiment, distribution, name and
+    tags. The main job (``node.role == "cluster"``) also carries the cluster's settings in
+    one JSON tag (:data:`~dask_amlcompute._protocol.SETTINGS_TAG`), which ``from_name`` reads.
 
     Parameters
     ----------
     name, n_nodes, node
-        AML job name (unique in the workspace), ``instance_count``, and the
-        options of the node entrypoint.
+        AML job name (unique in the workspace), ``instance_count``, the node entrypoint's options.
     environment
         What :func:`~dask_amlcompute.backend.environment.resolve_environment` returned.
     timeout_seconds
         ``limits.timeout`` of the job, the server-side backstop.
     code
-        The job's code snapshot: a local folder (uploaded by the SDK) or the ARM
-        id of a code asset AML already has. The nodes start in it.
+        The code snapshot: a local folder (the SDK uploads it) or a code asset's ARM id.
     env_vars, tags
         Node environment variables and more job tags.
     ssh_public_key
-        Declare AML's job SSH service on node 0 (the scheduler's), accepting this
-        OpenSSH public key (how ``connect="auto"``/``"job-ssh"`` reach the
-        scheduler without a public IP).
-
-    Returns
-    -------
-    azure.ai.ml.entities.Command
-        The job, ready for ``ml_client.jobs.create_or_update``.
+        Declare AML's job SSH service on node 0 (the scheduler's), accepting this OpenSSH key.
     """
     from azure.ai.ml import MpiDistribution, PyTorchDistribution, command
     from azure.ai.ml.entities import QueueSettings, SshJobService
@@ -115,11 +98,9 @@ def build_job(
         experiment_name=s.experiment_name,
         timeout=int(timeout_seconds) if timeout_seconds else None,
         tags=all_tags,
-        services=(
-            {SSH_SERVICE_NAME: SshJobService(ssh_public_keys=ssh_public_key)}
-            if ssh_public_key
-            else None
-        ),
+        services={SSH_SERVICE_NAME: SshJobService(ssh_public_keys=ssh_public_key)}
+        if ssh_public_key
+        else None,
     )
     if compute is None:
         job.queue_settings = QueueSettings(job_tier=s.job_tier)

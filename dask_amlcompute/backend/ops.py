@@ -1,16 +1,16 @@
 """The one place that calls the (synchronous) azure-ai-ml SDK.
 
-Every call runs in a worker thread (:func:`asyncio.to_thread`) so the event
-loop never blocks, is retried while it fails transiently, and SDK/HTTP errors
-are translated into the typed errors of :mod:`dask_amlcompute.exceptions`.
+In worker threads, retried while it fails transiently, its errors typed (:mod:`..exceptions`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import threading
+import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -44,14 +44,10 @@ class ComputeInfo:
     max_nodes: int = 0
     ssh_public_access: bool = False
     admin_user: str | None = None
-    #: Whether the nodes get a public IP (``enable_node_public_ip``); public SSH needs one.
-    node_public_ip: bool = True
-    #: The VNet subnet the nodes join (ARM id), if any.
-    subnet: str | None = None
-    #: ``"dedicated"`` or ``"low_priority"`` (the compute's ``tier``).
-    tier: str = "dedicated"
-    #: Seconds an idle node stays allocated (and billed) before AML releases it.
-    idle_seconds: int | None = None
+    node_public_ip: bool = True  # enable_node_public_ip: public SSH needs it
+    subnet: str | None = None  # ARM id of the VNet subnet the nodes join
+    tier: str = "dedicated"  # or "low_priority"
+    idle_seconds: int | None = None  # before AML releases (stops billing) an idle node
 
 
 @dataclass(frozen=True)
@@ -62,10 +58,8 @@ class JobInfo:
     status: str
     tags: dict[str, str] = field(default_factory=dict)
     studio_url: str | None = None
-    #: The job's environment as AML resolved it (``"name:version"``), if a string.
-    environment: str | None = None
-    #: The job's code snapshot as AML registered it (ARM id of the code asset), if any.
-    code: str | None = None
+    environment: str | None = None  # as AML resolved it ("name:version"), if a string
+    code: str | None = None  # ARM id of the code asset AML registered, if any
 
     @property
     def terminal(self) -> bool:
@@ -78,70 +72,36 @@ def status_text(status: Any) -> str:
     return str(getattr(status, "value", status) or "Unknown")
 
 
-def node_field(node: Any, camel: str) -> Any:
-    """A field of a ``list_nodes`` entry (``camel``: ``nodeId``, ...).
-
-    azure-ai-ml 1.35.x leaves the snake_case attributes None and keeps the
-    values under camelCase keys in ``__dict__``; read both.
-    """
-    snake = re.sub("([A-Z])", r"_\1", camel).lower()  # nodeId: node_id
-    if isinstance(node, dict):
-        return node.get(camel, node.get(snake))
-    value = getattr(node, snake, None)
-    return getattr(node, "__dict__", {}).get(camel) if value is None else value
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying: throttling, server errors, connection problems."""
-    from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
-
-    if isinstance(exc, ServiceRequestError | ServiceResponseError | ConnectionError):
-        return True
-    if isinstance(exc, HttpResponseError):
-        return getattr(exc, "status_code", None) in (408, 429, 500, 502, 503, 504)
-    return False
-
-
-#: Seconds the library retries a call that keeps failing transiently, after the ``MLClient``'s
-#: own azure-core retries (3 by default): bursts of 429/5xx are waited out (``Retry-After``).
+#: Seconds a call failing transiently is retried, after the ``MLClient``'s own azure-core
+#: retries (3 by default): bursts of 429/5xx are waited out.
 RETRY_WINDOW = 120.0
-#: Back-off between two attempts without a ``Retry-After``: 0.8 s, 1.6 s, ... at most 30 s.
+#: Back-off without a ``Retry-After``: 0.8 s, 1.6 s, ... at most 30 s.
 RETRY_BACKOFF = (0.8, 30.0)
 
 
 def retry_delay(exc: BaseException, attempt: int) -> float:
-    """Seconds to wait before retrying after ``exc``, the failure of attempt ``attempt``.
-
-    AML's ``Retry-After`` (or ``retry-after-ms``) when the response had one, read by
-    azure-core's :class:`~azure.core.pipeline.policies.RetryPolicy`; else exponential back-off.
-    """
+    """Seconds before retrying failed attempt ``attempt``: AML's ``Retry-After``, or a back-off."""
     from azure.core.pipeline import PipelineResponse
     from azure.core.pipeline.policies import RetryPolicy
 
     response = getattr(exc, "response", None)
-    if response is not None and getattr(response, "headers", None) is not None:
-        after = RetryPolicy().get_retry_after(PipelineResponse(None, response, None))  # type: ignore[arg-type]
+    if getattr(response, "headers", None) is not None:
+        after = RetryPolicy().get_retry_after(PipelineResponse(None, response, None))  # type: ignore[arg-type,type-var]
         if after is not None:
             return after
-    factor, most = RETRY_BACKOFF
-    return float(min(most, factor * 2 ** (attempt - 1)))
+    return float(min(RETRY_BACKOFF[1], RETRY_BACKOFF[0] * 2 ** (attempt - 1)))
 
 
-#: Job submissions and cancellations in flight at once per cluster: a scale-up to 40 worker
-#: jobs is a bounded burst, not 40 simultaneous PUTs against the workspace's throttle.
+#: Job submissions and cancellations in flight at once per cluster (a bounded burst).
 MAX_CONCURRENT_WRITES = 4
+#: Workspaces read, by ``MLClient`` (their region and tracking URI do not change).
+_WORKSPACES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 class AmlOps:
     """Async facade over an ``MLClient`` for the few operations a cluster needs.
 
-    Parameters
-    ----------
-    ml_client
-        An ``azure.ai.ml.MLClient`` bound to a workspace.
-    tracking_uri
-        The workspace's MLflow tracking URI, for reading run tags; None reads it
-        from the workspace when first needed.
+    ``tracking_uri``: the workspace's MLflow tracking URI (run tags); None: read when needed.
     """
 
     def __init__(self, ml_client: Any, tracking_uri: str | None = None) -> None:
@@ -152,12 +112,7 @@ class AmlOps:
         self._writes = asyncio.Semaphore(MAX_CONCURRENT_WRITES)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run one SDK call in a worker thread, retried while it fails transiently.
-
-        After the ``MLClient``'s own azure-core retries, a transient failure is tried
-        again (AML's ``Retry-After`` or a back-off) for :data:`RETRY_WINDOW` seconds, then
-        is a :class:`ControlPlaneError`. ``fn`` must be safe to repeat.
-        """
+        """Run ``fn`` (safe to repeat) in a thread, retried for :data:`RETRY_WINDOW` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RETRY_WINDOW
         attempt = 0
@@ -173,49 +128,46 @@ class AmlOps:
                 await asyncio.sleep(delay)
 
     async def _once(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run one SDK call in a worker thread; a transient failure is a :class:`ControlPlaneError`.
+        """Run ``fn`` in a thread once; a transient failure is a :class:`ControlPlaneError`."""
+        from azure.core.exceptions import ServiceRequestError, ServiceResponseError
 
-        For calls that cannot be repeated as such (a poller's result); :meth:`_call` retries.
-        """
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except Exception as exc:
             name = getattr(fn, "__qualname__", getattr(fn, "__name__", "call"))
-            if getattr(exc, "status_code", None) in (401, 403):
+            status = getattr(exc, "status_code", None)
+            if status in (401, 403):
                 raise AccessDeniedError(
                     f"Azure ML refused {name}: {str(exc).splitlines()[0]}. Sign in again "
                     "(`az login`) or ask for a role on the workspace that allows it."
                 ) from exc
-            if not is_transient(exc):
+            lost = isinstance(exc, ServiceRequestError | ServiceResponseError | ConnectionError)
+            if not lost and status not in (408, 429, 500, 502, 503, 504):  # throttled, 5xx
                 raise
             raise ControlPlaneError(
                 f"The Azure ML control plane kept failing for {name}: {exc}. Check the "
                 "workspace's service health and your network; nothing was lost on the client side."
             ) from exc
 
-    def _warn_once(
-        self, route: str, message: str, *args: Any, level: int = logging.WARNING
-    ) -> None:
+    def _warn_once(self, route: str, msg: str, *args: Any, level: int = logging.WARNING) -> None:
         if route not in self._warned:
             self._warned.add(route)
-            logger.log(level, message, *args)
+            logger.log(level, msg, *args)
 
-    async def get_compute(self, name: str) -> ComputeInfo:
-        """Look up an AmlCompute target.
-
-        Raises
-        ------
-        ComputeNotFoundError
-            No compute of that name; the message lists the ones that exist.
-        NotAmlComputeError
-            The compute is not an AmlCompute cluster.
-        """
+    async def _found(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """``fn(*args, **kwargs)``, None when AML has no such resource."""
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
-            compute = await self._call(self.ml_client.compute.get, name)
+            return await self._call(fn, *args, **kwargs)
         except ResourceNotFoundError:
-            names = await self.list_compute_names()
+            return None
+
+    async def get_compute(self, name: str) -> ComputeInfo:
+        """An AmlCompute target; :class:`ComputeNotFoundError` lists the computes that exist."""
+        compute = await self._found(self.ml_client.compute.get, name)
+        if compute is None:
+            names = await self._names(self.ml_client.compute.list)
             raise ComputeNotFoundError(
                 f"No compute named {name!r} in workspace "
                 f"{getattr(self.ml_client, 'workspace_name', '?')!r}. Computes that exist: "
@@ -248,17 +200,10 @@ class AmlOps:
     ) -> None:
         """Create an AmlCompute cluster (min 0 nodes); wait, bounded, for the SDK's poller."""
         from azure.ai.ml.entities import AmlCompute
-
-        compute = AmlCompute(
-            name=name,
-            size=size,
-            min_instances=0,
-            max_instances=max_nodes,
-            tier=tier,
-            idle_time_before_scale_down=idle_seconds,
-        )
         from azure.core.exceptions import HttpResponseError
 
+        compute = AmlCompute(name=name, size=size, max_instances=max_nodes, tier=tier)
+        compute.idle_time_before_scale_down = idle_seconds
         try:
             poller = await self._call(self.ml_client.compute.begin_create_or_update, compute)
             await self._once(poller.result, timeout)
@@ -282,11 +227,19 @@ class AmlOps:
         return await asyncio.shield(task)  # a caller's timeout does not cancel it
 
     async def workspace(self) -> Any:
-        """The workspace (``workspaces.get``, once): its region and MLflow tracking URI."""
-        get = self.ml_client.workspaces.get
-        ws = await self._shared("ws", lambda: self._call(get, self.ml_client.workspace_name))
+        """The workspace (``workspaces.get``, once per ``MLClient``): region, MLflow tracking URI."""
+        ws: Any = _WORKSPACES.get(self.ml_client)
+        if ws is None:
+            get = self.ml_client.workspaces.get
+            ws = await self._shared("ws", lambda: self._call(get, self.ml_client.workspace_name))
+            _WORKSPACES[self.ml_client] = ws
         self._tracking_uri = self._tracking_uri or ws.mlflow_tracking_uri
         return ws
+
+    async def read_ahead(self) -> None:
+        """Read the workspace now, beside other look-ups (a failure shows where it is used)."""
+        with contextlib.suppress(Exception):
+            await self.workspace()
 
     async def _regional(self, list_fn: Callable[..., Any]) -> list[Any]:
         where = (await self.workspace()).location  # the SDK would fetch the workspace each time
@@ -304,33 +257,26 @@ class AmlOps:
             "usage", lambda: self._regional(self.ml_client.compute.list_usage)
         )
 
-    async def _names(self, list_fn: Callable[[], Any]) -> list[str]:
-        """Sorted names of what ``list_fn`` lists; empty on error (only for error messages)."""
+    async def _names(self, list_fn: Callable[[], Any], field: str = "name") -> list[str]:
+        """``field`` of everything ``list_fn`` lists, sorted; empty on error (for messages)."""
         try:
             items = await self._call(lambda: list(list_fn()))
         except Exception as exc:
-            logger.debug("Could not list names: %s", exc)
+            logger.debug("Could not list %s: %s", getattr(list_fn, "__qualname__", ""), exc)
             return []
-        return sorted(item.name for item in items)
-
-    async def list_compute_names(self) -> list[str]:
-        """Names of the computes in the workspace (empty on error)."""
-        return await self._names(self.ml_client.compute.list)
+        found = {str(v) for i in items if (v := getattr(i, field, None)) is not None}
+        return sorted(found, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
 
     async def get_datastore(self, name: str, include_secrets: bool = False) -> Any | None:
-        """The workspace's datastore ``name`` (``datastores.get``), None when there is none.
+        """The datastore ``name``, None when there is none; AML's refusal: an AmlComputeError.
 
         ``include_secrets`` also fetches its secret (``listSecrets``, a separate permission).
-        AML's refusal is an :class:`AmlComputeError` with AML's message.
         """
-        from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+        from azure.core.exceptions import HttpResponseError
 
         try:
-            return await self._call(
-                self.ml_client.datastores.get, name, include_secrets=include_secrets
-            )
-        except ResourceNotFoundError:
-            return None
+            get = self.ml_client.datastores.get
+            return await self._found(get, name, include_secrets=include_secrets)
         except HttpResponseError as exc:
             raise AmlComputeError(str(exc)) from None
 
@@ -338,50 +284,37 @@ class AmlOps:
         """Sorted names of the workspace's datastores (empty on error)."""
         return await self._names(self.ml_client.datastores.list)
 
-    #: At most this many names in an "environments that exist" list.
-    listed_environments = 25
-
     async def check_environment(self, reference: str) -> None:
         """Check that a registered environment (``[azureml:]name:version|@latest``) exists.
 
-        Docker images, registry and ARM ids (anything with ``/``) and curated
-        ``AzureML-...`` environments are not looked up. Raises
-        :class:`EnvironmentNotFoundError` listing the environments (and versions) that
-        exist, or :class:`ConfigurationError` for an invalid reference.
+        Images, registry and ARM ids (with ``/``) and curated ``AzureML-...`` environments
+        are not looked up. Raises :class:`EnvironmentNotFoundError` listing (at most 25)
+        environments and versions that exist.
         """
         from azure.ai.ml.exceptions import ValidationErrorType, ValidationException
-        from azure.core.exceptions import ResourceNotFoundError
 
         from ..exceptions import EnvironmentNotFoundError
         from ..validation import environment_reference
 
-        ref = environment_reference(reference)
+        ref, envs = environment_reference(reference), self.ml_client.environments
         if ref is None:
             return
-        envs = self.ml_client.environments
         try:
-            if ref.version is not None:
-                await self._call(envs.get, ref.name, version=ref.version)
-            else:
-                await self._call(envs.get, ref.name, label=ref.label)
-            return
-        except ResourceNotFoundError:
-            pass
-        except ValidationException as exc:
-            # azure-ai-ml resolves "@latest" client-side and reports a name without
-            # versions as a ValidationException of type RESOURCE_NOT_FOUND.
+            if await self._found(envs.get, ref.name, ref.version, ref.label):
+                return
+        except ValidationException as exc:  # "@latest" of a name without versions (client-side)
             if getattr(exc, "error_type", None) != ValidationErrorType.RESOURCE_NOT_FOUND:
                 raise
-        names = await self.list_environment_names()
-        cap = self.listed_environments
-        shown = ", ".join(names[:cap]) + (
-            f" and {len(names) - cap} more" if len(names) > cap else ""
-        )
-        versions = await self._environment_versions(ref.name) if ref.name in names else []
+        found = await self._names(envs.list)  # less the SDK's inline ones of past jobs
+        names = sorted(set(found) - {"CliV2AnonymousEnvironment"}, key=str.lower)
+        shown = ", ".join(names[:25]) + (f" and {len(names) - 25} more" if len(names) > 25 else "")
+        versions: list[str] = []
+        if ref.name in names and ref.version is not None:
+            versions = await self._names(lambda: envs.list(name=ref.name), "version")
         what = (
             f"Environment {ref.name!r} has no version {ref.version!r} (versions: "
-            f"{', '.join(versions) or 'none'})."
-            if versions and ref.version is not None
+            f"{', '.join(versions[:25])})."
+            if versions
             else f"No environment named {ref.name!r}."
         )
         raise EnvironmentNotFoundError(
@@ -392,34 +325,6 @@ class AmlOps:
             "image with its registry ('docker.io/library/python:3.11'), or leave environment "
             "unset for the pinned default environment. Nothing was submitted."
         )
-
-    async def list_environment_names(self) -> list[str]:
-        """Names of the environments registered in the workspace (empty on error).
-
-        The SDK's anonymous environments (``CliV2AnonymousEnvironment``, inline
-        environments of past jobs) are left out.
-        """
-        try:
-            envs = await self._call(lambda: list(self.ml_client.environments.list()))
-        except Exception as exc:  # only used to improve another error message
-            logger.debug("Could not list environments: %s", exc)
-            return []
-        return sorted(
-            {e.name for e in envs if e.name and e.name != "CliV2AnonymousEnvironment"},
-            key=str.lower,
-        )
-
-    async def _environment_versions(self, name: str) -> list[str]:
-        """Versions of one environment (empty on error), for error messages."""
-        try:
-            envs = await self._call(lambda: list(self.ml_client.environments.list(name=name)))
-        except Exception as exc:
-            logger.debug("Could not list versions of environment %s: %s", name, exc)
-            return []
-        found = [str(e.version) for e in envs if e.version is not None]
-        return sorted(found, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))[
-            : self.listed_environments
-        ]
 
     async def submit(self, job: Any) -> JobInfo:
         """Create the job; returns its first snapshot (at most MAX_CONCURRENT_WRITES at once)."""
@@ -444,10 +349,8 @@ class AmlOps:
     async def run_tags(self, name: str) -> dict[str, str]:
         """Tags of the job's run where ``mlflow.set_tag`` writes them (``{}`` if unreadable).
 
-        For when AML's copy in the job resource is late. Through the workspace's MLflow
-        tracking URI (``azureml://`` needs azureml-mlflow, and is skipped unless the
-        credential is ``DefaultAzureCredential``: azureml-mlflow would otherwise log in
-        interactively), else the SDK's private run history; a fallback is logged once.
+        For when AML's copy in the job resource is late: through the workspace's MLflow
+        tracking URI, else the SDK's private run history (a fallback is logged once).
         """
         try:
             if "mlflow" not in self._warned:  # a route that failed once is not tried again
@@ -460,14 +363,12 @@ class AmlOps:
                 if isinstance(exc, ImportError)
                 else "The MLflow route is not tried again for this cluster."
             )
+            why = f"{type(exc).__name__}: {exc or 'timed out'}"
             self._warn_once(
                 "mlflow",
-                "Reading the run tags of %s through MLflow failed (%s: %s); falling back to "
-                "run history through a private azure-ai-ml attribute. %s",
-                name,
-                type(exc).__name__,
-                exc or "timed out",
-                hint,
+                "Reading the run tags of %s through MLflow failed (%s); falling back to run "
+                "history through a private azure-ai-ml attribute. %s",
+                *(name, why, hint),
                 level=logging.INFO,
             )
         try:
@@ -481,9 +382,12 @@ class AmlOps:
 
     def _mlflow_run_tags(self, name: str) -> dict[str, str]:
         """Run tags through the mlflow client and the workspace's tracking URI (blocking)."""
+        from azure.identity import DefaultAzureCredential
         from mlflow.tracking import MlflowClient
 
-        if str(self._tracking_uri).startswith("azureml:") and not self._default_credential():
+        # azureml-mlflow logs in with a DefaultAzureCredential of its own
+        own = isinstance(getattr(self.ml_client, "_credential", None), DefaultAzureCredential)
+        if str(self._tracking_uri).startswith("azureml:") and not own:
             raise LookupError(
                 "azureml-mlflow would log in on its own (interactive outside a job), not with "
                 "this cluster's credential"
@@ -491,27 +395,23 @@ class AmlOps:
         run = MlflowClient(tracking_uri=self._tracking_uri).get_run(name)
         return {str(k): str(v) for k, v in run.data.tags.items()}
 
-    def _default_credential(self) -> bool:
-        """Whether the MLClient's credential is ``DefaultAzureCredential`` (azureml-mlflow's kin)."""
-        from azure.identity import DefaultAzureCredential
-
-        return isinstance(getattr(self.ml_client, "_credential", None), DefaultAzureCredential)
-
     async def with_run_tags(self, info: JobInfo) -> JobInfo:
         """``info`` with the run-history tags of its job merged in (see :meth:`run_tags`)."""
         return replace(info, tags={**info.tags, **await self.run_tags(info.name)})
 
-    async def cancel(self, name: str, timeout: float = 60, wait: bool = True) -> str | None:
+    async def cancel(
+        self, name: str, timeout: float = 60, wait: bool = True, status: str | None = None
+    ) -> str | None:
         """Cancel a job and wait (bounded) for AML to accept it; ended jobs are left alone.
 
-        Returns the job's status as it now stands (``"Canceled"`` once AML's
-        cancel operation finished; ``"CancelRequested"`` without ``wait``), or None
-        when cancelling failed (logged).
+        ``status``: the job's status as the caller has just read it (else it is read first).
+        Returns the status as it now stands (``"Canceled"`` once AML's cancel operation
+        finished; ``"CancelRequested"`` without ``wait``), or None when cancelling failed (logged).
         """
         try:
-            info = await self.get_job(name)
-            if info.terminal:
-                return info.status
+            status = status or (await self.get_job(name)).status
+            if status in TERMINAL_STATUSES:
+                return status
             async with self._writes:  # the request; waiting for its result is not bounded by it
                 poller = await self._call(self.ml_client.jobs.begin_cancel, name, polling=wait)
             if not wait:  # polling=False: no background thread polls the cancel's operation
@@ -523,16 +423,15 @@ class AmlOps:
         return "Canceled"
 
     async def list_nodes(self, compute: str) -> list[dict[str, Any]]:
-        """Nodes of a compute as plain dicts with camelCase keys."""
+        """Nodes of a compute as plain dicts with camelCase keys (``nodeId``, ``runId``, ...)."""
         nodes = await self._call(lambda: list(self.ml_client.compute.list_nodes(compute)))
         keys = ("nodeId", "privateIpAddress", "publicIpAddress", "port", "nodeState", "runId")
-        return [{k: node_field(n, k) for k in keys} for n in nodes]
+        # azure-ai-ml 1.35 puts the REST (camelCase) names in __dict__; its attributes stay None
+        snake = {k: re.sub("([A-Z])", r"_\1", k).lower() for k in keys}
+        return [{k: vars(n).get(k, getattr(n, snake[k], None)) for k in keys} for n in nodes]
 
     async def show_services(self, name: str, node_index: int = 0) -> dict[str, Any]:
-        """The ``ServiceInstance`` of one node of a job by service name (``jobs.show_services``).
-
-        ``properties["ProxyEndpoint"]`` is SSH's. Empty when AML lists none (yet, or any more).
-        """
+        """One node's ``ServiceInstance`` by service name (SSH's: ``properties["ProxyEndpoint"]``)."""
         found = await self._call(self.ml_client.jobs.show_services, name, node_index)
         return dict(found or {})
 
@@ -543,9 +442,7 @@ class AmlOps:
         except Exception as exc:
             self._warn_once("run-details", "Reading the run details of %s failed: %s", name, exc)
             return None, {}
-        error = getattr(details, "error", None)
-        inner = getattr(error, "error", None) if error is not None else None
-        message = getattr(inner, "message", None) if inner is not None else None
+        message = getattr(getattr(getattr(details, "error", None), "error", None), "message", None)
         return message, dict(getattr(details, "log_files", None) or {})
 
     async def read_log(self, url: str) -> str | None:
@@ -560,18 +457,12 @@ class AmlOps:
             return None
         return resp.text
 
-    async def log_tail(
-        self, log_files: dict[str, str], lines: int = 30, kind: str = "user_logs/"
-    ) -> str | None:
-        """The last ``lines`` lines of up to four logs of a job whose name contains ``kind``."""
-        wanted = sorted(k for k in log_files if kind in k or k.startswith("std_log"))
-        chunks = []
-        for key in wanted[:4]:
-            text = await self.read_log(log_files[key])
-            tail = text.splitlines()[-lines:] if text else []
-            if tail:
-                chunks.append(f"--- {key} ---\n" + "\n".join(tail))
-        return "\n".join(chunks) or None
+    async def log_tail(self, log_files: dict[str, str], lines: int = 30) -> str | None:
+        """The last ``lines`` lines of up to four of a job's user logs."""
+        keys = sorted(k for k in log_files if "user_logs/" in k or k.startswith("std_log"))[:4]
+        texts = await asyncio.gather(*(self.read_log(log_files[k]) for k in keys))
+        tails = [(k, t.splitlines()[-lines:]) for k, t in zip(keys, texts, strict=True) if t]
+        return "\n".join(f"--- {k} ---\n" + "\n".join(t) for k, t in tails if t) or None
 
     @staticmethod
     def _info(job: Any) -> JobInfo:
@@ -594,11 +485,9 @@ class AmlOps:
         return f"{created.name}:{created.version}"
 
     async def list_jobs(self, *, include_ended: bool = False, tag: str | None = None) -> list[Any]:
-        """The workspace's jobs as the SDK returns them, one request per page.
+        """The workspace's jobs (AML's ``ActiveOnly`` view: not archived, ended ones too).
 
-        By default AML's ``ActiveOnly`` view ("not archived": ended jobs too, with their
-        final status); ``include_ended`` lists archived ones too. ``tag``: only jobs that
-        carry this tag key (the REST list's ``tag`` parameter).
+        ``include_ended`` lists archived ones too; ``tag``: only jobs with this tag key.
         """
         from azure.ai.ml.constants import ListViewType
 
@@ -615,33 +504,23 @@ class AmlOps:
 
     async def get_job_entity(self, name: str) -> Any | None:
         """The SDK's entity of a job (command, resources, distribution, tags), None if none exists."""
-        from azure.core.exceptions import ResourceNotFoundError
-
-        try:
-            return await self._call(self.ml_client.jobs.get, name)
-        except ResourceNotFoundError:
-            return None
+        return await self._found(self.ml_client.jobs.get, name)
 
 
 # -- running the async operations from synchronous code --------------------------
 
 
-def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
+def run_blocking(coro: Coroutine[Any, Any, T], cleanup_timeout: float = 120) -> T:
     """Run ``coro`` to completion from synchronous code; Ctrl-C cancels it first.
 
-    Without an event loop in this thread (a script, a CLI) it runs here with
-    :func:`asyncio.run`; under a running loop (a Jupyter kernel) in a loop of its own
-    on a helper thread. Either way Ctrl-C cancels it, waits (bounded) for its
-    cleanup (e.g. cancelling its AML job), then raises ``KeyboardInterrupt``.
+    Here with :func:`asyncio.run`, or under a running loop (a Jupyter kernel) in a loop
+    of its own on a helper thread: Ctrl-C cancels it, waits (bounded) for its cleanup
+    (e.g. cancelling its AML job), then raises ``KeyboardInterrupt``.
     """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
-    return _run_in_helper_thread(coro)
-
-
-def _run_in_helper_thread(coro: Coroutine[Any, Any, T], cleanup_timeout: float = 120) -> T:
     started = threading.Event()
     box: dict[str, Any] = {}
 

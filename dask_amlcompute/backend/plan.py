@@ -52,11 +52,7 @@ COMPUTE_TIMEOUT = 900.0
 def draft_plan(
     settings: ClusterSettings, code: str | os.PathLike | None, mode: Literal["create", "attach"]
 ) -> ClusterPlan:
-    """What needs no workspace: the environment, the staged code snapshot, the job SSH key.
-
-    The library (unless ``node_package`` installs it) and ``code`` travel in the
-    jobs' code snapshot; a bad folder or one over the size limit fails here.
-    """
+    """What needs no workspace: the environment, the staged code snapshot, the job SSH key."""
     snapshot = stage_snapshot(
         code,
         include_library=library_in_snapshot(settings.node_package, settings.pip_packages),
@@ -80,11 +76,10 @@ def draft_plan(
 async def plan_cluster(
     settings: ClusterSettings, ops: AmlOps, draft: ClusterPlan, log: Callable[[str], None]
 ) -> ClusterPlan:
-    """Decide everything before the first submission; nothing is submitted.
+    """Decide everything before the first submission; the first failing check raises.
 
-    The compute (created if asked), the name, the environment, quota and price,
-    GPU workers and the connect path. Raises the typed error of the first check
-    that fails.
+    The compute (created if asked), the name, the environment, quota and price, GPU
+    workers and the connect path.
     """
     return await _Planner(settings, ops, log, draft).plan()
 
@@ -186,22 +181,17 @@ class _Planner:
                 raise
         else:
             if request is not None and not self.attach:
+                kept = "; it will not be deleted on close"
+                kept = kept if self.settings.delete_compute_on_close else ""
                 self.log(
                     f"Compute {name} exists: using it as it is (create_compute applies only to "
-                    "a compute that does not exist"
-                    + (
-                        "; it will not be deleted on close)"
-                        if self.settings.delete_compute_on_close
-                        else ")"
-                    )
+                    f"a compute that does not exist{kept})"
                 )
             return compute
         assert request is not None  # re-raised above otherwise
         size = await self._offered_size(request.size, "create_compute: VM size", "created")
-        usages = await ops.list_usage()
-        self._refuse_over_quota(
-            size, self.settings.n_nodes, quotas_for(usages, size.family, request.tier)
-        )
+        quotas = quotas_for(await ops.list_usage(), size.family, request.tier)
+        self._refuse_over_quota(size, self.settings.n_nodes, quotas)
         self.log(
             f"Creating AmlCompute {name}: {size.name} ({size.vcpus} vCPUs), 0-{request.max_nodes} "
             f"nodes, {request.tier.replace('_', '-')}, idle nodes released after "
@@ -221,15 +211,12 @@ class _Planner:
         assert name is not None
         compute = await self.ops.get_compute(name)
         size, _ = await self._read_capacity(compute, quota=False)
-        per_job = self.settings.nodes_per_job
+        price = describe_price(size, compute.tier, self.settings.nodes_per_job)
+        spot = "; a preempted worker job is replaced by scale/adapt"
+        spot = spot if compute.tier == "low_priority" else ""
         self.log(
             f"Worker jobs on compute {name} ({compute.tier.replace('_', '-')}, up to "
-            f"{compute.max_nodes} nodes): {describe_price(size, compute.tier, per_job)} per job"
-            + (
-                "; a preempted worker job is replaced by scale/adapt"
-                if compute.tier == "low_priority"
-                else ""
-            )
+            f"{compute.max_nodes} nodes): {price} per job{spot}"
         )
         return compute
 
@@ -263,7 +250,6 @@ class _Planner:
             name="serverless",
             type="serverless",
             vm_size=size.name,
-            ssh_public_access=False,
             node_public_ip=False,
             tier="spot" if settings.job_tier == "spot" else "dedicated",
         )
@@ -284,16 +270,15 @@ class _Planner:
 
     async def _check_capacity(self) -> None:
         """Refuse what can never run (nodes, quota) and show the size and price, before submitting."""
-        compute = self.plan_.compute
-        n = self.settings.n_nodes
-        if compute is not None and compute.max_nodes and n > compute.max_nodes:
+        compute, n = self.plan_.compute, self.settings.n_nodes
+        if compute is None:
+            return
+        if compute.max_nodes and n > compute.max_nodes:
             raise TooManyNodesError(
                 f"n_nodes={n} but compute {compute.name!r} has at most {compute.max_nodes} "
                 f"node(s) (max_instances). Ask for at most {compute.max_nodes} nodes or raise "
                 "the compute's maximum; nothing was submitted."
             )
-        if compute is None:
-            return
         size, quotas = await self._read_capacity(compute, quota=not self.attach)
         self.update(vm_size=size, price=describe_price(size, compute.tier, n))
         if size is None:
@@ -325,29 +310,24 @@ class _Planner:
         self.update(gpus_per_node=size.gpus)
         if settings.environment is None:
             self.update(environment=environment_from_settings(settings, gpu=True))
+        cuda = "; default environment on AML's CUDA base image"
+        cuda = cuda if settings.environment is None else ""
         self.log(
             f"GPU size {size.name}: {size.gpus} GPU(s) per node, one dask-cuda worker per GPU "
-            "(resources={'GPU': 1})"
-            + (
-                "; default environment on AML's CUDA base image"
-                if settings.environment is None
-                else ""
-            )
+            f"(resources={{'GPU': 1}}){cuda}"
         )
 
     async def _read_capacity(
         self, compute: ComputeInfo, quota: bool
     ) -> tuple[VmSizeInfo | None, list[Quota]]:
         """The compute's VM size and its quota lines; (None, []) when AML does not say."""
-        ops = self.ops
         try:
-            sizes = await asyncio.wait_for(ops.list_sizes(), LOOKUP_TIMEOUT)
+            sizes = await asyncio.wait_for(self.ops.list_sizes(), LOOKUP_TIMEOUT)
             size = find_size((size_from_sdk(s) for s in sizes), compute.vm_size)
             if size is None or not quota:
                 return size, []
-            tier = compute.tier
-            usages = await asyncio.wait_for(ops.list_usage(), LOOKUP_TIMEOUT)
-            return size, quotas_for(usages, size.family, tier)
+            usages = await asyncio.wait_for(self.ops.list_usage(), LOOKUP_TIMEOUT)
+            return size, quotas_for(usages, size.family, compute.tier)
         except Exception as exc:  # sizes and quota only inform: never block a start on them
             logger.info("Could not read VM sizes / quota of the region: %s", exc)
             return None, []

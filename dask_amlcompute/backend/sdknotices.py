@@ -48,20 +48,7 @@ SECRET_PATTERNS = (
 
 
 def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
-    """Mask account keys, SAS signatures, authorizations, private keys and given values.
-
-    Parameters
-    ----------
-    text
-        Any text (an error message, a repr, a log line).
-    secrets
-        Literal secret values to mask wherever they occur.
-
-    Returns
-    -------
-    str
-        The text with secrets replaced by ``***``.
-    """
+    """Mask (``***``) account keys, SAS signatures, authorizations, private keys, ``secrets``."""
     for secret in secrets:
         if secret and len(secret) >= 6:
             text = text.replace(secret, "***")
@@ -90,10 +77,7 @@ class SecretRedactingFilter(logging.Filter):
 
 
 def install_log_filters() -> None:
-    """Install both filters on their loggers (idempotent).
-
-    Importing :mod:`dask_amlcompute` does this; azure itself is not imported.
-    """
+    """Install both filters on their loggers (idempotent; ``import dask_amlcompute`` does)."""
     wanted: list[tuple[str, type[logging.Filter]]] = [
         (EXPERIMENTAL_LOGGER, ExperimentalNoticeFilter),
         *((name, SecretRedactingFilter) for name in REDACTED_LOGGERS),

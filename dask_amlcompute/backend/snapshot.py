@@ -1,13 +1,10 @@
 """The jobs' code snapshot: how dask-amlcompute itself (and the user's code) reaches the nodes.
 
 No package index has dask-amlcompute, so every job carries the library's files in its code
-snapshot (``command(code=<folder>)``: azure-ai-ml uploads the folder, AML keeps it by content
-hash and starts each node in a copy of it; ray-on-aml ships its entry script the same way).
-A user's ``code=`` folder goes into the same snapshot, its files at the top and the library
-under ``dask_amlcompute/``. The folder is staged in the user cache, named by its content
-hash, so repeated clusters hand the SDK an identical folder and AML reuses the upload. With
-``node_package=`` the snapshot carries only the user's code, or there is none. See
-docs/environment.md.
+snapshot (``command(code=<folder>)``: azure-ai-ml uploads the folder, AML starts each node in a
+copy of it). A user's ``code=`` folder goes into the same snapshot, at the top, and so do local
+pure-Python distributions (``stack="sync"``). The folder is staged in the user cache, named by
+its content hash, so AML reuses the upload. See docs/environment.md.
 """
 
 from __future__ import annotations
@@ -19,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,6 +30,9 @@ PRUNE_AFTER_SECONDS = 7 * 24 * 3600
 #: Ignore files are not copied: the SDK would apply them to the staged folder too, and a
 #: user's pattern could then drop the library's files.
 _NOT_STAGED = frozenset({".amlignore", ".gitignore"})
+#: AML's limit on a code snapshot: "The storage limit for experiment snapshots is 300 MB"
+#: (learn.microsoft.com/azure/machine-learning/how-to-save-write-experiment-files).
+SNAPSHOT_LIMIT = 300 * 2**20
 
 
 #: A file of the snapshot: its path there, and its source file or its content.
@@ -39,11 +40,7 @@ SnapshotFile = tuple[str, "Path | bytes"]
 
 
 def dist_metadata(name: str, version: str) -> SnapshotFile:
-    """A ``.dist-info`` for a distribution the snapshot carries.
-
-    ``importlib.metadata.version(name)`` on a node (distributed's version report) then
-    finds it as an installed one: the snapshot folder is on the nodes' ``sys.path``.
-    """
+    """A ``.dist-info`` for a distribution the snapshot carries (the nodes' version reports)."""
     text = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
     return (f"{name.replace('-', '_')}-{version}.dist-info/METADATA", text.encode())
 
@@ -85,11 +82,7 @@ def _tree(folder: Path, prefix: str) -> list[SnapshotFile]:
 
 
 def library_files() -> list[SnapshotFile]:
-    """The library's files for the snapshot, as ``(path in the snapshot, source)``.
-
-    Everything of the installed package (modules and package data) except
-    bytecode caches, and its :func:`dist_metadata`.
-    """
+    """The library's files (package data too, no bytecode) and :func:`dist_metadata`."""
     from .._version import __version__
 
     return [dist_metadata("dask-amlcompute", __version__), *_tree(LIBRARY_DIR, LIBRARY_DIR.name)]
@@ -138,38 +131,42 @@ def stage_snapshot(
     root: Path | None = None,
     packages: Iterable[SnapshotFile] = (),
 ) -> Path | None:
-    """Stage the folder that becomes the jobs' code snapshot.
+    """Stage the folder that becomes the jobs' code snapshot (None: nothing to ship).
 
     Parameters
     ----------
     code
-        The user's code folder (its ``.amlignore``/``.gitignore`` rules apply),
-        or None.
+        The user's code folder (its ``.amlignore``/``.gitignore`` rules apply), or None.
     include_library
-        Put the library's files under ``dask_amlcompute/`` (False when
-        ``node_package`` installs it).
+        Put the library's files under ``dask_amlcompute/`` (not when ``node_package`` does).
     root
-        Where staged snapshots are kept; default ``<cache>/snapshots``.
+        Where staged snapshots are kept, by content hash; default ``<cache>/snapshots``.
     packages
         Files of local distributions (``environment.local_packages``).
-
-    Returns
-    -------
-    pathlib.Path or None
-        The staged folder (named by its content hash, reused when it exists), or
-        None when there is nothing to ship.
 
     Raises
     ------
     ConfigurationError
-        The code folder is missing, empty, too large or has a ``dask_amlcompute`` entry.
+        The code folder is missing, empty, too large or has a ``dask_amlcompute`` entry, or
+        the snapshot exceeds AML's :data:`SNAPSHOT_LIMIT`.
     """
     files = _user_files(code) if code is not None else []
-    if include_library:
-        files += library_files()
-    files += packages
+    files += [*(library_files() if include_library else []), *packages]
     if not files:
         return None
+    sizes: Counter[str] = Counter()
+    for rel, source in files:
+        sizes[rel.split("/")[0]] += (
+            len(source) if isinstance(source, bytes) else source.stat().st_size
+        )
+    if sizes.total() > SNAPSHOT_LIMIT:
+        largest = ", ".join(f"{top} ({size / 2**20:.0f} MB)" for top, size in sizes.most_common(3))
+        raise ConfigurationError(
+            f"The jobs' code snapshot would be {sizes.total() / 2**20:.0f} MB, over AML's limit "
+            f"of {SNAPSHOT_LIMIT // 2**20} MB. Largest: {largest}. Give large local "
+            "distributions a requirement (pip_packages=) or an environment=, use "
+            "stack='installed', or keep data out of code=. Nothing was submitted."
+        )
     files.sort(key=lambda item: item[0])
     root = root or cache_dir() / "snapshots"
     target = root / _content_hash(files)

@@ -1,15 +1,10 @@
 """Version check: client vs scheduler vs workers.
 
-A client and a cluster running different Python, dask, distributed or
-cloudpickle versions fail later with obscure (un)pickling errors. This module
-asks the scheduler for its own and its workers' versions (the scheduler's
-``versions`` handler and a ``versions`` broadcast to the workers, the same
-machinery as :meth:`distributed.Client.get_versions`), compares them with the
-client's, and raises :class:`~dask_amlcompute.exceptions.VersionMismatchError`
-(or warns) with a table of the differences and how to fix them.
-
-Python is compared on major.minor (the node environment pins ``python=X.Y``;
-patch releases share a pickle format).
+A client and a cluster running different Python, dask, distributed or cloudpickle fail
+later with obscure (un)pickling errors. The scheduler is asked for its own and its workers'
+versions (as :meth:`distributed.Client.get_versions` does); differences raise
+:class:`~dask_amlcompute.exceptions.VersionMismatchError` (or warn) with a table and a fix.
+Python is compared on major.minor (patch releases share a pickle format).
 """
 
 from __future__ import annotations
@@ -42,25 +37,13 @@ EXTRA_PACKAGES = ["pyarrow", "dask-amlcompute"]
 
 @dataclass(frozen=True)
 class Difference:
-    """One package whose versions differ.
-
-    Attributes
-    ----------
-    package
-        Package name (``python`` for the interpreter).
-    client, scheduler
-        Their versions (``MISSING`` if absent).
-    workers
-        Worker address -> version.
-    required
-        True if the package must match (an error), False for a warning.
-    """
+    """One package (``python``: the interpreter) whose versions differ (``MISSING``: absent)."""
 
     package: str
     client: str
     scheduler: str
-    workers: Mapping[str, str]
-    required: bool
+    workers: Mapping[str, str]  # worker address -> version
+    required: bool  # must match (an error), else a warning
 
     def workers_text(self) -> str:
         """``"3.1.2"`` or ``"3.1.2 (2 workers), 0.0.1 (1 worker)"``."""
@@ -79,15 +62,6 @@ class Difference:
         return f"{self.package}=={remote.pop()}"
 
 
-def validate_policy(policy: str) -> str:
-    """Return ``policy`` if it is ``raise``, ``warn`` or ``ignore``; else raise."""
-    if policy not in POLICIES:
-        raise ConfigurationError(
-            f"version_check must be one of {', '.join(POLICIES)}, not {policy!r}."
-        )
-    return policy
-
-
 def _packages(info: Any) -> dict[str, str]:
     """The package dict of a ``get_versions()`` result (None values: ``MISSING``)."""
     if not isinstance(info, Mapping):
@@ -96,35 +70,18 @@ def _packages(info: Any) -> dict[str, str]:
     return {k: (str(v) if v is not None else MISSING) for k, v in packages.items()}
 
 
-def _comparable(package: str, version: str) -> str:
-    if package == "python" and version != MISSING:
-        return ".".join(version.split(".")[:2])
-    return version
-
-
-def _shown(package: str, version: str) -> str:
-    if package == "python" and version != MISSING:
-        return ".".join(version.split(".")[:3])
-    return version
+def _cut(package: str, version: str, parts: int) -> str:
+    """Python's version cut to ``parts`` (2: compared, 3: shown); others as they are."""
+    return ".".join(version.split(".")[:parts]) if package == "python" else version
 
 
 def compare_versions(
     client: Mapping[str, Any], scheduler: Mapping[str, Any], workers: Mapping[str, Any]
 ) -> list[Difference]:
-    """The packages whose versions differ between client, scheduler and workers.
+    """The packages whose versions differ: required ones first, then optional ones the client has.
 
-    Parameters
-    ----------
-    client, scheduler
-        ``distributed.versions.get_versions()`` results (or their ``packages``).
-    workers
-        Worker address -> ``get_versions()`` result; workers that did not
-        answer (None) are left out.
-
-    Returns
-    -------
-    list of Difference
-        Required packages first, then optional ones present on the client.
+    ``client``, ``scheduler`` and the ``workers`` by address are ``get_versions()`` results
+    (or their ``packages``); workers that did not answer (None) are left out.
     """
     c, s = _packages(client), _packages(scheduler)
     ws = {addr: _packages(v) for addr, v in workers.items() if v}
@@ -136,17 +93,10 @@ def compare_versions(
             continue  # the client does not use it: nothing to match
         theirs = {addr: p.get(package, MISSING) for addr, p in ws.items()}
         sched = s.get(package, MISSING)
-        seen = {_comparable(package, v) for v in (mine, sched, *theirs.values())}
-        if len(seen) > 1:
-            out.append(
-                Difference(
-                    package=package,
-                    client=_shown(package, mine),
-                    scheduler=_shown(package, sched),
-                    workers={a: _shown(package, v) for a, v in theirs.items()},
-                    required=required,
-                )
-            )
+        if len({_cut(package, v, 2) for v in (mine, sched, *theirs.values())}) > 1:
+            shown = {a: _cut(package, v, 3) for a, v in theirs.items()}
+            cut = _cut(package, mine, 3), _cut(package, sched, 3)
+            out.append(Difference(package, *cut, shown, required))
     return out
 
 
@@ -179,33 +129,12 @@ def format_differences(differences: list[Difference], where: str = "the cluster"
     return "\n".join(lines)
 
 
-async def cluster_versions(
-    scheduler_address: str, connection_args: dict | None = None, timeout: float = 30.0
-) -> tuple[dict, dict]:
-    """The scheduler's and workers' ``get_versions()`` results, through the scheduler.
-
-    Returns
-    -------
-    tuple
-        ``(scheduler, {worker address: versions})``.
-    """
-    async with rpc(
-        scheduler_address, timeout=timeout, connection_args=connection_args or {}
-    ) as scheduler:
-        own = await scheduler.versions(packages=EXTRA_PACKAGES)
-        workers = await scheduler.broadcast(
-            msg={"op": "versions", "packages": EXTRA_PACKAGES}, on_error="ignore"
-        )
-    return own, dict(workers or {})
-
-
 def apply_policy(differences: list[Difference], policy: str, where: str = "the cluster") -> None:
-    """Raise or warn about ``differences`` as ``policy`` says.
-
-    Required packages raise :class:`VersionMismatchError` under ``raise`` and
-    warn under ``warn``; optional ones only ever warn. ``ignore`` does nothing.
-    """
-    validate_policy(policy)
+    """Raise (``raise``, required packages) or warn about ``differences``; ``ignore``: nothing."""
+    if policy not in POLICIES:
+        raise ConfigurationError(
+            f"version_check must be one of {', '.join(POLICIES)}, not {policy!r}."
+        )
     if policy == "ignore" or not differences:
         return
     message = format_differences(differences, where)
@@ -224,14 +153,12 @@ async def check_versions(
     timeout: float = 30.0,
     client: Mapping[str, Any] | None = None,
 ) -> None:
-    """Compare this client's package versions with the cluster's.
+    """Compare this client's package versions with the cluster's, as ``policy`` says.
 
     Parameters
     ----------
-    scheduler_address
-        The scheduler, as this client reaches it.
-    connection_args
-        Connection arguments for that address (TLS), as for ``rpc``.
+    scheduler_address, connection_args
+        The scheduler as this client reaches it, and the ``rpc`` connection arguments (TLS).
     policy
         ``"raise"``, ``"warn"`` or ``"ignore"`` (setting ``version-check``).
     timeout
@@ -242,17 +169,15 @@ async def check_versions(
     Raises
     ------
     VersionMismatchError
-        ``policy="raise"`` and Python, dask, distributed or cloudpickle differ;
-        the message has a table of the differences and how to fix them, and
-        the exception's ``differences`` attribute lists them.
-
-    Examples
-    --------
-    >>> await check_versions(cluster.scheduler_address, {}, "raise")  # doctest: +SKIP
+        ``policy="raise"`` and Python, dask, distributed or cloudpickle differ; its
+        ``differences`` attribute lists them.
     """
-    if validate_policy(policy) == "ignore":
+    if policy == "ignore":
         return
-    scheduler, workers = await cluster_versions(scheduler_address, connection_args, timeout)
+    async with rpc(scheduler_address, timeout=timeout, connection_args=connection_args or {}) as s:
+        scheduler = await s.versions(packages=EXTRA_PACKAGES)
+        msg = {"op": "versions", "packages": EXTRA_PACKAGES}
+        workers = await s.broadcast(msg=msg, on_error="ignore") or {}
     mine = client if client is not None else get_versions(packages=EXTRA_PACKAGES)
     differences = compare_versions(mine, scheduler, workers)
     if differences:

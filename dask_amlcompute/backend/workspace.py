@@ -1,16 +1,10 @@
 """Finding the AML workspace: an ``MLClient`` from arguments or a config file.
 
-A ``config.json`` with ``subscription_id``, ``resource_group`` and
-``workspace_name`` (as downloaded from Azure ML studio) is looked for in the
-given path, else in the current folder or its parents, or ``.azureml/`` beside
-them; ``MLClient.from_config`` builds the client from the file found (the R
-SDK's ``load_workspace_from_config()``).
-
-The same file caches dask-amlcompute's own workspace settings (the compute,
-under ``dask_amlcompute.compute``). Precedence for the compute: the
-``compute=`` argument, then dask config (``amlcompute.compute``,
-``DASK_AMLCOMPUTE__COMPUTE``), then ``config.json``; for the workspace: the
-``ml_client=`` argument, then ``config.json``.
+A ``config.json`` (as downloaded from Azure ML studio) is looked for in the given path, else
+in the current folder or its parents, or ``.azureml/`` beside them; ``MLClient.from_config``
+builds the client from it. The same file caches the compute (``dask_amlcompute.compute``).
+Precedence for the compute: ``compute=``, dask config (``amlcompute.compute``,
+``DASK_AMLCOMPUTE__COMPUTE``), ``config.json``; for the workspace: ``ml_client=``, ``config.json``.
 """
 
 from __future__ import annotations
@@ -29,20 +23,11 @@ CONFIG_NAMES = ("config.json", os.path.join(".azureml", "config.json"))
 
 def find_workspace_config(path: str | os.PathLike | None = None) -> Path | None:
     """The first workspace config file at ``path`` or in the cwd and its parents."""
-    if path is not None:
-        p = Path(path).expanduser()
-        if p.is_file():
-            return p
-        for name in CONFIG_NAMES:
-            if (p / name).is_file():
-                return p / name
-        return None
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        for name in CONFIG_NAMES:
-            if (folder / name).is_file():
-                return folder / name
-    return None
+    p = Path(path).expanduser() if path is not None else Path.cwd().resolve()
+    if p.is_file():
+        return p
+    folders = [p] if path is not None else [p, *p.parents]
+    return next((f / n for f in folders for n in CONFIG_NAMES if (f / n).is_file()), None)
 
 
 #: Where dask-amlcompute keeps its own cached settings inside config.json.
@@ -52,28 +37,13 @@ IDENTITY_KEYS = ("subscription_id", "resource_group", "workspace_name")
 
 @dataclass(frozen=True)
 class WorkspaceSettings:
-    """Workspace settings cached in a ``config.json``.
-
-    Attributes
-    ----------
-    subscription_id, resource_group, workspace_name
-        The AML workspace (AML's own ``config.json`` keys).
-    compute
-        The cached AmlCompute name (``dask_amlcompute.compute``), if any.
-    path
-        The file they were read from.
-    """
+    """Workspace settings cached in a ``config.json`` (``path``), AML's keys and the compute."""
 
     subscription_id: str | None = None
     resource_group: str | None = None
     workspace_name: str | None = None
-    compute: str | None = None
+    compute: str | None = None  # dask_amlcompute.compute
     path: Path | None = None
-
-
-def _config_path(path: str | os.PathLike) -> Path:
-    p = Path(path).expanduser()
-    return p / "config.json" if p.is_dir() or not p.suffix else p
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -86,6 +56,11 @@ def _load_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _section(data: dict[str, Any]) -> dict[str, Any]:
+    section = data.get(SECTION)
+    return section if isinstance(section, dict) else {}
+
+
 def write_workspace_config(
     path: str | os.PathLike,
     *,
@@ -94,12 +69,10 @@ def write_workspace_config(
     workspace_name: str | None = None,
     compute: str | None = None,
 ) -> Path:
-    """Write (cache) workspace settings in an AML ``config.json``.
+    """Write (cache) workspace settings in an AML ``config.json``; returns the file.
 
-    An existing file is updated, not replaced: keys it already has and that
-    are not given here (other tools' settings too) are kept. ``compute`` is
-    stored under ``dask_amlcompute.compute`` and used when a cluster is given
-    no compute and dask config has none (argument > dask config > config.json).
+    An existing file is updated: keys not given here (other tools' too) are kept. ``compute``
+    (``dask_amlcompute.compute``) is used when neither the cluster nor dask config names one.
 
     Parameters
     ----------
@@ -110,31 +83,21 @@ def write_workspace_config(
     compute
         AmlCompute name to cache.
 
-    Returns
-    -------
-    Path
-        The file written.
-
     Examples
     --------
     >>> write_workspace_config(".", subscription_id="...", resource_group="rg",
     ...                        workspace_name="ws", compute="cpu-cluster")  # doctest: +SKIP
     """
-    p = _config_path(path)
+    p = Path(path).expanduser()
+    p = p / "config.json" if p.is_dir() or not p.suffix else p
     data = _load_json(p) if p.is_file() else {}
-    given = dict(
-        subscription_id=subscription_id,
-        resource_group=resource_group,
-        workspace_name=workspace_name,
-    )
-    data.update({k: v for k, v in given.items() if v})
+    given = zip(IDENTITY_KEYS, (subscription_id, resource_group, workspace_name), strict=True)
+    data.update({k: v for k, v in given if v})
     missing = [k for k in IDENTITY_KEYS if not data.get(k)]
     if missing:
         raise ConfigurationError(f"Cannot write {p}: {', '.join(missing)} not given.")
     if compute:
-        found_section = data.get(SECTION)
-        section = found_section if isinstance(found_section, dict) else {}
-        data[SECTION] = {**section, "compute": compute}
+        data[SECTION] = {**_section(data), "compute": compute}
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -145,11 +108,7 @@ def write_workspace_config(
 def cache_workspace(
     ml_client: Any, path: str | os.PathLike = ".", compute: str | None = None
 ) -> Path:
-    """Cache an ``MLClient``'s workspace (and a compute) in ``config.json`` under ``path``.
-
-    Later sessions can then call ``AmlComputeCluster()`` with no ``ml_client``
-    and no ``compute``.
-    """
+    """Cache an ``MLClient``'s workspace (and a compute) in ``config.json`` under ``path``."""
     return write_workspace_config(
         path,
         subscription_id=ml_client.subscription_id,
@@ -160,23 +119,13 @@ def cache_workspace(
 
 
 def load_workspace_settings(path: str | os.PathLike | None = None) -> WorkspaceSettings | None:
-    """The settings in the workspace config found at ``path`` or from the cwd up.
-
-    Returns None when there is no config file.
-    """
+    """The settings in the workspace config found at ``path`` or from the cwd up, or None."""
     found = find_workspace_config(path)
     if found is None:
         return None
     data = _load_json(found)
-    found_section = data.get(SECTION)
-    section = found_section if isinstance(found_section, dict) else {}
-    return WorkspaceSettings(
-        subscription_id=data.get("subscription_id"),
-        resource_group=data.get("resource_group"),
-        workspace_name=data.get("workspace_name"),
-        compute=section.get("compute") or None,
-        path=found,
-    )
+    compute = _section(data).get("compute") or None
+    return WorkspaceSettings(**{k: data.get(k) for k in IDENTITY_KEYS}, compute=compute, path=found)
 
 
 def cached_compute(path: str | os.PathLike | None = None) -> str | None:
@@ -188,13 +137,8 @@ def cached_compute(path: str | os.PathLike | None = None) -> str | None:
 def with_cached_compute(settings: ClusterSettings) -> ClusterSettings:
     """``settings`` with the compute cached in the workspace config when none was given.
 
-    Also refuses a ``workspace_config`` that names no config file. Serverless
-    settings (``instance_type``) need no compute and are returned as they are.
-
-    Raises
-    ------
-    ConfigurationError
-        ``workspace_config`` names no file, or no compute is given anywhere.
+    Serverless settings (``instance_type``) need none. :class:`ConfigurationError` when
+    ``workspace_config`` names no config file or no compute is given anywhere.
     """
     path = settings.workspace_config
     if path is not None and find_workspace_config(path) is None:
@@ -218,14 +162,7 @@ def with_cached_compute(settings: ClusterSettings) -> ClusterSettings:
 
 
 def workspace_client(ml_client: Any, path: Any = None, credential: Any = None) -> Any:
-    """``ml_client`` if it is an ``MLClient``; None: one from the workspace config file.
-
-    Raises
-    ------
-    ConfigurationError
-        ``ml_client`` is something else (a string, a workspace name, ...), or
-        ``credential`` is no Azure credential.
-    """
+    """``ml_client`` if it is an ``MLClient``; None: one from the workspace config file."""
     if credential is not None and not hasattr(credential, "get_token"):
         raise ConfigurationError(
             f"credential must be an Azure credential (with get_token), got {credential!r}."
@@ -243,10 +180,7 @@ def workspace_client(ml_client: Any, path: Any = None, credential: Any = None) -
 
 
 def ml_client_from_config(path: str | os.PathLike | None = None, credential: Any = None) -> Any:
-    """Build an ``MLClient`` from a workspace config file and ``DefaultAzureCredential``.
-
-    The file is the one :func:`find_workspace_config` finds (the one whose
-    cached compute is used too), read by ``MLClient.from_config``.
+    """An ``MLClient`` from a workspace config file (``MLClient.from_config``).
 
     Parameters
     ----------
@@ -258,10 +192,7 @@ def ml_client_from_config(path: str | os.PathLike | None = None, credential: Any
     Raises
     ------
     WorkspaceNotConfiguredError
-        No config file was found, or it lacks the workspace's keys; the message
-        says how to make one.
-    ConfigurationError
-        The file is not JSON.
+        No config file was found, or it lacks the workspace's keys.
     """
     found = find_workspace_config(path)
     if found is None:
@@ -280,8 +211,6 @@ def ml_client_from_config(path: str | os.PathLike | None = None, credential: Any
 
         credential = DefaultAzureCredential()
     try:
-        # azure-core's default retries, as on a client the user builds; the library's
-        # calls are retried further, the same way for both (backend.ops.AmlOps._call)
         return MLClient.from_config(credential, path=found)
     except ValidationException as exc:  # the file lacks subscription_id, resource_group, ...
         raise WorkspaceNotConfiguredError(f"{found}: {exc.message}") from None

@@ -106,7 +106,7 @@ def test_cluster_object_keeps_it_alive_and_from_name_reconnects_without_owning(e
 def test_from_name_asynchronous_looks_up_the_cluster_off_the_event_loop(emu):
     from dask_amlcompute.exceptions import AmlComputeError
 
-    emu.inject_http_errors(4, status=429, retry_after=0.4)  # the lookup takes > 1 s
+    emu.inject_http_errors(10, status=429, retry_after=0.4)  # the (concurrent) look-ups: > 1 s
 
     async def reconnect() -> list[float]:
         ticks: list[float] = []

@@ -13,10 +13,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "dask_amlcompute"
 
 #: Library lines (the emulator is its own distribution). Target: 10,000.
-LINE_BUDGET = 11501
+LINE_BUDGET = 11058
 #: Longest module. Target: 550, cluster.py 450.
 MODULE_LIMIT = 550
-MODULES_OVER_LIMIT = {"backend/ops.py": 670}
+MODULES_OVER_LIMIT: dict[str, int] = {}
 #: Longest function. Target: 80 lines, every one.
 FUNCTION_LIMIT = 80
 FUNCTIONS_OVER_LIMIT: dict[str, int] = {}

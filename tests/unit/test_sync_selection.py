@@ -77,6 +77,19 @@ def test_a_local_pure_python_distribution_travels_in_the_snapshot(site, tmp_path
     assert (staged / "dask_amlcompute" / "__init__.py").is_file()
 
 
+def test_a_snapshot_over_amls_limit_is_refused_before_anything_is_staged(site, tmp_path):
+    fake_distribution(
+        site, "sync-big", "1.0", direct_url=str(tmp_path), files={"sync_big/__init__.py": ""}
+    )
+    with open(site / "sync_big" / "weights.bin", "wb") as big:  # sparse: no disk used
+        big.truncate(301 * 2**20)
+    with pytest.raises(
+        ConfigurationError, match=r"over AML's limit of 300 MB\. Largest: sync_big \(301 MB\)"
+    ):
+        stage_snapshot(packages=local_packages("sync"), root=tmp_path / "snapshots")
+    assert not (tmp_path / "snapshots").exists()
+
+
 def test_an_editable_install_travels_from_its_source_folder(site, tmp_path):
     source = tmp_path / "project" / "src"
     (source / "sync_editable").mkdir(parents=True)

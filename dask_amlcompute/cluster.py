@@ -12,6 +12,7 @@ from typing import Any
 
 from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
+from tornado.ioloop import IOLoop
 
 from .backend import reaper
 from .backend.jobs import MainJob
@@ -41,11 +42,8 @@ def _check_arguments(loop: Any = None, **flags: Any) -> None:
     for what, value in flags.items():
         if not isinstance(value, bool):
             raise ConfigurationError(f"{what} must be True or False, got {value!r}.")
-    if loop is not None:
-        from tornado.ioloop import IOLoop
-
-        if not isinstance(loop, IOLoop):
-            raise ConfigurationError(f"loop must be a tornado IOLoop or None, got {loop!r}.")
+    if not isinstance(loop, IOLoop | None):
+        raise ConfigurationError(f"loop must be a tornado IOLoop or None, got {loop!r}.")
 
 
 class AmlComputeCluster(ScalingMixin, SpecCluster):

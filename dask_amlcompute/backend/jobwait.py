@@ -66,6 +66,8 @@ LIKELY_CAUSES = {
         "(import errors, mlflow/azureml-mlflow missing in the environment)."
     ),
 }
+#: What became of a job that did not start (a reattached cluster's job is not cancelled).
+CANCELLED = {"create": " The job was cancelled.", "attach": ""}
 #: Statuses with a bound of their own (the setting), not counted in ``startup_timeout``.
 #: AML's order (JobStatus, learn.microsoft.com/javascript/api/@azure/arm-machinelearning/
 #: jobstatus): Preparing ("the run environment is being prepared": the image build), then
@@ -276,8 +278,8 @@ async def wait_for_tag(
                 ctx.ops,
                 info,
                 f"The Dask scheduler did not start within {timeout:.0f}s (startup_timeout, time "
-                f"in Preparing and Queued not counted). The job is {info.status}: {cause} "
-                "The job was cancelled.",
+                f"in Preparing and Queued not counted). The job is {info.status}: {cause}"
+                + CANCELLED[ctx.plan.mode],
                 StartupTimeoutError,
             )
         limit = deadline if own_left is None else now + own_left
@@ -296,8 +298,8 @@ async def _phase_timeout(ctx: ClusterContext, info: JobInfo, spent: float) -> Jo
         ctx.ops,
         info,
         f"The job stayed in {info.status} for {_minutes(spent)} ({setting}={bound:.0f}s): "
-        f"{LIKELY_CAUSES[info.status]}{hint} Raise {setting} to wait longer. "
-        "The job was cancelled.",
+        f"{LIKELY_CAUSES[info.status]}{hint} Raise {setting} to wait longer."
+        + CANCELLED[ctx.plan.mode],
         StartupTimeoutError,
     )
 

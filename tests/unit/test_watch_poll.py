@@ -1,4 +1,5 @@
-"""The watch's poll of a cluster's AML jobs, against a stand-in for the operations object."""
+"""The watch's poll of a cluster's AML jobs (and a start's wait for the scheduler's tag),
+against a stand-in for the operations object."""
 
 from __future__ import annotations
 
@@ -6,9 +7,18 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from dask_amlcompute._protocol import cluster_key_tag
+from dask_amlcompute.backend.jobwait import wait_for_tag
 from dask_amlcompute.backend.ops import JobInfo
-from dask_amlcompute.backend.state import ClusterContext, ClusterPlan, ClusterState, Lifecycle
+from dask_amlcompute.backend.state import (
+    ClusterContext,
+    ClusterPlan,
+    ClusterState,
+    Lifecycle,
+    Phases,
+)
 from dask_amlcompute.backend.watch import JobWatch
 
 
@@ -27,10 +37,13 @@ class FakeOps:
         self.calls.append(f"get {name}")
         return JobInfo(name, self.jobs[name])
 
+    async def run_details(self, name: str) -> tuple[None, dict]:
+        return None, {}
 
-def watch(ops: FakeOps) -> JobWatch:
-    state = ClusterState(ClusterPlan("create", None), lifecycle=Lifecycle.RUNNING)
-    settings: Any = SimpleNamespace(name="c")
+
+def watch(ops: FakeOps, mode: Any = "create") -> JobWatch:
+    state = ClusterState(ClusterPlan(mode, None), lifecycle=Lifecycle.RUNNING)
+    settings: Any = SimpleNamespace(name="c", poll_interval=1.0)
     return JobWatch(ClusterContext(settings, ops, state, log=lambda _: None))  # type: ignore[arg-type]
 
 
@@ -85,3 +98,13 @@ def test_a_status_gone_back_in_the_list_only_is_confirmed_with_one_get():
     asyncio.run(w.poll())
     assert ops.calls == [f"list {cluster_key_tag('c')}", "get c-main"]
     assert w.context.state.lost_reason is None and w.context.state.jobs["c-main"] == "Running"
+
+
+def test_a_start_that_timed_out_says_the_job_was_cancelled_only_if_it_was():
+    from dask_amlcompute.exceptions import StartupTimeoutError
+
+    for mode, cancelled in (("create", True), ("attach", False)):  # from_name cancels nothing
+        w = watch(FakeOps(listed={}, jobs={"c-main": "Running"}), mode)
+        with pytest.raises(StartupTimeoutError, match="did not start within 0s") as err:
+            asyncio.run(wait_for_tag(w.context, "c-main", "tag", 0.0, Phases()))
+        assert ("The job was cancelled." in str(err.value)) is cancelled

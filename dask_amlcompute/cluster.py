@@ -12,17 +12,20 @@ from typing import Any
 
 from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
+from tornado.ioloop import IOLoop
 
 from .backend import reaper
-from .backend.jobs import MainJob, MainJobWorkers, WorkerJob
-from .backend.jobwait import job_error
+from .backend.jobs import MainJob
+from .backend.jobwait import failed_error
 from .backend.ops import AmlOps
 from .backend.plan import COMPUTE_TIMEOUT, LOOKUP_TIMEOUT, draft_plan, plan_cluster
 from .backend.state import ClusterContext, ClusterState, Lifecycle
-from .backend.workspace import with_cached_compute, workspace_client
-from .config import ClusterSettings, check_arguments, checked, resolve_settings
-from .connect import SchedulerConnector, host_port, reachable, temporary_tls
-from .exceptions import AmlComputeError, ConfigurationError, JobError
+from .backend.watch import JobWatch
+from .backend.workspace import ml_client_from_config, with_cached_compute, workspace_client
+from .config import check_arguments, checked, resolve_settings
+from .connect import SchedulerConnector, temporary_tls
+from .discovery import describe_cluster, describe_cluster_async, list_cluster_jobs_async
+from .exceptions import AmlComputeError, ConfigurationError, WorkspaceNotConfiguredError
 from .scaling import ScalingMixin
 
 logger = logging.getLogger(__name__)
@@ -39,11 +42,8 @@ def _check_arguments(loop: Any = None, **flags: Any) -> None:
     for what, value in flags.items():
         if not isinstance(value, bool):
             raise ConfigurationError(f"{what} must be True or False, got {value!r}.")
-    if loop is not None:
-        from tornado.ioloop import IOLoop
-
-        if not isinstance(loop, IOLoop):
-            raise ConfigurationError(f"loop must be a tornado IOLoop or None, got {loop!r}.")
+    if not isinstance(loop, IOLoop | None):
+        raise ConfigurationError(f"loop must be a tornado IOLoop or None, got {loop!r}.")
 
 
 class AmlComputeCluster(ScalingMixin, SpecCluster):
@@ -61,9 +61,8 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     Parameters
     ----------
     ml_client
-        An ``azure.ai.ml.MLClient``. None builds one from a workspace
-        ``config.json`` (``workspace_config`` or the current folder and its
-        parents) with ``DefaultAzureCredential``.
+        An ``azure.ai.ml.MLClient``. None: one from a workspace ``config.json``
+        (``workspace_config``, or the current folder and its parents).
     compute
         Name of the AmlCompute target.
     n_nodes
@@ -75,8 +74,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     memory_limit
         Memory limit per worker process (default ``"auto"``).
     environment
-        Node environment: None for an environment pinned to the client's
-        Python/dask/distributed/cloudpickle versions, ``"name@latest"``,
+        None: pinned to the client's Python and packages; ``"name@latest"``,
         ``"name:version"``, a Docker image, or an ``Environment``.
     job_timeout
         AML job time limit (``"2h"``, ``"PT90M"``, seconds): the server-side backstop.
@@ -97,15 +95,13 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     startup_timeout
         Bound on waiting for the job to run and its workers to join.
     code
-        A folder of your own modules for every node: it goes into the jobs'
-        code snapshot beside the library (``.amlignore``/``.gitignore`` rules
-        and a size limit apply) and is the nodes' working directory, so its
-        modules import on every worker. To re-send changed code to a running
-        cluster, use :func:`~dask_amlcompute.ship_code`.
+        A folder of your own modules: the nodes' working directory, shipped in the jobs'
+        code snapshot (``.amlignore``/``.gitignore`` apply, size-limited); re-send changed
+        code to a running cluster with :func:`~dask_amlcompute.ship_code`.
     credential
-        Azure credential: builds the ``MLClient`` when ``ml_client`` is not
-        given, and opens AML's job-service proxy (default: the ``MLClient``'s).
-    asynchronous, loop
+        Azure credential for the ``MLClient`` built when none is given, and for AML's
+        job-service proxy (default: the ``MLClient``'s).
+    asynchronous, loop, shutdown_on_close
         As for every Dask cluster manager.
     create_compute
         (keyword) ``{"size": "Standard_D4s_v3", "max_nodes": 8, "tier": "low_priority",
@@ -156,48 +152,40 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         _existing_worker_jobs: tuple[tuple[str, int], ...] = (),
         **kwargs: Any,
     ) -> None:
-        settings = resolve_settings(
+        settings = self.settings = with_cached_compute(resolve_settings(
             compute=compute, n_nodes=n_nodes, processes_per_node=processes_per_node,
             threads_per_process=threads_per_process, memory_limit=memory_limit,
             environment=environment, job_timeout=job_timeout, experiment_name=experiment_name,
             name=name, tags=tags, env_vars=env_vars, scheduler_options=scheduler_options,
             worker_options=worker_options, connect=connect, startup_timeout=startup_timeout,
             **kwargs,
-        )  # fmt: skip
-        self.settings: ClusterSettings = with_cached_compute(settings)
-        settings = self.settings
+        ))  # fmt: skip
         _check_arguments(asynchronous=asynchronous, shutdown_on_close=shutdown_on_close, loop=loop)
-        ml_client = workspace_client(ml_client, settings.workspace_config, credential)
-        self.ml_client = ml_client
+        self.ml_client = workspace_client(ml_client, settings.workspace_config, credential)
         self._quiet = settings.quiet
         security, secret_env = temporary_tls(settings)
         # nothing of the workspace yet: plan_cluster completes the plan in _start
-        state = ClusterState(
-            name=settings.name, plan=draft_plan(settings, code, "attach" if _attach else "create")
-        )
+        plan = draft_plan(settings, code, "attach" if _attach else "create")
         ctx = self._context = ClusterContext(
-            settings=settings,
-            ops=AmlOps(ml_client),
-            state=state,
-            log=self._log,
+            settings=settings, ops=AmlOps(self.ml_client), state=ClusterState(plan), log=self._log,
             connection_args=security.get_connection_args("client") if security else {},
-            secret_env=secret_env,
-            credential=credential,
-        )
+            secret_env=secret_env, credential=credential,
+        )  # fmt: skip
         self._connector = SchedulerConnector(ctx)
-        self.main_job_name = self._main_key = state.main_job
+        self._watch = JobWatch(ctx)
+        self.main_job_name = ctx.main_job
         # a reconnected object names its worker jobs in a series of its own (never reused)
         self._job_series = uuid.uuid4().hex[:6] if _attach else ""
         self._existing_worker_jobs = _existing_worker_jobs  # adopted in _build_worker_specs
         self._main_workers = self._workers_per_job = 0  # set once from the plan in _start
         # jobs this object owns are cancelled however the process ends (close() releases them)
-        self._reaper_key = reaper.own(self, ml_client, state.jobs) if shutdown_on_close else None
+        self._reaper_key = (
+            reaper.own(self, self.ml_client, ctx.state.jobs) if shutdown_on_close else None
+        )
+        main = {"context": ctx, "connector": self._connector, "watch": self._watch}
         try:
             super().__init__(
-                scheduler={
-                    "cls": MainJob,
-                    "options": {"context": ctx, "connector": self._connector, "attach": _attach},
-                },
+                scheduler={"cls": MainJob, "options": {**main, "attach": _attach}},
                 asynchronous=asynchronous, loop=loop, security=security, name=settings.name,
                 shutdown_on_close=shutdown_on_close,
             )  # fmt: skip
@@ -206,8 +194,6 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             if runner is not None and not asynchronous:
                 runner.stop()
             raise
-
-    # -- reconnecting ----------------------------------------------------------
 
     # distributed annotates SpecCluster.from_name as returning a ProcessInterface: it is a cluster
     @classmethod
@@ -244,8 +230,6 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         --------
         >>> cluster = AmlComputeCluster.from_name("dask-me-1a2b3c4d")  # doctest: +SKIP
         """
-        from .discovery import describe_cluster, describe_cluster_async
-
         if name is None:
             raise ConfigurationError("from_name needs the name of a running cluster, got None.")
         checked("name", name)
@@ -256,15 +240,10 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         ml_client = workspace_client(ml_client, kwargs.get("workspace_config"))
 
         def attach(found: dict[str, Any]) -> AmlComputeCluster:
-            return cls(
-                ml_client,
-                name=name,
-                shutdown_on_close=shutdown_on_close,
-                asynchronous=asynchronous,
-                _attach=True,
-                _existing_worker_jobs=tuple(found["worker_jobs"]),
-                **{**found["settings"], **kwargs},
-            )
+            return cls(ml_client, name=name, shutdown_on_close=shutdown_on_close,
+                       asynchronous=asynchronous, _attach=True,
+                       _existing_worker_jobs=tuple(found["worker_jobs"]),
+                       **{**found["settings"], **kwargs})  # fmt: skip
 
         if not asynchronous:
             return attach(describe_cluster(ml_client, name))
@@ -274,44 +253,25 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
 
         return attach_async()  # type: ignore[return-value]
 
-    # -- lifecycle -----------------------------------------------------------
-
     async def _start(self) -> None:
         if self.status.name in ("running", "closed"):
             return await super()._start()
+        ctx = self._context
         try:
-            await self._prepare()
+            ctx.state.plan = await plan_cluster(ctx.settings, ctx.ops, ctx.plan, self._log)
+            self._build_worker_specs()
             await super()._start()
         except RuntimeError as exc:
             # SpecCluster wraps start failures in RuntimeError; surface our typed error.
             if isinstance(exc.__cause__, AmlComputeError):
                 raise exc.__cause__ from None
-            failure = await self._main_job_failure()
+            failure = await failed_error(ctx.ops, self.main_job_name, LOOKUP_TIMEOUT)
             if failure is not None:  # e.g. the node died right after publishing its address
                 raise failure from exc
             raise
 
-    async def _main_job_failure(self) -> JobError | None:
-        """The main job's error with its node log tail, if it has failed (else None)."""
-        ops = self._context.ops
-        try:
-            info = await asyncio.wait_for(ops.get_job(self.main_job_name), LOOKUP_TIMEOUT)
-        except Exception:
-            return None
-        if info.status != "Failed":
-            return None
-        return await job_error(
-            ops, info, f"AML job {info.name} failed while the Dask cluster was starting."
-        )
-
-    async def _prepare(self) -> None:
-        """Complete the plan (see :func:`~dask_amlcompute.backend.plan.plan_cluster`)."""
-        ctx = self._context
-        ctx.state.plan = await plan_cluster(ctx.settings, ctx.ops, ctx.plan, self._log)
-        self._build_worker_specs()
-
     async def _close(self) -> None:
-        state = self._context.state
+        state, scheduler = self._context.state, self.scheduler
         if not self.shutdown_on_close:
             # A reconnected cluster we do not own: disconnect, leave it running (also when
             # this object failed to connect: the cluster is someone else's to stop).
@@ -323,15 +283,13 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
                 self.worker_spec.clear()
             await asyncio.gather(*(w.close() for w in self.workers.values()))
             await super()._close()
-            if self.scheduler is not None:
-                await self.scheduler.close()
+            if scheduler is not None:
+                await scheduler.close()
             return
         state.lifecycle = Lifecycle.CLOSING
         self._connector.expect_end()  # the scheduler stops next: its tunnel ends with it
-        scheduler = self.scheduler
-        dead = scheduler if scheduler is not None and await self._scheduler_gone() else None
-        if dead is not None:
-            # The scheduler is gone with its job: don't spend connect timeouts on it.
+        dead = scheduler if scheduler is not None and await scheduler.gone() else None
+        if dead is not None:  # the scheduler is gone with its job: no connect timeouts on it
             dead.status = Status.failed
             self.shutdown_scheduler = False
         await super()._close()
@@ -343,27 +301,24 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
 
     async def _release_compute(self) -> None:
         """Delete the compute this cluster created, or say how long its nodes stay billed."""
-        state, settings = self._context.state, self.settings
-        compute = state.plan.compute
-        if state.plan.created_compute and settings.delete_compute_on_close:
+        state, name = self._context.state, self.settings.compute
+        if state.plan.created_compute and self.settings.delete_compute_on_close:
             state.plan = replace(state.plan, created_compute=False)  # once
-            self._log(f"Deleting AmlCompute {settings.compute} (delete_compute_on_close)")
+            self._log(f"Deleting AmlCompute {name} (delete_compute_on_close)")
             try:
-                await self._context.ops.delete_compute(settings.compute, timeout=COMPUTE_TIMEOUT)
+                await self._context.ops.delete_compute(name, timeout=COMPUTE_TIMEOUT)
+                self._log(f"Deleted AmlCompute {name}")
             except Exception as exc:
                 logger.warning(
                     "Could not delete compute %s: %s. Delete it in Azure ML studio or with "
                     "`az ml compute delete -n %s`; with 0 nodes at rest it bills nothing.",
-                    settings.compute,
-                    exc,
-                    settings.compute,
-                )
-                return
-            self._log(f"Deleted AmlCompute {settings.compute}")
-        elif compute is not None and compute.idle_seconds:
+                    name, exc, name,
+                )  # fmt: skip
+        elif state.plan.compute is not None and state.plan.compute.idle_seconds:
             self._log(
-                f"AML releases the nodes of {compute.name} {compute.idle_seconds}s after its last "
-                "job ends (idle time before scale-down); they are billed until then."
+                f"AML releases the nodes of {state.plan.compute.name} "
+                f"{state.plan.compute.idle_seconds}s after its last job ends (idle time before "
+                "scale-down); they are billed until then."
             )
 
     async def _correct_state_internal(self) -> None:
@@ -375,64 +330,20 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             logger.info("Retrying cluster state correction after %s", exc)
             await super()._correct_state_internal()
 
-    async def _scheduler_gone(self) -> bool:
-        """True if the main job has ended or its scheduler no longer answers."""
-        ctx = self._context
-        address = getattr(self.scheduler, "address", None)
-        if address is None:
-            return True
-        if not ctx.state.main_job_ended():
-            try:
-                info = await ctx.ops.get_job(self.main_job_name)
-                ctx.state.jobs[self.main_job_name] = info.status
-            except Exception as exc:
-                logger.debug("Could not refresh %s: %s", self.main_job_name, exc)
-        if ctx.state.main_job_ended():
-            return True
-        return not await reachable(*host_port(address), timeout=3)
-
-    def _build_worker_specs(self) -> None:
-        """The worker specs, once, from the plan (on a GPU size: one dask-cuda worker per GPU)."""
-        ctx, settings = self._context, self.settings
-        suffixes = ctx.node_options("cluster", "x").worker_suffixes(settings.n_nodes)
-        job_suffixes = ctx.node_options("workers", "x").worker_suffixes(settings.nodes_per_job)
-        self._main_workers, self._workers_per_job = len(suffixes), len(job_suffixes)
-        if suffixes:
-            self.worker_spec[self._main_key] = {
-                "cls": MainJobWorkers,
-                "options": {"context": ctx, "suffixes": suffixes},
-                "group": suffixes,
-            }
-        options = {
-            "context": ctx,
-            "suffixes": job_suffixes,
-            "n_nodes": settings.nodes_per_job,
-            "on_ended": self._worker_job_ended,
-        }
-        self.new_spec = {"cls": WorkerJob, "options": options, "group": job_suffixes}
-        for job_name, n in self._existing_worker_jobs:  # reconnecting: adopt the running ones
-            group = ctx.node_options("workers", "x").worker_suffixes(n)
-            adopted = {**options, "suffixes": group, "n_nodes": n, "existing": True}
-            self.worker_spec[job_name] = {"cls": WorkerJob, "options": adopted, "group": group}
-
     def _log(self, log: str) -> None:
         """Store a progress message for ``get_logs()`` and show it unless quiet."""
         logger.info(log)
         self.quiet = self._quiet
         super()._log(log)
 
-    # -- information ---------------------------------------------------------
-
     def job_spec(self) -> dict[str, Any]:
-        """The REST body of the main AML job, as it would be submitted.
+        """The REST body of the main AML job, as it would be submitted (nothing is sent).
 
-        Nothing is sent to AML. Useful to review the command, environment and
-        limits, or to submit the job by other means. The one difference: with
-        ``security=True`` the TLS certificate and private key, which the submitted
-        body carries in plain text (readable by everyone who can read the
-        workspace's jobs), show as :data:`SECRET_IN_JOB_BODY`, not their values.
+        To review the command, environment and limits, or to submit the job by other
+        means. With ``security=True`` the TLS certificate and key, which the submitted
+        body carries in plain text, show as :data:`SECRET_IN_JOB_BODY`.
         """
-        job = MainJob(self._context, self._connector).job()
+        job = MainJob(self._context, self._connector, self._watch).job()
         body = job._to_job()._to_rest_object().as_dict()
         env = body["properties"].get("environmentVariables") or {}
         for key in self._context.secret_env:
@@ -443,8 +354,8 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     def resolve(self, uri: str, **kwargs: Any) -> Any:
         """An fsspec URL and adlfs ``storage_options`` for an ``azureml://`` datastore URI.
 
-        See :func:`dask_amlcompute.data.resolve`. Bulk data then flows between the
-        workers and storage, never through this client or the SSH tunnel.
+        See :func:`dask_amlcompute.data.resolve`: the data then flows between workers
+        and storage, never through this client.
 
         Examples
         --------
@@ -454,11 +365,6 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         from .data import resolve
 
         return resolve(uri, self.ml_client, **kwargs)
-
-    @property
-    def preemptions(self) -> int:
-        """Worker jobs that ended because AML preempted a low-priority node."""
-        return self._context.state.preemptions
 
     @property
     def jobs(self) -> dict[str, str]:
@@ -474,7 +380,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         ``connected`` (the client reached the scheduler), ``workers joined`` (every
         worker of the main job joined). A reconnected cluster has no ``submitted``.
         """
-        return dict(self._context.state.phases)
+        return dict(self._context.state.phases.reached)
 
     @property
     def ended_reason(self) -> str | None:
@@ -483,7 +389,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         Names the cause (``job_timeout`` reached, a node lost or preempted, the job
         run again, the tunnel gone) and what to do; also logged once as a WARNING.
         """
-        return self._context.state.ended_reason
+        return self._context.state.lost_reason
 
     @property
     def dashboard_link(self) -> str:
@@ -507,44 +413,31 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         return f"{super().__repr__()[:-1]}, price={self._context.plan.price!r})"
 
     def _repr_html_(self, cluster_status: str | None = None) -> str:
-        rows = "".join(
-            f'<tr><td style="text-align: left;"><strong>AML job:</strong> {html.escape(job)}</td>'
-            f'<td style="text-align: left;"><strong>Status:</strong> {html.escape(status)}</td></tr>'
-            for job, status in self._context.state.jobs.items()
+        s, cell = (
+            self.settings,
+            '<td style="text-align: left;"{}><strong>{}:</strong> {}</td>'.format,
         )
-        compute = html.escape(self.settings.compute or f"serverless {self.settings.instance_type}")
-        rows = (
-            f'<tr><td style="text-align: left;"><strong>Compute:</strong> {compute}</td>'
-            f'<td style="text-align: left;"><strong>Nodes:</strong> {self.settings.n_nodes}'
-            f" x {self.settings.processes_per_node} process(es)</td></tr>"
-            f'<tr><td style="text-align: left;" colspan="2"><strong>Price:</strong> '
-            f"{html.escape(self._context.plan.price)}</td></tr>{rows}"
+        rows = [
+            cell("", "Compute", html.escape(s.compute or f"serverless {s.instance_type}"))
+            + cell("", "Nodes", f"{s.n_nodes} x {s.processes_per_node} process(es)"),
+            cell(' colspan="2"', "Price", html.escape(self._context.plan.price)),
+            *(cell("", "AML job", html.escape(job)) + cell("", "Status", html.escape(status))
+              for job, status in self._context.state.jobs.items()),
+        ]  # fmt: skip
+        return super()._repr_html_(
+            cluster_status="".join(f"<tr>{row}</tr>" for row in rows) + (cluster_status or "")
         )
-        return super()._repr_html_(cluster_status=rows + (cluster_status or ""))
 
 
 async def discover() -> Any:
-    """dask-ctl discovery: yield ``(name, AmlComputeCluster)`` for running clusters.
+    """dask-ctl's ``dask_cluster_discovery`` entry point: the running clusters.
 
-    The ``dask_cluster_discovery`` entry point. Uses the workspace config file
-    (``config.json``) and ``DefaultAzureCredential``; yields nothing when no
-    workspace is configured. dask-ctl then calls
-    :meth:`AmlComputeCluster.from_name` with each name.
-
-    Yields
-    ------
-    tuple of (str, type)
-        A cluster name and :class:`AmlComputeCluster`.
+    Yields ``(name, AmlComputeCluster)`` for each in the config file's workspace (if any).
     """
-    from .backend.ops import AmlOps
-    from .backend.workspace import ml_client_from_config
-    from .discovery import list_cluster_jobs_async
-    from .exceptions import WorkspaceNotConfiguredError
-
     try:
-        ml_client = ml_client_from_config()
+        ops = AmlOps(ml_client_from_config())
     except WorkspaceNotConfiguredError:
         return
-    jobs = await list_cluster_jobs_async(AmlOps(ml_client))
+    jobs = await list_cluster_jobs_async(ops)
     for name in sorted({j.cluster for j in jobs if j.role == "cluster" and j.kind == "cluster"}):
         yield name, AmlComputeCluster

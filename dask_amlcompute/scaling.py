@@ -17,6 +17,7 @@ from dask.utils import parse_bytes
 from distributed.deploy.adaptive import Adaptive
 
 from ._protocol import is_main_job, worker_job_name
+from .backend.jobs import MainJobWorkers, WorkerJob
 from .backend.ops import MAX_CONCURRENT_WRITES
 from .backend.state import Lifecycle
 from .config import schema
@@ -40,11 +41,15 @@ class ScalingMixin(_ClusterBase):
     worker_spec: dict
     workers: dict
     _context: Any
-    _main_key: str
+    main_job_name: str
     _main_workers: int
     _workers_per_job: int
     _job_series: str
+    _existing_worker_jobs: tuple[tuple[str, int], ...]
+    _watch: Any
     _i: int
+    #: Worker jobs that ended because AML preempted a low-priority node.
+    preemptions: int = 0
 
     def _new_worker_name(self, worker_number: int) -> str:
         return worker_job_name(self.settings.name, worker_number, self._job_series)
@@ -55,17 +60,37 @@ class ScalingMixin(_ClusterBase):
         self._i += 1
         return spec
 
+    def _build_worker_specs(self) -> None:
+        """The worker specs, once, from the plan (on a GPU size: one dask-cuda worker per GPU)."""
+        ctx, settings = self._context, self.settings
+        suffixes = ctx.node_options("cluster", "x").worker_suffixes(settings.n_nodes)
+        job_suffixes = ctx.node_options("workers", "x").worker_suffixes(settings.nodes_per_job)
+        self._main_workers, self._workers_per_job = len(suffixes), len(job_suffixes)
+        if suffixes:
+            self.worker_spec[self.main_job_name] = {
+                "cls": MainJobWorkers,
+                "options": {"context": ctx, "suffixes": suffixes},
+                "group": suffixes,
+            }
+        options = dict(context=ctx, suffixes=job_suffixes, watch=self._watch,
+                       on_ended=self._worker_job_ended, n_nodes=settings.nodes_per_job)  # fmt: skip
+        self.new_spec = {"cls": WorkerJob, "options": options, "group": job_suffixes}
+        for job_name, n in self._existing_worker_jobs:  # reconnecting: adopt the running ones
+            group = ctx.node_options("workers", "x").worker_suffixes(n)
+            adopted = {**options, "suffixes": group, "n_nodes": n, "existing": True}
+            self.worker_spec[job_name] = {"cls": WorkerJob, "options": adopted, "group": group}
+
     def _max_nodes(self) -> int | None:
         compute = self._context.plan.compute
         return compute.max_nodes if compute is not None and compute.max_nodes else None
 
     def _worker_node_limit(self) -> int | None:
         """Nodes the worker jobs may have together (None: no limit known)."""
-        state = self._context.state
+        plan = self._context.plan
         if self.settings.compute is None and not self.settings.serverless_network:
             return 0  # one serverless job is the whole cluster (see _refuse_serverless_growth)
-        if state.plan.worker_compute is not None:  # worker jobs on a compute of their own
-            return state.plan.worker_compute.max_nodes or None
+        if plan.worker_compute is not None:  # worker jobs on a compute of their own
+            return plan.worker_compute.max_nodes or None
         max_nodes = self._max_nodes()
         return None if max_nodes is None else max(0, max_nodes - self.settings.n_nodes)
 
@@ -204,7 +229,7 @@ class ScalingMixin(_ClusterBase):
         """Add or drop worker jobs in ``worker_spec`` (pending ones first) for ``n`` workers."""
         self._refuse_serverless_growth(n)
         jobs = self._jobs_for_workers(n)
-        extra = [k for k in self.worker_spec if k != self._main_key]
+        extra = [k for k in self.worker_spec if k != self.main_job_name]
         pending = [k for k in extra if k not in self.workers]
         if jobs != len(extra):  # a burst of submissions or retirements: say so
             change = jobs - len(extra)
@@ -314,8 +339,9 @@ class ScalingMixin(_ClusterBase):
             **kwargs,
         )
 
-    def _worker_job_ended(self, key: str, status: str) -> None:
-        """A worker job ended on its own: drop it so adaptive/scale can replace it."""
+    def _worker_job_ended(self, key: str, preempted: bool) -> None:
+        """A worker job ended on its own (or was not submitted): drop it so adapt/scale replace it."""
+        self.preemptions += preempted
         if key in self.worker_spec and not is_main_job(key, self.settings.name):
             del self.worker_spec[key]
             loop = self.loop

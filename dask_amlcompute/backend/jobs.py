@@ -2,12 +2,13 @@
 
 - :class:`MainJob`: the cluster's main job, SpecCluster's "scheduler". It submits
   the job (or reconnects to it), waits for the published scheduler address,
-  connects, watches all of the cluster's jobs (one job list per
-  ``watch_interval``, :mod:`~dask_amlcompute.backend.watch`) and stops it on close.
+  connects, then one supervisor decides whether the cluster is lost (the tunnel, the
+  scheduler's identity, and all of the cluster's jobs: one job list per ``watch_interval``,
+  :mod:`~dask_amlcompute.backend.watch`); it stops the job on close.
 - :class:`MainJobWorkers`: the workers the main job runs beside the scheduler, one
   SpecCluster worker group. It only waits for them to join; they die with the main job.
 - :class:`WorkerJob`: an extra worker job added by ``scale``/``adapt``, one worker group.
-  It submits the job (or adopts one found by ``from_name``), has the main job's watch follow
+  It submits the job (or adopts one found by ``from_name``), has the cluster's watch follow
   it, and on close retires its workers (their data moves first), then cancels the job.
 """
 
@@ -25,17 +26,18 @@ from distributed.core import rpc
 from distributed.deploy.spec import ProcessInterface
 
 from .._protocol import DASHBOARD_TAG, SCHEDULER_ID_TAG, SCHEDULER_TAG
+from ..connect import host_port, reachable
 from ..exceptions import ClusterLostError, SchedulerUnreachableError, StartupTimeoutError
 from .jobwait import LIKELY_CAUSES, job_error, missing_module_hint, wait_for_tag
 from .ops import TERMINAL_STATUSES as TERMINAL
 from .ops import JobInfo
-from .state import ClusterContext, Lifecycle
-from .watch import poll_jobs
+from .state import ClusterContext, Lifecycle, Phases
+from .watch import JobWatch
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between checks that the scheduler the client uses is still the one it
-#: connected to (a cheap ``identity`` call to the scheduler, not a control-plane request).
+#: Most seconds between checks that the tunnel is up and the scheduler the client uses is
+#: still the one it connected to (a cheap ``identity`` call, not a control-plane request).
 IDENTITY_CHECK_INTERVAL = 5.0
 #: Job statuses before Running: the main job back in one of them is being run again.
 NOT_YET_RUNNING = ("NotStarted", "Starting", "Provisioning", "Queued", "Preparing")
@@ -59,25 +61,29 @@ class MainJob(ProcessInterface):
 
     Parameters
     ----------
-    context
-        The cluster's context.
+    context, watch
+        The cluster's context and job watch.
     connector
         Reaches the published scheduler address (directly or through a tunnel).
     attach
         Reconnect to the running job (``from_name``) instead of submitting it.
     """
 
-    def __init__(self, context: ClusterContext, connector: Any, attach: bool = False) -> None:
+    def __init__(
+        self, context: ClusterContext, connector: Any, watch: JobWatch, attach: bool = False
+    ) -> None:
         super().__init__()
         self.context = context
         self.connector = connector
+        self.watch = watch
         self.attach = attach
-        self.job_name = context.state.main_job
+        self.job_name = context.main_job
         self.internal_address: str | None = None
         self.dashboard_link: str | None = None
-        self._watcher: asyncio.Task | None = None
+        #: The id of the scheduler the client connected to (``SCHEDULER_ID_TAG``).
+        self.scheduler_id: str | None = None
+        self._supervisor: asyncio.Task | None = None
         self._heartbeat: asyncio.Task | None = None
-        self._identity: asyncio.Task | None = None
 
     def job(self) -> Any:
         """The job entity this interface submits."""
@@ -87,8 +93,8 @@ class MainJob(ProcessInterface):
 
     async def start(self) -> None:
         ctx, s, state = self.context, self.context.settings, self.context.state
-        state.started_at = time.monotonic()
-        startup_deadline = state.started_at + s.startup_timeout
+        state.phases = phases = Phases()
+        startup_deadline = phases.started + s.startup_timeout
         if self.attach:
             info = await ctx.ops.get_job(self.job_name)
             if info.terminal:
@@ -102,46 +108,45 @@ class MainJob(ProcessInterface):
                 f"node(s), scheduler on rank 0, {s.processes_per_node} worker process(es) per node"
             )
             info = await ctx.ops.submit(self.job())
-            state.mark("submitted")
+            phases.mark("submitted")
             # worker jobs name the environment and code asset AML registered: no re-upload,
             # no re-hashing per job
             plan = state.plan
+            registered = not isinstance(plan.environment, str) and info.environment
             state.plan = replace(
                 plan,
-                environment=plan.environment
-                if isinstance(plan.environment, str) or not info.environment
-                else info.environment,
+                environment=info.environment if registered else plan.environment,
                 code=info.code if info.code and plan.code is not None else plan.code,
             )
             if s.job_timeout:
                 state.deadline = time.monotonic() + s.job_timeout
-        state.jobs[self.job_name] = info.status
+        ctx.note(info)
         if info.studio_url:
             ctx.log(f"Studio: {info.studio_url}")
         try:
             left = max(0.0, startup_deadline - time.monotonic())
             if SCHEDULER_TAG not in info.tags:  # a reconnected job's is there: no second GET
-                info = await wait_for_tag(ctx, self.job_name, SCHEDULER_TAG, left)
-            startup_deadline += sum(state.phase_seconds.values())  # bounded on their own
-            state.mark("scheduler address")
+                info = await wait_for_tag(ctx, self.job_name, SCHEDULER_TAG, left, phases)
+            startup_deadline += sum(phases.spent.values())  # bounded on their own
+            phases.mark("scheduler address")
             self.internal_address = state.scheduler_address = info.tags[SCHEDULER_TAG]
             try:
                 self.address, self.dashboard_link = await self.connector.connect(
                     self.job_name, self.internal_address, info.tags.get(DASHBOARD_TAG),
                     startup_deadline,
                 )  # fmt: skip
-                state.mark("connected")
-                state.scheduler_id = info.tags.get(SCHEDULER_ID_TAG)
+                phases.mark("connected")
+                self.scheduler_id = info.tags.get(SCHEDULER_ID_TAG)
                 reached = await self._reached_id()
-                if state.scheduler_id and reached and reached != state.scheduler_id:
+                if self.scheduler_id and reached and reached != self.scheduler_id:
                     raise ClusterLostError(
                         f"The scheduler at {self.internal_address} ({reached}) is not the one AML "
-                        f"job {self.job_name} published ({state.scheduler_id}): AML ran the job "
+                        f"job {self.job_name} published ({self.scheduler_id}): AML ran the job "
                         "again. The job was cancelled; start a new cluster."
                     )
             except SchedulerUnreachableError:
                 info = await ctx.ops.get_job(self.job_name)
-                state.jobs[self.job_name] = info.status
+                ctx.note(info)
                 if info.terminal:  # the scheduler did not stay up: say why
                     raise await job_error(
                         ctx.ops,
@@ -155,12 +160,23 @@ class MainJob(ProcessInterface):
             raise
         ctx.log(f"Scheduler at {self.internal_address} (client uses {self.address})")
         state.lifecycle = Lifecycle.RUNNING
-        state.watched[self.job_name] = self._job_ended
-        state.on_main_update = self._main_update
-        self._watcher = asyncio.create_task(self._watch())
-        self._identity = asyncio.create_task(self._check_scheduler())
+        self.watch.follow(self.job_name, self._job_ended, self._main_update)
+        self._supervisor = asyncio.create_task(self._supervise())
+        # apart: a slow control plane delays the supervisor, never the scheduler's keep-alive
         self._heartbeat = asyncio.create_task(self._heartbeats(s.no_client_timeout or math.inf))
         await super().start()
+
+    async def gone(self) -> bool:
+        """True if the main job has ended or its scheduler no longer answers."""
+        ctx = self.context
+        if self.address is None:
+            return True
+        if not ctx.main_job_ended():
+            try:
+                ctx.note(await ctx.ops.get_job(self.job_name))
+            except Exception as exc:
+                logger.debug("Could not refresh %s: %s", self.job_name, exc)
+        return ctx.main_job_ended() or not await reachable(*host_port(self.address), timeout=3)
 
     async def _reached_id(self) -> str | None:
         """The id of the scheduler the client's address reaches now (None: no answer)."""
@@ -174,29 +190,50 @@ class MainJob(ProcessInterface):
             return None
         return identity.get("id")
 
-    async def _check_scheduler(self) -> None:
-        """Notice, within seconds, a tunnel that gave up or a different scheduler answering."""
-        state = self.context.state
+    async def _supervise(self) -> None:
+        """Decide whether the cluster is lost, until it is; warn before ``job_timeout``.
+
+        Every few seconds: has the tunnel given up, does another scheduler answer at the
+        address? Every ``watch_interval``: one look at all of the cluster's jobs
+        (:meth:`~.watch.JobWatch.poll`; the main job ending or run again is a loss).
+        """
+        ctx, state = self.context, self.context.state
+        every, timeout = ctx.settings.watch_interval, ctx.settings.job_timeout
+        checks = math.ceil(every / IDENTITY_CHECK_INTERVAL)  # per watch_interval
+        warn_before = min(600.0, 0.1 * timeout) if timeout else 0.0
+        warned, tick = False, 0
         while state.lost_reason is None:
-            await asyncio.sleep(IDENTITY_CHECK_INTERVAL)
-            failure = self.connector.failure
-            if failure is not None:
-                await self._lost(
+            await asyncio.sleep(every / checks)
+            tick += 1
+            if self.connector.failure is not None:
+                return await self._lost(
                     f"The SSH tunnel to the scheduler of AML job {self.job_name} dropped and "
-                    f"could not be re-established ({failure}): this cluster object cannot reach "
-                    "the scheduler; work in flight is lost (distributed cancels the futures "
-                    "pending on each client: 'scheduler-connection-lost'). The cluster's jobs "
-                    "keep running: attach again with AmlComputeCluster.from_name("
-                    f"{self.context.settings.name!r}) once the network is back, or close this "
-                    "object to cancel them.",
+                    f"could not be re-established ({self.connector.failure}): this cluster object "
+                    "cannot reach the scheduler; work in flight is lost (distributed cancels the "
+                    "futures pending on each client: 'scheduler-connection-lost'). The cluster's "
+                    "jobs keep running: attach again with AmlComputeCluster.from_name("
+                    f"{ctx.settings.name!r}) once the network is back, or close this object to "
+                    "cancel them.",
                     cancel=False,
                 )
-                return
-            reached = await self._reached_id() if state.scheduler_id else None
-            if reached is not None and reached != state.scheduler_id:
+            reached = await self._reached_id() if self.scheduler_id else None
+            if reached is not None and reached != self.scheduler_id:
                 await self._requeued(
                     f"A different Dask scheduler ({reached}) now answers at {self.internal_address}"
                 )
+            if tick % checks:
+                continue
+            left = state.remaining()
+            if left is not None and not warned and 0 < left <= warn_before:
+                warned = True
+                ctx.log(
+                    f"The cluster reaches its job_timeout in {left:.0f}s: AML will then end "
+                    "its jobs. Save results now or start a new cluster with a longer job_timeout."
+                )
+            try:
+                await self.watch.poll()
+            except Exception as exc:  # the control plane may be briefly unavailable
+                logger.debug("Listing the jobs of %s failed: %s", ctx.settings.name, exc)
 
     async def _main_update(self, previous: str | None, info: JobInfo) -> JobInfo:
         """The job watch listed the main job: a status gone back or a new scheduler id is a loss.
@@ -204,17 +241,17 @@ class MainJob(ProcessInterface):
         The job list may lag ``GET /jobs/{name}`` (and a NotResponding job may return to
         earlier statuses): one GET confirms and decides. Returns the snapshot to go on with.
         """
-        state, ops = self.context.state, self.context.ops
+        known = self.scheduler_id
         listed_id = info.tags.get(SCHEDULER_ID_TAG)
-        new_listed = bool(state.scheduler_id and listed_id not in (None, state.scheduler_id))
+        new_listed = bool(known and listed_id not in (None, known))
         if not new_listed and not (previous in RAN and info.status in NOT_YET_RUNNING):
             return info
-        fresh = await ops.get_job(self.job_name)
-        state.jobs[self.job_name] = fresh.status
+        fresh = await self.context.ops.get_job(self.job_name)
+        self.context.note(fresh)
         new_id = fresh.tags.get(SCHEDULER_ID_TAG)
         if previous in RAN and fresh.status in NOT_YET_RUNNING:
             await self._requeued(f"AML job went back from {previous} to {fresh.status}")
-        elif new_id and state.scheduler_id and new_id != state.scheduler_id:
+        elif new_id and known and new_id != known:
             await self._requeued(f"AML job published a new scheduler ({new_id})")
         else:
             logger.info("The job list showed %s %s, a GET shows %s: the list lags; ignored",
@@ -236,7 +273,7 @@ class MainJob(ProcessInterface):
         ctx, state = self.context, self.context.state
         if state.lost_reason is not None or state.closing:
             return
-        state.lost_reason = state.ended_reason = f"{why} {LOST_WORK}" if cancel else why
+        state.lost_reason = f"{why} {LOST_WORK}" if cancel else why
         logger.warning("Dask cluster %s is lost: %s", ctx.settings.name, state.lost_reason)
         ctx.log(state.lost_reason)
         if self._heartbeat is not None:  # never keep the new scheduler alive
@@ -244,7 +281,7 @@ class MainJob(ProcessInterface):
         await self.connector.close()  # a tunnel's local ports close: nothing reaches it
         if not cancel:
             return
-        state.watched.clear()  # their ends are no news now
+        self.watch.followed.clear()  # their ends are no news now
         names = [n for n, status in state.jobs.items() if status not in TERMINAL]
         ended = await asyncio.gather(*(ctx.ops.cancel(n) for n in names), return_exceptions=True)
         for name, status in zip(names, ended, strict=True):
@@ -254,40 +291,16 @@ class MainJob(ProcessInterface):
     async def _heartbeats(self, timeout: float) -> None:
         """Tell the scheduler this cluster is alive; warn of modules the nodes lack (plugins)."""
         interval = max(0.2, min(timeout / 4, self.context.settings.watch_interval))
-        while True:
-            try:
-                async with rpc(
-                    self.address, timeout=10, connection_args=self.context.connection_args
-                ) as scheduler:
+        args = self.context.connection_args
+        async with rpc(self.address, timeout=10, connection_args=args) as scheduler:
+            while True:  # one rpc: its comm is reused, and re-opened after a drop
+                try:
                     reply = await scheduler.dask_amlcompute_heartbeat()
-                for module in reply.get("missing_modules", ()) if isinstance(reply, dict) else ():
-                    logger.warning(missing_module_hint(module))
-            except Exception as exc:
-                logger.debug("Heartbeat to %s failed: %s", self.address, exc)
-            await asyncio.sleep(interval)
-
-    async def _watch(self) -> None:
-        """Watch the cluster's jobs (:func:`~.watch.poll_jobs`) each ``watch_interval``.
-
-        Also warns once before the cluster's ``job_timeout`` runs out.
-        """
-        ctx, state = self.context, self.context.state
-        timeout = ctx.settings.job_timeout
-        warn_before = min(600.0, 0.1 * timeout) if timeout else 0.0
-        warned = False
-        while True:
-            await asyncio.sleep(ctx.settings.watch_interval)
-            left = state.remaining()
-            if left is not None and not warned and 0 < left <= warn_before:
-                warned = True
-                ctx.log(
-                    f"The cluster reaches its job_timeout in {left:.0f}s: AML will then end "
-                    "its jobs. Save results now or start a new cluster with a longer job_timeout."
-                )
-            try:
-                await poll_jobs(ctx)
-            except Exception as exc:  # the control plane may be briefly unavailable
-                logger.debug("Listing the jobs of %s failed: %s", ctx.settings.name, exc)
+                    for module in reply.get("missing_modules", ()):
+                        logger.warning(missing_module_hint(module))
+                except Exception as exc:
+                    logger.debug("Heartbeat to %s failed: %s", self.address, exc)
+                await asyncio.sleep(interval)
 
     async def _job_ended(self, info: JobInfo) -> None:
         """The main job ended while the cluster ran: name the cause, end the rest."""
@@ -296,7 +309,7 @@ class MainJob(ProcessInterface):
         if "PreemptionError" in err:  # AML's wording for a preempted node
             hint = " A low-priority node was preempted: use a dedicated compute for the main job."
         await self._lost(err.split("\nTail of the node logs:", 1)[0] + hint)
-        self.context.state.ended_reason = f"{err}{hint} {LOST_WORK}"  # with the node log tail
+        self.context.state.lost_reason = f"{err}{hint} {LOST_WORK}"  # with the node log tail
 
     def _end_cause(self, info: JobInfo) -> str:
         """What most likely ended the main job, and what to do about it."""
@@ -318,7 +331,7 @@ class MainJob(ProcessInterface):
 
     async def close(self) -> None:
         ctx, state = self.context, self.context.state
-        for task in (self._watcher, self._heartbeat, self._identity):
+        for task in (self._supervisor, self._heartbeat):
             if task is not None:
                 task.cancel()
         # the scheduler was told to stop already; the job's status comes from the control plane
@@ -331,37 +344,28 @@ class MainJob(ProcessInterface):
         # job's own end first (bounded, few requests), then cancel to release the nodes.
         started = time.monotonic()
         delay = 0.5
-        while time.monotonic() - started < OWN_END_WAIT and not state.main_job_ended():
+        while time.monotonic() - started < OWN_END_WAIT and not ctx.main_job_ended():
             try:
                 info = await ctx.ops.get_job(self.job_name)
             except Exception:
                 break
-            state.jobs[self.job_name] = info.status
+            ctx.note(info)
             if info.status in NOT_YET_RUNNING:  # queued again: it will not end by itself
                 break
-            if not state.main_job_ended():  # few requests: AML takes a while to notice
+            if not ctx.main_job_ended():  # few requests: AML takes a while to notice
                 await asyncio.sleep(min(delay, started + OWN_END_WAIT - time.monotonic()))
                 delay *= 1.5
         note = ""
-        if state.jobs.get(self.job_name) not in ("Completed", "Failed", "Canceled", "Finalizing"):
+        if not ctx.main_job_ended():
             note = (
                 f" (still {state.jobs.get(self.job_name)} {time.monotonic() - started:.0f}s "
                 "after its scheduler was told to stop: cancelled to release its nodes)"
             )
-            status = await ctx.ops.cancel(
-                self.job_name, wait=False, status=state.jobs.get(self.job_name)
-            )
-            if status:
+            known = state.jobs.get(self.job_name)
+            if status := await ctx.ops.cancel(self.job_name, wait=False, status=known):
                 state.jobs[self.job_name] = status
         ctx.log(f"AML job {self.job_name}: {state.jobs.get(self.job_name)}{note}")
         await super().close()
-
-
-async def worker_names(address: str, connection_args: dict) -> set[str]:
-    """Names of the workers connected to the scheduler at ``address``."""
-    async with rpc(address, timeout=5, connection_args=connection_args) as scheduler:
-        ident = await scheduler.identity()
-    return {str(w.get("name")) for w in ident.get("workers", {}).values()}
 
 
 class _JobWorkers(ProcessInterface):
@@ -371,12 +375,10 @@ class _JobWorkers(ProcessInterface):
     ----------
     scheduler
         Address of the scheduler (as the client reaches it).
-    name
-        Group name; the job's workers are called ``name + suffix``.
+    name, suffixes
+        Group name; the job's workers are called ``name + suffix`` (``-RANK-INDEX``).
     context
         The cluster's context.
-    suffixes
-        Worker name suffixes (``-RANK-INDEX``).
     """
 
     def __init__(
@@ -399,7 +401,7 @@ class MainJobWorkers(_JobWorkers):
 
     async def start(self) -> None:
         await self._wait_for_workers()
-        self.context.state.mark("workers joined")
+        self.context.state.phases.mark("workers joined")
         from .versions import check_versions
 
         await check_versions(
@@ -408,8 +410,8 @@ class MainJobWorkers(_JobWorkers):
         await super().start()
 
     async def _wait_for_workers(self) -> None:
-        ctx, state = self.context, self.context.state
-        job_name = state.main_job
+        ctx = self.context
+        job_name = ctx.main_job
         timeout = ctx.settings.startup_timeout
         deadline = time.monotonic() + timeout
         wanted = set(self.worker_names)
@@ -417,7 +419,9 @@ class MainJobWorkers(_JobWorkers):
         joined: set[str] = set()
         while True:
             try:
-                joined = await worker_names(self.scheduler, ctx.connection_args)
+                async with rpc(self.scheduler, timeout=5, connection_args=ctx.connection_args) as s:
+                    ident = await s.identity()
+                joined = {str(w.get("name")) for w in ident.get("workers", {}).values()}
             except OSError as exc:  # the scheduler went away: the job says why
                 logger.debug("Scheduler not answering: %s", exc)
                 last_check = -math.inf
@@ -427,7 +431,7 @@ class MainJobWorkers(_JobWorkers):
             if now - last_check >= ctx.settings.poll_interval:
                 last_check = now
                 info = await ctx.ops.get_job(job_name)
-                state.jobs[job_name] = info.status
+                ctx.note(info)
                 if info.terminal:
                     raise await job_error(
                         ctx.ops, info, f"AML job {job_name} ended before its workers joined."
@@ -452,11 +456,13 @@ class WorkerJob(_JobWorkers):
     ----------
     scheduler, name, context, suffixes
         As for the other worker groups; ``name`` is also the AML job name.
+    watch
+        The cluster's job watch (follows the job).
+    on_ended
+        Called with ``(name, preempted)`` when the job ends by itself (failure,
+        preemption, timeout) or cannot be submitted, so scaling can replace it.
     n_nodes
         Nodes of the job.
-    on_ended
-        Called with ``(name, status)`` when the job ends by itself (failure,
-        preemption, timeout) or cannot be submitted, so scaling can replace it.
     existing
         The job already runs (found by ``from_name``): adopt it, submit nothing.
     """
@@ -467,25 +473,22 @@ class WorkerJob(_JobWorkers):
         name: str,
         context: ClusterContext,
         suffixes: list[str],
+        watch: JobWatch,
+        on_ended: Callable[[str, bool], None],
         n_nodes: int = 1,
-        on_ended: Callable[[str, str], None] | None = None,
         existing: bool = False,
     ) -> None:
         super().__init__(scheduler, name, context, suffixes)
-        self.n_nodes = n_nodes
+        self.watch = watch
         self.on_ended = on_ended
+        self.n_nodes = n_nodes
         self.existing = existing
         self._submitted = existing
 
     async def start(self) -> None:
         if self.existing or await self._submit():
-            # the main job's watch follows it (one job list for all of the cluster's jobs)
-            self.context.state.watched[self.name] = self._job_ended
+            self.watch.follow(self.name, self._job_ended)  # one job list for all of them
         await super().start()
-
-    def _ended(self, status: str) -> None:
-        if self.on_ended is not None:
-            self.on_ended(self.name, status)
 
     async def _submit(self) -> bool:
         """Submit this worker job (its workers join later: the job may queue for minutes)."""
@@ -504,7 +507,7 @@ class WorkerJob(_JobWorkers):
             info = await ctx.ops.submit(job)
         except Exception as exc:
             ctx.log(f"Worker job {self.name} could not be submitted: {exc}")
-            self._ended("NotSubmitted")
+            self.on_ended(self.name, False)
             return False
         state.jobs[self.name] = info.status
         self._submitted = True
@@ -517,19 +520,15 @@ class WorkerJob(_JobWorkers):
         if info.status == "Failed":
             err = await job_error(ctx.ops, info, f"Worker job {self.name} failed.")
             if "Preemption" in str(err):  # AML's PreemptionError: a low-priority node was taken
-                ctx.state.preemptions += 1
-                why = (
-                    f": preempted (low-priority node), {ctx.state.preemptions} preemption(s) so "
-                    "far; scale/adapt replace it"
-                )
+                why = ": preempted (low-priority node); scale/adapt replace it"
         ctx.log(f"Worker job {self.name} ended {info.status}{why}")
-        self._ended(info.status)
+        self.on_ended(self.name, bool(why))
 
     async def close(self) -> None:
         ctx, state = self.context, self.context.state
-        state.watched.pop(self.name, None)
+        self.watch.followed.pop(self.name, None)
         if self._submitted and state.lifecycle is not Lifecycle.DETACHING:
-            if not state.main_job_ended() and not state.closing:  # closing: no data to keep
+            if not ctx.main_job_ended() and not state.closing:  # closing: no data to keep
                 await self._retire()
             if state.jobs.get(self.name) not in TERMINAL:  # cancelled at exit already?
                 status = await ctx.ops.cancel(self.name, wait=not state.closing)

@@ -26,13 +26,14 @@ from .ops import JobInfo
 
 if TYPE_CHECKING:
     from .ops import AmlOps
-    from .state import ClusterContext
+    from .state import ClusterContext, Phases
 
 __all__ = [
     "LIKELY_CAUSES",
     "OWN_BOUNDS",
     "PHASE_MESSAGES",
     "RUN_HISTORY_FALLBACK_AFTER",
+    "failed_error",
     "job_error",
     "missing_module_hint",
     "wait_for_tag",
@@ -65,6 +66,8 @@ LIKELY_CAUSES = {
         "(import errors, mlflow/azureml-mlflow missing in the environment)."
     ),
 }
+#: What became of a job that did not start (a reattached cluster's job is not cancelled).
+CANCELLED = {"create": " The job was cancelled.", "attach": ""}
 #: Statuses with a bound of their own (the setting), not counted in ``startup_timeout``.
 #: AML's order (JobStatus, learn.microsoft.com/javascript/api/@azure/arm-machinelearning/
 #: jobstatus): Preparing ("the run environment is being prepared": the image build), then
@@ -128,6 +131,17 @@ async def job_error(
     )
 
 
+async def failed_error(ops: AmlOps, name: str, timeout: float) -> JobError | None:
+    """The error of job ``name`` (AML's message, node log tail) if it has Failed, else None."""
+    try:
+        info = await asyncio.wait_for(ops.get_job(name), timeout)
+    except Exception:
+        return None
+    if info.status != "Failed":
+        return None
+    return await job_error(ops, info, f"AML job {name} failed while the Dask cluster was starting.")
+
+
 async def _build_error(
     ops: AmlOps, info: JobInfo, aml_message: str, log_files: dict[str, str]
 ) -> EnvironmentBuildError:
@@ -173,8 +187,9 @@ def _minutes(seconds: float) -> str:
 class _PhaseClock:
     """Seconds a job spent in each status of :data:`OWN_BOUNDS` (the current stay included)."""
 
-    def __init__(self) -> None:
-        self.spent = dict.fromkeys(OWN_BOUNDS, 0.0)
+    def __init__(self, spent: dict[str, float]) -> None:
+        self.spent = spent
+        spent.update(dict.fromkeys(OWN_BOUNDS, 0.0))
         self.status: str | None = None
         self.since = 0.0
 
@@ -201,12 +216,14 @@ def _progress(ctx: ClusterContext, job_name: str, info: JobInfo, elapsed: float,
         ctx.log(f"AML job {job_name}: still {info.status} after {_minutes(elapsed)}{what}")
 
 
-async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: float) -> JobInfo:
+async def wait_for_tag(
+    ctx: ClusterContext, job_name: str, tag: str, timeout: float, phases: Phases
+) -> JobInfo:
     """Poll a job until it publishes ``tag``; fail fast if it ends; bounded.
 
     Time in ``Preparing`` (image build: 5-20 minutes) and ``Queued`` (node allocation) is
     bounded by ``settings.prepare_timeout`` / ``queue_timeout``, not counted in ``timeout``
-    (``startup_timeout``), and left in ``ctx.state.phase_seconds``. Polling backs off to
+    (``startup_timeout``), and left in ``phases.spent``; ``phases`` marks each status. Polling backs off to
     ``settings.poll_interval``; once the job runs it stays at :data:`RUNNING_POLL` for
     :data:`RUNNING_FAST_FOR` seconds. The tag is read from the job resource, and after
     :data:`RUN_HISTORY_FALLBACK_AFTER` seconds of running also from run history.
@@ -215,12 +232,12 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
     delay = min(0.2, s.poll_interval)
     started = last_said = time.monotonic()
     running_since: float | None = None
-    clock = _PhaseClock()
+    clock = _PhaseClock(phases.spent)
     last_fallback = -math.inf  # when run history was last read for the tag
     while True:
         info = await ctx.ops.get_job(job_name)
         now = time.monotonic()
-        ctx.state.jobs[job_name] = info.status
+        ctx.note(info)
         new = info.status != clock.status
         if new or (now - last_said >= STILL_WAITING_EVERY and not info.terminal):
             _progress(ctx, job_name, info, now - started, new)
@@ -228,12 +245,11 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
         if new:
             delay = min(0.2, s.poll_interval)  # things move: look again soon
         clock.update(info.status, now)
-        ctx.state.phase_seconds = dict(clock.spent)
         if info.status in OWN_BOUNDS:
-            ctx.state.mark(info.status)
+            phases.mark(info.status)
         if info.status == "Running" and running_since is None:
             running_since = now
-            ctx.state.mark("Running")
+            phases.mark("Running")
         if tag in info.tags:
             return info
         if (
@@ -262,8 +278,8 @@ async def wait_for_tag(ctx: ClusterContext, job_name: str, tag: str, timeout: fl
                 ctx.ops,
                 info,
                 f"The Dask scheduler did not start within {timeout:.0f}s (startup_timeout, time "
-                f"in Preparing and Queued not counted). The job is {info.status}: {cause} "
-                "The job was cancelled.",
+                f"in Preparing and Queued not counted). The job is {info.status}: {cause}"
+                + CANCELLED[ctx.plan.mode],
                 StartupTimeoutError,
             )
         limit = deadline if own_left is None else now + own_left
@@ -282,8 +298,8 @@ async def _phase_timeout(ctx: ClusterContext, info: JobInfo, spent: float) -> Jo
         ctx.ops,
         info,
         f"The job stayed in {info.status} for {_minutes(spent)} ({setting}={bound:.0f}s): "
-        f"{LIKELY_CAUSES[info.status]}{hint} Raise {setting} to wait longer. "
-        "The job was cancelled.",
+        f"{LIKELY_CAUSES[info.status]}{hint} Raise {setting} to wait longer."
+        + CANCELLED[ctx.plan.mode],
         StartupTimeoutError,
     )
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,9 +22,6 @@ from ..config import ClusterSettings
 from .capacity import VmSizeInfo
 from .jobspec import build_job
 from .ops import TERMINAL_STATUSES, AmlOps, ComputeInfo, JobInfo
-
-#: What to do when a watched job ends (see :mod:`~dask_amlcompute.backend.watch`).
-OnJobEnd = Callable[[JobInfo], Awaitable[None]]
 
 
 class Lifecycle(enum.Enum):
@@ -88,13 +85,35 @@ class ClusterPlan:
 
 
 @dataclass
+class Phases:
+    """When the cluster's startup reached each phase.
+
+    Attributes
+    ----------
+    started
+        ``time.monotonic()`` when the cluster started submitting.
+    reached
+        Phase -> seconds since ``started`` when it was first reached (see :meth:`mark`).
+    spent
+        Seconds the main job spent in Preparing and in Queued (bounded by
+        ``prepare_timeout`` and ``queue_timeout``, not by ``startup_timeout``).
+    """
+
+    started: float = field(default_factory=time.monotonic)
+    reached: dict[str, float] = field(default_factory=dict)
+    spent: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, phase: str) -> None:
+        """Record when ``phase`` was first reached."""
+        self.reached.setdefault(phase, round(time.monotonic() - self.started, 3))
+
+
+@dataclass
 class ClusterState:
     """What the cluster and its ProcessInterfaces know and change while it runs.
 
     Attributes
     ----------
-    name
-        The cluster name (its main job is ``{name}-main``).
     plan
         What was decided before the first submission (see
         :mod:`~dask_amlcompute.backend.plan`); replaced, never changed, when the
@@ -103,69 +122,32 @@ class ClusterState:
         See :class:`Lifecycle`.
     jobs
         AML job name -> last known status.
-    watched
-        AML job name -> what to do when it ends, for the jobs the cluster's one
-        job watch follows (see :mod:`~dask_amlcompute.backend.watch`).
     deadline
         ``time.monotonic()`` when the cluster's ``job_timeout`` runs out (None: none).
     scheduler_address
         The scheduler's address as the nodes reach it (worker jobs dial it).
-    ended_reason
-        Why the main job ended while the cluster ran.
+    lost_reason
+        Why the cluster ended or was lost while it ran (see ``ClusterLostError``).
     phases
-        Startup phase -> seconds since submission began (see :meth:`mark`).
-    started_at
-        ``time.monotonic()`` when the cluster started submitting.
-    phase_seconds
-        Seconds the main job spent in Preparing and in Queued while the cluster
-        started (not counted against ``startup_timeout``; bounded by
-        ``prepare_timeout`` and ``queue_timeout``).
+        See :class:`Phases`.
     """
 
-    name: str
     plan: ClusterPlan
     lifecycle: Lifecycle = Lifecycle.STARTING
     jobs: dict[str, str] = field(default_factory=dict)
-    watched: dict[str, OnJobEnd] = field(default_factory=dict)
     deadline: float | None = None
     scheduler_address: str | None = None
-    ended_reason: str | None = None
-    #: The id of the scheduler the client connected to (``SCHEDULER_ID_TAG``).
-    scheduler_id: str | None = None
-    #: Set when the scheduler went away for good (see ``ClusterLostError``).
     lost_reason: str | None = None
-    #: Called by the job watch with ``(previous status, info)`` of the main job; returns
-    #: the snapshot to go on with (a GET's, when the list looked wrong).
-    on_main_update: Callable[[str | None, JobInfo], Awaitable[JobInfo]] | None = None
-    #: Worker jobs that ended because AML preempted a low-priority node.
-    preemptions: int = 0
-    phases: dict[str, float] = field(default_factory=dict)
-    started_at: float | None = None
-    phase_seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def main_job(self) -> str:
-        """The AML job running the scheduler."""
-        return main_job_name(self.name)
+    phases: Phases = field(default_factory=Phases)
 
     @property
     def closing(self) -> bool:
         """True once the cluster object is closing or detaching."""
         return self.lifecycle in (Lifecycle.CLOSING, Lifecycle.DETACHING)
 
-    def main_job_ended(self) -> bool:
-        """True once the main job (hence the scheduler) is known to have ended."""
-        status = self.jobs.get(self.main_job)
-        return status in TERMINAL_STATUSES or status == "Finalizing"
-
     def remaining(self) -> float | None:
         """Seconds left before the cluster's deadline (None: no deadline)."""
         return None if self.deadline is None else self.deadline - time.monotonic()
-
-    def mark(self, phase: str) -> None:
-        """Record when a startup phase was first reached (seconds since submission began)."""
-        if self.started_at is not None:
-            self.phases.setdefault(phase, round(time.monotonic() - self.started_at, 3))
 
 
 @dataclass(frozen=True)
@@ -203,6 +185,22 @@ class ClusterContext:
     def plan(self) -> ClusterPlan:
         """The cluster's plan (see :mod:`~dask_amlcompute.backend.plan`)."""
         return self.state.plan
+
+    @property
+    def main_job(self) -> str:
+        """The AML job running the scheduler."""
+        return main_job_name(self.settings.name)
+
+    def main_job_ended(self) -> bool:
+        """True once the main job (hence the scheduler) is known to have ended."""
+        status = self.state.jobs.get(self.main_job)
+        return status in TERMINAL_STATUSES or status == "Finalizing"
+
+    def note(self, info: JobInfo) -> str | None:
+        """Record a job's latest status in ``state.jobs``; return the one it had."""
+        previous = self.state.jobs.get(info.name)
+        self.state.jobs[info.name] = info.status
+        return previous
 
     def node_options(
         self, role: str, prefix: str, scheduler_address: str | None = None

@@ -1,26 +1,26 @@
 """One watch for all of a cluster's AML jobs: a constant number of requests per interval.
 
-While a cluster runs, its main job polls every ``watch_interval`` (see
-:meth:`~dask_amlcompute.backend.jobs.MainJob._watch`) and each poll is
-:func:`poll_jobs`: **one** job list, ``GET /jobs?listViewType=ActiveOnly&tag=KEY``,
+While a cluster runs, its main job's supervisor (see
+:meth:`~dask_amlcompute.backend.jobs.MainJob._supervise`) calls :meth:`JobWatch.poll`
+every ``watch_interval``: **one** job list, ``GET /jobs?listViewType=ActiveOnly&tag=KEY``,
 where ``KEY`` is the tag key only this cluster's jobs carry
 (:func:`~dask_amlcompute._protocol.cluster_key_tag`). The list holds every job
 of the cluster that is not archived, ended ones included with their final
 status, so the request count does not grow with the number of worker jobs (a
 list of more than one page costs one request per page).
 
-A watched job missing from the list (archived, or just submitted and not listed
+A followed job missing from the list (archived, or just submitted and not listed
 yet) costs one ``GET /jobs/{name}`` in that poll. The list may lag a GET (nothing
 documents that it is as fresh): the main job seeming to go back to an earlier status is
 confirmed with one GET before anything is concluded (see
-:meth:`~dask_amlcompute.backend.jobs.MainJob._main_update`). A job that has ended is handed to the
-handler it was registered with in :attr:`ClusterState.watched
-<dask_amlcompute.backend.state.ClusterState.watched>` and is no longer watched.
+:meth:`~dask_amlcompute.backend.jobs.MainJob._main_update`). A job that has ended is
+handed to the handler it was followed with and is no longer followed.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from .._protocol import cluster_key_tag
 from .jobwait import PHASE_MESSAGES
@@ -29,65 +29,68 @@ from .state import ClusterContext
 
 logger = logging.getLogger(__name__)
 
-
-def has_ended(context: ClusterContext, info: JobInfo) -> bool:
-    """True once ``info``'s job counts as ended for the cluster.
-
-    The main job ends with its scheduler, from ``Finalizing`` on; a worker job
-    once its status is terminal.
-
-    Parameters
-    ----------
-    context
-        The cluster's context.
-    info
-        The job's latest snapshot (already recorded in ``state.jobs``).
-    """
-    state = context.state
-    return state.main_job_ended() if info.name == state.main_job else info.terminal
+#: What to do when a followed job ends.
+OnJobEnd = Callable[[JobInfo], Awaitable[None]]
+#: Sees ``(previous status, info)`` of each snapshot first; returns the one to go on with.
+OnUpdate = Callable[[str | None, JobInfo], Awaitable[JobInfo]]
 
 
-async def poll_jobs(context: ClusterContext) -> None:
-    """Look once at every watched job; hand each one that has ended to its handler.
-
-    Costs one job list request (per page), plus one ``GET /jobs/{name}`` for each
-    watched job the list does not hold. Updates ``state.jobs``. Handlers are not
-    called once the cluster closes (its own cancellations are not news).
+class JobWatch:
+    """The jobs a cluster follows, and what to do when each of them ends.
 
     Parameters
     ----------
     context
         The cluster's context.
-
-    Raises
-    ------
-    Exception
-        The job list failed (the caller tries again next interval).
     """
-    ctx, state = context, context.state
-    if not state.watched:
-        return
-    listed = await ctx.ops.list_job_infos(cluster_key_tag(ctx.settings.name))
-    for name in list(state.watched):
-        info = listed.get(name)
-        if info is None:  # archived or not listed yet
-            try:
-                info = await ctx.ops.get_job(name)
-            except Exception as exc:  # the control plane may be briefly unavailable
-                logger.debug("Polling %s failed: %s", name, exc)
+
+    def __init__(self, context: ClusterContext) -> None:
+        self.context = context
+        #: AML job name -> (what to do when it ends, what sees each snapshot first)
+        self.followed: dict[str, tuple[OnJobEnd, OnUpdate | None]] = {}
+
+    def follow(self, name: str, on_end: OnJobEnd, on_update: OnUpdate | None = None) -> None:
+        """Follow job ``name`` until it ends."""
+        self.followed[name] = (on_end, on_update)
+
+    async def poll(self) -> None:
+        """Look once at every followed job; hand each one that has ended to its handler.
+
+        Costs one job list request (per page), plus one ``GET /jobs/{name}`` for each
+        followed job the list does not hold. Updates ``state.jobs``. The main job ends
+        from ``Finalizing`` on, a worker job once its status is terminal. Handlers are
+        not called once the cluster closes (its own cancellations are not news).
+
+        Raises
+        ------
+        Exception
+            The job list failed (the caller tries again next interval).
+        """
+        ctx, state = self.context, self.context.state
+        if not self.followed:
+            return
+        listed = await ctx.ops.list_job_infos(cluster_key_tag(ctx.settings.name))
+        for name in list(self.followed):
+            info = listed.get(name)
+            if info is None:  # archived or not listed yet
+                try:
+                    info = await ctx.ops.get_job(name)
+                except Exception as exc:  # the control plane may be briefly unavailable
+                    logger.debug("Polling %s failed: %s", name, exc)
+                    continue
+            previous = ctx.note(info)
+            on_update = self.followed.get(name, (None, None))[1]
+            if on_update is not None and not state.closing:
+                info = await on_update(previous, info)  # a GET may correct the list
+            main = name == ctx.main_job
+            if info.status == "Queued" and previous != "Queued" and not main:
+                ctx.log(f"Worker job {name} is Queued: {PHASE_MESSAGES['Queued']}")
+            if not (ctx.main_job_ended() if main else info.terminal):
                 continue
-        previous = state.jobs.get(name)
-        state.jobs[name] = info.status
-        if name == state.main_job and state.on_main_update is not None and not state.closing:
-            info = await state.on_main_update(previous, info)  # a GET may correct the list
-        if info.status == "Queued" and previous != "Queued" and name != state.main_job:
-            ctx.log(f"Worker job {name} is Queued: {PHASE_MESSAGES['Queued']}")
-        if not has_ended(ctx, info):
-            continue
-        handler = state.watched.pop(name, None)
-        if handler is None or state.closing:
-            continue
-        try:
-            await handler(info)
-        except Exception:
-            logger.exception("Handling the end of AML job %s failed", name)
+            handlers = self.followed.pop(name, None)
+            if handlers is None or state.closing:
+                continue
+            try:
+                await handlers[0](info)
+            except Exception:
+                logger.exception("Handling the end of AML job %s failed", name)

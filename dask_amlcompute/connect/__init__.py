@@ -243,7 +243,7 @@ class SchedulerConnector:
                 if now - first_unanswered >= UNANSWERED_BUDGET:
                     return False
             info = await ctx.ops.get_job(job_name)
-            ctx.state.jobs[job_name] = info.status
+            ctx.note(info)
             if info.terminal:
                 raise await job_error(
                     ctx.ops, info, f"AML job {job_name} ended {info.status} during startup."

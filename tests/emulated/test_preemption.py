@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_requeued_main_job_is_detected_and_the_cluster_lost(emulator, ml_client, cluster_kwargs):
     with AmlComputeCluster(ml_client, n_nodes=1, **cluster_kwargs) as cluster:
         job = cluster.main_job_name
-        first_id = cluster._context.state.scheduler_id
+        first_id = cluster.scheduler.scheduler_id
         with Client(cluster) as client:
             assert client.submit(lambda: 1).result() == 1
         emulator.preempt_node(job, 0, requeue=True)  # AML runs the job again, on a new VM

@@ -187,25 +187,12 @@ def _worker_threads(opts: NodeOptions) -> int:
 
 
 async def start_scheduler(ctx: NodeContext, opts: NodeOptions) -> Any:
-    """Start this node's Dask scheduler as every dask-amlcompute job runs it.
+    """Start this node's Dask scheduler (on ``ctx.node_ip``), as cluster and job-mode jobs do.
 
     The cluster's TLS (:func:`node_security`), ``--idle-timeout``, the scheduler
     plugins (:class:`~.plugins.KeepMainJobWorkers` for ``--role cluster``,
     :class:`~.plugins.NoClientTimeout` with ``--no-client-timeout``) and
-    ``--scheduler-options`` apply; cluster jobs and job-mode jobs both start
-    their scheduler here.
-
-    Parameters
-    ----------
-    ctx
-        Where this node sits in the job (the scheduler listens on ``ctx.node_ip``).
-    opts
-        The entrypoint's options.
-
-    Returns
-    -------
-    distributed.Scheduler
-        The running scheduler.
+    ``--scheduler-options`` apply. Returns the running ``distributed.Scheduler``.
     """
     from distributed import Scheduler
 
@@ -475,10 +462,19 @@ async def _run_scheduler_node(ctx: NodeContext, opts: NodeOptions, stop: asyncio
     await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
 
 
+async def _start_when_listening(address: str, ctx: NodeContext, opts: NodeOptions) -> list:
+    """:func:`start_workers` once ``address`` listens (polled every 50 ms, death timeout)."""
+    # a nanny dials with Dask's exponential back-off: seconds late after a slow scheduler start
+    deadline = time.monotonic() + opts.death_timeout
+    while time.monotonic() < deadline and not await _listening(address, 1.0):
+        await asyncio.sleep(0.05)
+    return await start_workers(address, ctx, opts)
+
+
 async def _run_worker_node(
     scheduler_address: str, ctx: NodeContext, opts: NodeOptions, stop: asyncio.Event
 ):
-    starting = asyncio.ensure_future(start_workers(scheduler_address, ctx, opts))
+    starting = asyncio.ensure_future(_start_when_listening(scheduler_address, ctx, opts))
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():  # AML is cancelling the job while the workers still join

@@ -262,19 +262,10 @@ def worker_options(opts: NodeOptions) -> dict[str, Any]:
 async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOptions) -> list:
     """Start ``opts.processes`` workers (nannies) on this node for ``scheduler_address``.
 
-    Workers are named ``PREFIX-RANK-INDEX``, use the cluster's TLS and keep
-    their scratch space in the job's working directory.
-
-    Returns
-    -------
-    list of distributed.Nanny
-        The running nannies.
-
-    Raises
-    ------
-    RuntimeError
-        The workers could not join the scheduler within ``--death-timeout``, or
-        failed to start; every nanny started is closed first.
+    Workers are named ``PREFIX-RANK-INDEX``, use the cluster's TLS and keep their scratch
+    space in the job's working directory. Returns the running nannies; raises
+    ``RuntimeError`` if they could not join within ``--death-timeout`` or failed to start
+    (every nanny started is closed first).
     """
     if opts.cuda:
         return await start_cuda_workers(scheduler_address, ctx, opts)
@@ -466,7 +457,10 @@ async def _start_when_listening(address: str, ctx: NodeContext, opts: NodeOption
     """:func:`start_workers` once ``address`` listens (polled every 50 ms, death timeout)."""
     # a nanny dials with Dask's exponential back-off: seconds late after a slow scheduler start
     deadline = time.monotonic() + opts.death_timeout
-    while time.monotonic() < deadline and not await _listening(address, 1.0):
+    while not await _listening(address, 1.0):
+        if time.monotonic() > deadline:
+            why = f"could not join the scheduler at {address} within {opts.death_timeout:.0f}s"
+            raise RuntimeError(f"Workers on node rank {ctx.rank} {why}")
         await asyncio.sleep(0.05)
     return await start_workers(address, ctx, opts)
 
@@ -491,8 +485,11 @@ async def _run_worker_node(
         return
     waiter = asyncio.ensure_future(stop.wait())
     done = [asyncio.ensure_future(n.finished()) for n in nannies]
-    await asyncio.wait([waiter, *done], return_when=asyncio.FIRST_COMPLETED)
-    if stop.is_set():
+    told = False  # by the closing scheduler: a worker process left to exit by itself lingers
+    while not (stop.is_set() or told or any(d.done() for d in done)):  # 2 s (its stop queue)
+        await asyncio.wait([waiter, *done], timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
+        told = any(n.status == Status.closing_gracefully for n in nannies)
+    if stop.is_set() or told:
         await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
     else:
         await asyncio.gather(*done)

@@ -99,10 +99,13 @@ class Options:
         Fewer repetitions and smaller workloads (``--quick``).
     workdir
         A temporary directory for this run (keys, configs, logs).
+    sizes
+        Cluster sizes to measure, for the suites that take them (``--sizes``; empty: theirs).
     """
 
     quick: bool
     workdir: Path
+    sizes: tuple[int, ...] = ()
 
     def pick(self, full: Any, quick: Any) -> Any:
         """``quick`` in quick mode, else ``full``."""
@@ -245,6 +248,8 @@ def plain_dask_start(
     rep: list[int],
     memory_limit: str | None = None,
     on_ready: Callable[[Any, float], None] | None = None,
+    closed: list[float] | None = None,
+    python: tuple[str, dict[str, str]] | None = None,
 ) -> float:
     """Seconds from launching ``dask scheduler`` + ``n`` ``dask worker`` to a client with ``n``.
 
@@ -263,26 +268,36 @@ def plain_dask_start(
         ``--memory-limit`` of each worker (None: Dask's default).
     on_ready
         Called with ``(client, elapsed)`` once every worker joined.
+    closed
+        If given, the cluster is closed with ``client.shutdown()``; receives the seconds
+        until every process exited.
+    python
+        Another virtualenv's ``bin`` folder and the processes' environment (None: this
+        interpreter's ``dask``); its workers run without a dashboard, as a cluster's do.
     """
     rep[0] += 1
     sched_file = workdir / f"plain-scheduler-{n}-{rep[0]}.json"
     log = workdir / "plain-dask.log"
     limit = ["--memory-limit", memory_limit] if memory_limit else []
+    dask_cli, env = (DASK_CLI, None) if python is None else (f"{python[0]}/dask", python[1])
+    limit += [] if python is None else ["--no-dashboard"]
     start = time.perf_counter()
     procs = [
         spawn(
-            [DASK_CLI, "scheduler", "--host", "127.0.0.1", "--port", "0",
+            [dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0",
              "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file)],
             log,
+            env=env,
         )
     ]  # fmt: skip
     try:
         for _ in range(n):
             procs.append(
                 spawn(
-                    [DASK_CLI, "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+                    [dask_cli, "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
                      *limit, "--host", "127.0.0.1", "--death-timeout", "60"],
                     log,
+                    env=env,
                 )
             )  # fmt: skip
         wait_until(sched_file.exists, 60 + 3 * n, "the scheduler file", step=0.01)
@@ -293,6 +308,11 @@ def plain_dask_start(
             elapsed = time.perf_counter() - start
             if on_ready is not None:
                 on_ready(client, elapsed)
+            if closed is not None:  # Dask's own cluster close: the scheduler stops its workers
+                stopping = time.perf_counter()
+                client.shutdown()
+                wait_until(lambda: all(p.poll() is not None for p in procs), 60, "plain dask exit")
+                closed.append(time.perf_counter() - stopping)
     finally:
         stop_all(procs)
     return elapsed

@@ -39,6 +39,7 @@ SUITES = (
     "scaling",
     "scale",
     "roundtrips",
+    "startsize",
 )
 #: Suites run only when named with ``--only`` (extra dependencies, research questions).
 OPT_IN = ("forwarders",)
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, smaller work")
     parser.add_argument("--only", nargs="+", choices=SUITES + OPT_IN, metavar="NAME",
                         help=f"run only these suites: {', '.join(SUITES + OPT_IN)}")  # fmt: skip
+    parser.add_argument("--sizes", nargs="+", type=int, default=(), metavar="N",
+                        help="cluster sizes, for the suites that take them (startsize)")  # fmt: skip
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(BENCH_DIR))
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     rows, notes, failed = [], [], []
     with tempfile.TemporaryDirectory(prefix="dask-amlcompute-bench-") as tmp:
-        opts = common.Options(quick=args.quick, workdir=Path(tmp))
+        opts = common.Options(quick=args.quick, workdir=Path(tmp), sizes=tuple(args.sizes))
         for name in names:
             print(f"\n== {name} ==", flush=True)
             t0 = time.monotonic()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distributed import Nanny, Scheduler
+from distributed.comm import get_address_host_port
 from distributed.comm.core import CommClosedError
 from distributed.core import Status
 from distributed.security import Security
@@ -394,10 +395,33 @@ async def _run_scheduler_node(ctx: NodeContext, opts: NodeOptions, stop: asyncio
     await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
 
 
+async def _listening(address: str, timeout: float) -> bool:
+    """True if something accepts TCP connections at the Dask ``address``."""
+    try:
+        conn = asyncio.open_connection(*get_address_host_port(address))
+        _, writer = await asyncio.wait_for(conn, timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+async def _start_when_listening(address: str, ctx: NodeContext, opts: NodeOptions) -> list:
+    """:func:`start_workers` once ``address`` listens (polled every 50 ms, death timeout)."""
+    # a nanny dials with Dask's exponential back-off: seconds late after a slow scheduler start
+    deadline = time.monotonic() + opts.death_timeout
+    while not await _listening(address, 1.0):
+        if time.monotonic() > deadline:
+            why = f"could not join the scheduler at {address} within {opts.death_timeout:.0f}s"
+            raise RuntimeError(f"Workers on node rank {ctx.rank} {why}")
+        await asyncio.sleep(0.05)
+    return await start_workers(address, ctx, opts)
+
+
 async def _run_worker_node(
     scheduler_address: str, ctx: NodeContext, opts: NodeOptions, stop: asyncio.Event
 ):
-    starting = asyncio.ensure_future(start_workers(scheduler_address, ctx, opts))
+    starting = asyncio.ensure_future(_start_when_listening(scheduler_address, ctx, opts))
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():  # AML is cancelling the job while the workers still join
@@ -412,8 +436,11 @@ async def _run_worker_node(
         return
     waiter = asyncio.ensure_future(stop.wait())
     done = [asyncio.ensure_future(n.finished()) for n in nannies]
-    await asyncio.wait([waiter, *done], return_when=asyncio.FIRST_COMPLETED)
-    if stop.is_set():
+    told = False  # by the closing scheduler: a worker process left to exit by itself lingers
+    while not (stop.is_set() or told or any(d.done() for d in done)):  # 2 s (its stop queue)
+        await asyncio.wait([waiter, *done], timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
+        told = any(n.status == Status.closing_gracefully for n in nannies)
+    if stop.is_set() or told:
         await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
     else:
         await asyncio.gather(*done)

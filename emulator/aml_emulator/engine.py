@@ -678,7 +678,7 @@ class Engine:
         job.error = error
         job.end_time = time.time()
 
-    def _make_nodes(self, job: JobRecord, compute: ComputeState) -> None:
+    async def _make_nodes(self, job: JobRecord, compute: ComputeState) -> None:
         base = os.path.join(self.workdir, "jobs", job.name)
         for rank, slot in enumerate(job.slots or []):
             job.nodes.append(
@@ -691,10 +691,13 @@ class Engine:
                     log_path=os.path.join(base, "logs", log_name(rank)),
                 )
             )
-            code_id = self.specs[job.name].code_id if job.name in self.specs else None
-            if code_id:  # each node gets its own copy of the snapshot as working directory
-                os.makedirs(job.nodes[-1].workdir, exist_ok=True)
-                materialise(self.codes, code_id, job.nodes[-1].workdir)
+        code_id = self.specs[job.name].code_id if job.name in self.specs else None
+        if code_id:  # each node gets its own copy of the snapshot as working directory, all at
+            # once off the event loop (AML's nodes download it each on its own VM)
+            copies = [
+                asyncio.to_thread(materialise, self.codes, code_id, n.workdir) for n in job.nodes
+            ]
+            await asyncio.gather(*copies)
 
     async def _start_ssh(self, compute: ComputeState, job: JobRecord) -> None:
         if self._ssh_factory is None or not compute.spec.ssh_enabled:
@@ -786,7 +789,7 @@ class Engine:
         job.queue_reason = None
         if self._ended_early(job):
             return
-        self._make_nodes(job, compute)
+        await self._make_nodes(job, compute)
         await self._start_ssh(compute, job)
         await self.job_services.start(job, spec.ssh_services, compute.spec.name, self.network)
         await self._run_nodes(job, spec)

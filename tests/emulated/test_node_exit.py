@@ -119,3 +119,23 @@ async def _test_sigterm_while_joining_exits_cleanly(tmp_path):
     code, log = await _wait(proc, 30)
     assert "Stopped while the workers were joining the scheduler" in log, log
     assert code == 0, log
+
+
+def test_worker_node_started_before_its_scheduler_joins_it_and_exits_with_it(tmp_path):
+    asyncio.run(_test_worker_node_started_before_its_scheduler(tmp_path))
+
+
+async def _test_worker_node_started_before_its_scheduler(tmp_path):
+    # as on AML, ranks above 0 start with rank 0: the node polls the port, then joins; when
+    # the scheduler closes, the node stops its workers and exits 0
+    port = open_port("127.0.0.1")
+    proc = _node(tmp_path, "--scheduler-address", f"tcp://127.0.0.1:{port}")
+    await asyncio.sleep(2)
+    async with Scheduler(host="127.0.0.1", port=port, dashboard=False) as scheduler:
+        deadline = asyncio.get_running_loop().time() + 60
+        while not scheduler.workers:
+            assert asyncio.get_running_loop().time() < deadline, "the worker never joined"
+            await asyncio.sleep(0.05)
+    code, log = await _wait(proc, 30)
+    assert code == 0, log
+    assert "Started 1 worker(s)" in log, log

@@ -258,8 +258,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             return await super()._start()
         ctx = self._context
         try:
-            ctx.state.plan = await plan_cluster(ctx.settings, ctx.ops, ctx.plan, self._log)
-            self._build_worker_specs()
+            await self._prepare()
             await super()._start()
         except RuntimeError as exc:
             # SpecCluster wraps start failures in RuntimeError; surface our typed error.
@@ -269,6 +268,12 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             if failure is not None:  # e.g. the node died right after publishing its address
                 raise failure from exc
             raise
+
+    async def _prepare(self) -> None:
+        """Complete the plan (:func:`~.backend.plan.plan_cluster`); build the worker specs once."""
+        ctx = self._context
+        ctx.state.plan = await plan_cluster(ctx.settings, ctx.ops, ctx.plan, self._log)
+        self._build_worker_specs()
 
     async def _close(self) -> None:
         state, scheduler = self._context.state, self.scheduler

@@ -83,11 +83,15 @@ IMAGE_BUILD_FAILED = "Image build failed"
 IMAGE_BUILD_LOG = "20_image_build_log"
 
 #: Lines of pip, conda and uv that name a requirement they could not install.
-_UNINSTALLABLE = (
-    re.compile(r"No matching distribution found for (\S+)"),
-    re.compile(r"Could not find a version that satisfies the requirement (\S+)"),
-    re.compile(r"Because (\S+?)(?:\[\S*\])? was not found in the package registry"),
-    re.compile(r"Because there (?:is|are) no versions? of (\S+?)(?:\[\S*\])? and you require"),
+#: (uv wraps its messages at the terminal's width: any whitespace between words)
+_UNINSTALLABLE = tuple(
+    re.compile(pattern.replace(" ", r"\s+"))
+    for pattern in (
+        r"No matching distribution found for (\S+)",
+        r"Could not find a version that satisfies the requirement (\S+)",
+        r"Because (\S+?)(?:\[\S*\])? was not found in the package registry",
+        r"Because there (?:is|are) no versions? of (\S+?)(?:\[\S*\])? and you require",
+    )
 )
 _CONDA_LISTS = re.compile(
     r"(?:ResolvePackageNotFound|PackagesNotFoundError)[^\n]*\n((?:\s*\n|\s+- [^\n]+\n)+)"

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 from distributed import Scheduler
@@ -131,11 +132,17 @@ async def _test_worker_node_started_before_its_scheduler(tmp_path):
     port = open_port("127.0.0.1")
     proc = _node(tmp_path, "--scheduler-address", f"tcp://127.0.0.1:{port}")
     await asyncio.sleep(2)
+    lines: list[str] = []  # the node's log as it comes (its nanny started: then close)
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
     async with Scheduler(host="127.0.0.1", port=port, dashboard=False) as scheduler:
         deadline = asyncio.get_running_loop().time() + 60
-        while not scheduler.workers:
+        while not (scheduler.workers and any("Started 1 worker(s)" in x for x in lines)):
             assert asyncio.get_running_loop().time() < deadline, "the worker never joined"
             await asyncio.sleep(0.05)
-    code, log = await _wait(proc, 30)
-    assert code == 0, log
-    assert "Started 1 worker(s)" in log, log
+    try:
+        code = await asyncio.wait_for(asyncio.to_thread(proc.wait), 30)
+    finally:
+        proc.kill()  # a no-op once it exited
+        reader.join(10)
+    assert code == 0, "".join(lines)

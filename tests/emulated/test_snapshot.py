@@ -151,6 +151,11 @@ def test_the_staged_library_runs_from_the_snapshot_folder(tmp_path):
             "nosuch-pkg==0.0.1, we can conclude that your requirements are unsatisfiable.\n",
             ["nosuch-pkg"],
         ),
+        (  # uv wraps at the terminal's width (seen under pytest-xdist)
+            "  cause: Because nosuch-pkg was\n         not found in the package registry and you "
+            "require\n         nosuch-pkg==0.0.1, we can conclude that your\n",
+            ["nosuch-pkg"],
+        ),
         (
             "ResolvePackageNotFound: \n  - libcxx=4.0.1\n  - python=2.8.1\n\nother\n",
             ["libcxx=4.0.1", "python=2.8.1"],

@@ -28,7 +28,7 @@ from distributed.deploy.spec import ProcessInterface
 from .._protocol import DASHBOARD_TAG, SCHEDULER_ID_TAG, SCHEDULER_TAG
 from ..connect import host_port, reachable
 from ..exceptions import ClusterLostError, SchedulerUnreachableError, StartupTimeoutError
-from .jobwait import LIKELY_CAUSES, job_error, missing_module_hint, wait_for_tag
+from .jobwait import LIKELY_CAUSES, job_error, missing_module_hint, refresh, wait_for_tag
 from .ops import TERMINAL_STATUSES as TERMINAL
 from .ops import JobInfo
 from .state import ClusterContext, Lifecycle, Phases
@@ -430,12 +430,7 @@ class MainJobWorkers(_JobWorkers):
             now = time.monotonic()
             if now - last_check >= ctx.settings.poll_interval:
                 last_check = now
-                info = await ctx.ops.get_job(job_name)
-                ctx.note(info)
-                if info.terminal:
-                    raise await job_error(
-                        ctx.ops, info, f"AML job {job_name} ended before its workers joined."
-                    )
+                await refresh(ctx, job_name, "before its workers joined.")
             if now >= deadline:
                 info = await ctx.ops.get_job(job_name)
                 missing = ", ".join(sorted(wanted - joined))

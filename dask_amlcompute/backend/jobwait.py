@@ -36,6 +36,7 @@ __all__ = [
     "failed_error",
     "job_error",
     "missing_module_hint",
+    "refresh",
     "wait_for_tag",
 ]
 
@@ -133,6 +134,15 @@ async def job_error(
     return cls(
         message, job_name=info.name, status=info.status, studio_url=info.studio_url, log_tail=tail
     )
+
+
+async def refresh(ctx: ClusterContext, job_name: str, when: str) -> JobInfo:
+    """GET job ``job_name`` and note its status; its error (``... ended Failed {when}``) if ended."""
+    info = await ctx.ops.get_job(job_name)
+    ctx.note(info)
+    if info.terminal:
+        raise await job_error(ctx.ops, info, f"AML job {job_name} ended {info.status} {when}")
+    return info
 
 
 async def failed_error(ops: AmlOps, name: str, timeout: float) -> JobError | None:

@@ -226,7 +226,7 @@ class SchedulerConnector:
         the host is reachable: the job's status decides (ended: its typed error),
         bounded by ``deadline``.
         """
-        from ..backend.jobwait import job_error
+        from ..backend.jobwait import refresh
 
         ctx = self.context
         host, port = host_port(scheduler)
@@ -242,12 +242,7 @@ class SchedulerConnector:
                 first_unanswered = first_unanswered or now
                 if now - first_unanswered >= UNANSWERED_BUDGET:
                     return False
-            info = await ctx.ops.get_job(job_name)
-            ctx.note(info)
-            if info.terminal:
-                raise await job_error(
-                    ctx.ops, info, f"AML job {job_name} ended {info.status} during startup."
-                )
+            info = await refresh(ctx, job_name, "during startup.")
             if now >= deadline:
                 raise SchedulerUnreachableError(
                     f"The scheduler of AML job {job_name} published {scheduler} but did not "

@@ -456,9 +456,15 @@ class JobServiceProxyHandler(tornado.websocket.WebSocketHandler):
         self.services._relays.discard(self)
         if self._pump is not None:
             self._pump.cancel()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._writer is not None:  # half-close, as a TCP proxy does: the daemon still
+            # answers what reached it (channel closes) and hangs up on the client's DISCONNECT;
+            # a full close made it write into a reset socket ("socket.send() raised exception.")
+            writer, self._writer = self._writer, None
+            if writer.can_write_eof() and not writer.is_closing():
+                writer.write_eof()
+                asyncio.get_running_loop().call_later(CONNECT_TIMEOUT, writer.close)
+            else:
+                writer.close()
 
 
 def jobservice_routes(services: JobServices) -> list[Any]:

@@ -417,31 +417,31 @@ class MainJobWorkers(_JobWorkers):
         wanted = set(self.worker_names)
         last_check = time.monotonic()
         joined: set[str] = set()
-        while True:
-            try:
-                async with rpc(self.scheduler, timeout=5, connection_args=ctx.connection_args) as s:
-                    ident = await s.identity()
-                joined = {str(w.get("name")) for w in ident.get("workers", {}).values()}
-            except OSError as exc:  # the scheduler went away: the job says why
-                logger.debug("Scheduler not answering: %s", exc)
-                last_check = -math.inf
-            if wanted <= joined:
-                return
-            now = time.monotonic()
-            if now - last_check >= ctx.settings.poll_interval:
-                last_check = now
-                await refresh(ctx, job_name, "before its workers joined.")
-            if now >= deadline:
-                info = await ctx.ops.get_job(job_name)
-                missing = ", ".join(sorted(wanted - joined))
-                raise await job_error(
-                    ctx.ops,
-                    info,
-                    f"Workers {missing} did not join the scheduler within {timeout:.0f}s "
-                    f"(startup_timeout). {LIKELY_CAUSES.get(info.status, '')}",
-                    StartupTimeoutError,
-                )
-            await asyncio.sleep(0.1)
+        async with rpc(self.scheduler, timeout=5, connection_args=ctx.connection_args) as scheduler:
+            while True:
+                try:
+                    ident = await scheduler.identity()
+                    joined = {str(w.get("name")) for w in ident.get("workers", {}).values()}
+                except OSError as exc:  # the scheduler went away: the job says why
+                    logger.debug("Scheduler not answering: %s", exc)
+                    last_check = -math.inf
+                if wanted <= joined:
+                    return
+                now = time.monotonic()
+                if now - last_check >= ctx.settings.poll_interval:
+                    last_check = now
+                    await refresh(ctx, job_name, "before its workers joined.")
+                if now >= deadline:
+                    info = await ctx.ops.get_job(job_name)
+                    missing = ", ".join(sorted(wanted - joined))
+                    raise await job_error(
+                        ctx.ops,
+                        info,
+                        f"Workers {missing} did not join the scheduler within {timeout:.0f}s "
+                        f"(startup_timeout). {LIKELY_CAUSES.get(info.status, '')}",
+                        StartupTimeoutError,
+                    )
+                await asyncio.sleep(0.1)
 
 
 class WorkerJob(_JobWorkers):

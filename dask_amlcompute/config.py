@@ -296,7 +296,7 @@ def checked(key: str, value: Any, what: str | None = None) -> Any:
     schema's ``check`` has the last word. ``what`` names it in errors (``n_nodes``).
     """
     what = what or key.replace("-", "_")
-    entry = schema()[key]
+    entry = _validator(key).schema  # a config key's, or a definition's (map_batches options)
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if key == "job-tier" and isinstance(value, str):

@@ -1,18 +1,9 @@
 """Batch runs over many inputs: mini-batches, retries, time limits, an error threshold.
 
-What AML's ParallelRunStep and R's ``foreach`` gave their users, on any Dask
-client (an :class:`~dask_amlcompute.AmlComputeCluster`, a ``LocalCluster``, ...):
-
-* :func:`map_batches` runs ``fn`` over every input and returns the results in
-  input order, with an :class:`ItemError` in place of each input that failed;
-* :func:`iter_batches` yields finished mini-batches as they complete, keeping at
-  most ``max_in_flight`` batches submitted, so memory stays bounded.
-
-Each mini-batch is one Dask task calling ``fn`` on its inputs one by one; an
-exception fails only its own input. A batch time limit (``timeout``) abandons a
-hung call (its thread is interrupted at its next Python instruction; one blocked
-in C code is counted in :attr:`BatchStats.stuck_threads`) and resubmits the inputs
-after it. This is the client side; the worker side is :mod:`.worker`.
+On any Dask client, :func:`map_batches` returns the results in input order (an
+:class:`ItemError` in place of each input that failed); :func:`iter_batches`
+yields finished mini-batches, at most ``max_in_flight`` submitted at once. Each
+mini-batch is one Dask task (:mod:`.worker`); an exception fails only its input.
 """
 
 from __future__ import annotations
@@ -30,146 +21,108 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from distributed import Client, as_completed, get_client
+from distributed.deploy import Cluster
 from tqdm.auto import tqdm
 
+from ..config import checked
 from ..exceptions import ConfigurationError, ErrorThresholdExceededError
-from ..validation import count, parse_duration
 from .output import _write_batch
 from .types import BatchResult, BatchStats, ItemError
 from .worker import _drop_state, _error, _run_batch
 
 __all__ = ["BatchResult", "BatchStats", "ItemError", "iter_batches", "map_batches"]
 
-
-class _Progress:
-    """A tqdm bar with done/failed/retried counts, then a one-line summary."""
-
-    def __init__(self, stats: BatchStats, enabled: bool, desc: str) -> None:
-        self.stats, self.desc = stats, desc
-        self.bar = tqdm(
-            total=stats.total, desc=desc, unit="item", file=sys.stderr, disable=not enabled
-        )
-
-    def update(self) -> None:
-        s = self.stats
-        self.bar.set_postfix(failed=s.failed, retried=s.retried, refresh=False)
-        self.bar.update(s.done + s.failed - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar.disable:
-            return
-        self.update()
-        self.bar.close()
-        print(f"{self.desc}: {self.stats.summary()}", file=sys.stderr, flush=True)
+#: Options checked by their entries in amlcompute-schema.yaml (its ``definitions``).
+_IN_SCHEMA = ("batch_size", "max_in_flight", "total", "retries", "error_threshold", "timeout",
+              "output_dir", "output_format", "progress", "desc")  # fmt: skip
+#: The other arguments: what they must be (where None is allowed: not given).
+_KINDS: dict[str, tuple[Any, str]] = {
+    "fn": (Callable, "callable"),
+    "init": (Callable | None, "callable"),
+    "inputs": (Iterable, "iterable"),
+    "client": (Client | None, "a distributed Client"),
+    "cluster": (Cluster | None, "a distributed Cluster"),
+}
+_PENDING = object()  # the result of an input still running or to be retried
 
 
 class _Batch:
     """An original mini-batch while its inputs are running or being retried."""
 
     def __init__(self, number: int, first: int, inputs: list) -> None:
-        self.number = number
+        self.number, self.inputs, self.remaining = number, inputs, len(inputs)
         self.indices = list(range(first, first + len(inputs)))
-        self.inputs = inputs
-        self.results: list[Any] = [None] * len(inputs)
-        self.final = [False] * len(inputs)
+        self.results: list[Any] = [_PENDING] * len(inputs)
         self.attempts = [0] * len(inputs)
-        self.remaining = len(inputs)
 
 
-def _check_threshold(value: int | float | None, total: int | None) -> int | float | None:
+def _checked(o: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a batch run, refused if bad before anything is submitted."""
+    o |= {name: checked(name, o[name]) for name in _IN_SCHEMA}
+    if o["client"] is not None and o["cluster"] is not None:
+        raise ConfigurationError("Pass client= or cluster=, not both.")
+    for what, (kind, words) in _KINDS.items():
+        if not isinstance(o[what], kind):
+            raise ConfigurationError(f"{what} must be {words}, got {o[what]!r}.")
+    if o["output_dir"] is not None:
+        try:  # now: an unwritable folder fails before any batch runs
+            Path(o["output_dir"]).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(f"output_dir cannot be created: {exc}") from None
+    return o
+
+
+def _allowed_failures(value: float | None, total: int | None) -> float | None:
+    """``error_threshold`` (-1, a count or a fraction; schema-checked) as a count; None: no limit."""
     if value is None or value == -1:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigurationError(
-            f"error_threshold must be -1 (never stop), a count >= 0 or a fraction in (0, 1), "
-            f"got {value!r}."
-        )
-    if isinstance(value, float) and 0 < value < 1:
+    if 0 < value < 1:
         if total is None:
             raise ConfigurationError(
                 "error_threshold as a fraction needs the number of inputs: pass a sized "
                 "collection or total=."
             )
         return value * total
-    if value != int(value):
-        raise ConfigurationError(f"error_threshold {value!r}: a count must be a whole number.")
-    return int(value)
-
-
-#: Formats of the files ``output_dir`` gets.
-OUTPUT_FORMATS = ("auto", "json", "parquet", "pickle")
-
-
-def _check_options(fn: Any, o: dict[str, Any]) -> None:
-    """Refuse bad options of a batch run before anything is submitted."""
-    for what, value in (("fn", fn), ("init", o["init"] or fn)):
-        if not callable(value):
-            raise ConfigurationError(f"{what} must be callable, got {value!r}.")
-    for what, low, high in (
-        ("batch_size", 1, 10**6),
-        ("max_in_flight", 1, 10**5),
-        ("total", 0, None),
-    ):
-        if o[what] is not None:
-            count(o[what], what, low, high)
-    count(o["retries"], "retries", 0, 100)
-    if o["output_format"] not in OUTPUT_FORMATS:
+    if value < 0 or value != int(value):
         raise ConfigurationError(
-            f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {o['output_format']!r}."
+            f"error_threshold must be -1 (never stop), a whole count >= 0 or a fraction in "
+            f"(0, 1), got {value!r}."
         )
-    if not isinstance(o["progress"], bool) or not isinstance(o["desc"], str):
-        raise ConfigurationError("progress must be True or False and desc a string.")
-    if o["client"] is not None and o["cluster"] is not None:
-        raise ConfigurationError("Pass client= or cluster=, not both.")
-    from distributed import Client
-    from distributed.deploy import Cluster
-
-    for what, kind in (("client", Client), ("cluster", Cluster)):
-        if o[what] is not None and not isinstance(o[what], kind):
-            raise ConfigurationError(
-                f"{what} must be a distributed {kind.__name__}, got {o[what]!r}."
-            )
+    return value
 
 
-def _output_dir(value: Any) -> Path | None:
-    """``output_dir`` as a Path, created now: an unwritable folder fails before any batch runs."""
-    if value is None:
-        return None
-    if not isinstance(value, str | os.PathLike):
-        raise ConfigurationError(f"output_dir must be a folder path, got {value!r}.")
-    path = Path(value)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigurationError(f"output_dir={str(path)!r} cannot be created: {exc}") from None
-    return path
+def _advance(bar: Any, stats: BatchStats) -> None:
+    """Move the progress bar to the inputs finished so far, with failed/retried counts."""
+    bar.set_postfix(failed=stats.failed, retried=stats.retried, refresh=False)
+    bar.update(stats.done + stats.failed - bar.n)
+
+
+def _sort_into(results: dict, errors: dict, pairs: Iterable[tuple[int, Any]]) -> None:
+    """Add (input position, result) ``pairs`` to ``results`` and (ItemErrors) ``errors``."""
+    for index, result in pairs:
+        (errors if isinstance(result, ItemError) else results)[index] = result
 
 
 class BatchRun:
     """An iterable batch run; see :func:`iter_batches`. ``stats`` is live while iterating."""
 
-    def __init__(self, fn: Callable, inputs: Iterable, **options: Any) -> None:
-        _check_options(fn, options)
-        if not isinstance(inputs, Iterable):
-            raise ConfigurationError(f"inputs must be iterable, got {type(inputs).__name__}.")
-        self.fn, self.inputs, self.o = fn, inputs, options
-        total = options["total"]
-        if total is None and isinstance(inputs, Sized):
-            total = len(inputs)
+    def __init__(self, arguments: dict[str, Any]) -> None:
+        self.o = o = _checked(arguments)
+        total = o["total"]
+        if total is None and isinstance(o["inputs"], Sized):
+            total = len(o["inputs"])
         self.stats = BatchStats(total=total)
-        self.limit = _check_threshold(options["error_threshold"], total)
-        self.timeout = parse_duration(options["timeout"], "timeout")
-        self.out_dir = _output_dir(options["output_dir"])
+        self.limit = _allowed_failures(o["error_threshold"], total)
+        self.out_dir = None if o["output_dir"] is None else Path(o["output_dir"])
         self.files: list[Path] = []
         self.first_error: ItemError | None = None
 
-    def __iter__(self) -> Iterator[BatchResult]:
-        from distributed import Client, as_completed, get_client
-
-        o, stats = self.o, self.stats
-        client, own = o["client"], False
-        if client is None and o["cluster"] is not None:
-            client, own = Client(o["cluster"], set_as_default=False), True
+    def _client(self) -> tuple[Any, bool]:
+        """The Dask client to use, and whether this run opened it (to close it at the end)."""
+        client, own = self.o["client"], self.o["cluster"] is not None
+        if own:
+            client = Client(self.o["cluster"], set_as_default=False)
         elif client is None:
             try:
                 client = get_client()
@@ -179,40 +132,40 @@ class BatchRun:
                 ) from None
         if client.asynchronous:
             raise ConfigurationError("map_batches/iter_batches need a synchronous Dask client.")
+        return client, own
+
+    def __iter__(self) -> Iterator[BatchResult]:
+        o, stats = self.o, self.stats
+        client, own = self._client()
         threads = sum(client.nthreads().values()) or 2
-        size = o["batch_size"]
-        if size is None:
-            size = 100 if stats.total is None else math.ceil(stats.total / (4 * threads))
-            size = max(1, min(1000, size))
+        guess = 100 if stats.total is None else math.ceil(stats.total / (4 * threads))
+        size = o["batch_size"] or max(1, min(1000, guess))
         max_in_flight = o["max_in_flight"] or max(2, 2 * threads)
         run_id = uuid.uuid4().hex[:8]
-        source = iter(self.inputs)
+        source = iter(o["inputs"])
         tasks: dict[str, tuple[_Batch, list[int]]] = {}
         retry_q: deque[tuple[_Batch, list[int]]] = deque()
         live: dict[int, _Batch] = {}
         seq, numbers, first, exhausted = itertools.count(), itertools.count(), 0, False
         done = as_completed(loop=client.loop)
-        progress = _Progress(stats, o["progress"], o["desc"])
+        bar = tqdm(total=stats.total, desc=o["desc"], unit="item", file=sys.stderr,
+                   disable=not o["progress"])  # fmt: skip
         try:
             while True:
                 while len(tasks) < max_in_flight:
-                    priority = 1
+                    priority = 1  # retries first: their batch is held until they finish
                     if retry_q:
                         batch, positions = retry_q.popleft()
-                    elif not exhausted:
-                        chunk = list(itertools.islice(source, size))
-                        if not chunk:
-                            exhausted = True
-                            continue
+                    elif not exhausted and (chunk := list(itertools.islice(source, size))):
                         batch = _Batch(next(numbers), first, chunk)
-                        first += len(chunk)
-                        live[batch.number] = batch
+                        live[batch.number], first = batch, first + len(chunk)
                         positions, priority = list(range(len(chunk))), 0
                     else:
+                        exhausted = True
                         break
                     future = client.submit(
-                        _run_batch, self.fn, [batch.inputs[p] for p in positions],
-                        self.timeout, o["init"], f"init-{run_id}",
+                        _run_batch, o["fn"], [batch.inputs[p] for p in positions],
+                        o["timeout"], o["init"], f"init-{run_id}",
                         key=f"map_batches-{run_id}-{next(seq)}", priority=priority, pure=False,
                     )  # fmt: skip
                     tasks[future.key] = (batch, positions)
@@ -226,7 +179,7 @@ class BatchRun:
                 future.release()
                 if again:
                     retry_q.append((batch, again))
-                progress.update()
+                _advance(bar, stats)
                 if self.limit is not None and stats.failed > self.limit:
                     raise self._abort(live)
                 if batch.remaining == 0:
@@ -235,7 +188,10 @@ class BatchRun:
         finally:
             for future in list(done.futures):
                 future.cancel()
-            progress.close()
+            _advance(bar, stats)
+            bar.close()
+            if o["progress"]:
+                print(f"{o['desc']}: {stats.summary()}", file=sys.stderr, flush=True)
             if o["init"] is not None:
                 with contextlib.suppress(Exception):
                     client.run(_drop_state, f"init-{run_id}")
@@ -245,38 +201,32 @@ class BatchRun:
     def _record(self, batch: _Batch, positions: list[int], future: Any) -> list[int]:
         """Store a finished task's outcomes; return the positions to run again."""
         stats, again = self.stats, []
-        if future.status == "error":
-            task_error = _error(future.exception())
-            task_error.traceback = "".join(traceback.format_tb(future.traceback()))
-            failed = dict.fromkeys(range(len(positions)), task_error)
-            outcome: tuple = ([None] * len(positions), failed, [], None, 0)
+        if future.status == "error":  # the task itself failed (e.g. its worker died)
+            err = _error(future.exception())
+            err.traceback = "".join(traceback.format_tb(future.traceback()))
+            values, errors, not_run = [], dict.fromkeys(range(len(positions)), err), []
         else:
-            outcome = future.result()
-        values, errors, not_run, _, stats.stuck_threads = outcome
-        skipped = set(not_run)
+            values, errors, not_run, stats.stuck_threads = future.result()
         for k, pos in enumerate(positions):
-            if k in skipped:
+            if k in not_run:  # after a hung call: not run yet
                 again.append(pos)
                 continue
             batch.attempts[pos] += 1
-            if k not in errors:
-                batch.results[pos], batch.final[pos] = values[k], True
-                batch.remaining -= 1
+            if k in errors:
+                err = replace(errors[k], index=batch.indices[pos], attempts=batch.attempts[pos])
+                if batch.attempts[pos] <= self.o["retries"]:
+                    stats.retried += 1
+                    again.append(pos)
+                    continue
+                stats.failed += 1
+                stats.timed_out += err.timed_out
+                # the first failure in input order (batches finish in any order)
+                if self.first_error is None or err.index < self.first_error.index:
+                    self.first_error = err
+            else:
                 stats.done += 1
-                continue
-            err = replace(errors[k])
-            err.index, err.attempts = batch.indices[pos], batch.attempts[pos]
-            if batch.attempts[pos] <= self.o["retries"]:
-                stats.retried += 1
-                again.append(pos)
-                continue
-            batch.results[pos], batch.final[pos] = err, True
+            batch.results[pos] = err if k in errors else values[k]
             batch.remaining -= 1
-            stats.failed += 1
-            stats.timed_out += err.timed_out
-            # the first failure in input order (batches finish in any order)
-            if self.first_error is None or err.index < self.first_error.index:
-                self.first_error = err
         return again
 
     def _finish(self, batch: _Batch) -> BatchResult:
@@ -288,25 +238,21 @@ class BatchRun:
         return result
 
     def _abort(self, live: dict[int, _Batch]) -> ErrorThresholdExceededError:
-        results: dict[int, Any] = {}
-        errors: dict[int, ItemError] = {}
-        for batch in live.values():
-            for pos, index in enumerate(batch.indices):
-                if batch.final[pos]:
-                    target = errors if isinstance(batch.results[pos], ItemError) else results
-                    target[index] = batch.results[pos]
-        first = self.first_error
-        s = self.stats
-        cause = ""
-        if first is not None:
-            cause = f" First failure: input {first.index}: {first.type}: {first.message}."
-        return ErrorThresholdExceededError(
+        s, first = self.stats, self.first_error
+        cause = (
+            f" First failure: input {first.index}: {first.type}: {first.message}." if first else ""
+        )
+        exc = ErrorThresholdExceededError(
             f"Stopped: {s.failed} input(s) failed, more than error_threshold="
             f"{self.o['error_threshold']!r} allows ({s.summary()}).{cause} Batches still "
             "running were cancelled; completed results are in .results and per-item errors "
             "in .errors.",
-            results=results, errors=errors, stats=s, files=self.files,
+            stats=s, files=self.files,
         )  # fmt: skip
+        for batch in live.values():
+            pairs = zip(batch.indices, batch.results, strict=True)
+            _sort_into(exc.results, exc.errors, ((i, r) for i, r in pairs if r is not _PENDING))
+        return exc
 
 
 def iter_batches(
@@ -360,13 +306,11 @@ def iter_batches(
         exception fails the batch's inputs (init is tried again next batch).
     progress
         Show a progress bar (tqdm) with done/failed/retried counts, and a summary.
-    output_dir
+    output_dir, output_format
         Write each finished batch to a file there (``batch-NNNNNN.json``, or
-        ``.parquet`` when every result of the batch is a pandas DataFrame and
-        pyarrow is installed; a batch's errors then go to ``.errors.json``). The
-        yielded batches carry ``path``.
-    output_format
-        ``"auto"``, ``"json"``, ``"parquet"`` or ``"pickle"``.
+        ``.parquet`` when every result is a pandas DataFrame and pyarrow is
+        installed, its errors in ``.errors.json``; ``output_format``: ``"auto"``,
+        ``"json"``, ``"parquet"`` or ``"pickle"``). Yielded batches carry ``path``.
     max_in_flight
         Most batches submitted at once. Default: twice the worker threads.
     total, desc
@@ -383,31 +327,15 @@ def iter_batches(
     >>> for batch in iter_batches(score, paths, client=client, batch_size=50):  # doctest: +SKIP
     ...     save(batch.indices, batch.results)
     """
-    return BatchRun(
-        fn, inputs, client=client, cluster=cluster, batch_size=batch_size,
-        error_threshold=error_threshold, timeout=timeout, retries=retries, init=init,
-        progress=progress, output_dir=output_dir, output_format=output_format,
-        max_in_flight=max_in_flight, total=total, desc=desc,
-    )  # fmt: skip
+    return BatchRun(dict(locals()))  # the arguments by name, checked now
 
 
 def map_batches(fn: Callable, inputs: Iterable, **options: Any) -> list[Any]:
     """Run ``fn`` over every input in mini-batches; return the results in input order.
 
     An input that failed (after ``retries``) gets an :class:`ItemError` in place
-    of its result; nothing is swallowed: the summary counts failures and each
-    error carries its exception type, message, traceback and worker.
-
-    Parameters
-    ----------
-    fn
-        Called as ``fn(item)``, or ``fn(item, state)`` when ``init`` is given.
-    inputs
-        Any iterable.
-    **options
-        Every keyword of :func:`iter_batches`: ``client``, ``cluster``,
-        ``batch_size``, ``error_threshold``, ``timeout``, ``retries``, ``init``,
-        ``progress``, ``output_dir``, ``output_format``, ``max_in_flight``, ``total``.
+    of its result, with its exception type, message, traceback and worker.
+    ``options``: every keyword of :func:`iter_batches`.
 
     Returns
     -------
@@ -433,21 +361,11 @@ def map_batches(fn: Callable, inputs: Iterable, **options: Any) -> list[Any]:
     """
     run = iter_batches(fn, inputs, **options)
     results: dict[int, Any] = {}
-    files: list[Path] = []
     try:
         for batch in run:
-            if batch.path is not None:
-                files.append(batch.path)
-            else:
+            if batch.path is None:
                 results.update(zip(batch.indices, batch.results, strict=True))
     except ErrorThresholdExceededError as exc:
-        done = {i: r for i, r in results.items() if not isinstance(r, ItemError)}
-        exc.results = {**done, **exc.results}
-        exc.errors = {
-            **{i: r for i, r in results.items() if isinstance(r, ItemError)},
-            **exc.errors,
-        }
+        _sort_into(exc.results, exc.errors, results.items())
         raise
-    if run.out_dir is not None:
-        return sorted(files)
-    return [results[i] for i in range(len(results))]
+    return sorted(run.files) if run.out_dir else [results[i] for i in range(len(results))]

@@ -1,16 +1,15 @@
-"""Result files of a batch run: one file per finished mini-batch, written atomically.
+"""Result files of a batch run (``output_dir``): one per finished batch, written atomically.
 
-``batch-NNNNNN.json`` (plain data), ``.parquet`` (pandas DataFrames, with the
-batch's errors in ``.errors.json``) or ``.pkl`` (anything picklable); see the
-``output_dir`` and ``output_format`` options of
-:func:`~dask_amlcompute.batch.iter_batches`.
+``.json`` (plain data), ``.parquet`` (DataFrames; errors in ``.errors.json``) or ``.pkl``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +33,10 @@ def _write_batch(out_dir: Path, batch: BatchResult, fmt: str) -> Path:
     pairs = list(zip(batch.indices, batch.results, strict=True))
     errors = [r.to_dict() for _, r in pairs if isinstance(r, ItemError)]
     ok = [(i, r) for i, r in pairs if not isinstance(r, ItemError)]
-    if fmt == "auto":
-        fmt = "json"
-        if ok and type(ok[0][1]).__name__ == "DataFrame":
-            try:
-                import pandas as pd
-                import pyarrow  # noqa: F401
-
-                if all(isinstance(r, pd.DataFrame) for _, r in ok):
-                    fmt = "parquet"
-            except ImportError:
-                pass
+    if fmt == "auto":  # results that are DataFrames come with pandas imported
+        pandas = sys.modules.get("pandas")
+        tables = pandas and ok and all(isinstance(r, pandas.DataFrame) for _, r in ok)
+        fmt = "parquet" if tables and importlib.util.find_spec("pyarrow") else "json"
     path = stem.with_suffix("." + {"pickle": "pkl"}.get(fmt, fmt))
     tmp = path.with_name(path.name + ".tmp")
     if fmt == "parquet":
@@ -58,9 +50,9 @@ def _write_batch(out_dir: Path, batch: BatchResult, fmt: str) -> Path:
         with open(tmp, "wb") as fh:
             data = {"batch": batch.number, "indices": batch.indices, "results": batch.results}
             pickle.dump(data, fh)
-    else:  # json (iter_batches checked output_format)
-        items = [{"index": i, "result": r} for i, r in ok] + [{"error": e} for e in errors]
-        items.sort(key=lambda d: d.get("index", d.get("error", {}).get("index", -1)))
+    else:  # json, in input order
+        items = [{"error": r.to_dict()} if isinstance(r, ItemError) else {"index": i, "result": r}
+                 for i, r in pairs]  # fmt: skip
         tmp.write_text(json.dumps({"batch": batch.number, "items": items}, default=_json_default))
     os.replace(tmp, path)
     return path

@@ -1,9 +1,7 @@
-"""The result types of a batch run: per-input errors, run counters, finished batches.
+"""The result types of a batch run, shared by the worker and client sides.
 
-Public as :mod:`dask_amlcompute.batch` names (:class:`ItemError`, :class:`BatchStats`,
-:class:`BatchResult`); they live here so that the worker side
-(:mod:`dask_amlcompute.batch.worker`) and the client side share them without
-importing each other.
+Public as :mod:`dask_amlcompute.batch` names: :class:`ItemError`, :class:`BatchStats`,
+:class:`BatchResult`.
 """
 
 from __future__ import annotations

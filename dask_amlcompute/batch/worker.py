@@ -1,12 +1,9 @@
 """Worker side of a batch run: the Dask task of one mini-batch.
 
-:func:`_run_batch` calls ``fn`` on each input of a mini-batch, turning exceptions
-into :class:`~dask_amlcompute.batch.ItemError`; with a time limit the calls run in
-a helper thread that is abandoned (and interrupted) when the limit is reached.
-Per-worker ``init`` results are kept on the worker until :func:`_drop_state`.
-
-These functions are pickled by reference into Dask workers, so they stay
-module-level functions of this importable module.
+:func:`_run_batch` calls ``fn`` on each input, turning exceptions into
+:class:`~dask_amlcompute.batch.ItemError`; under a time limit the calls run in a
+helper thread that is abandoned (and interrupted) at the limit. ``init`` results
+stay on the worker until :func:`_drop_state`. Pickled by reference into workers.
 """
 
 from __future__ import annotations
@@ -19,34 +16,23 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from distributed import get_worker
+
 from .types import ItemError
+
+_STATE = "_dask_amlcompute_batch_state"  # the Worker attribute: init results by run
+_STATE_LOCK = threading.Lock()
+_STUCK: list[threading.Thread] = []
 
 
 class _Abandoned(BaseException):
     """Raised into the thread of a call that the batch time limit abandoned."""
 
 
-_STATE_LOCK = threading.Lock()
-_PROCESS_STATE: dict[str, Any] = {}
-_STUCK: list[threading.Thread] = []
-
-
-def _state_store(worker: Any = None) -> dict[str, Any]:
-    """The ``init`` results of this worker (or of this process outside a worker)."""
-    if worker is None:
-        from distributed import get_worker
-
-        try:
-            worker = get_worker()
-        except ValueError:
-            return _PROCESS_STATE
-    return worker.__dict__.setdefault("_dask_amlcompute_batch_state", {})
-
-
-def _drop_state(key: str, dask_worker: Any = None) -> None:
+def _drop_state(key: str, dask_worker: Any) -> None:
     """Forget an ``init`` result on a worker (run through ``client.run`` at the end)."""
     with _STATE_LOCK:
-        _state_store(dask_worker).pop(key, None)
+        getattr(dask_worker, _STATE, {}).pop(key, None)
 
 
 def _stuck_count() -> int:
@@ -70,8 +56,10 @@ def _error(exc: BaseException, timed_out: bool = False) -> ItemError:
     )
 
 
-def _run_timed(call: Callable, items: list, timeout: float, values: list, errors: dict) -> list:
-    """Run ``call`` over ``items`` in a helper thread; give up at ``timeout``.
+def _run_calls(
+    call: Callable, items: list, timeout: float | None, values: list, errors: dict
+) -> list:
+    """Run ``call`` over ``items``; with a ``timeout``, in a helper thread given up at it.
 
     Returns the positions that did not run because an earlier call hung.
     """
@@ -104,6 +92,9 @@ def _run_timed(call: Callable, items: list, timeout: float, values: list, errors
         finally:
             finished.set()
 
+    if timeout is None:
+        runner()
+        return []
     thread = threading.Thread(target=runner, name="dask-amlcompute-batch", daemon=True)
     thread.start()
     if finished.wait(timeout):
@@ -130,41 +121,31 @@ def _run_timed(call: Callable, items: list, timeout: float, values: list, errors
 
 def _run_batch(
     fn: Callable, items: list, timeout: float | None, init: Callable | None, init_key: str
-) -> tuple[list, dict[int, ItemError], list[int], str | None, int]:
-    """The Dask task of one mini-batch: ``(values, errors, not_run, worker, stuck threads)``."""
-    from distributed import get_worker
-
-    try:
-        worker: str | None = get_worker().address
-    except ValueError:
-        worker = None
+) -> tuple[list, dict[int, ItemError], list[int], int]:
+    """The Dask task of one mini-batch: ``(values, errors, not_run, stuck threads)``."""
+    worker = get_worker()
     values: list = [None] * len(items)
     errors: dict[int, ItemError] = {}
     call = fn
     if init is not None:
         try:
             with _STATE_LOCK:
-                store = _state_store()
+                store = worker.__dict__.setdefault(_STATE, {})
                 if init_key not in store:
                     store[init_key] = init()
                 state = store[init_key]
-        except Exception as exc:
-            err = _error(RuntimeError(f"init failed on this worker: {type(exc).__name__}: {exc}"))
-            err.traceback = "".join(traceback.format_exception(exc))
-            return values, dict.fromkeys(range(len(items)), err), [], worker, _stuck_count()
+        except Exception as exc:  # the batch's inputs fail with it (init runs again next batch)
+            err = _error(exc)
+            err.message, err.worker = (
+                f"init failed on this worker: {err.type}: {exc}",
+                worker.address,
+            )
+            return values, dict.fromkeys(range(len(items)), err), [], _stuck_count()
 
         def call(item: Any) -> Any:
             return fn(item, state)
 
-    not_run: list[int] = []
-    if timeout is None:
-        for pos, item in enumerate(items):
-            try:
-                values[pos] = call(item)
-            except (Exception, SystemExit) as exc:
-                errors[pos] = _error(exc)
-    else:
-        not_run = _run_timed(call, items, timeout, values, errors)
+    not_run = _run_calls(call, items, timeout, values, errors)
     for err in errors.values():
-        err.worker = worker
-    return values, errors, not_run, worker, _stuck_count()
+        err.worker = worker.address
+    return values, errors, not_run, _stuck_count()

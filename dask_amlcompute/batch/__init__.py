@@ -1,9 +1,7 @@
 """Batch runs over many inputs: mini-batches, retries, time limits, an error threshold.
 
-On any Dask client, :func:`map_batches` returns the results in input order (an
-:class:`ItemError` in place of each input that failed); :func:`iter_batches`
-yields finished mini-batches, at most ``max_in_flight`` submitted at once. Each
-mini-batch is one Dask task (:mod:`.worker`); an exception fails only its input.
+On any Dask client; each mini-batch is one Dask task (:mod:`.worker`), an exception
+fails only its input. See :func:`map_batches` and :func:`iter_batches`.
 """
 
 from __future__ import annotations
@@ -33,10 +31,9 @@ from .worker import _drop_state, _error, _run_batch
 
 __all__ = ["BatchResult", "BatchStats", "ItemError", "iter_batches", "map_batches"]
 
-#: Options checked by their entries in amlcompute-schema.yaml (its ``definitions``).
+#: Arguments checked by amlcompute-schema.yaml (``definitions``); _KINDS: the others.
 _IN_SCHEMA = ("batch_size", "max_in_flight", "total", "retries", "error_threshold", "timeout",
               "output_dir", "output_format", "progress", "desc")  # fmt: skip
-#: The other arguments: what they must be (where None is allowed: not given).
 _KINDS: dict[str, tuple[Any, str]] = {
     "fn": (Callable, "callable"),
     "init": (Callable | None, "callable"),
@@ -51,7 +48,7 @@ class _Batch:
     """An original mini-batch while its inputs are running or being retried."""
 
     def __init__(self, number: int, first: int, inputs: list) -> None:
-        self.number, self.inputs, self.remaining = number, inputs, len(inputs)
+        self.number, self.inputs = number, inputs
         self.indices = list(range(first, first + len(inputs)))
         self.results: list[Any] = [_PENDING] * len(inputs)
         self.attempts = [0] * len(inputs)
@@ -74,9 +71,14 @@ def _checked(o: dict[str, Any]) -> dict[str, Any]:
 
 
 def _allowed_failures(value: float | None, total: int | None) -> float | None:
-    """``error_threshold`` (-1, a count or a fraction; schema-checked) as a count; None: no limit."""
+    """``error_threshold`` (schema-checked) as a count of failures; None: no limit."""
     if value is None or value == -1:
         return None
+    if value < 0 or (value >= 1 and value != int(value)):
+        raise ConfigurationError(
+            f"error_threshold must be -1 (never stop), a whole count >= 0 or a fraction in "
+            f"(0, 1), got {value!r}."
+        )
     if 0 < value < 1:
         if total is None:
             raise ConfigurationError(
@@ -84,11 +86,6 @@ def _allowed_failures(value: float | None, total: int | None) -> float | None:
                 "collection or total=."
             )
         return value * total
-    if value < 0 or value != int(value):
-        raise ConfigurationError(
-            f"error_threshold must be -1 (never stop), a whole count >= 0 or a fraction in "
-            f"(0, 1), got {value!r}."
-        )
     return value
 
 
@@ -109,14 +106,11 @@ class BatchRun:
 
     def __init__(self, arguments: dict[str, Any]) -> None:
         self.o = o = _checked(arguments)
-        total = o["total"]
-        if total is None and isinstance(o["inputs"], Sized):
-            total = len(o["inputs"])
-        self.stats = BatchStats(total=total)
-        self.limit = _allowed_failures(o["error_threshold"], total)
-        self.out_dir = None if o["output_dir"] is None else Path(o["output_dir"])
+        sized = o["total"] is None and isinstance(o["inputs"], Sized)
+        self.stats = BatchStats(total=len(o["inputs"]) if sized else o["total"])
+        self.limit = _allowed_failures(o["error_threshold"], self.stats.total)
         self.files: list[Path] = []
-        self.first_error: ItemError | None = None
+        self.first: tuple[float, str] = (math.inf, "")  # the first failure in input order
 
     def _client(self) -> tuple[Any, bool]:
         """The Dask client to use, and whether this run opened it (to close it at the end)."""
@@ -146,7 +140,7 @@ class BatchRun:
         tasks: dict[str, tuple[_Batch, list[int]]] = {}
         retry_q: deque[tuple[_Batch, list[int]]] = deque()
         live: dict[int, _Batch] = {}
-        seq, numbers, first, exhausted = itertools.count(), itertools.count(), 0, False
+        seq, numbers, first = itertools.count(), itertools.count(), 0
         done = as_completed(loop=client.loop)
         bar = tqdm(total=stats.total, desc=o["desc"], unit="item", file=sys.stderr,
                    disable=not o["progress"])  # fmt: skip
@@ -156,12 +150,11 @@ class BatchRun:
                     priority = 1  # retries first: their batch is held until they finish
                     if retry_q:
                         batch, positions = retry_q.popleft()
-                    elif not exhausted and (chunk := list(itertools.islice(source, size))):
+                    elif chunk := list(itertools.islice(source, size)):  # [] once exhausted
                         batch = _Batch(next(numbers), first, chunk)
                         live[batch.number], first = batch, first + len(chunk)
                         positions, priority = list(range(len(chunk))), 0
                     else:
-                        exhausted = True
                         break
                     future = client.submit(
                         _run_batch, o["fn"], [batch.inputs[p] for p in positions],
@@ -182,14 +175,13 @@ class BatchRun:
                 _advance(bar, stats)
                 if self.limit is not None and stats.failed > self.limit:
                     raise self._abort(live)
-                if batch.remaining == 0:
+                if not any(r is _PENDING for r in batch.results):
                     del live[batch.number]
                     yield self._finish(batch)
         finally:
             for future in list(done.futures):
                 future.cancel()
-            _advance(bar, stats)
-            bar.close()
+            bar.close()  # _advance ran after the last task
             if o["progress"]:
                 print(f"{o['desc']}: {stats.summary()}", file=sys.stderr, flush=True)
             if o["init"] is not None:
@@ -220,33 +212,27 @@ class BatchRun:
                     continue
                 stats.failed += 1
                 stats.timed_out += err.timed_out
-                # the first failure in input order (batches finish in any order)
-                if self.first_error is None or err.index < self.first_error.index:
-                    self.first_error = err
+                self.first = min(self.first, (err.index, f"{err.index}: {err.type}: {err.message}"))
             else:
                 stats.done += 1
             batch.results[pos] = err if k in errors else values[k]
-            batch.remaining -= 1
         return again
 
     def _finish(self, batch: _Batch) -> BatchResult:
         self.stats.batches += 1
         result = BatchResult(batch.number, batch.indices, batch.results)
-        if self.out_dir is not None:
-            result.path = _write_batch(self.out_dir, result, self.o["output_format"])
+        if self.o["output_dir"] is not None:
+            result.path = _write_batch(Path(self.o["output_dir"]), result, self.o["output_format"])
             self.files.append(result.path)
         return result
 
     def _abort(self, live: dict[int, _Batch]) -> ErrorThresholdExceededError:
-        s, first = self.stats, self.first_error
-        cause = (
-            f" First failure: input {first.index}: {first.type}: {first.message}." if first else ""
-        )
+        s = self.stats
         exc = ErrorThresholdExceededError(
             f"Stopped: {s.failed} input(s) failed, more than error_threshold="
-            f"{self.o['error_threshold']!r} allows ({s.summary()}).{cause} Batches still "
-            "running were cancelled; completed results are in .results and per-item errors "
-            "in .errors.",
+            f"{self.o['error_threshold']!r} allows ({s.summary()}). First failure: input "
+            f"{self.first[1]}. Batches still running were cancelled; completed results are in "
+            ".results and per-item errors in .errors.",
             stats=s, files=self.files,
         )  # fmt: skip
         for batch in live.values():
@@ -285,25 +271,24 @@ def iter_batches(
     inputs
         Any iterable (file names, parameter sets, seeds, ...).
     client, cluster
-        The Dask client to use, or a cluster to open a client on (closed at the
-        end). Default: the current client (``distributed.get_client()``).
+        The Dask client, or a cluster to open one on (closed at the end).
+        Default: the current client (``distributed.get_client()``).
     batch_size
         Inputs per batch (one Dask task). Default: about four batches per worker
-        thread, between 1 and 1000 (100 when the number of inputs is unknown).
+        thread, from 1 to 1000 (100 when the number of inputs is unknown).
     error_threshold
-        Stop once more inputs than this have failed for good (after retries): a
-        count, a fraction of all inputs in (0, 1), or -1 to never stop. Stopping
-        raises :class:`~dask_amlcompute.exceptions.ErrorThresholdExceededError`.
+        Stop, raising :class:`~dask_amlcompute.exceptions.ErrorThresholdExceededError`,
+        once more inputs than this failed after retries: a count, a fraction of all
+        inputs in (0, 1), or -1 (never stop).
     timeout
-        Time limit of one batch (seconds, ``"90s"``, ``"5m"``). The call running
-        when it expires is abandoned and fails as timed out; the inputs after it
-        are resubmitted. ``init`` is not under the limit. Default: no limit.
+        Time limit of one batch (seconds, ``"5m"``; ``init`` not included). The call
+        running at the limit is abandoned and fails as timed out; the inputs after it
+        run again. Default: no limit.
     retries
         How many times a failed input is run again before it counts as failed.
     init
-        Called once per worker, before its first batch, for expensive setup (load
-        a model); its return value is passed to ``fn`` and dropped at the end. An
-        exception fails the batch's inputs (init is tried again next batch).
+        Called once per worker before its first batch (load a model); its result is
+        passed to ``fn`` and dropped at the end. If it raises, the batch's inputs fail.
     progress
         Show a progress bar (tqdm) with done/failed/retried counts, and a summary.
     output_dir, output_format
@@ -368,4 +353,4 @@ def map_batches(fn: Callable, inputs: Iterable, **options: Any) -> list[Any]:
     except ErrorThresholdExceededError as exc:
         _sort_into(exc.results, exc.errors, results.items())
         raise
-    return sorted(run.files) if run.out_dir else [results[i] for i in range(len(results))]
+    return sorted(run.files) or [results[i] for i in range(len(results))]  # files: output_dir

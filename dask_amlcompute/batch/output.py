@@ -47,9 +47,8 @@ def _write_batch(out_dir: Path, batch: BatchResult, fmt: str) -> Path:
         if errors:
             stem.with_suffix(".errors.json").write_text(json.dumps(errors, indent=1))
     elif fmt == "pickle":
-        with open(tmp, "wb") as fh:
-            data = {"batch": batch.number, "indices": batch.indices, "results": batch.results}
-            pickle.dump(data, fh)
+        data = {"batch": batch.number, "indices": batch.indices, "results": batch.results}
+        tmp.write_bytes(pickle.dumps(data))
     else:  # json, in input order
         items = [{"error": r.to_dict()} if isinstance(r, ItemError) else {"index": i, "result": r}
                  for i, r in pairs]  # fmt: skip

@@ -7,7 +7,7 @@ Public as :mod:`dask_amlcompute.batch` names: :class:`ItemError`, :class:`BatchS
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +18,10 @@ __all__ = ["BatchResult", "BatchStats", "ItemError"]
 class ItemError:
     """Why one input failed; stands in place of its result (like ``foreach`` error objects).
 
-    Attributes
-    ----------
-    index
-        Position of the input.
-    type
-        Class name of the exception.
-    message
-        ``str()`` of the exception.
-    traceback
-        The formatted traceback, from the worker.
-    attempts
-        How many times the input was run.
-    timed_out
-        True when the batch time limit abandoned the call.
-    worker
-        Address of the worker of the last attempt.
-    exception
-        The exception itself when it could be pickled, else None.
+    ``index``: the input's position; ``type``, ``message``: the exception's class name
+    and text; ``traceback``: from the worker; ``attempts``: runs of the input;
+    ``timed_out``: the batch time limit abandoned the call; ``worker``: the address of
+    the last attempt's worker; ``exception``: the exception itself if it pickles.
     """
 
     index: int
@@ -55,19 +41,16 @@ class ItemError:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly description (without the exception object)."""
-        out = asdict(self)
-        out.pop("exception")
-        return out
+        return {k: v for k, v in vars(self).items() if k != "exception"}
 
 
 @dataclass
 class BatchStats:
     """Counters of a batch run, updated as batches finish.
 
-    ``done`` and ``failed`` count inputs with a final outcome; ``retried`` counts
-    re-runs of failed inputs; ``max_in_flight`` is the most batches ever
-    submitted at once; ``stuck_threads`` the abandoned calls still running on
-    the workers at the last report.
+    ``done``, ``failed``: inputs with a final outcome; ``retried``: re-runs of failed
+    inputs; ``max_in_flight``: the most batches ever submitted at once;
+    ``stuck_threads``: abandoned calls still running on the workers at the last report.
     """
 
     total: int | None = None

@@ -13,7 +13,7 @@ import pickle
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from distributed import get_worker
@@ -58,52 +58,45 @@ def _error(exc: BaseException, timed_out: bool = False) -> ItemError:
 
 def _run_calls(
     call: Callable, items: list, timeout: float | None, values: list, errors: dict
-) -> list:
+) -> Sequence[int]:
     """Run ``call`` over ``items``; with a ``timeout``, in a helper thread given up at it.
 
     Returns the positions that did not run because an earlier call hung.
     """
-    lock = threading.Lock()
-    state = {"pos": 0, "abandoned": False}
-    finished = threading.Event()
+    lock, abandoned = threading.Lock(), threading.Event()
+    ran = [0]  # inputs finished, in order: the next one is running
 
     def runner() -> None:
         try:
             for pos, item in enumerate(items):
-                with lock:
-                    if state["abandoned"]:
-                        return
-                    state["pos"] = pos
+                if abandoned.is_set():
+                    return
                 try:
                     value, err = call(item), None
                 except (Exception, SystemExit) as exc:
                     value, err = None, _error(exc)
                 with lock:
-                    if state["abandoned"]:
+                    if abandoned.is_set():
                         return
-                    if err is None:
-                        values[pos] = value
-                    else:
+                    values[pos], ran[0] = value, pos + 1
+                    if err is not None:
                         errors[pos] = err
-            with lock:
-                state["pos"] = len(items)
         except _Abandoned:
             return
-        finally:
-            finished.set()
 
     if timeout is None:
         runner()
         return []
     thread = threading.Thread(target=runner, name="dask-amlcompute-batch", daemon=True)
     thread.start()
-    if finished.wait(timeout):
+    thread.join(timeout)
+    if not thread.is_alive():
         return []
     with lock:
-        hung = state["pos"]
+        hung = ran[0]
         if hung >= len(items):
             return []
-        state["abandoned"] = True
+        abandoned.set()
     errors[hung] = _error(
         TimeoutError(
             f"batch time limit of {timeout:g}s reached while running this input; the call "
@@ -116,12 +109,12 @@ def _run_calls(
             ctypes.c_ulong(thread.ident), ctypes.py_object(_Abandoned)
         )
     _STUCK.append(thread)
-    return list(range(hung + 1, len(items)))
+    return range(hung + 1, len(items))  # O(1) membership for the client
 
 
 def _run_batch(
     fn: Callable, items: list, timeout: float | None, init: Callable | None, init_key: str
-) -> tuple[list, dict[int, ItemError], list[int], int]:
+) -> tuple[list, dict[int, ItemError], Sequence[int], int]:
     """The Dask task of one mini-batch: ``(values, errors, not_run, stuck threads)``."""
     worker = get_worker()
     values: list = [None] * len(items)
@@ -140,7 +133,7 @@ def _run_batch(
                 f"init failed on this worker: {err.type}: {exc}",
                 worker.address,
             )
-            return values, dict.fromkeys(range(len(items)), err), [], _stuck_count()
+            return values, dict.fromkeys(range(len(items)), err), (), _stuck_count()
 
         def call(item: Any) -> Any:
             return fn(item, state)

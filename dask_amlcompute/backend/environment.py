@@ -49,12 +49,13 @@ CLIENT_ONLY_PREFIXES = ("pytest-", "types-", "sphinx")
 #: The library itself (never a requirement unless ``node_package`` names it).
 LIBRARY = "dask-amlcompute"
 #: Installed on the nodes without a pin: run tags (mlflow), the dashboard (bokeh), the library's
-#: own dependencies that its node side imports (isodate, tqdm), and strictyaml: azure-ai-ml
+#: own dependencies its node side imports (isodate, jsonschema, tqdm), and strictyaml: azure-ai-ml
 #: imports it on the client, where it registers ``warnings`` filters naming its own warning
 #: classes, and scikit-learn ships the client's ``warnings.filters`` with every joblib task
 #: (``sklearn.utils.parallel``); nodes without strictyaml cannot unpickle those tasks (found on
 #: the strict emulator: GridSearchCV with the dask backend hung).
-NODE_HELPERS = ("azureml-mlflow", "bokeh>=3.1.0", "isodate", "mlflow-skinny", "strictyaml", "tqdm")
+NODE_HELPERS = ("azureml-mlflow", "bokeh>=3.1.0", "isodate", "jsonschema", "mlflow-skinny",
+                "strictyaml", "tqdm")  # fmt: skip
 
 STACK_CHOICES = ("sync", "installed", "imported", "none")
 _COMPILED = (".so", ".pyd", ".dylib")  # extension modules: such a local one cannot travel

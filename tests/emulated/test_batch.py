@@ -185,15 +185,6 @@ def test_output_dir_json_and_parquet(client, tmp_path):
     assert sorted(df["_item"]) == list(range(30)) and (df["sq"] == df["x"] ** 2).all()
 
 
-def test_bad_arguments(client):
-    with pytest.raises(ConfigurationError, match="error_threshold"):
-        map_batches(abs, [1], client=client, error_threshold=-2)
-    with pytest.raises(ConfigurationError, match="retries"):
-        map_batches(abs, [1], client=client, retries=-1)
-    with pytest.raises(ConfigurationError, match="client"):
-        map_batches(abs, [1], client=client, cluster=object())
-
-
 # -- on an AmlComputeCluster (emulator) ---------------------------------------------------
 
 

@@ -150,7 +150,7 @@ BATCHES: dict[str, list[Any]] = {
     "client": ["tcp://127.0.0.1:1"],
     "cluster": ["x"],
     "batch_size": [0, 2.5],
-    "error_threshold": [-2, "x", 2.5],
+    "error_threshold": [-2, "x", 2.5, -0.5],
     "timeout": ["soon", float("inf")],
     "retries": [-1, True, 10**6],
     "init": [3],
@@ -408,6 +408,11 @@ def test_huge_counts_fail_in_milliseconds_not_gigabytes(aml, kwargs, match):
     with pytest.raises(ConfigurationError, match=match):
         AmlComputeCluster(ml_client, compute="c", asynchronous=True, **kwargs)
     assert time.perf_counter() - started < 0.5
+
+
+def test_map_batches_takes_client_or_cluster_not_both():
+    with pytest.raises(ConfigurationError, match="client= or cluster=, not both"):
+        map_batches(abs, [1], client=object(), cluster=object(), progress=False)
 
 
 def test_the_harness_lets_good_input_through(aml, tmp_path):

@@ -326,21 +326,42 @@ class AmlOps:
             "unset for the pinned default environment. Nothing was submitted."
         )
 
+    async def _create(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, a ``create_or_update`` (SDK output muted); AML refusing it: typed."""
+        try:
+            async with self._writes:
+                return await self._call(without_sdk_output(fn), *args)  # an upload's progress bar
+        except AmlComputeError:
+            raise
+        except Exception as exc:
+            raise AmlComputeError(f"AML refused {what}: {exc}") from exc
+
     async def submit(self, job: Any) -> JobInfo:
         """Create the job; returns its first snapshot (at most MAX_CONCURRENT_WRITES at once)."""
         try:
-            async with self._writes:
-                submit = without_sdk_output(self.ml_client.jobs.create_or_update)  # upload bar
-                created = await self._call(submit, job)
+            created = await self._create(
+                f"to create job {job.name!r}", self.ml_client.jobs.create_or_update, job
+            )
         except ControlPlaneError as exc:
             # The PUT may have landed before the connection broke: never submit twice.
             try:
                 return await self.get_job(job.name)
             except Exception:
                 raise exc from None
-        except Exception as exc:
-            raise AmlComputeError(f"AML refused to create job {job.name!r}: {exc}") from exc
         return self._info(created)
+
+    async def register_code(self, folder: str) -> str:
+        """Register a code snapshot folder (uploaded unless AML has its hash); its ARM id.
+
+        What ``jobs.create_or_update`` does for ``code=<folder>``, done ahead of the job's PUT.
+        azure-ai-ml 1.35 has no public code-asset API: its ``MLClient._code`` and ``Code``.
+        """
+        from azure.ai.ml.entities._assets import Code
+
+        def register() -> Any:
+            return self.ml_client._code.create_or_update(Code(path=folder))  # hashes the folder
+
+        return str((await self._create(f"the code snapshot {folder}", register)).id)
 
     async def get_job(self, name: str) -> JobInfo:
         """Current status and tags of a job."""
@@ -480,9 +501,11 @@ class AmlOps:
         )
 
     async def register_environment(self, environment: Any) -> str:
-        """Create (or update) a named environment version; returns ``"name:version"``."""
-        created = await self._call(self.ml_client.environments.create_or_update, environment)
-        return f"{created.name}:{created.version}"
+        """Create (or update) an environment version; returns ``"name:version"``."""
+        create = self.ml_client.environments.create_or_update
+        created = await self._create("the environment", create, environment)
+        _, name, _, version = created.id.rsplit("/", 3)  # an anonymous one's .version: rehashed
+        return f"{name}:{version}"
 
     async def list_jobs(self, *, include_ended: bool = False, tag: str | None = None) -> list[Any]:
         """The workspace's jobs (AML's ``ActiveOnly`` view: not archived, ended ones too).

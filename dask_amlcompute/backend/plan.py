@@ -99,25 +99,40 @@ class _Planner:
         self.plan_ = replace(self.plan_, **changes)
 
     async def plan(self) -> ClusterPlan:
-        """The look-ups run at once; the error raised is the first check's in this order."""
-        s, create = self.settings, not self.attach
-        results = await asyncio.gather(
-            self._find_or_create_compute(),
-            self._worker_compute() if s.worker_compute else asyncio.sleep(0),
-            self._check_name_is_new() if create else asyncio.sleep(0),
-            self.ops.check_environment(s.environment)
-            if create and isinstance(s.environment, str)
-            else asyncio.sleep(0),
-            self.ops.list_sizes(),  # read ahead for _check_capacity (its failure shows there)
-            self.ops.list_usage() if create else asyncio.sleep(0),
-            return_exceptions=True,
+        """The look-ups run at once; the error raised is the first check's in this order.
+
+        A new cluster registers its code snapshot meanwhile, and its environment once
+        decided: the job PUT names both, the SDK registers nothing on the critical path.
+        """
+        s, create, code = self.settings, not self.attach, self.plan_.code
+        registered = asyncio.ensure_future(
+            self.ops.register_code(code) if create and code else asyncio.sleep(0, code)
         )
-        if error := next((r for r in results[:4] if isinstance(r, BaseException)), None):
-            raise error
-        self.update(compute=results[0], worker_compute=results[1])
-        await self._check_capacity()
-        self._use_gpus()
-        self._check_connect_path()
+        try:
+            results = await asyncio.gather(
+                self._find_or_create_compute(),
+                self._worker_compute() if s.worker_compute else asyncio.sleep(0),
+                self._check_name_is_new() if create else asyncio.sleep(0),
+                self.ops.check_environment(s.environment)
+                if create and isinstance(s.environment, str)
+                else asyncio.sleep(0),
+                self.ops.list_sizes(),  # read ahead for _check_capacity (its failure shows there)
+                self.ops.list_usage() if create else asyncio.sleep(0),
+                return_exceptions=True,
+            )
+            if error := next((r for r in results[:4] if isinstance(r, BaseException)), None):
+                raise error
+            self.update(compute=results[0], worker_compute=results[1])
+            await self._check_capacity()
+            self._use_gpus()
+            self._check_connect_path()
+            env = self.plan_.environment
+            if create and not isinstance(env, str):
+                env = await self.ops.register_environment(env)
+            self.update(environment=env, code=await registered)
+        finally:
+            registered.cancel()  # a check failed: the snapshot's upload is not waited for
+            await asyncio.gather(registered, return_exceptions=True)
         return self.plan_
 
     async def _check_name_is_new(self) -> None:

@@ -31,6 +31,8 @@ T = TypeVar("T")
 #: Job statuses after which a job will not run again. Not NotResponding and Paused: such
 #: jobs still hold their nodes, a closing cluster must cancel them (AML job status docs).
 TERMINAL_STATUSES = frozenset({"Completed", "Failed", "Canceled"})
+#: Finalizing: the job's user code has exited, AML is releasing its nodes: nothing to cancel.
+ENDING = TERMINAL_STATUSES | {"Finalizing"}
 
 
 @dataclass(frozen=True)
@@ -40,12 +42,10 @@ class ComputeInfo:
     name: str
     type: str
     vm_size: str | None = None
-    min_nodes: int = 0
     max_nodes: int = 0
     ssh_public_access: bool = False
     admin_user: str | None = None
     node_public_ip: bool = True  # enable_node_public_ip: public SSH needs it
-    subnet: str | None = None  # ARM id of the VNet subnet the nodes join
     tier: str = "dedicated"  # or "low_priority"
     idle_seconds: int | None = None  # before AML releases (stops billing) an idle node
 
@@ -58,8 +58,6 @@ class JobInfo:
     status: str
     tags: dict[str, str] = field(default_factory=dict)
     studio_url: str | None = None
-    environment: str | None = None  # as AML resolved it ("name:version"), if a string
-    code: str | None = None  # ARM id of the code asset AML registered, if any
 
     @property
     def terminal(self) -> bool:
@@ -185,12 +183,10 @@ class AmlOps:
             name=name,
             type=kind,
             vm_size=getattr(compute, "size", None),
-            min_nodes=int(getattr(compute, "min_instances", 0) or 0),
             max_nodes=int(getattr(compute, "max_instances", 0) or 0),
             ssh_public_access=bool(getattr(compute, "ssh_public_access_enabled", False)),
             admin_user=getattr(ssh, "admin_username", None) if ssh else None,
             node_public_ip=getattr(compute, "enable_node_public_ip", True) is not False,
-            subnet=getattr(getattr(compute, "network_settings", None), "subnet", None) or None,
             tier=str(getattr(compute, "tier", None) or "dedicated").lower().replace("-", "_"),
             idle_seconds=getattr(compute, "idle_time_before_scale_down", None),
         )
@@ -205,8 +201,7 @@ class AmlOps:
         compute = AmlCompute(name=name, size=size, max_instances=max_nodes, tier=tier)
         compute.idle_time_before_scale_down = idle_seconds
         try:
-            poller = await self._call(self.ml_client.compute.begin_create_or_update, compute)
-            await self._once(poller.result, timeout)
+            await self._poll(self.ml_client.compute.begin_create_or_update, compute, timeout)
         except HttpResponseError as exc:
             if exc.status_code == 400:  # AML refused the request (name, size, quota)
                 raise ConfigurationError(
@@ -216,8 +211,10 @@ class AmlOps:
 
     async def delete_compute(self, name: str, timeout: float) -> None:
         """Delete a compute (``compute.begin_delete``) and wait, bounded, for AML to finish."""
-        poller = await self._call(self.ml_client.compute.begin_delete, name)
-        await self._once(poller.result, timeout)
+        await self._poll(self.ml_client.compute.begin_delete, name, timeout)
+
+    async def _poll(self, begin: Callable[[Any], Any], arg: Any, timeout: float) -> None:
+        await self._once((await self._call(begin, arg)).result, timeout)
 
     async def _shared(self, key: str, fetch: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """``fetch()`` once per ``AmlOps`` (again after a failure), shared by concurrent callers."""
@@ -241,21 +238,24 @@ class AmlOps:
         with contextlib.suppress(Exception):
             await self.workspace()
 
-    async def _regional(self, list_fn: Callable[..., Any]) -> list[Any]:
-        where = (await self.workspace()).location  # the SDK would fetch the workspace each time
-        return await self._call(lambda: list(list_fn(location=where)))
+    async def _regional(self, what: str) -> list[Any]:
+        """``compute.list_sizes``/``list_usage`` of the workspace's region, once per ``AmlOps``."""
+
+        async def fetch() -> list[Any]:
+            where = (await self.workspace()).location  # the SDK would fetch the workspace again
+            return await self._call(
+                lambda: list(getattr(self.ml_client.compute, what)(location=where))
+            )
+
+        return await self._shared(what, fetch)
 
     async def list_sizes(self) -> list[Any]:
-        """The region's VM sizes (``compute.list_sizes``), read once per ``AmlOps``."""
-        return await self._shared(
-            "sizes", lambda: self._regional(self.ml_client.compute.list_sizes)
-        )
+        """The region's VM sizes."""
+        return await self._regional("list_sizes")
 
     async def list_usage(self) -> list[Any]:
-        """The region's vCPU usage and limits (``compute.list_usage``), read once per ``AmlOps``."""
-        return await self._shared(
-            "usage", lambda: self._regional(self.ml_client.compute.list_usage)
-        )
+        """The region's vCPU usage and limits."""
+        return await self._regional("list_usage")
 
     async def _names(self, list_fn: Callable[[], Any], field: str = "name") -> list[str]:
         """``field`` of everything ``list_fn`` lists, sorted; empty on error (for messages)."""
@@ -268,16 +268,13 @@ class AmlOps:
         return sorted(found, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
 
     async def get_datastore(self, name: str, include_secrets: bool = False) -> Any | None:
-        """The datastore ``name``, None when there is none; AML's refusal: an AmlComputeError.
-
-        ``include_secrets`` also fetches its secret (``listSecrets``, a separate permission).
-        """
+        """The datastore ``name`` (``include_secrets``: and its secret), None when there is none."""
         from azure.core.exceptions import HttpResponseError
 
         try:
             get = self.ml_client.datastores.get
             return await self._found(get, name, include_secrets=include_secrets)
-        except HttpResponseError as exc:
+        except HttpResponseError as exc:  # AML's refusal
             raise AmlComputeError(str(exc)) from None
 
     async def list_datastore_names(self) -> list[str]:
@@ -285,11 +282,9 @@ class AmlOps:
         return await self._names(self.ml_client.datastores.list)
 
     async def check_environment(self, reference: str) -> None:
-        """Check that a registered environment (``[azureml:]name:version|@latest``) exists.
+        """Check a registered environment (``[azureml:]name:version|@latest``) exists.
 
-        Images, registry and ARM ids (with ``/``) and curated ``AzureML-...`` environments
-        are not looked up. Raises :class:`EnvironmentNotFoundError` listing (at most 25)
-        environments and versions that exist.
+        Raises :class:`EnvironmentNotFoundError` listing what exists; others are not looked up.
         """
         from azure.ai.ml.exceptions import ValidationErrorType, ValidationException
 
@@ -308,15 +303,12 @@ class AmlOps:
         found = await self._names(envs.list)  # less the SDK's inline ones of past jobs
         names = sorted(set(found) - {"CliV2AnonymousEnvironment"}, key=str.lower)
         shown = ", ".join(names[:25]) + (f" and {len(names) - 25} more" if len(names) > 25 else "")
-        versions: list[str] = []
+        versions = []
         if ref.name in names and ref.version is not None:
             versions = await self._names(lambda: envs.list(name=ref.name), "version")
-        what = (
-            f"Environment {ref.name!r} has no version {ref.version!r} (versions: "
-            f"{', '.join(versions[:25])})."
-            if versions
-            else f"No environment named {ref.name!r}."
-        )
+        what = f"No environment named {ref.name!r}."
+        if versions:
+            what = f"Environment {ref.name!r} has no version {ref.version!r} (versions: {', '.join(versions[:25])})."
         raise EnvironmentNotFoundError(
             f"environment={reference!r} does not exist in workspace "
             f"{getattr(self.ml_client, 'workspace_name', '?')!r}: {what} Environments that "
@@ -378,18 +370,12 @@ class AmlOps:
                 if self._tracking_uri is None:
                     await asyncio.wait_for(self.workspace(), 15)
                 return await asyncio.wait_for(self._call(self._mlflow_run_tags, name), 15)
-        except Exception as exc:
-            hint = (
-                "Install mlflow-skinny (and azureml-mlflow on Azure ML) for the documented route."
-                if isinstance(exc, ImportError)
-                else "The MLflow route is not tried again for this cluster."
-            )
-            why = f"{type(exc).__name__}: {exc or 'timed out'}"
+        except Exception as exc:  # ImportError: mlflow-skinny (+ azureml-mlflow on AML) missing
             self._warn_once(
                 "mlflow",
-                "Reading the run tags of %s through MLflow failed (%s); falling back to run "
-                "history through a private azure-ai-ml attribute. %s",
-                *(name, why, hint),
+                "Reading the run tags of %s through MLflow failed (%s: %s); falling back to run "
+                "history through a private azure-ai-ml attribute (not trying MLflow again).",
+                *(name, type(exc).__name__, exc or "timed out"),
                 level=logging.INFO,
             )
         try:
@@ -423,15 +409,16 @@ class AmlOps:
     async def cancel(
         self, name: str, timeout: float = 60, wait: bool = True, status: str | None = None
     ) -> str | None:
-        """Cancel a job and wait (bounded) for AML to accept it; ended jobs are left alone.
+        """Cancel a job and wait (bounded) for AML to accept it; ending jobs are left alone.
 
         ``status``: the job's status as the caller has just read it (else it is read first).
         Returns the status as it now stands (``"Canceled"`` once AML's cancel operation
         finished; ``"CancelRequested"`` without ``wait``), or None when cancelling failed (logged).
+        A job that ends (or starts Finalizing) before AML takes the cancel is no failure.
         """
         try:
             status = status or (await self.get_job(name)).status
-            if status in TERMINAL_STATUSES:
+            if status in ENDING:
                 return status
             async with self._writes:  # the request; waiting for its result is not bounded by it
                 poller = await self._call(self.ml_client.jobs.begin_cancel, name, polling=wait)
@@ -439,6 +426,9 @@ class AmlOps:
                 return "CancelRequested"
             await asyncio.wait_for(asyncio.to_thread(poller.result), timeout)
         except Exception as exc:
+            with contextlib.suppress(Exception):
+                if (now := (await asyncio.wait_for(self.get_job(name), 15)).status) in ENDING:
+                    return now  # AML refuses to cancel a job that has ended
             logger.warning("Cancelling AML job %s failed: %s", name, exc)
             return None
         return "Canceled"
@@ -487,17 +477,14 @@ class AmlOps:
 
     @staticmethod
     def _info(job: Any) -> JobInfo:
-        try:
+        studio = None
+        with contextlib.suppress(Exception):
             studio = job.studio_url
-        except Exception:
-            studio = None
         return JobInfo(
             name=job.name,
             status=status_text(job.status),
             tags={str(k): str(v) for k, v in (job.tags or {}).items()},
             studio_url=studio,
-            environment=env if isinstance(env := getattr(job, "environment", None), str) else None,
-            code=code if isinstance(code := getattr(job, "code", None), str) else None,
         )
 
     async def register_environment(self, environment: Any) -> str:
@@ -508,10 +495,7 @@ class AmlOps:
         return f"{name}:{version}"
 
     async def list_jobs(self, *, include_ended: bool = False, tag: str | None = None) -> list[Any]:
-        """The workspace's jobs (AML's ``ActiveOnly`` view: not archived, ended ones too).
-
-        ``include_ended`` lists archived ones too; ``tag``: only jobs with this tag key.
-        """
+        """The workspace's jobs: not archived (``include_ended``: those too); ``tag``: with this key."""
         from azure.ai.ml.constants import ListViewType
 
         view = ListViewType.ALL if include_ended else ListViewType.ACTIVE_ONLY

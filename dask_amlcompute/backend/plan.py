@@ -150,13 +150,25 @@ class _Planner:
 
     def _check_connect_path(self) -> None:
         """Refuse a ``connect=`` that cannot work on this compute, before any node is paid for."""
-        mode = self.settings.connect
-        if mode in ("job-ssh", "auto") and self.plan_.gpus_per_node:
-            self._check_gpu_job_ssh(mode)
-        if mode not in ("job-ssh", "ssh"):
-            return  # direct and auto may work (auto: direct, then the job's SSH service)
-        missing = unavailable_paths(self.plan_)
-        if mode in missing:
+        mode, default_env = self.settings.connect, self.settings.environment is None
+        if mode in ("job-ssh", "auto") and self.plan_.gpus_per_node and default_env:
+            # the default GPU environment's image may lack the job SSH service's sshd
+            way_out = (
+                "connect='direct' from inside the workspace's network (e.g. a compute instance), "
+                "environment= an image with openssh-server (`dask-amlcompute env --gpu --format "
+                "dockerfile` writes one), or gpu_workers='none' (CPU image, which has it)"
+            )
+            if mode == "job-ssh":
+                raise ConfigurationError(
+                    f"connect='job-ssh' cannot work with the default GPU environment: "
+                    f"{NO_SSH_SERVER}. Use {way_out}. Nothing was submitted."
+                )
+            self.log(
+                f"GPU nodes: only the direct connection can work ({NO_SSH_SERVER}); from outside "
+                f"the workspace's network use {way_out}"
+            )
+        missing = unavailable_paths(self.plan_)  # direct and auto may work
+        if mode in ("job-ssh", "ssh") and mode in missing:
             usable = ", ".join(repr(p) for p in available_paths(self.plan_))
             raise ConfigurationError(
                 f"connect={mode!r} cannot work on compute {self.settings.compute!r}: it needs "
@@ -164,29 +176,9 @@ class _Planner:
                 f"{'; usable here: ' + usable if usable else ''}). Nothing was submitted."
             )
 
-    def _check_gpu_job_ssh(self, mode: str) -> None:
-        """The default GPU environment's image may lack the job SSH service's sshd: say so."""
-        if self.settings.environment is not None:
-            return  # the user's image: their call
-        way_out = (
-            "connect='direct' from inside the workspace's network (e.g. a compute instance), "
-            "environment= an image with openssh-server (`dask-amlcompute env --gpu --format "
-            "dockerfile` writes one), or gpu_workers='none' (CPU image, which has it)"
-        )
-        if mode == "job-ssh":
-            raise ConfigurationError(
-                f"connect='job-ssh' cannot work with the default GPU environment: "
-                f"{NO_SSH_SERVER}. Use {way_out}. Nothing was submitted."
-            )
-        self.log(
-            f"GPU nodes: only the direct connection can work ({NO_SSH_SERVER}); from outside "
-            f"the workspace's network use {way_out}"
-        )
-
     async def _find_or_create_compute(self) -> ComputeInfo:
         """The compute; created first when it does not exist and ``create_compute`` says how."""
-        ops, request = self.ops, self.settings.create_compute
-        name = self.settings.compute
+        ops, request, name = self.ops, self.settings.create_compute, self.settings.compute
         if name is None:
             return await self._serverless_compute()
         try:
@@ -196,8 +188,7 @@ class _Planner:
                 raise
         else:
             if request is not None and not self.attach:
-                kept = "; it will not be deleted on close"
-                kept = kept if self.settings.delete_compute_on_close else ""
+                kept = "; it will not be deleted on close" * self.settings.delete_compute_on_close
                 self.log(
                     f"Compute {name} exists: using it as it is (create_compute applies only to "
                     f"a compute that does not exist{kept})"
@@ -205,8 +196,7 @@ class _Planner:
             return compute
         assert request is not None  # re-raised above otherwise
         size = await self._offered_size(request.size, "create_compute: VM size", "created")
-        quotas = quotas_for(await ops.list_usage(), size.family, request.tier)
-        self._refuse_over_quota(size, self.settings.n_nodes, quotas)
+        self._refuse_over_quota(size, quotas_for(await ops.list_usage(), size.family, request.tier))
         self.log(
             f"Creating AmlCompute {name}: {size.name} ({size.vcpus} vCPUs), 0-{request.max_nodes} "
             f"nodes, {request.tier.replace('_', '-')}, idle nodes released after "
@@ -227,8 +217,9 @@ class _Planner:
         compute = await self.ops.get_compute(name)
         size, _ = await self._read_capacity(compute, quota=False)
         price = describe_price(size, compute.tier, self.settings.nodes_per_job)
-        spot = "; a preempted worker job is replaced by scale/adapt"
-        spot = spot if compute.tier == "low_priority" else ""
+        spot = "; a preempted worker job is replaced by scale/adapt" * (
+            compute.tier == "low_priority"
+        )
         self.log(
             f"Worker jobs on compute {name} ({compute.tier.replace('_', '-')}, up to "
             f"{compute.max_nodes} nodes): {price} per job{spot}"
@@ -269,8 +260,9 @@ class _Planner:
             tier="spot" if settings.job_tier == "spot" else "dedicated",
         )
 
-    def _refuse_over_quota(self, size: VmSizeInfo, n: int, quotas: list[Quota]) -> QuotaCheck:
-        """Raise :class:`QuotaExceededError` when ``n`` nodes of ``size`` can never fit."""
+    def _refuse_over_quota(self, size: VmSizeInfo, quotas: list[Quota]) -> QuotaCheck:
+        """Raise :class:`QuotaExceededError` when ``n_nodes`` of ``size`` can never fit."""
+        n = self.settings.n_nodes
         check = check_quota(quotas, n * size.vcpus)
         if check.never is not None:
             q = check.never
@@ -304,7 +296,7 @@ class _Planner:
             f"Compute {compute.name}: {n} x {size.name} ({size.vcpus} vCPUs{gpus}, "
             f"{compute.tier.replace('_', '-')}): {self.plan_.price}"
         )
-        check = self._refuse_over_quota(size, n, quotas)
+        check = self._refuse_over_quota(size, quotas)
         if check.full is not None:
             q = check.full
             self.update(
@@ -323,10 +315,10 @@ class _Planner:
         if self.attach or size is None or not size.gpus or settings.gpu_workers == "none":
             return
         self.update(gpus_per_node=size.gpus)
+        cuda = ""
         if settings.environment is None:
             self.update(environment=environment_from_settings(settings, gpu=True))
-        cuda = "; default environment on AML's CUDA base image"
-        cuda = cuda if settings.environment is None else ""
+            cuda = "; default environment on AML's CUDA base image"
         self.log(
             f"GPU size {size.name}: {size.gpus} GPU(s) per node, one dask-cuda worker per GPU "
             f"(resources={{'GPU': 1}}){cuda}"

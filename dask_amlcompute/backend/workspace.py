@@ -1,10 +1,7 @@
-"""Finding the AML workspace: an ``MLClient`` from arguments or a config file.
+"""Finding the AML workspace: an ``MLClient`` from arguments or a ``config.json``.
 
-A ``config.json`` (as downloaded from Azure ML studio) is looked for in the given path, else
-in the current folder or its parents, or ``.azureml/`` beside them; ``MLClient.from_config``
-builds the client from it. The same file caches the compute (``dask_amlcompute.compute``).
-Precedence for the compute: ``compute=``, dask config (``amlcompute.compute``,
-``DASK_AMLCOMPUTE__COMPUTE``), ``config.json``; for the workspace: ``ml_client=``, ``config.json``.
+The file (from Azure ML studio) is looked for at the given path, else in the current folder,
+its parents or ``.azureml/`` beside them; it also caches the compute (``dask_amlcompute.compute``).
 """
 
 from __future__ import annotations
@@ -53,12 +50,9 @@ def _load_json(path: Path) -> dict[str, Any]:
         raise ConfigurationError(f"Cannot read workspace config {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigurationError(f"Workspace config {path} is not a JSON object.")
+    if not isinstance(data.get(SECTION), dict):
+        data.pop(SECTION, None)
     return data
-
-
-def _section(data: dict[str, Any]) -> dict[str, Any]:
-    section = data.get(SECTION)
-    return section if isinstance(section, dict) else {}
 
 
 def write_workspace_config(
@@ -97,7 +91,7 @@ def write_workspace_config(
     if missing:
         raise ConfigurationError(f"Cannot write {p}: {', '.join(missing)} not given.")
     if compute:
-        data[SECTION] = {**_section(data), "compute": compute}
+        data[SECTION] = {**data.get(SECTION, {}), "compute": compute}
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -124,7 +118,7 @@ def load_workspace_settings(path: str | os.PathLike | None = None) -> WorkspaceS
     if found is None:
         return None
     data = _load_json(found)
-    compute = _section(data).get("compute") or None
+    compute = data.get(SECTION, {}).get("compute") or None
     return WorkspaceSettings(**{k: data.get(k) for k in IDENTITY_KEYS}, compute=compute, path=found)
 
 
@@ -137,8 +131,8 @@ def cached_compute(path: str | os.PathLike | None = None) -> str | None:
 def with_cached_compute(settings: ClusterSettings) -> ClusterSettings:
     """``settings`` with the compute cached in the workspace config when none was given.
 
-    Serverless settings (``instance_type``) need none. :class:`ConfigurationError` when
-    ``workspace_config`` names no config file or no compute is given anywhere.
+    Precedence: ``compute=``, dask config (``DASK_AMLCOMPUTE__COMPUTE``), ``config.json``;
+    serverless (``instance_type``) needs none.
     """
     path = settings.workspace_config
     if path is not None and find_workspace_config(path) is None:
@@ -150,7 +144,6 @@ def with_cached_compute(settings: ClusterSettings) -> ClusterSettings:
         )
     if settings.compute is not None or settings.instance_type is not None:
         return settings
-    # Precedence: argument > dask config (incl. DASK_AMLCOMPUTE__COMPUTE) > config.json > error.
     compute = cached_compute(path)
     if not compute:
         raise ConfigurationError(

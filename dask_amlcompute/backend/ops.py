@@ -1,7 +1,4 @@
-"""The one place that calls the (synchronous) azure-ai-ml SDK.
-
-In worker threads, retried while it fails transiently, its errors typed (:mod:`..exceptions`).
-"""
+"""The one place that calls the (synchronous) azure-ai-ml SDK: in threads, retried, typed."""
 
 from __future__ import annotations
 
@@ -97,10 +94,7 @@ _WORKSPACES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 class AmlOps:
-    """Async facade over an ``MLClient`` for the few operations a cluster needs.
-
-    ``tracking_uri``: the workspace's MLflow tracking URI (run tags); None: read when needed.
-    """
+    """Async facade over an ``MLClient`` (``tracking_uri``: MLflow's; None: read when needed)."""
 
     def __init__(self, ml_client: Any, tracking_uri: str | None = None) -> None:
         self.ml_client = ml_client
@@ -225,11 +219,11 @@ class AmlOps:
 
     async def workspace(self) -> Any:
         """The workspace (``workspaces.get``, once per ``MLClient``): region, MLflow tracking URI."""
-        ws: Any = _WORKSPACES.get(self.ml_client)
-        if ws is None:
-            get = self.ml_client.workspaces.get
-            ws = await self._shared("ws", lambda: self._call(get, self.ml_client.workspace_name))
-            _WORKSPACES[self.ml_client] = ws
+        if (ws := _WORKSPACES.get(self.ml_client)) is None:
+            get, name = self.ml_client.workspaces.get, self.ml_client.workspace_name
+            ws = _WORKSPACES[self.ml_client] = await self._shared(
+                "ws", lambda: self._call(get, name)
+            )
         self._tracking_uri = self._tracking_uri or ws.mlflow_tracking_uri
         return ws
 
@@ -345,8 +339,8 @@ class AmlOps:
     async def register_code(self, folder: str) -> str:
         """Register a code snapshot folder (uploaded unless AML has its hash); its ARM id.
 
-        What ``jobs.create_or_update`` does for ``code=<folder>``, done ahead of the job's PUT.
-        azure-ai-ml 1.35 has no public code-asset API: its ``MLClient._code`` and ``Code``.
+        As ``jobs.create_or_update`` does for ``code=<folder>`` (azure-ai-ml 1.35 has no
+        public code-asset API), before the job's PUT.
         """
         from azure.ai.ml.entities._assets import Code
 
@@ -360,11 +354,7 @@ class AmlOps:
         return self._info(await self._call(self.ml_client.jobs.get, name))
 
     async def run_tags(self, name: str) -> dict[str, str]:
-        """Tags of the job's run where ``mlflow.set_tag`` writes them (``{}`` if unreadable).
-
-        For when AML's copy in the job resource is late: through the workspace's MLflow
-        tracking URI, else the SDK's private run history (a fallback is logged once).
-        """
+        """The job's run tags (``{}`` if unreadable): MLflow's, else private run history's."""
         try:
             if "mlflow" not in self._warned:  # a route that failed once is not tried again
                 if self._tracking_uri is None:
@@ -409,12 +399,10 @@ class AmlOps:
     async def cancel(
         self, name: str, timeout: float = 60, wait: bool = True, status: str | None = None
     ) -> str | None:
-        """Cancel a job and wait (bounded) for AML to accept it; ending jobs are left alone.
+        """Cancel a job, wait (bounded) for AML to accept it; returns its status, None: failed.
 
-        ``status``: the job's status as the caller has just read it (else it is read first).
-        Returns the status as it now stands (``"Canceled"`` once AML's cancel operation
-        finished; ``"CancelRequested"`` without ``wait``), or None when cancelling failed (logged).
-        A job that ends (or starts Finalizing) before AML takes the cancel is no failure.
+        ``status``: as the caller has just read it (else read first). A job ending (Finalizing)
+        or ended, also before AML takes the cancel, is left alone: no failure.
         """
         try:
             status = status or (await self.get_job(name)).status
@@ -518,11 +506,9 @@ class AmlOps:
 
 
 def run_blocking(coro: Coroutine[Any, Any, T], cleanup_timeout: float = 120) -> T:
-    """Run ``coro`` to completion from synchronous code; Ctrl-C cancels it first.
+    """Run ``coro`` from synchronous code (under a running loop: on a thread of its own).
 
-    Here with :func:`asyncio.run`, or under a running loop (a Jupyter kernel) in a loop
-    of its own on a helper thread: Ctrl-C cancels it, waits (bounded) for its cleanup
-    (e.g. cancelling its AML job), then raises ``KeyboardInterrupt``.
+    Ctrl-C cancels it, waits (bounded) for its cleanup, then raises ``KeyboardInterrupt``.
     """
     try:
         asyncio.get_running_loop()

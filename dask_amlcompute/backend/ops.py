@@ -192,8 +192,8 @@ class AmlOps:
         from azure.ai.ml.entities import AmlCompute
         from azure.core.exceptions import HttpResponseError
 
-        compute = AmlCompute(name=name, size=size, max_instances=max_nodes, tier=tier)
-        compute.idle_time_before_scale_down = idle_seconds
+        compute = AmlCompute(name=name, size=size, max_instances=max_nodes, tier=tier,
+                             idle_time_before_scale_down=idle_seconds)  # fmt: skip
         try:
             await self._poll(self.ml_client.compute.begin_create_or_update, compute, timeout)
         except HttpResponseError as exc:
@@ -297,12 +297,12 @@ class AmlOps:
         found = await self._names(envs.list)  # less the SDK's inline ones of past jobs
         names = sorted(set(found) - {"CliV2AnonymousEnvironment"}, key=str.lower)
         shown = ", ".join(names[:25]) + (f" and {len(names) - 25} more" if len(names) > 25 else "")
-        versions = []
+        what, versions = f"No environment named {ref.name!r}.", []
         if ref.name in names and ref.version is not None:
             versions = await self._names(lambda: envs.list(name=ref.name), "version")
-        what = f"No environment named {ref.name!r}."
         if versions:
-            what = f"Environment {ref.name!r} has no version {ref.version!r} (versions: {', '.join(versions[:25])})."
+            what = f"Environment {ref.name!r} has no version {ref.version!r} (versions: "
+            what += f"{', '.join(versions[:25])})."
         raise EnvironmentNotFoundError(
             f"environment={reference!r} does not exist in workspace "
             f"{getattr(self.ml_client, 'workspace_name', '?')!r}: {what} Environments that "

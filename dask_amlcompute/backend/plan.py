@@ -1,9 +1,6 @@
-"""The cluster's plan: everything decided once, before anything is submitted.
+"""The cluster's plan (:class:`~.state.ClusterPlan`): decided once, before anything is submitted.
 
-:func:`draft_plan` fixes what needs no workspace (environment, code snapshot, job
-SSH key); :func:`plan_cluster` looks up (or creates) the compute, the worker
-compute, VM size, price and quota, decides GPU workers and refuses a connect path
-that cannot work: a frozen :class:`~dask_amlcompute.backend.state.ClusterPlan`.
+:func:`draft_plan` fixes what needs no workspace; :func:`plan_cluster` the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from .._protocol import main_job_name
 from ..config import ClusterSettings
 from ..connect import JOB_SERVICE_MODES, available_paths, unavailable_paths
 from ..exceptions import (
@@ -76,10 +74,9 @@ def draft_plan(
 async def plan_cluster(
     settings: ClusterSettings, ops: AmlOps, draft: ClusterPlan, log: Callable[[str], None]
 ) -> ClusterPlan:
-    """Decide everything before the first submission; the first failing check raises.
+    """The compute (created if asked), name, environment, quota, price, GPUs, connect path.
 
-    The compute (created if asked), the name, the environment, quota and price, GPU
-    workers and the connect path.
+    The first failing check raises; a new cluster's code and environment are registered.
     """
     return await _Planner(settings, ops, log, draft).plan()
 
@@ -99,11 +96,7 @@ class _Planner:
         self.plan_ = replace(self.plan_, **changes)
 
     async def plan(self) -> ClusterPlan:
-        """The look-ups run at once; the error raised is the first check's in this order.
-
-        A new cluster registers its code snapshot meanwhile, and its environment once
-        decided: the job PUT names both, the SDK registers nothing on the critical path.
-        """
+        """Look-ups at once; code and environment registered before the job PUT (issue 28)."""
         s, create, code = self.settings, not self.attach, self.plan_.code
         registered = asyncio.ensure_future(
             self.ops.register_code(code) if create and code else asyncio.sleep(0, code)
@@ -137,8 +130,6 @@ class _Planner:
 
     async def _check_name_is_new(self) -> None:
         """AML job names are unique forever: refuse a cluster name used before."""
-        from .._protocol import main_job_name
-
         main_job = main_job_name(self.settings.name)
         if await self.ops.get_job_entity(main_job) is not None:
             raise ConfigurationError(

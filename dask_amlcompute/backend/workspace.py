@@ -65,17 +65,14 @@ def write_workspace_config(
 ) -> Path:
     """Write (cache) workspace settings in an AML ``config.json``; returns the file.
 
-    An existing file is updated: keys not given here (other tools' too) are kept. ``compute``
-    (``dask_amlcompute.compute``) is used when neither the cluster nor dask config names one.
-
     Parameters
     ----------
     path
-        The file, or a folder for ``<folder>/config.json``; missing folders are created.
+        The file, or a folder for ``<folder>/config.json``; an existing file keeps other keys.
     subscription_id, resource_group, workspace_name
         The workspace; required when the file does not exist yet.
     compute
-        AmlCompute name to cache.
+        AmlCompute name, used when neither the cluster nor dask config names one.
 
     Examples
     --------
@@ -122,12 +119,6 @@ def load_workspace_settings(path: str | os.PathLike | None = None) -> WorkspaceS
     return WorkspaceSettings(**{k: data.get(k) for k in IDENTITY_KEYS}, compute=compute, path=found)
 
 
-def cached_compute(path: str | os.PathLike | None = None) -> str | None:
-    """The compute cached in the workspace config (``dask_amlcompute.compute``), or None."""
-    found = load_workspace_settings(path)
-    return found.compute if found is not None else None
-
-
 def with_cached_compute(settings: ClusterSettings) -> ClusterSettings:
     """``settings`` with the compute cached in the workspace config when none was given.
 
@@ -144,8 +135,7 @@ def with_cached_compute(settings: ClusterSettings) -> ClusterSettings:
         )
     if settings.compute is not None or settings.instance_type is not None:
         return settings
-    compute = cached_compute(path)
-    if not compute:
+    if not (compute := getattr(load_workspace_settings(path), "compute", None)):
         raise ConfigurationError(
             "No compute given: pass compute='<AmlCompute name>', set amlcompute.compute "
             "in dask config (DASK_AMLCOMPUTE__COMPUTE), or cache it in the workspace "
@@ -181,11 +171,6 @@ def ml_client_from_config(path: str | os.PathLike | None = None, credential: Any
         The config file, or a folder holding one; None searches from the current folder up.
     credential
         Azure credential; default ``DefaultAzureCredential()``.
-
-    Raises
-    ------
-    WorkspaceNotConfiguredError
-        No config file was found, or it lacks the workspace's keys.
     """
     found = find_workspace_config(path)
     if found is None:

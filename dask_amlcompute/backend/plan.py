@@ -120,8 +120,8 @@ class _Planner:
             self._use_gpus()
             self._check_connect_path()
             env = self.plan_.environment
-            if create and not isinstance(env, str):
-                env = await self.ops.register_environment(env)
+            if create and not isinstance(env, str):  # one read from AML has its id: as the SDK
+                env = env.id or await self.ops.register_environment(env)
             self.update(environment=env, code=await registered)
         finally:
             registered.cancel()  # a check failed: the snapshot's upload is not waited for

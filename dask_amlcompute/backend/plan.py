@@ -104,7 +104,7 @@ class _Planner:
         try:
             results = await asyncio.gather(
                 self._find_or_create_compute(),
-                self._worker_compute() if s.worker_compute else asyncio.sleep(0),
+                self._worker_compute(s.worker_compute) if s.worker_compute else asyncio.sleep(0),
                 self._check_name_is_new() if create else asyncio.sleep(0),
                 self.ops.check_environment(s.environment)
                 if create and isinstance(s.environment, str)
@@ -116,7 +116,7 @@ class _Planner:
             if error := next((r for r in results[:4] if isinstance(r, BaseException)), None):
                 raise error
             self.update(compute=results[0], worker_compute=results[1])
-            await self._check_capacity()
+            await self._check_capacity(results[0])
             self._use_gpus()
             self._check_connect_path()
             env = self.plan_.environment
@@ -201,10 +201,8 @@ class _Planner:
         self.log(f"Created AmlCompute {name} in {time.monotonic() - started:.1f}s")
         return await ops.get_compute(name)
 
-    async def _worker_compute(self) -> ComputeInfo:
+    async def _worker_compute(self, name: str) -> ComputeInfo:
         """The compute of the extra worker jobs (``worker_compute``), with its size and price."""
-        name = self.settings.worker_compute
-        assert name is not None
         compute = await self.ops.get_compute(name)
         size, _ = await self._read_capacity(compute, quota=False)
         price = describe_price(size, compute.tier, self.settings.nodes_per_job)
@@ -266,11 +264,9 @@ class _Planner:
             )
         return check
 
-    async def _check_capacity(self) -> None:
+    async def _check_capacity(self, compute: ComputeInfo) -> None:
         """Refuse what can never run (nodes, quota) and show the size and price, before submitting."""
-        compute, n = self.plan_.compute, self.settings.n_nodes
-        if compute is None:
-            return
+        n = self.settings.n_nodes
         if compute.max_nodes and n > compute.max_nodes:
             raise TooManyNodesError(
                 f"n_nodes={n} but compute {compute.name!r} has at most {compute.max_nodes} "

@@ -1,16 +1,11 @@
 """VM sizes, vCPU quota and prices: what a cluster will take and cost, before it is submitted.
 
-AML counts quota in vCPUs per subscription and region: dedicated vCPUs per VM family and in
-a regional total, low-priority vCPUs in one regional total (Microsoft Learn, *Manage and
-increase quotas and limits for resources with Azure Machine Learning*); ``compute.list_usage()``
-lists them (types ``dedicatedCores`` / ``lowPriorityCores`` / ``vmFamily``, named like
-``Standard DSv2 Family Cluster Dedicated vCPUs``: azure-rest-api-specs
-``machinelearningservices`` ``examples/Usage/list.json``). ``compute.list_sizes()`` gives each
-size's family, vCPUs, GPUs and estimated hourly prices (``estimatedVMPrices``).
-
-A job that can never fit its quota would sit in ``Queued`` forever (a serverless one is
-refused): :func:`check_quota` tells fits now, will queue and never fits apart. Nothing here
-talks to AML: :class:`~dask_amlcompute.backend.ops.AmlOps` lists, this module decides.
+AML counts quota in vCPUs per subscription and region: dedicated per VM family and in a
+regional total, low-priority in one regional total (Microsoft Learn, *Manage and increase
+quotas ... Azure Machine Learning*); ``compute.list_usage()`` lists them (azure-rest-api-specs
+``machinelearningservices`` ``examples/Usage/list.json``), ``compute.list_sizes()`` each size's
+family, vCPUs, GPUs and prices. A job that never fits its quota would sit in ``Queued``
+forever. Nothing here talks to AML (``AmlOps`` lists).
 """
 
 from __future__ import annotations
@@ -37,7 +32,6 @@ class VmSizeInfo:
     family: str | None  # the unit of dedicated quota
     vcpus: int
     gpus: int = 0
-    memory_gb: float | None = None
     low_priority_capable: bool = True
     prices: Mapping[str, float] = field(default_factory=dict)  # hourly, Linux, by vmTier (lower)
     currency: str = "USD"
@@ -65,28 +59,22 @@ def size_from_sdk(size: Any) -> VmSizeInfo:
     azure-ai-ml 1.35 leaves the snake_case attributes None and adds the REST names
     (``vCPUs``, ``estimatedVMPrices``) to ``__dict__``: both are read.
     """
-    prices: dict[str, float] = {}
     estimated = _field(size, "estimatedVMPrices", "estimated_vm_prices") or {}
-    if not isinstance(estimated, Mapping) and hasattr(estimated, "as_dict"):
-        estimated = estimated.as_dict()
-    currency = str(_field(estimated, "billingCurrency", "billing_currency") or "USD")
-    for value in _field(estimated, "values") or []:
-        if str(_field(value, "osType", "os_type") or "Linux").lower() != "linux":
-            continue
-        price = _field(value, "retailPrice", "retail_price")
-        tier = _field(value, "vmTier", "vm_tier")
-        if price is not None and tier:
-            prices[str(tier).lower()] = float(price)
-    memory = _field(size, "memoryGB", "memory_gb")
+    estimated = estimated.as_dict() if hasattr(estimated, "as_dict") else estimated
+    prices = {
+        str(_field(v, "vmTier", "vm_tier")).lower(): float(_field(v, "retailPrice", "retail_price"))
+        for v in _field(estimated, "values") or []
+        if str(_field(v, "osType", "os_type") or "Linux").lower() == "linux"
+        and _field(v, "retailPrice", "retail_price") is not None
+    }
     return VmSizeInfo(
         name=str(size.name),
         family=_field(size, "family"),
         vcpus=int(_field(size, "vCPUs", "v_cp_us") or 0),
         gpus=int(_field(size, "gpus") or 0),
-        memory_gb=float(memory) if memory is not None else None,
         low_priority_capable=bool(_field(size, "lowPriorityCapable", "low_priority_capable")),
         prices=prices,
-        currency=currency,
+        currency=str(_field(estimated, "billingCurrency", "billing_currency") or "USD"),
     )
 
 
@@ -113,12 +101,6 @@ def _key(text: str) -> str:
     return re.sub(r"[\s_]", "", text).lower()
 
 
-def _family_usage_key(family: str, tier: str) -> str:
-    # standardDSv3Family -> "Standard DSv3 Family Cluster Dedicated vCPUs" (spaces ignored)
-    kind = "Dedicated" if tier == "dedicated" else "LowPriority"
-    return _key(f"{family}Cluster{kind}vCPUs")
-
-
 def quotas_for(usages: Iterable[Any], family: str | None, tier: str) -> list[Quota]:
     """The quota lines (with a limit) that bound ``tier`` nodes of ``family``: family, total.
 
@@ -126,38 +108,35 @@ def quotas_for(usages: Iterable[Any], family: str | None, tier: str) -> list[Quo
     recognised by ``name.value``, ``name.localizedValue`` or its ARM id's last segment (AML's
     example spells ``value`` as the label, other providers the family id); none is logged.
     """
-    total_type = "dedicatedcores" if tier == "dedicated" else "lowprioritycores"
-    wanted = _family_usage_key(family, tier) if family else None
-    found: list[Quota] = []
-    total: Quota | None = None
+    dedicated = tier == "dedicated"
+    # standardDSv3Family -> "Standard DSv3 Family Cluster Dedicated vCPUs" (spaces ignored)
+    wanted = _key(f"{family}Cluster{'Dedicated' if dedicated else 'LowPriority'}vCPUs")
+    total_type = f"/{'dedicated' if dedicated else 'lowpriority'}cores/usages"
+    family_lines: list[Quota] = []
+    totals: list[Quota] = []
     seen = False  # a line for the family, with or without a limit
     for usage in usages:
         kind = str(getattr(usage, "type", "") or "").lower()
-        names = _usage_names(usage)
-        limit = _field(usage, "limit")
-        used = int(_field(usage, "current_value", "currentValue") or 0)
-        mine = bool(wanted) and kind.endswith("/vmfamily/usages")
-        mine = mine and any(_key(n) == wanted for n in names)
+        names, limit = _usage_names(usage), _field(usage, "limit")
+        mine = bool(family) and kind.endswith("/vmfamily/usages") and wanted in map(_key, names)
         seen = seen or mine
-        if limit is None or int(limit) < 0:
-            continue
-        if kind.endswith(f"/{total_type}/usages") and total is None:
-            total = Quota(names[-1], used, int(limit))
-        elif mine:
-            found.append(Quota(names[-1], used, int(limit)))
+        if limit is not None and int(limit) >= 0 and (mine or kind.endswith(total_type)):
+            used = int(_field(usage, "current_value", "currentValue") or 0)
+            (family_lines if mine else totals).append(Quota(names[-1], used, int(limit)))
     if family and not seen:
         logger.warning("quota for family %s (%s) not reported by AML; not checked", family, tier)
-    return found[:1] + ([total] if total is not None else [])
+    return family_lines[:1] + totals[:1]
 
 
 def _usage_names(usage: Any) -> list[str]:
     """A usage line's id segment, ``name.value`` and ``name.localizedValue`` (the label last)."""
     name = getattr(usage, "name", None)  # azure-ai-ml 1.35: {"value", "localizedValue"}
-    names = [str(getattr(usage, "id", "") or "").rsplit("/", 1)[-1]]
-    if isinstance(name, str):
-        return [*names, name]
-    names.append(str(_field(name, "value") or "") if name else "")
-    names.append(str(_field(name, "localizedValue", "localized_value") or "") if name else "")
+    name = {"value": name} if isinstance(name, str) else name
+    labels = (_field(name, "value"), _field(name, "localizedValue", "localized_value"))
+    names = [
+        str(getattr(usage, "id", "") or "").rsplit("/", 1)[-1],
+        *map(str, filter(None, labels)),
+    ]
     return [n for n in names if n] or [""]
 
 
@@ -169,26 +148,18 @@ class QuotaCheck:
     never: Quota | None = None  # the line it exceeds on its own: it can never run
     full: Quota | None = None  # the line too full now: it will wait in Queued
 
-    @property
-    def fits_now(self) -> bool:
-        """Whether it fits what is free now."""
-        return self.never is None and self.full is None
-
 
 def check_quota(quotas: Iterable[Quota], vcpus: int) -> QuotaCheck:
     """Compare a request of ``vcpus`` with its quota lines (see :func:`quotas_for`)."""
     lines = list(quotas)
     never = next((q for q in lines if q.limit is not None and vcpus > q.limit), None)
-    if never is not None:
-        return QuotaCheck(vcpus, never=never)
     full = next((q for q in lines if q.free is not None and vcpus > q.free), None)
-    return QuotaCheck(vcpus, full=full)
+    return QuotaCheck(vcpus, never=never, full=None if never else full)
 
 
 def describe_price(size: VmSizeInfo | None, tier: str, nodes: int) -> str:
     """``"$0.19/h per node, $0.77/h for 4 nodes (estimate)"``, or ``"price unknown"``."""
-    price = size.hourly_price(tier) if size is not None else None
-    if price is None or size is None:
+    if size is None or (price := size.hourly_price(tier)) is None:
         return "price unknown"
     unit = "$" if size.currency == "USD" else f"{size.currency} "
     return (

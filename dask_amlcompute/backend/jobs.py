@@ -19,7 +19,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from distributed.core import rpc
@@ -109,15 +108,6 @@ class MainJob(ProcessInterface):
             )
             info = await ctx.ops.submit(self.job())
             phases.mark("submitted")
-            # worker jobs name the environment and code asset AML registered: no re-upload,
-            # no re-hashing per job
-            plan = state.plan
-            registered = not isinstance(plan.environment, str) and info.environment
-            state.plan = replace(
-                plan,
-                environment=info.environment if registered else plan.environment,
-                code=info.code if info.code and plan.code is not None else plan.code,
-            )
             if s.job_timeout:
                 state.deadline = time.monotonic() + s.job_timeout
         ctx.note(info)

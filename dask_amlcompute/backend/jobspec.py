@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +29,6 @@ SSH_SERVICE_NAME = "dask_ssh"
 
 def cluster_tags(cluster_name: str, role: str, extra: Mapping[str, str] | None = None) -> dict:
     """Tags that let ``from_name``/``list`` find the jobs of a cluster."""
-    import contextlib
-    import getpass
-
     tags = dict(extra or {})
     tags.update({TAG_CLUSTER: cluster_name, TAG_ROLE: role, TAG_VERSION: __version__})
     tags[cluster_key_tag(cluster_name)] = role  # the key the cluster's job watch lists by
@@ -53,25 +52,11 @@ def build_job(
 ):
     """The AML command job (``azure.ai.ml.entities.Command``) of the main job or a worker job.
 
-    ``settings`` give the compute (``worker_compute`` for worker jobs, if set; none: a
-    serverless job of ``instance_type`` and ``job_tier``), experiment, distribution, name and
-    tags. The main job (``node.role == "cluster"``) also carries the cluster's settings in
-    one JSON tag (:data:`~dask_amlcompute._protocol.SETTINGS_TAG`), which ``from_name`` reads.
-
-    Parameters
-    ----------
-    name, n_nodes, node
-        AML job name (unique in the workspace), ``instance_count``, the node entrypoint's options.
-    environment
-        What :func:`~dask_amlcompute.backend.environment.resolve_environment` returned.
-    timeout_seconds
-        ``limits.timeout`` of the job, the server-side backstop.
-    code
-        The code snapshot: a local folder (the SDK uploads it) or a code asset's ARM id.
-    env_vars, tags
-        Node environment variables and more job tags.
-    ssh_public_key
-        Declare AML's job SSH service on node 0 (the scheduler's), accepting this OpenSSH key.
+    ``settings`` give the compute (worker jobs: ``worker_compute`` if set; none: serverless),
+    experiment, distribution and tags; the main job (``node.role == "cluster"``) also carries
+    them in :data:`~dask_amlcompute._protocol.SETTINGS_TAG` for ``from_name``. ``code``: a
+    local folder (the SDK uploads it) or a code asset's ARM id; ``timeout_seconds``: the job's
+    ``limits.timeout``; ``ssh_public_key``: AML's job SSH service on node 0 accepts it.
     """
     from azure.ai.ml import MpiDistribution, PyTorchDistribution, command
     from azure.ai.ml.entities import QueueSettings, SshJobService

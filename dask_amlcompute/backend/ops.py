@@ -1,7 +1,4 @@
-"""The one place that calls the (synchronous) azure-ai-ml SDK.
-
-In worker threads, retried while it fails transiently, its errors typed (:mod:`..exceptions`).
-"""
+"""The one place that calls the (synchronous) azure-ai-ml SDK: in threads, retried, typed."""
 
 from __future__ import annotations
 
@@ -31,6 +28,8 @@ T = TypeVar("T")
 #: Job statuses after which a job will not run again. Not NotResponding and Paused: such
 #: jobs still hold their nodes, a closing cluster must cancel them (AML job status docs).
 TERMINAL_STATUSES = frozenset({"Completed", "Failed", "Canceled"})
+#: Finalizing: the job's user code has exited, AML is releasing its nodes: nothing to cancel.
+ENDING = TERMINAL_STATUSES | {"Finalizing"}
 
 
 @dataclass(frozen=True)
@@ -40,12 +39,10 @@ class ComputeInfo:
     name: str
     type: str
     vm_size: str | None = None
-    min_nodes: int = 0
     max_nodes: int = 0
     ssh_public_access: bool = False
     admin_user: str | None = None
     node_public_ip: bool = True  # enable_node_public_ip: public SSH needs it
-    subnet: str | None = None  # ARM id of the VNet subnet the nodes join
     tier: str = "dedicated"  # or "low_priority"
     idle_seconds: int | None = None  # before AML releases (stops billing) an idle node
 
@@ -58,8 +55,6 @@ class JobInfo:
     status: str
     tags: dict[str, str] = field(default_factory=dict)
     studio_url: str | None = None
-    environment: str | None = None  # as AML resolved it ("name:version"), if a string
-    code: str | None = None  # ARM id of the code asset AML registered, if any
 
     @property
     def terminal(self) -> bool:
@@ -99,10 +94,7 @@ _WORKSPACES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 class AmlOps:
-    """Async facade over an ``MLClient`` for the few operations a cluster needs.
-
-    ``tracking_uri``: the workspace's MLflow tracking URI (run tags); None: read when needed.
-    """
+    """Async facade over an ``MLClient`` (``tracking_uri``: MLflow's; None: read when needed)."""
 
     def __init__(self, ml_client: Any, tracking_uri: str | None = None) -> None:
         self.ml_client = ml_client
@@ -185,12 +177,10 @@ class AmlOps:
             name=name,
             type=kind,
             vm_size=getattr(compute, "size", None),
-            min_nodes=int(getattr(compute, "min_instances", 0) or 0),
             max_nodes=int(getattr(compute, "max_instances", 0) or 0),
             ssh_public_access=bool(getattr(compute, "ssh_public_access_enabled", False)),
             admin_user=getattr(ssh, "admin_username", None) if ssh else None,
             node_public_ip=getattr(compute, "enable_node_public_ip", True) is not False,
-            subnet=getattr(getattr(compute, "network_settings", None), "subnet", None) or None,
             tier=str(getattr(compute, "tier", None) or "dedicated").lower().replace("-", "_"),
             idle_seconds=getattr(compute, "idle_time_before_scale_down", None),
         )
@@ -202,11 +192,10 @@ class AmlOps:
         from azure.ai.ml.entities import AmlCompute
         from azure.core.exceptions import HttpResponseError
 
-        compute = AmlCompute(name=name, size=size, max_instances=max_nodes, tier=tier)
-        compute.idle_time_before_scale_down = idle_seconds
+        compute = AmlCompute(name=name, size=size, max_instances=max_nodes, tier=tier,
+                             idle_time_before_scale_down=idle_seconds)  # fmt: skip
         try:
-            poller = await self._call(self.ml_client.compute.begin_create_or_update, compute)
-            await self._once(poller.result, timeout)
+            await self._poll(self.ml_client.compute.begin_create_or_update, compute, timeout)
         except HttpResponseError as exc:
             if exc.status_code == 400:  # AML refused the request (name, size, quota)
                 raise ConfigurationError(
@@ -216,8 +205,10 @@ class AmlOps:
 
     async def delete_compute(self, name: str, timeout: float) -> None:
         """Delete a compute (``compute.begin_delete``) and wait, bounded, for AML to finish."""
-        poller = await self._call(self.ml_client.compute.begin_delete, name)
-        await self._once(poller.result, timeout)
+        await self._poll(self.ml_client.compute.begin_delete, name, timeout)
+
+    async def _poll(self, begin: Callable[[Any], Any], arg: Any, timeout: float) -> None:
+        await self._once((await self._call(begin, arg)).result, timeout)
 
     async def _shared(self, key: str, fetch: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """``fetch()`` once per ``AmlOps`` (again after a failure), shared by concurrent callers."""
@@ -228,11 +219,11 @@ class AmlOps:
 
     async def workspace(self) -> Any:
         """The workspace (``workspaces.get``, once per ``MLClient``): region, MLflow tracking URI."""
-        ws: Any = _WORKSPACES.get(self.ml_client)
-        if ws is None:
-            get = self.ml_client.workspaces.get
-            ws = await self._shared("ws", lambda: self._call(get, self.ml_client.workspace_name))
-            _WORKSPACES[self.ml_client] = ws
+        if (ws := _WORKSPACES.get(self.ml_client)) is None:
+            get, name = self.ml_client.workspaces.get, self.ml_client.workspace_name
+            ws = _WORKSPACES[self.ml_client] = await self._shared(
+                "ws", lambda: self._call(get, name)
+            )
         self._tracking_uri = self._tracking_uri or ws.mlflow_tracking_uri
         return ws
 
@@ -241,21 +232,24 @@ class AmlOps:
         with contextlib.suppress(Exception):
             await self.workspace()
 
-    async def _regional(self, list_fn: Callable[..., Any]) -> list[Any]:
-        where = (await self.workspace()).location  # the SDK would fetch the workspace each time
-        return await self._call(lambda: list(list_fn(location=where)))
+    async def _regional(self, what: str) -> list[Any]:
+        """``compute.list_sizes``/``list_usage`` of the workspace's region, once per ``AmlOps``."""
+
+        async def fetch() -> list[Any]:
+            where = (await self.workspace()).location  # the SDK would fetch the workspace again
+            return await self._call(
+                lambda: list(getattr(self.ml_client.compute, what)(location=where))
+            )
+
+        return await self._shared(what, fetch)
 
     async def list_sizes(self) -> list[Any]:
-        """The region's VM sizes (``compute.list_sizes``), read once per ``AmlOps``."""
-        return await self._shared(
-            "sizes", lambda: self._regional(self.ml_client.compute.list_sizes)
-        )
+        """The region's VM sizes."""
+        return await self._regional("list_sizes")
 
     async def list_usage(self) -> list[Any]:
-        """The region's vCPU usage and limits (``compute.list_usage``), read once per ``AmlOps``."""
-        return await self._shared(
-            "usage", lambda: self._regional(self.ml_client.compute.list_usage)
-        )
+        """The region's vCPU usage and limits."""
+        return await self._regional("list_usage")
 
     async def _names(self, list_fn: Callable[[], Any], field: str = "name") -> list[str]:
         """``field`` of everything ``list_fn`` lists, sorted; empty on error (for messages)."""
@@ -268,16 +262,13 @@ class AmlOps:
         return sorted(found, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
 
     async def get_datastore(self, name: str, include_secrets: bool = False) -> Any | None:
-        """The datastore ``name``, None when there is none; AML's refusal: an AmlComputeError.
-
-        ``include_secrets`` also fetches its secret (``listSecrets``, a separate permission).
-        """
+        """The datastore ``name`` (``include_secrets``: and its secret), None when there is none."""
         from azure.core.exceptions import HttpResponseError
 
         try:
             get = self.ml_client.datastores.get
             return await self._found(get, name, include_secrets=include_secrets)
-        except HttpResponseError as exc:
+        except HttpResponseError as exc:  # AML's refusal
             raise AmlComputeError(str(exc)) from None
 
     async def list_datastore_names(self) -> list[str]:
@@ -285,11 +276,9 @@ class AmlOps:
         return await self._names(self.ml_client.datastores.list)
 
     async def check_environment(self, reference: str) -> None:
-        """Check that a registered environment (``[azureml:]name:version|@latest``) exists.
+        """Check a registered environment (``[azureml:]name:version|@latest``) exists.
 
-        Images, registry and ARM ids (with ``/``) and curated ``AzureML-...`` environments
-        are not looked up. Raises :class:`EnvironmentNotFoundError` listing (at most 25)
-        environments and versions that exist.
+        Raises :class:`EnvironmentNotFoundError` listing what exists; others are not looked up.
         """
         from azure.ai.ml.exceptions import ValidationErrorType, ValidationException
 
@@ -308,15 +297,12 @@ class AmlOps:
         found = await self._names(envs.list)  # less the SDK's inline ones of past jobs
         names = sorted(set(found) - {"CliV2AnonymousEnvironment"}, key=str.lower)
         shown = ", ".join(names[:25]) + (f" and {len(names) - 25} more" if len(names) > 25 else "")
-        versions: list[str] = []
+        what, versions = f"No environment named {ref.name!r}.", []
         if ref.name in names and ref.version is not None:
             versions = await self._names(lambda: envs.list(name=ref.name), "version")
-        what = (
-            f"Environment {ref.name!r} has no version {ref.version!r} (versions: "
-            f"{', '.join(versions[:25])})."
-            if versions
-            else f"No environment named {ref.name!r}."
-        )
+        if versions:
+            what = f"Environment {ref.name!r} has no version {ref.version!r} (versions: "
+            what += f"{', '.join(versions[:25])})."
         raise EnvironmentNotFoundError(
             f"environment={reference!r} does not exist in workspace "
             f"{getattr(self.ml_client, 'workspace_name', '?')!r}: {what} Environments that "
@@ -326,49 +312,60 @@ class AmlOps:
             "unset for the pinned default environment. Nothing was submitted."
         )
 
+    async def _create(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, a ``create_or_update`` (SDK output muted); AML refusing it: typed."""
+        try:
+            async with self._writes:
+                return await self._call(without_sdk_output(fn), *args)  # an upload's progress bar
+        except AmlComputeError:
+            raise
+        except Exception as exc:
+            raise AmlComputeError(f"AML refused {what}: {exc}") from exc
+
     async def submit(self, job: Any) -> JobInfo:
         """Create the job; returns its first snapshot (at most MAX_CONCURRENT_WRITES at once)."""
         try:
-            async with self._writes:
-                submit = without_sdk_output(self.ml_client.jobs.create_or_update)  # upload bar
-                created = await self._call(submit, job)
+            created = await self._create(
+                f"to create job {job.name!r}", self.ml_client.jobs.create_or_update, job
+            )
         except ControlPlaneError as exc:
             # The PUT may have landed before the connection broke: never submit twice.
             try:
                 return await self.get_job(job.name)
             except Exception:
                 raise exc from None
-        except Exception as exc:
-            raise AmlComputeError(f"AML refused to create job {job.name!r}: {exc}") from exc
         return self._info(created)
+
+    async def register_code(self, folder: str) -> str:
+        """Register a code snapshot folder (uploaded unless AML has its hash); its ARM id.
+
+        As ``jobs.create_or_update`` does for ``code=<folder>`` (azure-ai-ml 1.35 has no
+        public code-asset API), before the job's PUT.
+        """
+        from azure.ai.ml.entities._assets import Code
+
+        def register() -> Any:
+            return self.ml_client._code.create_or_update(Code(path=folder))  # hashes the folder
+
+        return str((await self._create(f"the code snapshot {folder}", register)).id)
 
     async def get_job(self, name: str) -> JobInfo:
         """Current status and tags of a job."""
         return self._info(await self._call(self.ml_client.jobs.get, name))
 
     async def run_tags(self, name: str) -> dict[str, str]:
-        """Tags of the job's run where ``mlflow.set_tag`` writes them (``{}`` if unreadable).
-
-        For when AML's copy in the job resource is late: through the workspace's MLflow
-        tracking URI, else the SDK's private run history (a fallback is logged once).
-        """
+        """The job's run tags (``{}`` if unreadable): MLflow's, else private run history's."""
         try:
             if "mlflow" not in self._warned:  # a route that failed once is not tried again
                 if self._tracking_uri is None:
                     await asyncio.wait_for(self.workspace(), 15)
                 return await asyncio.wait_for(self._call(self._mlflow_run_tags, name), 15)
-        except Exception as exc:
-            hint = (
-                "Install mlflow-skinny (and azureml-mlflow on Azure ML) for the documented route."
-                if isinstance(exc, ImportError)
-                else "The MLflow route is not tried again for this cluster."
-            )
-            why = f"{type(exc).__name__}: {exc or 'timed out'}"
+        except Exception as exc:  # ImportError: mlflow-skinny (+ azureml-mlflow on AML) missing
             self._warn_once(
                 "mlflow",
-                "Reading the run tags of %s through MLflow failed (%s); falling back to run "
-                "history through a private azure-ai-ml attribute. %s",
-                *(name, why, hint),
+                "Reading the run tags of %s through MLflow failed (%s: %s); falling back to run "
+                "history through a private azure-ai-ml attribute (not trying MLflow again).",
+                *(name, type(exc).__name__, exc or "timed out"),
                 level=logging.INFO,
             )
         try:
@@ -402,15 +399,14 @@ class AmlOps:
     async def cancel(
         self, name: str, timeout: float = 60, wait: bool = True, status: str | None = None
     ) -> str | None:
-        """Cancel a job and wait (bounded) for AML to accept it; ended jobs are left alone.
+        """Cancel a job, wait (bounded) for AML to accept it; returns its status, None: failed.
 
-        ``status``: the job's status as the caller has just read it (else it is read first).
-        Returns the status as it now stands (``"Canceled"`` once AML's cancel operation
-        finished; ``"CancelRequested"`` without ``wait``), or None when cancelling failed (logged).
+        ``status``: as the caller has just read it (else read first). A job ending (Finalizing)
+        or ended, also before AML takes the cancel, is left alone: no failure.
         """
         try:
             status = status or (await self.get_job(name)).status
-            if status in TERMINAL_STATUSES:
+            if status in ENDING:
                 return status
             async with self._writes:  # the request; waiting for its result is not bounded by it
                 poller = await self._call(self.ml_client.jobs.begin_cancel, name, polling=wait)
@@ -418,6 +414,9 @@ class AmlOps:
                 return "CancelRequested"
             await asyncio.wait_for(asyncio.to_thread(poller.result), timeout)
         except Exception as exc:
+            with contextlib.suppress(Exception):
+                if (now := (await asyncio.wait_for(self.get_job(name), 15)).status) in ENDING:
+                    return now  # AML refuses to cancel a job that has ended
             logger.warning("Cancelling AML job %s failed: %s", name, exc)
             return None
         return "Canceled"
@@ -466,29 +465,25 @@ class AmlOps:
 
     @staticmethod
     def _info(job: Any) -> JobInfo:
-        try:
+        studio = None
+        with contextlib.suppress(Exception):
             studio = job.studio_url
-        except Exception:
-            studio = None
         return JobInfo(
             name=job.name,
             status=status_text(job.status),
             tags={str(k): str(v) for k, v in (job.tags or {}).items()},
             studio_url=studio,
-            environment=env if isinstance(env := getattr(job, "environment", None), str) else None,
-            code=code if isinstance(code := getattr(job, "code", None), str) else None,
         )
 
     async def register_environment(self, environment: Any) -> str:
-        """Create (or update) a named environment version; returns ``"name:version"``."""
-        created = await self._call(self.ml_client.environments.create_or_update, environment)
-        return f"{created.name}:{created.version}"
+        """Create (or update) an environment version; returns ``"name:version"``."""
+        create = self.ml_client.environments.create_or_update
+        created = await self._create("the environment", create, environment)
+        _, name, _, version = created.id.rsplit("/", 3)  # an anonymous one's .version: rehashed
+        return f"{name}:{version}"
 
     async def list_jobs(self, *, include_ended: bool = False, tag: str | None = None) -> list[Any]:
-        """The workspace's jobs (AML's ``ActiveOnly`` view: not archived, ended ones too).
-
-        ``include_ended`` lists archived ones too; ``tag``: only jobs with this tag key.
-        """
+        """The workspace's jobs: not archived (``include_ended``: those too); ``tag``: with this key."""
         from azure.ai.ml.constants import ListViewType
 
         view = ListViewType.ALL if include_ended else ListViewType.ACTIVE_ONLY
@@ -511,11 +506,9 @@ class AmlOps:
 
 
 def run_blocking(coro: Coroutine[Any, Any, T], cleanup_timeout: float = 120) -> T:
-    """Run ``coro`` to completion from synchronous code; Ctrl-C cancels it first.
+    """Run ``coro`` from synchronous code (under a running loop: on a thread of its own).
 
-    Here with :func:`asyncio.run`, or under a running loop (a Jupyter kernel) in a loop
-    of its own on a helper thread: Ctrl-C cancels it, waits (bounded) for its cleanup
-    (e.g. cancelling its AML job), then raises ``KeyboardInterrupt``.
+    Ctrl-C cancels it, waits (bounded) for its cleanup, then raises ``KeyboardInterrupt``.
     """
     try:
         asyncio.get_running_loop()

@@ -1,9 +1,6 @@
-"""The cluster's plan: everything decided once, before anything is submitted.
+"""The cluster's plan (:class:`~.state.ClusterPlan`): decided once, before anything is submitted.
 
-:func:`draft_plan` fixes what needs no workspace (environment, code snapshot, job
-SSH key); :func:`plan_cluster` looks up (or creates) the compute, the worker
-compute, VM size, price and quota, decides GPU workers and refuses a connect path
-that cannot work: a frozen :class:`~dask_amlcompute.backend.state.ClusterPlan`.
+:func:`draft_plan` fixes what needs no workspace; :func:`plan_cluster` the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from .._protocol import main_job_name
 from ..config import ClusterSettings
 from ..connect import JOB_SERVICE_MODES, available_paths, unavailable_paths
 from ..exceptions import (
@@ -76,10 +74,9 @@ def draft_plan(
 async def plan_cluster(
     settings: ClusterSettings, ops: AmlOps, draft: ClusterPlan, log: Callable[[str], None]
 ) -> ClusterPlan:
-    """Decide everything before the first submission; the first failing check raises.
+    """The compute (created if asked), name, environment, quota, price, GPUs, connect path.
 
-    The compute (created if asked), the name, the environment, quota and price, GPU
-    workers and the connect path.
+    The first failing check raises; a new cluster's code and environment are registered.
     """
     return await _Planner(settings, ops, log, draft).plan()
 
@@ -99,31 +96,40 @@ class _Planner:
         self.plan_ = replace(self.plan_, **changes)
 
     async def plan(self) -> ClusterPlan:
-        """The look-ups run at once; the error raised is the first check's in this order."""
-        s, create = self.settings, not self.attach
-        results = await asyncio.gather(
-            self._find_or_create_compute(),
-            self._worker_compute() if s.worker_compute else asyncio.sleep(0),
-            self._check_name_is_new() if create else asyncio.sleep(0),
-            self.ops.check_environment(s.environment)
-            if create and isinstance(s.environment, str)
-            else asyncio.sleep(0),
-            self.ops.list_sizes(),  # read ahead for _check_capacity (its failure shows there)
-            self.ops.list_usage() if create else asyncio.sleep(0),
-            return_exceptions=True,
+        """Look-ups at once; code and environment registered before the job PUT (issue 28)."""
+        s, create, code = self.settings, not self.attach, self.plan_.code
+        registered = asyncio.ensure_future(
+            self.ops.register_code(code) if create and code else asyncio.sleep(0, code)
         )
-        if error := next((r for r in results[:4] if isinstance(r, BaseException)), None):
-            raise error
-        self.update(compute=results[0], worker_compute=results[1])
-        await self._check_capacity()
-        self._use_gpus()
-        self._check_connect_path()
+        try:
+            results = await asyncio.gather(
+                self._find_or_create_compute(),
+                self._worker_compute(s.worker_compute) if s.worker_compute else asyncio.sleep(0),
+                self._check_name_is_new() if create else asyncio.sleep(0),
+                self.ops.check_environment(s.environment)
+                if create and isinstance(s.environment, str)
+                else asyncio.sleep(0),
+                self.ops.list_sizes(),  # read ahead for _check_capacity (its failure shows there)
+                self.ops.list_usage() if create else asyncio.sleep(0),
+                return_exceptions=True,
+            )
+            if error := next((r for r in results[:4] if isinstance(r, BaseException)), None):
+                raise error
+            self.update(compute=results[0], worker_compute=results[1])
+            await self._check_capacity(results[0])
+            self._use_gpus()
+            self._check_connect_path()
+            env = self.plan_.environment
+            if create and not isinstance(env, str):  # one read from AML has its id: as the SDK
+                env = env.id or await self.ops.register_environment(env)
+            self.update(environment=env, code=await registered)
+        finally:
+            registered.cancel()  # a check failed: the snapshot's upload is not waited for
+            await asyncio.gather(registered, return_exceptions=True)
         return self.plan_
 
     async def _check_name_is_new(self) -> None:
         """AML job names are unique forever: refuse a cluster name used before."""
-        from .._protocol import main_job_name
-
         main_job = main_job_name(self.settings.name)
         if await self.ops.get_job_entity(main_job) is not None:
             raise ConfigurationError(
@@ -135,13 +141,25 @@ class _Planner:
 
     def _check_connect_path(self) -> None:
         """Refuse a ``connect=`` that cannot work on this compute, before any node is paid for."""
-        mode = self.settings.connect
-        if mode in ("job-ssh", "auto") and self.plan_.gpus_per_node:
-            self._check_gpu_job_ssh(mode)
-        if mode not in ("job-ssh", "ssh"):
-            return  # direct and auto may work (auto: direct, then the job's SSH service)
-        missing = unavailable_paths(self.plan_)
-        if mode in missing:
+        mode, default_env = self.settings.connect, self.settings.environment is None
+        if mode in ("job-ssh", "auto") and self.plan_.gpus_per_node and default_env:
+            # the default GPU environment's image may lack the job SSH service's sshd
+            way_out = (
+                "connect='direct' from inside the workspace's network (e.g. a compute instance), "
+                "environment= an image with openssh-server (`dask-amlcompute env --gpu --format "
+                "dockerfile` writes one), or gpu_workers='none' (CPU image, which has it)"
+            )
+            if mode == "job-ssh":
+                raise ConfigurationError(
+                    f"connect='job-ssh' cannot work with the default GPU environment: "
+                    f"{NO_SSH_SERVER}. Use {way_out}. Nothing was submitted."
+                )
+            self.log(
+                f"GPU nodes: only the direct connection can work ({NO_SSH_SERVER}); from outside "
+                f"the workspace's network use {way_out}"
+            )
+        missing = unavailable_paths(self.plan_)  # direct and auto may work
+        if mode in ("job-ssh", "ssh") and mode in missing:
             usable = ", ".join(repr(p) for p in available_paths(self.plan_))
             raise ConfigurationError(
                 f"connect={mode!r} cannot work on compute {self.settings.compute!r}: it needs "
@@ -149,29 +167,9 @@ class _Planner:
                 f"{'; usable here: ' + usable if usable else ''}). Nothing was submitted."
             )
 
-    def _check_gpu_job_ssh(self, mode: str) -> None:
-        """The default GPU environment's image may lack the job SSH service's sshd: say so."""
-        if self.settings.environment is not None:
-            return  # the user's image: their call
-        way_out = (
-            "connect='direct' from inside the workspace's network (e.g. a compute instance), "
-            "environment= an image with openssh-server (`dask-amlcompute env --gpu --format "
-            "dockerfile` writes one), or gpu_workers='none' (CPU image, which has it)"
-        )
-        if mode == "job-ssh":
-            raise ConfigurationError(
-                f"connect='job-ssh' cannot work with the default GPU environment: "
-                f"{NO_SSH_SERVER}. Use {way_out}. Nothing was submitted."
-            )
-        self.log(
-            f"GPU nodes: only the direct connection can work ({NO_SSH_SERVER}); from outside "
-            f"the workspace's network use {way_out}"
-        )
-
     async def _find_or_create_compute(self) -> ComputeInfo:
         """The compute; created first when it does not exist and ``create_compute`` says how."""
-        ops, request = self.ops, self.settings.create_compute
-        name = self.settings.compute
+        ops, request, name = self.ops, self.settings.create_compute, self.settings.compute
         if name is None:
             return await self._serverless_compute()
         try:
@@ -181,8 +179,7 @@ class _Planner:
                 raise
         else:
             if request is not None and not self.attach:
-                kept = "; it will not be deleted on close"
-                kept = kept if self.settings.delete_compute_on_close else ""
+                kept = "; it will not be deleted on close" * self.settings.delete_compute_on_close
                 self.log(
                     f"Compute {name} exists: using it as it is (create_compute applies only to "
                     f"a compute that does not exist{kept})"
@@ -190,8 +187,7 @@ class _Planner:
             return compute
         assert request is not None  # re-raised above otherwise
         size = await self._offered_size(request.size, "create_compute: VM size", "created")
-        quotas = quotas_for(await ops.list_usage(), size.family, request.tier)
-        self._refuse_over_quota(size, self.settings.n_nodes, quotas)
+        self._refuse_over_quota(size, quotas_for(await ops.list_usage(), size.family, request.tier))
         self.log(
             f"Creating AmlCompute {name}: {size.name} ({size.vcpus} vCPUs), 0-{request.max_nodes} "
             f"nodes, {request.tier.replace('_', '-')}, idle nodes released after "
@@ -205,15 +201,14 @@ class _Planner:
         self.log(f"Created AmlCompute {name} in {time.monotonic() - started:.1f}s")
         return await ops.get_compute(name)
 
-    async def _worker_compute(self) -> ComputeInfo:
+    async def _worker_compute(self, name: str) -> ComputeInfo:
         """The compute of the extra worker jobs (``worker_compute``), with its size and price."""
-        name = self.settings.worker_compute
-        assert name is not None
         compute = await self.ops.get_compute(name)
         size, _ = await self._read_capacity(compute, quota=False)
         price = describe_price(size, compute.tier, self.settings.nodes_per_job)
-        spot = "; a preempted worker job is replaced by scale/adapt"
-        spot = spot if compute.tier == "low_priority" else ""
+        spot = "; a preempted worker job is replaced by scale/adapt" * (
+            compute.tier == "low_priority"
+        )
         self.log(
             f"Worker jobs on compute {name} ({compute.tier.replace('_', '-')}, up to "
             f"{compute.max_nodes} nodes): {price} per job{spot}"
@@ -254,8 +249,9 @@ class _Planner:
             tier="spot" if settings.job_tier == "spot" else "dedicated",
         )
 
-    def _refuse_over_quota(self, size: VmSizeInfo, n: int, quotas: list[Quota]) -> QuotaCheck:
-        """Raise :class:`QuotaExceededError` when ``n`` nodes of ``size`` can never fit."""
+    def _refuse_over_quota(self, size: VmSizeInfo, quotas: list[Quota]) -> QuotaCheck:
+        """Raise :class:`QuotaExceededError` when ``n_nodes`` of ``size`` can never fit."""
+        n = self.settings.n_nodes
         check = check_quota(quotas, n * size.vcpus)
         if check.never is not None:
             q = check.never
@@ -268,11 +264,9 @@ class _Planner:
             )
         return check
 
-    async def _check_capacity(self) -> None:
+    async def _check_capacity(self, compute: ComputeInfo) -> None:
         """Refuse what can never run (nodes, quota) and show the size and price, before submitting."""
-        compute, n = self.plan_.compute, self.settings.n_nodes
-        if compute is None:
-            return
+        n = self.settings.n_nodes
         if compute.max_nodes and n > compute.max_nodes:
             raise TooManyNodesError(
                 f"n_nodes={n} but compute {compute.name!r} has at most {compute.max_nodes} "
@@ -289,7 +283,7 @@ class _Planner:
             f"Compute {compute.name}: {n} x {size.name} ({size.vcpus} vCPUs{gpus}, "
             f"{compute.tier.replace('_', '-')}): {self.plan_.price}"
         )
-        check = self._refuse_over_quota(size, n, quotas)
+        check = self._refuse_over_quota(size, quotas)
         if check.full is not None:
             q = check.full
             self.update(
@@ -308,10 +302,10 @@ class _Planner:
         if self.attach or size is None or not size.gpus or settings.gpu_workers == "none":
             return
         self.update(gpus_per_node=size.gpus)
+        cuda = ""
         if settings.environment is None:
             self.update(environment=environment_from_settings(settings, gpu=True))
-        cuda = "; default environment on AML's CUDA base image"
-        cuda = cuda if settings.environment is None else ""
+            cuda = "; default environment on AML's CUDA base image"
         self.log(
             f"GPU size {size.name}: {size.gpus} GPU(s) per node, one dask-cuda worker per GPU "
             f"(resources={{'GPU': 1}}){cuda}"

@@ -46,12 +46,10 @@ class ClusterPlan:
     mode
         ``"create"``: a new cluster; ``"attach"``: reconnecting to a running one.
     environment
-        What the jobs run in; after the first submission, the ``name:version``
-        AML registered, so worker jobs do not upload it again.
+        What the jobs run in; a new cluster's plan registers it (``name:version``).
     code
-        The jobs' code snapshot: the staged folder (see
-        :mod:`~dask_amlcompute.backend.snapshot`); after the first submission,
-        the code asset AML registered, so worker jobs do not hash it again.
+        The jobs' code snapshot: the staged folder (:mod:`~dask_amlcompute.backend.snapshot`);
+        a new cluster's plan registers it (the code asset's ARM id).
     job_ssh_key
         The private key the main job's SSH service accepts (None: the job
         declares no SSH service, or a reattached object does not know it).
@@ -115,9 +113,7 @@ class ClusterState:
     Attributes
     ----------
     plan
-        What was decided before the first submission (see
-        :mod:`~dask_amlcompute.backend.plan`); replaced, never changed, when the
-        first submission registers the environment and code.
+        What was decided before the first submission (see :mod:`~dask_amlcompute.backend.plan`).
     lifecycle
         See :class:`Lifecycle`.
     jobs

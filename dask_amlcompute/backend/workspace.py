@@ -1,10 +1,7 @@
-"""Finding the AML workspace: an ``MLClient`` from arguments or a config file.
+"""Finding the AML workspace: an ``MLClient`` from arguments or a ``config.json``.
 
-A ``config.json`` (as downloaded from Azure ML studio) is looked for in the given path, else
-in the current folder or its parents, or ``.azureml/`` beside them; ``MLClient.from_config``
-builds the client from it. The same file caches the compute (``dask_amlcompute.compute``).
-Precedence for the compute: ``compute=``, dask config (``amlcompute.compute``,
-``DASK_AMLCOMPUTE__COMPUTE``), ``config.json``; for the workspace: ``ml_client=``, ``config.json``.
+The file (from Azure ML studio) is looked for at the given path, else in the current folder,
+its parents or ``.azureml/`` beside them; it also caches the compute (``dask_amlcompute.compute``).
 """
 
 from __future__ import annotations
@@ -53,12 +50,9 @@ def _load_json(path: Path) -> dict[str, Any]:
         raise ConfigurationError(f"Cannot read workspace config {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigurationError(f"Workspace config {path} is not a JSON object.")
+    if not isinstance(data.get(SECTION), dict):
+        data.pop(SECTION, None)
     return data
-
-
-def _section(data: dict[str, Any]) -> dict[str, Any]:
-    section = data.get(SECTION)
-    return section if isinstance(section, dict) else {}
 
 
 def write_workspace_config(
@@ -71,17 +65,14 @@ def write_workspace_config(
 ) -> Path:
     """Write (cache) workspace settings in an AML ``config.json``; returns the file.
 
-    An existing file is updated: keys not given here (other tools' too) are kept. ``compute``
-    (``dask_amlcompute.compute``) is used when neither the cluster nor dask config names one.
-
     Parameters
     ----------
     path
-        The file, or a folder for ``<folder>/config.json``; missing folders are created.
+        The file, or a folder for ``<folder>/config.json``; an existing file keeps other keys.
     subscription_id, resource_group, workspace_name
         The workspace; required when the file does not exist yet.
     compute
-        AmlCompute name to cache.
+        AmlCompute name, used when neither the cluster nor dask config names one.
 
     Examples
     --------
@@ -97,7 +88,7 @@ def write_workspace_config(
     if missing:
         raise ConfigurationError(f"Cannot write {p}: {', '.join(missing)} not given.")
     if compute:
-        data[SECTION] = {**_section(data), "compute": compute}
+        data[SECTION] = {**data.get(SECTION, {}), "compute": compute}
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -124,21 +115,15 @@ def load_workspace_settings(path: str | os.PathLike | None = None) -> WorkspaceS
     if found is None:
         return None
     data = _load_json(found)
-    compute = _section(data).get("compute") or None
+    compute = data.get(SECTION, {}).get("compute") or None
     return WorkspaceSettings(**{k: data.get(k) for k in IDENTITY_KEYS}, compute=compute, path=found)
-
-
-def cached_compute(path: str | os.PathLike | None = None) -> str | None:
-    """The compute cached in the workspace config (``dask_amlcompute.compute``), or None."""
-    found = load_workspace_settings(path)
-    return found.compute if found is not None else None
 
 
 def with_cached_compute(settings: ClusterSettings) -> ClusterSettings:
     """``settings`` with the compute cached in the workspace config when none was given.
 
-    Serverless settings (``instance_type``) need none. :class:`ConfigurationError` when
-    ``workspace_config`` names no config file or no compute is given anywhere.
+    Precedence: ``compute=``, dask config (``DASK_AMLCOMPUTE__COMPUTE``), ``config.json``;
+    serverless (``instance_type``) needs none.
     """
     path = settings.workspace_config
     if path is not None and find_workspace_config(path) is None:
@@ -150,9 +135,7 @@ def with_cached_compute(settings: ClusterSettings) -> ClusterSettings:
         )
     if settings.compute is not None or settings.instance_type is not None:
         return settings
-    # Precedence: argument > dask config (incl. DASK_AMLCOMPUTE__COMPUTE) > config.json > error.
-    compute = cached_compute(path)
-    if not compute:
+    if not (compute := getattr(load_workspace_settings(path), "compute", None)):
         raise ConfigurationError(
             "No compute given: pass compute='<AmlCompute name>', set amlcompute.compute "
             "in dask config (DASK_AMLCOMPUTE__COMPUTE), or cache it in the workspace "
@@ -188,11 +171,6 @@ def ml_client_from_config(path: str | os.PathLike | None = None, credential: Any
         The config file, or a folder holding one; None searches from the current folder up.
     credential
         Azure credential; default ``DefaultAzureCredential()``.
-
-    Raises
-    ------
-    WorkspaceNotConfiguredError
-        No config file was found, or it lacks the workspace's keys.
     """
     found = find_workspace_config(path)
     if found is None:

@@ -55,6 +55,11 @@ def _prepared(ml_client, **kwargs):
     return asyncio.run(main())
 
 
+def _environment(ml_client, cluster):
+    """The environment the plan registered for the cluster's jobs."""
+    return ml_client.environments.get(*cluster._context.plan.environment.split(":"))
+
+
 def _argv(spec) -> NodeOptions:
     command = spec["properties"]["command"]
     argv = command.split("-m dask_amlcompute.node", 1)[1].split()
@@ -67,7 +72,7 @@ def test_gpu_size_gives_dask_cuda_workers_and_the_cuda_image(ml_client, gpu_comp
     node = _argv(spec)
     assert node.cuda and node.processes == 4  # one worker per GPU
     assert cluster._main_workers == 8  # 2 nodes x 4 GPUs (the scheduler's node too)
-    environment = cluster._context.plan.environment
+    environment = _environment(ml_client, cluster)
     assert environment.image == CUDA_IMAGE
     pip = environment.conda_file["dependencies"][-1]["pip"]
     assert dask_cuda_requirement(GPU_DASK, local_python()) in pip and f"dask=={GPU_DASK}" in pip
@@ -77,17 +82,17 @@ def test_gpu_size_gives_dask_cuda_workers_and_the_cuda_image(ml_client, gpu_comp
     cluster, spec = _prepared(
         ml_client, compute=gpu_compute, n_nodes=1, gpu_workers="none", name="gpu-plan-cpu"
     )
-    assert not _argv(spec).cuda and cluster._context.plan.environment.image == DEFAULT_IMAGE
+    assert not _argv(spec).cuda and _environment(ml_client, cluster).image == DEFAULT_IMAGE
     cluster, spec = _prepared(
         ml_client, compute=gpu_compute, n_nodes=1, environment="my/image:1", name="gpu-plan-own"
     )
-    assert _argv(spec).cuda and cluster._context.plan.environment.image == "my/image:1"
+    assert _argv(spec).cuda and _environment(ml_client, cluster).image == "my/image:1"
 
 
 def test_cpu_size_keeps_cpu_workers(ml_client, cluster_kwargs):
     cluster, spec = _prepared(ml_client, n_nodes=1, name="cpu-plan", **cluster_kwargs)
     assert not _argv(spec).cuda
-    assert cluster._context.plan.environment.image == DEFAULT_IMAGE
+    assert _environment(ml_client, cluster).image == DEFAULT_IMAGE
 
 
 def test_gpu_node_without_dask_cuda_fails_saying_so(ml_client, gpu_compute, cluster_kwargs):

@@ -46,6 +46,14 @@ class Ops:
             self.calls.append("list_usage")
         return [USAGE]
 
+    async def register_code(self, folder: str) -> str:
+        self.calls.append("register_code")
+        return "/subscriptions/s/.../codes/c/versions/1"
+
+    async def register_environment(self, environment) -> str:
+        self.calls.append(f"register_environment {environment.image}")
+        return "CliV2AnonymousEnvironment:1"
+
 
 def _plan(mode: str) -> tuple:
     settings = resolve_settings(
@@ -59,7 +67,12 @@ def _plan(mode: str) -> tuple:
 def test_a_new_cluster_is_planned_with_size_price_quota_and_gpus():
     plan, ops, logs = _plan("create")
     checks = ["get_compute", "get_job_entity p-main", "check_environment", "list_usage"]
-    assert sorted(ops.calls) == sorted(checks)  # at once: in any order
+    registered = ["register_code", "register_environment my/image:1"]
+    assert sorted(ops.calls) == sorted(checks + registered)  # at once: in any order
+    assert ops.calls[-1] == registered[1]  # once the checks passed
+    # the job PUT names both: the SDK registers nothing on the critical path
+    assert plan.environment == "CliV2AnonymousEnvironment:1"
+    assert plan.code == "/subscriptions/s/.../codes/c/versions/1"
     assert plan.mode == "create" and plan.compute.name == "gpus" and not plan.created_compute
     assert plan.vm_size.name == GPU.name and plan.gpus_per_node == 2
     assert plan.queue_hint == (

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from dask_amlcompute.backend.capacity import Quota, VmSizeInfo, check_quota, describe_price
+from dask_amlcompute.backend.capacity import (
+    Quota,
+    QuotaCheck,
+    VmSizeInfo,
+    check_quota,
+    describe_price,
+)
 
 
 def test_quota_arithmetic():
     lines = [Quota("family", used=8, limit=24), Quota("total", used=8, limit=100)]
-    assert check_quota(lines, 16).fits_now
+    assert check_quota(lines, 16) == QuotaCheck(16)  # fits now
     assert check_quota(lines, 20).full == lines[0]  # fits once 4 vCPUs are released
     assert check_quota(lines, 28).never == lines[0]  # more than the limit itself
     size = VmSizeInfo("Standard_X", "f", 4, prices={"standard": 0.5})

@@ -11,7 +11,6 @@ from _helpers import env_in_dask_config
 from dask_amlcompute import ConfigurationError, write_workspace_config
 from dask_amlcompute.backend.workspace import (
     cache_workspace,
-    cached_compute,
     load_workspace_settings,
     ml_client_from_config,
     with_cached_compute,
@@ -52,7 +51,8 @@ def test_write_merges_into_an_existing_file(project):
     assert data["friendly_name"] == "from studio"  # other keys survive
     assert data["dask_amlcompute"] == {"other": 1, "compute": "gpu"}
     write_workspace_config(project, workspace_name="ws2")
-    assert cached_compute() == "gpu" and load_workspace_settings().workspace_name == "ws2"
+    s = load_workspace_settings()
+    assert s.compute == "gpu" and s.workspace_name == "ws2"
 
 
 def test_new_file_needs_the_workspace_identity(project):
@@ -64,9 +64,9 @@ def test_found_in_parent_and_dot_azureml(project, monkeypatch):
     write_workspace_config(project / ".azureml", compute="from-dot-azureml", **IDENTITY)
     child = project / "notebooks" / "deep"
     child.mkdir(parents=True)
-    assert cached_compute(child) is None  # an explicit folder is not searched upwards
+    assert load_workspace_settings(child) is None  # an explicit folder is not searched upwards
     monkeypatch.chdir(child)
-    assert cached_compute() == "from-dot-azureml"
+    assert load_workspace_settings().compute == "from-dot-azureml"
 
 
 def test_compute_precedence_argument_config_file(project, monkeypatch):

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from ._protocol import (
 )
 from .backend.jobspec import build_job
 from .backend.ops import AmlOps, run_blocking
+from .backend.plan import draft_plan, plan_cluster
+from .backend.state import ClusterPlan
 from .backend.workspace import workspace_client
 from .connect import temporary_tls
 from .exceptions import (
@@ -44,7 +46,6 @@ from .exceptions import (
     JobCanceledError,
     JobError,
     JobFailedError,
-    TooManyNodesError,
 )
 
 __all__ = [
@@ -156,8 +157,8 @@ def build_script_job(
     Takes the arguments of :func:`submit_script`; ``settings`` are resolved
     with the cluster's :func:`~dask_amlcompute.config.resolve_settings` (same
     dask config keys), except ``idle_timeout`` and ``no_client_timeout``. The
-    environment and code snapshot are the cluster's
-    (:func:`~dask_amlcompute.backend.plan.draft_plan`).
+    environment and code snapshot are the cluster's draft plan's
+    (:func:`~dask_amlcompute.backend.plan.draft_plan`; submitting completes it).
 
     Returns
     -------
@@ -169,30 +170,41 @@ def build_script_job(
         An argument or dask config value is invalid, or the script is too large
         to embed.
     """
-    from .backend.plan import draft_plan
+    _, draft, build = _prepare(script_path, script_args, code, wait_workers, settings)
+    return build(draft)
 
+
+def _prepare(
+    script_path: Any, script_args: Any, code: Any, wait_workers: Any, settings: dict[str, Any]
+) -> tuple[config.ClusterSettings, ClusterPlan, Callable[[ClusterPlan], Any]]:
+    """The settings, the draft plan, and how to build the job from the (completed) plan."""
     # not read from dask config: see submit_script
     idle = config.checked("idle-timeout", settings.pop("idle_timeout", None))
     no_client = config.checked("no-client-timeout", settings.pop("no_client_timeout", None))
     wait_for_workers = config.checked("startup-timeout", wait_workers, "wait_workers")
-    s = config.resolve_settings(**settings)
+    # no client: no SSH key, no tunnel; worker jobs are a cluster's
+    s = replace(config.resolve_settings(**settings), connect="direct", worker_compute=None)
     script, embedded = _script(script_path, script_args, code, wait_for_workers)
-    node = NodeOptions(
-        role="cluster", name_prefix=s.name, processes=s.processes_per_node,
-        threads=s.threads_per_process, death_timeout=s.death_timeout, idle_timeout=idle,
-        no_client_timeout=no_client, script=script,
-        # the script's client connects only once the workers are there
-        first_contact_timeout=wait_for_workers + no_client if no_client else None,
-    )  # fmt: skip
-    plan = draft_plan(replace(s, connect="direct"), code, "create")  # no client: no SSH key
-    job = build_job(
-        s, name=s.name, n_nodes=s.n_nodes, node=node, environment=plan.environment,
-        code=plan.code, timeout_seconds=s.job_timeout, tags={TAG_MODE: "script",
-        "dask_script": script.script_name}, env_vars={**s.env_vars, **embedded,
-        **temporary_tls(s)[1]},
-    )  # fmt: skip
-    job.display_name = f"{script.script_name} on {s.n_nodes} node(s) (dask-amlcompute run)"
-    return job
+
+    def build(plan: ClusterPlan) -> Any:
+        node = NodeOptions(
+            role="cluster", name_prefix=s.name, threads=s.threads_per_process,
+            processes=plan.gpus_per_node or s.processes_per_node, cuda=plan.gpus_per_node > 0,
+            death_timeout=s.death_timeout, idle_timeout=idle, no_client_timeout=no_client,
+            script=script,
+            # the script's client connects only once the workers are there
+            first_contact_timeout=wait_for_workers + no_client if no_client else None,
+        )  # fmt: skip
+        job = build_job(
+            s, name=s.name, n_nodes=s.n_nodes, node=node, environment=plan.environment,
+            code=plan.code, timeout_seconds=s.job_timeout, tags={TAG_MODE: "script",
+            "dask_script": script.script_name}, env_vars={**s.env_vars, **embedded,
+            **temporary_tls(s)[1]},
+        )  # fmt: skip
+        job.display_name = f"{script.script_name} on {s.n_nodes} node(s) (dask-amlcompute run)"
+        return job
+
+    return s, draft_plan(s, code, "create"), build
 
 
 async def _wait_until_ended(ops: Any, info: Any, *, wait_timeout: float, poll_interval: float,
@@ -237,9 +249,9 @@ async def _outcome(ops: Any, info: Any) -> ScriptRun:
     raise err
 
 
-async def _submit_and_wait(ops: AmlOps, job: Any, wait: bool, wait_timeout: float | None,
+async def _submit_and_wait(ops: AmlOps, prepared: tuple, wait: bool, wait_timeout: float | None,
                            poll_interval: float, quiet: bool) -> ScriptRun:  # fmt: skip
-    """Submit ``job`` and (with ``wait``) wait for it to end.
+    """Complete the cluster's plan (its checks), submit the job and (with ``wait``) wait for it.
 
     Cancelled (Ctrl-C) once the submission has begun, it cancels the job first:
     a submission still in flight is let land (bounded), then cancelled.
@@ -250,15 +262,10 @@ async def _submit_and_wait(ops: AmlOps, job: Any, wait: bool, wait_timeout: floa
         if not quiet:
             print(message, file=sys.stderr, flush=True)
 
-    n_nodes = job.resources.instance_count
-    timeout = job.limits.timeout if job.limits is not None else None
-    wait_timeout = wait_timeout or (timeout or 3600) + 1800
-    compute = await ops.get_compute(job.compute)
-    if compute.max_nodes and n_nodes > compute.max_nodes:
-        raise TooManyNodesError(
-            f"n_nodes={n_nodes} but compute {compute.name!r} has at most {compute.max_nodes} "
-            "node(s) (max_instances); nothing was submitted."
-        )
+    settings, draft, build = prepared
+    job = build(await plan_cluster(settings, ops, draft, log))
+    n_nodes = settings.n_nodes
+    wait_timeout = wait_timeout or (settings.job_timeout or 3600) + 1800
     submitting = asyncio.ensure_future(ops.submit(job))
     try:
         info = await asyncio.shield(submitting)
@@ -349,8 +356,6 @@ env_vars, distribution, security
         raise ConfigurationError(f"wait must be True or False, got {wait!r}.")
     bound = config.checked("job-timeout", wait_timeout, "wait_timeout")
     poll = config.checked("poll-interval", poll_interval)
-    job = build_script_job(
-        script_path, script_args=script_args, code=code, wait_workers=wait_workers,
-        **{**settings, "name": name or f"dask-run-{uuid.uuid4().hex[:10]}"},
-    )  # fmt: skip
-    return run_blocking(_submit_and_wait(AmlOps(ml_client), job, wait, bound, poll, quiet))
+    settings["name"] = name or f"dask-run-{uuid.uuid4().hex[:10]}"
+    prepared = _prepare(script_path, script_args, code, wait_workers, settings)
+    return run_blocking(_submit_and_wait(AmlOps(ml_client), prepared, wait, bound, poll, quiet))

@@ -30,7 +30,6 @@ from typing import Any
 
 from distributed import Nanny, Scheduler
 from distributed.comm import get_address_host_port
-from distributed.comm.core import CommClosedError
 from distributed.core import Status
 from distributed.security import Security
 
@@ -165,12 +164,6 @@ def node_security(env: Mapping[str, str] | None = None):
     return Security(require_encryption=True, tls_ca_file=cert, **pem)
 
 
-def _worker_threads(opts: NodeOptions) -> int:
-    if opts.threads:
-        return opts.threads
-    return max(1, (os.cpu_count() or 1) // max(1, opts.processes))
-
-
 async def start_scheduler(ctx: NodeContext, opts: NodeOptions) -> Any:
     """Start this node's Dask scheduler (cluster and job-mode jobs) on ``ctx.node_ip``.
 
@@ -241,12 +234,12 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
     -------
     list of distributed.Nanny
         The running nannies; none when the scheduler closed while they joined
-        (the client closed the cluster while it started: a normal end).
+        (a joined worker ended, or it no longer listens): a normal end.
 
     Raises
     ------
     RuntimeError
-        The workers failed to start or to join within ``--death-timeout``
+        The workers failed to start or to join a scheduler still listening
         (every nanny started is closed first).
     """
     if opts.cuda:
@@ -255,7 +248,7 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
     nannies = [
         Nanny(
             scheduler_address,
-            nthreads=_worker_threads(opts),
+            nthreads=opts.threads or max(1, (os.cpu_count() or 1) // max(1, opts.processes)),
             memory_limit=opts.memory_limit,
             name=f"{opts.name_prefix}-{ctx.rank}-{i}",
             host=ctx.node_ip,
@@ -275,28 +268,15 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
             "Started %d worker(s) on %s for %s", len(nannies), ctx.node_ip, scheduler_address
         )
         return nannies
-    chain: list[BaseException] = []
-    exc: BaseException | bool | None = outcome
-    while isinstance(exc, BaseException) and len(chain) < 50:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    # a joined worker ended, or the scheduler closed a connection it had taken (not refused it)
-    if outcome is False or (
-        any(isinstance(e, CommClosedError) for e in chain)
-        and not any(isinstance(e, ConnectionRefusedError) for e in chain)
-    ):
+    # a joined worker ended, or joining failed and the scheduler no longer listens: it closed
+    if outcome is False or not await _listening(scheduler_address, 1.0):
         logger.info("The scheduler at %s closed while the workers on node rank %d were joining "
                     "it: nothing left to do", scheduler_address, ctx.rank)  # fmt: skip
         return []
-    if any(isinstance(e, OSError | asyncio.TimeoutError) for e in chain):
-        why = (
-            f"could not join the scheduler at {scheduler_address} within {opts.death_timeout:.0f}s"
-        )
-    else:
-        why = "failed to start"
     raise RuntimeError(
-        f"Workers on node rank {ctx.rank} {why}: {type(chain[-1]).__name__}: {chain[-1]}"
-    ) from chain[0]
+        f"Workers on node rank {ctx.rank} failed to start or to join the scheduler at "
+        f"{scheduler_address}: {type(outcome).__name__}: {outcome}"
+    ) from outcome
 
 
 async def start_cuda_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOptions) -> list:

@@ -18,7 +18,7 @@ from _helpers import wait_for
 from dask_amlcompute._protocol import TLS_CERT_ENV, TLS_KEY_ENV, NodeOptions
 from dask_amlcompute.cli.run import run_cli
 from dask_amlcompute.discovery import list_cluster_jobs
-from dask_amlcompute.exceptions import ConfigurationError, JobFailedError
+from dask_amlcompute.exceptions import ConfigurationError, JobFailedError, TooManyNodesError
 from dask_amlcompute.jobmode import (
     MAX_EMBEDDED_BYTES,
     OUTPUT_BEGIN,
@@ -181,6 +181,16 @@ def test_script_job_security_and_timeouts_reach_the_node_command(tmp_path):
     assert TLS_CERT_ENV not in plain.environment_variables
     opts = NodeOptions.from_argv(shlex.split(plain.command)[3:], script=True)
     assert opts.idle_timeout is None and opts.no_client_timeout is None
+
+
+def test_script_job_gets_the_clusters_checks_before_submission(emulator, ml_client, tmp_path):
+    # the cluster's plan (plan_cluster) refuses what can never run: nothing is submitted
+    script = tmp_path / "job.py"
+    script.write_text("print('hi')\n")
+    with pytest.raises(TooManyNodesError, match="at most 2"):
+        submit_script(ml_client, script, compute="tiny", n_nodes=3, name="run-too-many", quiet=True)
+    with pytest.raises(Exception):  # noqa: B017  the job was never created
+        ml_client.jobs.get("run-too-many")
 
 
 @pytest.mark.slow

@@ -48,19 +48,6 @@ from .exceptions import (
     JobFailedError,
 )
 
-__all__ = [
-    "EXIT_CODE_TAG",
-    "MAX_EMBEDDED_BYTES",
-    "OUTPUT_BEGIN",
-    "OUTPUT_END",
-    "SCRIPT_ENV",
-    "ScriptRun",
-    "build_script_job",
-    "embed_script",
-    "script_output",
-    "submit_script",
-]
-
 logger = logging.getLogger("dask_amlcompute.jobmode")
 
 #: The parameters of :func:`submit_script` that are cluster settings.

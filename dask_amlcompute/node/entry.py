@@ -32,6 +32,7 @@ from distributed import Nanny, Scheduler
 from distributed.comm import get_address_host_port
 from distributed.core import Status
 from distributed.security import Security
+from distributed.utils import get_ip
 
 from .._protocol import (
     DASHBOARD_TAG,
@@ -75,16 +76,6 @@ def _int(env: Mapping[str, str], *names: str) -> int | None:
         if env.get(name, "").strip():
             return int(env[name])
     return None
-
-
-def _route_ip(target: str) -> str:
-    """The local address the kernel would use to reach ``target`` (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect((target, 9))
-            return sock.getsockname()[0]
-        except OSError:
-            return ""
 
 
 def _host_ip() -> str:
@@ -134,7 +125,7 @@ def detect_context(env: Mapping[str, str] | None = None) -> NodeContext:
         )
     node_ip = env.get("AZ_BATCHAI_NODE_IP") or ""
     if not node_ip:
-        node_ip = (master if rank == 0 else _route_ip(master)) if master else _host_ip()
+        node_ip = (master if rank == 0 else get_ip(master, 9)) if master else _host_ip()
         if not node_ip or (_loopback(node_ip) and not (master and _loopback(master))):
             raise RuntimeError(
                 f"This node found no address other machines can reach (got {node_ip or 'none'}"

@@ -76,9 +76,6 @@ class StorageOptions(dict):
 
     __str__ = __repr__
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (StorageOptions, (dict(self),))
-
 
 @dataclass(frozen=True)
 class DatastoreURI:

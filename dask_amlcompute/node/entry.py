@@ -1,16 +1,12 @@
 """In-job entrypoint: what every node of a dask-amlcompute job runs.
 
-``python -m dask_amlcompute.node --role cluster ...`` is the command of the
-cluster's main AML job. Rank 0 starts the Dask scheduler (and, optionally,
-workers beside it) and publishes the scheduler's address as an mlflow run tag,
-which the client reads back from ``ml_client.jobs.get(name).tags`` (or, when that
-copy is late, from the run in run history). Every other
-rank starts ``--processes`` worker processes (nannies) that dial the scheduler
-on ``MASTER_ADDR``. ``--role workers`` (extra worker jobs) starts workers on
-every rank and dials ``--scheduler-address``.
-
-When the scheduler shuts down, every node exits 0, so the AML job completes
-and AML releases the nodes.
+``python -m dask_amlcompute.node --role cluster`` runs a cluster's main job: rank 0
+starts the Dask scheduler (and optionally workers beside it) and publishes its
+address as an mlflow run tag, which the client reads from the job (or its run);
+every other rank starts ``--processes`` workers (nannies) dialling ``MASTER_ADDR``.
+``--role workers`` (extra worker jobs) starts workers on every rank, dialling
+``--scheduler-address``. When the scheduler shuts down, every node exits 0: the AML
+job completes and AML releases the nodes.
 """
 
 from __future__ import annotations
@@ -178,8 +174,8 @@ async def start_scheduler(ctx: NodeContext, opts: NodeOptions) -> Any:
     scheduler.handlers[HEARTBEAT_HANDLER] = lambda: heartbeat(scheduler)
     plugins: list = []
     if opts.role == "cluster":
-        plugins += [KeepMainJobWorkers(opts.name_prefix), MissingModules()]
-        plugins.append(NameTheStop(opts.name_prefix, opts.job_timeout))
+        plugins += [KeepMainJobWorkers(opts.name_prefix), MissingModules(),
+                    NameTheStop(opts.name_prefix, opts.job_timeout)]  # fmt: skip
     if opts.no_client_timeout:
         plugins.append(NoClientTimeout(opts.no_client_timeout, opts.first_contact_timeout))
     for plugin in plugins:
@@ -271,15 +267,9 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
 
 
 async def start_cuda_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOptions) -> list:
-    """Start dask-cuda workers on this GPU node: one per GPU, each with ``resources={"GPU": 1}``.
+    """Start dask-cuda workers ``PREFIX-RANK-INDEX``: one per GPU, each with ``resources={"GPU": 1}``.
 
-    ``dask_cuda.CUDAWorker`` starts one nanny per visible GPU (``CUDA_VISIBLE_DEVICES``
-    rotated per worker), named ``PREFIX-RANK-INDEX`` like the CPU workers.
-
-    Returns
-    -------
-    list of distributed.Nanny
-        The running nannies.
+    ``dask_cuda.CUDAWorker`` starts one nanny per visible GPU; returns them.
     """
     try:
         from dask_cuda import CUDAWorker
@@ -324,12 +314,6 @@ async def _join(nannies: list) -> BaseException | bool:
     finally:
         for task in [*starting, *ended]:
             task.cancel()
-
-
-def master_scheduler_address(ctx: NodeContext, opts: NodeOptions) -> str:
-    """The scheduler address ranks above 0 dial: rank 0's node on ``--scheduler-port``."""
-    protocol = "tls" if node_security() is not None else "tcp"
-    return f"{protocol}://{ctx.master_addr}:{opts.scheduler_port}"
 
 
 def stop_on_signals() -> asyncio.Event:
@@ -429,8 +413,10 @@ async def run_node(opts: NodeOptions, env: Mapping[str, str] | None = None) -> N
         await _run_worker_node(opts.scheduler_address, ctx, opts, stop)
     elif ctx.rank == 0:
         await _run_scheduler_node(ctx, opts, stop)
-    else:
-        await _run_worker_node(master_scheduler_address(ctx, opts), ctx, opts, stop)
+    else:  # rank 0's scheduler, on --scheduler-port
+        protocol = "tls" if node_security() is not None else "tcp"
+        address = f"{protocol}://{ctx.master_addr}:{opts.scheduler_port}"
+        await _run_worker_node(address, ctx, opts, stop)
 
 
 def main(argv: list[str] | None = None) -> int:

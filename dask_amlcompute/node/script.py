@@ -16,7 +16,6 @@ import base64
 import gzip
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -58,13 +57,11 @@ def _script_file(script: ScriptOptions, folder: str) -> str:
     return path
 
 
-def script_environment(
-    scheduler_address: str, folder: str, env: dict[str, str] | None = None
-) -> dict[str, str]:
+def script_environment(scheduler_address: str, env: dict[str, str] | None = None) -> dict[str, str]:
     """The script's environment (from ``env``, default ``os.environ``): the scheduler's address.
 
-    In a TLS job, the certificate and key are written to the private ``folder`` (mode
-    0600) and named in ``DASK_DISTRIBUTED__COMM__TLS__...``, so ``Client()`` uses them.
+    In a TLS job, the certificate and key (PEM text, which distributed takes for a
+    path) are named in ``DASK_DISTRIBUTED__COMM__TLS__...``, so ``Client()`` uses them.
     """
     env = dict(os.environ if env is None else env)
     env["DASK_SCHEDULER_ADDRESS"] = scheduler_address
@@ -75,21 +72,9 @@ def script_environment(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (library_root, env.get("PYTHONPATH")) if p)
     cert, key = env.get(TLS_CERT_ENV), env.get(TLS_KEY_ENV)
     if cert and key:
-        paths = {}
-        for name, text in (("cert.pem", cert), ("key.pem", key)):
-            path = os.path.join(folder, name)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            paths[name] = path
-        env.update(
-            {
-                "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
-                "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": paths["cert.pem"],
-                "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": paths["cert.pem"],
-                "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": paths["key.pem"],
-            }
-        )
+        tls = "DASK_DISTRIBUTED__COMM__TLS__"
+        env.update({"DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True", tls + "CA_FILE": cert,
+                    tls + "CLIENT__CERT": cert, tls + "CLIENT__KEY": key})  # fmt: skip
     return env
 
 
@@ -106,27 +91,23 @@ async def _wait_for_workers(scheduler: Any, expected: int, timeout: float) -> No
 
 async def run_script_node(opts: NodeOptions) -> int:
     """Run this node's part of a job-mode job; returns its exit code (rank 0: the script's)."""
-    if opts.script is None:
-        raise ValueError("run_script_node needs NodeOptions.script (job mode)")
+    assert opts.script is not None  # NodeOptions.from_argv(script=True) sets it
     ctx = detect_context()
     if ctx.rank != 0:
         await run_node(opts)
         return 0
     stop = stop_on_signals()
-    folder = tempfile.mkdtemp(prefix="dask-amlcompute-script-")
-    try:
-        script = _script_file(opts.script, folder)
+    with tempfile.TemporaryDirectory(prefix="dask-amlcompute-", ignore_cleanup_errors=True) as tmp:
+        script = _script_file(opts.script, tmp)
         scheduler = await start_scheduler(ctx, opts)
         try:
-            return await _run_script(scheduler, ctx, opts, script, folder, stop)
+            return await _run_script(scheduler, ctx, opts, script, stop)
         finally:
             await scheduler.close(reason="script-finished")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def _run_script(
-    scheduler: Any, ctx: Any, opts: NodeOptions, script: str, folder: str, stop: asyncio.Event
+    scheduler: Any, ctx: Any, opts: NodeOptions, script: str, stop: asyncio.Event
 ) -> int:
     assert opts.script is not None
     nannies: list = []
@@ -141,7 +122,7 @@ async def _run_script(
             raise RuntimeError("The scheduler closed while its node's workers were starting")
         nodes = ctx.world_size if opts.worker_on_scheduler else ctx.world_size - 1
         await _wait_for_workers(scheduler, opts.processes * nodes, opts.script.wait_workers)
-        env = script_environment(scheduler.address, folder)
+        env = script_environment(scheduler.address)
         args = list(opts.script.args)
         logger.info("Running %s %s against %s", script, args, scheduler.address)
         print(OUTPUT_BEGIN, flush=True)
@@ -163,9 +144,7 @@ async def _run_script(
             except asyncio.TimeoutError:
                 proc.kill()
                 await done
-        returncode = proc.returncode
-        assert returncode is not None  # it has exited: proc.wait() returned
-        code = returncode if returncode >= 0 else 128 - returncode
+        code = done.result() if done.result() >= 0 else 128 - done.result()
         print(f"{OUTPUT_END} {code} -----", flush=True)
         try:
             await publish_tags({EXIT_CODE_TAG: str(code)})

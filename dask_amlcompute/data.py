@@ -19,7 +19,7 @@ import logging
 import posixpath
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -72,9 +72,7 @@ class StorageOptions(dict):
 
     def __repr__(self) -> str:
         shown = {k: ("***" if k in SECRET_KEYS and v else v) for k, v in self.items()}
-        return f"StorageOptions({shown!r})"
-
-    __str__ = __repr__
+        return f"StorageOptions({shown!r})"  # str() too: dict has no __str__ of its own
 
 
 @dataclass(frozen=True)
@@ -137,16 +135,10 @@ class ResolvedURI:
     """
 
     url: str
-    storage_options: StorageOptions = field(repr=False)
+    storage_options: StorageOptions  # its repr masks the secrets
     uri: str = ""
     datastore: str = ""
     credential: str = ""
-
-    def __repr__(self) -> str:
-        return (
-            f"ResolvedURI(url={self.url!r}, datastore={self.datastore!r}, "
-            f"credential={self.credential!r}, storage_options={self.storage_options!r})"
-        )
 
     def __iter__(self) -> Iterator[Any]:
         yield self.url

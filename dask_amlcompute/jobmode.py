@@ -4,20 +4,19 @@
 submits ONE command job: rank 0 starts the scheduler, waits for the workers, runs
 the script with ``DASK_SCHEDULER_ADDRESS`` set and exits with its exit code (also
 the run tag ``dask_script_exit_code``): the dask-mpi / jobqueue Runner pattern.
-The script is embedded in the job (gzip + base64, at most :data:`MAX_EMBEDDED_BYTES`)
-or travels in the ``code=`` folder. This is the client side; the in-job side is
-:mod:`dask_amlcompute.node.script`.
+The script travels in the job's code snapshot (with its ``code=`` folder). This is
+the client side; the in-job side is :mod:`dask_amlcompute.node.script`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import gzip
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +29,6 @@ from ._protocol import (
     EXIT_CODE_TAG,
     OUTPUT_BEGIN,
     OUTPUT_END,
-    SCRIPT_ENV,
     TAG_MODE,
     NodeOptions,
     ScriptOptions,
@@ -52,8 +50,6 @@ logger = logging.getLogger("dask_amlcompute.jobmode")
 
 #: The parameters of :func:`submit_script` that are cluster settings.
 _SETTINGS = frozenset(f.name for f in fields(config.ClusterSettings)) - {"poll_interval"}
-#: Largest embedded script (after gzip + base64); use ``code=`` beyond it.
-MAX_EMBEDDED_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -89,23 +85,10 @@ def script_output(log: str | None) -> str | None:
     return text.split(OUTPUT_END, 1)[0]
 
 
-def embed_script(source: bytes, name: str = "script") -> str:
-    """Compress and encode a script for :data:`SCRIPT_ENV`; refuse one too large to embed."""
-    encoded = base64.b64encode(gzip.compress(source, mtime=0)).decode("ascii")
-    if len(encoded) > MAX_EMBEDDED_BYTES:
-        raise ConfigurationError(
-            f"Script {name} is {len(source)} bytes ({len(encoded)} encoded): too large to embed "
-            f"in the job (limit {MAX_EMBEDDED_BYTES} encoded bytes). Put it in a folder and pass "
-            "code='<folder>' (AML uploads it as the job's code snapshot), or move the bulk into "
-            "a package installed in the environment."
-        )
-    return encoded
-
-
 def _script(
-    script_path: Any, script_args: Any, code: Any, wait_workers: float
-) -> tuple[ScriptOptions, dict[str, str]]:
-    """The script's options, and the variable embedding it (unless ``code`` carries it)."""
+    script_path: Any, script_args: Any, code: Any, wait_workers: float, tmp: str
+) -> tuple[ScriptOptions, Any]:
+    """The script's options and the code folder carrying it (a lone script: copied to ``tmp``)."""
     if not isinstance(script_args, list | tuple) or not all(
         isinstance(a, str) for a in script_args
     ):
@@ -114,12 +97,12 @@ def _script(
         if path is not None and not isinstance(path, str | os.PathLike):
             raise ConfigurationError(f"{what} must be a path (str or os.PathLike), got {path!r}.")
     path = Path(script_path)
-    embedded = {}
-    if code is None:
+    if code is None:  # the job's code snapshot carries the lone script
         try:
-            embedded[SCRIPT_ENV] = embed_script(path.read_bytes(), str(path))
+            shutil.copyfile(path, os.path.join(tmp, path.name))
         except OSError as exc:
             raise ConfigurationError(f"Cannot read script_path {path}: {exc}") from None
+        code, path = tmp, Path(path.name)
     elif path.is_absolute():
         try:
             path = path.relative_to(Path(code).resolve())
@@ -127,8 +110,7 @@ def _script(
             raise ConfigurationError(
                 f"Script {path} is not inside the code folder {code}."
             ) from None
-    script = None if code is None else path.as_posix()
-    return ScriptOptions(script, path.name, wait_workers, tuple(script_args)), embedded
+    return ScriptOptions(path.as_posix(), path.name, wait_workers, tuple(script_args)), code
 
 
 def build_script_job(
@@ -154,8 +136,7 @@ def build_script_job(
     Raises
     ------
     ConfigurationError
-        An argument or dask config value is invalid, or the script is too large
-        to embed.
+        An argument or dask config value is invalid.
     """
     _, draft, build = _prepare(script_path, script_args, code, wait_workers, settings)
     return build(draft)
@@ -171,7 +152,9 @@ def _prepare(
     wait_for_workers = config.checked("startup-timeout", wait_workers, "wait_workers")
     # no client: no SSH key, no tunnel; worker jobs are a cluster's
     s = replace(config.resolve_settings(**settings), connect="direct", worker_compute=None)
-    script, embedded = _script(script_path, script_args, code, wait_for_workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        script, folder = _script(script_path, script_args, code, wait_for_workers, tmp)
+        draft = draft_plan(s, folder, "create")
 
     def build(plan: ClusterPlan) -> Any:
         node = NodeOptions(
@@ -185,31 +168,13 @@ def _prepare(
         job = build_job(
             s, name=s.name, n_nodes=s.n_nodes, node=node, environment=plan.environment,
             code=plan.code, timeout_seconds=s.job_timeout, tags={TAG_MODE: "script",
-            "dask_script": script.script_name}, env_vars={**s.env_vars, **embedded,
-            **temporary_tls(s)[1]},
+            "dask_script": script.script_name},
+            env_vars={**s.env_vars, **temporary_tls(s)[1]},
         )  # fmt: skip
         job.display_name = f"{script.script_name} on {s.n_nodes} node(s) (dask-amlcompute run)"
         return job
 
-    return s, draft_plan(s, code, "create"), build
-
-
-async def _wait_until_ended(ops: Any, info: Any, *, wait_timeout: float, poll_interval: float,
-                            log: Any) -> Any:  # fmt: skip
-    deadline, last = time.monotonic() + wait_timeout, info.status
-    while not info.terminal:
-        if time.monotonic() > deadline:
-            raise JobError(
-                f"Gave up waiting after {wait_timeout:.0f}s; the job keeps running until it "
-                "ends or reaches its job_timeout.",
-                job_name=info.name, status=info.status, studio_url=info.studio_url,
-            )  # fmt: skip
-        await asyncio.sleep(poll_interval)
-        info = await ops.get_job(info.name)
-        if info.status != last:
-            log(f"AML job {info.name}: {info.status}")
-            last = info.status
-    return info
+    return s, draft, build
 
 
 async def _outcome(ops: Any, info: Any) -> ScriptRun:
@@ -251,19 +216,25 @@ async def _submit_and_wait(ops: AmlOps, prepared: tuple, wait: bool, wait_timeou
 
     settings, draft, build = prepared
     job = build(await plan_cluster(settings, ops, draft, log))
-    n_nodes = settings.n_nodes
-    wait_timeout = wait_timeout or (settings.job_timeout or 3600) + 1800
+    limit = wait_timeout or (settings.job_timeout or 3600) + 1800
+    deadline = time.monotonic() + limit
     submitting = asyncio.ensure_future(ops.submit(job))
     try:
         info = await asyncio.shield(submitting)
-        log(f"Submitted AML job {info.name} ({n_nodes} node(s)): {info.status}")
+        log(f"Submitted AML job {info.name} ({settings.n_nodes} node(s)): {info.status}")
         if info.studio_url:
             log(f"Studio: {info.studio_url}")
-        if not wait:
-            return ScriptRun(info.name, info.status, studio_url=info.studio_url)
-        info = await _wait_until_ended(
-            ops, info, wait_timeout=wait_timeout, poll_interval=poll_interval, log=log
-        )
+        while wait and not info.terminal:
+            if time.monotonic() > deadline:
+                raise JobError(
+                    f"Gave up waiting after {limit:.0f}s; the job keeps running until it "
+                    "ends or reaches its job_timeout.",
+                    job_name=info.name, status=info.status, studio_url=info.studio_url,
+                )  # fmt: skip
+            await asyncio.sleep(poll_interval)
+            previous, info = info.status, await ops.get_job(info.name)
+            if info.status != previous:
+                log(f"AML job {info.name}: {info.status}")
     except (KeyboardInterrupt, asyncio.CancelledError):
         log(f"Interrupted: cancelling AML job {job.name}")
         with contextlib.suppress(Exception):
@@ -271,6 +242,8 @@ async def _submit_and_wait(ops: AmlOps, prepared: tuple, wait: bool, wait_timeou
         await ops.cancel(job.name)
         log(f"Cancelled AML job {job.name}")
         raise
+    if not wait:
+        return ScriptRun(info.name, info.status, studio_url=info.studio_url)
     return await _outcome(ops, info)
 
 
@@ -308,8 +281,8 @@ env_vars, distribution, security
         As for :class:`~dask_amlcompute.AmlComputeCluster` (``name``: the job's,
         default ``dask-run-<random>``).
     code
-        A folder uploaded as the job's code snapshot; without it the script is
-        embedded in the job (at most :data:`MAX_EMBEDDED_BYTES`).
+        A folder uploaded as the job's code snapshot (holding the script); without
+        it the snapshot carries the script alone.
     idle_timeout, no_client_timeout
         Stop the scheduler (and fail the job) after this long without tasks, or
         without a client once the script had ``wait_workers``. None: no limit.

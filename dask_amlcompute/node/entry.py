@@ -107,13 +107,11 @@ def detect_context(env: Mapping[str, str] | None = None) -> NodeContext:
         Rank > 0 without a master, or no address others can reach.
     """
     env = os.environ if env is None else env
-    rank = _int(env, "NODE_RANK", "OMPI_COMM_WORLD_RANK", "RANK", "PMI_RANK")
-    size = _int(env, "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "AZUREML_NODE_COUNT")
+    rank = _int(env, "NODE_RANK", "OMPI_COMM_WORLD_RANK", "RANK", "PMI_RANK") or 0
+    size = _int(env, "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "AZUREML_NODE_COUNT") or 1
     master = env.get("MASTER_ADDR") or env.get("AZ_BATCHAI_MPI_MASTER_NODE")
     if not master and env.get("AZ_BATCH_MASTER_NODE"):
         master = env["AZ_BATCH_MASTER_NODE"].rsplit(":", 1)[0]
-    rank = rank or 0
-    size = size or 1
     if rank != 0 and not master:
         raise RuntimeError(
             "This node has rank > 0 but neither MASTER_ADDR nor AZ_BATCHAI_MPI_MASTER_NODE "
@@ -386,20 +384,12 @@ async def _run_worker_node(
         logger.info("Stopped while the workers were joining the scheduler")
         return
     stopped.cancel()
-    nannies = starting.result()
-    if not nannies:  # the scheduler closed while they joined
-        return
-    waiter = asyncio.ensure_future(stop.wait())
-    done = [asyncio.ensure_future(n.finished()) for n in nannies]
-    told = False  # by the closing scheduler: a worker process left to exit by itself lingers
-    while not (stop.is_set() or told or any(d.done() for d in done)):  # 2 s (its stop queue)
-        await asyncio.wait([waiter, *done], timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
-        told = any(n.status == Status.closing_gracefully for n in nannies)
-    if stop.is_set() or told:
-        await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
-    else:
-        await asyncio.gather(*done)
-    waiter.cancel()
+    nannies = starting.result()  # none: the scheduler closed while they joined
+    # until AML stops the job or a nanny stops running (the closing scheduler told it to, or
+    # it lost the scheduler); then close them all: a worker left to exit by itself lingers 2 s
+    while nannies and not stop.is_set() and all(n.status == Status.running for n in nannies):
+        await asyncio.sleep(0.1)
+    await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
 
 
 async def run_node(opts: NodeOptions, env: Mapping[str, str] | None = None) -> None:

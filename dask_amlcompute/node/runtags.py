@@ -113,7 +113,6 @@ async def _set_tag(api: TrackingApi, key: str, value: str) -> None:
 
     client = AsyncHTTPClient()
     body = json.dumps({"run_id": api.run_id, "run_uuid": api.run_id, "key": key, "value": value})
-    delay = FIRST_BACKOFF
     for attempt in range(1, ATTEMPTS + 1):
         try:
             await client.fetch(
@@ -125,7 +124,7 @@ async def _set_tag(api: TrackingApi, key: str, value: str) -> None:
             )
             return
         except HTTPClientError as exc:
-            if exc.code != 599 and 400 <= exc.code < 500 and exc.code != 429:
+            if 400 <= exc.code < 500 and exc.code != 429:  # 599: a timeout, retried
                 raise _Refused(f"HTTP {exc.code} from {api.base}") from None
             failure: Exception = exc
         except ssl.SSLError as exc:  # not a passing condition: no retry
@@ -138,9 +137,9 @@ async def _set_tag(api: TrackingApi, key: str, value: str) -> None:
             raise RunTagsError(
                 f"Could not set run tag {key!r} at {api.base} after {ATTEMPTS} attempts: {failure}"
             ) from None
+        delay = FIRST_BACKOFF * 2 ** (attempt - 1)
         logger.info("Setting run tag %r failed (%s); retrying in %.1fs", key, failure, delay)
         await asyncio.sleep(delay)
-        delay *= 2
 
 
 def _publish_with_mlflow(tags: Mapping[str, str], env: Mapping[str, str]) -> None:

@@ -12,25 +12,19 @@ The client side is :mod:`dask_amlcompute.jobmode`.
 from __future__ import annotations
 
 import asyncio
-import base64
-import gzip
 import logging
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from .._protocol import (
     EXIT_CODE_TAG,
     OUTPUT_BEGIN,
     OUTPUT_END,
-    SCRIPT_ENV,
     TLS_CERT_ENV,
     TLS_KEY_ENV,
     NodeOptions,
-    ScriptOptions,
 )
 from .entry import (
     detect_context,
@@ -43,18 +37,6 @@ from .entry import (
 from .runtags import publish_tags
 
 logger = logging.getLogger("dask_amlcompute.jobmode")
-
-
-def _script_file(script: ScriptOptions, folder: str) -> str:
-    """The script to run: its path in the code snapshot, or the embedded one written to ``folder``."""
-    if script.script:
-        return script.script
-    encoded = os.environ.get(SCRIPT_ENV)
-    if not encoded:
-        raise SystemExit(f"No --script and no {SCRIPT_ENV}: nothing to run.")
-    path = os.path.join(folder, script.script_name)
-    Path(path).write_bytes(gzip.decompress(base64.b64decode(encoded)))
-    return path
 
 
 def script_environment(scheduler_address: str, env: dict[str, str] | None = None) -> dict[str, str]:
@@ -91,25 +73,21 @@ async def _wait_for_workers(scheduler: Any, expected: int, timeout: float) -> No
 
 async def run_script_node(opts: NodeOptions) -> int:
     """Run this node's part of a job-mode job; returns its exit code (rank 0: the script's)."""
-    assert opts.script is not None  # NodeOptions.from_argv(script=True) sets it
     ctx = detect_context()
     if ctx.rank != 0:
         await run_node(opts)
         return 0
     stop = stop_on_signals()
-    with tempfile.TemporaryDirectory(prefix="dask-amlcompute-", ignore_cleanup_errors=True) as tmp:
-        script = _script_file(opts.script, tmp)
-        scheduler = await start_scheduler(ctx, opts)
-        try:
-            return await _run_script(scheduler, ctx, opts, script, stop)
-        finally:
-            await scheduler.close(reason="script-finished")
+    scheduler = await start_scheduler(ctx, opts)
+    try:
+        return await _run_script(scheduler, ctx, opts, stop)
+    finally:
+        await scheduler.close(reason="script-finished")
 
 
-async def _run_script(
-    scheduler: Any, ctx: Any, opts: NodeOptions, script: str, stop: asyncio.Event
-) -> int:
-    assert opts.script is not None
+async def _run_script(scheduler: Any, ctx: Any, opts: NodeOptions, stop: asyncio.Event) -> int:
+    assert opts.script is not None and opts.script.script  # the path in the code snapshot
+    script = opts.script.script
     nannies: list = []
     try:
         try:

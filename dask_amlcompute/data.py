@@ -5,12 +5,10 @@ An AML datastore URI names data by datastore, not by storage account::
     azureml://datastores/<name>/paths/<path>
     azureml://subscriptions/<s>/resourcegroups/<rg>/workspaces/<ws>/datastores/<name>/paths/<path>
 
-:func:`resolve` asks the workspace (``ml_client.datastores``) which account,
-container and credential the datastore uses and returns an ``abfs://`` URL with
-the ``storage_options`` adlfs needs *on the nodes*: bulk data moves between the
-workers and storage, never through the notebook (docs/data.md). Credentials: the
-datastore's account key, SAS token or service principal, else the compute's
-managed identity. Secrets never appear in ``repr()``, logs or error messages.
+:func:`resolve` asks the workspace which account, container and credential (account key,
+SAS token or service principal, else the compute's managed identity) the datastore uses:
+an ``abfs://`` URL and the ``storage_options`` adlfs needs *on the nodes*, so bulk data
+never goes through the notebook (docs/data.md). Secrets stay out of reprs, logs, errors.
 """
 
 from __future__ import annotations

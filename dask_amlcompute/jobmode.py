@@ -181,8 +181,7 @@ async def _outcome(ops: Any, info: Any) -> ScriptRun:
     """The :class:`ScriptRun` of an ended job, or its error."""
     if EXIT_CODE_TAG not in info.tags:  # the job resource may not carry the run's tags yet
         info = await ops.with_run_tags(info)
-    code = info.tags.get(EXIT_CODE_TAG)
-    exit_code = int(code) if code not in (None, "") else None
+    exit_code = int(code) if (code := info.tags.get(EXIT_CODE_TAG)) else None
     message, files = await ops.run_details(info.name)
     rank0 = {k: v for k, v in files.items() if k.endswith("_0.txt")}
     output = script_output(await ops.log_tail(rank0, lines=2000) if rank0 else None)
@@ -192,8 +191,7 @@ async def _outcome(ops: Any, info: Any) -> ScriptRun:
     tail = tail or (await ops.log_tail(files) if files else None)
     what = f"exited with code {exit_code}" if exit_code else "did not finish"
     text = f"The script {what}: AML job {info.name} ended {info.status}."
-    if message:
-        text += f"\nAML says: {message}"
+    text += f"\nAML says: {message}" if message else ""
     cls = JobCanceledError if info.status == "Canceled" else JobFailedError
     err = cls(text, job_name=info.name, status=info.status, studio_url=info.studio_url,
               log_tail=tail)  # fmt: skip

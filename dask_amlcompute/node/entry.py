@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,10 +68,7 @@ class NodeContext:
 
 
 def _int(env: Mapping[str, str], *names: str) -> int | None:
-    for name in names:
-        if env.get(name, "").strip():
-            return int(env[name])
-    return None
+    return next((int(env[name]) for name in names if env.get(name, "").strip()), None)
 
 
 def _host_ip() -> str:
@@ -93,13 +90,11 @@ def _loopback(address: str) -> bool:
 def detect_context(env: Mapping[str, str] | None = None) -> NodeContext:
     """Read rank, size and addresses from the variables AML sets in a job.
 
-    PyTorch distribution sets ``NODE_RANK``/``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``;
-    MPI distribution sets ``OMPI_COMM_WORLD_RANK``/``SIZE`` and
-    ``AZ_BATCHAI_MPI_MASTER_NODE`` (or ``AZ_BATCH_MASTER_NODE`` as ``addr:port``);
-    without either, a single node of rank 0. This node's address: ``MASTER_ADDR``
-    on rank 0, else the local address routed to the master, else the host name's
-    (``AZ_BATCHAI_NODE_IP``, undocumented, first where set). Loopback only when
-    the master's is one (as the emulator's nodes share one).
+    PyTorch distribution: ``NODE_RANK``/``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``; MPI:
+    ``OMPI_COMM_WORLD_RANK``/``SIZE``, ``AZ_BATCHAI_MPI_MASTER_NODE`` (or ``AZ_BATCH_MASTER_NODE``
+    as ``addr:port``); neither: one node of rank 0. This node's address (``AZ_BATCHAI_NODE_IP``
+    first where set): ``MASTER_ADDR`` on rank 0, else the local address routed to the master,
+    else the host name's; loopback only when the master's is (the emulator's nodes share one).
 
     Raises
     ------
@@ -135,10 +130,9 @@ def detect_context(env: Mapping[str, str] | None = None) -> NodeContext:
     )
 
 
-def node_security(env: Mapping[str, str] | None = None):
+def node_security():
     """The Dask ``Security`` of this node: TLS when the job carries a certificate, else None."""
-    env = os.environ if env is None else env
-    cert, key = env.get(TLS_CERT_ENV), env.get(TLS_KEY_ENV)
+    cert, key = os.environ.get(TLS_CERT_ENV), os.environ.get(TLS_KEY_ENV)
     if not cert or not key:
         return None
     pem = {
@@ -184,10 +178,9 @@ async def start_scheduler(ctx: NodeContext, opts: NodeOptions) -> Any:
 def scheduler_tags(scheduler: Any, ctx: NodeContext) -> dict[str, str]:
     """The run tags that tell the client where the scheduler is, in publishing order.
 
-    :data:`SCHEDULER_ID_TAG` comes first: a job that AML runs again (after a
-    preemption) replaces the id before the address, so a client never pairs the
-    new id with a stale address. :data:`SCHEDULER_TAG` comes last: the client
-    reads the others once it sees it.
+    :data:`SCHEDULER_ID_TAG` first: a job AML runs again (preempted) replaces the id before
+    the address, never pairing a new id with a stale address. :data:`SCHEDULER_TAG` last:
+    the client reads the others once it sees it.
     """
     tags = {SCHEDULER_ID_TAG: scheduler.id}
     if "dashboard" in scheduler.services:
@@ -200,8 +193,7 @@ def scheduler_tags(scheduler: Any, ctx: NodeContext) -> dict[str, str]:
 def worker_options(opts: NodeOptions) -> dict[str, Any]:
     """Keyword arguments of every worker this node starts (CPU nannies and dask-cuda).
 
-    ``--worker-options``, node-local scratch space in the job's working directory
-    (never shared between nodes) and the cluster's TLS.
+    ``--worker-options``, node-local scratch space (the job's working directory), the TLS.
     """
     options = dict(opts.worker_options)
     options.setdefault("local_directory", os.path.join(os.getcwd(), "dask-scratch-space"))
@@ -409,17 +401,19 @@ async def run_node(opts: NodeOptions, env: Mapping[str, str] | None = None) -> N
         await _run_worker_node(address, ctx, opts, stop)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m dask_amlcompute.node``; returns the exit code."""
+def main(
+    argv: list[str] | None = None, run: Callable[..., Any] | None = None, doc: str | None = __doc__
+) -> int:
+    """``python -m dask_amlcompute.node`` (job mode's ``.node.script``: ``run``); the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    opts = NodeOptions.from_argv(sys.argv[1:] if argv is None else argv, description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    opts = NodeOptions.from_argv(argv, script=run is not None, description=doc)
     try:
-        asyncio.run(run_node(opts))
+        return asyncio.run((run or run_node)(opts)) or 0
     except Exception as exc:
         logger.error("dask-amlcompute node failed: %s", exc, exc_info=True)
         print(f"dask-amlcompute node failed: {exc}", file=sys.stderr, flush=True)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

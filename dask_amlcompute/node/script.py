@@ -1,12 +1,11 @@
 """In-job side of job mode: what ``python -m dask_amlcompute.node.script`` runs on each node.
 
-Rank 0 starts the scheduler as a cluster's main job does (:func:`.entry.start_scheduler`)
-and workers beside it, waits for the other ranks' workers, runs the script with
-``DASK_SCHEDULER_ADDRESS`` (and the job's TLS) set, prints its output between
-:data:`OUTPUT_BEGIN` and :data:`OUTPUT_END`, publishes its exit code as
-:data:`EXIT_CODE_TAG` and exits with it. Other ranks run workers until the scheduler
-goes; a scheduler that stops first (idle or no-client timeout) stops the script.
-The client side is :mod:`dask_amlcompute.jobmode`.
+Rank 0 starts the scheduler (:func:`.entry.start_scheduler`) and workers, waits for the
+other ranks' workers, runs the script with ``DASK_SCHEDULER_ADDRESS`` (and the job's TLS),
+prints its output between :data:`OUTPUT_BEGIN` and :data:`OUTPUT_END`, publishes its exit
+code (:data:`EXIT_CODE_TAG`) and exits with it. Other ranks run workers until the scheduler
+goes; a scheduler that stops first (idle or no-client timeout) stops the script. The client
+side is :mod:`dask_amlcompute.jobmode`.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from .._protocol import (
 )
 from .entry import (
     detect_context,
+    main,
     run_node,
     scheduler_tags,
     start_scheduler,
@@ -133,18 +133,5 @@ async def _run_script(scheduler: Any, ctx: Any, opts: NodeOptions, stop: asyncio
         await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m dask_amlcompute.node.script``; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    opts = NodeOptions.from_argv(argv, script=True, description=__doc__)
-    try:
-        return asyncio.run(run_script_node(opts))
-    except Exception as exc:
-        logger.error("dask-amlcompute job mode failed: %s", exc, exc_info=True)
-        print(f"dask-amlcompute job mode failed: {exc}", file=sys.stderr, flush=True)
-        return 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(run=run_script_node, doc=__doc__))

@@ -37,8 +37,6 @@ SCHEDULER_ID_TAG = "dask_scheduler_id"
 TLS_CERT_ENV = "DASK_AMLCOMPUTE_TLS_CERT"
 TLS_KEY_ENV = "DASK_AMLCOMPUTE_TLS_KEY"
 
-#: Job mode: the environment variable carrying an embedded script into the job.
-SCRIPT_ENV = "DASK_AMLCOMPUTE_SCRIPT_GZ_B64"
 #: Job mode: the run tag rank 0 sets to the script's exit code before the job ends.
 EXIT_CODE_TAG = "dask_script_exit_code"
 #: Job mode: the lines rank 0 prints around the script's output in its log.
@@ -55,9 +53,9 @@ SCRIPT_MODULE = "dask_amlcompute.node.script"
 class ScriptOptions:
     """Job mode's options of ``python -m dask_amlcompute.node.script``."""
 
-    #: Path of the script in the code snapshot; None: embedded (:data:`SCRIPT_ENV`).
+    #: Path of the script in the code snapshot.
     script: str | None = None
-    #: File name of the embedded script.
+    #: The script's file name.
     script_name: str = "script.py"
     #: Seconds rank 0 waits for every worker before starting the script anyway.
     wait_workers: float = 300.0
@@ -180,7 +178,7 @@ def node_parser(*, script: bool = False, description: str | None = None) -> argp
     if script:
         job = p.add_argument_group("job mode", "the script rank 0 runs; its arguments follow --")
         job.add_argument("--script", default=None, help="script path (code snapshot)")
-        job.add_argument("--script-name", default="script.py", help="name of the embedded script")
+        job.add_argument("--script-name", default="script.py", help="the script's file name")
         job.add_argument(
             "--wait-workers",
             type=float,

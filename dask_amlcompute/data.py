@@ -5,12 +5,10 @@ An AML datastore URI names data by datastore, not by storage account::
     azureml://datastores/<name>/paths/<path>
     azureml://subscriptions/<s>/resourcegroups/<rg>/workspaces/<ws>/datastores/<name>/paths/<path>
 
-:func:`resolve` asks the workspace (``ml_client.datastores``) which account,
-container and credential the datastore uses and returns an ``abfs://`` URL with
-the ``storage_options`` adlfs needs *on the nodes*: bulk data moves between the
-workers and storage, never through the notebook (docs/data.md). Credentials: the
-datastore's account key, SAS token or service principal, else the compute's
-managed identity. Secrets never appear in ``repr()``, logs or error messages.
+:func:`resolve` asks the workspace which account, container and credential (account key,
+SAS token or service principal, else the compute's managed identity) the datastore uses:
+an ``abfs://`` URL and the ``storage_options`` adlfs needs *on the nodes*, so bulk data
+never goes through the notebook (docs/data.md). Secrets stay out of reprs, logs, errors.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import logging
 import posixpath
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,11 +33,10 @@ PUBLIC_SUFFIX = "core.windows.net"
 SECRET_KEYS = frozenset(
     {"account_key", "sas_token", "connection_string", "client_secret", "credential"}
 )
-_SHORT = re.compile(r"^azureml://datastores/(?P<name>[^/]+)(?P<rest>/.*)?$", re.IGNORECASE)
-_LONG = re.compile(
-    r"^azureml://subscriptions/(?P<sub>[^/]+)/resourcegroups/(?P<rg>[^/]+)/"
-    r"(?:providers/Microsoft\.MachineLearningServices/)?workspaces/(?P<ws>[^/]+)/"
-    r"datastores/(?P<name>[^/]+)(?P<rest>/.*)?$",
+_URI = re.compile(
+    r"^azureml://(?:subscriptions/(?P<sub>[^/]+)/resourcegroups/(?P<rg>[^/]+)/"
+    r"(?:providers/Microsoft\.MachineLearningServices/)?workspaces/(?P<ws>[^/]+)/)?"
+    r"datastores/(?P<name>[^/]+)(?:/paths(?:/(?P<path>.*))?)?/?$",
     re.IGNORECASE,
 )
 _FORMS = (
@@ -73,12 +70,7 @@ class StorageOptions(dict):
 
     def __repr__(self) -> str:
         shown = {k: ("***" if k in SECRET_KEYS and v else v) for k, v in self.items()}
-        return f"StorageOptions({shown!r})"
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (StorageOptions, (dict(self),))
+        return f"StorageOptions({shown!r})"  # str() too: dict has no __str__ of its own
 
 
 @dataclass(frozen=True)
@@ -107,26 +99,16 @@ def parse_uri(uri: str) -> DatastoreURI:
             f"{text!r} names a data asset, not a datastore path; use "
             f"ml_client.data.get(name, version).path to get its datastore URI. Expected {_FORMS}."
         )
-    match = _LONG.match(text) or _SHORT.match(text)
+    match = _URI.match(text)
     if match is None:
         raise DatastoreURIError(f"not an AML datastore URI: {redact(text)!r}. Expected {_FORMS}.")
-    rest = match.group("rest") or ""
-    if rest not in ("", "/"):
-        head, _, path = rest.lstrip("/").partition("/")
-        if head.lower() != "paths":
-            raise DatastoreURIError(
-                f"malformed AML datastore URI {redact(text)!r}: after the datastore name "
-                f"expected '/paths/<path>', got '/{head}'. Expected {_FORMS}."
-            )
-    else:
-        path = ""
     groups = match.groupdict()
     return DatastoreURI(
         datastore=groups["name"],
-        path=path.lstrip("/"),
-        subscription_id=groups.get("sub"),
-        resource_group=groups.get("rg"),
-        workspace=groups.get("ws"),
+        path=(groups["path"] or "").lstrip("/"),
+        subscription_id=groups["sub"],
+        resource_group=groups["rg"],
+        workspace=groups["ws"],
     )
 
 
@@ -151,16 +133,10 @@ class ResolvedURI:
     """
 
     url: str
-    storage_options: StorageOptions = field(repr=False)
+    storage_options: StorageOptions  # its repr masks the secrets
     uri: str = ""
     datastore: str = ""
     credential: str = ""
-
-    def __repr__(self) -> str:
-        return (
-            f"ResolvedURI(url={self.url!r}, datastore={self.datastore!r}, "
-            f"credential={self.credential!r}, storage_options={self.storage_options!r})"
-        )
 
     def __iter__(self) -> Iterator[Any]:
         yield self.url
@@ -171,10 +147,7 @@ class ResolvedURI:
         scheme, _, rest = self.url.partition("://")
         container, _, path = rest.partition("/")
         new_path = posixpath.normpath(posixpath.join("/" + path, *parts)).lstrip("/")
-        uri = self.uri
-        if uri:
-            base = uri.split("/paths/", 1)[0].rstrip("/") if "/paths/" in uri else uri.rstrip("/")
-            uri = f"{base}/paths/{new_path}"
+        uri = self.uri and f"{self.uri.split('/paths/', 1)[0].rstrip('/')}/paths/{new_path}"
         return replace(self, url=f"{scheme}://{container}/{new_path}", uri=uri)
 
 
@@ -187,18 +160,11 @@ def _attr(obj: Any, *names: str) -> Any:
 
 
 def _check_workspace(parsed: DatastoreURI, ml_client: Any) -> None:
-    if parsed.subscription_id is None:
-        return
+    """Refuse a long-form URI naming another workspace than ``ml_client``'s."""
     wanted = (parsed.subscription_id, parsed.resource_group, parsed.workspace)
-    have = (
-        getattr(ml_client, "subscription_id", None),
-        getattr(ml_client, "resource_group_name", None),
-        getattr(ml_client, "workspace_name", None),
-    )
-    if any(
-        h is not None and w is not None and h.lower() != w.lower()
-        for w, h in zip(wanted, have, strict=True)
-    ):
+    have = (ml_client.subscription_id, ml_client.resource_group_name, ml_client.workspace_name)
+    pairs = zip(wanted, have, strict=True)
+    if parsed.workspace and any(h and str(w).lower() != h.lower() for w, h in pairs):
         raise DatastoreURIError(
             f"the URI names workspace {wanted[2]} (subscription {wanted[0]}, resource group "
             f"{wanted[1]}) but ml_client is connected to workspace {have[2]} (subscription "
@@ -239,23 +205,23 @@ def _endpoint(store: Any) -> tuple[str | None, str]:
     return None, endpoint.lstrip(".")
 
 
+#: SDK credential class: (kind, its secret fields); any other: the compute's identity.
+_CREDENTIALS = {
+    "AccountKeyConfiguration": ("account_key", ("account_key",)),
+    "SasTokenConfiguration": ("sas", ("sas_token",)),
+    "ServicePrincipalConfiguration": (
+        "service_principal",
+        ("tenant_id", "client_id", "client_secret"),
+    ),
+    "CertificateConfiguration": ("certificate", ()),
+}
+
+
 def _credential_of(store: Any) -> tuple[str, dict[str, Any]]:
     """Classify the datastore's credential: (kind, secret fields)."""
     cred = getattr(store, "credentials", None)
-    kind = type(cred).__name__
-    if kind == "AccountKeyConfiguration":
-        return "account_key", {"account_key": getattr(cred, "account_key", None)}
-    if kind == "SasTokenConfiguration":
-        return "sas", {"sas_token": getattr(cred, "sas_token", None)}
-    if kind == "ServicePrincipalConfiguration":
-        return "service_principal", {
-            "tenant_id": getattr(cred, "tenant_id", None),
-            "client_id": getattr(cred, "client_id", None),
-            "client_secret": getattr(cred, "client_secret", None),
-        }
-    if kind == "CertificateConfiguration":
-        return "certificate", {}
-    return "identity", {}
+    kind, secret_fields = _CREDENTIALS.get(type(cred).__name__, ("identity", ()))
+    return kind, {f: getattr(cred, f, None) for f in secret_fields}
 
 
 def _options(
@@ -284,16 +250,12 @@ def _options(
             "custom (emulated) blob endpoint where Azure AD identities cannot be used. Attach it "
             "with an account key or a SAS token (credential='account_key' or 'sas')."
         )
-    opts: dict[str, Any] = {"account_name": account}
+    opts: dict[str, Any] = {"account_name": account, **secrets}
     if suffix.lower() != PUBLIC_SUFFIX:
         opts["account_host"] = f"{account}.blob.{suffix}"
-    if kind == "account_key":
-        opts["account_key"] = secrets["account_key"]
-    elif kind == "sas":
+    if kind == "sas":
         opts["sas_token"] = secrets["sas_token"].lstrip("?")
-    elif kind == "service_principal":
-        opts.update(secrets)
-    else:
+    if kind == "identity":
         # adlfs builds DefaultAzureCredential on each node: the compute's managed identity.
         opts["anon"] = False
         if identity_client_id:

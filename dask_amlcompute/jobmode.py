@@ -4,23 +4,22 @@
 submits ONE command job: rank 0 starts the scheduler, waits for the workers, runs
 the script with ``DASK_SCHEDULER_ADDRESS`` set and exits with its exit code (also
 the run tag ``dask_script_exit_code``): the dask-mpi / jobqueue Runner pattern.
-The script is embedded in the job (gzip + base64, at most :data:`MAX_EMBEDDED_BYTES`)
-or travels in the ``code=`` folder. This is the client side; the in-job side is
-:mod:`dask_amlcompute.node.script`.
+The script travels in the job's code snapshot (with its ``code=`` folder). This is
+the client side; the in-job side is :mod:`dask_amlcompute.node.script`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import gzip
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,14 @@ from ._protocol import (
     EXIT_CODE_TAG,
     OUTPUT_BEGIN,
     OUTPUT_END,
-    SCRIPT_ENV,
     TAG_MODE,
     NodeOptions,
     ScriptOptions,
 )
 from .backend.jobspec import build_job
 from .backend.ops import AmlOps, run_blocking
+from .backend.plan import draft_plan, plan_cluster
+from .backend.state import ClusterPlan
 from .backend.workspace import workspace_client
 from .connect import temporary_tls
 from .exceptions import (
@@ -44,28 +44,12 @@ from .exceptions import (
     JobCanceledError,
     JobError,
     JobFailedError,
-    TooManyNodesError,
 )
-
-__all__ = [
-    "EXIT_CODE_TAG",
-    "MAX_EMBEDDED_BYTES",
-    "OUTPUT_BEGIN",
-    "OUTPUT_END",
-    "SCRIPT_ENV",
-    "ScriptRun",
-    "build_script_job",
-    "embed_script",
-    "script_output",
-    "submit_script",
-]
 
 logger = logging.getLogger("dask_amlcompute.jobmode")
 
 #: The parameters of :func:`submit_script` that are cluster settings.
 _SETTINGS = frozenset(f.name for f in fields(config.ClusterSettings)) - {"poll_interval"}
-#: Largest embedded script (after gzip + base64); use ``code=`` beyond it.
-MAX_EMBEDDED_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -101,23 +85,10 @@ def script_output(log: str | None) -> str | None:
     return text.split(OUTPUT_END, 1)[0]
 
 
-def embed_script(source: bytes, name: str = "script") -> str:
-    """Compress and encode a script for :data:`SCRIPT_ENV`; refuse one too large to embed."""
-    encoded = base64.b64encode(gzip.compress(source, mtime=0)).decode("ascii")
-    if len(encoded) > MAX_EMBEDDED_BYTES:
-        raise ConfigurationError(
-            f"Script {name} is {len(source)} bytes ({len(encoded)} encoded): too large to embed "
-            f"in the job (limit {MAX_EMBEDDED_BYTES} encoded bytes). Put it in a folder and pass "
-            "code='<folder>' (AML uploads it as the job's code snapshot), or move the bulk into "
-            "a package installed in the environment."
-        )
-    return encoded
-
-
 def _script(
-    script_path: Any, script_args: Any, code: Any, wait_workers: float
-) -> tuple[ScriptOptions, dict[str, str]]:
-    """The script's options, and the variable embedding it (unless ``code`` carries it)."""
+    script_path: Any, script_args: Any, code: Any, wait_workers: float, tmp: str
+) -> tuple[ScriptOptions, Any]:
+    """The script's options and the code folder carrying it (a lone script: copied to ``tmp``)."""
     if not isinstance(script_args, list | tuple) or not all(
         isinstance(a, str) for a in script_args
     ):
@@ -126,12 +97,12 @@ def _script(
         if path is not None and not isinstance(path, str | os.PathLike):
             raise ConfigurationError(f"{what} must be a path (str or os.PathLike), got {path!r}.")
     path = Path(script_path)
-    embedded = {}
-    if code is None:
+    if code is None:  # the job's code snapshot carries the lone script
         try:
-            embedded[SCRIPT_ENV] = embed_script(path.read_bytes(), str(path))
+            shutil.copyfile(path, os.path.join(tmp, path.name))
         except OSError as exc:
             raise ConfigurationError(f"Cannot read script_path {path}: {exc}") from None
+        code, path = tmp, Path(path.name)
     elif path.is_absolute():
         try:
             path = path.relative_to(Path(code).resolve())
@@ -139,8 +110,7 @@ def _script(
             raise ConfigurationError(
                 f"Script {path} is not inside the code folder {code}."
             ) from None
-    script = None if code is None else path.as_posix()
-    return ScriptOptions(script, path.name, wait_workers, tuple(script_args)), embedded
+    return ScriptOptions(path.as_posix(), path.name, wait_workers, tuple(script_args)), code
 
 
 def build_script_job(
@@ -156,8 +126,8 @@ def build_script_job(
     Takes the arguments of :func:`submit_script`; ``settings`` are resolved
     with the cluster's :func:`~dask_amlcompute.config.resolve_settings` (same
     dask config keys), except ``idle_timeout`` and ``no_client_timeout``. The
-    environment and code snapshot are the cluster's
-    (:func:`~dask_amlcompute.backend.plan.draft_plan`).
+    environment and code snapshot are the cluster's draft plan's
+    (:func:`~dask_amlcompute.backend.plan.draft_plan`; submitting completes it).
 
     Returns
     -------
@@ -166,59 +136,52 @@ def build_script_job(
     Raises
     ------
     ConfigurationError
-        An argument or dask config value is invalid, or the script is too large
-        to embed.
+        An argument or dask config value is invalid.
     """
-    from .backend.plan import draft_plan
+    _, draft, build = _prepare(script_path, script_args, code, wait_workers, settings)
+    return build(draft)
 
+
+def _prepare(
+    script_path: Any, script_args: Any, code: Any, wait_workers: Any, settings: dict[str, Any]
+) -> tuple[config.ClusterSettings, ClusterPlan, Callable[[ClusterPlan], Any]]:
+    """The settings, the draft plan, and how to build the job from the (completed) plan."""
     # not read from dask config: see submit_script
     idle = config.checked("idle-timeout", settings.pop("idle_timeout", None))
     no_client = config.checked("no-client-timeout", settings.pop("no_client_timeout", None))
     wait_for_workers = config.checked("startup-timeout", wait_workers, "wait_workers")
-    s = config.resolve_settings(**settings)
-    script, embedded = _script(script_path, script_args, code, wait_for_workers)
-    node = NodeOptions(
-        role="cluster", name_prefix=s.name, processes=s.processes_per_node,
-        threads=s.threads_per_process, death_timeout=s.death_timeout, idle_timeout=idle,
-        no_client_timeout=no_client, script=script,
-        # the script's client connects only once the workers are there
-        first_contact_timeout=wait_for_workers + no_client if no_client else None,
-    )  # fmt: skip
-    plan = draft_plan(replace(s, connect="direct"), code, "create")  # no client: no SSH key
-    job = build_job(
-        s, name=s.name, n_nodes=s.n_nodes, node=node, environment=plan.environment,
-        code=plan.code, timeout_seconds=s.job_timeout, tags={TAG_MODE: "script",
-        "dask_script": script.script_name}, env_vars={**s.env_vars, **embedded,
-        **temporary_tls(s)[1]},
-    )  # fmt: skip
-    job.display_name = f"{script.script_name} on {s.n_nodes} node(s) (dask-amlcompute run)"
-    return job
+    # no client: no SSH key, no tunnel; worker jobs are a cluster's
+    s = replace(config.resolve_settings(**settings), connect="direct", worker_compute=None)
+    with tempfile.TemporaryDirectory() as tmp:
+        script, folder = _script(script_path, script_args, code, wait_for_workers, tmp)
+        draft = draft_plan(s, folder, "create")
 
+    def build(plan: ClusterPlan) -> Any:
+        node = NodeOptions(
+            role="cluster", name_prefix=s.name, threads=s.threads_per_process,
+            processes=plan.gpus_per_node or s.processes_per_node, cuda=plan.gpus_per_node > 0,
+            death_timeout=s.death_timeout, idle_timeout=idle, no_client_timeout=no_client,
+            script=script,
+            # the script's client connects only once the workers are there
+            first_contact_timeout=wait_for_workers + no_client if no_client else None,
+        )  # fmt: skip
+        job = build_job(
+            s, name=s.name, n_nodes=s.n_nodes, node=node, environment=plan.environment,
+            code=plan.code, timeout_seconds=s.job_timeout, tags={TAG_MODE: "script",
+            "dask_script": script.script_name},
+            env_vars={**s.env_vars, **temporary_tls(s)[1]},
+        )  # fmt: skip
+        job.display_name = f"{script.script_name} on {s.n_nodes} node(s) (dask-amlcompute run)"
+        return job
 
-async def _wait_until_ended(ops: Any, info: Any, *, wait_timeout: float, poll_interval: float,
-                            log: Any) -> Any:  # fmt: skip
-    deadline, last = time.monotonic() + wait_timeout, info.status
-    while not info.terminal:
-        if time.monotonic() > deadline:
-            raise JobError(
-                f"Gave up waiting after {wait_timeout:.0f}s; the job keeps running until it "
-                "ends or reaches its job_timeout.",
-                job_name=info.name, status=info.status, studio_url=info.studio_url,
-            )  # fmt: skip
-        await asyncio.sleep(poll_interval)
-        info = await ops.get_job(info.name)
-        if info.status != last:
-            log(f"AML job {info.name}: {info.status}")
-            last = info.status
-    return info
+    return s, draft, build
 
 
 async def _outcome(ops: Any, info: Any) -> ScriptRun:
     """The :class:`ScriptRun` of an ended job, or its error."""
     if EXIT_CODE_TAG not in info.tags:  # the job resource may not carry the run's tags yet
         info = await ops.with_run_tags(info)
-    code = info.tags.get(EXIT_CODE_TAG)
-    exit_code = int(code) if code not in (None, "") else None
+    exit_code = int(code) if (code := info.tags.get(EXIT_CODE_TAG)) else None
     message, files = await ops.run_details(info.name)
     rank0 = {k: v for k, v in files.items() if k.endswith("_0.txt")}
     output = script_output(await ops.log_tail(rank0, lines=2000) if rank0 else None)
@@ -228,8 +191,7 @@ async def _outcome(ops: Any, info: Any) -> ScriptRun:
     tail = tail or (await ops.log_tail(files) if files else None)
     what = f"exited with code {exit_code}" if exit_code else "did not finish"
     text = f"The script {what}: AML job {info.name} ended {info.status}."
-    if message:
-        text += f"\nAML says: {message}"
+    text += f"\nAML says: {message}" if message else ""
     cls = JobCanceledError if info.status == "Canceled" else JobFailedError
     err = cls(text, job_name=info.name, status=info.status, studio_url=info.studio_url,
               log_tail=tail)  # fmt: skip
@@ -237,9 +199,9 @@ async def _outcome(ops: Any, info: Any) -> ScriptRun:
     raise err
 
 
-async def _submit_and_wait(ops: AmlOps, job: Any, wait: bool, wait_timeout: float | None,
+async def _submit_and_wait(ops: AmlOps, prepared: tuple, wait: bool, wait_timeout: float | None,
                            poll_interval: float, quiet: bool) -> ScriptRun:  # fmt: skip
-    """Submit ``job`` and (with ``wait``) wait for it to end.
+    """Complete the cluster's plan (its checks), submit the job and (with ``wait``) wait for it.
 
     Cancelled (Ctrl-C) once the submission has begun, it cancels the job first:
     a submission still in flight is let land (bounded), then cancelled.
@@ -250,26 +212,27 @@ async def _submit_and_wait(ops: AmlOps, job: Any, wait: bool, wait_timeout: floa
         if not quiet:
             print(message, file=sys.stderr, flush=True)
 
-    n_nodes = job.resources.instance_count
-    timeout = job.limits.timeout if job.limits is not None else None
-    wait_timeout = wait_timeout or (timeout or 3600) + 1800
-    compute = await ops.get_compute(job.compute)
-    if compute.max_nodes and n_nodes > compute.max_nodes:
-        raise TooManyNodesError(
-            f"n_nodes={n_nodes} but compute {compute.name!r} has at most {compute.max_nodes} "
-            "node(s) (max_instances); nothing was submitted."
-        )
+    settings, draft, build = prepared
+    job = build(await plan_cluster(settings, ops, draft, log))
+    limit = wait_timeout or (settings.job_timeout or 3600) + 1800
+    deadline = time.monotonic() + limit
     submitting = asyncio.ensure_future(ops.submit(job))
     try:
         info = await asyncio.shield(submitting)
-        log(f"Submitted AML job {info.name} ({n_nodes} node(s)): {info.status}")
+        log(f"Submitted AML job {info.name} ({settings.n_nodes} node(s)): {info.status}")
         if info.studio_url:
             log(f"Studio: {info.studio_url}")
-        if not wait:
-            return ScriptRun(info.name, info.status, studio_url=info.studio_url)
-        info = await _wait_until_ended(
-            ops, info, wait_timeout=wait_timeout, poll_interval=poll_interval, log=log
-        )
+        while wait and not info.terminal:
+            if time.monotonic() > deadline:
+                raise JobError(
+                    f"Gave up waiting after {limit:.0f}s; the job keeps running until it "
+                    "ends or reaches its job_timeout.",
+                    job_name=info.name, status=info.status, studio_url=info.studio_url,
+                )  # fmt: skip
+            await asyncio.sleep(poll_interval)
+            previous, info = info.status, await ops.get_job(info.name)
+            if info.status != previous:
+                log(f"AML job {info.name}: {info.status}")
     except (KeyboardInterrupt, asyncio.CancelledError):
         log(f"Interrupted: cancelling AML job {job.name}")
         with contextlib.suppress(Exception):
@@ -277,6 +240,8 @@ async def _submit_and_wait(ops: AmlOps, job: Any, wait: bool, wait_timeout: floa
         await ops.cancel(job.name)
         log(f"Cancelled AML job {job.name}")
         raise
+    if not wait:
+        return ScriptRun(info.name, info.status, studio_url=info.studio_url)
     return await _outcome(ops, info)
 
 
@@ -314,8 +279,8 @@ env_vars, distribution, security
         As for :class:`~dask_amlcompute.AmlComputeCluster` (``name``: the job's,
         default ``dask-run-<random>``).
     code
-        A folder uploaded as the job's code snapshot; without it the script is
-        embedded in the job (at most :data:`MAX_EMBEDDED_BYTES`).
+        A folder uploaded as the job's code snapshot (holding the script); without
+        it the snapshot carries the script alone.
     idle_timeout, no_client_timeout
         Stop the scheduler (and fail the job) after this long without tasks, or
         without a client once the script had ``wait_workers``. None: no limit.
@@ -349,8 +314,6 @@ env_vars, distribution, security
         raise ConfigurationError(f"wait must be True or False, got {wait!r}.")
     bound = config.checked("job-timeout", wait_timeout, "wait_timeout")
     poll = config.checked("poll-interval", poll_interval)
-    job = build_script_job(
-        script_path, script_args=script_args, code=code, wait_workers=wait_workers,
-        **{**settings, "name": name or f"dask-run-{uuid.uuid4().hex[:10]}"},
-    )  # fmt: skip
-    return run_blocking(_submit_and_wait(AmlOps(ml_client), job, wait, bound, poll, quiet))
+    settings["name"] = name or f"dask-run-{uuid.uuid4().hex[:10]}"
+    prepared = _prepare(script_path, script_args, code, wait_workers, settings)
+    return run_blocking(_submit_and_wait(AmlOps(ml_client), prepared, wait, bound, poll, quiet))

@@ -1,16 +1,12 @@
 """In-job entrypoint: what every node of a dask-amlcompute job runs.
 
-``python -m dask_amlcompute.node --role cluster ...`` is the command of the
-cluster's main AML job. Rank 0 starts the Dask scheduler (and, optionally,
-workers beside it) and publishes the scheduler's address as an mlflow run tag,
-which the client reads back from ``ml_client.jobs.get(name).tags`` (or, when that
-copy is late, from the run in run history). Every other
-rank starts ``--processes`` worker processes (nannies) that dial the scheduler
-on ``MASTER_ADDR``. ``--role workers`` (extra worker jobs) starts workers on
-every rank and dials ``--scheduler-address``.
-
-When the scheduler shuts down, every node exits 0, so the AML job completes
-and AML releases the nodes.
+``python -m dask_amlcompute.node --role cluster`` runs a cluster's main job: rank 0
+starts the Dask scheduler (and optionally workers beside it) and publishes its
+address as an mlflow run tag, which the client reads from the job (or its run);
+every other rank starts ``--processes`` workers (nannies) dialling ``MASTER_ADDR``.
+``--role workers`` (extra worker jobs) starts workers on every rank, dialling
+``--scheduler-address``. When the scheduler shuts down, every node exits 0: the AML
+job completes and AML releases the nodes.
 """
 
 from __future__ import annotations
@@ -24,15 +20,15 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from distributed import Nanny, Scheduler
 from distributed.comm import get_address_host_port
-from distributed.comm.core import CommClosedError
 from distributed.core import Status
 from distributed.security import Security
+from distributed.utils import get_ip
 
 from .._protocol import (
     DASHBOARD_TAG,
@@ -72,20 +68,7 @@ class NodeContext:
 
 
 def _int(env: Mapping[str, str], *names: str) -> int | None:
-    for name in names:
-        if env.get(name, "").strip():
-            return int(env[name])
-    return None
-
-
-def _route_ip(target: str) -> str:
-    """The local address the kernel would use to reach ``target`` (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect((target, 9))
-            return sock.getsockname()[0]
-        except OSError:
-            return ""
+    return next((int(env[name]) for name in names if env.get(name, "").strip()), None)
 
 
 def _host_ip() -> str:
@@ -107,13 +90,11 @@ def _loopback(address: str) -> bool:
 def detect_context(env: Mapping[str, str] | None = None) -> NodeContext:
     """Read rank, size and addresses from the variables AML sets in a job.
 
-    PyTorch distribution sets ``NODE_RANK``/``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``;
-    MPI distribution sets ``OMPI_COMM_WORLD_RANK``/``SIZE`` and
-    ``AZ_BATCHAI_MPI_MASTER_NODE`` (or ``AZ_BATCH_MASTER_NODE`` as ``addr:port``);
-    without either, a single node of rank 0. This node's address: ``MASTER_ADDR``
-    on rank 0, else the local address routed to the master, else the host name's
-    (``AZ_BATCHAI_NODE_IP``, undocumented, first where set). Loopback only when
-    the master's is one (as the emulator's nodes share one).
+    PyTorch distribution: ``NODE_RANK``/``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``; MPI:
+    ``OMPI_COMM_WORLD_RANK``/``SIZE``, ``AZ_BATCHAI_MPI_MASTER_NODE`` (or ``AZ_BATCH_MASTER_NODE``
+    as ``addr:port``); neither: one node of rank 0. This node's address (``AZ_BATCHAI_NODE_IP``
+    first where set): ``MASTER_ADDR`` on rank 0, else the local address routed to the master,
+    else the host name's; loopback only when the master's is (the emulator's nodes share one).
 
     Raises
     ------
@@ -121,13 +102,11 @@ def detect_context(env: Mapping[str, str] | None = None) -> NodeContext:
         Rank > 0 without a master, or no address others can reach.
     """
     env = os.environ if env is None else env
-    rank = _int(env, "NODE_RANK", "OMPI_COMM_WORLD_RANK", "RANK", "PMI_RANK")
-    size = _int(env, "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "AZUREML_NODE_COUNT")
+    rank = _int(env, "NODE_RANK", "OMPI_COMM_WORLD_RANK", "RANK", "PMI_RANK") or 0
+    size = _int(env, "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "AZUREML_NODE_COUNT") or 1
     master = env.get("MASTER_ADDR") or env.get("AZ_BATCHAI_MPI_MASTER_NODE")
     if not master and env.get("AZ_BATCH_MASTER_NODE"):
         master = env["AZ_BATCH_MASTER_NODE"].rsplit(":", 1)[0]
-    rank = rank or 0
-    size = size or 1
     if rank != 0 and not master:
         raise RuntimeError(
             "This node has rank > 0 but neither MASTER_ADDR nor AZ_BATCHAI_MPI_MASTER_NODE "
@@ -135,7 +114,7 @@ def detect_context(env: Mapping[str, str] | None = None) -> NodeContext:
         )
     node_ip = env.get("AZ_BATCHAI_NODE_IP") or ""
     if not node_ip:
-        node_ip = (master if rank == 0 else _route_ip(master)) if master else _host_ip()
+        node_ip = (master if rank == 0 else get_ip(master, 9)) if master else _host_ip()
         if not node_ip or (_loopback(node_ip) and not (master and _loopback(master))):
             raise RuntimeError(
                 f"This node found no address other machines can reach (got {node_ip or 'none'}"
@@ -151,10 +130,9 @@ def detect_context(env: Mapping[str, str] | None = None) -> NodeContext:
     )
 
 
-def node_security(env: Mapping[str, str] | None = None):
+def node_security():
     """The Dask ``Security`` of this node: TLS when the job carries a certificate, else None."""
-    env = os.environ if env is None else env
-    cert, key = env.get(TLS_CERT_ENV), env.get(TLS_KEY_ENV)
+    cert, key = os.environ.get(TLS_CERT_ENV), os.environ.get(TLS_KEY_ENV)
     if not cert or not key:
         return None
     pem = {
@@ -163,12 +141,6 @@ def node_security(env: Mapping[str, str] | None = None):
         for k, v in (("cert", cert), ("key", key))
     }
     return Security(require_encryption=True, tls_ca_file=cert, **pem)
-
-
-def _worker_threads(opts: NodeOptions) -> int:
-    if opts.threads:
-        return opts.threads
-    return max(1, (os.cpu_count() or 1) // max(1, opts.processes))
 
 
 async def start_scheduler(ctx: NodeContext, opts: NodeOptions) -> Any:
@@ -194,8 +166,8 @@ async def start_scheduler(ctx: NodeContext, opts: NodeOptions) -> Any:
     scheduler.handlers[HEARTBEAT_HANDLER] = lambda: heartbeat(scheduler)
     plugins: list = []
     if opts.role == "cluster":
-        plugins += [KeepMainJobWorkers(opts.name_prefix), MissingModules()]
-        plugins.append(NameTheStop(opts.name_prefix, opts.job_timeout))
+        plugins += [KeepMainJobWorkers(opts.name_prefix), MissingModules(),
+                    NameTheStop(opts.name_prefix, opts.job_timeout)]  # fmt: skip
     if opts.no_client_timeout:
         plugins.append(NoClientTimeout(opts.no_client_timeout, opts.first_contact_timeout))
     for plugin in plugins:
@@ -206,10 +178,9 @@ async def start_scheduler(ctx: NodeContext, opts: NodeOptions) -> Any:
 def scheduler_tags(scheduler: Any, ctx: NodeContext) -> dict[str, str]:
     """The run tags that tell the client where the scheduler is, in publishing order.
 
-    :data:`SCHEDULER_ID_TAG` comes first: a job that AML runs again (after a
-    preemption) replaces the id before the address, so a client never pairs the
-    new id with a stale address. :data:`SCHEDULER_TAG` comes last: the client
-    reads the others once it sees it.
+    :data:`SCHEDULER_ID_TAG` first: a job AML runs again (preempted) replaces the id before
+    the address, never pairing a new id with a stale address. :data:`SCHEDULER_TAG` last:
+    the client reads the others once it sees it.
     """
     tags = {SCHEDULER_ID_TAG: scheduler.id}
     if "dashboard" in scheduler.services:
@@ -222,8 +193,7 @@ def scheduler_tags(scheduler: Any, ctx: NodeContext) -> dict[str, str]:
 def worker_options(opts: NodeOptions) -> dict[str, Any]:
     """Keyword arguments of every worker this node starts (CPU nannies and dask-cuda).
 
-    ``--worker-options``, node-local scratch space in the job's working directory
-    (never shared between nodes) and the cluster's TLS.
+    ``--worker-options``, node-local scratch space (the job's working directory), the TLS.
     """
     options = dict(opts.worker_options)
     options.setdefault("local_directory", os.path.join(os.getcwd(), "dask-scratch-space"))
@@ -241,12 +211,12 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
     -------
     list of distributed.Nanny
         The running nannies; none when the scheduler closed while they joined
-        (the client closed the cluster while it started: a normal end).
+        (a joined worker ended, or it no longer listens): a normal end.
 
     Raises
     ------
     RuntimeError
-        The workers failed to start or to join within ``--death-timeout``
+        The workers failed to start or to join a scheduler still listening
         (every nanny started is closed first).
     """
     if opts.cuda:
@@ -255,7 +225,7 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
     nannies = [
         Nanny(
             scheduler_address,
-            nthreads=_worker_threads(opts),
+            nthreads=opts.threads or max(1, (os.cpu_count() or 1) // max(1, opts.processes)),
             memory_limit=opts.memory_limit,
             name=f"{opts.name_prefix}-{ctx.rank}-{i}",
             host=ctx.node_ip,
@@ -275,40 +245,21 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
             "Started %d worker(s) on %s for %s", len(nannies), ctx.node_ip, scheduler_address
         )
         return nannies
-    chain: list[BaseException] = []
-    exc: BaseException | bool | None = outcome
-    while isinstance(exc, BaseException) and len(chain) < 50:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    # a joined worker ended, or the scheduler closed a connection it had taken (not refused it)
-    if outcome is False or (
-        any(isinstance(e, CommClosedError) for e in chain)
-        and not any(isinstance(e, ConnectionRefusedError) for e in chain)
-    ):
+    # a joined worker ended, or joining failed and the scheduler no longer listens: it closed
+    if outcome is False or not await _listening(scheduler_address, 1.0):
         logger.info("The scheduler at %s closed while the workers on node rank %d were joining "
                     "it: nothing left to do", scheduler_address, ctx.rank)  # fmt: skip
         return []
-    if any(isinstance(e, OSError | asyncio.TimeoutError) for e in chain):
-        why = (
-            f"could not join the scheduler at {scheduler_address} within {opts.death_timeout:.0f}s"
-        )
-    else:
-        why = "failed to start"
     raise RuntimeError(
-        f"Workers on node rank {ctx.rank} {why}: {type(chain[-1]).__name__}: {chain[-1]}"
-    ) from chain[0]
+        f"Workers on node rank {ctx.rank} failed to start or to join the scheduler at "
+        f"{scheduler_address}: {type(outcome).__name__}: {outcome}"
+    ) from outcome
 
 
 async def start_cuda_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOptions) -> list:
-    """Start dask-cuda workers on this GPU node: one per GPU, each with ``resources={"GPU": 1}``.
+    """Start dask-cuda workers ``PREFIX-RANK-INDEX``: one per GPU, each with ``resources={"GPU": 1}``.
 
-    ``dask_cuda.CUDAWorker`` starts one nanny per visible GPU (``CUDA_VISIBLE_DEVICES``
-    rotated per worker), named ``PREFIX-RANK-INDEX`` like the CPU workers.
-
-    Returns
-    -------
-    list of distributed.Nanny
-        The running nannies.
+    ``dask_cuda.CUDAWorker`` starts one nanny per visible GPU; returns them.
     """
     try:
         from dask_cuda import CUDAWorker
@@ -353,12 +304,6 @@ async def _join(nannies: list) -> BaseException | bool:
     finally:
         for task in [*starting, *ended]:
             task.cancel()
-
-
-def master_scheduler_address(ctx: NodeContext, opts: NodeOptions) -> str:
-    """The scheduler address ranks above 0 dial: rank 0's node on ``--scheduler-port``."""
-    protocol = "tls" if node_security() is not None else "tcp"
-    return f"{protocol}://{ctx.master_addr}:{opts.scheduler_port}"
 
 
 def stop_on_signals() -> asyncio.Event:
@@ -431,20 +376,12 @@ async def _run_worker_node(
         logger.info("Stopped while the workers were joining the scheduler")
         return
     stopped.cancel()
-    nannies = starting.result()
-    if not nannies:  # the scheduler closed while they joined
-        return
-    waiter = asyncio.ensure_future(stop.wait())
-    done = [asyncio.ensure_future(n.finished()) for n in nannies]
-    told = False  # by the closing scheduler: a worker process left to exit by itself lingers
-    while not (stop.is_set() or told or any(d.done() for d in done)):  # 2 s (its stop queue)
-        await asyncio.wait([waiter, *done], timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
-        told = any(n.status == Status.closing_gracefully for n in nannies)
-    if stop.is_set() or told:
-        await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
-    else:
-        await asyncio.gather(*done)
-    waiter.cancel()
+    nannies = starting.result()  # none: the scheduler closed while they joined
+    # until AML stops the job or a nanny stops running (the closing scheduler told it to, or
+    # it lost the scheduler); then close them all: a worker left to exit by itself lingers 2 s
+    while nannies and not stop.is_set() and all(n.status == Status.running for n in nannies):
+        await asyncio.sleep(0.1)
+    await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
 
 
 async def run_node(opts: NodeOptions, env: Mapping[str, str] | None = None) -> None:
@@ -458,21 +395,25 @@ async def run_node(opts: NodeOptions, env: Mapping[str, str] | None = None) -> N
         await _run_worker_node(opts.scheduler_address, ctx, opts, stop)
     elif ctx.rank == 0:
         await _run_scheduler_node(ctx, opts, stop)
-    else:
-        await _run_worker_node(master_scheduler_address(ctx, opts), ctx, opts, stop)
+    else:  # rank 0's scheduler, on --scheduler-port
+        protocol = "tls" if node_security() is not None else "tcp"
+        address = f"{protocol}://{ctx.master_addr}:{opts.scheduler_port}"
+        await _run_worker_node(address, ctx, opts, stop)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m dask_amlcompute.node``; returns the exit code."""
+def main(
+    argv: list[str] | None = None, run: Callable[..., Any] | None = None, doc: str | None = __doc__
+) -> int:
+    """``python -m dask_amlcompute.node`` (job mode's ``.node.script``: ``run``); the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    opts = NodeOptions.from_argv(sys.argv[1:] if argv is None else argv, description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    opts = NodeOptions.from_argv(argv, script=run is not None, description=doc)
     try:
-        asyncio.run(run_node(opts))
+        return asyncio.run((run or run_node)(opts)) or 0
     except Exception as exc:
         logger.error("dask-amlcompute node failed: %s", exc, exc_info=True)
         print(f"dask-amlcompute node failed: {exc}", file=sys.stderr, flush=True)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,10 +18,8 @@ HEARTBEAT_HANDLER = "dask_amlcompute_heartbeat"
 def worker_job_and_rank(worker: Any) -> tuple[str, str]:
     """(job, rank) of a worker named ``JOB-RANK-INDEX``; (its name, "") for any other name."""
     name = str(getattr(worker, "name", worker))
-    parts = name.rsplit("-", 2)
-    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-        return parts[0], parts[1]
-    return name, ""
+    match = re.fullmatch(r"(.*)-(\d+)-\d+", name)
+    return (match[1], match[2]) if match else (name, "")
 
 
 def job_of_worker(worker: Any) -> str:
@@ -64,11 +62,9 @@ class KeepMainJobWorkers(SchedulerPlugin):
 class NameTheStop(SchedulerPlugin):
     """Fail the work in flight with the reason AML stops the job, before the scheduler closes.
 
-    AML stops a job by sending SIGTERM to every node: it was cancelled, it reached
-    ``job_timeout``, or another of its nodes failed or was preempted. Instead of
-    distributed's ``FutureCancelledError: scheduler-connection-lost``, :meth:`fail_work`
-    errs every task a client still waits for with a
-    :class:`~dask_amlcompute.ClusterLostError` naming what this node knows.
+    AML sends SIGTERM to every node of a job cancelled, past ``job_timeout``, or with a
+    node failed or preempted: instead of ``FutureCancelledError: scheduler-connection-lost``,
+    :meth:`fail_work` errs every task a client waits for with a ``ClusterLostError`` saying which.
 
     Parameters
     ----------

@@ -1,15 +1,12 @@
 """Set run tags on the job's own MLflow run, where the client reads them.
 
-The scheduler node publishes its address as soon as it listens, through the MLflow
-REST API's ``runs/set-tag`` with tornado's HTTP client: ``import mlflow`` (with
-``azureml-mlflow``) would cost about a second of every cluster's start (issue #17).
-Inside an AML job, ``MLFLOW_TRACKING_URI`` is the workspace's
-``azureml://<region>.api.azureml.ms/mlflow/v1.0/<workspace scope>`` URI and
-``MLFLOW_TRACKING_TOKEN`` a token for the run; :func:`tracking_api` turns them into ``https://<host>/mlflow/v2.0/<workspace scope>`` with a bearer token, as
-``azureml-mlflow`` 1.62 does (``azureml_reststore.py`` ``get_host_credentials``).
-A plain ``http(s)://`` URI (an MLflow server) holds the API itself. Where the REST
-call is refused (4xx other than 429, TLS) or cannot connect, the mlflow client
-publishes instead, with a warning.
+One ``runs/set-tag`` call of the MLflow REST API per tag, with tornado's HTTP client
+(``import mlflow`` would cost about a second of every start, issue #17). AML sets
+``MLFLOW_TRACKING_URI`` (``azureml://<region>.api.azureml.ms/mlflow/v1.0/<scope>``) and
+``MLFLOW_TRACKING_TOKEN``: :func:`tracking_api` makes them ``https://<host>/mlflow/v2.0/<scope>``
+with a bearer token, as ``azureml-mlflow`` 1.62 does (``get_host_credentials``); an
+``http(s)://`` URI is the API itself. Where the REST call is refused (4xx but 429, TLS)
+or cannot connect, the mlflow client publishes instead, with a warning.
 """
 
 from __future__ import annotations
@@ -113,7 +110,6 @@ async def _set_tag(api: TrackingApi, key: str, value: str) -> None:
 
     client = AsyncHTTPClient()
     body = json.dumps({"run_id": api.run_id, "run_uuid": api.run_id, "key": key, "value": value})
-    delay = FIRST_BACKOFF
     for attempt in range(1, ATTEMPTS + 1):
         try:
             await client.fetch(
@@ -125,7 +121,7 @@ async def _set_tag(api: TrackingApi, key: str, value: str) -> None:
             )
             return
         except HTTPClientError as exc:
-            if exc.code != 599 and 400 <= exc.code < 500 and exc.code != 429:
+            if 400 <= exc.code < 500 and exc.code != 429:  # 599: a timeout, retried
                 raise _Refused(f"HTTP {exc.code} from {api.base}") from None
             failure: Exception = exc
         except ssl.SSLError as exc:  # not a passing condition: no retry
@@ -138,9 +134,9 @@ async def _set_tag(api: TrackingApi, key: str, value: str) -> None:
             raise RunTagsError(
                 f"Could not set run tag {key!r} at {api.base} after {ATTEMPTS} attempts: {failure}"
             ) from None
+        delay = FIRST_BACKOFF * 2 ** (attempt - 1)
         logger.info("Setting run tag %r failed (%s); retrying in %.1fs", key, failure, delay)
         await asyncio.sleep(delay)
-        delay *= 2
 
 
 def _publish_with_mlflow(tags: Mapping[str, str], env: Mapping[str, str]) -> None:

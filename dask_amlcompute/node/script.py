@@ -1,40 +1,33 @@
 """In-job side of job mode: what ``python -m dask_amlcompute.node.script`` runs on each node.
 
-Rank 0 starts the scheduler as a cluster's main job does (:func:`.entry.start_scheduler`)
-and workers beside it, waits for the other ranks' workers, runs the script with
-``DASK_SCHEDULER_ADDRESS`` (and the job's TLS) set, prints its output between
-:data:`OUTPUT_BEGIN` and :data:`OUTPUT_END`, publishes its exit code as
-:data:`EXIT_CODE_TAG` and exits with it. Other ranks run workers until the scheduler
-goes; a scheduler that stops first (idle or no-client timeout) stops the script.
-The client side is :mod:`dask_amlcompute.jobmode`.
+Rank 0 starts the scheduler (:func:`.entry.start_scheduler`) and workers, waits for the
+other ranks' workers, runs the script with ``DASK_SCHEDULER_ADDRESS`` (and the job's TLS),
+prints its output between :data:`OUTPUT_BEGIN` and :data:`OUTPUT_END`, publishes its exit
+code (:data:`EXIT_CODE_TAG`) and exits with it. Other ranks run workers until the scheduler
+goes; a scheduler that stops first (idle or no-client timeout) stops the script. The client
+side is :mod:`dask_amlcompute.jobmode`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import gzip
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from .._protocol import (
     EXIT_CODE_TAG,
     OUTPUT_BEGIN,
     OUTPUT_END,
-    SCRIPT_ENV,
     TLS_CERT_ENV,
     TLS_KEY_ENV,
     NodeOptions,
-    ScriptOptions,
 )
 from .entry import (
     detect_context,
+    main,
     run_node,
     scheduler_tags,
     start_scheduler,
@@ -46,25 +39,11 @@ from .runtags import publish_tags
 logger = logging.getLogger("dask_amlcompute.jobmode")
 
 
-def _script_file(script: ScriptOptions, folder: str) -> str:
-    """The script to run: its path in the code snapshot, or the embedded one written to ``folder``."""
-    if script.script:
-        return script.script
-    encoded = os.environ.get(SCRIPT_ENV)
-    if not encoded:
-        raise SystemExit(f"No --script and no {SCRIPT_ENV}: nothing to run.")
-    path = os.path.join(folder, script.script_name)
-    Path(path).write_bytes(gzip.decompress(base64.b64decode(encoded)))
-    return path
-
-
-def script_environment(
-    scheduler_address: str, folder: str, env: dict[str, str] | None = None
-) -> dict[str, str]:
+def script_environment(scheduler_address: str, env: dict[str, str] | None = None) -> dict[str, str]:
     """The script's environment (from ``env``, default ``os.environ``): the scheduler's address.
 
-    In a TLS job, the certificate and key are written to the private ``folder`` (mode
-    0600) and named in ``DASK_DISTRIBUTED__COMM__TLS__...``, so ``Client()`` uses them.
+    In a TLS job, the certificate and key (PEM text, which distributed takes for a
+    path) are named in ``DASK_DISTRIBUTED__COMM__TLS__...``, so ``Client()`` uses them.
     """
     env = dict(os.environ if env is None else env)
     env["DASK_SCHEDULER_ADDRESS"] = scheduler_address
@@ -75,21 +54,9 @@ def script_environment(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (library_root, env.get("PYTHONPATH")) if p)
     cert, key = env.get(TLS_CERT_ENV), env.get(TLS_KEY_ENV)
     if cert and key:
-        paths = {}
-        for name, text in (("cert.pem", cert), ("key.pem", key)):
-            path = os.path.join(folder, name)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            paths[name] = path
-        env.update(
-            {
-                "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
-                "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": paths["cert.pem"],
-                "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": paths["cert.pem"],
-                "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": paths["key.pem"],
-            }
-        )
+        tls = "DASK_DISTRIBUTED__COMM__TLS__"
+        env.update({"DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True", tls + "CA_FILE": cert,
+                    tls + "CLIENT__CERT": cert, tls + "CLIENT__KEY": key})  # fmt: skip
     return env
 
 
@@ -106,29 +73,21 @@ async def _wait_for_workers(scheduler: Any, expected: int, timeout: float) -> No
 
 async def run_script_node(opts: NodeOptions) -> int:
     """Run this node's part of a job-mode job; returns its exit code (rank 0: the script's)."""
-    if opts.script is None:
-        raise ValueError("run_script_node needs NodeOptions.script (job mode)")
     ctx = detect_context()
     if ctx.rank != 0:
         await run_node(opts)
         return 0
     stop = stop_on_signals()
-    folder = tempfile.mkdtemp(prefix="dask-amlcompute-script-")
+    scheduler = await start_scheduler(ctx, opts)
     try:
-        script = _script_file(opts.script, folder)
-        scheduler = await start_scheduler(ctx, opts)
-        try:
-            return await _run_script(scheduler, ctx, opts, script, folder, stop)
-        finally:
-            await scheduler.close(reason="script-finished")
+        return await _run_script(scheduler, ctx, opts, stop)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        await scheduler.close(reason="script-finished")
 
 
-async def _run_script(
-    scheduler: Any, ctx: Any, opts: NodeOptions, script: str, folder: str, stop: asyncio.Event
-) -> int:
-    assert opts.script is not None
+async def _run_script(scheduler: Any, ctx: Any, opts: NodeOptions, stop: asyncio.Event) -> int:
+    assert opts.script is not None and opts.script.script  # the path in the code snapshot
+    script = opts.script.script
     nannies: list = []
     try:
         try:
@@ -141,7 +100,7 @@ async def _run_script(
             raise RuntimeError("The scheduler closed while its node's workers were starting")
         nodes = ctx.world_size if opts.worker_on_scheduler else ctx.world_size - 1
         await _wait_for_workers(scheduler, opts.processes * nodes, opts.script.wait_workers)
-        env = script_environment(scheduler.address, folder)
+        env = script_environment(scheduler.address)
         args = list(opts.script.args)
         logger.info("Running %s %s against %s", script, args, scheduler.address)
         print(OUTPUT_BEGIN, flush=True)
@@ -163,9 +122,7 @@ async def _run_script(
             except asyncio.TimeoutError:
                 proc.kill()
                 await done
-        returncode = proc.returncode
-        assert returncode is not None  # it has exited: proc.wait() returned
-        code = returncode if returncode >= 0 else 128 - returncode
+        code = done.result() if done.result() >= 0 else 128 - done.result()
         print(f"{OUTPUT_END} {code} -----", flush=True)
         try:
             await publish_tags({EXIT_CODE_TAG: str(code)})
@@ -176,18 +133,5 @@ async def _run_script(
         await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m dask_amlcompute.node.script``; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    opts = NodeOptions.from_argv(argv, script=True, description=__doc__)
-    try:
-        return asyncio.run(run_script_node(opts))
-    except Exception as exc:
-        logger.error("dask-amlcompute job mode failed: %s", exc, exc_info=True)
-        print(f"dask-amlcompute job mode failed: {exc}", file=sys.stderr, flush=True)
-        return 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(run=run_script_node, doc=__doc__))

@@ -18,12 +18,10 @@ from _helpers import wait_for
 from dask_amlcompute._protocol import TLS_CERT_ENV, TLS_KEY_ENV, NodeOptions
 from dask_amlcompute.cli.run import run_cli
 from dask_amlcompute.discovery import list_cluster_jobs
-from dask_amlcompute.exceptions import ConfigurationError, JobFailedError
+from dask_amlcompute.exceptions import ConfigurationError, JobFailedError, TooManyNodesError
 from dask_amlcompute.jobmode import (
-    MAX_EMBEDDED_BYTES,
     OUTPUT_BEGIN,
     OUTPUT_END,
-    SCRIPT_ENV,
     build_script_job,
     script_output,
     submit_script,
@@ -66,35 +64,32 @@ def _job(tmp_path, source="print('hi')\n", **kwargs):
     return build_script_job(script, **options)
 
 
-def test_embedded_script_job(tmp_path):
+def test_lone_script_travels_in_the_code_snapshot(tmp_path):
     job = _job(tmp_path, processes_per_node=2, script_args=["--alpha", "1 2"])
     argv = shlex.split(job.command)
     assert argv[:3] == ["python", "-m", "dask_amlcompute.node.script"]
     opts = NodeOptions.from_argv(argv[3:], script=True)  # the parser the node uses
     assert opts.processes == 2 and opts.role == "cluster" and opts.name_prefix == "dask-run-test"
-    assert opts.script.script is None and opts.script.script_name == "job.py"
+    assert opts.script.script == "job.py" and opts.script.script_name == "job.py"
     assert opts.script.args == ("--alpha", "1 2")
     assert argv[argv.index("--") + 1 :] == ["--alpha", "1 2"]
-    assert SCRIPT_ENV in job.environment_variables
-    # the library travels in the job's code snapshot, as for a cluster
+    # the script and the library travel in the job's code snapshot, as for a cluster
+    assert (Path(job.code) / "job.py").read_text() == "print('hi')\n"
     assert (Path(job.code) / "dask_amlcompute" / "node" / "script.py").is_file()
     assert job.resources.instance_count == 3 and job.tags["dask_mode"] == "script"
+    with pytest.raises(ConfigurationError, match="Cannot read script_path"):
+        build_script_job(tmp_path / "missing.py", compute="cpu-cluster")
 
 
-def test_code_folder_job_does_not_embed(tmp_path):
+def test_code_folder_job_runs_the_script_from_it(tmp_path):
+    (tmp_path / "helper.py").write_text("X = 1\n")
     job = _job(tmp_path, code=str(tmp_path))
     argv = shlex.split(job.command)
     assert NodeOptions.from_argv(argv[3:], script=True).script.script == "job.py"
-    assert SCRIPT_ENV not in job.environment_variables
     # one snapshot: the user's folder at the top, the library beside it
     assert (Path(job.code) / "job.py").read_text() == "print('hi')\n"
+    assert (Path(job.code) / "helper.py").is_file()
     assert (Path(job.code) / "dask_amlcompute" / "node" / "script.py").is_file()
-
-
-def test_too_large_script_names_code_option(tmp_path):
-    big = "".join(f"x{i} = {os.urandom(40).hex()!r}\n" for i in range(MAX_EMBEDDED_BYTES // 40))
-    with pytest.raises(ConfigurationError, match="code="):
-        _job(tmp_path, source=big)
 
 
 def test_script_output_section():
@@ -181,6 +176,16 @@ def test_script_job_security_and_timeouts_reach_the_node_command(tmp_path):
     assert TLS_CERT_ENV not in plain.environment_variables
     opts = NodeOptions.from_argv(shlex.split(plain.command)[3:], script=True)
     assert opts.idle_timeout is None and opts.no_client_timeout is None
+
+
+def test_script_job_gets_the_clusters_checks_before_submission(emulator, ml_client, tmp_path):
+    # the cluster's plan (plan_cluster) refuses what can never run: nothing is submitted
+    script = tmp_path / "job.py"
+    script.write_text("print('hi')\n")
+    with pytest.raises(TooManyNodesError, match="at most 2"):
+        submit_script(ml_client, script, compute="tiny", n_nodes=3, name="run-too-many", quiet=True)
+    with pytest.raises(Exception):  # noqa: B017  the job was never created
+        ml_client.jobs.get("run-too-many")
 
 
 @pytest.mark.slow

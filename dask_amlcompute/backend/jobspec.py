@@ -63,7 +63,7 @@ def build_job(
     name, n_nodes, node
         AML job name (unique in the workspace), ``instance_count``, the node entrypoint's options.
     environment
-        What :func:`~dask_amlcompute.backend.environment.resolve_environment` returned.
+        What :func:`~dask_amlcompute.backend.environment.environment_from_settings` returned.
     timeout_seconds
         ``limits.timeout`` of the job, the server-side backstop.
     code

@@ -51,15 +51,6 @@ class IgnoreRules:
     def __init__(self, patterns: Iterable[str] = ()) -> None:
         self.spec = pathspec.GitIgnoreSpec.from_lines(list(patterns))
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, defaults: Iterable[str] = ()) -> IgnoreRules:
-        """Rules of ``defaults`` followed by those of the file at ``path``."""
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise ConfigurationError(f"Cannot read ignore file {path}: {exc}") from None
-        return cls([*defaults, *lines])
-
     def ignored(self, relpath: str, is_dir: bool = False) -> bool:
         """Whether ``relpath`` (``/``-separated, relative to the folder) is ignored."""
         if not is_dir:
@@ -87,33 +78,29 @@ class CodeBundle:
     ignore_file: Path | None = None
 
 
-def _find_ignore_file(root: Path, ignore_file: str | os.PathLike | None) -> Path | None:
-    if ignore_file is not None:
-        p = Path(ignore_file).expanduser()
-        p = p if p.is_absolute() else root / p
-        if not p.is_file():
-            raise ConfigurationError(f"ignore_file {p} does not exist.")
-        return p
-    for name in IGNORE_FILES:
-        if (root / name).is_file():
-            return root / name
-    return None
+def _ignore_rules(
+    root: Path, ignore_file: str | os.PathLike | None
+) -> tuple[IgnoreRules, Path | None]:
+    """Default rules, then those of ``ignore_file`` (or of the first of :data:`IGNORE_FILES`)."""
+    names = (ignore_file,) if ignore_file is not None else IGNORE_FILES
+    paths = [root / Path(name).expanduser() for name in names]  # an absolute one: as it is
+    found = next((path for path in paths if path.is_file()), None)
+    if ignore_file is not None and found is None:
+        raise ConfigurationError(f"ignore_file {paths[0]} does not exist.")
+    try:
+        lines = found.read_text(encoding="utf-8").splitlines() if found else []
+    except OSError as exc:
+        raise ConfigurationError(f"Cannot read ignore file {found}: {exc}") from None
+    return IgnoreRules([*DEFAULT_IGNORES, *lines]), found
 
 
-def _too_large(
-    root: Path, files: list[tuple[str, int]], max_bytes: int, found: Path | None
-) -> ConfigurationError:
-    """The refusal of code over ``max_bytes``, naming its largest top-level entries."""
+def largest_entries(files: Iterable[tuple[str, int]], n: int = 5) -> tuple[int, str]:
+    """The total of ``(relative path, size)`` pairs and their ``n`` largest top-level entries."""
     sizes: collections.Counter[str] = collections.Counter()
     for rel, size in files:
         sizes[rel.split("/", 1)[0] + ("/" if "/" in rel else "")] += size
-    listing = ", ".join(f"{name} ({format_bytes(size)})" for name, size in sizes.most_common(5))
-    return ConfigurationError(
-        f"The code in {root} is {format_bytes(sizes.total())} ({len(files)} files), over the "
-        f"{format_bytes(max_bytes)} limit. Largest entries: {listing}. Add data, outputs and "
-        f"environments to {found.name if found else '.amlignore'} (gitignore syntax), move "
-        "large data to a datastore, or raise max_bytes."
-    )
+    top = ", ".join(f"{name} ({format_bytes(size)})" for name, size in sizes.most_common(n))
+    return sizes.total(), top
 
 
 def collect_code(
@@ -133,8 +120,7 @@ def collect_code(
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
         raise ConfigurationError(f"Cannot ship code={str(folder)!r}: not a folder.")
-    found = _find_ignore_file(root, ignore_file)
-    rules = IgnoreRules.from_file(found, DEFAULT_IGNORES) if found else IgnoreRules(DEFAULT_IGNORES)
+    rules, found = _ignore_rules(root, ignore_file)
     files: list[tuple[str, int]] = []
     outside: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):  # links to folders are not entered
@@ -161,57 +147,32 @@ def collect_code(
         )
     if not files:
         raise ConfigurationError(f"Nothing to ship from {root}: every file is ignored.")
-    total = sum(size for _, size in files)
+    total, listing = largest_entries(files)
     if max_bytes is not None and total > max_bytes:
-        raise _too_large(root, files, max_bytes, found)
+        raise ConfigurationError(
+            f"The code in {root} is {format_bytes(total)} ({len(files)} files), over the "
+            f"{format_bytes(max_bytes)} limit. Largest entries: {listing}. Add data, outputs and "
+            f"environments to {found.name if found else '.amlignore'} (gitignore syntax), move "
+            "large data to a datastore, or raise max_bytes."
+        )
     return CodeBundle(
         root=root, files=tuple(sorted(r for r, _ in files)), total_bytes=total, ignore_file=found
     )
 
 
-def upload_plugin(bundle: CodeBundle) -> Any:
-    """Distributed's ``UploadDirectory`` plugin carrying exactly ``bundle``'s files.
-
-    The workers unpack it into their nanny's directory, put the folder on
-    ``sys.path`` and restart to import from it.
-    """
+def _bundle_and_plugin(
+    folder: str | os.PathLike, ignore_file: str | os.PathLike | None, max_bytes: int | None
+) -> tuple[CodeBundle, Any]:
+    """:func:`collect_code`, and distributed's ``UploadDirectory`` plugin of exactly its files."""
     from distributed.diagnostics.plugin import UploadDirectory
 
+    bundle = collect_code(folder, ignore_file=ignore_file, max_bytes=max_bytes)
     keep = {str(bundle.root / rel) for rel in bundle.files}
-    return UploadDirectory(
-        str(bundle.root),
-        restart_workers=True,
-        update_path=True,
-        skip_words=(),
-        skip=(lambda filename: os.path.normpath(filename) not in keep,),
+    skip = (lambda filename: os.path.normpath(filename) not in keep,)
+    plugin = UploadDirectory(
+        str(bundle.root), restart_workers=True, update_path=True, skip_words=(), skip=skip
     )
-
-
-async def ship_code_async(
-    scheduler: Any,
-    folder: str | os.PathLike,
-    *,
-    ignore_file: str | os.PathLike | None = None,
-    max_bytes: int | None = DEFAULT_MAX_BYTES,
-) -> CodeBundle:
-    """:func:`ship_code` through a scheduler rpc (``cluster.scheduler_comm``, ``client.scheduler``).
-
-    Returns
-    -------
-    CodeBundle
-        What was sent.
-    """
-    from distributed.protocol.pickle import dumps
-
-    def build() -> tuple[CodeBundle, Any]:
-        bundle = collect_code(folder, ignore_file=ignore_file, max_bytes=max_bytes)
-        return bundle, upload_plugin(bundle)
-
-    bundle, plugin = await asyncio.to_thread(build)
-    await scheduler.register_scheduler_plugin(
-        plugin=dumps(plugin), name=plugin.name, idempotent=False
-    )
-    return bundle
+    return bundle, plugin
 
 
 def ship_code(
@@ -255,11 +216,16 @@ def ship_code(
     >>> client.submit(mypkg.work, 1).result()  # doctest: +SKIP
     """
     from distributed import Client
+    from distributed.protocol.pickle import dumps
 
-    if isinstance(client_or_cluster, Client):
-        scheduler = client_or_cluster.scheduler
-    else:
-        scheduler = client_or_cluster.scheduler_comm
-    return client_or_cluster.sync(
-        ship_code_async, scheduler, folder, ignore_file=ignore_file, max_bytes=max_bytes
-    )
+    is_client = isinstance(client_or_cluster, Client)
+    scheduler = client_or_cluster.scheduler if is_client else client_or_cluster.scheduler_comm
+
+    async def ship() -> CodeBundle:
+        bundle, plugin = await asyncio.to_thread(_bundle_and_plugin, folder, ignore_file, max_bytes)
+        await scheduler.register_scheduler_plugin(
+            plugin=dumps(plugin), name=plugin.name, idempotent=False
+        )
+        return bundle
+
+    return client_or_cluster.sync(ship)

@@ -49,7 +49,7 @@ CLIENT_ONLY = frozenset(
 )
 CLIENT_ONLY_PREFIXES = ("pytest-", "types-", "sphinx")
 #: The library itself (never a requirement unless ``node_package`` names it).
-LIBRARY = "dask-amlcompute"
+LIBRARY = _canonical("dask-amlcompute")
 #: Installed on the nodes without a pin: run tags (mlflow), the dashboard (bokeh), what the node
 #: side imports (isodate, tqdm), and strictyaml: azure-ai-ml registers ``warnings`` filters naming
 #: its warning classes, which scikit-learn ships with every joblib task (GridSearchCV hung).

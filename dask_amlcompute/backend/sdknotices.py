@@ -3,10 +3,9 @@
 azure-ai-ml logs a warning through ``azure.ai.ml._utils._experimental`` (no handler: Python's
 last resort prints it) the first time each experimental schema is used, six of them
 (``Class AutoDeleteSettingSchema: This is an experimental class...``) before any result:
-:class:`ExperimentalNoticeFilter` drops exactly those. At DEBUG, urllib3 logs request lines
-with the snapshot upload's SAS signature (``sig=``), and azure-core's network trace
-(``logging_enable=True``) headers and bodies: :class:`SecretRedactingFilter` masks SAS
-signatures, account keys, authorizations and private keys (:data:`REDACTED_LOGGERS`).
+:func:`install_log_filters` drops exactly those. At DEBUG, urllib3 logs request lines with the
+snapshot upload's SAS signature (``sig=``), and azure-core's network trace (``logging_enable=True``)
+headers and bodies: it masks SAS signatures, account keys, authorizations and private keys.
 
 Uploading a job's code snapshot, the SDK writes a tqdm bar (``Uploading 0ac58... (0.47
 MBs)``) and, whatever ``MLClient(show_progress=...)`` says, a colour reset (``print(Fore.RESET
@@ -57,35 +56,26 @@ def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
     return text
 
 
-class ExperimentalNoticeFilter(logging.Filter):
+def _no_experimental_notice(record: logging.LogRecord) -> bool:
     """Drop azure-ai-ml's "This is an experimental class/method" notices only."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(fragment in message for fragment in NOTICE_FRAGMENTS)
+    return not any(fragment in record.getMessage() for fragment in NOTICE_FRAGMENTS)
 
 
-class SecretRedactingFilter(logging.Filter):
+def _redacting(record: logging.LogRecord) -> bool:
     """Rewrite a record whose message holds a secret (see :func:`redact`); drop none."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = redact(message)
-        if clean != message:
-            record.msg, record.args = clean, None
-        return True
+    message = record.getMessage()
+    if (clean := redact(message)) != message:
+        record.msg, record.args = clean, None
+    return True
 
 
 def install_log_filters() -> None:
     """Install both filters on their loggers (idempotent; ``import dask_amlcompute`` does)."""
-    wanted: list[tuple[str, type[logging.Filter]]] = [
-        (EXPERIMENTAL_LOGGER, ExperimentalNoticeFilter),
-        *((name, SecretRedactingFilter) for name in REDACTED_LOGGERS),
-    ]
-    for name, kind in wanted:
+    for name in (EXPERIMENTAL_LOGGER, *REDACTED_LOGGERS):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, kind) for f in logger.filters):
-            logger.addFilter(kind())
+        kind = _no_experimental_notice if name == EXPERIMENTAL_LOGGER else _redacting
+        if kind not in logger.filters:
+            logger.addFilter(kind)
 
 
 class _ThreadMutedStream:

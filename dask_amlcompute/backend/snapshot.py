@@ -16,10 +16,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from dask.utils import format_bytes
+
+from ..code import collect_code, largest_entries
 from ..config import cache_dir
 from ..exceptions import ConfigurationError
 
@@ -71,14 +73,12 @@ def distribution_files(dist: importlib.metadata.Distribution) -> list[SnapshotFi
 
 def _tree(folder: Path, prefix: str) -> list[SnapshotFile]:
     """A folder's files (bytecode caches left out) as ``(prefix/relative path, source)``."""
-    found: list[SnapshotFile] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        rel_dir = Path(dirpath).relative_to(folder)
-        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
-        for name in sorted(filenames):
-            if not name.endswith((".pyc", ".pyo")):
-                found.append(((Path(prefix) / rel_dir / name).as_posix(), Path(dirpath, name)))
-    return found
+    rels = (path.relative_to(folder) for path in sorted(folder.rglob("*")) if path.is_file())
+    return [
+        (f"{prefix}/{rel.as_posix()}", folder / rel)
+        for rel in rels
+        if "__pycache__" not in rel.parts and rel.suffix not in (".pyc", ".pyo")
+    ]
 
 
 def library_files() -> list[SnapshotFile]:
@@ -89,8 +89,6 @@ def library_files() -> list[SnapshotFile]:
 
 
 def _user_files(code: str | os.PathLike) -> list[SnapshotFile]:
-    from ..code import collect_code
-
     bundle = collect_code(code)  # .amlignore/.gitignore rules and the size bound
     clash = [
         rel
@@ -154,16 +152,14 @@ def stage_snapshot(
     files += [*(library_files() if include_library else []), *packages]
     if not files:
         return None
-    sizes: Counter[str] = Counter()
-    for rel, source in files:
-        sizes[rel.split("/")[0]] += (
-            len(source) if isinstance(source, bytes) else source.stat().st_size
-        )
-    if sizes.total() > SNAPSHOT_LIMIT:
-        largest = ", ".join(f"{top} ({size / 2**20:.0f} MB)" for top, size in sizes.most_common(3))
+    sizes = (
+        (rel, len(src) if isinstance(src, bytes) else src.stat().st_size) for rel, src in files
+    )
+    total, largest = largest_entries(sizes, 3)
+    if total > SNAPSHOT_LIMIT:
         raise ConfigurationError(
-            f"The jobs' code snapshot would be {sizes.total() / 2**20:.0f} MB, over AML's limit "
-            f"of {SNAPSHOT_LIMIT // 2**20} MB. Largest: {largest}. Give large local "
+            f"The jobs' code snapshot would be {format_bytes(total)}, over AML's limit "
+            f"of {format_bytes(SNAPSHOT_LIMIT)}. Largest: {largest}. Give large local "
             "distributions a requirement (pip_packages=) or an environment=, use "
             "stack='installed', or keep data out of code=. Nothing was submitted."
         )

@@ -20,7 +20,7 @@ from distributed.core import rpc
 from distributed.utils import asciitable
 from distributed.versions import VersionMismatchWarning, get_versions
 
-from ..exceptions import ConfigurationError, VersionMismatchError
+from ..exceptions import VersionMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 REQUIRED = ("python", "dask", "distributed", "cloudpickle")
 #: Should match: a difference always only warns (if the client has the package).
 OPTIONAL = ("msgpack", "numpy", "pandas", "pyarrow", "dask-amlcompute")
-POLICIES = ("raise", "warn", "ignore")
 MISSING = "MISSING"
 
 #: Packages asked of every process beyond distributed's default list.
@@ -62,12 +61,9 @@ class Difference:
         return f"{self.package}=={remote.pop()}"
 
 
-def _packages(info: Any) -> dict[str, str]:
+def _packages(info: Mapping[str, Any]) -> dict[str, str]:
     """The package dict of a ``get_versions()`` result (None values: ``MISSING``)."""
-    if not isinstance(info, Mapping):
-        return {}
-    packages = info.get("packages", info)
-    return {k: (str(v) if v is not None else MISSING) for k, v in packages.items()}
+    return {k: MISSING if v is None else str(v) for k, v in info["packages"].items()}
 
 
 def _cut(package: str, version: str, parts: int) -> str:
@@ -80,8 +76,8 @@ def compare_versions(
 ) -> list[Difference]:
     """The packages whose versions differ: required ones first, then optional ones the client has.
 
-    ``client``, ``scheduler`` and the ``workers`` by address are ``get_versions()`` results
-    (or their ``packages``); workers that did not answer (None) are left out.
+    ``client``, ``scheduler`` and the ``workers`` by address are ``get_versions()`` results;
+    workers that did not answer (None) are left out.
     """
     c, s = _packages(client), _packages(scheduler)
     ws = {addr: _packages(v) for addr, v in workers.items() if v}
@@ -131,10 +127,6 @@ def format_differences(differences: list[Difference], where: str = "the cluster"
 
 def apply_policy(differences: list[Difference], policy: str, where: str = "the cluster") -> None:
     """Raise (``raise``, required packages) or warn about ``differences``; ``ignore``: nothing."""
-    if policy not in POLICIES:
-        raise ConfigurationError(
-            f"version_check must be one of {', '.join(POLICIES)}, not {policy!r}."
-        )
     if policy == "ignore" or not differences:
         return
     message = format_differences(differences, where)

@@ -1,13 +1,11 @@
 """Ship a folder of the user's own modules to the workers.
 
-Tasks calling the user's modules are pickled by reference: the workers must
-import them. :func:`ship_code` sends a folder with distributed's
-:class:`~distributed.diagnostics.plugin.UploadDirectory` plugin (unpacked on
-``sys.path``, workers restarted; later workers get it before they start).
-What is sent follows ``.amlignore``, else ``.gitignore`` (AML's choice for a code
-snapshot), plus :data:`DEFAULT_IGNORES`, up to ``max_bytes``. A cluster's ``code=``
-folder travels in the jobs' code snapshot instead (:mod:`~dask_amlcompute.backend.snapshot`,
-same rules via :func:`collect_code`), fixed at submission.
+Tasks calling the user's modules are pickled by reference: the workers must import them.
+:func:`ship_code` sends a folder with distributed's ``UploadDirectory`` plugin (unpacked on
+``sys.path``, workers restarted; later workers get it before they start). What is sent follows
+``.amlignore``, else ``.gitignore`` (as AML's code snapshot), after :data:`DEFAULT_IGNORES`, up
+to ``max_bytes``. A cluster's ``code=`` folder travels in the jobs' code snapshot instead
+(:mod:`~dask_amlcompute.backend.snapshot`, same rules via :func:`collect_code`).
 """
 
 from __future__ import annotations
@@ -160,21 +158,6 @@ def collect_code(
     )
 
 
-def _bundle_and_plugin(
-    folder: str | os.PathLike, ignore_file: str | os.PathLike | None, max_bytes: int | None
-) -> tuple[CodeBundle, Any]:
-    """:func:`collect_code`, and distributed's ``UploadDirectory`` plugin of exactly its files."""
-    from distributed.diagnostics.plugin import UploadDirectory
-
-    bundle = collect_code(folder, ignore_file=ignore_file, max_bytes=max_bytes)
-    keep = {str(bundle.root / rel) for rel in bundle.files}
-    skip = (lambda filename: os.path.normpath(filename) not in keep,)
-    plugin = UploadDirectory(
-        str(bundle.root), restart_workers=True, update_path=True, skip_words=(), skip=skip
-    )
-    return bundle, plugin
-
-
 def ship_code(
     client_or_cluster: Any,
     folder: str | os.PathLike,
@@ -216,13 +199,22 @@ def ship_code(
     >>> client.submit(mypkg.work, 1).result()  # doctest: +SKIP
     """
     from distributed import Client
+    from distributed.diagnostics.plugin import UploadDirectory
     from distributed.protocol.pickle import dumps
 
     is_client = isinstance(client_or_cluster, Client)
     scheduler = client_or_cluster.scheduler if is_client else client_or_cluster.scheduler_comm
 
-    async def ship() -> CodeBundle:
-        bundle, plugin = await asyncio.to_thread(_bundle_and_plugin, folder, ignore_file, max_bytes)
+    async def ship() -> CodeBundle:  # collecting and zipping off the event loop
+        bundle = await asyncio.to_thread(
+            collect_code, folder, ignore_file=ignore_file, max_bytes=max_bytes
+        )
+        keep = {str(bundle.root / rel) for rel in bundle.files}
+        skip = (lambda filename: os.path.normpath(filename) not in keep,)
+        plugin = await asyncio.to_thread(
+            UploadDirectory, str(bundle.root), restart_workers=True, update_path=True,
+            skip_words=(), skip=skip,
+        )  # fmt: skip
         await scheduler.register_scheduler_plugin(
             plugin=dumps(plugin), name=plugin.name, idempotent=False
         )

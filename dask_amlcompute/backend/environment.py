@@ -281,11 +281,10 @@ def _merge_pip(
 
 def _conda_satisfied(constraint: str, local: str) -> bool:
     """Whether a conda constraint (``=1.2``, ``1.2*``, ``==1.2.3``, ``>=1``) admits ``local``."""
-    c = constraint.split()[0]
-    if not c.startswith(("==", "<", ">", "!", "~")):  # conda's "=1.2" and "1.2*": a prefix
-        c = "==" + c.lstrip("=").rstrip("*").rstrip(".") + ".*"
+    if not constraint.startswith(("==", "<", ">", "!", "~")):  # "=1.2" and "1.2*": a prefix
+        constraint = "==" + constraint.lstrip("=").rstrip("*").rstrip(".") + ".*"
     try:
-        return SpecifierSet(c).contains(local, prereleases=True)
+        return SpecifierSet(constraint).contains(local, prereleases=True)
     except InvalidSpecifier:
         return False
 
@@ -294,23 +293,18 @@ def _merge_conda(python: str, pins: Mapping[str, str], extras: list[str]) -> lis
     """Check user conda packages against the pins; returns the ones to install."""
     kept = []
     for text in extras:
-        m = _NAME.match(text)
-        if not m:
+        if not (m := _NAME.match(text)):
             raise ConfigurationError(f"conda_packages: cannot read {text!r}.")
-        name, constraint = _canonical(m.group(1)), m.group(2).strip()
+        name, constraint = _canonical(m.group(1)), m.group(2).split()[:1]
         local = python if name == "python" else pins.get(name)
-        if name == "pip" or (name == "python" and not constraint):
-            continue  # always there
-        if local is not None and constraint:
-            if not _conda_satisfied(constraint, local):
-                raise ConfigurationError(
-                    f"conda_packages asks for {text!r}, but this client runs {name} {local} and "
-                    "the nodes must match it. Remove the version (the default environment pins "
-                    "the client's) or change the client's version."
-                )
-            if name == "python":
-                continue
-        kept.append(text)
+        if local and constraint and not _conda_satisfied(constraint[0], local):
+            raise ConfigurationError(
+                f"conda_packages asks for {text!r}, but this client runs {name} {local} and "
+                "the nodes must match it. Remove the version (the default environment pins "
+                "the client's) or change the client's version."
+            )
+        if name not in ("pip", "python"):  # always there
+            kept.append(text)
     return kept
 
 

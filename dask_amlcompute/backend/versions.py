@@ -9,7 +9,6 @@ Python is compared on major.minor (patch releases share a pickle format).
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -21,8 +20,6 @@ from distributed.utils import asciitable
 from distributed.versions import VersionMismatchWarning, get_versions
 
 from ..exceptions import VersionMismatchError
-
-logger = logging.getLogger(__name__)
 
 #: Must match: a difference raises (policy ``raise``).
 REQUIRED = ("python", "dask", "distributed", "cloudpickle")
@@ -172,6 +169,4 @@ async def check_versions(
         workers = await s.broadcast(msg=msg, on_error="ignore") or {}
     mine = client if client is not None else get_versions(packages=EXTRA_PACKAGES)
     differences = compare_versions(mine, scheduler, workers)
-    if differences:
-        logger.info("Version differences with %s: %s", scheduler_address, differences)
     apply_policy(differences, policy, where=f"the cluster at {scheduler_address}")

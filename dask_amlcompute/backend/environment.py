@@ -1,12 +1,9 @@
 """The node environment: what the AML job's nodes run on (see ``docs/environment.md``).
 
-``stack="sync"`` (the default) pins every installed distribution to the client's version, except
-the client-only tools of :data:`CLIENT_ONLY` and what only they require; one not from an index
-(PEP 610 ``direct_url.json``) travels in the code snapshot when pure Python, and is refused when
-compiled. ``"installed"``/``"imported"`` pin ``dask``, ``distributed``, ``cloudpickle`` and the
-:data:`DATA_STACK` installed/imported, ``"none"`` the first three. Python's major.minor is always
-pinned; :data:`NODE_HELPERS` are added unpinned. It is an *inline* AML environment (image + conda
-file) the SDK names by a hash of its content, so AML builds each distinct spec once.
+``stack="sync"`` (the default) pins every installed distribution but :data:`CLIENT_ONLY` and what
+only they require; one not from an index (PEP 610) travels in the code snapshot if pure Python.
+``"installed"``/``"imported"`` pin :data:`CORE_PACKAGES` and the :data:`DATA_STACK` installed or
+imported, ``"none"`` the core only. An *inline* AML environment: AML builds each content once.
 """
 
 from __future__ import annotations
@@ -38,9 +35,9 @@ DEFAULT_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
 CORE_PACKAGES = ("dask", "distributed", "cloudpickle")
 #: Pinned by ``stack="installed"`` when installed (``"imported"``: when imported too).
 DATA_STACK = ("numpy", "pandas", "pyarrow", "adlfs")
-#: Client-only tools, never run on a worker: ``stack="sync"`` leaves them out, and what
-#: only they require (notebooks and kernels, linters, type checkers, tests, build tools,
-#: the AML SDK and its emulator). Names starting with :data:`CLIENT_ONLY_PREFIXES` too.
+#: Client-only tools (notebooks, linters, tests, build tools, the AML SDK and its emulator), and
+#: names starting with :data:`CLIENT_ONLY_PREFIXES`: ``stack="sync"`` leaves out them and what
+#: only they require.
 CLIENT_ONLY = frozenset(
     """aml-emulator azure-ai-ml black build coverage debugpy flake8 ipykernel ipython
     ipywidgets isort jupyter jupyter-client jupyter-core jupyter-server jupyterlab
@@ -319,10 +316,9 @@ def build_spec(
 ) -> NodeEnvironmentSpec:
     """The default node environment for this client, with the user's extra packages.
 
-    A user requirement of a pinned package that is unversioned or compatible keeps the pin
-    (with its extras, ``dask[dataframe]``); an incompatible one is an error for Python, dask,
-    distributed and cloudpickle and replaces any other pin. An unversioned one the client has
-    installed is pinned to the client's version.
+    A user requirement of a pinned package keeps the pin if compatible (extras too); else it is an
+    error for Python and :data:`CORE_PACKAGES`, and replaces any other pin. An unversioned one
+    the client has installed is pinned to the client's version.
 
     Parameters
     ----------

@@ -1,16 +1,10 @@
 """What the SDK prints: no "experimental class" notices, no upload bar, no secrets.
 
-azure-ai-ml logs a warning through ``azure.ai.ml._utils._experimental`` (no handler: Python's
-last resort prints it) the first time each experimental schema is used, six of them
-(``Class AutoDeleteSettingSchema: This is an experimental class...``) before any result:
-:func:`install_log_filters` drops exactly those. At DEBUG, urllib3 logs request lines with the
-snapshot upload's SAS signature (``sig=``), and azure-core's network trace (``logging_enable=True``)
-headers and bodies: it masks SAS signatures, account keys, authorizations and private keys.
-
-Uploading a job's code snapshot, the SDK writes a tqdm bar (``Uploading 0ac58... (0.47
-MBs)``) and, whatever ``MLClient(show_progress=...)`` says, a colour reset (``print(Fore.RESET
-...)`` in its blob and gen2 storage clients' ``upload``) to ``sys.stderr``; no parameter of the
-call turns that off. :func:`without_sdk_output` drops what the calling thread writes there.
+azure-ai-ml's last-resort-printed ``This is an experimental class`` notices (six before any
+result) and secrets in request logs (urllib3's ``sig=``, azure-core's network trace) are filtered
+by :func:`install_log_filters`. Uploading a code snapshot, the SDK writes a tqdm bar and, whatever
+``show_progress`` says, a colour reset to ``sys.stderr``: :func:`without_sdk_output` drops what
+the calling thread writes there.
 """
 
 from __future__ import annotations

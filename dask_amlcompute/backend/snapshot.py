@@ -1,10 +1,8 @@
 """The jobs' code snapshot: how dask-amlcompute itself (and the user's code) reaches the nodes.
 
-No package index has dask-amlcompute, so every job carries the library's files in its code
-snapshot (``command(code=<folder>)``: azure-ai-ml uploads the folder, AML starts each node in a
-copy of it). A user's ``code=`` folder goes into the same snapshot, at the top, and so do local
-pure-Python distributions (``stack="sync"``). The folder is staged in the user cache, named by
-its content hash, so AML reuses the upload. See docs/environment.md.
+No package index has dask-amlcompute, so every job's code snapshot (``command(code=<folder>)``)
+carries it, beside the user's ``code=`` folder and local pure-Python distributions (``"sync"``).
+The folder is staged in the user cache by content hash, so AML reuses the upload.
 """
 
 from __future__ import annotations
@@ -29,8 +27,7 @@ from ..exceptions import ConfigurationError
 LIBRARY_DIR = Path(__file__).resolve().parent.parent
 #: Staged snapshots unused for this long are deleted when a new one is staged.
 PRUNE_AFTER_SECONDS = 7 * 24 * 3600
-#: Ignore files are not copied: the SDK would apply them to the staged folder too, and a
-#: user's pattern could then drop the library's files.
+#: Not copied: the SDK would apply them to the staged folder, maybe dropping the library's files.
 _NOT_STAGED = frozenset({".amlignore", ".gitignore"})
 #: AML's limit on a code snapshot: "The storage limit for experiment snapshots is 300 MB"
 #: (learn.microsoft.com/azure/machine-learning/how-to-save-write-experiment-files).
@@ -90,12 +87,8 @@ def library_files() -> list[SnapshotFile]:
 
 def _user_files(code: str | os.PathLike) -> list[SnapshotFile]:
     bundle = collect_code(code)  # .amlignore/.gitignore rules and the size bound
-    clash = [
-        rel
-        for rel in bundle.files
-        if rel.split("/", 1)[0] == LIBRARY_DIR.name or rel.startswith("dask_amlcompute-")
-    ]
-    if clash:
+    tops = sorted({rel.split("/")[0] for rel in bundle.files})
+    if clash := [t for t in tops if t == LIBRARY_DIR.name or t.startswith("dask_amlcompute-")]:
         raise ConfigurationError(
             f"The code folder {bundle.root} has {clash[0]!r}: the snapshot puts dask-amlcompute "
             f"there. Rename that folder, or ship the library with node_package= instead."

@@ -1,10 +1,8 @@
-"""Version check: client vs scheduler vs workers.
+"""Version check: client vs scheduler vs workers (as ``Client.get_versions`` asks them).
 
-A client and a cluster running different Python, dask, distributed or cloudpickle fail
-later with obscure (un)pickling errors. The scheduler is asked for its own and its workers'
-versions (as :meth:`distributed.Client.get_versions` does); differences raise
-:class:`~dask_amlcompute.exceptions.VersionMismatchError` (or warn) with a table and a fix.
-Python is compared on major.minor (patch releases share a pickle format).
+Different Python (major.minor), dask, distributed or cloudpickle fail later with obscure
+(un)pickling errors: a difference raises :class:`~dask_amlcompute.exceptions.VersionMismatchError`
+(or warns) with a table and a fix.
 """
 
 from __future__ import annotations
@@ -150,10 +148,8 @@ async def check_versions(
         The scheduler as this client reaches it, and the ``rpc`` connection arguments (TLS).
     policy
         ``"raise"``, ``"warn"`` or ``"ignore"`` (setting ``version-check``).
-    timeout
-        Bound on talking to the scheduler.
-    client
-        The client's ``get_versions()`` (default: this process's).
+    timeout, client
+        Bound on talking to the scheduler; the client's ``get_versions()`` (default: this one's).
 
     Raises
     ------

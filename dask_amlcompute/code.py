@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pathspec
 from dask.utils import format_bytes
 
 from .exceptions import ConfigurationError
@@ -47,6 +46,8 @@ class IgnoreRules:
     """
 
     def __init__(self, patterns: Iterable[str] = ()) -> None:
+        import pathspec  # not at the top: nodes import this module and may not have it
+
         self.spec = pathspec.GitIgnoreSpec.from_lines(list(patterns))
 
     def ignored(self, relpath: str, is_dir: bool = False) -> bool:

@@ -110,10 +110,8 @@ def _synced_from(places: tuple) -> dict[str, importlib.metadata.Distribution]:
     users: dict[str, set[str]] = {name: set() for name in dists}
     for name, dist in dists.items():
         for req in filter(None, map(_requirement, dist.requires or ())):
-            if _canonical(req.name) in users and (
-                req.marker is None or req.marker.evaluate({"extra": ""})
-            ):
-                users[_canonical(req.name)].add(name)
+            if not req.marker or req.marker.evaluate({"extra": ""}):  # not an extra's
+                users.get(_canonical(req.name), set()).add(name)
     kept = {n for n in dists if n not in CLIENT_ONLY and not n.startswith(CLIENT_ONLY_PREFIXES)}
     kept.add(LIBRARY)  # its requirements are the nodes' too
     while orphans := {n for n in kept if users.get(n) and not users[n] & kept}:

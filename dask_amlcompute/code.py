@@ -34,9 +34,8 @@ IGNORE_FILES = (".amlignore", ".gitignore")
 class IgnoreRules:
     """``.gitignore`` rules (:class:`pathspec.GitIgnoreSpec`) for paths relative to a folder.
 
-    As in git, a file inside an ignored directory cannot be re-included. Unlike
-    git, a negated directory (``!src/``) also re-includes directories under it that
-    an earlier rule ignored. Nested ignore files are not read.
+    As in git, a file inside an ignored directory cannot be re-included; unlike git, ``!src/``
+    also re-includes directories under it. Nested ignore files are not read.
 
     Examples
     --------
@@ -110,9 +109,9 @@ def collect_code(
 ) -> CodeBundle:
     """The files of ``folder`` to ship, after the ignore rules, within ``max_bytes`` (None: any).
 
-    ``ignore_file`` is relative to ``folder``; default ``.amlignore``, else ``.gitignore``.
-    ConfigurationError: no folder, nothing left, or too large (naming the largest
-    entries). Links to files outside ``folder`` are left out with a UserWarning.
+    ``ignore_file`` is relative to ``folder``; default ``.amlignore``, else ``.gitignore``. Refused
+    (ConfigurationError): no folder, nothing left, or too large (naming the largest entries).
+    Links to files outside ``folder`` are left out with a UserWarning.
     """
     if not isinstance(folder, str | os.PathLike):
         raise ConfigurationError(f"code must be a folder (a str or path), got {folder!r}.")
@@ -168,10 +167,9 @@ def ship_code(
 ) -> Any:
     """Send a folder of the user's modules to every worker, now and future ones.
 
-    The folder is put on the workers' ``sys.path``: ship ``src/`` to
-    ``import mypkg`` from ``src/mypkg/``. The workers restart to import it
-    (do it before computing: their in-memory results would be lost). Shipping
-    the same folder again replaces the previous copy.
+    The folder is put on the workers' ``sys.path`` (ship ``src/`` to ``import mypkg`` from
+    ``src/mypkg/``) and the workers restart to import it, losing their in-memory results: ship
+    before computing. Shipping the same folder again replaces the previous copy.
 
     Parameters
     ----------

@@ -314,9 +314,8 @@ def build_spec(
 ) -> NodeEnvironmentSpec:
     """The default node environment for this client, with the user's extra packages.
 
-    A user requirement of a pinned package keeps the pin if compatible (extras too); else it is an
-    error for Python and :data:`CORE_PACKAGES`, and replaces any other pin. An unversioned one
-    the client has installed is pinned to the client's version.
+    A user requirement of a pinned package keeps the pin if compatible (extras too), else replaces
+    it (an error for Python and :data:`CORE_PACKAGES`); an unversioned one the client has is pinned.
 
     Parameters
     ----------

@@ -40,11 +40,8 @@ SECRET_PATTERNS = (
 )
 
 
-def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
-    """Mask (``***``) account keys, SAS signatures, authorizations, private keys, ``secrets``."""
-    for secret in secrets:
-        if secret and len(secret) >= 6:
-            text = text.replace(secret, "***")
+def redact(text: str) -> str:
+    """Mask (``***``) account keys, SAS signatures, authorizations and private keys."""
     for pattern in SECRET_PATTERNS:
         text = pattern.sub(r"\1***", text)
     return text
@@ -65,11 +62,9 @@ def _redacting(record: logging.LogRecord) -> bool:
 
 def install_log_filters() -> None:
     """Install both filters on their loggers (idempotent; ``import dask_amlcompute`` does)."""
-    for name in (EXPERIMENTAL_LOGGER, *REDACTED_LOGGERS):
-        logger = logging.getLogger(name)
-        kind = _no_experimental_notice if name == EXPERIMENTAL_LOGGER else _redacting
-        if kind not in logger.filters:
-            logger.addFilter(kind)
+    logging.getLogger(EXPERIMENTAL_LOGGER).addFilter(_no_experimental_notice)  # adds once
+    for name in REDACTED_LOGGERS:
+        logging.getLogger(name).addFilter(_redacting)
 
 
 class _ThreadMutedStream:

@@ -98,26 +98,18 @@ def format_differences(differences: list[Difference], where: str = "the cluster"
         for d in differences
     ]
     table = asciitable(["Package", "Client", "Scheduler", "Workers", "Must match"], rows)
-    pins = [d.fix() for d in differences if d.fix()]
-    lines = [
+    pins = " ".join(d.fix() for d in differences if d.fix())
+    return (
         f"This client and {where} run different versions of packages that Dask needs to "
-        "match; tasks may fail with obscure (un)pickling errors.",
-        "",
-        table,
-        "",
-        "To fix it:",
+        f"match; tasks may fail with obscure (un)pickling errors.\n\n{table}\n\nTo fix it:\n"
         "  - use the default node environment (environment=None, stack='sync'): it pins Python "
-        "and every distribution this client has installed to this client's versions;",
+        "and every distribution this client has installed to this client's versions;\n"
         "  - or pin the client's versions in your own environment (`dask-amlcompute env "
-        "--print --format conda` prints them) and pass environment='name@latest';",
-    ]
-    if pins:
-        lines.append(f"  - or match the cluster locally: pip install {' '.join(pins)}.")
-    lines.append(
-        "Set version_check='warn' (amlcompute.version-check) to go on regardless, "
+        "--print --format conda` prints them) and pass environment='name@latest';\n"
+        + (f"  - or match the cluster locally: pip install {pins}.\n" if pins else "")
+        + "Set version_check='warn' (amlcompute.version-check) to go on regardless, "
         "or 'ignore' to skip this check."
     )
-    return "\n".join(lines)
 
 
 def apply_policy(differences: list[Difference], policy: str, where: str = "the cluster") -> None:

@@ -45,10 +45,9 @@ def dist_metadata(name: str, version: str) -> SnapshotFile:
 
 
 def distribution_files(dist: importlib.metadata.Distribution) -> list[SnapshotFile]:
-    """A locally installed distribution's files for the snapshot (``stack="sync"``).
+    """A local distribution's top-level packages and modules, from where the client imports them.
 
-    Its top-level packages and modules (``top_level.txt``, else those of its RECORD and of
-    its ``.pth`` folders: an editable install's source), found where the client imports them.
+    They are in ``top_level.txt``, else its RECORD and its ``.pth`` folders (editable installs).
     """
     tops = set((dist.read_text("top_level.txt") or "").split())
     for file in [] if tops else dist.files or ():
@@ -138,8 +137,8 @@ def stage_snapshot(
     Raises
     ------
     ConfigurationError
-        The code folder is missing, empty, too large or has a ``dask_amlcompute`` entry, or
-        the snapshot exceeds AML's :data:`SNAPSHOT_LIMIT`.
+        A missing, empty or too large code folder, one with ``dask_amlcompute``, or a snapshot
+        over :data:`SNAPSHOT_LIMIT`.
     """
     files = _user_files(code) if code is not None else []
     files += [*(library_files() if include_library else []), *packages]

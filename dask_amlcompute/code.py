@@ -1,13 +1,11 @@
 """Ship a folder of the user's own modules to the workers.
 
-Tasks calling the user's modules are pickled by reference: the workers must
-import them. :func:`ship_code` sends a folder with distributed's
-:class:`~distributed.diagnostics.plugin.UploadDirectory` plugin (unpacked on
-``sys.path``, workers restarted; later workers get it before they start).
-What is sent follows ``.amlignore``, else ``.gitignore`` (AML's choice for a code
-snapshot), plus :data:`DEFAULT_IGNORES`, up to ``max_bytes``. A cluster's ``code=``
-folder travels in the jobs' code snapshot instead (:mod:`~dask_amlcompute.backend.snapshot`,
-same rules via :func:`collect_code`), fixed at submission.
+Tasks calling the user's modules are pickled by reference: the workers must import them.
+:func:`ship_code` sends a folder with distributed's ``UploadDirectory`` plugin (unpacked on
+``sys.path``, workers restarted; later workers get it before they start). What is sent follows
+``.amlignore``, else ``.gitignore`` (as AML's code snapshot), after :data:`DEFAULT_IGNORES`, up
+to ``max_bytes``. A cluster's ``code=`` folder travels in the jobs' code snapshot instead
+(:mod:`~dask_amlcompute.backend.snapshot`, same rules via :func:`collect_code`).
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pathspec
 from dask.utils import format_bytes
 
 from .exceptions import ConfigurationError
@@ -37,9 +34,8 @@ IGNORE_FILES = (".amlignore", ".gitignore")
 class IgnoreRules:
     """``.gitignore`` rules (:class:`pathspec.GitIgnoreSpec`) for paths relative to a folder.
 
-    As in git, a file inside an ignored directory cannot be re-included. Unlike
-    git, a negated directory (``!src/``) also re-includes directories under it that
-    an earlier rule ignored. Nested ignore files are not read.
+    As in git, a file inside an ignored directory cannot be re-included; unlike git, ``!src/``
+    also re-includes directories under it. Nested ignore files are not read.
 
     Examples
     --------
@@ -49,16 +45,9 @@ class IgnoreRules:
     """
 
     def __init__(self, patterns: Iterable[str] = ()) -> None:
-        self.spec = pathspec.GitIgnoreSpec.from_lines(list(patterns))
+        import pathspec  # not at the top: nodes import this module and may not have it
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, defaults: Iterable[str] = ()) -> IgnoreRules:
-        """Rules of ``defaults`` followed by those of the file at ``path``."""
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise ConfigurationError(f"Cannot read ignore file {path}: {exc}") from None
-        return cls([*defaults, *lines])
+        self.spec = pathspec.GitIgnoreSpec.from_lines(list(patterns))
 
     def ignored(self, relpath: str, is_dir: bool = False) -> bool:
         """Whether ``relpath`` (``/``-separated, relative to the folder) is ignored."""
@@ -87,33 +76,29 @@ class CodeBundle:
     ignore_file: Path | None = None
 
 
-def _find_ignore_file(root: Path, ignore_file: str | os.PathLike | None) -> Path | None:
-    if ignore_file is not None:
-        p = Path(ignore_file).expanduser()
-        p = p if p.is_absolute() else root / p
-        if not p.is_file():
-            raise ConfigurationError(f"ignore_file {p} does not exist.")
-        return p
-    for name in IGNORE_FILES:
-        if (root / name).is_file():
-            return root / name
-    return None
+def _ignore_rules(
+    root: Path, ignore_file: str | os.PathLike | None
+) -> tuple[IgnoreRules, Path | None]:
+    """Default rules, then those of ``ignore_file`` (or of the first of :data:`IGNORE_FILES`)."""
+    names = (ignore_file,) if ignore_file is not None else IGNORE_FILES
+    paths = [root / Path(name).expanduser() for name in names]  # an absolute one: as it is
+    found = next((path for path in paths if path.is_file()), None)
+    if ignore_file is not None and found is None:
+        raise ConfigurationError(f"ignore_file {paths[0]} does not exist.")
+    try:
+        lines = found.read_text(encoding="utf-8").splitlines() if found else []
+    except OSError as exc:
+        raise ConfigurationError(f"Cannot read ignore file {found}: {exc}") from None
+    return IgnoreRules([*DEFAULT_IGNORES, *lines]), found
 
 
-def _too_large(
-    root: Path, files: list[tuple[str, int]], max_bytes: int, found: Path | None
-) -> ConfigurationError:
-    """The refusal of code over ``max_bytes``, naming its largest top-level entries."""
+def largest_entries(files: Iterable[tuple[str, int]], n: int = 5) -> tuple[int, str]:
+    """The total of ``(relative path, size)`` pairs and their ``n`` largest top-level entries."""
     sizes: collections.Counter[str] = collections.Counter()
     for rel, size in files:
         sizes[rel.split("/", 1)[0] + ("/" if "/" in rel else "")] += size
-    listing = ", ".join(f"{name} ({format_bytes(size)})" for name, size in sizes.most_common(5))
-    return ConfigurationError(
-        f"The code in {root} is {format_bytes(sizes.total())} ({len(files)} files), over the "
-        f"{format_bytes(max_bytes)} limit. Largest entries: {listing}. Add data, outputs and "
-        f"environments to {found.name if found else '.amlignore'} (gitignore syntax), move "
-        "large data to a datastore, or raise max_bytes."
-    )
+    top = ", ".join(f"{name} ({format_bytes(size)})" for name, size in sizes.most_common(n))
+    return sizes.total(), top
 
 
 def collect_code(
@@ -124,17 +109,16 @@ def collect_code(
 ) -> CodeBundle:
     """The files of ``folder`` to ship, after the ignore rules, within ``max_bytes`` (None: any).
 
-    ``ignore_file`` is relative to ``folder``; default ``.amlignore``, else ``.gitignore``.
-    ConfigurationError: no folder, nothing left, or too large (naming the largest
-    entries). Links to files outside ``folder`` are left out with a UserWarning.
+    ``ignore_file`` is relative to ``folder``; default ``.amlignore``, else ``.gitignore``. Refused
+    (ConfigurationError): no folder, nothing left, or too large (naming the largest entries).
+    Links to files outside ``folder`` are left out with a UserWarning.
     """
     if not isinstance(folder, str | os.PathLike):
         raise ConfigurationError(f"code must be a folder (a str or path), got {folder!r}.")
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
         raise ConfigurationError(f"Cannot ship code={str(folder)!r}: not a folder.")
-    found = _find_ignore_file(root, ignore_file)
-    rules = IgnoreRules.from_file(found, DEFAULT_IGNORES) if found else IgnoreRules(DEFAULT_IGNORES)
+    rules, found = _ignore_rules(root, ignore_file)
     files: list[tuple[str, int]] = []
     outside: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):  # links to folders are not entered
@@ -161,57 +145,17 @@ def collect_code(
         )
     if not files:
         raise ConfigurationError(f"Nothing to ship from {root}: every file is ignored.")
-    total = sum(size for _, size in files)
+    total, listing = largest_entries(files)
     if max_bytes is not None and total > max_bytes:
-        raise _too_large(root, files, max_bytes, found)
+        raise ConfigurationError(
+            f"The code in {root} is {format_bytes(total)} ({len(files)} files), over the "
+            f"{format_bytes(max_bytes)} limit. Largest entries: {listing}. Add data, outputs and "
+            f"environments to {found.name if found else '.amlignore'} (gitignore syntax), move "
+            "large data to a datastore, or raise max_bytes."
+        )
     return CodeBundle(
         root=root, files=tuple(sorted(r for r, _ in files)), total_bytes=total, ignore_file=found
     )
-
-
-def upload_plugin(bundle: CodeBundle) -> Any:
-    """Distributed's ``UploadDirectory`` plugin carrying exactly ``bundle``'s files.
-
-    The workers unpack it into their nanny's directory, put the folder on
-    ``sys.path`` and restart to import from it.
-    """
-    from distributed.diagnostics.plugin import UploadDirectory
-
-    keep = {str(bundle.root / rel) for rel in bundle.files}
-    return UploadDirectory(
-        str(bundle.root),
-        restart_workers=True,
-        update_path=True,
-        skip_words=(),
-        skip=(lambda filename: os.path.normpath(filename) not in keep,),
-    )
-
-
-async def ship_code_async(
-    scheduler: Any,
-    folder: str | os.PathLike,
-    *,
-    ignore_file: str | os.PathLike | None = None,
-    max_bytes: int | None = DEFAULT_MAX_BYTES,
-) -> CodeBundle:
-    """:func:`ship_code` through a scheduler rpc (``cluster.scheduler_comm``, ``client.scheduler``).
-
-    Returns
-    -------
-    CodeBundle
-        What was sent.
-    """
-    from distributed.protocol.pickle import dumps
-
-    def build() -> tuple[CodeBundle, Any]:
-        bundle = collect_code(folder, ignore_file=ignore_file, max_bytes=max_bytes)
-        return bundle, upload_plugin(bundle)
-
-    bundle, plugin = await asyncio.to_thread(build)
-    await scheduler.register_scheduler_plugin(
-        plugin=dumps(plugin), name=plugin.name, idempotent=False
-    )
-    return bundle
 
 
 def ship_code(
@@ -223,10 +167,9 @@ def ship_code(
 ) -> Any:
     """Send a folder of the user's modules to every worker, now and future ones.
 
-    The folder is put on the workers' ``sys.path``: ship ``src/`` to
-    ``import mypkg`` from ``src/mypkg/``. The workers restart to import it
-    (do it before computing: their in-memory results would be lost). Shipping
-    the same folder again replaces the previous copy.
+    The folder is put on the workers' ``sys.path`` (ship ``src/`` to ``import mypkg`` from
+    ``src/mypkg/``) and the workers restart to import it, losing their in-memory results: ship
+    before computing. Shipping the same folder again replaces the previous copy.
 
     Parameters
     ----------
@@ -255,11 +198,25 @@ def ship_code(
     >>> client.submit(mypkg.work, 1).result()  # doctest: +SKIP
     """
     from distributed import Client
+    from distributed.diagnostics.plugin import UploadDirectory
+    from distributed.protocol.pickle import dumps
 
-    if isinstance(client_or_cluster, Client):
-        scheduler = client_or_cluster.scheduler
-    else:
-        scheduler = client_or_cluster.scheduler_comm
-    return client_or_cluster.sync(
-        ship_code_async, scheduler, folder, ignore_file=ignore_file, max_bytes=max_bytes
-    )
+    is_client = isinstance(client_or_cluster, Client)
+    scheduler = client_or_cluster.scheduler if is_client else client_or_cluster.scheduler_comm
+
+    async def ship() -> CodeBundle:  # collecting and zipping off the event loop
+        bundle = await asyncio.to_thread(
+            collect_code, folder, ignore_file=ignore_file, max_bytes=max_bytes
+        )
+        keep = {str(bundle.root / rel) for rel in bundle.files}
+        skip = (lambda filename: os.path.normpath(filename) not in keep,)
+        plugin = await asyncio.to_thread(
+            UploadDirectory, str(bundle.root), restart_workers=True, update_path=True,
+            skip_words=(), skip=skip,
+        )  # fmt: skip
+        await scheduler.register_scheduler_plugin(
+            plugin=dumps(plugin), name=plugin.name, idempotent=False
+        )
+        return bundle
+
+    return client_or_cluster.sync(ship)

@@ -1,11 +1,9 @@
 """The GPU nodes' environment: which dask-cuda release and which CUDA base image.
 
-Each dask-cuda release requires ``rapids-dask-dependency==YY.MM.*``, which pins one exact dask
-and distributed: an unpinned ``dask-cuda`` beside ``dask==<client's>`` makes pip backtrack and
-AML's image build fail after minutes. So the GPU environment pins the newest dask-cuda that
-admits the client's dask, and refuses before submitting when none does. :data:`RELEASES` (from
-pypi.org) ships with the library so the environment stays an offline function of the client;
-``tests/unit/test_gpu_environment.py`` fails when it is out of date.
+Each dask-cuda release pins one exact dask (through ``rapids-dask-dependency``): an unpinned
+``dask-cuda`` beside ``dask==<client's>`` makes AML's image build backtrack and fail. So the GPU
+environment pins the newest dask-cuda that admits the client's dask, and refuses when none does.
+:data:`RELEASES` ships with the library (``tests/unit/test_gpu_environment.py`` checks pypi.org).
 """
 
 from __future__ import annotations
@@ -15,19 +13,14 @@ from packaging.version import Version
 
 from ..exceptions import ConfigurationError
 
-#: AML's CUDA 12 base image for GPU sizes (Ubuntu 22.04 like the CPU image). Supported
-#: images per github.com/Azure/AzureML-Containers README (2026-03-16, commit 7482fea): the
-#: ``openmpi5.0-cuda12.x`` and ``openmpi5.0-cuda13.1`` images; the former default
-#: ``openmpi4.1.0-cuda11.8-cudnn8-ubuntu22.04`` is no longer listed. The dask-cuda wheels
-#: chosen here install their CUDA 12 libraries through the ``cu12`` extra.
+#: AML's CUDA 12 base image for GPU sizes (Ubuntu 22.04 like the CPU image), one of the images
+#: github.com/Azure/AzureML-Containers lists (README, commit 7482fea); dask-cuda's ``cu12`` extra
+#: installs the matching CUDA libraries.
 CUDA_IMAGE = "mcr.microsoft.com/azureml/openmpi5.0-cuda12.4-ubuntu22.04:latest"
 
-#: Why the job's SSH service may not start on :data:`CUDA_IMAGE`: AML's job SSH needs
-#: openssh-server in the image (learn.microsoft.com/azure/machine-learning/how-to-interactive-jobs,
-#: "Make sure your job environment has the openssh-server ... packages installed"). The
-#: last published Dockerfile of AML's CUDA image (openmpi4.1.0-cuda11.8) dropped it in
-#: Dec 2022 (Azure/AzureML-Containers commit c1e93fb); the openmpi5.0-cuda12 images
-#: publish no Dockerfile, so nothing says they have it.
+#: Why the job's SSH service may not start on :data:`CUDA_IMAGE`: it needs openssh-server in the
+#: image (learn.microsoft.com/azure/machine-learning/how-to-interactive-jobs); AML's last published
+#: CUDA Dockerfile dropped it (Azure/AzureML-Containers c1e93fb), the cuda12 ones publish none.
 NO_SSH_SERVER = (
     "AML's job SSH service needs openssh-server in the image, and AML does not document "
     "it in its CUDA base images (the default GPU environment's image)"

@@ -1,12 +1,9 @@
 """The node environment: what the AML job's nodes run on (see ``docs/environment.md``).
 
-``stack="sync"`` (the default) pins every installed distribution to the client's version, except
-the client-only tools of :data:`CLIENT_ONLY` and what only they require; one not from an index
-(PEP 610 ``direct_url.json``) travels in the code snapshot when pure Python, and is refused when
-compiled. ``"installed"``/``"imported"`` pin ``dask``, ``distributed``, ``cloudpickle`` and the
-:data:`DATA_STACK` installed/imported, ``"none"`` the first three. Python's major.minor is always
-pinned; :data:`NODE_HELPERS` are added unpinned. It is an *inline* AML environment (image + conda
-file) the SDK names by a hash of its content, so AML builds each distinct spec once.
+``stack="sync"`` (the default) pins every installed distribution but :data:`CLIENT_ONLY` and what
+only they require; one not from an index (PEP 610) travels in the code snapshot if pure Python.
+``"installed"``/``"imported"`` pin :data:`CORE_PACKAGES` and the :data:`DATA_STACK` installed or
+imported, ``"none"`` the core only. An *inline* AML environment: AML builds each content once.
 """
 
 from __future__ import annotations
@@ -25,6 +22,8 @@ from typing import Any
 
 import yaml
 from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.utils import canonicalize_name as _canonical
 
 from ..exceptions import ConfigurationError
 from .daskcuda import CUDA_IMAGE, dask_cuda_requirement
@@ -36,9 +35,9 @@ DEFAULT_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
 CORE_PACKAGES = ("dask", "distributed", "cloudpickle")
 #: Pinned by ``stack="installed"`` when installed (``"imported"``: when imported too).
 DATA_STACK = ("numpy", "pandas", "pyarrow", "adlfs")
-#: Client-only tools, never run on a worker: ``stack="sync"`` leaves them out, and what
-#: only they require (notebooks and kernels, linters, type checkers, tests, build tools,
-#: the AML SDK and its emulator). Names starting with :data:`CLIENT_ONLY_PREFIXES` too.
+#: Client-only tools (notebooks, linters, tests, build tools, the AML SDK and its emulator), and
+#: names starting with :data:`CLIENT_ONLY_PREFIXES`: ``stack="sync"`` leaves out them and what
+#: only they require.
 CLIENT_ONLY = frozenset(
     """aml-emulator azure-ai-ml black build coverage debugpy flake8 ipykernel ipython
     ipywidgets isort jupyter jupyter-client jupyter-core jupyter-server jupyterlab
@@ -47,17 +46,13 @@ CLIENT_ONLY = frozenset(
 )
 CLIENT_ONLY_PREFIXES = ("pytest-", "types-", "sphinx")
 #: The library itself (never a requirement unless ``node_package`` names it).
-LIBRARY = "dask-amlcompute"
-#: Installed on the nodes without a pin: run tags (mlflow), the dashboard (bokeh), the library's
-#: own dependencies its node side imports (isodate, jsonschema, tqdm), and strictyaml: azure-ai-ml
-#: imports it on the client, where it registers ``warnings`` filters naming its own warning
-#: classes, and scikit-learn ships the client's ``warnings.filters`` with every joblib task
-#: (``sklearn.utils.parallel``); nodes without strictyaml cannot unpickle those tasks (found on
-#: the strict emulator: GridSearchCV with the dask backend hung).
-NODE_HELPERS = ("azureml-mlflow", "bokeh>=3.1.0", "isodate", "jsonschema", "mlflow-skinny",
-                "strictyaml", "tqdm")  # fmt: skip
+LIBRARY = _canonical("dask-amlcompute")
+#: Installed on the nodes without a pin: run tags (mlflow), the dashboard (bokeh), what the node
+#: side imports (isodate, jsonschema, tqdm), and strictyaml: azure-ai-ml registers ``warnings``
+#: filters naming its warning classes, which scikit-learn ships with every joblib task.
+NODE_HELPERS = ("azureml-mlflow", "bokeh>=3.1.0", "isodate", "jsonschema", "mlflow-skinny", "strictyaml",
+                "tqdm")  # fmt: skip
 
-STACK_CHOICES = ("sync", "installed", "imported", "none")
 _COMPILED = (".so", ".pyd", ".dylib")  # extension modules: such a local one cannot travel
 _NAME = re.compile(r"^\s*(?:[\w.-]+::)?([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)$")
 
@@ -65,10 +60,6 @@ _NAME = re.compile(r"^\s*(?:[\w.-]+::)?([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)$")
 def local_python() -> str:
     """The client's Python version as ``major.minor``."""
     return ".".join(map(str, sys.version_info[:2]))
-
-
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()  # packaging.utils.canonicalize_name, as a str
 
 
 def _requirement(text: str) -> Requirement | None:
@@ -89,8 +80,6 @@ def local_version(distribution: str) -> str | None:
 
 def pinned_packages(stack: str = "sync") -> dict[str, str]:
     """The client's versions of the distributions the nodes get, by ``stack`` (library excluded)."""
-    if stack not in STACK_CHOICES:
-        raise ConfigurationError(f"stack must be one of {STACK_CHOICES}, not {stack!r}.")
     pins = {name: importlib.import_module(name).__version__ for name in CORE_PACKAGES}
     if stack == "sync":
         return {n: d.version for n, d in _synced().items() if not _direct_url(d)} | pins
@@ -122,10 +111,8 @@ def _synced_from(places: tuple) -> dict[str, importlib.metadata.Distribution]:
     users: dict[str, set[str]] = {name: set() for name in dists}
     for name, dist in dists.items():
         for req in filter(None, map(_requirement, dist.requires or ())):
-            if _canonical(req.name) in users and (
-                req.marker is None or req.marker.evaluate({"extra": ""})
-            ):
-                users[_canonical(req.name)].add(name)
+            if not req.marker or req.marker.evaluate({"extra": ""}):  # not an extra's
+                users.get(_canonical(req.name), set()).add(name)
     kept = {n for n in dists if n not in CLIENT_ONLY and not n.startswith(CLIENT_ONLY_PREFIXES)}
     kept.add(LIBRARY)  # its requirements are the nodes' too
     while orphans := {n for n in kept if users.get(n) and not users[n] & kept}:
@@ -164,18 +151,12 @@ def library_in_snapshot(node_package: str | None, pip_packages: Iterable[str] | 
 
 def _named(pip_packages: Iterable[str] | None) -> set[str]:
     """The distributions that requirements name (bare URLs and paths name none)."""
-    reqs = map(_requirement, _as_list(pip_packages, "pip_packages"))
-    return {_canonical(req.name) for req in reqs if req is not None}
+    return {_canonical(req.name) for req in map(_requirement, _as_list(pip_packages)) if req}
 
 
-def _as_list(value: Any, what: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
-        raise ConfigurationError(f"{what} must be a list of strings, got {value!r}.")
-    return [v.strip() for v in value if v.strip()]
+def _as_list(value: Iterable[str] | None) -> list[str]:
+    """The non-blank entries of a (schema-checked) list setting, stripped."""
+    return [v.strip() for v in value or () if v.strip()]
 
 
 @dataclass(frozen=True)
@@ -295,42 +276,31 @@ def _merge_pip(
 
 
 def _conda_satisfied(constraint: str, local: str) -> bool:
-    """Whether a conda version constraint (``=1.2``, ``==1.2.3``, ``>=1``) admits ``local``."""
-    from packaging.specifiers import InvalidSpecifier, SpecifierSet
-
-    c = constraint.split()[0] if constraint.split() else ""
-    if c.startswith("=="):
-        return c[2:] == local
-    if c.startswith(("<", ">", "!", "~")):
-        try:
-            return SpecifierSet(c).contains(local, prereleases=True)
-        except InvalidSpecifier:
-            return False
-    c = c.lstrip("=").rstrip("*").rstrip(".")
-    return local == c or local.startswith(c + ".")
+    """Whether a conda constraint (``=1.2``, ``1.2*``, ``==1.2.3``, ``>=1``) admits ``local``."""
+    if not constraint.startswith(("==", "<", ">", "!", "~")):  # "=1.2" and "1.2*": a prefix
+        constraint = "==" + constraint.lstrip("=").rstrip("*").rstrip(".") + ".*"
+    try:
+        return SpecifierSet(constraint).contains(local, prereleases=True)
+    except InvalidSpecifier:
+        return False
 
 
 def _merge_conda(python: str, pins: Mapping[str, str], extras: list[str]) -> list[str]:
     """Check user conda packages against the pins; returns the ones to install."""
     kept = []
     for text in extras:
-        m = _NAME.match(text)
-        if not m:
+        if not (m := _NAME.match(text)):
             raise ConfigurationError(f"conda_packages: cannot read {text!r}.")
-        name, constraint = _canonical(m.group(1)), m.group(2).strip()
+        name, constraint = _canonical(m.group(1)), m.group(2).split()[:1]
         local = python if name == "python" else pins.get(name)
-        if name == "pip" or (name == "python" and not constraint):
-            continue  # always there
-        if local is not None and constraint:
-            if not _conda_satisfied(constraint, local):
-                raise ConfigurationError(
-                    f"conda_packages asks for {text!r}, but this client runs {name} {local} and "
-                    "the nodes must match it. Remove the version (the default environment pins "
-                    "the client's) or change the client's version."
-                )
-            if name == "python":
-                continue
-        kept.append(text)
+        if local and constraint and not _conda_satisfied(constraint[0], local):
+            raise ConfigurationError(
+                f"conda_packages asks for {text!r}, but this client runs {name} {local} and "
+                "the nodes must match it. Remove the version (the default environment pins "
+                "the client's) or change the client's version."
+            )
+        if name not in ("pip", "python"):  # always there
+            kept.append(text)
     return kept
 
 
@@ -345,10 +315,8 @@ def build_spec(
 ) -> NodeEnvironmentSpec:
     """The default node environment for this client, with the user's extra packages.
 
-    A user requirement of a pinned package that is unversioned or compatible keeps the pin
-    (with its extras, ``dask[dataframe]``); an incompatible one is an error for Python, dask,
-    distributed and cloudpickle and replaces any other pin. An unversioned one the client has
-    installed is pinned to the client's version.
+    A user requirement of a pinned package keeps the pin if compatible (extras too), else replaces
+    it (an error for Python and :data:`CORE_PACKAGES`); an unversioned one the client has is pinned.
 
     Parameters
     ----------
@@ -359,7 +327,7 @@ def build_spec(
     image
         Base image (default :data:`DEFAULT_IMAGE`, :data:`.daskcuda.CUDA_IMAGE` for ``gpu``).
     stack
-        What follows the client: one of :data:`STACK_CHOICES`.
+        What follows the client: ``"sync"``, ``"installed"``, ``"imported"`` or ``"none"``.
     gpu
         Add the dask-cuda release that runs the client's dask.
 
@@ -372,18 +340,15 @@ def build_spec(
     python = local_python()
     pins = pinned_packages(stack)
     local_packages(stack, extra_pip)  # refuses what cannot travel, before anything is built
-    extra_pip = _as_list(extra_pip, "pip_packages")
+    extra_pip = _as_list(extra_pip)
     if gpu:
         extra_pip.append(dask_cuda_requirement(pins["dask"], python))
     pip_extras, library, pin_extras = _merge_pip(pins, extra_pip, node_package)
-    conda = _merge_conda(python, pins, _as_list(extra_conda, "conda_packages"))
-    named = {_canonical(re.split(r"[\s\[<>=!~;@]", p, maxsplit=1)[0]) for p in pip_extras}
-    named |= set(pins)
-    helpers = [h for h in NODE_HELPERS if _canonical(re.split(r"[<>=]", h)[0]) not in named]
-    pinned = []
-    for name, version in sorted(pins.items()):
-        extra = sorted(pin_extras.get(name, ()))
-        pinned.append(f"{name}[{','.join(extra)}]=={version}" if extra else f"{name}=={version}")
+    conda = _merge_conda(python, pins, _as_list(extra_conda))
+    named = _named(pip_extras) | set(pins)
+    helpers = [h for h in NODE_HELPERS if _canonical(Requirement(h).name) not in named]
+    extras = {name: f"[{','.join(sorted(e))}]" for name, e in pin_extras.items() if e}
+    pinned = [f"{name}{extras.get(name, '')}=={version}" for name, version in sorted(pins.items())]
     lib = (library or "").strip() or None
     pip = tuple(dict.fromkeys([*pinned, *([lib] if lib else []), *helpers, *sorted(pip_extras)]))
     return NodeEnvironmentSpec(
@@ -396,16 +361,8 @@ def build_spec(
     )
 
 
-def resolve_environment(
-    environment: Any,
-    extra_pip: Iterable[str] | None = None,
-    *,
-    extra_conda: Iterable[str] | None = None,
-    node_package: str | None = None,
-    gpu: bool = False,
-    stack: str = "sync",
-) -> Any:
-    """Turn the user's ``environment=`` into what ``azure.ai.ml.command`` accepts.
+def environment_from_settings(settings: Any, gpu: bool = False) -> Any:
+    """The ``environment`` of ``settings`` as ``azure.ai.ml.command`` accepts it.
 
     ``None``: the default environment (:func:`build_spec`, inline: AML names it by a hash of
     its content); an ``Environment``, ``"name@latest"``, ``"name:version"``, ``"azureml:..."``
@@ -413,15 +370,16 @@ def resolve_environment(
     """
     from azure.ai.ml.entities import Environment
 
+    environment, node_package = settings.environment, settings.node_package
     if environment is None:
         return build_spec(
-            extra_pip=extra_pip,
-            extra_conda=extra_conda,
+            extra_pip=settings.pip_packages,
+            extra_conda=settings.conda_packages,
             node_package=node_package,
             gpu=gpu,
-            stack=stack,
+            stack=settings.stack,
         ).to_environment()
-    extras = _as_list(extra_pip, "pip_packages") + _as_list(extra_conda, "conda_packages")
+    extras = _as_list(settings.pip_packages) + _as_list(settings.conda_packages)
     if extras or node_package:
         raise ConfigurationError(
             "pip_packages, conda_packages and node_package apply to the default environment "
@@ -430,7 +388,7 @@ def resolve_environment(
         )
     if isinstance(environment, Environment):
         return environment
-    if not isinstance(environment, str) or not environment.strip():
+    if not isinstance(environment, str):
         raise ConfigurationError(
             "environment must be None, a string ('name@latest', 'name:version', a Docker image) "
             f"or an azure.ai.ml.entities.Environment, got {type(environment).__name__} "
@@ -439,15 +397,3 @@ def resolve_environment(
     if "/" in environment and not environment.startswith("azureml:"):
         return Environment(image=environment)
     return environment
-
-
-def environment_from_settings(settings: Any, gpu: bool = False) -> Any:
-    """:func:`resolve_environment` for a :class:`~dask_amlcompute.config.ClusterSettings`."""
-    return resolve_environment(
-        settings.environment,
-        settings.pip_packages,
-        extra_conda=settings.conda_packages,
-        node_package=settings.node_package,
-        gpu=gpu,
-        stack=settings.stack,
-    )

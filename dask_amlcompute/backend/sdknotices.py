@@ -1,17 +1,10 @@
 """What the SDK prints: no "experimental class" notices, no upload bar, no secrets.
 
-azure-ai-ml logs a warning through ``azure.ai.ml._utils._experimental`` (no handler: Python's
-last resort prints it) the first time each experimental schema is used, six of them
-(``Class AutoDeleteSettingSchema: This is an experimental class...``) before any result:
-:class:`ExperimentalNoticeFilter` drops exactly those. At DEBUG, urllib3 logs request lines
-with the snapshot upload's SAS signature (``sig=``), and azure-core's network trace
-(``logging_enable=True``) headers and bodies: :class:`SecretRedactingFilter` masks SAS
-signatures, account keys, authorizations and private keys (:data:`REDACTED_LOGGERS`).
-
-Uploading a job's code snapshot, the SDK writes a tqdm bar (``Uploading 0ac58... (0.47
-MBs)``) and, whatever ``MLClient(show_progress=...)`` says, a colour reset (``print(Fore.RESET
-...)`` in its blob and gen2 storage clients' ``upload``) to ``sys.stderr``; no parameter of the
-call turns that off. :func:`without_sdk_output` drops what the calling thread writes there.
+azure-ai-ml's last-resort-printed ``This is an experimental class`` notices (six before any
+result) and secrets in request logs (urllib3's ``sig=``, azure-core's network trace) are filtered
+by :func:`install_log_filters`. Uploading a code snapshot, the SDK writes a tqdm bar and, whatever
+``show_progress`` says, a colour reset to ``sys.stderr``: :func:`without_sdk_output` drops what
+the calling thread writes there.
 """
 
 from __future__ import annotations
@@ -47,45 +40,31 @@ SECRET_PATTERNS = (
 )
 
 
-def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
-    """Mask (``***``) account keys, SAS signatures, authorizations, private keys, ``secrets``."""
-    for secret in secrets:
-        if secret and len(secret) >= 6:
-            text = text.replace(secret, "***")
+def redact(text: str) -> str:
+    """Mask (``***``) account keys, SAS signatures, authorizations and private keys."""
     for pattern in SECRET_PATTERNS:
         text = pattern.sub(r"\1***", text)
     return text
 
 
-class ExperimentalNoticeFilter(logging.Filter):
+def _no_experimental_notice(record: logging.LogRecord) -> bool:
     """Drop azure-ai-ml's "This is an experimental class/method" notices only."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(fragment in message for fragment in NOTICE_FRAGMENTS)
+    return not any(fragment in record.getMessage() for fragment in NOTICE_FRAGMENTS)
 
 
-class SecretRedactingFilter(logging.Filter):
+def _redacting(record: logging.LogRecord) -> bool:
     """Rewrite a record whose message holds a secret (see :func:`redact`); drop none."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = redact(message)
-        if clean != message:
-            record.msg, record.args = clean, None
-        return True
+    message = record.getMessage()
+    if (clean := redact(message)) != message:
+        record.msg, record.args = clean, None
+    return True
 
 
 def install_log_filters() -> None:
     """Install both filters on their loggers (idempotent; ``import dask_amlcompute`` does)."""
-    wanted: list[tuple[str, type[logging.Filter]]] = [
-        (EXPERIMENTAL_LOGGER, ExperimentalNoticeFilter),
-        *((name, SecretRedactingFilter) for name in REDACTED_LOGGERS),
-    ]
-    for name, kind in wanted:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, kind) for f in logger.filters):
-            logger.addFilter(kind())
+    logging.getLogger(EXPERIMENTAL_LOGGER).addFilter(_no_experimental_notice)  # adds once
+    for name in REDACTED_LOGGERS:
+        logging.getLogger(name).addFilter(_redacting)
 
 
 class _ThreadMutedStream:

@@ -1,10 +1,8 @@
 """The jobs' code snapshot: how dask-amlcompute itself (and the user's code) reaches the nodes.
 
-No package index has dask-amlcompute, so every job carries the library's files in its code
-snapshot (``command(code=<folder>)``: azure-ai-ml uploads the folder, AML starts each node in a
-copy of it). A user's ``code=`` folder goes into the same snapshot, at the top, and so do local
-pure-Python distributions (``stack="sync"``). The folder is staged in the user cache, named by
-its content hash, so AML reuses the upload. See docs/environment.md.
+No package index has dask-amlcompute, so every job's code snapshot (``command(code=<folder>)``)
+carries it, beside the user's ``code=`` folder and local pure-Python distributions (``"sync"``).
+The folder is staged in the user cache by content hash, so AML reuses the upload.
 """
 
 from __future__ import annotations
@@ -16,10 +14,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from dask.utils import format_bytes
+
+from ..code import collect_code, largest_entries
 from ..config import cache_dir
 from ..exceptions import ConfigurationError
 
@@ -27,8 +27,7 @@ from ..exceptions import ConfigurationError
 LIBRARY_DIR = Path(__file__).resolve().parent.parent
 #: Staged snapshots unused for this long are deleted when a new one is staged.
 PRUNE_AFTER_SECONDS = 7 * 24 * 3600
-#: Ignore files are not copied: the SDK would apply them to the staged folder too, and a
-#: user's pattern could then drop the library's files.
+#: Not copied: the SDK would apply them to the staged folder, maybe dropping the library's files.
 _NOT_STAGED = frozenset({".amlignore", ".gitignore"})
 #: AML's limit on a code snapshot: "The storage limit for experiment snapshots is 300 MB"
 #: (learn.microsoft.com/azure/machine-learning/how-to-save-write-experiment-files).
@@ -46,10 +45,9 @@ def dist_metadata(name: str, version: str) -> SnapshotFile:
 
 
 def distribution_files(dist: importlib.metadata.Distribution) -> list[SnapshotFile]:
-    """A locally installed distribution's files for the snapshot (``stack="sync"``).
+    """A local distribution's top-level packages and modules, from where the client imports them.
 
-    Its top-level packages and modules (``top_level.txt``, else those of its RECORD and of
-    its ``.pth`` folders: an editable install's source), found where the client imports them.
+    They are in ``top_level.txt``, else its RECORD and its ``.pth`` folders (editable installs).
     """
     tops = set((dist.read_text("top_level.txt") or "").split())
     for file in [] if tops else dist.files or ():
@@ -71,14 +69,12 @@ def distribution_files(dist: importlib.metadata.Distribution) -> list[SnapshotFi
 
 def _tree(folder: Path, prefix: str) -> list[SnapshotFile]:
     """A folder's files (bytecode caches left out) as ``(prefix/relative path, source)``."""
-    found: list[SnapshotFile] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        rel_dir = Path(dirpath).relative_to(folder)
-        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
-        for name in sorted(filenames):
-            if not name.endswith((".pyc", ".pyo")):
-                found.append(((Path(prefix) / rel_dir / name).as_posix(), Path(dirpath, name)))
-    return found
+    rels = (path.relative_to(folder) for path in sorted(folder.rglob("*")) if path.is_file())
+    return [
+        (f"{prefix}/{rel.as_posix()}", folder / rel)
+        for rel in rels
+        if "__pycache__" not in rel.parts and rel.suffix not in (".pyc", ".pyo")
+    ]
 
 
 def library_files() -> list[SnapshotFile]:
@@ -89,15 +85,9 @@ def library_files() -> list[SnapshotFile]:
 
 
 def _user_files(code: str | os.PathLike) -> list[SnapshotFile]:
-    from ..code import collect_code
-
     bundle = collect_code(code)  # .amlignore/.gitignore rules and the size bound
-    clash = [
-        rel
-        for rel in bundle.files
-        if rel.split("/", 1)[0] == LIBRARY_DIR.name or rel.startswith("dask_amlcompute-")
-    ]
-    if clash:
+    tops = sorted({rel.split("/")[0] for rel in bundle.files})
+    if clash := [t for t in tops if t == LIBRARY_DIR.name or t.startswith("dask_amlcompute-")]:
         raise ConfigurationError(
             f"The code folder {bundle.root} has {clash[0]!r}: the snapshot puts dask-amlcompute "
             f"there. Rename that folder, or ship the library with node_package= instead."
@@ -147,23 +137,21 @@ def stage_snapshot(
     Raises
     ------
     ConfigurationError
-        The code folder is missing, empty, too large or has a ``dask_amlcompute`` entry, or
-        the snapshot exceeds AML's :data:`SNAPSHOT_LIMIT`.
+        A missing, empty or too large code folder, one with ``dask_amlcompute``, or a snapshot
+        over :data:`SNAPSHOT_LIMIT`.
     """
     files = _user_files(code) if code is not None else []
     files += [*(library_files() if include_library else []), *packages]
     if not files:
         return None
-    sizes: Counter[str] = Counter()
-    for rel, source in files:
-        sizes[rel.split("/")[0]] += (
-            len(source) if isinstance(source, bytes) else source.stat().st_size
-        )
-    if sizes.total() > SNAPSHOT_LIMIT:
-        largest = ", ".join(f"{top} ({size / 2**20:.0f} MB)" for top, size in sizes.most_common(3))
+    sizes = (
+        (rel, len(src) if isinstance(src, bytes) else src.stat().st_size) for rel, src in files
+    )
+    total, largest = largest_entries(sizes, 3)
+    if total > SNAPSHOT_LIMIT:
         raise ConfigurationError(
-            f"The jobs' code snapshot would be {sizes.total() / 2**20:.0f} MB, over AML's limit "
-            f"of {SNAPSHOT_LIMIT // 2**20} MB. Largest: {largest}. Give large local "
+            f"The jobs' code snapshot would be {format_bytes(total)}, over AML's limit "
+            f"of {format_bytes(SNAPSHOT_LIMIT)}. Largest: {largest}. Give large local "
             "distributions a requirement (pip_packages=) or an environment=, use "
             "stack='installed', or keep data out of code=. Nothing was submitted."
         )

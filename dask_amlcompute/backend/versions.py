@@ -1,15 +1,12 @@
-"""Version check: client vs scheduler vs workers.
+"""Version check: client vs scheduler vs workers (as ``Client.get_versions`` asks them).
 
-A client and a cluster running different Python, dask, distributed or cloudpickle fail
-later with obscure (un)pickling errors. The scheduler is asked for its own and its workers'
-versions (as :meth:`distributed.Client.get_versions` does); differences raise
-:class:`~dask_amlcompute.exceptions.VersionMismatchError` (or warn) with a table and a fix.
-Python is compared on major.minor (patch releases share a pickle format).
+Different Python (major.minor), dask, distributed or cloudpickle fail later with obscure
+(un)pickling errors: a difference raises :class:`~dask_amlcompute.exceptions.VersionMismatchError`
+(or warns) with a table and a fix.
 """
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -20,15 +17,12 @@ from distributed.core import rpc
 from distributed.utils import asciitable
 from distributed.versions import VersionMismatchWarning, get_versions
 
-from ..exceptions import ConfigurationError, VersionMismatchError
-
-logger = logging.getLogger(__name__)
+from ..exceptions import VersionMismatchError
 
 #: Must match: a difference raises (policy ``raise``).
 REQUIRED = ("python", "dask", "distributed", "cloudpickle")
 #: Should match: a difference always only warns (if the client has the package).
 OPTIONAL = ("msgpack", "numpy", "pandas", "pyarrow", "dask-amlcompute")
-POLICIES = ("raise", "warn", "ignore")
 MISSING = "MISSING"
 
 #: Packages asked of every process beyond distributed's default list.
@@ -62,12 +56,9 @@ class Difference:
         return f"{self.package}=={remote.pop()}"
 
 
-def _packages(info: Any) -> dict[str, str]:
+def _packages(info: Mapping[str, Any]) -> dict[str, str]:
     """The package dict of a ``get_versions()`` result (None values: ``MISSING``)."""
-    if not isinstance(info, Mapping):
-        return {}
-    packages = info.get("packages", info)
-    return {k: (str(v) if v is not None else MISSING) for k, v in packages.items()}
+    return {k: MISSING if v is None else str(v) for k, v in info["packages"].items()}
 
 
 def _cut(package: str, version: str, parts: int) -> str:
@@ -80,8 +71,8 @@ def compare_versions(
 ) -> list[Difference]:
     """The packages whose versions differ: required ones first, then optional ones the client has.
 
-    ``client``, ``scheduler`` and the ``workers`` by address are ``get_versions()`` results
-    (or their ``packages``); workers that did not answer (None) are left out.
+    ``client``, ``scheduler`` and the ``workers`` by address are ``get_versions()`` results;
+    workers that did not answer (None) are left out.
     """
     c, s = _packages(client), _packages(scheduler)
     ws = {addr: _packages(v) for addr, v in workers.items() if v}
@@ -107,34 +98,22 @@ def format_differences(differences: list[Difference], where: str = "the cluster"
         for d in differences
     ]
     table = asciitable(["Package", "Client", "Scheduler", "Workers", "Must match"], rows)
-    pins = [d.fix() for d in differences if d.fix()]
-    lines = [
+    pins = " ".join(d.fix() for d in differences if d.fix())
+    return (
         f"This client and {where} run different versions of packages that Dask needs to "
-        "match; tasks may fail with obscure (un)pickling errors.",
-        "",
-        table,
-        "",
-        "To fix it:",
+        f"match; tasks may fail with obscure (un)pickling errors.\n\n{table}\n\nTo fix it:\n"
         "  - use the default node environment (environment=None, stack='sync'): it pins Python "
-        "and every distribution this client has installed to this client's versions;",
+        "and every distribution this client has installed to this client's versions;\n"
         "  - or pin the client's versions in your own environment (`dask-amlcompute env "
-        "--print --format conda` prints them) and pass environment='name@latest';",
-    ]
-    if pins:
-        lines.append(f"  - or match the cluster locally: pip install {' '.join(pins)}.")
-    lines.append(
-        "Set version_check='warn' (amlcompute.version-check) to go on regardless, "
+        "--print --format conda` prints them) and pass environment='name@latest';\n"
+        + (f"  - or match the cluster locally: pip install {pins}.\n" if pins else "")
+        + "Set version_check='warn' (amlcompute.version-check) to go on regardless, "
         "or 'ignore' to skip this check."
     )
-    return "\n".join(lines)
 
 
 def apply_policy(differences: list[Difference], policy: str, where: str = "the cluster") -> None:
     """Raise (``raise``, required packages) or warn about ``differences``; ``ignore``: nothing."""
-    if policy not in POLICIES:
-        raise ConfigurationError(
-            f"version_check must be one of {', '.join(POLICIES)}, not {policy!r}."
-        )
     if policy == "ignore" or not differences:
         return
     message = format_differences(differences, where)
@@ -161,10 +140,8 @@ async def check_versions(
         The scheduler as this client reaches it, and the ``rpc`` connection arguments (TLS).
     policy
         ``"raise"``, ``"warn"`` or ``"ignore"`` (setting ``version-check``).
-    timeout
-        Bound on talking to the scheduler.
-    client
-        The client's ``get_versions()`` (default: this process's).
+    timeout, client
+        Bound on talking to the scheduler; the client's ``get_versions()`` (default: this one's).
 
     Raises
     ------
@@ -180,6 +157,4 @@ async def check_versions(
         workers = await s.broadcast(msg=msg, on_error="ignore") or {}
     mine = client if client is not None else get_versions(packages=EXTRA_PACKAGES)
     differences = compare_versions(mine, scheduler, workers)
-    if differences:
-        logger.info("Version differences with %s: %s", scheduler_address, differences)
     apply_policy(differences, policy, where=f"the cluster at {scheduler_address}")

@@ -14,7 +14,7 @@ from dask_amlcompute._protocol import (
     node_command,
     read_settings_tag,
 )
-from dask_amlcompute.backend.environment import resolve_environment
+from dask_amlcompute.backend.environment import environment_from_settings
 from dask_amlcompute.backend.jobspec import build_job
 from dask_amlcompute.config import resolve_settings
 
@@ -32,7 +32,7 @@ def test_cluster_job_body_has_the_documented_shape():
         name="c1-main",
         n_nodes=3,
         node=node,
-        environment=resolve_environment("my-env@latest"),
+        environment="my-env@latest",
         timeout_seconds=5400,
         env_vars={"FOO": "1"},
     )
@@ -165,15 +165,13 @@ def test_default_environment_pins_client_versions():
     import dask
     import distributed
 
-    env = resolve_environment(None)
+    env = environment_from_settings(resolve_settings(compute="c"))
     pip = env.conda_file["dependencies"][-1]["pip"]
     assert f"dask=={dask.__version__}" in pip
     assert f"distributed=={distributed.__version__}" in pip
     assert env.image and env.conda_file
-    assert resolve_environment(None).conda_file == env.conda_file  # same spec, same AML hash
-    assert (
-        resolve_environment("myregistry.azurecr.io/dask:1").image == "myregistry.azurecr.io/dask:1"
-    )
+    again = environment_from_settings(resolve_settings(compute="c"))
+    assert again.conda_file == env.conda_file  # same spec, same AML hash
 
 
 def test_not_responding_and_paused_jobs_are_not_ended():

@@ -41,3 +41,20 @@ def test_other_threads_write_through_while_the_call_runs(capsys):
     done.set()
     call.join(10)
     assert capsys.readouterr().err == "from the user\n"
+
+
+def test_experimental_notices_are_dropped_and_sas_signatures_masked(caplog):
+    import logging
+
+    from dask_amlcompute.backend.sdknotices import install_log_filters
+
+    install_log_filters()
+    install_log_filters()  # idempotent
+    experimental = logging.getLogger("azure.ai.ml._utils._experimental")
+    assert len(experimental.filters) == 1
+    with caplog.at_level(logging.DEBUG):
+        experimental.warning("Class AutoDeleteSettingSchema: This is an experimental class, ...")
+        experimental.warning("something else")
+        logging.getLogger("urllib3.connectionpool").debug("PUT /c/x?sv=1&sig=%s&se=2", "SIGVALUE")
+    assert "experimental class" not in caplog.text and "something else" in caplog.text
+    assert "SIGVALUE" not in caplog.text and "sig=***&se=2" in caplog.text

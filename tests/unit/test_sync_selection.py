@@ -84,7 +84,8 @@ def test_a_snapshot_over_amls_limit_is_refused_before_anything_is_staged(site, t
     with open(site / "sync_big" / "weights.bin", "wb") as big:  # sparse: no disk used
         big.truncate(301 * 2**20)
     with pytest.raises(
-        ConfigurationError, match=r"over AML's limit of 300 MB\. Largest: sync_big \(301 MB\)"
+        ConfigurationError,
+        match=r"over AML's limit of 300\.00 MiB\. Largest: sync_big/ \(301\.00 MiB",
     ):
         stage_snapshot(packages=local_packages("sync"), root=tmp_path / "snapshots")
     assert not (tmp_path / "snapshots").exists()

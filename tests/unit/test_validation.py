@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dask_amlcompute import ConfigurationError
-from dask_amlcompute.config import checked
+from dask_amlcompute.config import checked, resolve_settings
 from dask_amlcompute.validation import parse_duration
 
 
@@ -236,14 +236,14 @@ def test_bad_environment_references(text, match):
 def test_environment_setting():
     from azure.ai.ml.entities import Environment
 
-    from dask_amlcompute.backend.environment import resolve_environment
+    from dask_amlcompute.backend.environment import environment_from_settings
 
     env = Environment(image="docker.io/library/python:3.11")
     assert environment_setting(env) is env
     assert checked("environment", env) is env  # an entity: the backend checks it
     for bad in (42, ["my-env:1"]):
         with pytest.raises(ConfigurationError, match="environment"):
-            resolve_environment(bad)
+            environment_from_settings(resolve_settings(compute="c", environment=bad))
     assert environment_setting(None) is None
     assert environment_setting("docker.io/library/python:3.11") == "docker.io/library/python:3.11"
     assert environment_setting("azureml:my-env@latest") == "my-env@latest"

@@ -155,8 +155,8 @@ class SchedulerConnector:
         """Open the tunnel of ``path`` (``"job-ssh"`` or ``"ssh"``) to scheduler and dashboard."""
         host, port = get_address_host_port(scheduler)
         targets = {"scheduler": (host, port)}
-        dash = urlparse(dashboard) if dashboard else None
-        if dash is not None and dash.port:
+        dash = urlparse(dashboard or "")
+        if dash.port:
             targets["dashboard"] = (dash.hostname or host, dash.port)
         if path == "job-ssh":
             from .jobservice import open_job_service_tunnel
@@ -166,12 +166,10 @@ class SchedulerConnector:
             from .ssh import open_scheduler_tunnel
 
             self.tunnel = await open_scheduler_tunnel(self.context, job_name, host, targets)
-        self.mode = path
-        address = self.tunnel.local_url("scheduler", parse_address(scheduler)[0])
-        link = None
-        if "dashboard" in targets and dash is not None:
-            lhost, lport = self.tunnel.local_address("dashboard")
-            link = f"http://{lhost}:{lport}{dash.path or '/status'}"
+        self.mode, local = path, self.tunnel.local_address
+        address = "{}://{}:{}".format(parse_address(scheduler)[0], *local("scheduler"))
+        page = dash.path or "/status"
+        link = "http://{}:{}{}".format(*local("dashboard"), page) if dash.port else None
         return address, link
 
     async def _direct(self, job_name: str, scheduler: str, deadline: float) -> bool:

@@ -150,8 +150,9 @@ class SSHTunnel:
         self._ports: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
         self._settled = asyncio.Event()  # set while connected, after giving up, and once closed
-        self._failure: TunnelError | None = None
-        self._started = self._closed = self._ending = False
+        #: Why the tunnel gave up reconnecting (None while it is up or reconnecting).
+        self.failure: TunnelError | None = None
+        self._closed = self._ending = False
 
     def _trust(self, key: asyncssh.SSHKey) -> str:
         text = " ".join(key.export_public_key().decode("ascii").split()[:2])
@@ -275,24 +276,16 @@ class SSHTunnel:
         TunnelUnreachableError, TunnelAuthenticationError, HostKeyError, ForwardingError
             With a message saying what to change.
         """
-        if self._started:
-            raise RuntimeError("SSHTunnel.start() can only be called once")
-        self._started = True
+        loop = asyncio.get_running_loop()
         try:
             self._conn = await self._connect()
             for name in self.targets:  # fail now rather than when the client connects
                 try:
                     (await self._open_channel(self._conn, name, asyncssh.SSHTCPSession)).close()
-                except ForwardingError as exc:
-                    cause = exc.__cause__  # the ChannelOpenError _open_channel raises it from
-                    if (
-                        not isinstance(cause, asyncssh.ChannelOpenError)
-                        or cause.code != asyncssh.OPEN_CONNECT_FAILED
-                    ):
+                except ForwardingError as exc:  # raised from the server's ChannelOpenError
+                    if getattr(exc.__cause__, "code", None) != asyncssh.OPEN_CONNECT_FAILED:
                         raise
                     logger.debug("Nothing listens behind %r yet: %s", name, exc)
-            loop = asyncio.get_running_loop()
-            for name in self.targets:
                 factory = lambda name=name: _LocalSide(self, name)  # noqa: E731
                 self._servers[name] = server = await loop.create_server(factory, "127.0.0.1", 0)
                 self._ports[name] = server.sockets[0].getsockname()[1]
@@ -321,7 +314,7 @@ class SSHTunnel:
             if not self._settled.is_set():  # reconnecting: wait, bounded
                 await asyncio.wait_for(self._settled.wait(), self.connect_timeout)
             if self._conn is None:
-                raise self._failure or TunnelError("the SSH connection is being re-established")
+                raise self.failure or TunnelError("the SSH connection is being re-established")
             remote = lambda: asyncssh.SSHForwarder(local)  # noqa: E731
             chan = await self._open_channel(self._conn, local.name, remote)
         except (Exception, asyncio.CancelledError) as exc:
@@ -368,27 +361,17 @@ class SSHTunnel:
                                self._label, self._ports)  # fmt: skip
                 break
             if self._conn is None:
-                self._failure = error or TunnelError("reconnect_attempts is 0")
+                self.failure = error or TunnelError("reconnect_attempts is 0")
                 logger.error("SSH tunnel %s gave up reconnecting: %s. Connections through it "
                              "now fail; recreate the tunnel (or the cluster's connection).",
-                             self._label, self._failure)  # fmt: skip
+                             self._label, self.failure)  # fmt: skip
             self._settled.set()
-
-    @property
-    def failure(self) -> TunnelError | None:
-        """Why the tunnel gave up reconnecting (None while it is up or reconnecting)."""
-        return self._failure
 
     def local_address(self, name: str) -> tuple[str, int]:
         """Return the local ``(host, port)`` that forwards to target ``name``."""
         if name not in self._ports:
             raise KeyError(f"No open local port for {name!r}; targets: {sorted(self.targets)}")
         return "127.0.0.1", self._ports[name]
-
-    def local_url(self, name: str, protocol: str = "tcp") -> str:
-        """Return ``"<protocol>://127.0.0.1:<port>"`` for target ``name``."""
-        host, port = self.local_address(name)
-        return f"{protocol}://{host}:{port}"
 
     def expect_end(self) -> None:
         """The far end is about to go away (the cluster is closing): don't reconnect then."""

@@ -106,15 +106,9 @@ class SchedulerConnector:
     ) -> tuple[str, str | None]:
         mode = self.context.settings.connect
         if mode == "direct":
-            if await self._direct(job_name, scheduler, deadline):
-                self.mode = "direct"
-                return scheduler, dashboard
-            raise SchedulerUnreachableError(
-                f"The scheduler of AML job {job_name} listens on {scheduler}, which this "
-                "machine cannot reach (no answer). Run the client on the compute's VNet "
-                "(e.g. an AML compute instance), or use connect='auto' (the job's SSH "
-                "service through AML's proxy needs no network setup)."
-            )
+            await self._direct(job_name, scheduler, deadline)
+            self.mode = "direct"
+            return scheduler, dashboard
         if mode in PATHS:
             return await self._tunnel(mode, job_name, scheduler, dashboard, deadline)
         return await self._auto(job_name, scheduler, dashboard, deadline)
@@ -172,12 +166,12 @@ class SchedulerConnector:
         link = "http://{}:{}{}".format(*local("dashboard"), page) if dash.port else None
         return address, link
 
-    async def _direct(self, job_name: str, scheduler: str, deadline: float) -> bool:
-        """Wait until the scheduler accepts a connection; False if this machine can't reach it.
+    async def _direct(self, job_name: str, scheduler: str, deadline: float) -> None:
+        """Wait until the scheduler accepts a connection (``connect="direct"``).
 
-        True at a connection; False after no answer for :data:`UNANSWERED_BUDGET`
-        seconds. A refusal means the host is reachable: the job's status decides
-        (ended: its typed error), bounded by ``deadline``.
+        No answer for :data:`UNANSWERED_BUDGET` seconds: this machine cannot reach it.
+        A refusal means the host is reachable: the job's status decides (ended: its
+        typed error), bounded by ``deadline``.
         """
         from ..backend.jobwait import refresh
 
@@ -188,7 +182,12 @@ class SchedulerConnector:
             if outcome == UNANSWERED:
                 first_unanswered = first_unanswered or now
                 if now - first_unanswered >= UNANSWERED_BUDGET:
-                    return False
+                    raise SchedulerUnreachableError(
+                        f"The scheduler of AML job {job_name} listens on {scheduler}, which this "
+                        "machine cannot reach (no answer). Run the client on the compute's VNet "
+                        "(e.g. an AML compute instance), or use connect='auto' (the job's SSH "
+                        "service through AML's proxy needs no network setup)."
+                    )
             info = await refresh(ctx, job_name, "during startup.")
             if now >= deadline:
                 raise SchedulerUnreachableError(
@@ -198,7 +197,6 @@ class SchedulerConnector:
                 )
             logger.info("Scheduler %s not answering yet (%s); retrying", scheduler, outcome)
             await asyncio.sleep(min(ctx.settings.poll_interval, max(0.0, deadline - now)))
-        return True
 
     @property
     def failure(self) -> Exception | None:

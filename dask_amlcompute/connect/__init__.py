@@ -91,7 +91,14 @@ class SchedulerConnector:
         SchedulerUnreachableError
             No path worked; the message lists each path tried and what it needs.
         """
-        address, link = await self._connect(job_name, scheduler, dashboard, deadline)
+        mode = self.context.settings.connect
+        if mode == "direct":
+            await self._direct(job_name, scheduler, deadline)
+            self.mode, address, link = "direct", scheduler, dashboard
+        elif mode in PATHS:
+            address, link = await self._tunnel(mode, job_name, scheduler, dashboard, deadline)
+        else:
+            address, link = await self._auto(job_name, scheduler, dashboard, deadline)
         if link:
             from .instance import publish_dashboard
 
@@ -100,18 +107,6 @@ class SchedulerConnector:
                 self.relay, link = published
                 self.context.log(f"Dashboard published on this compute instance: {link}")
         return address, link
-
-    async def _connect(
-        self, job_name: str, scheduler: str, dashboard: str | None, deadline: float
-    ) -> tuple[str, str | None]:
-        mode = self.context.settings.connect
-        if mode == "direct":
-            await self._direct(job_name, scheduler, deadline)
-            self.mode = "direct"
-            return scheduler, dashboard
-        if mode in PATHS:
-            return await self._tunnel(mode, job_name, scheduler, dashboard, deadline)
-        return await self._auto(job_name, scheduler, dashboard, deadline)
 
     async def _auto(
         self, job_name: str, scheduler: str, dashboard: str | None, deadline: float

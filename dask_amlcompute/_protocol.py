@@ -9,11 +9,14 @@ markers of TLS and job mode, and the job names.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from distributed.comm import get_address_host_port
 
 #: Job tags that identify a cluster's jobs.
 TAG_CLUSTER = "dask_cluster"
@@ -281,3 +284,24 @@ def cluster_key_tag(cluster_name: str) -> str:
 def is_main_job(job_name: str, cluster_name: str) -> bool:
     """True for the cluster's main job: the one scaling must never close."""
     return job_name == main_job_name(cluster_name)
+
+
+#: Outcomes of :func:`probe`.
+OPEN, REFUSED, UNANSWERED = "open", "refused", "unanswered"
+
+
+async def probe(address: str, timeout: float) -> str:
+    """Try one TCP connection to the Dask ``address`` (client and node side's one probe).
+
+    Returns :data:`OPEN` (something listens), :data:`REFUSED` (the host answered but
+    nothing listens) or :data:`UNANSWERED` (no answer within ``timeout``, no route).
+    """
+    try:
+        conn = asyncio.open_connection(*get_address_host_port(address))
+        _, writer = await asyncio.wait_for(conn, timeout)
+    except ConnectionRefusedError:
+        return REFUSED
+    except (OSError, asyncio.TimeoutError):
+        return UNANSWERED
+    writer.close()
+    return OPEN

@@ -24,8 +24,7 @@ from typing import Any
 from distributed.core import rpc
 from distributed.deploy.spec import ProcessInterface
 
-from .._protocol import DASHBOARD_TAG, SCHEDULER_ID_TAG, SCHEDULER_TAG
-from ..connect import host_port, reachable
+from .._protocol import DASHBOARD_TAG, OPEN, SCHEDULER_ID_TAG, SCHEDULER_TAG, probe
 from ..exceptions import ClusterLostError, SchedulerUnreachableError, StartupTimeoutError
 from .jobwait import LIKELY_CAUSES, job_error, missing_module_hint, refresh, wait_for_tag
 from .ops import TERMINAL_STATUSES as TERMINAL
@@ -166,7 +165,7 @@ class MainJob(ProcessInterface):
                 ctx.note(await ctx.ops.get_job(self.job_name))
             except Exception as exc:
                 logger.debug("Could not refresh %s: %s", self.job_name, exc)
-        return ctx.main_job_ended() or not await reachable(*host_port(self.address), timeout=3)
+        return ctx.main_job_ended() or await probe(self.address, 3) != OPEN
 
     async def _reached_id(self) -> str | None:
         """The id of the scheduler the client's address reaches now (None: no answer)."""

@@ -12,14 +12,14 @@ pick one path.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
 from urllib.parse import urlparse
 
-from distributed.comm import parse_address
+from distributed.comm import get_address_host_port, parse_address
 
+from .._protocol import OPEN, REFUSED, UNANSWERED, probe
 from ..exceptions import SchedulerUnreachableError, TunnelError
 
 logger = logging.getLogger(__name__)
@@ -29,20 +29,12 @@ PROBE_TIMEOUT = 5.0
 #: How long ``connect="direct"`` keeps trying an address that never answers at all
 #: (no refusal, no connection: a network that drops the packets) before giving up.
 UNANSWERED_BUDGET = 30.0
-#: How long ``connect="auto"`` retries a refused probe before the next path. The node
-#: publishes its address once the scheduler listens, so a reachable scheduler accepts at
-#: once; refusals (another network's loopback, a scheduler gone) mean "not this way".
-AUTO_REFUSED_BUDGET = 0.6
-#: Bound on one probe of ``connect="auto"`` (no answer within it: not this way).
-AUTO_PROBE_TIMEOUT = 2.0
-
-#: The values of ``connect=``.
-CONNECT_MODES = ("auto", "direct", "job-ssh", "ssh")
+#: How long ``connect="auto"`` retries a refused probe (each bounded by
+#: ``AUTO_PROBE_TIMEOUT``) before the next path: the node publishes its address once the
+#: scheduler listens, so refusals (another network's loopback) mean "not this way".
+AUTO_REFUSED_BUDGET, AUTO_PROBE_TIMEOUT = 0.6, 2.0
 #: The modes that need the main job's SSH service.
 JOB_SERVICE_MODES = ("auto", "job-ssh")
-
-#: Outcomes of :func:`probe`.
-OPEN, REFUSED, UNANSWERED = "open", "refused", "unanswered"
 
 
 def temporary_tls(settings: Any) -> tuple[Any, dict[str, str]]:
@@ -61,40 +53,6 @@ def temporary_tls(settings: Any) -> tuple[Any, dict[str, str]]:
     security = Security.temporary()
     env = {TLS_CERT_ENV: security.tls_scheduler_cert, TLS_KEY_ENV: security.tls_scheduler_key}
     return security, env
-
-
-async def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str:
-    """Try one TCP connection to ``host:port``.
-
-    Returns
-    -------
-    str
-        :data:`OPEN` (something listens), :data:`REFUSED` (the host answered but
-        nothing listens: the network path exists) or :data:`UNANSWERED` (timeout,
-        no route: this machine cannot reach the host).
-    """
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except ConnectionRefusedError:
-        return REFUSED
-    except (OSError, asyncio.TimeoutError):
-        return UNANSWERED
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return OPEN
-
-
-async def reachable(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> bool:
-    """True if a TCP connection to ``host:port`` opens within ``timeout`` seconds."""
-    return await probe(host, port, timeout) == OPEN
-
-
-def host_port(address: str) -> tuple[str, int]:
-    """``tcp://10.0.0.4:8786`` -> ``("10.0.0.4", 8786)``."""
-    _, loc = parse_address(address)
-    host, _, port = loc.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class SchedulerConnector:
@@ -133,7 +91,14 @@ class SchedulerConnector:
         SchedulerUnreachableError
             No path worked; the message lists each path tried and what it needs.
         """
-        address, link = await self._connect(job_name, scheduler, dashboard, deadline)
+        mode = self.context.settings.connect
+        if mode == "direct":
+            await self._direct(job_name, scheduler, deadline)
+            self.mode, address, link = "direct", scheduler, dashboard
+        elif mode in PATHS:
+            address, link = await self._tunnel(mode, job_name, scheduler, dashboard, deadline)
+        else:
+            address, link = await self._auto(job_name, scheduler, dashboard, deadline)
         if link:
             from .instance import publish_dashboard
 
@@ -143,32 +108,15 @@ class SchedulerConnector:
                 self.context.log(f"Dashboard published on this compute instance: {link}")
         return address, link
 
-    async def _connect(
-        self, job_name: str, scheduler: str, dashboard: str | None, deadline: float
-    ) -> tuple[str, str | None]:
-        mode = self.context.settings.connect
-        if mode == "direct":
-            if await self._direct(job_name, scheduler, deadline):
-                self.mode = "direct"
-                return scheduler, dashboard
-            raise SchedulerUnreachableError(
-                f"The scheduler of AML job {job_name} listens on {scheduler}, which this "
-                "machine cannot reach (no answer). Run the client on the compute's VNet "
-                "(e.g. an AML compute instance), or use connect='auto' (the job's SSH "
-                "service through AML's proxy needs no network setup)."
-            )
-        if mode == "job-ssh":
-            return await self._tunnel("job-ssh", job_name, scheduler, dashboard, deadline)
-        if mode == "ssh":
-            return await self._tunnel("ssh", job_name, scheduler, dashboard, deadline)
-        return await self._auto(job_name, scheduler, dashboard, deadline)
-
     async def _auto(
         self, job_name: str, scheduler: str, dashboard: str | None, deadline: float
     ) -> tuple[str, str | None]:
         """Direct if a bounded probe connects, else the job's SSH service, else public SSH."""
-        host, port = host_port(scheduler)
-        outcome = await probe_for(host, port, AUTO_REFUSED_BUDGET)
+        end = time.monotonic() + AUTO_REFUSED_BUDGET
+        while (outcome := await probe(scheduler, AUTO_PROBE_TIMEOUT)) == REFUSED:
+            if time.monotonic() + 0.25 >= end:
+                break
+            await asyncio.sleep(0.25)
         if outcome == OPEN:
             self.mode = "direct"
             return scheduler, dashboard
@@ -194,10 +142,10 @@ class SchedulerConnector:
         self, path: str, job_name: str, scheduler: str, dashboard: str | None, deadline: float
     ) -> tuple[str, str | None]:
         """Open the tunnel of ``path`` (``"job-ssh"`` or ``"ssh"``) to scheduler and dashboard."""
-        host, port = host_port(scheduler)
+        host, port = get_address_host_port(scheduler)
         targets = {"scheduler": (host, port)}
-        dash = urlparse(dashboard) if dashboard else None
-        if dash is not None and dash.port:
+        dash = urlparse(dashboard or "")
+        if dash.port:
             targets["dashboard"] = (dash.hostname or host, dash.port)
         if path == "job-ssh":
             from .jobservice import open_job_service_tunnel
@@ -207,41 +155,34 @@ class SchedulerConnector:
             from .ssh import open_scheduler_tunnel
 
             self.tunnel = await open_scheduler_tunnel(self.context, job_name, host, targets)
-        self.mode = path
-        address = self.tunnel.local_url("scheduler", parse_address(scheduler)[0])
-        link = None
-        if "dashboard" in targets and dash is not None:
-            lhost, lport = self.tunnel.local_address("dashboard")
-            link = f"http://{lhost}:{lport}{dash.path or '/status'}"
+        self.mode, local = path, self.tunnel.local_address
+        address = "{}://{}:{}".format(parse_address(scheduler)[0], *local("scheduler"))
+        page = dash.path or "/status"
+        link = "http://{}:{}{}".format(*local("dashboard"), page) if dash.port else None
         return address, link
 
-    async def _direct(self, job_name: str, scheduler: str, deadline: float) -> bool:
-        """Wait until the scheduler accepts a connection; False if this machine can't reach it.
+    async def _direct(self, job_name: str, scheduler: str, deadline: float) -> None:
+        """Wait until the scheduler accepts a connection (``connect="direct"``).
 
-        The node publishes its address only once the scheduler listens, so a
-        probe succeeds unless the network drops the packets or the scheduler has
-        gone. Probes repeat until a positive signal: a connection (True); for
-        ``connect="auto"``, no answer at all (False: try SSH); for ``"direct"``,
-        no answer for :data:`UNANSWERED_BUDGET` seconds (False). A refusal means
-        the host is reachable: the job's status decides (ended: its typed error),
-        bounded by ``deadline``.
+        No answer for :data:`UNANSWERED_BUDGET` seconds: this machine cannot reach it.
+        A refusal means the host is reachable: the job's status decides (ended: its
+        typed error), bounded by ``deadline``.
         """
         from ..backend.jobwait import refresh
 
         ctx = self.context
-        host, port = host_port(scheduler)
         first_unanswered: float | None = None
-        while True:
-            outcome = await probe(host, port)
-            if outcome == OPEN:
-                return True
+        while (outcome := await probe(scheduler, PROBE_TIMEOUT)) != OPEN:
             now = time.monotonic()
             if outcome == UNANSWERED:
-                if ctx.settings.connect == "auto":
-                    return False
                 first_unanswered = first_unanswered or now
                 if now - first_unanswered >= UNANSWERED_BUDGET:
-                    return False
+                    raise SchedulerUnreachableError(
+                        f"The scheduler of AML job {job_name} listens on {scheduler}, which this "
+                        "machine cannot reach (no answer). Run the client on the compute's VNet "
+                        "(e.g. an AML compute instance), or use connect='auto' (the job's SSH "
+                        "service through AML's proxy needs no network setup)."
+                    )
             info = await refresh(ctx, job_name, "during startup.")
             if now >= deadline:
                 raise SchedulerUnreachableError(
@@ -305,17 +246,3 @@ def unavailable_paths(plan: Any) -> dict[str, str]:
     elif not compute.admin_user:
         out["ssh"] = "an admin user with your public key on the compute"
     return out
-
-
-async def probe_for(host: str, port: int, refused_budget: float) -> str:
-    """Probe ``host:port`` (each probe bounded by :data:`AUTO_PROBE_TIMEOUT`); the last outcome.
-
-    Returns at the first connection or unanswered probe; refusals are retried for
-    ``refused_budget`` seconds.
-    """
-    deadline = time.monotonic() + refused_budget
-    while True:
-        outcome = await probe(host, port, AUTO_PROBE_TIMEOUT)
-        if outcome != REFUSED or time.monotonic() + 0.25 >= deadline:
-            return outcome
-        await asyncio.sleep(0.25)

@@ -1,7 +1,5 @@
 """SSH client keys and host-key checking for :mod:`dask_amlcompute.connect.tunnel`.
 
-:func:`resolve_client_keys` loads the keys to log in with (files, key text or
-loaded keys; ``None`` means OpenSSH's defaults and the agent), and
 :class:`HostKeyChecker` records which host key a server offered and whether
 ``known_hosts`` knew the host, so the tunnel can say exactly what went wrong.
 """
@@ -13,6 +11,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
@@ -25,29 +24,17 @@ KeyLike = str | bytes | os.PathLike | asyncssh.SSHKey | asyncssh.SSHKeyPair
 
 
 def resolve_client_keys(
-    client_keys: KeyLike | Sequence[KeyLike] | None = None, passphrase: str | None = None
-) -> list[asyncssh.SSHKey | asyncssh.SSHKeyPair] | None:
-    """Load the private keys to log in with.
+    client_keys: KeyLike | Sequence[KeyLike] | None = None,
+) -> Sequence[asyncssh.SSHKeyPair] | None:
+    """Load the private keys to log in with (``None``: OpenSSH's defaults and the agent).
 
-    Parameters
-    ----------
-    client_keys
-        Each item is a private key file path (``~`` expanded), the text of a
-        private key, or a loaded :class:`asyncssh.SSHKey` / ``SSHKeyPair``.
-        ``None`` means OpenSSH's defaults: ``~/.ssh/id_ed25519``, ``id_rsa``,
-        ... and the keys of the running ``ssh-agent``.
-    passphrase
-        Passphrase of encrypted keys.
-
-    Returns
-    -------
-    list or None
-        The loaded keys, or ``None`` for the defaults (asyncssh loads them).
+    Each item is a private key file path (``~`` expanded), the text of an
+    unencrypted private key, or a loaded :class:`asyncssh.SSHKey` / ``SSHKeyPair``.
 
     Raises
     ------
     ConfigurationError
-        A file is unreadable, a key cannot be parsed or decrypted, or the
+        A file is unreadable, a key cannot be parsed or is encrypted, or the
         sequence is empty.
     """
     if client_keys is None:
@@ -56,36 +43,25 @@ def resolve_client_keys(
     items = [client_keys] if isinstance(client_keys, single) else list(client_keys)
     if not items:
         raise ConfigurationError("client_keys is empty; pass None to use ~/.ssh keys and ssh-agent")
-    keys: list[asyncssh.SSHKey | asyncssh.SSHKeyPair] = []
-    for item in items:
-        if isinstance(item, (asyncssh.SSHKey, asyncssh.SSHKeyPair)):
-            keys.append(item)
-            continue
-        source: bytes | str | Path
-        if isinstance(item, bytes) or (isinstance(item, str) and "PRIVATE KEY" in item):
-            source, what = item, "the given key text"
-        else:
-            source, what = Path(os.fspath(item)).expanduser(), f"the key file {item}"
-        try:
-            if isinstance(source, Path):
-                keys.append(asyncssh.read_private_key(source, passphrase))
-            else:
-                keys.append(asyncssh.import_private_key(source, passphrase))
-        except OSError as exc:
-            raise ConfigurationError(f"Cannot read {what}: {exc}") from exc
-        except (asyncssh.KeyImportError, ValueError) as exc:
-            raise ConfigurationError(
-                f"Cannot load {what}: {exc}. Pass an unencrypted key, its passphrase, "
-                "or client_keys=None to use the ssh-agent."
-            ) from exc
-    return keys
+    paths_or_keys: list[Any] = [
+        i.encode() if isinstance(i, str) and "PRIVATE KEY" in i
+        else Path(i).expanduser() if isinstance(i, (str, os.PathLike)) else i
+        for i in items
+    ]  # fmt: skip
+    try:
+        return asyncssh.load_keypairs(paths_or_keys)
+    except OSError as exc:
+        raise ConfigurationError(f"Cannot read an SSH key file: {exc}") from exc
+    except (asyncssh.KeyImportError, ValueError) as exc:  # never the key text in the message
+        raise ConfigurationError(
+            f"Cannot load an SSH key: {exc}. Pass an unencrypted key (no passphrase), or "
+            "client_keys=None to use the ssh-agent."
+        ) from exc
 
 
-def key_fingerprint(key: asyncssh.SSHKey | asyncssh.SSHKeyPair) -> str:
-    """The OpenSSH ``SHA256:...`` fingerprint of a key, or of a key pair's public key."""
-    if isinstance(key, asyncssh.SSHKey):
-        return key.get_fingerprint()
-    digest = hashlib.sha256(key.key_public_data).digest()
+def key_fingerprint(pair: asyncssh.SSHKeyPair) -> str:
+    """The OpenSSH ``SHA256:...`` fingerprint of a key pair's key (pairs have no method)."""
+    digest = hashlib.sha256(pair.key_public_data).digest()
     return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
 

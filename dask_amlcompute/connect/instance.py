@@ -22,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import dask.config
+
+from ..exceptions import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -35,87 +37,49 @@ NBVM_FILE = "/mnt/azmnt/.nbvm"
 PUBLISHED_PORTS = range(8704, 8994)
 
 
-@dataclass(frozen=True)
-class ComputeInstance:
-    """The compute instance this client runs on."""
-
-    name: str
-    domain_suffix: str
-
-    def url(self, port: int, path: str = "/status") -> str:
-        """The browser URL of ``port`` on this instance."""
-        return f"https://{self.name}-{port}.{self.domain_suffix}{path}"
-
-
-def detect_compute_instance() -> ComputeInstance | None:
-    """The compute instance this process runs on, or None (see the module docstring)."""
+def detect_compute_instance() -> tuple[str, str] | None:
+    """``(name, domain suffix)`` of the compute instance this process runs on, or None."""
     setting = dask.config.get("amlcompute.compute-instance", None)
     if setting is False:
         return None
     if isinstance(setting, dict):
-        name, suffix = setting.get("name"), setting.get("domain-suffix")
-        if not name or not suffix:
-            raise ValueError(
+        if not setting.get("name") or not setting.get("domain-suffix"):
+            raise ConfigurationError(
                 "amlcompute.compute-instance needs both 'name' and 'domain-suffix', e.g. "
                 "{name: my-ci, domain-suffix: westeurope.instances.azureml.ms}"
             )
-        return ComputeInstance(str(name), str(suffix))
+        return str(setting["name"]), str(setting["domain-suffix"])
     path = Path(dask.config.get("amlcompute.compute-instance-file", None) or NBVM_FILE)
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return None
-    values = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            values[key.strip()] = value.strip().strip("'\"")  # shell-style file: may be quoted
+    pairs = (line.partition("=") for line in lines)  # shell-style file: values may be quoted
+    values = {key.strip(): value.strip().strip("'\"") for key, sep, value in pairs if sep}
     if values.get("instance") and values.get("domainsuffix"):
-        return ComputeInstance(values["instance"], values["domainsuffix"])
+        return values["instance"], values["domainsuffix"]
     logger.warning("%s lacks instance= or domainsuffix=; not treating this as a compute instance",
                    path)  # fmt: skip
     return None
 
 
 class PortRelay:
-    """Relay TCP connections from a local port to ``target`` (host, port).
+    """Relay TCP connections from the first free published port of 127.0.0.1 to ``target``."""
 
-    Parameters
-    ----------
-    target
-        Where each accepted connection is relayed to.
-    host
-        Address to listen on.
-    ports
-        Candidate ports, tried in order; the first free one is used.
-    """
-
-    def __init__(
-        self, target: tuple[str, int], host: str = "127.0.0.1", ports: range = PUBLISHED_PORTS
-    ) -> None:
-        self.target, self.host, self.ports = target, host, ports
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
         self.port: int | None = None
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> int:
-        """Listen on the first free candidate port and return it.
-
-        Raises
-        ------
-        OSError
-            Every candidate port is taken.
-        """
-        last: OSError | None = None
-        for port in self.ports:
-            try:
-                self._server = await asyncio.start_server(self._serve, self.host, port)
-            except OSError as exc:
-                last = exc
-                continue
-            self.port = port
-            return port
-        raise OSError(f"no free port in {self.ports.start}-{self.ports.stop - 1}: {last}")
+        """Listen on the first free port of :data:`PUBLISHED_PORTS` (OSError: none) and return it."""
+        for port in PUBLISHED_PORTS:
+            with contextlib.suppress(OSError):
+                self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+                self.port = port
+                return port
+        raise OSError(f"no free port in {PUBLISHED_PORTS.start}-{PUBLISHED_PORTS.stop - 1}")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -123,16 +87,14 @@ class PortRelay:
         self._tasks.add(task)
         try:
             up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(*self.target), 10)
+            try:
+                await asyncio.gather(_copy(reader, up_writer), _copy(up_reader, writer))
+            finally:
+                up_writer.close()
         except (OSError, asyncio.TimeoutError) as exc:
             logger.debug("dashboard relay cannot reach %s: %s", self.target, exc)
-            writer.close()
-            self._tasks.discard(task)
-            return
-        try:
-            await asyncio.gather(_copy(reader, up_writer), _copy(up_reader, writer))
         finally:
-            for w in (writer, up_writer):
-                w.close()
+            writer.close()
             self._tasks.discard(task)
 
     async def close(self) -> None:
@@ -158,19 +120,12 @@ async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 async def publish_dashboard(link: str) -> tuple[PortRelay, str] | None:
     """On a compute instance, relay the dashboard at ``link`` to a published port.
 
-    Returns
-    -------
-    tuple or None
-        ``(relay, browser URL)``; None when not on a compute instance.
+    Returns ``(relay, browser URL)``; None when not on a compute instance.
     """
-    from urllib.parse import urlparse
-
-    instance = detect_compute_instance()
-    if instance is None:
-        return None
-    parsed = urlparse(link)
-    if not parsed.hostname or not parsed.port:
+    instance, parsed = detect_compute_instance(), urlparse(link)
+    if instance is None or not parsed.hostname or not parsed.port:
         return None
     relay = PortRelay((parsed.hostname, parsed.port))
     port = await relay.start()
-    return relay, instance.url(port, parsed.path or "/status")
+    name, suffix = instance
+    return relay, f"https://{name}-{port}.{suffix}{parsed.path or '/status'}"

@@ -1,9 +1,10 @@
 """Open the SSH tunnel to the node that runs a cluster's scheduler.
 
 Finds the rank-0 node with ``compute.list_nodes()`` (``runId`` is the job,
-``privateIpAddress`` the published scheduler host), checks that the compute
-allows public SSH with an admin user, and opens an
-:class:`~dask_amlcompute.connect.tunnel.SSHTunnel` to the node's public endpoint.
+``privateIpAddress`` the published scheduler host) and opens an
+:class:`~dask_amlcompute.connect.tunnel.SSHTunnel` to its public endpoint. The
+plan refused this path already where the compute has no public SSH access, node
+public IPs or admin user (:func:`~dask_amlcompute.connect.unavailable_paths`).
 """
 
 from __future__ import annotations
@@ -16,15 +17,8 @@ from ..exceptions import SchedulerUnreachableError
 def pick_node(nodes: list[dict[str, Any]], job_name: str, private_ip: str) -> dict[str, Any] | None:
     """The node running ``job_name`` whose private IP is ``private_ip`` (else any of the job's)."""
     mine = [n for n in nodes if n.get("runId") == job_name]
-    for node in mine:
-        if node.get("privateIpAddress") == private_ip:
-            return node
-    return mine[0] if len(mine) == 1 else None
-
-
-def host_key_alias(compute: str, node: dict[str, Any]) -> str:
-    """The name a node's host key is recorded under: ``aml-<compute>-<nodeId>``."""
-    return f"aml-{compute}-{node.get('nodeId') or node.get('publicIpAddress')}"
+    same_ip = [n for n in mine if n.get("privateIpAddress") == private_ip]
+    return (same_ip or mine)[0] if same_ip or len(mine) == 1 else None
 
 
 async def open_scheduler_tunnel(
@@ -33,20 +27,7 @@ async def open_scheduler_tunnel(
     """Open and return a started SSHTunnel forwarding ``targets`` via the scheduler's node."""
     from .tunnel import SSHTunnel
 
-    compute = context.plan.compute
-    settings = context.settings
-    if compute is None or not compute.ssh_public_access:
-        raise SchedulerUnreachableError(
-            f"Compute {settings.compute!r} does not allow public SSH access, so the client "
-            "cannot tunnel to the scheduler. Create the compute with remote login (SSH) "
-            "enabled and an admin user with your public key, or run the client on the "
-            "compute's VNet with connect='direct'."
-        )
-    if not compute.admin_user:
-        raise SchedulerUnreachableError(
-            f"Compute {settings.compute!r} has no admin user for SSH; recreate it with "
-            "ssh_settings (admin_username and your public key)."
-        )
+    compute, settings = context.plan.compute, context.settings
     nodes = await context.ops.list_nodes(settings.compute)
     node = pick_node(nodes, job_name, private_ip)
     if node is None:
@@ -68,9 +49,9 @@ async def open_scheduler_tunnel(
         known_hosts=settings.known_hosts,
         trust_on_first_use=settings.ssh_trust_on_first_use,
         targets=targets,
-        # one known_hosts entry per node, not per ip:port: AML's public endpoint is a shared
-        # load-balancer IP with a port per node, and a new VM behind that port has a new key
-        host_key_alias=host_key_alias(settings.compute, node),
+        # one known_hosts entry per node (aml-<compute>-<nodeId>), not per ip:port: AML's public
+        # endpoint is a shared load-balancer IP with a port per node; a new VM there has a new key
+        host_key_alias=f"aml-{settings.compute}-{node.get('nodeId') or node['publicIpAddress']}",
     )
     await tunnel.start()
     context.log(

@@ -12,13 +12,12 @@ background with bounded retries, and the local ports stay the same.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import asyncssh
 
@@ -45,76 +44,21 @@ CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly130
 _DEFAULT_KNOWN_HOSTS = Path("~", ".ssh", "known_hosts")
 
 
-class _RemoteSide(asyncssh.SSHTCPSession[bytes]):
-    """Channel end of one forwarded connection: writes into the local socket."""
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self._transport.write(data)
-
-    def eof_received(self) -> bool:
-        # the local socket may be gone: raising here would take down the whole SSH connection
-        try:
-            self._transport.write_eof()
-        except OSError:
-            self._transport.abort()
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport.close()
-
-    def pause_writing(self) -> None:
-        self._transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self._transport.resume_reading()
-
-
-class _LocalSide(asyncio.Protocol):
-    """Local end of one forwarded connection: writes into its SSH channel once open."""
+class _LocalSide(asyncssh.SSHForwarder):
+    """Local end of one forwarded connection; asyncssh pipes it to its channel once open."""
 
     def __init__(self, tunnel: SSHTunnel, name: str) -> None:
-        self._tunnel, self.name = tunnel, name
-        self.transport: asyncio.Transport  # set by connection_made, before _accept
-        self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
-        self.closed = False
+        super().__init__()
+        self._tunnel, self.name, self.closed = tunnel, name, False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # a TCP server's: a Transport
-        self.transport.pause_reading()  # resumed when the channel is open
-        self._tunnel._accept(self)
+        super().connection_made(transport)
+        self.pause_reading()  # resumed when the channel is open
+        self._tunnel._spawn(self._tunnel._forward(self))
 
-    def data_received(self, data: bytes) -> None:
-        chan = self.chan
-        assert chan is not None  # reading resumes only once the channel is open
-        try:
-            chan.write(data)
-        except OSError:
-            self.transport.abort()
-
-    def eof_received(self) -> bool:
-        chan = self.chan
-        assert chan is not None  # reading resumes only once the channel is open
-        with contextlib.suppress(OSError):
-            chan.write_eof()
-            return True
-        return False
-
-    def pause_writing(self) -> None:
-        if self.chan is not None:
-            self.chan.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.chan is not None:
-            self.chan.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
+    def close(self) -> None:  # by the local socket, its channel or the tunnel
         self.closed = True
-        self._tunnel._locals.discard(self)
-        if self.chan is not None:
-            self.chan.close()
+        super().close()
 
 
 class SSHTunnel:
@@ -183,11 +127,10 @@ class SSHTunnel:
         self.connect_timeout = float(connect_timeout)
         self.reconnects = 0
         self._keys = resolve_client_keys(client_keys)
-        self.host_key_alias, self._dial = host_key_alias, dial
-        if host_key_alias:
-            self._pattern = host_key_alias
-        else:
-            self._pattern = ssh_host if self.ssh_port == 22 else f"[{ssh_host}]:{self.ssh_port}"
+        self._dial = dial
+        # the name and port host keys are looked up under: the alias alone (port 22), if set
+        self._host, self._kport = (host_key_alias, 22) if host_key_alias else (ssh_host, ssh_port)
+        self._pattern = self._host if self._kport == 22 else f"[{self._host}]:{self._kport}"
         self._trusted: list[str] = []  # known_hosts lines held in memory
         if known_hosts is None or isinstance(known_hosts, (str, os.PathLike)):
             self._file: Path | None = Path(known_hosts or _DEFAULT_KNOWN_HOSTS).expanduser()
@@ -205,11 +148,11 @@ class SSHTunnel:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._servers: dict[str, asyncio.AbstractServer] = {}
         self._ports: dict[str, int] = {}
-        self._locals: set[_LocalSide] = set()
         self._tasks: set[asyncio.Task] = set()
         self._settled = asyncio.Event()  # set while connected, after giving up, and once closed
-        self._failure: TunnelError | None = None
-        self._started = self._closed = self._ending = False
+        #: Why the tunnel gave up reconnecting (None while it is up or reconnecting).
+        self.failure: TunnelError | None = None
+        self._closed = self._ending = False
 
     def _trust(self, key: asyncssh.SSHKey) -> str:
         text = " ".join(key.export_public_key().decode("ascii").split()[:2])
@@ -258,11 +201,9 @@ class SSHTunnel:
         try:
             conn = await asyncio.wait_for(self._login(options), self.connect_timeout + 5)
         except (asyncssh.HostKeyNotVerifiable, asyncssh.KeyExchangeFailed) as exc:
-            if self.host_key_alias:
-                recorded = bool(known.match(self.host_key_alias, "", None)[0])
-            else:
-                port = None if self.ssh_port == 22 else self.ssh_port
-                recorded = bool(known.match(self.ssh_host, self.ssh_host, port)[0])
+            recorded = bool(
+                known.match(self._host, "", None if self._kport == 22 else self._kport)[0]
+            )
             if isinstance(exc, asyncssh.KeyExchangeFailed) and not recorded:
                 raise TunnelError(f"SSH key exchange with {self._label} failed: {exc}") from exc
             fp = checker.offered.get_fingerprint() if checker.offered else "(not offered)"
@@ -299,9 +240,7 @@ class SSHTunnel:
         return conn
 
     async def _login(self, options: dict[str, Any]) -> asyncssh.SSHClientConnection:
-        """Dial (the given way, or TCP) and log in; the host key is matched per alias if set."""
-        if self._dial is None and not self.host_key_alias:
-            return await asyncssh.connect(self.ssh_host, self.ssh_port, **options)
+        """Dial (the given way, or TCP) and log in; host keys are matched per ``self._host``."""
         if self._dial is not None:
             way: dict[str, Any] = {"tunnel": await self._dial()}
         else:
@@ -309,24 +248,16 @@ class SSHTunnel:
             way = {"sock": await asyncio.to_thread(
                 socket.create_connection, address, self.connect_timeout)}  # fmt: skip
         try:
-            # port 22: known_hosts lines name the alias alone, whatever port was dialled
-            host = self.host_key_alias or self.ssh_host
-            return await asyncssh.connect(host, 22, **way, **options)
+            return await asyncssh.connect(self._host, self._kport, **way, **options)
         except BaseException:
             next(iter(way.values())).close()
             raise
 
     async def _open_channel(
-        self, conn: asyncssh.SSHClientConnection, name: str, local: _LocalSide | None = None
+        self, conn: asyncssh.SSHClientConnection, name: str, factory: Callable[[], Any]
     ) -> asyncssh.SSHTCPChannel[bytes]:
-        """Open a ``direct-tcpip`` channel to target ``name``, piped to ``local`` if given."""
+        """Open a ``direct-tcpip`` channel to target ``name`` whose session ``factory`` makes."""
         host, port = self.targets[name]
-        factory: Callable[[], asyncssh.SSHTCPSession[bytes]]
-        if local is None:
-            factory = asyncssh.SSHTCPSession
-        else:
-            transport = local.transport
-            factory = lambda: _RemoteSide(transport)  # noqa: E731
         try:
             coro = conn.create_connection(factory, host, port)
             chan, _ = await asyncio.wait_for(coro, self.connect_timeout)
@@ -345,24 +276,16 @@ class SSHTunnel:
         TunnelUnreachableError, TunnelAuthenticationError, HostKeyError, ForwardingError
             With a message saying what to change.
         """
-        if self._started:
-            raise RuntimeError("SSHTunnel.start() can only be called once")
-        self._started = True
+        loop = asyncio.get_running_loop()
         try:
             self._conn = await self._connect()
             for name in self.targets:  # fail now rather than when the client connects
                 try:
-                    (await self._open_channel(self._conn, name)).close()
-                except ForwardingError as exc:
-                    cause = exc.__cause__  # the ChannelOpenError _open_channel raises it from
-                    if (
-                        not isinstance(cause, asyncssh.ChannelOpenError)
-                        or cause.code != asyncssh.OPEN_CONNECT_FAILED
-                    ):
+                    (await self._open_channel(self._conn, name, asyncssh.SSHTCPSession)).close()
+                except ForwardingError as exc:  # raised from the server's ChannelOpenError
+                    if getattr(exc.__cause__, "code", None) != asyncssh.OPEN_CONNECT_FAILED:
                         raise
                     logger.debug("Nothing listens behind %r yet: %s", name, exc)
-            loop = asyncio.get_running_loop()
-            for name in self.targets:
                 factory = lambda name=name: _LocalSide(self, name)  # noqa: E731
                 self._servers[name] = server = await loop.create_server(factory, "127.0.0.1", 0)
                 self._ports[name] = server.sockets[0].getsockname()[1]
@@ -385,30 +308,25 @@ class SSHTunnel:
             logger.warning("SSH tunnel %s: %s failed", self._label, task.get_coro(),
                            exc_info=task.exception())  # fmt: skip
 
-    def _accept(self, local: _LocalSide) -> None:
-        self._locals.add(local)
-        self._spawn(self._forward(local))
-
     async def _forward(self, local: _LocalSide) -> None:
         """Connect an accepted local connection to its target through the SSH connection."""
-        if not self._settled.is_set():  # reconnecting: wait, bounded
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._settled.wait(), self.connect_timeout)
         try:
+            if not self._settled.is_set():  # reconnecting: wait, bounded
+                await asyncio.wait_for(self._settled.wait(), self.connect_timeout)
             if self._conn is None:
-                raise self._failure or TunnelError("the SSH connection is being re-established")
-            chan = await self._open_channel(self._conn, local.name, local)
-        except (TunnelError, asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
+                raise self.failure or TunnelError("the SSH connection is being re-established")
+            remote = lambda: asyncssh.SSHForwarder(local)  # noqa: E731
+            chan = await self._open_channel(self._conn, local.name, remote)
+        except (Exception, asyncio.CancelledError) as exc:
             # while the cluster closes, the client's reconnect attempts are expected to fail
-            log = logger.debug if self._ending else logger.warning
+            log = logger.debug if self._ending or self._closed else logger.warning
             log("SSH tunnel %s cannot forward a connection to %r: %s", self._label, local.name, exc)
-            local.transport.close()
+            local.close()
             return
         if local.closed:
             chan.close()
         else:
-            local.chan = chan
-            local.transport.resume_reading()
+            local.resume_reading()
 
     async def _supervise(self) -> None:
         """Wait for the connection to drop, then re-establish it with bounded retries."""
@@ -443,27 +361,17 @@ class SSHTunnel:
                                self._label, self._ports)  # fmt: skip
                 break
             if self._conn is None:
-                self._failure = error or TunnelError("reconnect_attempts is 0")
+                self.failure = error or TunnelError("reconnect_attempts is 0")
                 logger.error("SSH tunnel %s gave up reconnecting: %s. Connections through it "
                              "now fail; recreate the tunnel (or the cluster's connection).",
-                             self._label, self._failure)  # fmt: skip
+                             self._label, self.failure)  # fmt: skip
             self._settled.set()
-
-    @property
-    def failure(self) -> TunnelError | None:
-        """Why the tunnel gave up reconnecting (None while it is up or reconnecting)."""
-        return self._failure
 
     def local_address(self, name: str) -> tuple[str, int]:
         """Return the local ``(host, port)`` that forwards to target ``name``."""
         if name not in self._ports:
             raise KeyError(f"No open local port for {name!r}; targets: {sorted(self.targets)}")
         return "127.0.0.1", self._ports[name]
-
-    def local_url(self, name: str, protocol: str = "tcp") -> str:
-        """Return ``"<protocol>://127.0.0.1:<port>"`` for target ``name``."""
-        host, port = self.local_address(name)
-        return f"{protocol}://{host}:{port}"
 
     def expect_end(self) -> None:
         """The far end is about to go away (the cluster is closing): don't reconnect then."""
@@ -483,8 +391,6 @@ class SSHTunnel:
             task.cancel()
         if conn is not None:
             conn.close()
-        for local in list(self._locals):
-            local.transport.abort()
         waits: list[Awaitable[Any]] = [asyncio.gather(*tasks, return_exceptions=True)]
         waits += [s.wait_closed() for s in servers] + ([conn.wait_closed()] if conn else [])
         try:

@@ -8,10 +8,9 @@ import urllib.request
 import dask
 import pytest
 
-from dask_amlcompute import AmlComputeCluster
+from dask_amlcompute import AmlComputeCluster, ConfigurationError
 from dask_amlcompute.connect.instance import (
     PUBLISHED_PORTS,
-    ComputeInstance,
     PortRelay,
     detect_compute_instance,
 )
@@ -22,8 +21,7 @@ def test_detection_reads_the_file_aml_writes_and_config_overrides_it(tmp_path):
     nbvm.write_text("instance=my-ci\ndomainsuffix=westeurope.instances.azureml.ms\nother=1\n")
     with dask.config.set({"amlcompute.compute-instance-file": str(nbvm)}):
         found = detect_compute_instance()
-        assert found == ComputeInstance("my-ci", "westeurope.instances.azureml.ms")
-        assert found.url(8704) == "https://my-ci-8704.westeurope.instances.azureml.ms/status"
+        assert found == ("my-ci", "westeurope.instances.azureml.ms")
         with dask.config.set({"amlcompute.compute-instance": False}):
             assert detect_compute_instance() is None  # turned off
         nbvm.write_text("instance=\"my-ci\"\ndomainsuffix='westeurope.instances.azureml.ms'\n")
@@ -33,10 +31,10 @@ def test_detection_reads_the_file_aml_writes_and_config_overrides_it(tmp_path):
     with dask.config.set(
         {"amlcompute.compute-instance": {"name": "ci2", "domain-suffix": "eastus.x.ms"}}
     ):
-        assert detect_compute_instance() == ComputeInstance("ci2", "eastus.x.ms")
+        assert detect_compute_instance() == ("ci2", "eastus.x.ms")
     with (
         dask.config.set({"amlcompute.compute-instance": {"name": "ci2"}}),
-        pytest.raises(ValueError, match="domain-suffix"),
+        pytest.raises(ConfigurationError, match="domain-suffix"),
     ):
         detect_compute_instance()
 

@@ -16,7 +16,7 @@ from distributed import Client
 
 from aml_emulator import ComputeSpec, Emulator
 from dask_amlcompute import AmlComputeCluster, ConfigurationError
-from dask_amlcompute.connect import REFUSED, UNANSWERED, host_port, probe
+from dask_amlcompute._protocol import REFUSED, UNANSWERED, probe
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +44,7 @@ def test_auto_reaches_a_stock_workspace_through_the_job_ssh_service(isolated):
         Client(c) as client,
     ):
         # the private address really is out of reach from here
-        host, port = host_port(c._context.state.scheduler_address)
-        assert asyncio.run(probe(host, port, 2)) in (REFUSED, UNANSWERED)
+        assert asyncio.run(probe(c._context.state.scheduler_address, 2)) in (REFUSED, UNANSWERED)
         assert c._connector.mode == "job-ssh"
         assert c.scheduler_address.startswith("tcp://127.0.0.1:")
         assert client.submit(lambda x: x * 2, 21).result() == 42

@@ -25,18 +25,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from distributed import Nanny, Scheduler
-from distributed.comm import get_address_host_port
 from distributed.core import Status
 from distributed.security import Security
 from distributed.utils import get_ip
 
 from .._protocol import (
     DASHBOARD_TAG,
+    OPEN,
     SCHEDULER_ID_TAG,
     SCHEDULER_TAG,
     TLS_CERT_ENV,
     TLS_KEY_ENV,
     NodeOptions,
+    probe,
 )
 from .plugins import (
     HEARTBEAT_HANDLER,
@@ -246,7 +247,7 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
         )
         return nannies
     # a joined worker ended, or joining failed and the scheduler no longer listens: it closed
-    if outcome is False or not await _listening(scheduler_address, 1.0):
+    if outcome is False or await probe(scheduler_address, 1.0) != OPEN:
         logger.info("The scheduler at %s closed while the workers on node rank %d were joining "
                     "it: nothing left to do", scheduler_address, ctx.rank)  # fmt: skip
         return []
@@ -340,22 +341,11 @@ async def _run_scheduler_node(ctx: NodeContext, opts: NodeOptions, stop: asyncio
     await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
 
 
-async def _listening(address: str, timeout: float) -> bool:
-    """True if something accepts TCP connections at the Dask ``address``."""
-    try:
-        conn = asyncio.open_connection(*get_address_host_port(address))
-        _, writer = await asyncio.wait_for(conn, timeout)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    writer.close()
-    return True
-
-
 async def _start_when_listening(address: str, ctx: NodeContext, opts: NodeOptions) -> list:
     """:func:`start_workers` once ``address`` listens (polled every 50 ms, death timeout)."""
     # a nanny dials with Dask's exponential back-off: seconds late after a slow scheduler start
     deadline = time.monotonic() + opts.death_timeout
-    while not await _listening(address, 1.0):
+    while await probe(address, 1.0) != OPEN:
         if time.monotonic() > deadline:
             why = f"could not join the scheduler at {address} within {opts.death_timeout:.0f}s"
             raise RuntimeError(f"Workers on node rank {ctx.rank} {why}")

@@ -251,9 +251,12 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
         logger.info("The scheduler at %s closed while the workers on node rank %d were joining "
                     "it: nothing left to do", scheduler_address, ctx.rank)  # fmt: skip
         return []
+    root = outcome  # name the root cause ("Nanny failed to start" wraps the worker's error)
+    for _ in range(50):
+        root = root.__cause__ or root.__context__ or root
     raise RuntimeError(
         f"Workers on node rank {ctx.rank} failed to start or to join the scheduler at "
-        f"{scheduler_address}: {type(outcome).__name__}: {outcome}"
+        f"{scheduler_address}: {type(root).__name__}: {root}"
     ) from outcome
 
 

@@ -6,31 +6,13 @@
 >>> client = Client(cluster)  # doctest: +SKIP
 """
 
+# ruff: noqa: F405 (the exception types in __all__ come from the star import)
 from . import config as _config
 from ._version import __version__
 from .backend.sdknotices import install_log_filters as _install_log_filters
 from .backend.workspace import ml_client_from_config, write_workspace_config
 from .cluster import AmlComputeCluster
-from .exceptions import (
-    AccessDeniedError,
-    AmlComputeError,
-    ClusterLostError,
-    ComputeNotFoundError,
-    ConfigurationError,
-    ControlPlaneError,
-    EnvironmentBuildError,
-    EnvironmentNotFoundError,
-    JobCanceledError,
-    JobError,
-    JobFailedError,
-    NotAmlComputeError,
-    QuotaExceededError,
-    SchedulerUnreachableError,
-    StartupTimeoutError,
-    TooManyNodesError,
-    VersionMismatchError,
-    WorkspaceNotConfiguredError,
-)
+from .exceptions import *  # noqa: F403 (every exception type, nothing else)
 
 # Like distributed and dask-jobqueue: make amlcompute.* defaults visible in dask.config.
 _config.ensure_defaults()

@@ -6,10 +6,6 @@ job is submitted are subclasses of :class:`ValueError` (bad input) or
 carry the job's name, status, studio URL and the tail of its node logs.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
 
 class AmlComputeError(Exception):
     """Base class of every dask-amlcompute error."""
@@ -145,7 +141,7 @@ class VersionMismatchError(AmlComputeError):
         The :class:`~dask_amlcompute.backend.versions.Difference` of each package.
     """
 
-    differences: list[Any]  # of backend.versions.Difference (this module imports none of ours)
+    differences: list  # of backend.versions.Difference (this module imports none of ours)
 
 
 class ErrorThresholdExceededError(AmlComputeError):

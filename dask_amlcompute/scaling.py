@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from dask.utils import parse_bytes
 from distributed.deploy.adaptive import Adaptive
+from distributed.utils import NoOpAwaitable
 
 from ._protocol import is_main_job, worker_job_name
 from .backend.jobs import MainJobWorkers, WorkerJob
@@ -113,33 +114,26 @@ class ScalingMixin(_ClusterBase):
                 jobs = fit
         return jobs
 
-    def _counts(self, workers: tuple[str, Any], nodes: tuple[str, Any]) -> tuple[Any, Any]:
-        """Check ``(name, value)`` counts of workers and nodes (None passes).
-
-        Whole numbers, at most what AML could ever run (``n-nodes``' maximum).
-        """
-        most = schema()["n-nodes"]["maximum"]
+    def _to_workers(self, nodes: int) -> int:
+        """Workers of the cluster with ``nodes`` nodes in total (the main job's always)."""
         per_node = self._workers_per_job // self.settings.nodes_per_job
-        bounds = (min(self._main_workers + most * per_node, MAX_WORKERS), most)
-        w, n = (
-            None if value is None else count(value, what, 0, bound)
-            for (what, value), bound in zip((workers, nodes), bounds, strict=True)
-        )
-        return w, n
+        return self._main_workers + max(0, nodes - self.settings.n_nodes) * per_node
+
+    def _count(self, value: Any, what: str, nodes: bool = False) -> Any:
+        """A count of workers (or ``nodes``), None passing: at most what AML could ever run."""
+        most = schema()["n-nodes"]["maximum"]
+        bound = most if nodes else min(self._to_workers(self.settings.n_nodes + most), MAX_WORKERS)
+        return None if value is None else count(value, what, 0, bound)
 
     def _refuse_serverless_growth(self, workers: float) -> None:
         """Refuse worker jobs on serverless, unless ``serverless_network`` says jobs share a network.
 
         Separate serverless jobs are not documented to reach each other.
         """
-        settings = self.settings
-        if (
-            settings.compute is None
-            and not settings.serverless_network
-            and workers > self._main_workers
-        ):
+        s = self.settings
+        if s.compute is None and not s.serverless_network and workers > self._main_workers:
             raise ConfigurationError(
-                f"This cluster runs as one serverless job ({settings.n_nodes} node(s), "
+                f"This cluster runs as one serverless job ({s.n_nodes} node(s), "
                 f"{self._main_workers} worker(s)); separate serverless jobs are not documented to "
                 "reach each other, so it cannot add worker jobs. Start it with more n_nodes, or set "
                 "serverless_network=True if the workspace's serverless jobs share a network "
@@ -187,7 +181,7 @@ class ScalingMixin(_ClusterBase):
             The scheduler is gone for good (see :attr:`ended_reason`).
         """
         self._raise_if_lost()
-        n, nodes = self._counts(("scale(n)", n), ("scale(nodes)", nodes))
+        n, nodes = self._count(n, "scale(n)"), self._count(nodes, "scale(nodes)", nodes=True)
         if cores is not None:
             count(cores, "scale(cores=...)", 0)
         if memory is not None:
@@ -197,31 +191,19 @@ class ScalingMixin(_ClusterBase):
                 raise ConfigurationError(
                     f"scale(memory={memory!r}): give a size such as '64 GiB' or bytes."
                 ) from None
-        if nodes is not None:
-            n = self._main_workers + max(0, nodes - self.settings.n_nodes) * (
-                self._workers_per_job // self.settings.nodes_per_job
-            )
-        n = n or 0
+        n = self._to_workers(nodes) if nodes is not None else n or 0
         if memory is not None:
             n = max(n, math.ceil(memory / self._per_worker("memory_limit", "memory")))
         if cores is not None:
             n = max(n, math.ceil(cores / self._per_worker("nthreads", "cores")))
         state = self._context.state
-        closing = self.status.name in ("closing", "closed")
-        if state.lifecycle is Lifecycle.DETACHING:
-            pass  # disconnecting from a cluster we do not own: change nothing
-        elif closing or (n == 0 and state.closing):
-            self.worker_spec.clear()
-        else:
-            self._set_worker_jobs(n)
-        loop = self.loop
-        assert loop is not None  # SpecCluster's LoopRunner sets it in __init__
-        loop.add_callback(self._correct_state)
-        if self.asynchronous:
-            from distributed.utils import NoOpAwaitable
-
-            return NoOpAwaitable()
-        return None
+        if state.lifecycle is not Lifecycle.DETACHING:  # detaching: not ours to change
+            if self.status.name in ("closing", "closed") or (n == 0 and state.closing):
+                self.worker_spec.clear()
+            else:
+                self._set_worker_jobs(n)
+        self._correct_soon()
+        return NoOpAwaitable() if self.asynchronous else None
 
     scale_up = scale
 
@@ -299,12 +281,9 @@ class ScalingMixin(_ClusterBase):
             minimum above the maximum, a bad interval, duration or count.
         """
         self._raise_if_lost()
-        minimum, minimum_nodes = self._counts(
-            ("minimum", minimum), ("minimum_nodes", minimum_nodes)
-        )
-        maximum, maximum_nodes = self._counts(
-            ("maximum", maximum), ("maximum_nodes", maximum_nodes)
-        )
+        minimum, maximum = self._count(minimum, "minimum"), self._count(maximum, "maximum")
+        minimum_nodes = self._count(minimum_nodes, "minimum_nodes", nodes=True)
+        maximum_nodes = self._count(maximum_nodes, "maximum_nodes", nodes=True)
         for low, high in ((minimum, maximum), (minimum_nodes, maximum_nodes)):
             if low is not None and high is not None and low > high:
                 raise ConfigurationError(
@@ -313,18 +292,13 @@ class ScalingMixin(_ClusterBase):
         every = parse_duration(interval, "adapt(interval)", 0.1, 86400)
         target = parse_duration(target_duration, "adapt(target_duration)", 1)
         count(wait_count, "adapt(wait_count)", 1, 10**6)
-        per_node = self._workers_per_job // self.settings.nodes_per_job
-
-        def to_workers(n_nodes: int) -> int:
-            return self._main_workers + max(0, n_nodes - self.settings.n_nodes) * per_node
-
         if minimum_nodes is not None:
-            minimum = to_workers(minimum_nodes)
+            minimum = self._to_workers(minimum_nodes)
         if maximum_nodes is not None:
-            maximum = to_workers(maximum_nodes)
+            maximum = self._to_workers(maximum_nodes)
         minimum = max(minimum or 0, self._main_workers)
         limit = self._worker_node_limit()
-        cap: float = math.inf if limit is None else to_workers(self.settings.n_nodes + limit)
+        cap: float = math.inf if limit is None else self._to_workers(self.settings.n_nodes + limit)
         upper = cap if maximum is None else min(maximum, cap)
         if maximum is not None:
             self._refuse_serverless_growth(maximum)
@@ -344,6 +318,10 @@ class ScalingMixin(_ClusterBase):
         self.preemptions += preempted
         if key in self.worker_spec and not is_main_job(key, self.settings.name):
             del self.worker_spec[key]
-            loop = self.loop
-            assert loop is not None  # SpecCluster's LoopRunner sets it in __init__
-            loop.add_callback(self._correct_state)
+            self._correct_soon()
+
+    def _correct_soon(self) -> None:
+        """Have SpecCluster start or close jobs to match ``worker_spec``."""
+        loop = self.loop
+        assert loop is not None  # SpecCluster's LoopRunner sets it in __init__
+        loop.add_callback(self._correct_state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from ..exceptions import AmlComputeError, ConfigurationError, WorkspaceNotConfiguredError
@@ -25,23 +26,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _env(args: argparse.Namespace) -> int:
-    from .. import config
     from ..backend.environment import build_spec
+    from ..config import checked, setting
 
-    try:
-        spec = build_spec(
-            extra_pip=config.checked(
-                "pip-packages", [*(config.setting("pip-packages") or []), *args.extra]
-            ),
-            extra_conda=[*(config.get("conda-packages") or []), *args.extra_conda],
-            node_package=args.node_package or config.get("node-package"),
-            image=args.image,
-            stack=args.stack or config.setting("stack"),
-            gpu=args.gpu,
-        )
-    except ConfigurationError as exc:
-        print(f"dask-amlcompute env: {exc}", file=sys.stderr)
-        return 2
+    spec = build_spec(
+        extra_pip=checked("pip-packages", [*(setting("pip-packages") or []), *args.extra]),
+        extra_conda=[*(setting("conda-packages") or []), *args.extra_conda],
+        node_package=args.node_package or setting("node-package"),
+        image=args.image,
+        stack=args.stack or setting("stack"),
+        gpu=args.gpu,
+    )
     if args.action == "build":
         from .manage import register_environment
 
@@ -51,28 +46,18 @@ def _env(args: argparse.Namespace) -> int:
                 "aml_environment": f"CliV2AnonymousEnvironment:{spec.aml_version}"}  # fmt: skip
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
     else:
-        formats = {
-            "conda": spec.conda_yaml,
-            "pip": spec.requirements,
-            "dockerfile": spec.dockerfile,
-        }
-        sys.stdout.write(formats[args.format]())
+        method = {"conda": "conda_yaml", "pip": "requirements"}.get(args.format, args.format)
+        sys.stdout.write(getattr(spec, method)())
     return 0
 
 
-def _terminate_gracefully() -> None:
-    """Turn SIGTERM into KeyboardInterrupt so ``with`` blocks close clusters cleanly."""
-    import signal
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dask-amlcompute`` console script."""
-    _terminate_gracefully()
+    signal.signal(signal.SIGTERM, _interrupt)  # so that ``with`` blocks close clusters cleanly
     try:
         return _main(sys.argv[1:] if argv is None else list(argv))
     except ModuleNotFoundError as exc:  # demo, run --emulator, --emulator URL

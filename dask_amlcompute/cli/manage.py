@@ -16,7 +16,6 @@ from ..backend.capacity import find_size, size_from_sdk
 from ..backend.ops import AmlOps
 from ..config import schema
 from ..discovery import ClusterJob, list_cluster_jobs_async
-from ..exceptions import ConfigurationError
 
 
 def count(text: str) -> int:
@@ -37,12 +36,13 @@ def add_arguments(sub: Any) -> None:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--emulator", metavar="URL", help="base URL of an AML emulator")
         p.add_argument("--workspace-config", metavar="PATH", help="workspace config.json")
-        if name in ("logs", "down"):
-            p.add_argument("name", nargs="?", help="cluster name")
         if name == "logs":
+            p.add_argument("name", help="cluster name")
             p.add_argument("--lines", type=count, default=100)
         if name == "down":
-            p.add_argument("--all-mine", action="store_true", help="every cluster you started")
+            which = p.add_mutually_exclusive_group(required=True)
+            which.add_argument("name", nargs="?", help="cluster name")
+            which.add_argument("--all-mine", action="store_true", help="every cluster you started")
         if name == "list":
             p.add_argument("--all", action="store_true", help="include ended clusters")
 
@@ -56,13 +56,6 @@ def ml_client_for(args: argparse.Namespace) -> Any:
     from ..backend.workspace import ml_client_from_config
 
     return ml_client_from_config(args.workspace_config)
-
-
-def _clusters(jobs: list[ClusterJob]) -> dict[str, list[ClusterJob]]:
-    out: dict[str, list[ClusterJob]] = {}
-    for job in jobs:
-        out.setdefault(job.cluster, []).append(job)
-    return out
 
 
 async def _node_prices(ops: AmlOps, computes: set[str]) -> dict[str, float | None]:
@@ -95,7 +88,9 @@ def run_list(args: argparse.Namespace) -> int:
     """``dask-amlcompute list``: clusters, their nodes and what they cost (estimate)."""
     ops = AmlOps(ml_client_for(args))
     jobs = asyncio.run(list_cluster_jobs_async(ops, include_ended=args.all))
-    clusters = _clusters(jobs)
+    clusters: dict[str, list[ClusterJob]] = {}
+    for job in jobs:
+        clusters.setdefault(job.cluster, []).append(job)
     if not clusters:
         print("No dask-amlcompute clusters" + ("" if args.all else " running") + ".")
         return 0
@@ -126,8 +121,6 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_logs(args: argparse.Namespace) -> int:
     """``dask-amlcompute logs NAME``."""
-    if not args.name:
-        raise ConfigurationError("give a cluster name: dask-amlcompute logs NAME")
     ops = AmlOps(ml_client_for(args))
 
     async def show() -> int:
@@ -148,8 +141,6 @@ def run_logs(args: argparse.Namespace) -> int:
 
 def run_down(args: argparse.Namespace) -> int:
     """``dask-amlcompute down NAME`` / ``--all-mine``."""
-    if not args.all_mine and not args.name:
-        raise ConfigurationError("give a cluster name or --all-mine: dask-amlcompute down NAME")
     ops = AmlOps(ml_client_for(args))
 
     async def down() -> int:

@@ -319,6 +319,13 @@ def setting(key: str, override_with: Any = None) -> Any:
 
 
 _FIELDS = tuple(f.name for f in fields(ClusterSettings))
+#: Settings a serverless cluster (``instance_type``) cannot have, and why.
+_NOT_SERVERLESS = {
+    "compute": "leave compute unset (serverless jobs have no compute), or drop instance_type",
+    "create_compute": "serverless jobs need no compute",
+    "delete_compute_on_close": "serverless jobs need no compute",
+    "worker_compute": "worker jobs on an AmlCompute cannot reach a serverless scheduler",
+}
 
 
 def resolve_settings(**arguments: Any) -> ClusterSettings:
@@ -340,8 +347,11 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
                 f"{key} x processes_per_node = {raw[key] * raw['processes_per_node']} workers "
                 f"per job: more than {MAX_WORKERS}, far beyond what one Dask scheduler serves."
             )
-    if raw["instance_type"] is not None:
-        _check_serverless(raw)
+    for key, why in _NOT_SERVERLESS.items():
+        if raw[key] and raw["instance_type"] is not None:
+            raise ConfigurationError(
+                f"{key}={raw[key]!r} with instance_type={raw['instance_type']!r} (serverless): {why}."
+            )
     create = raw["create_compute"]
     if create and raw["n_nodes"] > create.max_nodes:
         raise ConfigurationError(
@@ -349,23 +359,3 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
             f"{create.max_nodes}: the cluster could never start."
         )
     return ClusterSettings(**raw)
-
-
-def _check_serverless(raw: dict[str, Any]) -> None:
-    """Serverless settings (``instance_type``): no compute to use, create or put workers on."""
-    if raw["compute"]:
-        raise ConfigurationError(
-            f"instance_type={raw['instance_type']!r} runs the cluster as serverless jobs, which "
-            f"have no compute; leave compute unset (got compute={raw['compute']!r}), or drop "
-            "instance_type to use that compute."
-        )
-    if raw["create_compute"] is not None or raw["delete_compute_on_close"]:
-        raise ConfigurationError(
-            "create_compute / delete_compute_on_close are for an AmlCompute cluster; serverless "
-            "jobs (instance_type=...) need no compute."
-        )
-    if raw["worker_compute"]:
-        raise ConfigurationError(
-            "worker_compute puts worker jobs on an AmlCompute, but this cluster is serverless "
-            "(instance_type=...): its worker jobs cannot reach a serverless scheduler."
-        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 import getpass
+import math
 import os
 import re
 import uuid
@@ -29,7 +30,6 @@ from .validation import (
     environment_setting,
     existing_file,
     memory_limit,
-    options_mapping,
     parse_duration,
     pip_requirements,
 )
@@ -182,7 +182,7 @@ def schema() -> dict[str, Any]:
 _TYPE_WORDS = {
     "string": "a string",
     "integer": "an int",
-    "number": "a number",
+    "number": "a finite number",
     "boolean": "True or False",
     "object": "a mapping (dict)",
     "array": "a list",
@@ -193,7 +193,7 @@ CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "memory-limit": memory_limit,
     "env-vars": env_var_mapping,
     "pip": pip_requirements,
-    "options": options_mapping,
+    "mapping": lambda value, what: dict(value or {}),  # None: no entries
     "file": existing_file,
     "environment": environment_setting,
     "create-compute": compute_request,
@@ -210,11 +210,15 @@ def _validator(key: str) -> Any:
     types = Draft202012Validator.TYPE_CHECKER.redefine_many(
         {
             "integer": lambda _, x: isinstance(x, int) and not isinstance(x, bool),
+            "number": lambda _, x: (
+                isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+            ),  # as in JSON: no NaN or infinity
             "object": lambda _, x: isinstance(x, Mapping),
             "array": lambda _, x: isinstance(x, list | tuple),
         }
     )
-    entry = schema().get(key) or _schema_file()["definitions"][key]
+    entry = {"definitions": _schema_file()["definitions"]}  # for $ref
+    entry.update(schema().get(key) or entry["definitions"][key])
     return validators.extend(Draft202012Validator, type_checker=types)(entry)
 
 
@@ -256,6 +260,7 @@ def _refusal(what: str, error: Any) -> ConfigurationError:
         ),
     }
     text = rules[str(error.validator)]() if error.validator in rules else error.message[:200]
+    text += f" ({error.schema['$comment']})" if "$comment" in error.schema else ""
     return ConfigurationError(f"{where} {text}; got {_short(error.instance)}.")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any
 
 from ._protocol import (
     TAG_CLUSTER,
@@ -23,8 +23,6 @@ from ._protocol import (
 )
 from .backend.ops import TERMINAL_STATUSES, AmlOps, run_blocking, status_text
 from .exceptions import AmlComputeError
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,9 +45,7 @@ class ClusterJob:
 
 
 def _short_compute(compute: Any) -> str | None:
-    if not compute:
-        return None
-    return str(compute).rstrip("/").rsplit("/", 1)[-1]
+    return str(compute).rstrip("/").rsplit("/", 1)[-1] if compute else None
 
 
 def _as_cluster_job(job: Any) -> ClusterJob | None:
@@ -85,12 +81,8 @@ async def list_cluster_jobs_async(
     """
     tag = TAG_CLUSTER if cluster is None else cluster_key_tag(cluster)
     jobs = await _ops(ops).list_jobs(include_ended=include_ended, tag=tag)
-    out = []
-    for job in jobs:
-        cj = _as_cluster_job(job)
-        if cj is not None and (include_ended or cj.status not in TERMINAL_STATUSES):
-            out.append(cj)
-    return out
+    found = [_as_cluster_job(job) for job in jobs]
+    return [j for j in found if j and (include_ended or j.status not in TERMINAL_STATUSES)]
 
 
 async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]:

@@ -39,8 +39,6 @@ class ScalingMixin(_ClusterBase):
 
     # provided by AmlComputeCluster / SpecCluster
     settings: Any
-    worker_spec: dict
-    workers: dict
     _context: Any
     main_job_name: str
     _main_workers: int
@@ -48,7 +46,6 @@ class ScalingMixin(_ClusterBase):
     _job_series: str
     _existing_worker_jobs: tuple[tuple[str, int], ...]
     _watch: Any
-    _i: int
     #: Worker jobs that ended because AML preempted a low-priority node.
     preemptions: int = 0
 

@@ -8,7 +8,6 @@ raises :class:`~dask_amlcompute.exceptions.ConfigurationError`.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -221,19 +220,6 @@ def existing_file(value: object, what: str) -> str | None:
             "or leave it unset."
         )
     return str(path)
-
-
-def options_mapping(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
-    """Check Dask keyword arguments for the nodes: they travel as JSON on the command line."""
-    for key, val in (value or {}).items():
-        try:
-            json.dumps(val, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ConfigurationError(
-                f"{what}[{key!r}] = {val!r} cannot travel to the nodes ({exc}): options are "
-                "sent as JSON; use strings, numbers, booleans, None, lists and dicts."
-            ) from None
-    return dict(value or {})
 
 
 class EnvironmentRef(NamedTuple):

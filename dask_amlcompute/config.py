@@ -45,11 +45,8 @@ def cache_dir() -> Path:
     ``$DASK_AMLCOMPUTE_CACHE``, else ``$XDG_CACHE_HOME/dask-amlcompute``, else
     ``~/.cache/dask-amlcompute``; created by whoever writes into it.
     """
-    root = os.environ.get("DASK_AMLCOMPUTE_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return Path(xdg or Path.home() / ".cache") / "dask-amlcompute"
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get("DASK_AMLCOMPUTE_CACHE") or xdg / "dask-amlcompute")
 
 
 @functools.cache

@@ -48,26 +48,16 @@ class QuotaExceededError(AmlComputeError, ValueError):
 
 
 class JobError(AmlComputeError):
-    """A submitted AML job did not do what was expected.
-
-    Parameters
-    ----------
-    message
-        What went wrong and what to do.
-    job_name
-        Name of the AML job.
-    status
-        Last status AML reported.
-    studio_url
-        Link to the job in Azure ML studio, when AML gave one.
-    log_tail
-        Last lines of the node logs, when they could be read.
+    """A submitted AML job did not do what was expected; the message says what to do.
 
     Attributes
     ----------
+    job_name, status, studio_url, log_tail
+        The AML job, the last status AML reported, its link in Azure ML studio and the
+        last lines of its node logs (None where unknown); the message shows them too.
     exit_code
-        Set on the errors of :func:`~dask_amlcompute.submit_script`: the script's exit
-        code (None if it did not finish).
+        On :func:`~dask_amlcompute.submit_script`'s errors: the script's exit code
+        (None if it did not finish).
     """
 
     exit_code: int | None  # only on submit_script's errors
@@ -147,20 +137,15 @@ class VersionMismatchError(AmlComputeError):
 class ErrorThresholdExceededError(AmlComputeError):
     """More inputs of a batch run failed than ``error_threshold`` allows; the run stopped.
 
-    Nothing that completed is lost: the results and per-item errors gathered so
-    far travel with the exception. Batches still running were cancelled.
+    Nothing that completed is lost: it travels with the exception. Batches still
+    running were cancelled.
 
     Parameters
     ----------
-    message
-        What happened and what to do.
-    results
-        Completed results by input position. From
-        :func:`~dask_amlcompute.batch.map_batches`: every completed result; from
-        :func:`~dask_amlcompute.batch.iter_batches`: those not yet yielded.
-    errors
-        Per-item errors (:class:`~dask_amlcompute.batch.ItemError`) by input position,
-        with the same scope as ``results``.
+    results, errors
+        Completed results and per-item errors (:class:`~dask_amlcompute.batch.ItemError`)
+        by input position: all of them from :func:`~dask_amlcompute.batch.map_batches`,
+        those not yet yielded from :func:`~dask_amlcompute.batch.iter_batches`.
     stats
         The run's counters (:class:`~dask_amlcompute.batch.BatchStats`).
     files

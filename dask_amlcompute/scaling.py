@@ -1,11 +1,7 @@
 """Scaling an AmlComputeCluster: worker jobs for ``scale()`` and ``adapt()``.
 
-AML cannot add nodes to a running job, so extra capacity comes as separate
-worker jobs (``nodes_per_job`` nodes each) that dial the published scheduler
-address. Workers are grouped by job; scaling down retires a whole job's workers
-through the scheduler, then cancels the job so AML releases its nodes. The
-main job (scheduler) always stays and the total never exceeds the compute's
-max nodes.
+AML cannot add nodes to a running job: extra capacity comes as worker jobs of
+``nodes_per_job`` nodes each, one SpecCluster worker group per job.
 """
 
 from __future__ import annotations

@@ -284,7 +284,5 @@ def environment_setting(value: object, what: str = "environment") -> Any:
     """
     if not isinstance(value, str):
         return value  # None, or an Environment: the backend checks it (settings import no azure)
-    if not value.strip() or any(c.isspace() for c in value):
-        raise ConfigurationError(f"{what} must be a string without spaces, got {value!r}.")
     ref = environment_reference(value)
     return str(ref) if ref is not None and ref.label is not None else value

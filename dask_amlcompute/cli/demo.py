@@ -46,11 +46,6 @@ PATH_NAMES = {
 }
 
 
-def format_phases(phases: dict[str, float]) -> str:
-    """``submitted 0.1s -> Running 0.9s -> ...``: when each startup phase was reached."""
-    return " -> ".join(f"{name} {seconds:.1f}s" for name, seconds in phases.items())
-
-
 def start_emulator(network: str) -> Any:
     """A started emulator with a stock ``cpu-cluster`` (no SSH settings), on ``network``.
 
@@ -95,7 +90,8 @@ def run_demo(
         )  # fmt: skip
         with cluster, Client(cluster) as client:
             workers = client.scheduler_info()["workers"]
-            print(f"Startup: {format_phases(cluster.startup_phases)}")
+            phases = cluster.startup_phases.items()  # submitted 0.1s -> Running 0.9s -> ...
+            print("Startup: " + " -> ".join(f"{name} {s:.1f}s" for name, s in phases))
             print(f"Connected: {PATH_NAMES[str(cluster._connector.mode)]}")
             print(
                 f"Cluster {cluster.name}: {len(workers)} workers, dashboard {cluster.dashboard_link}"

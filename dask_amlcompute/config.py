@@ -16,7 +16,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ def get(key: str, override_with=None):
 class ClusterSettings:
     """Every setting of an :class:`~dask_amlcompute.AmlComputeCluster`, validated.
 
-    Durations are in seconds. Each key's meaning: ``amlcompute-schema.yaml``.
+    Durations are in seconds. Meanings: ``amlcompute-schema.yaml``; defaults: ``amlcompute.yaml``.
     """
 
     compute: str | None
@@ -81,40 +81,40 @@ class ClusterSettings:
     startup_timeout: float
     experiment_name: str
     name: str
-    tags: dict[str, str] = field(default_factory=dict)
-    env_vars: dict[str, str] = field(default_factory=dict)
-    distribution: str = "pytorch"
-    scheduler_port: int = 8786
-    dashboard_port: int = 8787
-    death_timeout: float = 300.0
-    idle_timeout: float | None = None
-    no_client_timeout: float | None = 600.0
-    first_contact_timeout: float | None = 300.0
-    connect: str = "auto"
-    security: bool = False
-    ssh_key: str | None = None
-    known_hosts: str | None = None
-    ssh_trust_on_first_use: bool = False
-    poll_interval: float = 2.0
-    watch_interval: float = 30.0
-    scheduler_options: dict[str, Any] = field(default_factory=dict)
-    worker_options: dict[str, Any] = field(default_factory=dict)
-    workspace_config: str | None = None
-    pip_packages: list[str] = field(default_factory=list)
-    conda_packages: list[str] = field(default_factory=list)
-    node_package: str | None = None
-    stack: str = "sync"
-    version_check: str = "raise"
-    quiet: bool = False
-    prepare_timeout: float = 3600.0
-    queue_timeout: float = 3600.0
-    create_compute: ComputeRequest | None = None
-    delete_compute_on_close: bool = False
-    instance_type: str | None = None
-    job_tier: str = "standard"
-    serverless_network: bool = False
-    worker_compute: str | None = None
-    gpu_workers: str = "auto"
+    tags: dict[str, str]
+    env_vars: dict[str, str]
+    distribution: str
+    scheduler_port: int
+    dashboard_port: int
+    death_timeout: float
+    idle_timeout: float | None
+    no_client_timeout: float | None
+    first_contact_timeout: float | None
+    connect: str
+    security: bool
+    ssh_key: str | None
+    known_hosts: str | None
+    ssh_trust_on_first_use: bool
+    poll_interval: float
+    watch_interval: float
+    scheduler_options: dict[str, Any]
+    worker_options: dict[str, Any]
+    workspace_config: str | None
+    pip_packages: list[str]
+    conda_packages: list[str]
+    node_package: str | None
+    stack: str
+    version_check: str
+    quiet: bool
+    prepare_timeout: float
+    queue_timeout: float
+    create_compute: ComputeRequest | None
+    delete_compute_on_close: bool
+    instance_type: str | None
+    job_tier: str
+    serverless_network: bool
+    worker_compute: str | None
+    gpu_workers: str
 
 
 @dataclass(frozen=True)

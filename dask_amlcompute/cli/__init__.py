@@ -19,10 +19,7 @@ EMULATOR_MISSING = (
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(
-        n_nodes=args.nodes, processes_per_node=args.processes, quiet=args.quiet,
-        network=args.network,
-    )  # fmt: skip
+    return run_demo(args.nodes, args.processes, args.quiet, args.network)
 
 
 def _env(args: argparse.Namespace) -> int:

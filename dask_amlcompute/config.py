@@ -26,7 +26,6 @@ import yaml
 from .exceptions import ConfigurationError
 from .validation import (
     MAX_WORKERS,
-    env_var_mapping,
     environment_setting,
     existing_file,
     memory_limit,
@@ -188,7 +187,6 @@ _TYPE_WORDS = {
 #: The checks a schema cannot say, by the name the schema's ``check`` keyword gives.
 CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "memory-limit": memory_limit,
-    "env-vars": env_var_mapping,
     "pip": pip_requirements,
     "mapping": lambda value, what: dict(value or {}),  # None: no entries
     "file": existing_file,
@@ -243,7 +241,7 @@ def _refusal(what: str, error: Any) -> ConfigurationError:
             + f", not {type(error.instance).__name__}"
         ),
         "enum": lambda: "must be one of " + ", ".join(map(repr, rule)),
-        "not": lambda: f"must not contain control characters ({rule['pattern']})",
+        "not": lambda: f"must not {rule['$comment']}",
         "pattern": lambda: f"must match {rule}",
         "minimum": lambda: f"must be at least {rule}",
         "maximum": lambda: f"must be at most {rule}",

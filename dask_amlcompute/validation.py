@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -30,13 +29,6 @@ MAX_WORKERS = 100_000
 MAX_DURATION = 30 * 86400.0
 #: Prefix of AML's curated environments, resolved by the service (not looked up here).
 CURATED_ENV_PREFIX = "AzureML-"
-#: Environment variables that AML (the distribution's ranks, the run's MLflow tracking),
-#: MPI and the library set on the nodes: ``env_vars`` may not replace them.
-RESERVED_ENV_PREFIXES = ("AZUREML_", "AZ_BATCH", "MLFLOW_", "OMPI_", "PMI_", "DASK_AMLCOMPUTE_")
-RESERVED_ENV_NAMES = frozenset(
-    {"MASTER_ADDR", "MASTER_PORT", "RANK", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE",
-     "LOCAL_WORLD_SIZE", "DASK_SCHEDULER_ADDRESS"}
-)  # fmt: skip
 
 
 def parse_duration(
@@ -105,28 +97,6 @@ def count(value: object, what: str, minimum: int = 1, maximum: int | None = None
         return value  # (a bool is no int here)
     most = "" if maximum is None else f" and at most {maximum}"
     raise ConfigurationError(f"{what} must be an int of at least {minimum}{most}, got {value!r}.")
-
-
-def env_var_mapping(value: Mapping | None, what: str = "env_vars") -> dict[str, str]:
-    """Refuse environment variables that AML, MPI or the library set on the nodes.
-
-    Replacing them (``AZUREML_RUN_ID``, ``MASTER_ADDR``, ...) would break how each
-    node finds its rank and publishes the scheduler's address.
-
-    Examples
-    --------
-    >>> env_var_mapping({"OMP_NUM_THREADS": "1"})
-    {'OMP_NUM_THREADS': '1'}
-    """
-    checked = dict(value or {})
-    for key in checked:
-        if key in RESERVED_ENV_NAMES or key.startswith(RESERVED_ENV_PREFIXES):
-            raise ConfigurationError(
-                f"{what}: {key!r} is set by AML or dask-amlcompute on every node (the node's "
-                "rank, the run's tracking, the cluster's own settings); it cannot be replaced. "
-                "Use another name."
-            )
-    return checked
 
 
 def memory_limit(value: object, what: str = "memory_limit") -> str | int | float | None:

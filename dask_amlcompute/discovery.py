@@ -9,7 +9,7 @@ run in the caller's event loop.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from ._protocol import (
@@ -91,8 +91,6 @@ async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]
     The settings (keyword arguments of the cluster) come from the main job and its
     ``dask_settings`` tag. AmlComputeError: no such running cluster, or no settings tag.
     """
-    from .config import ClusterSettings
-
     ops = _ops(ops)  # the look-ups at once (the workspace: for the cluster's VM size)
     main, jobs, _ = await asyncio.gather(
         ops.get_job_entity(main_job_name(name)),
@@ -123,8 +121,7 @@ async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]
         raise AmlComputeError(
             f"Job {main.name} is not the main job of a dask-amlcompute cluster ({exc})."
         ) from None
-    known = {f.name for f in fields(ClusterSettings)}
-    settings.update({k: v for k, v in stored.items() if k in known})
+    settings.update(stored)
     workers = [(j.name, j.n_nodes) for j in jobs if j.role == "workers"]
     return {"settings": settings, "worker_jobs": workers}
 

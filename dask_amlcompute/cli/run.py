@@ -52,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--tls", action="store_true", default=None,
         help="TLS between the script, the scheduler and the workers (temporary certificate)")  # fmt: skip
     add("--idle-timeout", help="stop the job after this long without Dask tasks (default: none)")
-    add("--no-wait", action="store_true", help="return after submitting")
-    add("--emulator", action="store_true", help="run on a local AML emulator (no Azure account)")
+    where = p.add_mutually_exclusive_group()  # the emulator stops when this command ends
+    where.add_argument("--no-wait", action="store_true", help="return after submitting")
+    where.add_argument("--emulator", action="store_true", help="run on a local AML emulator")
     add("--workspace-config", help="path of the workspace config.json")
     add("--quiet", action="store_true")
     return p
@@ -71,10 +72,6 @@ def _run_cli(argv: list[str]) -> int:
         if args.emulator:
             from aml_emulator import ComputeSpec, Emulator
 
-            if args.no_wait:
-                p.error(
-                    "--no-wait cannot be used with --emulator (it stops when this command ends)"
-                )
             args.compute = args.compute or "cpu-cluster"
             emulator = Emulator(
                 computes=[ComputeSpec(name=args.compute, max_nodes=max(4, args.nodes))]

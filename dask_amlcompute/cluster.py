@@ -206,11 +206,9 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         asynchronous: bool = False,
         **kwargs: Any,
     ) -> AmlComputeCluster:
-        """Reconnect to a running cluster by its name.
+        """Reconnect to a running cluster by its name (its settings come from the main job).
 
-        The cluster's AML jobs are found by name and tags; its settings (compute,
-        nodes, processes) are read back from the main job. By default the new
-        object does not own the cluster: closing it only disconnects.
+        By default the new object does not own the cluster: closing it only disconnects.
 
         Parameters
         ----------
@@ -378,21 +376,18 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
 
     @property
     def startup_phases(self) -> dict[str, float]:
-        """When each startup phase was reached, in seconds since submission began.
+        """Seconds from submission to each startup phase reached.
 
-        Phases: ``submitted`` (AML accepted the job), ``Running`` (AML reports
-        the job running), ``scheduler address`` (the node published it),
-        ``connected`` (the client reached the scheduler), ``workers joined`` (every
-        worker of the main job joined). A reconnected cluster has no ``submitted``.
+        ``submitted`` (not when reconnected), ``Running``, ``scheduler address`` (the
+        node published it), ``connected``, ``workers joined`` (the main job's).
         """
         return dict(self._context.state.phases.reached)
 
     @property
     def ended_reason(self) -> str | None:
-        """Why the cluster ended or was lost while it ran (None if it was not).
+        """Why the cluster ended or was lost while it ran, and what to do (None if it was not).
 
-        Names the cause (``job_timeout`` reached, a node lost or preempted, the job
-        run again, the tunnel gone) and what to do; also logged once as a WARNING.
+        E.g. ``job_timeout`` reached, a node lost or preempted, the tunnel gone; logged once.
         """
         return self._context.state.lost_reason
 

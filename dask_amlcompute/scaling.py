@@ -167,9 +167,8 @@ class ScalingMixin(_ClusterBase):
         Raises
         ------
         ConfigurationError
-            A count that is not a whole number from 0 to what AML could run (4000
-            nodes), a memory that is not a size; ``memory``/``cores`` with no
-            worker running yet to measure them on.
+            A count that is no int from 0 to what AML could run, a memory that is no
+            size; ``memory``/``cores`` with no worker running yet to measure.
         ClusterLostError
             The scheduler is gone for good (see :attr:`ended_reason`).
         """
@@ -252,11 +251,9 @@ class ScalingMixin(_ClusterBase):
     ) -> Adaptive:
         """Scale between ``minimum`` and ``maximum`` workers (or nodes) with the load.
 
-        Defaults suit AML's minutes-long node start: decisions every 10 s, a worker
-        job is released only after 12 consecutive idle decisions (2 minutes), and
-        Dask aims to finish the queued work within 60 s. Whole worker jobs are added
-        and removed (workers are grouped by job, so no job is half-closed), the main
-        job is never removed, and the maximum is clipped to the compute's max nodes.
+        Defaults suit AML's minutes-long node start: decisions every 10 s, a worker job
+        released after 12 idle decisions (2 minutes), queued work done within 60 s.
+        Whole worker jobs come and go; the main job stays; the compute's max nodes caps.
 
         Parameters
         ----------

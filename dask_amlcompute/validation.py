@@ -1,8 +1,8 @@
 """Checks of user input that a schema cannot say, before anything is submitted to AML.
 
-Durations, memory sizes, pip requirements, environment references. Types, enums, bounds and patterns are in ``amlcompute-schema.yaml`` (checked by
-:mod:`dask_amlcompute.config`). Each function returns the normalised value or
-raises :class:`~dask_amlcompute.exceptions.ConfigurationError`.
+Durations, memory sizes, pip requirements, environment references; the rest is in
+``amlcompute-schema.yaml`` (checked by :mod:`.config`). Each returns the normalised
+value or raises :class:`~.exceptions.ConfigurationError`.
 """
 
 from __future__ import annotations
@@ -55,15 +55,11 @@ def parse_duration(
         seconds = float(value)
     elif isinstance(value, str):
         seconds = _duration_text(value.strip())
-    if seconds is None or not seconds > 0:  # NaN is not > 0 either
+    if seconds is None or not (seconds > 0 and minimum <= seconds <= maximum):  # NaN: neither
         raise ConfigurationError(
-            f"Invalid {what}: {value!r}. Use a positive number of seconds, a string such as "
-            f"'90s', '30m' or '2h', an ISO 8601 duration such as 'PT2H', or '1:30:00'."
-        )
-    if not minimum <= seconds <= maximum:
-        raise ConfigurationError(
-            f"Invalid {what}: {value!r} is {seconds:g} s; it must be from {minimum:g} s to "
-            f"{maximum:g} s ({maximum / 86400:g} days)."
+            f"Invalid {what}: {value!r}. Use a positive duration from {minimum:g} s to "
+            f"{timedelta(seconds=maximum)}: seconds, a string such as '90s', '30m' or '2h', an ISO "
+            "8601 duration such as 'PT2H', or '1:30:00'."
         )
     return seconds
 

@@ -95,8 +95,7 @@ class EnvironmentBuildError(JobFailedError):
     Attributes
     ----------
     requirements
-        The requirements the build log names as uninstallable (may be empty
-        when the log could not be read or names none).
+        The requirements the build log names as uninstallable (maybe none).
     """
 
     requirements: list[str]

@@ -96,10 +96,9 @@ class ScalingMixin(_ClusterBase):
         if limit is not None:
             fit = limit // self.settings.nodes_per_job
             if jobs > fit:
-                if self.settings.worker_compute:
-                    where = f"worker compute {self.settings.worker_compute!r} has at most {limit}"
-                else:
-                    where = f"compute {self.settings.compute!r} has at most {self._max_nodes()}"
+                s = self.settings
+                where = (f"worker compute {s.worker_compute!r} has at most {limit}" if s.worker_compute
+                         else f"compute {s.compute!r} has at most {self._max_nodes()}")  # fmt: skip
                 self._log(
                     f"Asked for {n} workers, but {where} nodes: scaling to {fit} worker job(s) "
                     f"({self._main_workers + fit * self._workers_per_job} workers)."

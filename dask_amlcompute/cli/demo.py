@@ -1,10 +1,7 @@
-"""The README's demo: a real Dask cluster on the emulated AmlCompute, a real workload.
+"""The README's demo: a 3-node cluster on the local AML emulator, real workloads.
 
-Starts the local AML emulator with one AmlCompute target, creates a 3-node
-:class:`~dask_amlcompute.AmlComputeCluster` through the unmodified azure-ai-ml
-SDK, runs a dask.dataframe groupby, a dask.bag word count, dask.delayed and a
-``client.map`` batch, checks every result against a local computation, and
-tears everything down. Exits non-zero on any failure.
+Through the unmodified azure-ai-ml SDK; dataframe, bag, delayed and ``client.map`` results
+are checked against local ones; it exits non-zero on any failure.
 """
 
 from __future__ import annotations

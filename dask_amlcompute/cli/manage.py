@@ -171,10 +171,8 @@ DEFAULT_ENVIRONMENT_NAME = "dask-amlcompute-node"
 def register_environment(args: argparse.Namespace, spec: Any) -> int:
     """``dask-amlcompute env build``: register the node environment under a name.
 
-    The version is the spec's content hash, so registering the same content
-    again is a no-op and a changed client (new dask, new Python) gets a new
-    version. AML builds the image when a job first uses it (5-20 minutes);
-    clusters that name the environment reuse that image.
+    Its version is the content hash: the same content again is a no-op, a changed one
+    (new dask, new Python) a new version.
     """
     ops = AmlOps(ml_client_for(args))
     entity = spec.to_environment(name=args.name or DEFAULT_ENVIRONMENT_NAME)

@@ -1,9 +1,7 @@
-"""``dask-amlcompute run``: the command line of job mode (:func:`run_cli`).
+"""``dask-amlcompute run``: :func:`~dask_amlcompute.jobmode.submit_script` from the command line.
 
-Parses the arguments, opens an ``MLClient`` (from the workspace config, or on a
-local emulator with ``--emulator``) and calls
-:func:`dask_amlcompute.jobmode.submit_script`. Options left out take their
-``amlcompute.*`` dask config values, as for ``submit_script``.
+On the workspace config's ``MLClient``, or a local emulator's (``--emulator``); options left
+out take their ``amlcompute.*`` dask config values.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..backend.capacity import find_size, size_from_sdk
-from ..backend.ops import AmlOps
+from ..backend.ops import TERMINAL_STATUSES, AmlOps
 from ..config import schema
 from ..discovery import ClusterJob, list_cluster_jobs_async
 
@@ -64,15 +64,12 @@ async def _node_prices(ops: AmlOps, computes: set[str]) -> dict[str, float | Non
         sizes = [size_from_sdk(s) for s in await ops.list_sizes()]
     except Exception:  # prices only inform the listing
         sizes = []
-    prices: dict[str, float | None] = {}
-    for name in computes:
-        try:
-            compute = await ops.get_compute(name)
-        except Exception:
-            prices[name] = None
-            continue
-        size = find_size(sizes, compute.vm_size)
-        prices[name] = size.hourly_price(compute.tier) if size is not None else None
+    names = sorted(computes)
+    found = await asyncio.gather(*map(ops.get_compute, names), return_exceptions=True)
+    prices: dict[str, float | None] = dict.fromkeys(names)
+    for name, compute in zip(names, found, strict=True):
+        if not isinstance(compute, BaseException) and (size := find_size(sizes, compute.vm_size)):
+            prices[name] = size.hourly_price(compute.tier)
     return prices
 
 
@@ -102,7 +99,7 @@ def run_list(args: argparse.Namespace) -> int:
     )
     for name, cjobs in sorted(clusters.items()):
         main = next((j for j in cjobs if j.role == "cluster"), cjobs[0])
-        active = [j for j in cjobs if j.status not in ("Completed", "Canceled", "Failed")]
+        active = [j for j in cjobs if j.status not in TERMINAL_STATUSES]
         nodes = sum(j.n_nodes for j in active)
         rates = [(price, j) for j in active if (price := prices.get(j.compute or "")) is not None]
         known = len(rates) == len(active)  # else the sums are unknown

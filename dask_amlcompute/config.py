@@ -312,12 +312,6 @@ def checked(key: str, value: Any, what: str | None = None) -> Any:
     return CHECKS[entry["check"]](value, what) if "check" in entry else value
 
 
-def setting(key: str, override_with: Any = None) -> Any:
-    """The checked ``amlcompute.<key>``: ``override_with`` unless None, else from dask config."""
-    check_config()
-    return checked(key, get(key, override_with))
-
-
 _FIELDS = tuple(f.name for f in fields(ClusterSettings))
 #: Settings a serverless cluster (``instance_type``) cannot have, and why.
 _NOT_SERVERLESS = {

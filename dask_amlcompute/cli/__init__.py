@@ -24,14 +24,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _env(args: argparse.Namespace) -> int:
     from ..backend.environment import build_spec
-    from ..config import checked, setting
+    from ..config import checked, resolve_settings
 
+    s = resolve_settings()  # the settings of a cluster started here
     spec = build_spec(
-        extra_pip=checked("pip-packages", [*(setting("pip-packages") or []), *args.extra]),
-        extra_conda=[*(setting("conda-packages") or []), *args.extra_conda],
-        node_package=args.node_package or setting("node-package"),
+        extra_pip=checked("pip-packages", [*s.pip_packages, *args.extra]),
+        extra_conda=[*(s.conda_packages or []), *args.extra_conda],
+        node_package=args.node_package or s.node_package,
         image=args.image,
-        stack=args.stack or setting("stack"),
+        stack=args.stack or s.stack,
         gpu=args.gpu,
     )
     if args.action == "build":

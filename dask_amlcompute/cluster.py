@@ -49,11 +49,9 @@ def _check_arguments(loop: Any = None, **flags: Any) -> None:
 class AmlComputeCluster(ScalingMixin, SpecCluster):
     """A Dask cluster running as an AML command job on an AmlCompute cluster.
 
-    One AML job with ``n_nodes`` nodes runs the cluster: rank 0 starts the Dask
-    scheduler (and, by default, workers beside it), the other ranks start
-    ``processes_per_node`` worker processes each. The scheduler publishes its
-    address as an mlflow run tag; the client reads it from the job and connects
-    directly (same VNet) or through an SSH tunnel.
+    One AML job of ``n_nodes`` nodes: rank 0 runs the Dask scheduler (and, by default,
+    workers), the other ranks ``processes_per_node`` workers each. ``scale``/``adapt``
+    add worker jobs.
 
     Every argument left as None is read from dask config (``amlcompute.*``,
     e.g. ``DASK_AMLCOMPUTE__COMPUTE``), falling back to the package defaults.
@@ -87,11 +85,9 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     scheduler_options, worker_options
         Extra keyword arguments for the Dask scheduler and workers on the nodes.
     connect
-        How the client reaches the scheduler. ``"auto"`` (default): the
-        scheduler's private address if a short probe connects (a client on the
-        compute's VNet), else the main job's SSH service through AML's proxy
-        (works on a stock workspace), else the node's public SSH endpoint.
-        ``"direct"``, ``"job-ssh"`` or ``"ssh"`` pick one of them.
+        How the client reaches the scheduler: ``"direct"`` (on the compute's VNet),
+        ``"job-ssh"`` (the main job's SSH service through AML's proxy, a stock workspace),
+        ``"ssh"`` (the node's public SSH endpoint), or ``"auto"`` (default): the first that works.
     startup_timeout
         Bound on waiting for the job to run and its workers to join.
     code

@@ -1,9 +1,8 @@
 """dask-amlcompute's settings: dask config defaults and schema, and one validated settings object.
 
-As in dask-jobqueue, ``amlcompute.yaml`` fills in dask's defaults at import. Each
-setting is ``dask.config.get("amlcompute.<key>", override_with=arg)`` checked
-against ``amlcompute-schema.yaml`` (jsonschema, plus its ``duration``/``check``
-keywords): an immutable :class:`ClusterSettings`. Nothing here reads the workspace.
+``amlcompute.yaml`` fills in dask's defaults at import; each setting is
+``dask.config.get("amlcompute.<key>", override_with=arg)`` checked against
+``amlcompute-schema.yaml``. Nothing here reads the workspace.
 """
 
 from __future__ import annotations

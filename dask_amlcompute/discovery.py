@@ -2,8 +2,6 @@
 
 Every job of a cluster carries ``dask_cluster`` (its name) and ``dask_role``
 (``cluster`` or ``workers``); the main job also its settings (``dask_settings``).
-Used by ``from_name``, the CLI and dask-ctl's discovery; the ``*_async`` forms
-run in the caller's event loop.
 """
 
 from __future__ import annotations

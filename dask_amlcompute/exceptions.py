@@ -75,14 +75,10 @@ class JobError(AmlComputeError):
         self.status = status
         self.studio_url = studio_url
         self.log_tail = log_tail
-        parts = [message]
-        if job_name:
-            parts.append(f"AML job: {job_name} (status: {status or 'unknown'})")
-        if studio_url:
-            parts.append(f"Studio: {studio_url}")
-        if log_tail:
-            parts.append("Tail of the node logs:\n" + log_tail)
-        super().__init__("\n".join(parts))
+        parts = [message, job_name and f"AML job: {job_name} (status: {status or 'unknown'})",
+                 studio_url and f"Studio: {studio_url}",
+                 log_tail and f"Tail of the node logs:\n{log_tail}"]  # fmt: skip
+        super().__init__("\n".join(part for part in parts if part))
 
 
 class JobFailedError(JobError):

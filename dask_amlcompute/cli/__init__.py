@@ -70,25 +70,22 @@ def _main(argv: list[str]) -> int:
         from .run import run_cli
 
         return run_cli(argv[1:])
-    from .manage import count
+    from . import manage
 
     parser = argparse.ArgumentParser(
         prog="dask-amlcompute", description="Dask clusters on Azure ML compute clusters."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a 3-node cluster on the local AML emulator")
-    demo.add_argument("--nodes", type=count, default=3)
-    demo.add_argument("--processes", type=count, default=1, help="worker processes per node")
+    demo.add_argument("--nodes", type=manage.count, default=3)
+    demo.add_argument("--processes", type=manage.count, default=1, help="worker processes per node")
     demo.add_argument("--quiet", action="store_true")
     demo.add_argument("--network", choices=("auto", "isolated", "loopback"), default="auto",
                       help="where the emulated nodes live; auto: isolated (unreachable from the "
                       "client, as on a stock workspace) where network namespaces work, else loopback")  # fmt: skip
     sub.add_parser("run", add_help=False, help="run a Dask script as one AML job (run script.py "
                    "--nodes 4 --compute NAME [--emulator] [-- script args])")  # fmt: skip
-    from .manage import COMMANDS as MANAGE_COMMANDS
-    from .manage import add_arguments as add_manage_arguments
-
-    add_manage_arguments(sub)
+    manage.add_arguments(sub)
     add = sub.add_parser("env", help="show the node environment the library would use, or "
                          "register it (env build)").add_argument  # fmt: skip
     add("action", nargs="?", choices=["show", "build"], default="show",
@@ -104,7 +101,7 @@ def _main(argv: list[str]) -> int:
     add("--stack", choices=["sync", "installed", "imported", "none"])
     add("--gpu", action="store_true", help="the GPU sizes' environment (dask-cuda, CUDA image)")
     args = parser.parse_args(argv)
-    command = MANAGE_COMMANDS.get(args.command) or {"demo": _demo, "env": _env}[args.command]
+    command = manage.COMMANDS.get(args.command) or {"demo": _demo, "env": _env}[args.command]
     try:
         return command(args)
     except AmlComputeError as exc:  # one line, no traceback: 2 for bad input, else 1

@@ -90,20 +90,16 @@ class ScalingMixin(_ClusterBase):
 
     def _jobs_for_workers(self, n: int) -> int:
         """Extra worker jobs needed for ``n`` workers in total, clipped to the compute's max."""
-        extra = max(0, n - self._main_workers)
-        jobs = math.ceil(extra / self._workers_per_job) if extra else 0
-        limit = self._worker_node_limit()
-        if limit is not None:
-            fit = limit // self.settings.nodes_per_job
-            if jobs > fit:
-                s = self.settings
-                where = (f"worker compute {s.worker_compute!r} has at most {limit}" if s.worker_compute
-                         else f"compute {s.compute!r} has at most {self._max_nodes()}")  # fmt: skip
-                self._log(
-                    f"Asked for {n} workers, but {where} nodes: scaling to {fit} worker job(s) "
-                    f"({self._main_workers + fit * self._workers_per_job} workers)."
-                )
-                jobs = fit
+        jobs = math.ceil(max(0, n - self._main_workers) / self._workers_per_job)
+        limit, s = self._worker_node_limit(), self.settings
+        if limit is not None and jobs > (fit := limit // s.nodes_per_job):
+            where = (f"worker compute {s.worker_compute!r} has at most {limit}" if s.worker_compute
+                     else f"compute {s.compute!r} has at most {self._max_nodes()}")  # fmt: skip
+            self._log(
+                f"Asked for {n} workers, but {where} nodes: scaling to {fit} worker job(s) "
+                f"({self._main_workers + fit * self._workers_per_job} workers)."
+            )
+            jobs = fit
         return jobs
 
     def _to_workers(self, nodes: int) -> int:

@@ -65,9 +65,7 @@ def start_emulator(network: str) -> Any:
         return Emulator(computes=computes, network="loopback").start()
 
 
-def run_demo(
-    n_nodes: int = 3, processes_per_node: int = 1, quiet: bool = False, network: str = "auto"
-) -> int:
+def run_demo(n_nodes: int, processes_per_node: int, quiet: bool, network: str) -> int:
     """Run the demo end to end; return the process exit code (0 = all results correct)."""
     from distributed import Client
 

@@ -345,9 +345,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         job = MainJob(self._context, self._connector, self._watch).job()
         body = job._to_job()._to_rest_object().as_dict()
         env = body["properties"].get("environmentVariables") or {}
-        for key in self._context.secret_env:
-            if key in env:
-                env[key] = SECRET_IN_JOB_BODY
+        env.update(dict.fromkeys(set(self._context.secret_env) & set(env), SECRET_IN_JOB_BODY))
         return body
 
     def resolve(self, uri: str, **kwargs: Any) -> Any:

@@ -117,10 +117,7 @@ class ClusterSettings:
 
 @dataclass(frozen=True)
 class ComputeRequest:
-    """What ``create_compute=`` asks for: an AmlCompute cluster with 0 nodes at rest.
-
-    ``idle_seconds``: how long an idle node stays allocated (and billed).
-    """
+    """``create_compute=``: an AmlCompute with 0 nodes at rest, idle ones kept ``idle_seconds``."""
 
     size: str
     max_nodes: int
@@ -137,8 +134,7 @@ def compute_request(value: Any, what: str = "create_compute") -> ComputeRequest 
         if isinstance(value.get("tier"), str):
             value["tier"] = value["tier"].lower().replace("-", "_")
     _check(_validator("compute-request"), value, what)
-    idle = value.get("idle_time_before_scale_down", 120)
-    idle = parse_duration(idle, f"{what}['idle_time_before_scale_down']")
+    idle = parse_duration(value.get(key := "idle_time_before_scale_down", 120), f"{what}[{key!r}]")
     return ComputeRequest(
         value["size"], value["max_nodes"], value.get("tier", "dedicated"), int(idle or 0)
     )

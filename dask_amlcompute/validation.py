@@ -193,11 +193,8 @@ def environment_reference(value: str) -> EnvironmentRef | None:
     >>> environment_reference("myacr.azurecr.io/dask:1") is None
     True
     """
-    text = value.strip()
-    if "/" in text:
-        return None
-    bare = text[len("azureml:") :] if text.startswith("azureml:") else text
-    if bare.startswith(CURATED_ENV_PREFIX):
+    bare = value.strip().removeprefix("azureml:")
+    if "/" in bare or bare.startswith(CURATED_ENV_PREFIX):
         return None
     name, at, label = bare.rpartition("@")
     if not at:

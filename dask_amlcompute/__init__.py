@@ -7,6 +7,8 @@
 """
 
 # ruff: noqa: F405 (the exception types in __all__ come from the star import)
+from importlib import import_module as _import_module
+
 from . import config as _config
 from ._version import __version__
 from .backend.sdknotices import install_log_filters as _install_log_filters
@@ -33,10 +35,8 @@ def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
     target = "resolve" if name == "resolve_uri" else name
-    return getattr(importlib.import_module(f"{__name__}.{module}"), target)
+    return getattr(_import_module(f"{__name__}.{module}"), target)
 
 
 __all__ = [

@@ -272,8 +272,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     async def _close(self) -> None:
         state, scheduler = self._context.state, self.scheduler
         if not self.shutdown_on_close:
-            # A reconnected cluster we do not own: disconnect, leave it running (also when
-            # this object failed to connect: the cluster is someone else's to stop).
+            # not ours (even if this object failed to connect): disconnect, leave it running
             state.lifecycle = Lifecycle.DETACHING
             if self._reaper_key is not None:  # owned once, left running now: not ours to stop
                 reaper.release(self._reaper_key, detached=True)

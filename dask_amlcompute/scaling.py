@@ -114,10 +114,7 @@ class ScalingMixin(_ClusterBase):
         return None if value is None else count(value, what, 0, bound)
 
     def _refuse_serverless_growth(self, workers: float) -> None:
-        """Refuse worker jobs on serverless, unless ``serverless_network`` says jobs share a network.
-
-        Separate serverless jobs are not documented to reach each other.
-        """
+        """Refuse worker jobs on serverless (unless ``serverless_network``): unreachable."""
         s = self.settings
         if s.compute is None and not s.serverless_network and workers > self._main_workers:
             raise ConfigurationError(
@@ -211,10 +208,8 @@ class ScalingMixin(_ClusterBase):
             key = pending.pop() if pending else extra[-1]
             extra.remove(key)
             del self.worker_spec[key]
-        while len(extra) < jobs:
-            new = self.new_worker_spec()
-            self.worker_spec.update(new)
-            extra.extend(new)
+        for _ in range(jobs - len(extra)):
+            self.worker_spec.update(self.new_worker_spec())
 
     def _per_worker(self, field: str, what: str) -> float:
         """The smallest ``field`` (memory_limit, nthreads) of the running workers."""

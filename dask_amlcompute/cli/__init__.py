@@ -85,14 +85,15 @@ def _main(argv: list[str]) -> int:
                       "client, as on a stock workspace) where network namespaces work, else loopback")  # fmt: skip
     sub.add_parser("run", add_help=False, help="run a Dask script as one AML job (run script.py "
                    "--nodes 4 --compute NAME [--emulator] [-- script args])")  # fmt: skip
-    manage.add_arguments(sub)
-    add = sub.add_parser("env", help="show the node environment the library would use, or "
-                         "register it (env build)").add_argument  # fmt: skip
+    workspace = argparse.ArgumentParser(add_help=False)  # where the AML commands go
+    workspace.add_argument("--emulator", metavar="URL", help="base URL of an AML emulator")
+    workspace.add_argument("--workspace-config", metavar="PATH", help="workspace config.json")
+    manage.add_arguments(sub, workspace)
+    add = sub.add_parser("env", parents=[workspace], help="show the node environment the library "
+                         "would use, or register it (env build)").add_argument  # fmt: skip
     add("action", nargs="?", choices=["show", "build"], default="show",
         help="show (default) or build: register it as a named, versioned AML environment")  # fmt: skip
     add("--name", default=None, help="env build: environment name")
-    add("--emulator", metavar="URL", help="env build: an AML emulator (aml-emulator)")
-    add("--workspace-config", metavar="PATH", help="env build: workspace config")
     add("--format", choices=["json", "conda", "pip", "dockerfile"], default="json")
     add("--extra", action="append", default=[], metavar="REQ", help="pip package")
     add("--extra-conda", action="append", default=[], metavar="PKG")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import getpass
 from datetime import datetime, timezone
 from typing import Any
@@ -26,25 +27,19 @@ def count(text: str) -> int:
     return value
 
 
-def add_arguments(sub: Any) -> None:
-    """Register the ``list``, ``logs`` and ``down`` subcommands on an argparse subparsers object."""
-    for name, help_text in [
-        ("list", "list the dask-amlcompute clusters running in the workspace"),
-        ("logs", "print the node logs of a cluster's jobs"),
-        ("down", "stop a cluster: cancel all of its AML jobs"),
-    ]:
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--emulator", metavar="URL", help="base URL of an AML emulator")
-        p.add_argument("--workspace-config", metavar="PATH", help="workspace config.json")
-        if name == "logs":
-            p.add_argument("name", help="cluster name")
-            p.add_argument("--lines", type=count, default=100)
-        if name == "down":
-            which = p.add_mutually_exclusive_group(required=True)
-            which.add_argument("name", nargs="?", help="cluster name")
-            which.add_argument("--all-mine", action="store_true", help="every cluster you started")
-        if name == "list":
-            p.add_argument("--all", action="store_true", help="include ended clusters")
+def add_arguments(sub: Any, workspace: argparse.ArgumentParser) -> None:
+    """Register ``list``, ``logs`` and ``down`` on argparse subparsers (``workspace``: a parent)."""
+    add = functools.partial(sub.add_parser, parents=[workspace])
+    add("list", help="list the dask-amlcompute clusters running in the workspace").add_argument(
+        "--all", action="store_true", help="include ended clusters"
+    )
+    logs = add("logs", help="print the node logs of a cluster's jobs")
+    logs.add_argument("name", help="cluster name")
+    logs.add_argument("--lines", type=count, default=100)
+    down = add("down", help="stop a cluster: cancel all of its AML jobs")
+    which = down.add_mutually_exclusive_group(required=True)
+    which.add_argument("name", nargs="?", help="cluster name")
+    which.add_argument("--all-mine", action="store_true", help="every cluster you started")
 
 
 def ml_client_for(args: argparse.Namespace) -> Any:

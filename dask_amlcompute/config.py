@@ -93,10 +93,10 @@ class ClusterSettings:
     ssh_key: str | None
     known_hosts: str | None
     ssh_trust_on_first_use: bool
-    poll_interval: float
-    watch_interval: float
     scheduler_options: dict[str, Any]
     worker_options: dict[str, Any]
+    poll_interval: float
+    watch_interval: float
     workspace_config: str | None
     pip_packages: list[str]
     conda_packages: list[str]

@@ -71,9 +71,7 @@ def _run_cli(argv: list[str]) -> int:
             from aml_emulator import ComputeSpec, Emulator
 
             args.compute = args.compute or "cpu-cluster"
-            emulator = Emulator(
-                computes=[ComputeSpec(name=args.compute, max_nodes=max(4, args.nodes))]
-            )
+            emulator = Emulator(computes=[ComputeSpec(args.compute, max_nodes=max(4, args.nodes))])
             emulator.start()
             ml_client = emulator.ml_client()
         else:

@@ -6,31 +6,15 @@
 >>> client = Client(cluster)  # doctest: +SKIP
 """
 
+# ruff: noqa: F405 (the exception types in __all__ come from the star import)
+from importlib import import_module as _import_module
+
 from . import config as _config
 from ._version import __version__
 from .backend.sdknotices import install_log_filters as _install_log_filters
 from .backend.workspace import ml_client_from_config, write_workspace_config
 from .cluster import AmlComputeCluster
-from .exceptions import (
-    AccessDeniedError,
-    AmlComputeError,
-    ClusterLostError,
-    ComputeNotFoundError,
-    ConfigurationError,
-    ControlPlaneError,
-    EnvironmentBuildError,
-    EnvironmentNotFoundError,
-    JobCanceledError,
-    JobError,
-    JobFailedError,
-    NotAmlComputeError,
-    QuotaExceededError,
-    SchedulerUnreachableError,
-    StartupTimeoutError,
-    TooManyNodesError,
-    VersionMismatchError,
-    WorkspaceNotConfiguredError,
-)
+from .exceptions import *  # noqa: F403 (every exception type, nothing else)
 
 # Like distributed and dask-jobqueue: make amlcompute.* defaults visible in dask.config.
 _config.ensure_defaults()
@@ -51,10 +35,8 @@ def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
     target = "resolve" if name == "resolve_uri" else name
-    return getattr(importlib.import_module(f"{__name__}.{module}"), target)
+    return getattr(_import_module(f"{__name__}.{module}"), target)
 
 
 __all__ = [

@@ -49,11 +49,9 @@ def _check_arguments(loop: Any = None, **flags: Any) -> None:
 class AmlComputeCluster(ScalingMixin, SpecCluster):
     """A Dask cluster running as an AML command job on an AmlCompute cluster.
 
-    One AML job with ``n_nodes`` nodes runs the cluster: rank 0 starts the Dask
-    scheduler (and, by default, workers beside it), the other ranks start
-    ``processes_per_node`` worker processes each. The scheduler publishes its
-    address as an mlflow run tag; the client reads it from the job and connects
-    directly (same VNet) or through an SSH tunnel.
+    One AML job of ``n_nodes`` nodes: rank 0 runs the Dask scheduler (and, by default,
+    workers), the other ranks ``processes_per_node`` workers each. ``scale``/``adapt``
+    add worker jobs.
 
     Every argument left as None is read from dask config (``amlcompute.*``,
     e.g. ``DASK_AMLCOMPUTE__COMPUTE``), falling back to the package defaults.
@@ -87,11 +85,9 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     scheduler_options, worker_options
         Extra keyword arguments for the Dask scheduler and workers on the nodes.
     connect
-        How the client reaches the scheduler. ``"auto"`` (default): the
-        scheduler's private address if a short probe connects (a client on the
-        compute's VNet), else the main job's SSH service through AML's proxy
-        (works on a stock workspace), else the node's public SSH endpoint.
-        ``"direct"``, ``"job-ssh"`` or ``"ssh"`` pick one of them.
+        How the client reaches the scheduler: ``"direct"`` (on the compute's VNet),
+        ``"job-ssh"`` (the main job's SSH service through AML's proxy, a stock workspace),
+        ``"ssh"`` (the node's public SSH endpoint), or ``"auto"`` (default): the first that works.
     startup_timeout
         Bound on waiting for the job to run and its workers to join.
     code
@@ -206,11 +202,9 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         asynchronous: bool = False,
         **kwargs: Any,
     ) -> AmlComputeCluster:
-        """Reconnect to a running cluster by its name.
+        """Reconnect to a running cluster by its name (its settings come from the main job).
 
-        The cluster's AML jobs are found by name and tags; its settings (compute,
-        nodes, processes) are read back from the main job. By default the new
-        object does not own the cluster: closing it only disconnects.
+        By default the new object does not own the cluster: closing it only disconnects.
 
         Parameters
         ----------
@@ -278,8 +272,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
     async def _close(self) -> None:
         state, scheduler = self._context.state, self.scheduler
         if not self.shutdown_on_close:
-            # A reconnected cluster we do not own: disconnect, leave it running (also when
-            # this object failed to connect: the cluster is someone else's to stop).
+            # not ours (even if this object failed to connect): disconnect, leave it running
             state.lifecycle = Lifecycle.DETACHING
             if self._reaper_key is not None:  # owned once, left running now: not ours to stop
                 reaper.release(self._reaper_key, detached=True)
@@ -351,9 +344,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
         job = MainJob(self._context, self._connector, self._watch).job()
         body = job._to_job()._to_rest_object().as_dict()
         env = body["properties"].get("environmentVariables") or {}
-        for key in self._context.secret_env:
-            if key in env:
-                env[key] = SECRET_IN_JOB_BODY
+        env.update(dict.fromkeys(set(self._context.secret_env) & set(env), SECRET_IN_JOB_BODY))
         return body
 
     def resolve(self, uri: str, **kwargs: Any) -> Any:
@@ -378,21 +369,18 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
 
     @property
     def startup_phases(self) -> dict[str, float]:
-        """When each startup phase was reached, in seconds since submission began.
+        """Seconds from submission to each startup phase reached.
 
-        Phases: ``submitted`` (AML accepted the job), ``Running`` (AML reports
-        the job running), ``scheduler address`` (the node published it),
-        ``connected`` (the client reached the scheduler), ``workers joined`` (every
-        worker of the main job joined). A reconnected cluster has no ``submitted``.
+        ``submitted`` (not when reconnected), ``Running``, ``scheduler address`` (the
+        node published it), ``connected``, ``workers joined`` (the main job's).
         """
         return dict(self._context.state.phases.reached)
 
     @property
     def ended_reason(self) -> str | None:
-        """Why the cluster ended or was lost while it ran (None if it was not).
+        """Why the cluster ended or was lost while it ran, and what to do (None if it was not).
 
-        Names the cause (``job_timeout`` reached, a node lost or preempted, the job
-        run again, the tunnel gone) and what to do; also logged once as a WARNING.
+        E.g. ``job_timeout`` reached, a node lost or preempted, the tunnel gone; logged once.
         """
         return self._context.state.lost_reason
 

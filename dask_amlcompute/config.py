@@ -1,9 +1,8 @@
 """dask-amlcompute's settings: dask config defaults and schema, and one validated settings object.
 
-As in dask-jobqueue, ``amlcompute.yaml`` fills in dask's defaults at import. Each
-setting is ``dask.config.get("amlcompute.<key>", override_with=arg)`` checked
-against ``amlcompute-schema.yaml`` (jsonschema, plus its ``duration``/``check``
-keywords): an immutable :class:`ClusterSettings`. Nothing here reads the workspace.
+``amlcompute.yaml`` fills in dask's defaults at import; each setting is
+``dask.config.get("amlcompute.<key>", override_with=arg)`` checked against
+``amlcompute-schema.yaml``. Nothing here reads the workspace.
 """
 
 from __future__ import annotations
@@ -11,11 +10,12 @@ from __future__ import annotations
 import difflib
 import functools
 import getpass
+import math
 import os
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,9 @@ import yaml
 from .exceptions import ConfigurationError
 from .validation import (
     MAX_WORKERS,
-    env_var_mapping,
     environment_setting,
     existing_file,
     memory_limit,
-    options_mapping,
     parse_duration,
     pip_requirements,
 )
@@ -45,11 +43,8 @@ def cache_dir() -> Path:
     ``$DASK_AMLCOMPUTE_CACHE``, else ``$XDG_CACHE_HOME/dask-amlcompute``, else
     ``~/.cache/dask-amlcompute``; created by whoever writes into it.
     """
-    root = os.environ.get("DASK_AMLCOMPUTE_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return Path(xdg or Path.home() / ".cache") / "dask-amlcompute"
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get("DASK_AMLCOMPUTE_CACHE") or xdg / "dask-amlcompute")
 
 
 @functools.cache
@@ -69,7 +64,7 @@ def get(key: str, override_with=None):
 class ClusterSettings:
     """Every setting of an :class:`~dask_amlcompute.AmlComputeCluster`, validated.
 
-    Durations are in seconds. Each key's meaning: ``amlcompute-schema.yaml``.
+    Durations are in seconds. Meanings: ``amlcompute-schema.yaml``; defaults: ``amlcompute.yaml``.
     """
 
     compute: str | None
@@ -84,48 +79,45 @@ class ClusterSettings:
     startup_timeout: float
     experiment_name: str
     name: str
-    tags: dict[str, str] = field(default_factory=dict)
-    env_vars: dict[str, str] = field(default_factory=dict)
-    distribution: str = "pytorch"
-    scheduler_port: int = 8786
-    dashboard_port: int = 8787
-    death_timeout: float = 300.0
-    idle_timeout: float | None = None
-    no_client_timeout: float | None = 600.0
-    first_contact_timeout: float | None = 300.0
-    connect: str = "auto"
-    security: bool = False
-    ssh_key: str | None = None
-    known_hosts: str | None = None
-    ssh_trust_on_first_use: bool = False
-    poll_interval: float = 2.0
-    watch_interval: float = 30.0
-    scheduler_options: dict[str, Any] = field(default_factory=dict)
-    worker_options: dict[str, Any] = field(default_factory=dict)
-    workspace_config: str | None = None
-    pip_packages: list[str] = field(default_factory=list)
-    conda_packages: list[str] = field(default_factory=list)
-    node_package: str | None = None
-    stack: str = "sync"
-    version_check: str = "raise"
-    quiet: bool = False
-    prepare_timeout: float = 3600.0
-    queue_timeout: float = 3600.0
-    create_compute: ComputeRequest | None = None
-    delete_compute_on_close: bool = False
-    instance_type: str | None = None
-    job_tier: str = "standard"
-    serverless_network: bool = False
-    worker_compute: str | None = None
-    gpu_workers: str = "auto"
+    tags: dict[str, str]
+    env_vars: dict[str, str]
+    distribution: str
+    scheduler_port: int
+    dashboard_port: int
+    death_timeout: float
+    idle_timeout: float | None
+    no_client_timeout: float | None
+    first_contact_timeout: float | None
+    connect: str
+    security: bool
+    ssh_key: str | None
+    known_hosts: str | None
+    ssh_trust_on_first_use: bool
+    scheduler_options: dict[str, Any]
+    worker_options: dict[str, Any]
+    poll_interval: float
+    watch_interval: float
+    workspace_config: str | None
+    pip_packages: list[str]
+    conda_packages: list[str]
+    node_package: str | None
+    stack: str
+    version_check: str
+    quiet: bool
+    prepare_timeout: float
+    queue_timeout: float
+    create_compute: ComputeRequest | None
+    delete_compute_on_close: bool
+    instance_type: str | None
+    job_tier: str
+    serverless_network: bool
+    worker_compute: str | None
+    gpu_workers: str
 
 
 @dataclass(frozen=True)
 class ComputeRequest:
-    """What ``create_compute=`` asks for: an AmlCompute cluster with 0 nodes at rest.
-
-    ``idle_seconds``: how long an idle node stays allocated (and billed).
-    """
+    """``create_compute=``: an AmlCompute with 0 nodes at rest, idle ones kept ``idle_seconds``."""
 
     size: str
     max_nodes: int
@@ -142,8 +134,7 @@ def compute_request(value: Any, what: str = "create_compute") -> ComputeRequest 
         if isinstance(value.get("tier"), str):
             value["tier"] = value["tier"].lower().replace("-", "_")
     _check(_validator("compute-request"), value, what)
-    idle = value.get("idle_time_before_scale_down", 120)
-    idle = parse_duration(idle, f"{what}['idle_time_before_scale_down']")
+    idle = parse_duration(value.get(key := "idle_time_before_scale_down", 120), f"{what}[{key!r}]")
     return ComputeRequest(
         value["size"], value["max_nodes"], value.get("tier", "dedicated"), int(idle or 0)
     )
@@ -182,7 +173,7 @@ def schema() -> dict[str, Any]:
 _TYPE_WORDS = {
     "string": "a string",
     "integer": "an int",
-    "number": "a number",
+    "number": "a finite number",
     "boolean": "True or False",
     "object": "a mapping (dict)",
     "array": "a list",
@@ -191,9 +182,8 @@ _TYPE_WORDS = {
 #: The checks a schema cannot say, by the name the schema's ``check`` keyword gives.
 CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "memory-limit": memory_limit,
-    "env-vars": env_var_mapping,
     "pip": pip_requirements,
-    "options": options_mapping,
+    "mapping": lambda value, what: dict(value or {}),  # None: no entries
     "file": existing_file,
     "environment": environment_setting,
     "create-compute": compute_request,
@@ -210,11 +200,15 @@ def _validator(key: str) -> Any:
     types = Draft202012Validator.TYPE_CHECKER.redefine_many(
         {
             "integer": lambda _, x: isinstance(x, int) and not isinstance(x, bool),
+            "number": lambda _, x: (
+                isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+            ),  # as in JSON: no NaN or infinity
             "object": lambda _, x: isinstance(x, Mapping),
             "array": lambda _, x: isinstance(x, list | tuple),
         }
     )
-    entry = schema().get(key) or _schema_file()["definitions"][key]
+    entry = {"definitions": _schema_file()["definitions"]}  # for $ref
+    entry.update(schema().get(key) or entry["definitions"][key])
     return validators.extend(Draft202012Validator, type_checker=types)(entry)
 
 
@@ -242,7 +236,7 @@ def _refusal(what: str, error: Any) -> ConfigurationError:
             + f", not {type(error.instance).__name__}"
         ),
         "enum": lambda: "must be one of " + ", ".join(map(repr, rule)),
-        "not": lambda: f"must not contain control characters ({rule['pattern']})",
+        "not": lambda: f"must not {rule['$comment']}",
         "pattern": lambda: f"must match {rule}",
         "minimum": lambda: f"must be at least {rule}",
         "maximum": lambda: f"must be at most {rule}",
@@ -256,6 +250,7 @@ def _refusal(what: str, error: Any) -> ConfigurationError:
         ),
     }
     text = rules[str(error.validator)]() if error.validator in rules else error.message[:200]
+    text += f" ({error.schema['$comment']})" if "$comment" in error.schema else ""
     return ConfigurationError(f"{where} {text}; got {_short(error.instance)}.")
 
 
@@ -312,13 +307,14 @@ def checked(key: str, value: Any, what: str | None = None) -> Any:
     return CHECKS[entry["check"]](value, what) if "check" in entry else value
 
 
-def setting(key: str, override_with: Any = None) -> Any:
-    """The checked ``amlcompute.<key>``: ``override_with`` unless None, else from dask config."""
-    check_config()
-    return checked(key, get(key, override_with))
-
-
 _FIELDS = tuple(f.name for f in fields(ClusterSettings))
+#: Settings a serverless cluster (``instance_type``) cannot have, and why.
+_NOT_SERVERLESS = {
+    "compute": "leave compute unset (serverless jobs have no compute), or drop instance_type",
+    "create_compute": "serverless jobs need no compute",
+    "delete_compute_on_close": "serverless jobs need no compute",
+    "worker_compute": "worker jobs on an AmlCompute cannot reach a serverless scheduler",
+}
 
 
 def resolve_settings(**arguments: Any) -> ClusterSettings:
@@ -340,8 +336,11 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
                 f"{key} x processes_per_node = {raw[key] * raw['processes_per_node']} workers "
                 f"per job: more than {MAX_WORKERS}, far beyond what one Dask scheduler serves."
             )
-    if raw["instance_type"] is not None:
-        _check_serverless(raw)
+    for key, why in _NOT_SERVERLESS.items():
+        if raw[key] and raw["instance_type"] is not None:
+            raise ConfigurationError(
+                f"{key}={raw[key]!r} with instance_type={raw['instance_type']!r} (serverless): {why}."
+            )
     create = raw["create_compute"]
     if create and raw["n_nodes"] > create.max_nodes:
         raise ConfigurationError(
@@ -349,23 +348,3 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
             f"{create.max_nodes}: the cluster could never start."
         )
     return ClusterSettings(**raw)
-
-
-def _check_serverless(raw: dict[str, Any]) -> None:
-    """Serverless settings (``instance_type``): no compute to use, create or put workers on."""
-    if raw["compute"]:
-        raise ConfigurationError(
-            f"instance_type={raw['instance_type']!r} runs the cluster as serverless jobs, which "
-            f"have no compute; leave compute unset (got compute={raw['compute']!r}), or drop "
-            "instance_type to use that compute."
-        )
-    if raw["create_compute"] is not None or raw["delete_compute_on_close"]:
-        raise ConfigurationError(
-            "create_compute / delete_compute_on_close are for an AmlCompute cluster; serverless "
-            "jobs (instance_type=...) need no compute."
-        )
-    if raw["worker_compute"]:
-        raise ConfigurationError(
-            "worker_compute puts worker jobs on an AmlCompute, but this cluster is serverless "
-            "(instance_type=...): its worker jobs cannot reach a serverless scheduler."
-        )

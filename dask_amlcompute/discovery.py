@@ -2,15 +2,13 @@
 
 Every job of a cluster carries ``dask_cluster`` (its name) and ``dask_role``
 (``cluster`` or ``workers``); the main job also its settings (``dask_settings``).
-Used by ``from_name``, the CLI and dask-ctl's discovery; the ``*_async`` forms
-run in the caller's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 from ._protocol import (
     TAG_CLUSTER,
@@ -23,8 +21,6 @@ from ._protocol import (
 )
 from .backend.ops import TERMINAL_STATUSES, AmlOps, run_blocking, status_text
 from .exceptions import AmlComputeError
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,9 +43,7 @@ class ClusterJob:
 
 
 def _short_compute(compute: Any) -> str | None:
-    if not compute:
-        return None
-    return str(compute).rstrip("/").rsplit("/", 1)[-1]
+    return str(compute).rstrip("/").rsplit("/", 1)[-1] if compute else None
 
 
 def _as_cluster_job(job: Any) -> ClusterJob | None:
@@ -85,12 +79,8 @@ async def list_cluster_jobs_async(
     """
     tag = TAG_CLUSTER if cluster is None else cluster_key_tag(cluster)
     jobs = await _ops(ops).list_jobs(include_ended=include_ended, tag=tag)
-    out = []
-    for job in jobs:
-        cj = _as_cluster_job(job)
-        if cj is not None and (include_ended or cj.status not in TERMINAL_STATUSES):
-            out.append(cj)
-    return out
+    found = [_as_cluster_job(job) for job in jobs]
+    return [j for j in found if j and (include_ended or j.status not in TERMINAL_STATUSES)]
 
 
 async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]:
@@ -99,8 +89,6 @@ async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]
     The settings (keyword arguments of the cluster) come from the main job and its
     ``dask_settings`` tag. AmlComputeError: no such running cluster, or no settings tag.
     """
-    from .config import ClusterSettings
-
     ops = _ops(ops)  # the look-ups at once (the workspace: for the cluster's VM size)
     main, jobs, _ = await asyncio.gather(
         ops.get_job_entity(main_job_name(name)),
@@ -131,8 +119,7 @@ async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]
         raise AmlComputeError(
             f"Job {main.name} is not the main job of a dask-amlcompute cluster ({exc})."
         ) from None
-    known = {f.name for f in fields(ClusterSettings)}
-    settings.update({k: v for k, v in stored.items() if k in known})
+    settings.update(stored)
     workers = [(j.name, j.n_nodes) for j in jobs if j.role == "workers"]
     return {"settings": settings, "worker_jobs": workers}
 

@@ -6,10 +6,6 @@ job is submitted are subclasses of :class:`ValueError` (bad input) or
 carry the job's name, status, studio URL and the tail of its node logs.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
 
 class AmlComputeError(Exception):
     """Base class of every dask-amlcompute error."""
@@ -52,26 +48,16 @@ class QuotaExceededError(AmlComputeError, ValueError):
 
 
 class JobError(AmlComputeError):
-    """A submitted AML job did not do what was expected.
-
-    Parameters
-    ----------
-    message
-        What went wrong and what to do.
-    job_name
-        Name of the AML job.
-    status
-        Last status AML reported.
-    studio_url
-        Link to the job in Azure ML studio, when AML gave one.
-    log_tail
-        Last lines of the node logs, when they could be read.
+    """A submitted AML job did not do what was expected; the message says what to do.
 
     Attributes
     ----------
+    job_name, status, studio_url, log_tail
+        The AML job, the last status AML reported, its link in Azure ML studio and the
+        last lines of its node logs (None where unknown); the message shows them too.
     exit_code
-        Set on the errors of :func:`~dask_amlcompute.submit_script`: the script's exit
-        code (None if it did not finish).
+        On :func:`~dask_amlcompute.submit_script`'s errors: the script's exit code
+        (None if it did not finish).
     """
 
     exit_code: int | None  # only on submit_script's errors
@@ -89,14 +75,10 @@ class JobError(AmlComputeError):
         self.status = status
         self.studio_url = studio_url
         self.log_tail = log_tail
-        parts = [message]
-        if job_name:
-            parts.append(f"AML job: {job_name} (status: {status or 'unknown'})")
-        if studio_url:
-            parts.append(f"Studio: {studio_url}")
-        if log_tail:
-            parts.append("Tail of the node logs:\n" + log_tail)
-        super().__init__("\n".join(parts))
+        parts = [message, job_name and f"AML job: {job_name} (status: {status or 'unknown'})",
+                 studio_url and f"Studio: {studio_url}",
+                 log_tail and f"Tail of the node logs:\n{log_tail}"]  # fmt: skip
+        super().__init__("\n".join(part for part in parts if part))
 
 
 class JobFailedError(JobError):
@@ -109,8 +91,7 @@ class EnvironmentBuildError(JobFailedError):
     Attributes
     ----------
     requirements
-        The requirements the build log names as uninstallable (may be empty
-        when the log could not be read or names none).
+        The requirements the build log names as uninstallable (maybe none).
     """
 
     requirements: list[str]
@@ -145,26 +126,21 @@ class VersionMismatchError(AmlComputeError):
         The :class:`~dask_amlcompute.backend.versions.Difference` of each package.
     """
 
-    differences: list[Any]  # of backend.versions.Difference (this module imports none of ours)
+    differences: list  # of backend.versions.Difference (this module imports none of ours)
 
 
 class ErrorThresholdExceededError(AmlComputeError):
     """More inputs of a batch run failed than ``error_threshold`` allows; the run stopped.
 
-    Nothing that completed is lost: the results and per-item errors gathered so
-    far travel with the exception. Batches still running were cancelled.
+    Nothing that completed is lost: it travels with the exception. Batches still
+    running were cancelled.
 
     Parameters
     ----------
-    message
-        What happened and what to do.
-    results
-        Completed results by input position. From
-        :func:`~dask_amlcompute.batch.map_batches`: every completed result; from
-        :func:`~dask_amlcompute.batch.iter_batches`: those not yet yielded.
-    errors
-        Per-item errors (:class:`~dask_amlcompute.batch.ItemError`) by input position,
-        with the same scope as ``results``.
+    results, errors
+        Completed results and per-item errors (:class:`~dask_amlcompute.batch.ItemError`)
+        by input position: all of them from :func:`~dask_amlcompute.batch.map_batches`,
+        those not yet yielded from :func:`~dask_amlcompute.batch.iter_batches`.
     stats
         The run's counters (:class:`~dask_amlcompute.batch.BatchStats`).
     files

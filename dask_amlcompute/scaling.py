@@ -1,11 +1,7 @@
 """Scaling an AmlComputeCluster: worker jobs for ``scale()`` and ``adapt()``.
 
-AML cannot add nodes to a running job, so extra capacity comes as separate
-worker jobs (``nodes_per_job`` nodes each) that dial the published scheduler
-address. Workers are grouped by job; scaling down retires a whole job's workers
-through the scheduler, then cancels the job so AML releases its nodes. The
-main job (scheduler) always stays and the total never exceeds the compute's
-max nodes.
+AML cannot add nodes to a running job: extra capacity comes as worker jobs of
+``nodes_per_job`` nodes each, one SpecCluster worker group per job.
 """
 
 from __future__ import annotations
@@ -15,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from dask.utils import parse_bytes
 from distributed.deploy.adaptive import Adaptive
+from distributed.utils import NoOpAwaitable
 
 from ._protocol import is_main_job, worker_job_name
 from .backend.jobs import MainJobWorkers, WorkerJob
@@ -38,8 +35,6 @@ class ScalingMixin(_ClusterBase):
 
     # provided by AmlComputeCluster / SpecCluster
     settings: Any
-    worker_spec: dict
-    workers: dict
     _context: Any
     main_job_name: str
     _main_workers: int
@@ -47,7 +42,6 @@ class ScalingMixin(_ClusterBase):
     _job_series: str
     _existing_worker_jobs: tuple[tuple[str, int], ...]
     _watch: Any
-    _i: int
     #: Worker jobs that ended because AML preempted a low-priority node.
     preemptions: int = 0
 
@@ -96,50 +90,35 @@ class ScalingMixin(_ClusterBase):
 
     def _jobs_for_workers(self, n: int) -> int:
         """Extra worker jobs needed for ``n`` workers in total, clipped to the compute's max."""
-        extra = max(0, n - self._main_workers)
-        jobs = math.ceil(extra / self._workers_per_job) if extra else 0
-        limit = self._worker_node_limit()
-        if limit is not None:
-            fit = limit // self.settings.nodes_per_job
-            if jobs > fit:
-                if self.settings.worker_compute:
-                    where = f"worker compute {self.settings.worker_compute!r} has at most {limit}"
-                else:
-                    where = f"compute {self.settings.compute!r} has at most {self._max_nodes()}"
-                self._log(
-                    f"Asked for {n} workers, but {where} nodes: scaling to {fit} worker job(s) "
-                    f"({self._main_workers + fit * self._workers_per_job} workers)."
-                )
-                jobs = fit
+        jobs = math.ceil(max(0, n - self._main_workers) / self._workers_per_job)
+        limit, s = self._worker_node_limit(), self.settings
+        if limit is not None and jobs > (fit := limit // s.nodes_per_job):
+            where = (f"worker compute {s.worker_compute!r} has at most {limit}" if s.worker_compute
+                     else f"compute {s.compute!r} has at most {self._max_nodes()}")  # fmt: skip
+            self._log(
+                f"Asked for {n} workers, but {where} nodes: scaling to {fit} worker job(s) "
+                f"({self._main_workers + fit * self._workers_per_job} workers)."
+            )
+            jobs = fit
         return jobs
 
-    def _counts(self, workers: tuple[str, Any], nodes: tuple[str, Any]) -> tuple[Any, Any]:
-        """Check ``(name, value)`` counts of workers and nodes (None passes).
-
-        Whole numbers, at most what AML could ever run (``n-nodes``' maximum).
-        """
-        most = schema()["n-nodes"]["maximum"]
+    def _to_workers(self, nodes: int) -> int:
+        """Workers of the cluster with ``nodes`` nodes in total (the main job's always)."""
         per_node = self._workers_per_job // self.settings.nodes_per_job
-        bounds = (min(self._main_workers + most * per_node, MAX_WORKERS), most)
-        w, n = (
-            None if value is None else count(value, what, 0, bound)
-            for (what, value), bound in zip((workers, nodes), bounds, strict=True)
-        )
-        return w, n
+        return self._main_workers + max(0, nodes - self.settings.n_nodes) * per_node
+
+    def _count(self, value: Any, what: str, nodes: bool = False) -> Any:
+        """A count of workers (or ``nodes``), None passing: at most what AML could ever run."""
+        most = schema()["n-nodes"]["maximum"]
+        bound = most if nodes else min(self._to_workers(self.settings.n_nodes + most), MAX_WORKERS)
+        return None if value is None else count(value, what, 0, bound)
 
     def _refuse_serverless_growth(self, workers: float) -> None:
-        """Refuse worker jobs on serverless, unless ``serverless_network`` says jobs share a network.
-
-        Separate serverless jobs are not documented to reach each other.
-        """
-        settings = self.settings
-        if (
-            settings.compute is None
-            and not settings.serverless_network
-            and workers > self._main_workers
-        ):
+        """Refuse worker jobs on serverless (unless ``serverless_network``): unreachable."""
+        s = self.settings
+        if s.compute is None and not s.serverless_network and workers > self._main_workers:
             raise ConfigurationError(
-                f"This cluster runs as one serverless job ({settings.n_nodes} node(s), "
+                f"This cluster runs as one serverless job ({s.n_nodes} node(s), "
                 f"{self._main_workers} worker(s)); separate serverless jobs are not documented to "
                 "reach each other, so it cannot add worker jobs. Start it with more n_nodes, or set "
                 "serverless_network=True if the workspace's serverless jobs share a network "
@@ -180,14 +159,13 @@ class ScalingMixin(_ClusterBase):
         Raises
         ------
         ConfigurationError
-            A count that is not a whole number from 0 to what AML could run (4000
-            nodes), a memory that is not a size; ``memory``/``cores`` with no
-            worker running yet to measure them on.
+            A count that is no int from 0 to what AML could run, a memory that is no
+            size; ``memory``/``cores`` with no worker running yet to measure.
         ClusterLostError
             The scheduler is gone for good (see :attr:`ended_reason`).
         """
         self._raise_if_lost()
-        n, nodes = self._counts(("scale(n)", n), ("scale(nodes)", nodes))
+        n, nodes = self._count(n, "scale(n)"), self._count(nodes, "scale(nodes)", nodes=True)
         if cores is not None:
             count(cores, "scale(cores=...)", 0)
         if memory is not None:
@@ -197,31 +175,19 @@ class ScalingMixin(_ClusterBase):
                 raise ConfigurationError(
                     f"scale(memory={memory!r}): give a size such as '64 GiB' or bytes."
                 ) from None
-        if nodes is not None:
-            n = self._main_workers + max(0, nodes - self.settings.n_nodes) * (
-                self._workers_per_job // self.settings.nodes_per_job
-            )
-        n = n or 0
+        n = self._to_workers(nodes) if nodes is not None else n or 0
         if memory is not None:
             n = max(n, math.ceil(memory / self._per_worker("memory_limit", "memory")))
         if cores is not None:
             n = max(n, math.ceil(cores / self._per_worker("nthreads", "cores")))
         state = self._context.state
-        closing = self.status.name in ("closing", "closed")
-        if state.lifecycle is Lifecycle.DETACHING:
-            pass  # disconnecting from a cluster we do not own: change nothing
-        elif closing or (n == 0 and state.closing):
-            self.worker_spec.clear()
-        else:
-            self._set_worker_jobs(n)
-        loop = self.loop
-        assert loop is not None  # SpecCluster's LoopRunner sets it in __init__
-        loop.add_callback(self._correct_state)
-        if self.asynchronous:
-            from distributed.utils import NoOpAwaitable
-
-            return NoOpAwaitable()
-        return None
+        if state.lifecycle is not Lifecycle.DETACHING:  # detaching: not ours to change
+            if self.status.name in ("closing", "closed") or (n == 0 and state.closing):
+                self.worker_spec.clear()
+            else:
+                self._set_worker_jobs(n)
+        self._correct_soon()
+        return NoOpAwaitable() if self.asynchronous else None
 
     scale_up = scale
 
@@ -242,10 +208,8 @@ class ScalingMixin(_ClusterBase):
             key = pending.pop() if pending else extra[-1]
             extra.remove(key)
             del self.worker_spec[key]
-        while len(extra) < jobs:
-            new = self.new_worker_spec()
-            self.worker_spec.update(new)
-            extra.extend(new)
+        for _ in range(jobs - len(extra)):
+            self.worker_spec.update(self.new_worker_spec())
 
     def _per_worker(self, field: str, what: str) -> float:
         """The smallest ``field`` (memory_limit, nthreads) of the running workers."""
@@ -277,11 +241,9 @@ class ScalingMixin(_ClusterBase):
     ) -> Adaptive:
         """Scale between ``minimum`` and ``maximum`` workers (or nodes) with the load.
 
-        Defaults suit AML's minutes-long node start: decisions every 10 s, a worker
-        job is released only after 12 consecutive idle decisions (2 minutes), and
-        Dask aims to finish the queued work within 60 s. Whole worker jobs are added
-        and removed (workers are grouped by job, so no job is half-closed), the main
-        job is never removed, and the maximum is clipped to the compute's max nodes.
+        Defaults suit AML's minutes-long node start: decisions every 10 s, a worker job
+        released after 12 idle decisions (2 minutes), queued work done within 60 s.
+        Whole worker jobs come and go; the main job stays; the compute's max nodes caps.
 
         Parameters
         ----------
@@ -299,12 +261,9 @@ class ScalingMixin(_ClusterBase):
             minimum above the maximum, a bad interval, duration or count.
         """
         self._raise_if_lost()
-        minimum, minimum_nodes = self._counts(
-            ("minimum", minimum), ("minimum_nodes", minimum_nodes)
-        )
-        maximum, maximum_nodes = self._counts(
-            ("maximum", maximum), ("maximum_nodes", maximum_nodes)
-        )
+        minimum, maximum = self._count(minimum, "minimum"), self._count(maximum, "maximum")
+        minimum_nodes = self._count(minimum_nodes, "minimum_nodes", nodes=True)
+        maximum_nodes = self._count(maximum_nodes, "maximum_nodes", nodes=True)
         for low, high in ((minimum, maximum), (minimum_nodes, maximum_nodes)):
             if low is not None and high is not None and low > high:
                 raise ConfigurationError(
@@ -313,18 +272,13 @@ class ScalingMixin(_ClusterBase):
         every = parse_duration(interval, "adapt(interval)", 0.1, 86400)
         target = parse_duration(target_duration, "adapt(target_duration)", 1)
         count(wait_count, "adapt(wait_count)", 1, 10**6)
-        per_node = self._workers_per_job // self.settings.nodes_per_job
-
-        def to_workers(n_nodes: int) -> int:
-            return self._main_workers + max(0, n_nodes - self.settings.n_nodes) * per_node
-
         if minimum_nodes is not None:
-            minimum = to_workers(minimum_nodes)
+            minimum = self._to_workers(minimum_nodes)
         if maximum_nodes is not None:
-            maximum = to_workers(maximum_nodes)
+            maximum = self._to_workers(maximum_nodes)
         minimum = max(minimum or 0, self._main_workers)
         limit = self._worker_node_limit()
-        cap: float = math.inf if limit is None else to_workers(self.settings.n_nodes + limit)
+        cap: float = math.inf if limit is None else self._to_workers(self.settings.n_nodes + limit)
         upper = cap if maximum is None else min(maximum, cap)
         if maximum is not None:
             self._refuse_serverless_growth(maximum)
@@ -344,6 +298,10 @@ class ScalingMixin(_ClusterBase):
         self.preemptions += preempted
         if key in self.worker_spec and not is_main_job(key, self.settings.name):
             del self.worker_spec[key]
-            loop = self.loop
-            assert loop is not None  # SpecCluster's LoopRunner sets it in __init__
-            loop.add_callback(self._correct_state)
+            self._correct_soon()
+
+    def _correct_soon(self) -> None:
+        """Have SpecCluster start or close jobs to match ``worker_spec``."""
+        loop = self.loop
+        assert loop is not None  # SpecCluster's LoopRunner sets it in __init__
+        loop.add_callback(self._correct_state)

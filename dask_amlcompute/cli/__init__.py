@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from ..exceptions import AmlComputeError, ConfigurationError, WorkspaceNotConfiguredError
@@ -18,30 +19,22 @@ EMULATOR_MISSING = (
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(
-        n_nodes=args.nodes, processes_per_node=args.processes, quiet=args.quiet,
-        network=args.network,
-    )  # fmt: skip
+    return run_demo(args.nodes, args.processes, args.quiet, args.network)
 
 
 def _env(args: argparse.Namespace) -> int:
-    from .. import config
     from ..backend.environment import build_spec
+    from ..config import checked, resolve_settings
 
-    try:
-        spec = build_spec(
-            extra_pip=config.checked(
-                "pip-packages", [*(config.setting("pip-packages") or []), *args.extra]
-            ),
-            extra_conda=[*(config.get("conda-packages") or []), *args.extra_conda],
-            node_package=args.node_package or config.get("node-package"),
-            image=args.image,
-            stack=args.stack or config.setting("stack"),
-            gpu=args.gpu,
-        )
-    except ConfigurationError as exc:
-        print(f"dask-amlcompute env: {exc}", file=sys.stderr)
-        return 2
+    s = resolve_settings()  # the settings of a cluster started here
+    spec = build_spec(
+        extra_pip=checked("pip-packages", [*s.pip_packages, *args.extra]),
+        extra_conda=[*(s.conda_packages or []), *args.extra_conda],
+        node_package=args.node_package or s.node_package,
+        image=args.image,
+        stack=args.stack or s.stack,
+        gpu=args.gpu,
+    )
     if args.action == "build":
         from .manage import register_environment
 
@@ -51,28 +44,18 @@ def _env(args: argparse.Namespace) -> int:
                 "aml_environment": f"CliV2AnonymousEnvironment:{spec.aml_version}"}  # fmt: skip
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
     else:
-        formats = {
-            "conda": spec.conda_yaml,
-            "pip": spec.requirements,
-            "dockerfile": spec.dockerfile,
-        }
-        sys.stdout.write(formats[args.format]())
+        method = {"conda": "conda_yaml", "pip": "requirements"}.get(args.format, args.format)
+        sys.stdout.write(getattr(spec, method)())
     return 0
 
 
-def _terminate_gracefully() -> None:
-    """Turn SIGTERM into KeyboardInterrupt so ``with`` blocks close clusters cleanly."""
-    import signal
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dask-amlcompute`` console script."""
-    _terminate_gracefully()
+    signal.signal(signal.SIGTERM, _interrupt)  # so that ``with`` blocks close clusters cleanly
     try:
         return _main(sys.argv[1:] if argv is None else list(argv))
     except ModuleNotFoundError as exc:  # demo, run --emulator, --emulator URL
@@ -87,32 +70,30 @@ def _main(argv: list[str]) -> int:
         from .run import run_cli
 
         return run_cli(argv[1:])
-    from .manage import count
+    from . import manage
 
     parser = argparse.ArgumentParser(
         prog="dask-amlcompute", description="Dask clusters on Azure ML compute clusters."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a 3-node cluster on the local AML emulator")
-    demo.add_argument("--nodes", type=count, default=3)
-    demo.add_argument("--processes", type=count, default=1, help="worker processes per node")
+    demo.add_argument("--nodes", type=manage.count, default=3)
+    demo.add_argument("--processes", type=manage.count, default=1, help="worker processes per node")
     demo.add_argument("--quiet", action="store_true")
     demo.add_argument("--network", choices=("auto", "isolated", "loopback"), default="auto",
                       help="where the emulated nodes live; auto: isolated (unreachable from the "
                       "client, as on a stock workspace) where network namespaces work, else loopback")  # fmt: skip
     sub.add_parser("run", add_help=False, help="run a Dask script as one AML job (run script.py "
                    "--nodes 4 --compute NAME [--emulator] [-- script args])")  # fmt: skip
-    from .manage import COMMANDS as MANAGE_COMMANDS
-    from .manage import add_arguments as add_manage_arguments
-
-    add_manage_arguments(sub)
-    add = sub.add_parser("env", help="show the node environment the library would use, or "
-                         "register it (env build)").add_argument  # fmt: skip
+    workspace = argparse.ArgumentParser(add_help=False)  # where the AML commands go
+    workspace.add_argument("--emulator", metavar="URL", help="base URL of an AML emulator")
+    workspace.add_argument("--workspace-config", metavar="PATH", help="workspace config.json")
+    manage.add_arguments(sub, workspace)
+    add = sub.add_parser("env", parents=[workspace], help="show the node environment the library "
+                         "would use, or register it (env build)").add_argument  # fmt: skip
     add("action", nargs="?", choices=["show", "build"], default="show",
         help="show (default) or build: register it as a named, versioned AML environment")  # fmt: skip
     add("--name", default=None, help="env build: environment name")
-    add("--emulator", metavar="URL", help="env build: an AML emulator (aml-emulator)")
-    add("--workspace-config", metavar="PATH", help="env build: workspace config")
     add("--format", choices=["json", "conda", "pip", "dockerfile"], default="json")
     add("--extra", action="append", default=[], metavar="REQ", help="pip package")
     add("--extra-conda", action="append", default=[], metavar="PKG")
@@ -121,7 +102,7 @@ def _main(argv: list[str]) -> int:
     add("--stack", choices=["sync", "installed", "imported", "none"])
     add("--gpu", action="store_true", help="the GPU sizes' environment (dask-cuda, CUDA image)")
     args = parser.parse_args(argv)
-    command = MANAGE_COMMANDS.get(args.command) or {"demo": _demo, "env": _env}[args.command]
+    command = manage.COMMANDS.get(args.command) or {"demo": _demo, "env": _env}[args.command]
     try:
         return command(args)
     except AmlComputeError as exc:  # one line, no traceback: 2 for bad input, else 1

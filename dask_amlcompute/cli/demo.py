@@ -1,10 +1,7 @@
-"""The README's demo: a real Dask cluster on the emulated AmlCompute, a real workload.
+"""The README's demo: a 3-node cluster on the local AML emulator, real workloads.
 
-Starts the local AML emulator with one AmlCompute target, creates a 3-node
-:class:`~dask_amlcompute.AmlComputeCluster` through the unmodified azure-ai-ml
-SDK, runs a dask.dataframe groupby, a dask.bag word count, dask.delayed and a
-``client.map`` batch, checks every result against a local computation, and
-tears everything down. Exits non-zero on any failure.
+Through the unmodified azure-ai-ml SDK; dataframe, bag, delayed and ``client.map`` results
+are checked against local ones; it exits non-zero on any failure.
 """
 
 from __future__ import annotations
@@ -46,11 +43,6 @@ PATH_NAMES = {
 }
 
 
-def format_phases(phases: dict[str, float]) -> str:
-    """``submitted 0.1s -> Running 0.9s -> ...``: when each startup phase was reached."""
-    return " -> ".join(f"{name} {seconds:.1f}s" for name, seconds in phases.items())
-
-
 def start_emulator(network: str) -> Any:
     """A started emulator with a stock ``cpu-cluster`` (no SSH settings), on ``network``.
 
@@ -73,9 +65,7 @@ def start_emulator(network: str) -> Any:
         return Emulator(computes=computes, network="loopback").start()
 
 
-def run_demo(
-    n_nodes: int = 3, processes_per_node: int = 1, quiet: bool = False, network: str = "auto"
-) -> int:
+def run_demo(n_nodes: int, processes_per_node: int, quiet: bool, network: str) -> int:
     """Run the demo end to end; return the process exit code (0 = all results correct)."""
     from distributed import Client
 
@@ -95,7 +85,8 @@ def run_demo(
         )  # fmt: skip
         with cluster, Client(cluster) as client:
             workers = client.scheduler_info()["workers"]
-            print(f"Startup: {format_phases(cluster.startup_phases)}")
+            phases = cluster.startup_phases.items()  # submitted 0.1s -> Running 0.9s -> ...
+            print("Startup: " + " -> ".join(f"{name} {s:.1f}s" for name, s in phases))
             print(f"Connected: {PATH_NAMES[str(cluster._connector.mode)]}")
             print(
                 f"Cluster {cluster.name}: {len(workers)} workers, dashboard {cluster.dashboard_link}"

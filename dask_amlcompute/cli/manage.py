@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import getpass
 from datetime import datetime, timezone
 from typing import Any
 
 from ..backend.capacity import find_size, size_from_sdk
-from ..backend.ops import AmlOps
+from ..backend.ops import TERMINAL_STATUSES, AmlOps
 from ..config import schema
 from ..discovery import ClusterJob, list_cluster_jobs_async
-from ..exceptions import ConfigurationError
 
 
 def count(text: str) -> int:
@@ -27,24 +27,19 @@ def count(text: str) -> int:
     return value
 
 
-def add_arguments(sub: Any) -> None:
-    """Register the ``list``, ``logs`` and ``down`` subcommands on an argparse subparsers object."""
-    for name, help_text in [
-        ("list", "list the dask-amlcompute clusters running in the workspace"),
-        ("logs", "print the node logs of a cluster's jobs"),
-        ("down", "stop a cluster: cancel all of its AML jobs"),
-    ]:
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--emulator", metavar="URL", help="base URL of an AML emulator")
-        p.add_argument("--workspace-config", metavar="PATH", help="workspace config.json")
-        if name in ("logs", "down"):
-            p.add_argument("name", nargs="?", help="cluster name")
-        if name == "logs":
-            p.add_argument("--lines", type=count, default=100)
-        if name == "down":
-            p.add_argument("--all-mine", action="store_true", help="every cluster you started")
-        if name == "list":
-            p.add_argument("--all", action="store_true", help="include ended clusters")
+def add_arguments(sub: Any, workspace: argparse.ArgumentParser) -> None:
+    """Register ``list``, ``logs`` and ``down`` on argparse subparsers (``workspace``: a parent)."""
+    add = functools.partial(sub.add_parser, parents=[workspace])
+    add("list", help="list the dask-amlcompute clusters running in the workspace").add_argument(
+        "--all", action="store_true", help="include ended clusters"
+    )
+    logs = add("logs", help="print the node logs of a cluster's jobs")
+    logs.add_argument("name", help="cluster name")
+    logs.add_argument("--lines", type=count, default=100)
+    down = add("down", help="stop a cluster: cancel all of its AML jobs")
+    which = down.add_mutually_exclusive_group(required=True)
+    which.add_argument("name", nargs="?", help="cluster name")
+    which.add_argument("--all-mine", action="store_true", help="every cluster you started")
 
 
 def ml_client_for(args: argparse.Namespace) -> Any:
@@ -58,28 +53,18 @@ def ml_client_for(args: argparse.Namespace) -> Any:
     return ml_client_from_config(args.workspace_config)
 
 
-def _clusters(jobs: list[ClusterJob]) -> dict[str, list[ClusterJob]]:
-    out: dict[str, list[ClusterJob]] = {}
-    for job in jobs:
-        out.setdefault(job.cluster, []).append(job)
-    return out
-
-
 async def _node_prices(ops: AmlOps, computes: set[str]) -> dict[str, float | None]:
     """Estimated hourly price of one node of each compute (None: unknown)."""
     try:
         sizes = [size_from_sdk(s) for s in await ops.list_sizes()]
     except Exception:  # prices only inform the listing
         sizes = []
-    prices: dict[str, float | None] = {}
-    for name in computes:
-        try:
-            compute = await ops.get_compute(name)
-        except Exception:
-            prices[name] = None
-            continue
-        size = find_size(sizes, compute.vm_size)
-        prices[name] = size.hourly_price(compute.tier) if size is not None else None
+    names = sorted(computes)
+    found = await asyncio.gather(*map(ops.get_compute, names), return_exceptions=True)
+    prices: dict[str, float | None] = dict.fromkeys(names)
+    for name, compute in zip(names, found, strict=True):
+        if not isinstance(compute, BaseException) and (size := find_size(sizes, compute.vm_size)):
+            prices[name] = size.hourly_price(compute.tier)
     return prices
 
 
@@ -95,7 +80,9 @@ def run_list(args: argparse.Namespace) -> int:
     """``dask-amlcompute list``: clusters, their nodes and what they cost (estimate)."""
     ops = AmlOps(ml_client_for(args))
     jobs = asyncio.run(list_cluster_jobs_async(ops, include_ended=args.all))
-    clusters = _clusters(jobs)
+    clusters: dict[str, list[ClusterJob]] = {}
+    for job in jobs:
+        clusters.setdefault(job.cluster, []).append(job)
     if not clusters:
         print("No dask-amlcompute clusters" + ("" if args.all else " running") + ".")
         return 0
@@ -107,7 +94,7 @@ def run_list(args: argparse.Namespace) -> int:
     )
     for name, cjobs in sorted(clusters.items()):
         main = next((j for j in cjobs if j.role == "cluster"), cjobs[0])
-        active = [j for j in cjobs if j.status not in ("Completed", "Canceled", "Failed")]
+        active = [j for j in cjobs if j.status not in TERMINAL_STATUSES]
         nodes = sum(j.n_nodes for j in active)
         rates = [(price, j) for j in active if (price := prices.get(j.compute or "")) is not None]
         known = len(rates) == len(active)  # else the sums are unknown
@@ -126,8 +113,6 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_logs(args: argparse.Namespace) -> int:
     """``dask-amlcompute logs NAME``."""
-    if not args.name:
-        raise ConfigurationError("give a cluster name: dask-amlcompute logs NAME")
     ops = AmlOps(ml_client_for(args))
 
     async def show() -> int:
@@ -148,8 +133,6 @@ def run_logs(args: argparse.Namespace) -> int:
 
 def run_down(args: argparse.Namespace) -> int:
     """``dask-amlcompute down NAME`` / ``--all-mine``."""
-    if not args.all_mine and not args.name:
-        raise ConfigurationError("give a cluster name or --all-mine: dask-amlcompute down NAME")
     ops = AmlOps(ml_client_for(args))
 
     async def down() -> int:
@@ -180,10 +163,8 @@ DEFAULT_ENVIRONMENT_NAME = "dask-amlcompute-node"
 def register_environment(args: argparse.Namespace, spec: Any) -> int:
     """``dask-amlcompute env build``: register the node environment under a name.
 
-    The version is the spec's content hash, so registering the same content
-    again is a no-op and a changed client (new dask, new Python) gets a new
-    version. AML builds the image when a job first uses it (5-20 minutes);
-    clusters that name the environment reuse that image.
+    Its version is the content hash: the same content again is a no-op, a changed one
+    (new dask, new Python) a new version.
     """
     ops = AmlOps(ml_client_for(args))
     entity = spec.to_environment(name=args.name or DEFAULT_ENVIRONMENT_NAME)

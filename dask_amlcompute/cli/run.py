@@ -1,9 +1,7 @@
-"""``dask-amlcompute run``: the command line of job mode (:func:`run_cli`).
+"""``dask-amlcompute run``: :func:`~dask_amlcompute.jobmode.submit_script` from the command line.
 
-Parses the arguments, opens an ``MLClient`` (from the workspace config, or on a
-local emulator with ``--emulator``) and calls
-:func:`dask_amlcompute.jobmode.submit_script`. Options left out take their
-``amlcompute.*`` dask config values, as for ``submit_script``.
+On the workspace config's ``MLClient``, or a local emulator's (``--emulator``); options left
+out take their ``amlcompute.*`` dask config values.
 """
 
 from __future__ import annotations
@@ -52,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--tls", action="store_true", default=None,
         help="TLS between the script, the scheduler and the workers (temporary certificate)")  # fmt: skip
     add("--idle-timeout", help="stop the job after this long without Dask tasks (default: none)")
-    add("--no-wait", action="store_true", help="return after submitting")
-    add("--emulator", action="store_true", help="run on a local AML emulator (no Azure account)")
+    where = p.add_mutually_exclusive_group()  # the emulator stops when this command ends
+    where.add_argument("--no-wait", action="store_true", help="return after submitting")
+    where.add_argument("--emulator", action="store_true", help="run on a local AML emulator")
     add("--workspace-config", help="path of the workspace config.json")
     add("--quiet", action="store_true")
     return p
@@ -71,14 +70,8 @@ def _run_cli(argv: list[str]) -> int:
         if args.emulator:
             from aml_emulator import ComputeSpec, Emulator
 
-            if args.no_wait:
-                p.error(
-                    "--no-wait cannot be used with --emulator (it stops when this command ends)"
-                )
             args.compute = args.compute or "cpu-cluster"
-            emulator = Emulator(
-                computes=[ComputeSpec(name=args.compute, max_nodes=max(4, args.nodes))]
-            )
+            emulator = Emulator(computes=[ComputeSpec(args.compute, max_nodes=max(4, args.nodes))])
             emulator.start()
             ml_client = emulator.ml_client()
         else:

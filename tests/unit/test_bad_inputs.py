@@ -199,7 +199,7 @@ FROM_NAME: dict[str, list[Any]] = {
 CLI: dict[str, list[list[str]]] = {
     "list": [["list", "--bogus"], ["list", "--workspace-config", NOT_A_FILE]],
     "logs": [["logs"], ["logs", "--lines", "-5", "x"], ["logs", "--lines", "many", "x"]],
-    "down": [["down"]],
+    "down": [["down"], ["down", "x", "--all-mine"]],
     "demo": [["demo", "--nodes", "0"], ["demo", "--processes", "x"]],
     "env": [["env", "--format", "xml"], ["env", "--extra", "numpy>>1"]],
     "run": [
@@ -207,6 +207,7 @@ CLI: dict[str, list[list[str]]] = {
         ["run", "x.py", "--nodes", "0"],
         ["run", "x.py", "--nodes", "2.5"],
         ["run", "--threads", "0", "x.py"],
+        ["run", "x.py", "--emulator", "--no-wait"],
         ["run", NOT_A_FILE, "--compute", "c", "--workspace-config", NOT_A_FILE],
     ],
     "nonsense": [["nonsense"]],

@@ -130,6 +130,7 @@ def test_env_vars_need_portable_names_and_string_values():
 
 def test_tags_are_refused_instead_of_converted():
     assert checked("tags", {"team": "data"}) == {"team": "data"}
+    assert checked("tags", None) == {}  # as for env_vars: None is no tags
     for bad, match in [
         ({"a": 1}, r"tags\['a'\] must be a string"),
         ({("a",): "x"}, "string"),
@@ -193,6 +194,7 @@ def test_options_travel_as_json():
         ({"not an identifier": 1}, "must match"),
         ({"f": print}, "JSON"),
         ({"x": float("nan")}, "JSON"),
+        ({"x": {"y": [1, object()]}}, r"worker_options\['x'\]\['y'\]\[1\].*JSON"),
     ]:
         with pytest.raises(ConfigurationError, match=match):
             checked("worker-options", bad)

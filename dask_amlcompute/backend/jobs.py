@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import replace
 from typing import Any
 
@@ -37,15 +38,12 @@ from .watch import JobWatch
 logger = logging.getLogger(__name__)
 
 #: Most seconds between checks that the tunnel is up and the scheduler the client uses is
-#: still the one it connected to (a cheap ``identity`` call, not a control-plane request).
+#: still the one it connected to (the heartbeat's reply names it: no control-plane request).
 IDENTITY_CHECK_INTERVAL = 5.0
 #: Job statuses before Running: the main job back in one of them is being run again.
 NOT_YET_RUNNING = ("NotStarted", "Starting", "Provisioning", "Queued", "Preparing")
 #: Job statuses after a start: the main job going back from one of them is being run again.
 RAN = ("Running", "Finalizing")
-#: Seconds a closing cluster waits for its main job to end by itself before cancelling it
-#: (a close returns within this plus one cancel round trip: issue 28).
-OWN_END_WAIT = 2.0
 #: Why a scheduler that AML started again is of no use.
 NEW_SCHEDULER = "The new scheduler has none of this cluster's workers or data."
 #: What a lost cluster means for the user's work, and what to do.
@@ -80,8 +78,10 @@ class MainJob(ProcessInterface):
         self.job_name = context.main_job
         self.internal_address: str | None = None
         self.dashboard_link: str | None = None
-        #: The id of the scheduler the client connected to (``SCHEDULER_ID_TAG``).
+        #: The id of the scheduler the client connected to (``SCHEDULER_ID_TAG``), and of
+        #: the one the last heartbeat reached.
         self.scheduler_id: str | None = None
+        self._reached: str | None = None
         self._supervisor: asyncio.Task | None = None
         self._heartbeat: asyncio.Task | None = None
 
@@ -193,8 +193,8 @@ class MainJob(ProcessInterface):
     async def _supervise(self) -> None:
         """Decide whether the cluster is lost, until it is; warn before ``job_timeout``.
 
-        Every few seconds: has the tunnel given up, does another scheduler answer at the
-        address? Every ``watch_interval``: one look at all of the cluster's jobs
+        Every few seconds: has the tunnel given up, did the heartbeat reach another scheduler?
+        Every ``watch_interval``: one look at all of the cluster's jobs
         (:meth:`~.watch.JobWatch.poll`; the main job ending or run again is a loss).
         """
         ctx, state = self.context, self.context.state
@@ -216,11 +216,9 @@ class MainJob(ProcessInterface):
                     "cancel them.",
                     cancel=False,
                 )
-            reached = await self._reached_id() if self.scheduler_id else None
-            if reached is not None and reached != self.scheduler_id:
-                await self._requeued(
-                    f"A different Dask scheduler ({reached}) now answers at {self.internal_address}"
-                )
+            if self.scheduler_id and self._reached not in (None, self.scheduler_id):
+                await self._requeued(f"A different Dask scheduler ({self._reached}) now answers "
+                                     f"at {self.internal_address}")  # fmt: skip
             if tick % checks:
                 continue
             left = state.remaining()
@@ -289,13 +287,14 @@ class MainJob(ProcessInterface):
                 state.jobs[name] = status
 
     async def _heartbeats(self, timeout: float) -> None:
-        """Tell the scheduler this cluster is alive; warn of modules the nodes lack (plugins)."""
-        interval = max(0.2, min(timeout / 4, self.context.settings.watch_interval))
+        """Tell the scheduler this cluster is alive; note its id; warn of modules the nodes lack."""
+        interval = max(0.2, min(timeout / 4, IDENTITY_CHECK_INTERVAL))
         args = self.context.connection_args
         async with rpc(self.address, timeout=10, connection_args=args) as scheduler:
             while True:  # one rpc: its comm is reused, and re-opened after a drop
                 try:
                     reply = await scheduler.dask_amlcompute_heartbeat()
+                    self._reached = reply.get("id")
                     for module in reply.get("missing_modules", ()):
                         logger.warning(missing_module_hint(module))
                 except Exception as exc:
@@ -339,29 +338,16 @@ class MainJob(ProcessInterface):
         if state.lifecycle is Lifecycle.DETACHING:  # not ours to stop: just disconnect
             await super().close()
             return
-        # SpecCluster has asked the scheduler to terminate: the nodes exit and the job
-        # completes by itself, but AML may show it Running for a while after. Wait on the
-        # job's own end first (bounded, few requests), then cancel to release the nodes.
-        started = time.monotonic()
-        delay = 0.5
-        while time.monotonic() - started < OWN_END_WAIT and not ctx.main_job_ended():
-            try:
-                info = await ctx.ops.get_job(self.job_name)
-            except Exception:
-                break
-            ctx.note(info)
-            if info.status in NOT_YET_RUNNING:  # queued again: it will not end by itself
-                break
-            if not ctx.main_job_ended():  # few requests: AML takes a while to notice
-                await asyncio.sleep(min(delay, started + OWN_END_WAIT - time.monotonic()))
-                delay *= 1.5
+        # SpecCluster has told the scheduler to terminate, so the job may be ending by itself,
+        # but AML can show it Running for a while: one status read, then cancel (AML accepts
+        # a cancel at once; nothing waits for the nodes to go, as for any cancel).
+        if not ctx.main_job_ended():
+            with suppress(Exception):
+                ctx.note(await ctx.ops.get_job(self.job_name))
         note = ""
         if not ctx.main_job_ended():
-            note = (
-                f" (still {state.jobs.get(self.job_name)} {time.monotonic() - started:.0f}s "
-                "after its scheduler was told to stop: cancelled to release its nodes)"
-            )
             known = state.jobs.get(self.job_name)
+            note = f" (still {known} after its scheduler was told to stop: cancelled)"
             if status := await ctx.ops.cancel(self.job_name, wait=False, status=known):
                 state.jobs[self.job_name] = status
         ctx.log(f"AML job {self.job_name}: {state.jobs.get(self.job_name)}{note}")

@@ -1,15 +1,11 @@
 """A cluster's AML jobs as Dask ``ProcessInterface`` objects.
 
-- :class:`MainJob`: the cluster's main job, SpecCluster's "scheduler". It submits
-  the job (or reconnects to it), waits for the published scheduler address,
-  connects, then one supervisor decides whether the cluster is lost (the tunnel, the
-  scheduler's identity, and all of the cluster's jobs: one job list per ``watch_interval``,
-  :mod:`~dask_amlcompute.backend.watch`); it stops the job on close.
-- :class:`MainJobWorkers`: the workers the main job runs beside the scheduler, one
-  SpecCluster worker group. It only waits for them to join; they die with the main job.
-- :class:`WorkerJob`: an extra worker job added by ``scale``/``adapt``, one worker group.
-  It submits the job (or adopts one found by ``from_name``), has the cluster's watch follow
-  it, and on close retires its workers (their data moves first), then cancels the job.
+- :class:`MainJob`, SpecCluster's "scheduler": submits (or reconnects to) the main job, waits
+  for its scheduler's address, connects; then one supervisor decides whether the cluster is
+  lost (tunnel, scheduler id, the job list of :mod:`~.watch`); stops the job on close.
+- :class:`MainJobWorkers`: the workers beside the scheduler; waits for them to join.
+- :class:`WorkerJob`: a worker job of ``scale``/``adapt`` (or found by ``from_name``); on
+  close its workers retire (their data moves first), then the job is cancelled.
 """
 
 from __future__ import annotations
@@ -79,7 +75,7 @@ class MainJob(ProcessInterface):
         self.internal_address: str | None = None
         self.dashboard_link: str | None = None
         #: The id of the scheduler the client connected to (``SCHEDULER_ID_TAG``), and of
-        #: the one the last heartbeat reached.
+        #: the one the last heartbeat reached (None: it failed).
         self.scheduler_id: str | None = None
         self._reached: str | None = None
         self._supervisor: asyncio.Task | None = None
@@ -88,8 +84,7 @@ class MainJob(ProcessInterface):
     def job(self) -> Any:
         """The job entity this interface submits."""
         s = self.context.settings
-        node = self.context.node_options("cluster", self.job_name)
-        return self.context.build(self.job_name, "cluster", s.n_nodes, node, s.job_timeout)
+        return self.context.build(self.job_name, "cluster", s.n_nodes, s.job_timeout)
 
     async def start(self) -> None:
         ctx, s, state = self.context, self.context.settings, self.context.state
@@ -145,14 +140,7 @@ class MainJob(ProcessInterface):
                         "again. The job was cancelled; start a new cluster."
                     )
             except SchedulerUnreachableError:
-                info = await ctx.ops.get_job(self.job_name)
-                ctx.note(info)
-                if info.terminal:  # the scheduler did not stay up: say why
-                    raise await job_error(
-                        ctx.ops,
-                        info,
-                        f"AML job {self.job_name} ended {info.status} during startup.",
-                    ) from None
+                await refresh(ctx, self.job_name, "during startup.")  # ended: say why
                 raise
         except BaseException:
             if not self.attach:
@@ -167,11 +155,14 @@ class MainJob(ProcessInterface):
         await super().start()
 
     async def gone(self) -> bool:
-        """True if the main job has ended or its scheduler no longer answers."""
+        """True if the main job has ended or its scheduler no longer answers.
+
+        The job is read only if the last heartbeat failed (a close makes no extra round trip).
+        """
         ctx = self.context
         if self.address is None:
             return True
-        if not ctx.main_job_ended():
+        if not ctx.main_job_ended() and self._reached is None:
             try:
                 ctx.note(await ctx.ops.get_job(self.job_name))
             except Exception as exc:
@@ -180,15 +171,11 @@ class MainJob(ProcessInterface):
 
     async def _reached_id(self) -> str | None:
         """The id of the scheduler the client's address reaches now (None: no answer)."""
-        try:
-            async with rpc(
-                self.address, timeout=10, connection_args=self.context.connection_args
-            ) as scheduler:
-                identity = await scheduler.identity()
-        except Exception as exc:
-            logger.debug("Asking %s for its identity failed: %s", self.address, exc)
-            return None
-        return identity.get("id")
+        args = self.context.connection_args
+        with suppress(Exception):
+            async with rpc(self.address, timeout=10, connection_args=args) as scheduler:
+                return (await scheduler.identity()).get("id")
+        return None
 
     async def _supervise(self) -> None:
         """Decide whether the cluster is lost, until it is; warn before ``job_timeout``.
@@ -298,6 +285,7 @@ class MainJob(ProcessInterface):
                     for module in reply.get("missing_modules", ()):
                         logger.warning(missing_module_hint(module))
                 except Exception as exc:
+                    self._reached = None
                     logger.debug("Heartbeat to %s failed: %s", self.address, exc)
                 await asyncio.sleep(interval)
 
@@ -329,42 +317,31 @@ class MainJob(ProcessInterface):
         return f"AML job {name} {info.status}: a node of the main job failed or was lost."
 
     async def close(self) -> None:
-        ctx, state = self.context, self.context.state
+        ctx, jobs, name = self.context, self.context.state.jobs, self.job_name
         for task in (self._supervisor, self._heartbeat):
             if task is not None:
                 task.cancel()
-        # the scheduler was told to stop already; the job's status comes from the control plane
-        await self.connector.close()
-        if state.lifecycle is Lifecycle.DETACHING:  # not ours to stop: just disconnect
-            await super().close()
-            return
-        # SpecCluster has told the scheduler to terminate, so the job may be ending by itself,
-        # but AML can show it Running for a while: one status read, then cancel (AML accepts
-        # a cancel at once; nothing waits for the nodes to go, as for any cancel).
-        if not ctx.main_job_ended():
-            with suppress(Exception):
-                ctx.note(await ctx.ops.get_job(self.job_name))
-        note = ""
-        if not ctx.main_job_ended():
-            known = state.jobs.get(self.job_name)
-            note = f" (still {known} after its scheduler was told to stop: cancelled)"
-            if status := await ctx.ops.cancel(self.job_name, wait=False, status=known):
-                state.jobs[self.job_name] = status
-        ctx.log(f"AML job {self.job_name}: {state.jobs.get(self.job_name)}{note}")
+        await self.connector.close()  # the scheduler was told to stop already
+        if ctx.state.lifecycle is not Lifecycle.DETACHING:  # ours to stop
+            # SpecCluster told the scheduler to terminate, but AML can show the job Running
+            # a while after: one status read, then a cancel (accepted at once; issue 28)
+            if not ctx.main_job_ended():
+                with suppress(Exception):
+                    ctx.note(await ctx.ops.get_job(name))
+            note, known = "", jobs.get(name)
+            if not ctx.main_job_ended():
+                note = f" (still {known} after its scheduler was told to stop: cancelled)"
+                if status := await ctx.ops.cancel(name, wait=False, status=known):
+                    jobs[name] = status
+            ctx.log(f"AML job {name}: {jobs.get(name)}{note}")
         await super().close()
 
 
 class _JobWorkers(ProcessInterface):
     """The Dask workers of one AML job: one SpecCluster worker group.
 
-    Parameters
-    ----------
-    scheduler
-        Address of the scheduler (as the client reaches it).
-    name, suffixes
-        Group name; the job's workers are called ``name + suffix`` (``-RANK-INDEX``).
-    context
-        The cluster's context.
+    Workers ``name + suffix`` for each of ``suffixes`` (``-RANK-INDEX``); ``scheduler``: its
+    address as the client reaches it.
     """
 
     def __init__(
@@ -386,23 +363,11 @@ class MainJobWorkers(_JobWorkers):
     """
 
     async def start(self) -> None:
-        await self._wait_for_workers()
-        self.context.state.phases.mark("workers joined")
         from .versions import check_versions
 
-        await check_versions(
-            self.scheduler, self.context.connection_args, self.context.settings.version_check
-        )
-        await super().start()
-
-    async def _wait_for_workers(self) -> None:
-        ctx = self.context
-        job_name = ctx.main_job
-        timeout = ctx.settings.startup_timeout
-        deadline = time.monotonic() + timeout
-        wanted = set(self.worker_names)
-        last_check = time.monotonic()
-        joined: set[str] = set()
+        ctx, timeout = self.context, self.context.settings.startup_timeout
+        deadline = (last_check := time.monotonic()) + timeout
+        wanted, joined = set(self.worker_names), set()
         async with rpc(self.scheduler, timeout=5, connection_args=ctx.connection_args) as scheduler:
             while True:
                 try:
@@ -412,22 +377,24 @@ class MainJobWorkers(_JobWorkers):
                     logger.debug("Scheduler not answering: %s", exc)
                     last_check = -math.inf
                 if wanted <= joined:
-                    return
+                    break
                 now = time.monotonic()
-                if now - last_check >= ctx.settings.poll_interval:
+                if now >= deadline or now - last_check >= ctx.settings.poll_interval:
                     last_check = now
-                    await refresh(ctx, job_name, "before its workers joined.")
-                if now >= deadline:
-                    info = await ctx.ops.get_job(job_name)
-                    missing = ", ".join(sorted(wanted - joined))
-                    raise await job_error(
-                        ctx.ops,
-                        info,
-                        f"Workers {missing} did not join the scheduler within {timeout:.0f}s "
-                        f"(startup_timeout). {LIKELY_CAUSES.get(info.status, '')}",
-                        StartupTimeoutError,
-                    )
+                    info = await refresh(ctx, ctx.main_job, "before its workers joined.")
+                    if now >= deadline:
+                        raise await job_error(
+                            ctx.ops,
+                            info,
+                            f"Workers {', '.join(sorted(wanted - joined))} did not join the "
+                            f"scheduler within {timeout:.0f}s (startup_timeout). "
+                            + LIKELY_CAUSES.get(info.status, ""),
+                            StartupTimeoutError,
+                        )
                 await asyncio.sleep(0.1)
+        ctx.state.phases.mark("workers joined")
+        await check_versions(self.scheduler, ctx.connection_args, ctx.settings.version_check)
+        await super().start()
 
 
 class WorkerJob(_JobWorkers):
@@ -436,16 +403,12 @@ class WorkerJob(_JobWorkers):
     Parameters
     ----------
     scheduler, name, context, suffixes
-        As for the other worker groups; ``name`` is also the AML job name.
-    watch
-        The cluster's job watch (follows the job).
+        As for the other worker groups (``name``: the AML job's); ``watch``: the cluster's.
     on_ended
         Called with ``(name, preempted)`` when the job ends by itself (failure,
         preemption, timeout) or cannot be submitted, so scaling can replace it.
-    n_nodes
-        Nodes of the job.
-    existing
-        The job already runs (found by ``from_name``): adopt it, submit nothing.
+    n_nodes, existing
+        Nodes of the job; it already runs (found by ``from_name``): adopt it, submit nothing.
     """
 
     def __init__(
@@ -463,11 +426,10 @@ class WorkerJob(_JobWorkers):
         self.watch = watch
         self.on_ended = on_ended
         self.n_nodes = n_nodes
-        self.existing = existing
         self._submitted = existing
 
     async def start(self) -> None:
-        if self.existing or await self._submit():
+        if self._submitted or await self._submit():
             self.watch.follow(self.name, self._job_ended)  # one job list for all of them
         await super().start()
 
@@ -481,8 +443,7 @@ class WorkerJob(_JobWorkers):
                 ctx.log(f"Not submitting {self.name}: the cluster's deadline is {left:.0f}s away")
                 return False
             timeout = left  # never outlive the cluster's deadline
-        node = ctx.node_options("workers", self.name, state.scheduler_address)
-        job = ctx.build(self.name, "workers", self.n_nodes, node, timeout)
+        job = ctx.build(self.name, "workers", self.n_nodes, timeout, state.scheduler_address)
         ctx.log(f"Submitting worker job {self.name}: {self.n_nodes} node(s)")
         try:
             info = await ctx.ops.submit(job)

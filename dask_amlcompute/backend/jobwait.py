@@ -28,20 +28,7 @@ if TYPE_CHECKING:
     from .ops import AmlOps
     from .state import ClusterContext, Phases
 
-__all__ = [
-    "LIKELY_CAUSES",
-    "OWN_BOUNDS",
-    "PHASE_MESSAGES",
-    "RUN_HISTORY_FALLBACK_AFTER",
-    "failed_error",
-    "job_error",
-    "missing_module_hint",
-    "refresh",
-    "wait_for_tag",
-]
-
 logger = logging.getLogger(__name__)
-
 
 #: Seconds between polls while a running job has not published its address yet ...
 RUNNING_POLL = 0.25
@@ -235,17 +222,13 @@ async def wait_for_tag(
 ) -> JobInfo:
     """Poll a job until it publishes ``tag``; fail fast if it ends; bounded.
 
-    Time in ``Preparing`` (image build: 5-20 minutes) and ``Queued`` (node allocation) is
-    bounded by ``settings.prepare_timeout`` / ``queue_timeout``, not counted in ``timeout``
-    (``startup_timeout``), and left in ``phases.spent``; ``phases`` marks each status. Polling backs off to
-    ``settings.poll_interval``; once the job runs it stays at :data:`RUNNING_POLL` for
-    :data:`RUNNING_FAST_FOR` seconds. The tag is read from the job resource, and after
-    :data:`RUN_HISTORY_FALLBACK_AFTER` seconds of running also from run history.
+    Time in Preparing and Queued is bounded by ``prepare_timeout`` / ``queue_timeout``, not by
+    ``timeout`` (``startup_timeout``), and left in ``phases.spent``. Polls back off to
+    ``poll_interval``, but stay at :data:`RUNNING_POLL` for :data:`RUNNING_FAST_FOR` s of
+    Running; after :data:`RUN_HISTORY_FALLBACK_AFTER` s the tag is read from run history too.
     """
     s = ctx.settings
-    delay = min(0.2, s.poll_interval)
     started = last_said = time.monotonic()
-    running_since: float | None = None
     clock = _PhaseClock(phases.spent)
     last_fallback = -math.inf  # when run history was last read for the tag
     while True:
@@ -259,19 +242,13 @@ async def wait_for_tag(
         if new:
             delay = min(0.2, s.poll_interval)  # things move: look again soon
         clock.update(info.status, now)
-        if info.status in OWN_BOUNDS:
+        if info.status in (*OWN_BOUNDS, "Running"):
             phases.mark(info.status)
-        if info.status == "Running" and running_since is None:
-            running_since = now
-            phases.mark("Running")
         if tag in info.tags:
             return info
-        if (
-            running_since is not None
-            and now - running_since >= RUN_HISTORY_FALLBACK_AFTER
-            and now - last_fallback >= s.poll_interval  # not at the fast poll's pace
-        ):
-            last_fallback = now
+        ran = now - phases.started - phases.reached.get("Running", math.inf)  # -inf: not yet
+        if ran >= RUN_HISTORY_FALLBACK_AFTER and now - last_fallback >= s.poll_interval:
+            last_fallback = now  # (not at the fast poll's pace)
             merged = await ctx.ops.with_run_tags(info)
             if tag in merged.tags:
                 logger.info("Read %s of %s from run history (not on the job yet)", tag, job_name)
@@ -283,39 +260,36 @@ async def wait_for_tag(
                 f"AML job {job_name} ended {info.status} while the Dask cluster was starting.",
             )
         own_left = clock.left(s)
-        if own_left is not None and own_left <= 0:
-            raise await _phase_timeout(ctx, info, clock.spent[info.status])
         deadline = started + timeout + sum(clock.spent.values())
-        if now >= deadline:
-            cause = LIKELY_CAUSES.get(info.status, "")
-            raise await job_error(
-                ctx.ops,
-                info,
-                f"The Dask scheduler did not start within {timeout:.0f}s (startup_timeout, time "
-                f"in Preparing and Queued not counted). The job is {info.status}: {cause}"
-                + CANCELLED[ctx.plan.mode],
-                StartupTimeoutError,
-            )
-        limit = deadline if own_left is None else now + own_left
-        if running_since is not None and now - running_since < RUNNING_FAST_FOR:
+        if now >= deadline or (own_left is not None and own_left <= 0):
+            own = own_left is not None and own_left <= 0
+            raise await _timeout(ctx, info, timeout, clock.spent[info.status] if own else None)
+        if 0 <= ran < RUNNING_FAST_FOR:
             delay = min(RUNNING_POLL, s.poll_interval)  # the address is moments away
+        limit = deadline if own_left is None else now + own_left
         await asyncio.sleep(min(delay, max(0.0, limit - now)))
         delay = min(delay * 1.5, s.poll_interval)
 
 
-async def _phase_timeout(ctx: ClusterContext, info: JobInfo, spent: float) -> JobError:
-    """The error for a job that stayed in Preparing or Queued past its own bound."""
-    setting = OWN_BOUNDS[info.status]
-    bound = float(getattr(ctx.settings, setting))
-    hint = f" ({ctx.plan.queue_hint})" if info.status == "Queued" and ctx.plan.queue_hint else ""
-    return await job_error(
-        ctx.ops,
-        info,
-        f"The job stayed in {info.status} for {_minutes(spent)} ({setting}={bound:.0f}s): "
-        f"{LIKELY_CAUSES[info.status]}{hint} Raise {setting} to wait longer."
-        + CANCELLED[ctx.plan.mode],
-        StartupTimeoutError,
-    )
+async def _timeout(
+    ctx: ClusterContext, info: JobInfo, timeout: float, spent: float | None
+) -> JobError:
+    """A job past ``startup_timeout``, or (``spent`` there) past its status's own bound."""
+    status, cause = info.status, LIKELY_CAUSES.get(info.status, "")
+    if spent is None:
+        why = (
+            f"The Dask scheduler did not start within {timeout:.0f}s (startup_timeout, time in "
+            f"Preparing and Queued not counted). The job is {status}: {cause}"
+        )
+    else:
+        setting = OWN_BOUNDS[status]
+        hint = f" ({ctx.plan.queue_hint})" if status == "Queued" and ctx.plan.queue_hint else ""
+        why = (
+            f"The job stayed in {status} for {_minutes(spent)} ({setting}="
+            f"{float(getattr(ctx.settings, setting)):.0f}s): {cause}{hint} Raise {setting} to "
+            "wait longer."
+        )
+    return await job_error(ctx.ops, info, why + CANCELLED[ctx.plan.mode], StartupTimeoutError)
 
 
 def missing_module_hint(module: str) -> str:

@@ -1,14 +1,11 @@
 """Cancel a cluster's AML jobs however its client process ends.
 
-``close()`` cancels a cluster's jobs through :class:`~.ops.AmlOps`, on the cluster's event
-loop and thread pool. A process that ends without ``close()`` has neither by then: interpreter
-exit (an unhandled exception and Ctrl-C included) runs the exit hooks after Python has shut its
-thread pools down, and SIGTERM (a kernel restart) or SIGHUP end the process without running
-them at all. So a cluster that owns its jobs registers them here (:func:`own`), and whatever
-has not ended is cancelled without an event loop or executor: one
-``jobs.begin_cancel(name, polling=False)`` request per job (AML accepts it; nothing waits for
-the job to end), no retries, short socket timeouts, every job in its own daemon thread, all
-joined against one deadline. An exit never hangs on an unreachable control plane.
+A process that ends without ``close()`` has no event loop or thread pool left for
+:class:`~.ops.AmlOps`: exit hooks run after Python shut its pools down, and SIGTERM (a
+kernel restart) or SIGHUP run none. So a cluster registers its jobs here (:func:`own`);
+whatever has not ended is cancelled by one ``jobs.begin_cancel(name, polling=False)`` per job
+(AML accepts it; nothing waits for the end), no retries, short socket timeouts, each in its
+own daemon thread, all joined against one deadline: an exit never hangs on the control plane.
 """
 
 from __future__ import annotations
@@ -56,10 +53,7 @@ _exit_hook = False
 
 
 def own(cluster: Any, ml_client: Any, jobs: dict[str, str]) -> int:
-    """Cancel ``jobs`` if the process ends without ``cluster.close()``.
-
-    A running cluster is never garbage collected before that (Dask's own tasks on its
-    event loop hold it), so a dropped, unclosed cluster is cancelled at exit too.
+    """Cancel ``jobs`` if the process ends without ``cluster.close()`` (a dropped cluster too).
 
     Installs, once, an exit hook and (from the main thread, where SIGTERM or SIGHUP still
     have their default action) a handler that cancels before the signal ends the process.

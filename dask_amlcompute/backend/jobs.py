@@ -33,8 +33,8 @@ from .watch import JobWatch
 
 logger = logging.getLogger(__name__)
 
-#: Most seconds between checks that the tunnel is up and the scheduler the client uses is
-#: still the one it connected to (the heartbeat's reply names it: no control-plane request).
+#: Most seconds between heartbeats, each a check that the tunnel is up and the scheduler the
+#: client uses is still the one it connected to (the reply names it).
 IDENTITY_CHECK_INTERVAL = 5.0
 #: Job statuses before Running: the main job back in one of them is being run again.
 NOT_YET_RUNNING = ("NotStarted", "Starting", "Provisioning", "Queued", "Preparing")
@@ -150,7 +150,6 @@ class MainJob(ProcessInterface):
         state.lifecycle = Lifecycle.RUNNING
         self.watch.follow(self.job_name, self._job_ended, self._main_update)
         self._supervisor = asyncio.create_task(self._supervise())
-        # apart: a slow control plane delays the supervisor, never the scheduler's keep-alive
         self._heartbeat = asyncio.create_task(self._heartbeats(s.no_client_timeout or math.inf))
         await super().start()
 
@@ -163,10 +162,8 @@ class MainJob(ProcessInterface):
         if self.address is None:
             return True
         if not ctx.main_job_ended() and self._reached is None:
-            try:
+            with suppress(Exception):
                 ctx.note(await ctx.ops.get_job(self.job_name))
-            except Exception as exc:
-                logger.debug("Could not refresh %s: %s", self.job_name, exc)
         return ctx.main_job_ended() or not await reachable(*host_port(self.address), timeout=3)
 
     async def _reached_id(self) -> str | None:
@@ -178,36 +175,16 @@ class MainJob(ProcessInterface):
         return None
 
     async def _supervise(self) -> None:
-        """Decide whether the cluster is lost, until it is; warn before ``job_timeout``.
+        """Every ``watch_interval``, look at all of the cluster's jobs until it is lost.
 
-        Every few seconds: has the tunnel given up, did the heartbeat reach another scheduler?
-        Every ``watch_interval``: one look at all of the cluster's jobs
-        (:meth:`~.watch.JobWatch.poll`; the main job ending or run again is a loss).
+        :meth:`~.watch.JobWatch.poll`: the main job ending or run again is a loss. Warns
+        before ``job_timeout``.
         """
         ctx, state = self.context, self.context.state
-        every, timeout = ctx.settings.watch_interval, ctx.settings.job_timeout
-        checks = math.ceil(every / IDENTITY_CHECK_INTERVAL)  # per watch_interval
-        warn_before = min(600.0, 0.1 * timeout) if timeout else 0.0
-        warned, tick = False, 0
+        timeout = ctx.settings.job_timeout
+        warn_before, warned = min(600.0, 0.1 * timeout) if timeout else 0.0, False
         while state.lost_reason is None:
-            await asyncio.sleep(every / checks)
-            tick += 1
-            if self.connector.failure is not None:
-                return await self._lost(
-                    f"The SSH tunnel to the scheduler of AML job {self.job_name} dropped and "
-                    f"could not be re-established ({self.connector.failure}): this cluster object "
-                    "cannot reach the scheduler; work in flight is lost (distributed cancels the "
-                    "futures pending on each client: 'scheduler-connection-lost'). The cluster's "
-                    "jobs keep running: attach again with AmlComputeCluster.from_name("
-                    f"{ctx.settings.name!r}) once the network is back, or close this object to "
-                    "cancel them.",
-                    cancel=False,
-                )
-            if self.scheduler_id and self._reached not in (None, self.scheduler_id):
-                await self._requeued(f"A different Dask scheduler ({self._reached}) now answers "
-                                     f"at {self.internal_address}")  # fmt: skip
-            if tick % checks:
-                continue
+            await asyncio.sleep(ctx.settings.watch_interval)
             left = state.remaining()
             if left is not None and not warned and 0 < left <= warn_before:
                 warned = True
@@ -261,7 +238,7 @@ class MainJob(ProcessInterface):
         state.lost_reason = f"{why} {LOST_WORK}" if cancel else why
         logger.warning("Dask cluster %s is lost: %s", ctx.settings.name, state.lost_reason)
         ctx.log(state.lost_reason)
-        if self._heartbeat is not None:  # never keep the new scheduler alive
+        if self._heartbeat not in (None, asyncio.current_task()):  # keep no new scheduler alive
             self._heartbeat.cancel()
         await self.connector.close()  # a tunnel's local ports close: nothing reaches it
         if not cancel:
@@ -274,11 +251,25 @@ class MainJob(ProcessInterface):
                 state.jobs[name] = status
 
     async def _heartbeats(self, timeout: float) -> None:
-        """Tell the scheduler this cluster is alive; note its id; warn of modules the nodes lack."""
+        """Tell the scheduler this cluster is alive; warn of modules the nodes lack.
+
+        The cluster is lost once the tunnel gave up or another scheduler answers (no
+        control-plane request here: a slow one never delays the keep-alive).
+        """
         interval = max(0.2, min(timeout / 4, IDENTITY_CHECK_INTERVAL))
         args = self.context.connection_args
         async with rpc(self.address, timeout=10, connection_args=args) as scheduler:
-            while True:  # one rpc: its comm is reused, and re-opened after a drop
+            while self.context.state.lost_reason is None:  # one rpc: its comm is reused
+                if self.connector.failure is not None:
+                    return await self._lost(
+                        f"The SSH tunnel to the scheduler of AML job {self.job_name} dropped and "
+                        f"could not be re-established ({self.connector.failure}): work in flight "
+                        "is lost ('scheduler-connection-lost'). The cluster's jobs keep running: "
+                        "attach again with AmlComputeCluster.from_name("
+                        f"{self.context.settings.name!r}) once the network is back, or close "
+                        "this object to cancel them.",
+                        cancel=False,
+                    )
                 try:
                     reply = await scheduler.dask_amlcompute_heartbeat()
                     self._reached = reply.get("id")
@@ -287,6 +278,9 @@ class MainJob(ProcessInterface):
                 except Exception as exc:
                     self._reached = None
                     logger.debug("Heartbeat to %s failed: %s", self.address, exc)
+                if self.scheduler_id and self._reached not in (None, self.scheduler_id):
+                    return await self._requeued(f"A different Dask scheduler ({self._reached}) "
+                                                f"now answers at {self.internal_address}")  # fmt: skip
                 await asyncio.sleep(interval)
 
     async def _job_ended(self, info: JobInfo) -> None:

@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..exceptions import (
     EnvironmentBuildError,
@@ -56,12 +56,10 @@ LIKELY_CAUSES = {
 }
 #: What became of a job that did not start (a reattached cluster's job is not cancelled).
 CANCELLED = {"create": " The job was cancelled.", "attach": ""}
-#: Statuses with a bound of their own (the setting), not counted in ``startup_timeout``.
-#: AML's order (JobStatus, learn.microsoft.com/javascript/api/@azure/arm-machinelearning/
-#: jobstatus): Preparing ("the run environment is being prepared": the image build), then
-#: Queued ("waiting for all required nodes to be ready": scale-up and quota), then Running.
+#: Statuses with a bound of their own (the setting), not counted in ``startup_timeout``:
+#: AML's Preparing (the image build), then Queued (scale-up and quota), then Running
+#: (JobStatus, learn.microsoft.com/javascript/api/@azure/arm-machinelearning/jobstatus).
 OWN_BOUNDS = {"Preparing": "prepare_timeout", "Queued": "queue_timeout"}
-
 
 #: The start of AML's error when the environment image does not build ("Image build failed.
 #: For more details, check log file azureml-logs/20_image_build_log.txt."; seen in public job
@@ -111,16 +109,32 @@ async def job_error(
     requirements the build log says could not be installed, with the log's tail.
     """
     aml_message, log_files = await ops.run_details(info.name)
+    requirements = None
     if aml_message and IMAGE_BUILD_FAILED in aml_message:
-        return await _build_error(ops, info, aml_message, log_files)
-    tail = await ops.log_tail(log_files) if log_files else None
+        key = next((k for k in sorted(log_files) if IMAGE_BUILD_LOG in k), None)
+        text = await ops.read_log(log_files[key]) if key else None
+        requirements = uninstallable_requirements(text or "")
+        what = f"see {key or 'the image build log'} for why"
+        if requirements:
+            what = (
+                f"these requirements cannot be installed: {', '.join(requirements)}. Remove or "
+                "fix them (pip_packages / conda_packages, or your environment's conda file); "
+                "every requirement must come from a package index the build can reach"
+            )
+        message = f"AML could not build the node environment of job {info.name}: {what}."
+        cls, tail = EnvironmentBuildError, "\n".join(text.splitlines()[-30:]) if text else None
+    else:
+        tail = await ops.log_tail(log_files) if log_files else None
     if aml_message:
         message = f"{message}\nAML says: {aml_message}"
     if cls is None:
         cls = JobCanceledError if info.status == "Canceled" else JobFailedError
-    return cls(
+    error = cls(
         message, job_name=info.name, status=info.status, studio_url=info.studio_url, log_tail=tail
     )
+    if isinstance(error, EnvironmentBuildError):
+        error.requirements = requirements or []
+    return error
 
 
 async def refresh(ctx: ClusterContext, job_name: str, when: str) -> JobInfo:
@@ -143,32 +157,6 @@ async def failed_error(ops: AmlOps, name: str, timeout: float) -> JobError | Non
     return await job_error(ops, info, f"AML job {name} failed while the Dask cluster was starting.")
 
 
-async def _build_error(
-    ops: AmlOps, info: JobInfo, aml_message: str, log_files: dict[str, str]
-) -> EnvironmentBuildError:
-    key = next((k for k in sorted(log_files) if IMAGE_BUILD_LOG in k), None)
-    text = await ops.read_log(log_files[key]) if key else None
-    requirements = uninstallable_requirements(text or "")
-    if requirements:
-        what = (
-            f"these requirements cannot be installed: {', '.join(requirements)}. Remove or fix "
-            "them (pip_packages / conda_packages, or your environment's conda file); every "
-            "requirement must come from a package index the build can reach"
-        )
-    else:
-        what = f"see {key or 'the image build log'} for why"
-    error = EnvironmentBuildError(
-        f"AML could not build the node environment of job {info.name}: {what}.\n"
-        f"AML says: {aml_message}",
-        job_name=info.name,
-        status=info.status,
-        studio_url=info.studio_url,
-        log_tail="\n".join(text.splitlines()[-30:]) if text else None,
-    )
-    error.requirements = requirements
-    return error
-
-
 #: What each phase is, shown when a job enters it.
 PHASE_MESSAGES = {
     "Preparing": (
@@ -183,27 +171,6 @@ STILL_WAITING_EVERY = 60.0
 
 def _minutes(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f} min"
-
-
-class _PhaseClock:
-    """Seconds a job spent in each status of :data:`OWN_BOUNDS` (the current stay included)."""
-
-    def __init__(self, spent: dict[str, float]) -> None:
-        self.spent = spent
-        spent.update(dict.fromkeys(OWN_BOUNDS, 0.0))
-        self.status: str | None = None
-        self.since = 0.0
-
-    def update(self, status: str, now: float) -> None:
-        if self.status in self.spent:
-            self.spent[self.status] += now - self.since
-        self.status, self.since = status, now
-
-    def left(self, settings: Any) -> float | None:
-        """Seconds left of the current status's own bound (None: it has none)."""
-        if self.status not in OWN_BOUNDS:
-            return None
-        return float(getattr(settings, OWN_BOUNDS[self.status])) - self.spent[self.status]
 
 
 def _progress(ctx: ClusterContext, job_name: str, info: JobInfo, elapsed: float, new: bool) -> None:
@@ -227,21 +194,24 @@ async def wait_for_tag(
     ``poll_interval``, but stay at :data:`RUNNING_POLL` for :data:`RUNNING_FAST_FOR` s of
     Running; after :data:`RUN_HISTORY_FALLBACK_AFTER` s the tag is read from run history too.
     """
-    s = ctx.settings
-    started = last_said = time.monotonic()
-    clock = _PhaseClock(phases.spent)
+    s, spent = ctx.settings, phases.spent
+    started = last_said = since = time.monotonic()
+    status: str | None = None  # the last poll's, since ``since``
+    spent.update(dict.fromkeys(OWN_BOUNDS, 0.0))
     last_fallback = -math.inf  # when run history was last read for the tag
     while True:
         info = await ctx.ops.get_job(job_name)
         now = time.monotonic()
         ctx.note(info)
-        new = info.status != clock.status
+        new = info.status != status
         if new or (now - last_said >= STILL_WAITING_EVERY and not info.terminal):
             _progress(ctx, job_name, info, now - started, new)
             last_said = now
         if new:
             delay = min(0.2, s.poll_interval)  # things move: look again soon
-        clock.update(info.status, now)
+        if status in spent:
+            spent[status] += now - since
+        status, since = info.status, now
         if info.status in (*OWN_BOUNDS, "Running"):
             phases.mark(info.status)
         if tag in info.tags:
@@ -259,11 +229,12 @@ async def wait_for_tag(
                 info,
                 f"AML job {job_name} ended {info.status} while the Dask cluster was starting.",
             )
-        own_left = clock.left(s)
-        deadline = started + timeout + sum(clock.spent.values())
+        bound = OWN_BOUNDS.get(info.status)
+        own_left = float(getattr(s, bound)) - spent[info.status] if bound else None
+        deadline = started + timeout + sum(spent.values())
         if now >= deadline or (own_left is not None and own_left <= 0):
             own = own_left is not None and own_left <= 0
-            raise await _timeout(ctx, info, timeout, clock.spent[info.status] if own else None)
+            raise await _timeout(ctx, info, timeout, spent[info.status] if own else None)
         if 0 <= ran < RUNNING_FAST_FOR:
             delay = min(RUNNING_POLL, s.poll_interval)  # the address is moments away
         limit = deadline if own_left is None else now + own_left

@@ -58,20 +58,9 @@ def own(cluster: Any, ml_client: Any, jobs: dict[str, str]) -> int:
     Installs, once, an exit hook and (from the main thread, where SIGTERM or SIGHUP still
     have their default action) a handler that cancels before the signal ends the process.
 
-    Parameters
-    ----------
-    cluster
-        The cluster object (held weakly: at exit, a cluster whose ``shutdown_on_close`` is
-        now False is left running).
-    ml_client
-        The ``MLClient`` the cancels go through.
-    jobs
-        The cluster's jobs and their last known status, as the cluster updates them.
-
-    Returns
-    -------
-    int
-        The key for :func:`release`.
+    ``cluster`` is held weakly (at exit, one whose ``shutdown_on_close`` is now False is left
+    running); ``jobs`` are its jobs and their last known status, as it updates them. Returns
+    the key for :func:`release`.
     """
     global _exit_hook
     key = next(_keys)
@@ -102,14 +91,9 @@ def release(key: int, detached: bool = False) -> None:
 
 
 def cancel_owned(*keys: int, timeout: float = EXIT_CANCEL_TIMEOUT) -> None:
-    """Cancel the jobs of the given clusters (all: none given) that have not ended; bounded.
+    """Cancel the jobs of the clusters of ``keys`` (all: none) that have not ended.
 
-    Parameters
-    ----------
-    *keys
-        Keys from :func:`own`.
-    timeout
-        Seconds to wait for all the cancel requests together.
+    ``timeout``: seconds to wait for all the cancel requests together.
     """
     with _lock:
         found = [_owned.pop(k) for k in (keys or list(_owned)) if k in _owned]

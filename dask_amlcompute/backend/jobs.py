@@ -33,15 +33,11 @@ from .watch import JobWatch
 
 logger = logging.getLogger(__name__)
 
-#: Most seconds between heartbeats, each a check that the tunnel is up and the scheduler the
-#: client uses is still the one it connected to (the reply names it).
+#: Most seconds between heartbeats (each checks the tunnel and which scheduler answers).
 IDENTITY_CHECK_INTERVAL = 5.0
-#: Job statuses before Running: the main job back in one of them is being run again.
+#: The main job going back from a status of ``RAN`` to one of ``NOT_YET_RUNNING`` runs again.
 NOT_YET_RUNNING = ("NotStarted", "Starting", "Provisioning", "Queued", "Preparing")
-#: Job statuses after a start: the main job going back from one of them is being run again.
 RAN = ("Running", "Finalizing")
-#: Why a scheduler that AML started again is of no use.
-NEW_SCHEDULER = "The new scheduler has none of this cluster's workers or data."
 #: What a lost cluster means for the user's work, and what to do.
 LOST_WORK = (
     "Work in flight is lost: distributed cancels the futures pending on each client "
@@ -53,14 +49,8 @@ LOST_WORK = (
 class MainJob(ProcessInterface):
     """The cluster's main AML job, seen from SpecCluster as its scheduler.
 
-    Parameters
-    ----------
-    context, watch
-        The cluster's context and job watch.
-    connector
-        Reaches the published scheduler address (directly or through a tunnel).
-    attach
-        Reconnect to the running job (``from_name``) instead of submitting it.
+    ``connector`` reaches the published scheduler address (directly or through a tunnel);
+    ``attach``: reconnect to the running job (``from_name``) instead of submitting it.
     """
 
     def __init__(
@@ -154,10 +144,7 @@ class MainJob(ProcessInterface):
         await super().start()
 
     async def gone(self) -> bool:
-        """True if the main job has ended or its scheduler no longer answers.
-
-        The job is read only if the last heartbeat failed (a close makes no extra round trip).
-        """
+        """True if the main job ended or its scheduler is gone (job read if a heartbeat failed)."""
         ctx = self.context
         if self.address is None:
             return True
@@ -224,7 +211,8 @@ class MainJob(ProcessInterface):
         """The main job runs again (a new scheduler): one wording, whichever ``evidence`` came first."""
         await self._lost(
             f"{evidence}: the rank-0 node of AML job {self.job_name} was preempted and AML "
-            f"requeued the job to run it again. {NEW_SCHEDULER}"
+            "requeued the job to run it again. The new scheduler has none of this cluster's "
+            "workers or data."
         )
 
     async def _lost(self, why: str, cancel: bool = True) -> None:
@@ -294,8 +282,7 @@ class MainJob(ProcessInterface):
 
     def _end_cause(self, info: JobInfo) -> str:
         """What most likely ended the main job, and what to do about it."""
-        s, state, name = self.context.settings, self.context.state, self.job_name
-        left = state.remaining()
+        s, name, left = self.context.settings, self.job_name, self.context.state.remaining()
         if info.status == "Canceled" and left is not None and left <= s.watch_interval + 5:
             return (
                 f"AML job {name} was Canceled: the cluster's job_timeout ({s.job_timeout:.0f} s) "
@@ -396,8 +383,8 @@ class WorkerJob(_JobWorkers):
 
     Parameters
     ----------
-    scheduler, name, context, suffixes
-        As for the other worker groups (``name``: the AML job's); ``watch``: the cluster's.
+    scheduler, name, context, suffixes, watch
+        As for the other worker groups (``name``: the AML job's); the cluster's job watch.
     on_ended
         Called with ``(name, preempted)`` when the job ends by itself (failure,
         preemption, timeout) or cannot be submitted, so scaling can replace it.
@@ -431,12 +418,10 @@ class WorkerJob(_JobWorkers):
         """Submit this worker job (its workers join later: the job may queue for minutes)."""
         ctx, state = self.context, self.context.state
         left = state.remaining()
-        timeout = ctx.settings.job_timeout
-        if left is not None:
-            if left < 60:
-                ctx.log(f"Not submitting {self.name}: the cluster's deadline is {left:.0f}s away")
-                return False
-            timeout = left  # never outlive the cluster's deadline
+        if left is not None and left < 60:
+            ctx.log(f"Not submitting {self.name}: the cluster's deadline is {left:.0f}s away")
+            return False
+        timeout = ctx.settings.job_timeout if left is None else left  # not past the deadline
         job = ctx.build(self.name, "workers", self.n_nodes, timeout, state.scheduler_address)
         ctx.log(f"Submitting worker job {self.name}: {self.n_nodes} node(s)")
         try:

@@ -1,9 +1,8 @@
 """Waiting for an AML job to publish a run tag, and explaining why a job ended.
 
-:func:`wait_for_tag` polls a job (with back-off, bounded) until its scheduler
-publishes a tag; :func:`job_error` turns an ended or stuck job into a typed
-error carrying AML's own message and the tail of the node logs;
-:func:`missing_module_hint` explains a task failing for a module the nodes lack.
+:func:`wait_for_tag` polls a job (back-off, bounded) until its scheduler publishes a tag;
+:func:`job_error` turns an ended or stuck job into a typed error with AML's message and the
+node log tail; :func:`missing_module_hint` explains tasks failing for a module nodes lack.
 """
 
 from __future__ import annotations
@@ -65,8 +64,7 @@ OWN_BOUNDS = {"Preparing": "prepare_timeout", "Queued": "queue_timeout"}
 #: For more details, check log file azureml-logs/20_image_build_log.txt."; seen in public job
 #: output, e.g. github.com/MG-Cafe/MLOps_Workshop issue 8).
 IMAGE_BUILD_FAILED = "Image build failed"
-#: The log file that message names.
-IMAGE_BUILD_LOG = "20_image_build_log"
+IMAGE_BUILD_LOG = "20_image_build_log"  # the log file it names
 
 #: Lines of pip, conda and uv that name a requirement they could not install.
 #: (uv wraps its messages at the terminal's width: any whitespace between words)
@@ -178,10 +176,8 @@ def _progress(ctx: ClusterContext, job_name: str, info: JobInfo, elapsed: float,
     hint = ctx.plan.queue_hint if info.status == "Queued" else None
     what = "; ".join(filter(None, [PHASE_MESSAGES.get(info.status) if new else None, hint]))
     what = f": {what}" if what else ""
-    if new:
-        ctx.log(f"AML job {job_name}: {info.status} ({elapsed:.0f}s){what}")
-    else:
-        ctx.log(f"AML job {job_name}: still {info.status} after {_minutes(elapsed)}{what}")
+    when = f"({elapsed:.0f}s)" if new else f"after {_minutes(elapsed)}"
+    ctx.log(f"AML job {job_name}: {'' if new else 'still '}{info.status} {when}{what}")
 
 
 async def wait_for_tag(

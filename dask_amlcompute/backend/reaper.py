@@ -28,12 +28,9 @@ logger = logging.getLogger(__name__)
 #: Seconds one exit waits, in all, for the cancel requests of every cluster.
 EXIT_CANCEL_TIMEOUT = 5.0
 #: Per-request options of a cancel at exit: one attempt, short socket timeouts (azure-core).
-_REQUEST_OPTIONS: dict[str, Any] = {
-    "polling": False,
-    "retry_total": 0,
-    "connection_timeout": 3,
-    "read_timeout": 4,
-}
+_REQUEST_OPTIONS: dict[str, Any] = dict(
+    polling=False, retry_total=0, connection_timeout=3, read_timeout=4
+)
 #: Nothing left to cancel (Finalizing: the job's nodes are being released).
 _ENDED = TERMINAL_STATUSES | {"Finalizing", "CancelRequested"}  # a cancel accepted: done
 
@@ -79,11 +76,7 @@ def own(cluster: Any, ml_client: Any, jobs: dict[str, str]) -> int:
 
 
 def release(key: int, detached: bool = False) -> None:
-    """Forget a cluster that closed, once every job of it has ended (else exit retries).
-
-    ``detached``: it closed without stopping its jobs (``shutdown_on_close`` turned False):
-    forget it at once.
-    """
+    """Forget a closed cluster once its jobs ended (else exit retries); ``detached``: at once."""
     with _lock:
         owned = _owned.get(key)
         if owned is not None and (detached or all(s in _ENDED for s in list(owned.jobs.values()))):

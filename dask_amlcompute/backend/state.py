@@ -28,15 +28,15 @@ SAME_NAMES = (
 
 
 class Lifecycle(enum.Enum):
-    """Where a cluster object is in its life."""
+    """Where a cluster object is in its life.
 
-    #: submitting / reconnecting and waiting for the scheduler
+    Starting (submitting or reconnecting), running (jobs watched), closing its own cluster
+    (jobs retired and cancelled), or detaching from one it does not own (nothing changes).
+    """
+
     STARTING = "starting"
-    #: the scheduler is up; jobs are watched
     RUNNING = "running"
-    #: closing a cluster this object owns: jobs are retired and cancelled
     CLOSING = "closing"
-    #: closing an object that does not own the cluster: disconnect, change nothing
     DETACHING = "detaching"
 
 
@@ -83,15 +83,9 @@ class ClusterPlan:
 class Phases:
     """When the cluster's startup reached each phase.
 
-    Attributes
-    ----------
-    started
-        ``time.monotonic()`` when the cluster started submitting.
-    reached
-        Phase -> seconds since ``started`` when it was first reached (see :meth:`mark`).
-    spent
-        Seconds the main job spent in Preparing and in Queued (bounded by
-        ``prepare_timeout`` and ``queue_timeout``, not by ``startup_timeout``).
+    ``started``: ``time.monotonic()`` when it started submitting; ``reached``: phase -> seconds
+    since then (:meth:`mark`); ``spent``: seconds the main job spent in Preparing and in Queued
+    (bounded by ``prepare_timeout`` and ``queue_timeout``, not by ``startup_timeout``).
     """
 
     started: float = field(default_factory=time.monotonic)
@@ -112,8 +106,8 @@ class ClusterState:
     plan
         See :class:`ClusterPlan`; replaced, never changed, when the first submission
         registers the environment and code.
-    lifecycle
-        See :class:`Lifecycle`.
+    lifecycle, phases
+        See :class:`Lifecycle`, :class:`Phases`.
     jobs
         AML job name -> last known status.
     deadline
@@ -122,8 +116,6 @@ class ClusterState:
         The scheduler's address as the nodes reach it (worker jobs dial it).
     lost_reason
         Why the cluster ended or was lost while it ran (see ``ClusterLostError``).
-    phases
-        See :class:`Phases`.
     """
 
     plan: ClusterPlan
@@ -154,10 +146,9 @@ class ClusterContext:
         The validated settings, the SDK operations, the shared :class:`ClusterState`.
     log
         Shows a progress message (and records it for ``get_logs``).
-    connection_args
-        Dask connection arguments of the client (TLS).
-    secret_env
-        Extra node environment variables never shown (TLS material).
+    connection_args, secret_env
+        The client's Dask connection arguments (TLS); node environment variables never
+        shown (TLS material).
     credential
         The Azure credential given to the cluster, if any (tokens for AML's
         job-service proxy; None: the ``MLClient``'s).

@@ -51,11 +51,7 @@ class JobWatch:
 
         Updates ``state.jobs``. The main job ends from ``Finalizing`` on, a worker job once
         its status is terminal. No handler runs once the cluster closes (its own cancels).
-
-        Raises
-        ------
-        Exception
-            The job list failed (the caller tries again next interval).
+        Raises what the job list raised (the caller tries again next interval).
         """
         ctx, state = self.context, self.context.state
         if not self.followed:

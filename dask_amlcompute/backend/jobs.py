@@ -1,15 +1,11 @@
 """A cluster's AML jobs as Dask ``ProcessInterface`` objects.
 
-- :class:`MainJob`: the cluster's main job, SpecCluster's "scheduler". It submits
-  the job (or reconnects to it), waits for the published scheduler address,
-  connects, then one supervisor decides whether the cluster is lost (the tunnel, the
-  scheduler's identity, and all of the cluster's jobs: one job list per ``watch_interval``,
-  :mod:`~dask_amlcompute.backend.watch`); it stops the job on close.
-- :class:`MainJobWorkers`: the workers the main job runs beside the scheduler, one
-  SpecCluster worker group. It only waits for them to join; they die with the main job.
-- :class:`WorkerJob`: an extra worker job added by ``scale``/``adapt``, one worker group.
-  It submits the job (or adopts one found by ``from_name``), has the cluster's watch follow
-  it, and on close retires its workers (their data moves first), then cancels the job.
+- :class:`MainJob`, SpecCluster's "scheduler": submits (or reconnects to) the main job, waits
+  for its scheduler's address, connects; then one supervisor decides whether the cluster is
+  lost (tunnel, scheduler id, the job list of :mod:`~.watch`); stops the job on close.
+- :class:`MainJobWorkers`: the workers beside the scheduler; waits for them to join.
+- :class:`WorkerJob`: a worker job of ``scale``/``adapt`` (or found by ``from_name``); on
+  close its workers retire (their data moves first), then the job is cancelled.
 """
 
 from __future__ import annotations
@@ -19,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 from distributed.core import rpc
@@ -34,18 +31,11 @@ from .watch import JobWatch
 
 logger = logging.getLogger(__name__)
 
-#: Most seconds between checks that the tunnel is up and the scheduler the client uses is
-#: still the one it connected to (a cheap ``identity`` call, not a control-plane request).
+#: Most seconds between heartbeats (each checks the tunnel and which scheduler answers).
 IDENTITY_CHECK_INTERVAL = 5.0
-#: Job statuses before Running: the main job back in one of them is being run again.
+#: The main job going back from a status of ``RAN`` to one of ``NOT_YET_RUNNING`` runs again.
 NOT_YET_RUNNING = ("NotStarted", "Starting", "Provisioning", "Queued", "Preparing")
-#: Job statuses after a start: the main job going back from one of them is being run again.
 RAN = ("Running", "Finalizing")
-#: Seconds a closing cluster waits for its main job to end by itself before cancelling it
-#: (a close returns within this plus one cancel round trip: issue 28).
-OWN_END_WAIT = 2.0
-#: Why a scheduler that AML started again is of no use.
-NEW_SCHEDULER = "The new scheduler has none of this cluster's workers or data."
 #: What a lost cluster means for the user's work, and what to do.
 LOST_WORK = (
     "Work in flight is lost: distributed cancels the futures pending on each client "
@@ -57,14 +47,8 @@ LOST_WORK = (
 class MainJob(ProcessInterface):
     """The cluster's main AML job, seen from SpecCluster as its scheduler.
 
-    Parameters
-    ----------
-    context, watch
-        The cluster's context and job watch.
-    connector
-        Reaches the published scheduler address (directly or through a tunnel).
-    attach
-        Reconnect to the running job (``from_name``) instead of submitting it.
+    ``connector`` reaches the published scheduler address (directly or through a tunnel);
+    ``attach``: reconnect to the running job (``from_name``) instead of submitting it.
     """
 
     def __init__(
@@ -78,16 +62,17 @@ class MainJob(ProcessInterface):
         self.job_name = context.main_job
         self.internal_address: str | None = None
         self.dashboard_link: str | None = None
-        #: The id of the scheduler the client connected to (``SCHEDULER_ID_TAG``).
+        #: The id of the scheduler the client connected to (``SCHEDULER_ID_TAG``), and of
+        #: the one the last heartbeat reached (None: it failed).
         self.scheduler_id: str | None = None
+        self._reached: str | None = None
         self._supervisor: asyncio.Task | None = None
         self._heartbeat: asyncio.Task | None = None
 
     def job(self) -> Any:
         """The job entity this interface submits."""
         s = self.context.settings
-        node = self.context.node_options("cluster", self.job_name)
-        return self.context.build(self.job_name, "cluster", s.n_nodes, node, s.job_timeout)
+        return self.context.build(self.job_name, "cluster", s.n_nodes, s.job_timeout)
 
     async def start(self) -> None:
         ctx, s, state = self.context, self.context.settings, self.context.state
@@ -134,14 +119,7 @@ class MainJob(ProcessInterface):
                         "again. The job was cancelled; start a new cluster."
                     )
             except SchedulerUnreachableError:
-                info = await ctx.ops.get_job(self.job_name)
-                ctx.note(info)
-                if info.terminal:  # the scheduler did not stay up: say why
-                    raise await job_error(
-                        ctx.ops,
-                        info,
-                        f"AML job {self.job_name} ended {info.status} during startup.",
-                    ) from None
+                await refresh(ctx, self.job_name, "during startup.")  # ended: say why
                 raise
         except BaseException:
             if not self.attach:
@@ -151,67 +129,38 @@ class MainJob(ProcessInterface):
         state.lifecycle = Lifecycle.RUNNING
         self.watch.follow(self.job_name, self._job_ended, self._main_update)
         self._supervisor = asyncio.create_task(self._supervise())
-        # apart: a slow control plane delays the supervisor, never the scheduler's keep-alive
         self._heartbeat = asyncio.create_task(self._heartbeats(s.no_client_timeout or math.inf))
         await super().start()
 
     async def gone(self) -> bool:
-        """True if the main job has ended or its scheduler no longer answers."""
+        """True if the main job ended or its scheduler is gone (job read if a heartbeat failed)."""
         ctx = self.context
         if self.address is None:
             return True
-        if not ctx.main_job_ended():
-            try:
+        if not ctx.main_job_ended() and self._reached is None:
+            with suppress(Exception):
                 ctx.note(await ctx.ops.get_job(self.job_name))
-            except Exception as exc:
-                logger.debug("Could not refresh %s: %s", self.job_name, exc)
         return ctx.main_job_ended() or await probe(self.address, 3) != OPEN
 
     async def _reached_id(self) -> str | None:
         """The id of the scheduler the client's address reaches now (None: no answer)."""
-        try:
-            async with rpc(
-                self.address, timeout=10, connection_args=self.context.connection_args
-            ) as scheduler:
-                identity = await scheduler.identity()
-        except Exception as exc:
-            logger.debug("Asking %s for its identity failed: %s", self.address, exc)
-            return None
-        return identity.get("id")
+        args = self.context.connection_args
+        with suppress(Exception):
+            async with rpc(self.address, timeout=10, connection_args=args) as scheduler:
+                return (await scheduler.identity()).get("id")
+        return None
 
     async def _supervise(self) -> None:
-        """Decide whether the cluster is lost, until it is; warn before ``job_timeout``.
+        """Every ``watch_interval``, look at all of the cluster's jobs until it is lost.
 
-        Every few seconds: has the tunnel given up, does another scheduler answer at the
-        address? Every ``watch_interval``: one look at all of the cluster's jobs
-        (:meth:`~.watch.JobWatch.poll`; the main job ending or run again is a loss).
+        :meth:`~.watch.JobWatch.poll`: the main job ending or run again is a loss. Warns
+        before ``job_timeout``.
         """
         ctx, state = self.context, self.context.state
-        every, timeout = ctx.settings.watch_interval, ctx.settings.job_timeout
-        checks = math.ceil(every / IDENTITY_CHECK_INTERVAL)  # per watch_interval
-        warn_before = min(600.0, 0.1 * timeout) if timeout else 0.0
-        warned, tick = False, 0
+        timeout = ctx.settings.job_timeout
+        warn_before, warned = min(600.0, 0.1 * timeout) if timeout else 0.0, False
         while state.lost_reason is None:
-            await asyncio.sleep(every / checks)
-            tick += 1
-            if self.connector.failure is not None:
-                return await self._lost(
-                    f"The SSH tunnel to the scheduler of AML job {self.job_name} dropped and "
-                    f"could not be re-established ({self.connector.failure}): this cluster object "
-                    "cannot reach the scheduler; work in flight is lost (distributed cancels the "
-                    "futures pending on each client: 'scheduler-connection-lost'). The cluster's "
-                    "jobs keep running: attach again with AmlComputeCluster.from_name("
-                    f"{ctx.settings.name!r}) once the network is back, or close this object to "
-                    "cancel them.",
-                    cancel=False,
-                )
-            reached = await self._reached_id() if self.scheduler_id else None
-            if reached is not None and reached != self.scheduler_id:
-                await self._requeued(
-                    f"A different Dask scheduler ({reached}) now answers at {self.internal_address}"
-                )
-            if tick % checks:
-                continue
+            await asyncio.sleep(ctx.settings.watch_interval)
             left = state.remaining()
             if left is not None and not warned and 0 < left <= warn_before:
                 warned = True
@@ -251,7 +200,8 @@ class MainJob(ProcessInterface):
         """The main job runs again (a new scheduler): one wording, whichever ``evidence`` came first."""
         await self._lost(
             f"{evidence}: the rank-0 node of AML job {self.job_name} was preempted and AML "
-            f"requeued the job to run it again. {NEW_SCHEDULER}"
+            "requeued the job to run it again. The new scheduler has none of this cluster's "
+            "workers or data."
         )
 
     async def _lost(self, why: str, cancel: bool = True) -> None:
@@ -265,7 +215,7 @@ class MainJob(ProcessInterface):
         state.lost_reason = f"{why} {LOST_WORK}" if cancel else why
         logger.warning("Dask cluster %s is lost: %s", ctx.settings.name, state.lost_reason)
         ctx.log(state.lost_reason)
-        if self._heartbeat is not None:  # never keep the new scheduler alive
+        if self._heartbeat not in (None, asyncio.current_task()):  # keep no new scheduler alive
             self._heartbeat.cancel()
         await self.connector.close()  # a tunnel's local ports close: nothing reaches it
         if not cancel:
@@ -278,17 +228,36 @@ class MainJob(ProcessInterface):
                 state.jobs[name] = status
 
     async def _heartbeats(self, timeout: float) -> None:
-        """Tell the scheduler this cluster is alive; warn of modules the nodes lack (plugins)."""
-        interval = max(0.2, min(timeout / 4, self.context.settings.watch_interval))
+        """Tell the scheduler this cluster is alive; warn of modules the nodes lack.
+
+        The cluster is lost once the tunnel gave up or another scheduler answers (no
+        control-plane request here: a slow one never delays the keep-alive).
+        """
+        interval = max(0.2, min(timeout / 4, IDENTITY_CHECK_INTERVAL))
         args = self.context.connection_args
         async with rpc(self.address, timeout=10, connection_args=args) as scheduler:
-            while True:  # one rpc: its comm is reused, and re-opened after a drop
+            while self.context.state.lost_reason is None:  # one rpc: its comm is reused
+                if self.connector.failure is not None:
+                    return await self._lost(
+                        f"The SSH tunnel to the scheduler of AML job {self.job_name} dropped and "
+                        f"could not be re-established ({self.connector.failure}): work in flight "
+                        "is lost ('scheduler-connection-lost'). The cluster's jobs keep running: "
+                        "attach again with AmlComputeCluster.from_name("
+                        f"{self.context.settings.name!r}) once the network is back, or close "
+                        "this object to cancel them.",
+                        cancel=False,
+                    )
                 try:
                     reply = await scheduler.dask_amlcompute_heartbeat()
+                    self._reached = reply.get("id")
                     for module in reply.get("missing_modules", ()):
                         logger.warning(missing_module_hint(module))
                 except Exception as exc:
+                    self._reached = None
                     logger.debug("Heartbeat to %s failed: %s", self.address, exc)
+                if self.scheduler_id and self._reached not in (None, self.scheduler_id):
+                    return await self._requeued(f"A different Dask scheduler ({self._reached}) "
+                                                f"now answers at {self.internal_address}")  # fmt: skip
                 await asyncio.sleep(interval)
 
     async def _job_ended(self, info: JobInfo) -> None:
@@ -302,8 +271,7 @@ class MainJob(ProcessInterface):
 
     def _end_cause(self, info: JobInfo) -> str:
         """What most likely ended the main job, and what to do about it."""
-        s, state, name = self.context.settings, self.context.state, self.job_name
-        left = state.remaining()
+        s, name, left = self.context.settings, self.job_name, self.context.state.remaining()
         if info.status == "Canceled" and left is not None and left <= s.watch_interval + 5:
             return (
                 f"AML job {name} was Canceled: the cluster's job_timeout ({s.job_timeout:.0f} s) "
@@ -319,55 +287,31 @@ class MainJob(ProcessInterface):
         return f"AML job {name} {info.status}: a node of the main job failed or was lost."
 
     async def close(self) -> None:
-        ctx, state = self.context, self.context.state
+        ctx, jobs, name = self.context, self.context.state.jobs, self.job_name
         for task in (self._supervisor, self._heartbeat):
             if task is not None:
                 task.cancel()
-        # the scheduler was told to stop already; the job's status comes from the control plane
-        await self.connector.close()
-        if state.lifecycle is Lifecycle.DETACHING:  # not ours to stop: just disconnect
-            await super().close()
-            return
-        # SpecCluster has asked the scheduler to terminate: the nodes exit and the job
-        # completes by itself, but AML may show it Running for a while after. Wait on the
-        # job's own end first (bounded, few requests), then cancel to release the nodes.
-        started = time.monotonic()
-        delay = 0.5
-        while time.monotonic() - started < OWN_END_WAIT and not ctx.main_job_ended():
-            try:
-                info = await ctx.ops.get_job(self.job_name)
-            except Exception:
-                break
-            ctx.note(info)
-            if info.status in NOT_YET_RUNNING:  # queued again: it will not end by itself
-                break
-            if not ctx.main_job_ended():  # few requests: AML takes a while to notice
-                await asyncio.sleep(min(delay, started + OWN_END_WAIT - time.monotonic()))
-                delay *= 1.5
-        note = ""
-        if not ctx.main_job_ended():
-            note = (
-                f" (still {state.jobs.get(self.job_name)} {time.monotonic() - started:.0f}s "
-                "after its scheduler was told to stop: cancelled to release its nodes)"
-            )
-            known = state.jobs.get(self.job_name)
-            if status := await ctx.ops.cancel(self.job_name, wait=False, status=known):
-                state.jobs[self.job_name] = status
-        ctx.log(f"AML job {self.job_name}: {state.jobs.get(self.job_name)}{note}")
+        await self.connector.close()  # the scheduler was told to stop already
+        if ctx.state.lifecycle is not Lifecycle.DETACHING:  # ours to stop
+            # SpecCluster told the scheduler to terminate, but AML can show the job Running
+            # a while after: one status read, then a cancel (accepted at once; issue 28)
+            if not ctx.main_job_ended():
+                with suppress(Exception):
+                    ctx.note(await ctx.ops.get_job(name))
+            note, known = "", jobs.get(name)
+            if not ctx.main_job_ended():
+                note = f" (still {known} after its scheduler was told to stop: cancelled)"
+                if status := await ctx.ops.cancel(name, wait=False, status=known):
+                    jobs[name] = status
+            ctx.log(f"AML job {name}: {jobs.get(name)}{note}")
         await super().close()
 
 
 class _JobWorkers(ProcessInterface):
     """The Dask workers of one AML job: one SpecCluster worker group.
 
-    Parameters
-    ----------
-    scheduler
-        Address of the scheduler (as the client reaches it).
-    name, suffixes
-        Group name; the job's workers are called ``name + suffix`` (``-RANK-INDEX``).
-    context
-        The cluster's context.
+    Workers ``name + suffix`` for each of ``suffixes`` (``-RANK-INDEX``); ``scheduler``: its
+    address as the client reaches it.
     """
 
     def __init__(
@@ -389,23 +333,11 @@ class MainJobWorkers(_JobWorkers):
     """
 
     async def start(self) -> None:
-        await self._wait_for_workers()
-        self.context.state.phases.mark("workers joined")
         from .versions import check_versions
 
-        await check_versions(
-            self.scheduler, self.context.connection_args, self.context.settings.version_check
-        )
-        await super().start()
-
-    async def _wait_for_workers(self) -> None:
-        ctx = self.context
-        job_name = ctx.main_job
-        timeout = ctx.settings.startup_timeout
-        deadline = time.monotonic() + timeout
-        wanted = set(self.worker_names)
-        last_check = time.monotonic()
-        joined: set[str] = set()
+        ctx, timeout = self.context, self.context.settings.startup_timeout
+        deadline = (last_check := time.monotonic()) + timeout
+        wanted, joined = set(self.worker_names), set()
         async with rpc(self.scheduler, timeout=5, connection_args=ctx.connection_args) as scheduler:
             while True:
                 try:
@@ -415,22 +347,24 @@ class MainJobWorkers(_JobWorkers):
                     logger.debug("Scheduler not answering: %s", exc)
                     last_check = -math.inf
                 if wanted <= joined:
-                    return
+                    break
                 now = time.monotonic()
-                if now - last_check >= ctx.settings.poll_interval:
+                if now >= deadline or now - last_check >= ctx.settings.poll_interval:
                     last_check = now
-                    await refresh(ctx, job_name, "before its workers joined.")
-                if now >= deadline:
-                    info = await ctx.ops.get_job(job_name)
-                    missing = ", ".join(sorted(wanted - joined))
-                    raise await job_error(
-                        ctx.ops,
-                        info,
-                        f"Workers {missing} did not join the scheduler within {timeout:.0f}s "
-                        f"(startup_timeout). {LIKELY_CAUSES.get(info.status, '')}",
-                        StartupTimeoutError,
-                    )
+                    info = await refresh(ctx, ctx.main_job, "before its workers joined.")
+                    if now >= deadline:
+                        raise await job_error(
+                            ctx.ops,
+                            info,
+                            f"Workers {', '.join(sorted(wanted - joined))} did not join the "
+                            f"scheduler within {timeout:.0f}s (startup_timeout). "
+                            + LIKELY_CAUSES.get(info.status, ""),
+                            StartupTimeoutError,
+                        )
                 await asyncio.sleep(0.1)
+        ctx.state.phases.mark("workers joined")
+        await check_versions(self.scheduler, ctx.connection_args, ctx.settings.version_check)
+        await super().start()
 
 
 class WorkerJob(_JobWorkers):
@@ -438,17 +372,13 @@ class WorkerJob(_JobWorkers):
 
     Parameters
     ----------
-    scheduler, name, context, suffixes
-        As for the other worker groups; ``name`` is also the AML job name.
-    watch
-        The cluster's job watch (follows the job).
+    scheduler, name, context, suffixes, watch
+        As for the other worker groups (``name``: the AML job's); the cluster's job watch.
     on_ended
         Called with ``(name, preempted)`` when the job ends by itself (failure,
         preemption, timeout) or cannot be submitted, so scaling can replace it.
-    n_nodes
-        Nodes of the job.
-    existing
-        The job already runs (found by ``from_name``): adopt it, submit nothing.
+    n_nodes, existing
+        Nodes of the job; it already runs (found by ``from_name``): adopt it, submit nothing.
     """
 
     def __init__(
@@ -466,11 +396,10 @@ class WorkerJob(_JobWorkers):
         self.watch = watch
         self.on_ended = on_ended
         self.n_nodes = n_nodes
-        self.existing = existing
         self._submitted = existing
 
     async def start(self) -> None:
-        if self.existing or await self._submit():
+        if self._submitted or await self._submit():
             self.watch.follow(self.name, self._job_ended)  # one job list for all of them
         await super().start()
 
@@ -478,14 +407,11 @@ class WorkerJob(_JobWorkers):
         """Submit this worker job (its workers join later: the job may queue for minutes)."""
         ctx, state = self.context, self.context.state
         left = state.remaining()
-        timeout = ctx.settings.job_timeout
-        if left is not None:
-            if left < 60:
-                ctx.log(f"Not submitting {self.name}: the cluster's deadline is {left:.0f}s away")
-                return False
-            timeout = left  # never outlive the cluster's deadline
-        node = ctx.node_options("workers", self.name, state.scheduler_address)
-        job = ctx.build(self.name, "workers", self.n_nodes, node, timeout)
+        if left is not None and left < 60:
+            ctx.log(f"Not submitting {self.name}: the cluster's deadline is {left:.0f}s away")
+            return False
+        timeout = ctx.settings.job_timeout if left is None else left  # not past the deadline
+        job = ctx.build(self.name, "workers", self.n_nodes, timeout, state.scheduler_address)
         ctx.log(f"Submitting worker job {self.name}: {self.n_nodes} node(s)")
         try:
             info = await ctx.ops.submit(job)

@@ -1,9 +1,8 @@
 """Waiting for an AML job to publish a run tag, and explaining why a job ended.
 
-:func:`wait_for_tag` polls a job (with back-off, bounded) until its scheduler
-publishes a tag; :func:`job_error` turns an ended or stuck job into a typed
-error carrying AML's own message and the tail of the node logs;
-:func:`missing_module_hint` explains a task failing for a module the nodes lack.
+:func:`wait_for_tag` polls a job (back-off, bounded) until its scheduler publishes a tag;
+:func:`job_error` turns an ended or stuck job into a typed error with AML's message and the
+node log tail; :func:`missing_module_hint` explains tasks failing for a module nodes lack.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import logging
 import math
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..exceptions import (
     EnvironmentBuildError,
@@ -28,20 +27,7 @@ if TYPE_CHECKING:
     from .ops import AmlOps
     from .state import ClusterContext, Phases
 
-__all__ = [
-    "LIKELY_CAUSES",
-    "OWN_BOUNDS",
-    "PHASE_MESSAGES",
-    "RUN_HISTORY_FALLBACK_AFTER",
-    "failed_error",
-    "job_error",
-    "missing_module_hint",
-    "refresh",
-    "wait_for_tag",
-]
-
 logger = logging.getLogger(__name__)
-
 
 #: Seconds between polls while a running job has not published its address yet ...
 RUNNING_POLL = 0.25
@@ -69,19 +55,16 @@ LIKELY_CAUSES = {
 }
 #: What became of a job that did not start (a reattached cluster's job is not cancelled).
 CANCELLED = {"create": " The job was cancelled.", "attach": ""}
-#: Statuses with a bound of their own (the setting), not counted in ``startup_timeout``.
-#: AML's order (JobStatus, learn.microsoft.com/javascript/api/@azure/arm-machinelearning/
-#: jobstatus): Preparing ("the run environment is being prepared": the image build), then
-#: Queued ("waiting for all required nodes to be ready": scale-up and quota), then Running.
+#: Statuses with a bound of their own (the setting), not counted in ``startup_timeout``:
+#: AML's Preparing (the image build), then Queued (scale-up and quota), then Running
+#: (JobStatus, learn.microsoft.com/javascript/api/@azure/arm-machinelearning/jobstatus).
 OWN_BOUNDS = {"Preparing": "prepare_timeout", "Queued": "queue_timeout"}
-
 
 #: The start of AML's error when the environment image does not build ("Image build failed.
 #: For more details, check log file azureml-logs/20_image_build_log.txt."; seen in public job
 #: output, e.g. github.com/MG-Cafe/MLOps_Workshop issue 8).
 IMAGE_BUILD_FAILED = "Image build failed"
-#: The log file that message names.
-IMAGE_BUILD_LOG = "20_image_build_log"
+IMAGE_BUILD_LOG = "20_image_build_log"  # the log file it names
 
 #: Lines of pip, conda and uv that name a requirement they could not install.
 #: (uv wraps its messages at the terminal's width: any whitespace between words)
@@ -124,16 +107,32 @@ async def job_error(
     requirements the build log says could not be installed, with the log's tail.
     """
     aml_message, log_files = await ops.run_details(info.name)
+    requirements = None
     if aml_message and IMAGE_BUILD_FAILED in aml_message:
-        return await _build_error(ops, info, aml_message, log_files)
-    tail = await ops.log_tail(log_files) if log_files else None
+        key = next((k for k in sorted(log_files) if IMAGE_BUILD_LOG in k), None)
+        text = await ops.read_log(log_files[key]) if key else None
+        requirements = uninstallable_requirements(text or "")
+        what = f"see {key or 'the image build log'} for why"
+        if requirements:
+            what = (
+                f"these requirements cannot be installed: {', '.join(requirements)}. Remove or "
+                "fix them (pip_packages / conda_packages, or your environment's conda file); "
+                "every requirement must come from a package index the build can reach"
+            )
+        message = f"AML could not build the node environment of job {info.name}: {what}."
+        cls, tail = EnvironmentBuildError, "\n".join(text.splitlines()[-30:]) if text else None
+    else:
+        tail = await ops.log_tail(log_files) if log_files else None
     if aml_message:
         message = f"{message}\nAML says: {aml_message}"
     if cls is None:
         cls = JobCanceledError if info.status == "Canceled" else JobFailedError
-    return cls(
+    error = cls(
         message, job_name=info.name, status=info.status, studio_url=info.studio_url, log_tail=tail
     )
+    if isinstance(error, EnvironmentBuildError):
+        error.requirements = requirements or []
+    return error
 
 
 async def refresh(ctx: ClusterContext, job_name: str, when: str) -> JobInfo:
@@ -156,32 +155,6 @@ async def failed_error(ops: AmlOps, name: str, timeout: float) -> JobError | Non
     return await job_error(ops, info, f"AML job {name} failed while the Dask cluster was starting.")
 
 
-async def _build_error(
-    ops: AmlOps, info: JobInfo, aml_message: str, log_files: dict[str, str]
-) -> EnvironmentBuildError:
-    key = next((k for k in sorted(log_files) if IMAGE_BUILD_LOG in k), None)
-    text = await ops.read_log(log_files[key]) if key else None
-    requirements = uninstallable_requirements(text or "")
-    if requirements:
-        what = (
-            f"these requirements cannot be installed: {', '.join(requirements)}. Remove or fix "
-            "them (pip_packages / conda_packages, or your environment's conda file); every "
-            "requirement must come from a package index the build can reach"
-        )
-    else:
-        what = f"see {key or 'the image build log'} for why"
-    error = EnvironmentBuildError(
-        f"AML could not build the node environment of job {info.name}: {what}.\n"
-        f"AML says: {aml_message}",
-        job_name=info.name,
-        status=info.status,
-        studio_url=info.studio_url,
-        log_tail="\n".join(text.splitlines()[-30:]) if text else None,
-    )
-    error.requirements = requirements
-    return error
-
-
 #: What each phase is, shown when a job enters it.
 PHASE_MESSAGES = {
     "Preparing": (
@@ -198,36 +171,13 @@ def _minutes(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-class _PhaseClock:
-    """Seconds a job spent in each status of :data:`OWN_BOUNDS` (the current stay included)."""
-
-    def __init__(self, spent: dict[str, float]) -> None:
-        self.spent = spent
-        spent.update(dict.fromkeys(OWN_BOUNDS, 0.0))
-        self.status: str | None = None
-        self.since = 0.0
-
-    def update(self, status: str, now: float) -> None:
-        if self.status in self.spent:
-            self.spent[self.status] += now - self.since
-        self.status, self.since = status, now
-
-    def left(self, settings: Any) -> float | None:
-        """Seconds left of the current status's own bound (None: it has none)."""
-        if self.status not in OWN_BOUNDS:
-            return None
-        return float(getattr(settings, OWN_BOUNDS[self.status])) - self.spent[self.status]
-
-
 def _progress(ctx: ClusterContext, job_name: str, info: JobInfo, elapsed: float, new: bool) -> None:
     """A progress line: the status (and what it means) when it changes, else "still"."""
     hint = ctx.plan.queue_hint if info.status == "Queued" else None
     what = "; ".join(filter(None, [PHASE_MESSAGES.get(info.status) if new else None, hint]))
     what = f": {what}" if what else ""
-    if new:
-        ctx.log(f"AML job {job_name}: {info.status} ({elapsed:.0f}s){what}")
-    else:
-        ctx.log(f"AML job {job_name}: still {info.status} after {_minutes(elapsed)}{what}")
+    when = f"({elapsed:.0f}s)" if new else f"after {_minutes(elapsed)}"
+    ctx.log(f"AML job {job_name}: {'' if new else 'still '}{info.status} {when}{what}")
 
 
 async def wait_for_tag(
@@ -235,43 +185,36 @@ async def wait_for_tag(
 ) -> JobInfo:
     """Poll a job until it publishes ``tag``; fail fast if it ends; bounded.
 
-    Time in ``Preparing`` (image build: 5-20 minutes) and ``Queued`` (node allocation) is
-    bounded by ``settings.prepare_timeout`` / ``queue_timeout``, not counted in ``timeout``
-    (``startup_timeout``), and left in ``phases.spent``; ``phases`` marks each status. Polling backs off to
-    ``settings.poll_interval``; once the job runs it stays at :data:`RUNNING_POLL` for
-    :data:`RUNNING_FAST_FOR` seconds. The tag is read from the job resource, and after
-    :data:`RUN_HISTORY_FALLBACK_AFTER` seconds of running also from run history.
+    Time in Preparing and Queued is bounded by ``prepare_timeout`` / ``queue_timeout``, not by
+    ``timeout`` (``startup_timeout``), and left in ``phases.spent``. Polls back off to
+    ``poll_interval``, but stay at :data:`RUNNING_POLL` for :data:`RUNNING_FAST_FOR` s of
+    Running; after :data:`RUN_HISTORY_FALLBACK_AFTER` s the tag is read from run history too.
     """
-    s = ctx.settings
-    delay = min(0.2, s.poll_interval)
-    started = last_said = time.monotonic()
-    running_since: float | None = None
-    clock = _PhaseClock(phases.spent)
+    s, spent = ctx.settings, phases.spent
+    started = last_said = since = time.monotonic()
+    status: str | None = None  # the last poll's, since ``since``
+    spent.update(dict.fromkeys(OWN_BOUNDS, 0.0))
     last_fallback = -math.inf  # when run history was last read for the tag
     while True:
         info = await ctx.ops.get_job(job_name)
         now = time.monotonic()
         ctx.note(info)
-        new = info.status != clock.status
+        new = info.status != status
         if new or (now - last_said >= STILL_WAITING_EVERY and not info.terminal):
             _progress(ctx, job_name, info, now - started, new)
             last_said = now
         if new:
             delay = min(0.2, s.poll_interval)  # things move: look again soon
-        clock.update(info.status, now)
-        if info.status in OWN_BOUNDS:
+        if status in spent:
+            spent[status] += now - since
+        status, since = info.status, now
+        if info.status in (*OWN_BOUNDS, "Running"):
             phases.mark(info.status)
-        if info.status == "Running" and running_since is None:
-            running_since = now
-            phases.mark("Running")
         if tag in info.tags:
             return info
-        if (
-            running_since is not None
-            and now - running_since >= RUN_HISTORY_FALLBACK_AFTER
-            and now - last_fallback >= s.poll_interval  # not at the fast poll's pace
-        ):
-            last_fallback = now
+        ran = now - phases.started - phases.reached.get("Running", math.inf)  # -inf: not yet
+        if ran >= RUN_HISTORY_FALLBACK_AFTER and now - last_fallback >= s.poll_interval:
+            last_fallback = now  # (not at the fast poll's pace)
             merged = await ctx.ops.with_run_tags(info)
             if tag in merged.tags:
                 logger.info("Read %s of %s from run history (not on the job yet)", tag, job_name)
@@ -282,40 +225,38 @@ async def wait_for_tag(
                 info,
                 f"AML job {job_name} ended {info.status} while the Dask cluster was starting.",
             )
-        own_left = clock.left(s)
-        if own_left is not None and own_left <= 0:
-            raise await _phase_timeout(ctx, info, clock.spent[info.status])
-        deadline = started + timeout + sum(clock.spent.values())
-        if now >= deadline:
-            cause = LIKELY_CAUSES.get(info.status, "")
-            raise await job_error(
-                ctx.ops,
-                info,
-                f"The Dask scheduler did not start within {timeout:.0f}s (startup_timeout, time "
-                f"in Preparing and Queued not counted). The job is {info.status}: {cause}"
-                + CANCELLED[ctx.plan.mode],
-                StartupTimeoutError,
-            )
-        limit = deadline if own_left is None else now + own_left
-        if running_since is not None and now - running_since < RUNNING_FAST_FOR:
+        bound = OWN_BOUNDS.get(info.status)
+        own_left = float(getattr(s, bound)) - spent[info.status] if bound else None
+        deadline = started + timeout + sum(spent.values())
+        if now >= deadline or (own_left is not None and own_left <= 0):
+            own = own_left is not None and own_left <= 0
+            raise await _timeout(ctx, info, timeout, spent[info.status] if own else None)
+        if 0 <= ran < RUNNING_FAST_FOR:
             delay = min(RUNNING_POLL, s.poll_interval)  # the address is moments away
+        limit = deadline if own_left is None else now + own_left
         await asyncio.sleep(min(delay, max(0.0, limit - now)))
         delay = min(delay * 1.5, s.poll_interval)
 
 
-async def _phase_timeout(ctx: ClusterContext, info: JobInfo, spent: float) -> JobError:
-    """The error for a job that stayed in Preparing or Queued past its own bound."""
-    setting = OWN_BOUNDS[info.status]
-    bound = float(getattr(ctx.settings, setting))
-    hint = f" ({ctx.plan.queue_hint})" if info.status == "Queued" and ctx.plan.queue_hint else ""
-    return await job_error(
-        ctx.ops,
-        info,
-        f"The job stayed in {info.status} for {_minutes(spent)} ({setting}={bound:.0f}s): "
-        f"{LIKELY_CAUSES[info.status]}{hint} Raise {setting} to wait longer."
-        + CANCELLED[ctx.plan.mode],
-        StartupTimeoutError,
-    )
+async def _timeout(
+    ctx: ClusterContext, info: JobInfo, timeout: float, spent: float | None
+) -> JobError:
+    """A job past ``startup_timeout``, or (``spent`` there) past its status's own bound."""
+    status, cause = info.status, LIKELY_CAUSES.get(info.status, "")
+    if spent is None:
+        why = (
+            f"The Dask scheduler did not start within {timeout:.0f}s (startup_timeout, time in "
+            f"Preparing and Queued not counted). The job is {status}: {cause}"
+        )
+    else:
+        setting = OWN_BOUNDS[status]
+        hint = f" ({ctx.plan.queue_hint})" if status == "Queued" and ctx.plan.queue_hint else ""
+        why = (
+            f"The job stayed in {status} for {_minutes(spent)} ({setting}="
+            f"{float(getattr(ctx.settings, setting)):.0f}s): {cause}{hint} Raise {setting} to "
+            "wait longer."
+        )
+    return await job_error(ctx.ops, info, why + CANCELLED[ctx.plan.mode], StartupTimeoutError)
 
 
 def missing_module_hint(module: str) -> str:

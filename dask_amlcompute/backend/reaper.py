@@ -1,14 +1,11 @@
 """Cancel a cluster's AML jobs however its client process ends.
 
-``close()`` cancels a cluster's jobs through :class:`~.ops.AmlOps`, on the cluster's event
-loop and thread pool. A process that ends without ``close()`` has neither by then: interpreter
-exit (an unhandled exception and Ctrl-C included) runs the exit hooks after Python has shut its
-thread pools down, and SIGTERM (a kernel restart) or SIGHUP end the process without running
-them at all. So a cluster that owns its jobs registers them here (:func:`own`), and whatever
-has not ended is cancelled without an event loop or executor: one
-``jobs.begin_cancel(name, polling=False)`` request per job (AML accepts it; nothing waits for
-the job to end), no retries, short socket timeouts, every job in its own daemon thread, all
-joined against one deadline. An exit never hangs on an unreachable control plane.
+A process that ends without ``close()`` has no event loop or thread pool left for
+:class:`~.ops.AmlOps`: exit hooks run after Python shut its pools down, and SIGTERM (a
+kernel restart) or SIGHUP run none. So a cluster registers its jobs here (:func:`own`);
+whatever has not ended is cancelled by one ``jobs.begin_cancel(name, polling=False)`` per job
+(AML accepts it; nothing waits for the end), no retries, short socket timeouts, each in its
+own daemon thread, all joined against one deadline: an exit never hangs on the control plane.
 """
 
 from __future__ import annotations
@@ -31,12 +28,9 @@ logger = logging.getLogger(__name__)
 #: Seconds one exit waits, in all, for the cancel requests of every cluster.
 EXIT_CANCEL_TIMEOUT = 5.0
 #: Per-request options of a cancel at exit: one attempt, short socket timeouts (azure-core).
-_REQUEST_OPTIONS: dict[str, Any] = {
-    "polling": False,
-    "retry_total": 0,
-    "connection_timeout": 3,
-    "read_timeout": 4,
-}
+_REQUEST_OPTIONS: dict[str, Any] = dict(
+    polling=False, retry_total=0, connection_timeout=3, read_timeout=4
+)
 #: Nothing left to cancel (Finalizing: the job's nodes are being released).
 _ENDED = TERMINAL_STATUSES | {"Finalizing", "CancelRequested"}  # a cancel accepted: done
 
@@ -56,28 +50,14 @@ _exit_hook = False
 
 
 def own(cluster: Any, ml_client: Any, jobs: dict[str, str]) -> int:
-    """Cancel ``jobs`` if the process ends without ``cluster.close()``.
-
-    A running cluster is never garbage collected before that (Dask's own tasks on its
-    event loop hold it), so a dropped, unclosed cluster is cancelled at exit too.
+    """Cancel ``jobs`` if the process ends without ``cluster.close()`` (a dropped cluster too).
 
     Installs, once, an exit hook and (from the main thread, where SIGTERM or SIGHUP still
     have their default action) a handler that cancels before the signal ends the process.
 
-    Parameters
-    ----------
-    cluster
-        The cluster object (held weakly: at exit, a cluster whose ``shutdown_on_close`` is
-        now False is left running).
-    ml_client
-        The ``MLClient`` the cancels go through.
-    jobs
-        The cluster's jobs and their last known status, as the cluster updates them.
-
-    Returns
-    -------
-    int
-        The key for :func:`release`.
+    ``cluster`` is held weakly (at exit, one whose ``shutdown_on_close`` is now False is left
+    running); ``jobs`` are its jobs and their last known status, as it updates them. Returns
+    the key for :func:`release`.
     """
     global _exit_hook
     key = next(_keys)
@@ -96,11 +76,7 @@ def own(cluster: Any, ml_client: Any, jobs: dict[str, str]) -> int:
 
 
 def release(key: int, detached: bool = False) -> None:
-    """Forget a cluster that closed, once every job of it has ended (else exit retries).
-
-    ``detached``: it closed without stopping its jobs (``shutdown_on_close`` turned False):
-    forget it at once.
-    """
+    """Forget a closed cluster once its jobs ended (else exit retries); ``detached``: at once."""
     with _lock:
         owned = _owned.get(key)
         if owned is not None and (detached or all(s in _ENDED for s in list(owned.jobs.values()))):
@@ -108,14 +84,9 @@ def release(key: int, detached: bool = False) -> None:
 
 
 def cancel_owned(*keys: int, timeout: float = EXIT_CANCEL_TIMEOUT) -> None:
-    """Cancel the jobs of the given clusters (all: none given) that have not ended; bounded.
+    """Cancel the jobs of the clusters of ``keys`` (all: none) that have not ended.
 
-    Parameters
-    ----------
-    *keys
-        Keys from :func:`own`.
-    timeout
-        Seconds to wait for all the cancel requests together.
+    ``timeout``: seconds to wait for all the cancel requests together.
     """
     with _lock:
         found = [_owned.pop(k) for k in (keys or list(_owned)) if k in _owned]

@@ -1,12 +1,8 @@
 """The plan and state of one cluster, shared by the cluster object and its jobs.
 
-:class:`ClusterPlan` is what was decided before the first submission (see
-:mod:`~dask_amlcompute.backend.plan`). :class:`ClusterState` is the only
-mutable thing the cluster and its ProcessInterfaces share: the AML jobs and
-their last known status, the deadline, where the cluster is in its lifecycle
-and when startup reached each phase. Everything fixed for the cluster's life
-(settings, the SDK operations, the log) travels in :class:`ClusterContext`;
-what concerns one job travels in that job's spec options.
+:class:`ClusterPlan`: what was decided before the first submission (:mod:`~.plan`).
+:class:`ClusterState`: the only mutable thing the cluster and its ProcessInterfaces share.
+:class:`ClusterContext`: what is fixed for the cluster's life (settings, SDK operations, log).
 """
 
 from __future__ import annotations
@@ -23,17 +19,24 @@ from .capacity import VmSizeInfo
 from .jobspec import build_job
 from .ops import TERMINAL_STATUSES, AmlOps, ComputeInfo, JobInfo
 
+#: The node options that are settings of the same name.
+SAME_NAMES = (
+    "memory_limit", "scheduler_port", "dashboard_port", "worker_on_scheduler", "death_timeout",
+    "idle_timeout", "no_client_timeout", "first_contact_timeout", "scheduler_options",
+    "worker_options",
+)  # fmt: skip
+
 
 class Lifecycle(enum.Enum):
-    """Where a cluster object is in its life."""
+    """Where a cluster object is in its life.
 
-    #: submitting / reconnecting and waiting for the scheduler
+    Starting (submitting or reconnecting), running (jobs watched), closing its own cluster
+    (jobs retired and cancelled), or detaching from one it does not own (nothing changes).
+    """
+
     STARTING = "starting"
-    #: the scheduler is up; jobs are watched
     RUNNING = "running"
-    #: closing a cluster this object owns: jobs are retired and cancelled
     CLOSING = "closing"
-    #: closing an object that does not own the cluster: disconnect, change nothing
     DETACHING = "detaching"
 
 
@@ -53,16 +56,12 @@ class ClusterPlan:
     job_ssh_key
         The private key the main job's SSH service accepts (None: the job
         declares no SSH service, or a reattached object does not know it).
-    compute
-        The compute target (serverless: what AML allocates), once looked up.
-    worker_compute
-        The compute of the worker jobs (``worker_compute=``), once looked up.
+    compute, worker_compute
+        The compute target (serverless: what AML allocates), and the worker jobs' one.
     created_compute
         True when this cluster created its compute (``create_compute=``).
-    vm_size
-        The compute's VM size as the region lists it (None: unknown).
-    price
-        The price text.
+    vm_size, price
+        The compute's VM size as the region lists it (None: unknown), the price text.
     queue_hint
         Why a Queued job waits, as the quota check saw it (None: no reason).
     gpus_per_node
@@ -86,15 +85,9 @@ class ClusterPlan:
 class Phases:
     """When the cluster's startup reached each phase.
 
-    Attributes
-    ----------
-    started
-        ``time.monotonic()`` when the cluster started submitting.
-    reached
-        Phase -> seconds since ``started`` when it was first reached (see :meth:`mark`).
-    spent
-        Seconds the main job spent in Preparing and in Queued (bounded by
-        ``prepare_timeout`` and ``queue_timeout``, not by ``startup_timeout``).
+    ``started``: ``time.monotonic()`` when it started submitting; ``reached``: phase -> seconds
+    since then (:meth:`mark`); ``spent``: seconds the main job spent in Preparing and in Queued
+    (bounded by ``prepare_timeout`` and ``queue_timeout``, not by ``startup_timeout``).
     """
 
     started: float = field(default_factory=time.monotonic)
@@ -114,8 +107,8 @@ class ClusterState:
     ----------
     plan
         What was decided before the first submission (see :mod:`~dask_amlcompute.backend.plan`).
-    lifecycle
-        See :class:`Lifecycle`.
+    lifecycle, phases
+        See :class:`Lifecycle`, :class:`Phases`.
     jobs
         AML job name -> last known status.
     deadline
@@ -124,8 +117,6 @@ class ClusterState:
         The scheduler's address as the nodes reach it (worker jobs dial it).
     lost_reason
         Why the cluster ended or was lost while it ran (see ``ClusterLostError``).
-    phases
-        See :class:`Phases`.
     """
 
     plan: ClusterPlan
@@ -152,18 +143,13 @@ class ClusterContext:
 
     Attributes
     ----------
-    settings
-        The validated settings.
-    ops
-        The SDK operations (off the event loop).
-    state
-        The shared :class:`ClusterState`.
+    settings, ops, state
+        The validated settings, the SDK operations, the shared :class:`ClusterState`.
     log
         Shows a progress message (and records it for ``get_logs``).
-    connection_args
-        Dask connection arguments of the client (TLS).
-    secret_env
-        Extra node environment variables never shown (TLS material).
+    connection_args, secret_env
+        The client's Dask connection arguments (TLS); node environment variables never
+        shown (TLS material).
     credential
         The Azure credential given to the cluster, if any (tokens for AML's
         job-service proxy; None: the ``MLClient``'s).
@@ -208,38 +194,31 @@ class ClusterContext:
             name_prefix=prefix,
             processes=self.plan.gpus_per_node or s.processes_per_node,
             threads=s.threads_per_process,
-            memory_limit=s.memory_limit,
-            scheduler_port=s.scheduler_port,
-            dashboard_port=s.dashboard_port,
-            worker_on_scheduler=s.worker_on_scheduler,
-            death_timeout=s.death_timeout,
-            idle_timeout=s.idle_timeout,
-            no_client_timeout=s.no_client_timeout,
-            first_contact_timeout=s.first_contact_timeout,
             job_timeout=s.job_timeout if role == "cluster" else None,
             scheduler_address=scheduler_address,
-            scheduler_options=s.scheduler_options,
-            worker_options=s.worker_options,
             cuda=self.plan.gpus_per_node > 0,
+            **{name: getattr(s, name) for name in SAME_NAMES},
         )
 
     def build(
-        self, job_name: str, role: str, n_nodes: int, node: NodeOptions, timeout: float | None
+        self,
+        name: str,
+        role: str,
+        n_nodes: int,
+        timeout: float | None,
+        scheduler: str | None = None,
     ) -> Any:
-        """The AML job entity for one of this cluster's jobs."""
-        s = self.settings
+        """The AML job entity for one of this cluster's jobs (``scheduler``: its address)."""
+        s, plan = self.settings, self.plan
+        key = plan.job_ssh_key if role == "cluster" else None
         return build_job(
             s,
-            name=job_name,
+            name=name,
             n_nodes=n_nodes,
-            node=node,
-            environment=self.plan.environment,
-            code=self.plan.code,
+            node=self.node_options(role, name, scheduler),
+            environment=plan.environment,
+            code=plan.code,
             timeout_seconds=timeout,
             env_vars={**s.env_vars, **self.secret_env},
-            ssh_public_key=(
-                self.plan.job_ssh_key.export_public_key("openssh").decode("ascii").strip()
-                if role == "cluster" and self.plan.job_ssh_key is not None
-                else None
-            ),
+            ssh_public_key=key and key.export_public_key("openssh").decode("ascii").strip(),
         )

@@ -1,20 +1,13 @@
 """One watch for all of a cluster's AML jobs: a constant number of requests per interval.
 
-While a cluster runs, its main job's supervisor (see
-:meth:`~dask_amlcompute.backend.jobs.MainJob._supervise`) calls :meth:`JobWatch.poll`
-every ``watch_interval``: **one** job list, ``GET /jobs?listViewType=ActiveOnly&tag=KEY``,
-where ``KEY`` is the tag key only this cluster's jobs carry
-(:func:`~dask_amlcompute._protocol.cluster_key_tag`). The list holds every job
-of the cluster that is not archived, ended ones included with their final
-status, so the request count does not grow with the number of worker jobs (a
-list of more than one page costs one request per page).
-
-A followed job missing from the list (archived, or just submitted and not listed
-yet) costs one ``GET /jobs/{name}`` in that poll. The list may lag a GET (nothing
-documents that it is as fresh): the main job seeming to go back to an earlier status is
-confirmed with one GET before anything is concluded (see
-:meth:`~dask_amlcompute.backend.jobs.MainJob._main_update`). A job that has ended is
-handed to the handler it was followed with and is no longer followed.
+Every ``watch_interval`` the main job's supervisor calls :meth:`JobWatch.poll`: **one** job
+list, ``GET /jobs?listViewType=ActiveOnly&tag=KEY`` (``KEY``: the tag only this cluster's
+jobs carry, :func:`~dask_amlcompute._protocol.cluster_key_tag`). It holds every job of the
+cluster not archived, ended ones with their final status, so the count does not grow with
+the worker jobs (one request per page). A followed job missing from it (archived, or not
+listed yet) costs one ``GET /jobs/{name}``. The list may lag a GET: what it says of the main
+job is confirmed by one (:meth:`~.jobs.MainJob._main_update`). An ended job is handed to its
+handler and no longer followed.
 """
 
 from __future__ import annotations
@@ -56,15 +49,9 @@ class JobWatch:
     async def poll(self) -> None:
         """Look once at every followed job; hand each one that has ended to its handler.
 
-        Costs one job list request (per page), plus one ``GET /jobs/{name}`` for each
-        followed job the list does not hold. Updates ``state.jobs``. The main job ends
-        from ``Finalizing`` on, a worker job once its status is terminal. Handlers are
-        not called once the cluster closes (its own cancellations are not news).
-
-        Raises
-        ------
-        Exception
-            The job list failed (the caller tries again next interval).
+        Updates ``state.jobs``. The main job ends from ``Finalizing`` on, a worker job once
+        its status is terminal. No handler runs once the cluster closes (its own cancels).
+        Raises what the job list raised (the caller tries again next interval).
         """
         ctx, state = self.context, self.context.state
         if not self.followed:

@@ -36,8 +36,8 @@ def job_of_worker(worker: Any) -> str:
 
 
 def heartbeat(scheduler: Any) -> dict[str, Any]:
-    """The :data:`HEARTBEAT_HANDLER` reply: every plugin's ``on_heartbeat()`` part, merged."""
-    reply: dict[str, Any] = {}
+    """The :data:`HEARTBEAT_HANDLER` reply: the scheduler's id, each plugin's ``on_heartbeat()``."""
+    reply: dict[str, Any] = {"id": scheduler.id}
     for plugin in list(scheduler.plugins.values()):
         reply.update(getattr(plugin, "on_heartbeat", dict)())
     return reply

@@ -176,8 +176,7 @@ class JobCancelHandler(BaseHandler):
         sub
             Subscription from the path.
         """
-        job = self.engine.cancel(name)
-        await _wait_done(job, CANCEL_WAIT)
+        self.engine.cancel(name)  # accepted, answered at once: AML's 202 (an ARM async operation)
         status_url, result_url = _operation_urls(
             sub, f"jc-{name}", self.get_argument("api-version", "2023-04-01-preview")
         )

@@ -175,7 +175,7 @@ def test_more_nodes_than_the_compute_max_fails_before_submission(
     cluster_kwargs["compute"] = "tiny"
     with pytest.raises(TooManyNodesError, match="at most 2"):
         AmlComputeCluster(ml_client, n_nodes=3, name="too-many-nodes", **cluster_kwargs)
-    assert set(emulator.active_jobs()) == before
+    assert set(emulator.active_jobs()) <= before  # nothing new (a closed one may end meanwhile)
     with pytest.raises(Exception):  # noqa: B017  the job was never created
         ml_client.jobs.get("too-many-nodes-main")
 

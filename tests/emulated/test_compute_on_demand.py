@@ -75,7 +75,7 @@ def test_unknown_size_creates_nothing(emulator, ml_client, cluster_kwargs):
             ml_client, n_nodes=1, create_compute={"size": "Standard_Z99", "max_nodes": 2}, **kwargs
         )
     assert not emulator.compute_exists("never-made")
-    assert set(emulator.active_jobs()) == before
+    assert set(emulator.active_jobs()) <= before  # nothing new (a closed one may end meanwhile)
 
 
 def test_over_quota_creates_nothing(emulator, ml_client, cluster_kwargs):

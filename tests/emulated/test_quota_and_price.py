@@ -57,7 +57,7 @@ def test_request_over_quota_is_refused_before_submitting(
     assert "16 vCPUs" in message and "Standard DSv2 Family Cluster Dedicated vCPUs" in message
     assert "of 12 vCPUs" in message and "at most 3 node(s)" in message
     assert "request more quota" in message and "Nothing was submitted" in message
-    assert set(emulator.active_jobs()) == before
+    assert set(emulator.active_jobs()) <= before  # nothing new (a closed one may end meanwhile)
     assert not [j for j in ml_client.jobs.list() if j.name.startswith("over-quota")]
 
 

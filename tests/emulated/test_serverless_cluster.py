@@ -107,4 +107,4 @@ def test_unknown_instance_type_submits_nothing(emulator, ml_client, serverless_k
     before = set(emulator.active_jobs())
     with pytest.raises(ConfigurationError, match=r"Standard_Z9.*not offered.*Standard_D4s_v3"):
         AmlComputeCluster(ml_client, instance_type="Standard_Z9", n_nodes=1, **serverless_kwargs)
-    assert set(emulator.active_jobs()) == before
+    assert set(emulator.active_jobs()) <= before  # nothing new (a closed one may end meanwhile)

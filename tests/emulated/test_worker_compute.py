@@ -40,7 +40,7 @@ def test_low_priority_worker_job_is_preempted_counted_and_replaced(
             assert cluster.preemptions == 1
             logs = "\n".join(line for _, line in cluster._cluster_manager_logs)
             assert f"Worker job {first} ended Failed: preempted (low-priority node)" in logs
-        assert emulator.job_status(cluster.main_job_name) in ("Completed", "Canceled")
+        assert emulator.wait_job(cluster.main_job_name, 30) in ("Completed", "Canceled")
     finally:
         ml_client.compute.begin_delete(name).result()
 

@@ -35,7 +35,7 @@ def test_a_module_no_distribution_provides_points_to_the_code_folder():
 def started(plugin: MissingModules, *others) -> SimpleNamespace:
     """A scheduler with ``plugin`` (started) and ``others``: what the heartbeat handler reads."""
     asyncio.run(plugin.start(SimpleNamespace()))
-    return SimpleNamespace(plugins={p.name: p for p in (plugin, *others)})
+    return SimpleNamespace(id="Scheduler-1", plugins={p.name: p for p in (plugin, *others)})
 
 
 def test_erred_tasks_and_failed_graphs_are_reported_once_per_module():
@@ -57,10 +57,11 @@ def test_erred_tasks_and_failed_graphs_are_reported_once_per_module():
             except RuntimeError as exc:
                 logging.getLogger("distributed.scheduler").error(str(exc))
         first = heartbeat(scheduler)
-        assert first == {"timeout": 600.0, "missing_modules": ["sklearn", "no_such_module_xyz"]}
+        expected = {"id": "Scheduler-1", "timeout": 600.0}  # the id: the client's check
+        assert first == {**expected, "missing_modules": ["sklearn", "no_such_module_xyz"]}
         assert heartbeat(scheduler)["missing_modules"] == []  # told once
         scheduler.plugins = dict(reversed(scheduler.plugins.items()))
-        assert heartbeat(scheduler) == {"timeout": 600.0, "missing_modules": []}
+        assert heartbeat(scheduler) == {**expected, "missing_modules": []}
     finally:
         asyncio.run(plugin.close())
     assert plugin.filter not in logging.getLogger("distributed.scheduler").filters
@@ -69,6 +70,6 @@ def test_erred_tasks_and_failed_graphs_are_reported_once_per_module():
 def test_without_a_no_client_timeout_the_heartbeat_still_answers():
     plugin = MissingModules()
     try:
-        assert heartbeat(started(plugin)) == {"missing_modules": []}
+        assert heartbeat(started(plugin)) == {"id": "Scheduler-1", "missing_modules": []}
     finally:
         asyncio.run(plugin.close())

@@ -1,19 +1,15 @@
 """Reach the scheduler through the main job's own SSH service (no public IP needed).
 
-Every main job declares AML's job SSH service (``SshJobService``, on node
-0, the scheduler's: AML's default without ``nodes="all"``) with the cluster's public key. Once it runs, the node's service instance
-(``jobs.show_services``) names a ``ProxyEndpoint``; :mod:`.proxy` carries an
-SSH connection through it, logged in as :data:`JOB_SSH_USER`, and an
-:class:`~dask_amlcompute.connect.tunnel.SSHTunnel` forwards the scheduler and
-dashboard ports over it. This is the path that works on a stock workspace: it
-needs no node public IP and no SSH setting on the compute.
+Every main job declares AML's job SSH service (``SshJobService``, node 0 only)
+with the cluster's public key. Once it runs, ``jobs.show_services`` names a
+``ProxyEndpoint``; :mod:`.proxy` carries an SSH connection (as :data:`JOB_SSH_USER`)
+through it, and an :class:`~dask_amlcompute.connect.tunnel.SSHTunnel` forwards the
+scheduler and dashboard ports over it: no node public IP, no SSH setting on the compute.
 
-Host keys: the job's container is new for every job, and the connection
-reaches it only through AML's authenticated proxy (TLS to
-``*.nodes.azureml.ms``, the job owner's token), at an endpoint that AML's API
-named for this job. The key the container presents on the first connection is
-therefore trusted for this cluster object and pinned in memory (reconnections
-must present the same key); nothing is written to ``known_hosts``.
+Host keys: the container is new for every job and reached only through AML's
+authenticated proxy (TLS, the owner's token) at an endpoint AML named for this job,
+so its first key is trusted for this cluster object and pinned in memory; nothing
+is written to ``known_hosts``.
 """
 
 from __future__ import annotations
@@ -37,22 +33,16 @@ SERVICE_WAIT = 300.0
 
 
 def cluster_key(ssh_key: str | None) -> asyncssh.SSHKey:
-    """The key the main job's SSH service accepts: the user's ``ssh_key``, else a new one.
-
-    A generated key lives in memory only (this cluster object); a cluster
-    reattached with ``from_name`` then needs ``ssh_key=`` to use this path.
-    """
+    """The user's ``ssh_key``, else a new key in memory only (``from_name`` needs ``ssh_key=``)."""
     if ssh_key:
         return asyncssh.read_private_key(ssh_key)
     return asyncssh.generate_private_key("ssh-ed25519", comment="dask-amlcompute")
 
 
 def access_token(context: Any) -> str:
-    """An access token for AML's job-service proxy, from the cluster's credential.
+    """A token for AML's job-service proxy from ``credential=``, else the ``MLClient``'s.
 
-    The credential given as ``AmlComputeCluster(credential=...)`` comes first;
-    else the one the ``MLClient`` was built with (``MLClient`` has no public
-    accessor for it, so this reads its ``_credential``).
+    ``MLClient`` has no public accessor for its credential: this reads ``_credential``.
     """
     from .proxy import TOKEN_SCOPE
 

@@ -32,6 +32,8 @@ TOKEN_SCOPE = "https://management.core.windows.net/.default"
 #: Largest chunk sent per frame: both Microsoft clients send 4 KiB; larger frames
 #: are untested against AML's proxy, 16 KiB keeps the header overhead negligible.
 CHUNK = 16 * 1024
+#: Seconds :meth:`WebSocketTunnel.close` may take to send what was written.
+CLOSE_FLUSH = 5.0
 #: ``ProxyEndpoint`` schemes and the WebSocket schemes they stand for (AML names
 #: ``wss://``; azure-dev's ``job_ssh_proxy.go`` also rewrites ``https://``).
 _WS_SCHEMES = {"https": "wss", "http": "ws"}
@@ -45,12 +47,9 @@ def proxy_url(endpoint: str, node_index: int = 0) -> str:
 
 
 def _ssl_context() -> ssl.SSLContext:
-    """The system's trust store, plus ``REQUESTS_CA_BUNDLE`` (as azure-core's transport)."""
-    context = ssl.create_default_context()
+    """Trust ``REQUESTS_CA_BUNDLE``/``SSL_CERT_FILE`` if set (as azure-core does), else the system."""
     bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE")
-    if bundle:
-        context.load_verify_locations(cafile=bundle)
-    return context
+    return ssl.create_default_context(cafile=bundle)
 
 
 async def open_proxy_tunnel(url: str, token: str, timeout: float = 30.0) -> WebSocketTunnel:
@@ -128,14 +127,15 @@ class WebSocketTunnel(asyncio.Transport):
 
     Writes are gathered while a frame is being sent and go out as frames of at
     most :data:`CHUNK` bytes; received frames go to asyncssh as they come.
-    asyncssh bounds what is buffered here by its SSH channel windows.
+    asyncssh bounds what is buffered here by its SSH channel windows. ``close``
+    sends what was written first (within :data:`CLOSE_FLUSH` seconds), ``abort`` drops it.
     """
 
     def __init__(self, ws: Any) -> None:
         super().__init__()
         self._ws, self._out, self._ready = ws, bytearray(), asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._aborted = False
+        self._closing = self._aborted = False
 
     async def create_connection(self, factory: Any, host: str, port: int) -> tuple[Any, Any]:
         """Start carrying the connection ``factory()`` makes (called by asyncssh once)."""
@@ -150,7 +150,15 @@ class WebSocketTunnel(asyncio.Transport):
             self._ready.set()
 
     def is_closing(self) -> bool:
-        return self._aborted or (self._task is not None and self._task.done())
+        return self._closing or self._aborted or bool(self._task and self._task.done())
+
+    def close(self) -> None:
+        if self._task is None:
+            self.abort()
+        elif not self.is_closing():
+            self._closing = True
+            self._ready.set()  # the relay sends what is left, then ends
+            asyncio.get_running_loop().call_later(CLOSE_FLUSH, self.abort)
 
     def abort(self) -> None:
         if self._aborted:
@@ -160,8 +168,6 @@ class WebSocketTunnel(asyncio.Transport):
             self._task = asyncio.ensure_future(self._ws.close())
         else:
             self._task.cancel()
-
-    close = abort
 
     async def _relay(self, protocol: Any) -> None:
         from websockets.exceptions import ConnectionClosed
@@ -173,6 +179,8 @@ class WebSocketTunnel(asyncio.Transport):
                 data, self._out = memoryview(self._out), bytearray()
                 for start in range(0, len(data), CHUNK):
                     await self._ws.send(data[start : start + CHUNK])
+                if self._closing and not self._out:
+                    return
 
         async def downstream() -> None:
             async for message in self._ws:

@@ -210,7 +210,7 @@ def _loopback_up() -> None:
 
 
 def _tcp_socket() -> socket.socket:
-    return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # see network
 
 
 async def _call_in_namespace(ns_fd: int, fn: Callable[[], T]) -> T:

@@ -37,6 +37,11 @@ __all__ = [
 
 #: Values of ``EmulatorConfig.network``.
 NETWORK_MODES = ("loopback", "isolated")
+#: Protocol of the emulator's stream sockets. asyncio turns Nagle off (TCP_NODELAY, as OpenSSH
+#: does for forwarded connections) only on sockets whose ``proto`` is IPPROTO_TCP
+#: (``base_events._set_nodelay``), and ``socket(AF_INET, SOCK_STREAM)`` has proto 0: two small
+#: writes then met the peer's delayed ACK (~40 ms per task through the job SSH proxy).
+TCP = socket.IPPROTO_TCP
 
 
 class NodeNetwork(Protocol):
@@ -136,13 +141,13 @@ class LoopbackNetwork:
 
     async def listen(self, compute: str | None, host: str, port: int) -> socket.socket:
         """A listening socket on ``host:port`` of this machine (public and node side alike)."""
-        return listen_on(socket.socket(socket.AF_INET, socket.SOCK_STREAM), host, port)
+        return listen_on(socket.socket(socket.AF_INET, socket.SOCK_STREAM, TCP), host, port)
 
     async def connect(
         self, compute: str | None, host: str, port: int, timeout: float
     ) -> socket.socket:
         """A socket connected to ``host:port`` of this machine (public and node side alike)."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, TCP)
         return await open_connection_socket(sock, host, port, timeout)
 
     async def release(self, compute: str) -> None:

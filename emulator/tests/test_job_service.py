@@ -450,3 +450,33 @@ def test_public_ssh_port_per_slot_and_host_key_per_vm(svc_emu, svc_ml):
     wait_for(lambda: not list(ml.compute.list_nodes("brief")), 20, "brief scaled down to 0")
     _, port_e, key_e, node_e = _node_ssh(emu, ml, "brief")
     assert port_e == port_d and key_e != key_d and node_e != node_d
+
+
+def test_emulator_sockets_send_small_writes_at_once():
+    """TCP_NODELAY on both ends of the emulator's connections (the proxy's to a daemon, the
+    daemons' forwards): without it two small writes met the peer's delayed ACK (~40 ms)."""
+    from aml_emulator.network import LoopbackNetwork
+
+    async def nodelay() -> tuple[int, int]:
+        network = LoopbackNetwork()
+        accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.set_result(option(writer))
+            writer.close()
+
+        def option(writer: asyncio.StreamWriter) -> int:
+            sock = writer.get_extra_info("socket")
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+        listener = await network.listen(None, "127.0.0.1", 0)
+        server = await asyncio.start_server(serve, sock=listener)
+        async with server:
+            port = listener.getsockname()[1]
+            sock = await network.connect(None, "127.0.0.1", port, 5)
+            _, writer = await asyncio.open_connection(sock=sock)
+            dialled = option(writer)
+            writer.close()
+            return dialled, await asyncio.wait_for(accepted, 5)
+
+    assert asyncio.run(nodelay()) == (1, 1)

@@ -102,3 +102,44 @@ def test_proxy_endpoint_schemes():
     assert proxy_url("wss://h") == "wss://h/nbip/v1.0/ws-tcp"
     with pytest.raises(TunnelUnreachableError, match="ftp://h"):  # typed, not a KeyError
         asyncio.run(open_proxy_tunnel(proxy_url("ftp://h"), "token", timeout=5))
+
+
+def test_close_sends_what_was_written_in_frames_of_at_most_16_kib(monkeypatch):
+    """``close`` flushes (asyncssh's DISCONNECT must reach the daemon); ``abort`` drops."""
+    from websockets.asyncio.server import serve
+
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    payload = bytes(range(256)) * 65537  # 16 MiB and a bit: more than the sockets buffer
+
+    async def send(how: str) -> list[bytes]:
+        got: list[bytes] = []
+        ended = asyncio.Event()
+
+        async def handler(ws) -> None:
+            await asyncio.sleep(0.5)  # the client's writes back up meanwhile
+            got.extend([m async for m in ws])
+            ended.set()
+
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            tunnel = await open_proxy_tunnel(f"ws://127.0.0.1:{port}/x", "token", timeout=10)
+            lost = asyncio.Event()
+
+            class Ssh(asyncio.Protocol):
+                def connection_lost(self, exc: Exception | None) -> None:
+                    lost.set()
+
+            await tunnel.create_connection(Ssh, "daemon", 22)
+            await asyncio.sleep(0)
+            tunnel.write(payload)
+            getattr(tunnel, how)()
+            assert tunnel.is_closing()
+            tunnel.write(b"too late")  # refused once closing, as a transport does
+            await asyncio.wait_for(asyncio.gather(lost.wait(), ended.wait()), 20)
+        return got
+
+    got = asyncio.run(send("close"))
+    assert b"".join(got) == payload and max(map(len, got)) == 16 * 1024
+    assert len(b"".join(asyncio.run(send("abort")))) < len(payload)  # what was buffered is dropped

@@ -96,9 +96,8 @@ def run_demo(n_nodes: int, processes_per_node: int, quiet: bool, network: str) -
                 failures += status != "ok"
                 print(f"  {status:5} {name}: {got}")
             job = cluster.main_job_name
-        print(
-            f"Main job {job}: {emu.job_status(job)}; nodes in use: {emu.nodes_in_use('cpu-cluster')}"
-        )
+        status = emu.wait_job(job, timeout=60)  # close sent the cancel; AML ends the job after
+        print(f"Main job {job}: {status}; nodes in use: {emu.nodes_in_use('cpu-cluster')}")
         if emu.nodes_in_use("cpu-cluster"):
             print("Nodes still in use after close")
             failures += 1

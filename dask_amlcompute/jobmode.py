@@ -310,8 +310,7 @@ env_vars, distribution, security
     ml_client = workspace_client(ml_client)
     if compute is None:
         raise ConfigurationError("submit_script needs compute='<AmlCompute name>'.")
-    if not isinstance(wait, bool):
-        raise ConfigurationError(f"wait must be True or False, got {wait!r}.")
+    config.checked("progress", wait, "wait")  # the schema's boolean
     bound = config.checked("job-timeout", wait_timeout, "wait_timeout")
     poll = config.checked("poll-interval", poll_interval)
     settings["name"] = name or f"dask-run-{uuid.uuid4().hex[:10]}"

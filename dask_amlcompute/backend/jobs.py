@@ -222,7 +222,9 @@ class MainJob(ProcessInterface):
             return
         self.watch.followed.clear()  # their ends are no news now
         names = [n for n, status in state.jobs.items() if status not in TERMINAL]
-        ended = await asyncio.gather(*(ctx.ops.cancel(n) for n in names), return_exceptions=True)
+        ended = await asyncio.gather(
+            *(ctx.ops.cancel(n, status=state.jobs[n]) for n in names), return_exceptions=True
+        )
         for name, status in zip(names, ended, strict=True):
             if isinstance(status, str):
                 state.jobs[name] = status
@@ -419,7 +421,7 @@ class WorkerJob(_JobWorkers):
             ctx.log(f"Worker job {self.name} could not be submitted: {exc}")
             self.on_ended(self.name, False)
             return False
-        state.jobs[self.name] = info.status
+        ctx.note(info)
         self._submitted = True
         return True
 
@@ -440,8 +442,8 @@ class WorkerJob(_JobWorkers):
         if self._submitted and state.lifecycle is not Lifecycle.DETACHING:
             if not ctx.main_job_ended() and not state.closing:  # closing: no data to keep
                 await self._retire()
-            if state.jobs.get(self.name) not in TERMINAL:  # cancelled at exit already?
-                status = await ctx.ops.cancel(self.name, wait=not state.closing)
+            if (known := state.jobs.get(self.name)) not in TERMINAL:  # cancelled at exit?
+                status = await ctx.ops.cancel(self.name, wait=not state.closing, status=known)
                 if status:  # what the cluster's job list shows (the watch follows it no more)
                     state.jobs[self.name] = status
                 ctx.log(f"Cancelled worker job {self.name}")

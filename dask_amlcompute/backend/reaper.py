@@ -21,7 +21,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from .ops import TERMINAL_STATUSES
+from .ops import ENDING
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ _REQUEST_OPTIONS: dict[str, Any] = dict(
     polling=False, retry_total=0, connection_timeout=3, read_timeout=4
 )
 #: Nothing left to cancel (Finalizing: the job's nodes are being released).
-_ENDED = TERMINAL_STATUSES | {"Finalizing", "CancelRequested"}  # a cancel accepted: done
+_ENDED = ENDING | {"CancelRequested"}  # a cancel accepted: done
 
 
 @dataclass

@@ -17,7 +17,7 @@ from .._protocol import NodeOptions, main_job_name
 from ..config import ClusterSettings
 from .capacity import VmSizeInfo
 from .jobspec import build_job
-from .ops import TERMINAL_STATUSES, AmlOps, ComputeInfo, JobInfo
+from .ops import ENDING, AmlOps, ComputeInfo, JobInfo
 
 #: The node options that are settings of the same name.
 SAME_NAMES = (
@@ -175,8 +175,7 @@ class ClusterContext:
 
     def main_job_ended(self) -> bool:
         """True once the main job (hence the scheduler) is known to have ended."""
-        status = self.state.jobs.get(self.main_job)
-        return status in TERMINAL_STATUSES or status == "Finalizing"
+        return self.state.jobs.get(self.main_job) in ENDING
 
     def note(self, info: JobInfo) -> str | None:
         """Record a job's latest status in ``state.jobs``; return the one it had."""

@@ -31,7 +31,6 @@ def _write_batch(out_dir: Path, batch: BatchResult, fmt: str) -> Path:
     """Write one finished batch under ``out_dir`` atomically; returns the file."""
     stem = out_dir / f"batch-{batch.number:06d}"
     pairs = list(zip(batch.indices, batch.results, strict=True))
-    errors = [r.to_dict() for _, r in pairs if isinstance(r, ItemError)]
     ok = [(i, r) for i, r in pairs if not isinstance(r, ItemError)]
     if fmt == "auto":  # results that are DataFrames come with pandas imported
         pandas = sys.modules.get("pandas")
@@ -44,7 +43,7 @@ def _write_batch(out_dir: Path, batch: BatchResult, fmt: str) -> Path:
 
         frames = [r.assign(_item=i) for i, r in ok]
         (pd.concat(frames) if frames else pd.DataFrame()).to_parquet(tmp)
-        if errors:
+        if errors := [r.to_dict() for _, r in pairs if isinstance(r, ItemError)]:
             stem.with_suffix(".errors.json").write_text(json.dumps(errors, indent=1))
     elif fmt == "pickle":
         data = {"batch": batch.number, "indices": batch.indices, "results": batch.results}

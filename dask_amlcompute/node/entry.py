@@ -45,6 +45,7 @@ from .plugins import (
     MissingModules,
     NameTheStop,
     NoClientTimeout,
+    exception_chain,
     heartbeat,
 )
 from .runtags import publish_tags
@@ -251,9 +252,7 @@ async def start_workers(scheduler_address: str, ctx: NodeContext, opts: NodeOpti
         logger.info("The scheduler at %s closed while the workers on node rank %d were joining "
                     "it: nothing left to do", scheduler_address, ctx.rank)  # fmt: skip
         return []
-    root = outcome  # name the root cause ("Nanny failed to start" wraps the worker's error)
-    for _ in range(50):
-        root = root.__cause__ or root.__context__ or root
+    root = exception_chain(outcome)[-1]  # "Nanny failed to start" wraps the worker's error
     raise RuntimeError(
         f"Workers on node rank {ctx.rank} failed to start or to join the scheduler at "
         f"{scheduler_address}: {type(root).__name__}: {root}"

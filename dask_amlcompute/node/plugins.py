@@ -188,6 +188,15 @@ class NoClientTimeout(SchedulerPlugin):
             self._task.cancel()
 
 
+def exception_chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and its causes (or contexts), outermost first; each once, so a cycle ends it."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:  # exceptions compare by identity
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
 class MissingModules(SchedulerPlugin):
     """Note the modules the nodes lack; the heartbeat's reply names each once.
 
@@ -215,10 +224,8 @@ class MissingModules(SchedulerPlugin):
 
     def filter(self, record: Any) -> bool:
         """A log filter: note the modules of the import errors being handled."""
-        exc = sys.exc_info()[1]
-        while exc is not None:
+        for exc in exception_chain(sys.exc_info()[1]):
             self.note(str(exc) if isinstance(exc, ImportError) else "")
-            exc = exc.__cause__ or exc.__context__
         return True
 
     def note(self, text: str) -> None:

@@ -63,7 +63,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .network import listen_on, open_connection_socket
+from .network import listen_on, open_connection_socket, tcp_socket
 
 __all__ = ["IsolatedNetwork", "NetworkNamespaceError"]
 
@@ -207,10 +207,6 @@ def _loopback_up() -> None:
         ifreq = struct.pack("16sH22x", b"lo", 0)
         flags = struct.unpack("16sH22x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifreq))[1]
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
-
-
-def _tcp_socket() -> socket.socket:
-    return socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # see network
 
 
 async def _call_in_namespace(ns_fd: int, fn: Callable[[], T]) -> T:
@@ -391,9 +387,9 @@ class IsolatedNetwork:
             Non-blocking, listening.
         """
         if compute is None:
-            return listen_on(_tcp_socket(), host, port)
+            return listen_on(tcp_socket(), host, port)
         ns = await self._namespace(compute)
-        return listen_on(await _call_in_namespace(ns.fd, _tcp_socket), host, port)
+        return listen_on(await _call_in_namespace(ns.fd, tcp_socket), host, port)
 
     async def connect(
         self, compute: str | None, host: str, port: int, timeout: float
@@ -420,10 +416,10 @@ class IsolatedNetwork:
             Refused, unreachable, or ``TimeoutError``.
         """
         if compute is None:
-            sock = _tcp_socket()
+            sock = tcp_socket()
         else:
             ns = await self._namespace(compute)
-            sock = await _call_in_namespace(ns.fd, _tcp_socket)
+            sock = await _call_in_namespace(ns.fd, tcp_socket)
         return await open_connection_socket(sock, host, port, timeout)
 
     async def release(self, compute: str) -> None:
@@ -491,7 +487,7 @@ class IsolatedNetwork:
 
     async def _bridge(self, ns: _Namespace, host: str, port: int) -> asyncio.AbstractServer:
         """Listen on ``host:port`` inside ``ns``; relay each connection to it outside."""
-        sock = listen_on(await _call_in_namespace(ns.fd, _tcp_socket), host, port)
+        sock = listen_on(await _call_in_namespace(ns.fd, tcp_socket), host, port)
 
         async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()

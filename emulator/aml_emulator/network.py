@@ -37,11 +37,17 @@ __all__ = [
 
 #: Values of ``EmulatorConfig.network``.
 NETWORK_MODES = ("loopback", "isolated")
-#: Protocol of the emulator's stream sockets. asyncio turns Nagle off (TCP_NODELAY, as OpenSSH
-#: does for forwarded connections) only on sockets whose ``proto`` is IPPROTO_TCP
-#: (``base_events._set_nodelay``), and ``socket(AF_INET, SOCK_STREAM)`` has proto 0: two small
-#: writes then met the peer's delayed ACK (~40 ms per task through the job SSH proxy).
-TCP = socket.IPPROTO_TCP
+
+
+def tcp_socket() -> socket.socket:
+    """A stream socket of the emulator, created as IPPROTO_TCP.
+
+    asyncio turns Nagle off (TCP_NODELAY, as OpenSSH does for forwarded connections) only on
+    sockets whose ``proto`` is IPPROTO_TCP (``base_events._set_nodelay``), and
+    ``socket(AF_INET, SOCK_STREAM)`` has proto 0: two small writes then met the peer's delayed
+    ACK (~40 ms per task through the job SSH proxy).
+    """
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
 
 
 class NodeNetwork(Protocol):
@@ -141,14 +147,13 @@ class LoopbackNetwork:
 
     async def listen(self, compute: str | None, host: str, port: int) -> socket.socket:
         """A listening socket on ``host:port`` of this machine (public and node side alike)."""
-        return listen_on(socket.socket(socket.AF_INET, socket.SOCK_STREAM, TCP), host, port)
+        return listen_on(tcp_socket(), host, port)
 
     async def connect(
         self, compute: str | None, host: str, port: int, timeout: float
     ) -> socket.socket:
         """A socket connected to ``host:port`` of this machine (public and node side alike)."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, TCP)
-        return await open_connection_socket(sock, host, port, timeout)
+        return await open_connection_socket(tcp_socket(), host, port, timeout)
 
     async def release(self, compute: str) -> None:
         """Nothing to tear down."""

@@ -111,6 +111,13 @@ def env_in_dask_config(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -
 PROXY_VARIABLES = [f"{name}_proxy" for name in ("http", "https", "no", "all", "ws", "wss")]
 
 
+def clear_proxy_env(monkeypatch) -> None:
+    """Unset every proxy variable (both spellings) for the test: the machine's must not leak in."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
 @contextlib.contextmanager
 def http_proxy(workdir: Path) -> Iterator[tuple[str, Path]]:
     """Run proxy.py on a free loopback port; yield its URL and its log file."""

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import asyncssh
 import pytest
-from _helpers import PROXY_VARIABLES, http_proxy, wait_for
+from _helpers import clear_proxy_env, http_proxy, wait_for
 
 from aml_emulator import ComputeSpec, Emulator, EnvironmentSpec
 from aml_emulator.config import EmulatorConfig
@@ -80,9 +80,7 @@ def test_job_ssh_goes_through_https_proxy_and_honours_no_proxy(tmp_path, monkeyp
         netloc = urlparse(url).netloc
         token = emu.credential().get_token(TOKEN_SCOPE).token
         with monkeypatch.context() as env:
-            for name in PROXY_VARIABLES:
-                env.delenv(name, raising=False)
-                env.delenv(name.upper(), raising=False)
+            clear_proxy_env(env)
             env.setenv("REQUESTS_CA_BUNDLE", emu.cert_path)
             env.setenv("HTTPS_PROXY", proxy)
             assert login(url, token, private) == JOB_SSH_USER
@@ -108,9 +106,7 @@ def test_close_sends_what_was_written_in_frames_of_at_most_16_kib(monkeypatch):
     """``close`` flushes (asyncssh's DISCONNECT must reach the daemon); ``abort`` drops."""
     from websockets.asyncio.server import serve
 
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
+    clear_proxy_env(monkeypatch)
     payload = bytes(range(256)) * 65537  # 16 MiB and a bit: more than the sockets buffer
 
     async def send(how: str) -> list[bytes]:

@@ -381,14 +381,12 @@ def test_live_job_ssh_through_an_https_proxy(live_ml_client, live_kwargs, tmp_pa
     Only real AML settles that its wss:// proxy endpoint takes a CONNECT-tunnelled client.
     The proxy is proxy.py on this machine's loopback (tests/emulated/test_job_ssh_proxy.py).
     """
-    from _helpers import PROXY_VARIABLES, http_proxy, wait_for
+    from _helpers import clear_proxy_env, http_proxy, wait_for
     from distributed import Client
 
     from dask_amlcompute import AmlComputeCluster
 
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
+    clear_proxy_env(monkeypatch)
     with http_proxy(tmp_path) as (url, log):
         monkeypatch.setenv("HTTPS_PROXY", url)
         with (

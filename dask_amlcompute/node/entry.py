@@ -379,8 +379,8 @@ async def _run_worker_node(
 async def run_node(opts: NodeOptions, env: Mapping[str, str] | None = None) -> None:
     """Run this node's part of the job until the scheduler shuts down."""
     ctx = detect_context(env)
+    stop = stop_on_signals()  # before the log line: from it on, SIGTERM stops the node cleanly
     logger.info("Node context: %s", ctx)
-    stop = stop_on_signals()
     if opts.role == "workers":
         if not opts.scheduler_address:
             raise SystemExit("--role workers needs --scheduler-address")

@@ -69,8 +69,8 @@ async def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
         code = await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
     except asyncio.TimeoutError:
         proc.kill()
-        proc.wait()
-        raise
+        log, _ = proc.communicate()
+        raise AssertionError(f"the node did not exit within {timeout}s; its log:\n{log}") from None
     assert proc.stdout is not None
     return code, proc.stdout.read()
 
@@ -105,6 +105,16 @@ async def _test_unreachable_scheduler_is_still_a_failure(tmp_path):
     assert "could not join the scheduler" in log, log
 
 
+def _read_to(stream, text: str) -> str:
+    """Lines of ``stream`` up to the first with ``text`` (all of it if none has)."""
+    lines = []
+    for line in stream:
+        lines.append(line)
+        if text in line:
+            break
+    return "".join(lines)
+
+
 def test_sigterm_while_joining_exits_cleanly(tmp_path):
     asyncio.run(_test_sigterm_while_joining_exits_cleanly(tmp_path))
 
@@ -115,7 +125,12 @@ async def _test_sigterm_while_joining_exits_cleanly(tmp_path):
     proc = _node(
         tmp_path, "--scheduler-address", f"tcp://127.0.0.1:{port}", "--death-timeout", "60"
     )
-    await asyncio.sleep(3)
+    # its first log line comes once SIGTERM is handled: a signal before it (a start slowed
+    # by a busy machine) would kill the node, or be lost where the parent ignores SIGTERM
+    assert proc.stdout is not None
+    head = await asyncio.wait_for(asyncio.to_thread(_read_to, proc.stdout, "Node context"), 60)
+    assert "Node context" in head, head
+    await asyncio.sleep(1)  # polling the port
     proc.send_signal(signal.SIGTERM)
     code, log = await _wait(proc, 30)
     assert "Stopped while the workers were joining the scheduler" in log, log

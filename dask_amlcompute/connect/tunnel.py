@@ -45,16 +45,44 @@ _DEFAULT_KNOWN_HOSTS = Path("~", ".ssh", "known_hosts")
 
 
 class _LocalSide(asyncssh.SSHForwarder):
-    """Local end of one forwarded connection; asyncssh pipes it to its channel once open."""
+    """Local end of one forwarded connection; asyncssh pipes it to its channel once open.
+
+    Reading pauses until the channel is open, but Python before 3.11.4 ignores a pause
+    made in ``connection_made`` (CPython gh-103607) and hands over the first bytes (the
+    Dask handshake) at once: those are held and sent first, in order, once it opens.
+    """
 
     def __init__(self, tunnel: SSHTunnel, name: str) -> None:
         super().__init__()
         self._tunnel, self.name, self.closed = tunnel, name, False
+        self._early: list[bytes] | None = []  # until the channel opens; b"" marks an EOF
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.pause_reading()  # resumed when the channel is open
         self._tunnel._spawn(self._tunnel._forward(self))
+
+    def data_received(self, data: bytes, datatype: int | None = None) -> None:
+        if self._early is None:
+            super().data_received(data, datatype)
+        else:
+            self._early.append(data)
+
+    def eof_received(self) -> bool:
+        if self._early is None:
+            return super().eof_received()
+        self._early.append(b"")
+        return True  # half-open until the channel passes the EOF on
+
+    def channel_open(self) -> None:
+        """The channel is open: send what came early, then read on."""
+        early, self._early = self._early or [], None
+        for data in early:
+            if data:
+                self.data_received(data)
+            else:
+                self.eof_received()
+        self.resume_reading()
 
     def close(self) -> None:  # by the local socket, its channel or the tunnel
         self.closed = True
@@ -326,7 +354,7 @@ class SSHTunnel:
         if local.closed:
             chan.close()
         else:
-            local.resume_reading()
+            local.channel_open()
 
     async def _supervise(self) -> None:
         """Wait for the connection to drop, then re-establish it with bounded retries."""

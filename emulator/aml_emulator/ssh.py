@@ -122,7 +122,8 @@ class _TargetForwarder(SSHForwarder):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        # Called before the transport registers its reader, so nothing is read yet.
+        # Python before 3.11.4 ignores this pause (CPython gh-103607), but the channel side
+        # is wired as soon as the connection returns, before the loop reads anything
         self.pause_reading()
 
 

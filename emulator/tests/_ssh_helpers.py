@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from asyncio import selector_events
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 from aml_emulator.ssh import NodeSSHServer, generate_client_keypair
 
@@ -36,6 +37,30 @@ def run(coro_fn: Callable[[], Awaitable[None]], timeout: float = 15.0) -> None:
         await asyncio.wait_for(coro_fn(), timeout)
 
     asyncio.run(main())
+
+
+@contextlib.contextmanager
+def transports_of(python: str) -> Iterator[None]:
+    """Socket transports as ``python`` runs them: ``"3.11.7"`` (this one) or ``"3.11.2"``.
+
+    Before 3.11.4 a ``pause_reading()`` made in ``connection_made`` is ignored (CPython
+    gh-103607; Debian 12's system Python is 3.11.2): reading starts anyway, so the first
+    bytes reach the protocol before it asked for them. The transport's reader registration
+    is swapped for that release's code (asyncio's, never the code under test).
+    """
+    cls = selector_events._SelectorSocketTransport
+    original = cls._add_reader
+
+    def add_reader_before_3_11_4(self, fd, callback, *args) -> None:
+        if not self._closing:
+            self._loop._add_reader(fd, callback, *args)
+
+    if python == "3.11.2":
+        cls._add_reader = add_reader_before_3_11_4
+    try:
+        yield
+    finally:
+        cls._add_reader = original
 
 
 def free_port(host: str = "127.0.0.1") -> int:

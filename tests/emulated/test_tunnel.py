@@ -11,7 +11,15 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from _ssh_helpers import ADMIN, NODE_IP, echo_server, free_port, node_server, run
+from _ssh_helpers import (
+    ADMIN,
+    NODE_IP,
+    echo_server,
+    free_port,
+    node_server,
+    run,
+    transports_of,
+)
 
 from aml_emulator.ssh import (
     NodeSSHServer,
@@ -68,7 +76,8 @@ async def roundtrip(address: tuple[str, int], payload: bytes) -> bytes:
         writer.close()
 
 
-def test_echo_through_two_targets() -> None:
+@pytest.mark.parametrize("python", ["3.11.7", "3.11.2"])
+def test_echo_through_two_targets(python: str) -> None:
     async def body() -> None:
         async with echo_server() as (p1, _), echo_server() as (p2, _), node_server() as (srv, key):
             targets = {"scheduler": (NODE_IP, p1), "dashboard": (NODE_IP, p2)}
@@ -84,10 +93,12 @@ def test_echo_through_two_targets() -> None:
                 with pytest.raises(KeyError, match="targets"):
                     tunnel.local_address("nope")
 
-    run(body)
+    with transports_of(python):
+        run(body)
 
 
-def test_dask_client_reaches_scheduler_through_tunnel() -> None:
+@pytest.mark.parametrize("python", ["3.11.7", "3.11.2"])
+def test_dask_client_reaches_scheduler_through_tunnel(python: str) -> None:
     from distributed import Client, Scheduler
 
     async def body() -> None:
@@ -113,7 +124,8 @@ def test_dask_client_reaches_scheduler_through_tunnel() -> None:
                     writer.close()
                     assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"ok")
 
-    run(body, timeout=20)
+    with transports_of(python):
+        run(body, timeout=20)
 
 
 def test_wrong_client_key_is_refused() -> None:

@@ -58,8 +58,6 @@ class ScriptOptions:
 
     #: Path of the script in the code snapshot.
     script: str | None = None
-    #: The script's file name.
-    script_name: str = "script.py"
     #: Seconds rank 0 waits for every worker before starting the script anyway.
     wait_workers: float = 300.0
     #: The script's own arguments (after ``--``).
@@ -135,7 +133,7 @@ class NodeOptions:
         """Parse an entrypoint's arguments (what :meth:`to_argv` returned).
 
         ``script``: job mode (``python -m dask_amlcompute.node.script``), which takes
-        ``--script``, ``--script-name``, ``--wait-workers`` and, after ``--``, the
+        ``--script``, ``--wait-workers`` and, after ``--``, the
         script's own arguments. Bad arguments or ``--help`` raise ``SystemExit``.
         """
         argv = list(argv)
@@ -145,7 +143,6 @@ class NodeOptions:
             argv, script_args = argv[:cut], argv[cut + 1 :]
         args = vars(node_parser(script=script, description=description).parse_args(argv))
         job = {f.name: args.pop(f.name) for f in fields(ScriptOptions) if f.name in args}
-        args["threads"] = args["threads"] or None
         return cls(**args, script=ScriptOptions(**job, args=tuple(script_args)) if script else None)
 
 
@@ -157,7 +154,7 @@ def node_parser(*, script: bool = False, description: str | None = None) -> argp
     p.add_argument("--role", choices=["cluster", "workers"], default="cluster")
     p.add_argument("--name-prefix", required=True, help="worker names are PREFIX-RANK-INDEX")
     p.add_argument("--processes", type=int, default=1, help="worker processes per node")
-    p.add_argument("--threads", type=int, default=0, help="threads per worker (0: cores/processes)")
+    p.add_argument("--threads", type=int, help="threads per worker (default: cores/processes)")
     p.add_argument("--memory-limit", type=_memory_limit, default="auto")
     p.add_argument("--scheduler-port", type=int, default=8786)
     p.add_argument("--dashboard-port", type=int, default=8787)
@@ -181,7 +178,6 @@ def node_parser(*, script: bool = False, description: str | None = None) -> argp
     if script:
         job = p.add_argument_group("job mode", "the script rank 0 runs; its arguments follow --")
         job.add_argument("--script", default=None, help="script path (code snapshot)")
-        job.add_argument("--script-name", default="script.py", help="the script's file name")
         job.add_argument(
             "--wait-workers",
             type=float,

@@ -243,7 +243,7 @@ class AmlComputeCluster(ScalingMixin, SpecCluster):
             return attach(describe_cluster(ml_client, name))
 
         async def attach_async() -> AmlComputeCluster:  # the lookup runs off the event loop
-            return await attach(await describe_cluster_async(ml_client, name))
+            return await attach(await describe_cluster_async(AmlOps(ml_client), name))
 
         return attach_async()  # type: ignore[return-value]
 

@@ -127,8 +127,8 @@ class ComputeRequest:
 
 def compute_request(value: Any, what: str = "create_compute") -> ComputeRequest | None:
     """``create_compute`` (None, or a mapping; the schema's ``compute-request``) as a request."""
-    if value is None or isinstance(value, ComputeRequest):
-        return value
+    if value is None:
+        return None
     if isinstance(value, Mapping):  # "max-nodes" or "max_nodes", "low-priority" or "Low_Priority"
         value = {str(k).replace("-", "_"): v for k, v in value.items()}
         if isinstance(value.get("tier"), str):
@@ -254,10 +254,12 @@ def _refusal(what: str, error: Any) -> ConfigurationError:
     return ConfigurationError(f"{where} {text}; got {_short(error.instance)}.")
 
 
-def _unknown(name: str, known: Iterable[str], what: str) -> ConfigurationError:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ConfigurationError(f"Unknown {what} {name!r}.{hint} (See amlcompute-schema.yaml.)")
+def _refuse_unknown(names: Iterable[str], known: Iterable[str], what: str) -> None:
+    """Refuse the first of ``names`` that is not ``known``, naming the closest known one."""
+    for name in sorted(set(names) - set(known))[:1]:
+        close = difflib.get_close_matches(name, list(known), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigurationError(f"Unknown {what} {name!r}.{hint} (See amlcompute-schema.yaml.)")
 
 
 def check_config() -> None:
@@ -267,18 +269,14 @@ def check_config() -> None:
     if not isinstance(section, Mapping):
         raise ConfigurationError(f"dask config 'amlcompute' must be a mapping, got {section!r}.")
     keys = {str(k).replace("_", "-"): v for k, v in section.items()}
-    unknown = sorted(set(keys) - set(schema()))
-    if unknown:
-        raise _unknown(unknown[0], schema(), "dask config key amlcompute.*:")
+    _refuse_unknown(keys, schema(), "dask config key amlcompute.*:")
     for key in set(keys) - {config_key(f) for f in _FIELDS}:  # no setting: read where it applies
         checked(key, keys[key], f"amlcompute.{key}")
 
 
 def check_arguments(arguments: Mapping[str, Any]) -> None:
     """Refuse unknown settings and bad values among ``arguments`` (None: not given)."""
-    unknown = sorted(set(arguments) - set(_FIELDS))
-    if unknown:
-        raise _unknown(unknown[0], _FIELDS, "setting")
+    _refuse_unknown(arguments, _FIELDS, "setting")
     for name, value in arguments.items():
         if value is not None:
             checked(config_key(name), value)
@@ -287,8 +285,8 @@ def check_arguments(arguments: Mapping[str, Any]) -> None:
 def checked(key: str, value: Any, what: str | None = None) -> Any:
     """``value`` of setting ``key`` (``n-nodes``) checked against its schema entry, normalised.
 
-    Paths become strings, mappings dicts, tuples lists, durations seconds; the
-    schema's ``check`` has the last word. ``what`` names it in errors (``n_nodes``).
+    Paths become strings, tuples lists, durations seconds; the schema's ``check``
+    has the last word (``mapping``: a dict). ``what`` names it in errors (``n_nodes``).
     """
     what = what or key.replace("-", "_")
     entry = _validator(key).schema  # a config key's, or a definition's (map_batches options)
@@ -300,9 +298,7 @@ def checked(key: str, value: Any, what: str | None = None) -> Any:
         _check(_validator(key), value, what)
     if "duration" in entry and value is not None:
         value = parse_duration(value, what, *entry["duration"])
-    if isinstance(value, Mapping):
-        value = dict(value)
-    elif isinstance(value, tuple):
+    if isinstance(value, tuple):
         value = list(value)
     return CHECKS[entry["check"]](value, what) if "check" in entry else value
 

@@ -66,31 +66,26 @@ def _as_cluster_job(job: Any) -> ClusterJob | None:
     )
 
 
-def _ops(client: Any) -> AmlOps:
-    return client if isinstance(client, AmlOps) else AmlOps(client)
-
-
 async def list_cluster_jobs_async(
-    ops: AmlOps | Any, *, include_ended: bool = False, cluster: str | None = None
+    ops: AmlOps, *, include_ended: bool = False, cluster: str | None = None
 ) -> list[ClusterJob]:
     """The jobs of every dask-amlcompute cluster (or of ``cluster``), active ones by default.
 
     AML lists only the jobs with the cluster tag key: other jobs cost no request.
     """
     tag = TAG_CLUSTER if cluster is None else cluster_key_tag(cluster)
-    jobs = await _ops(ops).list_jobs(include_ended=include_ended, tag=tag)
+    jobs = await ops.list_jobs(include_ended=include_ended, tag=tag)
     found = [_as_cluster_job(job) for job in jobs]
     return [j for j in found if j and (include_ended or j.status not in TERMINAL_STATUSES)]
 
 
-async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]:
+async def describe_cluster_async(ops: AmlOps, name: str) -> dict[str, Any]:
     """``{"settings": {...}, "worker_jobs": [(job name, nodes)]}`` of the running cluster ``name``.
 
     The settings (keyword arguments of the cluster) come from the main job and its
     ``dask_settings`` tag. AmlComputeError: no such running cluster, or no settings tag.
     """
-    ops = _ops(ops)  # the look-ups at once (the workspace: for the cluster's VM size)
-    main, jobs, _ = await asyncio.gather(
+    main, jobs, _ = await asyncio.gather(  # the workspace: for the cluster's VM size
         ops.get_job_entity(main_job_name(name)),
         list_cluster_jobs_async(ops, cluster=name),
         ops.read_ahead(),
@@ -126,9 +121,9 @@ async def describe_cluster_async(ops: AmlOps | Any, name: str) -> dict[str, Any]
 
 def list_cluster_jobs(ml_client: Any, *, include_ended: bool = False) -> list[ClusterJob]:
     """Blocking form of :func:`list_cluster_jobs_async`."""
-    return run_blocking(list_cluster_jobs_async(ml_client, include_ended=include_ended))
+    return run_blocking(list_cluster_jobs_async(AmlOps(ml_client), include_ended=include_ended))
 
 
 def describe_cluster(ml_client: Any, name: str) -> dict[str, Any]:
     """Blocking form of :func:`describe_cluster_async` (for :meth:`AmlComputeCluster.from_name`)."""
-    return run_blocking(describe_cluster_async(ml_client, name))
+    return run_blocking(describe_cluster_async(AmlOps(ml_client), name))

@@ -110,7 +110,7 @@ def _script(
             raise ConfigurationError(
                 f"Script {path} is not inside the code folder {code}."
             ) from None
-    return ScriptOptions(path.as_posix(), path.name, wait_workers, tuple(script_args)), code
+    return ScriptOptions(path.as_posix(), wait_workers, tuple(script_args)), code
 
 
 def build_script_job(
@@ -165,13 +165,14 @@ def _prepare(
             # the script's client connects only once the workers are there
             first_contact_timeout=wait_for_workers + no_client if no_client else None,
         )  # fmt: skip
+        file = Path(str(script.script)).name
         job = build_job(
             s, name=s.name, n_nodes=s.n_nodes, node=node, environment=plan.environment,
             code=plan.code, timeout_seconds=s.job_timeout, tags={TAG_MODE: "script",
-            "dask_script": script.script_name},
+            "dask_script": file},
             env_vars={**s.env_vars, **temporary_tls(s)[1]},
         )  # fmt: skip
-        job.display_name = f"{script.script_name} on {s.n_nodes} node(s) (dask-amlcompute run)"
+        job.display_name = f"{file} on {s.n_nodes} node(s) (dask-amlcompute run)"
         return job
 
     return s, draft, build

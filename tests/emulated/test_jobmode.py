@@ -70,7 +70,8 @@ def test_lone_script_travels_in_the_code_snapshot(tmp_path):
     assert argv[:3] == ["python", "-m", "dask_amlcompute.node.script"]
     opts = NodeOptions.from_argv(argv[3:], script=True)  # the parser the node uses
     assert opts.processes == 2 and opts.role == "cluster" and opts.name_prefix == "dask-run-test"
-    assert opts.script.script == "job.py" and opts.script.script_name == "job.py"
+    assert opts.script.script == "job.py" and job.tags["dask_script"] == "job.py"
+    assert job.display_name == "job.py on 3 node(s) (dask-amlcompute run)"
     assert opts.script.args == ("--alpha", "1 2")
     assert argv[argv.index("--") + 1 :] == ["--alpha", "1 2"]
     # the script and the library travel in the job's code snapshot, as for a cluster

@@ -106,7 +106,7 @@ def test_script_options_roundtrip_and_pick_the_script_entrypoint():
         no_client_timeout=60,
         first_contact_timeout=360,
         script=ScriptOptions(
-            script="src/job.py", script_name="job.py", wait_workers=45.5,
+            script="src/job.py", wait_workers=45.5,
             args=("--alpha", "1 2", "--", "--processes", ""),
         ),
     )  # fmt: skip

@@ -132,9 +132,9 @@ class NodeOptions:
     ) -> NodeOptions:
         """Parse an entrypoint's arguments (what :meth:`to_argv` returned).
 
-        ``script``: job mode (``python -m dask_amlcompute.node.script``), which takes
-        ``--script``, ``--wait-workers`` and, after ``--``, the
-        script's own arguments. Bad arguments or ``--help`` raise ``SystemExit``.
+        ``script``: job mode (``python -m dask_amlcompute.node.script``), which takes ``--script``,
+        ``--wait-workers`` and, after ``--``, the script's arguments. Bad arguments or ``--help``
+        raise ``SystemExit``.
         """
         argv = list(argv)
         script_args: list[str] = []
@@ -163,27 +163,15 @@ def node_parser(*, script: bool = False, description: str | None = None) -> argp
     p.add_argument("--death-timeout", type=float, default=300.0)
     p.add_argument("--idle-timeout", type=float, default=None)
     p.add_argument("--no-client-timeout", type=float, default=None)
-    p.add_argument(
-        "--first-contact-timeout",
-        type=float,
-        default=None,
-        help="seconds the scheduler waits for its first client or heartbeat",
-    )
+    p.add_argument("--first-contact-timeout", type=float, default=None)
     p.add_argument("--job-timeout", type=float, default=None)
     p.add_argument("--scheduler-options", type=json.loads, default={})
     p.add_argument("--worker-options", type=json.loads, default={})
-    p.add_argument(
-        "--cuda", action="store_true", help="dask-cuda workers, one per GPU (--processes GPUs)"
-    )
+    p.add_argument("--cuda", action="store_true", help="dask-cuda workers, one per GPU")
     if script:
         job = p.add_argument_group("job mode", "the script rank 0 runs; its arguments follow --")
         job.add_argument("--script", default=None, help="script path (code snapshot)")
-        job.add_argument(
-            "--wait-workers",
-            type=float,
-            default=300.0,
-            help="seconds to wait for every worker before starting the script",
-        )
+        job.add_argument("--wait-workers", type=float, default=300.0)
     return p
 
 

@@ -54,12 +54,6 @@ def ensure_defaults() -> None:
         dask.config.update_defaults(yaml.safe_load(f))
 
 
-def get(key: str, override_with=None):
-    """Read ``amlcompute.<key>`` from dask config unless ``override_with`` is given."""
-    ensure_defaults()
-    return dask.config.get(f"amlcompute.{key}", override_with=override_with)
-
-
 @dataclass(frozen=True)
 class ClusterSettings:
     """Every setting of an :class:`~dask_amlcompute.AmlComputeCluster`, validated.
@@ -320,10 +314,10 @@ def resolve_settings(**arguments: Any) -> ClusterSettings:
     Raises ConfigurationError naming the setting, the bad value and what to change.
     """
     check_arguments(arguments)
-    check_config()
+    check_config()  # (and the package defaults merged)
     raw = {
-        name: checked(config_key(name), get(config_key(name), arguments.get(name)))
-        for name in _FIELDS
+        name: checked(key, dask.config.get(f"amlcompute.{key}", override_with=arguments.get(name)))
+        for name, key in zip(_FIELDS, map(config_key, _FIELDS), strict=True)
     }
     raw["name"] = raw["name"] or default_cluster_name()
     for key in ("n_nodes", "nodes_per_job"):

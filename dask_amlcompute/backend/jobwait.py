@@ -150,9 +150,8 @@ async def failed_error(ops: AmlOps, name: str, timeout: float) -> JobError | Non
         info = await asyncio.wait_for(ops.get_job(name), timeout)
     except Exception:
         return None
-    if info.status != "Failed":
-        return None
-    return await job_error(ops, info, f"AML job {name} failed while the Dask cluster was starting.")
+    why = f"AML job {name} failed while the Dask cluster was starting."
+    return await job_error(ops, info, why) if info.status == "Failed" else None
 
 
 #: What each phase is, shown when a job enters it.
@@ -220,11 +219,8 @@ async def wait_for_tag(
                 logger.info("Read %s of %s from run history (not on the job yet)", tag, job_name)
                 return merged
         if info.terminal:
-            raise await job_error(
-                ctx.ops,
-                info,
-                f"AML job {job_name} ended {info.status} while the Dask cluster was starting.",
-            )
+            why = f"AML job {job_name} ended {info.status} while the Dask cluster was starting."
+            raise await job_error(ctx.ops, info, why)
         bound = OWN_BOUNDS.get(info.status)
         own_left = float(getattr(s, bound)) - spent[info.status] if bound else None
         deadline = started + timeout + sum(spent.values())

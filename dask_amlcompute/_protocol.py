@@ -243,24 +243,19 @@ def main_job_name(cluster_name: str) -> str:
 
 
 def worker_job_name(cluster_name: str, number: int, series: str = "") -> str:
-    """The ``number``-th extra worker job of a cluster object.
+    """The ``number``-th extra worker job of a cluster object (numbers are never reused).
 
-    AML job names are unique forever, ended jobs included. A cluster object
-    numbers its worker jobs from 0 and never reuses a number; an object that
-    reconnected (``from_name``) cannot know which numbers earlier objects used
-    (listing every ended job of a workspace is expensive), so it numbers its own
-    ``series`` (a random token): ``{cluster}-w{number}-{series}``.
+    AML job names are unique forever. A reconnected object (``from_name``) cannot know the
+    numbers earlier objects used: it numbers a ``series`` (random token) of its own.
     """
     return f"{cluster_name}-w{number}-{series}" if series else f"{cluster_name}-w{number}"
 
 
 def cluster_key_tag(cluster_name: str) -> str:
-    """A job tag key that only the jobs of cluster ``cluster_name`` carry.
+    """A job tag key only the jobs of cluster ``cluster_name`` carry (its value: the job's role).
 
-    AML's job list filters by tag key (``GET /jobs?tag=KEY``: "jobs returned will
-    have this tag key"), not by value: listing with this key returns this cluster's
-    jobs and no other's, so watching a cluster costs one request however many
-    clusters the workspace has run. The value is the job's role.
+    AML's job list filters by tag key (``GET /jobs?tag=KEY``), not by value: watching a
+    cluster costs one request however many clusters the workspace has run.
     """
     return f"{TAG_CLUSTER}.{cluster_name}"
 

@@ -176,9 +176,6 @@ class EnvironmentRef(NamedTuple):
     version: str | None = None
     label: str | None = None
 
-    def __str__(self) -> str:
-        return f"{self.name}@{self.label}" if self.label else f"{self.name}:{self.version}"
-
 
 def environment_reference(value: str) -> EnvironmentRef | None:
     """The registered environment an ``environment=`` string names, or None.
@@ -229,4 +226,4 @@ def environment_setting(value: object, what: str = "environment") -> Any:
     if not isinstance(value, str):
         return value  # None, or an Environment: the backend checks it (settings import no azure)
     ref = environment_reference(value)
-    return str(ref) if ref is not None and ref.label is not None else value
+    return f"{ref.name}@{ref.label}" if ref is not None and ref.label is not None else value

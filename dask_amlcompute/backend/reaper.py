@@ -54,10 +54,9 @@ def own(cluster: Any, ml_client: Any, jobs: dict[str, str]) -> int:
 
     Installs, once, an exit hook and (from the main thread, where SIGTERM or SIGHUP still
     have their default action) a handler that cancels before the signal ends the process.
-
     ``cluster`` is held weakly (at exit, one whose ``shutdown_on_close`` is now False is left
-    running); ``jobs`` are its jobs and their last known status, as it updates them. Returns
-    the key for :func:`release`.
+    running); ``jobs``: its jobs' last known status, as it updates them. Returns the key for
+    :func:`release`.
     """
     global _exit_hook
     key = next(_keys)

@@ -1,13 +1,10 @@
 """One watch for all of a cluster's AML jobs: a constant number of requests per interval.
 
 Every ``watch_interval`` the main job's supervisor calls :meth:`JobWatch.poll`: **one** job
-list, ``GET /jobs?listViewType=ActiveOnly&tag=KEY`` (``KEY``: the tag only this cluster's
-jobs carry, :func:`~dask_amlcompute._protocol.cluster_key_tag`). It holds every job of the
-cluster not archived, ended ones with their final status, so the count does not grow with
-the worker jobs (one request per page). A followed job missing from it (archived, or not
-listed yet) costs one ``GET /jobs/{name}``. The list may lag a GET: what it says of the main
-job is confirmed by one (:meth:`~.jobs.MainJob._main_update`). An ended job is handed to its
-handler and no longer followed.
+list, ``GET /jobs?listViewType=ActiveOnly&tag=KEY`` (:func:`~.._protocol.cluster_key_tag`), holds
+every job of the cluster not archived, ended ones with their final status (one request per page,
+however many worker jobs). A followed job missing from it costs one ``GET /jobs/{name}``; what
+the (lagging) list says of the main job one GET confirms (:meth:`~.jobs.MainJob._main_update`).
 """
 
 from __future__ import annotations
@@ -29,13 +26,7 @@ OnUpdate = Callable[[str | None, JobInfo], Awaitable[JobInfo]]
 
 
 class JobWatch:
-    """The jobs a cluster follows, and what to do when each of them ends.
-
-    Parameters
-    ----------
-    context
-        The cluster's context.
-    """
+    """The jobs a cluster (``context``) follows, and what to do when each of them ends."""
 
     def __init__(self, context: ClusterContext) -> None:
         self.context = context

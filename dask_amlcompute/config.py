@@ -214,11 +214,6 @@ def _check(validator: Any, value: Any, what: str) -> None:
         raise _refusal(what, error)
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
-
-
 def _refusal(what: str, error: Any) -> ConfigurationError:
     """The ConfigurationError of a schema violation, naming the setting (and key) and the rule."""
     where = what + "".join(f"[{p!r}]" for p in error.relative_path)
@@ -245,7 +240,9 @@ def _refusal(what: str, error: Any) -> ConfigurationError:
     }
     text = rules[str(error.validator)]() if error.validator in rules else error.message[:200]
     text += f" ({error.schema['$comment']})" if "$comment" in error.schema else ""
-    return ConfigurationError(f"{where} {text}; got {_short(error.instance)}.")
+    got = repr(error.instance)
+    got = got if len(got) <= 80 else f"{got[:60]}... ({len(got)} characters)"
+    return ConfigurationError(f"{where} {text}; got {got}.")
 
 
 def _refuse_unknown(names: Iterable[str], known: Iterable[str], what: str) -> None:

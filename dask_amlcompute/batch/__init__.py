@@ -89,12 +89,6 @@ def _allowed_failures(value: float | None, total: int | None) -> float | None:
     return value
 
 
-def _advance(bar: Any, stats: BatchStats) -> None:
-    """Move the progress bar to the inputs finished so far, with failed/retried counts."""
-    bar.set_postfix(failed=stats.failed, retried=stats.retried, refresh=False)
-    bar.update(stats.done + stats.failed - bar.n)
-
-
 def _sort_into(results: dict, errors: dict, pairs: Iterable[tuple[int, Any]]) -> None:
     """Add (input position, result) ``pairs`` to ``results`` and (ItemErrors) ``errors``."""
     for index, result in pairs:
@@ -172,7 +166,8 @@ class BatchRun:
                 future.release()
                 if again:
                     retry_q.append((batch, again))
-                _advance(bar, stats)
+                bar.set_postfix(failed=stats.failed, retried=stats.retried, refresh=False)
+                bar.update(stats.done + stats.failed - bar.n)  # the inputs finished so far
                 if self.limit is not None and stats.failed > self.limit:
                     raise self._abort(live)
                 if not any(r is _PENDING for r in batch.results):
@@ -181,7 +176,7 @@ class BatchRun:
         finally:
             for future in list(done.futures):
                 future.cancel()
-            bar.close()  # _advance ran after the last task
+            bar.close()  # updated after the last task
             if o["progress"]:
                 print(f"{o['desc']}: {stats.summary()}", file=sys.stderr, flush=True)
             if o["init"] is not None:

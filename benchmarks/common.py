@@ -101,11 +101,14 @@ class Options:
         A temporary directory for this run (keys, configs, logs).
     sizes
         Cluster sizes to measure, for the suites that take them (``--sizes``; empty: theirs).
+    pairs
+        Measured pairs per size, for the suites that take them (``--pairs``; None: theirs).
     """
 
     quick: bool
     workdir: Path
     sizes: tuple[int, ...] = ()
+    pairs: int | None = None
 
     def pick(self, full: Any, quick: Any) -> Any:
         """``quick`` in quick mode, else ``full``."""

@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"run only these suites: {', '.join(SUITES + OPT_IN)}")  # fmt: skip
     parser.add_argument("--sizes", nargs="+", type=int, default=(), metavar="N",
                         help="cluster sizes, for the suites that take them (startsize)")  # fmt: skip
+    parser.add_argument("--pairs", type=int, default=None, metavar="N",
+                        help="measured pairs per size (startsize; default: its PAIRS)")  # fmt: skip
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(BENCH_DIR))
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     rows, notes, failed = [], [], []
     with tempfile.TemporaryDirectory(prefix="dask-amlcompute-bench-") as tmp:
-        opts = common.Options(quick=args.quick, workdir=Path(tmp), sizes=tuple(args.sizes))
+        opts = common.Options(args.quick, Path(tmp), tuple(args.sizes), args.pairs)
         for name in names:
             print(f"\n== {name} ==", flush=True)
             t0 = time.monotonic()

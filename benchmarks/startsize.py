@@ -179,6 +179,8 @@ def run(opts: Options) -> SuiteResult:
     pairs = opts.pick(PAIRS, QUICK_PAIRS)
     if opts.sizes:
         pairs = {n: PAIRS.get(n, 1) for n in opts.sizes}
+    if opts.pairs:
+        pairs = dict.fromkeys(pairs, opts.pairs)
     result = SuiteResult()
     for mode in MODES:
         result.rows.extend(measure_mode(opts, mode, pairs))

@@ -36,7 +36,7 @@ from ._protocol import (
 from .backend.jobspec import build_job
 from .backend.ops import AmlOps, run_blocking
 from .backend.plan import draft_plan, plan_cluster
-from .backend.state import ClusterPlan
+from .backend.state import SAME_NAMES, ClusterPlan
 from .backend.workspace import workspace_client
 from .connect import temporary_tls
 from .exceptions import (
@@ -150,20 +150,20 @@ def _prepare(
     idle = config.checked("idle-timeout", settings.pop("idle_timeout", None))
     no_client = config.checked("no-client-timeout", settings.pop("no_client_timeout", None))
     wait_for_workers = config.checked("startup-timeout", wait_workers, "wait_workers")
-    # no client: no SSH key, no tunnel; worker jobs are a cluster's
-    s = replace(config.resolve_settings(**settings), connect="direct", worker_compute=None)
+    # no client: no SSH key, no tunnel; worker jobs are a cluster's; the script's client
+    # connects only once the workers are there: its first contact may come that much later
+    first_contact = wait_for_workers + no_client if no_client else None
+    s = replace(config.resolve_settings(**settings), connect="direct", worker_compute=None,
+                idle_timeout=idle, no_client_timeout=no_client, first_contact_timeout=first_contact)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         script, folder = _script(script_path, script_args, code, wait_for_workers, tmp)
         draft = draft_plan(s, folder, "create")
 
     def build(plan: ClusterPlan) -> Any:
-        node = NodeOptions(
+        node = NodeOptions(  # the cluster's node settings: ports, memory, worker options...
             role="cluster", name_prefix=s.name, threads=s.threads_per_process,
             processes=plan.gpus_per_node or s.processes_per_node, cuda=plan.gpus_per_node > 0,
-            death_timeout=s.death_timeout, idle_timeout=idle, no_client_timeout=no_client,
-            script=script,
-            # the script's client connects only once the workers are there
-            first_contact_timeout=wait_for_workers + no_client if no_client else None,
+            job_timeout=s.job_timeout, script=script, **{n: getattr(s, n) for n in SAME_NAMES},
         )  # fmt: skip
         file = Path(str(script.script)).name
         job = build_job(

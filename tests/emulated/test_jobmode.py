@@ -179,6 +179,18 @@ def test_script_job_security_and_timeouts_reach_the_node_command(tmp_path):
     assert opts.idle_timeout is None and opts.no_client_timeout is None
 
 
+def test_script_job_takes_the_clusters_node_settings(tmp_path):
+    # what a cluster's nodes honour reaches a script job's nodes too
+    settings = dict(memory_limit="2GiB", scheduler_port=9786, dashboard_port=9787,
+                    worker_on_scheduler=False, scheduler_options={"allowed_failures": 5},
+                    worker_options={"resources": {"DISK": 1}})  # fmt: skip
+    opts = NodeOptions.from_argv(shlex.split(_job(tmp_path, **settings).command)[3:], script=True)
+    assert (opts.memory_limit, opts.scheduler_port, opts.dashboard_port) == ("2GiB", 9786, 9787)
+    assert opts.worker_on_scheduler is False and opts.job_timeout == 600
+    assert opts.scheduler_options == {"allowed_failures": 5}
+    assert opts.worker_options == {"resources": {"DISK": 1}}
+
+
 def test_script_job_gets_the_clusters_checks_before_submission(emulator, ml_client, tmp_path):
     # the cluster's plan (plan_cluster) refuses what can never run: nothing is submitted
     script = tmp_path / "job.py"

@@ -82,7 +82,7 @@ def pinned_packages(stack: str = "sync") -> dict[str, str]:
     """The client's versions of the distributions the nodes get, by ``stack`` (library excluded)."""
     pins = {name: importlib.import_module(name).__version__ for name in CORE_PACKAGES}
     if stack == "sync":
-        return {n: d.version for n, d in _synced().items() if not _direct_url(d)} | pins
+        return {name: d.version for name, d in _synced().items() if not d.origin} | pins
     for name in DATA_STACK:
         version = local_version(name)
         if version and (stack == "installed" or (stack == "imported" and name in sys.modules)):
@@ -90,14 +90,20 @@ def pinned_packages(stack: str = "sync") -> dict[str, str]:
     return pins
 
 
-def _direct_url(dist: importlib.metadata.Distribution) -> str | None:
-    """Where a distribution comes from when not from an index (PEP 610), else None."""
-    text = dist.read_text("direct_url.json")  # PyPI refuses local version labels (PEP 440):
-    local = "a local build (its version has a local label)" if "+" in dist.version else None
-    return str(json.loads(text).get("url", "?")) if text else local
+@dataclass(frozen=True)
+class _Synced:  # a distribution stack="sync" gives the nodes, read once (see _synced_from)
+    dist: importlib.metadata.Distribution
+    version: str  # (each ``Distribution.version`` parses its METADATA again)
+    origin: str | None  # where it comes from when not from an index (PEP 610), else None
 
 
-def _synced() -> dict[str, importlib.metadata.Distribution]:
+def _described(dist: importlib.metadata.Distribution) -> _Synced:
+    version, text = dist.version, dist.read_text("direct_url.json")  # PEP 610
+    local = "a local build (its version has a local label)" if "+" in version else None
+    return _Synced(dist, version, str(json.loads(text).get("url", "?")) if text else local)
+
+
+def _synced() -> dict[str, _Synced]:
     """The distributions ``stack="sync"`` gives the nodes (see :data:`CLIENT_ONLY`), by name."""
     return _synced_from(
         tuple((p, os.stat(p).st_mtime_ns if os.path.isdir(p) else 0) for p in sys.path)
@@ -105,7 +111,7 @@ def _synced() -> dict[str, importlib.metadata.Distribution]:
 
 
 @functools.lru_cache(maxsize=4)  # a cluster's start asks 3 times; an install changes the key
-def _synced_from(places: tuple) -> dict[str, importlib.metadata.Distribution]:
+def _synced_from(places: tuple) -> dict[str, _Synced]:
     found = reversed(list(importlib.metadata.distributions()))  # the first on sys.path wins
     dists = {_canonical(d.metadata["Name"]): d for d in found if d.metadata["Name"]}
     users: dict[str, set[str]] = {name: set() for name in dists}
@@ -117,7 +123,7 @@ def _synced_from(places: tuple) -> dict[str, importlib.metadata.Distribution]:
     kept.add(LIBRARY)  # its requirements are the nodes' too
     while orphans := {n for n in kept if users.get(n) and not users[n] & kept}:
         kept -= orphans
-    return {name: dists[name] for name in sorted(kept) if name in dists and name != LIBRARY}
+    return {n: _described(dists[n]) for n in sorted(kept) if n in dists and n != LIBRARY}
 
 
 def local_packages(stack: str, pip_packages: Iterable[str] | None = None) -> list[SnapshotFile]:
@@ -126,15 +132,15 @@ def local_packages(stack: str, pip_packages: Iterable[str] | None = None) -> lis
         return []
     named = _named(pip_packages) | set(CORE_PACKAGES)
     files: list[SnapshotFile] = []
-    for name, dist in _synced().items():
-        if name in named or (url := _direct_url(dist)) is None:
+    for name, synced in _synced().items():
+        if name in named or (url := synced.origin) is None:
             continue
-        found = distribution_files(dist)
+        found = distribution_files(synced.dist)
         compiled = [f for f, _ in found if f.endswith(_COMPILED)]
-        compiled += [str(f) for f in dist.files or () if str(f).endswith(_COMPILED)]
+        compiled += [str(f) for f in synced.dist.files or () if str(f).endswith(_COMPILED)]
         if compiled:
             raise ConfigurationError(
-                f"{name} {dist.version} is installed from {url}, not from a package index, and "
+                f"{name} {synced.version} is installed from {url}, not from a package index, and "
                 f"has compiled extension modules ({compiled[0]}): it cannot travel in the code "
                 f"snapshot. Give the nodes a requirement that installs it (pip_packages=['{name} "
                 "@ https://.../x.whl'], or its name if an index has it), an environment= that "

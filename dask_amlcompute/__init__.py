@@ -8,20 +8,26 @@
 
 # ruff: noqa: F405 (the exception types in __all__ come from the star import)
 from importlib import import_module as _import_module
+from typing import TYPE_CHECKING
 
 from . import config as _config
 from ._version import __version__
 from .backend.sdknotices import install_log_filters as _install_log_filters
-from .backend.workspace import ml_client_from_config, write_workspace_config
-from .cluster import AmlComputeCluster
 from .exceptions import *  # noqa: F403 (every exception type, nothing else)
+
+if TYPE_CHECKING:
+    from .backend.workspace import ml_client_from_config, write_workspace_config
+    from .cluster import AmlComputeCluster
 
 # Like distributed and dask-jobqueue: make amlcompute.* defaults visible in dask.config.
 _config.ensure_defaults()
 
-#: Public helpers imported on first use (keeps ``import dask_amlcompute`` light, and the
-#: in-job entrypoints free of each other).
+#: The public API imported on first use: ``import dask_amlcompute`` stays light, and so does
+#: every node and worker process (they import the package, never the cluster).
 _LAZY = {
+    "AmlComputeCluster": "cluster",
+    "ml_client_from_config": "backend.workspace",
+    "write_workspace_config": "backend.workspace",
     "map_batches": "batch",
     "iter_batches": "batch",
     "ItemError": "batch",

@@ -168,6 +168,12 @@ def test_node_side_runs_without_azure_asyncssh_or_mlflow(entry):
             if name.split(".")[0] in ("azure", "asyncssh", "mlflow"):
                 del sys.modules[name]
         import dask_amlcompute.node.entry, dask_amlcompute.node.plugins, dask_amlcompute.node.script
+        # every node and worker process imports the package: never the client side's weight
+        light = {{"", "._protocol", "._version", ".backend", ".backend.sdknotices", ".config",
+                  ".exceptions", ".validation", ".node", ".node.entry", ".node.plugins",
+                  ".node.runtags", ".node.script"}}
+        loaded = {{m for m in sys.modules if m.startswith("dask_amlcompute")}}
+        assert loaded <= {{"dask_amlcompute" + m for m in light}}, sorted(loaded)
         sys.argv = ["{entry}", "--help"]
         runpy.run_module("{entry}", run_name="__main__")
         """

@@ -23,17 +23,22 @@ connected, workers joined); "pre-submit" is the constructor's checks before it,
 the constructor's time minus its ``connected`` phase.
 
 Large sizes are bounded on a 2-core machine (:data:`PAIRS`): every node is real
-processes (a nanny and its worker) competing for the same cores on both sides.
+processes (a nanny and its worker) competing for the same cores on both sides. So each
+row also gives the CPU seconds both sides spent from start to ready (this process, the
+emulator and every node or Dask process, exited ones included): near 2 s per second of
+start-up, a side is bound by the cores, and the CPU difference is what it costs more.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 from common import (
     EmulatorProcess,
     Options,
@@ -68,30 +73,47 @@ class Sample:
     close: float
     phases: dict[str, float] = field(default_factory=dict)
     job: str = ""
+    cpu: float = 0.0  # CPU seconds of every process involved, from start to ready
+
+
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its descendants, exited ones included.
+
+    The descendants: the emulator (its nodes run as its children) and plain Dask's processes.
+    """
+    total, me = 0.0, psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def plain(opts: Options, n: int, files: list[int], out: list[Sample], python: Any = None) -> float:
     """The plain-Dask baseline (in ``python``'s environment, see common); times to ``out``."""
     closed: list[float] = []
-    seconds = plain_dask_start(opts.workdir, n, files, MEMORY_LIMIT, closed=closed, python=python)
-    out.append(Sample(seconds, closed[0]))
+    cpu = [-cpu_seconds()]
+    seconds = plain_dask_start(opts.workdir, n, files, MEMORY_LIMIT, closed=closed, python=python,
+                               on_ready=lambda *_: cpu.append(cpu_seconds()))  # fmt: skip
+    out.append(Sample(seconds, closed[0], cpu=sum(cpu)))
     return seconds
 
 
 def aml(emu: EmulatorProcess, ml_client: Any, n: int, out: list[Sample]) -> float:
     """Constructor to a client with ``n`` workers, then ``close()``; both to ``out``."""
     kwargs = cluster_kwargs(COMPUTE, n_nodes=n, memory_limit=MEMORY_LIMIT, startup_timeout="5m")
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     with aml_cluster(emu, ml_client, **kwargs) as cluster:
         built = time.perf_counter() - start
         with Client(cluster, timeout=60) as client:
             client.wait_for_workers(n, timeout=60 + 5 * n)
             seconds = time.perf_counter() - start
+            cpu = cpu_seconds() - cpu
         phases = cluster.startup_phases  # the constructor returns once the workers joined
         phases = {"pre-submit": round(built - max(phases.values(), default=0.0), 3), **phases}
         t0 = time.perf_counter()
         cluster.close()
-        out.append(Sample(seconds, time.perf_counter() - t0, phases, cluster.main_job_name))
+        out.append(Sample(seconds, time.perf_counter() - t0, phases, cluster.main_job_name, cpu))
     return seconds
 
 
@@ -135,7 +157,9 @@ def mode_rows(mode: str, n: int, subj: list[Sample], base: list[Sample]) -> list
             target=f"<= {TARGET}x" if default else "",
             met=ratio <= TARGET if default else None,
             detail=f"{len(subj)} pair(s): aml {raw(subj, 'start')}, plain {raw(base, 'start')}; "
-            f"phases (s since submit, median): {phases_text(subj)}",
+            f"phases (s since submit, median): {phases_text(subj)}; CPU s of all processes "
+            f"to ready (median): aml {median([s.cpu for s in subj]):.1f}, "
+            f"plain {median([b.cpu for b in base]):.1f}",
         )
     ]
     if default and n in CLOSE_SIZES:

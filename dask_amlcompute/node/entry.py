@@ -344,14 +344,15 @@ async def _run_scheduler_node(ctx: NodeContext, opts: NodeOptions, stop: asyncio
 
 
 async def _start_when_listening(address: str, ctx: NodeContext, opts: NodeOptions) -> list:
-    """:func:`start_workers` once ``address`` listens (polled every 50 ms, death timeout)."""
+    """:func:`start_workers` once ``address`` listens (polled every 50-250 ms, death timeout)."""
     # a nanny dials with Dask's exponential back-off: seconds late after a slow scheduler start
-    deadline = time.monotonic() + opts.death_timeout
+    deadline, pause = time.monotonic() + opts.death_timeout, 0.05
     while await probe(address, 1.0) != OPEN:
         if time.monotonic() > deadline:
             why = f"could not join the scheduler at {address} within {opts.death_timeout:.0f}s"
             raise RuntimeError(f"Workers on node rank {ctx.rank} {why}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(pause)
+        pause = min(pause * 1.25, 0.25)  # a probe is ~0.5 ms of CPU, on cores a scheduler may share
     return await start_workers(address, ctx, opts)
 
 

@@ -97,8 +97,8 @@ class _Synced:  # a distribution stack="sync" gives the nodes, read once (see _s
     origin: str | None  # where it comes from when not from an index (PEP 610), else None
 
 
-def _described(dist: importlib.metadata.Distribution) -> _Synced:
-    version, text = dist.version, dist.read_text("direct_url.json")  # PEP 610
+def _described(dist: importlib.metadata.Distribution, meta: Any) -> _Synced:
+    version, text = meta["Version"], dist.read_text("direct_url.json")  # PEP 610
     local = "a local build (its version has a local label)" if "+" in version else None
     return _Synced(dist, version, str(json.loads(text).get("url", "?")) if text else local)
 
@@ -112,18 +112,19 @@ def _synced() -> dict[str, _Synced]:
 
 @functools.lru_cache(maxsize=4)  # a cluster's start asks 3 times; an install changes the key
 def _synced_from(places: tuple) -> dict[str, _Synced]:
-    found = reversed(list(importlib.metadata.distributions()))  # the first on sys.path wins
-    dists = {_canonical(d.metadata["Name"]): d for d in found if d.metadata["Name"]}
+    found = [(d, d.metadata) for d in reversed(list(importlib.metadata.distributions()))]
+    dists = {_canonical(m["Name"]): (d, m) for d, m in found if m["Name"]}  # first on sys.path
     users: dict[str, set[str]] = {name: set() for name in dists}
-    for name, dist in dists.items():
-        for req in filter(None, map(_requirement, dist.requires or ())):
+    for name, (dist, meta) in dists.items():  # each METADATA parsed once (requires.txt: egg-info)
+        requires = meta.get_all("Requires-Dist") or dist.requires or ()
+        for req in filter(None, map(_requirement, requires)):
             if not req.marker or req.marker.evaluate({"extra": ""}):  # not an extra's
                 users.get(_canonical(req.name), set()).add(name)
     kept = {n for n in dists if n not in CLIENT_ONLY and not n.startswith(CLIENT_ONLY_PREFIXES)}
     kept.add(LIBRARY)  # its requirements are the nodes' too
     while orphans := {n for n in kept if users.get(n) and not users[n] & kept}:
         kept -= orphans
-    return {n: _described(dists[n]) for n in sorted(kept) if n in dists and n != LIBRARY}
+    return {n: _described(*dists[n]) for n in sorted(kept) if n in dists and n != LIBRARY}
 
 
 def local_packages(stack: str, pip_packages: Iterable[str] | None = None) -> list[SnapshotFile]:

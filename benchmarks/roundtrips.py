@@ -33,8 +33,9 @@ from distributed import Client
 
 COMPUTE = "bench-rt"
 LATENCIES = (0.0, 0.15)
-#: Issue 28: at most this many sequential round trips before the main job's PUT.
-MAX_PRE_SUBMIT = 3
+#: Issue 28: at most this many sequential round trips before the main job's PUT, within
+#: this many seconds, at the latency where concurrent requests overlap (0.15 s).
+MAX_PRE_SUBMIT, MAX_PRE_SUBMIT_SECONDS = 3, 1.0
 
 
 def sequential(log: list[dict[str, Any]], start: float, end: float) -> list[dict[str, Any]]:
@@ -164,15 +165,17 @@ def run(opts: Options) -> SuiteResult:
     for step in runs[LATENCIES[0]]:
         for latency in LATENCIES:
             seconds, chain = runs[latency][step]
-            pre = step.startswith("pre-submit, second")
+            pre = step.startswith("pre-submit, second") and latency > 0
             result.rows.append(
                 Row(
                     "roundtrips",
                     f"{step}, latency {latency:g}s: sequential round trips",
                     len(chain),
                     "req",
-                    target=f"<= {MAX_PRE_SUBMIT}" if pre else "",
-                    met=len(chain) <= MAX_PRE_SUBMIT if pre else None,
+                    target=f"<= {MAX_PRE_SUBMIT}, < {MAX_PRE_SUBMIT_SECONDS:g}s" if pre else "",
+                    met=len(chain) <= MAX_PRE_SUBMIT and seconds < MAX_PRE_SUBMIT_SECONDS
+                    if pre
+                    else None,
                     detail=f"{seconds:.2f}s; {describe(chain)}",
                 )
             )
@@ -188,7 +191,9 @@ def run(opts: Options) -> SuiteResult:
     )
     result.notes.append(
         "roundtrips: a sequential round trip is a request that started after the previous one "
-        "in the chain ended (the emulator's request log); concurrent requests count once. "
+        "in the chain ended (the emulator's request log); concurrent requests count once. At "
+        "latency 0 concurrent requests end (~1 ms) before the next one starts and count "
+        "apart: the count is an upper bound there, and the target applies at 0.15 s. "
         "Node allocation, image pull and AML's Queued/Preparing states are not included."
     )
     return result

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from distributed.comm import get_address_host_port
+from distributed.utils import wait_for
 
 #: Job tags that identify a cluster's jobs.
 TAG_CLUSTER = "dask_cluster"
@@ -275,9 +276,9 @@ async def probe(address: str, timeout: float) -> str:
     Returns :data:`OPEN` (something listens), :data:`REFUSED` (the host answered but
     nothing listens) or :data:`UNANSWERED` (no answer within ``timeout``, no route).
     """
-    try:
+    try:  # not asyncio.wait_for: before 3.12 it can swallow a cancel (cpython gh-86296)
         conn = asyncio.open_connection(*get_address_host_port(address))
-        _, writer = await asyncio.wait_for(conn, timeout)
+        _, writer = await wait_for(conn, timeout)
     except ConnectionRefusedError:
         return REFUSED
     except (OSError, asyncio.TimeoutError):

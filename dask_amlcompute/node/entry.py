@@ -343,29 +343,30 @@ async def _run_scheduler_node(ctx: NodeContext, opts: NodeOptions, stop: asyncio
     await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
 
 
-async def _start_when_listening(address: str, ctx: NodeContext, opts: NodeOptions) -> list:
+async def _start_when_listening(
+    address: str, ctx: NodeContext, opts: NodeOptions, stop: asyncio.Event
+) -> list:
     """:func:`start_workers` once ``address`` listens (polled every 50-250 ms, death timeout)."""
     # a nanny dials with Dask's exponential back-off: seconds late after a slow scheduler start
     deadline, pause = time.monotonic() + opts.death_timeout, 0.05
-    while await probe(address, 1.0) != OPEN:
+    while not stop.is_set() and await probe(address, 1.0) != OPEN:  # 3.10 can lose a cancel
         if time.monotonic() > deadline:
             why = f"could not join the scheduler at {address} within {opts.death_timeout:.0f}s"
             raise RuntimeError(f"Workers on node rank {ctx.rank} {why}")
         await asyncio.sleep(pause)
         pause = min(pause * 1.25, 0.25)  # a probe is ~0.5 ms of CPU, on cores a scheduler may share
-    return await start_workers(address, ctx, opts)
+    return [] if stop.is_set() else await start_workers(address, ctx, opts)
 
 
-async def _run_worker_node(
-    scheduler_address: str, ctx: NodeContext, opts: NodeOptions, stop: asyncio.Event
-):
-    starting = asyncio.ensure_future(_start_when_listening(scheduler_address, ctx, opts))
+async def _run_worker_node(address: str, ctx: NodeContext, opts: NodeOptions, stop: asyncio.Event):
+    starting = asyncio.ensure_future(_start_when_listening(address, ctx, opts, stop))
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():  # AML is cancelling the job while the workers still join
         starting.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await starting
+    if stop.is_set() and (starting.cancelled() or starting.exception() or not starting.result()):
         logger.info("Stopped while the workers were joining the scheduler")
         return
     stopped.cancel()

@@ -25,3 +25,28 @@ def test_probe_refusal_is_fast():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         assert asyncio.run(asyncio.wait_for(probe(f"tcp://127.0.0.1:{port}", 5), 2)) == REFUSED
+
+
+def test_a_cancelled_probe_is_cancelled_even_when_its_connection_has_just_failed():
+    # Python 3.11's asyncio.wait_for returned the inner result when a cancel came in the loop
+    # iteration the connection was refused (cpython gh-86296): a node's probe loop then ran on
+    # after SIGTERM until its death timeout. Cancel after each of the first iterations.
+    async def main():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+            for iterations in [0, 1, 2, 3, 4] * 10:
+                task = asyncio.ensure_future(probe(address, 5))
+                for _ in range(iterations):
+                    await asyncio.sleep(0)
+                if task.done():  # refused before the cancel: nothing to cancel
+                    assert task.result() == REFUSED
+                    continue
+                task.cancel()
+                try:
+                    result = await task
+                except asyncio.CancelledError:
+                    continue
+                raise AssertionError(f"cancelled after {iterations} iteration(s): {result}")
+
+    asyncio.run(main())

@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "dask_amlcompute"
 
 #: Library lines (the emulator is its own distribution). Target: 10,000.
-LINE_BUDGET = 9717
+LINE_BUDGET = 9719
 #: Longest module. Target: 550, cluster.py 450.
 MODULE_LIMIT = 550
 MODULES_OVER_LIMIT: dict[str, int] = {}

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import requests
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 
@@ -319,6 +320,21 @@ def plain_dask_start(
     finally:
         stop_all(procs)
     return elapsed
+
+
+def tree_cpu_seconds(pid: int | None = None, with_root: bool = True) -> float:
+    """CPU seconds used so far by process ``pid`` (None: this one) and its descendants.
+
+    Exited children that were waited for count too (``children_user``/``children_system``);
+    ``with_root=False`` leaves the process itself out (e.g. the emulator: only its nodes).
+    """
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)][0 if with_root else 1 :]:
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def free_port(host: str = "127.0.0.1") -> int:

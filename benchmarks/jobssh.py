@@ -12,10 +12,8 @@ path exists at all; the job-service path is the same in ``isolated`` mode.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
-import psutil
 from common import (
     EmulatorProcess,
     Options,
@@ -25,6 +23,7 @@ from common import (
     cluster_kwargs,
     median,
     pair_ratio,
+    tree_cpu_seconds,
 )
 from distributed import Client
 from tunnel import cpu_seconds, path_rows, scatter_gather_rate
@@ -32,16 +31,6 @@ from tunnel import cpu_seconds, path_rows, scatter_gather_rate
 from dask_amlcompute.connect import proxy
 
 COMPUTE = "bench-jobssh"
-
-
-def nodes_cpu(emu_pid: int) -> float:
-    """CPU seconds used so far by the emulator's node processes (schedulers, nannies, workers)."""
-    total = 0.0
-    for proc in psutil.Process(emu_pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            times = proc.cpu_times()
-            total += times.user + times.system
-    return total
 
 
 def frame_size_rows(client: Client, direct: Client, opts: Options, emu_pid: int) -> list[Row]:
@@ -68,10 +57,14 @@ def frame_size_rows(client: Client, direct: Client, opts: Options, emu_pid: int)
         for rep in range(reps + 1):  # the first round warms up
             for name in list(runs) if rep % 2 else list(runs)[::-1]:
                 proxy.CHUNK = 64 * 1024 if name == "64" else kept
-                before = cpu_seconds(), cpu_seconds(emu_pid), nodes_cpu(emu_pid)
+                before = (
+                    cpu_seconds(),
+                    cpu_seconds(emu_pid),
+                    tree_cpu_seconds(emu_pid, with_root=False),
+                )
                 rate = scatter_gather_rate(runs[name][0], data, hash=runs[name][1])
                 used = cpu_seconds() - before[0], cpu_seconds(emu_pid) - before[1], \
-                    nodes_cpu(emu_pid) - before[2]  # fmt: skip
+                    tree_cpu_seconds(emu_pid, with_root=False) - before[2]  # fmt: skip
                 if rep:
                     rates[name].append(rate)
                     cpu[name].append((*(u / gb for u in used), sum(used) * rate / (gb * 1e3)))

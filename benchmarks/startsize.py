@@ -31,14 +31,12 @@ start-up, a side is bound by the cores, and the CPU difference is what it costs 
 
 from __future__ import annotations
 
-import contextlib
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 from common import (
     EmulatorProcess,
     Options,
@@ -50,6 +48,7 @@ from common import (
     median,
     pair_ratio,
     plain_dask_start,
+    tree_cpu_seconds,
 )
 from distributed import Client
 
@@ -76,25 +75,12 @@ class Sample:
     cpu: float = 0.0  # CPU seconds of every process involved, from start to ready
 
 
-def cpu_seconds() -> float:
-    """CPU seconds used so far by this process and its descendants, exited ones included.
-
-    The descendants: the emulator (its nodes run as its children) and plain Dask's processes.
-    """
-    total, me = 0.0, psutil.Process()
-    for proc in [me, *me.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            t = proc.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-    return total
-
-
 def plain(opts: Options, n: int, files: list[int], out: list[Sample], python: Any = None) -> float:
     """The plain-Dask baseline (in ``python``'s environment, see common); times to ``out``."""
     closed: list[float] = []
-    cpu = [-cpu_seconds()]
+    cpu = [-tree_cpu_seconds()]
     seconds = plain_dask_start(opts.workdir, n, files, MEMORY_LIMIT, closed=closed, python=python,
-                               on_ready=lambda *_: cpu.append(cpu_seconds()))  # fmt: skip
+                               on_ready=lambda *_: cpu.append(tree_cpu_seconds()))  # fmt: skip
     out.append(Sample(seconds, closed[0], cpu=sum(cpu)))
     return seconds
 
@@ -102,13 +88,13 @@ def plain(opts: Options, n: int, files: list[int], out: list[Sample], python: An
 def aml(emu: EmulatorProcess, ml_client: Any, n: int, out: list[Sample]) -> float:
     """Constructor to a client with ``n`` workers, then ``close()``; both to ``out``."""
     kwargs = cluster_kwargs(COMPUTE, n_nodes=n, memory_limit=MEMORY_LIMIT, startup_timeout="5m")
-    cpu, start = cpu_seconds(), time.perf_counter()
+    cpu, start = tree_cpu_seconds(), time.perf_counter()
     with aml_cluster(emu, ml_client, **kwargs) as cluster:
         built = time.perf_counter() - start
         with Client(cluster, timeout=60) as client:
             client.wait_for_workers(n, timeout=60 + 5 * n)
             seconds = time.perf_counter() - start
-            cpu = cpu_seconds() - cpu
+            cpu = tree_cpu_seconds() - cpu
         phases = cluster.startup_phases  # the constructor returns once the workers joined
         phases = {"pre-submit": round(built - max(phases.values(), default=0.0), 3), **phases}
         t0 = time.perf_counter()
